@@ -1,0 +1,81 @@
+"""The API's error envelope, and the handlers that make every failure one.
+
+Every error answers `{"status": "error", "error": {"code", "message",
+"details": [{"field", "message"}]}}` with a 4xx for what the caller got wrong,
+and a bare 500 message (never a stack trace) for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error to send to the caller as it is."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+
+def error_response(status: int, code: str, message: str,
+                   details: list[dict[str, str]] | None = None):
+    body = {"status": "error",
+            "error": {"code": code, "message": message, "details": details or []}}
+    return jsonify(body), status
+
+
+def field_path(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """('jobs', 0, 'params', 'x') -> 'jobs[0].params.x'."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        # Union members add their type name to the location; it means nothing to a user.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+            p.startswith(("list[", "function-")) or p[:1].isupper())))
+        details.append({"field": field_path(loc, prefix), "message": err["msg"]})
+    return details
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError):
+        details = validation_details(exc)
+        return error_response(422, "validation_error",
+                              "; ".join(f"{d['field']}: {d['message']}" for d in details),
+                              details)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("[API] unexpected error")
+        return error_response(500, "internal_error",
+                              "internal error; the server log has the details")

@@ -1,0 +1,134 @@
+"""/api/jobs: submit, list, read, cancel and delete evaluation jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from pydantic import ValidationError
+
+from backend import jobs as service
+from backend.api.errors import ApiError, validation_details
+from backend.api.schemas import (
+    JobBatchRequest,
+    JobListQuery,
+    JobRequest,
+    SampleListQuery,
+    job_out,
+    sample_out,
+)
+from backend.datasets.base import ParamError
+from backend.datasets.registry import UnknownDataset
+from backend.evaluation import prepare
+from backend.runners.models import ModelNotFound
+
+bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
+
+
+def _factory():
+    return current_app.extensions["lbs"].factory
+
+
+def _ok(data: Any, status: int = 200):
+    return {"status": "success", "data": data}, status
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object",
+                       [{"field": "body", "message": "expected a JSON object"}])
+    return body
+
+
+def _check(job: JobRequest, prefix: str) -> service.NewJob:
+    """Refuse the job now, naming the field, if it cannot run."""
+    settings = current_app.extensions["lbs"].settings
+    try:
+        prepared = prepare(job.model, job.dataset, job.params, settings)
+    except UnknownDataset as exc:
+        raise ApiError(422, "unknown_dataset", str(exc),
+                       [{"field": f"{prefix}dataset", "message": str(exc)}])
+    except ModelNotFound as exc:
+        raise ApiError(422, "model_not_found", str(exc),
+                       [{"field": f"{prefix}model", "message": str(exc)}])
+    except ValidationError as exc:
+        details = validation_details(exc, f"{prefix}params")
+        raise ApiError(422, "invalid_params",
+                       "; ".join(f"{d['field']}: {d['message']}" for d in details), details)
+    except ParamError as exc:
+        field = f"{prefix}params.{exc.field}"
+        raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
+                       [{"field": field, "message": exc.message}])
+    params = prepared.params.model_dump(mode="json", exclude_unset=True)
+    return service.NewJob(model=job.model, dataset=job.dataset, params=params)
+
+
+@bp.post("")
+def submit():
+    body = _json_body()
+    if "jobs" in body:
+        batch = JobBatchRequest.model_validate(body)
+        new = [_check(job, f"jobs[{i}].") for i, job in enumerate(batch.jobs)]
+        created = service.submit_jobs(_factory(), new)
+        return _ok({"jobs": [job_out(j).model_dump(mode="json") for j in created]}, 201)
+    new = [_check(JobRequest.model_validate(body), "")]
+    created = service.submit_jobs(_factory(), new)
+    return _ok({"job": job_out(created[0]).model_dump(mode="json")}, 201)
+
+
+@bp.get("")
+def list_jobs():
+    query = JobListQuery.model_validate(request.args.to_dict())
+    jobs, total = service.list_jobs(
+        _factory(), state=query.state.value if query.state else None, model=query.model,
+        dataset=query.dataset, offset=(query.page - 1) * query.per_page, limit=query.per_page)
+    return _ok({"jobs": [job_out(j).model_dump(mode="json") for j in jobs],
+                "page": query.page, "per_page": query.per_page, "total": total})
+
+
+@bp.get("/<int:job_id>")
+def get_job(job_id: int):
+    return _ok({"job": job_out(_get(job_id)).model_dump(mode="json")})
+
+
+@bp.get("/<int:job_id>/samples")
+def samples(job_id: int):
+    query = SampleListQuery.model_validate(request.args.to_dict())
+    try:
+        rows, total = service.list_samples(_factory(), job_id,
+                                           offset=(query.page - 1) * query.per_page,
+                                           limit=query.per_page)
+    except service.JobNotFound as exc:
+        raise ApiError(404, "not_found", str(exc))
+    return _ok({"samples": [sample_out(s).model_dump(mode="json") for s in rows],
+                "page": query.page, "per_page": query.per_page, "total": total})
+
+
+@bp.post("/<int:job_id>/cancel")
+def cancel(job_id: int):
+    try:
+        service.cancel_job(_factory(), job_id)
+    except service.JobNotFound as exc:
+        raise ApiError(404, "not_found", str(exc))
+    except service.JobConflict as exc:
+        raise ApiError(409, "conflict", str(exc))
+    return _ok({"job": job_out(_get(job_id)).model_dump(mode="json")})
+
+
+@bp.delete("/<int:job_id>")
+def delete(job_id: int):
+    try:
+        service.delete_job(_factory(), job_id)
+    except service.JobNotFound as exc:
+        raise ApiError(404, "not_found", str(exc))
+    except service.JobConflict as exc:
+        raise ApiError(409, "conflict", str(exc))
+    return _ok({"deleted": job_id})
+
+
+def _get(job_id: int):
+    try:
+        return service.get_job(_factory(), job_id)
+    except service.JobNotFound as exc:
+        raise ApiError(404, "not_found", str(exc))

@@ -1,0 +1,114 @@
+"""/openapi.json, generated from the pydantic models that validate the requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from backend.api.schemas import (
+    ErrorResponse,
+    JobBatchRequest,
+    JobListQuery,
+    JobOut,
+    JobRequest,
+    SampleListQuery,
+    SampleOut,
+)
+from backend.datasets.registry import dataset_names, get_dataset
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _success(data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["status", "data"],
+            "properties": {"status": {"const": "success"},
+                           "data": {"type": "object", "properties": data}}}
+
+
+def _response(description: str, data: dict[str, Any] | None = None,
+              errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    responses: dict[str, Any] = {"200": {"description": description, "content": {
+        "application/json": {"schema": _success(data or {})}}}}
+    for code in errors:
+        responses[str(code)] = {"description": "error", "content": {
+            "application/json": {"schema": _ref(ErrorResponse)}}}
+    return responses
+
+
+def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(ref_template=REF)
+    return [{"name": name, "in": "query", "required": False, "schema": prop}
+            for name, prop in schema["properties"].items()]
+
+
+def _job_id() -> dict[str, Any]:
+    return {"name": "job_id", "in": "path", "required": True,
+            "schema": {"type": "integer", "minimum": 1}}
+
+
+def build_spec() -> dict[str, Any]:
+    models = [JobRequest, JobBatchRequest, JobOut, SampleOut, ErrorResponse]
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    schemas = defs.get("$defs", {})
+    for name in dataset_names():
+        params = get_dataset(name).Params
+        schemas.update(params.model_json_schema(ref_template=REF).pop("$defs", {}))
+        schemas[f"{name}.params"] = params.model_json_schema(ref_template=REF)
+    job = {"job": _ref(JobOut)}
+    submit_body = {"oneOf": [_ref(JobRequest), _ref(JobBatchRequest)]}
+    submit = _response("the queued job(s)", {"job": _ref(JobOut),
+                                             "jobs": {"type": "array", "items": _ref(JobOut)}},
+                       (400, 413, 422))
+    submit["201"] = submit.pop("200")
+    paths = {
+        "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},
+        "/api/datasets": {"get": {"summary": "datasets with parameter schemas",
+                                  "responses": _response("datasets")}},
+        "/api/workers": {"get": {"summary": "workers and their heartbeats",
+                                 "responses": _response("workers")}},
+        "/api/jobs": {
+            "post": {"summary": "queue one job, or several with {jobs: [...]}",
+                     "requestBody": {"required": True, "content": {
+                         "application/json": {"schema": submit_body}}},
+                     "responses": submit},
+            "get": {"summary": "list jobs, newest first", "parameters": _query(JobListQuery),
+                    "responses": _response("a page of jobs", {
+                        "jobs": {"type": "array", "items": _ref(JobOut)},
+                        "total": {"type": "integer"}}, (422,))},
+        },
+        "/api/jobs/{job_id}": {
+            "get": {"summary": "one job with progress, scores and memory",
+                    "parameters": [_job_id()], "responses": _response("the job", job, (404,))},
+            "delete": {"summary": "delete a job that is not running",
+                       "parameters": [_job_id()],
+                       "responses": _response("deleted", None, (404, 409))},
+        },
+        "/api/jobs/{job_id}/samples": {
+            "get": {"summary": "per-sample results", "parameters": [_job_id(),
+                                                                   *_query(SampleListQuery)],
+                    "responses": _response("samples", {
+                        "samples": {"type": "array", "items": _ref(SampleOut)}}, (404, 422))},
+        },
+        "/api/jobs/{job_id}/cancel": {
+            "post": {"summary": "cancel a queued job, or stop a running one between samples",
+                     "parameters": [_job_id()],
+                     "responses": _response("the job", job, (404, 409))},
+        },
+    }
+    return {"openapi": "3.1.0",
+            "info": {"title": "LLM Bench Shower", "version": "0.1.0"},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return build_spec()

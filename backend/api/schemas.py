@@ -1,0 +1,170 @@
+"""Pydantic models of the HTTP API: they validate requests, shape responses and
+generate /openapi.json, so the three never disagree."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend.db import Job, JobState, Sample
+
+MB = 1024 * 1024
+MAX_JOBS_PER_REQUEST = 500
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class JobRequest(_Strict):
+    """One evaluation: a model on a dataset with the dataset's parameters."""
+
+    model: str = Field(min_length=1, max_length=1024, examples=["builtin:tiny"],
+                       description="builtin:<name>, a checkpoint folder, or a cached hub id")
+    dataset: str = Field(min_length=1, max_length=128, examples=["needle_in_haystack"])
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the dataset's parameters (see GET /api/datasets)")
+
+
+class JobBatchRequest(_Strict):
+    """Several evaluations submitted together (all are queued, or none)."""
+
+    jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
+
+
+class JobListQuery(_Strict):
+    state: JobState | None = None
+    model: str | None = Field(None, max_length=1024)
+    dataset: str | None = Field(None, max_length=128)
+    page: int = Field(1, ge=1, le=1_000_000)
+    per_page: int = Field(50, ge=1, le=500)
+
+
+class SampleListQuery(_Strict):
+    page: int = Field(1, ge=1, le=1_000_000)
+    per_page: int = Field(1000, ge=1, le=5000)
+
+
+class Progress(BaseModel):
+    done: int
+    total: int | None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: int
+    model: str
+    dataset: str
+    params: dict[str, Any]
+    state: JobState
+    progress: Progress
+    scores: dict[str, Any] = Field(
+        description="`overall`, and each breakdown as a list, e.g. `cells` for NIAH")
+    memory: dict[str, Any] = Field(
+        description="RSS readings (`rss_peak_bytes`, `rss_peak_mb`…) and `gpu` per device")
+    error: str | None
+    worker_id: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    events: list[dict[str, Any]]
+
+
+class SampleOut(BaseModel):
+    idx: int
+    prompt: str
+    prompt_tokens: int
+    prediction: str
+    score: float | None
+    latency_s: float
+    output_tokens: int | None
+    context_length: int | None = None
+    depth_percent: float | None = None
+    fields: dict[str, Any]
+    peak_rss_mb: float | None
+    peak_gpu_mb: float | None
+    error: str | None
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] = []
+
+
+class ErrorResponse(BaseModel):
+    status: Literal["error"] = "error"
+    error: ErrorBody
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / MB, 2)
+
+
+def scores_dict(entries: list[Any]) -> dict[str, Any]:
+    """Score entries (name, value, count, labels) as the API shows them."""
+    scores: dict[str, Any] = {}
+    for s in entries:
+        if s.name == "overall":
+            scores["overall"] = s.value
+            scores["count"] = s.count
+        else:
+            scores.setdefault(s.name + "s", []).append(
+                {**s.labels, "score": s.value, "count": s.count})
+    return scores
+
+
+def memory_dict(readings: list[tuple[str, str, int]]) -> dict[str, Any]:
+    """(name, device, bytes) readings as the API shows them: RSS at the top, GPU per device."""
+    memory: dict[str, Any] = {}
+    gpu: dict[str, dict[str, Any]] = {}
+    for name, device, value in readings:
+        if device == "cpu":
+            memory[f"{name}_bytes"] = value
+            memory[f"{name}_mb"] = _mb(value)
+        else:
+            short = name.removeprefix("cuda_")
+            gpu.setdefault(device, {})[f"{short}_bytes"] = value
+            gpu[device][f"{short}_mb"] = _mb(value)
+    if gpu:
+        memory["gpu"] = gpu
+    return memory
+
+
+def job_out(job: Job) -> JobOut:
+    scores = scores_dict(job.scores)
+    memory = memory_dict([(m.name, m.device, m.bytes) for m in job.memory_peaks])
+    duration = None
+    if job.started_at and job.finished_at:
+        duration = round((job.finished_at - job.started_at).total_seconds(), 3)
+    return JobOut(
+        id=job.id, model=job.model, dataset=job.dataset, params=job.params,
+        state=JobState(job.state), progress=Progress(done=job.progress_done,
+                                                     total=job.progress_total),
+        scores=scores, memory=memory, error=job.error, worker_id=job.worker_id,
+        attempts=job.attempts, cancel_requested=job.cancel_requested,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        duration_s=duration, events=job.events or [])
+
+
+def sample_out(sample: Sample | Any) -> SampleOut:
+    """A stored Sample, or anything with the same attributes (the CLI's records)."""
+    fields = sample.fields or {}
+    return SampleOut(
+        idx=sample.idx, prompt=sample.prompt, prompt_tokens=sample.prompt_tokens,
+        prediction=sample.prediction, score=sample.score, latency_s=sample.latency_s,
+        output_tokens=sample.output_tokens, context_length=fields.get("context_length"),
+        depth_percent=fields.get("depth_percent"), fields=fields,
+        peak_rss_mb=_mb(sample.peak_rss_bytes), peak_gpu_mb=_mb(sample.peak_gpu_bytes),
+        error=sample.error)

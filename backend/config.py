@@ -1,0 +1,240 @@
+"""Every setting of LLM Bench Shower, read from the environment in one place.
+
+Values come from, in increasing priority: the defaults below, a `.env` file in
+the working directory (or the file named by `LBS_ENV_FILE`), the process
+environment, and finally the `overrides` passed to `load_settings` (tests).
+A bad value raises `ConfigError`, whose message names the variable and the
+values it accepts; `python -m backend.server` prints it and exits.
+
+This module and `apply_allocator_settings` are the only places that touch
+`os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the product cannot use."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
+def _dtype(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in DTYPES:
+        raise ValueError(raw)
+    return value
+
+
+def _workers(raw: str) -> int | None:
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return None
+    count = int(value)
+    if count < 0:
+        raise ValueError(raw)
+    return count
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(raw)
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, default (as text), parser and help."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    accepted: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("LBS_DATA_DIR", "./data", _text, 'a folder path',
+            "Folder for the SQLite database, the built-in model and logs."),
+    Setting("LBS_DATABASE_URL", "", _text, 'a SQLAlchemy URL, or empty',
+            "SQLAlchemy database URL; empty means the SQLite file <data dir>/lbs.sqlite3."),
+    Setting("LBS_HOST", "127.0.0.1", _text, "an IP address or host name",
+            "Address the HTTP server binds."),
+    Setting("LBS_PORT", "8080", _port, "an integer from 0 to 65535",
+            "Port the HTTP server listens on."),
+    Setting("LBS_WORKERS", "auto", _workers, "'auto' or an integer of at least 0",
+            "Worker processes started by the server: 'auto' = one per visible GPU, "
+            "or one on CPU when there is none; 0 starts none."),
+    Setting("LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, 'a number from 0.0 (no limit) to 1.0',
+            "Fraction of each GPU's memory a model may take (accelerate max_memory); "
+            "0.0 = no limit."),
+    Setting("LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, '1/0, true/false, yes/no, on/off',
+            "Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in workers "
+            "(a value you set yourself wins)."),
+    Setting("LBS_TORCH_DTYPE", "auto", _dtype, 'auto, float16, bfloat16, float32',
+            "dtype models are loaded in: auto, float16, bfloat16 or float32."),
+    Setting("LBS_USE_MODEL_CACHE", "1", _bool, '1/0, true/false, yes/no, on/off',
+            "Keep models of cached datasets loaded between jobs; 0 makes every job uncached."),
+    Setting("LBS_TRUST_REMOTE_CODE", "0", _bool, '1/0, true/false, yes/no, on/off',
+            "Allow models that ship their own Python code (trust_remote_code)."),
+    Setting("LBS_ALLOW_DOWNLOAD", "0", _bool, '1/0, true/false, yes/no, on/off',
+            "Allow downloading hub models that are not in the local cache."),
+    Setting("LBS_LEASE_SECONDS", "60", _positive_float, 'a number of seconds greater than 0',
+            "A running job whose worker has not renewed its lease for this long is re-queued."),
+    Setting("LBS_MAX_ATTEMPTS", "3", _positive_int, 'an integer of at least 1',
+            "How many times a job may be started before it fails for good."),
+    Setting("LBS_POLL_INTERVAL", "0.5", _positive_float, 'a number of seconds greater than 0',
+            "Seconds an idle worker waits before looking at the queue again."),
+    Setting("LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
+            "Logging level of the server and workers."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Parsed settings. Build with `load_settings()`; never read os.environ elsewhere."""
+
+    data_dir: Path
+    database_url: str
+    host: str
+    port: int
+    workers: int | None
+    gpu_memory_limit: float
+    enable_memory_management: bool
+    torch_dtype: str
+    use_model_cache: bool
+    trust_remote_code: bool
+    allow_download: bool
+    lease_seconds: float
+    max_attempts: int
+    poll_interval: float
+    log_level: str
+    cuda_visible_devices: str | None = None
+    """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
+    raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, to hand to a child process."""
+        return dict(self.raw)
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Read every setting; raise ConfigError naming the first bad variable."""
+    env_file = os.environ.get("LBS_ENV_FILE", ".env")
+    file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} \
+        if Path(env_file).is_file() else {}
+    raw: dict[str, str] = {}
+    for setting in SETTINGS:
+        value = os.environ.get(setting.name, file_values.get(setting.name, setting.default))
+        if overrides and setting.name in overrides:
+            value = str(overrides[setting.name])
+        raw[setting.name] = value
+    unknown = set(overrides or ()) - set(_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+
+    parsed: dict[str, Any] = {}
+    for setting in SETTINGS:
+        try:
+            parsed[setting.name] = setting.parse(raw[setting.name])
+        except ValueError:
+            raise ConfigError(
+                f"{setting.name}={raw[setting.name]!r} is not valid; "
+                f"accepted values: {setting.accepted}") from None
+
+    data_dir = Path(parsed["LBS_DATA_DIR"]).expanduser().resolve()
+    database_url = parsed["LBS_DATABASE_URL"] or f"sqlite:///{data_dir / 'lbs.sqlite3'}"
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        host=parsed["LBS_HOST"],
+        port=parsed["LBS_PORT"],
+        workers=parsed["LBS_WORKERS"],
+        gpu_memory_limit=parsed["LBS_GPU_MEMORY_LIMIT"],
+        enable_memory_management=parsed["LBS_ENABLE_MEMORY_MANAGEMENT"],
+        torch_dtype=parsed["LBS_TORCH_DTYPE"],
+        use_model_cache=parsed["LBS_USE_MODEL_CACHE"],
+        trust_remote_code=parsed["LBS_TRUST_REMOTE_CODE"],
+        allow_download=parsed["LBS_ALLOW_DOWNLOAD"],
+        lease_seconds=parsed["LBS_LEASE_SECONDS"],
+        max_attempts=parsed["LBS_MAX_ATTEMPTS"],
+        poll_interval=parsed["LBS_POLL_INTERVAL"],
+        log_level=parsed["LBS_LOG_LEVEL"],
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        raw=raw,
+    )
+
+
+def apply_allocator_settings(settings: Settings) -> str | None:
+    """Set PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA.
+
+    Call it in a worker before the first `import torch`. With
+    LBS_ENABLE_MEMORY_MANAGEMENT=1 it sets `expandable_segments:True`, unless the
+    user already set PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF (their value
+    wins). Returns the value in force, or None.
+    """
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if os.environ.get(name):
+            return os.environ[name]
+    if not settings.enable_memory_management:
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+
+
+def hf_hub_offline_env(settings: Settings) -> None:
+    """Keep huggingface_hub from reaching the network unless downloads are allowed."""
+    if not settings.allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,141 @@
+"""The dataset plugin interface.
+
+A dataset is one subclass of `Dataset`, registered under a name (see
+`registry.py`). It turns validated parameters into `Item`s (prompts), scores
+each prediction, and aggregates the scores. It never sees devices, dtypes, the
+model manager, SQL or Flask: it talks to the model only through the
+`PromptTokenizer` it is handed, so that prompts can be built in the model's own
+tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+class CacheMode(str, enum.Enum):
+    """What happens to the model after a job of this dataset.
+
+    CACHED keeps it loaded for the next job of the same model; UNCACHED releases
+    it fully after the job (long-context datasets that need every byte).
+    """
+
+    CACHED = "cached"
+    UNCACHED = "uncached"
+
+
+class ParamError(ValueError):
+    """A parameter is wrong; `field` names it (dotted path inside `params`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class DatasetParams(BaseModel):
+    """Base of every dataset's parameter model: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known of a model before it is loaded (from its config.json)."""
+
+    name: str
+    max_length: int | None
+
+
+class PromptTokenizer(Protocol):
+    """The model's tokenizer as a dataset sees it."""
+
+    max_length: int
+    """Most tokens the model takes (prompt plus generated tokens)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a piece of text, without special tokens."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids."""
+
+    def render(self, user_message: str) -> str:
+        """The full prompt text the model is fed for one user message: the chat
+        template with its generation prompt when one is in use, else the message."""
+
+    def count_prompt(self, prompt: str) -> int:
+        """Tokens the model is fed for a rendered prompt (special tokens included)."""
+
+
+@dataclass
+class Item:
+    """One prompt to evaluate. `idx` is stable: the same params give the same items."""
+
+    idx: int
+    prompt: str
+    prompt_tokens: int
+    max_new_tokens: int
+    reference: Any
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreEntry:
+    """One aggregated score: `overall`, or an entry of a breakdown named `name`."""
+
+    name: str
+    value: float
+    count: int
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+class Dataset:
+    """Base class of dataset plugins.
+
+    Subclasses set the class attributes and implement `build_items`, `score`
+    and, when the plain mean is not enough, `aggregate`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    cache_mode: ClassVar[CacheMode] = CacheMode.CACHED
+    Params: ClassVar[type[DatasetParams]] = DatasetParams
+
+    def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
+        """Validate raw parameters; raises pydantic.ValidationError."""
+        return self.Params.model_validate(raw or {})
+
+    def check(self, params: DatasetParams, model: ModelInfo) -> None:
+        """Refuse parameters that cannot work with this model, before it loads.
+
+        Runs in the server at submit time and in the worker before loading;
+        must not import torch. Raises ParamError.
+        """
+
+    def build_items(self, params: DatasetParams, tokenizer: PromptTokenizer) -> list[Item]:
+        """Every item of the job, in a stable order. Raises ParamError."""
+        raise NotImplementedError
+
+    def score(self, item: Item, prediction: str) -> float:
+        """A 0-1 score of one prediction."""
+        raise NotImplementedError
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        """Scores of the job from (item fields, score) pairs; default: the mean."""
+        values = [score for _, score in scored]
+        mean = sum(values) / len(values) if values else 0.0
+        return [ScoreEntry("overall", mean, len(values))]
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """Name, description, cache mode and the JSON schema of the parameters."""
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "cache_mode": cls.cache_mode.value,
+            "params_schema": cls.Params.model_json_schema(),
+        }

@@ -1,0 +1,364 @@
+"""Needle-in-a-Haystack (NIAH): can the model find one fact hidden in a long text?
+
+For every (context length, depth) cell of a grid the dataset builds one prompt
+of `context_length` tokens *in the model's own tokens* (template, instructions
+and question included; the whole prompt is within 90-100% of the length),
+made of haystack sentences with the needle sentence inserted once, at the
+sentence boundary nearest to `depth_percent` of the haystack (0 = start,
+100 = end).
+
+Scoring (`score_answer`), RULER-style string match rather than a judge model:
+both texts are normalised (lower case, punctuation and the articles a/an/the
+removed, whitespace collapsed); the score is 1.0 when the normalised answer
+occurs in the normalised reply, otherwise the fraction of the answer's words
+that occur in the reply (a paraphrase earns partial credit, a miss 0.0).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from bisect import bisect_left
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    Item,
+    ModelInfo,
+    ParamError,
+    PromptTokenizer,
+    ScoreEntry,
+)
+
+DATA_DIR = Path(__file__).parent / "data"
+BUNDLED_HAYSTACKS = {
+    "essays": DATA_DIR / "haystack_essays.txt",
+}
+# RULER's noise haystack: the same five sentences over and over.
+NOISE_TEXT = ("The grass is green. The sky is blue. The sun is yellow. "
+              "Here we go. There and back again. ")
+
+DEFAULT_NEEDLE = ("The secret ingredient in Aunt Margit's famous goulash is "
+                  "a spoonful of smoked paprika.")
+DEFAULT_QUESTION = "What is the secret ingredient in Aunt Margit's famous goulash?"
+DEFAULT_ANSWER = "a spoonful of smoked paprika"
+
+PROMPT_TEMPLATE = (
+    "Below is a long document. One sentence in it answers the question that "
+    "follows. Read the document and answer the question using only what it says.\n\n"
+    "<document>\n{context}\n</document>\n\n"
+    "Question: {question}\n"
+    "Answer in one short sentence."
+)
+
+MIN_CONTEXT_LENGTH = 128
+MAX_GRID_CELLS = 2500
+# How many later sentences to try when the next one does not fit the budget.
+FILL_LOOKAHEAD = 64
+
+
+class LengthRange(BaseModel):
+    """Evenly spaced context lengths from `min` to `max` (both included)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(1024, ge=MIN_CONTEXT_LENGTH)
+    max: int = Field(4096, ge=MIN_CONTEXT_LENGTH)
+    count: int = Field(4, ge=1, le=200)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LengthRange:
+        if self.max < self.min:
+            raise ValueError("max must be at least min")
+        return self
+
+    def values(self) -> list[int]:
+        if self.count == 1:
+            return [self.max]
+        step = (self.max - self.min) / (self.count - 1)
+        return sorted({round(self.min + i * step) for i in range(self.count)})
+
+
+class DepthRange(BaseModel):
+    """`count` depths evenly spaced from 0 to 100 percent."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(5, ge=1, le=101)
+
+    def values(self) -> list[float]:
+        if self.count == 1:
+            return [50.0]
+        return [round(100 * i / (self.count - 1), 2) for i in range(self.count)]
+
+
+class NeedleParams(DatasetParams):
+    context_lengths: list[int] | LengthRange = Field(
+        default_factory=LengthRange,
+        description="Prompt lengths in tokens: a list, or {min, max, count}.")
+    depth_percents: list[float] | DepthRange = Field(
+        default_factory=DepthRange,
+        description="Where the needle goes, in percent of the haystack "
+                    "(0 = start, 100 = end): a list, or {count}.")
+    needle: str = Field(DEFAULT_NEEDLE, min_length=1, max_length=2000,
+                        description="The sentence hidden in the haystack.")
+    retrieval_question: str = Field(DEFAULT_QUESTION, min_length=1, max_length=2000,
+                                    description="The question the needle answers.")
+    answer: str | None = Field(
+        None, max_length=2000,
+        description="What a correct reply must contain; default: the default needle's "
+                    "answer, or the needle itself when you give your own needle.")
+    haystack: str = Field(
+        "essays",
+        description="'essays' (bundled original essays), 'noise' (RULER-style repeated "
+                    "sentences) or the path of a UTF-8 text file.")
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    use_chat_template: bool = Field(
+        True, description="Wrap the prompt in the tokenizer's chat template when it has one "
+                          "(the runner applies it; false feeds the plain text).")
+
+    @field_validator("context_lengths")
+    @classmethod
+    def _lengths(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one context length")
+            if min(value) < MIN_CONTEXT_LENGTH:
+                raise ValueError(f"every context length must be at least {MIN_CONTEXT_LENGTH}")
+        return value
+
+    @field_validator("depth_percents")
+    @classmethod
+    def _depths(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one depth")
+            if any(not 0 <= d <= 100 for d in value):
+                raise ValueError("every depth must be between 0 and 100")
+        return value
+
+    @model_validator(mode="after")
+    def _grid_size(self) -> NeedleParams:
+        cells = len(self.lengths()) * len(self.depths())
+        if cells > MAX_GRID_CELLS:
+            raise ValueError(f"the grid has {cells} cells; at most {MAX_GRID_CELLS} are allowed")
+        return self
+
+    def lengths(self) -> list[int]:
+        if isinstance(self.context_lengths, LengthRange):
+            return self.context_lengths.values()
+        return sorted(set(self.context_lengths))
+
+    def depths(self) -> list[float]:
+        if isinstance(self.depth_percents, DepthRange):
+            return self.depth_percents.values()
+        return sorted(set(float(d) for d in self.depth_percents))
+
+    def expected_answer(self) -> str:
+        if self.answer:
+            return self.answer
+        return DEFAULT_ANSWER if self.needle == DEFAULT_NEEDLE else self.needle
+
+
+# --- scoring ----------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def score_answer(prediction: str, answer: str) -> float:
+    """1.0 when the normalised answer is in the normalised reply, else the share
+    of the answer's words found in the reply (0.0 for none)."""
+    want, got = normalize(answer), normalize(prediction)
+    if not want:
+        return 0.0
+    if f" {want} " in f" {got} ":
+        return 1.0
+    words = want.split()
+    present = set(got.split())
+    return sum(word in present for word in words) / len(words)
+
+
+# --- prompt construction ----------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?=\s+\S)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, each with the whitespace that came before it (the first gets one space).
+
+    Joining them gives back the text (with one leading space): every boundary
+    between two units is a sentence boundary.
+    """
+    text = text.strip()
+    parts = _SENTENCE_END.split(text)
+    units = [(" " + p) if i == 0 else p for i, p in enumerate(parts)]
+    return [u for u in units if u.strip()]
+
+
+@lru_cache(maxsize=8)
+def _read_haystack(source: str) -> tuple[str, ...]:
+    if source == "noise":
+        text = NOISE_TEXT
+    elif source in BUNDLED_HAYSTACKS:
+        text = BUNDLED_HAYSTACKS[source].read_text(encoding="utf-8")
+    else:
+        text = Path(source).expanduser().read_text(encoding="utf-8")
+    return tuple(split_sentences(text))
+
+
+def load_haystack(source: str) -> list[str]:
+    """The haystack's sentences; raises ParamError when it cannot be read."""
+    try:
+        units = _read_haystack(source)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamError("haystack", f"cannot read haystack file {source!r}: "
+                                     f"{exc.strerror if isinstance(exc, OSError) else exc}")
+    if not units:
+        raise ParamError("haystack", f"haystack {source!r} has no sentences")
+    return list(units)
+
+
+class _Builder:
+    """Builds the prompts of one job; caches token counts of haystack sentences."""
+
+    def __init__(self, params: NeedleParams, tokenizer: PromptTokenizer):
+        self.params = params
+        self.tok = tokenizer
+        self.units = load_haystack(params.haystack)
+        self.needle_unit = " " + params.needle.strip()
+        if any(params.needle.strip() in u for u in self.units):
+            raise ParamError("needle", "the haystack already contains the needle")
+        self.unit_tokens = [len(tokenizer.encode(u)) for u in self.units]
+        self.needle_tokens = len(tokenizer.encode(self.needle_unit))
+        self.overhead = self.count(self.render(""))
+
+    def render(self, context: str) -> str:
+        message = PROMPT_TEMPLATE.format(context=context,
+                                         question=self.params.retrieval_question.strip())
+        return self.tok.render(message)
+
+    def count(self, prompt: str) -> int:
+        return self.tok.count_prompt(prompt)
+
+    def fill(self, budget: int) -> list[int]:
+        """Indices of haystack sentences (cycling) whose tokens fill `budget`."""
+        chosen: list[int] = []
+        used, i, misses = 0, 0, 0
+        n = len(self.units)
+        while misses < FILL_LOOKAHEAD:
+            cost = self.unit_tokens[i % n]
+            if used + cost <= budget:
+                chosen.append(i % n)
+                used += cost
+                misses = 0
+            else:
+                misses += 1
+            i += 1
+            if i > 4 * n + budget:  # a haystack of sentences that never fit
+                break
+        return chosen
+
+    def assemble(self, chosen: list[int], depth: float) -> tuple[str, int]:
+        """Context text with the needle at the boundary nearest to `depth`, and
+        the number of haystack tokens before the needle."""
+        bounds = [0]
+        for idx in chosen:
+            bounds.append(bounds[-1] + self.unit_tokens[idx])
+        target = depth / 100 * bounds[-1]
+        k = bisect_left(bounds, target)
+        if k == len(bounds) or (k > 0 and target - bounds[k - 1] <= bounds[k] - target):
+            k -= 1
+        pieces = [self.units[i] for i in chosen]
+        pieces.insert(k, self.needle_unit)
+        return "".join(pieces).strip(), bounds[k]
+
+    def build(self, length: int, depth: float) -> tuple[str, int, dict[str, Any]]:
+        budget = length - self.overhead - self.needle_tokens
+        if budget <= 0:
+            raise ParamError("context_lengths",
+                             f"{length} tokens cannot hold the instructions, question and "
+                             f"needle ({self.overhead + self.needle_tokens} tokens)")
+        chosen = self.fill(budget)
+        while True:
+            context, before = self.assemble(chosen, depth)
+            prompt = self.render(context)
+            tokens = self.count(prompt)
+            if tokens <= length or not chosen:
+                break
+            # Token counts of lone sentences differ a little from counts in
+            # context: drop sentences from the end until the prompt fits.
+            chosen = chosen[:-1]
+        if tokens > length or tokens < 0.9 * length:
+            raise ParamError("context_lengths",
+                             f"cannot build a prompt of 90-100% of {length} tokens from this "
+                             f"haystack (got {tokens}); use a longer context length")
+        if context.count(self.params.needle.strip()) != 1:
+            raise ParamError("needle", "the needle does not appear exactly once in the prompt")
+        haystack_tokens = sum(self.unit_tokens[i] for i in chosen)
+        fields = {
+            "context_length": length,
+            "depth_percent": depth,
+            "needle_depth_percent": round(100 * before / haystack_tokens, 2)
+            if haystack_tokens else 0.0,
+            "haystack_tokens": haystack_tokens,
+        }
+        return prompt, tokens, fields
+
+
+class NeedleInAHaystack(Dataset):
+    name = "needle_in_haystack"
+    description = ("Needle-in-a-Haystack: one fact hidden at a chosen depth of a long "
+                   "text; scores retrieval by context length and depth.")
+    cache_mode = CacheMode.UNCACHED
+    Params = NeedleParams
+
+    def check(self, params: NeedleParams, model: ModelInfo) -> None:
+        if params.haystack not in BUNDLED_HAYSTACKS and params.haystack != "noise":
+            load_haystack(params.haystack)
+        if model.max_length is None:
+            return
+        longest = max(params.lengths())
+        if longest + params.max_new_tokens > model.max_length:
+            raise ParamError(
+                "context_lengths",
+                f"context length {longest} plus max_new_tokens {params.max_new_tokens} is "
+                f"beyond the maximum of {model.name} ({model.max_length} tokens)")
+
+    def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
+        self.check(params, ModelInfo("the model", tokenizer.max_length))
+        builder = _Builder(params, tokenizer)
+        answer = params.expected_answer()
+        items = []
+        for length in params.lengths():
+            for depth in params.depths():
+                prompt, tokens, fields = builder.build(length, depth)
+                items.append(Item(idx=len(items), prompt=prompt, prompt_tokens=tokens,
+                                  max_new_tokens=params.max_new_tokens, reference=answer,
+                                  fields=fields))
+        return items
+
+    def score(self, item: Item, prediction: str) -> float:
+        return score_answer(prediction, item.reference)
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        cells: dict[tuple[int, float], list[float]] = {}
+        for fields, value in scored:
+            cells.setdefault((fields["context_length"], fields["depth_percent"]), []).append(value)
+        entries = super().aggregate(scored)
+        for (length, depth), values in sorted(cells.items()):
+            entries.append(ScoreEntry("cell", sum(values) / len(values), len(values),
+                                      {"context_length": length, "depth_percent": depth}))
+        return entries
+
+

@@ -1,0 +1,350 @@
+"""Storage: SQLAlchemy 2 models, engine set-up and schema migrations.
+
+The jobs table is the queue (see jobs.py). SQLite is the default engine and is
+opened in WAL mode with a busy timeout, so the server and several workers can
+read and write the same file at once.
+
+The schema is an ordered list of small migrations (`MIGRATIONS`), each written
+with Alembic's operations so it runs on SQLite and PostgreSQL alike; the number
+of migrations applied is kept in `schema_version`. `init_db` applies what is
+missing, so every process that opens the database brings it up to date.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp (SQLite keeps no time zone; every stored time is UTC)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(1024))
+    dataset: Mapped[str] = mapped_column(sa.String(128))
+    params: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    state: Mapped[str] = mapped_column(sa.String(16), default=JobState.QUEUED.value)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    progress_done: Mapped[int] = mapped_column(default=0)
+    progress_total: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    events: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
+
+    samples: Mapped[list[Sample]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="Sample.idx")
+    scores: Mapped[list[Score]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="Score.id")
+    memory_peaks: Mapped[list[MemoryPeak]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="MemoryPeak.id")
+
+
+class Sample(Base):
+    """One evaluated item of a job; (job_id, idx) is unique so nothing is stored twice."""
+
+    __tablename__ = "samples"
+    __table_args__ = (sa.UniqueConstraint("job_id", "idx", name="uq_samples_job_idx"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    idx: Mapped[int]
+    prompt: Mapped[str] = mapped_column(sa.Text)
+    prompt_tokens: Mapped[int]
+    prediction: Mapped[str] = mapped_column(sa.Text)
+    score: Mapped[float | None]
+    latency_s: Mapped[float]
+    output_tokens: Mapped[int | None]
+    peak_rss_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    peak_gpu_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    fields: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="samples")
+
+
+class Score(Base):
+    """A named score of a job: `overall`, or one entry of a breakdown (`cell`, `subset`…).
+
+    `labels` says which part of the breakdown the value belongs to, e.g.
+    {"context_length": 1024, "depth_percent": 50}.
+    """
+
+    __tablename__ = "scores"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[float]
+    count: Mapped[int] = mapped_column(default=0)
+    labels: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+
+    job: Mapped[Job] = relationship(back_populates="scores")
+
+
+class MemoryPeak(Base):
+    """A memory reading of a job, in bytes: `rss_peak`, `rss_at_load`, `cuda_max_allocated`…"""
+
+    __tablename__ = "memory_peaks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(64))
+    device: Mapped[str] = mapped_column(sa.String(32), default="cpu")
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+
+    job: Mapped[Job] = relationship(back_populates="memory_peaks")
+
+
+class Worker(Base):
+    """A worker process as it last reported itself."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int]
+    device: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[str] = mapped_column(sa.String(16))
+    current_job_id: Mapped[int | None]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- migrations -----------------------------------------------------------------
+# Append only: never edit a migration that has shipped, add the next one.
+
+def _m001_initial(op: Any) -> None:
+    op.create_table(
+        "jobs",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("model", sa.String(1024), nullable=False),
+        sa.Column("dataset", sa.String(128), nullable=False),
+        sa.Column("params", sa.JSON, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("started_at", sa.DateTime),
+        sa.Column("finished_at", sa.DateTime),
+        sa.Column("worker_id", sa.String(128)),
+        sa.Column("lease_expires_at", sa.DateTime),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("progress_done", sa.Integer, nullable=False),
+        sa.Column("progress_total", sa.Integer),
+        sa.Column("error", sa.Text),
+        sa.Column("events", sa.JSON, nullable=False),
+    )
+    op.create_index("ix_jobs_state_id", "jobs", ["state", "id"])
+    op.create_table(
+        "samples",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("prompt", sa.Text, nullable=False),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False),
+        sa.Column("prediction", sa.Text, nullable=False),
+        sa.Column("score", sa.Float),
+        sa.Column("latency_s", sa.Float, nullable=False),
+        sa.Column("output_tokens", sa.Integer),
+        sa.Column("peak_rss_bytes", sa.BigInteger),
+        sa.Column("peak_gpu_bytes", sa.BigInteger),
+        sa.Column("fields", sa.JSON, nullable=False),
+        sa.Column("error", sa.Text),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.UniqueConstraint("job_id", "idx", name="uq_samples_job_idx"),
+    )
+    op.create_index("ix_samples_job_id", "samples", ["job_id"])
+    for table in ("scores", "memory_peaks"):
+        extra = ([sa.Column("name", sa.String(64), nullable=False),
+                  sa.Column("value", sa.Float, nullable=False),
+                  sa.Column("count", sa.Integer, nullable=False),
+                  sa.Column("labels", sa.JSON, nullable=False)]
+                 if table == "scores" else
+                 [sa.Column("name", sa.String(64), nullable=False),
+                  sa.Column("device", sa.String(32), nullable=False),
+                  sa.Column("bytes", sa.BigInteger, nullable=False)])
+        op.create_table(
+            table,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+                      nullable=False),
+            *extra,
+        )
+        op.create_index(f"ix_{table}_job_id", table, ["job_id"])
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("device", sa.String(64), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("current_job_id", sa.Integer),
+        sa.Column("started_at", sa.DateTime, nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+    )
+
+
+MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial]
+
+
+def _migrate(engine: Engine) -> None:
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    # The write lock is taken first, so two processes never migrate at once.
+    with _immediate(), engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = conn.exec_driver_sql("SELECT MAX(version) FROM schema_version").scalar() or 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {current} is newer than this code "
+                f"({len(MIGRATIONS)}); upgrade LLM Bench Shower")
+        op = Operations(MigrationContext.configure(conn))
+        for version, migration in enumerate(MIGRATIONS[current:], start=current + 1):
+            log.info("[DB] applying migration %d: %s", version, migration.__name__)
+            migration(op)
+            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"),
+                         {"v": version})
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is turned off so that the BEGIN
+    # emitted below (and BEGIN IMMEDIATE in claims) is the one in force.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+_local = threading.local()
+
+
+@contextmanager
+def _immediate() -> Iterator[None]:
+    previous = getattr(_local, "immediate", False)
+    _local.immediate = True
+    try:
+        yield
+    finally:
+        _local.immediate = previous
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # A transaction that reads and then writes must hold the write lock from
+    # its start: a deferred one would fail with SQLITE_BUSY when another writer
+    # committed in between, and busy_timeout cannot help with that.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if getattr(_local, "immediate", False) else "BEGIN")
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process, with the schema brought up to date."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _create_engine(url)
+            _migrate(engine)
+            _engines[url] = engine
+        return engine
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            from pathlib import Path
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def session_factory(url: str) -> sessionmaker:
+    """A sessionmaker bound to the engine for `url` (objects stay usable after commit)."""
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def write_session(factory: sessionmaker) -> Iterator[Session]:
+    """A session whose transaction takes the write lock at once and commits on exit.
+
+    Use it for every read-then-write transaction (claims, lease renewals,
+    finishing a job); plain `factory()` sessions are for reads and blind writes.
+    """
+    with _immediate():
+        session = factory()
+        session.connection()  # begin now, while the flag is set
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests, and before a process forks)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()

@@ -1,0 +1,64 @@
+"""The runner interface: how the evaluation loop talks to a model backend.
+
+A runner owns a loaded model and its tokenizer. Datasets see only its
+`PromptTokenizer` side (see backend.datasets.base); the evaluation loop calls
+`generate`. Runners never know about jobs, SQL or HTTP.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, already rendered (chat template applied if wanted)."""
+
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The model's reply to one request.
+
+    `prompt_tokens` is what the model was fed (special tokens included),
+    `output_tokens` what it produced; `latency_s` is wall time for this request
+    (for a batch, the batch's time shared out evenly).
+    """
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    latency_s: float
+
+
+class Runner(ABC):
+    """A loaded model. Subclasses implement the PromptTokenizer methods and generate."""
+
+    max_length: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def render(self, user_message: str) -> str: ...
+
+    @abstractmethod
+    def count_prompt(self, prompt: str) -> int: ...
+
+    @abstractmethod
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Greedy replies to `requests`, in order, one Generation per request.
+
+        Raises on failure of the whole batch (out of memory included); the
+        caller decides whether to retry or fail the sample.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Drop every reference to the model and tokenizer and free their memory."""

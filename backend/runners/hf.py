@@ -1,0 +1,180 @@
+"""Hugging Face transformers runner: AutoModelForCausalLM + AutoTokenizer.
+
+Loading follows the settings: dtype from LBS_TORCH_DTYPE, trust_remote_code
+only with LBS_TRUST_REMOTE_CODE=1, never a download unless
+LBS_ALLOW_DOWNLOAD=1, and with LBS_GPU_MEMORY_LIMIT > 0 on CUDA a device map
+under accelerate's `max_memory` (see backend.memory.limits). Generation is
+greedy, one request at a time (prompts of a job differ in length, and
+padding a 100k-token batch wastes the memory NIAH needs).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+
+from backend.config import Settings
+from backend.memory.limits import build_max_memory
+from backend.runners.base import Generation, GenerationRequest, Runner
+from backend.runners.builtin import ensure_builtin_model
+from backend.runners.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What, besides the model itself, changes the loaded result (part of the cache key)."""
+
+    dtype: str
+    trust_remote_code: bool
+    gpu_memory_limit: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LoadOptions:
+        return cls(settings.torch_dtype, settings.trust_remote_code, settings.gpu_memory_limit)
+
+
+def _torch_dtype(name: str, on_cuda: bool):
+    import torch
+
+    if name == "auto":
+        # float16/bfloat16 on CPU are slow or unsupported for many kernels.
+        return "auto" if on_cuda else torch.float32
+    return getattr(torch, name)
+
+
+class HFTokenizer:
+    """A transformers tokenizer as datasets see it (the PromptTokenizer protocol)."""
+
+    def __init__(self, tokenizer, max_length: int, use_chat_template: bool | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else (
+            use_chat_template and has_template)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render(self, user_message: str) -> str:
+        if not self.use_chat_template:
+            return user_message
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], tokenize=False,
+            add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        # A rendered chat template already holds its special tokens (BOS…).
+        return self.tokenizer.encode(prompt, add_special_tokens=not self.use_chat_template)
+
+    def count_prompt(self, prompt: str) -> int:
+        return len(self.prompt_ids(prompt))
+
+
+class HFRunner(Runner):
+    """A transformers model and tokenizer, loaded by `HFRunner.load`."""
+
+    def __init__(self, spec: ModelSpec, model, tokenizer, device: str, max_length: int,
+                 use_chat_template: bool | None = None):
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tok = HFTokenizer(tokenizer, max_length, use_chat_template)
+        self.device = device
+        self.max_length = max_length
+        self.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+
+    @classmethod
+    def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if spec.builtin:
+            source = str(ensure_builtin_model(settings.data_dir, spec.builtin))
+        else:
+            source = str(spec.path) if spec.path is not None else spec.hub_id
+        local_only = not settings.allow_download
+        on_cuda = torch.cuda.is_available()
+        kwargs = dict(dtype=_torch_dtype(options.dtype, on_cuda),
+                      trust_remote_code=options.trust_remote_code,
+                      local_files_only=local_only, low_cpu_mem_usage=True)
+        max_memory = build_max_memory(options.gpu_memory_limit) if on_cuda else None
+        if max_memory:
+            kwargs.update(device_map="auto", max_memory=max_memory)
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=options.trust_remote_code, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if on_cuda and not max_memory:
+            model.to("cuda:0")
+        model.eval()
+        device = str(next(model.parameters()).device)
+        config_max = getattr(model.config, "max_position_embeddings", None)
+        tok_max = tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None
+        max_length = config_max or tok_max or 2048
+        log.info("[Runner] loaded %s on %s (%s) in %.2f s", spec.name, device,
+                 str(next(model.parameters()).dtype).removeprefix("torch."),
+                 time.perf_counter() - started)
+        return cls(spec, model, tokenizer, device, max_length)
+
+    # --- PromptTokenizer (delegated) ------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def render(self, user_message: str) -> str:
+        return self.tok.render(user_message)
+
+    def count_prompt(self, prompt: str) -> int:
+        return self.tok.count_prompt(prompt)
+
+    def without_chat_template(self) -> HFRunner:
+        """The same model, prompts fed as plain text (job parameter use_chat_template=false)."""
+        return HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
+                        use_chat_template=False)
+
+    # --- generation --------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        import torch
+
+        results = []
+        for request in requests:
+            ids = self.tok.prompt_ids(request.prompt)
+            input_ids = torch.tensor([ids], device=self.device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=request.max_new_tokens, do_sample=False,
+                    temperature=None, top_p=None, top_k=None,
+                    pad_token_id=self.pad_token_id)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            latency = time.perf_counter() - started
+            new_ids = output[0, len(ids):].tolist()
+            results.append(Generation(text=self.decode(new_ids).strip(), prompt_tokens=len(ids),
+                                      output_tokens=len(new_ids), latency_s=latency))
+        return results
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass

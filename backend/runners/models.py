@@ -1,0 +1,94 @@
+"""Resolving what a user typed as a model into something loadable, without torch.
+
+A model is `builtin:<name>`, the path of a local Hugging Face checkpoint folder,
+or a hub id that is already in the local cache (downloads only with
+LBS_ALLOW_DOWNLOAD=1). The server uses this at submit time to refuse unknown
+models and over-long contexts before anything loads; the worker uses it again
+before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.config import Settings
+from backend.datasets.base import ModelInfo
+from backend.runners import builtin
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFound(LookupError):
+    """The model is neither built in, nor a checkpoint folder, nor in the hub cache."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: `name` as the user wrote it, `path` a local folder
+    (None for a built-in model not yet made, or a hub id to download)."""
+
+    name: str
+    path: Path | None
+    builtin: str | None = None
+    hub_id: str | None = None
+
+
+def resolve_model(name: str, settings: Settings) -> ModelSpec:
+    """Find `name` locally; raise ModelNotFound with a message saying where it looked."""
+    name = name.strip()
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        if key not in builtin.BUILTIN_MODELS:
+            raise ModelNotFound(f"unknown built-in model {name!r}; built-in models: "
+                                + ", ".join(f"builtin:{k}" for k in builtin.BUILTIN_MODELS))
+        return ModelSpec(name=name, path=builtin.model_dir(settings.data_dir, key), builtin=key)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{name!r} is a folder but has no config.json; "
+                                "give a Hugging Face checkpoint folder")
+        return ModelSpec(name=name, path=path.resolve())
+    if _HUB_ID.match(name) and not path.is_absolute() and not name.startswith("."):
+        cached = _hub_cache_path(name)
+        if cached is not None:
+            return ModelSpec(name=name, path=cached, hub_id=name)
+        if settings.allow_download:
+            return ModelSpec(name=name, path=None, hub_id=name)
+        raise ModelNotFound(f"hub model {name!r} is not in the local Hugging Face cache and "
+                            "downloads are off (set LBS_ALLOW_DOWNLOAD=1 to allow them)")
+    raise ModelNotFound(f"model {name!r} not found: not a built-in model (builtin:tiny), "
+                        "not an existing checkpoint folder, not a cached hub id")
+
+
+def _hub_cache_path(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
+        return None
+    folder_path = Path(folder)
+    return folder_path if (folder_path / "config.json").is_file() else None
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    """What the model's config says, read without loading it."""
+    if spec.builtin:
+        return ModelInfo(spec.name, builtin.BUILTIN_MODELS[spec.builtin].max_position_embeddings)
+    if spec.path is None:
+        return ModelInfo(spec.name, None)
+    config = json.loads((spec.path / "config.json").read_text(encoding="utf-8"))
+    return ModelInfo(spec.name, max_length_from_config(config))
+
+
+def max_length_from_config(config: dict) -> int | None:
+    """The longest sequence a transformers config admits, or None if it does not say."""
+    text_config = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length",
+                "seq_length", "n_ctx"):
+        value = text_config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,175 @@
+"""The HTTP server: `create_app()` and `python -m backend.server`.
+
+`python -m backend.server` serves the API and the web page with waitress and
+starts the worker processes (`LBS_WORKERS`: one per visible GPU, pinned with
+CUDA_VISIBLE_DEVICES, or one on CPU), restarting any that dies. The server
+process never imports torch: it stays responsive while jobs run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, send_from_directory
+from sqlalchemy.orm import sessionmaker
+
+from backend.config import ConfigError, Settings, load_settings
+from backend.db import session_factory
+from backend.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+@dataclass
+class AppState:
+    """What the views need, kept in `app.extensions["lbs"]`."""
+
+    settings: Settings
+    factory: sessionmaker
+
+
+def create_app(settings: Settings | None = None,
+               test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the Flask app: defaults, then the environment (settings), then test_config."""
+    from backend.api import datasets, errors, health, jobs, openapi
+
+    settings = settings or load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Flask(__name__, static_folder=None)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    if test_config:
+        app.config.update(test_config)
+    app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
+    errors.init_app(app)
+    for module in (jobs, datasets, health, openapi):
+        app.register_blueprint(module.bp)
+
+    @app.get("/")
+    def index():
+        return send_from_directory(FRONTEND, "index.html")
+
+    @app.get("/static/<path:name>")
+    def static_files(name: str):
+        return send_from_directory(FRONTEND, name)
+
+    return app
+
+
+# --- worker processes -------------------------------------------------------------
+
+class WorkerPool:
+    """Starts the worker processes and restarts any that exits while the server runs."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def plan(self) -> list[str | None]:
+        """CUDA_VISIBLE_DEVICES of each worker to start (None = CPU / inherit)."""
+        from backend.memory.gpu import visible_gpu_count
+
+        visible = self.settings.cuda_visible_devices
+        gpus = visible_gpu_count(visible)
+        count = self.settings.workers if self.settings.workers is not None else max(gpus, 1)
+        if gpus == 0:
+            return [None] * count
+        ids = ([e.strip() for e in visible.split(",") if e.strip()] if visible
+               else [str(i) for i in range(gpus)])
+        return [ids[i % len(ids)] for i in range(count)]
+
+    def _spawn(self, slot: int, device: str | None) -> subprocess.Popen:
+        env = {**os.environ, **self.settings.as_env()}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], env=env,
+                                cwd=os.getcwd())
+        log.info("[Server] worker %d started (pid %d, %s)", slot, proc.pid,
+                 f"GPU {device}" if device is not None else "default device")
+        return proc
+
+    def start(self) -> None:
+        devices = self.plan()
+        for slot, device in enumerate(devices):
+            self.procs[slot] = self._spawn(slot, device)
+        self._thread = threading.Thread(target=self._supervise, args=(devices,),
+                                        name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _supervise(self, devices: list[str | None]) -> None:
+        while not self.stopping.wait(1.0):
+            for slot, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is not None and not self.stopping.is_set():
+                    log.warning("[Server] worker %d (pid %d) exited with %s; restarting",
+                                slot, proc.pid, code)
+                    self.procs[slot] = self._spawn(slot, devices[slot])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("[Server] worker pid %d did not stop; killing it", proc.pid)
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.server",
+                                     description="Serve LLM Bench Shower and run its workers.")
+    parser.add_argument("--no-workers", action="store_true",
+                        help="serve the API only (run `python -m backend.worker` yourself)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    from waitress import create_server
+
+    app = create_app(settings)
+    server = create_server(app, host=settings.host, port=settings.port, threads=8,
+                           ident="llm-bench-shower")
+    pool = WorkerPool(settings)
+    if not args.no_workers:
+        pool.start()
+
+    def _shutdown(*_: Any) -> None:
+        log.info("[Server] shutting down")
+        server.close()
+
+    signal.signal(signal.SIGTERM, _shutdown)
+    signal.signal(signal.SIGINT, _shutdown)
+    log.info("[Server] listening on http://%s:%s (database %s)", settings.host,
+             server.effective_port, settings.database_url)
+    try:
+        server.run()
+    except (OSError, ValueError):
+        pass  # the socket closed under the loop on shutdown
+    finally:
+        pool.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

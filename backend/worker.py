@@ -1,0 +1,211 @@
+"""The worker process: claims jobs from the database and runs them, one at a time.
+
+`python -m backend.worker` runs one worker alone (the server starts its own
+with `python -m backend.server`). A worker registers itself in the `workers`
+table, keeps its row and the lease of its running job fresh from a heartbeat
+thread, and stores every sample as soon as it is scored. On SIGTERM/SIGINT it
+stops between two samples and gives its job back to the queue, where it
+resumes after the stored samples.
+
+The model manager is created once per worker process and lives as long as it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from backend.config import ConfigError, Settings, apply_allocator_settings, load_settings
+from backend.db import JobState, session_factory
+from backend.jobs import (
+    LeaseLost,
+    claim_job,
+    finish_job,
+    record_sample,
+    register_worker,
+    renew_lease,
+    requeue_job,
+    set_total,
+    stored_samples,
+    worker_heartbeat,
+)
+from backend.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+class _DbSink:
+    """SampleSink that writes each result to the database as it comes."""
+
+    def __init__(self, worker: Worker, job_id: int):
+        self.worker = worker
+        self.job_id = job_id
+
+    def stored(self) -> dict[int, tuple[dict, float]]:
+        done = stored_samples(self.worker.factory, self.job_id)
+        if done:
+            log.info("[Worker] job %d resumes after %d stored samples", self.job_id, len(done))
+        return done
+
+    def set_total(self, total: int) -> None:
+        set_total(self.worker.factory, self.job_id, self.worker.id, total)
+
+    def write(self, record: Any) -> bool:
+        values = {k: getattr(record, k) for k in (
+            "idx", "prompt", "prompt_tokens", "prediction", "score", "latency_s",
+            "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
+        cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
+                               self.worker.settings.lease_seconds, values)
+        return not (cancel or self.worker.cancel_seen.is_set() or self.worker.stopping.is_set())
+
+
+class Worker:
+    """One worker: a model manager, a heartbeat thread and the claim-run loop."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None,
+                 device: str | None = None):
+        from backend.memory.manager import ModelManager
+
+        self.settings = settings
+        self.factory = session_factory(settings.database_url)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.device = device or _describe_device(settings)
+        self.manager = ModelManager(use_cache=settings.use_model_cache)
+        self.stopping = threading.Event()
+        self.cancel_seen = threading.Event()
+        self.current_job: int | None = None
+        self._heartbeat: threading.Thread | None = None
+
+    # --- heartbeat --------------------------------------------------------------
+
+    def _beat(self) -> None:
+        interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
+        while not self.stopping.wait(interval):
+            try:
+                job_id = self.current_job
+                if job_id is not None:
+                    if renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds):
+                        self.cancel_seen.set()
+                worker_heartbeat(self.factory, self.id)
+            except LeaseLost as exc:
+                log.warning("[Worker] %s", exc)
+                self.cancel_seen.set()
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive a busy database
+                log.exception("[Worker] heartbeat failed; retrying")
+
+    def start(self) -> None:
+        register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device)
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info("[Worker] %s started on %s", self.id, self.device)
+
+    # --- jobs -------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        job = claim_job(self.factory, self.id, self.settings.lease_seconds,
+                        self.settings.max_attempts)
+        if job is None:
+            return False
+        self.run_job(job.id, job.model, job.dataset, job.params)
+        return True
+
+    def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any]) -> None:
+        from backend.datasets.base import ParamError
+        from backend.datasets.registry import UnknownDataset
+        from backend.evaluation import prepare, run_evaluation
+        from backend.runners.models import ModelNotFound
+
+        self.current_job = job_id
+        self.cancel_seen.clear()
+        log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
+        try:
+            prepared = prepare(model, dataset, params, self.settings)
+            outcome = run_evaluation(prepared, self.manager, self.settings,
+                                     _DbSink(self, job_id))
+            if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
+                requeue_job(self.factory, job_id, self.id)
+                log.info("[Worker] job %d given back to the queue", job_id)
+                return
+            state = JobState.CANCELLED if outcome.stopped else JobState.SUCCEEDED
+            finish_job(self.factory, job_id, self.id, state, scores=outcome.scores,
+                       memory=outcome.memory, events=outcome.events)
+            overall = next((s.value for s in outcome.scores if s.name == "overall"), None)
+            log.info("[Worker] job %d %s (overall score %s)", job_id, state.value,
+                     "n/a" if overall is None else f"{overall:.4f}")
+        except LeaseLost as exc:
+            log.warning("[Worker] job %d abandoned: %s", job_id, exc)
+        except (ParamError, ValidationError, UnknownDataset, ModelNotFound) as exc:
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+            log.exception("[Worker] job %d failed", job_id)
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.current_job = None
+
+    def _fail(self, job_id: int, error: str) -> None:
+        log.warning("[Worker] job %d failed: %s", job_id, error)
+        try:
+            finish_job(self.factory, job_id, self.id, JobState.FAILED, error=error,
+                       events=[e.as_dict() for e in self.manager.events[-2:]])
+        except LeaseLost as exc:
+            log.warning("[Worker] %s", exc)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                if not self.run_once():
+                    self.stopping.wait(self.settings.poll_interval)
+        finally:
+            self.manager.release_all()
+            worker_heartbeat(self.factory, self.id, state="stopped")
+            log.info("[Worker] %s stopped", self.id)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def _describe_device(settings: Settings) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        visible = settings.cuda_visible_devices
+        name = torch.cuda.get_device_name(0)
+        return f"cuda:{visible or 0} ({name})"
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.worker",
+                                     description="Run one LLM Bench Shower worker.")
+    parser.add_argument("--id", help="worker id (default: host-pid-random)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    # Must happen before torch initialises CUDA, i.e. before its first import.
+    alloc = apply_allocator_settings(settings)
+    if alloc:
+        log.info("[Worker] PYTORCH_CUDA_ALLOC_CONF=%s", alloc)
+    worker = Worker(settings, worker_id=args.id)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Shared fixtures: a temporary data dir per test, the built-in tiny model made
+once per session, apps, clients, and a real server + worker subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def builtin_models_dir(tmp_path_factory) -> Path:
+    """The built-in models, made once for the whole session."""
+    from backend.runners.builtin import ensure_builtin_model
+
+    data = tmp_path_factory.mktemp("builtin-data")
+    ensure_builtin_model(data, "tiny")
+    return data / "models"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own data dir; no test reads a user's .env or settings."""
+    for name in list(os.environ):
+        if name.startswith("LBS_") or name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LBS_ENV_FILE", str(tmp_path / "no.env"))
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("LBS_DATA_DIR", str(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return data
+
+
+@pytest.fixture
+def with_tiny(data_dir, builtin_models_dir) -> Path:
+    """Make the session's built-in tiny model visible in this test's data dir."""
+    (data_dir / "models").symlink_to(builtin_models_dir, target_is_directory=True)
+    return data_dir
+
+
+@pytest.fixture
+def settings(data_dir):
+    from backend.config import load_settings
+
+    return load_settings()
+
+
+@pytest.fixture
+def factory(settings):
+    from backend.db import dispose_engines, session_factory
+
+    yield session_factory(settings.database_url)
+    dispose_engines()
+
+
+@pytest.fixture
+def app(settings, with_tiny):
+    from backend.server import create_app
+
+    return create_app(settings, {"TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m backend.server` (with its worker) as a subprocess on a free port."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log_path = data_dir / "server.log"
+        self.env = {**os.environ, "LBS_PORT": str(self.port), "LBS_DATA_DIR": str(data_dir),
+                    "LBS_WORKERS": "1", "LBS_POLL_INTERVAL": "0.2",
+                    "LBS_ENV_FILE": str(data_dir / "no.env"), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> LiveServer:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend.server"], cwd=ROOT,
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not answer in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status, json.loads(res.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def wait_for(self, job_id: int, states: tuple[str, ...], timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = self.request("GET", f"/api/jobs/{job_id}")
+            assert status == 200, body
+            job = body["data"]["job"]
+            if job["state"] in states:
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} did not reach {states}:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture
+def live_server(with_tiny):
+    server = LiveServer(with_tiny).start()
+    yield server
+    server.stop()

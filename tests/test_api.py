@@ -1,0 +1,97 @@
+"""The REST API through Flask's test client, on a temporary SQLite file."""
+
+from __future__ import annotations
+
+from backend import jobs
+from backend.db import JobState
+
+NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
+        "params": {"context_lengths": [256], "depth_percents": [50]}}
+
+
+def test_submit_one_and_many(client):
+    res = client.post("/api/jobs", json=NIAH)
+    assert res.status_code == 201
+    job = res.get_json()["data"]["job"]
+    assert job["state"] == "queued" and job["progress"] == {"done": 0, "total": None}
+    assert job["params"] == NIAH["params"]
+
+    res = client.post("/api/jobs", json={"jobs": [NIAH, NIAH]})
+    assert res.status_code == 201
+    assert [j["state"] for j in res.get_json()["data"]["jobs"]] == ["queued", "queued"]
+
+
+def test_list_filter_paginate(client, app):
+    factory = app.extensions["lbs"].factory
+    ids = [client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"] for _ in range(5)]
+    jobs.cancel_job(factory, ids[0])
+    data = client.get("/api/jobs?per_page=2&page=1").get_json()["data"]
+    assert data["total"] == 5 and [j["id"] for j in data["jobs"]] == ids[::-1][:2]
+    data = client.get("/api/jobs?per_page=2&page=3").get_json()["data"]
+    assert [j["id"] for j in data["jobs"]] == [ids[0]]
+    data = client.get("/api/jobs?state=cancelled").get_json()["data"]
+    assert [j["id"] for j in data["jobs"]] == [ids[0]]
+    assert client.get("/api/jobs?dataset=needle_in_haystack&model=builtin:tiny") \
+        .get_json()["data"]["total"] == 5
+    assert client.get("/api/jobs?model=other").get_json()["data"]["total"] == 0
+    res = client.get("/api/jobs?per_page=0")
+    assert res.status_code == 422 and res.get_json()["error"]["details"][0]["field"] == "per_page"
+
+
+def test_cancel_delete_and_errors(client, app):
+    factory = app.extensions["lbs"].factory
+    queued = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
+    running = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
+    jobs.claim_job(factory, "w", 60, 3)  # takes the oldest: `queued`
+    res = client.post(f"/api/jobs/{queued}/cancel")
+    assert res.status_code == 200 and res.get_json()["data"]["job"]["cancel_requested"]
+    assert client.delete(f"/api/jobs/{queued}").status_code == 409  # still running
+    res = client.post(f"/api/jobs/{running}/cancel")
+    assert res.get_json()["data"]["job"]["state"] == JobState.CANCELLED.value
+    assert client.post(f"/api/jobs/{running}/cancel").status_code == 409
+    assert client.delete(f"/api/jobs/{running}").status_code == 200
+    for res in (client.get(f"/api/jobs/{running}"), client.delete(f"/api/jobs/{running}"),
+                client.get(f"/api/jobs/{running}/samples"), client.post("/api/jobs/77/cancel")):
+        assert res.status_code == 404
+        assert res.get_json()["error"]["code"] == "not_found"
+
+
+def test_bad_bodies(client):
+    res = client.post("/api/jobs", data="{not json", content_type="application/json")
+    assert res.status_code == 400 and res.get_json()["error"]["code"] == "invalid_body"
+    res = client.post("/api/jobs", json={**NIAH, "priority": "high"})
+    assert res.status_code == 422
+    assert res.get_json()["error"]["details"][0]["field"] == "priority"
+    res = client.post("/api/jobs", json={"jobs": []})
+    assert res.status_code == 422 and res.get_json()["error"]["details"][0]["field"] == "jobs"
+    res = client.post("/api/jobs", data=b"x" * (3 * 1024 * 1024),
+                      content_type="application/json")
+    assert res.status_code == 413 and res.get_json()["status"] == "error"
+    res = client.put("/api/jobs")
+    assert res.status_code == 405 and res.get_json()["status"] == "error"
+
+
+def test_datasets_and_openapi(client):
+    datasets = client.get("/api/datasets").get_json()["data"]["datasets"]
+    niah = next(d for d in datasets if d["name"] == "needle_in_haystack")
+    assert niah["cache_mode"] == "uncached"
+    props = niah["params_schema"]["properties"]
+    assert props["max_new_tokens"]["default"] == 48
+    assert {"context_lengths", "depth_percents", "needle", "retrieval_question",
+            "haystack"} <= set(props)
+
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/samples",
+            "/api/jobs/{job_id}/cancel", "/api/datasets", "/healthz"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert schemas["JobRequest"]["properties"]["model"]["type"] == "string"
+    assert "needle_in_haystack.params" in schemas
+    query = {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]}
+    assert query == {"state", "model", "dataset", "page", "per_page"}
+
+
+def test_index_page_and_health(client):
+    assert client.get("/healthz").get_json() == {"status": "success", "data": {"ok": True}}
+    res = client.get("/")
+    assert res.status_code == 200 and b"LLM Bench Shower" in res.data

@@ -1,0 +1,75 @@
+"""Settings: defaults, .env, environment, and clear errors for bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from backend.config import SETTINGS, ConfigError, apply_allocator_settings, load_settings
+from tests.conftest import ROOT
+
+
+def test_defaults(data_dir):
+    s = load_settings()
+    assert s.data_dir == data_dir.resolve()
+    assert s.database_url == f"sqlite:///{data_dir.resolve() / 'lbs.sqlite3'}"
+    assert (s.host, s.port, s.workers) == ("127.0.0.1", 8080, None)
+    assert (s.gpu_memory_limit, s.enable_memory_management, s.torch_dtype) == (0.0, True, "auto")
+    assert (s.use_model_cache, s.trust_remote_code, s.allow_download) == (True, False, False)
+
+
+def test_env_file_then_environment(tmp_path, monkeypatch):
+    env_file = tmp_path / "my.env"
+    env_file.write_text("LBS_PORT=9001\nLBS_TORCH_DTYPE=float16\n")
+    monkeypatch.setenv("LBS_ENV_FILE", str(env_file))
+    s = load_settings()
+    assert (s.port, s.torch_dtype) == (9001, "float16")
+    monkeypatch.setenv("LBS_PORT", "9002")
+    assert load_settings().port == 9002
+
+
+@pytest.mark.parametrize("name, value, accepted", [
+    ("LBS_GPU_MEMORY_LIMIT", "1.5", "0.0 (no limit) to 1.0"),
+    ("LBS_GPU_MEMORY_LIMIT", "lots", "0.0 (no limit) to 1.0"),
+    ("LBS_TORCH_DTYPE", "int4", "auto, float16, bfloat16, float32"),
+    ("LBS_USE_MODEL_CACHE", "maybe", "1/0, true/false"),
+    ("LBS_PORT", "70000", "0 to 65535"),
+    ("LBS_WORKERS", "-1", "'auto' or an integer"),
+])
+def test_bad_value_names_variable_and_accepted_values(monkeypatch, name, value, accepted):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert name in str(err.value) and repr(value) in str(err.value)
+    assert accepted in str(err.value)
+
+
+def test_server_refuses_to_start_on_bad_setting(monkeypatch):
+    monkeypatch.setenv("LBS_TORCH_DTYPE", "float8")
+    proc = subprocess.run([sys.executable, "-m", "backend.server"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "LBS_TORCH_DTYPE='float8' is not valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_allocator_setting(monkeypatch):
+    monkeypatch.setattr("os.environ", dict(__import__("os").environ))
+    import os
+
+    assert apply_allocator_settings(load_settings()) == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
+    assert apply_allocator_settings(load_settings()) == "max_split_size_mb:128"  # user wins
+    del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    os.environ["LBS_ENABLE_MEMORY_MANAGEMENT"] = "0"
+    assert apply_allocator_settings(load_settings()) is None
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_every_setting_is_documented_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in readme]
+    assert not missing, f"settings missing from the README's table: {missing}"
