@@ -75,7 +75,8 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
     lost = jobs.claim_job(factory, "lost-worker", lease_seconds=0.3, max_attempts=3)
     assert lost.id == job_id
     for idx in (0, 1):
-        jobs.record_sample(factory, job_id, "lost-worker", 0.3, _sample(idx, "from the lost worker"))
+        jobs.record_sample(factory, job_id, "lost-worker", 0.3,
+                           _sample(idx, "from the lost worker"))
     with factory() as s:
         before = {r.idx: (r.id, r.created_at) for r in s.scalars(sa.select(Sample))}
     time.sleep(0.5)  # the lost worker stops renewing; its lease expires

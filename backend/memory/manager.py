@@ -96,6 +96,7 @@ class ModelManager:
         entry.runner.close()
         del entry
         gc.collect()
+        _empty_cuda_cache()
         _trim_heap()
         event = ModelEvent("release", self._name_of(key), time.perf_counter() - started,
                            before, rss_bytes())
@@ -110,6 +111,15 @@ class ModelManager:
 
     def _name_of(self, key: Hashable) -> str:
         return key[0] if isinstance(key, tuple) and key else str(key)
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to release nothing
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _trim_heap() -> None:

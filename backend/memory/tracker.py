@@ -1,11 +1,4 @@
-"""Memory readings of the worker process: RSS peaks and CUDA allocator peaks.
-
-`PeakSampler` runs a background thread that reads the process RSS every few
-milliseconds and keeps two running maxima: one for the whole job and one for
-the current window (a sample). Short spikes between two readings can be
-missed; on Linux the kernel's own high-water mark (VmHWM, reset through
-/proc/self/clear_refs) closes that gap where the kernel allows it.
-"""
+"""Memory readings of the worker process: RSS peaks and CUDA allocator peaks."""
 
 from __future__ import annotations
 
@@ -48,22 +41,29 @@ def _reset_hwm() -> bool:
 
 @dataclass
 class PeakSampler:
-    """Samples RSS in a thread; `job_peak` and `window_peak()` are maxima in bytes."""
+    """Peak RSS of this process for a whole job and for each window (sample) in it.
 
-    interval_s: float = 0.005
+    On Linux the kernel keeps the exact high-water mark (VmHWM), which
+    /proc/self/clear_refs resets: each window resets it and reads it back, so
+    no spike is missed and nothing runs in the background. Where that is not
+    allowed, a thread samples RSS every `interval_s` instead (short spikes
+    between two readings can then be missed).
+    """
+
+    interval_s: float = 0.01
     job_peak: int = 0
     _window_peak: int = 0
-    _hwm_ok: bool = False
+    _use_hwm: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> PeakSampler:
-        self._hwm_ok = _reset_hwm()
-        now = rss_bytes()
-        self.job_peak = self._window_peak = now
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
+        self._use_hwm = _reset_hwm() and _read_hwm() is not None
+        self.job_peak = self._window_peak = rss_bytes()
+        if not self._use_hwm:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def _run(self) -> None:
@@ -77,24 +77,29 @@ class PeakSampler:
         if value > self.job_peak:
             self.job_peak = value
 
+    def _fold_hwm(self) -> None:
+        if self._use_hwm:
+            self._note(_read_hwm() or 0)
+
     def new_window(self) -> None:
         """Start a new window (a sample): its peak starts from the RSS now."""
+        self._fold_hwm()  # what happened since the last reset still counts for the job
+        if self._use_hwm:
+            _reset_hwm()
         self._window_peak = rss_bytes()
 
     def window_peak(self) -> int:
+        self._fold_hwm()
         self._note(rss_bytes())
         return self._window_peak
 
     def stop(self) -> int:
-        """Stop sampling; the job's peak RSS in bytes (kernel high-water mark included)."""
+        """Stop sampling; the job's peak RSS in bytes."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._fold_hwm()
         self._note(rss_bytes())
-        if self._hwm_ok:
-            hwm = _read_hwm()
-            if hwm:
-                self.job_peak = max(self.job_peak, hwm)
         return self.job_peak
 
 

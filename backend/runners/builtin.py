@@ -4,7 +4,8 @@
 fixed seed and a byte-level BPE tokenizer trained with the `tokenizers` library
 on the bundled haystack essays, with a chat template. It is deterministic (the
 same files on every machine) and a few MB, so every feature of the product can
-be shown and tested without downloads. It does not know anything: its NIAH
+be shown and tested without downloads (`builtin:small`, ~45 MB, is the same
+recipe scaled up for benchmarks). It does not know anything: its NIAH
 scores are near zero, which is what a random model should score.
 
 The folder is written under `<data dir>/models/` and published with an atomic
@@ -51,6 +52,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny": BuiltinModel(vocab_size=2048, hidden_size=64, intermediate_size=176,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=8192, seed=1234),
+    # ~11M parameters (45 MB in float32): heavy enough that generation, not
+    # bookkeeping, dominates a job, for benchmarks and memory demonstrations.
+    "small": BuiltinModel(vocab_size=2048, hidden_size=384, intermediate_size=1024,
+                          num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=3,
+                          max_position_embeddings=8192, seed=4321),
 }
 
 
@@ -117,6 +123,12 @@ def build_model(recipe: BuiltinModel, folder: Path) -> None:
     try:
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(config).to(torch.float32)
+        # Random weights would often pick </s> first and stop at once. Zero
+        # output rows give special tokens a logit of 0 while some ordinary
+        # token always scores higher, so replies are max_new_tokens long:
+        # a steady, realistic generation workload.
+        with torch.no_grad():
+            model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.do_sample = False

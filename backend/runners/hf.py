@@ -10,7 +10,6 @@ padding a 100k-token batch wastes the memory NIAH needs).
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -168,13 +167,7 @@ class HFRunner(Runner):
         return results
 
     def close(self) -> None:
+        """Drop the model; the model manager collects garbage and empties caches after."""
         self.model = None
         self.tokenizer = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        self.tok = None

@@ -9,8 +9,14 @@ from pydantic import ValidationError
 
 from backend.datasets.base import ModelInfo, ParamError
 from backend.datasets.needle_in_haystack import (
-    DEFAULT_ANSWER, DEFAULT_NEEDLE, NeedleInAHaystack, NeedleParams, normalize, score_answer,
-    split_sentences)
+    DEFAULT_ANSWER,
+    DEFAULT_NEEDLE,
+    NeedleInAHaystack,
+    NeedleParams,
+    normalize,
+    score_answer,
+    split_sentences,
+)
 from backend.runners.hf import HFTokenizer
 
 DOC = re.compile(r"<document>\n(.*)\n</document>", re.S)

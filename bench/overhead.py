@@ -1,0 +1,200 @@
+"""Harness overhead: the same NIAH grid through LLM Bench Shower and through a bare
+transformers loop over the identical prompts, in one run, as whole processes.
+
+    .venv/bin/python bench/overhead.py [--model builtin:tiny] [--repeats 3]
+
+Three timings per repeat, taken alternately so drift hits all of them alike:
+  bare     `python bench/overhead.py --bare prompts.json`: import torch and
+           transformers, load the model, generate greedily for every prompt.
+  cli      `python -m backend.cli eval …`: the harness in one process (settings,
+           model resolution, prompt building in tokens, model manager, memory
+           sampler, scoring, result file).
+  server   `python -m backend.server` with its worker: the job's duration from
+           claim to finish as stored in its row (lease heartbeats, one SQLite
+           transaction per sample, model load in the worker, release after),
+           and submit->succeeded as the client saw it (polling once a second).
+It prints medians and the ratios cli/bare process and server job/bare load+generation
+(target <= 1.05), and
+checks that harness and bare loop produced the same predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID = {"context_lengths": [512, 1024, 2048], "depth_percents": [0, 25, 50, 75, 100],
+        "max_new_tokens": 32}
+
+
+def bare(prompts_file: str) -> None:
+    """The baseline: plain transformers over the harness's own prompts."""
+    started = time.perf_counter()
+    import torch
+    import transformers.generation  # noqa: F401 - the same imports a worker makes at start
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    imported = time.perf_counter()
+    spec = json.loads(Path(prompts_file).read_text())
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
+    loaded = time.perf_counter()
+    predictions = []
+    for prompt in spec["prompts"]:
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=spec["max_new_tokens"], do_sample=False,
+                                 temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=tok.pad_token_id)
+        predictions.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    done = time.perf_counter()
+    print(json.dumps({"import_s": imported - started, "load_s": loaded - imported,
+                      "loop_s": done - loaded,
+                      "predictions": predictions}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=60) as res:
+        return json.loads(res.read())
+
+
+def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
+    port = _free_port()
+    env = {**env, "LBS_PORT": str(port), "LBS_WORKERS": "1", "LBS_POLL_INTERVAL": "0.05",
+           "LBS_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "backend.server"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                _http(base + "/healthz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        # let the worker finish importing torch before the clock starts
+        for _ in range(300):
+            workers = _http(base + "/api/workers")["data"]["workers"]
+            if workers and workers[0]["alive"]:
+                break
+            time.sleep(0.1)
+        started = time.perf_counter()
+        job = _http(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
+                                         "params": GRID})["data"]["job"]
+        while job["state"] in ("queued", "running"):
+            time.sleep(1.0)  # as a person's page does; the job row has the exact duration
+            job = _http(f"{base}/api/jobs/{job['id']}")["data"]["job"]
+        elapsed = time.perf_counter() - started
+        assert job["state"] == "succeeded", job["error"]
+        samples = _http(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
+        job["generation_s"] = sum(s["latency_s"] for s in samples)
+        return elapsed, job, [s["prediction"] for s in samples]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    started = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return time.perf_counter() - started, out.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bare", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="builtin:tiny")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.bare:
+        bare(args.bare)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="lbs-bench-"))
+    env = {**os.environ, "LBS_DATA_DIR": str(work / "data"), "LBS_ENV_FILE": str(work / "x"),
+           "LBS_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
+    sys.path.insert(0, str(ROOT))
+    os.environ.update({k: env[k] for k in ("LBS_DATA_DIR", "LBS_ENV_FILE")})
+    from backend.config import load_settings
+    from backend.datasets.registry import get_dataset
+    from backend.runners.builtin import ensure_builtin_model
+    from backend.runners.hf import HFTokenizer
+    from backend.runners.models import resolve_model
+
+    settings = load_settings()
+    spec = resolve_model(args.model, settings)
+    model_dir = ensure_builtin_model(settings.data_dir, spec.builtin) if spec.builtin \
+        else spec.path
+    from transformers import AutoTokenizer
+
+    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(model_dir), 10**6)
+    ds = get_dataset("needle_in_haystack")
+    items = ds.build_items(ds.parse_params(GRID), tokenizer)
+    prompts_file = work / "prompts.json"
+    prompts_file.write_text(json.dumps({"model_dir": str(model_dir),
+                                        "max_new_tokens": GRID["max_new_tokens"],
+                                        "prompts": [i.prompt for i in items]}))
+    cli_cmd = [sys.executable, "-m", "backend.cli", "eval", "--model", args.model,
+               "--dataset", "needle_in_haystack", "--quiet",
+               "--output", str(work / "cli.json")]
+    for key, value in GRID.items():
+        cli_cmd += ["--param", f"{key}={json.dumps(value)}"]
+    print(f"grid: {len(items)} prompts, {min(i.prompt_tokens for i in items)}-"
+          f"{max(i.prompt_tokens for i in items)} tokens, model {args.model}, "
+          f"{os.cpu_count()} CPUs")
+
+    rows = {"bare": [], "bare_job": [], "cli": [], "server": [], "server_job": []}
+    for repeat in range(args.repeats):
+        t_bare, out = timed([sys.executable, __file__, "--bare", str(prompts_file)], env)
+        bare_out = json.loads(out.strip().splitlines()[-1])
+        t_cli, _ = timed(cli_cmd, env)
+        cli_preds = [s["prediction"] for s in json.loads((work / "cli.json").read_text())
+                     ["samples"]]
+        t_server, job, server_preds = run_server_job(env, args.model)
+        same = bare_out["predictions"] == cli_preds == server_preds
+        rows["bare"].append(t_bare)
+        rows["bare_job"].append(bare_out["load_s"] + bare_out["loop_s"])
+        rows["cli"].append(t_cli)
+        rows["server"].append(t_server)
+        rows["server_job"].append(job["duration_s"])
+        print(f"repeat {repeat + 1}: bare process {t_bare:.2f} s (imports "
+              f"{bare_out['import_s']:.2f} s, load {bare_out['load_s']:.2f} s, generation "
+              f"{bare_out['loop_s']:.2f} s) | cli process {t_cli:.2f} s | server submit->"
+              f"succeeded {t_server:.2f} s (job {job['duration_s']:.2f} s, of it generation "
+              f"{job['generation_s']:.2f} s) | "
+              f"same predictions: {same}")
+        if not same:
+            raise SystemExit("harness and bare loop disagree on predictions")
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"\nmedians: bare process {med['bare']:.2f} s, bare load+generation "
+          f"{med['bare_job']:.2f} s, cli process {med['cli']:.2f} s, "
+          f"server submit->succeeded {med['server']:.2f} s, server job {med['server_job']:.2f} s")
+    print(f"ratio cli process / bare process:                {med['cli'] / med['bare']:.3f}")
+    print(f"ratio server job (claim->finish) / bare load+gen: "
+          f"{med['server_job'] / med['bare_job']:.3f}  (a server worker has its imports done "
+          "before the job, as the bare loop's load+generation excludes them)")
+
+
+if __name__ == "__main__":
+    main()
