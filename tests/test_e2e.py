@@ -3,7 +3,11 @@ checked through the API and directly in the SQLite file."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,22 @@ def test_bad_requests_get_4xx_json(live_server):
     assert live_server.request("GET", "/api/jobs")[1]["data"]["total"] == 0
     assert live_server.request("GET", "/api/jobs/12345")[0] == 404
     assert live_server.request("GET", "/api/jobs?state=dancing")[0] == 422
+
+
+def test_clear_gpu_memory_report_marks_workers(live_server):
+    workers = []
+    for _ in range(100):
+        workers = live_server.request("GET", "/api/workers")[1]["data"]["workers"]
+        if workers:
+            break
+        time.sleep(0.2)
+    proc = subprocess.run([sys.executable, "clear_gpu_memory.py", "--json"],
+                          cwd=Path(__file__).resolve().parent.parent, env=live_server.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ram"]["total_mb"] > 0
+    listed = {w["pid"]: w for w in report["workers"]}
+    assert workers[0]["pid"] in listed
+    assert listed[workers[0]["pid"]]["lbs_worker"]["id"] == workers[0]["id"]
+    assert listed[workers[0]["pid"]]["rss_mb"] > 50

@@ -1,0 +1,44 @@
+"""`python -m backend.cli eval`: one evaluation in-process, result file with the API's fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_eval_writes_scores_memory_and_samples(with_tiny, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                   "--param", "context_lengths=[256,384]", "--param",
+                   'depth_percents={"count": 2}', "--param", "max_new_tokens=4",
+                   "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "overall score:" in proc.stdout and "cells:" in proc.stdout
+    assert "sample/s" in proc.stderr or "100%" in proc.stderr  # the progress bar
+    result = json.loads(out.read_text())
+    assert set(result) >= {"scores", "memory", "samples"}
+    assert len(result["scores"]["cells"]) == 4
+    assert result["memory"]["rss_peak_bytes"] > 0
+    sample = result["samples"][0]
+    for key in ("prompt", "prompt_tokens", "context_length", "depth_percent", "prediction",
+                "score", "latency_s"):
+        assert key in sample, key
+    assert [s["depth_percent"] for s in result["samples"]] == [0.0, 100.0, 0.0, 100.0]
+
+
+def test_eval_refuses_bad_input_without_traceback(with_tiny):
+    proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                   "--param", "context_lengths=[100000]")
+    assert proc.returncode == 2
+    assert "context_lengths" in proc.stderr and "beyond the maximum" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("eval", "--model", "nowhere/model", "--dataset", "needle_in_haystack")
+    assert proc.returncode == 2 and "not in the local Hugging Face cache" in proc.stderr

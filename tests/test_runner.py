@@ -1,0 +1,128 @@
+"""The transformers runner, the GPU memory cap, and the model manager's cache modes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from backend.datasets.base import CacheMode
+from backend.memory.limits import build_max_memory
+from backend.memory.manager import ModelManager
+from backend.runners.base import GenerationRequest
+from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.models import ModelNotFound, resolve_model
+
+GiB = 1024**3
+
+
+def test_max_memory_from_fraction(caplog):
+    caplog.set_level(logging.INFO)
+    got = build_max_memory(0.8, totals=[80 * GiB, 40 * GiB], cpu_bytes=64 * GiB)
+    assert got == {0: int(64 * GiB), 1: int(32 * GiB), "cpu": 64 * GiB}
+    assert "[Runner] GPU memory limit set:" in caplog.text
+    assert build_max_memory(0.0, totals=[80 * GiB]) is None  # no limit
+    assert build_max_memory(0.5, totals=[]) is None  # no GPU
+
+
+def test_builtin_model_is_deterministic(builtin_models_dir, tmp_path):
+    from backend.runners.builtin import ensure_builtin_model
+
+    again = ensure_builtin_model(tmp_path, "tiny")
+    first = builtin_models_dir / again.name
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    assert (again / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+def test_generate_is_greedy_and_handles_template(settings, with_tiny):
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings), settings)
+    prompt = runner.render("Where is the library?")
+    assert prompt.startswith("<s><|user|>") and prompt.endswith("<|assistant|>\n")
+    a, b = runner.generate([GenerationRequest(prompt, 6), GenerationRequest(prompt, 6)])
+    assert a.text == b.text and a.output_tokens == 6
+    assert a.prompt_tokens == runner.count_prompt(prompt)
+    plain = runner.without_chat_template()
+    assert plain.render("hi") == "hi"
+
+
+def test_resolve_models(settings, tmp_path):
+    with pytest.raises(ModelNotFound, match="builtin:tiny"):
+        resolve_model("builtin:huge", settings)
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        resolve_model(str(tmp_path), settings)
+    with pytest.raises(ModelNotFound, match="LBS_ALLOW_DOWNLOAD"):
+        resolve_model("someone/some-model", settings)
+
+
+class _FakeRunner:
+    closed = 0
+
+    def close(self):
+        _FakeRunner.closed += 1
+
+
+@pytest.mark.parametrize("mode, use_cache, loads, closes", [
+    (CacheMode.CACHED, True, 1, 0),
+    (CacheMode.UNCACHED, True, 2, 2),
+    (CacheMode.CACHED, False, 2, 2),
+])
+def test_cache_modes(mode, use_cache, loads, closes):
+    _FakeRunner.closed = 0
+    manager = ModelManager(use_cache=use_cache)
+    for _ in range(2):
+        with manager.use("key", "m", _FakeRunner, mode):
+            pass
+    assert manager.load_counts["key"] == loads
+    assert _FakeRunner.closed == closes
+
+
+def test_uncached_model_is_released_when_the_job_fails():
+    _FakeRunner.closed = 0
+    manager = ModelManager()
+    with pytest.raises(RuntimeError), manager.use("key", "m", _FakeRunner, CacheMode.UNCACHED):
+        raise RuntimeError("boom")
+    assert _FakeRunner.closed == 1 and manager.loaded() == []
+    assert [e.kind for e in manager.events] == ["load", "release"]
+
+
+@pytest.mark.gpu
+def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
+    import torch
+
+    from backend.config import load_settings
+    from backend.memory.tracker import CudaPeaks
+
+    monkeypatch.setenv("LBS_GPU_MEMORY_LIMIT", "0.5")
+    capped = load_settings()
+    spec = resolve_model("builtin:small", capped)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(capped), capped)
+    assert runner.device.startswith("cuda")
+    assert getattr(runner.model, "hf_device_map", None), "loaded with a device map"
+    peaks = CudaPeaks()
+    peaks.reset()
+    peaks.new_window()
+    runner.generate([GenerationRequest(runner.render("hello " * 200), 8)])
+    assert peaks.window_peak() > 0
+    assert peaks.job_peaks()["cuda:0"]["max_allocated"] > 0
+    runner.close()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_worker_sets_expandable_segments_before_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("from backend.config import load_settings, apply_allocator_settings;"
+            "apply_allocator_settings(load_settings());"
+            "import torch; torch.zeros(1, device='cuda');"
+            "import os; print(os.environ['PYTORCH_CUDA_ALLOC_CONF']);"
+            "print(torch.cuda.memory.get_allocator_backend())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "expandable_segments:True" in out.stdout
