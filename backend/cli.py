@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from backend.config import ConfigError, apply_allocator_settings, load_settings
+from backend.datasets.registry import load_plugin_dirs
 from backend.logs import setup_logging
 
 
@@ -78,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     setup_logging("WARNING" if args.quiet else settings.log_level)
+    load_plugin_dirs(list(settings.plugin_dirs))
     apply_allocator_settings(settings)
     params = dict(args.param or [])
     try:

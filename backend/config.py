@@ -81,6 +81,20 @@ def _workers(raw: str) -> int | None:
     return count
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _bytes(raw: str) -> int:
+    value = int(float(raw))
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -135,6 +149,29 @@ SETTINGS: tuple[Setting, ...] = (
             "How many times a job may be started before it fails for good."),
     Setting("LBS_POLL_INTERVAL", "0.5", _positive_float, 'a number of seconds greater than 0',
             "Seconds an idle worker waits before looking at the queue again."),
+    Setting("MAX_MEMORY_USAGE", "0", _bytes, "a number of bytes (0 = 80% of RAM)",
+            "Bytes of model memory (RAM and GPU copies) a worker's model manager may hold; "
+            "least recently used unpinned models are evicted to stay under it."),
+    Setting("MEMORY_CHECK_INTERVAL", "60", _positive_float, "a number of seconds greater than 0",
+            "How often the model manager checks memory pressure."),
+    Setting("AUTO_CLEANUP_ENABLED", "true", _bool, "1/0, true/false, yes/no, on/off",
+            "Unload least recently used models when a pressure check finds pressure."),
+    Setting("GPU_IDLE_TIMEOUT", "600", _positive_float, "a number of seconds greater than 0",
+            "A model idle on the GPU this long is offloaded to CPU RAM (changeable at run "
+            "time: POST /api/gpu/timeout)."),
+    Setting("LBS_RELEASE_TIMEOUT", "3600", _positive_float, "a number of seconds greater than 0",
+            "A model idle in CPU RAM this long is released (pinned models never are)."),
+    Setting("LBS_PRESSURE_RATIO", "0.8", _fraction, "a number from 0.0 to 1.0",
+            "Memory pressure when managed memory passes this share of MAX_MEMORY_USAGE."),
+    Setting("LBS_MIN_AVAILABLE_GB", "2.0", _non_negative_float, "a number of GB of at least 0",
+            "Memory pressure when the system's available RAM falls under this."),
+    Setting("LBS_PINNED_MEMORY_BUDGET", "0", _bytes, "a number of bytes (0 = 25% of RAM)",
+            "Pinned host memory offloaded models may keep for fast restores."),
+    Setting("LBS_AFFINITY_SECONDS", "300", _non_negative_float, "a number of seconds of at least 0",
+            "A worker prefers a queued job for the model it holds when that job is at most "
+            "this much younger than the oldest queued job (0 = strict queue order)."),
+    Setting("LBS_PLUGIN_DIRS", "", _text, "folder paths separated by ':'",
+            "Folders whose *.py modules are imported at start to register dataset plugins."),
     Setting("LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
             "Logging level of the server and workers."),
 )
@@ -161,6 +198,16 @@ class Settings:
     max_attempts: int
     poll_interval: float
     log_level: str
+    max_memory_usage: int = 0
+    memory_check_interval: float = 60.0
+    auto_cleanup_enabled: bool = True
+    gpu_idle_timeout: float = 600.0
+    release_timeout: float = 3600.0
+    pressure_ratio: float = 0.8
+    min_available_gb: float = 2.0
+    pinned_memory_budget: int = 0
+    affinity_seconds: float = 300.0
+    plugin_dirs: tuple[str, ...] = ()
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -212,6 +259,16 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         max_attempts=parsed["LBS_MAX_ATTEMPTS"],
         poll_interval=parsed["LBS_POLL_INTERVAL"],
         log_level=parsed["LBS_LOG_LEVEL"],
+        max_memory_usage=parsed["MAX_MEMORY_USAGE"],
+        memory_check_interval=parsed["MEMORY_CHECK_INTERVAL"],
+        auto_cleanup_enabled=parsed["AUTO_CLEANUP_ENABLED"],
+        gpu_idle_timeout=parsed["GPU_IDLE_TIMEOUT"],
+        release_timeout=parsed["LBS_RELEASE_TIMEOUT"],
+        pressure_ratio=parsed["LBS_PRESSURE_RATIO"],
+        min_available_gb=parsed["LBS_MIN_AVAILABLE_GB"],
+        pinned_memory_budget=parsed["LBS_PINNED_MEMORY_BUDGET"],
+        affinity_seconds=parsed["LBS_AFFINITY_SECONDS"],
+        plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         raw=raw,
     )

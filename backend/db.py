@@ -159,6 +159,38 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class WorkerStatus(Base):
+    """The latest status a worker published of its model manager (JSON)."""
+
+    __tablename__ = "worker_status"
+
+    worker_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    status: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CommandState(str, enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ControlCommand(Base):
+    """A command for one worker's model manager (offload, release, pin…), and its answer."""
+
+    __tablename__ = "control_commands"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    worker_id: Mapped[str] = mapped_column(sa.String(128), index=True)
+    command: Mapped[str] = mapped_column(sa.String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    state: Mapped[str] = mapped_column(sa.String(16), default=CommandState.PENDING.value)
+    result: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]
+
+
 # --- migrations -----------------------------------------------------------------
 # Append only: never edit a migration that has shipped, add the next one.
 
@@ -233,7 +265,30 @@ def _m001_initial(op: Any) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial]
+def _m002_manager_channel(op: Any) -> None:
+    op.create_table(
+        "worker_status",
+        sa.Column("worker_id", sa.String(128), primary_key=True),
+        sa.Column("status", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )
+    op.create_table(
+        "control_commands",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("worker_id", sa.String(128), nullable=False),
+        sa.Column("command", sa.String(32), nullable=False),
+        sa.Column("args", sa.JSON, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("result", sa.JSON),
+        sa.Column("error", sa.Text),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("done_at", sa.DateTime),
+    )
+    op.create_index("ix_control_commands_worker_state", "control_commands",
+                    ["worker_id", "state"])
+
+
+MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel]
 
 
 def _migrate(engine: Engine) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,10 +95,16 @@ def model_key(spec: ModelSpec, settings: Settings) -> tuple:
 
 
 def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
-                   sink: SampleSink) -> EvalOutcome:
-    """Evaluate `job`; raises whatever loading or generation raises."""
+                   sink: SampleSink,
+                   keep_on_gpu: Callable[[], bool] | None = None) -> EvalOutcome:
+    """Evaluate `job`; raises whatever loading or generation raises.
+
+    `keep_on_gpu` tells the model manager, after the job, whether the next job
+    needs the same model (then a cached model stays on the GPU).
+    """
     from backend.memory.tracker import CudaPeaks, PeakSampler, rss_bytes
     from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import estimate_model_bytes
 
     sampler = PeakSampler().start()
     cuda = CudaPeaks()
@@ -111,7 +118,9 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     try:
         with manager.use(model_key(job.spec, settings), job.spec.name,
                          lambda: HFRunner.load(job.spec, options, settings),
-                         job.dataset.cache_mode) as runner:
+                         job.dataset.cache_mode,
+                         estimate=estimate_model_bytes(job.spec, options.dtype),
+                         keep_on_gpu=keep_on_gpu) as runner:
             memory.append(("rss_at_load", "cpu", rss_bytes()))
             if not getattr(job.params, "use_chat_template", True):
                 runner = runner.without_chat_template()

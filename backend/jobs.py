@@ -80,16 +80,40 @@ def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None
             job.state = JobState.QUEUED.value
 
 
+def _next_queued(session: Session, prefer_models: list[str] | None,
+                 affinity_seconds: float) -> Job | None:
+    """The job a worker should take next: the oldest queued one, unless a queued job
+    for a model the worker holds is at most `affinity_seconds` younger than it."""
+    queued = sa.select(Job).where(Job.state == JobState.QUEUED.value).order_by(Job.id)
+    oldest = session.scalar(queued.limit(1))
+    if oldest is None or not prefer_models or oldest.model in prefer_models:
+        return oldest
+    preferred = session.scalar(queued.where(Job.model.in_(prefer_models)).limit(1))
+    if preferred is not None and \
+            (preferred.created_at - oldest.created_at).total_seconds() <= affinity_seconds:
+        return preferred
+    return oldest
+
+
+def next_queued_model(factory: sessionmaker, prefer_models: list[str] | None = None,
+                      affinity_seconds: float = 0.0) -> str | None:
+    """Model of the job this worker would claim next (None when the queue is empty)."""
+    with factory() as session:
+        job = _next_queued(session, prefer_models, affinity_seconds)
+        return job.model if job else None
+
+
 def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
-              max_attempts: int) -> Job | None:
-    """Take the oldest queued job for `worker_id`, or None when the queue is empty."""
+              max_attempts: int, prefer_models: list[str] | None = None,
+              affinity_seconds: float = 0.0) -> Job | None:
+    """Take the next job for `worker_id` (see `_next_queued`), or None when there is none."""
     with write_session(factory) as session:
         now = utcnow()
         _requeue_expired(session, now, max_attempts)
-        job_id = session.scalar(sa.select(Job.id).where(Job.state == JobState.QUEUED.value)
-                                .order_by(Job.id).limit(1))
-        if job_id is None:
+        job = _next_queued(session, prefer_models, affinity_seconds)
+        if job is None:
             return None
+        job_id = job.id
         claimed = session.execute(
             sa.update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
             .values(state=JobState.RUNNING.value, worker_id=worker_id,

@@ -24,6 +24,7 @@ from flask import Flask, send_from_directory
 from sqlalchemy.orm import sessionmaker
 
 from backend.config import ConfigError, Settings, load_settings
+from backend.datasets.registry import load_plugin_dirs
 from backend.db import session_factory
 from backend.logs import setup_logging
 
@@ -44,17 +45,18 @@ class AppState:
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, jobs, openapi
+    from backend.api import datasets, errors, health, jobs, memory, openapi
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    load_plugin_dirs(list(settings.plugin_dirs))
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
     if test_config:
         app.config.update(test_config)
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
     errors.init_app(app)
-    for module in (jobs, datasets, health, openapi):
+    for module in (jobs, datasets, health, memory, openapi):
         app.register_blueprint(module.bp)
 
     @app.get("/")

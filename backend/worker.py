@@ -19,17 +19,21 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
 from pydantic import ValidationError
 
 from backend.config import ConfigError, Settings, apply_allocator_settings, load_settings
+from backend.control import complete_command, pending_commands, publish_status
+from backend.datasets.registry import load_plugin_dirs
 from backend.db import JobState, session_factory
 from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
+    next_queued_model,
     record_sample,
     register_worker,
     renew_lease,
@@ -73,17 +77,19 @@ class Worker:
 
     def __init__(self, settings: Settings, worker_id: str | None = None,
                  device: str | None = None):
-        from backend.memory.manager import ModelManager
+        from backend.memory.manager import ManagerConfig, ModelManager
 
         self.settings = settings
+        load_plugin_dirs(list(settings.plugin_dirs))
         self.factory = session_factory(settings.database_url)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.device = device or _describe_device(settings)
-        self.manager = ModelManager(use_cache=settings.use_model_cache)
+        self.manager = ModelManager(ManagerConfig.from_settings(settings))
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
         self._heartbeat: threading.Thread | None = None
+        self._control: threading.Thread | None = None
 
     # --- heartbeat --------------------------------------------------------------
 
@@ -104,16 +110,80 @@ class Worker:
 
     def start(self) -> None:
         register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device)
+        self.publish_status()
+        self.manager.start_monitor()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._heartbeat.start()
+        self._control = threading.Thread(target=self._serve_commands, name="control",
+                                         daemon=True)
+        self._control.start()
         log.info("[Worker] %s started on %s", self.id, self.device)
+
+    # --- model manager status and commands ------------------------------------------
+
+    def publish_status(self) -> None:
+        status = self.manager.status()
+        status.update(worker_id=self.id, device=self.device, current_job_id=self.current_job)
+        publish_status(self.factory, self.id, status)
+
+    def _serve_commands(self) -> None:
+        last_publish = 0.0
+        while not self.stopping.wait(0.2):
+            try:
+                commands = pending_commands(self.factory, self.id)
+                for command in commands:
+                    result, error = self.apply_command(command.command, command.args or {})
+                    complete_command(self.factory, command.id, result, error)
+                if commands or time.monotonic() - last_publish >= 1.0:
+                    self.publish_status()
+                    last_publish = time.monotonic()
+            except Exception:  # noqa: BLE001 - the control loop must outlive a busy database
+                log.exception("[Worker] control loop pass failed; retrying")
+
+    def apply_command(self, command: str, args: dict[str, Any]) -> tuple[dict | None, str | None]:
+        """Run one control command on the model manager: (result, None) or (None, error)."""
+        from backend.memory.manager import MemoryLimitError, ModelBusy, UnknownModel
+
+        m = self.manager
+        model = args.get("model")
+        try:
+            if command == "offload":
+                if not m.has_gpu:
+                    return {"offloaded": [], "has_gpu": False,
+                            "message": "this worker has no GPU: models stay in RAM"}, None
+                return {"offloaded": m.offload(model), "has_gpu": True}, None
+            if command == "release":
+                events = m.release(model)
+                freed = sum(max(0, e["rss_before_bytes"] - e["rss_after_bytes"])
+                            for e in events)
+                return {"released": events, "freed_rss_bytes": freed,
+                        "freed_rss_mb": round(freed / 2**20, 1)}, None
+            if command in ("pin", "unpin"):
+                m.set_pinned(model, command == "pin")
+                return {"model": model, "pinned": command == "pin"}, None
+            if command == "timeout":
+                m.set_idle_timeout(float(args["timeout"]))
+                return {"idle_timeout_seconds": m.config.idle_timeout}, None
+            if command == "limit":
+                return {"memory_limit": int(args["bytes"]),
+                        "cleanup": m.set_limit(int(args["bytes"]))}, None
+            if command == "cleanup":
+                return m.cleanup(force=bool(args.get("force"))), None
+            return None, f"unknown_command: {command}"
+        except UnknownModel as exc:
+            return None, f"unknown_model: {exc}"
+        except ModelBusy as exc:
+            return None, f"busy: {exc}"
+        except MemoryLimitError as exc:
+            return None, f"memory_limit: {exc}"
 
     # --- jobs -------------------------------------------------------------------
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue was empty."""
         job = claim_job(self.factory, self.id, self.settings.lease_seconds,
-                        self.settings.max_attempts)
+                        self.settings.max_attempts, prefer_models=self.manager.loaded(),
+                        affinity_seconds=self.settings.affinity_seconds)
         if job is None:
             return False
         self.run_job(job.id, job.model, job.dataset, job.params)
@@ -130,8 +200,10 @@ class Worker:
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         try:
             prepared = prepare(model, dataset, params, self.settings)
-            outcome = run_evaluation(prepared, self.manager, self.settings,
-                                     _DbSink(self, job_id))
+            outcome = run_evaluation(
+                prepared, self.manager, self.settings, _DbSink(self, job_id),
+                keep_on_gpu=lambda: next_queued_model(
+                    self.factory, [model], self.settings.affinity_seconds) == model)
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
                 requeue_job(self.factory, job_id, self.id)
                 log.info("[Worker] job %d given back to the queue", job_id)
@@ -167,6 +239,7 @@ class Worker:
                 if not self.run_once():
                     self.stopping.wait(self.settings.poll_interval)
         finally:
+            self.manager.stop_monitor()
             self.manager.release_all()
             worker_heartbeat(self.factory, self.id, state="stopped")
             log.info("[Worker] %s stopped", self.id)

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SEED_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "MAX_MEMORY_USAGE",
+                 "MEMORY_CHECK_INTERVAL", "AUTO_CLEANUP_ENABLED", "GPU_IDLE_TIMEOUT")
 
 
 def _cuda_available() -> bool:
@@ -50,7 +52,7 @@ def builtin_models_dir(tmp_path_factory) -> Path:
 def data_dir(tmp_path, monkeypatch) -> Path:
     """Every test gets its own data dir; no test reads a user's .env or settings."""
     for name in list(os.environ):
-        if name.startswith("LBS_") or name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if name.startswith("LBS_") or name in SEED_SETTINGS:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LBS_ENV_FILE", str(tmp_path / "no.env"))
     data = tmp_path / "data"
@@ -152,6 +154,17 @@ class LiveServer:
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} did not reach {states}:\n{self.log()[-4000:]}")
 
+    def wait_for_worker(self, timeout: float = 60.0) -> dict:
+        """The first worker, once it registered and published its status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = self.request("GET", "/api/workers")[1]["data"]["workers"]
+            stats = self.request("GET", "/api/v1/memory/stats")[1]["data"]
+            if workers and stats["workers"]:
+                return workers[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no worker came up:\n{self.log()[-4000:]}")
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -169,3 +182,56 @@ def live_server(with_tiny):
     server = LiveServer(with_tiny).start()
     yield server
     server.stop()
+
+
+ECHO_PLUGIN = '''
+"""A cached test dataset: the model is asked to repeat a word."""
+from pydantic import Field
+
+from backend.datasets.base import CacheMode, Dataset, DatasetParams, Item
+from backend.datasets.registry import register
+
+
+class EchoParams(DatasetParams):
+    words: list[str] = Field(default_factory=lambda: ["apple", "river", "stone"])
+    max_new_tokens: int = Field(4, ge=1, le=64)
+
+
+@register
+class Echo(Dataset):
+    name = "echo"
+    description = "Repeat a word back (test plugin)."
+    cache_mode = CacheMode.CACHED
+    Params = EchoParams
+
+    def build_items(self, params, tokenizer):
+        items = []
+        for i, word in enumerate(params.words):
+            prompt = tokenizer.render(f"Repeat this word: {word}")
+            items.append(Item(idx=i, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                              max_new_tokens=params.max_new_tokens, reference=word,
+                              fields={"word": word}))
+        return items
+
+    def score(self, item, prediction):
+        return 1.0 if item.reference in prediction.lower() else 0.0
+'''
+
+
+@pytest.fixture
+def echo_plugin_dir(tmp_path) -> Path:
+    """A LBS_PLUGIN_DIRS folder holding the cached `echo` dataset."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "echo_dataset.py").write_text(ECHO_PLUGIN)
+    return folder
+
+
+@pytest.fixture
+def tiny_copy(builtin_models_dir, tmp_path) -> Path:
+    """A second model: the tiny model's files in a folder of their own (used by path)."""
+    import shutil
+
+    target = tmp_path / "tiny-copy"
+    shutil.copytree(builtin_models_dir / "builtin-tiny-v1", target)
+    return target

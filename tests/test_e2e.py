@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,12 +107,7 @@ def test_bad_requests_get_4xx_json(live_server):
 
 
 def test_clear_gpu_memory_report_marks_workers(live_server):
-    workers = []
-    for _ in range(100):
-        workers = live_server.request("GET", "/api/workers")[1]["data"]["workers"]
-        if workers:
-            break
-        time.sleep(0.2)
+    workers = [live_server.wait_for_worker()]
     proc = subprocess.run([sys.executable, "clear_gpu_memory.py", "--json"],
                           cwd=Path(__file__).resolve().parent.parent, env=live_server.env,
                           capture_output=True, text=True, timeout=60)

@@ -175,3 +175,37 @@ def test_failed_job_records_reason_and_worker_survives(settings, factory, with_t
     assert jobs.get_job(factory, bad).state == JobState.FAILED.value
     assert "builtin:nope" in jobs.get_job(factory, bad).error
     assert jobs.get_job(factory, good).state == JobState.SUCCEEDED.value
+
+
+def _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity: str):
+    from backend.config import load_settings
+    from backend.datasets.registry import load_plugin_dirs
+
+    load_plugin_dirs([str(echo_plugin_dir)])
+    monkeypatch.setenv("LBS_AFFINITY_SECONDS", affinity)
+    monkeypatch.setenv("LBS_PLUGIN_DIRS", str(echo_plugin_dir))
+    monkeypatch.setenv("MAX_MEMORY_USAGE", "2000000")  # room for one tiny model, not two
+    return load_settings()
+
+
+@pytest.mark.parametrize("affinity, expected_loads", [("300", 1), ("0", 2)])
+def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_copy,
+                                            echo_plugin_dir, monkeypatch, affinity,
+                                            expected_loads):
+    s = _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity)
+    a1, b, a2 = (jobs.submit_jobs(factory, [jobs.NewJob(m, "echo", {})])[0].id
+                 for m in ("builtin:tiny", str(tiny_copy), "builtin:tiny"))
+    worker = Worker(s, worker_id="w")
+    worker.start()
+    try:
+        while worker.run_once():
+            pass
+    finally:
+        worker.stop()
+    order = sorted((jobs.get_job(factory, i).started_at, i) for i in (a1, b, a2))
+    loads = sum(c for k, c in worker.manager.load_counts.items() if k[0] == "builtin:tiny")
+    if affinity == "0":
+        assert [i for _, i in order] == [a1, b, a2]  # strict queue order
+    else:
+        assert [i for _, i in order] == [a1, a2, b]  # the loaded model's job first
+    assert loads == expected_loads

@@ -8,8 +8,14 @@ heavy dataset module loads only when a job uses it; `register` adds a class
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
 
 from backend.datasets.base import Dataset
+
+log = logging.getLogger(__name__)
 
 BUILTIN: dict[str, str] = {
     "needle_in_haystack": "backend.datasets.needle_in_haystack:NeedleInAHaystack",
@@ -46,3 +52,30 @@ def get_dataset(name: str) -> Dataset:
         module, _, cls_name = target.partition(":")
         _registered[name] = getattr(importlib.import_module(module), cls_name)
     return _registered[name]()
+
+
+_loaded_dirs: set[str] = set()
+
+
+def load_plugin_dirs(dirs: list[str]) -> None:
+    """Import every `*.py` module in `dirs` (LBS_PLUGIN_DIRS); modules register their
+    datasets with `register`. A module that fails to import is logged and skipped."""
+    for folder in dirs:
+        path = Path(folder).expanduser().resolve()
+        if str(path) in _loaded_dirs or not path.is_dir():
+            if not path.is_dir():
+                log.warning("[Datasets] plugin folder %s does not exist", path)
+            continue
+        _loaded_dirs.add(str(path))
+        for file in sorted(path.glob("*.py")):
+            name = f"lbs_plugin_{file.stem}"
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            try:
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            except Exception:  # noqa: BLE001 - one broken plugin must not stop the product
+                sys.modules.pop(name, None)
+                log.exception("[Datasets] plugin %s failed to load", file)
+                continue
+            log.info("[Datasets] loaded plugin %s", file)

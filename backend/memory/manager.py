@@ -1,116 +1,491 @@
-"""Model manager: which models a worker holds, and what happens to them after a job.
+"""Model manager: which models a worker holds, where, and for how long.
 
-This is the seam the full manager (offload to CPU, restore, idle timeout, LRU
-eviction, pins) grows from. Today it loads lazily on first use and applies the
-dataset's cache mode after every job, also when the job raised:
+One manager per worker process, created at worker start. Models are keyed by
+what makes them different (name, path, backend, load options) and live in one
+of the `Location`s. The contract:
 
-- cached: the model stays loaded for the next job of the same model;
-- uncached: the model is released fully (references dropped, gc, CUDA cache
-  emptied), and RSS readings around the release are recorded.
+- **Lazy load**: `use()` loads a model on first use. Before loading, the
+  model's size is estimated and least-recently-used unpinned models that are
+  not in use are released until it fits under `max_memory_usage`; a model that
+  cannot fit even alone, or only by evicting pinned models, is refused with
+  `MemoryLimitError` naming the sizes.
+- **After a job** (`use()` exits, also when the body raised): an uncached
+  dataset's model is released; a cached one stays where it is when
+  `keep_on_gpu()` says the next job needs it, else it is offloaded to CPU RAM
+  (dropping its GPU copy; its CPU copy is kept, pinned within the pinned
+  budget, so the next restore is one host-to-device copy). Without a GPU a
+  cached model simply stays in RAM.
+- **Idle monitor** (`start_monitor`): a model idle on the GPU longer than
+  `idle_timeout` is offloaded; idle in RAM longer than `release_timeout` it is
+  released. Every `check_interval` a pressure check runs and, with
+  `auto_cleanup`, unloads LRU models while there is pressure.
+- **Pins**: a pinned model is never evicted, cleaned up or idle-released.
 
-LBS_USE_MODEL_CACHE=0 makes every job uncached. One manager per worker
-process; it is not shared between threads running jobs at the same time.
+All public methods are thread-safe (the worker's job thread, its idle monitor
+and its control thread share the manager). Models in use by a job are never
+moved or released from another thread: such requests answer `ModelBusy`.
 """
 
 from __future__ import annotations
 
+import enum
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from backend.datasets.base import CacheMode
-from backend.memory.tracker import rss_bytes
-from backend.runners.base import Runner
+from backend.memory.tracker import MemoryTracker, rss_bytes
 
 log = logging.getLogger(__name__)
+
+GB = 1024**3
+MB = 1024**2
+
+
+class Location(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+class MemoryLimitError(RuntimeError):
+    """A model cannot be loaded under the memory limit."""
+
+
+class ModelBusy(RuntimeError):
+    """The model is in use by a running job."""
+
+
+class UnknownModel(LookupError):
+    """No model of that name is held by this manager."""
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", MB), ("KB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class ManagerConfig:
+    max_memory_usage: int = 0  # 0 = 80% of RAM
+    idle_timeout: float = 600.0
+    release_timeout: float = 3600.0
+    check_interval: float = 60.0
+    auto_cleanup: bool = True
+    pressure_ratio: float = 0.8
+    min_available_bytes: int = 2 * GB
+    pinned_budget: int = 0  # 0 = 25% of RAM
+    use_cache: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ManagerConfig:
+        return cls(max_memory_usage=settings.max_memory_usage,
+                   idle_timeout=settings.gpu_idle_timeout,
+                   release_timeout=settings.release_timeout,
+                   check_interval=settings.memory_check_interval,
+                   auto_cleanup=settings.auto_cleanup_enabled,
+                   pressure_ratio=settings.pressure_ratio,
+                   min_available_bytes=int(settings.min_available_gb * GB),
+                   pinned_budget=settings.pinned_memory_budget,
+                   use_cache=settings.use_model_cache)
 
 
 @dataclass
 class ModelEvent:
-    """One load or release, with its duration and the RSS before and after."""
+    """One load, offload, restore or release, with its duration, bytes and RSS."""
 
     kind: str
     model: str
     seconds: float
     rss_before: int
     rss_after: int
+    bytes: int = 0
+    note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model, "seconds": round(self.seconds, 4),
-                "rss_before_bytes": self.rss_before, "rss_after_bytes": self.rss_after}
+        out = {"kind": self.kind, "model": self.model, "seconds": round(self.seconds, 4),
+               "bytes": self.bytes, "rss_before_bytes": self.rss_before,
+               "rss_after_bytes": self.rss_after}
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 @dataclass
 class _Entry:
-    runner: Runner
+    key: Hashable
     name: str
+    runner: Any
+    location: Location
+    size: int
     load_count: int = 1
+    pinned: bool = False
+    in_use: bool = False
+    loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    last_used_wall: float = field(default_factory=time.time)
+
+    def held_bytes(self) -> int:
+        """RAM and GPU bytes this model holds now (a GPU model may keep a CPU copy)."""
+        extra = self.runner.host_bytes() if hasattr(self.runner, "host_bytes") else 0
+        return self.size + extra
 
 
 class ModelManager:
-    """Lazily loaded models of one worker, keyed by whatever makes them differ."""
+    """Lazily loaded models of one worker; see the module docstring for the contract."""
 
-    def __init__(self, use_cache: bool = True):
-        self.use_cache = use_cache
+    def __init__(self, config: ManagerConfig | None = None, has_gpu: bool | None = None,
+                 use_cache: bool | None = None):
+        self.config = config or ManagerConfig()
+        if use_cache is not None:
+            self.config.use_cache = use_cache
+        total_ram = psutil.virtual_memory().total
+        if not self.config.max_memory_usage:
+            self.config.max_memory_usage = int(total_ram * 0.8)
+        if not self.config.pinned_budget:
+            self.config.pinned_budget = int(total_ram * 0.25)
+        self.has_gpu = _cuda_available() if has_gpu is None else has_gpu
+        self._lock = threading.RLock()
         self._models: dict[Hashable, _Entry] = {}
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
+        self.tracker = MemoryTracker()
+        self._monitor: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_check = time.monotonic()
 
-    def loaded(self) -> list[str]:
-        return [entry.name for entry in self._models.values()]
+    # --- using a model -------------------------------------------------------------
 
     @contextmanager
-    def use(self, key: Hashable, name: str, load: Callable[[], Runner],
-            cache_mode: CacheMode) -> Iterator[Runner]:
-        """Yield the model for `key`, loading it with `load()` if needed; afterwards
-        keep it (cached) or release it (uncached), whether or not the body raised."""
-        entry = self._models.get(key)
-        if entry is None:
-            before = rss_bytes()
-            started = time.perf_counter()
-            runner = load()
-            self.events.append(ModelEvent("load", name, time.perf_counter() - started,
-                                          before, rss_bytes()))
-            self.load_counts[key] = self.load_counts.get(key, 0) + 1
-            entry = self._models[key] = _Entry(runner, name, self.load_counts[key])
-        entry.last_used = time.monotonic()
+    def use(self, key: Hashable, name: str, load: Callable[[], Any], cache_mode: CacheMode,
+            estimate: int = 0, keep_on_gpu: Callable[[], bool] | None = None) -> Iterator[Any]:
+        """Yield the runner for `key`: restored if offloaded, loaded with `load()` if not
+        held (after making room for `estimate` bytes). Afterwards apply the cache policy."""
+        entry = self._acquire(key, name, load, estimate)
         try:
             yield entry.runner
         finally:
-            entry.last_used = time.monotonic()
-            if cache_mode is CacheMode.UNCACHED or not self.use_cache:
-                self.release(key)
+            with self._lock:
+                entry.in_use = False
+                entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
+                if cache_mode is CacheMode.UNCACHED or not self.config.use_cache:
+                    self._release(entry, "uncached dataset" if self.config.use_cache
+                                  else "LBS_USE_MODEL_CACHE=0")
+                elif entry.location is Location.GPU and not (keep_on_gpu and keep_on_gpu()):
+                    self._offload(entry, "job finished")
 
-    def release(self, key: Hashable) -> ModelEvent | None:
-        """Drop the model for `key` entirely and return what the release measured."""
-        entry = self._models.pop(key, None)
-        if entry is None:
-            return None
+    def _acquire(self, key: Hashable, name: str, load: Callable[[], Any],
+                 estimate: int) -> _Entry:
+        with self._lock:
+            entry = self._models.get(key)
+            if entry is not None:
+                if entry.location is Location.CPU and self.has_gpu:
+                    self._restore(entry)
+                entry.in_use = True
+                entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
+                return entry
+            self._make_room(name, estimate)
+            placeholder = _Entry(key, name, None, Location.LOADING, estimate, in_use=True)
+            self._models[key] = placeholder
         before = rss_bytes()
         started = time.perf_counter()
+        try:
+            runner = load()
+        except BaseException:
+            with self._lock:
+                self._models.pop(key, None)
+            raise
+        with self._lock:
+            placeholder.runner = runner
+            placeholder.size = runner.size_bytes() if hasattr(runner, "size_bytes") else estimate
+            placeholder.location = (Location.GPU if str(getattr(runner, "device", "cpu"))
+                                    .startswith("cuda") else Location.CPU)
+            self.load_counts[key] = self.load_counts.get(key, 0) + 1
+            placeholder.load_count = self.load_counts[key]
+            self._event("load", name, started, before, placeholder.size)
+            self.tracker.checkpoint(f"load {name}")
+            return placeholder
+
+    # --- moves ---------------------------------------------------------------------
+
+    def _offload(self, entry: _Entry, why: str) -> ModelEvent | None:
+        if entry.location is not Location.GPU:
+            return None
+        if not (hasattr(entry.runner, "movable") and entry.runner.movable()):
+            return self._release(entry, f"{why}; a device-mapped model is released, not moved")
+        before, started = rss_bytes(), time.perf_counter()
+        pin = entry.size <= self._pinned_room(entry)
+        copied = entry.runner.offload(pin=pin)
+        entry.location = Location.CPU
+        _empty_cuda_cache()
+        return self._event("offload", entry.name, started, before, copied,
+                           f"{why}; host copy {'pinned' if pin else 'pageable'}")
+
+    def _restore(self, entry: _Entry) -> ModelEvent:
+        before, started = rss_bytes(), time.perf_counter()
+        moved = entry.runner.restore()
+        entry.location = Location.GPU
+        return self._event("restore", entry.name, started, before, moved)
+
+    def _release(self, entry: _Entry, why: str) -> ModelEvent:
+        self._models.pop(entry.key, None)
+        before, started = rss_bytes(), time.perf_counter()
+        size = entry.size
         entry.runner.close()
-        del entry
+        entry.runner = None
         gc.collect()
         _empty_cuda_cache()
         _trim_heap()
-        event = ModelEvent("release", self._name_of(key), time.perf_counter() - started,
-                           before, rss_bytes())
-        self.events.append(event)
-        log.info("[ModelManager] released %s: RSS %+.1f MB", event.model,
-                 (event.rss_after - event.rss_before) / 2**20)
+        check = self.tracker.release_check(f"release {entry.name}", expected_bytes=size)
+        event = self._event("release", entry.name, started, before, size,
+                            f"{why}; {check}")
+        log.info("[ModelManager] released %s (%s): %s", entry.name, why, check)
         return event
 
-    def release_all(self) -> None:
-        for key in list(self._models):
-            self.release(key)
+    def _event(self, kind: str, name: str, started: float, before: int, nbytes: int,
+               note: str | None = None) -> ModelEvent:
+        event = ModelEvent(kind, name, time.perf_counter() - started, before, rss_bytes(),
+                           nbytes, note)
+        self.events.append(event)
+        del self.events[:-200]
+        if kind != "release":
+            log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
+                     event.seconds)
+        return event
 
-    def _name_of(self, key: Hashable) -> str:
-        return key[0] if isinstance(key, tuple) and key else str(key)
+    def _pinned_room(self, entry: _Entry) -> int:
+        used = sum(e.size for e in self._models.values()
+                   if e is not entry and getattr(e.runner, "host_pinned", False))
+        return self.config.pinned_budget - used
+
+    # --- limits, eviction, pressure --------------------------------------------------
+
+    def usage(self) -> int:
+        with self._lock:
+            return sum(e.held_bytes() for e in self._models.values())
+
+    def _lru_candidates(self) -> list[_Entry]:
+        free = [e for e in self._models.values()
+                if not e.pinned and not e.in_use and e.location is not Location.LOADING]
+        return sorted(free, key=lambda e: e.last_used)
+
+    def _make_room(self, name: str, needed: int) -> None:
+        limit = self.config.max_memory_usage
+        if needed > limit:
+            raise MemoryLimitError(
+                f"{name} needs about {format_bytes(needed)}, more than the model memory "
+                f"limit of {format_bytes(limit)} (MAX_MEMORY_USAGE) even alone")
+        for victim in self._lru_candidates():
+            if self.usage() + needed <= limit:
+                break
+            self._release(victim, f"evicted (LRU) to make room for {name}")
+        if self.usage() + needed > limit:
+            held = ", ".join(f"{e.name} {format_bytes(e.held_bytes())}"
+                             f"{' (pinned)' if e.pinned else ''}{' (in use)' if e.in_use else ''}"
+                             for e in self._models.values())
+            raise MemoryLimitError(
+                f"{name} needs about {format_bytes(needed)} but only "
+                f"{format_bytes(limit - self.usage())} of the {format_bytes(limit)} limit is "
+                f"free, and the rest is held by models that cannot be evicted: {held}")
+
+    def pressure(self) -> dict[str, Any]:
+        """Whether memory is under pressure, why, and which models to unload (LRU first)."""
+        with self._lock:
+            usage, limit = self.usage(), self.config.max_memory_usage
+            available = psutil.virtual_memory().available
+            reasons = []
+            if usage > self.config.pressure_ratio * limit:
+                reasons.append(f"managed memory {format_bytes(usage)} is over "
+                               f"{self.config.pressure_ratio:.0%} of the limit "
+                               f"{format_bytes(limit)}")
+            if available < self.config.min_available_bytes:
+                reasons.append(f"system available RAM {format_bytes(available)} is under "
+                               f"{format_bytes(self.config.min_available_bytes)}")
+            return {"memory_pressure": bool(reasons), "reasons": reasons,
+                    "usage_ratio": round(usage / limit, 4) if limit else 0.0,
+                    "recommended_unload": [e.name for e in self._lru_candidates()]
+                    if reasons else []}
+
+    def cleanup(self, force: bool = False) -> dict[str, Any]:
+        """Unload LRU unpinned idle models while there is pressure (all of them if `force`)."""
+        with self._lock:
+            freed, unloaded = 0, []
+            for entry in self._lru_candidates():
+                if not force and not self.pressure()["memory_pressure"]:
+                    break
+                freed += entry.held_bytes()
+                unloaded.append(entry.name)
+                self._release(entry, "cleanup" + (" (forced)" if force else " under pressure"))
+            return {"unloaded": unloaded, "freed_bytes": freed,
+                    "formatted_freed": format_bytes(freed)}
+
+    # --- commands (from the API, through the worker) ---------------------------------
+
+    def _named(self, name: str | None) -> list[_Entry]:
+        entries = [e for e in self._models.values()
+                   if (name is None or e.name == name) and e.location is not Location.LOADING]
+        if name is not None and not entries:
+            raise UnknownModel(f"model {name!r} is not loaded on this worker")
+        return entries
+
+    def offload(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Offload one model (or every GPU model) to CPU RAM; a model in use is refused."""
+        with self._lock:
+            if not self.has_gpu:
+                return []
+            done = []
+            for entry in self._named(name):
+                if entry.in_use:
+                    raise ModelBusy(f"{entry.name} is in use by a running job")
+                event = self._offload(entry, "requested")
+                if event:
+                    done.append(event.as_dict())
+            return done
+
+    def release(self, name: str | None = None, *, include_pinned: bool = True) -> list[dict]:
+        """Release one model (or all) fully; answers after the release was verified."""
+        with self._lock:
+            done = []
+            for entry in self._named(name):
+                if entry.in_use:
+                    raise ModelBusy(f"{entry.name} is in use by a running job")
+                if entry.pinned and not include_pinned:
+                    continue
+                done.append(self._release(entry, "requested").as_dict())
+            return done
+
+    def release_all(self) -> None:
+        with self._lock:
+            for entry in list(self._models.values()):
+                if not entry.in_use:
+                    self._release(entry, "worker stopping")
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        with self._lock:
+            for entry in self._named(name):
+                entry.pinned = pinned
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        with self._lock:
+            self.config.idle_timeout = float(seconds)
+
+    def set_limit(self, nbytes: int) -> dict[str, Any]:
+        with self._lock:
+            self.config.max_memory_usage = int(nbytes)
+            return self.cleanup() if self.usage() > nbytes else {"unloaded": []}
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [e.name for e in self._models.values()]
+
+    def holds(self, name: str) -> bool:
+        with self._lock:
+            return any(e.name == name for e in self._models.values())
+
+    # --- idle monitor ---------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        """One pass of the idle monitor (the thread calls it; tests may too)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for entry in list(self._models.values()):
+                if entry.in_use or entry.location is Location.LOADING:
+                    continue
+                idle = now - entry.last_used
+                if entry.location is Location.GPU and idle > self.config.idle_timeout:
+                    self._offload(entry, f"idle {idle:.0f} s on GPU")
+                elif (entry.location is Location.CPU and not entry.pinned
+                      and idle > self.config.release_timeout):
+                    self._release(entry, f"idle {idle:.0f} s in RAM")
+            if now - self._last_check >= self.config.check_interval:
+                self._last_check = now
+                if self.config.auto_cleanup and self.pressure()["memory_pressure"]:
+                    log.warning("[ModelManager] memory pressure: %s",
+                                "; ".join(self.pressure()["reasons"]))
+                    self.cleanup()
+
+    def start_monitor(self, interval: float = 0.5) -> None:
+        if self._monitor is not None:
+            return
+        self._stop.clear()
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - the monitor must outlive one bad pass
+                    log.exception("[ModelManager] idle monitor pass failed")
+
+        self._monitor = threading.Thread(target=run, name="idle-monitor", daemon=True)
+        self._monitor.start()
+
+    def stop_monitor(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+            self._monitor = None
+
+    @property
+    def monitor_running(self) -> bool:
+        return self._monitor is not None and self._monitor.is_alive()
+
+    # --- status --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything the memory and GPU endpoints show, as plain JSON."""
+        with self._lock:
+            now = time.monotonic()
+            vm = psutil.virtual_memory()
+            usage, limit = self.usage(), self.config.max_memory_usage
+            models = [{
+                "model_name": e.name, "location": e.location.value, "size_bytes": e.size,
+                "held_bytes": e.held_bytes(), "formatted_size": format_bytes(e.size),
+                "load_count": e.load_count, "pinned": e.pinned, "in_use": e.in_use,
+                "idle_time_seconds": round(now - e.last_used, 1),
+                "last_access": e.last_used_wall, "loaded_at": e.loaded_at,
+            } for e in self._models.values()]
+            return {
+                "models": models, "has_gpu": self.has_gpu,
+                "idle_timeout_seconds": self.config.idle_timeout,
+                "release_timeout_seconds": self.config.release_timeout,
+                "monitor_running": self.monitor_running,
+                "total_models": len(models), "total_memory_usage": usage,
+                "memory_limit": limit, "pressure": self.pressure(),
+                "system_available": vm.available, "system_total": vm.total,
+                "gpu_memory": gpu_memory(), "rss_bytes": rss_bytes(),
+                "events": [e.as_dict() for e in self.events[-20:]],
+            }
+
+
+def gpu_memory() -> dict[str, dict[str, float]]:
+    """Per visible GPU: allocated/reserved by this process and total, in GB."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {f"GPU_{i}": {
+        "allocated_gb": round(torch.cuda.memory_allocated(i) / GB, 3),
+        "reserved_gb": round(torch.cuda.memory_reserved(i) / GB, 3),
+        "total_gb": round(torch.cuda.get_device_properties(i).total_memory / GB, 3),
+    } for i in range(torch.cuda.device_count())}
+
+
+def _cuda_available() -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
 
 
 def _empty_cuda_cache() -> None:

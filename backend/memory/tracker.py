@@ -39,6 +39,43 @@ def _reset_hwm() -> bool:
         return False
 
 
+class MemoryTracker:
+    """RSS at named checkpoints: delta and running total against a baseline, peak, history.
+
+    Each checkpoint logs `[Memory] <name>: +123.4 MB RSS (total +456.7 MB)` and
+    appends `(name, delta_mb, total_mb)` to `history`. `release_check` says how
+    much RSS a release returned, or that it did not drop and why it may not have.
+    """
+
+    def __init__(self) -> None:
+        self.baseline = self.last = self.peak = rss_bytes()
+        self.history: list[tuple[str, float, float]] = []
+
+    def checkpoint(self, name: str) -> tuple[float, float]:
+        now = rss_bytes()
+        delta_mb, total_mb = (now - self.last) / MB, (now - self.baseline) / MB
+        self.last, self.peak = now, max(self.peak, now)
+        self.history.append((name, round(delta_mb, 1), round(total_mb, 1)))
+        del self.history[:-500]
+        log.info("[Memory] %s: %+.1f MB RSS (total %+.1f MB)", name, delta_mb, total_mb)
+        return delta_mb, total_mb
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.peak - self.baseline) / MB
+
+    def release_check(self, name: str, expected_bytes: int | None = None) -> str:
+        """Checkpoint after a release and describe what came back to the OS."""
+        delta_mb, total_mb = self.checkpoint(name)
+        freed = -delta_mb
+        expected = f" of {expected_bytes / MB:.1f} MB expected" if expected_bytes else ""
+        if freed > 0.5:
+            return f"RSS returned {freed:.1f} MB{expected} (total {total_mb:+.1f} MB)"
+        return (f"RSS did not drop ({delta_mb:+.1f} MB{expected}); the allocator may have "
+                "kept the pages, the memory may already be reused, or references to the "
+                "model may still be alive")
+
+
 @dataclass
 class PeakSampler:
     """Peak RSS of this process for a whole job and for each window (sample) in it.

@@ -89,6 +89,8 @@ class HFRunner(Runner):
         self.max_length = max_length
         self.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                              else tokenizer.eos_token_id)
+        self._host: dict[str, object] | None = None  # CPU copy of every weight, once made
+        self.host_pinned = False
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
@@ -166,8 +168,70 @@ class HFRunner(Runner):
                                       output_tokens=len(new_ids), latency_s=latency))
         return results
 
+    # --- placement (used by the model manager) --------------------------------------
+
+    def _tensors(self):
+        for name, param in self.model.named_parameters():
+            yield name, param
+        for name, buf in self.model.named_buffers():
+            yield "buffer:" + name, buf
+
+    def size_bytes(self) -> int:
+        """Bytes of the model's weights and buffers (one copy)."""
+        return sum(t.numel() * t.element_size() for _, t in self._tensors())
+
+    def host_bytes(self) -> int:
+        """Bytes of RAM the kept CPU copy holds while the model is on the GPU."""
+        if self._host is None or self.device == "cpu":
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._host.values())
+
+    def movable(self) -> bool:
+        """False for a model placed by accelerate hooks (a device map): it is released,
+        never moved, since moving it under its hooks would break their bookkeeping."""
+        return not any(hasattr(m, "_hf_hook") for m in self.model.modules())
+
+    def offload(self, pin: bool) -> int:
+        """Put the model on the CPU; returns bytes copied (0 when a copy was kept).
+
+        Weights do not change during evaluation, so the first offload keeps a CPU
+        copy (in pinned memory when `pin`) and later offloads only drop the GPU
+        copy: milliseconds instead of a device-to-host copy.
+        """
+        import torch
+
+        if self.device == "cpu":
+            return 0
+        copied = 0
+        if self._host is None:
+            host = {}
+            for name, t in self._tensors():
+                cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                cpu.copy_(t.detach(), non_blocking=pin)
+                host[name] = cpu
+                copied += t.numel() * t.element_size()
+            torch.cuda.synchronize()
+            self._host, self.host_pinned = host, pin
+        for name, t in self._tensors():
+            t.data = self._host[name]
+        self.device = "cpu"
+        return copied
+
+    def restore(self, device: str = "cuda:0") -> int:
+        """Copy the CPU copy back to `device` with non-blocking copies and one sync."""
+        import torch
+
+        if self.device != "cpu" or self._host is None:
+            return 0
+        for name, t in self._tensors():
+            t.data = self._host[name].to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        self.device = device
+        return self.size_bytes()
+
     def close(self) -> None:
         """Drop the model; the model manager collects garbage and empties caches after."""
         self.model = None
         self.tokenizer = None
         self.tok = None
+        self._host = None

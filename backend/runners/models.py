@@ -92,3 +92,51 @@ def max_length_from_config(config: dict) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TARGET_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _safetensors_bytes(folder: Path, target: str) -> int | None:
+    """Bytes of the weights per their safetensors headers, in the dtype they will load in."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            size = _DTYPE_BYTES.get(info["dtype"], 4)
+            if target in _TARGET_BYTES and info["dtype"] in ("F32", "F16", "BF16"):
+                size = _TARGET_BYTES[target]
+            total += count * size
+    return total
+
+
+def estimate_model_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
+    """About how many bytes the model's weights take once loaded (0 if unknown).
+
+    From the safetensors headers when the weights are on disk, else from the
+    config (a built-in model not made yet). `dtype` "auto" keeps the stored
+    dtypes, except that the CPU loads float32 (see the runner).
+    """
+    if spec.builtin:
+        recipe = builtin.BUILTIN_MODELS[spec.builtin]
+        if spec.path is not None and spec.path.is_dir():
+            return _safetensors_bytes(spec.path, dtype) or 0
+        h, i, n = recipe.hidden_size, recipe.intermediate_size, recipe.num_hidden_layers
+        kv = h * recipe.num_key_value_heads // recipe.num_attention_heads
+        params = 2 * recipe.vocab_size * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+        return params * _TARGET_BYTES.get(dtype, 4)
+    if spec.path is None:
+        return 0
+    return _safetensors_bytes(spec.path, dtype) or 0

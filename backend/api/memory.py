@@ -1,0 +1,242 @@
+"""/api/v1/memory/* and /api/gpu/*: the workers' model managers, as in seeds 002 and 004.
+
+Reads come from the status each worker publishes; changes are commands the
+workers apply (backend.control). With several workers every answer says which
+worker holds what.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import psutil
+from flask import Blueprint, current_app, request
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend import control
+from backend.api.errors import ApiError
+from backend.memory.manager import format_bytes
+
+bp = Blueprint("memory", __name__)
+
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelTarget(_Strict):
+    model: str | None = Field(None, min_length=1, max_length=1024,
+                              description="a model name; every model when left out")
+    worker: str | None = Field(None, max_length=128, description="one worker; all when left out")
+
+
+class PinRequest(_Strict):
+    model: str = Field(min_length=1, max_length=1024)
+    worker: str | None = Field(None, max_length=128)
+
+
+class TimeoutRequest(_Strict):
+    timeout: float = Field(gt=0, le=MAX_TIMEOUT, description="GPU idle timeout in seconds")
+    worker: str | None = Field(None, max_length=128)
+
+
+class LimitQuery(_Strict):
+    limit_gb: float = Field(gt=0, le=1_000_000, description="MAX_MEMORY_USAGE in GB")
+
+
+class CleanupQuery(_Strict):
+    force: bool = Field(False, description="unload every unpinned idle model, not only "
+                                           "while there is pressure")
+
+
+def _ok(data: Any) -> dict[str, Any]:
+    return {"status": "success", "data": data}
+
+
+def _state():
+    return current_app.extensions["lbs"]
+
+
+def _statuses(worker: str | None = None) -> list[tuple[Any, dict[str, Any]]]:
+    lbs = _state()
+    return control.live_statuses(lbs.factory, max(15.0, lbs.settings.lease_seconds), worker)
+
+
+def _body(model: type[BaseModel]) -> BaseModel:
+    raw = request.get_json(silent=True) if request.data else {}
+    if not isinstance(raw, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object",
+                       [{"field": "body", "message": "expected a JSON object"}])
+    return model.model_validate(raw)
+
+
+def _send(command: str, args: dict[str, Any], worker: str | None) -> list[dict[str, Any]]:
+    lbs = _state()
+    try:
+        answers = control.send_command(lbs.factory, command, args, worker,
+                                       stale_after=max(15.0, lbs.settings.lease_seconds))
+    except control.NoWorker as exc:
+        raise ApiError(503, "no_worker", str(exc))
+    except control.CommandTimeout as exc:
+        raise ApiError(504, "worker_timeout", str(exc))
+    if not any(a["ok"] for a in answers):
+        errors = [a["error"] or "" for a in answers]
+        kind, _, message = errors[0].partition(": ")
+        status = {"unknown_model": 404, "busy": 409, "memory_limit": 409}.get(kind, 500)
+        field = "model" if kind == "unknown_model" else None
+        raise ApiError(status, kind or "worker_error", message or errors[0],
+                       [{"field": field, "message": message}] if field else [])
+    return answers
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _model_rows() -> list[dict[str, Any]]:
+    rows = []
+    for worker, status in _statuses():
+        for m in status["models"]:
+            rows.append({**m, "worker_id": worker.id, "last_access": _iso(m["last_access"]),
+                         "loaded_at": _iso(m["loaded_at"])})
+    return rows
+
+
+# --- /api/v1/memory ---------------------------------------------------------------
+
+@bp.get("/api/v1/memory/stats")
+def stats():
+    statuses = _statuses()
+    usage = sum(s["total_memory_usage"] for _, s in statuses)
+    limit = sum(s["memory_limit"] for _, s in statuses)
+    vm = psutil.virtual_memory()
+    available = min((s["system_available"] for _, s in statuses), default=vm.available)
+    total = max((s["system_total"] for _, s in statuses), default=vm.total)
+    return _ok({
+        "total_models": sum(s["total_models"] for _, s in statuses),
+        "total_memory_usage": usage, "formatted_usage": format_bytes(usage),
+        "memory_limit": limit, "formatted_limit": format_bytes(limit),
+        "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
+        "system_available": available, "formatted_system_available": format_bytes(available),
+        "system_total": total, "formatted_system_total": format_bytes(total),
+        "workers": [{"worker_id": w.id, "total_models": s["total_models"],
+                     "total_memory_usage": s["total_memory_usage"],
+                     "memory_limit": s["memory_limit"],
+                     "memory_pressure": s["pressure"]["memory_pressure"]}
+                    for w, s in statuses],
+    })
+
+
+@bp.get("/api/v1/memory/pressure")
+def pressure():
+    statuses = _statuses()
+    return _ok({
+        "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
+        "reasons": [f"{w.id}: {r}" for w, s in statuses for r in s["pressure"]["reasons"]],
+        "recommended_unload": [{"model_name": name, "worker_id": w.id}
+                               for w, s in statuses
+                               for name in s["pressure"]["recommended_unload"]],
+        "workers": [{"worker_id": w.id, **s["pressure"]} for w, s in statuses],
+    })
+
+
+@bp.post("/api/v1/memory/cleanup")
+def cleanup():
+    query = CleanupQuery.model_validate(request.args.to_dict())
+    answers = _send("cleanup", {"force": query.force}, None)
+    freed = sum(a["result"]["freed_bytes"] for a in answers if a["ok"])
+    return _ok({"unloaded": [{"model_name": name, "worker_id": a["worker_id"]}
+                             for a in answers if a["ok"] for name in a["result"]["unloaded"]],
+                "freed_bytes": freed, "formatted_freed": format_bytes(freed),
+                "workers": answers})
+
+
+@bp.get("/api/v1/memory/models")
+def models():
+    return _ok({"models": _model_rows()})
+
+
+@bp.post("/api/v1/memory/limit")
+def limit():
+    query = LimitQuery.model_validate(request.args.to_dict())
+    nbytes = int(query.limit_gb * 1024**3)
+    answers = _send("limit", {"bytes": nbytes}, None)
+    return _ok({"memory_limit": nbytes, "formatted_limit": format_bytes(nbytes),
+                "workers": answers})
+
+
+@bp.get("/api/v1/memory/system")
+def system():
+    vm, swap = psutil.virtual_memory(), psutil.swap_memory()
+    return _ok({
+        "memory": {"total": vm.total, "available": vm.available, "used": vm.total - vm.available,
+                   "percent": vm.percent, "formatted_total": format_bytes(vm.total),
+                   "formatted_available": format_bytes(vm.available)},
+        "swap": {"total": swap.total, "used": swap.used, "free": swap.free,
+                 "percent": swap.percent, "formatted_total": format_bytes(swap.total)},
+    })
+
+
+@bp.post("/api/v1/memory/pin")
+def pin():
+    body = _body(PinRequest)
+    return _ok({"workers": _send("pin", {"model": body.model}, body.worker),
+                "model": body.model, "pinned": True})
+
+
+@bp.post("/api/v1/memory/unpin")
+def unpin():
+    body = _body(PinRequest)
+    return _ok({"workers": _send("unpin", {"model": body.model}, body.worker),
+                "model": body.model, "pinned": False})
+
+
+# --- /api/gpu (seed 004) -----------------------------------------------------------
+
+_LOCATION = {"gpu": "GPU", "cpu": "CPU", "loading": "loading", "unloaded": "unloaded"}
+
+
+@bp.get("/api/gpu/status")
+def gpu_status():
+    data: dict[str, Any] = {}
+    for worker, status in _statuses():
+        for m in status["models"]:
+            key = m["model_name"] if m["model_name"] not in data \
+                else f"{m['model_name']} ({worker.id})"
+            data[key] = {
+                "model_name": m["model_name"], "location": _LOCATION[m["location"]],
+                "idle_time_seconds": m["idle_time_seconds"],
+                "idle_timeout_seconds": status["idle_timeout_seconds"],
+                "monitor_running": status["monitor_running"],
+                "gpu_memory": status["gpu_memory"], "pinned": m["pinned"],
+                "worker_id": worker.id,
+            }
+    return _ok(data)
+
+
+@bp.post("/api/gpu/offload")
+def gpu_offload():
+    body = _body(ModelTarget)
+    answers = _send("offload", {"model": body.model}, body.worker)
+    return _ok({"offloaded": [e for a in answers if a["ok"] for e in a["result"]["offloaded"]],
+                "workers": answers})
+
+
+@bp.post("/api/gpu/release")
+def gpu_release():
+    body = _body(ModelTarget)
+    answers = _send("release", {"model": body.model}, body.worker)
+    freed = sum(a["result"]["freed_rss_bytes"] for a in answers if a["ok"])
+    return _ok({"released": [e for a in answers if a["ok"] for e in a["result"]["released"]],
+                "freed_rss_bytes": freed, "freed_rss_mb": round(freed / 2**20, 1),
+                "workers": answers})
+
+
+@bp.post("/api/gpu/timeout")
+def gpu_timeout():
+    body = _body(TimeoutRequest)
+    answers = _send("timeout", {"timeout": body.timeout}, body.worker)
+    return _ok({"idle_timeout_seconds": body.timeout, "workers": answers})

@@ -1,0 +1,109 @@
+"""The channel between the server and the model managers that live in the workers.
+
+The model manager is in each worker process, never in the server. Workers
+publish their manager's status to `worker_status` about once a second (and
+right after a command); the server reads it. For changes (offload, release,
+pin, timeout, limit, cleanup) the server writes one `control_commands` row per
+target worker and waits for the worker to apply it (its control thread looks
+every 0.2 s) and write the answer; so an HTTP answer reflects what the worker
+really did, e.g. the MB a release actually returned.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+from backend.db import CommandState, ControlCommand, Worker, WorkerStatus, utcnow, write_session
+
+COMMANDS = ("offload", "release", "pin", "unpin", "timeout", "limit", "cleanup")
+
+
+class NoWorker(RuntimeError):
+    """No live worker to ask."""
+
+
+class CommandTimeout(RuntimeError):
+    """A worker did not answer in time (it may be busy loading a model)."""
+
+
+def publish_status(factory: sessionmaker, worker_id: str, status: dict[str, Any]) -> None:
+    with write_session(factory) as session:
+        row = session.get(WorkerStatus, worker_id)
+        if row is None:
+            session.add(WorkerStatus(worker_id=worker_id, status=status, updated_at=utcnow()))
+        else:
+            row.status, row.updated_at = status, utcnow()
+
+
+def live_statuses(factory: sessionmaker, stale_after: float = 15.0,
+                  worker: str | None = None) -> list[tuple[Worker, dict[str, Any]]]:
+    """(worker, status) of every worker whose heartbeat is fresh, oldest worker first."""
+    cutoff = utcnow() - timedelta(seconds=stale_after)
+    query = (sa.select(Worker, WorkerStatus.status)
+             .join(WorkerStatus, WorkerStatus.worker_id == Worker.id)
+             .where(Worker.state != "stopped", Worker.heartbeat_at >= cutoff)
+             .order_by(Worker.started_at))
+    if worker:
+        query = query.where(Worker.id == worker)
+    with factory() as session:
+        return [(w, status) for w, status in session.execute(query).all()]
+
+
+def pending_commands(factory: sessionmaker, worker_id: str) -> list[ControlCommand]:
+    with factory() as session:
+        return list(session.scalars(sa.select(ControlCommand).where(
+            ControlCommand.worker_id == worker_id,
+            ControlCommand.state == CommandState.PENDING.value).order_by(ControlCommand.id)))
+
+
+def complete_command(factory: sessionmaker, command_id: int, result: dict[str, Any] | None,
+                     error: str | None = None) -> None:
+    with write_session(factory) as session:
+        row = session.get(ControlCommand, command_id)
+        row.state = (CommandState.FAILED if error else CommandState.DONE).value
+        row.result, row.error, row.done_at = result, error, utcnow()
+
+
+def send_command(factory: sessionmaker, command: str, args: dict[str, Any],
+                 worker: str | None = None, timeout: float = 20.0,
+                 stale_after: float = 15.0) -> list[dict[str, Any]]:
+    """Ask every live worker (or `worker`) to run `command`; wait for their answers.
+
+    Returns one {"worker_id", "ok", "result", "error"} per worker. Raises
+    NoWorker when no live worker matches and CommandTimeout when one is silent.
+    """
+    assert command in COMMANDS, command
+    targets = [w.id for w, _ in live_statuses(factory, stale_after, worker)]
+    if not targets:
+        raise NoWorker(f"worker {worker!r} is not running" if worker
+                       else "no worker is running")
+    with write_session(factory) as session:
+        rows = [ControlCommand(worker_id=w, command=command, args=args,
+                               state=CommandState.PENDING.value) for w in targets]
+        session.add_all(rows)
+        session.flush()
+        ids = [r.id for r in rows]
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            rows = list(session.scalars(sa.select(ControlCommand)
+                                        .where(ControlCommand.id.in_(ids))))
+        if all(r.state != CommandState.PENDING.value for r in rows):
+            return [{"worker_id": r.worker_id, "ok": r.state == CommandState.DONE.value,
+                     "result": r.result, "error": r.error}
+                    for r in sorted(rows, key=lambda r: r.id)]
+        if time.monotonic() > deadline:
+            with write_session(factory) as session:
+                session.execute(sa.update(ControlCommand).where(
+                    ControlCommand.id.in_(ids),
+                    ControlCommand.state == CommandState.PENDING.value).values(
+                    state=CommandState.FAILED.value, error="timed out"))
+            silent = [r.worker_id for r in rows if r.state == CommandState.PENDING.value]
+            raise CommandTimeout(f"no answer in {timeout:.0f} s from worker(s) "
+                                 f"{', '.join(silent)}")
+        time.sleep(0.05)

@@ -1,0 +1,196 @@
+"""The model manager: lazy load, cache policy, LRU eviction under a limit, pins, idle
+monitor, pressure; with fake runners for the GPU paths and real models for RAM."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backend.datasets.base import CacheMode
+from backend.memory.manager import (
+    Location,
+    ManagerConfig,
+    MemoryLimitError,
+    ModelBusy,
+    ModelManager,
+    UnknownModel,
+)
+
+MB = 2**20
+
+
+class FakeRunner:
+    """Stands in for HFRunner's placement methods; counts what the manager does."""
+
+    def __init__(self, size: int, on_gpu: bool):
+        self.size = size
+        self.device = "cuda:0" if on_gpu else "cpu"
+        self.offloads = self.restores = self.closed = 0
+        self.host_pinned = False
+
+    def size_bytes(self):
+        return self.size
+
+    def host_bytes(self):
+        return 0
+
+    def movable(self):
+        return True
+
+    def offload(self, pin):
+        self.offloads += 1
+        self.device, self.host_pinned = "cpu", pin
+        return self.size
+
+    def restore(self):
+        self.restores += 1
+        self.device = "cuda:0"
+        return self.size
+
+    def close(self):
+        self.closed += 1
+
+
+def manager(limit=100 * MB, gpu=False, **cfg) -> ModelManager:
+    return ModelManager(ManagerConfig(max_memory_usage=limit, **cfg), has_gpu=gpu)
+
+
+def run_job(m, name, size=40 * MB, mode=CacheMode.CACHED, gpu=False, keep=None):
+    runners = []
+
+    def load():
+        runners.append(FakeRunner(size, gpu))
+        return runners[-1]
+
+    with m.use(name, name, load, mode, estimate=size, keep_on_gpu=keep) as runner:
+        pass
+    return runner
+
+
+def test_cached_model_loads_once_and_uncached_is_released():
+    m = manager()
+    a = run_job(m, "a")
+    assert run_job(m, "a") is a and m.load_counts["a"] == 1
+    b = run_job(m, "b", mode=CacheMode.UNCACHED)
+    assert b.closed == 1 and m.loaded() == ["a"]
+
+
+def test_lru_eviction_and_pins():
+    m = manager(limit=100 * MB)
+    a = run_job(m, "a")
+    run_job(m, "b")
+    run_job(m, "a")  # a is now the most recently used
+    run_job(m, "c")  # needs room: b (LRU) goes
+    assert sorted(m.loaded()) == ["a", "c"] and a.closed == 0
+    m.set_pinned("a", True)
+    run_job(m, "d")  # c goes; pinned a stays
+    assert sorted(m.loaded()) == ["a", "d"]
+    m.set_pinned("d", True)
+    with pytest.raises(MemoryLimitError, match="cannot be evicted.*a 40.00 MB \\(pinned\\)"):
+        run_job(m, "e")
+    assert sorted(m.loaded()) == ["a", "d"] and "e" not in m.load_counts
+    with pytest.raises(MemoryLimitError, match="even alone"):
+        run_job(m, "huge", size=200 * MB)
+    with pytest.raises(UnknownModel):
+        m.set_pinned("nope", True)
+
+
+def test_gpu_after_job_offloads_unless_next_job_needs_it():
+    m = manager(gpu=True)
+    r = run_job(m, "a", gpu=True, keep=lambda: True)
+    assert r.device == "cuda:0" and r.offloads == 0  # next job uses it: stays
+    run_job(m, "a", gpu=True, keep=lambda: False)
+    assert r.offloads == 1 and r.device == "cpu"
+    assert m.status()["models"][0]["location"] == "cpu"
+    run_job(m, "a", gpu=True, keep=lambda: False)  # restored for the job, offloaded after
+    assert (r.restores, r.offloads) == (1, 2)
+    kinds = [e.kind for e in m.events]
+    assert kinds == ["load", "offload", "restore", "offload"]
+
+
+def test_idle_monitor_offloads_then_releases_and_timeout_changes():
+    m = manager(gpu=True, idle_timeout=600, release_timeout=3600)
+    r = run_job(m, "a", gpu=True, keep=lambda: True)
+    m.tick(time.monotonic() + 10)
+    assert r.device == "cuda:0"
+    m.set_idle_timeout(5)
+    m.tick(time.monotonic() + 10)
+    assert r.offloads == 1 and r.device == "cpu"
+    m.tick(time.monotonic() + 4000)
+    assert r.closed == 1 and m.loaded() == []
+
+
+def test_pinned_model_is_never_idle_released():
+    m = manager(release_timeout=1)
+    run_job(m, "a")
+    m.set_pinned("a", True)
+    m.tick(time.monotonic() + 100)
+    assert m.loaded() == ["a"]
+
+
+def test_monitor_thread_releases_idle_model():
+    m = manager(release_timeout=0.5)
+    r = run_job(m, "a")
+    m.start_monitor(interval=0.1)
+    try:
+        deadline = time.monotonic() + 5
+        while m.loaded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        m.stop_monitor()
+    assert r.closed == 1
+
+
+def test_busy_model_is_not_touched_from_another_thread():
+    m = manager(gpu=True)
+    with m.use("a", "a", lambda: FakeRunner(MB, True), CacheMode.CACHED):
+        with pytest.raises(ModelBusy):
+            m.release("a")
+        with pytest.raises(ModelBusy):
+            m.offload("a")
+        m.tick(time.monotonic() + 10**6)  # the monitor skips it too
+        assert m.status()["models"][0]["location"] == Location.GPU.value
+
+
+def test_pressure_recommends_lru_and_cleanup_unloads():
+    m = manager(limit=100 * MB, pressure_ratio=0.5)
+    run_job(m, "a")
+    run_job(m, "b")
+    p = m.pressure()
+    assert p["memory_pressure"] and p["recommended_unload"] == ["a", "b"]
+    out = m.cleanup()
+    assert out["unloaded"] == ["a"] and not m.pressure()["memory_pressure"]
+    assert m.cleanup(force=True)["unloaded"] == ["b"]
+
+
+def test_no_gpu_offload_is_a_clear_noop():
+    m = manager()
+    run_job(m, "a")
+    assert m.offload() == [] and m.loaded() == ["a"]
+
+
+def test_release_of_real_model_returns_rss(settings, with_tiny):
+    """A model of tens of MB, loaded and released: RSS measurably drops."""
+    from backend.evaluation import model_key
+    from backend.runners.base import GenerationRequest
+    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import estimate_model_bytes, resolve_model
+
+    spec = resolve_model("builtin:small", settings)
+    m = ModelManager(ManagerConfig.from_settings(settings))
+    size = estimate_model_bytes(spec)  # before it exists: from the recipe
+    assert 30 * MB < size < 60 * MB
+    with m.use(model_key(spec, settings), spec.name,
+               lambda: HFRunner.load(spec, LoadOptions.from_settings(settings), settings),
+               CacheMode.UNCACHED, estimate=size) as runner:
+        assert abs(runner.size_bytes() - size) < 0.05 * size
+        assert abs(estimate_model_bytes(spec) - size) < 0.05 * size  # from the headers
+        # Weights are mapped from the safetensors file and paged in on first use:
+        # generate once, as a job does, so all of them are resident.
+        runner.generate([GenerationRequest(runner.render("hello"), 2)])
+    release = m.events[-1]
+    assert release.kind == "release"
+    freed = release.rss_before - release.rss_after
+    assert freed > 0.8 * size, (freed, size, release.note)
+    assert "RSS returned" in release.note
