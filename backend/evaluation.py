@@ -110,7 +110,7 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     cuda = CudaPeaks()
     cuda.reset()
     memory: list[tuple[str, str, int]] = [("rss_before_load", "cpu", rss_bytes())]
-    first_event = len(manager.events)
+    first_event = manager.event_count
     stopped = False
     stored = sink.stored()
     results = dict(stored)
@@ -151,6 +151,8 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     for device, peaks in cuda.job_peaks().items():
         memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
+    if cuda.nvml_peak is not None:  # sampled at sample boundaries, CUDA context included
+        memory.append(("cuda_nvml_process_used", "cuda:all", cuda.nvml_peak))
     scores = job.dataset.aggregate([results[i] for i in sorted(results)])
-    events = [e.as_dict() for e in manager.events[first_event:]]
+    events = [e.as_dict() for e in manager.events_since(first_event)]
     return EvalOutcome(scores=scores, memory=memory, events=events, stopped=stopped)

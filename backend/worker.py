@@ -25,7 +25,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backend.config import ConfigError, Settings, apply_allocator_settings, load_settings
+from backend.config import (
+    ConfigError,
+    Settings,
+    apply_allocator_settings,
+    load_settings,
+    select_cuda_device,
+)
 from backend.control import complete_command, pending_commands, publish_status
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import JobState, session_factory
@@ -196,6 +202,7 @@ class Worker:
         from backend.runners.models import ModelNotFound
 
         self.current_job = job_id
+        self._job_events_from = self.manager.event_count
         self.cancel_seen.clear()
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         try:
@@ -227,8 +234,9 @@ class Worker:
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)
         try:
+            events = self.manager.events_since(getattr(self, "_job_events_from", 0))
             finish_job(self.factory, job_id, self.id, JobState.FAILED, error=error,
-                       events=[e.as_dict() for e in self.manager.events[-2:]])
+                       events=[e.as_dict() for e in events])
         except LeaseLost as exc:
             log.warning("[Worker] %s", exc)
 
@@ -246,6 +254,29 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+def _choose_gpu(settings: Settings) -> None:
+    """Without CUDA_VISIBLE_DEVICES on a machine with several GPUs, take the one with
+    the most free memory that no live worker of this database holds."""
+    import re
+    from datetime import timedelta
+
+    from backend.db import utcnow
+    from backend.jobs import list_workers
+    from backend.memory.gpu import pick_free_gpu, visible_gpu_count
+
+    if settings.cuda_visible_devices is not None or visible_gpu_count(None) < 2:
+        return
+    fresh = utcnow() - timedelta(seconds=max(15.0, settings.lease_seconds))
+    taken = {m.group(1) for w in list_workers(session_factory(settings.database_url))
+             if w.state != "stopped" and w.heartbeat_at >= fresh
+             and (m := re.match(r"cuda:(\d+)", w.device))}
+    choice = pick_free_gpu(taken)
+    if choice is not None:
+        select_cuda_device(choice)
+        log.info("[Worker] chose GPU %s (most free memory; taken by others: %s)", choice,
+                 ", ".join(sorted(taken)) or "none")
 
 
 def warm_up() -> None:
@@ -288,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    # Must happen before torch initialises CUDA, i.e. before its first import.
+    # Both must happen before torch initialises CUDA, i.e. before its first import.
+    _choose_gpu(settings)
     alloc = apply_allocator_settings(settings)
     if alloc:
         log.info("[Worker] PYTORCH_CUDA_ALLOC_CONF=%s", alloc)

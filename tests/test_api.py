@@ -87,6 +87,9 @@ def test_datasets_and_openapi(client):
     schemas = spec["components"]["schemas"]
     assert schemas["JobRequest"]["properties"]["model"]["type"] == "string"
     assert "needle_in_haystack.params" in schemas
+    assert {"/api/v1/memory/stats", "/api/v1/memory/limit", "/api/gpu/status",
+            "/api/gpu/timeout"} <= set(spec["paths"])
+    assert schemas["TimeoutRequest"]["properties"]["timeout"]["exclusiveMinimum"] == 0
     query = {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]}
     assert query == {"state", "model", "dataset", "page", "per_page"}
 

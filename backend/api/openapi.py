@@ -8,6 +8,7 @@ from flask import Blueprint
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from backend.api.memory import CleanupQuery, LimitQuery, ModelTarget, PinRequest, TimeoutRequest
 from backend.api.schemas import (
     ErrorResponse,
     JobBatchRequest,
@@ -56,7 +57,8 @@ def _job_id() -> dict[str, Any]:
 
 
 def build_spec() -> dict[str, Any]:
-    models = [JobRequest, JobBatchRequest, JobOut, SampleOut, ErrorResponse]
+    models = [JobRequest, JobBatchRequest, JobOut, SampleOut, ErrorResponse, ModelTarget,
+              PinRequest, TimeoutRequest]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = defs.get("$defs", {})
     for name in dataset_names():
@@ -104,9 +106,45 @@ def build_spec() -> dict[str, Any]:
                      "responses": _response("the job", job, (404, 409))},
         },
     }
+    paths.update(_memory_paths())
     return {"openapi": "3.1.0",
             "info": {"title": "LLM Bench Shower", "version": "0.1.0"},
             "paths": paths, "components": {"schemas": schemas}}
+
+
+def _body(model: type[BaseModel], required: bool = False) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _memory_paths() -> dict[str, Any]:
+    commands = (503, 504)
+    get = {
+        "/api/v1/memory/stats": "usage, limit, pressure and system RAM, summed over workers",
+        "/api/v1/memory/pressure": "memory pressure and the models to unload, LRU first",
+        "/api/v1/memory/models": "every loaded model: worker, location, size, load count, pins",
+        "/api/v1/memory/system": "RAM and swap of the server's machine",
+        "/api/gpu/status": "per model: location, idle time, idle timeout, GPU memory",
+    }
+    paths: dict[str, Any] = {p: {"get": {"summary": s, "responses": _response(s)}}
+                             for p, s in get.items()}
+    paths["/api/v1/memory/cleanup"] = {"post": {
+        "summary": "unload LRU unpinned models while there is pressure",
+        "parameters": _query(CleanupQuery), "responses": _response("unloaded", None,
+                                                                   (422, *commands))}}
+    paths["/api/v1/memory/limit"] = {"post": {
+        "summary": "set MAX_MEMORY_USAGE on every worker", "parameters": _query(LimitQuery),
+        "responses": _response("the new limit", None, (422, *commands))}}
+    for name, model, summary in (
+            ("/api/v1/memory/pin", PinRequest, "pin a model: never evicted or idle-released"),
+            ("/api/v1/memory/unpin", PinRequest, "unpin a model"),
+            ("/api/gpu/offload", ModelTarget, "offload a model (or all) to CPU RAM"),
+            ("/api/gpu/release", ModelTarget, "release a model (or all) fully"),
+            ("/api/gpu/timeout", TimeoutRequest, "change the GPU idle timeout at run time")):
+        paths[name] = {"post": {"summary": summary,
+                                "requestBody": _body(model, model is not ModelTarget),
+                                "responses": _response(summary, None,
+                                                       (404, 409, 422, *commands))}}
+    return paths
 
 
 @bp.get("/openapi.json")

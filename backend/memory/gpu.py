@@ -31,3 +31,47 @@ def visible_gpu_count(cuda_visible_devices: str | None) -> int:
     if cuda_visible_devices is not None:
         return min(count, len(entries))
     return count
+
+
+def process_gpu_bytes(pid: int) -> int | None:
+    """GPU memory NVML sees `pid` using on all devices (non-torch allocations and the
+    CUDA context included), or None without NVML/driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - ImportError or NVMLError: nothing to read
+        return None
+    try:
+        total = 0
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    total += proc.usedGpuMemory
+        return total
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def pick_free_gpu(taken: set[str]) -> str | None:
+    """Index (as text) of the GPU with the most free memory that no other worker has
+    taken, for a worker started without CUDA_VISIBLE_DEVICES; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML: let CUDA pick
+        return None
+    try:
+        free = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            free.append((str(i) not in taken, info.free, str(i)))
+        return max(free)[2] if free else None
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

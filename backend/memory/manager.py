@@ -159,6 +159,7 @@ class ModelManager:
         self._models: dict[Hashable, _Entry] = {}
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
+        self.event_count = 0  # events ever recorded; `events` keeps the last 200
         self.tracker = MemoryTracker()
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
@@ -257,6 +258,7 @@ class ModelManager:
         event = ModelEvent(kind, name, time.perf_counter() - started, before, rss_bytes(),
                            nbytes, note)
         self.events.append(event)
+        self.event_count += 1
         del self.events[:-200]
         if kind != "release":
             log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
@@ -383,6 +385,11 @@ class ModelManager:
         with self._lock:
             self.config.max_memory_usage = int(nbytes)
             return self.cleanup() if self.usage() > nbytes else {"unloaded": []}
+
+    def events_since(self, count: int) -> list[ModelEvent]:
+        """Events recorded after the manager had recorded `count` of them."""
+        with self._lock:
+            return self.events[-(self.event_count - count):] if self.event_count > count else []
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -155,6 +155,16 @@ class CudaPeaks:
         self.devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self._job: dict[int, dict[str, int]] = {
             i: {"max_allocated": 0, "max_reserved": 0} for i in range(self.devices)}
+        self.nvml_peak: int | None = None  # this process's use as NVML sees it
+
+    def _sample_nvml(self) -> None:
+        import os
+
+        from backend.memory.gpu import process_gpu_bytes
+
+        used = process_gpu_bytes(os.getpid()) if self.devices else None
+        if used is not None:
+            self.nvml_peak = max(self.nvml_peak or 0, used)
 
     def _fold(self) -> None:
         cuda = self._torch.cuda
@@ -171,6 +181,8 @@ class CudaPeaks:
 
     def new_window(self) -> None:
         self._fold()
+        if self.devices:
+            self._sample_nvml()
         for i in range(self.devices):
             self._torch.cuda.reset_peak_memory_stats(i)
 
@@ -178,6 +190,7 @@ class CudaPeaks:
         """Peak bytes allocated on all devices together in the current window."""
         if not self.devices:
             return None
+        self._sample_nvml()
         return sum(self._torch.cuda.max_memory_allocated(i) for i in range(self.devices))
 
     def job_peaks(self) -> dict[str, dict[str, int]]:
