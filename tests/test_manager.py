@@ -194,3 +194,14 @@ def test_release_of_real_model_returns_rss(settings, with_tiny):
     freed = release.rss_before - release.rss_after
     assert freed > 0.8 * size, (freed, size, release.note)
     assert "RSS returned" in release.note
+
+
+def test_gpu_cap_offloads_lru_models_to_make_room():
+    m = manager(limit=10**12, gpu=True, gpu_cap_bytes=100 * MB)
+    a = run_job(m, "a", gpu=True, keep=lambda: True)
+    b = run_job(m, "b", gpu=True, keep=lambda: True)
+    assert a.device == b.device == "cuda:0"
+    c = run_job(m, "c", gpu=True, keep=lambda: True)  # 120 MB would pass the 100 MB cap
+    assert a.device == "cpu" and b.device == c.device == "cuda:0"
+    run_job(m, "a", gpu=True, keep=lambda: True)  # restoring a pushes out b (now LRU)
+    assert a.device == "cuda:0" and b.device == "cpu"

@@ -126,3 +126,31 @@ def test_worker_sets_expandable_segments_before_cuda(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "expandable_segments:True" in out.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_offload_drops_gpu_copy_and_restore_is_exact(settings, with_tiny):
+    import torch
+
+    from backend.memory.manager import ManagerConfig, ModelManager
+
+    spec = resolve_model("builtin:small", settings)
+    manager = ModelManager(ManagerConfig.from_settings(settings))
+    load = lambda: HFRunner.load(spec, LoadOptions.from_settings(settings), settings)  # noqa: E731
+    prompt = None
+    with manager.use("k", spec.name, load, CacheMode.CACHED, keep_on_gpu=lambda: False) as r:
+        assert r.device.startswith("cuda")
+        prompt = r.render("hello " * 50)
+        before = r.generate([GenerationRequest(prompt, 8)])[0].text
+        on_gpu = torch.cuda.memory_allocated()
+    after_offload = torch.cuda.memory_allocated()
+    assert on_gpu - after_offload > 0.9 * r.size_bytes()  # the GPU copy is gone
+    assert r.host_pinned
+    with manager.use("k", spec.name, load, CacheMode.CACHED, keep_on_gpu=lambda: False) as r2:
+        assert r2 is r and r.device.startswith("cuda")
+        assert r.generate([GenerationRequest(prompt, 8)])[0].text == before
+    kinds = [e.kind for e in manager.events]
+    assert kinds == ["load", "offload", "restore", "offload"]
+    first, second = manager.events[1], manager.events[3]
+    assert second.seconds < first.seconds  # later offloads only drop the GPU copy
+    manager.release_all()

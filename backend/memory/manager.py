@@ -86,10 +86,12 @@ class ManagerConfig:
     min_available_bytes: int = 2 * GB
     pinned_budget: int = 0  # 0 = 25% of RAM
     use_cache: bool = True
+    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x GPU total; 0 = no cap
 
     @classmethod
     def from_settings(cls, settings: Any) -> ManagerConfig:
         return cls(max_memory_usage=settings.max_memory_usage,
+                   gpu_cap_bytes=_gpu_cap(settings.gpu_memory_limit),
                    idle_timeout=settings.gpu_idle_timeout,
                    release_timeout=settings.release_timeout,
                    check_interval=settings.memory_check_interval,
@@ -191,11 +193,14 @@ class ModelManager:
             entry = self._models.get(key)
             if entry is not None:
                 if entry.location is Location.CPU and self.has_gpu:
+                    self._make_gpu_room(name, entry.size, keep=entry)
                     self._restore(entry)
                 entry.in_use = True
                 entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
                 return entry
             self._make_room(name, estimate)
+            if self.has_gpu:
+                self._make_gpu_room(name, estimate)
             placeholder = _Entry(key, name, None, Location.LOADING, estimate, in_use=True)
             self._models[key] = placeholder
         before = rss_bytes()
@@ -241,6 +246,7 @@ class ModelManager:
     def _release(self, entry: _Entry, why: str) -> ModelEvent:
         self._models.pop(entry.key, None)
         before, started = rss_bytes(), time.perf_counter()
+        gpu_before = _gpu_reserved()
         size = entry.size
         entry.runner.close()
         entry.runner = None
@@ -248,6 +254,8 @@ class ModelManager:
         _empty_cuda_cache()
         _trim_heap()
         check = self.tracker.release_check(f"release {entry.name}", expected_bytes=size)
+        if gpu_before:
+            check += f"; GPU reserved {format_bytes(gpu_before - _gpu_reserved())} freed"
         event = self._event("release", entry.name, started, before, size,
                             f"{why}; {check}")
         log.info("[ModelManager] released %s (%s): %s", entry.name, why, check)
@@ -299,6 +307,19 @@ class ModelManager:
                 f"{name} needs about {format_bytes(needed)} but only "
                 f"{format_bytes(limit - self.usage())} of the {format_bytes(limit)} limit is "
                 f"free, and the rest is held by models that cannot be evicted: {held}")
+
+    def _make_gpu_room(self, name: str, needed: int, keep: _Entry | None = None) -> None:
+        """Offload LRU models from the GPU until `needed` more bytes fit under the cap
+        (LBS_GPU_MEMORY_LIMIT); a model that does not fit is left to the device map."""
+        cap = self.config.gpu_cap_bytes
+        if not cap:
+            return
+        on_gpu = [e for e in self._lru_candidates() if e.location is Location.GPU and e is not keep]
+        for victim in on_gpu:
+            used = sum(e.size for e in self._models.values() if e.location is Location.GPU)
+            if used + needed <= cap:
+                break
+            self._offload(victim, f"GPU cap: making room for {name}")
 
     def pressure(self) -> dict[str, Any]:
         """Whether memory is under pressure, why, and which models to unload (LRU first)."""
@@ -495,6 +516,25 @@ def _cuda_available() -> bool:
     return bool(torch is not None and torch.cuda.is_available())
 
 
+def _gpu_cap(fraction: float) -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if fraction <= 0 or torch is None or not torch.cuda.is_available():
+        return 0
+    return int(fraction * sum(torch.cuda.get_device_properties(i).total_memory
+                              for i in range(torch.cuda.device_count())))
+
+
+def _gpu_reserved() -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    return sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count()))
+
+
 def _empty_cuda_cache() -> None:
     import sys
 
@@ -502,6 +542,9 @@ def _empty_cuda_cache() -> None:
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:  # the caching allocator for pinned host memory
+            host_empty()
 
 
 def _trim_heap() -> None:
