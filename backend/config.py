@@ -274,6 +274,17 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     )
 
 
+def load_settings_or_report() -> Settings | None:
+    """Settings for a command's main(); None after printing the error for a bad value."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        import sys
+
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return None
+
+
 def apply_allocator_settings(settings: Settings) -> str | None:
     """Set PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA.
 

@@ -23,7 +23,7 @@ from typing import Any
 from flask import Flask, send_from_directory
 from sqlalchemy.orm import sessionmaker
 
-from backend.config import ConfigError, Settings, load_settings
+from backend.config import Settings, load_settings, load_settings_or_report
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import session_factory
 from backend.logs import setup_logging
@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-workers", action="store_true",
                         help="serve the API only (run `python -m backend.worker` yourself)")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    settings = load_settings_or_report()
+    if settings is None:
         return 2
     setup_logging(settings.log_level)
     from waitress import create_server

@@ -26,10 +26,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from backend.config import (
-    ConfigError,
     Settings,
     apply_allocator_settings,
-    load_settings,
+    load_settings_or_report,
     select_cuda_device,
 )
 from backend.control import complete_command, pending_commands, publish_status
@@ -313,10 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run one LLM Bench Shower worker.")
     parser.add_argument("--id", help="worker id (default: host-pid-random)")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    settings = load_settings_or_report()
+    if settings is None:
         return 2
     setup_logging(settings.log_level)
     # Both must happen before torch initialises CUDA, i.e. before its first import.

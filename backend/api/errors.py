@@ -62,6 +62,16 @@ def init_app(app: Flask) -> None:
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details)
 
+    from backend.jobs import JobConflict, JobNotFound
+
+    @app.errorhandler(JobNotFound)
+    def _not_found(exc: JobNotFound):
+        return error_response(404, "not_found", str(exc))
+
+    @app.errorhandler(JobConflict)
+    def _conflict(exc: JobConflict):
+        return error_response(409, "conflict", str(exc))
+
     @app.errorhandler(ValidationError)
     def _validation(exc: ValidationError):
         details = validation_details(exc)

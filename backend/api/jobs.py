@@ -1,4 +1,7 @@
-"""/api/jobs: submit, list, read, cancel and delete evaluation jobs."""
+"""/api/jobs: submit, list, read, cancel and delete evaluation jobs.
+
+JobNotFound and JobConflict from the service become 404 and 409 in errors.py.
+"""
 
 from __future__ import annotations
 
@@ -89,46 +92,26 @@ def list_jobs():
 
 @bp.get("/<int:job_id>")
 def get_job(job_id: int):
-    return _ok({"job": job_out(_get(job_id)).model_dump(mode="json")})
+    return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
 
 
 @bp.get("/<int:job_id>/samples")
 def samples(job_id: int):
     query = SampleListQuery.model_validate(request.args.to_dict())
-    try:
-        rows, total = service.list_samples(_factory(), job_id,
-                                           offset=(query.page - 1) * query.per_page,
-                                           limit=query.per_page)
-    except service.JobNotFound as exc:
-        raise ApiError(404, "not_found", str(exc))
+    rows, total = service.list_samples(_factory(), job_id,
+                                       offset=(query.page - 1) * query.per_page,
+                                       limit=query.per_page)
     return _ok({"samples": [sample_out(s).model_dump(mode="json") for s in rows],
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 
 @bp.post("/<int:job_id>/cancel")
 def cancel(job_id: int):
-    try:
-        service.cancel_job(_factory(), job_id)
-    except service.JobNotFound as exc:
-        raise ApiError(404, "not_found", str(exc))
-    except service.JobConflict as exc:
-        raise ApiError(409, "conflict", str(exc))
-    return _ok({"job": job_out(_get(job_id)).model_dump(mode="json")})
+    service.cancel_job(_factory(), job_id)
+    return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
 
 
 @bp.delete("/<int:job_id>")
 def delete(job_id: int):
-    try:
-        service.delete_job(_factory(), job_id)
-    except service.JobNotFound as exc:
-        raise ApiError(404, "not_found", str(exc))
-    except service.JobConflict as exc:
-        raise ApiError(409, "conflict", str(exc))
+    service.delete_job(_factory(), job_id)
     return _ok({"deleted": job_id})
-
-
-def _get(job_id: int):
-    try:
-        return service.get_job(_factory(), job_id)
-    except service.JobNotFound as exc:
-        raise ApiError(404, "not_found", str(exc))
