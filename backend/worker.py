@@ -204,6 +204,9 @@ class Worker:
         self._job_events_from = self.manager.event_count
         self.cancel_seen.clear()
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
+        if self.manager.has_gpu:
+            threading.Thread(target=self._prefetch_next, args=(model,), name="prefetch",
+                             daemon=True).start()
         try:
             prepared = prepare(model, dataset, params, self.settings)
             outcome = run_evaluation(
@@ -229,6 +232,17 @@ class Worker:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
+
+    def _prefetch_next(self, current: str) -> None:
+        """While a job runs, bring the next queued job's model back to the GPU if it is
+        offloaded here and fits (see ModelManager.prefetch)."""
+        try:
+            following = next_queued_model(self.factory, self.manager.loaded(),
+                                          self.settings.affinity_seconds)
+            if following and following != current:
+                self.manager.prefetch(following)
+        except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
+            log.exception("[Worker] prefetch failed")
 
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)

@@ -18,6 +18,7 @@ from backend.memory.manager import (
 )
 
 MB = 2**20
+GB = 2**30
 
 
 class FakeRunner:
@@ -205,3 +206,15 @@ def test_gpu_cap_offloads_lru_models_to_make_room():
     assert a.device == "cpu" and b.device == c.device == "cuda:0"
     run_job(m, "a", gpu=True, keep=lambda: True)  # restoring a pushes out b (now LRU)
     assert a.device == "cuda:0" and b.device == "cpu"
+
+
+def test_prefetch_restores_next_model_when_it_fits():
+    m = manager(gpu=True, gpu_cap_bytes=100 * MB)
+    a = run_job(m, "a", gpu=True, keep=lambda: False)  # offloaded after its job
+    assert a.device == "cpu"
+    assert not m.prefetch("a", free_gpu_bytes=lambda: 10 * MB)  # does not fit: stays
+    assert m.prefetch("a", free_gpu_bytes=lambda: 80 * GB)
+    assert a.device == "cuda:0" and m.events[-1].note == "prefetched for the next queued job"
+    assert not m.prefetch("a", free_gpu_bytes=lambda: 80 * GB)  # already there
+    assert not manager().prefetch("a")  # no GPU: nothing to do
+

@@ -321,6 +321,26 @@ class ModelManager:
                 break
             self._offload(victim, f"GPU cap: making room for {name}")
 
+    def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None) -> bool:
+        """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits
+        both the GPU cap and the free GPU memory with a 20% margin. Returns whether it
+        did; the worker calls it from a thread while the current job runs."""
+        with self._lock:
+            if not self.has_gpu:
+                return False
+            entry = next((e for e in self._models.values() if e.name == name), None)
+            if entry is None or entry.location is not Location.CPU or entry.in_use:
+                return False
+            cap = self.config.gpu_cap_bytes
+            on_gpu = sum(e.size for e in self._models.values() if e.location is Location.GPU)
+            free = (free_gpu_bytes or _free_gpu_bytes)()
+            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 > free:
+                return False
+            self._restore(entry)
+            entry.last_used = time.monotonic()  # so the idle monitor does not undo it
+            self.events[-1].note = "prefetched for the next queued job"
+            return True
+
     def pressure(self) -> dict[str, Any]:
         """Whether memory is under pressure, why, and which models to unload (LRU first)."""
         with self._lock:
@@ -524,6 +544,15 @@ def _gpu_cap(fraction: float) -> int:
         return 0
     return int(fraction * sum(torch.cuda.get_device_properties(i).total_memory
                               for i in range(torch.cuda.device_count())))
+
+
+def _free_gpu_bytes() -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.mem_get_info()[0]
 
 
 def _gpu_reserved() -> int:
