@@ -170,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LBS_AFFINITY_SECONDS", "300", _non_negative_float, "a number of seconds of at least 0",
             "A worker prefers a queued job for the model it holds when that job is at most "
             "this much younger than the oldest queued job (0 = strict queue order)."),
+    Setting("LBS_MODEL_DIRS", "", _text, "folder paths separated by ':'",
+            "Folders scanned (two levels deep) for Hugging Face checkpoints to offer on the "
+            "web page and in GET /api/models."),
     Setting("LBS_PLUGIN_DIRS", "", _text, "folder paths separated by ':'",
             "Folders whose *.py modules are imported at start to register dataset plugins."),
     Setting("LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
@@ -208,6 +211,7 @@ class Settings:
     pinned_memory_budget: int = 0
     affinity_seconds: float = 300.0
     plugin_dirs: tuple[str, ...] = ()
+    model_dirs: tuple[str, ...] = ()
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -269,6 +273,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         pinned_memory_budget=parsed["LBS_PINNED_MEMORY_BUDGET"],
         affinity_seconds=parsed["LBS_AFFINITY_SECONDS"],
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
+        model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         raw=raw,
     )

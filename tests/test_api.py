@@ -98,3 +98,43 @@ def test_index_page_and_health(client):
     assert client.get("/healthz").get_json() == {"status": "success", "data": {"ok": True}}
     res = client.get("/")
     assert res.status_code == 200 and b"LLM Bench Shower" in res.data
+
+
+def test_models_list_builtin_and_model_dirs(tmp_path, monkeypatch, with_tiny, builtin_models_dir):
+    import shutil
+
+    from backend.config import load_settings
+    from backend.server import create_app
+
+    shutil.copytree(builtin_models_dir / "builtin-tiny-v1", tmp_path / "zoo" / "org" / "my-model")
+    (tmp_path / "zoo" / "notes").mkdir()
+    monkeypatch.setenv("LBS_MODEL_DIRS", str(tmp_path / "zoo"))
+    client = create_app(load_settings()).test_client()
+    models = client.get("/api/models").get_json()["data"]["models"]
+    names = {m["name"]: m for m in models}
+    assert {"builtin:tiny", "builtin:small"} <= set(names)
+    folder = str((tmp_path / "zoo" / "org" / "my-model").resolve())
+    assert names[folder]["max_length"] == 8192 and names[folder]["kind"] == "folder"
+    assert len(models) == 3
+
+
+def test_export_json_and_csv(client, app):
+    factory = app.extensions["lbs"].factory
+    job_id = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
+    jobs.claim_job(factory, "w", 60, 3)
+    jobs.record_sample(factory, job_id, "w", 60, dict(
+        idx=0, prompt="p, with comma", prompt_tokens=3, prediction='say "hi"\nthere', score=1.0,
+        latency_s=0.5, output_tokens=2, fields={"context_length": 256, "depth_percent": 50.0}))
+    jobs.finish_job(factory, job_id, "w", JobState.SUCCEEDED)
+    res = client.get(f"/api/jobs/{job_id}/export?format=json")
+    body = res.get_json()
+    assert body["job"]["id"] == job_id and body["samples"][0]["prediction"] == 'say "hi"\nthere'
+    assert "attachment" in res.headers["Content-Disposition"]
+    res = client.get(f"/api/jobs/{job_id}/export?format=csv")
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(res.get_data(as_text=True))))
+    assert rows[0]["prediction"] == 'say "hi"\nthere' and rows[0]["context_length"] == "256"
+    assert client.get(f"/api/jobs/{job_id}/export?format=xml").status_code == 422
+    assert client.get("/api/jobs/999/export").status_code == 404

@@ -5,9 +5,12 @@ JobNotFound and JobConflict from the service become 404 and 409 in errors.py.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from pydantic import ValidationError
 
 from backend import jobs as service
@@ -115,3 +118,29 @@ def cancel(job_id: int):
 def delete(job_id: int):
     service.delete_job(_factory(), job_id)
     return _ok({"deleted": job_id})
+
+
+@bp.get("/<int:job_id>/export")
+def export(job_id: int):
+    """The job and all its samples as JSON, or the samples as CSV (?format=csv)."""
+    fmt = request.args.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError(422, "validation_error", "format must be json or csv",
+                       [{"field": "format", "message": "expected json or csv"}])
+    job = job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")
+    rows, _ = service.list_samples(_factory(), job_id, limit=10**9)
+    samples = [sample_out(s).model_dump(mode="json") for s in rows]
+    name = f"job-{job_id}-{job['dataset']}"
+    if fmt == "json":
+        body = json.dumps({"job": job, "samples": samples}, ensure_ascii=False, indent=2)
+        return Response(body, mimetype="application/json", headers={
+            "Content-Disposition": f"attachment; filename={name}.json"})
+    out = io.StringIO()
+    columns = ["idx", "context_length", "depth_percent", "prompt_tokens", "score",
+               "latency_s", "output_tokens", "peak_rss_mb", "peak_gpu_mb", "prediction",
+               "prompt", "error"]
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(samples)
+    return Response(out.getvalue(), mimetype="text/csv", headers={
+        "Content-Disposition": f"attachment; filename={name}.csv"})

@@ -253,7 +253,7 @@ class ModelManager:
         gc.collect()
         _empty_cuda_cache()
         _trim_heap()
-        check = self.tracker.release_check(f"release {entry.name}", expected_bytes=size)
+        check = self.tracker.release_check(f"release {entry.name}", before, expected_bytes=size)
         if gpu_before:
             check += f"; GPU reserved {format_bytes(gpu_before - _gpu_reserved())} freed"
         event = self._event("release", entry.name, started, before, size,

@@ -64,9 +64,12 @@ class MemoryTracker:
     def peak_mb(self) -> float:
         return (self.peak - self.baseline) / MB
 
-    def release_check(self, name: str, expected_bytes: int | None = None) -> str:
-        """Checkpoint after a release and describe what came back to the OS."""
-        delta_mb, total_mb = self.checkpoint(name)
+    def release_check(self, name: str, before_bytes: int,
+                      expected_bytes: int | None = None) -> str:
+        """Checkpoint after a release and describe what came back to the OS since
+        `before_bytes` (RSS read just before the release)."""
+        _, total_mb = self.checkpoint(name)
+        delta_mb = (self.last - before_bytes) / MB
         freed = -delta_mb
         expected = f" of {expected_bytes / MB:.1f} MB expected" if expected_bytes else ""
         if freed > 0.5:

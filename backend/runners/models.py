@@ -140,3 +140,24 @@ def estimate_model_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
     if spec.path is None:
         return 0
     return _safetensors_bytes(spec.path, dtype) or 0
+
+
+def list_local_models(model_dirs: tuple[str, ...] | list[str]) -> list[dict]:
+    """Built-in models and the checkpoint folders (with a config.json) found up to two
+    levels below each of `model_dirs`, with their maximum length."""
+    found = [{"name": f"builtin:{key}", "kind": "builtin",
+              "max_length": recipe.max_position_embeddings}
+             for key, recipe in builtin.BUILTIN_MODELS.items()]
+    for folder in model_dirs:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            continue
+        for config in sorted([*root.glob("*/config.json"), *root.glob("*/*/config.json")]):
+            try:
+                info = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            found.append({"name": str(config.parent.resolve()), "kind": "folder",
+                          "max_length": max_length_from_config(info),
+                          "architecture": (info.get("architectures") or [None])[0]})
+    return found

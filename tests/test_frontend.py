@@ -1,0 +1,158 @@
+"""The web page in a real browser (Debian's Chromium driven by Playwright) against a real
+server + worker. Screenshots of the main views go to test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT, LiveServer
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def server(with_tiny, echo_plugin_dir):
+    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir)}).start()
+    live.wait_for_worker()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def page():
+    if CHROMIUM is None:
+        pytest.fail("Chromium is not installed: scripts/setup.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(viewport={"width": 1366, "height": 900})
+        page = context.new_page()
+        crashes: list[str] = []
+        page.on("pageerror", lambda exc: crashes.append(str(exc)))
+        yield page
+        browser.close()
+    assert not crashes, f"uncaught errors in the page: {crashes}"
+
+
+def _fill(page, name: str, value: str) -> None:
+    page.fill(f'fieldset[data-dataset="needle_in_haystack"] input[name="{name}"]', value)
+
+
+def test_launch_watch_and_read_a_niah_job(server, page):
+    page.goto(server.url + "/")
+    page.check("#ds-needle_in_haystack")
+    _fill(page, "context_lengths", "[64]")
+    page.click("#launch-submit")
+    error = page.locator('[data-field="params.context_lengths"] .field-error')
+    error.wait_for()
+    assert "at least 128" in error.inner_text()  # shown next to the field
+    page.screenshot(path=ARTIFACTS / "launch-error.png", full_page=True)
+
+    _fill(page, "context_lengths", "[256, 384]")
+    _fill(page, "depth_percents", "[0, 50, 100]")
+    _fill(page, "max_new_tokens", "4")
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    row = page.locator('tr[data-job="1"]')
+    row.locator(".badge.succeeded").wait_for(timeout=120_000)
+    assert row.locator("progress").get_attribute("value") == "100"
+    page.screenshot(path=ARTIFACTS / "queue.png", full_page=True)
+
+    row.locator("a").click()
+    page.wait_for_selector('[data-testid="heatmap"]')
+    cells = page.locator('[data-testid="heatmap"] rect.cell')
+    assert cells.count() == 6
+    tooltip = cells.first.locator("title").text_content()
+    assert "Context length 256" in tooltip and "Prediction:" in tooltip
+    assert page.locator('[data-testid="memory-chart"] circle.dot').count() == 6
+    assert page.locator("#samples-table tbody tr").count() == 6
+    assert page.locator("#memory-peaks").inner_text().count("rss_peak_mb") == 1
+    page.screenshot(path=ARTIFACTS / "job-detail.png", full_page=True)
+
+    # model output is text: a reply that looks like HTML stays text
+    assert page.locator("#samples-table .prediction script").count() == 0
+
+    page.click("#lang-toggle")
+    page.wait_for_selector("text=任务队列")
+    page.reload()
+    page.wait_for_selector("text=发起评测")  # remembered per browser
+    page.screenshot(path=ARTIFACTS / "job-detail-zh.png", full_page=True)
+    page.click("#lang-toggle")
+
+
+def test_cancel_and_models_panel(server, tiny_copy, page):
+    # a long job to cancel from the page
+    status, body = server.request("POST", "/api/jobs", {
+        "model": "builtin:tiny", "dataset": "needle_in_haystack",
+        "params": {"context_lengths": {"min": 1024, "max": 8000, "count": 20},
+                   "depth_percents": {"count": 11}, "max_new_tokens": 32}})
+    assert status == 201
+    long_id = body["data"]["job"]["id"]
+    page.goto(server.url + "/#/queue")
+    row = page.locator(f'tr[data-job="{long_id}"]')
+    row.locator(".badge.running").wait_for(timeout=60_000)
+    row.locator("button.cancel").click()
+    row.locator(".badge.cancelled").wait_for(timeout=60_000)
+
+    # a cached model, then offload/release from the models panel
+    status, body = server.request("POST", "/api/jobs", {"model": str(tiny_copy),
+                                                        "dataset": "echo"})
+    server.wait_for(body["data"]["job"]["id"], ("succeeded",))
+    page.goto(server.url + "/#/models")
+    model_row = page.locator(f'tr[data-model="{tiny_copy}"]')
+    model_row.wait_for(timeout=15_000)
+    assert model_row.locator(".location").inner_text() == "cpu"
+    page.screenshot(path=ARTIFACTS / "models.png", full_page=True)
+    model_row.locator("button.offload").click()  # no GPU here: it says so, model stays
+    page.wait_for_selector("#models-table")
+    model_row.locator("button.pin").click()
+    page.wait_for_function(
+        f"""() => [...document.querySelectorAll('tr[data-model]')]
+             .some(r => r.dataset.model === {str(tiny_copy)!r} && r.innerText.includes('yes'))""")
+    model_row.locator("button.pin").click()  # unpin
+    model_row.locator("button.release").click()
+    model_row.wait_for(state="detached", timeout=15_000)
+    assert page.locator("#models-table").inner_text().strip().endswith("No model is loaded.")
+    page.fill("#idle-timeout", "120")
+    page.click("#apply-timeout")
+    page.goto(server.url + "/#/compare")
+    page.wait_for_selector("#compare-table")
+    page.screenshot(path=ARTIFACTS / "compare.png", full_page=True)
+
+
+def test_model_output_is_shown_as_text(server, page):
+    """A reply that looks like HTML is displayed as characters, never run or rendered."""
+    from backend import jobs
+    from backend.db import JobState, session_factory
+
+    factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "needle_in_haystack", {})])
+    # the server's own worker may claim it first; take it only if it is still ours to take
+    claimed = jobs.claim_job(factory, "page-test", 60, 3)
+    if claimed is None or claimed.id != job.id:
+        pytest.skip("the live worker took the job first")
+    evil = '<img src=x onerror="document.title=\'pwned\'"><b>bold</b>'
+    jobs.record_sample(factory, job.id, "page-test", 60, dict(
+        idx=0, prompt="<script>alert(1)</script>", prompt_tokens=3, prediction=evil, score=0.0,
+        latency_s=0.1, output_tokens=3, fields={"context_length": 256, "depth_percent": 0.0}))
+    jobs.finish_job(factory, job.id, "page-test", JobState.SUCCEEDED)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.url}/#/job/{job.id}")
+    page.wait_for_timeout(1500)
+    assert not errors, errors
+    cell = page.locator("#samples-table .prediction").first
+    cell.wait_for()
+    assert cell.inner_text() == evil
+    assert page.locator("#samples-table img, #samples-table b, #samples-table script").count() == 0
+    assert page.title() != "pwned"
