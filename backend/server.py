@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None,
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     load_plugin_dirs(list(settings.plugin_dirs))
     app = Flask(__name__, static_folder=None)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    app.json.sort_keys = False  # keep schemas in field order: the page builds forms from them
     if test_config:
         app.config.update(test_config)
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))

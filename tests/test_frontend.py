@@ -81,6 +81,21 @@ def test_launch_watch_and_read_a_niah_job(server, page):
     # model output is text: a reply that looks like HTML stays text
     assert page.locator("#samples-table .prediction script").count() == 0
 
+    page.goto(server.url + "/#/compare")
+    page.wait_for_selector("#compare-table")
+    assert "builtin:tiny" in page.locator("#compare-table").inner_text()
+    page.select_option("#compare-0", "1")
+    page.select_option("#compare-1", "1")
+    page.wait_for_function("document.querySelectorAll('.side-by-side svg.heatmap').length == 2")
+    page.set_viewport_size({"width": 1024, "height": 768})  # a laptop
+    page.goto(server.url + "/#/launch")
+    page.check("#ds-needle_in_haystack")
+    page.keyboard.press("Tab")  # the form is reachable by keyboard
+    page.screenshot(path=ARTIFACTS / "launch-laptop.png", full_page=True)
+    page.set_viewport_size({"width": 1366, "height": 900})
+    page.goto(f"{server.url}/#/job/1")
+    page.wait_for_selector('[data-testid="heatmap"]')
+
     page.click("#lang-toggle")
     page.wait_for_selector("text=任务队列")
     page.reload()

@@ -98,10 +98,10 @@ class DepthRange(BaseModel):
 
 class NeedleParams(DatasetParams):
     context_lengths: list[int] | LengthRange = Field(
-        default_factory=LengthRange,
+        default=LengthRange(),
         description="Prompt lengths in tokens: a list, or {min, max, count}.")
     depth_percents: list[float] | DepthRange = Field(
-        default_factory=DepthRange,
+        default=DepthRange(),
         description="Where the needle goes, in percent of the haystack "
                     "(0 = start, 100 = end): a list, or {count}.")
     needle: str = Field(DEFAULT_NEEDLE, min_length=1, max_length=2000,
