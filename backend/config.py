@@ -170,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LBS_AFFINITY_SECONDS", "300", _non_negative_float, "a number of seconds of at least 0",
             "A worker prefers a queued job for the model it holds when that job is at most "
             "this much younger than the oldest queued job (0 = strict queue order)."),
+    Setting("LBS_DATASETS_DIR", "", _text, "a folder path (empty = <data dir>/datasets)",
+            "Where dataset files are looked for: <folder>/<dataset name>/ in the official "
+            "layout, unless a job gives data_dir."),
     Setting("LBS_MODEL_DIRS", "", _text, "folder paths separated by ':'",
             "Folders scanned (two levels deep) for Hugging Face checkpoints to offer on the "
             "web page and in GET /api/models."),
@@ -212,6 +215,7 @@ class Settings:
     affinity_seconds: float = 300.0
     plugin_dirs: tuple[str, ...] = ()
     model_dirs: tuple[str, ...] = ()
+    datasets_dir: Path | None = None
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -274,6 +278,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         affinity_seconds=parsed["LBS_AFFINITY_SECONDS"],
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
+        datasets_dir=Path(parsed["LBS_DATASETS_DIR"]).expanduser().resolve()
+        if parsed["LBS_DATASETS_DIR"] else data_dir / "datasets",
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         raw=raw,
     )

@@ -41,6 +41,7 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     Raises UnknownDataset, ModelNotFound, pydantic.ValidationError or ParamError.
     """
     ds = get_dataset(dataset)
+    ds.datasets_dir = settings.datasets_dir
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings)
     info = model_info(spec)
@@ -85,6 +86,19 @@ class EvalOutcome:
     """(name, device, bytes) readings: rss_peak, rss_at_load, cuda max_allocated…"""
     events: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
+
+
+def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
+    """Multiple choice by log-likelihood: the label of the likeliest continuation, the
+    prompt's token count, 0 generated tokens, and the fields with each choice's log-prob."""
+    from backend.runners.base import LoglikelihoodRequest
+
+    scored = runner.loglikelihood([LoglikelihoodRequest(item.prompt, c) for c in item.choices])
+    labels = item.labels or item.choices
+    best = max(range(len(scored)), key=lambda i: scored[i].logprob)
+    fields = {**item.fields, "logprobs": {label: round(s.logprob, 4)
+                                          for label, s in zip(labels, scored, strict=True)}}
+    return labels[best], runner.count_prompt(item.prompt), 0, fields
 
 
 def model_key(spec: ModelSpec, settings: Settings) -> tuple:
@@ -132,16 +146,22 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 sampler.new_window()
                 cuda.new_window()
                 started = time.perf_counter()
-                generation = runner.generate(
-                    [GenerationRequest(item.prompt, item.max_new_tokens)])[0]
-                score = job.dataset.score(item, generation.text)
+                fields = item.fields
+                if item.choices:
+                    text, prompt_tokens, output_tokens, fields = _choose(runner, item)
+                else:
+                    generation = runner.generate(
+                        [GenerationRequest(item.prompt, item.max_new_tokens)])[0]
+                    text, prompt_tokens = generation.text, generation.prompt_tokens
+                    output_tokens = generation.output_tokens
+                score = job.dataset.score(item, text)
                 record = SampleRecord(
-                    idx=item.idx, prompt=item.prompt, prompt_tokens=generation.prompt_tokens,
-                    prediction=generation.text, score=score,
+                    idx=item.idx, prompt=item.prompt, prompt_tokens=prompt_tokens,
+                    prediction=text, score=score,
                     latency_s=round(time.perf_counter() - started, 6),
-                    output_tokens=generation.output_tokens, fields=item.fields,
+                    output_tokens=output_tokens, fields=fields,
                     peak_rss_bytes=sampler.window_peak(), peak_gpu_bytes=cuda.window_peak())
-                results[item.idx] = (item.fields, score)
+                results[item.idx] = (fields, score)
                 if not sink.write(record):
                     stopped = True
                     break

@@ -112,15 +112,23 @@ def _mb(value: int | None) -> float | None:
     return None if value is None else round(value / MB, 2)
 
 
+def _plural(name: str) -> str:
+    return name[:-1] + "ies" if name.endswith("y") else name + "s"
+
+
 def scores_dict(entries: list[Any]) -> dict[str, Any]:
-    """Score entries (name, value, count, labels) as the API shows them."""
+    """Score entries as the API shows them: `overall` and `count`, every other
+    unlabelled entry as a number under its name (e.g. `micro`), and labelled
+    entries as a list under the plural of their name (`cells`, `subjects`…)."""
     scores: dict[str, Any] = {}
     for s in entries:
         if s.name == "overall":
             scores["overall"] = s.value
             scores["count"] = s.count
+        elif not s.labels:
+            scores[s.name] = s.value
         else:
-            scores.setdefault(s.name + "s", []).append(
+            scores.setdefault(_plural(s.name), []).append(
                 {**s.labels, "score": s.value, "count": s.count})
     return scores
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -81,6 +82,10 @@ class Item:
     max_new_tokens: int
     reference: Any
     fields: dict[str, Any] = field(default_factory=dict)
+    choices: list[str] | None = None
+    """Multiple choice scored by log-likelihood: the continuations to compare after
+    `prompt`; the prediction is the label of the most likely one (see `labels`)."""
+    labels: list[str] | None = None
 
 
 @dataclass
@@ -104,6 +109,26 @@ class Dataset:
     description: ClassVar[str]
     cache_mode: ClassVar[CacheMode] = CacheMode.CACHED
     Params: ClassVar[type[DatasetParams]] = DatasetParams
+    cost: ClassVar[str] = ""
+    """A rough cost for the UI, e.g. "52 subjects, ~1.3k questions (val)"."""
+
+    datasets_dir: Path | None = None
+    """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
+    when a job gives no `data_dir` (set by evaluation.prepare)."""
+
+    def data_folder(self, given: str | None, folder_name: str | None = None) -> Path:
+        """The folder to read data from; ParamError saying where it looked if missing."""
+        if given:
+            path = Path(given).expanduser()
+        elif self.datasets_dir is not None:
+            path = self.datasets_dir / (folder_name or self.name)
+        else:
+            raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
+        if not path.is_dir():
+            raise ParamError("data_dir", f"no data folder at {path} (set the job parameter "
+                                         f"data_dir or put the files under LBS_DATASETS_DIR/"
+                                         f"{folder_name or self.name})")
+        return path
 
     def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
         """Validate raw parameters; raises pydantic.ValidationError."""
@@ -137,5 +162,6 @@ class Dataset:
             "name": cls.name,
             "description": cls.description,
             "cache_mode": cls.cache_mode.value,
+            "cost": cls.cost,
             "params_schema": cls.Params.model_json_schema(),
         }

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN: dict[str, str] = {
     "needle_in_haystack": "backend.datasets.needle_in_haystack:NeedleInAHaystack",
+    "ceval": "backend.datasets.ceval:CEval",
+    "gsm8k": "backend.datasets.gsm8k:GSM8K",
 }
 
 _registered: dict[str, type[Dataset]] = {}

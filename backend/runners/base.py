@@ -34,6 +34,24 @@ class Generation:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    """Score `continuation` after `context` (both plain text, rendered already)."""
+
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    """Sum of the continuation tokens' log-probabilities, whether greedy decoding
+    would have produced exactly them, and how many tokens they are."""
+
+    logprob: float
+    is_greedy: bool
+    tokens: int
+
+
 class Runner(ABC):
     """A loaded model. Subclasses implement the PromptTokenizer methods and generate."""
 
@@ -57,6 +75,15 @@ class Runner(ABC):
 
         Raises on failure of the whole batch (out of memory included); the
         caller decides whether to retry or fail the sample.
+        """
+
+    @abstractmethod
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+        """One Loglikelihood per request, in order.
+
+        Requests that share a context are scored from one forward pass over
+        that context: single-token continuations (answer letters) are read off
+        its last position, longer ones continue from its cached keys/values.
         """
 
     @abstractmethod

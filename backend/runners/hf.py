@@ -45,6 +45,13 @@ def _torch_dtype(name: str, on_cuda: bool):
     return getattr(torch, name)
 
 
+def _copy_cache(cache):
+    """A copy of a key/value cache, so each continuation extends its own."""
+    import copy
+
+    return copy.deepcopy(cache)
+
+
 class HFTokenizer:
     """A transformers tokenizer as datasets see it (the PromptTokenizer protocol)."""
 
@@ -166,6 +173,56 @@ class HFRunner(Runner):
             new_ids = output[0, len(ids):].tolist()
             results.append(Generation(text=self.decode(new_ids).strip(), prompt_tokens=len(ids),
                                       output_tokens=len(new_ids), latency_s=latency))
+        return results
+
+    # --- log-likelihood -------------------------------------------------------------
+
+    def _split(self, request) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids, cut where the whole text's tokens diverge
+        from the context's (so a merge across the boundary is not double counted).
+        Trailing spaces of the context move to the continuation, as usual."""
+        context, continuation = request.context, request.continuation
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped):] + continuation
+        whole = self.tok.prompt_ids(stripped + continuation)
+        ctx = self.tok.prompt_ids(stripped)
+        n = len(ctx)
+        while n and whole[:n] != ctx[:n]:
+            n -= 1
+        return whole[:n], whole[n:]
+
+    def loglikelihood(self, requests):
+        import torch
+
+        from backend.runners.base import Loglikelihood
+
+        results: list[Loglikelihood | None] = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
+            ctx, cont = self._split(request)
+            if not cont:
+                raise ValueError(f"request {i}: the continuation has no tokens")
+            groups.setdefault(tuple(ctx), []).append((i, cont))
+        with torch.inference_mode():
+            for ctx, members in groups.items():
+                ctx_ids = torch.tensor([list(ctx)], device=self.device)
+                out = self.model(input_ids=ctx_ids, use_cache=True)
+                last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                for i, cont in members:
+                    if len(cont) == 1:  # answer letters: read off the shared pass
+                        results[i] = Loglikelihood(float(last[cont[0]]),
+                                                   bool(last.argmax() == cont[0]), 1)
+                        continue
+                    cache = _copy_cache(out.past_key_values)
+                    rest = torch.tensor([cont[:-1]], device=self.device)
+                    more = self.model(input_ids=rest, past_key_values=cache, use_cache=True)
+                    logps = torch.log_softmax(
+                        torch.cat([last[None], more.logits[0].float()]), dim=-1)
+                    target = torch.tensor(cont, device=logps.device)
+                    picked = logps.gather(1, target[:, None])[:, 0]
+                    results[i] = Loglikelihood(float(picked.sum()),
+                                               bool((logps.argmax(-1) == target).all()),
+                                               len(cont))
         return results
 
     # --- placement (used by the model manager) --------------------------------------

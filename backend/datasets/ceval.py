@@ -1,0 +1,192 @@
+"""C-Eval: 52 subjects of Chinese exam multiple choice (A-D), zero- or few-shot.
+
+Data: the official layout, `<data_dir>/{dev,val,test}/<subject>_<split>.csv`
+with columns id, question, A, B, C, D, answer (dev also has explanation).
+The test split has no public answers, so `val` is the default split; few-shot
+examples come from `dev`, as in the official evaluation.
+
+Prompt (the official one): "以下是中国关于{科目}考试的单项选择题，请选出其中的正确
+答案。" then the examples, each "question / A. … / B. … / C. … / D. … / 答案：X", and
+the question ending in "答案：". Scoring: by default the log-likelihood of each
+answer letter after the prompt (one forward pass per question); `method:
+generate` asks the model to answer and takes the first A-D letter of its reply.
+Accuracy per subject, per category (STEM, Social Science, Humanities, Other),
+and the average over subjects (as the official leaderboard reports it); the
+accuracy over all questions is reported as `micro`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    Item,
+    ParamError,
+    PromptTokenizer,
+    ScoreEntry,
+)
+from backend.datasets.registry import register
+
+LETTERS = ["A", "B", "C", "D"]
+
+# subject -> (Chinese name, category), per the official subject mapping
+SUBJECTS: dict[str, tuple[str, str]] = {
+    "computer_network": ("计算机网络", "STEM"), "operating_system": ("操作系统", "STEM"),
+    "computer_architecture": ("计算机组成", "STEM"), "college_programming": ("大学编程", "STEM"),
+    "college_physics": ("大学物理", "STEM"), "college_chemistry": ("大学化学", "STEM"),
+    "advanced_mathematics": ("高等数学", "STEM"),
+    "probability_and_statistics": ("概率统计", "STEM"),
+    "discrete_mathematics": ("离散数学", "STEM"),
+    "electrical_engineer": ("注册电气工程师", "STEM"),
+    "metrology_engineer": ("注册计量师", "STEM"),
+    "high_school_mathematics": ("高中数学", "STEM"), "high_school_physics": ("高中物理", "STEM"),
+    "high_school_chemistry": ("高中化学", "STEM"), "high_school_biology": ("高中生物", "STEM"),
+    "middle_school_mathematics": ("初中数学", "STEM"),
+    "middle_school_biology": ("初中生物", "STEM"), "middle_school_physics": ("初中物理", "STEM"),
+    "middle_school_chemistry": ("初中化学", "STEM"), "veterinary_medicine": ("兽医学", "STEM"),
+    "college_economics": ("大学经济学", "Social Science"),
+    "business_administration": ("工商管理", "Social Science"),
+    "marxism": ("马克思主义基本原理", "Social Science"),
+    "mao_zedong_thought": ("毛泽东思想和中国特色社会主义理论体系概论", "Social Science"),
+    "education_science": ("教育学", "Social Science"),
+    "teacher_qualification": ("教师资格", "Social Science"),
+    "high_school_politics": ("高中政治", "Social Science"),
+    "high_school_geography": ("高中地理", "Social Science"),
+    "middle_school_politics": ("初中政治", "Social Science"),
+    "middle_school_geography": ("初中地理", "Social Science"),
+    "modern_chinese_history": ("近代史纲要", "Humanities"),
+    "ideological_and_moral_cultivation": ("思想道德修养与法律基础", "Humanities"),
+    "logic": ("逻辑学", "Humanities"), "law": ("法学", "Humanities"),
+    "chinese_language_and_literature": ("中国语言文学", "Humanities"),
+    "art_studies": ("艺术学", "Humanities"), "professional_tour_guide": ("导游资格", "Humanities"),
+    "legal_professional": ("法律职业资格", "Humanities"),
+    "high_school_chinese": ("高中语文", "Humanities"),
+    "high_school_history": ("高中历史", "Humanities"),
+    "middle_school_history": ("初中历史", "Humanities"),
+    "civil_servant": ("公务员", "Other"), "sports_science": ("体育学", "Other"),
+    "plant_protection": ("植物保护", "Other"), "basic_medicine": ("基础医学", "Other"),
+    "clinical_medicine": ("临床医学", "Other"),
+    "urban_and_rural_planner": ("注册城乡规划师", "Other"),
+    "accountant": ("注册会计师", "Other"), "fire_engineer": ("注册消防工程师", "Other"),
+    "environmental_impact_assessment_engineer": ("环境影响评价工程师", "Other"),
+    "tax_accountant": ("税务师", "Other"), "physician": ("医师资格", "Other"),
+}
+
+
+class CEvalParams(DatasetParams):
+    data_dir: str | None = Field(None, description="folder with dev/ val/ test/ "
+                                 "(default: LBS_DATASETS_DIR/ceval)")
+    subjects: list[str] | None = Field(None, description="subjects to run; default: all "
+                                       "found in the folder")
+    split: Literal["val", "dev", "test"] = Field("val", description="test has no answers")
+    shots: int = Field(0, ge=0, le=5, description="examples from the dev split")
+    max_samples: int | None = Field(None, ge=1, description="at most this many per subject")
+    method: Literal["loglikelihood", "generate"] = "loglikelihood"
+    max_new_tokens: int = Field(16, ge=1, le=512, description="for method generate")
+    use_chat_template: bool = Field(False, description="wrap the prompt in the chat template")
+
+    @field_validator("subjects")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [s for s in value or [] if s not in SUBJECTS]
+        if unknown:
+            raise ValueError(f"unknown subject(s): {', '.join(unknown)}")
+        return value
+
+
+def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
+    path = folder / split / f"{subject}_{split}.csv"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def format_question(row: dict[str, str], with_answer: bool) -> str:
+    text = row["question"].strip() + "\n" + "".join(
+        f"{letter}. {row[letter].strip()}\n" for letter in LETTERS) + "答案："
+    return text + (row["answer"].strip() + "\n\n" if with_answer else "")
+
+
+def extract_letter(reply: str) -> str:
+    """The first A-D letter of a generated reply ('' when there is none)."""
+    match = re.search(r"[ABCD]", reply.upper()) if reply else None
+    return match.group(0) if match else ""
+
+
+@register
+class CEval(Dataset):
+    name = "ceval"
+    description = ("C-Eval: Chinese exam multiple choice over 52 subjects; accuracy per "
+                   "subject and category, scored by answer-letter log-likelihood.")
+    cache_mode = CacheMode.CACHED
+    cost = "52 subjects, 1346 val questions; one forward pass each"
+    Params = CEvalParams
+
+    def _subjects(self, params: CEvalParams):
+        folder = self.data_folder(params.data_dir)
+        subjects = params.subjects or [s for s in SUBJECTS
+                                       if (folder / params.split / f"{s}_{params.split}.csv")
+                                       .is_file()]
+        if not subjects:
+            raise ParamError("data_dir", f"no {params.split} files (<subject>_{params.split}"
+                                         f".csv) in {folder / params.split}")
+        return folder, subjects
+
+    def check(self, params: CEvalParams, model: Any) -> None:
+        folder, subjects = self._subjects(params)
+        missing = [s for s in subjects
+                   if not (folder / params.split / f"{s}_{params.split}.csv").is_file()]
+        if missing:
+            raise ParamError("subjects", f"no {params.split} file for: {', '.join(missing)} "
+                                         f"in {folder / params.split}")
+
+    def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
+        folder, subjects = self._subjects(params)
+        items = []
+        for subject in subjects:
+            zh, category = SUBJECTS[subject]
+            header = f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n"
+            shots = "".join(format_question(r, True)
+                            for r in read_split(folder, subject, "dev")[:params.shots])
+            rows = read_split(folder, subject, params.split)[:params.max_samples]
+            for row in rows:
+                prompt = tokenizer.render(header + shots + format_question(row, False))
+                items.append(Item(
+                    idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                    max_new_tokens=params.max_new_tokens,
+                    reference=row.get("answer", "").strip().upper(),
+                    fields={"subject": subject, "category": category, "id": row.get("id")},
+                    choices=LETTERS if params.method == "loglikelihood" else None,
+                    labels=LETTERS if params.method == "loglikelihood" else None))
+        return items
+
+    def score(self, item: Item, prediction: str) -> float:
+        return 1.0 if extract_letter(prediction) == item.reference else 0.0
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        by_subject: dict[str, list[float]] = {}
+        for fields, value in scored:
+            by_subject.setdefault(fields["subject"], []).append(value)
+        subject_acc = {s: sum(v) / len(v) for s, v in by_subject.items()}
+        by_category: dict[str, list[float]] = {}
+        for subject, acc in subject_acc.items():
+            by_category.setdefault(SUBJECTS[subject][1], []).append(acc)
+        total = [v for _, v in scored]
+        entries = [ScoreEntry("overall", sum(subject_acc.values()) / len(subject_acc)
+                              if subject_acc else 0.0, len(total))]
+        entries += [ScoreEntry("category", sum(v) / len(v), len(v), {"category": c})
+                    for c, v in sorted(by_category.items())]
+        entries += [ScoreEntry("subject", subject_acc[s], len(by_subject[s]),
+                               {"subject": s, "category": SUBJECTS[s][1]})
+                    for s in sorted(subject_acc)]
+        entries.append(ScoreEntry("micro", sum(total) / len(total) if total else 0.0,
+                                  len(total)))
+        return entries

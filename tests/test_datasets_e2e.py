@@ -1,0 +1,49 @@
+"""C-Eval and GSM8K jobs on the built-in model through the API, data from the official
+layouts under LBS_DATASETS_DIR."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT, LiveServer
+
+pytestmark = pytest.mark.slow
+
+
+def test_ceval_and_gsm8k_jobs(with_tiny):
+    live = LiveServer(with_tiny, {"LBS_DATASETS_DIR": str(ROOT / "tests" / "fixtures")}).start()
+    try:
+        status, body = live.request("POST", "/api/jobs", {"jobs": [
+            {"model": "builtin:tiny", "dataset": "ceval", "params": {"shots": 1}},
+            {"model": "builtin:tiny", "dataset": "gsm8k",
+             "params": {"max_new_tokens": 8, "shots": 1}}]})
+        assert status == 201, body
+        ceval_id, gsm_id = (j["id"] for j in body["data"]["jobs"])
+        ceval = live.wait_for(ceval_id, ("succeeded", "failed"))
+        assert ceval["state"] == "succeeded", ceval["error"]
+        assert ceval["progress"] == {"done": 5, "total": 5}
+        subjects = {s["subject"]: s for s in ceval["scores"]["subjects"]}
+        assert set(subjects) == {"high_school_physics", "law"}
+        assert {c["category"] for c in ceval["scores"]["categories"]} == {"STEM", "Humanities"}
+        assert ceval["scores"]["micro"] == pytest.approx(
+            sum(s["score"] * s["count"] for s in subjects.values()) / 5)
+        samples = live.request("GET", f"/api/jobs/{ceval_id}/samples")[1]["data"]["samples"]
+        for s in samples:
+            assert s["prediction"] in "ABCD" and set(s["fields"]["logprobs"]) == set("ABCD")
+            chosen = max(s["fields"]["logprobs"], key=s["fields"]["logprobs"].get)
+            assert s["prediction"] == chosen
+        gsm = live.wait_for(gsm_id, ("succeeded", "failed"))
+        assert gsm["state"] == "succeeded", gsm["error"]
+        assert gsm["scores"]["count"] == 3 and 0.0 <= gsm["scores"]["overall"] <= 1.0
+        # both cached: one load of the model for the two jobs
+        kinds = [e["kind"] for j in (ceval, gsm) for e in j["events"]]
+        assert kinds.count("load") == 1
+
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "gsm8k",
+            "params": {"data_dir": "/nowhere/gsm8k"}})
+        assert status == 422
+        assert body["error"]["details"][0]["field"] == "params.data_dir"
+        assert "/nowhere/gsm8k" in body["error"]["message"]
+    finally:
+        live.stop()
