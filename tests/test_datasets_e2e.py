@@ -40,6 +40,17 @@ def test_ceval_and_gsm8k_jobs(with_tiny):
         assert kinds.count("load") == 1
 
         status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "longbench",
+            "params": {"subsets": ["hotpotqa", "multifieldqa_zh", "trec"], "max_length": 400}})
+        assert status == 201, body
+        lb = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert lb["state"] == "succeeded", lb["error"]
+        assert {s["subset"] for s in lb["scores"]["subsets"]} == \
+            {"hotpotqa", "multifieldqa_zh", "trec"}
+        lb_samples = live.request("GET", f"/api/jobs/{lb['id']}/samples")[1]["data"]["samples"]
+        assert all(s["prompt_tokens"] <= 400 + 64 for s in lb_samples)
+
+        status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "gsm8k",
             "params": {"data_dir": "/nowhere/gsm8k"}})
         assert status == 422

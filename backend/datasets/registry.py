@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "needle_in_haystack": "backend.datasets.needle_in_haystack:NeedleInAHaystack",
     "ceval": "backend.datasets.ceval:CEval",
     "gsm8k": "backend.datasets.gsm8k:GSM8K",
+    "longbench": "backend.datasets.longbench:LongBench",
 }
 
 _registered: dict[str, type[Dataset]] = {}

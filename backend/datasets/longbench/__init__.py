@@ -1,0 +1,144 @@
+"""LongBench (v1): 21 long-context subsets in English and Chinese, scored like eval.py.
+
+Data: the official layout, `<data_dir>/<subset>.jsonl` (LongBench-E:
+`<subset>_e.jsonl`), one {"input", "context", "answers", "length",
+"all_classes", "_id", …} per line. `subsets.json` holds each subset's official
+prompt format, maximum generation length and metric (see metrics.py).
+
+Prompts longer than the budget are truncated in the **middle**, in the model's
+tokens (the first and last halves are kept), before the chat template is
+applied. As in the official pred.py, the few-shot and code subsets (trec,
+triviaqa, samsum, lsht, lcc, repobench-p) are fed without a chat template and
+their first reply line only is scored for trec, triviaqa, samsum and lsht.
+A sample's score is its best over the reference answers; a subset's score is
+the mean of its samples; `overall` is the mean over subsets. With LongBench-E
+files (`use_e: true`) each subset is also broken down by length bucket
+(0-4k, 4-8k, 8k+ by the `length` field).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    Item,
+    ParamError,
+    PromptTokenizer,
+    ScoreEntry,
+)
+from backend.datasets.longbench.metrics import score_sample
+from backend.datasets.registry import register
+
+SUBSETS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "subsets.json").read_text(encoding="utf-8"))
+NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}
+TEMPLATE_SLACK = 64  # tokens the chat template may add around the prompt
+
+
+def length_bucket(length: int) -> str:
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+class LongBenchParams(DatasetParams):
+    data_dir: str | None = Field(None, description="folder with <subset>.jsonl files "
+                                 "(default: LBS_DATASETS_DIR/longbench)")
+    subsets: list[str] | None = Field(None, description="subsets to run; default: every "
+                                      "subset whose file is in the folder")
+    use_e: bool = Field(False, description="LongBench-E files (<subset>_e.jsonl) and length "
+                                           "buckets 0-4k, 4-8k, 8k+")
+    max_samples: int | None = Field(None, ge=1, description="at most this many per subset")
+    max_length: int | None = Field(None, ge=256, description="prompt budget in tokens before "
+                                   "middle truncation; default: the model's maximum minus "
+                                   "the subset's generation length")
+    use_chat_template: bool = Field(True, description="for the subsets that use it officially")
+
+    @field_validator("subsets")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [s for s in value or [] if s not in SUBSETS]
+        if unknown:
+            raise ValueError(f"unknown subset(s): {', '.join(unknown)}")
+        return value
+
+
+def truncate_middle(prompt: str, tokenizer: PromptTokenizer, budget: int) -> str:
+    """Keep the first and last budget/2 tokens of `prompt` when it is longer."""
+    ids = tokenizer.encode(prompt)
+    if len(ids) <= budget:
+        return prompt
+    half = budget // 2
+    return tokenizer.decode(ids[:half]) + tokenizer.decode(ids[-half:])
+
+
+@register
+class LongBench(Dataset):
+    name = "longbench"
+    description = ("LongBench: 21 long-context subsets (QA, summarisation, few-shot, "
+                   "synthetic, code) in English and Chinese with the official metrics.")
+    cache_mode = CacheMode.UNCACHED
+    cost = "21 subsets, 4750 samples of up to ~30k tokens"
+    Params = LongBenchParams
+
+    def _files(self, params: LongBenchParams) -> list[tuple[str, Path]]:
+        folder = self.data_folder(params.data_dir)
+        suffix = "_e" if params.use_e else ""
+        names = params.subsets or [s for s in SUBSETS if (folder / f"{s}{suffix}.jsonl").is_file()]
+        files = [(s, folder / f"{s}{suffix}.jsonl") for s in names]
+        missing = [str(p) for _, p in files if not p.is_file()]
+        if missing or not files:
+            raise ParamError("subsets" if params.subsets else "data_dir",
+                             f"no LongBench files: {', '.join(missing) or str(folder)}")
+        return files
+
+    def check(self, params: LongBenchParams, model: Any) -> None:
+        self._files(params)
+
+    def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
+        items = []
+        for subset, path in self._files(params):
+            spec = SUBSETS[subset]
+            budget = params.max_length or (tokenizer.max_length - spec["max_new_tokens"]
+                                           - TEMPLATE_SLACK)
+            with open(path, encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+            for row in rows[:params.max_samples]:
+                text = truncate_middle(spec["prompt"].format(**row), tokenizer, budget)
+                templated = params.use_chat_template and subset not in NO_CHAT_TEMPLATE
+                prompt = tokenizer.render(text) if templated else text
+                items.append(Item(
+                    idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                    max_new_tokens=spec["max_new_tokens"],
+                    reference={"answers": row["answers"], "all_classes": row.get("all_classes")},
+                    fields={"subset": subset, "length": row.get("length"),
+                            "_id": row.get("_id")}))
+        return items
+
+    def score(self, item: Item, prediction: str) -> float:
+        subset = item.fields["subset"]
+        return score_sample(SUBSETS[subset]["metric"], prediction, item.reference["answers"],
+                            item.reference["all_classes"], first_line=subset in FIRST_LINE_ONLY)
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        by_subset: dict[str, list[float]] = {}
+        buckets: dict[tuple[str, str], list[float]] = {}
+        for fields, value in scored:
+            by_subset.setdefault(fields["subset"], []).append(value)
+            if fields.get("length") is not None:
+                key = (fields["subset"], length_bucket(int(fields["length"])))
+                buckets.setdefault(key, []).append(value)
+        means = {s: sum(v) / len(v) for s, v in by_subset.items()}
+        entries = [ScoreEntry("overall", sum(means.values()) / len(means) if means else 0.0,
+                              len(scored))]
+        entries += [ScoreEntry("subset", means[s], len(by_subset[s]), {"subset": s})
+                    for s in SUBSETS if s in means]
+        entries += [ScoreEntry("bucket", sum(v) / len(v), len(v), {"subset": s, "bucket": b})
+                    for (s, b), v in sorted(buckets.items())]
+        return entries
