@@ -154,6 +154,13 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                         [GenerationRequest(item.prompt, item.max_new_tokens)])[0]
                     text, prompt_tokens = generation.text, generation.prompt_tokens
                     output_tokens = generation.output_tokens
+                    follow = getattr(job.dataset, "second_turn", None)
+                    nxt = follow(item, text, runner) if follow else None
+                    if nxt is not None:  # e.g. chain of thought, then the answer turn
+                        second = runner.generate(
+                            [GenerationRequest(nxt.prompt, nxt.max_new_tokens)])[0]
+                        text, fields = second.text, nxt.fields
+                        output_tokens += second.output_tokens
                 score = job.dataset.score(item, text)
                 record = SampleRecord(
                     idx=item.idx, prompt=item.prompt, prompt_tokens=prompt_tokens,

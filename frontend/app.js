@@ -117,7 +117,8 @@ async function viewLaunch() {
         if (cb.checked && !existing) paramsBox.append(paramsForm(ds));
         if (!cb.checked && existing) existing.remove();
       } });
-    return h("label", { class: "ds" }, cb, ` ${ds.name}`, h("small", { text: ` — ${ds.description}` }));
+    return h("label", { class: "ds" }, cb, ` ${ds.name}`,
+      h("small", { text: ` — ${ds.description}${ds.cost ? ` (${ds.cost})` : ""}` }));
   });
   const status = h("div", { id: "launch-status", role: "status" });
   const form = h("form", { id: "launch-form", onsubmit: async (ev) => {

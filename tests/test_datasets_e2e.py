@@ -51,6 +51,16 @@ def test_ceval_and_gsm8k_jobs(with_tiny):
         assert all(s["prompt_tokens"] <= 400 + 64 for s in lb_samples)
 
         status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "longbench_v2",
+            "params": {"cot": True, "max_length": 400}})
+        assert status == 201, body
+        v2 = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert v2["state"] == "succeeded", v2["error"]
+        assert {d["difficulty"] for d in v2["scores"]["difficulties"]} == {"easy", "hard"}
+        v2_samples = live.request("GET", f"/api/jobs/{v2['id']}/samples")[1]["data"]["samples"]
+        assert all("cot" in s["fields"] for s in v2_samples)  # the reasoning turn is kept
+
+        status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "gsm8k",
             "params": {"data_dir": "/nowhere/gsm8k"}})
         assert status == 422

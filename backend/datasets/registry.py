@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "ceval": "backend.datasets.ceval:CEval",
     "gsm8k": "backend.datasets.gsm8k:GSM8K",
     "longbench": "backend.datasets.longbench:LongBench",
+    "longbench_v2": "backend.datasets.longbench_v2:LongBenchV2",
 }
 
 _registered: dict[str, type[Dataset]] = {}
@@ -58,11 +59,34 @@ def get_dataset(name: str) -> Dataset:
 
 
 _loaded_dirs: set[str] = set()
+ENTRY_POINT_GROUP = "llm_bench_shower.datasets"
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Register datasets that installed packages declare under the entry-point group
+    `llm_bench_shower.datasets` (name = dataset name, value = "module:Class")."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception:  # noqa: BLE001 - one broken package must not stop the product
+            log.exception("[Datasets] entry point %s failed to load", ep.value)
+            continue
+        _registered[ep.name] = cls
+        log.info("[Datasets] loaded %s from %s", ep.name, ep.value)
 
 
 def load_plugin_dirs(dirs: list[str]) -> None:
     """Import every `*.py` module in `dirs` (LBS_PLUGIN_DIRS); modules register their
-    datasets with `register`. A module that fails to import is logged and skipped."""
+    datasets with `register`. A module that fails to import is logged and skipped.
+    Installed packages' entry points are loaded here too."""
+    load_entry_points()
     for folder in dirs:
         path = Path(folder).expanduser().resolve()
         if str(path) in _loaded_dirs or not path.is_dir():

@@ -1,0 +1,146 @@
+"""LongBench v2: long-context multiple choice (A-D) with the official prompts.
+
+Data: the official `data.json` (a JSON list; JSONL also read) in
+`<data_dir>/`, each {"_id", "domain", "sub_domain", "difficulty" (easy|hard),
+"length" (short|medium|long), "question", "choice_A".."choice_D", "answer",
+"context"}.
+
+The prompt is the official zero-shot one (or, with `cot: true`, the
+chain-of-thought one followed by the official second turn that asks for the
+single answer). The document is truncated in the middle, in the model's tokens,
+to fit the budget. The answer is extracted the official way: asterisks
+dropped, then "The correct answer is (X)" or "The correct answer is X".
+Accuracy overall, by difficulty and by length.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import Field
+
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    Item,
+    ParamError,
+    PromptTokenizer,
+    ScoreEntry,
+)
+from backend.datasets.longbench import truncate_middle
+from backend.datasets.registry import register
+
+_CHOICES = ("Choices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n")
+PROMPT = ("Please read the following text and answer the question below.\n\n<text>\n$DOC$\n"
+          "</text>\n\nWhat is the correct answer to this question: $Q$\n" + _CHOICES +
+          'Format your response as follows: "The correct answer is (insert answer here)".')
+PROMPT_COT = ("Please read the following text and answer the questions below.\n\n<text>\n$DOC$\n"
+              "</text>\n\nWhat is the correct answer to this question: $Q$\n" + _CHOICES +
+              "Let’s think step by step:")
+PROMPT_COT_ANSWER = ("Please read the following text and answer the questions below.\n\n"
+                     "The text is too long and omitted here.\n\n"
+                     "What is the correct answer to this question: $Q$\n" + _CHOICES +
+                     "Let’s think step by step: $COT$\n\nBased on the above, what is the "
+                     "single, most likely answer choice? Format your response as follows: "
+                     '"The correct answer is (insert answer here)".')
+
+
+def fill(template: str, row: dict[str, Any], doc: str = "", cot: str = "") -> str:
+    return (template.replace("$DOC$", doc.strip()).replace("$Q$", row["question"].strip())
+            .replace("$C_A$", row["choice_A"].strip()).replace("$C_B$", row["choice_B"].strip())
+            .replace("$C_C$", row["choice_C"].strip()).replace("$C_D$", row["choice_D"].strip())
+            .replace("$COT$", cot))
+
+
+def extract_choice(response: str) -> str:
+    """A-D from "The correct answer is (X)" / "… is X", as the official script does."""
+    response = response.replace("*", "")
+    match = re.search(r"The correct answer is \(([A-D])\)", response) or \
+        re.search(r"The correct answer is ([A-D])", response)
+    return match.group(1) if match else ""
+
+
+class LongBenchV2Params(DatasetParams):
+    data_dir: str | None = Field(None, description="folder with data.json (default: "
+                                 "LBS_DATASETS_DIR/longbench_v2)")
+    cot: bool = Field(False, description="chain of thought, then the official answer turn")
+    max_samples: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=256, description="prompt budget in tokens; "
+                                   "default: the model's maximum minus the answer length")
+    difficulty: str | None = Field(None, pattern="^(easy|hard)$")
+    length: str | None = Field(None, pattern="^(short|medium|long)$")
+    use_chat_template: bool = True
+
+
+@register
+class LongBenchV2(Dataset):
+    name = "longbench_v2"
+    description = ("LongBench v2: 503 long-context multiple-choice questions; accuracy "
+                   "overall, by difficulty and by length.")
+    cache_mode = CacheMode.UNCACHED
+    cost = "503 questions of 8k-2M words (middle-truncated to the model)"
+    Params = LongBenchV2Params
+
+    def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
+        folder = self.data_folder(params.data_dir)
+        for name in ("data.json", "data.jsonl"):
+            path = folder / name
+            if path.is_file():
+                text = path.read_text(encoding="utf-8")
+                rows = json.loads(text) if name.endswith(".json") else \
+                    [json.loads(line) for line in text.splitlines() if line.strip()]
+                break
+        else:
+            raise ParamError("data_dir", f"no data.json in {folder}")
+        rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
+                and (params.length in (None, r.get("length")))]
+        return rows[:params.max_samples]
+
+    def check(self, params: LongBenchV2Params, model: Any) -> None:
+        self._rows(params)
+
+    def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:
+        template = PROMPT_COT if params.cot else PROMPT
+        new_tokens = 1024 if params.cot else 128
+        budget = params.max_length or tokenizer.max_length - new_tokens - 64
+        items = []
+        for row in self._rows(params):
+            overhead = len(tokenizer.encode(fill(template, row)))
+            doc = truncate_middle(row["context"], tokenizer, max(16, budget - overhead))
+            prompt = tokenizer.render(fill(template, row, doc))
+            items.append(Item(
+                idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                max_new_tokens=new_tokens, reference=row["answer"].strip(),
+                fields={"_id": row.get("_id"), "difficulty": row.get("difficulty"),
+                        "length": row.get("length"), "domain": row.get("domain"),
+                        "question": row["question"], **{k: row[k] for k in (
+                            "choice_A", "choice_B", "choice_C", "choice_D")}} if params.cot
+                else {"_id": row.get("_id"), "difficulty": row.get("difficulty"),
+                      "length": row.get("length"), "domain": row.get("domain")}))
+        return items
+
+    def second_turn(self, item: Item, reply: str, tokenizer: PromptTokenizer) -> Item | None:
+        """With `cot`, the official answer turn that follows the reasoning."""
+        if "question" not in item.fields:
+            return None
+        prompt = tokenizer.render(fill(PROMPT_COT_ANSWER, item.fields, cot=reply.strip()))
+        return Item(idx=item.idx, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                    max_new_tokens=128, reference=item.reference,
+                    fields={**item.fields, "cot": reply})
+
+    def score(self, item: Item, prediction: str) -> float:
+        return 1.0 if extract_choice(prediction) == item.reference else 0.0
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        entries = super().aggregate(scored)
+        for key in ("difficulty", "length"):
+            groups: dict[str, list[float]] = {}
+            for fields, value in scored:
+                if fields.get(key):
+                    groups.setdefault(fields[key], []).append(value)
+            entries += [ScoreEntry(key, sum(v) / len(v), len(v), {key: k})
+                        for k, v in sorted(groups.items())]
+        return entries
