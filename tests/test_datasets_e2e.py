@@ -61,6 +61,13 @@ def test_ceval_and_gsm8k_jobs(with_tiny):
         assert all("cot" in s["fields"] for s in v2_samples)  # the reasoning turn is kept
 
         status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "mr_gsm8k", "params": {"max_new_tokens": 16}})
+        assert status == 201, body
+        mr = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert mr["state"] == "succeeded", mr["error"]
+        assert {"mcc", "step_accuracy", "mr_score_without_reason"} <= set(mr["scores"])
+
+        status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "gsm8k",
             "params": {"data_dir": "/nowhere/gsm8k"}})
         assert status == 422

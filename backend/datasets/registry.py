@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "needle_in_haystack": "backend.datasets.needle_in_haystack:NeedleInAHaystack",
     "ceval": "backend.datasets.ceval:CEval",
     "gsm8k": "backend.datasets.gsm8k:GSM8K",
+    "mr_gsm8k": "backend.datasets.mr_gsm8k:MRGSM8K",
     "longbench": "backend.datasets.longbench:LongBench",
     "longbench_v2": "backend.datasets.longbench_v2:LongBenchV2",
 }

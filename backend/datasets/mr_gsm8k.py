@@ -1,0 +1,162 @@
+"""MR-GSM8K: meta-reasoning. The model grades a student's solution to a GSM8K problem:
+is it correct, which step is the first wrong one, and why.
+
+Data: the official `MR-GSM8K.json` (a JSON list; any `*.json` file named by
+`file`) with "question", "model_output_steps" (list of steps),
+"model_output_solution_correctness" (correct|wrong),
+"model_output_solution_first_error_step", "model_output_solution_first_error_reason".
+
+Prompt: the official zero-shot grading prompt. The reply is parsed the official
+way ("Final Judgement:", "First Error Step:", "Error Analysis:"), including its
+quirks: a judgement of exactly "incorrect" counts as "wrong", and the true
+label is matched as a substring of the judgement; "step 3" counts as "3".
+
+MR-Score components, as the official calculate_mr_score.py defines them:
+- `mcc`: Matthews correlation of the correct/wrong judgement (task 1);
+- `step_accuracy`: share of the wrong solutions judged wrong with the right
+  first error step (task 2);
+- the error-reason accuracy (task 3) needs a grading model (GPT-4 in the
+  paper), which this dataset does not run: it is not reported, and
+  `mr_score_without_reason` = 0.2 * max(0, mcc) + 0.3 * step_accuracy is the
+  MR-Score with that term at 0 (a lower bound; the full score adds
+  0.5 * reason accuracy). Each sample's score is 1 when its judgement is right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from pydantic import Field
+
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    Item,
+    ParamError,
+    PromptTokenizer,
+    ScoreEntry,
+)
+from backend.datasets.registry import register
+
+PROMPT = """Act as a grade school math teacher and score the following problem solution.
+
+Question:
+{question}
+
+Student Solution:
+{steps}
+
+Your task involves three parts:
+1. **Step-by-step Evaluation:** Go through the student solution carefully and identify key errors and potential misunderstandings that led to the incorrect solution.
+2. **Final Judgement:**  Provide an overall judgement on the correctness of the student's solution.
+3. **First Error Step:** If the solution is incorrect, generate the step number where the first error occurs, otherwise generate N/A here
+4. **Error Analysis:** If the solution is incorrect, analyse the cause and reasons for the first error step, otherwise generate N/A here 
+
+Here's the format I want:
+Step-by-step Evaluation: [Provide a step by step examination of the student solution and identify key errors and misunderstandings here.]
+Final Judgement: [Insert only **correct** or **wrong** here]
+First Error Step: [Insert either N/A or the step number where the first error occurs]
+Error Analysis: [Insert either N/A or the analysis of error in the first error among solution steps]
+
+Please follow this format without any additional introductory or concluding statements.
+"""  # noqa: E501, W291 - the official text, trailing space included
+
+
+def parse_reply(reply: str) -> dict[str, str]:
+    """Judgement, first error step and error analysis of a grading reply (empty strings
+    when the reply does not follow the format)."""
+    judgement = re.search(r"Final Judgement:\s*(.*?)\s*First Error Step:", reply, re.S)
+    step = re.search(r"First Error Step:\s*(.*?)\s*Error Analysis:", reply, re.S)
+    reason = re.search(r"Error Analysis:\s*(.*)", reply, re.S)
+    if not (judgement and step and reason):
+        return {"judgement": "", "error_step": "", "error_reason": ""}
+    return {"judgement": judgement.group(1), "error_step": step.group(1),
+            "error_reason": reason.group(1).strip()}
+
+
+def judged(truth: str, judgement: str) -> bool:
+    pred = judgement.strip().lower()
+    pred = "wrong" if pred == "incorrect" else pred
+    return truth.lower() in pred
+
+
+def step_number(text: str) -> str:
+    text = text.strip()
+    if text.isdigit():
+        return text
+    match = re.fullmatch(r"step (\d+)", text.lower())
+    return match.group(1) if match else ""
+
+
+def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denominator if denominator else 0.0
+
+
+class MRGSM8KParams(DatasetParams):
+    data_dir: str | None = Field(None, description="folder with MR-GSM8K.json (default: "
+                                 "LBS_DATASETS_DIR/mr_gsm8k)")
+    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.json$")
+    max_samples: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(1024, ge=16, le=4096)
+    use_chat_template: bool = True
+
+
+@register
+class MRGSM8K(Dataset):
+    name = "mr_gsm8k"
+    description = ("MR-GSM8K: the model grades GSM8K solutions (correct? first wrong step?); "
+                   "MR-Score components.")
+    cache_mode = CacheMode.CACHED
+    cost = "3000 solutions to grade, up to max_new_tokens generated each"
+    Params = MRGSM8KParams
+
+    def _rows(self, params: MRGSM8KParams) -> list[dict[str, Any]]:
+        path = self.data_folder(params.data_dir) / params.file
+        if not path.is_file():
+            raise ParamError("file", f"no {params.file} in {path.parent}")
+        return json.loads(path.read_text(encoding="utf-8"))[:params.max_samples]
+
+    def check(self, params: MRGSM8KParams, model: Any) -> None:
+        self._rows(params)
+
+    def build_items(self, params: MRGSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
+        items = []
+        for i, row in enumerate(self._rows(params)):
+            prompt = tokenizer.render(PROMPT.format(
+                question=row["question"], steps="\n".join(row["model_output_steps"])))
+            truth = row["model_output_solution_correctness"].lower()
+            items.append(Item(
+                idx=i, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                max_new_tokens=params.max_new_tokens,
+                reference={"correctness": truth,
+                           "error_step": str(row.get("model_output_solution_first_error_step"))},
+                fields={"truth": truth, "question_type": row.get("question_type"),
+                        "error_step": str(row.get("model_output_solution_first_error_step"))}))
+        return items
+
+    def score(self, item: Item, prediction: str) -> float:
+        reply = parse_reply(prediction)
+        ok = judged(item.reference["correctness"], reply["judgement"])
+        item.fields["judgement_ok"] = ok
+        item.fields["step_ok"] = bool(ok and item.reference["correctness"] == "wrong"
+                                      and step_number(reply["error_step"])
+                                      == item.reference["error_step"])
+        return 1.0 if ok else 0.0
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        correct = [(f, v) for f, v in scored if f["truth"] == "correct"]
+        wrong = [(f, v) for f, v in scored if f["truth"] == "wrong"]
+        tp = sum(v for _, v in correct)
+        tn = sum(v for _, v in wrong)
+        m = mcc(int(tp), int(tn), len(wrong) - int(tn), len(correct) - int(tp))
+        step_acc = sum(bool(f.get("step_ok")) for f, _ in wrong) / len(wrong) if wrong else 0.0
+        return [ScoreEntry("overall", (tp + tn) / len(scored) if scored else 0.0, len(scored)),
+                ScoreEntry("mcc", m, len(scored)),
+                ScoreEntry("step_accuracy", step_acc, len(wrong)),
+                ScoreEntry("mr_score_without_reason", 0.2 * max(0.0, m) + 0.3 * step_acc,
+                           len(scored))]
