@@ -1,7 +1,8 @@
 """C-Eval: 52 subjects of Chinese exam multiple choice (A-D), zero- or few-shot.
 
 Data: the official layout, `<data_dir>/{dev,val,test}/<subject>_<split>.csv`
-with columns id, question, A, B, C, D, answer (dev also has explanation).
+with columns id, question, A, B, C, D, answer (dev also has explanation), or
+the hub's `<data_dir>/<subject>/<split>-*.parquet` with the same columns.
 The test split has no public answers, so `val` is the default split; few-shot
 examples come from `dev`, as in the official evaluation.
 
@@ -17,7 +18,6 @@ accuracy over all questions is reported as `micro`.
 
 from __future__ import annotations
 
-import csv
 import re
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
 )
+from backend.datasets.files import read_records
 from backend.datasets.registry import register
 
 LETTERS = ["A", "B", "C", "D"]
@@ -101,12 +102,19 @@ class CEvalParams(DatasetParams):
         return value
 
 
-def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
+def split_file(folder, subject: str, split: str):
+    """The official `<split>/<subject>_<split>.csv`, or the hub's
+    `<subject>/<split>-*.parquet`; None when neither exists."""
     path = folder / split / f"{subject}_{split}.csv"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    if path.is_file():
+        return path
+    hub = sorted(folder.glob(f"{subject}/{split}-*.parquet"))
+    return hub[0] if hub else None
+
+
+def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
+    path = split_file(folder, subject, split)
+    return [{k: str(v) for k, v in r.items()} for r in read_records(path)] if path else []
 
 
 def format_question(row: dict[str, str], with_answer: bool) -> str:
@@ -133,8 +141,7 @@ class CEval(Dataset):
     def _subjects(self, params: CEvalParams):
         folder = self.data_folder(params.data_dir)
         subjects = params.subjects or [s for s in SUBJECTS
-                                       if (folder / params.split / f"{s}_{params.split}.csv")
-                                       .is_file()]
+                                       if split_file(folder, s, params.split)]
         if not subjects:
             raise ParamError("data_dir", f"no {params.split} files (<subject>_{params.split}"
                                          f".csv) in {folder / params.split}")
@@ -142,8 +149,7 @@ class CEval(Dataset):
 
     def check(self, params: CEvalParams, model: Any) -> None:
         folder, subjects = self._subjects(params)
-        missing = [s for s in subjects
-                   if not (folder / params.split / f"{s}_{params.split}.csv").is_file()]
+        missing = [s for s in subjects if not split_file(folder, s, params.split)]
         if missing:
             raise ParamError("subjects", f"no {params.split} file for: {', '.join(missing)} "
                                          f"in {folder / params.split}")

@@ -2,7 +2,8 @@
 
 Data: the official JSONL layout, `<data_dir>/test.jsonl` (and `train.jsonl`
 for few-shot examples), one {"question", "answer"} per line, the answer's
-last line being "#### <number>".
+last line being "#### <number>"; the hub's Parquet layout
+(`main/test-00000-of-00001.parquet`) is read too.
 
 Prompt: "Question: …\\nAnswer:" after `shots` solved examples from the train
 file in the same form. The reply is cut at the next "Question:" (the model
@@ -14,7 +15,6 @@ reference number (GSM8K accuracy).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -25,9 +25,9 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
-    ParamError,
     PromptTokenizer,
 )
+from backend.datasets.files import find_file, read_records
 from backend.datasets.registry import register
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -65,11 +65,6 @@ def reference_answer(answer: str) -> str:
     return normalise_number(answer.split("####")[-1])
 
 
-def read_jsonl(path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 @register
 class GSM8K(Dataset):
     name = "gsm8k"
@@ -78,25 +73,22 @@ class GSM8K(Dataset):
     cost = "1319 test problems, up to max_new_tokens generated each"
     Params = GSM8KParams
 
-    def _file(self, params: GSM8KParams):
-        path = self.data_folder(params.data_dir) / f"{params.split}.jsonl"
-        if not path.is_file():
-            raise ParamError("split", f"no {path.name} in {path.parent}")
-        return path
+    def _file(self, params: GSM8KParams, split: str | None = None):
+        return find_file(self.data_folder(params.data_dir), [split or params.split],
+                         field="split" if split is None else "shots")
 
     def check(self, params: GSM8KParams, model: Any) -> None:
         self._file(params)
-        if params.shots and not (self._file(params).parent / "train.jsonl").is_file():
-            raise ParamError("shots", f"few-shot examples need train.jsonl in "
-                                      f"{self._file(params).parent}")
+        if params.shots:
+            self._file(params, "train")
 
     def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         path = self._file(params)
         shots = ""
         if params.shots:
-            for ex in read_jsonl(path.parent / "train.jsonl")[:params.shots]:
+            for ex in read_records(self._file(params, "train"))[:params.shots]:
                 shots += f"Question: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}\n\n"
-        rows = read_jsonl(path)[:params.max_samples]
+        rows = read_records(path)[:params.max_samples]
         items = []
         for i, row in enumerate(rows):
             prompt = tokenizer.render(f"{shots}Question: {row['question'].strip()}\nAnswer:")

@@ -15,7 +15,6 @@ Accuracy overall, by difficulty and by length.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -26,10 +25,10 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
-    ParamError,
     PromptTokenizer,
     ScoreEntry,
 )
+from backend.datasets.files import find_file, read_records
 from backend.datasets.longbench import truncate_middle
 from backend.datasets.registry import register
 
@@ -85,16 +84,7 @@ class LongBenchV2(Dataset):
     Params = LongBenchV2Params
 
     def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
-        folder = self.data_folder(params.data_dir)
-        for name in ("data.json", "data.jsonl"):
-            path = folder / name
-            if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                rows = json.loads(text) if name.endswith(".json") else \
-                    [json.loads(line) for line in text.splitlines() if line.strip()]
-                break
-        else:
-            raise ParamError("data_dir", f"no data.json in {folder}")
+        rows = read_records(find_file(self.data_folder(params.data_dir), ["data", "train"]))
         rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
                 and (params.length in (None, r.get("length")))]
         return rows[:params.max_samples]

@@ -33,6 +33,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
 )
+from backend.datasets.files import find_file, read_records
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
 
@@ -90,12 +91,18 @@ class LongBench(Dataset):
     def _files(self, params: LongBenchParams) -> list[tuple[str, Path]]:
         folder = self.data_folder(params.data_dir)
         suffix = "_e" if params.use_e else ""
-        names = params.subsets or [s for s in SUBSETS if (folder / f"{s}{suffix}.jsonl").is_file()]
-        files = [(s, folder / f"{s}{suffix}.jsonl") for s in names]
-        missing = [str(p) for _, p in files if not p.is_file()]
-        if missing or not files:
-            raise ParamError("subsets" if params.subsets else "data_dir",
-                             f"no LongBench files: {', '.join(missing) or str(folder)}")
+        if params.subsets:
+            return [(s, find_file(folder, [s + suffix], field="subsets"))
+                    for s in params.subsets]
+        files = []
+        for subset in SUBSETS:
+            try:
+                files.append((subset, find_file(folder, [subset + suffix])))
+            except ParamError:
+                continue
+        if not files:
+            raise ParamError("data_dir", f"no LongBench files (<subset>{suffix}.jsonl) in "
+                                         f"{folder}")
         return files
 
     def check(self, params: LongBenchParams, model: Any) -> None:
@@ -107,9 +114,7 @@ class LongBench(Dataset):
             spec = SUBSETS[subset]
             budget = params.max_length or (tokenizer.max_length - spec["max_new_tokens"]
                                            - TEMPLATE_SLACK)
-            with open(path, encoding="utf-8") as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-            for row in rows[:params.max_samples]:
+            for row in read_records(path)[:params.max_samples]:
                 text = truncate_middle(spec["prompt"].format(**row), tokenizer, budget)
                 templated = params.use_chat_template and subset not in NO_CHAT_TEMPLATE
                 prompt = tokenizer.render(text) if templated else text

@@ -1,0 +1,50 @@
+"""Reading dataset files in the layouts their authors publish: JSON (a list, or an
+object with a "data" list), JSONL, CSV and Parquet (as on the Hugging Face hub)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from backend.datasets.base import ParamError
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def find_file(folder: Path, stems: list[str], field: str = "data_dir") -> Path:
+    """The first file named `<stem><ext>` (any of EXTENSIONS) or matching a hub layout
+    `<stem>/*.parquet` / `**/<stem>-*.parquet`; ParamError naming what was looked for."""
+    for stem in stems:
+        for ext in EXTENSIONS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+    for stem in stems:
+        hub = (sorted(folder.glob(f"{stem}/*.parquet"))
+               or sorted(folder.glob(f"**/{stem}-*.parquet")))
+        if hub:
+            return hub[0]
+    raise ParamError(field, f"none of {', '.join(s + '.jsonl/.json/.parquet/.csv' for s in stems)}"
+                            f" in {folder}")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSON, JSONL, CSV or Parquet file, as dicts."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["data"] if isinstance(data, dict) and "data" in data else data
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+        return [{k: (list(v) if hasattr(v, "tolist") else v) for k, v in r.items()}
+                for r in records]
+    raise ParamError("data_dir", f"cannot read {path.name}: expected one of {EXTENSIONS}")

@@ -1,0 +1,60 @@
+"""Dataset files in the hub's Parquet layouts read the same as the official JSONL/CSV."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from backend.datasets.base import ParamError
+from backend.datasets.ceval import CEval
+from backend.datasets.files import find_file, read_records
+from backend.datasets.gsm8k import GSM8K
+from tests.conftest import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+class Plain:
+    max_length = 4096
+
+    def render(self, message):
+        return message
+
+    def count_prompt(self, prompt):
+        return len(prompt)
+
+
+def _to_parquet(records, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), path)
+
+
+def test_gsm8k_hub_parquet_layout(tmp_path):
+    for split in ("test", "train"):
+        _to_parquet(read_records(FIXTURES / "gsm8k" / f"{split}.jsonl"),
+                    tmp_path / "main" / f"{split}-00000-of-00001.parquet")
+    ds = GSM8K()
+    from_jsonl = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES / "gsm8k"),
+                                                 "shots": 2}), Plain())
+    from_parquet = ds.build_items(ds.parse_params({"data_dir": str(tmp_path), "shots": 2}),
+                                  Plain())
+    assert [i.prompt for i in from_parquet] == [i.prompt for i in from_jsonl]
+    assert [i.reference for i in from_parquet] == ["27", "32", "36"]
+
+
+def test_ceval_hub_parquet_layout(tmp_path):
+    for split in ("dev", "val"):
+        rows = read_records(FIXTURES / "ceval" / split / f"law_{split}.csv")
+        _to_parquet(rows, tmp_path / "law" / f"{split}-00000-of-00001.parquet")
+    ds = CEval()
+    a = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES / "ceval"), "shots": 1,
+                                        "subjects": ["law"]}), Plain())
+    b = ds.build_items(ds.parse_params({"data_dir": str(tmp_path), "shots": 1}), Plain())
+    assert [i.prompt for i in b] == [i.prompt for i in a] and len(b) == 2
+
+
+def test_find_file_names_what_it_looked_for(tmp_path):
+    with pytest.raises(ParamError) as err:
+        find_file(tmp_path, ["test"])
+    assert "test.jsonl" in err.value.message and str(tmp_path) in err.value.message
