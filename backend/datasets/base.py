@@ -117,7 +117,13 @@ class Dataset:
     when a job gives no `data_dir` (set by evaluation.prepare)."""
 
     def data_folder(self, given: str | None, folder_name: str | None = None) -> Path:
-        """The folder to read data from; ParamError saying where it looked if missing."""
+        """The folder to read data from; ParamError saying where it looked if missing.
+
+        `given` may be `hub:<org>/<name>`: the snapshot of that dataset repository in
+        the local Hugging Face cache (never downloaded here).
+        """
+        if given and given.startswith("hub:"):
+            return _hub_snapshot(given[4:])
         if given:
             path = Path(given).expanduser()
         elif self.datasets_dir is not None:
@@ -165,3 +171,13 @@ class Dataset:
             "cost": cls.cost,
             "params_schema": cls.Params.model_json_schema(),
         }
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        raise ParamError("data_dir", f"dataset {repo_id!r} is not in the local Hugging Face "
+                                     "cache (nothing is downloaded at run time)") from None

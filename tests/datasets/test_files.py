@@ -58,3 +58,35 @@ def test_find_file_names_what_it_looked_for(tmp_path):
     with pytest.raises(ParamError) as err:
         find_file(tmp_path, ["test"])
     assert "test.jsonl" in err.value.message and str(tmp_path) in err.value.message
+
+
+def test_hub_cache_snapshot(tmp_path):
+    """data_dir "hub:<repo>" reads the dataset's snapshot from the local HF cache."""
+    import subprocess
+    import sys
+
+    snap = tmp_path / "cache" / "datasets--openai--gsm8k" / "snapshots" / ("a" * 40)
+    _to_parquet(read_records(FIXTURES / "gsm8k" / "test.jsonl"),
+                snap / "main" / "test-00000-of-00001.parquet")
+    refs = tmp_path / "cache" / "datasets--openai--gsm8k" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "from backend.datasets.base import ParamError\n"
+        "from backend.datasets.gsm8k import GSM8K\n"
+        "from tests.datasets.test_files import Plain\n"
+        "ds = GSM8K()\n"
+        "print(len(ds.build_items(ds.parse_params({'data_dir': 'hub:openai/gsm8k'}), Plain())))\n"
+        "try:\n"
+        "    ds.check(ds.parse_params({'data_dir': 'hub:nobody/nothing'}), None)\n"
+        "except ParamError as exc:\n"
+        "    print(exc.field, exc.message)\n")
+    env = {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert first == "3"
+    assert second.startswith("data_dir") and "not in the local Hugging Face cache" in second
