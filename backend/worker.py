@@ -138,8 +138,10 @@ class Worker:
                 commands = pending_commands(self.factory, self.id)
                 for command in commands:
                     result, error = self.apply_command(command.command, command.args or {})
+                    # publish first, so whoever reads the answer also reads the new state
+                    self.publish_status()
                     complete_command(self.factory, command.id, result, error)
-                if commands or time.monotonic() - last_publish >= 1.0:
+                if time.monotonic() - last_publish >= 1.0:
                     self.publish_status()
                     last_publish = time.monotonic()
             except Exception:  # noqa: BLE001 - the control loop must outlive a busy database

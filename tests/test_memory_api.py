@@ -141,7 +141,11 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
                                   "LBS_RELEASE_TIMEOUT": "1.5"}).start()
     try:
         assert _run(live, "builtin:tiny")["state"] == "succeeded"
-        models = _wait_models(live, lambda m: m == {}, timeout=15)
+        # the worker's log says when the idle monitor released it (status rows lag ~1 s)
+        deadline = time.monotonic() + 15
+        while "released builtin:tiny" not in live.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        models = _wait_models(live, lambda m: m == {}, timeout=5)
         assert models == {}
         events = live.request("GET", "/api/jobs/1")[1]["data"]["job"]["events"]
         assert [e["kind"] for e in events] == ["load"]
