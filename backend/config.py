@@ -124,6 +124,11 @@ SETTINGS: tuple[Setting, ...] = (
             "SQLAlchemy database URL; empty means the SQLite file <data dir>/lbs.sqlite3."),
     Setting("LBS_HOST", "127.0.0.1", _text, "an IP address or host name",
             "Address the HTTP server binds."),
+    Setting("LBS_API_TOKEN", "", _text, "any secret text (empty = no token)",
+            "When set, every endpoint except /healthz and the web page itself needs "
+            "'Authorization: Bearer <token>'; required to bind a non-loopback address."),
+    Setting("LBS_CORS_ORIGINS", "", _text, "origins separated by ','",
+            "Origins allowed to call the API from a browser (CORS); empty = none."),
     Setting("LBS_PORT", "8080", _port, "an integer from 0 to 65535",
             "Port the HTTP server listens on."),
     Setting("LBS_WORKERS", "auto", _workers, "'auto' or an integer of at least 0",
@@ -216,6 +221,8 @@ class Settings:
     plugin_dirs: tuple[str, ...] = ()
     model_dirs: tuple[str, ...] = ()
     datasets_dir: Path | None = None
+    api_token: str = field(default="", repr=False)
+    cors_origins: tuple[str, ...] = ()
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -278,11 +285,32 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         affinity_seconds=parsed["LBS_AFFINITY_SECONDS"],
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
+        api_token=parsed["LBS_API_TOKEN"],
+        cors_origins=tuple(o.strip() for o in parsed["LBS_CORS_ORIGINS"].split(",")
+                           if o.strip()),
         datasets_dir=Path(parsed["LBS_DATASETS_DIR"]).expanduser().resolve()
         if parsed["LBS_DATASETS_DIR"] else data_dir / "datasets",
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         raw=raw,
     )
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve on a non-loopback address without LBS_API_TOKEN."""
+    if not is_loopback(settings.host) and not settings.api_token:
+        raise ConfigError(f"LBS_HOST={settings.host!r} is reachable from other machines; "
+                          "set LBS_API_TOKEN to serve there (or bind 127.0.0.1)")
 
 
 def load_settings_or_report() -> Settings | None:

@@ -23,7 +23,13 @@ from typing import Any
 from flask import Flask, send_from_directory
 from sqlalchemy.orm import sessionmaker
 
-from backend.config import Settings, load_settings, load_settings_or_report
+from backend.config import (
+    ConfigError,
+    Settings,
+    check_exposure,
+    load_settings,
+    load_settings_or_report,
+)
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import session_factory
 from backend.logs import setup_logging
@@ -57,6 +63,7 @@ def create_app(settings: Settings | None = None,
         app.config.update(test_config)
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
     errors.init_app(app)
+    _init_access(app, settings)
     for module in (jobs, datasets, health, memory, openapi):
         app.register_blueprint(module.bp)
 
@@ -69,6 +76,40 @@ def create_app(settings: Settings | None = None,
         return send_from_directory(FRONTEND, name)
 
     return app
+
+
+def _init_access(app: Flask, settings: Settings) -> None:
+    """Bearer-token check (LBS_API_TOKEN) and CORS (LBS_CORS_ORIGINS)."""
+    import hmac
+
+    from flask import request
+
+    from backend.api.errors import error_response
+
+    open_paths = ("/healthz", "/", "/static/")
+
+    @app.before_request
+    def _require_token():
+        if not settings.api_token or request.method == "OPTIONS":
+            return None
+        path = request.path
+        if path in open_paths[:2] or path.startswith(open_paths[2]):
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
+            return error_response(401, "unauthorized",
+                                  "this server needs 'Authorization: Bearer <LBS_API_TOKEN>'")
+        return None
+
+    @app.after_request
+    def _cors(response):
+        origin = request.headers.get("Origin")
+        if origin and origin in settings.cors_origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        return response
 
 
 # --- worker processes -------------------------------------------------------------
@@ -144,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings_or_report()
     if settings is None:
+        return 2
+    try:
+        check_exposure(settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
     from waitress import create_server

@@ -23,13 +23,46 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// With LBS_API_TOKEN set on the server, the page asks for the token once and keeps it.
+function authHeaders() {
+  const token = localStorage.getItem("lbs-token");
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function authedFetch(path, opts = {}) {
+  const send = () => fetch(path, { ...opts, headers: { ...(opts.headers || {}), ...authHeaders() } });
+  const sent = localStorage.getItem("lbs-token");
+  let res = await send();
+  if (res.status === 401) {
+    // another request may have asked already: only ask if the token is still the one we sent
+    if (localStorage.getItem("lbs-token") === sent) {
+      const token = window.prompt(t("token_prompt"));
+      if (!token) return res;
+      localStorage.setItem("lbs-token", token.trim());
+    }
+    res = await send();
+  }
+  return res;
+}
+
+async function download(path, filename) {
+  const res = await authedFetch(path);
+  if (!res.ok) return;
+  const url = URL.createObjectURL(await res.blob());
+  const a = h("a", { href: url, download: filename });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  URL.revokeObjectURL(url);
+}
+
 async function api(method, path, body) {
   const opts = { method, headers: {} };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
-  const res = await fetch(path, opts);
+  const res = await authedFetch(path, opts);
   let json = null;
   try { json = await res.json(); } catch { json = null; }
   if (!res.ok) {
@@ -223,8 +256,12 @@ async function viewJob(id) {
     job.error ? h("p", { class: "error", text: job.error }) : null,
     h("p", { class: "overall" }, `${t("overall")}: `,
       h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" })),
-    h("p", {}, h("a", { href: `/api/jobs/${id}/export?format=json`, text: t("export_json") }), " · ",
-      h("a", { href: `/api/jobs/${id}/export?format=csv`, text: t("export_csv") }))];
+    h("p", {},
+      h("a", { href: `/api/jobs/${id}/export?format=json`, id: "export-json", text: t("export_json"),
+        onclick: (ev) => { ev.preventDefault(); download(`/api/jobs/${id}/export?format=json`, `job-${id}.json`); } }),
+      " · ",
+      h("a", { href: `/api/jobs/${id}/export?format=csv`, id: "export-csv", text: t("export_csv"),
+        onclick: (ev) => { ev.preventDefault(); download(`/api/jobs/${id}/export?format=csv`, `job-${id}.csv`); } }))];
   if (job.scores.cells) {
     parts.push(h("h3", { text: t("heatmap") }),
       heatmap(cellsOf(job, samples), { xLabel: t("context_length"), yLabel: t("depth") }));

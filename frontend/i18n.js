@@ -22,6 +22,7 @@ const STRINGS = {
     size: "Size", idle: "Idle (s)", pinned: "Pinned", offload: "Offload", release: "Release",
     pin: "Pin", unpin: "Unpin", loads: "Loads", no_models: "No model is loaded.",
     gpu_memory: "GPU memory", none: "none", yes: "yes", no: "no",
+    token_prompt: "This server needs an API token (LBS_API_TOKEN):",
     queued: "queued", running: "running", succeeded: "succeeded", failed: "failed",
     cancelled: "cancelled",
   },
@@ -47,6 +48,7 @@ const STRINGS = {
     size: "大小", idle: "空闲（秒）", pinned: "已固定", offload: "卸载到 CPU", release: "释放",
     pin: "固定", unpin: "取消固定", loads: "加载次数", no_models: "没有已加载的模型。",
     gpu_memory: "显存", none: "无", yes: "是", no: "否",
+    token_prompt: "此服务器需要 API 令牌（LBS_API_TOKEN）：",
     queued: "排队中", running: "运行中", succeeded: "已完成", failed: "失败", cancelled: "已取消",
   },
 };

@@ -171,3 +171,22 @@ def test_model_output_is_shown_as_text(server, page):
     assert cell.inner_text() == evil
     assert page.locator("#samples-table img, #samples-table b, #samples-table script").count() == 0
     assert page.title() != "pwned"
+
+
+def test_page_asks_for_the_token_once(with_tiny, page):
+    live = LiveServer(with_tiny, {"LBS_API_TOKEN": "page-token", "LBS_WORKERS": "0"}).start()
+    try:
+        asked = []
+
+        def answer(dialog):
+            asked.append(dialog.message)
+            dialog.accept("page-token")
+
+        page.on("dialog", answer)
+        page.goto(live.url + "/#/launch")
+        page.wait_for_selector("#ds-needle_in_haystack")  # datasets loaded with the token
+        page.goto(live.url + "/#/queue")
+        page.wait_for_selector("#queue-table tr")
+        assert len(asked) == 1 and "LBS_API_TOKEN" in asked[0]
+    finally:
+        live.stop()
