@@ -38,6 +38,14 @@ class ParamError(ValueError):
         self.message = message
 
 
+def check_known(values: list[str] | None, known: Any, what: str) -> list[str] | None:
+    """For parameter validators: refuse names (subjects, subsets…) that do not exist."""
+    unknown = [v for v in values or [] if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(unknown)}")
+    return values
+
+
 class DatasetParams(BaseModel):
     """Base of every dataset's parameter model: unknown fields are refused."""
 

@@ -31,6 +31,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    check_known,
 )
 from backend.datasets.files import read_records
 from backend.datasets.registry import register
@@ -96,10 +97,7 @@ class CEvalParams(DatasetParams):
     @field_validator("subjects")
     @classmethod
     def _known(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [s for s in value or [] if s not in SUBJECTS]
-        if unknown:
-            raise ValueError(f"unknown subject(s): {', '.join(unknown)}")
-        return value
+        return check_known(value, SUBJECTS, "subject(s)")
 
 
 def split_file(folder, subject: str, split: str):

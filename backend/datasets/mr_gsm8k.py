@@ -24,7 +24,6 @@ MR-Score components, as the official calculate_mr_score.py defines them:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -40,6 +39,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
 )
+from backend.datasets.files import read_records
 from backend.datasets.registry import register
 
 PROMPT = """Act as a grade school math teacher and score the following problem solution.
@@ -100,7 +100,7 @@ def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
 class MRGSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with MR-GSM8K.json (default: "
                                  "LBS_DATASETS_DIR/mr_gsm8k)")
-    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.json$")
+    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$")
     max_samples: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(1024, ge=16, le=4096)
     use_chat_template: bool = True
@@ -119,7 +119,7 @@ class MRGSM8K(Dataset):
         path = self.data_folder(params.data_dir) / params.file
         if not path.is_file():
             raise ParamError("file", f"no {params.file} in {path.parent}")
-        return json.loads(path.read_text(encoding="utf-8"))[:params.max_samples]
+        return read_records(path)[:params.max_samples]
 
     def check(self, params: MRGSM8KParams, model: Any) -> None:
         self._rows(params)

@@ -32,6 +32,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    check_known,
 )
 from backend.datasets.files import find_file, read_records
 from backend.datasets.longbench.metrics import score_sample
@@ -64,10 +65,7 @@ class LongBenchParams(DatasetParams):
     @field_validator("subsets")
     @classmethod
     def _known(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [s for s in value or [] if s not in SUBSETS]
-        if unknown:
-            raise ValueError(f"unknown subset(s): {', '.join(unknown)}")
-        return value
+        return check_known(value, SUBSETS, "subset(s)")
 
 
 def truncate_middle(prompt: str, tokenizer: PromptTokenizer, budget: int) -> str:
