@@ -150,6 +150,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Allow downloading hub models that are not in the local cache."),
     Setting("LBS_LEASE_SECONDS", "60", _positive_float, 'a number of seconds greater than 0',
             "A running job whose worker has not renewed its lease for this long is re-queued."),
+    Setting("LBS_JOB_TIMEOUT", "0", _non_negative_float, "a number of seconds (0 = none)",
+            "A job running longer than this fails (a job's own timeout_s overrides it)."),
     Setting("LBS_MAX_ATTEMPTS", "3", _positive_int, 'an integer of at least 1',
             "How many times a job may be started before it fails for good."),
     Setting("LBS_POLL_INTERVAL", "0.5", _positive_float, 'a number of seconds greater than 0',
@@ -210,6 +212,7 @@ class Settings:
     poll_interval: float
     log_level: str
     max_memory_usage: int = 0
+    job_timeout: float = 0.0
     memory_check_interval: float = 60.0
     auto_cleanup_enabled: bool = True
     gpu_idle_timeout: float = 600.0
@@ -275,6 +278,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         poll_interval=parsed["LBS_POLL_INTERVAL"],
         log_level=parsed["LBS_LOG_LEVEL"],
         max_memory_usage=parsed["MAX_MEMORY_USAGE"],
+        job_timeout=parsed["LBS_JOB_TIMEOUT"],
         memory_check_interval=parsed["MEMORY_CHECK_INTERVAL"],
         auto_cleanup_enabled=parsed["AUTO_CLEANUP_ENABLED"],
         gpu_idle_timeout=parsed["GPU_IDLE_TIMEOUT"],

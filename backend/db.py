@@ -75,6 +75,7 @@ class Job(Base):
     progress_total: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(sa.Text)
     events: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
+    timeout_s: Mapped[float | None]
 
     samples: Mapped[list[Sample]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
@@ -288,7 +289,12 @@ def _m002_manager_channel(op: Any) -> None:
                     ["worker_id", "state"])
 
 
-MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel]
+def _m003_job_timeout(op: Any) -> None:
+    op.add_column("jobs", sa.Column("timeout_s", sa.Float))
+
+
+MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
+                                           _m003_job_timeout]
 
 
 def _migrate(engine: Engine) -> None:

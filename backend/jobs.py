@@ -45,12 +45,13 @@ class NewJob:
     model: str
     dataset: str
     params: dict[str, Any]
+    timeout_s: float | None = None
 
 
 def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
     """Queue jobs (all or none) and return them."""
     with write_session(factory) as session:
-        jobs = [Job(model=j.model, dataset=j.dataset, params=j.params,
+        jobs = [Job(model=j.model, dataset=j.dataset, params=j.params, timeout_s=j.timeout_s,
                     state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
                     attempts=0, cancel_requested=False, progress_done=0)
                 for j in new_jobs]

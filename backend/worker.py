@@ -53,11 +53,14 @@ log = logging.getLogger(__name__)
 
 
 class _DbSink:
-    """SampleSink that writes each result to the database as it comes."""
+    """SampleSink that writes each result to the database as it comes, and stops the
+    loop when the job is cancelled, the worker is stopping, or the job timed out."""
 
-    def __init__(self, worker: Worker, job_id: int):
+    def __init__(self, worker: Worker, job_id: int, timeout_s: float | None = None):
         self.worker = worker
         self.job_id = job_id
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.timed_out = False
 
     def stored(self) -> dict[int, tuple[dict, float]]:
         done = stored_samples(self.worker.factory, self.job_id)
@@ -74,7 +77,10 @@ class _DbSink:
             "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
         cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
                                self.worker.settings.lease_seconds, values)
-        return not (cancel or self.worker.cancel_seen.is_set() or self.worker.stopping.is_set())
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+        return not (cancel or self.timed_out or self.worker.cancel_seen.is_set()
+                    or self.worker.stopping.is_set())
 
 
 class Worker:
@@ -193,10 +199,12 @@ class Worker:
                         affinity_seconds=self.settings.affinity_seconds)
         if job is None:
             return False
-        self.run_job(job.id, job.model, job.dataset, job.params)
+        self.run_job(job.id, job.model, job.dataset, job.params,
+                     timeout_s=job.timeout_s or self.settings.job_timeout or None)
         return True
 
-    def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any]) -> None:
+    def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
+                timeout_s: float | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
         from backend.evaluation import prepare, run_evaluation
@@ -211,8 +219,9 @@ class Worker:
                              daemon=True).start()
         try:
             prepared = prepare(model, dataset, params, self.settings)
+            sink = _DbSink(self, job_id, timeout_s)
             outcome = run_evaluation(
-                prepared, self.manager, self.settings, _DbSink(self, job_id),
+                prepared, self.manager, self.settings, sink,
                 keep_on_gpu=lambda: next_queued_model(
                     self.factory, [model], self.settings.affinity_seconds) == model)
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
@@ -220,8 +229,13 @@ class Worker:
                 log.info("[Worker] job %d given back to the queue", job_id)
                 return
             state = JobState.CANCELLED if outcome.stopped else JobState.SUCCEEDED
+            error = None
+            if outcome.stopped and sink.timed_out and not self.cancel_seen.is_set():
+                state = JobState.FAILED
+                error = (f"timed out: ran longer than {timeout_s:g} s "
+                         "(job timeout_s or LBS_JOB_TIMEOUT); the samples done are kept")
             finish_job(self.factory, job_id, self.id, state, scores=outcome.scores,
-                       memory=outcome.memory, events=outcome.events)
+                       memory=outcome.memory, events=outcome.events, error=error)
             overall = next((s.value for s in outcome.scores if s.name == "overall"), None)
             log.info("[Worker] job %d %s (overall score %s)", job_id, state.value,
                      "n/a" if overall is None else f"{overall:.4f}")

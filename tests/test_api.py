@@ -62,6 +62,11 @@ def test_bad_bodies(client):
     res = client.post("/api/jobs", json={**NIAH, "priority": "high"})
     assert res.status_code == 422
     assert res.get_json()["error"]["details"][0]["field"] == "priority"
+    res = client.post("/api/jobs", json={**NIAH, "timeout_s": -1})
+    assert res.status_code == 422
+    assert res.get_json()["error"]["details"][0]["field"] == "timeout_s"
+    res = client.post("/api/jobs", json={**NIAH, "timeout_s": 3600})
+    assert res.status_code == 201 and res.get_json()["data"]["job"]["timeout_s"] == 3600
     res = client.post("/api/jobs", json={"jobs": []})
     assert res.status_code == 422 and res.get_json()["error"]["details"][0]["field"] == "jobs"
     res = client.post("/api/jobs", data=b"x" * (3 * 1024 * 1024),

@@ -209,3 +209,20 @@ def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_c
     else:
         assert [i for _, i in order] == [a1, a2, b]  # the loaded model's job first
     assert loads == expected_loads
+
+
+def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with_tiny):
+    (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob(
+        "builtin:tiny", NIAH, {"context_lengths": [256, 512, 768, 1024],
+                               "depth_percents": {"count": 5}, "max_new_tokens": 16},
+        timeout_s=0.3)])]
+    worker = Worker(settings, worker_id="w")
+    worker.start()
+    try:
+        assert worker.run_once()
+    finally:
+        worker.stop()
+    job = jobs.get_job(factory, job_id)
+    assert job.state == JobState.FAILED.value
+    assert "timed out" in job.error and "0.3 s" in job.error
+    assert 1 <= job.progress_done < 20

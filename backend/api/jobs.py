@@ -67,7 +67,8 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
-    return service.NewJob(model=job.model, dataset=job.dataset, params=params)
+    return service.NewJob(model=job.model, dataset=job.dataset, params=params,
+                          timeout_s=job.timeout_s)
 
 
 @bp.post("")

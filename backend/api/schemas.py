@@ -26,6 +26,9 @@ class JobRequest(_Strict):
     dataset: str = Field(min_length=1, max_length=128, examples=["needle_in_haystack"])
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the dataset's parameters (see GET /api/datasets)")
+    timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600,
+                                    description="fail the job after this many seconds of "
+                                                "running (default: LBS_JOB_TIMEOUT)")
 
 
 class JobBatchRequest(_Strict):
@@ -73,6 +76,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     duration_s: float | None
+    timeout_s: float | None = None
     events: list[dict[str, Any]]
 
 
@@ -163,7 +167,7 @@ def job_out(job: Job) -> JobOut:
         scores=scores, memory=memory, error=job.error, worker_id=job.worker_id,
         attempts=job.attempts, cancel_requested=job.cancel_requested,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        duration_s=duration, events=job.events or [])
+        duration_s=duration, timeout_s=job.timeout_s, events=job.events or [])
 
 
 def sample_out(sample: Sample | Any) -> SampleOut:
