@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -20,6 +21,18 @@ SMALL = {"context_lengths": [256, 384], "depth_percents": [0, 50, 100], "max_new
 def _submit(factory, n=1, params=None, model="builtin:tiny"):
     return [j.id for j in jobs.submit_jobs(
         factory, [jobs.NewJob(model, NIAH, params or SMALL) for _ in range(n)])]
+
+
+@contextmanager
+def started_worker(settings, worker_id: str):
+    """A worker with its heartbeat, control thread and idle monitor, stopped afterwards."""
+    worker = Worker(settings, worker_id=worker_id)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        worker.manager.stop_monitor()
 
 
 def _claim_all(url: str, worker_id: str, start, out: mp.Queue) -> None:
@@ -82,12 +95,8 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
         before = {r.idx: (r.id, r.created_at) for r in s.scalars(sa.select(Sample))}
     time.sleep(0.5)  # the lost worker stops renewing; its lease expires
 
-    worker = Worker(settings, worker_id="rescuer")
-    worker.start()
-    try:
+    with started_worker(settings, "rescuer") as worker:
         assert worker.run_once()
-    finally:
-        worker.stop()
 
     job = jobs.get_job(factory, job_id)
     assert job.state == JobState.SUCCEEDED.value, job.error
@@ -166,12 +175,8 @@ def test_failed_job_records_reason_and_worker_survives(settings, factory, with_t
     (bad,) = _submit(factory, model="builtin:nope")
     (good,) = _submit(factory, params={"context_lengths": [256], "depth_percents": [50],
                                        "max_new_tokens": 2})
-    worker = Worker(settings, worker_id="w")
-    worker.start()
-    try:
+    with started_worker(settings, "w") as worker:
         assert worker.run_once() and worker.run_once()
-    finally:
-        worker.stop()
     assert jobs.get_job(factory, bad).state == JobState.FAILED.value
     assert "builtin:nope" in jobs.get_job(factory, bad).error
     assert jobs.get_job(factory, good).state == JobState.SUCCEEDED.value
@@ -195,13 +200,9 @@ def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_c
     s = _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity)
     a1, b, a2 = (jobs.submit_jobs(factory, [jobs.NewJob(m, "echo", {})])[0].id
                  for m in ("builtin:tiny", str(tiny_copy), "builtin:tiny"))
-    worker = Worker(s, worker_id="w")
-    worker.start()
-    try:
+    with started_worker(s, "w") as worker:
         while worker.run_once():
             pass
-    finally:
-        worker.stop()
     order = sorted((jobs.get_job(factory, i).started_at, i) for i in (a1, b, a2))
     loads = sum(c for k, c in worker.manager.load_counts.items() if k[0] == "builtin:tiny")
     if affinity == "0":
@@ -216,12 +217,8 @@ def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with
         "builtin:tiny", NIAH, {"context_lengths": [256, 512, 768, 1024],
                                "depth_percents": {"count": 5}, "max_new_tokens": 16},
         timeout_s=0.3)])]
-    worker = Worker(settings, worker_id="w")
-    worker.start()
-    try:
+    with started_worker(settings, "w") as worker:
         assert worker.run_once()
-    finally:
-        worker.stop()
     job = jobs.get_job(factory, job_id)
     assert job.state == JobState.FAILED.value
     assert "timed out" in job.error and "0.3 s" in job.error
