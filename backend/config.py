@@ -348,9 +348,3 @@ def apply_allocator_settings(settings: Settings) -> str | None:
 def select_cuda_device(index: str) -> None:
     """Pin this process to one GPU (CUDA_VISIBLE_DEVICES), before torch starts CUDA."""
     os.environ["CUDA_VISIBLE_DEVICES"] = index
-
-
-def hf_hub_offline_env(settings: Settings) -> None:
-    """Keep huggingface_hub from reaching the network unless downloads are allowed."""
-    if not settings.allow_download:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -436,10 +436,6 @@ class ModelManager:
         with self._lock:
             return [e.name for e in self._models.values()]
 
-    def holds(self, name: str) -> bool:
-        with self._lock:
-            return any(e.name == name for e in self._models.values())
-
     # --- idle monitor ---------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> None:
