@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from backend.api.schemas import memory_dict, sample_out, scores_dict
     from backend.datasets.base import ParamError
     from backend.datasets.registry import UnknownDataset
-    from backend.evaluation import prepare, run_evaluation
+    from backend.evaluation import SampleOutOfMemory, prepare, run_evaluation
     from backend.runners.models import ModelNotFound
 
     settings = load_settings()
@@ -95,7 +95,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from backend.memory.manager import ModelManager
 
     sink = _ListSink()
-    outcome = run_evaluation(job, ModelManager(use_cache=False), settings, sink)
+    try:
+        outcome = run_evaluation(job, ModelManager(use_cache=False), settings, sink)
+    except ParamError as exc:  # found only in the model's tokens (e.g. a length too short)
+        print(f"error: params.{exc}", file=sys.stderr)
+        return 2
+    except SampleOutOfMemory as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if sink.bar is not None:
         sink.bar.close()
     result = {

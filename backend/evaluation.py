@@ -101,6 +101,126 @@ def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
     return labels[best], runner.count_prompt(item.prompt), 0, fields
 
 
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
+    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+class SampleOutOfMemory(RuntimeError):
+    """One prompt alone did not fit in memory and the job asked to fail (on_oom=fail_job)."""
+
+
+@dataclass(frozen=True)
+class OomFailure:
+    """In place of a result: the request did not fit in memory even alone."""
+
+    message: str
+
+
+@dataclass
+class Backoff:
+    """Runs a batch function in batches of `size`, halving `size` on out-of-memory.
+
+    The halved size stays for the rest of the job (the next batch would not fit
+    either). A request that fails alone becomes an `OomFailure`; `on_oom` hears of
+    every failure, after the failed attempt's frames are gone, so it can free memory.
+    """
+
+    size: int
+    on_oom: Callable[[int, str], None]
+
+    def run(self, fn: Callable[[list[Any]], list[Any]], requests: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        i = 0
+        while i < len(requests):
+            chunk = requests[i:i + self.size]
+            try:
+                out.extend(fn(chunk))
+                i += len(chunk)
+                continue
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                message = f"{type(exc).__name__}: {_first_line(exc)}"
+            # Outside the except block: the traceback (holding the batch's tensors) is gone.
+            self.on_oom(len(chunk), message)
+            if len(chunk) == 1:
+                out.append(OomFailure(message))
+                i += 1
+            else:
+                self.size = max(1, len(chunk) // 2)
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+@dataclass
+class _Answer:
+    """What the model made of one item, before scoring."""
+
+    item: Any
+    text: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Backoff,
+                  single: Backoff) -> list[_Answer]:
+    """Answers to `items`: multiple-choice items one by one, generation items in batches
+    (and their second turns, e.g. the answer after a chain of thought, likewise)."""
+    answers = [_Answer(item, fields=item.fields) for item in items]
+    for answer in answers:
+        if answer.item.choices:
+            (got,) = single.run(lambda batch: [_choose(runner, i) for i in batch], [answer.item])
+            if isinstance(got, OomFailure):
+                answer.error = got.message
+            else:
+                answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
+    generating = [a for a in answers if not a.item.choices]
+    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens)
+                                            for a in generating])
+    follow = getattr(dataset, "second_turn", None)
+    second: list[tuple[_Answer, Any]] = []
+    for answer, reply in zip(generating, replies, strict=True):
+        if isinstance(reply, OomFailure):
+            answer.error = reply.message
+            continue
+        answer.text, answer.prompt_tokens = reply.text, reply.prompt_tokens
+        answer.output_tokens = reply.output_tokens
+        nxt = follow(answer.item, reply.text, runner) if follow else None
+        if nxt is not None:
+            second.append((answer, nxt))
+    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens)
+                                            for _, n in second])
+    for (answer, nxt), reply in zip(second, replies, strict=True):
+        if isinstance(reply, OomFailure):
+            answer.error = reply.message
+            continue
+        answer.text, answer.fields = reply.text, nxt.fields
+        answer.output_tokens += reply.output_tokens
+    return answers
+
+
+def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str], None]:
+    def handle(batch: int, message: str) -> None:
+        what = (f"batch of {batch} did not fit; retrying with {max(1, batch // 2)}"
+                if batch > 1 else "one prompt alone did not fit")
+        log.warning("[Runner] out of memory on %s: %s (%s)", job.spec.name, what, message)
+        manager.record_oom(job.spec.name, f"batch size {batch}: {what}; {message}")
+    return handle
+
+
 def model_key(spec: ModelSpec, settings: Settings) -> tuple:
     """What makes two loaded models different (the model manager's cache key)."""
     from backend.runners.hf import LoadOptions
@@ -140,37 +260,35 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 runner = runner.without_chat_template()
             items = job.dataset.build_items(job.params, runner)
             sink.set_total(len(items))
-            for item in items:
-                if item.idx in stored:
-                    continue
+            pending = [item for item in items if item.idx not in stored]
+            on_oom = _oom_handler(manager, job)
+            backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
+            step = job.params.batch_size
+            for first in range(0, len(pending), step):
                 sampler.new_window()
                 cuda.new_window()
                 started = time.perf_counter()
-                fields = item.fields
-                if item.choices:
-                    text, prompt_tokens, output_tokens, fields = _choose(runner, item)
-                else:
-                    generation = runner.generate(
-                        [GenerationRequest(item.prompt, item.max_new_tokens)])[0]
-                    text, prompt_tokens = generation.text, generation.prompt_tokens
-                    output_tokens = generation.output_tokens
-                    follow = getattr(job.dataset, "second_turn", None)
-                    nxt = follow(item, text, runner) if follow else None
-                    if nxt is not None:  # e.g. chain of thought, then the answer turn
-                        second = runner.generate(
-                            [GenerationRequest(nxt.prompt, nxt.max_new_tokens)])[0]
-                        text, fields = second.text, nxt.fields
-                        output_tokens += second.output_tokens
-                score = job.dataset.score(item, text)
-                record = SampleRecord(
-                    idx=item.idx, prompt=item.prompt, prompt_tokens=prompt_tokens,
-                    prediction=text, score=score,
-                    latency_s=round(time.perf_counter() - started, 6),
-                    output_tokens=output_tokens, fields=fields,
-                    peak_rss_bytes=sampler.window_peak(), peak_gpu_bytes=cuda.window_peak())
-                results[item.idx] = (fields, score)
-                if not sink.write(record):
-                    stopped = True
+                answers = _answer_batch(pending[first:first + step], runner, job.dataset,
+                                        backoff, single)
+                latency = round((time.perf_counter() - started) / len(answers), 6)
+                peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
+                for a in answers:
+                    if a.error and job.params.on_oom == "fail_job":
+                        raise SampleOutOfMemory(
+                            f"sample {a.item.idx} does not fit in memory even alone "
+                            f"({a.error}); the job asked on_oom=fail_job")
+                    score = 0.0 if a.error else job.dataset.score(a.item, a.text)
+                    record = SampleRecord(
+                        idx=a.item.idx, prompt=a.item.prompt, prompt_tokens=a.prompt_tokens,
+                        prediction=a.text, score=score, latency_s=latency,
+                        output_tokens=a.output_tokens, fields=a.fields,
+                        peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
+                        error=f"out of memory even alone: {a.error}" if a.error else None)
+                    results[a.item.idx] = (a.fields, score)
+                    if not sink.write(record):
+                        stopped = True
+                        break
+                if stopped:
                     break
         memory.append(("rss_after_job", "cpu", rss_bytes()))
     finally:

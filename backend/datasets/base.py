@@ -13,9 +13,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CacheMode(str, enum.Enum):
@@ -47,9 +47,20 @@ def check_known(values: list[str] | None, known: Any, what: str) -> list[str] | 
 
 
 class DatasetParams(BaseModel):
-    """Base of every dataset's parameter model: unknown fields are refused."""
+    """Base of every dataset's parameter model: unknown fields are refused.
+
+    The two fields here are the evaluation loop's, not the dataset's: every job has them.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(
+        1, ge=1, le=256,
+        description="prompts generated together; halved automatically on out-of-memory")
+    on_oom: Literal["fail_sample", "fail_job"] = Field(
+        "fail_sample",
+        description="when one prompt alone does not fit in memory: record it as a failed "
+                    "sample (scored 0) and go on, or fail the job")
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,7 @@ class ModelManager:
         self.events.append(event)
         self.event_count += 1
         del self.events[:-200]
-        if kind != "release":
+        if kind not in ("release", "oom"):  # those log their own line
             log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
                      event.seconds)
         return event
@@ -426,6 +426,19 @@ class ModelManager:
         with self._lock:
             self.config.max_memory_usage = int(nbytes)
             return self.cleanup() if self.usage() > nbytes else {"unloaded": []}
+
+    def record_oom(self, name: str, note: str) -> ModelEvent:
+        """An out-of-memory error while `name` ran: free what the failed attempt left
+        (garbage, the CUDA cache) and record the event. The model stays where it is,
+        so the manager's view of it is still true."""
+        with self._lock:
+            before, started = rss_bytes(), time.perf_counter()
+            gpu_before = _gpu_reserved()
+            gc.collect()
+            _empty_cuda_cache()
+            if gpu_before:
+                note += f"; GPU reserved {format_bytes(gpu_before - _gpu_reserved())} freed"
+            return self._event("oom", name, started, before, 0, note)
 
     def events_since(self, count: int) -> list[ModelEvent]:
         """Events recorded after the manager had recorded `count` of them."""

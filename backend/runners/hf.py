@@ -154,26 +154,51 @@ class HFRunner(Runner):
     # --- generation --------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Greedy replies, all requests in one batch (left-padded).
+
+        The batch decodes up to the largest `max_new_tokens`; each reply is cut to
+        its own budget and after its first end-of-sequence token, which is what it
+        would be alone under greedy decoding.
+        """
         import torch
 
+        if not requests:
+            return []
+        prompts = [self.tok.prompt_ids(r.prompt) for r in requests]
+        width = max(len(ids) for ids in prompts)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
+                                 device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
+                            device=self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=mask,
+                max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        latency = (time.perf_counter() - started) / len(requests)
+        stops = self._eos_ids()
         results = []
-        for request in requests:
-            ids = self.tok.prompt_ids(request.prompt)
-            input_ids = torch.tensor([ids], device=self.device)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=request.max_new_tokens, do_sample=False,
-                    temperature=None, top_p=None, top_k=None,
-                    pad_token_id=self.pad_token_id)
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            latency = time.perf_counter() - started
-            new_ids = output[0, len(ids):].tolist()
+        for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
+                                     strict=True):
+            new_ids = row[:request.max_new_tokens]
+            end = next((i for i, t in enumerate(new_ids) if t in stops), None)
+            if end is not None:
+                new_ids = new_ids[:end + 1]
             results.append(Generation(text=self.decode(new_ids).strip(), prompt_tokens=len(ids),
                                       output_tokens=len(new_ids), latency_s=latency))
         return results
+
+    def _eos_ids(self) -> set[int]:
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return set()
+        return set(configured) if isinstance(configured, list | tuple) else {configured}
 
     # --- log-likelihood -------------------------------------------------------------
 
