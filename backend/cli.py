@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     apply_allocator_settings(settings)
     params = dict(args.param or [])
     try:
-        job = prepare(args.model, args.dataset, params, settings)
+        job = prepare(args.model, args.dataset, params, settings, confine=False)
     except (UnknownDataset, ModelNotFound, ParamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,15 +35,19 @@ class PreparedJob:
 
 
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
-            settings: Settings) -> PreparedJob:
+            settings: Settings, confine: bool = True) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
-    Raises UnknownDataset, ModelNotFound, pydantic.ValidationError or ParamError.
+    With `confine` (jobs from the API and the queue) model folders must lie under
+    LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
+    the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
+    (ModelPathRefused), pydantic.ValidationError or ParamError (PathRefused).
     """
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
+    ds.confine_paths = confine
     params = ds.parse_params(raw_params)
-    spec = resolve_model(model, settings)
+    spec = resolve_model(model, settings, confine=confine)
     info = model_info(spec)
     ds.check(params, info)
     return PreparedJob(spec, info, ds, params)

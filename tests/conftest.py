@@ -59,6 +59,8 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     data.mkdir()
     monkeypatch.setenv("LBS_DATA_DIR", str(data))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "zoo").mkdir()  # model folders from the API must lie under LBS_MODEL_DIRS
+    monkeypatch.setenv("LBS_MODEL_DIRS", str(tmp_path / "zoo"))
     return data
 
 
@@ -135,8 +137,10 @@ class LiveServer:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.env.get("LBS_API_TOKEN"):  # the server needs it; send it like a client would
+            headers["Authorization"] = f"Bearer {self.env['LBS_API_TOKEN']}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as res:
                 return res.status, json.loads(res.read() or b"null")
@@ -229,9 +233,10 @@ def echo_plugin_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_copy(builtin_models_dir, tmp_path) -> Path:
-    """A second model: the tiny model's files in a folder of their own (used by path)."""
+    """A second model: the tiny model's files in a folder of their own under
+    LBS_MODEL_DIRS (used by path)."""
     import shutil
 
-    target = tmp_path / "tiny-copy"
+    target = tmp_path / "zoo" / "tiny-copy"
     shutil.copytree(builtin_models_dir / "builtin-tiny-v1", target)
     return target

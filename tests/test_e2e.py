@@ -77,7 +77,9 @@ def test_niah_job_over_http(live_server):
 
 BAD_REQUESTS = [
     ({"model": "builtin:tiny", "dataset": "no_such_set"}, 422, "unknown_dataset", "dataset"),
-    ({"model": "/no/such/model", "dataset": "needle_in_haystack"}, 422, "model_not_found",
+    ({"model": "no-such-model", "dataset": "needle_in_haystack"}, 422, "model_not_found",
+     "model"),
+    ({"model": "/no/such/model", "dataset": "needle_in_haystack"}, 403, "path_refused",
      "model"),
     ({"dataset": "needle_in_haystack"}, 422, "validation_error", "model"),
     ({"model": "builtin:tiny", "dataset": "needle_in_haystack",

@@ -51,7 +51,7 @@ def test_resolve_models(settings, tmp_path):
     with pytest.raises(ModelNotFound, match="builtin:tiny"):
         resolve_model("builtin:huge", settings)
     with pytest.raises(ModelNotFound, match="no config.json"):
-        resolve_model(str(tmp_path), settings)
+        resolve_model(str(tmp_path / "zoo"), settings)
     with pytest.raises(ModelNotFound, match="LBS_ALLOW_DOWNLOAD"):
         resolve_model("someone/some-model", settings)
 

@@ -23,10 +23,10 @@ from backend.api.schemas import (
     job_out,
     sample_out,
 )
-from backend.datasets.base import ParamError
+from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.registry import UnknownDataset
 from backend.evaluation import prepare
-from backend.runners.models import ModelNotFound
+from backend.runners.models import ModelNotFound, ModelPathRefused
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
 
@@ -55,6 +55,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     except UnknownDataset as exc:
         raise ApiError(422, "unknown_dataset", str(exc),
                        [{"field": f"{prefix}dataset", "message": str(exc)}])
+    except ModelPathRefused as exc:
+        raise ApiError(403, "path_refused", str(exc),
+                       [{"field": f"{prefix}model", "message": str(exc)}])
     except ModelNotFound as exc:
         raise ApiError(422, "model_not_found", str(exc),
                        [{"field": f"{prefix}model", "message": str(exc)}])
@@ -64,6 +67,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
                        "; ".join(f"{d['field']}: {d['message']}" for d in details), details)
     except ParamError as exc:
         field = f"{prefix}params.{exc.field}"
+        if isinstance(exc, PathRefused):
+            raise ApiError(403, "path_refused", f"{field}: {exc.message}",
+                           [{"field": field, "message": exc.message}])
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.paths import OutsideAllowedFolders, confine
+
 
 class CacheMode(str, enum.Enum):
     """What happens to the model after a job of this dataset.
@@ -36,6 +38,10 @@ class ParamError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class PathRefused(ParamError):
+    """A path parameter outside the folders the server may read (API answer 403)."""
 
 
 def check_known(values: list[str] | None, known: Any, what: str) -> list[str] | None:
@@ -135,6 +141,21 @@ class Dataset:
     """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
     when a job gives no `data_dir` (set by evaluation.prepare)."""
 
+    confine_paths: bool = False
+    """Set by evaluation.prepare for jobs from the API: paths in parameters must lie
+    under `datasets_dir` (see local_path)."""
+
+    def local_path(self, given: str, field: str) -> Path:
+        """The file or folder a parameter names. For API jobs it must lie under
+        LBS_DATASETS_DIR (relative paths are taken from there); raises ParamError."""
+        if not self.confine_paths:
+            return Path(given).expanduser()
+        roots = [self.datasets_dir] if self.datasets_dir is not None else []
+        try:
+            return confine(given, roots, "LBS_DATASETS_DIR")
+        except OutsideAllowedFolders as exc:
+            raise PathRefused(field, f"refused: {exc}") from None
+
     def data_folder(self, given: str | None, folder_name: str | None = None) -> Path:
         """The folder to read data from; ParamError saying where it looked if missing.
 
@@ -144,7 +165,7 @@ class Dataset:
         if given and given.startswith("hub:"):
             return _hub_snapshot(given[4:])
         if given:
-            path = Path(given).expanduser()
+            path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
             path = self.datasets_dir / (folder_name or self.name)
         else:

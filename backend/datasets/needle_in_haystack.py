@@ -232,10 +232,10 @@ def load_haystack(source: str) -> list[str]:
 class _Builder:
     """Builds the prompts of one job; caches token counts of haystack sentences."""
 
-    def __init__(self, params: NeedleParams, tokenizer: PromptTokenizer):
+    def __init__(self, params: NeedleParams, tokenizer: PromptTokenizer, source: str):
         self.params = params
         self.tok = tokenizer
-        self.units = load_haystack(params.haystack)
+        self.units = load_haystack(source)
         self.needle_unit = " " + params.needle.strip()
         if any(params.needle.strip() in u for u in self.units):
             raise ParamError("needle", "the haystack already contains the needle")
@@ -323,9 +323,16 @@ class NeedleInAHaystack(Dataset):
     cache_mode = CacheMode.UNCACHED
     Params = NeedleParams
 
+    def haystack_source(self, params: NeedleParams) -> str:
+        """A bundled haystack's name, `noise`, or the resolved path of a text file."""
+        if params.haystack in BUNDLED_HAYSTACKS or params.haystack == "noise":
+            return params.haystack
+        return str(self.local_path(params.haystack, "haystack"))
+
     def check(self, params: NeedleParams, model: ModelInfo) -> None:
-        if params.haystack not in BUNDLED_HAYSTACKS and params.haystack != "noise":
-            load_haystack(params.haystack)
+        source = self.haystack_source(params)
+        if source not in BUNDLED_HAYSTACKS and source != "noise":
+            load_haystack(source)
         if model.max_length is None:
             return
         longest = max(params.lengths())
@@ -337,7 +344,7 @@ class NeedleInAHaystack(Dataset):
 
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))
-        builder = _Builder(params, tokenizer)
+        builder = _Builder(params, tokenizer, self.haystack_source(params))
         answer = params.expected_answer()
         items = []
         for length in params.lengths():

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from backend.config import Settings
 from backend.datasets.base import ModelInfo
+from backend.paths import OutsideAllowedFolders
+from backend.paths import confine as confine_path
 from backend.runners import builtin
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -23,6 +25,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class ModelNotFound(LookupError):
     """The model is neither built in, nor a checkpoint folder, nor in the hub cache."""
+
+
+class ModelPathRefused(ModelNotFound):
+    """A model folder outside LBS_MODEL_DIRS (or a path with `..`)."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +42,13 @@ class ModelSpec:
     hub_id: str | None = None
 
 
-def resolve_model(name: str, settings: Settings) -> ModelSpec:
-    """Find `name` locally; raise ModelNotFound with a message saying where it looked."""
+def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelSpec:
+    """Find `name` locally; raise ModelNotFound with a message saying where it looked.
+
+    With `confine` (jobs from the API) a folder must lie under LBS_MODEL_DIRS, where a
+    relative name is also looked up; raises ModelPathRefused otherwise. The command
+    line, run by the machine's own user, passes False.
+    """
     name = name.strip()
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
@@ -45,13 +56,23 @@ def resolve_model(name: str, settings: Settings) -> ModelSpec:
             raise ModelNotFound(f"unknown built-in model {name!r}; built-in models: "
                                 + ", ".join(f"builtin:{k}" for k in builtin.BUILTIN_MODELS))
         return ModelSpec(name=name, path=builtin.model_dir(settings.data_dir, key), builtin=key)
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path: Path | None = Path(name).expanduser()
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or ".." in path.parts
+    if confine and (looks_like_path or _under_model_dirs(name, settings)):
+        try:
+            path = confine_path(name, settings.model_dirs, "LBS_MODEL_DIRS")
+        except OutsideAllowedFolders as exc:
+            raise ModelPathRefused(f"model folder refused: {exc}") from None
+        if not path.is_dir():
+            raise ModelNotFound(f"model folder {name!r} not found under LBS_MODEL_DIRS")
+    elif confine:
+        path = None  # not a folder under LBS_MODEL_DIRS: only a hub id is left
+    if path is not None and path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{name!r} is a folder but has no config.json; "
                                 "give a Hugging Face checkpoint folder")
         return ModelSpec(name=name, path=path.resolve())
-    if _HUB_ID.match(name) and not path.is_absolute() and not name.startswith("."):
+    if _HUB_ID.match(name) and not Path(name).is_absolute() and not name.startswith("."):
         cached = _hub_cache_path(name)
         if cached is not None:
             return ModelSpec(name=name, path=cached, hub_id=name)
@@ -61,6 +82,11 @@ def resolve_model(name: str, settings: Settings) -> ModelSpec:
                             "downloads are off (set LBS_ALLOW_DOWNLOAD=1 to allow them)")
     raise ModelNotFound(f"model {name!r} not found: not a built-in model (builtin:tiny), "
                         "not an existing checkpoint folder, not a cached hub id")
+
+
+def _under_model_dirs(name: str, settings: Settings) -> bool:
+    """Whether a relative `name` is a folder under one of LBS_MODEL_DIRS."""
+    return any((Path(d).expanduser() / name).is_dir() for d in settings.model_dirs)
 
 
 def _hub_cache_path(repo_id: str) -> Path | None:
