@@ -54,6 +54,10 @@ def test_cancel_delete_and_errors(client, app):
                 client.get(f"/api/jobs/{running}/samples"), client.post("/api/jobs/77/cancel")):
         assert res.status_code == 404
         assert res.get_json()["error"]["code"] == "not_found"
+    # ids beyond a 64-bit integer (found by the fuzzer: SQLite overflowed, a 500) are 404s
+    for res in (client.get(f"/api/jobs/{2**64}"), client.delete(f"/api/jobs/{2**63}/"),
+                client.get(f"/api/jobs/{10**30}/export"), client.get("/api/jobs/0")):
+        assert res.status_code == 404 and res.get_json()["status"] == "error"
 
 
 def test_bad_bodies(client):

@@ -100,12 +100,12 @@ def list_jobs():
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 
-@bp.get("/<int:job_id>")
+@bp.get("/<int(min=1, max=9223372036854775807):job_id>")
 def get_job(job_id: int):
     return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
 
 
-@bp.get("/<int:job_id>/samples")
+@bp.get("/<int(min=1, max=9223372036854775807):job_id>/samples")
 def samples(job_id: int):
     query = SampleListQuery.model_validate(request.args.to_dict())
     rows, total = service.list_samples(_factory(), job_id,
@@ -115,19 +115,19 @@ def samples(job_id: int):
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 
-@bp.post("/<int:job_id>/cancel")
+@bp.post("/<int(min=1, max=9223372036854775807):job_id>/cancel")
 def cancel(job_id: int):
     service.cancel_job(_factory(), job_id)
     return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
 
 
-@bp.delete("/<int:job_id>")
+@bp.delete("/<int(min=1, max=9223372036854775807):job_id>")
 def delete(job_id: int):
     service.delete_job(_factory(), job_id)
     return _ok({"deleted": job_id})
 
 
-@bp.get("/<int:job_id>/export")
+@bp.get("/<int(min=1, max=9223372036854775807):job_id>/export")
 def export(job_id: int):
     """The job and all its samples as JSON, or the samples as CSV (?format=csv)."""
     fmt = request.args.get("format", "json")

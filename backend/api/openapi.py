@@ -53,7 +53,7 @@ def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
 
 def _job_id() -> dict[str, Any]:
     return {"name": "job_id", "in": "path", "required": True,
-            "schema": {"type": "integer", "minimum": 1}}
+            "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
 
 
 def build_spec() -> dict[str, Any]:
@@ -99,6 +99,19 @@ def build_spec() -> dict[str, Any]:
                                                                    *_query(SampleListQuery)],
                     "responses": _response("samples", {
                         "samples": {"type": "array", "items": _ref(SampleOut)}}, (404, 422))},
+        },
+        "/api/jobs/{job_id}/export": {
+            "get": {"summary": "the job and its samples as a JSON file, or the samples as CSV",
+                    "parameters": [_job_id(), {
+                        "name": "format", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["json", "csv"],
+                                   "default": "json"}}],
+                    "responses": {
+                        "200": {"description": "a file download", "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/csv": {"schema": {"type": "string"}}}},
+                        **{str(code): {"description": "error", "content": {"application/json": {
+                            "schema": _ref(ErrorResponse)}}} for code in (404, 422)}}},
         },
         "/api/jobs/{job_id}/cancel": {
             "post": {"summary": "cancel a queued job, or stop a running one between samples",
