@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from backend.config import Settings
@@ -21,7 +22,7 @@ from backend.datasets.base import Dataset, DatasetParams, ModelInfo, ScoreEntry
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
 from backend.runners.base import GenerationRequest
-from backend.runners.models import ModelSpec, model_info, resolve_model
+from backend.runners.models import ModelNotFound, ModelSpec, model_info, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,57 @@ class PreparedJob:
     info: ModelInfo
     dataset: Dataset
     params: DatasetParams
+    api: Any = None
+    """ApiOptions for an `openai:` model (base URL filled in from the settings)."""
+    api_key: str | None = None
+
+
+class JobFieldError(ValueError):
+    """A job-level field (not a dataset parameter) is wrong; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
-            settings: Settings, confine: bool = True) -> PreparedJob:
+            settings: Settings, confine: bool = True, api: Any = None,
+            api_key: str | None = None) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
     With `confine` (jobs from the API and the queue) model folders must lie under
     LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
     the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
-    (ModelPathRefused), pydantic.ValidationError or ParamError (PathRefused).
+    (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
+    JobFieldError. `api` (ApiOptions) and `api_key` are for `openai:` models.
     """
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
     ds.confine_paths = confine
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
+    if spec.api_model:
+        from backend.runners.openai_api import effective_options
+
+        try:
+            api = effective_options(api, settings)
+        except ValueError as exc:
+            raise JobFieldError("api.base_url", str(exc)) from None
+        if api.tokenizer:
+            try:
+                resolve_model(api.tokenizer, settings, confine=confine)
+            except ModelNotFound as exc:
+                raise JobFieldError("api.tokenizer", str(exc)) from None
+        if api_key is None and api.api_key is not None:
+            api_key = api.api_key.get_secret_value()
+    elif api is not None:
+        raise JobFieldError("api", "only for openai:<name> models")
     info = model_info(spec)
+    if spec.api_model and api.max_length:
+        info = ModelInfo(spec.name, api.max_length)
     ds.check(params, info)
-    return PreparedJob(spec, info, ds, params)
+    return PreparedJob(spec, info, ds, params, api, api_key)
 
 
 @dataclass
@@ -202,6 +235,9 @@ def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Back
             continue
         answer.text, answer.prompt_tokens = reply.text, reply.prompt_tokens
         answer.output_tokens = reply.output_tokens
+        if reply.extra:  # an API model: its usage, attempts and the request's own latency
+            answer.fields = {**answer.fields, "api": {**reply.extra,
+                                                      "latency_s": round(reply.latency_s, 4)}}
         nxt = follow(answer.item, reply.text, runner) if follow else None
         if nxt is not None:
             second.append((answer, nxt))
@@ -223,6 +259,15 @@ def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str]
         log.warning("[Runner] out of memory on %s: %s (%s)", job.spec.name, what, message)
         manager.record_oom(job.spec.name, f"batch size {batch}: {what}; {message}")
     return handle
+
+
+def api_model_key(job: PreparedJob) -> tuple:
+    """An API model's cache key: its options, and a digest of its key (never the key)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256((job.api_key or "").encode()).hexdigest()[:16]
+    return (job.spec.name, "openai", json.dumps(job.api.public(), sort_keys=True), digest)
 
 
 def model_key(spec: ModelSpec, settings: Settings) -> tuple:
@@ -253,11 +298,17 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     stored = sink.stored()
     results = dict(stored)
     options = LoadOptions.from_settings(settings)
+    if job.spec.api_model:
+        from backend.runners.openai_api import load_api_runner
+
+        key, estimate = api_model_key(job), 0
+        load = partial(load_api_runner, job.spec.name, job.api, job.api_key, settings)
+    else:
+        key = model_key(job.spec, settings)
+        estimate = estimate_model_bytes(job.spec, options.dtype)
+        load = partial(HFRunner.load, job.spec, options, settings)
     try:
-        with manager.use(model_key(job.spec, settings), job.spec.name,
-                         lambda: HFRunner.load(job.spec, options, settings),
-                         job.dataset.cache_mode,
-                         estimate=estimate_model_bytes(job.spec, options.dtype),
+        with manager.use(key, job.spec.name, load, job.dataset.cache_mode, estimate=estimate,
                          keep_on_gpu=keep_on_gpu) as runner:
             memory.append(("rss_at_load", "cpu", rss_bytes()))
             if not getattr(job.params, "use_chat_template", True):

@@ -192,7 +192,7 @@ class ModelManager:
         with self._lock:
             entry = self._models.get(key)
             if entry is not None:
-                if entry.location is Location.CPU and self.has_gpu:
+                if entry.location is Location.CPU and self.has_gpu and entry.runner.movable():
                     self._make_gpu_room(name, entry.size, keep=entry)
                     self._restore(entry)
                 entry.in_use = True

@@ -32,6 +32,8 @@ class Generation:
     prompt_tokens: int
     output_tokens: int
     latency_s: float
+    extra: dict | None = None
+    """Backend-specific facts kept with the sample (an API model: usage, attempts)."""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class ModelSpec:
     path: Path | None
     builtin: str | None = None
     hub_id: str | None = None
+    api_model: str | None = None
+    """For `openai:<name>`: the model name the OpenAI-compatible server serves."""
 
 
 def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelSpec:
@@ -50,6 +52,11 @@ def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelS
     line, run by the machine's own user, passes False.
     """
     name = name.strip()
+    if name.startswith("openai:"):
+        served = name.split(":", 1)[1].strip()
+        if not served:
+            raise ModelNotFound("give the served model's name after openai:, e.g. openai:gpt-4o")
+        return ModelSpec(name=name, path=None, api_model=served)
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in builtin.BUILTIN_MODELS:
@@ -101,6 +108,8 @@ def _hub_cache_path(repo_id: str) -> Path | None:
 
 def model_info(spec: ModelSpec) -> ModelInfo:
     """What the model's config says, read without loading it."""
+    if spec.api_model:
+        return ModelInfo(spec.name, None)  # known once its runner (tokenizer) is made
     if spec.builtin:
         return ModelInfo(spec.name, builtin.BUILTIN_MODELS[spec.builtin].max_position_embeddings)
     if spec.path is None:

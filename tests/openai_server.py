@@ -1,0 +1,164 @@
+"""A small OpenAI-compatible HTTP server on loopback for the tests, serving the built-in
+tiny model through the real HF runner: /v1/chat/completions, /v1/completions (with
+echo + logprobs for log-likelihood) and /v1/models, with an API key check and
+scripted failures (429, 500, slow answers, bad JSON) to exercise the client's retries.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FakeOpenAI:
+    def __init__(self, runner, served_name: str = "tiny", api_key: str | None = None,
+                 logprobs: bool = True):
+        self.runner = runner
+        self.served_name = served_name
+        self.api_key = api_key
+        self.logprobs = logprobs
+        self.failures: list[str] = []  # consumed one per request: 429, 500, slow, badjson
+        self.slow_seconds = 3.0
+        self.requests: list[dict[str, Any]] = []  # path, body, auth_ok, outcome
+        self.lock = threading.Lock()
+        self.model_lock = threading.Lock()  # one generation at a time on the CPU model
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- the model's side -------------------------------------------------------------
+
+    def _generate(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        from backend.runners.base import GenerationRequest
+
+        with self.model_lock:
+            (gen,) = self.runner.generate([GenerationRequest(prompt, max_tokens)])
+        return {"text": gen.text, "usage": {"prompt_tokens": gen.prompt_tokens,
+                                            "completion_tokens": gen.output_tokens,
+                                            "total_tokens": gen.prompt_tokens
+                                            + gen.output_tokens}}
+
+    def _echo_logprobs(self, prompt: str) -> dict[str, Any]:
+        import torch
+
+        tok = self.runner.tokenizer
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        with self.model_lock, torch.inference_mode():
+            logits = self.runner.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logps = torch.log_softmax(logits, dim=-1)
+        tokens = [tok.decode([i]) for i in ids]
+        values: list[float | None] = [None]
+        tops: list[dict[str, float] | None] = [None]
+        for pos in range(1, len(ids)):
+            row = logps[pos - 1]
+            values.append(float(row[ids[pos]]))
+            best = int(row.argmax())
+            tops.append({tok.decode([best]): float(row[best])})
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+                "text_offset": [start for start, _ in enc["offset_mapping"]]}
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+            def _send(self, status: int, payload: Any, raw: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+                body = raw if raw is not None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": fake.served_name,
+                                                                 "object": "model"}]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                auth_ok = (fake.api_key is None
+                           or self.headers.get("Authorization") == f"Bearer {fake.api_key}")
+                with fake.lock:
+                    failure = fake.failures.pop(0) if fake.failures and auth_ok else None
+                    record = {"path": self.path, "body": body, "auth_ok": auth_ok,
+                              "outcome": failure or "ok"}
+                    fake.requests.append(record)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._answer(body, auth_ok, failure)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any], auth_ok: bool, failure: str | None):
+                if not auth_ok:
+                    return self._send(401, {"error": {"message": "Incorrect API key provided",
+                                                      "type": "invalid_request_error"}})
+                if failure == "429":
+                    return self._send(429, {"error": {"message": "Rate limit reached"}},
+                                      headers={"Retry-After": "0.05"})
+                if failure == "500":
+                    return self._send(500, {"error": {"message": "The server had an error"}})
+                if failure == "badjson":
+                    return self._send(200, None, raw=b"{\"choices\": [ oops")
+                if failure == "slow":
+                    time.sleep(fake.slow_seconds)
+                if body.get("model") != fake.served_name:
+                    return self._send(404, {"error": {"message": f"model {body.get('model')!r} "
+                                                                 "does not exist"}})
+                max_tokens = int(body.get("max_tokens", 16))
+                if self.path == "/v1/chat/completions":
+                    message = body["messages"][-1]["content"]
+                    out = fake._generate(fake.runner.render(message), max_tokens)
+                    return self._send(200, {
+                        "object": "chat.completion", "model": fake.served_name,
+                        "choices": [{"index": 0, "finish_reason": "length", "message": {
+                            "role": "assistant", "content": out["text"]}}],
+                        "usage": out["usage"]})
+                if self.path == "/v1/completions":
+                    prompt = body["prompt"]
+                    choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+                    usage = {}
+                    if body.get("echo") and max_tokens == 0:
+                        choice["text"] = prompt
+                        if fake.logprobs and body.get("logprobs") is not None:
+                            choice["logprobs"] = fake._echo_logprobs(prompt)
+                    else:
+                        out = fake._generate(prompt, max_tokens)
+                        choice["text"], usage = out["text"], out["usage"]
+                    return self._send(200, {"object": "text_completion",
+                                            "model": fake.served_name,
+                                            "choices": [choice], "usage": usage})
+                return self._send(404, {"error": {"message": "not found"}})
+
+        return Handler
