@@ -13,6 +13,7 @@ This module and `apply_allocator_settings` are the only places that touch
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +72,46 @@ def _dtype(raw: str) -> str:
     return value
 
 
-def _workers(raw: str) -> int | None:
+def _workers(raw: str) -> int | tuple[str, ...] | None:
+    """None (auto), a count, or GPU groups: '0,1;2' = a worker on GPUs 0 and 1, one on 2."""
     value = raw.strip().lower()
     if value in ("", "auto"):
         return None
+    if "," in value or ";" in value:
+        groups = tuple(",".join(e.strip() for e in g.split(",")) for g in value.split(";"))
+        if any(not re.fullmatch(r"\d+(,\d+)*", g) for g in groups):
+            raise ValueError(raw)
+        return groups
     count = int(value)
     if count < 0:
         raise ValueError(raw)
     return count
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(raw: str) -> int:
+    """'24GB', '24GiB', '512MB' or a number of bytes -> bytes (ValueError otherwise)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", raw.lower())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(raw)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _sizes(raw: str) -> tuple[int, ...]:
+    sizes = tuple(parse_size(part) for part in raw.split(",") if part.strip())
+    if any(size <= 0 for size in sizes):
+        raise ValueError(raw)
+    return sizes
+
+
+def _labels(raw: str) -> tuple[str, ...]:
+    labels = tuple(label.strip() for label in raw.split(",") if label.strip())
+    if any(not re.fullmatch(r"[\w.:@-]{1,255}", label) for label in labels):
+        raise ValueError(raw)
+    return labels
 
 
 def _non_negative_float(raw: str) -> float:
@@ -131,9 +164,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Origins allowed to call the API from a browser (CORS); empty = none."),
     Setting("LBS_PORT", "8080", _port, "an integer from 0 to 65535",
             "Port the HTTP server listens on."),
-    Setting("LBS_WORKERS", "auto", _workers, "'auto' or an integer of at least 0",
+    Setting("LBS_SERVER_URL", "", _text, "a URL (empty = http://127.0.0.1:<LBS_PORT>)",
+            "Where clients of a running server (the MCP server, clear_gpu_memory.py) reach it."),
+    Setting("LBS_WORKERS", "auto", _workers,
+            "'auto' or an integer of at least 0, or GPU groups such as '0,1;2;3'",
             "Worker processes started by the server: 'auto' = one per visible GPU, "
-            "or one on CPU when there is none; 0 starts none."),
+            "or one on CPU when there is none; 0 starts none; '0,1;2' starts one worker "
+            "holding GPUs 0 and 1 and one holding GPU 2."),
+    Setting("LBS_WORKER_LABELS", "", _labels, "labels separated by ',' (letters, digits, _.:@-)",
+            "Labels of the workers started here; a job with a worker_label runs only on a "
+            "worker that has it (every worker also has its host name and its id)."),
+    Setting("LBS_SIMULATED_GPU_MEMORY", "", _sizes, "sizes separated by ',' such as 24GB,24GB",
+            "For testing only: workers pretend this machine has GPUs of these sizes (all "
+            "free) for num_gpus and memory admission; jobs still run on the CPU."),
     Setting("LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, 'a number from 0.0 (no limit) to 1.0',
             "Fraction of each GPU's memory a model may take (accelerate max_memory); "
             "0.0 = no limit."),
@@ -155,7 +198,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LBS_MAX_ATTEMPTS", "3", _positive_int, 'an integer of at least 1',
             "How many times a job may be started before it fails for good."),
     Setting("LBS_POLL_INTERVAL", "0.5", _positive_float, 'a number of seconds greater than 0',
-            "Seconds an idle worker waits before looking at the queue again."),
+            "Seconds an idle worker waits before looking at the queue again (SQLite)."),
+    Setting("LBS_LISTEN_TIMEOUT", "10", _positive_float, 'a number of seconds greater than 0',
+            "PostgreSQL: an idle worker sleeps until a new-work notification (LISTEN/NOTIFY), "
+            "and at most this long before looking at the queue anyway."),
     Setting("MAX_MEMORY_USAGE", "0", _bytes, "a number of bytes (0 = 80% of RAM)",
             "Bytes of model memory (RAM and GPU copies) a worker's model manager may hold; "
             "least recently used unpinned models are evicted to stay under it."),
@@ -179,10 +225,12 @@ SETTINGS: tuple[Setting, ...] = (
             "this much younger than the oldest queued job (0 = strict queue order)."),
     Setting("LBS_DATASETS_DIR", "", _text, "a folder path (empty = <data dir>/datasets)",
             "Where dataset files are looked for: <folder>/<dataset name>/ in the official "
-            "layout, unless a job gives data_dir."),
+            "layout, unless a job gives data_dir. A job's data_dir or haystack file must lie "
+            "under it."),
     Setting("LBS_MODEL_DIRS", "", _text, "folder paths separated by ':'",
             "Folders scanned (two levels deep) for Hugging Face checkpoints to offer on the "
-            "web page and in GET /api/models."),
+            "web page and in GET /api/models. A model folder named in a job must lie under "
+            "one of them."),
     Setting("LBS_PLUGIN_DIRS", "", _text, "folder paths separated by ':'",
             "Folders whose *.py modules are imported at start to register dataset plugins."),
     Setting("LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
@@ -226,6 +274,12 @@ class Settings:
     datasets_dir: Path | None = None
     api_token: str = field(default="", repr=False)
     cors_origins: tuple[str, ...] = ()
+    server_url: str = ""
+    worker_gpu_groups: tuple[str, ...] = ()
+    """LBS_WORKERS as GPU groups ('0,1', '2'), one per worker; empty for 'auto' or a count."""
+    worker_labels: tuple[str, ...] = ()
+    simulated_gpu_memory: tuple[int, ...] = ()
+    listen_timeout: float = 10.0
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -266,7 +320,13 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         database_url=database_url,
         host=parsed["LBS_HOST"],
         port=parsed["LBS_PORT"],
-        workers=parsed["LBS_WORKERS"],
+        workers=len(parsed["LBS_WORKERS"]) if isinstance(parsed["LBS_WORKERS"], tuple)
+        else parsed["LBS_WORKERS"],
+        worker_gpu_groups=parsed["LBS_WORKERS"] if isinstance(parsed["LBS_WORKERS"], tuple)
+        else (),
+        worker_labels=parsed["LBS_WORKER_LABELS"],
+        simulated_gpu_memory=parsed["LBS_SIMULATED_GPU_MEMORY"],
+        listen_timeout=parsed["LBS_LISTEN_TIMEOUT"],
         gpu_memory_limit=parsed["LBS_GPU_MEMORY_LIMIT"],
         enable_memory_management=parsed["LBS_ENABLE_MEMORY_MANAGEMENT"],
         torch_dtype=parsed["LBS_TORCH_DTYPE"],
@@ -292,6 +352,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         api_token=parsed["LBS_API_TOKEN"],
         cors_origins=tuple(o.strip() for o in parsed["LBS_CORS_ORIGINS"].split(",")
                            if o.strip()),
+        server_url=(parsed["LBS_SERVER_URL"] or f"http://127.0.0.1:{parsed['LBS_PORT']}")
+        .rstrip("/"),
         datasets_dir=Path(parsed["LBS_DATASETS_DIR"]).expanduser().resolve()
         if parsed["LBS_DATASETS_DIR"] else data_dir / "datasets",
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),

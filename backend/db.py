@@ -2,7 +2,10 @@
 
 The jobs table is the queue (see jobs.py). SQLite is the default engine and is
 opened in WAL mode with a busy timeout, so the server and several workers can
-read and write the same file at once.
+read and write the same file at once. PostgreSQL (`postgresql+psycopg://…`) is
+the engine for workers on several machines: there claims lock rows with
+`FOR UPDATE SKIP LOCKED` instead of taking SQLite's database-wide write lock,
+and new work is announced with NOTIFY (see notify.py).
 
 The schema is an ordered list of small migrations (`MIGRATIONS`), each written
 with Alembic's operations so it runs on SQLite and PostgreSQL alike; the number
@@ -76,6 +79,14 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     events: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
     timeout_s: Mapped[float | None]
+    priority: Mapped[int] = mapped_column(default=0)
+    submitter: Mapped[str] = mapped_column(sa.String(128), default="anonymous")
+    worker_label: Mapped[str | None] = mapped_column(sa.String(255))
+    num_gpus: Mapped[int] = mapped_column(default=1)
+    memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    """Estimated GPU memory the job needs (weights + KV cache + activations), if known."""
+    claimed_at: Mapped[datetime | None]
+    """When a worker last claimed the job (round robin over submitters reads it)."""
 
     samples: Mapped[list[Sample]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
@@ -145,6 +156,14 @@ class MemoryPeak(Base):
     job: Mapped[Job] = relationship(back_populates="memory_peaks")
 
 
+class WorkerState(str, enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPED = "stopped"
+    LOST = "lost"
+    """It stopped heartbeating: marked by another worker, or shown so by the API."""
+
+
 class Worker(Base):
     """A worker process as it last reported itself."""
 
@@ -158,6 +177,12 @@ class Worker(Base):
     current_job_id: Mapped[int | None]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    labels: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    gpu_count: Mapped[int] = mapped_column(default=0)
+    gpus: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON)
+    """Per GPU: index, name, total_bytes, free_bytes (and simulated: true for pretend GPUs)."""
+    gpu_free_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    """GPU memory a job may use on this worker now (free, under LBS_GPU_MEMORY_LIMIT)."""
 
 
 class WorkerStatus(Base):
@@ -293,16 +318,45 @@ def _m003_job_timeout(op: Any) -> None:
     op.add_column("jobs", sa.Column("timeout_s", sa.Float))
 
 
+def _m004_scheduling(op: Any) -> None:
+    op.add_column("jobs", sa.Column("priority", sa.Integer, nullable=False, server_default="0"))
+    op.add_column("jobs", sa.Column("submitter", sa.String(128), nullable=False,
+                                    server_default="anonymous"))
+    op.add_column("jobs", sa.Column("worker_label", sa.String(255)))
+    op.add_column("jobs", sa.Column("num_gpus", sa.Integer, nullable=False, server_default="1"))
+    op.add_column("jobs", sa.Column("memory_bytes", sa.BigInteger))
+    op.add_column("jobs", sa.Column("claimed_at", sa.DateTime))
+    op.create_index("ix_jobs_state_priority_id", "jobs", ["state", "priority", "id"])
+    op.create_index("ix_jobs_submitter_claimed_at", "jobs", ["submitter", "claimed_at"])
+    op.add_column("workers", sa.Column("labels", sa.JSON))
+    op.add_column("workers", sa.Column("gpu_count", sa.Integer, nullable=False,
+                                       server_default="0"))
+    op.add_column("workers", sa.Column("gpus", sa.JSON))
+    op.add_column("workers", sa.Column("gpu_free_bytes", sa.BigInteger))
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
-                                           _m003_job_timeout]
+                                           _m003_job_timeout, _m004_scheduling]
+
+
+_MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL
+
+
+def is_postgres(bind: Any) -> bool:
+    """Whether an engine, connection or session talks to PostgreSQL."""
+    bind = bind.get_bind() if isinstance(bind, Session) else bind
+    return bind.dialect.name == "postgresql"
 
 
 def _migrate(engine: Engine) -> None:
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
-    # The write lock is taken first, so two processes never migrate at once.
+    # The write lock is taken first, so two processes never migrate at once
+    # (PostgreSQL: a transaction-scoped advisory lock; its DDL is transactional too).
     with _immediate(), engine.begin() as conn:
+        if is_postgres(engine):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         conn.exec_driver_sql(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         current = conn.exec_driver_sql("SELECT MAX(version) FROM schema_version").scalar() or 0
@@ -375,7 +429,10 @@ def _create_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername == "postgresql":  # SQLAlchemy would pick psycopg2; we ship psycopg 3
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(parsed, pool_pre_ping=True)
 
 
 def session_factory(url: str) -> sessionmaker:
@@ -389,6 +446,9 @@ def write_session(factory: sessionmaker) -> Iterator[Session]:
 
     Use it for every read-then-write transaction (claims, lease renewals,
     finishing a job); plain `factory()` sessions are for reads and blind writes.
+    On SQLite the transaction holds the database's write lock (BEGIN IMMEDIATE);
+    PostgreSQL has no such lock, so the rows read there must be read with
+    `with_for_update()` (see `jobs.py`).
     """
     with _immediate():
         session = factory()

@@ -5,8 +5,11 @@ source of truth, and every change that reads before it writes runs in a
 `write_session` (the write lock is held from the start), so:
 
 - `claim_job` first re-queues running jobs whose lease expired (or fails them
-  after `max_attempts` starts), then takes the oldest queued job with a
-  compare-and-set on its state: two workers never get the same job.
+  after `max_attempts` starts), then takes the next job the worker can run
+  (priority, round robin over submitters, age: see scheduling.py) with a
+  compare-and-set on its state: two workers never get the same job. On SQLite
+  the whole claim holds the database's write lock; on PostgreSQL it locks only
+  the rows it reads (`FOR UPDATE SKIP LOCKED`), so workers claim in parallel.
 - `record_sample` stores a sample and renews the lease in one transaction, and
   only while the worker still owns the job (`LeaseLost` otherwise), so a worker
   that lost its job cannot write into it; (job_id, idx) is unique, so a
@@ -23,7 +26,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from backend.db import Job, JobState, MemoryPeak, Sample, Score, Worker, utcnow, write_session
+from backend.db import (
+    Job,
+    JobState,
+    MemoryPeak,
+    Sample,
+    Score,
+    Worker,
+    WorkerState,
+    is_postgres,
+    utcnow,
+    write_session,
+)
+from backend.notify import announce_work
+from backend.scheduling import Capacity, ordered, queued_reasons, stale_after
 
 
 class JobNotFound(LookupError):
@@ -42,27 +58,41 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class NewJob:
+    """A job to queue. `memory_bytes` is its estimated GPU memory (admission.py)."""
+
     model: str
     dataset: str
     params: dict[str, Any]
     timeout_s: float | None = None
+    priority: int = 0
+    submitter: str = "anonymous"
+    worker_label: str | None = None
+    num_gpus: int = 1
+    memory_bytes: int | None = None
 
 
 def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
-    """Queue jobs (all or none) and return them."""
+    """Queue jobs (all or none), wake idle workers, and return the jobs."""
     with write_session(factory) as session:
         jobs = [Job(model=j.model, dataset=j.dataset, params=j.params, timeout_s=j.timeout_s,
+                    priority=j.priority, submitter=j.submitter, worker_label=j.worker_label,
+                    num_gpus=j.num_gpus, memory_bytes=j.memory_bytes,
                     state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
                     attempts=0, cancel_requested=False, progress_done=0)
                 for j in new_jobs]
         session.add_all(jobs)
         session.flush()
+        announce_work(session)
         return jobs
 
 
 def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None:
+    # SKIP LOCKED: rows another claimer is re-queueing right now are left to it.
     expired = session.scalars(sa.select(Job).where(
-        Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)).all()
+        Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)).all()
+    if any(not job.cancel_requested and job.attempts < max_attempts for job in expired):
+        announce_work(session)  # other idle workers may take the rest
     for job in expired:
         note = (f"worker {job.worker_id} stopped renewing its lease "
                 f"(attempt {job.attempts} of {max_attempts})")
@@ -81,37 +111,48 @@ def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None
             job.state = JobState.QUEUED.value
 
 
-def _next_queued(session: Session, prefer_models: list[str] | None,
-                 affinity_seconds: float) -> Job | None:
-    """The job a worker should take next: the oldest queued one, unless a queued job
-    for a model the worker holds is at most `affinity_seconds` younger than it."""
-    queued = sa.select(Job).where(Job.state == JobState.QUEUED.value).order_by(Job.id)
-    oldest = session.scalar(queued.limit(1))
-    if oldest is None or not prefer_models or oldest.model in prefer_models:
-        return oldest
-    preferred = session.scalar(queued.where(Job.model.in_(prefer_models)).limit(1))
+def _next_queued(session: Session, caps: Capacity, prefer_models: list[str] | None,
+                 affinity_seconds: float, lock: bool = False) -> Any | None:
+    """The job a worker should take next (id, model, priority, created_at): the first in
+    `scheduling.ordered`, unless a job of the same priority for a model the worker holds
+    is at most `affinity_seconds` younger than it. `lock`: lock the rows read, skipping
+    rows other claimers hold (PostgreSQL), so each claimer gets a different job."""
+    def first(query: sa.Select) -> Any | None:
+        if lock:
+            query = query.with_for_update(of=Job, skip_locked=True)
+        return session.execute(query.limit(1)).first()
+
+    queued = ordered(caps)
+    best = first(queued)
+    if best is None or not prefer_models or best.model in prefer_models:
+        return best
+    preferred = first(queued.where(Job.model.in_(prefer_models), Job.priority == best.priority))
     if preferred is not None and \
-            (preferred.created_at - oldest.created_at).total_seconds() <= affinity_seconds:
+            (preferred.created_at - best.created_at).total_seconds() <= affinity_seconds:
         return preferred
-    return oldest
+    return best
 
 
 def next_queued_model(factory: sessionmaker, prefer_models: list[str] | None = None,
-                      affinity_seconds: float = 0.0) -> str | None:
+                      affinity_seconds: float = 0.0,
+                      capacity: Capacity | None = None) -> str | None:
     """Model of the job this worker would claim next (None when the queue is empty)."""
     with factory() as session:
-        job = _next_queued(session, prefer_models, affinity_seconds)
+        job = _next_queued(session, capacity or Capacity(), prefer_models, affinity_seconds)
         return job.model if job else None
 
 
 def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
               max_attempts: int, prefer_models: list[str] | None = None,
-              affinity_seconds: float = 0.0) -> Job | None:
-    """Take the next job for `worker_id` (see `_next_queued`), or None when there is none."""
+              affinity_seconds: float = 0.0, capacity: Capacity | None = None) -> Job | None:
+    """Take the next job `worker_id` can run (see `_next_queued` and scheduling.py), or
+    None when there is none. `capacity` says what the worker can run (default: a CPU
+    worker without labels). The job comes back running, leased for `lease_seconds`."""
     with write_session(factory) as session:
         now = utcnow()
         _requeue_expired(session, now, max_attempts)
-        job = _next_queued(session, prefer_models, affinity_seconds)
+        job = _next_queued(session, capacity or Capacity(), prefer_models, affinity_seconds,
+                           lock=is_postgres(session))
         if job is None:
             return None
         job_id = job.id
@@ -119,18 +160,33 @@ def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
             sa.update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
             .values(state=JobState.RUNNING.value, worker_id=worker_id,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=Job.attempts + 1,
+                    attempts=Job.attempts + 1, claimed_at=now,
                     started_at=sa.func.coalesce(Job.started_at, now), error=None)
         ).rowcount
         if claimed != 1:
             return None
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
-                        .values(current_job_id=job_id, state="busy", heartbeat_at=now))
+                        .values(current_job_id=job_id, state=WorkerState.BUSY.value,
+                                heartbeat_at=now))
         return session.get(Job, job_id)
 
 
+def seconds_to_next_expiry(factory: sessionmaker) -> float | None:
+    """Seconds until the earliest lease of a running job expires (None when nothing runs):
+    an idle worker looks at the queue again then, to resume the job if its worker died."""
+    with factory() as session:
+        expiry = session.scalar(sa.select(sa.func.min(Job.lease_expires_at))
+                                .where(Job.state == JobState.RUNNING.value))
+    return None if expiry is None else max(0.0, (expiry - utcnow()).total_seconds())
+
+
+def _locked(session: Session, job_id: int) -> Job | None:
+    """The job, its row locked until commit on PostgreSQL (SQLite's lock is already held)."""
+    return session.get(Job, job_id, with_for_update=True)
+
+
 def _owned(session: Session, job_id: int, worker_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = _locked(session, job_id)
     if job is None or job.state != JobState.RUNNING.value or job.worker_id != worker_id:
         raise LeaseLost(f"job {job_id} is no longer held by worker {worker_id}")
     return job
@@ -157,9 +213,17 @@ def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) ->
         _owned(session, job_id, worker_id).progress_total = total
 
 
+def _text(value: Any) -> Any:
+    # PostgreSQL text cannot hold NUL, which a model may well generate; every engine
+    # stores U+FFFD instead, so results do not depend on the engine.
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def record_sample(factory: sessionmaker, job_id: int, worker_id: str, lease_seconds: float,
                   values: dict[str, Any]) -> bool:
-    """Store one sample and renew the lease; returns whether cancel was requested."""
+    """Store one sample and renew the lease; returns whether cancel was requested.
+    NUL characters in its text become U+FFFD."""
+    values = {key: _text(value) for key, value in values.items()}
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
         session.add(Sample(job_id=job_id, **values))
@@ -181,20 +245,20 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
         session.add_all(MemoryPeak(job_id=job_id, name=name, device=device, bytes=value)
                         for name, device, value in memory)
         job.state = state.value
-        job.error = error
+        job.error = _text(error)
         job.finished_at = utcnow()
         job.lease_expires_at = None
         job.events = [*job.events, *events]
         job.progress_done = session.scalar(
             sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == job_id))
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
-                        .values(current_job_id=None, state="idle"))
+                        .values(current_job_id=None, state=WorkerState.IDLE.value))
 
 
 def cancel_job(factory: sessionmaker, job_id: int) -> Job:
     """Cancel a queued job at once, or ask its worker to stop a running one."""
     with write_session(factory) as session:
-        job = session.get(Job, job_id)
+        job = _locked(session, job_id)
         if job is None:
             raise JobNotFound(job_id)
         if JobState(job.state).finished:
@@ -210,7 +274,7 @@ def cancel_job(factory: sessionmaker, job_id: int) -> Job:
 def delete_job(factory: sessionmaker, job_id: int) -> None:
     """Delete a job that is not running, with its samples, scores and peaks."""
     with write_session(factory) as session:
-        job = session.get(Job, job_id)
+        job = _locked(session, job_id)
         if job is None:
             raise JobNotFound(job_id)
         if job.state == JobState.RUNNING.value:
@@ -228,10 +292,12 @@ def get_job(factory: sessionmaker, job_id: int) -> Job:
 
 
 def list_jobs(factory: sessionmaker, *, state: str | None = None, model: str | None = None,
-              dataset: str | None = None, offset: int = 0,
+              dataset: str | None = None, submitter: str | None = None, offset: int = 0,
               limit: int = 50) -> tuple[list[Job], int]:
     """A page of jobs, newest first, and the number of jobs matching the filters."""
     query = sa.select(Job)
+    if submitter:
+        query = query.where(Job.submitter == submitter)
     if state:
         query = query.where(Job.state == state)
     if model:
@@ -261,26 +327,64 @@ def list_samples(factory: sessionmaker, job_id: int, *, offset: int = 0,
 # --- workers ----------------------------------------------------------------------
 
 def register_worker(factory: sessionmaker, worker_id: str, host: str, pid: int,
-                    device: str) -> None:
+                    device: str, *, labels: tuple[str, ...] | list[str] = (),
+                    gpus: list[dict[str, Any]] | None = None,
+                    gpu_free_bytes: int | None = None) -> None:
+    """Insert or refresh the worker's row: where it runs, its labels and its GPUs
+    (`gpus`: index, name, total_bytes, free_bytes per GPU; empty for a CPU worker)."""
     with write_session(factory) as session:
-        worker = session.get(Worker, worker_id) or Worker(id=worker_id)
+        worker = session.get(Worker, worker_id, with_for_update=True) or Worker(id=worker_id)
         worker.host, worker.pid, worker.device = host, pid, device
-        worker.state, worker.current_job_id = "idle", None
+        worker.state, worker.current_job_id = WorkerState.IDLE.value, None
+        worker.labels, worker.gpus = list(labels), list(gpus or [])
+        worker.gpu_count, worker.gpu_free_bytes = len(worker.gpus), gpu_free_bytes
         worker.started_at = worker.heartbeat_at = utcnow()
         session.add(worker)
 
 
-def worker_heartbeat(factory: sessionmaker, worker_id: str, state: str | None = None) -> None:
+def worker_heartbeat(factory: sessionmaker, worker_id: str, state: str | None = None,
+                     *, gpus: list[dict[str, Any]] | None = None,
+                     gpu_free_bytes: int | None = None) -> None:
+    """Refresh the worker's heartbeat (and its state and GPU readings when given).
+    A worker marked lost that beats again is back: idle, or busy with its job."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if state:
         values["state"] = state
-    with write_session(factory) as session:
+    else:
+        values["state"] = sa.case(
+            (Worker.state != WorkerState.LOST.value, Worker.state),
+            (Worker.current_job_id.is_(None), WorkerState.IDLE.value),
+            else_=WorkerState.BUSY.value)
+    if gpus is not None:
+        values["gpus"] = gpus
+        values["gpu_free_bytes"] = gpu_free_bytes
+    with factory.begin() as session:  # a blind write: no need to hold SQLite's lock first
         session.execute(sa.update(Worker).where(Worker.id == worker_id).values(**values))
+
+
+def mark_lost_workers(factory: sessionmaker, lease_seconds: float) -> list[str]:
+    """Mark workers whose heartbeats stopped as lost; returns their ids. Their jobs go
+    back to the queue when their leases expire (in the next claim)."""
+    cutoff = utcnow() - stale_after(lease_seconds)
+    with write_session(factory) as session:
+        lost = session.scalars(sa.select(Worker).where(
+            Worker.state.in_([WorkerState.IDLE.value, WorkerState.BUSY.value]),
+            Worker.heartbeat_at < cutoff).with_for_update(skip_locked=True)).all()
+        for worker in lost:
+            worker.state = WorkerState.LOST.value
+        return [w.id for w in lost]
 
 
 def list_workers(factory: sessionmaker) -> list[Worker]:
     with factory() as session:
         return list(session.scalars(sa.select(Worker).order_by(Worker.started_at)).all())
+
+
+def waiting_reasons(factory: sessionmaker, jobs: list[Job],
+                    lease_seconds: float) -> dict[int, str]:
+    """Why each queued job in `jobs` waits (see scheduling.waiting_reason)."""
+    with factory() as session:
+        return queued_reasons(session, jobs, utcnow(), lease_seconds)
 
 
 def requeue_job(factory: sessionmaker, job_id: int, worker_id: str) -> None:
@@ -295,4 +399,5 @@ def requeue_job(factory: sessionmaker, job_id: int, worker_id: str) -> None:
         job.events = [*job.events, {"kind": "requeued", "at": utcnow().isoformat(),
                                     "message": f"worker {worker_id} shut down"}]
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
-                        .values(current_job_id=None, state="idle"))
+                        .values(current_job_id=None, state=WorkerState.IDLE.value))
+        announce_work(session)

@@ -124,11 +124,14 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
 
     def plan(self) -> list[str | None]:
-        """CUDA_VISIBLE_DEVICES of each worker to start (None = CPU / inherit)."""
+        """CUDA_VISIBLE_DEVICES of each worker to start (None = CPU / inherit): the GPU
+        groups of LBS_WORKERS ('0,1;2'), else one GPU per worker, real or simulated."""
         from backend.memory.gpu import visible_gpu_count
 
+        if self.settings.worker_gpu_groups:
+            return list(self.settings.worker_gpu_groups)
         visible = self.settings.cuda_visible_devices
-        gpus = visible_gpu_count(visible)
+        gpus = visible_gpu_count(visible) or len(self.settings.simulated_gpu_memory)
         count = self.settings.workers if self.settings.workers is not None else max(gpus, 1)
         if gpus == 0:
             return [None] * count

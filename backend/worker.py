@@ -1,11 +1,14 @@
 """The worker process: claims jobs from the database and runs them, one at a time.
 
 `python -m backend.worker` runs one worker alone (the server starts its own
-with `python -m backend.server`). A worker registers itself in the `workers`
-table, keeps its row and the lease of its running job fresh from a heartbeat
-thread, and stores every sample as soon as it is scored. On SIGTERM/SIGINT it
-stops between two samples and gives its job back to the queue, where it
-resumes after the stored samples.
+with `python -m backend.server`; point LBS_DATABASE_URL at a shared PostgreSQL
+to run workers on other machines). A worker registers itself in the `workers`
+table with its host, labels and GPUs, keeps its row and the lease of its
+running job fresh from a heartbeat thread, and stores every sample as soon as
+it is scored. It claims only jobs it can run (labels, GPU count, estimated GPU
+memory: see scheduling.py); when there is none it waits for a notification
+(PostgreSQL) or polls (SQLite). On SIGTERM/SIGINT it stops between two samples
+and gives its job back to the queue, where it resumes after the stored samples.
 
 The model manager is created once per worker process and lives as long as it.
 """
@@ -13,6 +16,7 @@ The model manager is created once per worker process and lives as long as it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -38,16 +42,20 @@ from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
+    mark_lost_workers,
     next_queued_model,
     record_sample,
     register_worker,
     renew_lease,
     requeue_job,
+    seconds_to_next_expiry,
     set_total,
     stored_samples,
     worker_heartbeat,
 )
 from backend.logs import setup_logging
+from backend.notify import WorkWaiter
+from backend.scheduling import Capacity
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,11 @@ class Worker:
         load_plugin_dirs(list(settings.plugin_dirs))
         self.factory = session_factory(settings.database_url)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.device = device or _describe_device(settings)
+        self.labels = tuple(dict.fromkeys((*settings.worker_labels, socket.gethostname(),
+                                           self.id)))
+        self.gpus = detect_gpus(settings)
+        self.device = device or _describe_device(settings, self.gpus)
+        self.waiter = WorkWaiter(settings.database_url)
         self.manager = ModelManager(ManagerConfig.from_settings(settings))
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
@@ -104,15 +116,44 @@ class Worker:
 
     # --- heartbeat --------------------------------------------------------------
 
+    def capacity(self) -> Capacity:
+        """What this worker can run now; GPU memory is read afresh (see `free_gpu_bytes`)."""
+        return Capacity(labels=self.labels, gpu_count=len(self.gpus),
+                        free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None)
+
+    def free_gpu_bytes(self) -> int:
+        """GPU memory a job may use here now: each GPU's free memory, under
+        LBS_GPU_MEMORY_LIMIT × its total, plus what this worker's idle models hold on
+        the GPU (the model manager makes room by offloading them)."""
+        self.gpus = detect_gpus(self.settings) or self.gpus
+        fraction = self.settings.gpu_memory_limit
+        free = sum(int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
+                   for g in self.gpus)
+        if self.manager.has_gpu:
+            free += sum(m["size_bytes"] for m in self.manager.status()["models"]
+                        if m["location"] == "gpu" and not m["in_use"])
+        return free
+
     def _beat(self) -> None:
         interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
+        last_sweep = 0.0
         while not self.stopping.wait(interval):
             try:
                 job_id = self.current_job
                 if job_id is not None:
                     if renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds):
                         self.cancel_seen.set()
-                worker_heartbeat(self.factory, self.id)
+                if self.gpus:
+                    free = self.free_gpu_bytes()
+                    worker_heartbeat(self.factory, self.id, gpus=self.gpus, gpu_free_bytes=free)
+                else:
+                    worker_heartbeat(self.factory, self.id)
+                if time.monotonic() - last_sweep >= 10.0:
+                    last_sweep = time.monotonic()
+                    for lost in mark_lost_workers(self.factory, self.settings.lease_seconds):
+                        log.warning("[Worker] worker %s stopped heartbeating: marked lost; "
+                                    "its job goes back to the queue when its lease expires",
+                                    lost)
             except LeaseLost as exc:
                 log.warning("[Worker] %s", exc)
                 self.cancel_seen.set()
@@ -120,7 +161,9 @@ class Worker:
                 log.exception("[Worker] heartbeat failed; retrying")
 
     def start(self) -> None:
-        register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device)
+        register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
+                        labels=self.labels, gpus=self.gpus,
+                        gpu_free_bytes=self.free_gpu_bytes() if self.gpus else None)
         self.publish_status()
         self.manager.start_monitor()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -196,7 +239,8 @@ class Worker:
         """Claim and run one job; False when the queue was empty."""
         job = claim_job(self.factory, self.id, self.settings.lease_seconds,
                         self.settings.max_attempts, prefer_models=self.manager.loaded(),
-                        affinity_seconds=self.settings.affinity_seconds)
+                        affinity_seconds=self.settings.affinity_seconds,
+                        capacity=self.capacity())
         if job is None:
             return False
         self.run_job(job.id, job.model, job.dataset, job.params,
@@ -223,7 +267,8 @@ class Worker:
             outcome = run_evaluation(
                 prepared, self.manager, self.settings, sink,
                 keep_on_gpu=lambda: next_queued_model(
-                    self.factory, [model], self.settings.affinity_seconds) == model)
+                    self.factory, [model], self.settings.affinity_seconds,
+                    Capacity(self.labels, len(self.gpus))) == model)
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
                 requeue_job(self.factory, job_id, self.id)
                 log.info("[Worker] job %d given back to the queue", job_id)
@@ -254,7 +299,8 @@ class Worker:
         offloaded here and fits (see ModelManager.prefetch)."""
         try:
             following = next_queued_model(self.factory, self.manager.loaded(),
-                                          self.settings.affinity_seconds)
+                                          self.settings.affinity_seconds,
+                                          Capacity(self.labels, len(self.gpus)))
             if following and following != current:
                 self.manager.prefetch(following)
         except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
@@ -269,13 +315,25 @@ class Worker:
         except LeaseLost as exc:
             log.warning("[Worker] %s", exc)
 
+    def wait_for_work(self) -> None:
+        """Sleep until new work is announced (PostgreSQL) or the poll interval passed
+        (SQLite); on PostgreSQL wake up, too, when a running job's lease expires."""
+        timeout = self.settings.listen_timeout
+        if self.waiter.listening:
+            expiry = seconds_to_next_expiry(self.factory)
+            if expiry is not None:
+                timeout = min(timeout, expiry + 0.05)
+        self.waiter.wait(self.settings.poll_interval, timeout, self.stopping)
+
     def run_forever(self) -> None:
         self.start()
         try:
             while not self.stopping.is_set():
+                self.waiter.mark()
                 if not self.run_once():
-                    self.stopping.wait(self.settings.poll_interval)
+                    self.wait_for_work()
         finally:
+            self.waiter.close()
             self.manager.stop_monitor()
             self.manager.release_all()
             worker_heartbeat(self.factory, self.id, state="stopped")
@@ -285,7 +343,7 @@ class Worker:
         self.stopping.set()
 
 
-def _choose_gpu(settings: Settings) -> None:
+def _choose_gpu(settings: Settings) -> str | None:
     """Without CUDA_VISIBLE_DEVICES on a machine with several GPUs, take the one with
     the most free memory that no live worker of this database holds."""
     import re
@@ -296,7 +354,7 @@ def _choose_gpu(settings: Settings) -> None:
     from backend.memory.gpu import pick_free_gpu, visible_gpu_count
 
     if settings.cuda_visible_devices is not None or visible_gpu_count(None) < 2:
-        return
+        return None
     fresh = utcnow() - timedelta(seconds=max(15.0, settings.lease_seconds))
     taken = {m.group(1) for w in list_workers(session_factory(settings.database_url))
              if w.state != "stopped" and w.heartbeat_at >= fresh
@@ -306,6 +364,7 @@ def _choose_gpu(settings: Settings) -> None:
         select_cuda_device(choice)
         log.info("[Worker] chose GPU %s (most free memory; taken by others: %s)", choice,
                  ", ".join(sorted(taken)) or "none")
+    return choice
 
 
 def warm_up() -> None:
@@ -327,13 +386,34 @@ def warm_up() -> None:
     gc.freeze()
 
 
-def _describe_device(settings: Settings) -> str:
+def detect_gpus(settings: Settings) -> list[dict[str, Any]]:
+    """This worker's GPUs (index, name, total_bytes, free_bytes), read with NVML, limited
+    to CUDA_VISIBLE_DEVICES; or the pretend GPUs of LBS_SIMULATED_GPU_MEMORY."""
+    from backend.memory.gpu import gpu_inventory
+
+    visible = settings.cuda_visible_devices
+    indices = None
+    if visible is not None:
+        parts = [p.strip() for p in visible.split(",") if p.strip()]
+        if all(p.lstrip("-").isdigit() for p in parts):  # not GPU UUIDs
+            indices = [int(p) for p in parts if int(p) >= 0]
+    if settings.simulated_gpu_memory:
+        pretend = [{"index": i, "name": "simulated GPU (LBS_SIMULATED_GPU_MEMORY)",
+                    "total_bytes": size, "free_bytes": size, "simulated": True}
+                   for i, size in enumerate(settings.simulated_gpu_memory)]
+        return [g for g in pretend if indices is None or g["index"] in indices]
+    return gpu_inventory(indices)
+
+
+def _describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:
     import torch
 
     if torch.cuda.is_available():
         visible = settings.cuda_visible_devices
         name = torch.cuda.get_device_name(0)
         return f"cuda:{visible or 0} ({name})"
+    if gpus and gpus[0].get("simulated"):
+        return f"cpu (simulated GPUs {','.join(str(g['index']) for g in gpus)})"
     return "cpu"
 
 
@@ -341,13 +421,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.worker",
                                      description="Run one LLM Bench Shower worker.")
     parser.add_argument("--id", help="worker id (default: host-pid-random)")
+    parser.add_argument("--gpus", metavar="0,1",
+                        help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
+                             "with num_gpus = 2 needs a worker holding two")
     args = parser.parse_args(argv)
     settings = load_settings_or_report()
     if settings is None:
         return 2
     setup_logging(settings.log_level)
     # Both must happen before torch initialises CUDA, i.e. before its first import.
-    _choose_gpu(settings)
+    if args.gpus is not None:
+        if not all(p.strip().isdigit() for p in args.gpus.split(",")):
+            print(f"--gpus {args.gpus!r}: give GPU indices such as 0,1", file=sys.stderr)
+            return 2
+        select_cuda_device(args.gpus)
+        settings = dataclasses.replace(settings, cuda_visible_devices=args.gpus)
+    else:
+        choice = _choose_gpu(settings)
+        if choice is not None:
+            settings = dataclasses.replace(settings, cuda_visible_devices=choice)
     alloc = apply_allocator_settings(settings)
     if alloc:
         log.info("[Worker] PYTORCH_CUDA_ALLOC_CONF=%s", alloc)

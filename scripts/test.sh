@@ -4,12 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements-dev.txt
-# The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
-if ! command -v chromium >/dev/null 2>&1; then
+# The browser tests drive Debian's Chromium (Playwright never downloads a browser here);
+# the queue tests also run on a PostgreSQL server they start themselves (initdb in a
+# temporary folder), so Debian's PostgreSQL binaries must be installed.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="chromium fonts-noto-cjk"
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  missing="$missing postgresql"
+fi
+if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
 set +e
 .venv/bin/python -m pytest "$@"

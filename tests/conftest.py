@@ -71,8 +71,44 @@ def with_tiny(data_dir, builtin_models_dir) -> Path:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the whole session. Without PostgreSQL the test skips,
+    except in CI (CI=true), where the queue must be tested on both engines: there it
+    fails (`bash scripts/test.sh` installs Debian's package when it is missing)."""
+    from tests.postgres import PostgresServer, find_bin_dir
+
+    give_up = pytest.fail if os.environ.get("CI", "").lower() in ("1", "true") else pytest.skip
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        give_up("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        give_up(f"cannot start PostgreSQL here: {exc}")
+    yield server
+    server.stop()
+
+
+ENGINES = ["sqlite", "postgresql"]
+"""`@pytest.mark.parametrize("db_url", ENGINES, indirect=True)` runs a test on both."""
+
+
 @pytest.fixture
-def settings(data_dir):
+def db_url(request, data_dir, monkeypatch) -> str | None:
+    """LBS_DATABASE_URL of the test: SQLite in the data dir (None, the default), or a
+    fresh database on the session's PostgreSQL when parametrized with "postgresql"."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    url = request.getfixturevalue("postgres").create_database()
+    monkeypatch.setenv("LBS_DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
+def settings(data_dir, db_url):
     from backend.config import load_settings
 
     return load_settings()

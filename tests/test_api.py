@@ -100,7 +100,7 @@ def test_datasets_and_openapi(client):
             "/api/gpu/timeout"} <= set(spec["paths"])
     assert schemas["TimeoutRequest"]["properties"]["timeout"]["exclusiveMinimum"] == 0
     query = {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]}
-    assert query == {"state", "model", "dataset", "page", "per_page"}
+    assert query == {"state", "submitter", "model", "dataset", "page", "per_page"}
 
 
 def test_index_page_and_health(client):

@@ -1,5 +1,6 @@
-"""Faults the harness survives: a worker killed mid-job, the server restarted mid-job.
-Checked through the API and in the SQLite file: no lost and no duplicated samples."""
+"""Faults the harness survives: a worker killed mid-job (on SQLite and PostgreSQL), the
+server restarted mid-job. Checked through the API and in the database: no lost and no
+duplicated samples."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import ENGINES, LiveServer
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,18 @@ def _wait_progress(server, job_id, at_least, timeout=120):
     raise AssertionError(f"job {job_id} made no progress:\n{server.log()[-3000:]}")
 
 
-def _rows(data_dir, job_id):
+def _rows(data_dir, job_id, db_url=None):
+    if db_url:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                return tuple(conn.execute(sa.text(
+                    "SELECT COUNT(*), COUNT(DISTINCT idx) FROM samples WHERE job_id=:j"),
+                    {"j": job_id}).one())
+        finally:
+            engine.dispose()
     db = sqlite3.connect(data_dir / "lbs.sqlite3")
     try:
         return db.execute("SELECT COUNT(*), COUNT(DISTINCT idx) FROM samples WHERE job_id=?",
@@ -37,7 +49,8 @@ def _rows(data_dir, job_id):
         db.close()
 
 
-def test_worker_killed_mid_job_is_replaced_and_job_resumes(with_tiny):
+@pytest.mark.parametrize("db_url", ENGINES, indirect=True)
+def test_worker_killed_mid_job_is_replaced_and_job_resumes(with_tiny, db_url):
     live = LiveServer(with_tiny, {"LBS_LEASE_SECONDS": "2"}).start()
     try:
         worker = live.wait_for_worker()
@@ -51,7 +64,7 @@ def test_worker_killed_mid_job_is_replaced_and_job_resumes(with_tiny):
         assert job["attempts"] == 2
         assert any(e["kind"] == "lease_expired" for e in job["events"])
         assert job["progress"] == {"done": 30, "total": 30}
-        assert _rows(with_tiny, job_id) == (30, 30), "one row per sample, none twice"
+        assert _rows(with_tiny, job_id, db_url) == (30, 30), "one row per sample, none twice"
         workers = live.request("GET", "/api/workers")[1]["data"]["workers"]
         assert any(w["alive"] and w["pid"] != worker["pid"] for w in workers)
         assert "exited with -9; restarting" in live.log()

@@ -1,4 +1,5 @@
-"""The queue: atomic claims, leases, resume after a lost worker, cancel, delete."""
+"""The queue: atomic claims, leases, resume after a lost worker, cancel, delete
+(the queue tests on SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import sqlalchemy as sa
 from backend import jobs
 from backend.db import Job, JobState, Sample, Score
 from backend.worker import Worker
+from tests.conftest import ENGINES
+
+both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 
 NIAH = "needle_in_haystack"
 SMALL = {"context_lengths": [256, 384], "depth_percents": [0, 50, 100], "max_new_tokens": 4}
@@ -52,6 +56,7 @@ def _claim_all(url: str, worker_id: str, start, out: mp.Queue) -> None:
     out.put((worker_id, claimed))
 
 
+@both_engines
 def test_two_worker_processes_never_claim_the_same_job(settings, factory):
     ids = _submit(factory, 150)
     ctx = mp.get_context("spawn")
@@ -71,6 +76,7 @@ def test_two_worker_processes_never_claim_the_same_job(settings, factory):
         assert s.scalar(sa.select(sa.func.max(Job.attempts))) == 1
 
 
+@both_engines
 def test_claim_takes_oldest_first(factory):
     first, second = _submit(factory, 2)
     assert jobs.claim_job(factory, "w", 60, 3).id == first
@@ -84,6 +90,7 @@ def _sample(idx: int, prediction: str) -> dict:
                                                         "depth_percent": 0.0})
 
 
+@both_engines
 def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory, with_tiny):
     (job_id,) = _submit(factory)
     lost = jobs.claim_job(factory, "lost-worker", lease_seconds=0.3, max_attempts=3)
@@ -114,6 +121,7 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
         jobs.record_sample(factory, job_id, "lost-worker", 0.3, _sample(2, "late"))
 
 
+@both_engines
 def test_job_fails_after_max_attempts(factory):
     (job_id,) = _submit(factory)
     for attempt in range(1, 4):
@@ -151,6 +159,7 @@ def test_cancel_stops_a_running_job(settings, factory, with_tiny):
         assert s.scalar(sa.select(Score.count).where(Score.name == "overall")) == job.progress_done
 
 
+@both_engines
 def test_cancel_and_delete_rules(factory):
     queued, running, other = _submit(factory, 3)
     assert jobs.claim_job(factory, "w", 60, 3).id == queued

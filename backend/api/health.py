@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from flask import Blueprint, current_app
 
-from backend.db import utcnow
+from backend.db import WorkerState, utcnow
 from backend.jobs import list_workers
+from backend.scheduling import worker_state
 
 bp = Blueprint("health", __name__)
 
@@ -19,12 +18,20 @@ def healthz():
 
 @bp.get("/api/workers")
 def workers():
+    """Every worker that registered: host, labels, GPUs (count, names, total and free
+    memory), heartbeat, and state; `lost` when its heartbeats stopped."""
     lbs = current_app.extensions["lbs"]
-    stale_after = timedelta(seconds=max(15.0, lbs.settings.lease_seconds))
+    lease = lbs.settings.lease_seconds
     now = utcnow()
-    rows = [{"id": w.id, "host": w.host, "pid": w.pid, "device": w.device, "state": w.state,
-             "current_job_id": w.current_job_id, "started_at": w.started_at.isoformat(),
-             "heartbeat_at": w.heartbeat_at.isoformat(),
-             "alive": w.state != "stopped" and now - w.heartbeat_at < stale_after}
-            for w in list_workers(lbs.factory)]
+    rows = []
+    for w in list_workers(lbs.factory):
+        state = worker_state(w, now, lease)
+        rows.append({
+            "id": w.id, "host": w.host, "pid": w.pid, "device": w.device, "state": state.value,
+            "current_job_id": w.current_job_id, "labels": w.labels or [],
+            "gpu_count": w.gpu_count or 0, "gpus": w.gpus or [],
+            "gpu_free_bytes": w.gpu_free_bytes, "started_at": w.started_at.isoformat(),
+            "heartbeat_at": w.heartbeat_at.isoformat(),
+            "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 1),
+            "alive": state in (WorkerState.IDLE, WorkerState.BUSY)})
     return {"status": "success", "data": {"workers": rows}}

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, request
 from pydantic import ValidationError
 
 from backend import jobs as service
+from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
 from backend.api.schemas import (
     JobBatchRequest,
@@ -73,8 +74,20 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
+    memory = estimate_job_bytes(prepared.spec, prepared.params, prepared.info.max_length,
+                                settings)
     return service.NewJob(model=job.model, dataset=job.dataset, params=params,
-                          timeout_s=job.timeout_s)
+                          timeout_s=job.timeout_s, priority=job.priority,
+                          submitter=job.submitter or "anonymous",
+                          worker_label=job.worker_label, num_gpus=job.num_gpus,
+                          memory_bytes=memory)
+
+
+def _out(jobs: list[Any]) -> list[dict[str, Any]]:
+    """Jobs as the API shows them, a queued job with the reason it waits."""
+    lease = current_app.extensions["lbs"].settings.lease_seconds
+    reasons = service.waiting_reasons(_factory(), jobs, lease)
+    return [job_out(j, reasons.get(j.id)).model_dump(mode="json") for j in jobs]
 
 
 @bp.post("")
@@ -84,10 +97,10 @@ def submit():
         batch = JobBatchRequest.model_validate(body)
         new = [_check(job, f"jobs[{i}].") for i, job in enumerate(batch.jobs)]
         created = service.submit_jobs(_factory(), new)
-        return _ok({"jobs": [job_out(j).model_dump(mode="json") for j in created]}, 201)
+        return _ok({"jobs": _out(created)}, 201)
     new = [_check(JobRequest.model_validate(body), "")]
     created = service.submit_jobs(_factory(), new)
-    return _ok({"job": job_out(created[0]).model_dump(mode="json")}, 201)
+    return _ok({"job": _out(created)[0]}, 201)
 
 
 @bp.get("")
@@ -95,14 +108,15 @@ def list_jobs():
     query = JobListQuery.model_validate(request.args.to_dict())
     jobs, total = service.list_jobs(
         _factory(), state=query.state.value if query.state else None, model=query.model,
-        dataset=query.dataset, offset=(query.page - 1) * query.per_page, limit=query.per_page)
-    return _ok({"jobs": [job_out(j).model_dump(mode="json") for j in jobs],
+        dataset=query.dataset, submitter=query.submitter,
+        offset=(query.page - 1) * query.per_page, limit=query.per_page)
+    return _ok({"jobs": _out(jobs),
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>")
 def get_job(job_id: int):
-    return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
+    return _ok({"job": _out([service.get_job(_factory(), job_id)])[0]})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/samples")

@@ -29,6 +29,20 @@ class JobRequest(_Strict):
     timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600,
                                     description="fail the job after this many seconds of "
                                                 "running (default: LBS_JOB_TIMEOUT)")
+    priority: int = Field(0, ge=-1000, le=1000,
+                          description="higher runs first; equal priorities take turns "
+                                      "between submitters, then go oldest first")
+    submitter: str | None = Field(None, min_length=1, max_length=128,
+                                  pattern=r"^[\w.@+-][\w.@+ -]*$",
+                                  description="who submits: jobs of different submitters "
+                                              "take turns (default: anonymous)")
+    worker_label: str | None = Field(None, min_length=1, max_length=255,
+                                     pattern=r"^[\w.:@-]+$",
+                                     description="run only on a worker with this label "
+                                                 "(LBS_WORKER_LABELS, its host name or id)")
+    num_gpus: int = Field(1, ge=1, le=64,
+                          description="GPUs the job needs on one worker (a worker without "
+                                      "GPUs runs 1-GPU jobs on the CPU)")
 
 
 class JobBatchRequest(_Strict):
@@ -39,6 +53,7 @@ class JobBatchRequest(_Strict):
 
 class JobListQuery(_Strict):
     state: JobState | None = None
+    submitter: str | None = Field(None, max_length=128)
     model: str | None = Field(None, max_length=1024)
     dataset: str | None = Field(None, max_length=128)
     page: int = Field(1, ge=1, le=1_000_000)
@@ -77,6 +92,16 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     duration_s: float | None
     timeout_s: float | None = None
+    priority: int = 0
+    submitter: str = "anonymous"
+    worker_label: str | None = None
+    num_gpus: int = 1
+    memory_estimate_bytes: int | None = Field(
+        None, description="estimated GPU memory (weights, KV cache, activations) a worker "
+                          "must have free to claim the job")
+    waiting_reason: str | None = Field(
+        None, description="why a queued job does not run yet (no worker with its label, "
+                          "GPUs or free memory, all busy, or its turn has not come)")
     events: list[dict[str, Any]]
 
 
@@ -154,7 +179,7 @@ def memory_dict(readings: list[tuple[str, str, int]]) -> dict[str, Any]:
     return memory
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
     scores = scores_dict(job.scores)
     memory = memory_dict([(m.name, m.device, m.bytes) for m in job.memory_peaks])
     duration = None
@@ -167,7 +192,10 @@ def job_out(job: Job) -> JobOut:
         scores=scores, memory=memory, error=job.error, worker_id=job.worker_id,
         attempts=job.attempts, cancel_requested=job.cancel_requested,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        duration_s=duration, timeout_s=job.timeout_s, events=job.events or [])
+        duration_s=duration, timeout_s=job.timeout_s, priority=job.priority,
+        submitter=job.submitter, worker_label=job.worker_label, num_gpus=job.num_gpus,
+        memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
+        events=job.events or [])
 
 
 def sample_out(sample: Sample | Any) -> SampleOut:

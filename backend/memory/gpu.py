@@ -75,3 +75,28 @@ def pick_free_gpu(taken: set[str]) -> str | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_inventory(indices: list[int] | None) -> list[dict]:
+    """Name, total and free memory of the GPUs with these NVML indices (all when None),
+    read with NVML; an empty list without NVML or a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - ImportError or NVMLError: no GPUs to report
+        return []
+    try:
+        found = []
+        count = pynvml.nvmlDeviceGetCount()
+        for i in (range(count) if indices is None else [i for i in indices if i < count]):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            found.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                          "total_bytes": int(info.total), "free_bytes": int(info.free)})
+        return found
+    except pynvml.NVMLError:
+        return []
+    finally:
+        pynvml.nvmlShutdown()
