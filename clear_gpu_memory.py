@@ -1,58 +1,113 @@
-"""Maintenance: show what holds GPU memory, and which processes are this project's workers.
+"""Maintenance: show what holds GPU memory, free it, and end stale workers.
 
-    python clear_gpu_memory.py [--json]
+    python clear_gpu_memory.py [--release | --offload | --keep-models] [--kill-stale [--yes]]
+                               [--dry-run] [--json] [--server URL] [--stale-after S] [--grace S]
 
-With NVIDIA's NVML (nvidia-ml-py) and a driver it lists each GPU's used/total
-memory and the processes using it, marking LLM Bench Shower workers (from the
-workers table of the configured database). Without a GPU it says so and shows
-RAM and the workers' RSS. It changes nothing: asking the server to offload or
-release models, and ending stale workers, come with the model manager's issue.
+1. Report. Each GPU's used/total memory and the processes using it (NVML),
+   marking this project's workers (the workers table of the configured
+   database) and whether their heartbeat is fresh; without a GPU, the RAM and
+   the workers' RSS; and the models the running server's workers hold.
+2. Ask the running server (`--server`, default LBS_SERVER_URL) to release
+   every model (the default, POST /api/gpu/release) or to offload them to CPU
+   RAM (`--offload`, POST /api/gpu/offload); `--keep-models` asks nothing.
+   When no server answers, the default only reports; an explicit `--release`
+   or `--offload` then fails.
+3. `--kill-stale`: end this machine's workers whose heartbeat is older than
+   `--stale-after` seconds (default: max(15, LBS_LEASE_SECONDS), the rule the
+   server's /api/workers uses), after a confirmation or `--yes`: SIGTERM (a
+   stopped process is continued so it can shut down), then SIGKILL after
+   `--grace` seconds. A PID is signalled only while it runs `backend.worker`
+   and was started before that worker's last heartbeat (so a recycled PID is
+   never hit). Rows of ended or vanished workers are marked stopped.
+
+`--dry-run` shows what would be done and changes nothing; `--json` prints one
+JSON document. Exit status: 0 ok, 1 an action failed, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import socket
 import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import timezone
+from pathlib import Path
 from typing import Any
 
 import psutil
+import sqlalchemy as sa
 
+log = logging.getLogger("clear_gpu_memory")
 MB = 1024 * 1024
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _workers() -> dict[int, dict[str, Any]]:
-    from backend.config import load_settings
-    from backend.db import session_factory
-    from backend.jobs import list_workers
+# --- what is there ------------------------------------------------------------------
 
-    try:
-        rows = list_workers(session_factory(load_settings().database_url))
-    except Exception as exc:  # noqa: BLE001 - a report must still print without a database
-        print(f"note: cannot read the workers table: {exc}", file=sys.stderr)
-        return {}
-    return {w.pid: {"id": w.id, "state": w.state, "heartbeat_at": w.heartbeat_at.isoformat()}
-            for w in rows if w.state != "stopped"}
+def _is_worker_command(cmdline: list[str]) -> bool:
+    pairs = zip(cmdline, cmdline[1:], strict=False)
+    return any(a == "-m" and b == "backend.worker" for a, b in pairs) \
+        or any(a.endswith("backend/worker.py") for a in cmdline)
 
 
-def _process(pid: int, workers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _process(pid: int) -> dict[str, Any]:
+    """What runs under `pid` now: alive, command, RSS, whether it is a backend.worker."""
     try:
         proc = psutil.Process(pid)
-        name, rss = " ".join(proc.cmdline()[:3]) or proc.name(), proc.memory_info().rss
+        with proc.oneshot():
+            cmdline, status = proc.cmdline(), proc.status()
+            rss, created = proc.memory_info().rss, proc.create_time()
     except psutil.Error:
-        name, rss = "?", None
-    return {"pid": pid, "command": name, "rss_mb": None if rss is None else round(rss / MB, 1),
-            "lbs_worker": workers.get(pid)}
+        return {"alive": False, "command": None, "rss_mb": None, "is_worker": False}
+    return {"alive": status != psutil.STATUS_ZOMBIE, "status": status,
+            "command": " ".join(cmdline[:4]) or proc.name(), "rss_mb": round(rss / MB, 1),
+            "is_worker": _is_worker_command(cmdline), "created": created}
 
 
-def gpu_report(workers: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """One entry per GPU, or None when NVML or a driver is missing."""
+def read_workers(settings: Any, stale_after: float) -> list[dict[str, Any]] | None:
+    """The workers table's rows that are not stopped, with their heartbeat's age and, for
+    this machine, the process behind the PID; None when the database cannot be read."""
+    from backend.db import WorkerState, session_factory, utcnow
+    from backend.jobs import list_workers
+
+    url = settings.database_url
+    path = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    if path and path != ":memory:" and not Path(path).exists():
+        return []  # no database yet, so no worker ever ran here (and do not create one)
+    try:
+        rows = list_workers(session_factory(url))
+    except Exception as exc:  # noqa: BLE001 - a report must still print without a database
+        log.warning("[Clear] cannot read the workers table: %s", exc)
+        return None
+    now, host = utcnow(), socket.gethostname()
+    workers = []
+    for w in rows:
+        if w.state == WorkerState.STOPPED.value:
+            continue
+        age = (now - w.heartbeat_at).total_seconds()
+        local = w.host == host
+        workers.append({
+            "id": w.id, "host": w.host, "pid": w.pid, "device": w.device, "state": w.state,
+            "current_job_id": w.current_job_id, "heartbeat_at": w.heartbeat_at.isoformat(),
+            "heartbeat_age_s": round(age, 1), "fresh": age <= stale_after, "local": local,
+            "process": _process(w.pid) if local else None,
+            "_beat_ts": w.heartbeat_at.replace(tzinfo=timezone.utc).timestamp()})
+    return workers
+
+
+def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """One entry per GPU with the processes using it, or None without NVML or a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - ImportError or NVMLError: no GPU to report
         return None
+    by_pid = {w["pid"]: w["id"] for w in workers if w["process"] and w["process"]["is_worker"]}
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -62,42 +117,340 @@ def gpu_report(workers: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | Non
             gpus.append({
                 "index": i, "name": pynvml.nvmlDeviceGetName(handle),
                 "used_mb": round(mem.used / MB, 1), "total_mb": round(mem.total / MB, 1),
-                "processes": [{**_process(p.pid, workers),
-                               "gpu_mb": round((p.usedGpuMemory or 0) / MB, 1)}
-                              for p in procs]})
+                "processes": [{"pid": p.pid, "command": _process(p.pid)["command"],
+                               "gpu_mb": round((p.usedGpuMemory or 0) / MB, 1),
+                               "lbs_worker": by_pid.get(p.pid)} for p in procs]})
         return gpus
+    except pynvml.NVMLError as exc:
+        log.warning("[Clear] NVML failed: %s", exc)
+        return None
     finally:
         pynvml.nvmlShutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args(argv)
-    workers = _workers()
-    vm = psutil.virtual_memory()
-    report = {"gpus": gpu_report(workers),
-              "ram": {"used_mb": round((vm.total - vm.available) / MB, 1),
-                      "total_mb": round(vm.total / MB, 1)},
-              "workers": [_process(pid, workers) for pid in workers]}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+# --- the server ----------------------------------------------------------------------
+
+class ServerError(Exception):
+    """The server answered with an error, or did not answer at all (status None)."""
+
+    def __init__(self, status: int | None, code: str, message: str):
+        super().__init__(message if status is None else f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+def call_server(url: str, token: str, method: str, path: str, body: Any = None,
+                timeout: float = 60.0) -> Any:
+    """The `data` of the server's answer; ServerError for an error or no answer."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as res:
+            return json.loads(res.read() or b"null")["data"]
+    except (ValueError, KeyError, TypeError):
+        raise ServerError(None, "not_lbs", f"{url} did not answer like an LLM Bench Shower "
+                                           "server") from None
+    except urllib.error.HTTPError as err:
+        try:
+            error = json.loads(err.read())["error"]
+            code, message = error["code"], error["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", f"HTTP {err.code} {err.reason}"
+        if err.code == 401 and not token:
+            message += " (set LBS_API_TOKEN to the server's token)"
+        raise ServerError(err.code, code, message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerError(None, "no_server", f"no server answers at {url} ({reason})") from None
+
+
+def server_report(url: str, token: str) -> dict[str, Any]:
+    try:
+        status = call_server(url, token, "GET", "/api/gpu/status", timeout=10)
+    except ServerError as exc:
+        return {"url": url, "reachable": exc.status is not None, "error": str(exc),
+                "models": []}
+    return {"url": url, "reachable": True, "error": None,
+            "models": [{"model_name": m["model_name"], "location": m["location"],
+                        "worker_id": m["worker_id"], "pinned": m.get("pinned", False)}
+                       for m in status.values()]}
+
+
+def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
+               dry_run: bool) -> dict[str, Any]:
+    """Release or offload every model through the server; the action's outcome."""
+    models = [m["model_name"] for m in server["models"]]
+    entry: dict[str, Any] = {"action": action, "target": server["url"], "dry_run": dry_run}
+    if not server["reachable"]:
+        return {**entry, "ok": not explicit, "message": server["error"] + (
+            "" if explicit else f"; no models were asked to {action}")}
+    if dry_run:
+        return {**entry, "ok": True, "message": f"would ask the server to {action} "
+                f"{len(models)} model(s): {', '.join(models) or 'none'}"}
+    try:
+        data = call_server(server["url"], token, "POST", f"/api/gpu/{action}", {})
+    except ServerError as exc:
+        if exc.code == "no_worker":  # nothing runs, so nothing holds memory
+            return {**entry, "ok": True, "message": f"{exc.message}: nothing to {action}"}
+        return {**entry, "ok": False, "message": f"the server could not {action}: {exc}"}
+    done = data.get("released" if action == "release" else "offloaded", [])
+    names = [e.get("model") or e.get("model_name") or "?" for e in done]
+    failed = [a for a in data["workers"] if not a["ok"]]
+    past = {"release": "released", "offload": "offloaded"}[action]
+    message = f"{past} {len(done)} model(s): {', '.join(names) or 'none'}"
+    if action == "release" and done:
+        message += f"; the workers' RSS fell by {data['freed_rss_mb']} MB"
+    notes = {a["result"]["message"] for a in data["workers"]
+             if a["ok"] and a["result"] and a["result"].get("message")}
+    message += "".join(f" ({n})" for n in sorted(notes))
+    message += "".join(f"; worker {a['worker_id']} failed: {a['error']}" for a in failed)
+    return {**entry, "ok": not failed, "message": message, "result": data}
+
+
+# --- stale workers -------------------------------------------------------------------
+
+def _ended(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # exited; its parent reaps it later
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_end(proc: psutil.Process, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _ended(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def end_process(pid: int, created: float, grace: float) -> str:
+    """SIGTERM `pid` (continuing it if stopped), SIGKILL it after `grace` s; the signal
+    that ended it. `created` is the create time the plan saw: a different process now
+    under that PID (or one that is not a worker) raises RuntimeError untouched."""
+    proc = psutil.Process(pid)
+    if abs(proc.create_time() - created) > 0.01 or not _is_worker_command(proc.cmdline()):
+        raise RuntimeError(f"pid {pid} is no longer the worker's process; left alone")
+    try:
+        proc.terminate()
+        if proc.status() == psutil.STATUS_STOPPED:
+            proc.resume()  # a stopped process acts on SIGTERM only once it runs again
+    except psutil.NoSuchProcess:
+        return "SIGTERM"
+    if _wait_end(proc, grace):
+        return "SIGTERM"
+    log.info("[Clear] pid %d ignored SIGTERM for %.0f s; sending SIGKILL", pid, grace)
+    try:
+        proc.kill()
+    except psutil.NoSuchProcess:
+        return "SIGKILL"
+    if _wait_end(proc, 5.0):
+        return "SIGKILL"
+    raise RuntimeError(f"pid {pid} is still running after SIGKILL")
+
+
+def plan_kills(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each stale worker row of this machine: kill its process, or only forget the
+    row (process gone, PID recycled by another program), with the reason."""
+    fresh_pids = {w["pid"] for w in workers if w["fresh"] and w["local"]}
+    plans = []
+    for w in workers:
+        if w["fresh"] or not w["local"]:
+            continue
+        proc, step = w["process"], {"worker_id": w["id"], "pid": w["pid"]}
+        if not proc["alive"]:
+            plans.append({**step, "do": "forget", "why": "its process is gone"})
+        elif not proc["is_worker"] or w["pid"] in fresh_pids \
+                or proc["created"] > w["_beat_ts"] + 1.0:
+            plans.append({**step, "do": "forget",
+                          "why": f"pid {w['pid']} now belongs to another process "
+                                 f"({proc['command']}); it is left alone"})
+        else:
+            plans.append({**step, "do": "kill", "created": proc["created"],
+                          "why": f"no heartbeat for {w['heartbeat_age_s']:.0f} s"})
+    return plans
+
+
+def confirm(plans: list[dict[str, Any]]) -> bool | None:
+    """Ask on the terminal; None when there is no terminal to ask on."""
+    if not sys.stdin.isatty():
+        return None
+    pids = ", ".join(str(p["pid"]) for p in plans if p["do"] == "kill")
+    sys.stderr.write(f"End the stale worker process(es) {pids}? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def kill_stale(plans: list[dict[str, Any]], settings: Any, grace: float,
+               dry_run: bool) -> list[dict[str, Any]]:
+    from backend.db import WorkerState, session_factory
+    from backend.jobs import worker_heartbeat
+
+    factory = None if dry_run else session_factory(settings.database_url)
+    actions = []
+    for plan in plans:
+        entry = {"action": plan["do"], "target": plan["worker_id"], "pid": plan["pid"],
+                 "dry_run": dry_run, "ok": True}
+        verb = "end" if plan["do"] == "kill" else "mark stopped"
+        if dry_run:
+            actions.append({**entry, "message": f"would {verb} worker {plan['worker_id']} "
+                                                f"(pid {plan['pid']}): {plan['why']}"})
+            continue
+        try:
+            if plan["do"] == "kill":
+                how = end_process(plan["pid"], plan["created"], grace)
+                message = f"ended worker {plan['worker_id']} (pid {plan['pid']}, {how}): " \
+                          f"{plan['why']}"
+            else:
+                message = f"marked worker {plan['worker_id']} stopped: {plan['why']}"
+            worker_heartbeat(factory, plan["worker_id"], state=WorkerState.STOPPED.value)
+            actions.append({**entry, "message": message})
+        except (psutil.Error, RuntimeError, OSError, sa.exc.SQLAlchemyError) as exc:
+            actions.append({**entry, "ok": False,
+                            "message": f"could not end pid {plan['pid']}: {exc}"})
+    return actions
+
+
+# --- output --------------------------------------------------------------------------
+
+def print_report(report: dict[str, Any]) -> None:
     if report["gpus"] is None:
         print("No NVIDIA GPU found (no NVML or no driver): nothing holds GPU memory here.")
-    else:
-        for gpu in report["gpus"]:
-            print(f"GPU {gpu['index']} {gpu['name']}: {gpu['used_mb']:.0f} / "
-                  f"{gpu['total_mb']:.0f} MB used")
-            for p in gpu["processes"]:
-                mark = f"  [LBS worker {p['lbs_worker']['id']}]" if p["lbs_worker"] else ""
-                print(f"  pid {p['pid']:>7}  {p['gpu_mb']:>9.0f} MB  {p['command']}{mark}")
+    for gpu in report["gpus"] or []:
+        print(f"GPU {gpu['index']} {gpu['name']}: {gpu['used_mb']:.0f} / "
+              f"{gpu['total_mb']:.0f} MB used")
+        for p in gpu["processes"]:
+            mark = f"  [LBS worker {p['lbs_worker']}]" if p["lbs_worker"] else ""
+            print(f"  pid {p['pid']:>7}  {p['gpu_mb']:>9.0f} MB  {p['command']}{mark}")
     ram = report["ram"]
     print(f"RAM: {ram['used_mb']:.0f} / {ram['total_mb']:.0f} MB used")
-    for w in report["workers"]:
-        print(f"  LBS worker pid {w['pid']}: RSS {w['rss_mb']} MB, "
-              f"{w['lbs_worker']['state']}, heartbeat {w['lbs_worker']['heartbeat_at']}")
-    return 0
+    workers = report["workers"]
+    if workers is None:
+        print("Workers: the database could not be read.")
+    else:
+        print(f"Workers: {len(workers) or 'none'} registered "
+              f"(stale after {report['stale_after_s']:g} s without a heartbeat)")
+    for w in workers or []:
+        proc = w["process"]
+        where = f"on {w['host']}" if not w["local"] else (
+            f"RSS {proc['rss_mb']} MB" if proc["alive"] else "process gone")
+        fresh = "fresh" if w["fresh"] else "STALE"
+        print(f"  worker {w['id']} pid {w['pid']} ({w['device']}, {w['state']}): {where}, "
+              f"heartbeat {w['heartbeat_age_s']:.0f} s ago ({fresh})")
+    server = report["server"]
+    if not server["reachable"]:
+        print(f"Server: {server['error']}")
+    else:
+        models = ", ".join(f"{m['model_name']} ({m['location']}, {m['worker_id']})"
+                           for m in server["models"]) or "none"
+        print(f"Server {server['url']}: models held: {models}")
+    for action in report["actions"]:
+        mark = "" if action["ok"] else "FAILED: "
+        print(f"{'[dry run] ' if action['dry_run'] else ''}{mark}{action['message']}")
+    if report.get("gpus_after"):
+        for gpu in report["gpus_after"]:
+            print(f"GPU {gpu['index']} now: {gpu['used_mb']:.0f} / {gpu['total_mb']:.0f} MB used")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clear_gpu_memory.py",
+        description="Show what holds GPU memory, ask the server to release (or offload) "
+                    "its models, and end stale workers.")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--release", action="store_true",
+                        help="ask the server to release every model (the default when a "
+                             "server answers)")
+    action.add_argument("--offload", action="store_true",
+                        help="ask the server to offload every model to CPU RAM")
+    action.add_argument("--keep-models", action="store_true",
+                        help="ask the server for nothing")
+    parser.add_argument("--kill-stale", action="store_true",
+                        help="end this machine's workers whose heartbeat is stale")
+    parser.add_argument("--yes", action="store_true", help="end them without asking")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what would be done; change nothing")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--server", help="the server's URL (default: LBS_SERVER_URL)")
+    parser.add_argument("--stale-after", type=float, metavar="S",
+                        help="a heartbeat older than this is stale "
+                             "(default: max(15, LBS_LEASE_SECONDS))")
+    parser.add_argument("--grace", type=float, default=10.0, metavar="S",
+                        help="seconds between SIGTERM and SIGKILL (default 10)")
+    args = parser.parse_args(argv)
+    if args.stale_after is not None and args.stale_after <= 0:
+        parser.error("--stale-after must be greater than 0")
+    if args.grace < 0:
+        parser.error("--grace must be at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from backend.config import load_settings_or_report
+    from backend.logs import setup_logging
+    from backend.scheduling import stale_after as default_stale_after
+
+    settings = load_settings_or_report()
+    if settings is None:
+        return EXIT_USAGE
+    setup_logging("WARNING" if args.json else settings.log_level)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    stale_after = args.stale_after or default_stale_after(settings.lease_seconds).total_seconds()
+    url = (args.server or settings.server_url).rstrip("/")
+
+    workers = read_workers(settings, stale_after)
+    vm = psutil.virtual_memory()
+    report: dict[str, Any] = {
+        "gpus": gpu_report(workers or []),
+        "ram": {"used_mb": round((vm.total - vm.available) / MB, 1),
+                "total_mb": round(vm.total / MB, 1)},
+        "workers": workers, "stale_after_s": stale_after,
+        "server": server_report(url, settings.api_token), "actions": []}
+    if not report["server"]["reachable"]:
+        log.warning("[Clear] %s", report["server"]["error"])
+
+    if not args.keep_models:
+        action = "offload" if args.offload else "release"
+        report["actions"].append(ask_server(action, report["server"], settings.api_token,
+                                            args.release or args.offload, args.dry_run))
+    code = EXIT_OK
+    if args.kill_stale:
+        if workers is None:
+            report["actions"].append({"action": "kill", "target": None, "dry_run": args.dry_run,
+                                      "ok": False, "message": "cannot read the workers table"})
+        else:
+            plans = plan_kills(workers)
+            kills = [p for p in plans if p["do"] == "kill"]
+            answer = True if (args.yes or args.dry_run or not kills) else confirm(plans)
+            if answer is None:
+                log.error("[Clear] %d stale worker(s) to end, and no terminal to ask on: "
+                          "pass --yes to end them (or --dry-run to see them)", len(kills))
+                code = EXIT_USAGE
+            elif not answer:
+                report["actions"].append({"action": "kill", "target": None, "ok": True,
+                                          "dry_run": False, "message": "left the stale "
+                                          "workers alone (not confirmed)"})
+            else:
+                report["actions"] += kill_stale(plans, settings, args.grace, args.dry_run)
+    if report["gpus"] and any(not a["dry_run"] for a in report["actions"]):
+        report["gpus_after"] = gpu_report(workers or [])
+    for w in workers or []:
+        w.pop("_beat_ts", None)
+        if w["process"]:
+            w["process"].pop("created", None)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
+    for failed in (a for a in report["actions"] if not a["ok"]):
+        log.error("[Clear] %s", failed["message"])
+    if code == EXIT_OK and not all(a["ok"] for a in report["actions"]):
+        code = EXIT_FAILED
+    return code
 
 
 if __name__ == "__main__":

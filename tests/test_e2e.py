@@ -118,5 +118,6 @@ def test_clear_gpu_memory_report_marks_workers(live_server):
     assert report["ram"]["total_mb"] > 0
     listed = {w["pid"]: w for w in report["workers"]}
     assert workers[0]["pid"] in listed
-    assert listed[workers[0]["pid"]]["lbs_worker"]["id"] == workers[0]["id"]
-    assert listed[workers[0]["pid"]]["rss_mb"] > 50
+    assert listed[workers[0]["pid"]]["id"] == workers[0]["id"]
+    assert listed[workers[0]["pid"]]["fresh"]
+    assert listed[workers[0]["pid"]]["process"]["rss_mb"] > 50

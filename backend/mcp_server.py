@@ -1,0 +1,194 @@
+"""MCP server: LLM Bench Shower's GPU and job tools for MCP clients (seed 004).
+
+    python -m backend.mcp_server [--server URL]          # stdio, for a client that spawns it
+    python -m backend.mcp_server --http [--port 8765]    # streamable HTTP on 127.0.0.1/mcp
+
+Tools: get_gpu_status, offload_gpu, release_gpu, update_gpu_timeout,
+list_datasets, submit_job, get_job, cancel_job. Each is one or two calls to a
+running server's HTTP API (`python -m backend.server`, at `--server`, default
+LBS_SERVER_URL), sending `Authorization: Bearer <LBS_API_TOKEN>` when that is
+set. An error answer from the server becomes a tool error carrying its code
+and message (e.g. `HTTP 422 unknown_dataset: ...`); so does a server that
+does not answer. This process holds no model and never imports torch; it logs
+to stderr only, since stdout is the stdio transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "Tools of an LLM Bench Shower server: evaluate language models on benchmark datasets "
+    "(list_datasets, submit_job, get_job, cancel_job) and manage the GPU memory its "
+    "workers' models hold (get_gpu_status, offload_gpu, release_gpu, update_gpu_timeout).")
+
+
+class ServerError(Exception):
+    """The server answered with an error, or did not answer; the message says which."""
+
+
+class ApiClient:
+    """A few lines of HTTP to the LLM Bench Shower API: `call` returns the answer's `data`
+    or raises ServerError whose message carries the server's error code and message."""
+
+    def __init__(self, base_url: str, token: str = "", timeout: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as res:
+                return json.loads(res.read() or b"null")["data"]
+        except urllib.error.HTTPError as err:
+            raise ServerError(_error_text(err, bool(self.token))) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerError(f"no LLM Bench Shower server answers at {self.base_url} "
+                              f"({reason}); start it with `python -m backend.server` or "
+                              "pass --server") from None
+        except (ValueError, KeyError, TypeError):
+            raise ServerError(f"{self.base_url} did not answer like an LLM Bench Shower "
+                              "server") from None
+
+
+def _error_text(err: urllib.error.HTTPError, sent_token: bool) -> str:
+    """`HTTP 422 unknown_dataset: <message> [field: message; ...]` from an error answer."""
+    try:
+        error = json.loads(err.read())["error"]
+        text = f"HTTP {err.code} {error['code']}: {error['message']}"
+        details = [f"{d['field']}: {d['message']}" for d in error.get("details") or []
+                   if d.get("field") and d["message"] not in error["message"]]
+    except (ValueError, KeyError, TypeError):
+        text, details = f"HTTP {err.code} {err.reason}", []
+    if details:
+        text += f" [{'; '.join(details)}]"
+    if err.code == 401 and not sent_token:
+        text += " (set LBS_API_TOKEN for the MCP server to the server's token)"
+    return text
+
+
+def _target(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def build_server(api: ApiClient):
+    """The MCPServer with the eight tools, each a thin call through `api`."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    server = MCPServer("llm-bench-shower", instructions=INSTRUCTIONS)
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        try:
+            return api.call(method, path, body)
+        except ServerError as exc:
+            log.info("[MCP] %s %s: %s", method, path, exc)
+            raise ToolError(str(exc)) from None
+
+    @server.tool()
+    def get_gpu_status() -> dict[str, Any]:
+        """Every model the workers hold (location GPU/CPU, idle time, idle timeout, GPU
+        memory, pinned, worker_id) under `models`, and each worker (pid, device, state,
+        current job, alive) under `workers`."""
+        return {"models": call("GET", "/api/gpu/status"),
+                "workers": call("GET", "/api/workers")["workers"]}
+
+    @server.tool()
+    def offload_gpu(model: str | None = None, worker: str | None = None) -> dict[str, Any]:
+        """Move models from GPU to CPU RAM (fast to restore). `model`: one model name,
+        all when left out; `worker`: one worker id, all when left out. A worker without
+        a GPU keeps its models in RAM and says so."""
+        return call("POST", "/api/gpu/offload", _target(model=model, worker=worker))
+
+    @server.tool()
+    def release_gpu(model: str | None = None, worker: str | None = None) -> dict[str, Any]:
+        """Free models completely (GPU and RAM); the answer has the RSS returned.
+        `model`: one model name, all when left out; `worker`: one worker id."""
+        return call("POST", "/api/gpu/release", _target(model=model, worker=worker))
+
+    @server.tool()
+    def update_gpu_timeout(timeout_seconds: float, worker: str | None = None) -> dict[str, Any]:
+        """Set how long a model may sit idle on the GPU before it is offloaded to CPU
+        RAM (seconds, > 0, at most 7 days), for every worker or one `worker`."""
+        return call("POST", "/api/gpu/timeout",
+                    _target(timeout=timeout_seconds, worker=worker))
+
+    @server.tool()
+    def list_datasets() -> dict[str, Any]:
+        """The datasets a job can name, each with its description, cache mode and the
+        JSON schema and defaults of its parameters."""
+        return call("GET", "/api/datasets")
+
+    @server.tool()
+    def submit_job(model: str, dataset: str, params: dict[str, Any] | None = None,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+        """Queue one evaluation and return the job (id, state "queued", ...).
+        `model`: "builtin:tiny", a checkpoint folder or a cached hub id; `dataset`: a
+        name from list_datasets; `params`: that dataset's parameters (defaults when
+        left out); `timeout_s`: fail the job after this many seconds of running."""
+        body = _target(model=model, dataset=dataset, params=params or {}, timeout_s=timeout_s)
+        return call("POST", "/api/jobs", body)["job"]
+
+    @server.tool()
+    def get_job(job_id: int) -> dict[str, Any]:
+        """One job: state (queued, running, succeeded, failed, cancelled), progress
+        {done, total}, scores, memory peaks, error and timings."""
+        return call("GET", f"/api/jobs/{job_id}")["job"]
+
+    @server.tool()
+    def cancel_job(job_id: int) -> dict[str, Any]:
+        """Cancel a queued job at once, or ask a running one to stop after its current
+        sample (cancel_requested); a finished job cannot be cancelled (HTTP 409)."""
+        return call("POST", f"/api/jobs/{job_id}/cancel")["job"]
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.mcp_server",
+                                     description="Serve LLM Bench Shower's tools over MCP.")
+    parser.add_argument("--server", help="the LLM Bench Shower server's URL "
+                                         "(default: LBS_SERVER_URL)")
+    parser.add_argument("--http", action="store_true",
+                        help="serve streamable HTTP on 127.0.0.1 instead of stdio")
+    parser.add_argument("--port", type=int, default=8765,
+                        help="port for --http (default 8765)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error("--port must be from 1 to 65535")
+
+    from backend.config import load_settings_or_report
+    from backend.logs import setup_logging
+
+    settings = load_settings_or_report()
+    if settings is None:
+        return 2
+    setup_logging(settings.log_level)  # stderr: stdout belongs to the stdio transport
+    api = ApiClient(args.server or settings.server_url, settings.api_token)
+    server = build_server(api)
+    log.info("[MCP] tools for %s over %s", api.base_url,
+             f"http://127.0.0.1:{args.port}/mcp" if args.http else "stdio")
+    if args.http:
+        server.run("streamable-http", host="127.0.0.1", port=args.port)
+    else:
+        server.run("stdio")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

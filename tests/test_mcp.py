@@ -1,0 +1,229 @@
+"""`python -m backend.mcp_server` driven by the mcp package's own client, over stdio (and
+once over streamable HTTP), against a real server + worker that needs an API token."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+
+from tests.conftest import ECHO_PLUGIN, ROOT, SEED_SETTINGS, LiveServer, free_port
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "mcp-test-token"
+TOOLS = {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout",
+         "list_datasets", "submit_job", "get_job", "cancel_job"}
+NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, builtin_models_dir):
+    """One server + worker for the module, with LBS_API_TOKEN set and the echo plugin."""
+    root = tmp_path_factory.mktemp("mcp")
+    data, plugins = root / "data", root / "plugins"
+    data.mkdir()
+    plugins.mkdir()
+    (data / "models").symlink_to(builtin_models_dir, target_is_directory=True)
+    (plugins / "echo_dataset.py").write_text(ECHO_PLUGIN)
+    with pytest.MonkeyPatch.context() as mp:  # no setting of the developer's leaks in
+        for name in list(os.environ):
+            if name.startswith("LBS_") or name in SEED_SETTINGS:
+                mp.delenv(name)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        live = LiveServer(data, {"LBS_API_TOKEN": TOKEN, "LBS_PLUGIN_DIRS": str(plugins)})
+    live.start()
+    try:
+        live.wait_for_worker()
+        yield live
+    finally:
+        live.stop()
+
+
+def _env(server: LiveServer, token: str | None) -> dict[str, str]:
+    env = {"LBS_ENV_FILE": str(server.data_dir / "no.env"), "LBS_DATA_DIR": str(server.data_dir)}
+    if token:
+        env["LBS_API_TOKEN"] = token
+    return env
+
+
+@asynccontextmanager
+async def session(server: LiveServer, token: str | None = TOKEN):
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "backend.mcp_server", "--server", server.url],
+        env=_env(server, token), cwd=ROOT)
+    async with Client(params) as client:
+        yield client
+
+
+async def call(client, tool: str, **args) -> dict:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def call_error(client, tool: str, **args) -> str:
+    result = await client.call_tool(tool, args)
+    assert result.is_error, result.structured_content
+    text = result.content[0].text
+    assert "Traceback" not in text
+    return text
+
+
+async def wait_job(client, job_id: int, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await call(client, "get_job", job_id=job_id)
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.3)
+
+
+def test_tools_datasets_and_a_job(server):
+    async def scenario():
+        async with session(server) as client:
+            assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+            names = [d["name"] for d in (await call(client, "list_datasets"))["datasets"]]
+            assert "needle_in_haystack" in names and "echo" in names
+
+            job = await call(client, "submit_job", model="builtin:tiny",
+                             dataset="needle_in_haystack", params=NIAH)
+            assert job["state"] == "queued" and job["params"]["context_lengths"] == [256]
+            done = await wait_job(client, job["id"])
+            assert done["state"] == "succeeded", done["error"]
+            assert done["progress"] == {"done": 2, "total": 2}
+            assert done == server.request("GET", f"/api/jobs/{job['id']}")[1]["data"]["job"]
+
+    asyncio.run(scenario())
+
+
+def test_bad_submit_names_the_problem(server):
+    async def scenario():
+        async with session(server) as client:
+            text = await call_error(client, "submit_job", model="builtin:tiny",
+                                    dataset="no_such_set")
+            assert "HTTP 422 unknown_dataset" in text and "no_such_set" in text
+            text = await call_error(client, "submit_job", model="builtin:tiny",
+                                    dataset="needle_in_haystack",
+                                    params={"context_lengths": [9000]})
+            assert "invalid_params" in text and "params.context_lengths" in text
+            text = await call_error(client, "get_job", job_id=999999)
+            assert "HTTP 404 not_found" in text
+
+    asyncio.run(scenario())
+
+
+def test_gpu_tools_reach_the_worker(server):
+    def api_status() -> dict:
+        status, body = server.request("GET", "/api/gpu/status")
+        assert status == 200, body
+        return body["data"]
+
+    async def scenario():
+        async with session(server) as client:
+            job = await call(client, "submit_job", model="builtin:tiny", dataset="echo")
+            assert (await wait_job(client, job["id"]))["state"] == "succeeded"
+            deadline = time.monotonic() + 10
+            while "builtin:tiny" not in (status := await call(client, "get_gpu_status"))[
+                    "models"]:  # workers publish their status about once a second
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.2)
+            assert [w["alive"] for w in status["workers"]] == [True]
+            tiny = status["models"]["builtin:tiny"]
+            assert tiny["worker_id"] == status["workers"][0]["id"]
+            assert tiny["location"] in ("CPU", "GPU") and tiny["idle_timeout_seconds"] == 600
+
+            answer = await call(client, "update_gpu_timeout", timeout_seconds=300)
+            assert answer["idle_timeout_seconds"] == 300
+            assert api_status()["builtin:tiny"]["idle_timeout_seconds"] == 300
+            text = await call_error(client, "update_gpu_timeout", timeout_seconds=-1)
+            assert "HTTP 422 validation_error" in text and "timeout" in text
+
+            answer = await call(client, "offload_gpu")
+            assert [w["ok"] for w in answer["workers"]] == [True]
+            answer = await call(client, "release_gpu", model="builtin:tiny")
+            assert [e["model"] for e in answer["released"]] == ["builtin:tiny"]
+            assert api_status() == {}
+            text = await call_error(client, "release_gpu", model="builtin:tiny")
+            assert "HTTP 404 unknown_model" in text
+
+    asyncio.run(scenario())
+
+
+def test_cancel_job_behaves_like_the_api(server):
+    async def scenario():
+        async with session(server) as client:
+            # One worker: the second job waits in the queue while the first runs.
+            first = await call(client, "submit_job", model="builtin:tiny",
+                               dataset="needle_in_haystack", params=NIAH)
+            second = await call(client, "submit_job", model="builtin:tiny",
+                                dataset="needle_in_haystack", params=NIAH)
+            cancelled = await call(client, "cancel_job", job_id=second["id"])
+            assert cancelled["state"] == "cancelled" or cancelled["cancel_requested"]
+            assert (await wait_job(client, second["id"]))["state"] == "cancelled"
+            assert (await wait_job(client, first["id"]))["state"] == "succeeded"
+
+            text = await call_error(client, "cancel_job", job_id=first["id"])
+            status, body = server.request("POST", f"/api/jobs/{first['id']}/cancel")
+            assert status == 409 and f"HTTP 409 conflict: {body['error']['message']}" in text
+
+    asyncio.run(scenario())
+
+
+def test_without_the_token_tools_fail_clearly(server):
+    async def scenario():
+        async with session(server, token=None) as client:
+            text = await call_error(client, "list_datasets")
+            assert "HTTP 401 unauthorized" in text and "LBS_API_TOKEN" in text
+        async with session(server, token="wrong") as client:
+            assert "HTTP 401" in await call_error(client, "get_gpu_status")
+
+    asyncio.run(scenario())
+
+
+def test_streamable_http_transport(server):
+    from mcp.client import Client
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.mcp_server", "--http", "--port", str(port),
+         "--server", server.url], cwd=ROOT, env={**os.environ, **_env(server, TOKEN)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the MCP HTTP server did not start"
+                time.sleep(0.2)
+
+        async def scenario():
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+                datasets = (await call(client, "list_datasets"))["datasets"]
+                assert "needle_in_haystack" in [d["name"] for d in datasets]
+
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_mcp_server_never_imports_torch():
+    code = ("import sys, backend.mcp_server as m\n"
+            "m.build_server(m.ApiClient('http://127.0.0.1:1'))\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
