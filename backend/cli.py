@@ -48,7 +48,8 @@ class _ListSink:
     def set_total(self, total: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="sample", file=sys.stderr)
+        if self.bar is None:  # a comparison job sets it once per method
+            self.bar = tqdm(total=total, unit="sample", file=sys.stderr)
 
     def write(self, record: Any) -> bool:
         self.records.append(record)

@@ -18,7 +18,14 @@ from functools import partial
 from typing import Any, Protocol
 
 from backend.config import Settings
-from backend.datasets.base import Dataset, DatasetParams, ModelInfo, ScoreEntry
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    ModelInfo,
+    ParamError,
+    ScoreEntry,
+)
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
 from backend.runners.base import GenerationRequest
@@ -77,6 +84,9 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
                 raise JobFieldError("api.tokenizer", str(exc)) from None
         if api_key is None and api.api_key is not None:
             api_key = api.api_key.get_secret_value()
+        if params.methods:
+            raise ParamError("methods", "inference methods are for local transformers "
+                                        "models, not openai: models")
     elif api is not None:
         raise JobFieldError("api", "only for openai:<name> models")
     info = model_info(spec)
@@ -235,9 +245,8 @@ def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Back
             continue
         answer.text, answer.prompt_tokens = reply.text, reply.prompt_tokens
         answer.output_tokens = reply.output_tokens
-        if reply.extra:  # an API model: its usage, attempts and the request's own latency
-            answer.fields = {**answer.fields, "api": {**reply.extra,
-                                                      "latency_s": round(reply.latency_s, 4)}}
+        if reply.extra:  # prefill/decode timing; an API model's usage and attempts
+            answer.fields = {**answer.fields, **reply.extra}
         nxt = follow(answer.item, reply.text, runner) if follow else None
         if nxt is not None:
             second.append((answer, nxt))
@@ -270,11 +279,11 @@ def api_model_key(job: PreparedJob) -> tuple:
     return (job.spec.name, "openai", json.dumps(job.api.public(), sort_keys=True), digest)
 
 
-def model_key(spec: ModelSpec, settings: Settings) -> tuple:
+def model_key(spec: ModelSpec, settings: Settings, options: Any = None) -> tuple:
     """What makes two loaded models different (the model manager's cache key)."""
     from backend.runners.hf import LoadOptions
 
-    return (spec.name, str(spec.path), "hf", LoadOptions.from_settings(settings))
+    return (spec.name, str(spec.path), "hf", options or LoadOptions.from_settings(settings))
 
 
 def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
@@ -284,10 +293,13 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
 
     `keep_on_gpu` tells the model manager, after the job, whether the next job
     needs the same model (then a cached model stays on the GPU).
+
+    With `methods` (a comparison) the job makes one pass per method over the same
+    items: the model is loaded with that method, every item answered, and the model
+    released (the release checked by the memory tracker) before the next method
+    loads. Pass k stores item i as sample k * n + i with the method in its fields.
     """
     from backend.memory.tracker import CudaPeaks, PeakSampler, rss_bytes
-    from backend.runners.hf import HFRunner, LoadOptions
-    from backend.runners.models import estimate_model_bytes
 
     sampler = PeakSampler().start()
     cuda = CudaPeaks()
@@ -297,54 +309,26 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     stopped = False
     stored = sink.stored()
     results = dict(stored)
-    options = LoadOptions.from_settings(settings)
-    if job.spec.api_model:
-        from backend.runners.openai_api import load_api_runner
-
-        key, estimate = api_model_key(job), 0
-        load = partial(load_api_runner, job.spec.name, job.api, job.api_key, settings)
-    else:
-        key = model_key(job.spec, settings)
-        estimate = estimate_model_bytes(job.spec, options.dtype)
-        load = partial(HFRunner.load, job.spec, options, settings)
+    methods: list[str | None] = list(job.params.methods or []) or [None]
     try:
-        with manager.use(key, job.spec.name, load, job.dataset.cache_mode, estimate=estimate,
-                         keep_on_gpu=keep_on_gpu) as runner:
-            memory.append(("rss_at_load", "cpu", rss_bytes()))
-            if not getattr(job.params, "use_chat_template", True):
-                runner = runner.without_chat_template()
-            items = job.dataset.build_items(job.params, runner)
-            sink.set_total(len(items))
-            pending = [item for item in items if item.idx not in stored]
-            on_oom = _oom_handler(manager, job)
-            backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
-            step = job.params.batch_size
-            for first in range(0, len(pending), step):
-                sampler.new_window()
-                cuda.new_window()
-                started = time.perf_counter()
-                answers = _answer_batch(pending[first:first + step], runner, job.dataset,
-                                        backoff, single)
-                latency = round((time.perf_counter() - started) / len(answers), 6)
-                peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
-                for a in answers:
-                    if a.error and job.params.on_oom == "fail_job":
-                        raise SampleOutOfMemory(
-                            f"sample {a.item.idx} does not fit in memory even alone "
-                            f"({a.error}); the job asked on_oom=fail_job")
-                    score = 0.0 if a.error else job.dataset.score(a.item, a.text)
-                    record = SampleRecord(
-                        idx=a.item.idx, prompt=a.item.prompt, prompt_tokens=a.prompt_tokens,
-                        prediction=a.text, score=score, latency_s=latency,
-                        output_tokens=a.output_tokens, fields=a.fields,
-                        peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
-                        error=f"out of memory even alone: {a.error}" if a.error else None)
-                    results[a.item.idx] = (a.fields, score)
-                    if not sink.write(record):
-                        stopped = True
-                        break
-                if stopped:
-                    break
+        for k, method in enumerate(methods):
+            key, load, estimate = _loader(job, settings, method)
+            cache_mode = job.dataset.cache_mode if method is None else CacheMode.UNCACHED
+            with manager.use(key, job.spec.name, load, cache_mode, estimate=estimate,
+                             keep_on_gpu=keep_on_gpu) as runner:
+                memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
+                               rss_bytes()))
+                if not getattr(job.params, "use_chat_template", True):
+                    runner = runner.without_chat_template()
+                items = job.dataset.build_items(job.params, runner)
+                sink.set_total(len(items) * len(methods))
+                offset = k * len(items)
+                if method is not None and any(i.idx + offset not in stored for i in items):
+                    _warm_up(runner, items[0], method)
+                stopped = _run_items(job, manager, runner, items, offset, method, stored,
+                                     results, sink, sampler, cuda)
+            if stopped:
+                break
         memory.append(("rss_after_job", "cpu", rss_bytes()))
     finally:
         memory.append(("rss_peak", "cpu", sampler.stop()))
@@ -353,6 +337,114 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
     if cuda.nvml_peak is not None:  # sampled at sample boundaries, CUDA context included
         memory.append(("cuda_nvml_process_used", "cuda:all", cuda.nvml_peak))
-    scores = job.dataset.aggregate([results[i] for i in sorted(results)])
+    if methods == [None]:
+        scores = job.dataset.aggregate([results[i] for i in sorted(results)])
+    else:
+        scores = compare_methods(job.dataset, [m for m in methods if m], results)
     events = [e.as_dict() for e in manager.events_since(first_event)]
     return EvalOutcome(scores=scores, memory=memory, events=events, stopped=stopped)
+
+
+def _loader(job: PreparedJob, settings: Settings, method: str | None
+            ) -> tuple[tuple, Callable[[], Any], int]:
+    """The model manager's key, the load function and the size estimate for `job`."""
+    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import estimate_model_bytes
+
+    if job.spec.api_model:
+        from backend.runners.openai_api import load_api_runner
+
+        return (api_model_key(job),
+                partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
+    options = LoadOptions.from_settings(settings, method or "default")
+    return (model_key(job.spec, settings, options), partial(HFRunner.load, job.spec, options,
+                                                            settings),
+            estimate_model_bytes(job.spec, options.dtype))
+
+
+def _warm_up(runner: Any, item: Any, method: str) -> None:
+    """One untimed generation before a method's timed pass, so first-call costs (kernel
+    selection, thread pools, torch.compile) do not count against whichever runs first."""
+    started = time.perf_counter()
+    if item.choices:
+        _choose(runner, item)
+    else:
+        runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4))])
+    log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
+
+
+def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list[Any],
+               offset: int, method: str | None, stored: dict, results: dict,
+               sink: SampleSink, sampler: Any, cuda: Any) -> bool:
+    """Answer and store every item not stored yet; True if the sink asked to stop."""
+    pending = [item for item in items if item.idx + offset not in stored]
+    on_oom = _oom_handler(manager, job)
+    backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
+    step = job.params.batch_size
+    for first in range(0, len(pending), step):
+        sampler.new_window()
+        cuda.new_window()
+        started = time.perf_counter()
+        answers = _answer_batch(pending[first:first + step], runner, job.dataset, backoff,
+                                single)
+        latency = round((time.perf_counter() - started) / len(answers), 6)
+        peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
+        for a in answers:
+            if a.error and job.params.on_oom == "fail_job":
+                raise SampleOutOfMemory(
+                    f"sample {a.item.idx + offset} does not fit in memory even alone "
+                    f"({a.error}); the job asked on_oom=fail_job")
+            score = 0.0 if a.error else job.dataset.score(a.item, a.text)
+            fields = a.fields
+            if method is not None:  # what the comparison reads back, also after a resume
+                fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,
+                          "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens,
+                          "latency_s": latency, "peak_rss_bytes": peak_rss,
+                          "peak_gpu_bytes": peak_gpu}
+            record = SampleRecord(
+                idx=a.item.idx + offset, prompt=a.item.prompt, prompt_tokens=a.prompt_tokens,
+                prediction=a.text, score=score, latency_s=latency,
+                output_tokens=a.output_tokens, fields=fields,
+                peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
+                error=f"out of memory even alone: {a.error}" if a.error else None)
+            results[a.item.idx + offset] = (fields, score)
+            if not sink.write(record):
+                return True
+    return False
+
+
+def compare_methods(dataset: Dataset, methods: list[str],
+                    results: dict[int, tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+    """Scores of a comparison job: the dataset's own scores for the first method, one
+    `method` entry per method (score, tokens/s of prefill and decode, mean latency,
+    peak memory) and `agreement`, the share of items where the methods answered alike."""
+    by_method: dict[str, dict[int, tuple[dict[str, Any], float]]] = {m: {} for m in methods}
+    for fields, score in results.values():
+        if fields.get("method") in by_method:
+            by_method[fields["method"]][fields["item"]] = (fields, score)
+    first = by_method[methods[0]]
+    scores = dataset.aggregate([first[i] for i in sorted(first)])
+    for method in methods:
+        rows = [f for f, _ in by_method[method].values()]
+        values = [s for _, s in by_method[method].values()]
+        timings = [(f, f.get("timing")) for f in rows if f.get("timing")]
+        prefill_s = sum(t["prefill_s"] / t["batch"] for _, t in timings)
+        decode_s = sum(t["decode_s"] / t["batch"] for _, t in timings)
+        decoded = sum(max(f["output_tokens"] - 1, 0) for f, _ in timings)
+        prompt = sum(f["prompt_tokens"] for f, _ in timings)
+        peaks_gpu = [f["peak_gpu_bytes"] for f in rows if f.get("peak_gpu_bytes")]
+        scores.append(ScoreEntry("method", sum(values) / len(values) if values else 0.0,
+                                 len(values), {
+            "method": method,
+            "prefill_tokens_per_s": round(prompt / prefill_s, 1) if prefill_s else None,
+            "decode_tokens_per_s": round(decoded / decode_s, 1) if decode_s else None,
+            "latency_s_mean": round(sum(f["latency_s"] for f in rows) / len(rows), 6)
+            if rows else None,
+            "peak_rss_mb": round(max((f.get("peak_rss_bytes") or 0 for f in rows),
+                                     default=0) / 2**20, 1),
+            "peak_gpu_mb": round(max(peaks_gpu) / 2**20, 1) if peaks_gpu else None}))
+    common = set.intersection(*(set(by_method[m]) for m in methods))
+    if len(methods) > 1 and common:
+        same = sum(len({by_method[m][i][0]["prediction"] for m in methods}) == 1 for i in common)
+        scores.append(ScoreEntry("agreement", same / len(common), len(common)))
+    return scores

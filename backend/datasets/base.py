@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.paths import OutsideAllowedFolders, confine
 
@@ -67,6 +67,18 @@ class DatasetParams(BaseModel):
         "fail_sample",
         description="when one prompt alone does not fit in memory: record it as a failed "
                     "sample (scored 0) and go on, or fail the job")
+    methods: list[Literal["basic", "optimized"]] | None = Field(
+        None, min_length=1, max_length=2,
+        description="compare inference methods on the same prompts, one after the other "
+                    "(the model released in between): basic = eager attention; optimized = "
+                    "SDPA attention, plus a static KV cache and torch.compile on CUDA")
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("each method at most once")
+        return value
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,18 @@ class LoadOptions:
     dtype: str
     trust_remote_code: bool
     gpu_memory_limit: float
+    method: str = "default"
+    """Inference method: "default" (transformers' defaults), "basic" (eager attention,
+    dynamic cache) or "optimized" (SDPA attention; on CUDA also a static KV cache and
+    torch.compile). See METHODS."""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LoadOptions:
-        return cls(settings.torch_dtype, settings.trust_remote_code, settings.gpu_memory_limit)
+    def from_settings(cls, settings: Settings, method: str = "default") -> LoadOptions:
+        return cls(settings.torch_dtype, settings.trust_remote_code, settings.gpu_memory_limit,
+                   method)
+
+
+METHODS = ("basic", "optimized")
 
 
 def _torch_dtype(name: str, on_cuda: bool):
@@ -50,6 +58,24 @@ def _copy_cache(cache):
     import copy
 
     return copy.deepcopy(cache)
+
+
+class _FirstToken:
+    """A logits processor that only notes when it is first called: the end of the
+    prefill (the prompt's forward pass), so generation splits into prefill and decode."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return scores
 
 
 class HFTokenizer:
@@ -98,6 +124,7 @@ class HFRunner(Runner):
                              else tokenizer.eos_token_id)
         self._host: dict[str, object] | None = None  # CPU copy of every weight, once made
         self.host_pinned = False
+        self.static_cache = False
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
@@ -113,6 +140,10 @@ class HFRunner(Runner):
         kwargs = dict(dtype=_torch_dtype(options.dtype, on_cuda),
                       trust_remote_code=options.trust_remote_code,
                       local_files_only=local_only, low_cpu_mem_usage=True)
+        if options.method == "basic":
+            kwargs["attn_implementation"] = "eager"
+        elif options.method == "optimized":
+            kwargs["attn_implementation"] = "sdpa"
         max_memory = build_max_memory(options.gpu_memory_limit) if on_cuda else None
         if max_memory:
             kwargs.update(device_map="auto", max_memory=max_memory)
@@ -124,13 +155,21 @@ class HFRunner(Runner):
             model.to("cuda:0")
         model.eval()
         device = str(next(model.parameters()).device)
+        static_cache = False
+        if options.method == "optimized" and device.startswith("cuda"):
+            # A static KV cache gives fixed shapes, which is what lets the compiled
+            # forward be reused step after step; on the CPU neither pays off here.
+            static_cache = True
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
         config_max = getattr(model.config, "max_position_embeddings", None)
         tok_max = tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None
         max_length = config_max or tok_max or 2048
         log.info("[Runner] loaded %s on %s (%s) in %.2f s", spec.name, device,
                  str(next(model.parameters()).dtype).removeprefix("torch."),
                  time.perf_counter() - started)
-        return cls(spec, model, tokenizer, device, max_length)
+        runner = cls(spec, model, tokenizer, device, max_length)
+        runner.static_cache = static_cache
+        return runner
 
     # --- PromptTokenizer (delegated) ------------------------------------------------
 
@@ -148,8 +187,10 @@ class HFRunner(Runner):
 
     def without_chat_template(self) -> HFRunner:
         """The same model, prompts fed as plain text (job parameter use_chat_template=false)."""
-        return HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
-                        use_chat_template=False)
+        plain = HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
+                         use_chat_template=False)
+        plain.static_cache = self.static_cache
+        return plain
 
     # --- generation --------------------------------------------------------------
 
@@ -171,15 +212,22 @@ class HFRunner(Runner):
                                  device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
                             device=self.device)
+        first_token = _FirstToken(self.device.startswith("cuda"))
+        extra = {"cache_implementation": "static"} if self.static_cache else {}
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
                 max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
-                temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                logits_processor=[first_token], **extra)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        latency = (time.perf_counter() - started) / len(requests)
+        ended = time.perf_counter()
+        latency = (ended - started) / len(requests)
+        prefill = (first_token.at or ended) - started
+        timing = {"prefill_s": round(prefill, 6), "decode_s": round(ended - started - prefill, 6),
+                  "batch": len(requests), "prefill_tokens": sum(len(p) for p in prompts)}
         stops = self._eos_ids()
         results = []
         for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
@@ -189,7 +237,8 @@ class HFRunner(Runner):
             if end is not None:
                 new_ids = new_ids[:end + 1]
             results.append(Generation(text=self.decode(new_ids).strip(), prompt_tokens=len(ids),
-                                      output_tokens=len(new_ids), latency_s=latency))
+                                      output_tokens=len(new_ids), latency_s=latency,
+                                      extra={"timing": timing}))
         return results
 
     def _eos_ids(self) -> set[int]:

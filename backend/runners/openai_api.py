@@ -199,10 +199,11 @@ class OpenAIRunner(Runner):
             self.stats.requests += 1
             self.stats.prompt_tokens += prompt_tokens
             self.stats.completion_tokens += output_tokens
+        latency = time.perf_counter() - started
         return Generation(text=text.strip(), prompt_tokens=prompt_tokens,
-                          output_tokens=output_tokens,
-                          latency_s=time.perf_counter() - started,
-                          extra={"attempts": attempts, "usage": usage})
+                          output_tokens=output_tokens, latency_s=latency,
+                          extra={"api": {"attempts": attempts, "usage": usage,
+                                         "latency_s": round(latency, 4)}})
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         if len(requests) <= 1 or self.options.concurrency == 1:
