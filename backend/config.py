@@ -114,6 +114,13 @@ def _labels(raw: str) -> tuple[str, ...]:
     return labels
 
 
+def _url(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.fullmatch(r"https?://\S+", value):
+        raise ValueError(raw)
+    return value.rstrip("/")
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -162,6 +169,16 @@ SETTINGS: tuple[Setting, ...] = (
             "'Authorization: Bearer <token>'; required to bind a non-loopback address."),
     Setting("LBS_CORS_ORIGINS", "", _text, "origins separated by ','",
             "Origins allowed to call the API from a browser (CORS); empty = none."),
+    Setting("LBS_OPENAI_BASE_URL", "", _url, "an http:// or https:// URL, or empty",
+            "Default base URL (e.g. http://127.0.0.1:8000/v1) of the OpenAI-compatible "
+            "server that evaluates openai:<name> models; a job's api.base_url wins."),
+    Setting("LBS_OPENAI_API_KEY", "", _text, "any secret text (empty = no key)",
+            "Default API key for openai:<name> models (sent as a bearer token, never "
+            "logged); a job's api.api_key wins."),
+    Setting("LBS_SECRET_KEY", "", _text, "any secret text (empty = <data dir>/secret.key)",
+            "Key that encrypts the API keys jobs carry while they wait in the database; "
+            "empty = a random key kept in <data dir>/secret.key (mode 0600). Give the "
+            "server and every worker on other machines the same value."),
     Setting("LBS_PORT", "8080", _port, "an integer from 0 to 65535",
             "Port the HTTP server listens on."),
     Setting("LBS_SERVER_URL", "", _text, "a URL (empty = http://127.0.0.1:<LBS_PORT>)",
@@ -273,6 +290,9 @@ class Settings:
     model_dirs: tuple[str, ...] = ()
     datasets_dir: Path | None = None
     api_token: str = field(default="", repr=False)
+    openai_base_url: str = ""
+    openai_api_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
     cors_origins: tuple[str, ...] = ()
     server_url: str = ""
     worker_gpu_groups: tuple[str, ...] = ()
@@ -350,6 +370,9 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
         api_token=parsed["LBS_API_TOKEN"],
+        openai_base_url=parsed["LBS_OPENAI_BASE_URL"],
+        openai_api_key=parsed["LBS_OPENAI_API_KEY"],
+        secret_key=parsed["LBS_SECRET_KEY"],
         cors_origins=tuple(o.strip() for o in parsed["LBS_CORS_ORIGINS"].split(",")
                            if o.strip()),
         server_url=(parsed["LBS_SERVER_URL"] or f"http://127.0.0.1:{parsed['LBS_PORT']}")

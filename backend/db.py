@@ -84,6 +84,10 @@ class Job(Base):
     worker_label: Mapped[str | None] = mapped_column(sa.String(255))
     num_gpus: Mapped[int] = mapped_column(default=1)
     memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    api: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    """An `openai:` model's options without the key (ApiOptions.public())."""
+    api_key_encrypted: Mapped[str | None] = mapped_column(sa.Text)
+    """The job's API key as a Fernet token (secrets_box.py); never returned."""
     """Estimated GPU memory the job needs (weights + KV cache + activations), if known."""
     claimed_at: Mapped[datetime | None]
     """When a worker last claimed the job (round robin over submitters reads it)."""
@@ -335,8 +339,14 @@ def _m004_scheduling(op: Any) -> None:
     op.add_column("workers", sa.Column("gpu_free_bytes", sa.BigInteger))
 
 
+def _m005_api_models(op: Any) -> None:
+    op.add_column("jobs", sa.Column("api", sa.JSON))
+    op.add_column("jobs", sa.Column("api_key_encrypted", sa.Text))
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
-                                           _m003_job_timeout, _m004_scheduling]
+                                           _m003_job_timeout, _m004_scheduling,
+                                           _m005_api_models]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

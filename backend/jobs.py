@@ -69,6 +69,8 @@ class NewJob:
     worker_label: str | None = None
     num_gpus: int = 1
     memory_bytes: int | None = None
+    api: dict[str, Any] | None = None
+    api_key_encrypted: str | None = None
 
 
 def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
@@ -76,7 +78,8 @@ def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
     with write_session(factory) as session:
         jobs = [Job(model=j.model, dataset=j.dataset, params=j.params, timeout_s=j.timeout_s,
                     priority=j.priority, submitter=j.submitter, worker_label=j.worker_label,
-                    num_gpus=j.num_gpus, memory_bytes=j.memory_bytes,
+                    num_gpus=j.num_gpus, memory_bytes=j.memory_bytes, api=j.api,
+                    api_key_encrypted=j.api_key_encrypted,
                     state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
                     attempts=0, cancel_requested=False, progress_done=0)
                 for j in new_jobs]

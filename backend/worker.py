@@ -244,14 +244,18 @@ class Worker:
         if job is None:
             return False
         self.run_job(job.id, job.model, job.dataset, job.params,
-                     timeout_s=job.timeout_s or self.settings.job_timeout or None)
+                     timeout_s=job.timeout_s or self.settings.job_timeout or None,
+                     api=job.api, api_key_encrypted=job.api_key_encrypted)
         return True
 
     def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
-                timeout_s: float | None = None) -> None:
+                timeout_s: float | None = None, api: dict[str, Any] | None = None,
+                api_key_encrypted: str | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.evaluation import prepare, run_evaluation
+        from backend.evaluation import JobFieldError, prepare, run_evaluation
+        from backend.runners.openai_api import ApiOptions
+        from backend.secrets_box import SecretUnreadable, decrypt
         from backend.runners.models import ModelNotFound
 
         self.current_job = job_id
@@ -262,7 +266,10 @@ class Worker:
             threading.Thread(target=self._prefetch_next, args=(model,), name="prefetch",
                              daemon=True).start()
         try:
-            prepared = prepare(model, dataset, params, self.settings)
+            api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
+            prepared = prepare(model, dataset, params, self.settings,
+                               api=ApiOptions.model_validate(api) if api else None,
+                               api_key=api_key)
             sink = _DbSink(self, job_id, timeout_s)
             outcome = run_evaluation(
                 prepared, self.manager, self.settings, sink,
@@ -286,7 +293,8 @@ class Worker:
                      "n/a" if overall is None else f"{overall:.4f}")
         except LeaseLost as exc:
             log.warning("[Worker] job %d abandoned: %s", job_id, exc)
-        except (ParamError, ValidationError, UnknownDataset, ModelNotFound) as exc:
+        except (ParamError, ValidationError, UnknownDataset, ModelNotFound, JobFieldError,
+                SecretUnreadable) as exc:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a job's failure must not kill the worker
             log.exception("[Worker] job %d failed", job_id)

@@ -26,8 +26,9 @@ from backend.api.schemas import (
 )
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.registry import UnknownDataset
-from backend.evaluation import prepare
+from backend.evaluation import JobFieldError, prepare
 from backend.runners.models import ModelNotFound, ModelPathRefused
+from backend.secrets_box import encrypt
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
 
@@ -52,7 +53,11 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     """Refuse the job now, naming the field, if it cannot run."""
     settings = current_app.extensions["lbs"].settings
     try:
-        prepared = prepare(job.model, job.dataset, job.params, settings)
+        prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
+    except JobFieldError as exc:
+        field = f"{prefix}{exc.field}"
+        raise ApiError(422, "invalid_job", f"{field}: {exc.message}",
+                       [{"field": field, "message": exc.message}])
     except UnknownDataset as exc:
         raise ApiError(422, "unknown_dataset", str(exc),
                        [{"field": f"{prefix}dataset", "message": str(exc)}])
@@ -80,7 +85,10 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
                           timeout_s=job.timeout_s, priority=job.priority,
                           submitter=job.submitter or "anonymous",
                           worker_label=job.worker_label, num_gpus=job.num_gpus,
-                          memory_bytes=memory)
+                          memory_bytes=memory,
+                          api=prepared.api.public() if prepared.api is not None else None,
+                          api_key_encrypted=encrypt(settings, prepared.api_key)
+                          if job.api is not None and job.api.api_key is not None else None)
 
 
 def _out(jobs: list[Any]) -> list[dict[str, Any]]:

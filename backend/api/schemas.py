@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.db import Job, JobState, Sample
+from backend.runners.openai_api import ApiOptions
 
 MB = 1024 * 1024
 MAX_JOBS_PER_REQUEST = 500
@@ -43,6 +44,10 @@ class JobRequest(_Strict):
     num_gpus: int = Field(1, ge=1, le=64,
                           description="GPUs the job needs on one worker (a worker without "
                                       "GPUs runs 1-GPU jobs on the CPU)")
+    api: ApiOptions | None = Field(
+        None, description="for openai:<name> models: the server's base URL, key, endpoint "
+                          "and limits (LBS_OPENAI_BASE_URL / LBS_OPENAI_API_KEY fill what "
+                          "it leaves out); the key is stored encrypted and never returned")
 
 
 class JobBatchRequest(_Strict):
@@ -102,6 +107,9 @@ class JobOut(BaseModel):
     waiting_reason: str | None = Field(
         None, description="why a queued job does not run yet (no worker with its label, "
                           "GPUs or free memory, all busy, or its turn has not come)")
+    api: dict[str, Any] | None = Field(
+        None, description="an openai: model's options as given, without the key")
+    api_key_set: bool = Field(False, description="whether the job carries its own API key")
     events: list[dict[str, Any]]
 
 
@@ -195,6 +203,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         duration_s=duration, timeout_s=job.timeout_s, priority=job.priority,
         submitter=job.submitter, worker_label=job.worker_label, num_gpus=job.num_gpus,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
+        api=job.api, api_key_set=job.api_key_encrypted is not None,
         events=job.events or [])
 
 
