@@ -254,9 +254,9 @@ class Worker:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
         from backend.evaluation import JobFieldError, prepare, run_evaluation
+        from backend.runners.models import ModelNotFound
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
-        from backend.runners.models import ModelNotFound
 
         self.current_job = job_id
         self._job_events_from = self.manager.event_count
