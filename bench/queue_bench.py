@@ -1,7 +1,7 @@
 """The queue on its own: jobs per second and claim latency with 1, 2, 4 and 8 worker
 processes on trivial jobs, on SQLite and on PostgreSQL.
 
-    .venv/bin/python bench/queue.py [--jobs 400] [--latency-jobs 30] [--workers 1,2,4,8]
+    .venv/bin/python bench/queue_bench.py [--jobs 400] [--latency-jobs 30] [--workers 1,2,4,8]
                                     [--engines sqlite,postgresql] [--postgres-url URL]
 
 Each worker process runs the worker's claim loop without a model: `claim_job`,
@@ -27,10 +27,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named like the standard library's `queue`, which multiprocessing
-# imports: take its folder off the import path before anything does.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
