@@ -136,12 +136,19 @@ def build_server(api: ApiClient):
 
     @server.tool()
     def submit_job(model: str, dataset: str, params: dict[str, Any] | None = None,
-                   timeout_s: float | None = None) -> dict[str, Any]:
+                   timeout_s: float | None = None, priority: int | None = None,
+                   submitter: str | None = None, worker_label: str | None = None,
+                   num_gpus: int | None = None) -> dict[str, Any]:
         """Queue one evaluation and return the job (id, state "queued", ...).
         `model`: "builtin:tiny", a checkpoint folder or a cached hub id; `dataset`: a
         name from list_datasets; `params`: that dataset's parameters (defaults when
-        left out); `timeout_s`: fail the job after this many seconds of running."""
-        body = _target(model=model, dataset=dataset, params=params or {}, timeout_s=timeout_s)
+        left out; "methods": ["basic", "optimized"] compares inference methods);
+        `timeout_s`: fail the job after this many seconds of running; `priority`
+        (higher first), `submitter` (submitters take turns), `worker_label` (run only
+        on a worker with it) and `num_gpus` as in POST /api/jobs."""
+        body = _target(model=model, dataset=dataset, params=params or {}, timeout_s=timeout_s,
+                       priority=priority, submitter=submitter, worker_label=worker_label,
+                       num_gpus=num_gpus)
         return call("POST", "/api/jobs", body)["job"]
 
     @server.tool()

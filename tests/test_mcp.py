@@ -97,8 +97,10 @@ def test_tools_datasets_and_a_job(server):
             assert "needle_in_haystack" in names and "echo" in names
 
             job = await call(client, "submit_job", model="builtin:tiny",
-                             dataset="needle_in_haystack", params=NIAH)
+                             dataset="needle_in_haystack", params=NIAH, priority=5,
+                             submitter="mcp-user")
             assert job["state"] == "queued" and job["params"]["context_lengths"] == [256]
+            assert (job["priority"], job["submitter"]) == (5, "mcp-user")
             done = await wait_job(client, job["id"])
             assert done["state"] == "succeeded", done["error"]
             assert done["progress"] == {"done": 2, "total": 2}
