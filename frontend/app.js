@@ -1,101 +1,37 @@
 // LLM Bench Shower web page: plain ES modules, no build step. Everything the model
 // produced is inserted as text (textContent), never as HTML.
 import { heatmap, lineChart } from "./charts.js";
+import { api, badge, download, fmtBytes, fmtSeconds, h, mb, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t } from "./i18n.js";
+import { methodComparison } from "./methods.js";
+import { viewWorkers } from "./workers.js";
 
 const main = document.getElementById("main");
-let timer = null;
-
-// --- helpers -----------------------------------------------------------------------
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (k === "text") el.textContent = v;
-    else el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children.flat()) {
-    if (c === null || c === undefined || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-  return el;
-}
-
-// With LBS_API_TOKEN set on the server, the page asks for the token once and keeps it.
-function authHeaders() {
-  const token = localStorage.getItem("lbs-token");
-  return token ? { Authorization: `Bearer ${token}` } : {};
-}
-
-async function authedFetch(path, opts = {}) {
-  const send = () => fetch(path, { ...opts, headers: { ...(opts.headers || {}), ...authHeaders() } });
-  const sent = localStorage.getItem("lbs-token");
-  let res = await send();
-  if (res.status === 401) {
-    // another request may have asked already: only ask if the token is still the one we sent
-    if (localStorage.getItem("lbs-token") === sent) {
-      const token = window.prompt(t("token_prompt"));
-      if (!token) return res;
-      localStorage.setItem("lbs-token", token.trim());
-    }
-    res = await send();
-  }
-  return res;
-}
-
-async function download(path, filename) {
-  const res = await authedFetch(path);
-  if (!res.ok) return;
-  const url = URL.createObjectURL(await res.blob());
-  const a = h("a", { href: url, download: filename });
-  document.body.append(a);
-  a.click();
-  a.remove();
-  URL.revokeObjectURL(url);
-}
-
-async function api(method, path, body) {
-  const opts = { method, headers: {} };
-  if (body !== undefined) {
-    opts.headers["Content-Type"] = "application/json";
-    opts.body = JSON.stringify(body);
-  }
-  const res = await authedFetch(path, opts);
-  let json = null;
-  try { json = await res.json(); } catch { json = null; }
-  if (!res.ok) {
-    const err = (json && json.error) || { message: res.statusText, details: [] };
-    return { ok: false, status: res.status, error: err };
-  }
-  return { ok: true, status: res.status, data: json.data };
-}
-
-function fmtSeconds(s) {
-  if (s === null || s === undefined || !isFinite(s)) return "";
-  if (s < 60) return `${Math.round(s)} s`;
-  const m = Math.floor(s / 60);
-  return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
-}
-
-function mb(bytes) { return bytes === undefined || bytes === null ? "" : (bytes / 2 ** 20).toFixed(1); }
-
-function badge(state) { return h("span", { class: `badge ${state}`, text: t(state) }); }
-
-function poll(fn, ms = 1500) {
-  clearInterval(timer);
-  fn();
-  timer = setInterval(fn, ms);
-}
 
 // --- launch ------------------------------------------------------------------------
 
+// An optional field (anyOf [X, null]) takes the shape of X.
+function shapeOf(schema, defs) {
+  const s = schema.$ref ? defs[schema.$ref.split("/").pop()] : schema;
+  const branches = (s.anyOf || []).filter((a) => a.type !== "null");
+  return branches.length === 1 && !branches[0].$ref ? { ...branches[0], default: s.default, nullable: true } : s;
+}
+
 function inputFor(name, schema, defs) {
-  let s = schema;
-  if (s.$ref) s = defs[s.$ref.split("/").pop()];
+  const s = shapeOf(schema, defs);
   const value = s.default;
   const id = `param-${name}`;
+  if (s.type === "array" && s.items?.enum) {  // a set of choices, e.g. the inference methods
+    return h("span", { id, class: "choices", role: "group", "aria-labelledby": `label-${name}`,
+                       "data-kind": "multi", "data-name": name },
+      s.items.enum.map((v) => h("label", { class: "choice" },
+        h("input", { type: "checkbox", value: v, checked: (value || []).includes(v) }), ` ${v}`)));
+  }
+  if (s.enum) {
+    return h("select", { id, name, "data-kind": "string" },
+      s.nullable ? h("option", { value: "", text: "" }) : null,
+      s.enum.map((v) => h("option", { value: v, text: v, selected: v === value })));
+  }
   if (s.type === "integer" || s.type === "number") {
     return h("input", { id, type: "number", name, step: s.type === "integer" ? 1 : "any",
                         value: value ?? "", "data-kind": "number" });
@@ -108,33 +44,73 @@ function inputFor(name, schema, defs) {
   }
   // lists and objects: JSON text
   return h("input", { id, type: "text", name, class: "json", "data-kind": "json",
-                      value: value === undefined ? "" : JSON.stringify(value) });
+                      value: value === undefined || value === null ? "" : JSON.stringify(value) });
 }
 
 function paramsForm(ds) {
   const schema = ds.params_schema, defs = schema.$defs || {};
-  const rows = Object.entries(schema.properties || {}).map(([name, prop]) =>
-    h("div", { class: "field", "data-field": `params.${name}` },
-      h("label", { for: `param-${name}`, text: name }),
-      inputFor(name, prop, defs),
+  const rows = Object.entries(schema.properties || {}).map(([name, prop]) => {
+    const control = inputFor(name, prop, defs);
+    const label = control.dataset.kind === "multi" ? h("span", { class: "label", id: `label-${name}`, text: name })
+      : h("label", { for: `param-${name}`, text: name });
+    return h("div", { class: "field", "data-field": `params.${name}` }, label, control,
       prop.description ? h("small", { text: prop.description }) : null,
-      h("div", { class: "field-error", role: "alert" })));
+      h("div", { class: "field-error", role: "alert" }));
+  });
   return h("fieldset", { class: "params", "data-dataset": ds.name },
     h("legend", { text: `${ds.name} · ${t("params")} (${ds.cache_mode})` }), rows);
 }
 
 function readParams(fieldset) {
   const params = {};
-  for (const input of fieldset.querySelectorAll("input")) {
-    const kind = input.dataset.kind, raw = input.value.trim();
-    if (kind === "bool") params[input.name] = input.checked;
-    else if (raw === "") continue;
+  for (const input of fieldset.querySelectorAll("[data-kind]")) {
+    const kind = input.dataset.kind;
+    if (kind === "bool") { params[input.name] = input.checked; continue; }
+    if (kind === "multi") {  // nothing ticked: left out, the dataset's default applies
+      const picked = [...input.querySelectorAll("input:checked")].map((c) => c.value);
+      if (picked.length) params[input.dataset.name] = picked;
+      continue;
+    }
+    const raw = input.value.trim();
+    if (raw === "") continue;
     else if (kind === "number") params[input.name] = Number(raw);
     else if (kind === "json") {
       try { params[input.name] = JSON.parse(raw); } catch { params[input.name] = raw; }
     } else params[input.name] = raw;
   }
   return params;
+}
+
+// Scheduling options, the same for every job of one submission; an empty one is left
+// out of the request so the server's default applies. The API checks the values.
+const JOB_OPTIONS = [
+  ["priority", { type: "number", step: 1, min: -1000, max: 1000, placeholder: "0" }, Number],
+  ["submitter", { type: "text", maxlength: 128, placeholder: "anonymous" }, String],
+  ["worker_label", { type: "text", maxlength: 255 }, String],
+  ["num_gpus", { type: "number", step: 1, min: 1, max: 64, placeholder: "1" }, Number],
+];
+
+function optionsForm() {
+  return h("fieldset", { id: "job-options" }, h("legend", { text: t("scheduling") }),
+    JOB_OPTIONS.map(([name, attrs]) => h("div", { class: "field", "data-field": name },
+      h("label", { for: `opt-${name}`, text: t(name) }),
+      h("input", { id: `opt-${name}`, name, ...attrs }),
+      h("small", { text: t(`${name}_help`) }),
+      h("div", { class: "field-error", role: "alert" }))));
+}
+
+function readOptions(fieldset) {
+  const options = {};
+  for (const [name, , cast] of JOB_OPTIONS) {
+    const raw = fieldset.querySelector(`[name="${name}"]`).value.trim();
+    if (raw !== "") options[name] = cast(raw);
+  }
+  return options;
+}
+
+function markInvalid(field, message) {
+  field.querySelector(".field-error").textContent = message;
+  field.querySelector("[data-kind], input, select")?.classList.add("invalid");
 }
 
 async function viewLaunch() {
@@ -153,6 +129,7 @@ async function viewLaunch() {
     return h("label", { class: "ds" }, cb, ` ${ds.name}`,
       h("small", { text: ` — ${ds.description}${ds.cost ? ` (${ds.cost})` : ""}` }));
   });
+  const options = optionsForm();
   const status = h("div", { id: "launch-status", role: "status" });
   const form = h("form", { id: "launch-form", onsubmit: async (ev) => {
     ev.preventDefault();
@@ -161,7 +138,8 @@ async function viewLaunch() {
     const model = custom.value.trim() || select.value;
     const sets = [...paramsBox.querySelectorAll("fieldset.params")];
     if (!sets.length) { status.textContent = t("no_dataset"); return; }
-    const jobs = sets.map((fs) => ({ model, dataset: fs.dataset.dataset, params: readParams(fs) }));
+    const jobs = sets.map((fs) => ({ model, dataset: fs.dataset.dataset, params: readParams(fs),
+                                     ...readOptions(options) }));
     const res = await api("POST", "/api/jobs", { jobs });
     if (res.ok) {
       status.textContent = `${t("submitted")}: ${res.data.jobs.map((j) => `#${j.id}`).join(", ")}`;
@@ -174,18 +152,14 @@ async function viewLaunch() {
       if (!m) continue;
       const fs = sets[Number(m[1])];
       const path = m[2].split(/[.[]/)[0] === "params" ? `params.${m[2].split(".")[1]}` : m[2];
-      const field = fs.querySelector(`[data-field="${path}"]`);
-      if (field) {
-        field.querySelector(".field-error").textContent = d.message;
-        field.querySelector("input")?.classList.add("invalid");
-      } else if (m[2] === "model") {
-        custom.classList.add("invalid");
-      }
+      const field = fs.querySelector(`[data-field="${path}"]`) || options.querySelector(`[data-field="${path}"]`);
+      if (field) markInvalid(field, d.message);
+      else if (m[2] === "model") custom.classList.add("invalid");
     }
   } },
   h("div", { class: "field" }, h("label", { for: "model-select", text: t("model") }), select, custom),
   h("div", { class: "field" }, h("span", { class: "label", text: t("datasets") }), boxes),
-  paramsBox,
+  paramsBox, options,
   h("button", { type: "submit", id: "launch-submit", text: t("submit") }), status);
   main.replaceChildren(h("h2", { text: t("nav_launch") }), form);
 }
@@ -223,7 +197,8 @@ async function viewQueue() {
       return h("tr", { "data-job": job.id, "data-state": job.state },
         h("td", {}, h("a", { href: `#/job/${job.id}`, text: `#${job.id}` })),
         h("td", { text: job.model }), h("td", { text: job.dataset }),
-        h("td", {}, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null),
+        h("td", {}, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
+          job.waiting_reason ? h("div", { class: "waiting", text: job.waiting_reason }) : null),
         h("td", {}, h("progress", { max: 100, value: pct }),
           ` ${job.progress.done}/${job.progress.total ?? "?"}`),
         h("td", { text: eta(job) }), h("td", { text: job.worker_id || "" }),
@@ -235,9 +210,14 @@ async function viewQueue() {
 
 // --- job detail --------------------------------------------------------------------
 
+// A comparison job stores every item once per method; its cells are the first method's.
+function firstMethod(job) { return job.scores.methods?.[0]?.method; }
+
 function cellsOf(job, samples) {
-  const byCell = {};
-  for (const s of samples) byCell[`${s.context_length}/${s.depth_percent}`] = s;
+  const first = firstMethod(job), byCell = {};
+  for (const s of samples) {
+    if (!first || s.fields?.method === first) byCell[`${s.context_length}/${s.depth_percent}`] = s;
+  }
   return (job.scores.cells || []).map((c) => ({
     ...c, tooltip: `${t("context_length")} ${c.context_length}, ${t("depth")} ${c.depth_percent}: ` +
       `${t("score")} ${c.score.toFixed(2)}\n${t("prediction")}: ` +
@@ -245,8 +225,28 @@ function cellsOf(job, samples) {
   }));
 }
 
+// How the job is scheduled: the fields that are set.
+function jobMeta(job) {
+  const rows = [["priority", job.priority], ["submitter", job.submitter], ["worker_label", job.worker_label],
+    ["num_gpus", job.num_gpus], ["memory_estimate", fmtBytes(job.memory_estimate_bytes)],
+    ["worker", job.worker_id]].filter(([, v]) => v !== null && v !== undefined && v !== "");
+  return h("dl", { id: "job-meta", class: "meta" },
+    rows.flatMap(([k, v]) => [h("dt", { text: t(k) }), h("dd", { "data-key": k, text: v })]));
+}
+
+function memorySeries(points) {
+  const methods = [...new Set(points.map((s) => s.fields?.method).filter(Boolean))];
+  const groups = methods.length ? methods.map((m) => [` (${m})`, points.filter((s) => s.fields?.method === m)])
+    : [["", points]];
+  const withGpu = points.some((s) => s.peak_gpu_mb);
+  return groups.flatMap(([suffix, pts]) => [
+    { name: `RSS MB${suffix}`, points: pts.map((s) => [s.context_length, s.peak_rss_mb]) },
+    withGpu ? { name: `GPU MB${suffix}`, points: pts.map((s) => [s.context_length, s.peak_gpu_mb || 0]) } : null,
+  ].filter(Boolean));
+}
+
 async function viewJob(id) {
-  clearInterval(timer);
+  stopPolling();
   const [jobRes, sampleRes] = await Promise.all([api("GET", `/api/jobs/${id}`),
                                                  api("GET", `/api/jobs/${id}/samples`)]);
   if (!jobRes.ok) { main.replaceChildren(h("p", { class: "error", text: jobRes.error.message })); return; }
@@ -254,7 +254,10 @@ async function viewJob(id) {
   const parts = [h("a", { href: "#/queue", text: `← ${t("back")}` }),
     h("h2", {}, `#${job.id} ${job.dataset} · `, h("span", { text: job.model }), " ", badge(job.state)),
     job.error ? h("p", { class: "error", text: job.error }) : null,
-    h("p", { class: "overall" }, `${t("overall")}: `,
+    job.waiting_reason ? h("p", { id: "waiting-reason", class: "waiting" },
+      h("b", { text: `${t("waiting_reason")}: ` }), job.waiting_reason) : null,
+    jobMeta(job),
+    h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
       h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" })),
     h("p", {},
       h("a", { href: `/api/jobs/${id}/export?format=json`, id: "export-json", text: t("export_json"),
@@ -266,14 +269,11 @@ async function viewJob(id) {
     parts.push(h("h3", { text: t("heatmap") }),
       heatmap(cellsOf(job, samples), { xLabel: t("context_length"), yLabel: t("depth") }));
   }
+  parts.push(...methodComparison(job.scores));
   const points = samples.filter((s) => s.context_length && s.peak_rss_mb !== null);
   if (points.length) {
-    const series = [{ name: "RSS MB", points: points.map((s) => [s.context_length, s.peak_rss_mb]) }];
-    if (points.some((s) => s.peak_gpu_mb)) {
-      series.push({ name: "GPU MB", points: points.map((s) => [s.context_length, s.peak_gpu_mb || 0]) });
-    }
     parts.push(h("h3", { text: t("memory_chart") }),
-      lineChart(series, { xLabel: t("context_length"), yLabel: "MB" }));
+      lineChart(memorySeries(points), { xLabel: t("context_length"), yLabel: "MB" }));
   }
   const peaks = Object.entries(job.memory).filter(([k]) => k.endsWith("_mb"));
   parts.push(h("h3", { text: t("memory_peaks") }),
@@ -283,10 +283,12 @@ async function viewJob(id) {
       `${e.kind} ${e.model ?? ""} ${e.seconds !== undefined ? e.seconds + " s" : ""} ${e.note || e.message || ""}` }))));
   const onlyFailures = h("input", { type: "checkbox", id: "failures-only" });
   const tbody = h("tbody");
+  const byMethod = samples.some((s) => s.fields?.method);
   const render = () => tbody.replaceChildren(...samples
     .filter((s) => !onlyFailures.checked || (s.score ?? 0) < 1)
     .map((s) => h("tr", { "data-idx": s.idx },
-      h("td", { text: s.idx }), h("td", { text: s.context_length ?? "" }), h("td", { text: s.depth_percent ?? "" }),
+      h("td", { text: s.idx }), byMethod ? h("td", { class: "method", text: s.fields.method ?? "" }) : null,
+      h("td", { text: s.context_length ?? "" }), h("td", { text: s.depth_percent ?? "" }),
       h("td", {}, h("details", {}, h("summary", { text: s.prompt.slice(0, 80) + "…" }),
         h("pre", { class: "prompt", text: s.prompt }))),
       h("td", { class: "prediction", text: s.prediction }),
@@ -296,7 +298,8 @@ async function viewJob(id) {
   parts.push(h("h3", { text: t("samples") }),
     h("label", {}, onlyFailures, ` ${t("failures_only")}`),
     h("table", { id: "samples-table" }, h("thead", {}, h("tr", {},
-      ["id", "context_length", "depth", "prompt", "prediction", "score", "latency"].map((k) => h("th", { text: t(k) })))),
+      ["id", byMethod && "method", "context_length", "depth", "prompt", "prediction", "score", "latency"]
+        .filter(Boolean).map((k) => h("th", { text: t(k) })))),
     tbody));
   main.replaceChildren(...parts.filter(Boolean));
 }
@@ -304,7 +307,7 @@ async function viewJob(id) {
 // --- compare -----------------------------------------------------------------------
 
 async function viewCompare() {
-  clearInterval(timer);
+  stopPolling();
   const res = await api("GET", "/api/jobs?state=succeeded&per_page=500");
   const jobs = res.ok ? res.data.jobs : [];
   const latest = {};
@@ -404,8 +407,8 @@ async function viewModels() {
 
 function renderNav() {
   const nav = document.getElementById("nav");
-  nav.replaceChildren(...[["#/launch", "nav_launch"], ["#/queue", "nav_queue"], ["#/compare", "nav_compare"],
-    ["#/models", "nav_models"]].map(([href, key]) => h("a", { href, text: t(key),
+  nav.replaceChildren(...[["#/launch", "nav_launch"], ["#/queue", "nav_queue"], ["#/workers", "nav_workers"],
+    ["#/compare", "nav_compare"], ["#/models", "nav_models"]].map(([href, key]) => h("a", { href, text: t(key),
       class: location.hash.startsWith(href) ? "active" : "" })),
     h("button", { id: "lang-toggle", type: "button", text: t("language"), onclick: () => {
       setLang(lang === "en" ? "zh" : "en");
@@ -419,8 +422,9 @@ function route() {
   const hash = location.hash || "#/launch";
   const job = /^#\/job\/(\d+)/.exec(hash);
   if (job) return viewJob(job[1]);
-  clearInterval(timer);
+  stopPolling();
   if (hash.startsWith("#/queue")) return viewQueue();
+  if (hash.startsWith("#/workers")) return viewWorkers(main);
   if (hash.startsWith("#/compare")) return viewCompare();
   if (hash.startsWith("#/models")) return viewModels();
   return viewLaunch();

@@ -80,19 +80,19 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260 } 
     root.append(svg("text", { x: sx(v), y: height - bottom + 14, "text-anchor": "middle",
                               class: "tick" }, String(v)));
   }
-  const colours = ["#2563eb", "#db2777", "#16a34a"];
+  const colours = ["#2563eb", "#db2777", "#16a34a", "#d97706", "#7c3aed", "#0891b2"];
   series.forEach((s, i) => {
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
     root.append(svg("polyline", { points: pts.map((p) => `${sx(p[0])},${sy(p[1])}`).join(" "),
-                                  fill: "none", stroke: colours[i % 3], "stroke-width": 2 }));
+                                  fill: "none", stroke: colours[i % colours.length], "stroke-width": 2 }));
     for (const p of pts) {
-      const dot = svg("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: colours[i % 3],
+      const dot = svg("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: colours[i % colours.length],
                                   class: "dot" });
       dot.append(svg("title", {}, `${s.name}: ${p[1].toFixed(1)} @ ${p[0]}`));
       root.append(dot);
     }
     root.append(svg("text", { x: width - right - 4, y: top + 14 + i * 14, "text-anchor": "end",
-                              fill: colours[i % 3], class: "tick" }, s.name));
+                              fill: colours[i % colours.length], class: "tick" }, s.name));
   });
   root.append(svg("text", { x: left + (width - left - right) / 2, y: height - 6,
                             "text-anchor": "middle", class: "axis" }, xLabel || ""),

@@ -3,6 +3,7 @@ server + worker. Screenshots of the main views go to test-artifacts/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -190,3 +191,137 @@ def test_page_asks_for_the_token_once(with_tiny, page):
         assert len(asked) == 1 and "LBS_API_TOKEN" in asked[0]
     finally:
         live.stop()
+
+
+def _db(server):
+    from backend.db import session_factory
+
+    return session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
+
+
+def _add_workers(server, current_job_id: int) -> None:
+    """Beside the live worker: a lost GPU worker (busy with `current_job_id` when its
+    heartbeats stopped) and a stopped one, written straight into the server's database."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from backend import jobs
+    from backend.db import Worker, WorkerState, utcnow
+
+    factory = _db(server)
+    gpus = [{"index": i, "name": "Fake GPU", "total_bytes": 80 * 2**30, "free_bytes": 60 * 2**30}
+            for i in range(2)]
+    jobs.register_worker(factory, "ghost-1", "gpu-box", 4242, "cuda", labels=["gpu-box", "a100"],
+                         gpus=gpus, gpu_free_bytes=120 * 2**30)
+    jobs.register_worker(factory, "done-1", "old-box", 4343, "cpu", labels=["old-box"])
+    jobs.worker_heartbeat(factory, "done-1", WorkerState.STOPPED.value)
+    with factory.begin() as session:
+        session.execute(sa.update(Worker).where(Worker.id == "ghost-1").values(
+            heartbeat_at=utcnow() - timedelta(minutes=10), current_job_id=current_job_id))
+
+
+def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
+    live = server.wait_for_worker()
+    small = {"context_lengths": [256], "depth_percents": [0], "max_new_tokens": 2}
+    status, body = server.request("POST", "/api/jobs", {
+        "model": "builtin:tiny", "dataset": "needle_in_haystack", "params": small,
+        "worker_label": "nowhere"})
+    assert status == 201, body
+    pinned = body["data"]["job"]["id"]
+    _add_workers(server, pinned)
+
+    page.goto(server.url + "/#/workers")
+    row = page.locator(f'tr[data-worker="{live["id"]}"]')
+    row.wait_for()
+    assert row.get_attribute("data-state") in ("idle", "busy")
+    assert row.locator(".state").inner_text() in ("idle", "busy")
+    assert live["host"] in row.inner_text() and "none (CPU)" in row.inner_text()
+    ghost = page.locator('tr[data-worker="ghost-1"]')
+    assert ghost.get_attribute("class") == "worker-lost"
+    assert ghost.locator(".badge.lost").count() == 1
+    assert "2 × GPU" in ghost.inner_text() and "#1 Fake GPU: 60.0 / 80.0 GiB" in ghost.inner_text()
+    assert "a100" in ghost.locator("td").nth(3).inner_text()
+    assert page.locator('tr[data-worker="done-1"]').get_attribute("class") == "worker-stopped"
+    assert page.locator("#workers-summary").inner_text() == "1 of 3 workers alive"
+    page.screenshot(path=ARTIFACTS / "workers.png", full_page=True)
+    # polled: a worker that registers now shows up without a reload
+    from backend import jobs
+
+    jobs.register_worker(_db(server), "late-1", "late-box", 4444, "cpu")
+    page.locator('tr[data-worker="late-1"] .badge.idle').wait_for(timeout=5_000)
+    page.click("#lang-toggle")
+    assert page.locator('tr[data-worker="ghost-1"] .badge.lost').inner_text() == "失联"
+    page.click("#lang-toggle")
+
+    # the lost worker's job link opens the job, which says why it waits
+    page.locator('tr[data-worker="ghost-1"] .current-job a').click()
+    page.wait_for_url(f"**/#/job/{pinned}")
+    assert "nowhere" in page.locator("#waiting-reason").inner_text()
+    assert page.locator('#job-meta dd[data-key="worker_label"]').inner_text() == "nowhere"
+    assert page.locator('#job-meta dd[data-key="memory_estimate"]').inner_text().endswith("MiB")
+    page.goto(server.url + "/#/queue")
+    assert "nowhere" in page.locator(f'tr[data-job="{pinned}"] .waiting').inner_text()
+
+    # scheduling fields of the form: the API's refusal shows at the field, then a good one
+    page.goto(server.url + "/#/launch")
+    page.check("#ds-needle_in_haystack")
+    _fill(page, "context_lengths", "[256]")
+    _fill(page, "depth_percents", "[0]")
+    page.fill("#opt-priority", "7")
+    page.fill("#opt-submitter", "alice")
+    page.fill("#opt-worker_label", "no spaces allowed")
+    page.fill("#opt-num_gpus", "2")
+    page.click("#launch-submit")
+    error = page.locator('#job-options [data-field="worker_label"] .field-error')
+    error.wait_for()
+    assert "pattern" in error.inner_text()
+    assert "worker_label" in page.locator("#launch-status").inner_text()
+    page.fill("#opt-worker_label", "")
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    status, body = server.request("GET", "/api/jobs?submitter=alice")
+    (job,) = body["data"]["jobs"]
+    assert job["priority"] == 7 and job["submitter"] == "alice"
+    assert job["num_gpus"] == 2 and job["worker_label"] is None
+    assert job["state"] == "queued" and "needs 2 GPUs" in job["waiting_reason"]  # CPU workers
+    assert "needs 2 GPUs" in page.locator(f'tr[data-job="{job["id"]}"] .waiting').inner_text()
+
+
+def test_method_comparison_table(server, page):
+    page.goto(server.url + "/#/launch")
+    page.check("#ds-needle_in_haystack")
+    _fill(page, "context_lengths", "[256, 384]")
+    _fill(page, "depth_percents", "[0, 100]")
+    _fill(page, "max_new_tokens", "4")
+    methods = page.locator('[data-dataset="needle_in_haystack"] [data-field="params.methods"]')
+    methods.locator('input[value="basic"]').check()
+    methods.locator('input[value="optimized"]').check()
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    (job,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+    assert job["params"]["methods"] == ["basic", "optimized"]
+    row = page.locator(f'tr[data-job="{job["id"]}"]')
+    row.locator(".badge.succeeded").wait_for(timeout=60_000)
+    row.locator("a").click()
+    table = page.locator("#methods-table")
+    table.wait_for()
+    assert [r.get_attribute("data-method") for r in table.locator("tbody tr").all()] == \
+        ["basic", "optimized"]
+    assert table.locator("th").nth(3).inner_text() == "Decode (tokens/s)"
+    second = table.locator('tr[data-method="optimized"]')
+    assert second.locator('td[data-col="decode_tokens_per_s"] .rel').inner_text().endswith("×")
+    assert second.locator('td[data-col="peak_gpu_mb"]').inner_text() == "—"  # no GPU here
+    assert table.locator('tr[data-method="basic"] .rel').count() == 0  # the reference row
+    assert re.fullmatch(r"Agreement: \d+(\.\d)?% — .+", page.locator("#agreement").inner_text())
+    assert page.locator('[data-testid="heatmap"] rect.cell').count() == 4
+    assert page.locator("#samples-table td.method").count() == 8
+    assert page.locator("#samples-table thead").inner_text().split("\t")[:2] == ["ID", "Method"]
+    page.screenshot(path=ARTIFACTS / "job-methods.png", full_page=True)
+
+
+def test_every_string_has_a_chinese_translation():
+    text = (ROOT / "frontend" / "i18n.js").read_text()
+    en, zh = text.split("\n  zh: {", 1)
+    keys = [set(re.findall(r"\b(\w+): \"", block)) for block in (en, zh.split("\n};", 1)[0])]
+    assert keys[0] - keys[1] == set() and keys[1] - keys[0] == set()
