@@ -73,6 +73,9 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     if spec.api_model:
         from backend.runners.openai_api import effective_options
 
+        if params.methods:
+            raise ParamError("methods", "inference methods are for local transformers "
+                                        "models, not openai: models")
         try:
             api = effective_options(api, settings)
         except ValueError as exc:
@@ -84,9 +87,6 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
                 raise JobFieldError("api.tokenizer", str(exc)) from None
         if api_key is None and api.api_key is not None:
             api_key = api.api_key.get_secret_value()
-        if params.methods:
-            raise ParamError("methods", "inference methods are for local transformers "
-                                        "models, not openai: models")
     elif api is not None:
         raise JobFieldError("api", "only for openai:<name> models")
     info = model_info(spec)
@@ -256,9 +256,21 @@ def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Back
         if isinstance(reply, OomFailure):
             answer.error = reply.message
             continue
-        answer.text, answer.fields = reply.text, nxt.fields
+        first = answer.fields.get("timing")
+        answer.text = reply.text
+        answer.fields = {**answer.fields, **nxt.fields, **(reply.extra or {})}
+        if first and reply.extra and "timing" in reply.extra:  # both turns' time and tokens
+            answer.fields["timing"] = _add_timings(first, reply.extra["timing"])
         answer.output_tokens += reply.output_tokens
     return answers
+
+
+def _add_timings(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One answer's share of two batches' timings (each divided by its batch size)."""
+    return {"prefill_s": a["prefill_s"] / a["batch"] + b["prefill_s"] / b["batch"],
+            "decode_s": a["decode_s"] / a["batch"] + b["decode_s"] / b["batch"],
+            "prefill_tokens": a["prefill_tokens"] / a["batch"]
+            + b["prefill_tokens"] / b["batch"], "batch": 1}
 
 
 def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str], None]:
@@ -431,7 +443,7 @@ def compare_methods(dataset: Dataset, methods: list[str],
         prefill_s = sum(t["prefill_s"] / t["batch"] for _, t in timings)
         decode_s = sum(t["decode_s"] / t["batch"] for _, t in timings)
         decoded = sum(max(f["output_tokens"] - 1, 0) for f, _ in timings)
-        prompt = sum(f["prompt_tokens"] for f, _ in timings)
+        prompt = sum(t["prefill_tokens"] / t["batch"] for _, t in timings)
         peaks_gpu = [f["peak_gpu_bytes"] for f in rows if f.get("peak_gpu_bytes")]
         scores.append(ScoreEntry("method", sum(values) / len(values) if values else 0.0,
                                  len(values), {

@@ -52,13 +52,19 @@ def test_ceval_and_gsm8k_jobs(with_tiny):
 
         status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "longbench_v2",
-            "params": {"cot": True, "max_length": 400}})
+            "params": {"cot": True, "max_length": 400, "methods": ["basic", "optimized"]}})
         assert status == 201, body
         v2 = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
         assert v2["state"] == "succeeded", v2["error"]
         assert {d["difficulty"] for d in v2["scores"]["difficulties"]} == {"easy", "hard"}
         v2_samples = live.request("GET", f"/api/jobs/{v2['id']}/samples")[1]["data"]["samples"]
         assert all("cot" in s["fields"] for s in v2_samples)  # the reasoning turn is kept
+        # two turns per answer: the timing covers both, so the comparison has figures
+        assert all(s["fields"]["timing"]["prefill_tokens"] > s["prompt_tokens"]
+                   for s in v2_samples)
+        assert [m["method"] for m in v2["scores"]["methods"]] == ["basic", "optimized"]
+        assert all(m["decode_tokens_per_s"] and m["prefill_tokens_per_s"]
+                   for m in v2["scores"]["methods"])
 
         status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "mr_gsm8k", "params": {"max_new_tokens": 16}})
