@@ -191,8 +191,12 @@ def main() -> int:
         still_running = job["state"] == "running"
         _call(conn, "POST", f"/api/jobs/{running}/cancel")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.terminate()  # the worker stops after its current sample, which may be long
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
     print(f"api_load: {args.clients} clients, {args.seconds:g} s per phase, paced phases "
           f"poll every {args.pace:g} s per client, {os.cpu_count()} CPUs, job model "

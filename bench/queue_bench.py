@@ -2,7 +2,7 @@
 processes on trivial jobs, on SQLite and on PostgreSQL.
 
     .venv/bin/python bench/queue_bench.py [--jobs 400] [--latency-jobs 30] [--workers 1,2,4,8]
-                                    [--engines sqlite,postgresql] [--postgres-url URL]
+                                          [--engines sqlite,postgresql] [--postgres-url URL]
 
 Each worker process runs the worker's claim loop without a model: `claim_job`,
 one `record_sample`, `finish_job`; with the queue empty it waits as a real
