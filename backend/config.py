@@ -58,6 +58,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -244,6 +251,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Where dataset files are looked for: <folder>/<dataset name>/ in the official "
             "layout, unless a job gives data_dir. A job's data_dir or haystack file must lie "
             "under it."),
+    Setting("LBS_MAX_CONTEXT_LENGTH", "0", _non_negative_int,
+            "an integer of at least 0 (0 = only the model's own maximum)",
+            "Longest context length (tokens) a job may ask for: Needle-in-a-Haystack "
+            "context_lengths, LongBench max_length. Jobs asking for more are refused (422)."),
+    Setting("LBS_MAX_GRID_CELLS", "2500", _positive_int, "an integer of at least 1",
+            "Most (context length, depth) cells a Needle-in-a-Haystack job may ask for."),
     Setting("LBS_MODEL_DIRS", "", _text, "folder paths separated by ':'",
             "Folders scanned (two levels deep) for Hugging Face checkpoints to offer on the "
             "web page and in GET /api/models. A model folder named in a job must lie under "
@@ -300,6 +313,9 @@ class Settings:
     worker_labels: tuple[str, ...] = ()
     simulated_gpu_memory: tuple[int, ...] = ()
     listen_timeout: float = 10.0
+    max_context_length: int = 0
+    """0: no ceiling beyond the model's own maximum."""
+    max_grid_cells: int = 2500
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -367,6 +383,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         min_available_gb=parsed["LBS_MIN_AVAILABLE_GB"],
         pinned_memory_budget=parsed["LBS_PINNED_MEMORY_BUDGET"],
         affinity_seconds=parsed["LBS_AFFINITY_SECONDS"],
+        max_context_length=parsed["LBS_MAX_CONTEXT_LENGTH"],
+        max_grid_cells=parsed["LBS_MAX_GRID_CELLS"],
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
         api_token=parsed["LBS_API_TOKEN"],

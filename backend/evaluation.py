@@ -93,7 +93,39 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     if spec.api_model and api.max_length:
         info = ModelInfo(spec.name, api.max_length)
     ds.check(params, info)
+    apply_ceilings(params, info, settings)
     return PreparedJob(spec, info, ds, params, api, api_key)
+
+
+def apply_ceilings(params: DatasetParams, info: ModelInfo, settings: Settings) -> None:
+    """The server's own limits, on top of the model's: LBS_MAX_GRID_CELLS on a
+    Needle-in-a-Haystack grid and LBS_MAX_CONTEXT_LENGTH on the context a job asks
+    for. A job with a `max_length` prompt budget that names none gets the ceiling as
+    its budget when the model takes more (stored with the job). Raises ParamError."""
+    if hasattr(params, "lengths") and hasattr(params, "depths"):
+        cells = len(params.lengths()) * len(params.depths())
+        if cells > settings.max_grid_cells:
+            raise ParamError("context_lengths",
+                             f"the grid has {cells} cells (context lengths x depths); this "
+                             f"server allows at most {settings.max_grid_cells} "
+                             "(LBS_MAX_GRID_CELLS)")
+    ceiling = settings.max_context_length
+    if not ceiling:
+        return
+    if hasattr(params, "lengths"):
+        longest = max(params.lengths())
+        if longest > ceiling:
+            raise ParamError("context_lengths",
+                             f"context length {longest} is above this server's ceiling of "
+                             f"{ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+    elif "max_length" in type(params).model_fields:
+        if params.max_length is None:
+            if info.max_length is None or info.max_length > ceiling:
+                params.max_length = ceiling
+        elif params.max_length > ceiling:
+            raise ParamError("max_length",
+                             f"max_length {params.max_length} is above this server's ceiling "
+                             f"of {ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
 
 
 @dataclass

@@ -80,6 +80,36 @@ def test_bad_bodies(client):
     assert res.status_code == 405 and res.get_json()["status"] == "error"
 
 
+def test_context_and_grid_ceilings(monkeypatch, data_dir, with_tiny):
+    from backend.config import load_settings
+    from backend.server import create_app
+
+    monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", "512")
+    monkeypatch.setenv("LBS_MAX_GRID_CELLS", "4")
+    client = create_app(load_settings(), {"TESTING": True}).test_client()
+
+    def refused(params: dict, dataset: str = "needle_in_haystack") -> dict:
+        res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": dataset,
+                                             "params": params})
+        assert res.status_code == 422, res.get_json()
+        return res.get_json()["error"]["details"][0]
+
+    assert client.post("/api/jobs", json=NIAH).status_code == 201
+    detail = refused({"context_lengths": [256, 1024], "depth_percents": [50]})
+    assert detail["field"] == "params.context_lengths"
+    assert "1024" in detail["message"] and "LBS_MAX_CONTEXT_LENGTH" in detail["message"]
+    detail = refused({"context_lengths": {"min": 128, "max": 512, "count": 3},
+                      "depth_percents": {"count": 2}})
+    assert detail["field"] == "params.context_lengths" and "6 cells" in detail["message"]
+    # the model's own maximum still applies below the ceiling
+    monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", "0")
+    client = create_app(load_settings(), {"TESTING": True}).test_client()
+    detail = refused({"context_lengths": [10**6], "depth_percents": [50]})
+    assert detail["field"] == "params.context_lengths"
+    assert "beyond the maximum of builtin:tiny" in detail["message"]
+    assert client.get("/api/jobs").get_json()["data"]["total"] == 1  # nothing else stored
+
+
 def test_datasets_and_openapi(client):
     datasets = client.get("/api/datasets").get_json()["data"]["datasets"]
     niah = next(d for d in datasets if d["name"] == "needle_in_haystack")

@@ -11,7 +11,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_ceval_and_gsm8k_jobs(with_tiny):
-    live = LiveServer(with_tiny, {"LBS_DATASETS_DIR": str(ROOT / "tests" / "fixtures")}).start()
+    # a server-wide context ceiling: the LongBench job below names no max_length and
+    # gets the ceiling as its prompt budget
+    live = LiveServer(with_tiny, {"LBS_DATASETS_DIR": str(ROOT / "tests" / "fixtures"),
+                                  "LBS_MAX_CONTEXT_LENGTH": "400"}).start()
     try:
         status, body = live.request("POST", "/api/jobs", {"jobs": [
             {"model": "builtin:tiny", "dataset": "ceval", "params": {"shots": 1}},
@@ -41,8 +44,14 @@ def test_ceval_and_gsm8k_jobs(with_tiny):
 
         status, body = live.request("POST", "/api/jobs", {
             "model": "builtin:tiny", "dataset": "longbench",
-            "params": {"subsets": ["hotpotqa", "multifieldqa_zh", "trec"], "max_length": 400}})
+            "params": {"subsets": ["hotpotqa", "multifieldqa_zh", "trec"]}})
         assert status == 201, body
+        assert body["data"]["job"]["params"]["max_length"] == 400
+        status, refused = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "longbench",
+            "params": {"subsets": ["trec"], "max_length": 1000}})
+        assert status == 422
+        assert refused["error"]["details"][0]["field"] == "params.max_length"
         lb = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
         assert lb["state"] == "succeeded", lb["error"]
         assert {s["subset"] for s in lb["scores"]["subsets"]} == \

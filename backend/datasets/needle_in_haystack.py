@@ -58,7 +58,6 @@ PROMPT_TEMPLATE = (
 )
 
 MIN_CONTEXT_LENGTH = 128
-MAX_GRID_CELLS = 2500
 # How many later sentences to try when the next one does not fit the budget.
 FILL_LOOKAHEAD = 64
 
@@ -140,13 +139,6 @@ class NeedleParams(DatasetParams):
             if any(not 0 <= d <= 100 for d in value):
                 raise ValueError("every depth must be between 0 and 100")
         return value
-
-    @model_validator(mode="after")
-    def _grid_size(self) -> NeedleParams:
-        cells = len(self.lengths()) * len(self.depths())
-        if cells > MAX_GRID_CELLS:
-            raise ValueError(f"the grid has {cells} cells; at most {MAX_GRID_CELLS} are allowed")
-        return self
 
     def lengths(self) -> list[int]:
         if isinstance(self.context_lengths, LengthRange):
