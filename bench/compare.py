@@ -6,7 +6,7 @@ run in this process the way the worker runs it, and the ratios optimized/basic.
         [--max-new-tokens 32] [--methods basic,optimized] [--json]
 
 basic is transformers with eager attention and a dynamic cache; optimized is SDPA
-attention, plus a static KV cache and torch.compile when the model is on CUDA. Both
+attention and a static KV cache, plus torch.compile when the model is on CUDA. Both
 answer the same prompts, one after the other, the first model released before the
 second loads; each pass starts with an untimed warm-up generation. Per method it
 prints prefill and decode tokens/s (from the runner's own prefill/decode split), mean
@@ -157,7 +157,7 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
 def report(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-          f"GPU: {m['gpu'] or 'none (optimized = SDPA only; no static cache or compile)'}; "
+          f"GPU: {m['gpu'] or 'none (optimized = SDPA + static cache; no compile)'}; "
           f"torch {m['torch']}, transformers {m['transformers']}; "
           f"load average at start {m['load_average']}")
     params = result["params"]

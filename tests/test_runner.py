@@ -47,6 +47,19 @@ def test_generate_is_greedy_and_handles_template(settings, with_tiny):
     assert plain.render("hi") == "hi"
 
 
+def test_optimized_method_matches_basic_in_a_padded_batch(settings, with_tiny):
+    spec = resolve_model("builtin:tiny", settings)
+    basic = HFRunner.load(spec, LoadOptions.from_settings(settings, "basic"), settings)
+    optimized = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
+    assert not basic.static_cache and optimized.static_cache  # on every device
+    prompts = [basic.render("Where is the library?"),
+               basic.render("Which of the rooms in the old house was painted blue last?")]
+    alone = [basic.generate([GenerationRequest(p, 12)])[0].text for p in prompts]
+    # a batch of two prompts of different lengths is left-padded into one static cache
+    together = [g.text for g in optimized.generate([GenerationRequest(p, 12) for p in prompts])]
+    assert together == alone
+
+
 def test_resolve_models(settings, tmp_path):
     with pytest.raises(ModelNotFound, match="builtin:tiny"):
         resolve_model("builtin:huge", settings)

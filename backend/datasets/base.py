@@ -71,7 +71,7 @@ class DatasetParams(BaseModel):
         None, min_length=1, max_length=2,
         description="compare inference methods on the same prompts, one after the other "
                     "(the model released in between): basic = eager attention; optimized = "
-                    "SDPA attention, plus a static KV cache and torch.compile on CUDA")
+                    "SDPA attention and a static KV cache, plus torch.compile on CUDA")
 
     @field_validator("methods")
     @classmethod
