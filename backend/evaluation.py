@@ -43,6 +43,8 @@ class PreparedJob:
     api: Any = None
     """ApiOptions for an `openai:` model (base URL filled in from the settings)."""
     api_key: str | None = None
+    num_gpus: int = 1
+    """GPUs the job asked for (a model sharded across them); set by the worker."""
 
 
 class JobFieldError(ValueError):
@@ -400,7 +402,7 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
 
         return (api_model_key(job),
                 partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
-    options = LoadOptions.from_settings(settings, method or "default")
+    options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
     return (model_key(job.spec, settings, options), partial(HFRunner.load, job.spec, options,
                                                             settings),
             estimate_model_bytes(job.spec, options.dtype))

@@ -245,12 +245,13 @@ class Worker:
             return False
         self.run_job(job.id, job.model, job.dataset, job.params,
                      timeout_s=job.timeout_s or self.settings.job_timeout or None,
-                     api=job.api, api_key_encrypted=job.api_key_encrypted)
+                     api=job.api, api_key_encrypted=job.api_key_encrypted,
+                     num_gpus=job.num_gpus)
         return True
 
     def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
                 timeout_s: float | None = None, api: dict[str, Any] | None = None,
-                api_key_encrypted: str | None = None) -> None:
+                api_key_encrypted: str | None = None, num_gpus: int = 1) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
         from backend.evaluation import JobFieldError, prepare, run_evaluation
@@ -270,6 +271,7 @@ class Worker:
             prepared = prepare(model, dataset, params, self.settings,
                                api=ApiOptions.model_validate(api) if api else None,
                                api_key=api_key)
+            prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
             outcome = run_evaluation(
                 prepared, self.manager, self.settings, sink,

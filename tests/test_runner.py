@@ -25,6 +25,49 @@ def test_max_memory_from_fraction(caplog):
     assert build_max_memory(0.5, totals=[]) is None  # no GPU
 
 
+def test_max_memory_for_a_job_on_several_gpus(caplog):
+    caplog.set_level(logging.INFO)
+    three = [80 * GiB, 80 * GiB, 40 * GiB]
+    # num_gpus = 2 without a limit: whole GPUs 0 and 1, so the layers are spread over them
+    got = build_max_memory(0.0, totals=three, cpu_bytes=64 * GiB, num_gpus=2)
+    assert got == {0: 80 * GiB, 1: 80 * GiB, "cpu": 64 * GiB}
+    assert "[Runner] model sharded over 2 GPUs" in caplog.text
+    # with a limit, the cap applies to the job's GPUs only
+    got = build_max_memory(0.5, totals=three, cpu_bytes=64 * GiB, num_gpus=1)
+    assert got == {0: 40 * GiB, "cpu": 64 * GiB}
+    assert build_max_memory(0.0, totals=three, num_gpus=1) is None  # whole model on cuda:0
+
+
+def test_num_gpus_reaches_the_load_options(settings, with_tiny):
+    from backend.evaluation import _loader, prepare
+
+    job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [256]}, settings)
+    job.num_gpus = 2
+    key, _, _ = _loader(job, settings, None)
+    assert LoadOptions.from_settings(settings, "default", 2) in key
+    assert _loader(job, settings, "optimized")[0][-1].num_gpus == 2
+
+
+@pytest.mark.gpu
+def test_num_gpus_two_shards_the_model(settings, with_tiny):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    from backend.runners.models import estimate_model_bytes
+
+    spec = resolve_model("builtin:small", settings)
+    # a cap of 60% of the model per GPU, so that one GPU cannot hold it all
+    size = estimate_model_bytes(spec, "float16")
+    fraction = 0.6 * size / torch.cuda.get_device_properties(0).total_memory
+    options = LoadOptions("float16", False, fraction, "default", num_gpus=2)
+    runner = HFRunner.load(spec, options, settings)
+    devices = {str(p.device) for p in runner.model.parameters()}
+    assert {"cuda:0", "cuda:1"} <= devices
+    prompt = runner.render("hello " * 50)
+    assert runner.generate([GenerationRequest(prompt, 8)])[0].output_tokens == 8
+
+
 def test_builtin_model_is_deterministic(builtin_models_dir, tmp_path):
     from backend.runners.builtin import ensure_builtin_model
 

@@ -34,11 +34,14 @@ class LoadOptions:
     """Inference method: "default" (transformers' defaults), "basic" (eager attention,
     dynamic cache) or "optimized" (SDPA attention and a static KV cache; on CUDA also
     torch.compile). See METHODS."""
+    num_gpus: int = 1
+    """GPUs (the first of those visible) the model's layers are spread over."""
 
     @classmethod
-    def from_settings(cls, settings: Settings, method: str = "default") -> LoadOptions:
+    def from_settings(cls, settings: Settings, method: str = "default",
+                      num_gpus: int = 1) -> LoadOptions:
         return cls(settings.torch_dtype, settings.trust_remote_code, settings.gpu_memory_limit,
-                   method)
+                   method, num_gpus)
 
 
 METHODS = ("basic", "optimized")
@@ -144,7 +147,8 @@ class HFRunner(Runner):
             kwargs["attn_implementation"] = "eager"
         elif options.method == "optimized":
             kwargs["attn_implementation"] = "sdpa"
-        max_memory = build_max_memory(options.gpu_memory_limit) if on_cuda else None
+        max_memory = build_max_memory(options.gpu_memory_limit,
+                                      num_gpus=options.num_gpus) if on_cuda else None
         if max_memory:
             kwargs.update(device_map="auto", max_memory=max_memory)
         started = time.perf_counter()
