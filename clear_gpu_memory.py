@@ -32,14 +32,14 @@ import logging
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
 import sqlalchemy as sa
+
+from backend.client import ApiClient, ServerError
 
 log = logging.getLogger("clear_gpu_memory")
 MB = 1024 * 1024
@@ -130,45 +130,9 @@ def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
 
 # --- the server ----------------------------------------------------------------------
 
-class ServerError(Exception):
-    """The server answered with an error, or did not answer at all (status None)."""
-
-    def __init__(self, status: int | None, code: str, message: str):
-        super().__init__(message if status is None else f"HTTP {status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
-
-
-def call_server(url: str, token: str, method: str, path: str, body: Any = None,
-                timeout: float = 60.0) -> Any:
-    """The `data` of the server's answer; ServerError for an error or no answer."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as res:
-            return json.loads(res.read() or b"null")["data"]
-    except (ValueError, KeyError, TypeError):
-        raise ServerError(None, "not_lbs", f"{url} did not answer like an LLM Bench Shower "
-                                           "server") from None
-    except urllib.error.HTTPError as err:
-        try:
-            error = json.loads(err.read())["error"]
-            code, message = error["code"], error["message"]
-        except (ValueError, KeyError, TypeError):
-            code, message = "http_error", f"HTTP {err.code} {err.reason}"
-        if err.code == 401 and not token:
-            message += " (set LBS_API_TOKEN to the server's token)"
-        raise ServerError(err.code, code, message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ServerError(None, "no_server", f"no server answers at {url} ({reason})") from None
-
-
 def server_report(url: str, token: str) -> dict[str, Any]:
     try:
-        status = call_server(url, token, "GET", "/api/gpu/status", timeout=10)
+        status = ApiClient(url, token).call("GET", "/api/gpu/status", timeout=10)
     except ServerError as exc:
         return {"url": url, "reachable": exc.status is not None, "error": str(exc),
                 "models": []}
@@ -190,7 +154,7 @@ def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
         return {**entry, "ok": True, "message": f"would ask the server to {action} "
                 f"{len(models)} model(s): {', '.join(models) or 'none'}"}
     try:
-        data = call_server(server["url"], token, "POST", f"/api/gpu/{action}", {})
+        data = ApiClient(server["url"], token).call("POST", f"/api/gpu/{action}", {})
     except ServerError as exc:
         if exc.code == "no_worker":  # nothing runs, so nothing holds memory
             return {**entry, "ok": True, "message": f"{exc.message}: nothing to {action}"}

@@ -16,12 +16,11 @@ to stderr only, since stdout is the stdio transport.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
+
+from backend.client import ApiClient, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -29,57 +28,6 @@ INSTRUCTIONS = (
     "Tools of an LLM Bench Shower server: evaluate language models on benchmark datasets "
     "(list_datasets, submit_job, get_job, cancel_job) and manage the GPU memory its "
     "workers' models hold (get_gpu_status, offload_gpu, release_gpu, update_gpu_timeout).")
-
-
-class ServerError(Exception):
-    """The server answered with an error, or did not answer; the message says which."""
-
-
-class ApiClient:
-    """A few lines of HTTP to the LLM Bench Shower API: `call` returns the answer's `data`
-    or raises ServerError whose message carries the server's error code and message."""
-
-    def __init__(self, base_url: str, token: str = "", timeout: float = 60.0):
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as res:
-                return json.loads(res.read() or b"null")["data"]
-        except urllib.error.HTTPError as err:
-            raise ServerError(_error_text(err, bool(self.token))) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ServerError(f"no LLM Bench Shower server answers at {self.base_url} "
-                              f"({reason}); start it with `python -m backend.server` or "
-                              "pass --server") from None
-        except (ValueError, KeyError, TypeError):
-            raise ServerError(f"{self.base_url} did not answer like an LLM Bench Shower "
-                              "server") from None
-
-
-def _error_text(err: urllib.error.HTTPError, sent_token: bool) -> str:
-    """`HTTP 422 unknown_dataset: <message> [field: message; ...]` from an error answer."""
-    try:
-        error = json.loads(err.read())["error"]
-        text = f"HTTP {err.code} {error['code']}: {error['message']}"
-        details = [f"{d['field']}: {d['message']}" for d in error.get("details") or []
-                   if d.get("field") and d["message"] not in error["message"]]
-    except (ValueError, KeyError, TypeError):
-        text, details = f"HTTP {err.code} {err.reason}", []
-    if details:
-        text += f" [{'; '.join(details)}]"
-    if err.code == 401 and not sent_token:
-        text += " (set LBS_API_TOKEN for the MCP server to the server's token)"
-    return text
 
 
 def _target(**fields: Any) -> dict[str, Any]:
@@ -98,7 +46,10 @@ def build_server(api: ApiClient):
             return api.call(method, path, body)
         except ServerError as exc:
             log.info("[MCP] %s %s: %s", method, path, exc)
-            raise ToolError(str(exc)) from None
+            text = str(exc)
+            if exc.code == "no_server":
+                text += "; start it with `python -m backend.server` or pass --server"
+            raise ToolError(text) from None
 
     @server.tool()
     def get_gpu_status() -> dict[str, Any]:
@@ -186,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     setup_logging(settings.log_level)  # stderr: stdout belongs to the stdio transport
-    api = ApiClient(args.server or settings.server_url, settings.api_token)
+    api = ApiClient(args.server or settings.server_url, settings.api_token,
+                    token_hint="set LBS_API_TOKEN for the MCP server to the server's token")
     server = build_server(api)
     log.info("[MCP] tools for %s over %s", api.base_url,
              f"http://127.0.0.1:{args.port}/mcp" if args.http else "stdio")
