@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return EXIT_USAGE
     setup_logging("WARNING" if args.json else settings.log_level)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     stale_after = args.stale_after or default_stale_after(settings.lease_seconds).total_seconds()
     url = (args.server or settings.server_url).rstrip("/")
 
