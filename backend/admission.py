@@ -43,10 +43,8 @@ def _architecture(spec: ModelSpec) -> dict[str, Any] | None:
 def longest_sequence(params: Any, model_max: int | None) -> int | None:
     """Most tokens one sequence of the job holds (prompt + generated), or None."""
     new_tokens = int(getattr(params, "max_new_tokens", 0) or 0)
-    lengths = getattr(params, "context_lengths", None)
-    if lengths is not None:
-        values = lengths if isinstance(lengths, list) else lengths.values()
-        return max(values) + new_tokens
+    if hasattr(params, "lengths"):  # Needle-in-a-Haystack: its context lengths
+        return max(params.lengths()) + new_tokens
     budget = getattr(params, "max_length", None)
     if isinstance(budget, int) and budget > 0:
         return budget + (new_tokens or 512)

@@ -84,11 +84,11 @@ class Job(Base):
     worker_label: Mapped[str | None] = mapped_column(sa.String(255))
     num_gpus: Mapped[int] = mapped_column(default=1)
     memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    """Estimated GPU memory the job needs (weights + KV cache + activations), if known."""
     api: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     """An `openai:` model's options without the key (ApiOptions.public())."""
     api_key_encrypted: Mapped[str | None] = mapped_column(sa.Text)
     """The job's API key as a Fernet token (secrets_box.py); never returned."""
-    """Estimated GPU memory the job needs (weights + KV cache + activations), if known."""
     claimed_at: Mapped[datetime | None]
     """When a worker last claimed the job (round robin over submitters reads it)."""
 

@@ -413,9 +413,7 @@ def list_workers(factory: sessionmaker) -> list[Worker]:
 def waiting_reasons(factory: sessionmaker, jobs: list[Any],
                     lease_seconds: float) -> dict[int, str]:
     """Why each queued job in `jobs` waits (see scheduling.waiting_reason)."""
-    if all(job.state != JobState.QUEUED.value for job in jobs):
-        return {}
-    with factory() as session:
+    with factory() as session:  # connects only if a job is queued (queued_reasons)
         return queued_reasons(session, jobs, utcnow(), lease_seconds)
 
 

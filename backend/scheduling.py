@@ -81,6 +81,11 @@ def worker_state(worker: Worker, now: datetime, lease_seconds: float) -> WorkerS
     return state
 
 
+def is_alive(worker: Worker, now: datetime, lease_seconds: float) -> bool:
+    """Idle or busy, and heartbeating."""
+    return worker_state(worker, now, lease_seconds) in (WorkerState.IDLE, WorkerState.BUSY)
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / GB:.1f} GiB" if nbytes >= GB else f"{nbytes / 2**20:.1f} MiB"
 
@@ -90,8 +95,7 @@ def waiting_reason(job: Job, workers: Iterable[Worker], now: datetime,
     """Why a queued job does not run yet, in words; None for a job that is not queued."""
     if job.state != JobState.QUEUED.value:
         return None
-    live = [w for w in workers if worker_state(w, now, lease_seconds)
-            in (WorkerState.IDLE, WorkerState.BUSY)]
+    live = [w for w in workers if is_alive(w, now, lease_seconds)]
     if not live:
         return "no live worker: start one (python -m backend.worker) or check the server log"
     if job.worker_label:

@@ -357,17 +357,17 @@ def _choose_gpu(settings: Settings) -> str | None:
     """Without CUDA_VISIBLE_DEVICES on a machine with several GPUs, take the one with
     the most free memory that no live worker of this database holds."""
     import re
-    from datetime import timedelta
 
     from backend.db import utcnow
     from backend.jobs import list_workers
     from backend.memory.gpu import pick_free_gpu, visible_gpu_count
+    from backend.scheduling import is_alive
 
     if settings.cuda_visible_devices is not None or visible_gpu_count(None) < 2:
         return None
-    fresh = utcnow() - timedelta(seconds=max(15.0, settings.lease_seconds))
+    now = utcnow()
     taken = {m.group(1) for w in list_workers(session_factory(settings.database_url))
-             if w.state != "stopped" and w.heartbeat_at >= fresh
+             if is_alive(w, now, settings.lease_seconds)
              and (m := re.match(r"cuda:(\d+)", w.device))}
     choice = pick_free_gpu(taken)
     if choice is not None:

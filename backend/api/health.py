@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
-from backend.db import WorkerState, utcnow
+from backend.db import utcnow
 from backend.jobs import list_workers
-from backend.scheduling import worker_state
+from backend.scheduling import is_alive, worker_state
 
 bp = Blueprint("health", __name__)
 
@@ -33,5 +33,5 @@ def workers():
             "gpu_free_bytes": w.gpu_free_bytes, "started_at": w.started_at.isoformat(),
             "heartbeat_at": w.heartbeat_at.isoformat(),
             "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 1),
-            "alive": state in (WorkerState.IDLE, WorkerState.BUSY)})
+            "alive": is_alive(w, now, lease)})
     return {"status": "success", "data": {"workers": rows}}
