@@ -38,26 +38,20 @@ def _generate(model, ids, new_tokens: int, extra: dict) -> tuple[float, float, l
     """One greedy generation: (total s, decode s after the first logits, new token ids)."""
     import torch
 
+    from backend.runners.hf import FirstTokenClock
+
     cuda = ids.device.type == "cuda"
-    first: list[float] = []
-
-    def mark(input_ids, scores):  # called first right after the prefill's logits
-        if not first:
-            if cuda:
-                torch.cuda.synchronize()
-            first.append(time.perf_counter())
-        return scores
-
+    first = FirstTokenClock(cuda)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=0, logits_processor=[mark], **extra)
+                             pad_token_id=0, logits_processor=[first], **extra)
     if cuda:
         torch.cuda.synchronize()
     ended = time.perf_counter()
-    return ended - started, ended - first[0], out[0, ids.shape[1]:].tolist()
+    return ended - started, ended - first.at, out[0, ids.shape[1]:].tolist()
 
 
 def main() -> int:

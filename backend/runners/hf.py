@@ -63,7 +63,15 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
-class _FirstToken:
+def model_source(spec: ModelSpec, settings: Settings) -> str:
+    """What `from_pretrained` reads: a built-in model's folder (made first if it is not
+    there yet), a checkpoint folder, or a hub id."""
+    if spec.builtin:
+        return str(ensure_builtin_model(settings.data_dir, spec.builtin))
+    return str(spec.path) if spec.path is not None else spec.hub_id
+
+
+class FirstTokenClock:
     """A logits processor that only notes when it is first called: the end of the
     prefill (the prompt's forward pass), so generation splits into prefill and decode."""
 
@@ -116,7 +124,7 @@ class HFRunner(Runner):
     """A transformers model and tokenizer, loaded by `HFRunner.load`."""
 
     def __init__(self, spec: ModelSpec, model, tokenizer, device: str, max_length: int,
-                 use_chat_template: bool | None = None):
+                 use_chat_template: bool | None = None, static_cache: bool = False):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
@@ -127,17 +135,15 @@ class HFRunner(Runner):
                              else tokenizer.eos_token_id)
         self._host: dict[str, object] | None = None  # CPU copy of every weight, once made
         self.host_pinned = False
-        self.static_cache = False
+        self.static_cache = static_cache
+        """Generate with a preallocated KV cache (the "optimized" method)."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if spec.builtin:
-            source = str(ensure_builtin_model(settings.data_dir, spec.builtin))
-        else:
-            source = str(spec.path) if spec.path is not None else spec.hub_id
+        source = model_source(spec, settings)
         local_only = not settings.allow_download
         on_cuda = torch.cuda.is_available()
         kwargs = dict(dtype=_torch_dtype(options.dtype, on_cuda),
@@ -160,7 +166,7 @@ class HFRunner(Runner):
         model.eval()
         device = str(next(model.parameters()).device)
         # A preallocated (static) KV cache saves the dynamic cache's copy per decoded
-        # token: 1.15-1.28x decode tokens/s on the CPU (bench/cache_compile.py). Its
+        # token: 1.12-1.37x decode tokens/s on the CPU (bench/cache_compile.py). Its
         # fixed shapes are what lets a compiled forward be replayed step after step on
         # CUDA; on the CPU compiling costs ~18 s per new prompt length and gained
         # nothing at 4096 tokens, so it is CUDA only.
@@ -173,9 +179,7 @@ class HFRunner(Runner):
         log.info("[Runner] loaded %s on %s (%s) in %.2f s", spec.name, device,
                  str(next(model.parameters()).dtype).removeprefix("torch."),
                  time.perf_counter() - started)
-        runner = cls(spec, model, tokenizer, device, max_length)
-        runner.static_cache = static_cache
-        return runner
+        return cls(spec, model, tokenizer, device, max_length, static_cache=static_cache)
 
     # --- PromptTokenizer (delegated) ------------------------------------------------
 
@@ -193,10 +197,8 @@ class HFRunner(Runner):
 
     def without_chat_template(self) -> HFRunner:
         """The same model, prompts fed as plain text (job parameter use_chat_template=false)."""
-        plain = HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
-                         use_chat_template=False)
-        plain.static_cache = self.static_cache
-        return plain
+        return HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
+                        use_chat_template=False, static_cache=self.static_cache)
 
     # --- generation --------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class HFRunner(Runner):
                                  device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
                             device=self.device)
-        first_token = _FirstToken(self.device.startswith("cuda"))
+        first_token = FirstTokenClock(self.device.startswith("cuda"))
         extra = {"cache_implementation": "static"} if self.static_cache else {}
         started = time.perf_counter()
         with torch.inference_mode():

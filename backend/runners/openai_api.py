@@ -280,14 +280,12 @@ def load_api_runner(name: str, options: ApiOptions, api_key: str | None,
     """An OpenAIRunner for `openai:<served model>`, with its local tokenizer loaded."""
     from transformers import AutoTokenizer
 
-    from backend.runners.builtin import ensure_builtin_model
-    from backend.runners.hf import HFTokenizer
+    from backend.runners.hf import HFTokenizer, model_source
     from backend.runners.models import model_info, resolve_model
 
     spec = resolve_model(options.tokenizer or "builtin:tiny", settings)
-    source = (ensure_builtin_model(settings.data_dir, spec.builtin) if spec.builtin
-              else spec.path)
-    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(spec, settings),
+                                              local_files_only=not settings.allow_download)
     max_length = options.max_length or model_info(spec).max_length or 4096
     served = name.removeprefix(PREFIX)
     key = api_key or settings.openai_api_key or None
