@@ -58,23 +58,11 @@ def process_gpu_bytes(pid: int) -> int | None:
 
 def pick_free_gpu(taken: set[str]) -> str | None:
     """Index (as text) of the GPU with the most free memory that no other worker has
-    taken, for a worker started without CUDA_VISIBLE_DEVICES; None without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML: let CUDA pick
-        return None
-    try:
-        free = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            free.append((str(i) not in taken, info.free, str(i)))
-        return max(free)[2] if free else None
-    except pynvml.NVMLError:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    taken, for a worker started without CUDA_VISIBLE_DEVICES; None without NVML (then
+    CUDA picks)."""
+    free = [(str(g["index"]) not in taken, g["free_bytes"], str(g["index"]))
+            for g in gpu_inventory(None)]
+    return max(free)[2] if free else None
 
 
 def gpu_inventory(indices: list[int] | None) -> list[dict]:
