@@ -32,23 +32,16 @@ import json
 import multiprocessing as mp
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from local_server import running_server  # bench/ is this script's folder
+
 LONG_JOB = {"context_lengths": [2048, 4096, 6144], "depth_percents": {"count": 11},
             "max_new_tokens": 64}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(conn: http.client.HTTPConnection, method: str, path: str, body=None):
@@ -147,22 +140,10 @@ def main() -> int:
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="lbs-api-load-"))
-    port = _free_port()
-    env = {**os.environ, "LBS_DATA_DIR": str(data), "LBS_PORT": str(port), "LBS_WORKERS": "1",
+    env = {**os.environ, "LBS_DATA_DIR": str(data), "LBS_WORKERS": "1",
            "LBS_ENV_FILE": str(data / "no.env"), "LBS_LOG_LEVEL": "WARNING"}
-    log = open(data / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "backend.server"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with open(data / "server.log", "wb") as log, running_server(env, log) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        for _ in range(300):
-            try:
-                if _call(conn, "GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                time.sleep(0.2)
         # rows to list: small jobs, cancelled while queued (they never run)
         status, body = _call(conn, "POST", "/api/jobs", {"jobs": [
             {"model": "builtin:tiny", "dataset": "needle_in_haystack",
@@ -190,13 +171,6 @@ def main() -> int:
         job = _call(conn, "GET", f"/api/jobs/{running}")[1]["data"]["job"]
         still_running = job["state"] == "running"
         _call(conn, "POST", f"/api/jobs/{running}/cancel")
-    finally:
-        server.terminate()  # the worker stops after its current sample, which may be long
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
     print(f"api_load: {args.clients} clients, {args.seconds:g} s per phase, paced phases "
           f"poll every {args.pace:g} s per client, {os.cpu_count()} CPUs, job model "
