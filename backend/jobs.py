@@ -217,7 +217,7 @@ def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) ->
         _owned(session, job_id, worker_id).progress_total = total
 
 
-def _text(value: Any) -> Any:
+def storable_text(value: Any) -> Any:
     # PostgreSQL text cannot hold NUL, which a model may well generate; every engine
     # stores U+FFFD instead, so results do not depend on the engine.
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
@@ -227,7 +227,7 @@ def record_sample(factory: sessionmaker, job_id: int, worker_id: str, lease_seco
                   values: dict[str, Any]) -> bool:
     """Store one sample and renew the lease; returns whether cancel was requested.
     NUL characters in its text become U+FFFD."""
-    values = {key: _text(value) for key, value in values.items()}
+    values = {key: storable_text(value) for key, value in values.items()}
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
         session.add(Sample(job_id=job_id, **values))
@@ -249,7 +249,7 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
         session.add_all(MemoryPeak(job_id=job_id, name=name, device=device, bytes=value)
                         for name, device, value in memory)
         job.state = state.value
-        job.error = _text(error)
+        job.error = storable_text(error)
         job.finished_at = utcnow()
         job.lease_expires_at = None
         job.events = [*job.events, *events]

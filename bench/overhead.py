@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from local_server import ROOT, running_server  # bench/ is this script's folder
+
 GRID = {"context_lengths": [512, 1024, 2048], "depth_percents": [0, 25, 50, 75, 100],
         "max_new_tokens": 32}
 
@@ -65,12 +65,6 @@ def bare(prompts_file: str) -> None:
                       "predictions": predictions}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
@@ -80,19 +74,9 @@ def _http(url: str, body: dict | None = None) -> dict:
 
 
 def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
-    port = _free_port()
-    env = {**env, "LBS_PORT": str(port), "LBS_WORKERS": "1", "LBS_POLL_INTERVAL": "0.05",
-           "LBS_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "backend.server"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                _http(base + "/healthz")
-                break
-            except OSError:
-                time.sleep(0.1)
+    env = {**env, "LBS_WORKERS": "1", "LBS_POLL_INTERVAL": "0.05", "LBS_LOG_LEVEL": "WARNING"}
+    with running_server(env) as port:
+        base = f"http://127.0.0.1:{port}"
         # let the worker finish importing torch before the clock starts
         for _ in range(300):
             workers = _http(base + "/api/workers")["data"]["workers"]
@@ -110,9 +94,6 @@ def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
         samples = _http(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
         job["generation_s"] = sum(s["latency_s"] for s in samples)
         return elapsed, job, [s["prediction"] for s in samples]
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -138,6 +119,7 @@ def main() -> None:
     os.environ.update({k: env[k] for k in ("LBS_DATA_DIR", "LBS_ENV_FILE")})
     from backend.config import load_settings
     from backend.datasets.registry import get_dataset
+    from backend.jobs import storable_text
     from backend.runners.builtin import ensure_builtin_model
     from backend.runners.hf import HFTokenizer
     from backend.runners.models import resolve_model
@@ -172,7 +154,9 @@ def main() -> None:
         cli_preds = [s["prediction"] for s in json.loads((work / "cli.json").read_text())
                      ["samples"]]
         t_server, job, server_preds = run_server_job(env, args.model)
-        same = bare_out["predictions"] == cli_preds == server_preds
+        # the database keeps a NUL the model generated as U+FFFD (jobs.storable_text)
+        same = [storable_text(p) for p in bare_out["predictions"]] == \
+            [storable_text(p) for p in cli_preds] == server_preds
         rows["bare"].append(t_bare)
         rows["bare_job"].append(bare_out["load_s"] + bare_out["loop_s"])
         rows["cli"].append(t_cli)
