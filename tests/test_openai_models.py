@@ -64,7 +64,8 @@ def test_retries_on_429_500_bad_json_and_timeouts(fake, tiny_runner):
     assert [r["outcome"] for r in fake.requests] == ["429", "500", "badjson", "slow", "ok"]
 
     fake.failures = ["500"] * 10
-    with pytest.raises(ApiError, match=r"HTTP 500 \(gave up after 4 attempts\)"):
+    with pytest.raises(ApiError, match=r"HTTP 500: The server had an error \(gave up after 4 "
+                                        r"attempts\)"):
         _client(fake, tiny_runner).generate([GenerationRequest(PROMPTS[0], 4)])
 
 
@@ -89,20 +90,69 @@ def test_concurrency_is_bounded(fake, tiny_runner):
     assert fake.max_in_flight == 3
 
 
-def test_loglikelihood_through_echo_logprobs(fake, tiny_runner):
-    requests = [LoglikelihoodRequest("Question: what did Aunt Margit cook? Answer:", c)
-                for c in (" goulash", " soup", " B")]
+QUESTION = "Question: what did Aunt Margit cook? Answer:"
+CHOICES = (" goulash", " soup", " B")
+
+
+def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_runner):
+    """llama-cpp-python reads max_tokens 0 as "generate until the context is full": the
+    runner asks for one token and sums only the echoed prompt's continuation tokens, so
+    the scores are the local model's."""
+    requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
     local = tiny_runner.without_chat_template().loglikelihood(requests)
     remote = _client(fake, tiny_runner, endpoint="completions").loglikelihood(requests)
     for a, b in zip(local, remote, strict=True):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-3)
         assert b.tokens == a.tokens and b.is_greedy == a.is_greedy
+    bodies = [r["body"] for r in fake.requests]
+    assert len(bodies) == 3 and all(b["max_tokens"] == 1 and b["echo"] is True
+                                    and b["prompt"] == QUESTION + c
+                                    for b, c in zip(bodies, CHOICES, strict=True))
 
     with pytest.raises(ApiError, match="completions endpoint with echo and logprobs"):
         _client(fake, tiny_runner).loglikelihood(requests)
+
+
+def test_loglikelihood_without_echo_fails_at_the_first_request(fake, tiny_runner):
+    """A server that ignores echo/logprobs (transformers serve: 200 without logprobs, and
+    HTTP 500 for max_tokens 0) is named at once, without retries."""
     fake.logprobs = False
-    with pytest.raises(ApiError, match="did not return prompt log-probabilities"):
-        _client(fake, tiny_runner, endpoint="completions").loglikelihood(requests)
+    requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
+    runner = _client(fake, tiny_runner, endpoint="completions", max_retries=4)
+    with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
+        runner.loglikelihood(requests)
+    assert len(fake.requests) == 1 and runner.stats.retries == 0
+
+
+def test_loglikelihood_fails_when_the_tokens_do_not_cover_the_prompt(fake, tiny_runner):
+    """logprobs of the generated token only (echo ignored) must not be read as the
+    continuation's."""
+    fake.failures = ["noecho"]
+    runner = _client(fake, tiny_runner, endpoint="completions")
+    with pytest.raises(ApiError, match="do not cover the prompt"):
+        runner.loglikelihood([LoglikelihoodRequest(QUESTION, " goulash")])
+
+
+def test_chat_template_error_shows_the_remote_reason_and_suggests_completions(fake,
+                                                                              tiny_runner):
+    fake.failures = ["notemplate"]
+    with pytest.raises(ApiError) as err:
+        _client(fake, tiny_runner).generate([GenerationRequest(PROMPTS[0], 4)])
+    text = str(err.value)
+    assert "HTTP 400" in text and "default chat template is no longer allowed" in text
+    assert "\x1b" not in text and "\n" not in text and len(text) < 700
+    assert 'api.endpoint "completions"' in text
+
+
+def test_completions_send_the_prompt_as_a_local_run_would(fake, tiny_runner):
+    """use_chat_template false (C-Eval's log-likelihood prompts): the completions
+    endpoint gets the dataset's prompt without the tokenizer's chat template."""
+    runner = _client(fake, tiny_runner, endpoint="completions")
+    plain = runner.without_chat_template()
+    assert plain.render("Question: 1+1?") == "Question: 1+1?"
+    assert plain.count_prompt("Question: 1+1?") \
+        == tiny_runner.without_chat_template().count_prompt("Question: 1+1?")
+    assert runner.render("hi") == tiny_runner.render("hi")  # datasets that want it keep it
 
 
 def test_options_validation():
