@@ -264,3 +264,22 @@ def test_openai_job_fields_are_checked_at_submit(client, monkeypatch):
     status, body = submit(model="openai:tiny", api={"base_url": "http://h/v1", "api_key": KEY})
     assert status == 201 and KEY not in str(body)
     assert body["data"]["job"]["memory_estimate_bytes"] is None  # needs no GPU here
+
+
+def test_a_tokenizer_outside_the_model_dirs_is_refused_with_403(client, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    for name in (str(outside), "../elsewhere", "/etc"):
+        res = client.post("/api/jobs", json={
+            "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
+            "api": {"base_url": "http://h/v1", "tokenizer": name}})
+        body = res.get_json()
+        assert res.status_code == 403, body
+        assert body["error"]["code"] == "path_refused"
+        assert [d["field"] for d in body["error"]["details"]] == ["api.tokenizer"]
+        assert "refused" in body["error"]["message"]
+    res = client.post("/api/jobs", json={  # a missing one is still a 422
+        "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
+        "api": {"base_url": "http://h/v1", "tokenizer": "builtin:nope"}})
+    assert res.status_code == 422 and res.get_json()["error"]["code"] == "invalid_job"
