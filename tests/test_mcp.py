@@ -301,3 +301,67 @@ def test_the_mcp_server_never_imports_torch():
             "m.build_server(m.ApiClient('http://127.0.0.1:1'))\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+# --- the official MCP Inspector CLI (npm), over stdio and streamable HTTP -------------
+
+INSPECTOR = ROOT / ".node" / "node_modules" / ".bin" / "mcp-inspector"
+
+
+@pytest.fixture(scope="module")
+def inspector() -> str:
+    """The Inspector CLI that scripts/test.sh installs into .node/ from npm. Missing, the
+    tests skip, except in CI (CI=true), where they fail."""
+    if not INSPECTOR.exists():
+        give_up = pytest.fail if os.environ.get("CI", "").lower() in ("1", "true") \
+            else pytest.skip
+        give_up("the MCP Inspector is not installed: bash scripts/test.sh installs it "
+                "(npm install --prefix .node @modelcontextprotocol/inspector)")
+    return str(INSPECTOR)
+
+
+def run_inspector(inspector: str, *args: str) -> tuple[int, str]:
+    proc = subprocess.run([inspector, "--cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_inspector_over_stdio(server, inspector):
+    env = {**_env(server, TOKEN), "LBS_SERVER_URL": server.url}  # its --server is taken
+    stdio = [*[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
+             sys.executable, "-m", "backend.mcp_server"]
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/list")
+    assert code == 0, out
+    tools = {t["name"]: t for t in json.loads(out)["tools"]}
+    assert set(tools) == TOOLS
+    assert tools["get_job"]["annotations"]["readOnlyHint"] is True
+    assert tools["get_job"]["inputSchema"]["properties"]["job_id"]["minimum"] == 1
+
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/call",
+                              "--tool-name", "submit_job", "--tool-arg", "model=builtin:tiny",
+                              "--tool-arg", "dataset=echo")
+    assert code == 0, out
+    job = json.loads(out)["structuredContent"]
+    assert job["state"] == "queued"
+    assert server.wait_for(job["id"], ("succeeded", "failed"))["state"] == "succeeded"
+
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/call",
+                              "--tool-name", "get_job", "--tool-arg", "job_id=-1")
+    answer = json.loads(out)
+    assert answer["isError"] is True and "job_id" in answer["content"][0]["text"]
+
+
+def test_inspector_over_http_with_and_without_the_token(server, inspector):
+    with http_mcp(server) as url:
+        code, out = run_inspector(inspector, url, "--transport", "http",
+                                  "--method", "tools/list")
+        assert code != 0 and "Authentication required" in out, out
+        code, out = run_inspector(inspector, url, "--transport", "http", "--header",
+                                  "Authorization: Bearer wrong", "--method", "tools/list")
+        assert code != 0 and "invalid_token" in out, out
+        code, out = run_inspector(inspector, url, "--transport", "http", "--header",
+                                  f"Authorization: Bearer {TOKEN}", "--method", "tools/call",
+                                  "--tool-name", "get_gpu_status")
+        assert code == 0, out
+        status = json.loads(out)["structuredContent"]
+        assert [w["alive"] for w in status["workers"]] == [True]
