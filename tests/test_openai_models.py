@@ -283,3 +283,19 @@ def test_a_tokenizer_outside_the_model_dirs_is_refused_with_403(client, tmp_path
         "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
         "api": {"base_url": "http://h/v1", "tokenizer": "builtin:nope"}})
     assert res.status_code == 422 and res.get_json()["error"]["code"] == "invalid_job"
+
+
+def test_chat_prompt_budgets_count_the_servers_chat_template(fake, tiny_runner):
+    """NIAH fills a budget with count_prompt: over the chat endpoint the server wraps the
+    message in its template, so the count includes it (1028 tokens for 1024 before)."""
+    from backend.datasets.registry import get_dataset
+
+    runner = _client(fake, tiny_runner)
+    message = "Read the text and answer: where is the needle?"
+    assert runner.count_prompt(message) == tiny_runner.count_prompt(tiny_runner.render(message))
+    ds = get_dataset("needle_in_haystack")
+    params = ds.parse_params({"context_lengths": [200], "depth_percents": [50],
+                              "max_new_tokens": 2})
+    (item,) = ds.build_items(params, runner)
+    (gen,) = runner.generate([GenerationRequest(item.prompt, 2)])
+    assert 0.9 * 200 <= gen.prompt_tokens <= 200  # what the server says it was fed

@@ -164,6 +164,10 @@ class OpenAIRunner(Runner):
         return user_message if self.use_chat else self.tok.render(user_message)
 
     def count_prompt(self, prompt: str) -> int:
+        # The chat endpoint wraps the message in the served model's template; counting
+        # it with the job's tokenizer's template keeps prompt budgets on the server too.
+        if self.use_chat:
+            return self.tok.count_prompt(self.tok.render(prompt))
         return self.tok.count_prompt(prompt)
 
     def without_chat_template(self) -> OpenAIRunner:
