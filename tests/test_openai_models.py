@@ -286,3 +286,42 @@ def test_chat_prompt_budgets_count_the_servers_chat_template(fake, tiny_runner):
     (item,) = ds.build_items(params, runner)
     (gen,) = runner.generate([GenerationRequest(item.prompt, 2)])
     assert 0.9 * 200 <= gen.prompt_tokens <= 200  # what the server says it was fed
+
+
+def _answer(tokens, values, generated=1, offsets=None):
+    logprobs = {"tokens": tokens, "token_logprobs": values,
+                "top_logprobs": [None] + [{t: v} for t, v in zip(tokens[1:], values[1:],
+                                                                strict=True)]}
+    if offsets is not None:
+        logprobs["text_offset"] = offsets
+    usage = {"completion_tokens": generated} if generated is not None else {}
+    return {"choices": [{"text": "", "logprobs": logprobs}], "usage": usage}
+
+
+def test_reading_prompt_logprobs_as_servers_send_them():
+    from backend.runners.openai_api import read_prompt_logprobs
+
+    # vLLM: the BOS token's text first, then the prompt, then the generated token
+    got = read_prompt_logprobs(_answer(["<s>", "Answer", ":", " A", " B"],
+                                       [None, -1.0, -2.0, -0.5, -9.0]), "Answer:", " A")
+    assert (got.logprob, got.tokens, got.is_greedy) == (-0.5, 1, True)
+    # one token spanning context and continuation is scored with it, as a local split is
+    got = read_prompt_logprobs(_answer(["Answer", ": A", "x"], [None, -2.0, -7.0]),
+                               "Answer:", " A")
+    assert (got.logprob, got.tokens) == (-2.0, 1)
+    # byte pieces of a character come back as U+FFFD: the continuation still checks out
+    got = read_prompt_logprobs(_answer(["\ufffd", "\ufffd", "\ufffd", " A", "x"],
+                                       [None, -1.0, -1.0, -3.0, -1.0]), "答", " A")
+    assert got.logprob == -3.0
+    # without usage, text offsets tell the generated tokens apart
+    got = read_prompt_logprobs(_answer(["Answer", ":", " A", " B", " C"],
+                                       [None, -1.0, -0.5, -4.0, -4.0], generated=None,
+                                       offsets=[0, 6, 7, 9, 11]), "Answer:", " A")
+    assert (got.logprob, got.tokens) == (-0.5, 1)
+    # the generated tokens only (echo ignored), or a prompt that is not ours: refused
+    for answer in (_answer([" B"], [-1.0], generated=1),
+                   _answer(["Question", ":", " A", "x"], [None, -1.0, -1.0, -1.0])):
+        with pytest.raises(ApiError, match="do not cover the prompt"):
+            read_prompt_logprobs(answer, "Answer:", " A")
+    with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
+        read_prompt_logprobs({"choices": [{"text": "x", "logprobs": None}]}, "Answer:", " A")
