@@ -109,6 +109,11 @@ def test_loglikelihood_without_echo_fails_at_the_first_request(fake, tiny_runner
     with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
         runner.loglikelihood(requests)
     assert len(fake.requests) == 1 and runner.stats.retries == 0
+    # a server that answers the first echo request with a 500 is not retried either
+    fake.logprobs, fake.failures = True, ["500"]
+    with pytest.raises(ApiError, match="must return prompt log-probabilities.*HTTP 500"):
+        runner.loglikelihood(requests)
+    assert len(fake.requests) == 2 and runner.stats.retries == 0
 
 
 def test_loglikelihood_fails_when_the_tokens_do_not_cover_the_prompt(fake, tiny_runner):
