@@ -330,3 +330,16 @@ def test_reading_prompt_logprobs_as_servers_send_them():
             read_prompt_logprobs(answer, "Answer:", " A")
     with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
         read_prompt_logprobs({"choices": [{"text": "x", "logprobs": None}]}, "Answer:", " A")
+
+
+def test_remote_error_messages_are_cleaned():
+    from backend.runners.openai_api import remote_message
+
+    assert remote_message(b'{"error": {"message": "bad\\n\\u001b[31mtemplate\\u001b[0m\\tx"}}') \
+        == "bad template x"
+    assert remote_message(b'{"detail": "Server is pinned to m"}') == "Server is pinned to m"
+    assert remote_message(b'{"error": "quota"}') == "quota"
+    assert remote_message(b"<html><body>nginx internal page</body></html>") == ""
+    assert remote_message(b"[" * 100000) == ""
+    long = remote_message(b'{"message": "' + b"x" * 5000 + b'"}')
+    assert len(long) == 300 and long.endswith("\u2026")

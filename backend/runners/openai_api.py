@@ -108,20 +108,27 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 def remote_message(raw: bytes, limit: int = 300) -> str:
-    """What a remote error answer says, safe to store and show: its JSON `error.message`
-    (or `message` / `detail`), else the body's text; control characters (ANSI colours,
-    newlines) become spaces, whitespace is folded and the length is capped."""
-    text = raw[:8192].decode("utf-8", "replace")
+    """What a remote JSON error answer says (`error.message`, or `error` / `message` /
+    `detail` text), safe to store and show: ANSI sequences and control characters
+    (newlines included) removed, whitespace folded, length capped. '' for a body that
+    is not such JSON: an HTML page of some internal service is never copied into a job.
+    """
     try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
+        data = json.loads(raw[:65536].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return ""
+    found: Any = None
     if isinstance(data, dict):
         err = data.get("error")
         found = err.get("message") if isinstance(err, dict) else err
-        found = found if isinstance(found, str) else data.get("message", data.get("detail"))
-        if isinstance(found, str):
-            text = found
+        if not isinstance(found, str):
+            found = data.get("message", data.get("detail"))
+    return clean_remote_text(found, limit) if isinstance(found, str) else ""
+
+
+def clean_remote_text(text: str, limit: int = 300) -> str:
+    """Text from a remote server made safe to store and show: ANSI sequences and
+    control characters (newlines included) removed, whitespace folded, length capped."""
     text = " ".join(_CONTROL.sub(" ", _ANSI.sub("", text)).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -210,7 +217,9 @@ class OpenAIRunner(Runner):
                 except ValueError:
                     problem = f"unreadable answer ({raw[:80]!r})"
             except urllib.error.HTTPError as err:
-                status, detail = err.code, remote_message(err.read())
+                status = err.code
+                # the JSON error's message, else the status line's reason phrase
+                detail = remote_message(err.read()) or clean_remote_text(str(err.reason or ""))
                 problem = f"HTTP {err.code}" + (f": {detail}" if detail else "")
                 if err.code not in retry_status:
                     raise ApiError(redact(f"{url} answered {problem}", self._key),
