@@ -43,9 +43,10 @@ PROMPTS = ["The sea was calm and the sky", "Aunt Margit cooked goulash on", "One
 
 
 def test_retries_on_429_500_bad_json_and_timeouts(fake, tiny_runner):
-    runner = _client(fake, tiny_runner, timeout_s=0.5, concurrency=1, max_retries=4)
+    # generous margins: a loaded CI box must answer the good request within timeout_s
+    runner = _client(fake, tiny_runner, timeout_s=2.0, concurrency=1, max_retries=4)
     fake.failures = ["429", "500", "badjson", "slow"]
-    fake.slow_seconds = 1.5
+    fake.slow_seconds = 4.0
     (gen,) = runner.generate([GenerationRequest(PROMPTS[0], 4)])
     assert gen.extra["api"]["attempts"] == 5 and runner.stats.retries == 4
     assert [r["outcome"] for r in fake.requests] == ["429", "500", "badjson", "slow", "ok"]
