@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer
+from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status
 
 pytestmark = pytest.mark.slow
 
@@ -253,26 +253,16 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
     """A worker whose heartbeat stopped still shows what it last published, marked stale,
     and is left out of the totals; commands only go to live workers."""
     from datetime import timedelta
-    from types import SimpleNamespace
 
     import sqlalchemy as sa
 
     from backend import control, jobs
-    from backend.datasets.base import CacheMode
     from backend.db import Worker, utcnow
-    from backend.memory.manager import ManagerConfig, ModelManager
-
-    def status(as_of: float) -> dict:
-        manager = ModelManager(ManagerConfig(max_memory_usage=2**30), has_gpu=False)
-        runner = SimpleNamespace(device="cpu", size_bytes=lambda: 1000, close=lambda: None)
-        with manager.use("m", "m", lambda: runner, CacheMode.CACHED):
-            pass
-        return {**manager.status(), "as_of": as_of}
 
     now = time.time()
     for worker_id, as_of in (("gone", now - 600), ("live", now - 1)):  # "gone" started first
         jobs.register_worker(factory, worker_id, "host", 1, "cpu")
-        control.publish_status(factory, worker_id, status(as_of))
+        control.publish_status(factory, worker_id, manager_status("m", as_of))
     with factory.begin() as session:
         session.execute(sa.update(Worker).where(Worker.id == "gone")
                         .values(heartbeat_at=utcnow() - timedelta(minutes=10)))
