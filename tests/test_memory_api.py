@@ -32,7 +32,7 @@ def _run(server, model: str) -> dict:
 def _wait_models(server, predicate, timeout=10.0) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     while True:
-        models = _models(server)  # workers publish their status about once a second
+        models = _models(server)
         if predicate(models) or time.monotonic() > deadline:
             return models
         time.sleep(0.2)
@@ -145,7 +145,7 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
                                   "LBS_RELEASE_TIMEOUT": "1.5"}).start()
     try:
         assert _run(live, "builtin:tiny")["state"] == "succeeded"
-        # the worker's log says when the idle monitor released it (status rows lag ~1 s)
+        # the worker's log says when the idle monitor released it
         deadline = time.monotonic() + 15
         while "released builtin:tiny" not in live.log() and time.monotonic() < deadline:
             time.sleep(0.2)
