@@ -24,6 +24,10 @@ of the `Location`s. The contract:
 All public methods are thread-safe (the worker's job thread, its idle monitor
 and its control thread share the manager). Models in use by a job are never
 moved or released from another thread: such requests answer `ModelBusy`.
+`on_move`, when set, is called with each event (load, offload, restore,
+release, oom) right after the move, under the manager's lock: it must return at
+once and call neither the manager from another thread nor the database (the
+worker's only sets a flag that makes its control thread publish the status).
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class ModelManager:
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
         self.event_count = 0  # events ever recorded; `events` keeps the last 200
+        self.on_move: Callable[[ModelEvent], None] | None = None
         self.tracker = MemoryTracker()
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
@@ -268,6 +273,8 @@ class ModelManager:
         self.events.append(event)
         self.event_count += 1
         del self.events[:-200]
+        if self.on_move is not None:
+            self.on_move(event)
         if kind not in ("release", "oom"):  # those log their own line
             log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
                      event.seconds)
