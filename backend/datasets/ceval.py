@@ -10,7 +10,8 @@ Prompt (the official one): "以下是中国关于{科目}考试的单项选择�
 答案。" then the examples, each "question / A. … / B. … / C. … / D. … / 答案：X", and
 the question ending in "答案：". Scoring: by default the log-likelihood of each
 answer letter after the prompt (one forward pass per question); `method:
-generate` asks the model to answer and takes the first A-D letter of its reply.
+generate` asks the model to answer and takes the option letter of its reply (the
+official evaluator's rules, then the first standalone capital A-D; see extract_letter).
 Accuracy per subject, per category (STEM, Social Science, Humanities, Other),
 and the average over subjects (as the official leaderboard reports it); the
 accuracy over all questions is reported as `micro`.
@@ -121,10 +122,37 @@ def format_question(row: dict[str, str], with_answer: bool) -> str:
     return text + (row["answer"].strip() + "\n\n" if with_answer else "")
 
 
+# The official evaluator's patterns (hkust-nlp/ceval, evaluators/chatgpt.py extract_ans).
+_OFFICIAL = [re.compile(p) for p in (
+    r"^选([A-D])", r"^选项([A-D])", r"答案是\s?选?项?\s?([A-D])", r"答案为\s?选?项?\s?([A-D])",
+    r"答案应为\s?选?项?\s?([A-D])", r"答案选\s?选?项?\s?([A-D])", r"答案是:\s?选?项?\s?([A-D])",
+    r"答案应该是:\s?选?项?\s?([A-D])", r"正确的一项是\s?([A-D])", r"答案为:\s?选?项?\s?([A-D])",
+    r"答案应为:\s?选?项?\s?([A-D])", r"答案:\s?选?项?\s?([A-D])", r"答案是：\s?选?项?\s?([A-D])",
+    r"答案应该是：\s?选?项?\s?([A-D])", r"答案为：\s?选?项?\s?([A-D])",
+    r"答案应为：\s?选?项?\s?([A-D])", r"答案：\s?选?项?\s?([A-D])")]
+_LEADING = re.compile(r"^([A-D])(?![A-Za-z])")
+_LEADING_LOWER = re.compile(r"^([a-d])(?:[).:：）]|$)")
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])")
+
+
 def extract_letter(reply: str) -> str:
-    """The first A-D letter of a generated reply ('' when there is none)."""
-    match = re.search(r"[ABCD]", reply.upper()) if reply else None
-    return match.group(0) if match else ""
+    """The option letter of a generated reply ('' when there is none).
+
+    In order: a reply that starts with the letter (the official evaluator's first
+    rule; "A. 安培", "d)"), the official Chinese answer patterns ("答案是C", "选B"), then
+    the first standalone capital A-D (not part of a word: "Correct option: D" gives D,
+    "I choose A" gives A, "BAD" gives nothing).
+    """
+    text = (reply or "").strip()
+    match = _LEADING.match(text) or _LEADING_LOWER.match(text)
+    if match:
+        return match.group(1).upper()
+    for pattern in _OFFICIAL:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    match = _STANDALONE.search(text)
+    return match.group(1) if match else ""
 
 
 @register
