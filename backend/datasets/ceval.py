@@ -34,7 +34,7 @@ from backend.datasets.base import (
     ScoreEntry,
     check_known,
 )
-from backend.datasets.files import read_records
+from backend.datasets.files import read_all
 from backend.datasets.registry import register
 
 LETTERS = ["A", "B", "C", "D"]
@@ -101,19 +101,24 @@ class CEvalParams(DatasetParams):
         return check_known(value, SUBJECTS, "subject(s)")
 
 
-def split_file(folder, subject: str, split: str):
-    """The official `<split>/<subject>_<split>.csv`, or the hub's
-    `<subject>/<split>-*.parquet`; None when neither exists."""
+def split_files(folder, subject: str, split: str) -> list:
+    """The official `<split>/<subject>_<split>.csv`, or every shard of the hub's
+    `<subject>/<split>-*.parquet`; [] when neither exists."""
     path = folder / split / f"{subject}_{split}.csv"
     if path.is_file():
-        return path
-    hub = sorted(folder.glob(f"{subject}/{split}-*.parquet"))
-    return hub[0] if hub else None
+        return [path]
+    return sorted(folder.glob(f"{subject}/{split}-*.parquet"))
+
+
+def split_file(folder, subject: str, split: str):
+    """The first file of `split_files`, None when there is none."""
+    files = split_files(folder, subject, split)
+    return files[0] if files else None
 
 
 def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
-    path = split_file(folder, subject, split)
-    return [{k: str(v) for k, v in r.items()} for r in read_records(path)] if path else []
+    return [{k: str(v) for k, v in r.items()}
+            for r in read_all(split_files(folder, subject, split))]
 
 
 def format_question(row: dict[str, str], with_answer: bool) -> str:

@@ -3,7 +3,7 @@
 Data: the official JSONL layout, `<data_dir>/test.jsonl` (and `train.jsonl`
 for few-shot examples), one {"question", "answer"} per line, the answer's
 last line being "#### <number>"; the hub's Parquet layout
-(`main/test-00000-of-00001.parquet`) is read too.
+(`main/test-0000k-of-0000n.parquet`, every shard) is read too.
 
 Prompt: "Question: …\\nAnswer:" after `shots` solved examples from the train
 file in the same form. The reply is cut at the next "Question:" (the model
@@ -27,7 +27,7 @@ from backend.datasets.base import (
     Item,
     PromptTokenizer,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
 from backend.datasets.registry import register
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -74,8 +74,8 @@ class GSM8K(Dataset):
     Params = GSM8KParams
 
     def _file(self, params: GSM8KParams, split: str | None = None):
-        return find_file(self.data_folder(params.data_dir), [split or params.split],
-                         field="split" if split is None else "shots")
+        return find_files(self.data_folder(params.data_dir), [split or params.split],
+                          field="split" if split is None else "shots")
 
     def check(self, params: GSM8KParams, model: Any) -> None:
         self._file(params)
@@ -83,12 +83,12 @@ class GSM8K(Dataset):
             self._file(params, "train")
 
     def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
-        path = self._file(params)
+        paths = self._file(params)
         shots = ""
         if params.shots:
-            for ex in read_records(self._file(params, "train"))[:params.shots]:
+            for ex in read_all(self._file(params, "train"))[:params.shots]:
                 shots += f"Question: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}\n\n"
-        rows = read_records(path)[:params.max_samples]
+        rows = read_all(paths)[:params.max_samples]
         items = []
         for i, row in enumerate(rows):
             prompt = tokenizer.render(f"{shots}Question: {row['question'].strip()}\nAnswer:")

@@ -28,7 +28,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
 from backend.datasets.longbench import truncate_middle
 from backend.datasets.registry import register
 
@@ -84,7 +84,7 @@ class LongBenchV2(Dataset):
     Params = LongBenchV2Params
 
     def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
-        rows = read_records(find_file(self.data_folder(params.data_dir), ["data", "train"]))
+        rows = read_all(find_files(self.data_folder(params.data_dir), ["data", "train"]))
         rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
                 and (params.length in (None, r.get("length")))]
         return rows[:params.max_samples]

@@ -11,8 +11,9 @@ Scoring (`score_answer`), RULER-style string match rather than a judge model:
 both texts are normalised (lower case, ASCII and all Unicode punctuation -
 curly quotes, 「」, «», 。，：… - and the articles a/an/the removed, whitespace
 collapsed); the score is 1.0 when the normalised answer occurs in the normalised
-reply (as whole words; a Chinese/Japanese/Korean answer anywhere), otherwise the fraction of the answer's words
-that occur in the reply (a paraphrase earns partial credit, a miss 0.0).
+reply (as whole words; a Chinese/Japanese/Korean answer anywhere), otherwise the
+fraction of the answer's words that occur in the reply (a paraphrase earns partial
+credit, a miss 0.0).
 """
 
 from __future__ import annotations
