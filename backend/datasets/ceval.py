@@ -35,6 +35,7 @@ from backend.datasets.base import (
     check_known,
 )
 from backend.datasets.files import read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 LETTERS = ["A", "B", "C", "D"]
@@ -168,9 +169,18 @@ class CEval(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "52 subjects, 1346 val questions; one forward pass each"
     Params = CEvalParams
+    hub = HubSource("ceval/ceval-exam", files=("*/dev-*.parquet", "*/val-*.parquet",
+                                                "*/test-*.parquet"),
+                    part_files=("{part}/*.parquet",), parts_param="subjects",
+                    configs=tuple(SUBJECTS), splits=("dev", "val", "test"))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        """(subject, split, files) of every split file in a data folder."""
+        return [(s, split, files) for s in SUBJECTS for split in ("dev", "val", "test")
+                if (files := split_files(folder, s, split))]
 
     def _subjects(self, params: CEvalParams):
-        folder = self.data_folder(params.data_dir)
+        folder = self.data_folder(params.data_dir, parts=params.subjects)
         subjects = params.subjects or [s for s in SUBJECTS
                                        if split_file(folder, s, params.split)]
         if not subjects:

@@ -25,9 +25,11 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    ParamError,
     PromptTokenizer,
 )
 from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -72,6 +74,17 @@ class GSM8K(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "1319 test problems, up to max_new_tokens generated each"
     Params = GSM8KParams
+    hub = HubSource("openai/gsm8k", files=("main/*.parquet",), configs=("main",),
+                    splits=("train", "test"))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        out = []
+        for split in ("test", "train"):
+            try:
+                out.append(("main", split, find_files(folder, [split])))
+            except ParamError:
+                continue
+        return out
 
     def _file(self, params: GSM8KParams, split: str | None = None):
         return find_files(self.data_folder(params.data_dir), [split or params.split],

@@ -35,6 +35,7 @@ from backend.datasets.base import (
     check_known,
 )
 from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
 
@@ -85,6 +86,21 @@ class LongBench(Dataset):
     cache_mode = CacheMode.UNCACHED
     cost = "21 subsets, 4750 samples of up to ~30k tokens"
     Params = LongBenchParams
+    # The repository's loading script (LongBench.py) reads data.zip, whose data/ folder is
+    # the official layout; datasets 5 no longer runs scripts, so the zip is read directly.
+    hub = HubSource("THUDM/LongBench", files=("data.zip",), archive="data.zip", layout="data",
+                    configs=tuple(SUBSETS) + tuple(f"{s}_e" for s in SUBSETS),
+                    splits=("test",))
+
+    def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
+        out = []
+        for subset in SUBSETS:
+            for stem in (subset, subset + "_e"):
+                try:
+                    out.append((stem, "test", find_files(folder, [stem])))
+                except ParamError:
+                    continue
+        return out
 
     def _files(self, params: LongBenchParams) -> list[tuple[str, list[Path]]]:
         folder = self.data_folder(params.data_dir)
