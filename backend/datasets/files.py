@@ -58,7 +58,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        # ParquetFile reads the one file; read_table would import pyarrow.dataset (and
+        # pandas) first, about a second on a cold start (bench/data_fetch.py)
+        records = pq.ParquetFile(path).read().to_pylist()
         return [{k: (list(v) if hasattr(v, "tolist") else v) for k, v in r.items()}
                 for r in records]
     raise ParamError("data_dir", f"cannot read {path.name}: expected one of {EXTENSIONS}")
