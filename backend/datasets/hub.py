@@ -190,6 +190,13 @@ def cached_folder(source: HubSource, parts: list[str] | None = None,
     return folder if folder is not None and folder.is_dir() else None
 
 
+def _archive_cached(source: HubSource) -> bool:
+    try:
+        return (_snapshot(source, None, local_only=True) / source.archive).is_file()
+    except Exception:  # noqa: BLE001 - not in the cache
+        return False
+
+
 class _Silent:
     """A tqdm that shows nothing: every method huggingface_hub calls on it does nothing."""
 
@@ -294,6 +301,11 @@ def locate(ds: Any, parts: list[str] | None = None) -> Path:
     folder = cached_folder(ds.hub, parts, extract=access.fetch_now)
     if folder is not None:
         return folder
+    if ds.hub.archive and not access.fetch_now and _archive_cached(ds.hub):
+        # the zip is in the cache but not unpacked yet: the worker unpacks it (the
+        # server does not spend a request on that)
+        raise FetchPending(f"{ds.hub.archive} of {ds.hub.repo_id} is cached; the worker "
+                           "unpacks it", guidance(ds, parts, access.allow_download))
     can_fetch = access.allow_download and not access.offline
     if can_fetch and access.fetch_now:
         try:
