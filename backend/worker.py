@@ -315,9 +315,13 @@ class Worker:
     def _data_progress(self, job_id: int, dataset: str):
         """The progress callback of a data fetch: the job shows a running `data_fetch`
         event (the "fetching data" phase) with its bytes."""
+        logged = [0.0]
+
         def report(done: int, total: int | None) -> None:
-            log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
-                     dataset, done, "?" if total is None else total)
+            if time.monotonic() - logged[0] >= 5 or done == total:  # a line every 5 s
+                logged[0] = time.monotonic()
+                log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
+                         dataset, done, "?" if total is None else total)
             record_data_fetch(self.factory, job_id, self.id, {
                 "kind": "data_fetch", "state": "running", "dataset": dataset,
                 "bytes_done": done, "bytes_total": total, "at": utcnow().isoformat()},

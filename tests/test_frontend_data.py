@@ -47,6 +47,18 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
             timeout=15_000)
         assert "Hugging Face cache" in page.locator("#data-ceval").inner_text()
         assert page.locator("#data-ceval button.data-fetch").count() == 0
+
+        # a built-in model's score says its weights are random (near-0 scores expected)
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "gsm8k",
+            "params": {"max_new_tokens": 4, "max_samples": 1}})
+        assert status == 201, body
+        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert job["state"] == "succeeded", job["error"]
+        page.goto(f"{live.url}/#/job/{job['id']}")
+        note = page.locator(".overall .builtin-note")
+        note.wait_for()
+        assert "random weights" in note.inner_text() and "near 0" in note.inner_text()
     finally:
         live.stop()
         hub.stop()

@@ -217,12 +217,19 @@ class _Silent:
 
 
 class _Bar:
-    """A tqdm stand-in for hf_hub_download: adds each chunk to a shared byte count."""
+    """A tqdm stand-in for hf_hub_download: adds the bytes written to a shared count.
+
+    Plain HTTP downloads call `update(len(chunk))`; Xet downloads call `update` with the
+    bytes reconstructed on disk and, because this class has `update_transfer`, send the
+    network bytes there (ignored, so nothing is counted twice). Any other tqdm method
+    they call (`set_postfix_str`, `refresh`…) does nothing.
+    """
 
     counter: _Counter
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.n = kwargs.get("initial", 0) or 0
+        self.total = kwargs.get("total")
 
     def __enter__(self) -> _Bar:
         return self
@@ -231,10 +238,14 @@ class _Bar:
         return None
 
     def update(self, n: int | float | None = 1) -> None:
+        self.n += int(n or 0)
         self.counter.add(int(n or 0))
 
-    def close(self) -> None:
+    def update_transfer(self, n: int | float | None = 1) -> None:
         return None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 class _Counter:
