@@ -332,6 +332,11 @@ class Settings:
         """The settings as environment variables, to hand to a child process."""
         return dict(self.raw)
 
+    def child_env(self) -> dict[str, str]:
+        """The whole environment of a child process of ours: this one's (PATH, HF_*…)
+        with the settings on top."""
+        return {**os.environ, **self.raw}
+
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     """Read every setting; raise ConfigError naming the first bad variable."""

@@ -54,7 +54,7 @@ class Fetches:
                    "--progress-file", str(progress)]
             if parts:
                 cmd += ["--subsets", *parts]
-            env = {**os.environ, **settings.as_env()}
+            env = settings.child_env()
             proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=log_file,
                                     stderr=subprocess.STDOUT)
             log_file.close()
