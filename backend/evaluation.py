@@ -68,7 +68,8 @@ class JobFieldRefused(JobFieldError):
 
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
             settings: Settings, confine: bool = True, api: Any = None,
-            api_key: str | None = None) -> PreparedJob:
+            api_key: str | None = None, fetch_data: bool = False,
+            data_progress: Any = None) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
     With `confine` (jobs from the API and the queue) model folders must lie under
@@ -77,10 +78,21 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
     JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
     (ApiOptions) and `api_key` are for `openai:` models.
+
+    Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
+    `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
+    `data_progress`; without `fetch_data` (the server) missing data that a worker may
+    fetch lets the job through, unchecked until then, and otherwise is a DataMissing
+    ParamError carrying how to get it.
     """
+    from backend.datasets.hub import DataAccess, FetchPending
+
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
     ds.confine_paths = confine
+    ds.data_access = DataAccess(allow_download=settings.allow_data_download,
+                                fetch_now=fetch_data, offline=settings.hub_offline,
+                                progress=data_progress)
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
     if spec.api_model:
@@ -107,7 +119,10 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     info = model_info(spec)
     if spec.api_model and api.max_length:
         info = ModelInfo(spec.name, api.max_length)
-    ds.check(params, info)
+    try:
+        ds.check(params, info)
+    except FetchPending:
+        pass  # the worker fetches the data, then checks again before building items
     apply_ceilings(params, info, settings)
     return PreparedJob(spec, info, ds, params, api, api_key)
 

@@ -37,13 +37,14 @@ from backend.config import (
 )
 from backend.control import complete_command, pending_commands, publish_status
 from backend.datasets.registry import load_plugin_dirs
-from backend.db import JobState, session_factory
+from backend.db import JobState, session_factory, utcnow
 from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
     mark_lost_workers,
     next_queued_model,
+    record_data_fetch,
     record_sample,
     register_worker,
     renew_lease,
@@ -281,7 +282,14 @@ class Worker:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
             prepared = prepare(model, dataset, params, self.settings,
                                api=ApiOptions.model_validate(api) if api else None,
-                               api_key=api_key)
+                               api_key=api_key, fetch_data=True,
+                               data_progress=self._data_progress(job_id, dataset))
+            for fetched in prepared.dataset.data_access.fetched:
+                record_data_fetch(self.factory, job_id, self.id, {
+                    "kind": "data_fetch", "state": "done", "dataset": dataset,
+                    "repo_id": fetched["repo_id"], "bytes_done": fetched["bytes"],
+                    "bytes_total": fetched["bytes"], "files": fetched["files"],
+                    "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
             outcome = run_evaluation(
@@ -316,6 +324,22 @@ class Worker:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
+
+    def _data_progress(self, job_id: int, dataset: str):
+        """The progress callback of a data fetch: the job shows a running `data_fetch`
+        event (the "fetching data" phase) with its bytes."""
+        logged = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            if time.monotonic() - logged[0] >= 5 or done == total:  # a line every 5 s
+                logged[0] = time.monotonic()
+                log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
+                         dataset, done, "?" if total is None else total)
+            record_data_fetch(self.factory, job_id, self.id, {
+                "kind": "data_fetch", "state": "running", "dataset": dataset,
+                "bytes_done": done, "bytes_total": total, "at": utcnow().isoformat()},
+                self.settings.lease_seconds)
+        return report
 
     def _prefetch_next(self, current: str) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is

@@ -25,6 +25,7 @@ from backend.api.schemas import (
     sample_out,
 )
 from backend.datasets.base import ParamError, PathRefused
+from backend.datasets.hub import DataMissing
 from backend.datasets.registry import UnknownDataset
 from backend.evaluation import JobFieldError, JobFieldRefused, prepare
 from backend.runners.models import ModelNotFound, ModelPathRefused
@@ -78,6 +79,10 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         if isinstance(exc, PathRefused):
             raise ApiError(403, "path_refused", f"{field}: {exc.message}",
                            [{"field": field, "message": exc.message}])
+        if isinstance(exc, DataMissing):
+            raise ApiError(422, "data_missing", f"{field}: {exc.message}",
+                           [{"field": field, "message": exc.message}],
+                           {"guidance": exc.guidance})
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)

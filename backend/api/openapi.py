@@ -73,8 +73,21 @@ def build_spec() -> dict[str, Any]:
     submit["201"] = submit.pop("200")
     paths = {
         "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},
-        "/api/datasets": {"get": {"summary": "datasets with parameter schemas",
+        "/api/datasets": {"get": {"summary": "datasets with parameter schemas and data "
+                                             "status (ready/missing, where, items, how to "
+                                             "get it)",
                                   "responses": _response("datasets")}},
+        "/api/datasets/{name}/fetch": {
+            "post": {"summary": "fetch a dataset's official data from the Hugging Face hub "
+                                "into this machine's cache (LBS_ALLOW_DATA_DOWNLOAD=1); body "
+                                "{subsets?: [...]}; progress in GET /api/datasets",
+                     "parameters": [{"name": "name", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
+                     "responses": {("202" if k == "200" else k): v for k, v in _response(
+                         "the fetch started", {"dataset": {"type": "string"},
+                                               "fetch": {"type": "object"}},
+                         (403, 404, 422)).items()}},
+        },
         "/api/workers": {"get": {"summary": "workers and their heartbeats",
                                  "responses": _response("workers")}},
         "/api/jobs": {

@@ -60,7 +60,12 @@ def test_missing_data_says_where_it_looked(tmp_path):
 
 
 @pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("答案是C。", "C"), (" d) because", "D"), ("不知道", ""), ("", "")])
+    ("B", "B"), ("答案是C。", "C"), (" d) because", "D"), ("不知道", ""), ("", ""),
+    # a standalone option letter, not the first A-D of the upper-cased reply
+    ("Correct option: D", "D"), ("I choose A", "A"), ("The answer is B.", "B"),
+    ("Answer: (C)", "C"), ("答案：D", "D"), ("选B", "B"), ("我认为正确答案是 A 选项", "A"),
+    ("A. 安培", "A"), ("Because of this, D", "D"), ("Clearly B", "B"),
+    ("Can't decide", ""), ("BAD", "")])
 def test_extract_letter(reply, letter):
     assert extract_letter(reply) == letter
 
