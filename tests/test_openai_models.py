@@ -92,7 +92,9 @@ def test_concurrency_is_bounded(fake, tiny_runner):
 def test_loglikelihood_through_echo_logprobs(fake, tiny_runner):
     requests = [LoglikelihoodRequest("Question: what did Aunt Margit cook? Answer:", c)
                 for c in (" goulash", " soup", " B")]
-    local = tiny_runner.without_chat_template().loglikelihood(requests)
+    local = tiny_runner.loglikelihood([LoglikelihoodRequest(r.context, r.continuation,
+                                                            chat_template=False)
+                                       for r in requests])
     remote = _client(fake, tiny_runner, endpoint="completions").loglikelihood(requests)
     for a, b in zip(local, remote, strict=True):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-3)

@@ -86,8 +86,31 @@ def test_generate_is_greedy_and_handles_template(settings, with_tiny):
     a, b = runner.generate([GenerationRequest(prompt, 6), GenerationRequest(prompt, 6)])
     assert a.text == b.text and a.output_tokens == 6
     assert a.prompt_tokens == runner.count_prompt(prompt)
-    plain = runner.without_chat_template()
-    assert plain.render("hi") == "hi"
+    assert runner.render("hi", chat_template=False) == "hi"
+
+
+def test_chat_template_is_a_per_request_option(settings, with_tiny):
+    """One runner serves templated and plain prompts: a plain prompt gets the tokenizer's
+    own special tokens (here a BOS added by its post-processor), a templated one only the
+    template's (no second BOS)."""
+    from tokenizers import processors
+
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings), settings)
+    tok = runner.tokenizer
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    message = "Where is the library?"
+    plain_ids = tok.encode(message, add_special_tokens=False)
+    templated = runner.render(message)
+    assert templated.startswith("<s>") and runner.render(message, chat_template=False) == message
+    assert runner.count_prompt(message, chat_template=False) == len(plain_ids) + 1
+    assert runner.count_prompt(templated) == len(tok.encode(templated, add_special_tokens=False))
+    a, b = runner.generate([GenerationRequest(templated, 3),
+                            GenerationRequest(message, 3, chat_template=False)])
+    assert a.prompt_tokens == runner.count_prompt(templated)
+    assert b.prompt_tokens == len(plain_ids) + 1
 
 
 def test_optimized_method_matches_basic_in_a_padded_batch(settings, with_tiny):

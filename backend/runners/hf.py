@@ -90,14 +90,24 @@ class FirstTokenClock:
 
 
 class HFTokenizer:
-    """A transformers tokenizer as datasets see it (the PromptTokenizer protocol)."""
+    """A transformers tokenizer as datasets see it (the PromptTokenizer protocol).
+
+    `use_chat_template` is the default rendering (None: the template when the tokenizer
+    has one); `render`, `prompt_ids` and `count_prompt` take a per-call `chat_template`
+    that overrides it. A tokenizer without a template always renders plain text."""
 
     def __init__(self, tokenizer, max_length: int, use_chat_template: bool | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.use_chat_template = has_template if use_chat_template is None else (
-            use_chat_template and has_template)
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = self.has_template if use_chat_template is None else (
+            use_chat_template and self.has_template)
+
+    def templated(self, chat_template: bool | None) -> bool:
+        """Whether prompts asked for with `chat_template` (None: the default) are in it."""
+        if chat_template is None:
+            return self.use_chat_template
+        return chat_template and self.has_template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -105,30 +115,31 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render(self, user_message: str) -> str:
-        if not self.use_chat_template:
+    def render(self, user_message: str, chat_template: bool | None = None) -> str:
+        if not self.templated(chat_template):
             return user_message
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_message}], tokenize=False,
             add_generation_prompt=True)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str, chat_template: bool | None = None) -> list[int]:
         # A rendered chat template already holds its special tokens (BOS…).
-        return self.tokenizer.encode(prompt, add_special_tokens=not self.use_chat_template)
+        return self.tokenizer.encode(prompt,
+                                     add_special_tokens=not self.templated(chat_template))
 
-    def count_prompt(self, prompt: str) -> int:
-        return len(self.prompt_ids(prompt))
+    def count_prompt(self, prompt: str, chat_template: bool | None = None) -> int:
+        return len(self.prompt_ids(prompt, chat_template))
 
 
 class HFRunner(Runner):
     """A transformers model and tokenizer, loaded by `HFRunner.load`."""
 
     def __init__(self, spec: ModelSpec, model, tokenizer, device: str, max_length: int,
-                 use_chat_template: bool | None = None, static_cache: bool = False):
+                 static_cache: bool = False):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
-        self.tok = HFTokenizer(tokenizer, max_length, use_chat_template)
+        self.tok = HFTokenizer(tokenizer, max_length)
         self.device = device
         self.max_length = max_length
         self.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -189,16 +200,11 @@ class HFRunner(Runner):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def render(self, user_message: str) -> str:
-        return self.tok.render(user_message)
+    def render(self, user_message: str, chat_template: bool = True) -> str:
+        return self.tok.render(user_message, chat_template)
 
-    def count_prompt(self, prompt: str) -> int:
-        return self.tok.count_prompt(prompt)
-
-    def without_chat_template(self) -> HFRunner:
-        """The same model, prompts fed as plain text (job parameter use_chat_template=false)."""
-        return HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
-                        use_chat_template=False, static_cache=self.static_cache)
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
+        return self.tok.count_prompt(prompt, chat_template)
 
     # --- generation --------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class HFRunner(Runner):
 
         if not requests:
             return []
-        prompts = [self.tok.prompt_ids(r.prompt) for r in requests]
+        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
         width = max(len(ids) for ids in prompts)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
@@ -266,8 +272,8 @@ class HFRunner(Runner):
         context, continuation = request.context, request.continuation
         stripped = context.rstrip(" ")
         continuation = context[len(stripped):] + continuation
-        whole = self.tok.prompt_ids(stripped + continuation)
-        ctx = self.tok.prompt_ids(stripped)
+        whole = self.tok.prompt_ids(stripped + continuation, request.chat_template)
+        ctx = self.tok.prompt_ids(stripped, request.chat_template)
         n = len(ctx)
         while n and whole[:n] != ctx[:n]:
             n -= 1

@@ -115,15 +115,12 @@ class OpenAIRunner(Runner):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def render(self, user_message: str) -> str:
+    def render(self, user_message: str, chat_template: bool = True) -> str:
         # The chat endpoint applies the served model's template itself.
-        return user_message if self.use_chat else self.tok.render(user_message)
+        return user_message if self.use_chat else self.tok.render(user_message, chat_template)
 
-    def count_prompt(self, prompt: str) -> int:
-        return self.tok.count_prompt(prompt)
-
-    def without_chat_template(self) -> OpenAIRunner:
-        return self  # the chat endpoint always templates; completions never does here
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
+        return self.tok.count_prompt(prompt, chat_template)
 
     # --- HTTP -----------------------------------------------------------------------
 
