@@ -233,3 +233,111 @@ def test_gpu_offload_drops_gpu_copy_and_restore_is_exact(settings, with_tiny):
     first, second = manager.events[1], manager.events[3]
     assert second.seconds < first.seconds  # later offloads only drop the GPU copy
     manager.release_all()
+
+
+@pytest.fixture
+def static_caches(monkeypatch):
+    """max_cache_len of every StaticCache made (by transformers' generate or the runner)."""
+    from transformers.cache_utils import StaticCache
+
+    made: list[int] = []
+    init = StaticCache.__init__
+
+    def recording(self, *args, **kwargs):
+        max_len = kwargs.get("max_cache_len", args[1] if len(args) > 1 else None)
+        made.append(max_len)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StaticCache, "__init__", recording)
+    return made
+
+
+def test_static_cache_is_sized_to_each_request(settings, with_tiny, static_caches):
+    """transformers sizes a static cache to the longest length the model has ever seen
+    (generation/utils.py _prepare_static_cache: max(max_cache_len,
+    _previous_max_cache_length)); after a long prompt a short one must not get its size."""
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
+    long = runner.render("word " * 1500)
+    short = runner.render("Where is the library?")
+    n_long, n_short = runner.count_prompt(long), runner.count_prompt(short)
+    runner.generate([GenerationRequest(long, 4)])
+    # the last token is never fed back, so a cache holds prompt + new tokens - 1
+    assert static_caches and static_caches[-1] >= n_long + 3
+    runner.generate([GenerationRequest(short, 4)])
+    assert n_short + 3 <= static_caches[-1] <= max(2 * (n_short + 4), 256)
+    assert static_caches[-1] < n_long
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_optimized_compiles_the_decode_step_only(settings, with_tiny, monkeypatch):
+    """The optimized method goes through transformers' own compile path (its
+    generation_config.compile_config: only the decode step with a static cache is
+    compiled), so prompt lengths that share a cache size add no graph. Compiled here on
+    the CPU with the eager backend (CompileConfig.backend; `_compile_all_devices` is
+    transformers' switch for compiling off CUDA)."""
+    import torch
+    from transformers import CompileConfig
+
+    torch.compiler.reset()
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
+    config = runner.model.generation_config.compile_config
+    assert isinstance(config, CompileConfig), "the runner set transformers' compile config"
+    assert "forward" not in runner.model.__dict__, "the whole forward is not compiled"
+    config.backend = "eager"
+    config._compile_all_devices = True
+    basic = HFRunner.load(spec, LoadOptions.from_settings(settings, "basic"), settings)
+    prompts = [runner.render("Where is the library? " * n) for n in (1, 3, 6)]
+    assert len({runner.count_prompt(p) for p in prompts}) == 3
+    expected = [basic.generate([GenerationRequest(p, 6)])[0].text for p in prompts]
+    got, graphs = [], []
+    for p in prompts:
+        got.append(runner.generate([GenerationRequest(p, 6)])[0].text)
+        graphs.append(_graphs())
+    assert got == expected
+    assert graphs[0] >= 1, "the decode step was compiled"
+    assert graphs[1] == graphs[2] == graphs[0], f"new graphs per prompt length: {graphs}"
+    assert hasattr(runner.model, "_compiled_call")
+    # closing a runner that compiled resets torch.compile's caches (on CUDA that frees
+    # the CUDA-graph pools too) and leaves nothing holding the model
+    import gc
+    import weakref
+
+    resets = []
+    reset = torch.compiler.reset
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (resets.append(1), reset())[1])
+    basic.close()
+    assert resets == [], "a runner that compiled nothing leaves other models' graphs alone"
+    model = weakref.ref(runner.model)
+    runner.close()
+    gc.collect()
+    assert resets == [1] and model() is None
+
+
+def test_a_spilled_model_is_never_compiled(settings, with_tiny, tmp_path):
+    """A device map that spills layers to the CPU or disk: transformers cannot run it
+    compiled (generation/utils.py _valid_auto_compile_criteria), and the runner does not
+    ask it to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backend.runners import hf
+
+    spec = resolve_model("builtin:tiny", settings)
+    source = hf.model_source(spec, settings)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map={"model.embed_tokens": "cpu", "model.norm": "cpu",
+                                                 "lm_head": "cpu", "model.rotary_emb": "cpu",
+                                                 "model.layers.0": "cpu",
+                                                 "model.layers.1": "disk"},
+        offload_folder=str(tmp_path / "offload"))
+    assert "disk" in model.hf_device_map.values()
+    hf.configure_compile(model)
+    assert model.generation_config.compile_config is None
+    assert model.generation_config.disable_compile is True

@@ -63,6 +63,42 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
+def cache_length(needed: int) -> int:
+    """Slots of a static KV cache for a request that needs `needed` positions: rounded up
+    to one of eight sizes per doubling (at most 1/8 more than needed, at least 256), so a
+    compiled decode step, whose graphs are specialised on the cache's shape, meets a
+    handful of sizes rather than one per prompt length."""
+    if needed <= 256:
+        return 256
+    step = 1 << (needed.bit_length() - 4)
+    return -(-needed // step) * step
+
+
+def spills(model) -> bool:
+    """Whether accelerate placed some of the model's layers in CPU RAM or on disk."""
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    return "disk" in placed or ("cpu" in placed and len(placed) > 1)
+
+
+def configure_compile(model) -> bool:
+    """Let transformers compile generation its own way, or forbid it; True if allowed.
+
+    transformers compiles only the decode step, and only with a static cache on CUDA
+    (generation/utils.py `_valid_auto_compile_criteria`, `get_compiled_call` in
+    modeling_utils.py): the prefill, whose shape changes with every prompt length, stays
+    eager. A model that spills layers to CPU RAM or disk is never compiled (the same rule
+    transformers applies when it sees the device map; said here outright).
+    """
+    from transformers import CompileConfig
+
+    config = model.generation_config
+    if spills(model):
+        config.compile_config, config.disable_compile = None, True
+        return False
+    config.compile_config = CompileConfig()  # transformers' defaults: reduce-overhead
+    return True
+
+
 def model_source(spec: ModelSpec, settings: Settings) -> str:
     """What `from_pretrained` reads: a built-in model's folder (made first if it is not
     there yet), a checkpoint folder, or a hub id."""
@@ -178,12 +214,13 @@ class HFRunner(Runner):
         device = str(next(model.parameters()).device)
         # A preallocated (static) KV cache saves the dynamic cache's copy per decoded
         # token: 1.12-1.37x decode tokens/s on the CPU (bench/cache_compile.py). Its
-        # fixed shapes are what lets a compiled forward be replayed step after step on
-        # CUDA; on the CPU compiling costs ~18 s per new prompt length and gained
-        # nothing at 4096 tokens, so it is CUDA only.
+        # fixed shapes are what lets a compiled decode step be replayed step after step
+        # on CUDA; transformers compiles only that step, and only on CUDA (on the CPU
+        # compiling cost ~18 s per shape and gained nothing at 4096 tokens).
         static_cache = options.method == "optimized"
-        if static_cache and device.startswith("cuda"):
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        if static_cache and not configure_compile(model):
+            log.info("[Runner] %s spills layers to cpu/disk: generation is not compiled",
+                     spec.name)
         config_max = getattr(model.config, "max_position_embeddings", None)
         tok_max = tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None
         max_length = config_max or tok_max or 2048
@@ -227,12 +264,23 @@ class HFRunner(Runner):
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
                             device=self.device)
         first_token = FirstTokenClock(self.device.startswith("cuda"))
-        extra = {"cache_implementation": "static"} if self.static_cache else {}
+        max_new = max(r.max_new_tokens for r in requests)
+        extra = {}
+        if self.static_cache:
+            # Our own cache, sized to this request: with cache_implementation="static"
+            # transformers sizes it to the longest length the model has ever seen
+            # (generation/utils.py _prepare_static_cache, _previous_max_cache_length),
+            # so one 128k-token prompt made every later request allocate 128k slots.
+            # The last new token is never fed back: width + max_new - 1 positions.
+            from transformers import StaticCache
+
+            extra["cache"] = StaticCache(config=self.model.config,
+                                         max_cache_len=cache_length(width + max_new - 1))
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
-                max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                max_new_tokens=max_new, do_sample=False,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                 logits_processor=[first_token], **extra)
         if self.device.startswith("cuda"):
@@ -375,8 +423,20 @@ class HFRunner(Runner):
         return self.size_bytes()
 
     def close(self) -> None:
-        """Drop the model; the model manager collects garbage and empties caches after."""
+        """Drop the model; the model manager collects garbage and empties caches after.
+
+        A model that generation compiled also resets torch.compile's caches: they hold
+        the compiled decode step and, on CUDA, its CUDA-graph memory pools, which nothing
+        else frees (torch._dynamo.reset calls reset_cudagraph_trees). The reset is
+        process-wide: another cached model recompiles on its next use."""
+        compiled = self.model is not None and "_compiled_call" in self.model.__dict__
+        if compiled:
+            del self.model._compiled_call  # model -> compiled call -> model
         self.model = None
         self.tokenizer = None
         self.tok = None
         self._host = None
+        if compiled:
+            import torch
+
+            torch.compiler.reset()
