@@ -410,10 +410,16 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
 
         return (api_model_key(job),
                 partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
+    from backend.admission import estimate_job_bytes
+
     options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
-    return (model_key(job.spec, settings, options), partial(HFRunner.load, job.spec, options,
-                                                            settings),
-            estimate_model_bytes(job.spec, options.dtype))
+    weights = estimate_model_bytes(job.spec, options.dtype)
+    # what the job needs on the GPU besides the weights: placing them leaves it free
+    needed = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings)
+    headroom = max(0, needed - weights) if needed and weights else 0
+    return (model_key(job.spec, settings, options),
+            partial(HFRunner.load, job.spec, options, settings, headroom_bytes=headroom),
+            weights)
 
 
 def _warm_up(view: PromptView, item: Any, method: str) -> None:

@@ -2,7 +2,8 @@
 
 Loading follows the settings: dtype from LBS_TORCH_DTYPE, trust_remote_code
 only with LBS_TRUST_REMOTE_CODE=1, never a download unless
-LBS_ALLOW_DOWNLOAD=1, and with LBS_GPU_MEMORY_LIMIT > 0 on CUDA a device map
+LBS_ALLOW_DOWNLOAD=1, the weights straight onto the worker's device, and with
+LBS_GPU_MEMORY_LIMIT > 0 on CUDA the process's allocator capped and a device map
 under accelerate's `max_memory` (see backend.memory.limits). Generation is
 greedy, one request at a time (prompts of a job differ in length, and
 padding a 100k-token batch wastes the memory NIAH needs).
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from backend.config import Settings
-from backend.memory.limits import build_max_memory
+from backend.memory.limits import cap_process_memory, load_placement
 from backend.runners.base import Generation, GenerationRequest, Runner
 from backend.runners.builtin import ensure_builtin_model
 from backend.runners.models import ModelSpec
@@ -186,7 +187,12 @@ class HFRunner(Runner):
         """Generate with a preallocated KV cache (the "optimized" method)."""
 
     @classmethod
-    def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
+    def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
+             headroom_bytes: int = 0) -> HFRunner:
+        """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
+        process's allocator (backend.memory.limits.cap_process_memory); the weights go
+        straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
+        job's KV cache and activations) free on each GPU (`load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,21 +201,25 @@ class HFRunner(Runner):
         on_cuda = torch.cuda.is_available()
         kwargs = dict(dtype=_torch_dtype(options.dtype, on_cuda),
                       trust_remote_code=options.trust_remote_code,
-                      local_files_only=local_only, low_cpu_mem_usage=True)
+                      local_files_only=local_only)
         if options.method == "basic":
             kwargs["attn_implementation"] = "eager"
         elif options.method == "optimized":
             kwargs["attn_implementation"] = "sdpa"
-        max_memory = build_max_memory(options.gpu_memory_limit,
-                                      num_gpus=options.num_gpus) if on_cuda else None
-        if max_memory:
-            kwargs.update(device_map="auto", max_memory=max_memory)
+        if on_cuda:
+            cap_process_memory(options.gpu_memory_limit)
+            kwargs.update(load_placement(options.gpu_memory_limit, num_gpus=options.num_gpus,
+                                         headroom_bytes=headroom_bytes))
+        else:
+            kwargs["device_map"] = {"": "cpu"}
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=options.trust_remote_code, local_files_only=local_only)
+        # With a device map transformers materialises each tensor on its device as it
+        # reads it (transformers 5 dropped low_cpu_mem_usage: modeling_utils.py pops it
+        # unread); a map to one device is applied without accelerate hooks
+        # (modeling_utils.py dispatches only a map over several devices or disk).
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if on_cuda and not max_memory:
-            model.to("cuda:0")
         model.eval()
         device = str(next(model.parameters()).device)
         # A preallocated (static) KV cache saves the dynamic cache's copy per decoded
