@@ -17,6 +17,14 @@ from tests.fake_cuda import FakeCuda, install
 GiB = 1024**3
 
 
+@pytest.fixture(autouse=True)
+def _no_cap_yet(monkeypatch):
+    """Each test starts in a process whose allocator nothing has capped."""
+    from backend.memory import limits
+
+    monkeypatch.setattr(limits, "_capped", {})
+
+
 class _Stop(Exception):
     """Ends a load after from_pretrained's arguments were seen (no GPU to load onto)."""
 
@@ -106,13 +114,15 @@ def test_the_limit_caps_the_process_and_leaves_headroom(settings, with_tiny, mon
     assert fake.calls.index(("from_pretrained",)) > fake.calls.index(sets[-1])
 
 
-def test_cap_process_memory_is_a_no_op_without_a_limit_or_gpu(monkeypatch):
-    assert cap_process_memory(0.0) == []  # no limit
+def test_cap_process_memory_without_a_limit_or_gpu(monkeypatch):
     if not torch.cuda.is_available():
         assert cap_process_memory(0.5) == []  # no GPU here: nothing to cap
-    fake = install(monkeypatch, FakeCuda([24 * GiB]))
-    assert cap_process_memory(0.25) == [(0, 0.25)]
-    assert fake.fractions == {0: 0.25}
+    fake = install(monkeypatch, FakeCuda([24 * GiB, 24 * GiB]))
+    assert cap_process_memory(0.0) == []  # no limit, nothing capped before
+    assert cap_process_memory(0.25) == [(0, 0.25), (1, 0.25)]
+    assert fake.fractions == {0: 0.25, 1: 0.25}
+    assert cap_process_memory(0.0) == [(0, 1.0), (1, 1.0)]  # the limit is lifted
+    assert fake.fractions == {0: 1.0, 1: 1.0}
 
 
 # --- device maps for pretend GPUs -------------------------------------------------------

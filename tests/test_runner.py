@@ -54,16 +54,16 @@ def test_num_gpus_two_shards_the_model(settings, with_tiny):
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
-    from backend.runners.models import estimate_model_bytes
-
     spec = resolve_model("builtin:small", settings)
-    # a cap of 60% of the model per GPU, so that one GPU cannot hold it all
-    size = estimate_model_bytes(spec, "float16")
-    fraction = 0.6 * size / torch.cuda.get_device_properties(0).total_memory
-    options = LoadOptions("float16", False, fraction, "default", num_gpus=2)
+    # No limit: a cap below the model would now cap the whole process too (and the
+    # allocator reserves 20 MiB segments), so the test relies on transformers' balanced
+    # map instead: with two GPUs in max_memory, get_balanced_memory gives each but the
+    # last about half the model (transformers/integrations/accelerate.py).
+    options = LoadOptions("float16", False, 0.0, "default", num_gpus=2)
     runner = HFRunner.load(spec, options, settings)
     devices = {str(p.device) for p in runner.model.parameters()}
-    assert {"cuda:0", "cuda:1"} <= devices
+    assert devices == {"cuda:0", "cuda:1"}
+    assert set(runner.model.hf_device_map.values()) == {0, 1}  # dispatched over both
     prompt = runner.render("hello " * 50)
     assert runner.generate([GenerationRequest(prompt, 8)])[0].output_tokens == 8
 
@@ -177,8 +177,16 @@ def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
     capped = load_settings()
     spec = resolve_model("builtin:small", capped)
     runner = HFRunner.load(spec, LoadOptions.from_settings(capped), capped)
-    assert runner.device.startswith("cuda")
-    assert getattr(runner.model, "hf_device_map", None), "loaded with a device map"
+    # The model fits under the cap: every tensor on cuda:0, placed without accelerate
+    # hooks, so no hf_device_map (transformers 5 dispatches, and accelerate's
+    # dispatch_model sets hf_device_map, only for a map over several devices or disk:
+    # modeling_utils.py from_pretrained, accelerate/big_modeling.py).
+    assert runner.device == "cuda:0"
+    assert {str(t.device) for _, t in runner._tensors()} == {"cuda:0"}
+    assert getattr(runner.model, "hf_device_map", None) is None and runner.movable()
+    # the limit holds for the process: the allocator of every visible GPU is capped
+    assert all(torch.cuda.get_per_process_memory_fraction(i) == 0.5
+               for i in range(torch.cuda.device_count()))
     peaks = CudaPeaks()
     peaks.reset()
     peaks.new_window()
@@ -187,24 +195,57 @@ def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
     assert peaks.job_peaks()["cuda:0"]["max_allocated"] > 0
     runner.close()
     torch.cuda.empty_cache()
+    from backend.memory.limits import cap_process_memory
+
+    cap_process_memory(0.0)  # lift the cap for the tests that follow in this process
+    assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
 
 
-@pytest.mark.gpu
-def test_worker_sets_expandable_segments_before_cuda(tmp_path):
+_ALLOCATOR_REPORT = """
+import json, sys
+from backend.config import apply_allocator_settings, load_settings
+apply_allocator_settings(load_settings())
+import torch
+a = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+b = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+segments = torch.cuda.memory_snapshot()
+print(json.dumps({
+    "settings": torch._C._accelerator_getAllocatorSettings(),
+    "expandable": [s["is_expandable"] for s in segments if s["segment_type"] == "large"],
+    "large_segments": torch.cuda.memory_stats()["segment.large_pool.current"]}))
+"""
+
+
+def _allocator_report(extra_env: dict) -> dict:
+    import json
+    import os
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    code = ("from backend.config import load_settings, apply_allocator_settings;"
-            "apply_allocator_settings(load_settings());"
-            "import torch; torch.zeros(1, device='cuda');"
-            "import os; print(os.environ['PYTORCH_CUDA_ALLOC_CONF']);"
-            "print(torch.cuda.memory.get_allocator_backend())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_REPORT], cwd=ROOT, text=True,
+                         capture_output=True, timeout=120, env={**env, **extra_env})
     assert out.returncode == 0, out.stderr
-    assert "expandable_segments:True" in out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.gpu
+def test_worker_sets_expandable_segments_before_cuda():
+    """What the allocator does, not what the environment says: with expandable
+    segments the large-pool segments in torch.cuda.memory_snapshot() are expandable
+    (their "is_expandable" and "segment_type" keys, torch/csrc/cuda/Module.cpp) and two
+    64 MiB tensors grow one segment; with LBS_ENABLE_MEMORY_MANAGEMENT=0 each gets a
+    cudaMalloc segment of its own."""
+    on = _allocator_report({})
+    assert "expandable_segments:True" in on["settings"]  # what the allocator parsed
+    assert on["expandable"] and all(on["expandable"])
+    assert on["large_segments"] == 1
+    off = _allocator_report({"LBS_ENABLE_MEMORY_MANAGEMENT": "0"})
+    assert off["expandable"] and not any(off["expandable"])
+    assert off["large_segments"] == 2
 
 
 @pytest.mark.gpu

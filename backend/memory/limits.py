@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 
+_capped: dict[int, float] = {}
+"""Devices whose allocator cap_process_memory capped, and at what fraction."""
+
 
 def gpu_totals() -> list[int]:
     """Total bytes of each visible CUDA device (empty without CUDA)."""
@@ -98,17 +101,24 @@ def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
 def cap_process_memory(fraction: float) -> list[tuple[int, float]]:
     """Cap this process's PyTorch allocator at `fraction` of each visible GPU (see the
     module docstring for what it counts); returns the (device, fraction) pairs set.
-    Nothing without a limit or without CUDA. Safe to call before every load: setting
+    Nothing without CUDA; without a limit, lifts (back to 1.0) a cap set earlier. Safe to call before every load: setting
     the same fraction again changes nothing (torch/cuda/memory.py
     set_per_process_memory_fraction starts CUDA first if needed)."""
     import torch
 
-    if fraction <= 0 or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return []
+    if fraction <= 0:  # no limit: lift a cap an earlier load of this process set
+        lifted = [(i, 1.0) for i in sorted(_capped)]
+        for i, whole in lifted:
+            torch.cuda.set_per_process_memory_fraction(whole, i)
+        _capped.clear()
+        return lifted
     done = []
     for i in range(torch.cuda.device_count()):
         torch.cuda.set_per_process_memory_fraction(float(fraction), i)
         done.append((i, float(fraction)))
+        _capped[i] = float(fraction)
     log.info("[Runner] GPU memory limit holds for this process: PyTorch may reserve at most "
              "%.0f%% of %s", fraction * 100, ", ".join(f"cuda:{i}" for i, _ in done))
     return done
