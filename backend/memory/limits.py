@@ -101,9 +101,9 @@ def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
 def cap_process_memory(fraction: float) -> list[tuple[int, float]]:
     """Cap this process's PyTorch allocator at `fraction` of each visible GPU (see the
     module docstring for what it counts); returns the (device, fraction) pairs set.
-    Nothing without CUDA; without a limit, lifts (back to 1.0) a cap set earlier. Safe to call before every load: setting
-    the same fraction again changes nothing (torch/cuda/memory.py
-    set_per_process_memory_fraction starts CUDA first if needed)."""
+    Nothing without CUDA; without a limit, lifts (back to 1.0) a cap set earlier.
+    Safe to call before every load: setting the same fraction again changes nothing
+    (torch/cuda/memory.py set_per_process_memory_fraction starts CUDA first if needed)."""
     import torch
 
     if not torch.cuda.is_available():
