@@ -325,14 +325,23 @@ def test_optimized_compiles_the_decode_step_only(settings, with_tiny, monkeypatc
     import torch
     from transformers import CompileConfig
 
+    from backend.runners import hf
+
+    configured = []
+    configure = hf.configure_compile
+    monkeypatch.setattr(hf, "configure_compile",
+                        lambda model: (configured.append(model), configure(model))[1])
     torch.compiler.reset()
     spec = resolve_model("builtin:tiny", settings)
     runner = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
-    config = runner.model.generation_config.compile_config
-    assert isinstance(config, CompileConfig), "the runner set transformers' compile config"
+    assert configured == [runner.model], "the runner hands compiling to transformers"
     assert "forward" not in runner.model.__dict__, "the whole forward is not compiled"
-    config.backend = "eager"
+    # on the CPU the runner asks for no compile (transformers would not compile here);
+    # the same path, forced: transformers' switch for compiling off CUDA, eager backend
+    assert runner.model.generation_config.compile_config is None
+    config = CompileConfig(backend="eager")
     config._compile_all_devices = True
+    runner.model.generation_config.compile_config = config
     basic = HFRunner.load(spec, LoadOptions.from_settings(settings, "basic"), settings)
     prompts = [runner.render("Where is the library? " * n) for n in (1, 3, 6)]
     assert len({runner.count_prompt(p) for p in prompts}) == 3
@@ -356,6 +365,7 @@ def test_optimized_compiles_the_decode_step_only(settings, with_tiny, monkeypatc
     basic.close()
     assert resets == [], "a runner that compiled nothing leaves other models' graphs alone"
     model = weakref.ref(runner.model)
+    configured.clear()
     runner.close()
     gc.collect()
     assert resets == [1] and model() is None

@@ -82,19 +82,23 @@ def spills(model) -> bool:
 
 
 def configure_compile(model) -> bool:
-    """Let transformers compile generation its own way, or forbid it; True if allowed.
+    """Let transformers compile generation its own way on CUDA, or forbid it; True if
+    it will compile.
 
     transformers compiles only the decode step, and only with a static cache on CUDA
     (generation/utils.py `_valid_auto_compile_criteria`, `get_compiled_call` in
     modeling_utils.py): the prefill, whose shape changes with every prompt length, stays
     eager. A model that spills layers to CPU RAM or disk is never compiled (the same rule
-    transformers applies when it sees the device map; said here outright).
+    transformers applies when it sees the device map; said here outright). Off CUDA
+    nothing is set: transformers would not compile there, only warn about the config.
     """
     from transformers import CompileConfig
 
     config = model.generation_config
     if spills(model):
         config.compile_config, config.disable_compile = None, True
+        return False
+    if model.device.type != "cuda":
         return False
     config.compile_config = CompileConfig()  # transformers' defaults: reduce-overhead
     return True
@@ -228,7 +232,7 @@ class HFRunner(Runner):
         # on CUDA; transformers compiles only that step, and only on CUDA (on the CPU
         # compiling cost ~18 s per shape and gained nothing at 4096 tokens).
         static_cache = options.method == "optimized"
-        if static_cache and not configure_compile(model):
+        if static_cache and not configure_compile(model) and spills(model):
             log.info("[Runner] %s spills layers to cpu/disk: generation is not compiled",
                      spec.name)
         config_max = getattr(model.config, "max_position_embeddings", None)
