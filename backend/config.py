@@ -202,8 +202,10 @@ SETTINGS: tuple[Setting, ...] = (
             "For testing only: workers pretend this machine has GPUs of these sizes (all "
             "free) for num_gpus and memory admission; jobs still run on the CPU."),
     Setting("LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, 'a number from 0.0 (no limit) to 1.0',
-            "Fraction of each GPU's memory a model may take (accelerate max_memory); "
-            "0.0 = no limit."),
+            "Fraction of each GPU's memory a worker process may use through PyTorch "
+            "(weights, KV cache, activations; set with "
+            "torch.cuda.set_per_process_memory_fraction); weights are placed under it "
+            "less the job's KV/activation estimate, spilling to RAM. 0.0 = no limit."),
     Setting("LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, '1/0, true/false, yes/no, on/off',
             "Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in workers "
             "(a value you set yourself wins)."),

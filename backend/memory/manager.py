@@ -37,6 +37,7 @@ import gc
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -182,6 +183,12 @@ class ModelManager:
         entry = self._acquire(key, name, load, estimate)
         try:
             yield entry.runner
+        except BaseException as exc:
+            # The failed job's frames, down to the model's own forward, hold the runner's
+            # tensors and the model itself (`self`): drop their locals, or the release
+            # below empties the allocators' caches while the weights are still held.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             with self._lock:
                 entry.in_use = False
