@@ -172,6 +172,29 @@ class CEval(Dataset):
                     labels=LETTERS if params.method == "loglikelihood" else None))
         return items
 
+    breakdowns = [
+        {"kind": "figures", "key": "averages", "title": "Averages", "rows": [
+            {"key": "overall", "title": "Macro average",
+             "help": "mean of the subject accuracies (the official C-Eval figure)"},
+            {"key": "micro", "title": "Micro average",
+             "help": "accuracy over all questions together"}]},
+        {"kind": "table", "key": "categories", "title": "By category",
+         "columns": [{"key": "category", "title": "Category"}]},
+        {"kind": "table", "key": "subjects", "title": "By subject",
+         "columns": [{"key": "subject", "title": "Subject"},
+                     {"key": "category", "title": "Category"}]},
+    ]
+    sample_columns = [{"key": "subject", "title": "Subject", "filter": True},
+                      {"key": "category", "title": "Category", "filter": True},
+                      {"key": "extracted", "title": "Answer letter"},
+                      {"key": "logprobs", "title": "Choice log-likelihoods"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        letter = extract_letter(prediction)
+        why = (f"answered {letter or 'no letter'}, the reference is {item.reference}"
+               + (" (the likeliest of A-D)" if item.choices else ""))
+        return {"reference": item.reference, "extracted": letter, "why": why}
+
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_letter(prediction) == item.reference else 0.0
 

@@ -26,6 +26,7 @@ from backend.datasets.base import (
     DatasetParams,
     Item,
     PromptTokenizer,
+    ScoreEntry,
 )
 from backend.datasets.files import find_file, read_records
 from backend.datasets.registry import register
@@ -50,15 +51,22 @@ def normalise_number(text: str) -> str:
     return value
 
 
-def extract_answer(reply: str) -> str:
-    """The final numeric answer of a reply ('' when it has no number)."""
+def extract_with_rule(reply: str) -> tuple[str, str]:
+    """The final numeric answer of a reply and the rule that found it: "####",
+    "the answer is", "last number", or ("", "none") when the reply has no number."""
     reply = reply.split("Question:")[0]
-    for pattern in (rf"####\s*\$?({_NUMBER})", rf"[Tt]he answer is\s*\$?({_NUMBER})"):
+    for rule, pattern in (("####", rf"####\s*\$?({_NUMBER})"),
+                          ("the answer is", rf"[Tt]he answer is\s*\$?({_NUMBER})")):
         match = re.search(pattern, reply)
         if match:
-            return normalise_number(match.group(1))
+            return normalise_number(match.group(1)), rule
     numbers = re.findall(_NUMBER, reply)
-    return normalise_number(numbers[-1]) if numbers else ""
+    return (normalise_number(numbers[-1]), "last number") if numbers else ("", "none")
+
+
+def extract_answer(reply: str) -> str:
+    """The final numeric answer of a reply ('' when it has no number)."""
+    return extract_with_rule(reply)[0]
 
 
 def reference_answer(answer: str) -> str:
@@ -98,5 +106,29 @@ class GSM8K(Dataset):
                               fields={"reference": reference_answer(row["answer"])}))
         return items
 
+    breakdowns = [
+        {"kind": "table", "key": "extractions", "title": "By the extraction that matched",
+         "columns": [{"key": "extraction", "title": "Answer read from"}]},
+    ]
+    sample_columns = [{"key": "extracted", "title": "Extracted answer"},
+                      {"key": "extraction", "title": "Answer read from", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        value, rule = extract_with_rule(prediction)
+        why = (f"read {value} from the {rule}; the reference is {item.reference}"
+               if value else f"no number in the reply; the reference is {item.reference}")
+        return {"reference": item.reference, "extracted": value, "extraction": rule,
+                "why": why}
+
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_answer(prediction) == item.reference else 0.0
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        entries = super().aggregate(scored)
+        groups: dict[str, list[float]] = {}
+        for fields, value in scored:
+            if fields.get("extraction"):
+                groups.setdefault(fields["extraction"], []).append(value)
+        entries += [ScoreEntry("extraction", sum(v) / len(v), len(v), {"extraction": k})
+                    for k, v in sorted(groups.items())]
+        return entries

@@ -121,6 +121,23 @@ class LongBenchV2(Dataset):
                     max_new_tokens=128, reference=item.reference,
                     fields={**item.fields, "cot": reply})
 
+    breakdowns = [
+        {"kind": "table", "key": "difficulties", "title": "By difficulty",
+         "columns": [{"key": "difficulty", "title": "Difficulty"}]},
+        {"kind": "table", "key": "lengths", "title": "By length",
+         "columns": [{"key": "length", "title": "Length"}]},
+    ]
+    sample_columns = [{"key": "difficulty", "title": "Difficulty", "filter": True},
+                      {"key": "length", "title": "Length", "filter": True},
+                      {"key": "domain", "title": "Domain", "filter": True},
+                      {"key": "extracted", "title": "Chosen answer"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        choice = extract_choice(prediction)
+        return {"reference": item.reference, "extracted": choice,
+                "why": (f"chose {choice}" if choice else "no 'The correct answer is (X)'")
+                + f"; the reference is {item.reference}"}
+
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_choice(prediction) == item.reference else 0.0
 

@@ -347,6 +347,15 @@ class NeedleInAHaystack(Dataset):
                                   fields=fields))
         return items
 
+    breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]
+    sample_columns = [{"key": "context_length", "title": "Context length", "filter": True},
+                      {"key": "depth_percent", "title": "Depth %", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        return {"reference": item.reference,
+                "why": "the answer is in the reply" if score_answer(prediction, item.reference)
+                == 1.0 else "share of the answer's words found in the reply"}
+
     def score(self, item: Item, prediction: str) -> float:
         return score_answer(prediction, item.reference)
 

@@ -124,6 +124,30 @@ class LongBench(Dataset):
                             "_id": row.get("_id")}))
         return items
 
+    breakdowns = [
+        {"kind": "table", "key": "subsets", "title": "By subset",
+         "columns": [{"key": "subset", "title": "Subset"}]},
+        {"kind": "table", "key": "buckets", "title": "By subset and length (LongBench-E buckets)",
+         "columns": [{"key": "subset", "title": "Subset"},
+                     {"key": "bucket", "title": "Length (words)"}]},
+    ]
+    sample_columns = [{"key": "subset", "title": "Subset", "filter": True},
+                      {"key": "length", "title": "Length (words)"},
+                      {"key": "bucket", "title": "Length bucket", "filter": True},
+                      {"key": "metric", "title": "Metric"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        subset = item.fields["subset"]
+        metric = SUBSETS[subset]["metric"]
+        answers = item.reference["answers"]
+        out = {"reference": answers, "metric": metric,
+               "why": f"{metric}: the best over {len(answers)} reference answer(s)"
+                      + (", first line of the reply only" if subset in FIRST_LINE_ONLY
+                         else "")}
+        if item.fields.get("length") is not None:
+            out["bucket"] = length_bucket(int(item.fields["length"]))
+        return out
+
     def score(self, item: Item, prediction: str) -> float:
         subset = item.fields["subset"]
         return score_sample(SUBSETS[subset]["metric"], prediction, item.reference["answers"],
