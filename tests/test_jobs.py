@@ -232,3 +232,35 @@ def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with
     assert job.state == JobState.FAILED.value
     assert "timed out" in job.error and "0.3 s" in job.error
     assert 1 <= job.progress_done < 20
+
+
+@both_engines
+def test_a_deleted_jobs_id_is_never_reused(factory):
+    first, second, newest = _submit(factory, 3)
+    jobs.delete_job(factory, newest)  # the highest id: SQLite alone would hand it out again
+    jobs.delete_job(factory, second)
+    (after,) = _submit(factory, 1)
+    assert after == newest + 1
+    jobs.delete_job(factory, after)
+    assert _submit(factory, 2) == [after + 1, after + 2]
+
+
+def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir):
+    """A database from before the floor: its highest job id is the floor."""
+    import sqlalchemy as sa
+
+    from backend.db import MIGRATIONS, dispose_engines, get_engine, session_factory
+
+    url = f"sqlite:///{data_dir / 'old.sqlite3'}"
+    ids = _submit(session_factory(url), 2)
+    with get_engine(url).begin() as conn:  # back to the schema before the floor
+        conn.execute(sa.text("DROP TABLE id_floors"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version = :v"),
+                     {"v": len(MIGRATIONS)})
+        conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
+    dispose_engines()
+    factory = session_factory(url)  # migrates again: the floor is the newest job there is
+    assert _submit(factory, 1) == [ids[-1]]  # deleted before the floor: beyond recall
+    jobs.delete_job(factory, ids[-1])
+    assert _submit(factory, 1) == [ids[-1] + 1]
+    dispose_engines()
