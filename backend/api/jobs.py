@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,10 +94,21 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
                           if job.api is not None and job.api.api_key is not None else None)
 
 
+WORKER_START_GRACE_S = 180.0
+"""How long after this server started a worker process a job without a live worker
+is said to wait for it to start (loading torch and registering takes a while)."""
+
+
 def _out(jobs: list[Any]) -> list[dict[str, Any]]:
     """Jobs as the API shows them, a queued job with the reason it waits."""
-    lease = current_app.extensions["lbs"].settings.lease_seconds
-    reasons = service.waiting_reasons(_factory(), jobs, lease)
+    lbs = current_app.extensions["lbs"]
+    reasons = service.waiting_reasons(_factory(), jobs, lbs.settings.lease_seconds)
+    spawned = lbs.workers_spawned_at
+    if spawned is not None and time.monotonic() - spawned < WORKER_START_GRACE_S:
+        since = round(time.monotonic() - spawned)
+        reasons = {i: f"the worker is starting (started {since} s ago); the job runs once "
+                      "it is ready" if r.startswith("no live worker") else r
+                   for i, r in reasons.items()}
     return [job_out(j, reasons.get(j.id)).model_dump(mode="json") for j in jobs]
 
 
