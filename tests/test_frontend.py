@@ -4,19 +4,12 @@ server + worker. Screenshots of the main views go to test-artifacts/."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer
+from tests.conftest import ARTIFACTS, ROOT, LiveServer
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = ROOT / "test-artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 @pytest.fixture
 def server(with_tiny, echo_plugin_dir):
@@ -24,24 +17,6 @@ def server(with_tiny, echo_plugin_dir):
     live.wait_for_worker()
     yield live
     live.stop()
-
-
-@pytest.fixture
-def page():
-    if CHROMIUM is None:
-        pytest.fail("Chromium is not installed: scripts/setup.sh installs Debian's chromium")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        context = browser.new_context(viewport={"width": 1366, "height": 900})
-        page = context.new_page()
-        crashes: list[str] = []
-        page.on("pageerror", lambda exc: crashes.append(str(exc)))
-        yield page
-        browser.close()
-    assert not crashes, f"uncaught errors in the page: {crashes}"
 
 
 def _fill(page, name: str, value: str) -> None:

@@ -61,14 +61,14 @@ class DatasetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(
-        1, ge=1, le=256,
+        1, ge=1, le=256, title="Batch size",
         description="prompts generated together; halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
-        "fail_sample",
+        "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "
                     "sample (scored 0) and go on, or fail the job")
     methods: list[Literal["basic", "optimized"]] | None = Field(
-        None, min_length=1, max_length=2,
+        None, min_length=1, max_length=2, title="Inference methods",
         description="compare inference methods on the same prompts, one after the other "
                     "(the model released in between): basic = eager attention; optimized = "
                     "SDPA attention and a static KV cache, plus torch.compile on CUDA")

@@ -90,7 +90,9 @@ class CEvalParams(DatasetParams):
     split: Literal["val", "dev", "test"] = Field("val", description="test has no answers")
     shots: int = Field(0, ge=0, le=5, description="examples from the dev split")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subject")
-    method: Literal["loglikelihood", "generate"] = "loglikelihood"
+    method: Literal["loglikelihood", "generate"] = Field(
+        "loglikelihood", description="loglikelihood: the likeliest answer letter; generate: "
+                                     "the first A-D letter of the reply")
     max_new_tokens: int = Field(16, ge=1, le=512, description="for method generate")
     use_chat_template: bool = Field(False, description="wrap the prompt in the chat template")
 

@@ -37,11 +37,11 @@ _NUMBER = r"-?[\d,]*\.?\d+"
 class GSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with test.jsonl (and train.jsonl "
                                  "for shots); default: LBS_DATASETS_DIR/gsm8k")
-    split: str = Field("test", pattern=r"^[a-z_]+$")
+    split: str = Field("test", pattern=r"^[a-z_]+$", description="the file to read: <split>.jsonl")
     shots: int = Field(0, ge=0, le=8, description="solved examples from train.jsonl")
-    max_samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(256, ge=1, le=2048)
-    use_chat_template: bool = True
+    max_samples: int | None = Field(None, ge=1, description="at most this many problems")
+    max_new_tokens: int = Field(256, ge=1, le=2048, description="longest reply, in tokens")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 def normalise_number(text: str) -> str:

@@ -65,13 +65,16 @@ def extract_choice(response: str) -> str:
 class LongBenchV2Params(DatasetParams):
     data_dir: str | None = Field(None, description="folder with data.json (default: "
                                  "LBS_DATASETS_DIR/longbench_v2)")
-    cot: bool = Field(False, description="chain of thought, then the official answer turn")
-    max_samples: int | None = Field(None, ge=1)
+    cot: bool = Field(False, title="Chain of thought",
+                      description="chain of thought, then the official answer turn")
+    max_samples: int | None = Field(None, ge=1, description="at most this many questions")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens; "
                                    "default: the model's maximum minus the answer length")
-    difficulty: str | None = Field(None, pattern="^(easy|hard)$")
-    length: str | None = Field(None, pattern="^(short|medium|long)$")
-    use_chat_template: bool = True
+    difficulty: str | None = Field(None, pattern="^(easy|hard)$",
+                                   description="only easy or only hard questions")
+    length: str | None = Field(None, pattern="^(short|medium|long)$",
+                               description="only short, medium or long contexts")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 @register

@@ -100,10 +100,11 @@ def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
 class MRGSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with MR-GSM8K.json (default: "
                                  "LBS_DATASETS_DIR/mr_gsm8k)")
-    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$")
-    max_samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(1024, ge=16, le=4096)
-    use_chat_template: bool = True
+    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$",
+                      description="the data file in that folder")
+    max_samples: int | None = Field(None, ge=1, description="at most this many solutions")
+    max_new_tokens: int = Field(1024, ge=16, le=4096, description="longest reply, in tokens")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 @register

@@ -54,8 +54,9 @@ class LongBenchParams(DatasetParams):
                                  "(default: LBS_DATASETS_DIR/longbench)")
     subsets: list[str] | None = Field(None, description="subsets to run; default: every "
                                       "subset whose file is in the folder")
-    use_e: bool = Field(False, description="LongBench-E files (<subset>_e.jsonl) and length "
-                                           "buckets 0-4k, 4-8k, 8k+")
+    use_e: bool = Field(False, title="LongBench-E",
+                        description="LongBench-E files (<subset>_e.jsonl) and length "
+                                    "buckets 0-4k, 4-8k, 8k+")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subset")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens before "
                                    "middle truncation; default: the model's maximum minus "
