@@ -81,15 +81,19 @@ export function niceTicks(lo, hi, n = 5) {
   return out;
 }
 
+/** The decimals that tell ticks `step` apart: 0 for steps of 1 and more, else enough. */
+function decimalsFor(step) { return step >= 1 || !(step > 0) ? 0 : Math.min(3, Math.ceil(-Math.log10(step))); }
+
 function axes(root, { width, height, left, right, top, bottom, xTicks, yTicks, sx, sy, xFmt, yFmt, xLabel, yLabel }) {
+  const yStep = yTicks.length > 1 ? yTicks[1] - yTicks[0] : 0, xStep = xTicks.length > 1 ? xTicks[1] - xTicks[0] : 0;
   root.append(svg("line", { x1: left, y1: height - bottom, x2: width - right, y2: height - bottom, class: "axisline" }),
               svg("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axisline" }));
   for (const v of yTicks) {
     root.append(svg("line", { x1: left, y1: sy(v), x2: width - right, y2: sy(v), class: "gridline" }),
-                svg("text", { x: left - 6, y: sy(v) + 4, "text-anchor": "end", class: "tick" }, yFmt(v)));
+                svg("text", { x: left - 6, y: sy(v) + 4, "text-anchor": "end", class: "tick" }, yFmt(v, decimalsFor(yStep))));
   }
   for (const v of xTicks) {
-    root.append(svg("text", { x: sx(v), y: height - bottom + 14, "text-anchor": "middle", class: "tick" }, xFmt(v)));
+    root.append(svg("text", { x: sx(v), y: height - bottom + 14, "text-anchor": "middle", class: "tick" }, xFmt(v, decimalsFor(xStep))));
   }
   root.append(svg("text", { x: left + (width - left - right) / 2, y: height - 6, "text-anchor": "middle", class: "axis" }, xLabel || ""),
               svg("text", { x: 12, y: top + (height - top - bottom) / 2, class: "axis", "text-anchor": "middle",
@@ -100,7 +104,10 @@ function axes(root, { width, height, left, right, top, bottom, xTicks, yTicks, s
  * from zero only when the data comes close to it. */
 function yRange(ys) {
   let lo = Math.min(...ys), hi = Math.max(...ys);
-  if (hi === lo) { lo = lo * 0.9; hi = hi * 1.1 || 1; }
+  if (hi - lo < hi * 0.02) {  // a spread under 2 % is noise: do not blow it up into a slope
+    const mid = (hi + lo) / 2;
+    lo = mid - hi * 0.01; hi = mid + hi * 0.01 || 1;
+  }
   const pad = (hi - lo) * 0.1;
   lo = lo - pad < 0 || lo < (hi - lo) * 0.5 ? Math.max(0, lo - pad) : lo - pad;
   return [lo, hi + pad];
@@ -108,10 +115,11 @@ function yRange(ys) {
 
 /**
  * series: [{name, points: [[x, y], ...]}] -> SVG line chart with dots.
- * options: xLabel, yLabel, width, height, testid, yFmt(v), xFmt(v), xTicks: "data" | "nice"
+ * options: xLabel, yLabel, width, height, testid, yFmt(v, decimals), xFmt(v, decimals),
+ * xTicks: "data" | "nice", lines: false draws the dots alone (points that are no series in x)
  */
 export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, testid = "memory-chart",
-  yFmt = (v) => v.toFixed(0), xFmt = (v) => String(v), xTicks = "data" } = {}) {
+  yFmt = (v, d = 0) => v.toFixed(d), xFmt = (v) => String(v), xTicks = "data", lines = true } = {}) {
   series = series.map((s) => ({ ...s, points: s.points.filter((p) => p[1] !== null && p[1] !== undefined) }));
   const all = series.flatMap((s) => s.points);
   const legendH = 16 * Math.ceil(series.length / 3);
@@ -132,12 +140,14 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, t
   series.forEach((s, i) => {
     const colour = COLOURS[i % COLOURS.length];
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
-    root.append(svg("polyline", { points: pts.map((p) => `${sx(p[0])},${sy(p[1])}`).join(" "),
-                                  fill: "none", stroke: colour, "stroke-width": 2,
-                                  "stroke-dasharray": i % 2 ? "6 3" : "none" }));
+    if (lines) {
+      root.append(svg("polyline", { points: pts.map((p) => `${sx(p[0])},${sy(p[1])}`).join(" "),
+                                    fill: "none", stroke: colour, "stroke-width": 2,
+                                    "stroke-dasharray": i % 2 ? "6 3" : "none" }));
+    }
     for (const p of pts) {
       const dot = svg("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: colour, class: "dot" });
-      dot.append(svg("title", {}, `${s.name}: ${yFmt(p[1])} @ ${xFmt(p[0])}`));
+      dot.append(svg("title", {}, `${s.name}: ${yFmt(p[1], 1)} @ ${xFmt(p[0])}`));
       root.append(dot);
     }
     const lx = left + (i % 3) * ((width - left - right) / 3), ly = 14 + Math.floor(i / 3) * 16;
@@ -148,16 +158,24 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, t
 }
 
 /**
- * points: [{x, y, label, title}] -> SVG scatter chart; each dot labelled with `label`.
- * options: xLabel, yLabel, width, height, testid, xFmt, yFmt
+ * points: [{x, y, label, title, group}] -> SVG scatter chart; each dot labelled with `label`,
+ * coloured by `group` (an index into `groups`, the legend's names).
+ * options: xLabel, yLabel, width, height, testid, xFmt, yFmt, groups
  */
 export function scatterChart(points, { xLabel, yLabel, width = 640, height = 300, testid = "scatter",
-  xFmt = (v) => String(v), yFmt = (v) => String(v) } = {}) {
-  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img",
+  xFmt = (v) => String(v), yFmt = (v) => String(v), groups = [] } = {}) {
+  const legendH = groups.length ? 16 * Math.ceil(groups.length / 3) : 0;
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height + legendH}`, width: "100%", role: "img",
                             class: "linechart scatter", "data-testid": testid });
   points = points.filter((p) => isFinite(p.x) && isFinite(p.y));
   if (!points.length) return root;
-  const left = 84, right = 30, top = 14, bottom = 40;
+  height += legendH;
+  const left = 84, right = 30, top = 14 + legendH, bottom = 40;
+  groups.forEach((name, i) => {
+    const lx = left + (i % 3) * ((width - left - right) / 3), ly = 14 + Math.floor(i / 3) * 16;
+    root.append(svg("circle", { cx: lx + 5, cy: ly - 4, r: 5, fill: COLOURS[i % COLOURS.length] }),
+                svg("text", { x: lx + 14, y: ly, class: "tick legend-label" }, name));
+  });
   const xs = points.map((p) => p.x), ys = points.map((p) => p.y);
   const xMax = Math.max(...xs) * 1.1 || 1, yMax = Math.max(1, Math.max(...ys));
   const sx = (x) => left + (x / xMax) * (width - left - right);

@@ -123,7 +123,8 @@ function memorySeries(points, xOf) {
   ].filter(Boolean));
 }
 
-const mib = (v) => (v >= 1024 ? `${(v / 1024).toFixed(2)} GiB` : `${v.toFixed(v < 10 ? 1 : 0)} MiB`);
+/** A figure in MiB, shown in GiB from 1 GiB up; `d` decimals (axes pass what their ticks need). */
+const mib = (v, d) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d ?? 2, 1))} GiB` : `${v.toFixed(d ?? (v < 10 ? 1 : 0))} MiB`);
 
 function memoryChart(samples) {
   const points = samples.filter((s) => s.peak_rss_mb !== null);
@@ -134,7 +135,7 @@ function memoryChart(samples) {
     h("p", { class: "hint", text: t("memory_chart_help") }),
     h("div", { class: "chart-box" }, lineChart(memorySeries(points, xOf), {
       xLabel: byLength ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
-      yFmt: mib, xTicks: byLength ? "data" : "nice" }))];
+      yFmt: mib, xTicks: byLength ? "data" : "nice", lines: byLength }))];
 }
 
 // --- events in words ----------------------------------------------------------------

@@ -192,7 +192,9 @@ function showErrors(error, sets, options, modelInput, status) {
       document.getElementById("model-error").textContent = d.message;
     } else unplaced.push(d);
   }
-  status.textContent = unplaced.length || !(error.details || []).length ? tr(error.message) : t("fix_fields");
+  // the whole message names every field; the ones placed are also at their field
+  status.textContent = unplaced.length || !(error.details || []).length ? tr(error.message)
+    : `${t("fix_fields")} (${tr(error.message)})`;
 }
 
 function estimateView(data) {

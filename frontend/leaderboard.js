@@ -6,8 +6,8 @@ import { api, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
 import { t } from "./i18n.js";
 import { fmtScore, sortableTable } from "./tables.js";
 
-const gib = (bytes) => (bytes === null || bytes === undefined ? null : bytes / 2 ** 30);
-const fmtGiB = (v) => (v >= 1 ? `${v.toFixed(v >= 10 ? 0 : 1)} GiB` : `${(v * 1024).toFixed(0)} MiB`);
+/** A figure in MiB, shown in GiB from 1 GiB up, with `d` decimals. */
+const fmtMiB = (v, d = 0) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d, 1))} GiB` : `${v.toFixed(d)} MiB`);
 
 function peakCell(r) {
   if (r.peak_bytes === null || r.peak_bytes === undefined) return "";
@@ -45,9 +45,10 @@ export async function viewLeaderboard(main) {
   const scatterBox = h("div", { class: "chart-box" });
   const drawScatter = (shown) => {
     scatterBox.replaceChildren(scatterChart(shown.filter((r) => r.score !== null && r.peak_bytes).map((r) => ({
-      x: gib(r.peak_bytes), y: r.score, label: `${r.model}`, group: datasets.indexOf(r.dataset),
+      x: r.peak_bytes / 2 ** 20, y: r.score, label: r.model, group: datasets.indexOf(r.dataset),
       title: `${r.model} · ${r.dataset}: ${fmtScore(r.score)} @ ${fmtBytes(r.peak_bytes)}` })),
-    { xLabel: t("peak_memory_axis"), yLabel: t("score"), testid: "score-memory", xFmt: fmtGiB, yFmt: (v) => v.toFixed(2) }));
+    { xLabel: t("peak_memory_axis"), yLabel: t("score"), testid: "score-memory", xFmt: fmtMiB,
+      yFmt: (v) => v.toFixed(2), groups: datasets }));
   };
   picker.addEventListener("change", () => {
     const shown = rows.filter((r) => !picker.value || r.dataset === picker.value);
@@ -64,8 +65,9 @@ export async function viewLeaderboard(main) {
       h("div", { class: "chart-box", "data-dataset": dataset }, lineChart(series.map((s) => ({
         name: `${s.model} (${t(s.kind === "gpu" ? "gpu_short" : "rss_short")}, #${s.job_id})`,
         points: s.points.map(([x, y]) => [x, y / 2 ** 20]) })), {
-        xLabel: t("context_length"), yLabel: t("peak_memory_axis"), testid: `memory-length-${dataset}`,
-        yFmt: (v) => (v >= 1024 ? `${(v / 1024).toFixed(2)} GiB` : `${v.toFixed(0)} MiB`), xTicks: "nice" })));
+        xLabel: dataset === "needle_in_haystack" ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
+        testid: `memory-length-${dataset}`, yFmt: fmtMiB, xTicks: "nice",
+        lines: dataset === "needle_in_haystack" })));  // a NIAH grid is a series; LongBench prompts are points
   }
   main.replaceChildren(...parts);
 }
