@@ -67,7 +67,7 @@ function table(part, scores) {
     { key: "count", title: t("count"), num: true }];
   return h("section", { class: "breakdown", "data-breakdown": part.key },
     h("h3", {}, tr(part.title), h("small", { class: "muted", text: ` (${rows.length})` })),
-    sortableTable(columns, rows, { id: `breakdown-${part.key}` }));
+    sortableTable(columns, rows, { id: `breakdown-${part.key}`, compact: true }));
 }
 
 function breakdowns(job, info, samples) {

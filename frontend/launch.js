@@ -285,4 +285,6 @@ export async function viewLaunch(main) {
   paramsBox, options, estimate,
   h("button", { type: "submit", id: "launch-submit", text: t("submit") }), status);
   main.replaceChildren(h("h2", { text: t("nav_launch") }), form);
+  // for modules that add to the form (frontend/datastatus.js fills each .ds-status)
+  document.dispatchEvent(new CustomEvent("lbs:launch-form", { detail: { form, datasets } }));
 }

@@ -13,12 +13,13 @@ function compare(a, b) {
 
 /**
  * columns: [{key, title, value(row) -> sortable value, cell(row) -> Node|string, num}]
- * options: {id, sortBy, desc, rowAttrs(row) -> attributes, empty: text when no rows}
+ * options: {id, sortBy, desc, rowAttrs(row) -> attributes, empty: text when no rows,
+ *           compact: a narrow table that keeps to the screen's width on a phone}
  * Returns a wrapper element; wrapper.update(rows) redraws with new rows.
  */
 export function sortableTable(columns, rows, options = {}) {
   let sortKey = options.sortBy ?? null, desc = options.desc ?? false;
-  const table = h("table", { id: options.id, class: "sortable" });
+  const table = h("table", { id: options.id, class: options.compact ? "sortable compact" : "sortable" });
   const wrap = h("div", { class: "table-wrap" }, table);
   const valueOf = (col, row) => (col.value ? col.value(row) : row[col.key]);
   const draw = () => {

@@ -235,6 +235,11 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     third = server.request("GET", "/api/jobs")[1]["data"]["jobs"][0]
     assert third["id"] == second["id"] + 1
 
+    # the ETA never says "1 min 60 s"
+    fmt = "s => import('/static/dom.js').then(m => m.fmtSeconds(s))"
+    assert [page.evaluate(fmt, s) for s in (59.6, 119.6, 3599.7)] == \
+        ["1 min 0 s", "2 min 0 s", "1 h 0 min"]
+
     page.click("#lang-toggle")  # Chinese: the form's labels and help follow
     page.goto(server.url + "/#/launch")
     page.check("#ds-needle_in_haystack")
