@@ -30,7 +30,7 @@ function record(job) {
     ["submitted_at", fmtTime(job.created_at)], ["started_at", fmtTime(job.started_at)],
     ["finished_at", fmtTime(job.finished_at)],
     ["duration", job.duration_s !== null && job.duration_s !== undefined ? fmtSeconds(job.duration_s) : ""],
-    ["worker", job.worker_id ?? job.last_worker_id], ["attempts", job.attempts],
+    ["worker", job.worker_id], ["attempts", job.attempts],
     ["priority", job.priority], ["submitter", job.submitter], ["worker_label", job.worker_label],
     ["num_gpus", job.num_gpus], ["memory_estimate", fmtBytes(job.memory_estimate_bytes)],
   ].filter(([, v]) => v !== null && v !== undefined && v !== "");
