@@ -85,6 +85,10 @@ export function fmtTime(iso) {
   return isNaN(d) ? iso : d.toLocaleString();
 }
 
+/** The width to draw a chart at: the window's, between 340 and 640 px, so that a chart
+ * on a phone is drawn for the phone (whole and readable) instead of shrunk. */
+export function chartWidth() { return Math.max(340, Math.min(640, window.innerWidth - 32)); }
+
 let datasetsPromise = null;
 
 /** Every dataset's description (GET /api/datasets), fetched once per page load. */

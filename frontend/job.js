@@ -2,7 +2,7 @@
 // down as the dataset declares (GET /api/datasets: breakdowns, sample_columns), what
 // memory it took, what the model manager did, and every sample with its evidence.
 import { heatmap, lineChart } from "./charts.js";
-import { api, badge, datasetInfo, download, fmtBytes, fmtSeconds, fmtTime, h, stopPolling } from "./dom.js";
+import { api, badge, chartWidth, datasetInfo, download, fmtBytes, fmtSeconds, fmtTime, h, stopPolling } from "./dom.js";
 import { t, tr } from "./i18n.js";
 import { methodComparison } from "./methods.js";
 import { fmtScore, sortableTable } from "./tables.js";
@@ -77,7 +77,7 @@ function breakdowns(job, info, samples) {
     else if (part.kind === "table") out.push(table(part, job.scores));
     else if (part.kind === "heatmap" && job.scores[part.key]) {
       out.push(h("section", { class: "breakdown", "data-breakdown": part.key }, h("h3", { text: t("heatmap") }),
-        h("div", { class: "chart-box" }, heatmap(cellsOf(job, samples), { xLabel: t("context_length"), yLabel: t("depth") }))));
+        h("div", { class: "chart-box" }, heatmap(cellsOf(job, samples), { xLabel: t("context_length"), yLabel: t("depth"), width: chartWidth() }))));
     }
   }
   return out.filter(Boolean);
@@ -135,7 +135,7 @@ function memoryChart(samples) {
     h("p", { class: "hint", text: t("memory_chart_help") }),
     h("div", { class: "chart-box" }, lineChart(memorySeries(points, xOf), {
       xLabel: byLength ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
-      yFmt: mib, xTicks: byLength ? "data" : "nice", lines: byLength }))];
+      yFmt: mib, xTicks: byLength ? "data" : "nice", lines: byLength, width: chartWidth() }))];
 }
 
 // --- events in words ----------------------------------------------------------------

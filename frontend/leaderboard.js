@@ -2,7 +2,7 @@
 // score against peak memory, and peak memory against context length on NIAH and LongBench
 // (GET /api/leaderboard/memory, from the per-sample peaks every job stores).
 import { lineChart, scatterChart } from "./charts.js";
-import { api, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
+import { api, chartWidth, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
 import { t } from "./i18n.js";
 import { fmtScore, sortableTable } from "./tables.js";
 
@@ -48,7 +48,7 @@ export async function viewLeaderboard(main) {
       x: r.peak_bytes / 2 ** 20, y: r.score, label: r.model, group: datasets.indexOf(r.dataset),
       title: `${r.model} · ${r.dataset}: ${fmtScore(r.score)} @ ${fmtBytes(r.peak_bytes)}` })),
     { xLabel: t("peak_memory_axis"), yLabel: t("score"), testid: "score-memory", xFmt: fmtMiB,
-      yFmt: (v) => v.toFixed(2), groups: datasets }));
+      yFmt: (v) => v.toFixed(2), groups: datasets, width: chartWidth() }));
   };
   picker.addEventListener("change", () => {
     const shown = rows.filter((r) => !picker.value || r.dataset === picker.value);
@@ -67,7 +67,7 @@ export async function viewLeaderboard(main) {
         points: s.points.map(([x, y]) => [x, y / 2 ** 20]) })), {
         xLabel: dataset === "needle_in_haystack" ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
         testid: `memory-length-${dataset}`, yFmt: fmtMiB, xTicks: "nice",
-        lines: dataset === "needle_in_haystack" })));  // a NIAH grid is a series; LongBench prompts are points
+        lines: dataset === "needle_in_haystack", width: chartWidth() })));  // a NIAH grid is a series; LongBench prompts are points
   }
   main.replaceChildren(...parts);
 }

@@ -264,3 +264,22 @@ def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir):
     jobs.delete_job(factory, ids[-1])
     assert _submit(factory, 1) == [ids[-1] + 1]
     dispose_engines()
+
+
+def test_a_late_lease_loss_of_the_last_job_does_not_cancel_the_next(settings, factory):
+    """The heartbeat read job 3, job 3 finished and job 4 started, then renewing job 3's
+    lease failed (LeaseLost): that must not stop job 4 (it was cancelled, seen live)."""
+    from backend.worker import Worker
+
+    first, second = _submit(factory, 2)
+    worker = Worker(settings, worker_id="w-late")
+    assert jobs.claim_job(factory, "w-late", 60, 3).id == first
+    jobs.finish_job(factory, first, "w-late", JobState.SUCCEEDED)
+    assert jobs.claim_job(factory, "w-late", 60, 3).id == second
+    worker.start_job_watch(second)
+    worker.renew(first)  # the heartbeat's renewal of the job it read before the switch
+    assert not worker.cancel_seen.is_set()
+    jobs.cancel_job(factory, second)  # a real cancel of the running job is still seen
+    worker.renew(second)
+    assert worker.cancel_seen.is_set()
+    worker.manager.stop_monitor()

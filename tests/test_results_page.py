@@ -24,18 +24,24 @@ def server(with_tiny, echo_plugin_dir):
     live.stop()
 
 
-def shoot(page, name: str) -> None:
+def shoot(page, name: str, redraw: bool = True) -> None:
     """The current view at desktop and phone width; at phone width nothing may widen
-    the page (tables scroll inside their box)."""
+    the page (tables scroll inside their box). `redraw`: reload at each width, so charts
+    are drawn for it (False keeps what was typed or picked in the view)."""
     page.set_viewport_size({"width": 1440, "height": 900})
     page.wait_for_timeout(150)
     page.screenshot(path=ARTIFACTS / f"{name}-1440.png", full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
-    page.wait_for_timeout(150)
+    if redraw:
+        page.reload()  # drawn for the phone, as a phone would load it
+        page.wait_for_timeout(1200)
     page.screenshot(path=ARTIFACTS / f"{name}-390.png", full_page=True)
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 1, f"{name}: the page is {overflow}px wider than a phone"
     page.set_viewport_size({"width": 1440, "height": 900})
+    if redraw:
+        page.reload()
+        page.wait_for_timeout(800)
 
 
 def cells(table, column: str) -> list[str]:
@@ -180,7 +186,7 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     assert error.inner_text() == ""
     label = page.locator('[data-field="params.context_lengths"] .label').inner_text()
     assert label == "Context Lengths"
-    shoot(page, "launch")
+    shoot(page, "launch", redraw=False)
     page.click("#launch-submit")
     page.wait_for_url("**/#/queue")
     (job,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
@@ -220,7 +226,7 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     page.wait_for_function("document.querySelectorAll('.side-by-side svg.heatmap').length == 2")
     page.locator("#compare-warning").wait_for()
     assert "different grids" in page.locator("#compare-warning").inner_text()
-    shoot(page, "compare")
+    shoot(page, "compare", redraw=False)
 
     # Delete asks first; the next job never gets the deleted id
     page.goto(server.url + "/#/queue")
@@ -244,7 +250,7 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     page.goto(server.url + "/#/launch")
     page.check("#ds-needle_in_haystack")
     assert page.locator('[data-field="params.context_lengths"] .label').inner_text() == "上下文长度"
-    shoot(page, "launch-zh")
+    shoot(page, "launch-zh", redraw=False)
     page.goto(f"{server.url}/#/job/{job['id']}")
     page.locator('[data-testid="heatmap"]').wait_for()
     shoot(page, "job-niah-zh")
