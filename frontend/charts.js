@@ -187,7 +187,9 @@ export function scatterChart(points, { xLabel, yLabel, width = 640, height = 300
     const dot = svg("circle", { cx: sx(p.x), cy: sy(p.y), r: 5, fill: colour, class: "dot",
                                 "fill-opacity": 0.85 });
     dot.append(svg("title", {}, p.title || p.label));
-    root.append(dot, svg("text", { x: sx(p.x) + 7, y: sy(p.y) - 6, class: "tick point-label" }, p.label));
+    const nearEdge = sx(p.x) > left + (width - left - right) * 0.7;  // label on the dot's left
+    root.append(dot, svg("text", { x: sx(p.x) + (nearEdge ? -7 : 7), y: sy(p.y) - 6, class: "tick point-label",
+                                   "text-anchor": nearEdge ? "end" : "start" }, p.label));
   });
   return root;
 }
