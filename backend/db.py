@@ -160,6 +160,17 @@ class MemoryPeak(Base):
     job: Mapped[Job] = relationship(back_populates="memory_peaks")
 
 
+class IdFloor(Base):
+    """The highest id a table ever handed out, where the engine may hand it out again:
+    SQLite gives a new row max(id) + 1, so deleting the newest job would give its id to
+    the next one (PostgreSQL's sequences never go back and need no floor)."""
+
+    __tablename__ = "id_floors"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(sa.BigInteger)
+
+
 class WorkerState(str, enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
@@ -344,9 +355,21 @@ def _m005_api_models(op: Any) -> None:
     op.add_column("jobs", sa.Column("api_key_encrypted", sa.Text))
 
 
+def _m006_id_floors(op: Any) -> None:
+    op.create_table(
+        "id_floors",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.BigInteger, nullable=False),
+    )
+    # the floor starts at the highest job id there is: ids deleted before this
+    # migration are beyond recall, those from now on are never handed out again
+    op.execute("INSERT INTO id_floors (name, value) SELECT 'jobs', COALESCE(MAX(id), 0) "
+               "FROM jobs")
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
-                                           _m005_api_models]
+                                           _m005_api_models, _m006_id_floors]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

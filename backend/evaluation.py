@@ -484,7 +484,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                     f"sample {a.item.idx + offset} does not fit in memory even alone "
                     f"({a.error}); the job asked on_oom=fail_job")
             score = 0.0 if a.error else job.dataset.score(a.item, a.text)
-            fields = a.fields
+            fields = {**a.fields, **job.dataset.explain(a.item, a.text)}
             if method is not None:  # what the comparison reads back, also after a resume
                 fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,
                           "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens,

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.db import (
+    IdFloor,
     Job,
     JobState,
     MemoryPeak,
@@ -84,6 +85,12 @@ def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
                     state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
                     attempts=0, cancel_requested=False, progress_done=0)
                 for j in new_jobs]
+        if not is_postgres(session):  # never reuse a deleted job's id (see IdFloor)
+            floor = session.get(IdFloor, "jobs")
+            newest = session.scalar(sa.select(sa.func.max(Job.id))) or 0
+            start = max(newest, floor.value if floor else 0) + 1
+            for offset, job in enumerate(jobs):
+                job.id = start + offset
         session.add_all(jobs)
         session.flush()
         announce_work(session)
@@ -302,6 +309,10 @@ def delete_job(factory: sessionmaker, job_id: int) -> None:
         if job.state == JobState.RUNNING.value:
             raise JobConflict(f"job {job_id} is running; cancel it first")
         session.delete(job)
+        if not is_postgres(session):
+            floor = session.get(IdFloor, "jobs") or IdFloor(name="jobs", value=0)
+            floor.value = max(floor.value, job_id)
+            session.add(floor)
 
 
 class JobView(SimpleNamespace):

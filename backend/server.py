@@ -46,12 +46,15 @@ class AppState:
 
     settings: Settings
     factory: sessionmaker
+    workers_spawned_at: float | None = None
+    """time.monotonic() when this server last started a worker process (None: it starts
+    none): until one registers, a queued job waits for it to start, not for no one."""
 
 
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, jobs, memory, openapi
+    from backend.api import datasets, errors, health, jobs, memory, openapi, results
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,7 @@ def create_app(settings: Settings | None = None,
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
     errors.init_app(app)
     _init_access(app, settings)
-    for module in (jobs, datasets, health, memory, openapi):
+    for module in (jobs, datasets, health, memory, openapi, results):
         app.register_blueprint(module.bp)
 
     @app.get("/")
@@ -117,8 +120,9 @@ def _init_access(app: Flask, settings: Settings) -> None:
 class WorkerPool:
     """Starts the worker processes and restarts any that exits while the server runs."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, state: AppState | None = None):
         self.settings = settings
+        self.state = state
         self.procs: dict[int, subprocess.Popen] = {}
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,6 +149,8 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = device
         proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], env=env,
                                 cwd=os.getcwd())
+        if self.state is not None:
+            self.state.workers_spawned_at = time.monotonic()
         log.info("[Server] worker %d started (pid %d, %s)", slot, proc.pid,
                  f"GPU {device}" if device is not None else "default device")
         return proc
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     server = create_server(app, host=settings.host, port=settings.port, threads=8,
                            ident="llm-bench-shower")
-    pool = WorkerPool(settings)
+    pool = WorkerPool(settings, app.extensions["lbs"])
     if not args.no_workers:
         pool.start()
 

@@ -116,6 +116,7 @@ class Worker:
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
+        self._job_lock = threading.Lock()  # current_job and cancel_seen change together
         self._heartbeat: threading.Thread | None = None
         self._control: threading.Thread | None = None
 
@@ -146,8 +147,7 @@ class Worker:
             try:
                 job_id = self.current_job
                 if job_id is not None:
-                    if renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds):
-                        self.cancel_seen.set()
+                    self.renew(job_id)
                 if self.gpus:
                     free = self.free_gpu_bytes()
                     worker_heartbeat(self.factory, self.id, gpus=self.gpus, gpu_free_bytes=free)
@@ -159,11 +159,29 @@ class Worker:
                         log.warning("[Worker] worker %s stopped heartbeating: marked lost; "
                                     "its job goes back to the queue when its lease expires",
                                     lost)
-            except LeaseLost as exc:
-                log.warning("[Worker] %s", exc)
-                self.cancel_seen.set()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive a busy database
                 log.exception("[Worker] heartbeat failed; retrying")
+
+    def start_job_watch(self, job_id: int) -> None:
+        """Make `job_id` the job whose lease the heartbeat renews and whose cancel
+        request (or lost lease) stops the evaluation loop."""
+        with self._job_lock:
+            self.current_job = job_id
+            self.cancel_seen.clear()
+
+    def renew(self, job_id: int) -> None:
+        """Renew `job_id`'s lease. A cancel request or a lost lease stops the loop, but
+        only while `job_id` is still the current job: the heartbeat may have read the
+        previous job just before it finished, and its lost lease is no news for the next."""
+        try:
+            stop = renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds)
+        except LeaseLost as exc:
+            log.warning("[Worker] %s", exc)
+            stop = True
+        if stop:
+            with self._job_lock:
+                if self.current_job == job_id:
+                    self.cancel_seen.set()
 
     def start(self) -> None:
         register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
@@ -271,9 +289,8 @@ class Worker:
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
 
-        self.current_job = job_id
+        self.start_job_watch(job_id)
         self._job_events_from = self.manager.event_count
-        self.cancel_seen.clear()
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         if self.manager.has_gpu:
             threading.Thread(target=self._prefetch_next, args=(model,), name="prefetch",

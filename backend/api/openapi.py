@@ -100,6 +100,20 @@ def build_spec() -> dict[str, Any]:
                         "jobs": {"type": "array", "items": _ref(JobOut)},
                         "total": {"type": "integer"}}, (422,))},
         },
+        "/api/jobs/estimate": {
+            "post": {"summary": "check jobs and estimate their memory and duration without "
+                                "queueing them (same body and errors as a submission)",
+                     "requestBody": {"required": True, "content": {
+                         "application/json": {"schema": submit_body}}},
+                     "responses": _response("per job memory_bytes and duration; live workers",
+                                            None, (400, 403, 422))},
+        },
+        "/api/leaderboard": {"get": {
+            "summary": "models x datasets from the newest succeeded job of each: score, peak "
+                       "memory, tokens/s, duration", "responses": _response("rows")}},
+        "/api/leaderboard/memory": {"get": {
+            "summary": "peak memory per context length, per model, on NIAH and LongBench",
+            "responses": _response("series per dataset")}},
         "/api/jobs/{job_id}": {
             "get": {"summary": "one job with progress, scores and memory",
                     "parameters": [_job_id()], "responses": _response("the job", job, (404,))},

@@ -61,14 +61,14 @@ class DatasetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(
-        1, ge=1, le=256,
+        1, ge=1, le=256, title="Batch size",
         description="prompts generated together; halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
-        "fail_sample",
+        "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "
                     "sample (scored 0) and go on, or fail the job")
     methods: list[Literal["basic", "optimized"]] | None = Field(
-        None, min_length=1, max_length=2,
+        None, min_length=1, max_length=2, title="Inference methods",
         description="compare inference methods on the same prompts, one after the other "
                     "(the model released in between): basic = eager attention; optimized = "
                     "SDPA attention and a static KV cache, plus torch.compile on CUDA")
@@ -228,15 +228,42 @@ class Dataset:
         mean = sum(values) / len(values) if values else 0.0
         return [ScoreEntry("overall", mean, len(values))]
 
+    # --- how results explain themselves (read by the web page and the exports) ---
+    breakdowns: ClassVar[list[dict[str, Any]]] = []
+    """How the job's scores break down, as the page shows them. Each entry points into
+    the job's `scores` dict (see api/schemas.scores_dict):
+
+    - {"kind": "table", "key": "subjects", "title": ..., "columns": [{"key", "title"}]}:
+      `scores[key]` is a list of rows; the columns name their labels (score and count
+      are added by the page), e.g. C-Eval's subject and category;
+    - {"kind": "figures", "key": ..., "title": ..., "rows": [{"key", "title", "help"}]}:
+      single numbers `scores[row key]` (micro/macro averages, MR-Score terms);
+    - {"kind": "heatmap", "key": "cells", "title": ...}: NIAH's context length x depth grid.
+    """
+
+    sample_columns: ClassVar[list[dict[str, Any]]] = []
+    """The dataset's own columns of a sample, read from its `fields`:
+    [{"key", "title", "filter": bool}]; a `filter` column gets a filter on the page."""
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        """What a stored sample carries to say why it scored what it did: `reference`
+        (the gold answer(s)) and, where the dataset has them, `extracted` (the answer read
+        from the reply) and `why` (a short sentence). Merged into the sample's fields
+        before they are stored and aggregated; values must be JSON."""
+        return {"reference": item.reference}
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """Name, description, cache mode and the JSON schema of the parameters."""
+        """Name, description, cache mode, the JSON schema of the parameters, and how
+        results break down (`breakdowns`, `sample_columns`)."""
         return {
             "name": cls.name,
             "description": cls.description,
             "cache_mode": cls.cache_mode.value,
             "cost": cls.cost,
             "params_schema": cls.Params.model_json_schema(),
+            "breakdowns": cls.breakdowns,
+            "sample_columns": cls.sample_columns,
         }
 
 

@@ -92,7 +92,9 @@ class CEvalParams(DatasetParams):
     split: Literal["val", "dev", "test"] = Field("val", description="test has no answers")
     shots: int = Field(0, ge=0, le=5, description="examples from the dev split")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subject")
-    method: Literal["loglikelihood", "generate"] = "loglikelihood"
+    method: Literal["loglikelihood", "generate"] = Field(
+        "loglikelihood", description="loglikelihood: the likeliest answer letter; generate: "
+                                     "the first A-D letter of the reply")
     max_new_tokens: int = Field(16, ge=1, le=512, description="for method generate")
     use_chat_template: bool = Field(False, description="wrap the prompt in the chat template")
 
@@ -214,6 +216,29 @@ class CEval(Dataset):
                     choices=LETTERS if params.method == "loglikelihood" else None,
                     labels=LETTERS if params.method == "loglikelihood" else None))
         return items
+
+    breakdowns = [
+        {"kind": "figures", "key": "averages", "title": "Averages", "rows": [
+            {"key": "overall", "title": "Macro average",
+             "help": "mean of the subject accuracies (the official C-Eval figure)"},
+            {"key": "micro", "title": "Micro average",
+             "help": "accuracy over all questions together"}]},
+        {"kind": "table", "key": "categories", "title": "By category",
+         "columns": [{"key": "category", "title": "Category"}]},
+        {"kind": "table", "key": "subjects", "title": "By subject",
+         "columns": [{"key": "subject", "title": "Subject"},
+                     {"key": "category", "title": "Category"}]},
+    ]
+    sample_columns = [{"key": "subject", "title": "Subject", "filter": True},
+                      {"key": "category", "title": "Category", "filter": True},
+                      {"key": "extracted", "title": "Answer letter"},
+                      {"key": "logprobs", "title": "Choice log-likelihoods"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        letter = extract_letter(prediction)
+        why = (f"answered {letter or 'no letter'}, the reference is {item.reference}"
+               + (" (the likeliest of A-D)" if item.choices else ""))
+        return {"reference": item.reference, "extracted": letter, "why": why}
 
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_letter(prediction) == item.reference else 0.0

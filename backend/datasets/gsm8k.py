@@ -27,6 +27,7 @@ from backend.datasets.base import (
     Item,
     ParamError,
     PromptTokenizer,
+    ScoreEntry,
 )
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
@@ -38,11 +39,11 @@ _NUMBER = r"-?[\d,]*\.?\d+"
 class GSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with test.jsonl (and train.jsonl "
                                  "for shots); default: LBS_DATASETS_DIR/gsm8k")
-    split: str = Field("test", pattern=r"^[a-z_]+$")
+    split: str = Field("test", pattern=r"^[a-z_]+$", description="the file to read: <split>.jsonl")
     shots: int = Field(0, ge=0, le=8, description="solved examples from train.jsonl")
-    max_samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(256, ge=1, le=2048)
-    use_chat_template: bool = True
+    max_samples: int | None = Field(None, ge=1, description="at most this many problems")
+    max_new_tokens: int = Field(256, ge=1, le=2048, description="longest reply, in tokens")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 def normalise_number(text: str) -> str:
@@ -52,15 +53,22 @@ def normalise_number(text: str) -> str:
     return value
 
 
-def extract_answer(reply: str) -> str:
-    """The final numeric answer of a reply ('' when it has no number)."""
+def extract_with_rule(reply: str) -> tuple[str, str]:
+    """The final numeric answer of a reply and the rule that found it: "####",
+    "the answer is", "last number", or ("", "none") when the reply has no number."""
     reply = reply.split("Question:")[0]
-    for pattern in (rf"####\s*\$?({_NUMBER})", rf"[Tt]he answer is\s*\$?({_NUMBER})"):
+    for rule, pattern in (("####", rf"####\s*\$?({_NUMBER})"),
+                          ("the answer is", rf"[Tt]he answer is\s*\$?({_NUMBER})")):
         match = re.search(pattern, reply)
         if match:
-            return normalise_number(match.group(1))
+            return normalise_number(match.group(1)), rule
     numbers = re.findall(_NUMBER, reply)
-    return normalise_number(numbers[-1]) if numbers else ""
+    return (normalise_number(numbers[-1]), "last number") if numbers else ("", "none")
+
+
+def extract_answer(reply: str) -> str:
+    """The final numeric answer of a reply ('' when it has no number)."""
+    return extract_with_rule(reply)[0]
 
 
 def reference_answer(answer: str) -> str:
@@ -111,5 +119,29 @@ class GSM8K(Dataset):
                               fields={"reference": reference_answer(row["answer"])}))
         return items
 
+    breakdowns = [
+        {"kind": "table", "key": "extractions", "title": "By the extraction that matched",
+         "columns": [{"key": "extraction", "title": "Answer read from"}]},
+    ]
+    sample_columns = [{"key": "extracted", "title": "Extracted answer"},
+                      {"key": "extraction", "title": "Answer read from", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        value, rule = extract_with_rule(prediction)
+        why = (f"read {value} from the {rule}; the reference is {item.reference}"
+               if value else f"no number in the reply; the reference is {item.reference}")
+        return {"reference": item.reference, "extracted": value, "extraction": rule,
+                "why": why}
+
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_answer(prediction) == item.reference else 0.0
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        entries = super().aggregate(scored)
+        groups: dict[str, list[float]] = {}
+        for fields, value in scored:
+            if fields.get("extraction"):
+                groups.setdefault(fields["extraction"], []).append(value)
+        entries += [ScoreEntry("extraction", sum(v) / len(v), len(v), {"extraction": k})
+                    for k, v in sorted(groups.items())]
+        return entries

@@ -67,13 +67,16 @@ def extract_choice(response: str) -> str:
 class LongBenchV2Params(DatasetParams):
     data_dir: str | None = Field(None, description="folder with data.json (default: "
                                  "LBS_DATASETS_DIR/longbench_v2)")
-    cot: bool = Field(False, description="chain of thought, then the official answer turn")
-    max_samples: int | None = Field(None, ge=1)
+    cot: bool = Field(False, title="Chain of thought",
+                      description="chain of thought, then the official answer turn")
+    max_samples: int | None = Field(None, ge=1, description="at most this many questions")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens; "
                                    "default: the model's maximum minus the answer length")
-    difficulty: str | None = Field(None, pattern="^(easy|hard)$")
-    length: str | None = Field(None, pattern="^(short|medium|long)$")
-    use_chat_template: bool = True
+    difficulty: str | None = Field(None, pattern="^(easy|hard)$",
+                                   description="only easy or only hard questions")
+    length: str | None = Field(None, pattern="^(short|medium|long)$",
+                               description="only short, medium or long contexts")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 @register
@@ -129,6 +132,23 @@ class LongBenchV2(Dataset):
         return Item(idx=item.idx, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
                     max_new_tokens=128, reference=item.reference,
                     fields={**item.fields, "cot": reply})
+
+    breakdowns = [
+        {"kind": "table", "key": "difficulties", "title": "By difficulty",
+         "columns": [{"key": "difficulty", "title": "Difficulty"}]},
+        {"kind": "table", "key": "lengths", "title": "By length",
+         "columns": [{"key": "length", "title": "Length"}]},
+    ]
+    sample_columns = [{"key": "difficulty", "title": "Difficulty", "filter": True},
+                      {"key": "length", "title": "Length", "filter": True},
+                      {"key": "domain", "title": "Domain", "filter": True},
+                      {"key": "extracted", "title": "Chosen answer"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        choice = extract_choice(prediction)
+        return {"reference": item.reference, "extracted": choice,
+                "why": (f"chose {choice}" if choice else "no 'The correct answer is (X)'")
+                + f"; the reference is {item.reference}"}
 
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_choice(prediction) == item.reference else 0.0

@@ -101,10 +101,11 @@ def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
 class MRGSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with MR-GSM8K.json (default: "
                                  "LBS_DATASETS_DIR/mr_gsm8k)")
-    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$")
-    max_samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(1024, ge=16, le=4096)
-    use_chat_template: bool = True
+    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$",
+                      description="the data file in that folder")
+    max_samples: int | None = Field(None, ge=1, description="at most this many solutions")
+    max_new_tokens: int = Field(1024, ge=16, le=4096, description="longest reply, in tokens")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 @register
@@ -156,14 +157,38 @@ class MRGSM8K(Dataset):
                         "error_step": str(row.get("model_output_solution_first_error_step"))}))
         return items
 
-    def score(self, item: Item, prediction: str) -> float:
+    breakdowns = [
+        {"kind": "figures", "key": "mr_score", "title": "MR-Score terms", "rows": [
+            {"key": "overall", "title": "Judgement accuracy",
+             "help": "share of solutions judged correct/wrong as the reference says"},
+            {"key": "mcc", "title": "MCC",
+             "help": "Matthews correlation of the correct/wrong judgements (weight 0.2)"},
+            {"key": "step_accuracy", "title": "First-error-step accuracy",
+             "help": "over the wrong solutions: the first wrong step found (weight 0.3)"},
+            {"key": "mr_score_without_reason", "title": "MR-Score without the reason term",
+             "help": "0.2 x max(0, MCC) + 0.3 x step accuracy; the 0.5 error-reason term "
+                     "needs a judge model and is left out"}]},
+    ]
+    sample_columns = [{"key": "truth", "title": "Solution is", "filter": True},
+                      {"key": "judgement", "title": "Judged"},
+                      {"key": "error_step", "title": "First wrong step"},
+                      {"key": "extracted", "title": "Step named"},
+                      {"key": "step_ok", "title": "Step right", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
         reply = parse_reply(prediction)
         ok = judged(item.reference["correctness"], reply["judgement"])
-        item.fields["judgement_ok"] = ok
-        item.fields["step_ok"] = bool(ok and item.reference["correctness"] == "wrong"
-                                      and step_number(reply["error_step"])
-                                      == item.reference["error_step"])
-        return 1.0 if ok else 0.0
+        step = step_number(reply["error_step"])
+        step_ok = bool(ok and item.reference["correctness"] == "wrong"
+                       and step == item.reference["error_step"])
+        return {"reference": item.reference, "judgement": reply["judgement"],
+                "extracted": step, "judgement_ok": ok, "step_ok": step_ok,
+                "why": (f"judged {reply['judgement'] or '(no Final Judgement)'}, the solution "
+                        f"is {item.reference['correctness']}")}
+
+    def score(self, item: Item, prediction: str) -> float:
+        reply = parse_reply(prediction)
+        return 1.0 if judged(item.reference["correctness"], reply["judgement"]) else 0.0
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
         correct = [(f, v) for f, v in scored if f["truth"] == "correct"]

@@ -118,7 +118,7 @@ class NeedleParams(DatasetParams):
         "essays",
         description="'essays' (bundled original essays), 'noise' (RULER-style repeated "
                     "sentences) or the path of a UTF-8 text file.")
-    max_new_tokens: int = Field(48, ge=1, le=4096)
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="longest reply, in tokens")
     use_chat_template: bool = Field(
         True, description="Wrap the prompt in the tokenizer's chat template when it has one "
                           "(the runner applies it; false feeds the plain text).")
@@ -358,6 +358,17 @@ class NeedleInAHaystack(Dataset):
                                   max_new_tokens=params.max_new_tokens, reference=answer,
                                   fields=fields))
         return items
+
+    breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]
+    sample_columns = [{"key": "context_length", "title": "Context length", "filter": True},
+                      {"key": "depth_percent", "title": "Depth %", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        words = normalize(item.reference).split()
+        found = round(score_answer(prediction, item.reference) * len(words))
+        why = ("the answer is in the reply" if found == len(words) and words else
+               f"{found} of the answer's {len(words)} words are in the reply")
+        return {"reference": item.reference, "why": why}
 
     def score(self, item: Item, prediction: str) -> float:
         return score_answer(prediction, item.reference)

@@ -55,8 +55,9 @@ class LongBenchParams(DatasetParams):
                                  "(default: LBS_DATASETS_DIR/longbench)")
     subsets: list[str] | None = Field(None, description="subsets to run; default: every "
                                       "subset whose file is in the folder")
-    use_e: bool = Field(False, description="LongBench-E files (<subset>_e.jsonl) and length "
-                                           "buckets 0-4k, 4-8k, 8k+")
+    use_e: bool = Field(False, title="LongBench-E",
+                        description="LongBench-E files (<subset>_e.jsonl) and length "
+                                    "buckets 0-4k, 4-8k, 8k+")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subset")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens before "
                                    "middle truncation; default: the model's maximum minus "
@@ -139,6 +140,30 @@ class LongBench(Dataset):
                     fields={"subset": subset, "length": row.get("length"),
                             "_id": row.get("_id")}))
         return items
+
+    breakdowns = [
+        {"kind": "table", "key": "subsets", "title": "By subset",
+         "columns": [{"key": "subset", "title": "Subset"}]},
+        {"kind": "table", "key": "buckets", "title": "By subset and length (LongBench-E buckets)",
+         "columns": [{"key": "subset", "title": "Subset"},
+                     {"key": "bucket", "title": "Length (words)"}]},
+    ]
+    sample_columns = [{"key": "subset", "title": "Subset", "filter": True},
+                      {"key": "length", "title": "Length (words)"},
+                      {"key": "bucket", "title": "Length bucket", "filter": True},
+                      {"key": "metric", "title": "Metric"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        subset = item.fields["subset"]
+        metric = SUBSETS[subset]["metric"]
+        answers = item.reference["answers"]
+        out = {"reference": answers, "metric": metric,
+               "why": f"{metric}: the best over {len(answers)} reference answer(s)"
+                      + (", first line of the reply only" if subset in FIRST_LINE_ONLY
+                         else "")}
+        if item.fields.get("length") is not None:
+            out["bucket"] = length_bucket(int(item.fields["length"]))
+        return out
 
     def score(self, item: Item, prediction: str) -> float:
         subset = item.fields["subset"]
