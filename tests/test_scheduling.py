@@ -159,13 +159,14 @@ def test_memory_estimate_grows_with_context(settings, with_tiny):
     def need(lengths, batch=1):
         p = prepare("builtin:tiny", NIAH, {"context_lengths": lengths, "batch_size": batch},
                     settings)
-        return estimate_job_bytes(p.spec, p.params, p.info.max_length, settings)
+        return estimate_job_bytes(p.spec, p.dataset, p.params, p.info.max_length, settings)
 
     short, long = need([512]), need([512, 8000])
     # tiny: 2 layers, 2 KV heads of 16 dims, hidden 64, MLP 176, float32 on CPU
     per_token = (2 * 2 * 2 * 16 + 4 * 64 + 2 * 176) * 4
     assert long - short == (8000 - 512) * per_token
-    assert need([8000], batch=4) - long == 3 * (8000 + 48) * per_token
+    # and each sequence's last-position logits (vocab 2048, float32)
+    assert need([8000], batch=4) - long == 3 * ((8000 + 48) * per_token + 2048 * 4)
 
 
 def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, with_tiny,

@@ -79,8 +79,8 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
-    memory = estimate_job_bytes(prepared.spec, prepared.params, prepared.info.max_length,
-                                settings)
+    memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
+                                prepared.info.max_length, settings)
     return service.NewJob(model=job.model, dataset=job.dataset, params=params,
                           timeout_s=job.timeout_s, priority=job.priority,
                           submitter=job.submitter or "anonymous",
