@@ -129,9 +129,8 @@ class Worker:
         fraction = self.settings.gpu_memory_limit
         free = sum(int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
                    for g in self.gpus)
-        if self.manager.has_gpu:
-            free += sum(m["size_bytes"] for m in self.manager.status()["models"]
-                        if m["location"] == "gpu" and not m["in_use"])
+        if self.manager.has_gpu:  # lock-free: the heartbeat never waits on a model move
+            free += self.manager.idle_gpu_bytes()
         return free
 
     def _beat(self) -> None:

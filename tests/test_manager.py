@@ -218,3 +218,17 @@ def test_prefetch_restores_next_model_when_it_fits():
     assert not m.prefetch("a", free_gpu_bytes=lambda: 80 * GB)  # already there
     assert not manager().prefetch("a")  # no GPU: nothing to do
 
+
+
+def test_keep_on_gpu_is_asked_outside_the_lock():
+    """keep_on_gpu queries the database: the heartbeat must not wait behind it."""
+    m = manager(gpu=True)
+    held = []
+    a = run_job(m, "a", gpu=True, keep=lambda: held.append(m._lock._is_owned()) or True)
+    assert held == [False] and a.device == "cuda:0"
+
+    def broken():
+        raise RuntimeError("database is locked")
+
+    run_job(m, "b", gpu=True, keep=broken)  # a failed question offloads; nothing stuck
+    assert not any(e["in_use"] for e in m.status()["models"])

@@ -178,13 +178,17 @@ class ModelManager:
         try:
             yield entry.runner
         finally:
+            cached = cache_mode is CacheMode.CACHED and self.config.use_cache
+            # asked before taking the lock: it queries the database, and the heartbeat
+            # and the control thread must not wait on that
+            keep = cached and keep_on_gpu is not None and _asked(keep_on_gpu)
             with self._lock:
                 entry.in_use = False
                 entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
-                if cache_mode is CacheMode.UNCACHED or not self.config.use_cache:
+                if not cached:
                     self._release(entry, "uncached dataset" if self.config.use_cache
                                   else "LBS_USE_MODEL_CACHE=0")
-                elif entry.location is Location.GPU and not (keep_on_gpu and keep_on_gpu()):
+                elif entry.location is Location.GPU and not keep:
                     self._offload(entry, "job finished")
 
     def _acquire(self, key: Hashable, name: str, load: Callable[[], Any],
@@ -279,6 +283,13 @@ class ModelManager:
         return self.config.pinned_budget - used
 
     # --- limits, eviction, pressure --------------------------------------------------
+
+    def idle_gpu_bytes(self) -> int:
+        """Bytes of the models on the GPU that no job uses (the manager offloads them to
+        make room). Read without the lock, so it never waits on a model move: a model
+        being moved counts where it was."""
+        entries = list(self._models.values())  # one C-level copy: safe without the lock
+        return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
 
     def usage(self) -> int:
         with self._lock:
@@ -522,6 +533,14 @@ class ModelManager:
                 "gpu_memory": gpu_memory(), "rss_bytes": rss_bytes(),
                 "events": [e.as_dict() for e in self.events[-20:]],
             }
+
+
+def _asked(question: Callable[[], bool]) -> bool:
+    try:
+        return bool(question())
+    except Exception:  # noqa: BLE001 - a failed "keep it?" must not leave the model in use
+        log.exception("[ModelManager] keep_on_gpu failed; offloading")
+        return False
 
 
 def gpu_memory() -> dict[str, dict[str, float]]:
