@@ -245,12 +245,13 @@ class Worker:
         self.run_job(job.id, job.model, job.dataset, job.params,
                      timeout_s=job.timeout_s or self.settings.job_timeout or None,
                      api=job.api, api_key_encrypted=job.api_key_encrypted,
-                     num_gpus=job.num_gpus)
+                     num_gpus=job.num_gpus, memory_bytes=job.memory_bytes)
         return True
 
     def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
                 timeout_s: float | None = None, api: dict[str, Any] | None = None,
-                api_key_encrypted: str | None = None, num_gpus: int = 1) -> None:
+                api_key_encrypted: str | None = None, num_gpus: int = 1,
+                memory_bytes: int | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
         from backend.evaluation import JobFieldError, prepare, run_evaluation
@@ -263,8 +264,8 @@ class Worker:
         self.cancel_seen.clear()
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         if self.manager.has_gpu:
-            threading.Thread(target=self._prefetch_next, args=(model,), name="prefetch",
-                             daemon=True).start()
+            threading.Thread(target=self._prefetch_next, args=(job_id, model, memory_bytes),
+                             name="prefetch", daemon=True).start()
         try:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
             prepared = prepare(model, dataset, params, self.settings,
@@ -303,15 +304,21 @@ class Worker:
         finally:
             self.current_job = None
 
-    def _prefetch_next(self, current: str) -> None:
+    def _prefetch_next(self, job_id: int, current: str, job_bytes: int | None) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is
-        offloaded here and fits (see ModelManager.prefetch)."""
+        offloaded here and fits (see ModelManager.prefetch). It waits for the running
+        job's model to load first, and leaves room for what that job still allocates
+        (its estimate less its weights)."""
         try:
+            while not self.manager.wait_loaded(current, 1.0):
+                if self.current_job != job_id or self.stopping.is_set():
+                    return  # the job ended (or its load failed) first
             following = next_queued_model(self.factory, self.manager.loaded(),
                                           self.settings.affinity_seconds,
                                           Capacity(self.labels, len(self.gpus)))
-            if following and following != current:
-                self.manager.prefetch(following)
+            if following and following != current and self.current_job == job_id:
+                reserve = max(0, (job_bytes or 0) - self.manager.size_of(current))
+                self.manager.prefetch(following, reserve=reserve)
         except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
             log.exception("[Worker] prefetch failed")
 

@@ -3,6 +3,7 @@ monitor, pressure; with fake runners for the GPU paths and real models for RAM."
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -232,3 +233,38 @@ def test_keep_on_gpu_is_asked_outside_the_lock():
 
     run_job(m, "b", gpu=True, keep=broken)  # a failed question offloads; nothing stuck
     assert not any(e["in_use"] for e in m.status()["models"])
+
+
+def test_prefetch_copies_outside_the_lock_and_leaves_room_for_the_running_job():
+    m = manager(gpu=True)
+
+    class SlowRestore(FakeRunner):
+        go = threading.Event()
+        lock_held: list[bool] = []
+
+        def restore(self):
+            self.lock_held.append(m._lock._is_owned())
+            self.go.wait(10)
+            return super().restore()
+
+    runner = SlowRestore(40 * MB, on_gpu=True)
+    with m.use("a", "a", lambda: runner, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    # 40 MB x 1.2 + 60 MB the running job still allocates > 100 MB free
+    assert not m.prefetch("a", free_gpu_bytes=lambda: 100 * MB, reserve=60 * MB)
+    mover = threading.Thread(target=m.prefetch, args=("a", lambda: 100 * MB, 40 * MB))
+    mover.start()
+    while not runner.lock_held:
+        time.sleep(0.01)
+    try:
+        reader = threading.Thread(target=m.status)
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "status() waited on the copy"
+        with pytest.raises(ModelBusy):  # nothing else moves it meanwhile
+            m.offload("a")
+    finally:
+        SlowRestore.go.set()
+        mover.join(5)
+    assert runner.lock_held == [False], "the copy held the manager's lock"
+    assert runner.device == "cuda:0" and m.events[-1].note == "prefetched for the next queued job"

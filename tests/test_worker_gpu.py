@@ -71,3 +71,36 @@ def test_heartbeat_renews_the_lease_while_an_offload_outlasts_it(factory, monkey
             runner.release.set()
             mover.join(10)
             worker.current_job = None
+
+
+def test_prefetch_waits_for_the_running_jobs_model_and_counts_its_estimate(
+        factory, settings, monkeypatch):
+    from backend.memory import manager as manager_module
+    from backend.worker import Worker
+
+    monkeypatch.setattr(manager_module, "_free_gpu_bytes", lambda: 10 * GB)
+    worker = Worker(settings, worker_id="prefetcher")
+    worker.manager.has_gpu = True
+    following = FakeRunner(2 * GB, on_gpu=True)
+    with worker.manager.use("next", "next", lambda: following, CacheMode.CACHED,
+                            keep_on_gpu=lambda: False):
+        pass
+    assert following.device == "cpu"
+    jobs.submit_jobs(factory, [jobs.NewJob("next", "gsm8k", {})])
+
+    def prefetch_while(job_bytes):
+        worker.current_job = 7
+        thread = threading.Thread(target=worker._prefetch_next, args=(7, "current", job_bytes))
+        thread.start()
+        time.sleep(0.5)  # the running job's model is still loading
+        before = following.restores
+        with worker.manager.use("current", "current", lambda: FakeRunner(GB, on_gpu=True),
+                                CacheMode.UNCACHED):
+            thread.join(10)
+        worker.current_job = None
+        return before, following.restores
+
+    # its estimate 9 GB less its 1 GB of weights leaves 2 GB: 2 GB x 1.2 does not fit
+    assert prefetch_while(9 * GB) == (0, 0)
+    assert prefetch_while(3 * GB) == (0, 1)  # 2 GB left: fits after the load
+    assert following.device == "cuda:0"

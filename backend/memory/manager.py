@@ -133,9 +133,15 @@ class _Entry:
     load_count: int = 1
     pinned: bool = False
     in_use: bool = False
+    moving: bool = False  # a prefetch copies it to the GPU outside the lock
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     last_used_wall: float = field(default_factory=time.time)
+
+    @property
+    def busy(self) -> bool:
+        """In use by a job, or being copied by a prefetch: nothing else may move it."""
+        return self.in_use or self.moving
 
     def held_bytes(self) -> int:
         """RAM and GPU bytes this model holds now (a GPU model may keep a CPU copy)."""
@@ -158,6 +164,7 @@ class ModelManager:
             self.config.pinned_budget = int(total_ram * 0.25)
         self.has_gpu = _cuda_available() if has_gpu is None else has_gpu
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a load or a prefetch ended
         self._models: dict[Hashable, _Entry] = {}
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
@@ -195,6 +202,9 @@ class ModelManager:
                  estimate: int) -> _Entry:
         with self._lock:
             entry = self._models.get(key)
+            while entry is not None and entry.moving:  # a prefetch is bringing it back
+                self._changed.wait()
+                entry = self._models.get(key)
             if entry is not None:
                 if entry.location is Location.CPU and self.has_gpu and entry.runner.movable():
                     self._make_gpu_room(name, entry.size, keep=entry)
@@ -214,6 +224,7 @@ class ModelManager:
         except BaseException:
             with self._lock:
                 self._models.pop(key, None)
+                self._changed.notify_all()
             raise
         with self._lock:
             placeholder.runner = runner
@@ -224,7 +235,17 @@ class ModelManager:
             placeholder.load_count = self.load_counts[key]
             self._event("load", name, started, before, placeholder.size)
             self.tracker.checkpoint(f"load {name}")
+            self._changed.notify_all()
             return placeholder
+
+    def wait_loaded(self, name: str, timeout: float) -> bool:
+        """Wait until a model called `name` is held and no longer loading; False when
+        `timeout` seconds passed first (its load may have failed)."""
+        def ready() -> bool:
+            return any(e.name == name and e.location is not Location.LOADING
+                       for e in self._models.values())
+        with self._lock:
+            return self._changed.wait_for(ready, timeout)
 
     # --- moves ---------------------------------------------------------------------
 
@@ -291,13 +312,17 @@ class ModelManager:
         entries = list(self._models.values())  # one C-level copy: safe without the lock
         return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
 
+    def size_of(self, name: str) -> int:
+        """Bytes of the weights of the models called `name` held here (0 if none)."""
+        return sum(e.size for e in list(self._models.values()) if e.name == name)
+
     def usage(self) -> int:
         with self._lock:
             return sum(e.held_bytes() for e in self._models.values())
 
     def _lru_candidates(self) -> list[_Entry]:
         free = [e for e in self._models.values()
-                if not e.pinned and not e.in_use and e.location is not Location.LOADING]
+                if not e.pinned and not e.busy and e.location is not Location.LOADING]
         return sorted(free, key=lambda e: e.last_used)
 
     def _make_room(self, name: str, needed: int) -> None:
@@ -332,24 +357,39 @@ class ModelManager:
                 break
             self._offload(victim, f"GPU cap: making room for {name}")
 
-    def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None) -> bool:
+    def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None,
+                 reserve: int = 0) -> bool:
         """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits
-        both the GPU cap and the free GPU memory with a 20% margin. Returns whether it
-        did; the worker calls it from a thread while the current job runs."""
+        both the GPU cap and the free GPU memory, less `reserve` bytes (what the running
+        job will still allocate: its KV cache and activations), with a 20% margin.
+        Returns whether it did. The worker calls it from a thread once the running job's
+        model has loaded; the copy runs outside the lock (a job that wants the model
+        meanwhile waits for it; commands answer busy)."""
         with self._lock:
             if not self.has_gpu:
                 return False
             entry = next((e for e in self._models.values() if e.name == name), None)
-            if entry is None or entry.location is not Location.CPU or entry.in_use:
+            if entry is None or entry.location is not Location.CPU or entry.in_use \
+                    or entry.moving:
                 return False
             cap = self.config.gpu_cap_bytes
             on_gpu = sum(e.size for e in self._models.values() if e.location is Location.GPU)
             free = (free_gpu_bytes or _free_gpu_bytes)()
-            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 > free:
+            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 + reserve > free:
                 return False
-            self._restore(entry)
+            entry.moving = True
+        before, started = rss_bytes(), time.perf_counter()
+        try:
+            moved = entry.runner.restore()
+        finally:
+            with self._lock:
+                entry.moving = False
+                self._changed.notify_all()
+        with self._lock:
+            entry.location = Location.GPU
             entry.last_used = time.monotonic()  # so the idle monitor does not undo it
-            self.events[-1].note = "prefetched for the next queued job"
+            self._event("restore", entry.name, started, before, moved,
+                        "prefetched for the next queued job")
             return True
 
     def pressure(self) -> dict[str, Any]:
@@ -399,7 +439,7 @@ class ModelManager:
                 return []
             done = []
             for entry in self._named(name):
-                if entry.in_use:
+                if entry.busy:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 event = self._offload(entry, "requested")
                 if event:
@@ -411,7 +451,7 @@ class ModelManager:
         with self._lock:
             done = []
             for entry in self._named(name):
-                if entry.in_use:
+                if entry.busy:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 if entry.pinned and not include_pinned:
                     continue
@@ -421,7 +461,7 @@ class ModelManager:
     def release_all(self) -> None:
         with self._lock:
             for entry in list(self._models.values()):
-                if not entry.in_use:
+                if not entry.busy:
                     self._release(entry, "worker stopping")
 
     def set_pinned(self, name: str, pinned: bool) -> None:
@@ -467,7 +507,7 @@ class ModelManager:
         now = time.monotonic() if now is None else now
         with self._lock:
             for entry in list(self._models.values()):
-                if entry.in_use or entry.location is Location.LOADING:
+                if entry.busy or entry.location is Location.LOADING:
                     continue
                 idle = now - entry.last_used
                 if entry.location is Location.GPU and idle > self.config.idle_timeout:
