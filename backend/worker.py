@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from backend.config import (
     Settings,
@@ -42,6 +43,7 @@ from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
+    give_back_job,
     mark_lost_workers,
     next_queued_model,
     record_sample,
@@ -58,6 +60,9 @@ from backend.notify import WorkWaiter
 from backend.scheduling import Capacity
 
 log = logging.getLogger(__name__)
+
+EXIT_CUDA_ERROR = 3
+"""Exit status of a worker whose CUDA context broke; the server's pool starts a fresh one."""
 
 
 class _DbSink:
@@ -111,6 +116,8 @@ class Worker:
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
+        self.cuda_broken: str | None = None
+        """The CUDA error that made this process's context unusable (then it exits)."""
         self._heartbeat: threading.Thread | None = None
         self._control: threading.Thread | None = None
 
@@ -299,10 +306,31 @@ class Worker:
                 SecretUnreadable) as exc:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+            from backend.evaluation import is_cuda_failure
+
+            if is_cuda_failure(exc):
+                self._give_back_after_cuda_error(job_id, exc)
+                return
             log.exception("[Worker] job %d failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
+
+    def _give_back_after_cuda_error(self, job_id: int, exc: BaseException) -> None:
+        """After a CUDA error nothing more can run in this process: give the job back
+        (counted as an attempt, see jobs.give_back_job) and stop, so that the server's
+        pool starts a fresh worker with a fresh CUDA context."""
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.error("[Worker] job %d hit a CUDA error; this worker's CUDA context is unusable, "
+                  "so it gives the job back and exits: %s", job_id, error, exc_info=exc)
+        self.cuda_broken = error
+        self.stopping.set()
+        try:
+            state = give_back_job(self.factory, job_id, self.id, error,
+                                  self.settings.max_attempts)
+            log.info("[Worker] job %d is %s", job_id, state.value)
+        except LeaseLost as lost:
+            log.warning("[Worker] %s", lost)
 
     def _prefetch_next(self, job_id: int, current: str, job_bytes: int | None) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is
@@ -341,19 +369,37 @@ class Worker:
                 timeout = min(timeout, expiry + 0.05)
         self.waiter.wait(self.settings.poll_interval, timeout, self.stopping)
 
-    def run_forever(self) -> None:
+    def run_forever(self) -> int:
+        """Claim and run jobs until stopped; the process's exit status (EXIT_CUDA_ERROR
+        after a CUDA error, else 0). A database error while claiming is logged and
+        retried with exponential backoff (0.5 s doubling to 30 s)."""
         self.start()
+        failures = 0
         try:
             while not self.stopping.is_set():
-                self.waiter.mark()
-                if not self.run_once():
-                    self.wait_for_work()
+                try:
+                    self.waiter.mark()
+                    ran = self.run_once()
+                    if not ran:
+                        self.wait_for_work()
+                    failures = 0
+                except SQLAlchemyError:
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                    log.exception("[Worker] database error between jobs; retrying in %.1f s",
+                                  delay)
+                    self.stopping.wait(delay)
         finally:
             self.waiter.close()
             self.manager.stop_monitor()
-            self.manager.release_all()
-            worker_heartbeat(self.factory, self.id, state="stopped")
+            if self.cuda_broken is None:  # a broken context cannot free anything: exit does
+                self.manager.release_all()
+            try:
+                worker_heartbeat(self.factory, self.id, state="stopped")
+            except SQLAlchemyError:
+                log.exception("[Worker] could not mark this worker stopped")
             log.info("[Worker] %s stopped", self.id)
+        return EXIT_CUDA_ERROR if self.cuda_broken else 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -463,8 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(settings, worker_id=args.id)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    worker.run_forever()
-    return 0
+    return worker.run_forever()
 
 
 if __name__ == "__main__":
