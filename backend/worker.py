@@ -128,17 +128,21 @@ class Worker:
         return Capacity(labels=self.labels, gpu_count=len(self.gpus),
                         free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None)
 
-    def free_gpu_bytes(self) -> int:
-        """GPU memory a job may use here now: each GPU's free memory, under
-        LBS_GPU_MEMORY_LIMIT × its total, plus what this worker's idle models hold on
-        the GPU (the model manager makes room by offloading them)."""
+    def free_gpu_bytes(self) -> tuple[int, ...]:
+        """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
+        under LBS_GPU_MEMORY_LIMIT × its total; the first GPU also counts what this
+        worker's idle models hold there (the model manager makes room by offloading
+        them; a movable model lives on the first GPU). Also notes each GPU's figure as
+        `available_bytes` in `self.gpus`, which the heartbeat stores."""
         self.gpus = detect_gpus(self.settings) or self.gpus
         fraction = self.settings.gpu_memory_limit
-        free = sum(int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
-                   for g in self.gpus)
-        if self.manager.has_gpu:  # lock-free: the heartbeat never waits on a model move
-            free += self.manager.idle_gpu_bytes()
-        return free
+        free = [int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
+                for g in self.gpus]
+        if self.manager.has_gpu and free:  # lock-free: never waits on a model move
+            free[0] += self.manager.idle_gpu_bytes()
+        for gpu, available in zip(self.gpus, free, strict=True):
+            gpu["available_bytes"] = available
+        return tuple(free)
 
     def _beat(self) -> None:
         interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
@@ -151,7 +155,8 @@ class Worker:
                         self.cancel_seen.set()
                 if self.gpus:
                     free = self.free_gpu_bytes()
-                    worker_heartbeat(self.factory, self.id, gpus=self.gpus, gpu_free_bytes=free)
+                    worker_heartbeat(self.factory, self.id, gpus=self.gpus,
+                                     gpu_free_bytes=sum(free))
                 else:
                     worker_heartbeat(self.factory, self.id)
                 if time.monotonic() - last_sweep >= 10.0:
@@ -167,9 +172,10 @@ class Worker:
                 log.exception("[Worker] heartbeat failed; retrying")
 
     def start(self) -> None:
+        free = self.free_gpu_bytes() if self.gpus else None
         register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
                         labels=self.labels, gpus=self.gpus,
-                        gpu_free_bytes=self.free_gpu_bytes() if self.gpus else None)
+                        gpu_free_bytes=sum(free) if free is not None else None)
         self.publish_status()
         self.manager.start_monitor()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -407,9 +413,9 @@ class Worker:
 
 def _choose_gpu(settings: Settings) -> str | None:
     """Without CUDA_VISIBLE_DEVICES on a machine with several GPUs, take the one with
-    the most free memory that no live worker of this database holds."""
-    import re
-
+    the most free memory that no live worker on this host holds (every GPU of a
+    worker that holds several; workers of other hosts sharing the database hold
+    GPUs of their own machines)."""
     from backend.db import utcnow
     from backend.jobs import list_workers
     from backend.memory.gpu import pick_free_gpu, visible_gpu_count
@@ -417,10 +423,10 @@ def _choose_gpu(settings: Settings) -> str | None:
 
     if settings.cuda_visible_devices is not None or visible_gpu_count(None) < 2:
         return None
-    now = utcnow()
-    taken = {m.group(1) for w in list_workers(session_factory(settings.database_url))
-             if is_alive(w, now, settings.lease_seconds)
-             and (m := re.match(r"cuda:(\d+)", w.device))}
+    now, host = utcnow(), socket.gethostname()
+    taken = {str(g["index"]) for w in list_workers(session_factory(settings.database_url))
+             if w.host == host and is_alive(w, now, settings.lease_seconds)
+             for g in (w.gpus or []) if not g.get("simulated")}
     choice = pick_free_gpu(taken)
     if choice is not None:
         select_cuda_device(choice)

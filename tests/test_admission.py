@@ -136,7 +136,7 @@ def test_gsm8k_on_llama_8b_is_admitted_on_a_24gb_card(model, data, settings, fac
                      settings)
     assert need < 15.2 * 2**30  # weights 14.96 GiB and a 702-token sequence
     (job,) = jobs.submit_jobs(factory, [jobs.NewJob("llama", "gsm8k", {}, memory_bytes=need)])
-    card = Capacity(gpu_count=1, free_gpu_bytes=24 * 10**9 - 2**29)  # less CUDA's context
+    card = Capacity(gpu_count=1, free_gpu_bytes=(24 * 10**9 - 2**29,))  # less CUDA context
     claimed = jobs.claim_job(factory, "w", 60, 3, capacity=card)
     assert claimed is not None and claimed.id == job.id
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 
@@ -104,3 +105,116 @@ def test_prefetch_waits_for_the_running_jobs_model_and_counts_its_estimate(
     assert prefetch_while(9 * GB) == (0, 0)
     assert prefetch_while(3 * GB) == (0, 1)  # 2 GB left: fits after the load
     assert following.device == "cuda:0"
+
+
+class FakeNVML:
+    """pynvml's functions used here, over pretend GPUs: (total, free, used, processes),
+    processes as (pid, usedGpuMemory) pairs (None where the driver does not say)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus):
+        self.gpus = gpus
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return "Fake GPU"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        total, free, used, _ = self.gpus[handle]
+        return SimpleNamespace(total=total, free=free, used=used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used)
+                for pid, used in self.gpus[handle][3]]
+
+
+def test_a_one_gpu_job_is_admitted_against_its_own_gpu_not_the_sum(factory):
+    from backend.scheduling import Capacity
+
+    (one,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
+    two_cards = Capacity(gpu_count=2, free_gpu_bytes=(10 * GB, 10 * GB))
+    assert jobs.claim_job(factory, "w", 60, 3, capacity=two_cards) is None  # fits only 10+10
+    (two,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB,
+                                                    num_gpus=2)])
+    assert jobs.claim_job(factory, "w", 60, 3, capacity=two_cards).id == two.id
+    roomy_first = Capacity(gpu_count=2, free_gpu_bytes=(16 * GB, 1 * GB))
+    assert jobs.claim_job(factory, "w", 60, 3, capacity=roomy_first).id == one.id
+
+
+def test_waiting_reason_counts_the_gpus_the_job_uses(factory):
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
+    gpus = [{"index": i, "name": "g", "total_bytes": 10 * GB, "free_bytes": 10 * GB,
+             "available_bytes": 10 * GB} for i in range(2)]
+    jobs.register_worker(factory, "w", "host", 1, "cuda:0,1", gpus=gpus,
+                         gpu_free_bytes=20 * GB)
+    reason = jobs.waiting_reasons(factory, [jobs.get_job(factory, job.id)], 60)[job.id]
+    assert "needs about 15.0 GiB" in reason and "has free is 10.0 GiB" in reason
+
+
+def test_manager_gpu_cap_is_a_share_of_the_first_gpu(monkeypatch):
+    import torch
+
+    from backend.memory.manager import ManagerConfig
+
+    sizes = [24 * GB, 80 * GB]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(sizes))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=sizes[i]))
+    settings = SimpleNamespace(max_memory_usage=0, gpu_memory_limit=0.5, gpu_idle_timeout=1,
+                               release_timeout=1, memory_check_interval=1,
+                               auto_cleanup_enabled=True, pressure_ratio=0.8,
+                               min_available_gb=1, pinned_memory_budget=0,
+                               use_model_cache=True)
+    assert ManagerConfig.from_settings(settings).gpu_cap_bytes == 12 * GB  # not 52 GiB
+
+
+def test_nvml_indices_are_cuda_indices(monkeypatch, settings):
+    import os
+
+    from backend.config import apply_allocator_settings, select_cuda_device
+
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # CUDA's default order
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    apply_allocator_settings(settings)
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    select_cuda_device("1")
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_free_gpu_choice_skips_every_gpu_of_this_hosts_workers_only(factory, settings,
+                                                                     monkeypatch):
+    import socket
+    import sys
+
+    from backend import worker as worker_module
+
+    nvml = FakeNVML([(80 * GB, 10 * GB, 0, []), (80 * GB, 80 * GB, 0, []),
+                     (80 * GB, 40 * GB, 0, [])])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    chosen = []
+    monkeypatch.setattr(worker_module, "select_cuda_device", chosen.append)
+
+    def gpu(i):
+        return {"index": i, "name": "Fake GPU", "total_bytes": 80 * GB, "free_bytes": 0}
+
+    # here: a worker holding GPUs 0 and 1; on another machine: one holding its GPU 2
+    jobs.register_worker(factory, "here", socket.gethostname(), 1, "cuda:0,1 (Fake GPU)",
+                         gpus=[gpu(0), gpu(1)])
+    jobs.register_worker(factory, "there", "other-host", 1, "cuda:2 (Fake GPU)",
+                         gpus=[gpu(2)])
+    assert worker_module._choose_gpu(settings) == "2" and chosen == ["2"]

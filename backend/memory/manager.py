@@ -86,7 +86,7 @@ class ManagerConfig:
     min_available_bytes: int = 2 * GB
     pinned_budget: int = 0  # 0 = 25% of RAM
     use_cache: bool = True
-    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x GPU total; 0 = no cap
+    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x the first GPU's total; 0 = no cap
 
     @classmethod
     def from_settings(cls, settings: Any) -> ManagerConfig:
@@ -605,13 +605,16 @@ def _cuda_available() -> bool:
 
 
 def _gpu_cap(fraction: float) -> int:
+    """The cap on the models the manager keeps on the GPU: the limit's share of the
+    first GPU, where a movable (single-device) model lives and where the loader caps
+    it (memory/limits.py); not of every GPU together, which would let models pile up
+    on the first GPU beyond its own cap."""
     import sys
 
     torch = sys.modules.get("torch")
     if fraction <= 0 or torch is None or not torch.cuda.is_available():
         return 0
-    return int(fraction * sum(torch.cuda.get_device_properties(i).total_memory
-                              for i in range(torch.cuda.device_count())))
+    return int(fraction * torch.cuda.get_device_properties(0).total_memory)
 
 
 def _free_gpu_bytes() -> int:
