@@ -400,8 +400,7 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     for device, peaks in cuda.job_peaks().items():
         memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
-    if cuda.nvml_peak is not None:  # sampled at sample boundaries, CUDA context included
-        memory.append(("cuda_nvml_process_used", "cuda:all", cuda.nvml_peak))
+    memory += cuda.nvml_readings()
     if methods == [None]:
         scores = job.dataset.aggregate([results[i] for i in sorted(results)])
     else:

@@ -172,6 +172,11 @@ class Worker:
                 log.exception("[Worker] heartbeat failed; retrying")
 
     def start(self) -> None:
+        if self.gpus and not self.gpus[0].get("simulated"):
+            from backend.memory.gpu import take_device_baseline
+
+            # before any model loads: what the GPUs hold without this worker
+            take_device_baseline([g["index"] for g in self.gpus])
         free = self.free_gpu_bytes() if self.gpus else None
         register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
                         labels=self.labels, gpus=self.gpus,

@@ -218,3 +218,60 @@ def test_free_gpu_choice_skips_every_gpu_of_this_hosts_workers_only(factory, set
     jobs.register_worker(factory, "there", "other-host", 1, "cuda:2 (Fake GPU)",
                          gpus=[gpu(2)])
     assert worker_module._choose_gpu(settings) == "2" and chosen == ["2"]
+
+
+def test_nvml_in_a_pid_namespace_reports_unknown_and_device_use_since_start(monkeypatch):
+    """In a container the driver lists host PIDs: none is os.getpid()."""
+    import os
+    import sys
+
+    from backend.memory import gpu
+
+    foreign = [(os.getpid() + 1000, 3 * GB), (os.getpid() + 2000, GB)]
+    nvml = FakeNVML([(80 * GB, 75 * GB, 5 * GB, foreign)])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert gpu.process_gpu_bytes(os.getpid()) is None  # unknown, not 0
+    nvml.gpus[0] = (80 * GB, 75 * GB, 5 * GB, [(os.getpid(), None)])  # listed, no figure
+    assert gpu.process_gpu_bytes(os.getpid()) is None
+    nvml.gpus[0] = (80 * GB, 75 * GB, 5 * GB, [(os.getpid(), 2 * GB)] + foreign)
+    assert gpu.process_gpu_bytes(os.getpid()) == 2 * GB
+    monkeypatch.setattr(gpu, "_baseline", {})
+    assert gpu.device_used_since_baseline() is None  # no baseline taken
+    gpu.take_device_baseline([0])  # worker start: 5 GB used by others
+    nvml.gpus[0] = (80 * GB, 71 * GB, 9 * GB, foreign)
+    assert gpu.device_used_since_baseline() == 4 * GB
+
+
+def test_cuda_peaks_store_unknown_process_use_and_the_device_fallback(monkeypatch, factory):
+    import os
+    import sys
+
+    import torch
+
+    from backend.api.schemas import memory_dict
+    from backend.db import JobState
+    from backend.memory import gpu
+    from backend.memory.tracker import CudaPeaks
+
+    nvml = FakeNVML([(80 * GB, 75 * GB, 5 * GB, [(os.getpid() + 1000, 5 * GB)])])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(gpu, "_baseline", {})
+    gpu.take_device_baseline([0])
+    for name, value in [("is_available", lambda: True), ("device_count", lambda: 1),
+                        ("max_memory_allocated", lambda i: GB),
+                        ("max_memory_reserved", lambda i: GB),
+                        ("reset_peak_memory_stats", lambda i: None)]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    peaks = CudaPeaks()
+    nvml.gpus[0] = (80 * GB, 73 * GB, 7 * GB, [(os.getpid() + 1000, 7 * GB)])
+    peaks.new_window()
+    readings = peaks.nvml_readings()
+    assert readings == [("cuda_nvml_process_used", "cuda:all", None),
+                        ("cuda_nvml_device_used", "cuda:all", 2 * GB)]
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {})])
+    jobs.claim_job(factory, "w", 60, 3)
+    jobs.finish_job(factory, job.id, "w", JobState.SUCCEEDED, memory=readings)
+    stored = jobs.get_job(factory, job.id).memory_peaks
+    shown = memory_dict([(m.name, m.device, m.bytes) for m in stored])["gpu"]["cuda:all"]
+    assert shown["nvml_process_used_bytes"] is None  # null in the API: unknown
+    assert shown["nvml_device_used_bytes"] == 2 * GB
