@@ -268,3 +268,79 @@ def test_prefetch_copies_outside_the_lock_and_leaves_room_for_the_running_job():
         mover.join(5)
     assert runner.lock_held == [False], "the copy held the manager's lock"
     assert runner.device == "cuda:0" and m.events[-1].note == "prefetched for the next queued job"
+
+
+class PinnedHost:
+    """torch's caching host allocator as the manager meets it: every pinned block is
+    rounded up to a power of two (ATen/core/CachingHostAllocator.h, PowerOf2Ceil);
+    `fail` makes pinning fail as cudaHostAlloc does when the host is out of it."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.pinned = 0
+
+    def pin(self, nbytes):
+        if self.fail:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        self.pinned += 1 << (nbytes - 1).bit_length()
+
+
+class PinningRunner(FakeRunner):
+    """A model of several weights whose offload pins each one through `host`."""
+
+    def __init__(self, weights, host):
+        super().__init__(sum(weights), on_gpu=True)
+        self.weights, self.host = weights, host
+
+    def pinned_bytes(self):
+        from backend.runners.hf import pinned_block_bytes
+
+        return sum(pinned_block_bytes(w) for w in self.weights)
+
+    def offload(self, pin):
+        if pin:
+            for w in self.weights:
+                self.host.pin(w)
+        return super().offload(pin)
+
+
+def test_pinned_budget_counts_what_the_host_allocator_rounds_to():
+    weights = [22 * MB, 3 * MB]  # 25 MB of weights take 32 + 4 = 36 MB pinned
+    host = PinnedHost()
+    m = manager(gpu=True, pinned_budget=30 * MB)
+    a = PinningRunner(weights, host)
+    with m.use("a", "a", lambda: a, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert not a.host_pinned and host.pinned == 0  # 36 MB would pass the 30 MB budget
+    assert "pageable" in m.events[-1].note
+    m2 = manager(gpu=True, pinned_budget=40 * MB)
+    b = PinningRunner(weights, host)
+    with m2.use("b", "b", lambda: b, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert b.host_pinned and host.pinned == 36 * MB
+    c = PinningRunner([5 * MB], host)  # pins 8 MB: 36 + 8 would pass 40 MB, pageable
+    with m2.use("c", "c", lambda: c, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert not c.host_pinned
+
+
+def test_a_failed_pin_falls_back_to_pageable_memory_and_the_job_ends_well():
+    m = manager(gpu=True, pinned_budget=GB)
+    a = PinningRunner([22 * MB], PinnedHost(fail=True))
+    with m.use("a", "a", lambda: a, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass  # the job's samples are done: its end must not fail
+    assert a.device == "cpu" and not a.host_pinned
+    assert "pinning failed" in m.events[-1].note and m.status()["models"][0]["location"] == "cpu"
+
+
+def test_hf_runner_counts_its_pinned_blocks(with_tiny, settings):
+    from backend.runners.hf import HFRunner, LoadOptions, pinned_block_bytes
+    from backend.runners.models import resolve_model
+
+    assert [pinned_block_bytes(n) for n in (1, 4096, 22 * MB, 32 * MB, 32 * MB + 1)] == \
+        [1, 4096, 32 * MB, 32 * MB, 64 * MB]
+    runner = HFRunner.load(resolve_model("builtin:tiny", settings),
+                           LoadOptions("float32", False, 0.0), settings)
+    sizes = [t.numel() * t.element_size() for _, t in runner._tensors()]
+    assert runner.pinned_bytes() == sum(1 << (s - 1).bit_length() for s in sizes)
+    assert runner.pinned_bytes() > runner.size_bytes()

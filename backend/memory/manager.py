@@ -255,12 +255,22 @@ class ModelManager:
         if not (hasattr(entry.runner, "movable") and entry.runner.movable()):
             return self._release(entry, f"{why}; a device-mapped model is released, not moved")
         before, started = rss_bytes(), time.perf_counter()
-        pin = entry.size <= self._pinned_room(entry)
-        copied = entry.runner.offload(pin=pin)
+        pin = _pinned_bytes(entry) <= self._pinned_room(entry)
+        how = "pinned" if pin else "pageable"
+        try:
+            copied = entry.runner.offload(pin=pin)
+        except Exception as exc:  # noqa: BLE001 - cudaHostAlloc refused: pageable will do
+            if not pin:
+                raise
+            log.warning("[ModelManager] pinning %s's host copy failed (%s); using pageable "
+                        "memory", entry.name, exc)
+            _empty_cuda_cache()  # the blocks pinned before the failure
+            copied = entry.runner.offload(pin=False)
+            how = f"pageable (pinning failed: {exc})"
         entry.location = Location.CPU
         _empty_cuda_cache()
         return self._event("offload", entry.name, started, before, copied,
-                           f"{why}; host copy {'pinned' if pin else 'pageable'}")
+                           f"{why}; host copy {how}")
 
     def _restore(self, entry: _Entry) -> ModelEvent:
         before, started = rss_bytes(), time.perf_counter()
@@ -299,7 +309,7 @@ class ModelManager:
         return event
 
     def _pinned_room(self, entry: _Entry) -> int:
-        used = sum(e.size for e in self._models.values()
+        used = sum(_pinned_bytes(e) for e in self._models.values()
                    if e is not entry and getattr(e.runner, "host_pinned", False))
         return self.config.pinned_budget - used
 
@@ -573,6 +583,13 @@ class ModelManager:
                 "gpu_memory": gpu_memory(), "rss_bytes": rss_bytes(),
                 "events": [e.as_dict() for e in self.events[-20:]],
             }
+
+
+def _pinned_bytes(entry: _Entry) -> int:
+    """Pinned host memory the model's copy takes: what the host allocator rounds its
+    blocks to when the runner says (HFRunner.pinned_bytes), else its size."""
+    runner = entry.runner
+    return runner.pinned_bytes() if hasattr(runner, "pinned_bytes") else entry.size
 
 
 def _asked(question: Callable[[], bool]) -> bool:
