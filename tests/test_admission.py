@@ -184,3 +184,44 @@ def test_niah_estimate_counts_eager_scores(name, model, settings):
     assert eager - sdpa == heads * tokens * tokens * 8
     assert eager - sdpa == {"llama-3.1-8b": 16_581_197_824, "mistral-7b": 16_581_197_824,
                             "qwen2.5-7b": 14_508_548_096}[name]
+
+
+FIXTURES = [
+    ("gsm8k", {"data_dir": "gsm8k", "shots": 2}),
+    ("ceval", {"data_dir": "ceval", "shots": 2}),
+    ("ceval", {"data_dir": "ceval", "method": "generate"}),
+    ("mr_gsm8k", {"data_dir": "mr_gsm8k"}),
+    ("longbench", {"data_dir": "longbench", "max_length": 300}),
+    ("longbench_v2", {"data_dir": "longbench_v2", "max_length": 300}),
+    ("longbench_v2", {"data_dir": "longbench_v2", "max_length": 300, "cot": True}),
+    ("needle_in_haystack", {"context_lengths": [600, 900], "depth_percents": [50]}),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(tmp_path_factory):
+    from backend.config import load_settings
+    from backend.runners.builtin import ensure_builtin_model
+    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import resolve_model
+
+    data = tmp_path_factory.mktemp("tiny")
+    ensure_builtin_model(data, "tiny")
+    settings = load_settings(overrides={"LBS_DATA_DIR": str(data)})
+    return HFRunner.load(resolve_model("builtin:tiny", settings),
+                         LoadOptions("float32", False, 0.0), settings)
+
+
+@pytest.mark.parametrize("dataset, params", FIXTURES)
+def test_declared_longest_sequence_bounds_the_real_prompts(dataset, params, tiny_runner):
+    """With a real tokenizer, no item is longer than what the dataset declares."""
+    from tests.conftest import ROOT
+
+    if "data_dir" in params:
+        params = {**params, "data_dir": str(ROOT / "tests" / "fixtures" / params["data_dir"])}
+    ds = get_dataset(dataset)
+    parsed = ds.parse_params(params)
+    items = ds.build_items(parsed, tiny_runner)
+    longest = max(i.prompt_tokens + (1 if i.choices else i.max_new_tokens) for i in items)
+    declared = ds.longest_sequence(parsed, tiny_runner.max_length)
+    assert longest <= declared < tiny_runner.max_length

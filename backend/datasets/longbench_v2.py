@@ -94,11 +94,13 @@ class LongBenchV2(Dataset):
 
     def longest_sequence(self, params: LongBenchV2Params, model_max: int | None) -> int | None:
         """The prompt budget (max_length, else the model's maximum less the answer and
-        TEMPLATE_SLACK) plus TEMPLATE_SLACK and the answer (1024 tokens with cot, else
-        128); the second turn of cot is a short prompt. None when neither is known."""
+        TEMPLATE_SLACK) plus TEMPLATE_SLACK and the answer: 128 tokens, or with cot
+        the 1024-token reasoning and the answer turn's 128 (its prompt holds the
+        question, within the first budget, and the reasoning). None when neither
+        is known."""
         if params.max_length is None:
             return model_max
-        tokens = params.max_length + TEMPLATE_SLACK + (1024 if params.cot else 128)
+        tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
         return min(tokens, model_max) if model_max else tokens
 
     def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:
