@@ -222,6 +222,7 @@ class Worker:
         try:
             if command == "offload":
                 if not m.has_gpu:
+                    m.offload(model)  # nothing to move; raises UnknownModel for a wrong name
                     return {"offloaded": [], "has_gpu": False,
                             "message": "this worker has no GPU: models stay in RAM"}, None
                 return {"offloaded": m.offload(model), "has_gpu": True}, None

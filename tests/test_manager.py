@@ -170,6 +170,8 @@ def test_no_gpu_offload_is_a_clear_noop():
     m = manager()
     run_job(m, "a")
     assert m.offload() == [] and m.loaded() == ["a"]
+    with pytest.raises(UnknownModel, match="'nope' is not loaded"):  # not a silent no-op
+        m.offload("nope")
 
 
 def test_release_of_real_model_returns_rss(settings, with_tiny):

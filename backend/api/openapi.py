@@ -69,7 +69,7 @@ def build_spec() -> dict[str, Any]:
     submit_body = {"oneOf": [_ref(JobRequest), _ref(JobBatchRequest)]}
     submit = _response("the queued job(s)", {"job": _ref(JobOut),
                                              "jobs": {"type": "array", "items": _ref(JobOut)}},
-                       (400, 413, 422))
+                       (400, 403, 413, 422))
     submit["201"] = submit.pop("200")
     paths = {
         "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},

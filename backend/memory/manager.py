@@ -443,12 +443,14 @@ class ModelManager:
         return entries
 
     def offload(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Offload one model (or every GPU model) to CPU RAM; a model in use is refused."""
+        """Offload one model (or every GPU model) to CPU RAM; a model in use is refused,
+        one this manager does not hold raises UnknownModel (also without a GPU)."""
         with self._lock:
+            entries = self._named(name)
             if not self.has_gpu:
                 return []
             done = []
-            for entry in self._named(name):
+            for entry in entries:
                 if entry.busy:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 event = self._offload(entry, "requested")
