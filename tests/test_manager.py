@@ -346,3 +346,12 @@ def test_hf_runner_counts_its_pinned_blocks(with_tiny, settings):
     sizes = [t.numel() * t.element_size() for _, t in runner._tensors()]
     assert runner.pinned_bytes() == sum(1 << (s - 1).bit_length() for s in sizes)
     assert runner.pinned_bytes() > runner.size_bytes()
+
+
+def test_wait_loaded_waits_for_a_job_to_hold_its_model_where_it_runs():
+    m = manager(gpu=True)
+    a = run_job(m, "a", gpu=True, keep=lambda: False)  # offloaded: held in RAM
+    assert not m.wait_loaded("a", 0.05)  # no job has it yet: not restored
+    with m.use("a", "a", lambda: None, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        assert m.wait_loaded("a", 0.05) and a.device == "cuda:0"
+    assert not m.wait_loaded("b", 0.05)

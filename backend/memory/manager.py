@@ -211,6 +211,7 @@ class ModelManager:
                     self._restore(entry)
                 entry.in_use = True
                 entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
+                self._changed.notify_all()
                 return entry
             self._make_room(name, estimate)
             if self.has_gpu:
@@ -239,10 +240,11 @@ class ModelManager:
             return placeholder
 
     def wait_loaded(self, name: str, timeout: float) -> bool:
-        """Wait until a model called `name` is held and no longer loading; False when
-        `timeout` seconds passed first (its load may have failed)."""
+        """Wait until a job holds a model called `name`, loaded (or restored) where it
+        runs; False when `timeout` seconds passed first (its load may have failed, or
+        the job ended)."""
         def ready() -> bool:
-            return any(e.name == name and e.location is not Location.LOADING
+            return any(e.name == name and e.in_use and e.location is not Location.LOADING
                        for e in self._models.values())
         with self._lock:
             return self._changed.wait_for(ready, timeout)
