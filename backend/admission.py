@@ -26,7 +26,7 @@ import json
 from typing import Any
 
 from backend.config import Settings
-from backend.datasets.base import Dataset, DatasetParams
+from backend.datasets.base import Dataset, DatasetParams, ParamError
 from backend.runners import builtin
 from backend.runners.models import ModelSpec, estimate_model_bytes
 
@@ -50,12 +50,17 @@ def _architecture(spec: ModelSpec) -> dict[str, Any] | None:
 def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
                        model_max: int | None, settings: Settings) -> int | None:
     """Estimated GPU bytes of a job (see the module docstring); None when the model's
-    size is unknown (a hub model not downloaded yet), which admits it anywhere."""
+    size is unknown (a hub model not downloaded yet), which admits it anywhere.
+    Raises ParamError when the dataset's files cannot be read for their lengths."""
     weights = estimate_model_bytes(spec, settings.torch_dtype)
     if not weights:
         return None
     arch = _architecture(spec)
-    tokens = dataset.longest_sequence(params, model_max)
+    try:
+        tokens = dataset.longest_sequence(params, model_max)
+    except (KeyError, TypeError, AttributeError) as exc:  # a record without a field it reads
+        raise ParamError("data_dir", f"the {dataset.name} data has a record without the "
+                                     f"field {exc}") from None
     if not arch or not tokens:
         return weights
     dtype = settings.torch_dtype if settings.torch_dtype != "auto" else \

@@ -225,3 +225,19 @@ def test_declared_longest_sequence_bounds_the_real_prompts(dataset, params, tiny
     longest = max(i.prompt_tokens + (1 if i.choices else i.max_new_tokens) for i in items)
     declared = ds.longest_sequence(parsed, tiny_runner.max_length)
     assert longest <= declared < tiny_runner.max_length
+
+
+def test_a_data_file_without_the_fields_read_is_a_422_at_submit(tmp_path, monkeypatch,
+                                                                with_tiny):
+    from backend.config import load_settings
+    from backend.server import create_app
+
+    folder = tmp_path / "datasets" / "gsm8k"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text(json.dumps({"problem": "no question field"}) + "\n")
+    monkeypatch.setenv("LBS_DATASETS_DIR", str(tmp_path / "datasets"))
+    client = create_app(load_settings()).test_client()
+    res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": "gsm8k"})
+    assert res.status_code == 422, res.get_json()
+    error = res.get_json()["error"]
+    assert error["details"][0]["field"] == "params.data_dir" and "question" in error["message"]
