@@ -273,7 +273,7 @@ class Worker:
                 memory_bytes: int | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.evaluation import JobFieldError, prepare, run_evaluation
+        from backend.evaluation import JobFieldError, is_cuda_failure, prepare, run_evaluation
         from backend.runners.models import ModelNotFound
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
@@ -318,8 +318,6 @@ class Worker:
                 SecretUnreadable) as exc:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a job's failure must not kill the worker
-            from backend.evaluation import is_cuda_failure
-
             if is_cuda_failure(exc):
                 self._give_back_after_cuda_error(job_id, exc)
                 return
