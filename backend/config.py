@@ -450,13 +450,17 @@ def load_settings_or_report() -> Settings | None:
 
 
 def apply_allocator_settings(settings: Settings) -> str | None:
-    """Set PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA.
+    """Set PYTORCH_CUDA_ALLOC_CONF and CUDA_DEVICE_ORDER before torch initialises CUDA.
 
-    Call it in a worker before the first `import torch`. With
+    Call it in a worker before the first `import torch`. CUDA_DEVICE_ORDER becomes
+    PCI_BUS_ID, the order of NVML and nvidia-smi, so that the GPU indices read with
+    NVML (the free-GPU choice, LBS_WORKERS, --gpus) name the same GPUs in
+    CUDA_VISIBLE_DEVICES; CUDA's default order puts the fastest GPU first. With
     LBS_ENABLE_MEMORY_MANAGEMENT=1 it sets `expandable_segments:True`, unless the
     user already set PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF (their value
     wins). Returns the value in force, or None.
     """
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         if os.environ.get(name):
             return os.environ[name]
@@ -467,5 +471,7 @@ def apply_allocator_settings(settings: Settings) -> str | None:
 
 
 def select_cuda_device(index: str) -> None:
-    """Pin this process to one GPU (CUDA_VISIBLE_DEVICES), before torch starts CUDA."""
+    """Pin this process to GPUs by NVML index (CUDA_VISIBLE_DEVICES, in the PCI bus
+    order NVML uses), before torch starts CUDA."""
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = index

@@ -155,7 +155,8 @@ class MemoryPeak(Base):
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(sa.String(64))
     device: Mapped[str] = mapped_column(sa.String(32), default="cpu")
-    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    bytes: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    """None: unknown (NVML could not tell this process's GPU use)."""
 
     job: Mapped[Job] = relationship(back_populates="memory_peaks")
 
@@ -367,9 +368,16 @@ def _m006_id_floors(op: Any) -> None:
                "FROM jobs")
 
 
+def _m007_unknown_memory(op: Any) -> None:
+    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
+    with op.batch_alter_table("memory_peaks") as batch:
+        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
-                                           _m005_api_models, _m006_id_floors]
+                                           _m005_api_models, _m006_id_floors,
+                                           _m007_unknown_memory]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

@@ -213,15 +213,34 @@ def _choose(runner: Any, item: Any, chat_template: bool = True
     return labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields
 
 
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
+                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
+                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
+                "_alloc_failed", "_allocation_failed")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
-    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory")."""
+    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
+    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
+    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: torch.AcceleratorError (raised by its
+    C10_CUDA_CHECK, e.g. "CUDA error: an illegal memory access was encountered") or
+    a RuntimeError from its cuBLAS/cuDNN checks ("CUDA error: ...", "cuDNN error:
+    ..."). Such errors are sticky: the process's CUDA context is unusable after one,
+    so the worker gives its job back and exits (see worker.py)."""
+    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return (type(exc).__name__ == "AcceleratorError" or "CUDA error:" in text
+            or "cuDNN error:" in text)
 
 
 class SampleOutOfMemory(RuntimeError):
@@ -417,8 +436,7 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     for device, peaks in cuda.job_peaks().items():
         memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
-    if cuda.nvml_peak is not None:  # sampled at sample boundaries, CUDA context included
-        memory.append(("cuda_nvml_process_used", "cuda:all", cuda.nvml_peak))
+    memory += cuda.nvml_readings()
     if methods == [None]:
         scores = job.dataset.aggregate([results[i] for i in sorted(results)])
     else:

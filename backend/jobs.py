@@ -446,6 +446,32 @@ def waiting_reasons(factory: sessionmaker, jobs: list[Any],
         return queued_reasons(session, jobs, utcnow(), lease_seconds)
 
 
+def give_back_job(factory: sessionmaker, job_id: int, worker_id: str, error: str,
+                  max_attempts: int) -> JobState:
+    """A worker whose CUDA context broke gives its running job back: queued again (it
+    resumes after its stored samples on a fresh worker), or failed with `error` when
+    it has had `max_attempts` attempts. The attempt counts, so a job that breaks every
+    worker fails instead of restarting them for ever. Returns the new state."""
+    with write_session(factory) as session:
+        job = _owned(session, job_id, worker_id)
+        now = utcnow()
+        job.worker_id = None
+        job.lease_expires_at = None
+        job.events = [*job.events, {"kind": "cuda_error", "at": now.isoformat(),
+                                    "message": f"worker {worker_id}: {error} (attempt "
+                                               f"{job.attempts} of {max_attempts})"}]
+        if job.attempts >= max_attempts:
+            job.state = JobState.FAILED.value
+            job.finished_at = now
+            job.error = f"gave up after {job.attempts} attempts: {error}"
+        else:
+            job.state = JobState.QUEUED.value
+            announce_work(session)
+        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+                        .values(current_job_id=None, state=WorkerState.IDLE.value))
+        return JobState(job.state)
+
+
 def requeue_job(factory: sessionmaker, job_id: int, worker_id: str) -> None:
     """Give a running job back to the queue (worker shutting down); it resumes later
     after its stored samples, and this start does not count as an attempt."""

@@ -58,6 +58,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     settings = current_app.extensions["lbs"].settings
     try:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
+        # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
+        memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
+                                    prepared.info.max_length, settings)
     except JobFieldError as exc:
         field = f"{prefix}{exc.field}"
         status, code = (403, "path_refused") if isinstance(exc, JobFieldRefused) \
@@ -89,8 +92,6 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
-    memory = estimate_job_bytes(prepared.spec, prepared.params, prepared.info.max_length,
-                                settings)
     return service.NewJob(model=job.model, dataset=job.dataset, params=params,
                           timeout_s=job.timeout_s, priority=job.priority,
                           submitter=job.submitter or "anonymous",

@@ -19,6 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.paths import OutsideAllowedFolders, confine
 
+TEMPLATE_TOKENS = 128
+"""Tokens a chat template and special tokens may add around one user message (Llama
+3.1's default system block and headers take ~30, Qwen2.5's ~30): the slack that
+`token_bound` adds."""
+
+
+def token_bound(text: str) -> int:
+    """An upper bound of the tokens `text` takes once rendered: its UTF-8 bytes plus
+    TEMPLATE_TOKENS. Byte-level BPE tokenizers (Llama 3, Qwen2, GPT-2) never make a
+    token of less than one byte, and SentencePiece ones (Mistral, Llama 2) at most one
+    more (the leading space marker); byte fallback is one token per byte."""
+    return len(text.encode("utf-8")) + TEMPLATE_TOKENS
+
 
 class CacheMode(str, enum.Enum):
     """What happens to the model after a job of this dataset.
@@ -217,6 +230,23 @@ class Dataset:
     def build_items(self, params: DatasetParams, tokenizer: PromptTokenizer) -> list[Item]:
         """Every item of the job, in a stable order. Raises ParamError."""
         raise NotImplementedError
+
+    def longest_sequence(self, params: DatasetParams, model_max: int | None) -> int | None:
+        """Most tokens one sequence of the job holds (its longest prompt plus the tokens
+        generated after it), for the GPU memory estimate at submit time (admission.py).
+
+        Runs in the server after `check`, without a tokenizer: an upper bound (see
+        `token_bound`), at most `model_max` when that is known. This default, the
+        model's maximum (None when unknown), suits a dataset whose prompts fill the
+        model's context; a dataset of shorter prompts should say how long they are,
+        or its jobs wait for a GPU that holds the whole context.
+        """
+        return model_max
+
+    def scores_every_position(self, params: DatasetParams) -> bool:
+        """Whether the job's forward passes keep logits for every prompt position
+        (scoring by log-likelihood) instead of the last one only (generation)."""
+        return False
 
     def score(self, item: Item, prediction: str) -> float:
         """A 0-1 score of one prediction."""

@@ -33,6 +33,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
     check_known,
+    token_bound,
 )
 from backend.datasets.files import read_all
 from backend.datasets.hub import HubSource
@@ -197,24 +198,42 @@ class CEval(Dataset):
             raise ParamError("subjects", f"no {params.split} file for: {', '.join(missing)} "
                                          f"in {folder / params.split}")
 
-    def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
+    def _questions(self, params: CEvalParams) -> list[tuple[str, dict[str, str], str]]:
+        """(subject, row, user message) of every question of the job."""
         folder, subjects = self._subjects(params)
-        items = []
+        found = []
         for subject in subjects:
-            zh, category = SUBJECTS[subject]
+            zh, _ = SUBJECTS[subject]
             header = f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n"
             shots = "".join(format_question(r, True)
                             for r in read_split(folder, subject, "dev")[:params.shots])
             rows = read_split(folder, subject, params.split)[:params.max_samples]
-            for row in rows:
-                prompt = tokenizer.render(header + shots + format_question(row, False))
-                items.append(Item(
-                    idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
-                    max_new_tokens=params.max_new_tokens,
-                    reference=row.get("answer", "").strip().upper(),
-                    fields={"subject": subject, "category": category, "id": row.get("id")},
-                    choices=LETTERS if params.method == "loglikelihood" else None,
-                    labels=LETTERS if params.method == "loglikelihood" else None))
+            found += [(subject, row, header + shots + format_question(row, False))
+                      for row in rows]
+        return found
+
+    def longest_sequence(self, params: CEvalParams, model_max: int | None) -> int | None:
+        """The longest question (with its shots) as bounded by `token_bound`, plus the
+        answer letter (log-likelihood) or max_new_tokens (generate)."""
+        longest = max((token_bound(m) for _, _, m in self._questions(params)), default=0)
+        tokens = longest + (1 if params.method == "loglikelihood" else params.max_new_tokens)
+        return min(tokens, model_max) if model_max else tokens
+
+    def scores_every_position(self, params: CEvalParams) -> bool:
+        return params.method == "loglikelihood"
+
+    def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
+        items = []
+        for subject, row, message in self._questions(params):
+            category = SUBJECTS[subject][1]
+            prompt = tokenizer.render(message)
+            items.append(Item(
+                idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                max_new_tokens=params.max_new_tokens,
+                reference=row.get("answer", "").strip().upper(),
+                fields={"subject": subject, "category": category, "id": row.get("id")},
+                choices=LETTERS if params.method == "loglikelihood" else None,
+                labels=LETTERS if params.method == "loglikelihood" else None))
         return items
 
     breakdowns = [

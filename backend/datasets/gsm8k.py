@@ -28,6 +28,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    token_bound,
 )
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
@@ -103,16 +104,26 @@ class GSM8K(Dataset):
         if params.shots:
             self._file(params, "train")
 
-    def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
-        paths = self._file(params)
+    def _messages(self, params: GSM8KParams) -> list[tuple[dict[str, Any], str]]:
+        """(row, user message) of every question of the job."""
         shots = ""
         if params.shots:
             for ex in read_all(self._file(params, "train"))[:params.shots]:
                 shots += f"Question: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}\n\n"
-        rows = read_all(paths)[:params.max_samples]
+        rows = read_all(self._file(params))[:params.max_samples]
+        return [(row, f"{shots}Question: {row['question'].strip()}\nAnswer:") for row in rows]
+
+    def longest_sequence(self, params: GSM8KParams, model_max: int | None) -> int | None:
+        """The longest question (with its shots) as bounded by `token_bound`, plus
+        max_new_tokens."""
+        longest = max((token_bound(m) for _, m in self._messages(params)), default=0)
+        tokens = longest + params.max_new_tokens
+        return min(tokens, model_max) if model_max else tokens
+
+    def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
-        for i, row in enumerate(rows):
-            prompt = tokenizer.render(f"{shots}Question: {row['question'].strip()}\nAnswer:")
+        for i, (row, message) in enumerate(self._messages(params)):
+            prompt = tokenizer.render(message)
             items.append(Item(idx=i, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
                               max_new_tokens=params.max_new_tokens,
                               reference=reference_answer(row["answer"]),

@@ -31,7 +31,7 @@ from backend.datasets.base import (
 )
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
-from backend.datasets.longbench import truncate_middle
+from backend.datasets.longbench import TEMPLATE_SLACK, truncate_middle
 from backend.datasets.registry import register
 
 _CHOICES = ("Choices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n")
@@ -104,10 +104,21 @@ class LongBenchV2(Dataset):
     def check(self, params: LongBenchV2Params, model: Any) -> None:
         self._rows(params)
 
+    def longest_sequence(self, params: LongBenchV2Params, model_max: int | None) -> int | None:
+        """The prompt budget (max_length, else the model's maximum less the answer and
+        TEMPLATE_SLACK) plus TEMPLATE_SLACK and the answer: 128 tokens, or with cot
+        the 1024-token reasoning and the answer turn's 128 (its prompt holds the
+        question, within the first budget, and the reasoning). None when neither
+        is known."""
+        if params.max_length is None:
+            return model_max
+        tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:
         template = PROMPT_COT if params.cot else PROMPT
         new_tokens = 1024 if params.cot else 128
-        budget = params.max_length or tokenizer.max_length - new_tokens - 64
+        budget = params.max_length or tokenizer.max_length - new_tokens - TEMPLATE_SLACK
         items = []
         for row in self._rows(params):
             overhead = len(tokenizer.encode(fill(template, row)))

@@ -38,6 +38,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    token_bound,
 )
 from backend.datasets.files import read_records
 from backend.datasets.hub import HubSource
@@ -108,6 +109,10 @@ class MRGSM8KParams(DatasetParams):
     use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
+def _message(row: dict[str, Any]) -> str:
+    return PROMPT.format(question=row["question"], steps="\n".join(row["model_output_steps"]))
+
+
 @register
 class MRGSM8K(Dataset):
     name = "mr_gsm8k"
@@ -142,11 +147,16 @@ class MRGSM8K(Dataset):
     def check(self, params: MRGSM8KParams, model: Any) -> None:
         self._rows(params)
 
+    def longest_sequence(self, params: MRGSM8KParams, model_max: int | None) -> int | None:
+        """The longest solution to grade as bounded by `token_bound`, plus max_new_tokens."""
+        longest = max((token_bound(_message(row)) for row in self._rows(params)), default=0)
+        tokens = longest + params.max_new_tokens
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: MRGSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
         for i, row in enumerate(self._rows(params)):
-            prompt = tokenizer.render(PROMPT.format(
-                question=row["question"], steps="\n".join(row["model_output_steps"])))
+            prompt = tokenizer.render(_message(row))
             truth = row["model_output_solution_correctness"].lower()
             items.append(Item(
                 idx=i, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),

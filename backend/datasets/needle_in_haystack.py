@@ -346,6 +346,11 @@ class NeedleInAHaystack(Dataset):
                 f"context length {longest} plus max_new_tokens {params.max_new_tokens} is "
                 f"beyond the maximum of {model.name} ({model.max_length} tokens)")
 
+    def longest_sequence(self, params: NeedleParams, model_max: int | None) -> int | None:
+        """The largest context length (each prompt is built to at most its length, chat
+        template included) plus max_new_tokens."""
+        return max(params.lengths()) + params.max_new_tokens
+
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))
         builder = _Builder(params, tokenizer, self.haystack_source(params))

@@ -172,6 +172,13 @@ class HFTokenizer:
         return len(self.prompt_ids(prompt, chat_template))
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host memory torch's caching host allocator takes to pin `nbytes`: the next power
+    of two (ATen/core/CachingHostAllocator.h rounds every block with PowerOf2Ceil
+    under its default thresholds), so a 22 MiB weight takes 32 MiB."""
+    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 class HFRunner(Runner):
     """A transformers model and tokenizer, loaded by `HFRunner.load`."""
 
@@ -392,6 +399,11 @@ class HFRunner(Runner):
         if self._host is None or self.device == "cpu":
             return 0
         return sum(t.numel() * t.element_size() for t in self._host.values())
+
+    def pinned_bytes(self) -> int:
+        """Pinned host memory an offload with `pin` takes: one block per weight and
+        buffer, each rounded by the host allocator (see pinned_block_bytes)."""
+        return sum(pinned_block_bytes(t.numel() * t.element_size()) for _, t in self._tensors())
 
     def movable(self) -> bool:
         """False for a model placed by accelerate hooks (a device map): it is released,

@@ -123,6 +123,16 @@ class LongBench(Dataset):
     def check(self, params: LongBenchParams, model: Any) -> None:
         self._files(params)
 
+    def longest_sequence(self, params: LongBenchParams, model_max: int | None) -> int | None:
+        """The prompt budget (max_length, else the model's maximum less the subset's
+        generation length and TEMPLATE_SLACK) plus TEMPLATE_SLACK and the subset's
+        generation length, over the job's subsets; None when neither bound is known."""
+        if params.max_length is None:
+            return model_max
+        new = max(SUBSETS[s]["max_new_tokens"] for s, _ in self._files(params))
+        tokens = params.max_length + TEMPLATE_SLACK + new
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
         for subset, paths in self._files(params):
