@@ -10,9 +10,8 @@ import shutil
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer
+from tests.conftest import ARTIFACTS, ROOT, LiveServer
 from tests.hub_server import FakeHub
-from tests.test_frontend import ARTIFACTS, page  # noqa: F401 - the browser fixture
 
 pytestmark = pytest.mark.slow
 
