@@ -28,7 +28,7 @@ from backend.datasets.base import (
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest
+from backend.runners.base import GenerationRequest, move_trailing_whitespace
 from backend.runners.models import ModelNotFound, ModelSpec, model_info, resolve_model
 
 log = logging.getLogger(__name__)
@@ -169,17 +169,29 @@ class EvalOutcome:
     stopped: bool = False
 
 
-def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
-    """Multiple choice by log-likelihood: the label of the likeliest continuation, the
-    prompt's token count, 0 generated tokens, and the fields with each choice's log-prob."""
+def _choose_many(runner: Any, items: list[Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """Multiple choice by log-likelihood, `items` scored together (one batch of
+    questions): per item the label of the likeliest continuation, the prompt's token
+    count, 0 generated tokens, and the fields with each choice's log-prob (full
+    precision: differences below 1e-4 are real differences)."""
     from backend.runners.base import LoglikelihoodRequest
 
-    scored = runner.loglikelihood([LoglikelihoodRequest(item.prompt, c) for c in item.choices])
-    labels = item.labels or item.choices
-    best = max(range(len(scored)), key=lambda i: scored[i].logprob)
-    fields = {**item.fields, "logprobs": {label: round(s.logprob, 4)
-                                          for label, s in zip(labels, scored, strict=True)}}
-    return labels[best], runner.count_prompt(item.prompt), 0, fields
+    requests = [LoglikelihoodRequest(item.prompt, c) for item in items for c in item.choices]
+    scored = runner.loglikelihood(requests, batch_size=len(items))
+    out, at = [], 0
+    for item in items:
+        mine, at = scored[at:at + len(item.choices)], at + len(item.choices)
+        labels = item.labels or item.choices
+        best = max(range(len(mine)), key=lambda i: mine[i].logprob)
+        fields = {**item.fields, "logprobs": {label: s.logprob
+                                              for label, s in zip(labels, mine, strict=True)}}
+        out.append((labels[best], runner.count_prompt(item.prompt), 0, fields))
+    return out
+
+
+def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
+    """`_choose_many` for one item."""
+    return _choose_many(runner, [item])[0]
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -256,18 +268,19 @@ class _Answer:
     error: str | None = None
 
 
-def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Backoff,
-                  single: Backoff) -> list[_Answer]:
-    """Answers to `items`: multiple-choice items one by one, generation items in batches
-    (and their second turns, e.g. the answer after a chain of thought, likewise)."""
+def _answer_batch(items: list[Any], runner: Any, dataset: Dataset,
+                  backoff: Backoff) -> list[_Answer]:
+    """Answers to `items`, in batches of the backoff's size: multiple-choice items
+    scored together by log-likelihood, generation items generated together (and their
+    second turns, e.g. the answer after a chain of thought, likewise)."""
     answers = [_Answer(item, fields=item.fields) for item in items]
-    for answer in answers:
-        if answer.item.choices:
-            (got,) = single.run(lambda batch: [_choose(runner, i) for i in batch], [answer.item])
-            if isinstance(got, OomFailure):
-                answer.error = got.message
-            else:
-                answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
+    choosing = [a for a in answers if a.item.choices]
+    chosen = backoff.run(partial(_choose_many, runner), [a.item for a in choosing])
+    for answer, got in zip(choosing, chosen, strict=True):
+        if isinstance(got, OomFailure):
+            answer.error = got.message
+        else:
+            answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
     replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens)
                                             for a in generating])
@@ -424,15 +437,18 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
     pending = [item for item in items if item.idx + offset not in stored]
-    on_oom = _oom_handler(manager, job)
-    backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
+    # Multiple-choice items longest first: a batch pads to its longest question, so
+    # neighbours in length waste the least, and an out-of-memory shows on the first batch.
+    pending.sort(key=lambda item: -item.prompt_tokens if item.choices else 0)
     step = job.params.batch_size
+    if step == "auto":
+        step = _auto_batch_size(runner, pending)
+    backoff = Backoff(step, _oom_handler(manager, job))
     for first in range(0, len(pending), step):
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = _answer_batch(pending[first:first + step], runner, job.dataset, backoff,
-                                single)
+        answers = _answer_batch(pending[first:first + step], runner, job.dataset, backoff)
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:
@@ -457,6 +473,25 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
             if not sink.write(record):
                 return True
     return False
+
+
+def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
+    """Job parameter batch_size "auto": the largest batch the runner finds to fit
+    (probed on the job's longest item, at most the number of items, at most 256)."""
+    if not pending:
+        return 1
+    longest = max(pending, key=lambda item: item.prompt_tokens)
+    if longest.choices:  # the continuation as scored: with the context's trailing space
+        context = longest.prompt_tokens
+        continuation = max(len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
+                           for c in longest.choices)
+    else:  # a generation's cache grows to prompt + new tokens; one pass that long bounds it
+        context, continuation = longest.prompt_tokens + longest.max_new_tokens, 1
+    started = time.perf_counter()
+    size = runner.find_batch_size(context, continuation, min(len(pending), 256))
+    log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
+             context, continuation, time.perf_counter() - started)
+    return size
 
 
 def compare_methods(dataset: Dataset, methods: list[str],

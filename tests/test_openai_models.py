@@ -92,6 +92,8 @@ def test_concurrency_is_bounded(fake, tiny_runner):
 def test_loglikelihood_through_echo_logprobs(fake, tiny_runner):
     requests = [LoglikelihoodRequest("Question: what did Aunt Margit cook? Answer:", c)
                 for c in (" goulash", " soup", " B")]
+    # one split rule for both runners: the context's trailing newline is scored too
+    requests += [LoglikelihoodRequest("Question: what did Aunt Margit cook?\nAnswer:\n", "A")]
     local = tiny_runner.without_chat_template().loglikelihood(requests)
     remote = _client(fake, tiny_runner, endpoint="completions").loglikelihood(requests)
     for a, b in zip(local, remote, strict=True):

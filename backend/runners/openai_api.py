@@ -37,6 +37,7 @@ from backend.runners.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     Runner,
+    move_trailing_whitespace,
 )
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,9 @@ class OpenAIRunner(Runner):
         with ThreadPoolExecutor(min(self.options.concurrency, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 
-    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+    def loglikelihood(self, requests: list[LoglikelihoodRequest],
+                      batch_size: int = 1) -> list[Loglikelihood]:
+        """One completions request per request (`batch_size` changes nothing here)."""
         if self.use_chat:
             raise ApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
@@ -219,7 +222,7 @@ class OpenAIRunner(Runner):
         return [self._loglikelihood(r) for r in requests]
 
     def _loglikelihood(self, request: LoglikelihoodRequest) -> Loglikelihood:
-        context, continuation = request.context, request.continuation
+        context, continuation = move_trailing_whitespace(request.context, request.continuation)
         body = {"model": self.served_model, "prompt": context + continuation, "max_tokens": 0,
                 "echo": True, "logprobs": 1, "temperature": 0}
         answer, _ = self._post("/completions", body)
