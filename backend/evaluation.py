@@ -11,6 +11,7 @@ tokens, generates and scores every item not yet stored, hands each result to a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -437,9 +438,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
     pending = [item for item in items if item.idx + offset not in stored]
-    # Multiple-choice items longest first: a batch pads to its longest question, so
-    # neighbours in length waste the least, and an out-of-memory shows on the first batch.
-    pending.sort(key=lambda item: -item.prompt_tokens if item.choices else 0)
+    pending = order_for_batching(pending)
     step = job.params.batch_size
     if step == "auto":
         step = _auto_batch_size(runner, pending)
@@ -473,6 +472,28 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
             if not sink.write(record):
                 return True
     return False
+
+
+SHARED_CHARS = 64
+"""Prompts sharing a prefix this long (characters) are batched together."""
+
+
+def order_for_batching(items: list[Any]) -> list[Any]:
+    """Multiple-choice items in the order they batch best, generation items after them
+    as given. Prompts that share a prefix of SHARED_CHARS or more (one subject's
+    few-shot header and examples) stay together, so the runner computes that prefix
+    once per batch; each such run goes longest first (a batch pads to its longest
+    prompt, so neighbours in length waste the least) and the runs by their longest
+    prompt, so an out-of-memory shows on the first batch."""
+    runs: list[list[Any]] = []
+    for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
+        if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
+                < SHARED_CHARS:
+            runs.append([])
+        runs[-1].append(item)
+    runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
+                  key=lambda run: -run[0].prompt_tokens)
+    return [i for run in runs for i in run] + [i for i in items if not i.choices]
 
 
 def _auto_batch_size(runner: Any, pending: list[Any]) -> int:

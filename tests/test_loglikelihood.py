@@ -85,6 +85,33 @@ def test_batched_results_equal_unbatched_in_the_original_order(tiny_runner, forw
     assert [r.tokens for r in batched] == [len(tiny_runner._split(r)[1]) for r in requests]
 
 
+def test_a_shared_prompt_prefix_is_computed_once_per_batch(tiny_runner):
+    """Few-shot prompts: the header and examples common to a batch's questions go through
+    the model once; the padded pass covers only each question's own tokens."""
+    header = "以下是中国关于高中物理考试的单项选择题，请选出其中的正确答案。\n\n" + "".join(
+        f"例题{k}：the river runs past the old mill number {k}\n答案：A\n\n" for k in range(4))
+    questions = ["光速是多少？", "电阻的单位是什么？ the miller sleeps", "水的沸点？",
+                 "牛顿第一定律说的是 what the river runs past"]
+    requests = [LoglikelihoodRequest(header + q + "\n答案：", c)
+                for q in questions for c in ("A", "B", " and the old mill")]
+    passes: list[tuple[int, int]] = []
+    handle = tiny_runner.model.register_forward_pre_hook(
+        lambda m, a, kw: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        batched = tiny_runner.loglikelihood(requests, batch_size=4)
+    finally:
+        handle.remove()
+    shared = len(tiny_runner.tok.prompt_ids(header)) - 2  # tokens may merge at the seam
+    longest = max(len(tiny_runner._split(r)[0]) for r in requests)
+    assert passes[0][0] == 1 and passes[0][1] >= shared  # the prefix, once
+    assert passes[1][0] == 4 and passes[1][1] <= longest - shared  # then only the questions
+    one = tiny_runner.loglikelihood(requests, batch_size=1)
+    for request, a, b in zip(requests, one, batched, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+        assert b.logprob == pytest.approx(_bare(tiny_runner, request), abs=1e-4)
+        assert (b.tokens, b.is_greedy) == (a.tokens, a.is_greedy)
+
+
 def _ceval_job(settings, batch_size):
     from backend.cli import _ListSink
     from backend.evaluation import prepare, run_evaluation
@@ -100,8 +127,9 @@ def _ceval_job(settings, batch_size):
 
 @pytest.fixture
 def job_forwards(monkeypatch):
-    """Rows of every forward pass of models loaded by HFRunner.load during the test;
-    `limit` > 0 makes batches of more rows raise CUDA's out-of-memory error."""
+    """Rows of every padded forward pass over questions of models loaded by
+    HFRunner.load during the test; `limit` > 0 makes batches of more rows raise CUDA's
+    out-of-memory error."""
     from backend.runners.hf import HFRunner
 
     rows: list[int] = []
@@ -112,7 +140,9 @@ def job_forwards(monkeypatch):
         runner = real(cls, *args, **kwargs)
 
         def hook(module, args, kwargs):
-            n = kwargs.get("input_ids", args[0] if args else None).shape[0]
+            if kwargs.get("attention_mask") is None:
+                return  # a batch's shared prompt prefix, computed once (one row)
+            n = kwargs["input_ids"].shape[0]
             rows.append(n)
             if state["limit"] and n > state["limit"]:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
@@ -201,3 +231,19 @@ def test_split_matches_lm_eval_encode_pair(tiny_runner, context, continuation):
 
     expected = TemplateLM._encode_pair(_LmEvalShim(tiny_runner), context, continuation)
     assert tiny_runner._split(LoglikelihoodRequest(context, continuation)) == expected
+
+
+def test_order_for_batching_keeps_shared_prompts_together_longest_first():
+    from backend.datasets.base import Item
+    from backend.evaluation import order_for_batching
+
+    shots = {s: f"Subject {s}: " + "worked example. " * 8 for s in "xy"}
+
+    def item(idx, prompt, choices=("A", "B")):
+        return Item(idx, prompt, len(prompt), 4, "A", choices=list(choices) if choices else None)
+    items = [item(0, shots["x"] + "short?"), item(1, shots["y"] + "a longer question here?"),
+             item(2, "generate this", None), item(3, shots["x"] + "a much longer question, yes?"),
+             item(4, shots["y"] + "mid one?"), item(5, "zero-shot question, alone")]
+    # runs: subject x (it holds the longest prompt), then subject y, then the lone prompt;
+    # generation items after, as given
+    assert [i.idx for i in order_for_batching(items)] == [3, 0, 1, 4, 5, 2]

@@ -63,6 +63,25 @@ def _torch_dtype(name: str, on_cuda: bool):
 
 CPU_MAX_BATCH = 16
 """Where batch_size "auto" starts on the CPU (see HFRunner.find_batch_size)."""
+MIN_SHARED_PREFIX = 32
+"""Tokens a batch's contexts must share before the shared part is computed once."""
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every row."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _cache_of(output):
+    """The key/value cache of a forward's output (`cache` in recent transformers)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def model_source(spec: ModelSpec, settings: Settings) -> str:
@@ -326,28 +345,45 @@ class HFRunner(Runner):
                 self._forward_params = set()
         return name in self._forward_params
 
-    def _score(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]):
+    def _score(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]],
+               share_prefix: bool = True):
         """(request index, Loglikelihood) for every continuation of the contexts in
         `batch`, from one padded pass over the contexts (and one over the longer
-        continuations, if any)."""
+        continuations, if any). With `share_prefix`, a prefix of at least
+        MIN_SHARED_PREFIX tokens common to every context (a few-shot prompt's header
+        and examples) goes through the model once, and the padded pass covers only
+        what follows it, on that prefix's cache."""
         import torch
 
         from backend.runners.base import Loglikelihood
 
-        width = max(len(ctx) for ctx, _ in batch)
+        contexts = [list(ctx) for ctx, _ in batch]
+        shared = _common_prefix(contexts) if share_prefix and len(batch) > 1 else 0
+        shared = min(shared, min(len(c) for c in contexts) - 1)  # each row keeps a token
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        rest = [c[shared:] for c in contexts]
+        width = max(len(r) for r in rest)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(ctx)) + list(ctx) for ctx, _ in batch],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(ctx)) + [1] * len(ctx) for ctx, _ in batch],
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest],
                             device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         longer = [(row, i, cont) for row, (_, members) in enumerate(batch)
                   for i, cont in members if len(cont) > 1]
         extra = {"logits_to_keep": 1} if self._forward_takes("logits_to_keep") else {}
+        cache_arg = "cache" if self._forward_takes("cache") else "past_key_values"
         out_rows = []
         with torch.inference_mode():
+            if shared:
+                head = self.model(input_ids=torch.tensor([contexts[0][:shared]],
+                                                         device=self.device),
+                                  use_cache=True, **extra)
+                cache = _cache_of(head)
+                cache.batch_repeat_interleave(len(batch))
+                extra = {**extra, cache_arg: cache}
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=bool(longer), **extra)
+                             use_cache=bool(longer or shared), **extra)
             last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             best = last.argmax(-1).tolist()
             for row, (_, members) in enumerate(batch):
@@ -360,10 +396,8 @@ class HFRunner(Runner):
             # Each longer continuation extends its context's row of the cache (rows
             # repeated when a context has several), right-padded after its last token.
             rows = torch.tensor([row for row, _, _ in longer], device=self.device)
-            cache = out.cache if getattr(out, "cache", None) is not None else \
-                out.past_key_values
+            cache = _cache_of(out)
             cache.batch_select_indices(rows)
-            cache_arg = "cache" if self._forward_takes("cache") else "past_key_values"
             steps = max(len(cont) for _, _, cont in longer) - 1
             more_ids = torch.tensor([cont[:-1] + [pad] * (steps + 1 - len(cont))
                                      for _, _, cont in longer], device=self.device)
@@ -406,7 +440,8 @@ class HFRunner(Runner):
         @find_executable_batch_size(starting_batch_size=size[0], reduce_batch_size_fn=halve)
         def probe(batch_size: int) -> int:
             try:
-                self._score([(context, [(k, continuation)]) for k in range(batch_size)])
+                self._score([(context, [(k, continuation)]) for k in range(batch_size)],
+                            share_prefix=False)
             except MemoryError:  # Python's; accelerate only recognises RuntimeErrors
                 raise RuntimeError("CPU out of memory.") from None
             return batch_size
