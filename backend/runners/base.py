@@ -47,17 +47,18 @@ class LoglikelihoodRequest:
 
 
 def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
-    """The one rule for where a log-likelihood request's context ends: all trailing
+    r"""The one rule for where a log-likelihood request's context ends: all trailing
     whitespace of the context (spaces, tabs, newlines: `str.rstrip()`) moves to the
     front of the continuation, so "答案：\n" + "A" is scored as "\n" + "A" after "答案：".
 
     It is lm-evaluation-harness's rule (`TemplateLM._encode_pair`), so log-likelihoods
     are comparable with its figures, and the one tokenizers need: most attach leading
     whitespace to the next word ("▁A", " A", "\tA"), so a context tokenized with its
-    trailing whitespace would end in a token that the whole text never contains. The
-    whitespace's own log-probability is the same for every choice after one context,
-    so the chosen answer does not depend on the rule; C-Eval's official scorer (the
-    letter's logit right after "答案：") is unaffected, its prompts end in no whitespace.
+    trailing whitespace would end in a token that the whole text never contains. Where
+    the whitespace is a token of its own, its log-probability is the same for every
+    choice after one context, so the chosen answer does not change with the rule; C-Eval
+    (its official scorer reads the letter's logit right after "答案：") is unaffected,
+    its prompts end in no whitespace.
     """
     stripped = context.rstrip()
     return stripped, context[len(stripped):] + continuation
