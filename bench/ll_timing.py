@@ -6,8 +6,10 @@ with timers on its scoring path, for bench/loglikelihood.py --vs-lm-eval:
 
 At exit OUT.json holds `scoring_s` (time inside HFRunner.loglikelihood, or lm-eval's
 HFLM._loglikelihood_tokens: batching, forward passes, log-softmax, picking), `forward_s`
-(time inside the model's forward calls) and `forwards` (how many). The timers add two
-perf_counter calls per call; nothing else changes.
+(time inside the model's forward calls), `forwards` (how many), and the CPU time of
+the whole process spent inside them (`scoring_cpu_s`, `forward_cpu_s`: on a machine
+shared with other work, CPU seconds say more than wall seconds). The timers add four
+clock reads per call; nothing else changes.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-totals = {"scoring_s": 0.0, "forward_s": 0.0, "forwards": 0}
+totals = {"scoring_s": 0.0, "forward_s": 0.0, "forwards": 0, "scoring_cpu_s": 0.0,
+          "forward_cpu_s": 0.0}
 
 
 def timed(fn, key: str, count: str | None = None):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             totals[key] += time.perf_counter() - started
+            totals[key.replace("_s", "_cpu_s")] += time.process_time() - cpu
             if count:
                 totals[count] += 1
     return wrapper
