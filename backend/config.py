@@ -202,8 +202,10 @@ SETTINGS: tuple[Setting, ...] = (
             "For testing only: workers pretend this machine has GPUs of these sizes (all "
             "free) for num_gpus and memory admission; jobs still run on the CPU."),
     Setting("LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, 'a number from 0.0 (no limit) to 1.0',
-            "Fraction of each GPU's memory a model may take (accelerate max_memory); "
-            "0.0 = no limit."),
+            "Fraction of each GPU's memory a worker process may use through PyTorch "
+            "(weights, KV cache, activations; set with "
+            "torch.cuda.set_per_process_memory_fraction); weights are placed under it "
+            "less the job's KV/activation estimate, spilling to RAM. 0.0 = no limit."),
     Setting("LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, '1/0, true/false, yes/no, on/off',
             "Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in workers "
             "(a value you set yourself wins)."),
@@ -215,6 +217,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Allow models that ship their own Python code (trust_remote_code)."),
     Setting("LBS_ALLOW_DOWNLOAD", "0", _bool, '1/0, true/false, yes/no, on/off',
             "Allow downloading hub models that are not in the local cache."),
+    Setting("LBS_ALLOW_DATA_DOWNLOAD", "0", _bool, '1/0, true/false, yes/no, on/off',
+            "Allow jobs to fetch a dataset's official data from the Hugging Face hub when "
+            "it is neither in LBS_DATASETS_DIR nor in the hub cache (separate from model "
+            "downloads); the web page then offers a Fetch button."),
     Setting("LBS_LEASE_SECONDS", "60", _positive_float, 'a number of seconds greater than 0',
             "A running job whose worker has not renewed its lease for this long is re-queued."),
     Setting("LBS_JOB_TIMEOUT", "0", _non_negative_float, "a number of seconds (0 = none)",
@@ -318,11 +324,20 @@ class Settings:
     max_grid_cells: int = 2500
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
+    allow_data_download: bool = False
+    hub_offline: bool = False
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: dataset data is read from the cache only
+    (huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT itself as well)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, to hand to a child process."""
         return dict(self.raw)
+
+    def child_env(self) -> dict[str, str]:
+        """The whole environment of a child process of ours: this one's (PATH, HF_*…)
+        with the settings on top."""
+        return {**os.environ, **self.raw}
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
@@ -398,6 +413,9 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         datasets_dir=Path(parsed["LBS_DATASETS_DIR"]).expanduser().resolve()
         if parsed["LBS_DATASETS_DIR"] else data_dir / "datasets",
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        allow_data_download=parsed["LBS_ALLOW_DATA_DOWNLOAD"],
+        hub_offline=any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+                        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
         raw=raw,
     )
 

@@ -29,8 +29,14 @@ from backend.datasets.base import (
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest, move_trailing_whitespace
-from backend.runners.models import ModelNotFound, ModelSpec, model_info, resolve_model
+from backend.runners.base import GenerationRequest, PromptView, move_trailing_whitespace
+from backend.runners.models import (
+    ModelNotFound,
+    ModelPathRefused,
+    ModelSpec,
+    model_info,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +63,37 @@ class JobFieldError(ValueError):
         self.message = message
 
 
+class JobFieldRefused(JobFieldError):
+    """A job-level field names a path outside the folders the operator allows."""
+
+
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
             settings: Settings, confine: bool = True, api: Any = None,
-            api_key: str | None = None) -> PreparedJob:
+            api_key: str | None = None, fetch_data: bool = False,
+            data_progress: Any = None) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
     With `confine` (jobs from the API and the queue) model folders must lie under
     LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
     the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
-    JobFieldError. `api` (ApiOptions) and `api_key` are for `openai:` models.
+    JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
+    (ApiOptions) and `api_key` are for `openai:` models.
+
+    Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
+    `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
+    `data_progress`; without `fetch_data` (the server) missing data that a worker may
+    fetch lets the job through, unchecked until then, and otherwise is a DataMissing
+    ParamError carrying how to get it.
     """
+    from backend.datasets.hub import DataAccess, FetchPending
+
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
     ds.confine_paths = confine
+    ds.data_access = DataAccess(allow_download=settings.allow_data_download,
+                                fetch_now=fetch_data, offline=settings.hub_offline,
+                                progress=data_progress)
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
     if spec.api_model:
@@ -86,6 +109,8 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
         if api.tokenizer:
             try:
                 resolve_model(api.tokenizer, settings, confine=confine)
+            except ModelPathRefused as exc:
+                raise JobFieldRefused("api.tokenizer", str(exc)) from None
             except ModelNotFound as exc:
                 raise JobFieldError("api.tokenizer", str(exc)) from None
         if api_key is None and api.api_key is not None:
@@ -95,7 +120,10 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     info = model_info(spec)
     if spec.api_model and api.max_length:
         info = ModelInfo(spec.name, api.max_length)
-    ds.check(params, info)
+    try:
+        ds.check(params, info)
+    except FetchPending:
+        pass  # the worker fetches the data, then checks again before building items
     apply_ceilings(params, info, settings)
     return PreparedJob(spec, info, ds, params, api, api_key)
 
@@ -170,14 +198,17 @@ class EvalOutcome:
     stopped: bool = False
 
 
-def _choose_many(runner: Any, items: list[Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
+def _choose_many(runner: Any, items: list[Any], chat_template: bool = True
+                 ) -> list[tuple[str, int, int, dict[str, Any]]]:
     """Multiple choice by log-likelihood, `items` scored together (one batch of
     questions): per item the label of the likeliest continuation, the prompt's token
     count, 0 generated tokens, and the fields with each choice's log-prob (full
-    precision: differences below 1e-4 are real differences)."""
+    precision: differences below 1e-4 are real differences). `chat_template` says how
+    the items' prompts were rendered."""
     from backend.runners.base import LoglikelihoodRequest
 
-    requests = [LoglikelihoodRequest(item.prompt, c) for item in items for c in item.choices]
+    requests = [LoglikelihoodRequest(item.prompt, c, chat_template)
+                for item in items for c in item.choices]
     scored = runner.loglikelihood(requests, batch_size=len(items))
     out, at = [], 0
     for item in items:
@@ -186,13 +217,14 @@ def _choose_many(runner: Any, items: list[Any]) -> list[tuple[str, int, int, dic
         best = max(range(len(mine)), key=lambda i: mine[i].logprob)
         fields = {**item.fields, "logprobs": {label: s.logprob
                                               for label, s in zip(labels, mine, strict=True)}}
-        out.append((labels[best], runner.count_prompt(item.prompt), 0, fields))
+        out.append((labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields))
     return out
 
 
-def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
+def _choose(runner: Any, item: Any, chat_template: bool = True
+            ) -> tuple[str, int, int, dict[str, Any]]:
     """`_choose_many` for one item."""
-    return _choose_many(runner, [item])[0]
+    return _choose_many(runner, [item], chat_template)[0]
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -269,22 +301,25 @@ class _Answer:
     error: str | None = None
 
 
-def _answer_batch(items: list[Any], runner: Any, dataset: Dataset,
+def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
                   backoff: Backoff) -> list[_Answer]:
     """Answers to `items`, in batches of the backoff's size: multiple-choice items
     scored together by log-likelihood, generation items generated together (and their
-    second turns, e.g. the answer after a chain of thought, likewise)."""
+    second turns, e.g. the answer after a chain of thought, likewise).
+    `view` is the runner as the dataset sees it, rendering as the job asked."""
+    runner, templated = view.runner, view.chat_template
     answers = [_Answer(item, fields=item.fields) for item in items]
     choosing = [a for a in answers if a.item.choices]
-    chosen = backoff.run(partial(_choose_many, runner), [a.item for a in choosing])
+    chosen = backoff.run(partial(_choose_many, runner, chat_template=templated),
+                         [a.item for a in choosing])
     for answer, got in zip(choosing, chosen, strict=True):
         if isinstance(got, OomFailure):
             answer.error = got.message
         else:
             answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
-    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens)
-                                            for a in generating])
+    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens,
+                                                              templated) for a in generating])
     follow = getattr(dataset, "second_turn", None)
     second: list[tuple[_Answer, Any]] = []
     for answer, reply in zip(generating, replies, strict=True):
@@ -295,11 +330,11 @@ def _answer_batch(items: list[Any], runner: Any, dataset: Dataset,
         answer.output_tokens = reply.output_tokens
         if reply.extra:  # prefill/decode timing; an API model's usage and attempts
             answer.fields = {**answer.fields, **reply.extra}
-        nxt = follow(answer.item, reply.text, runner) if follow else None
+        nxt = follow(answer.item, reply.text, view) if follow else None
         if nxt is not None:
             second.append((answer, nxt))
-    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens)
-                                            for _, n in second])
+    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens,
+                                                              templated) for _, n in second])
     for (answer, nxt), reply in zip(second, replies, strict=True):
         if isinstance(reply, OomFailure):
             answer.error = reply.message
@@ -378,14 +413,16 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                              keep_on_gpu=keep_on_gpu) as runner:
                 memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
                                rss_bytes()))
-                if not getattr(job.params, "use_chat_template", True):
-                    runner = runner.without_chat_template()
-                items = job.dataset.build_items(job.params, runner)
+                # The job's chat-template choice travels with each request; a view of
+                # the runner (never a copy holding the model) renders the prompts, so
+                # the manager's release at the end of this block frees the weights.
+                view = PromptView(runner, getattr(job.params, "use_chat_template", True))
+                items = job.dataset.build_items(job.params, view)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
                 if method is not None and any(i.idx + offset not in stored for i in items):
-                    _warm_up(runner, items[0], method)
-                stopped = _run_items(job, manager, runner, items, offset, method, stored,
+                    _warm_up(view, items[0], method)
+                stopped = _run_items(job, manager, view, items, offset, method, stored,
                                      results, sink, sampler, cuda)
             if stopped:
                 break
@@ -416,24 +453,31 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
 
         return (api_model_key(job),
                 partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
+    from backend.admission import estimate_job_bytes
+
     options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
-    return (model_key(job.spec, settings, options), partial(HFRunner.load, job.spec, options,
-                                                            settings),
-            estimate_model_bytes(job.spec, options.dtype))
+    weights = estimate_model_bytes(job.spec, options.dtype)
+    # what the job needs on the GPU besides the weights: placing them leaves it free
+    needed = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings)
+    headroom = max(0, needed - weights) if needed and weights else 0
+    return (model_key(job.spec, settings, options),
+            partial(HFRunner.load, job.spec, options, settings, headroom_bytes=headroom),
+            weights)
 
 
-def _warm_up(runner: Any, item: Any, method: str) -> None:
+def _warm_up(view: PromptView, item: Any, method: str) -> None:
     """One untimed generation before a method's timed pass, so first-call costs (kernel
     selection, thread pools, torch.compile) do not count against whichever runs first."""
     started = time.perf_counter()
     if item.choices:
-        _choose(runner, item)
+        _choose(view.runner, item, view.chat_template)
     else:
-        runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4))])
+        view.runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4),
+                                                view.chat_template)])
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
 
-def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list[Any],
+def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items: list[Any],
                offset: int, method: str | None, stored: dict, results: dict,
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
@@ -441,13 +485,13 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
     pending = order_for_batching(pending)
     step = job.params.batch_size
     if step == "auto":
-        step = _auto_batch_size(runner, pending)
+        step = _auto_batch_size(view.runner, pending)
     backoff = Backoff(step, _oom_handler(manager, job))
     for first in range(0, len(pending), step):
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = _answer_batch(pending[first:first + step], runner, job.dataset, backoff)
+        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff)
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:

@@ -217,6 +217,24 @@ def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) ->
         _owned(session, job_id, worker_id).progress_total = total
 
 
+def record_data_fetch(factory: sessionmaker, job_id: int, worker_id: str,
+                      event: dict[str, Any], lease_seconds: float | None = None) -> None:
+    """Show a data fetch on the job: the `data_fetch` event (state, repo_id, bytes_done,
+    bytes_total) replaces the job's running one, so polling sees the bytes grow; the
+    lease is renewed too, since a large fetch may outlast it."""
+    with write_session(factory) as session:
+        job = _owned(session, job_id, worker_id)
+        events = list(job.events or [])
+        if events and events[-1].get("kind") == "data_fetch" \
+                and events[-1].get("state") == "running":
+            events[-1] = event
+        else:
+            events.append(event)
+        job.events = events
+        if lease_seconds:
+            job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+
+
 def storable_text(value: Any) -> Any:
     # PostgreSQL text cannot hold NUL, which a model may well generate; every engine
     # stores U+FFFD instead, so results do not depend on the engine.

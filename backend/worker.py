@@ -37,13 +37,14 @@ from backend.config import (
 )
 from backend.control import complete_command, pending_commands, publish_status
 from backend.datasets.registry import load_plugin_dirs
-from backend.db import JobState, session_factory
+from backend.db import JobState, session_factory, utcnow
 from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
     mark_lost_workers,
     next_queued_model,
+    record_data_fetch,
     record_sample,
     register_worker,
     renew_lease,
@@ -108,6 +109,10 @@ class Worker:
         self.device = device or _describe_device(settings, self.gpus)
         self.waiter = WorkWaiter(settings.database_url)
         self.manager = ModelManager(ManagerConfig.from_settings(settings))
+        self.status_interval = 1.0  # seconds between publications of idle changes
+        self._moved = threading.Event()  # a model moved: publish the status now
+        self.manager.on_move = lambda _event: self._moved.set()
+        self._publishing = threading.Lock()
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
@@ -176,13 +181,19 @@ class Worker:
     # --- model manager status and commands ------------------------------------------
 
     def publish_status(self) -> None:
-        status = self.manager.status()
-        status.update(worker_id=self.id, device=self.device, current_job_id=self.current_job)
-        publish_status(self.factory, self.id, status)
+        """Write the model manager's status with `as_of`, the time it describes. One
+        publication at a time, so a status taken earlier never overwrites a later one."""
+        with self._publishing:
+            status = self.manager.status()
+            status.update(worker_id=self.id, device=self.device,
+                          current_job_id=self.current_job, as_of=time.time())
+            publish_status(self.factory, self.id, status)
 
     def _serve_commands(self) -> None:
         last_publish = 0.0
-        while not self.stopping.wait(0.2):
+        while not self.stopping.is_set():
+            moved = self._moved.wait(0.2)
+            self._moved.clear()
             try:
                 commands = pending_commands(self.factory, self.id)
                 for command in commands:
@@ -190,7 +201,7 @@ class Worker:
                     # publish first, so whoever reads the answer also reads the new state
                     self.publish_status()
                     complete_command(self.factory, command.id, result, error)
-                if time.monotonic() - last_publish >= 1.0:
+                if moved or time.monotonic() - last_publish >= self.status_interval:
                     self.publish_status()
                     last_publish = time.monotonic()
             except Exception:  # noqa: BLE001 - the control loop must outlive a busy database
@@ -205,6 +216,7 @@ class Worker:
         try:
             if command == "offload":
                 if not m.has_gpu:
+                    m.offload(model)  # nothing to move; raises UnknownModel for a wrong name
                     return {"offloaded": [], "has_gpu": False,
                             "message": "this worker has no GPU: models stay in RAM"}, None
                 return {"offloaded": m.offload(model), "has_gpu": True}, None
@@ -270,7 +282,14 @@ class Worker:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
             prepared = prepare(model, dataset, params, self.settings,
                                api=ApiOptions.model_validate(api) if api else None,
-                               api_key=api_key)
+                               api_key=api_key, fetch_data=True,
+                               data_progress=self._data_progress(job_id, dataset))
+            for fetched in prepared.dataset.data_access.fetched:
+                record_data_fetch(self.factory, job_id, self.id, {
+                    "kind": "data_fetch", "state": "done", "dataset": dataset,
+                    "repo_id": fetched["repo_id"], "bytes_done": fetched["bytes"],
+                    "bytes_total": fetched["bytes"], "files": fetched["files"],
+                    "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
             outcome = run_evaluation(
@@ -278,6 +297,8 @@ class Worker:
                 keep_on_gpu=lambda: next_queued_model(
                     self.factory, [model], self.settings.affinity_seconds,
                     Capacity(self.labels, len(self.gpus))) == model)
+            # publish first, so whoever sees the job end also sees where its model is now
+            self._publish_quietly()
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
                 requeue_job(self.factory, job_id, self.id)
                 log.info("[Worker] job %d given back to the queue", job_id)
@@ -304,6 +325,22 @@ class Worker:
         finally:
             self.current_job = None
 
+    def _data_progress(self, job_id: int, dataset: str):
+        """The progress callback of a data fetch: the job shows a running `data_fetch`
+        event (the "fetching data" phase) with its bytes."""
+        logged = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            if time.monotonic() - logged[0] >= 5 or done == total:  # a line every 5 s
+                logged[0] = time.monotonic()
+                log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
+                         dataset, done, "?" if total is None else total)
+            record_data_fetch(self.factory, job_id, self.id, {
+                "kind": "data_fetch", "state": "running", "dataset": dataset,
+                "bytes_done": done, "bytes_total": total, "at": utcnow().isoformat()},
+                self.settings.lease_seconds)
+        return report
+
     def _prefetch_next(self, current: str) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is
         offloaded here and fits (see ModelManager.prefetch)."""
@@ -316,8 +353,15 @@ class Worker:
         except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
             log.exception("[Worker] prefetch failed")
 
+    def _publish_quietly(self) -> None:
+        try:
+            self.publish_status()
+        except Exception:  # noqa: BLE001 - the job's outcome matters more than the status
+            log.exception("[Worker] publishing the model manager status failed")
+
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)
+        self._publish_quietly()
         try:
             events = self.manager.events_since(getattr(self, "_job_events_from", 0))
             finish_job(self.factory, job_id, self.id, JobState.FAILED, error=error,

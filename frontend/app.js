@@ -1,6 +1,7 @@
 // LLM Bench Shower web page: plain ES modules, no build step. Everything the model
 // produced is inserted as text (textContent), never as HTML.
 import { heatmap, lineChart } from "./charts.js";
+import { builtinNote, dataStatus, fetchProgress } from "./datastatus.js";
 import { api, badge, download, fmtBytes, fmtSeconds, h, mb, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t } from "./i18n.js";
 import { methodComparison } from "./methods.js";
@@ -127,7 +128,7 @@ async function viewLaunch() {
         if (!cb.checked && existing) existing.remove();
       } });
     return h("label", { class: "ds" }, cb, ` ${ds.name}`,
-      h("small", { text: ` — ${ds.description}${ds.cost ? ` (${ds.cost})` : ""}` }));
+      h("small", { text: ` — ${ds.description}${ds.cost ? ` (${ds.cost})` : ""}` }), " ", dataStatus(ds));
   });
   const options = optionsForm();
   const status = h("div", { id: "launch-status", role: "status" });
@@ -182,7 +183,7 @@ async function viewQueue() {
                                           api("GET", "/api/v1/memory/models")]);
     if (!res.ok) return;
     const where = {};
-    for (const m of mem.data?.models || []) where[m.model_name] = m.location;
+    for (const m of mem.data?.models || []) if (!m.stale) where[m.model_name] = m.location;
     const rows = res.data.jobs.map((job) => {
       const pct = job.progress.total ? Math.round((100 * job.progress.done) / job.progress.total) : 0;
       const actions = [];
@@ -200,7 +201,7 @@ async function viewQueue() {
         h("td", {}, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
           job.waiting_reason ? h("div", { class: "waiting", text: job.waiting_reason }) : null),
         h("td", {}, h("progress", { max: 100, value: pct }),
-          ` ${job.progress.done}/${job.progress.total ?? "?"}`),
+          ` ${job.progress.done}/${job.progress.total ?? "?"}`, fetchProgress(job)),
         h("td", { text: eta(job) }), h("td", { text: job.worker_id || "" }),
         h("td", { text: where[job.model] || "" }), h("td", {}, actions));
     });
@@ -258,7 +259,7 @@ async function viewJob(id) {
       h("b", { text: `${t("waiting_reason")}: ` }), job.waiting_reason) : null,
     jobMeta(job),
     h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
-      h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" })),
+      h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }), builtinNote(job.model)),
     h("p", {},
       h("a", { href: `/api/jobs/${id}/export?format=json`, id: "export-json", text: t("export_json"),
         onclick: (ev) => { ev.preventDefault(); download(`/api/jobs/${id}/export?format=json`, `job-${id}.json`); } }),
@@ -316,7 +317,7 @@ async function viewCompare() {
     if (!latest[key]) latest[key] = j;
   }
   const rows = Object.values(latest).map((j) => h("tr", {},
-    h("td", { text: j.model }), h("td", { text: j.dataset }),
+    h("td", {}, j.model, builtinNote(j.model)), h("td", { text: j.dataset }),
     h("td", { text: j.scores.overall?.toFixed(4) ?? "" }),
     h("td", { text: mb(j.memory.rss_peak_bytes) }),
     h("td", { text: j.duration_s ? (j.progress.done / j.duration_s).toFixed(2) : "" }),
@@ -388,8 +389,11 @@ async function viewModels() {
     }
     const head = h("tr", {}, ["model", "worker", "location", "size", "idle", "loads", "pinned", "actions"]
       .map((k) => h("th", { text: t(k) })));
-    const rows = (m.data?.models || []).map((x) => h("tr", { "data-model": x.model_name, "data-location": x.location },
-      h("td", { text: x.model_name }), h("td", { text: x.worker_id }), h("td", { class: "location", text: x.location }),
+    const rows = (m.data?.models || []).map((x) => h("tr", { "data-model": x.model_name, "data-location": x.location,
+      // a worker whose heartbeat stopped: what it last said, which may no longer be true
+      class: x.stale ? "stale" : null },
+      h("td", { text: x.model_name }), h("td", { text: x.stale ? `${x.worker_id} (${t("worker_lost")})` : x.worker_id }),
+      h("td", { class: "location", text: x.location }),
       h("td", { text: x.formatted_size }), h("td", { text: x.idle_time_seconds }), h("td", { text: x.load_count }),
       h("td", { text: x.pinned ? t("yes") : t("no") }),
       h("td", {},

@@ -13,6 +13,11 @@ import torch
 from backend.runners.base import LoglikelihoodRequest
 from tests.conftest import ROOT
 
+
+def _plain(context: str, continuation: str) -> LoglikelihoodRequest:
+    """A request whose context is plain text (no chat template), as C-Eval's default."""
+    return LoglikelihoodRequest(context, continuation, chat_template=False)
+
 FIXTURES = ROOT / "tests" / "fixtures" / "ceval"
 
 
@@ -26,7 +31,7 @@ def tiny_runner(builtin_models_dir):
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return HFRunner(ModelSpec("tiny", folder), model, AutoTokenizer.from_pretrained(folder),
-                    "cpu", 8192, use_chat_template=False)
+                    "cpu", 8192)
 
 
 @pytest.fixture
@@ -50,10 +55,10 @@ def _requests() -> list[LoglikelihoodRequest]:
     for i in range(7):
         ctx = "问题：" + " ".join(words[: 2 + 2 * i]) + ["\n答案：", "\n", " ", "\t", ":", "\n\n",
                                                       " \n"][i]
-        out += [LoglikelihoodRequest(ctx, c) for c in ("A", "B", "C", "D")]
-        out.append(LoglikelihoodRequest(ctx, " and then some more words"))
+        out += [_plain(ctx, c) for c in ("A", "B", "C", "D")]
+        out.append(_plain(ctx, " and then some more words"))
         if i == 0:  # two longer continuations of one context
-            out.append(LoglikelihoodRequest(ctx, "the old mill"))
+            out.append(_plain(ctx, "the old mill"))
     random.Random(7).shuffle(out)
     return out
 
@@ -92,7 +97,7 @@ def test_a_shared_prompt_prefix_is_computed_once_per_batch(tiny_runner):
         f"例题{k}：the river runs past the old mill number {k}\n答案：A\n\n" for k in range(4))
     questions = ["光速是多少？", "电阻的单位是什么？ the miller sleeps", "水的沸点？",
                  "牛顿第一定律说的是 what the river runs past"]
-    requests = [LoglikelihoodRequest(header + q + "\n答案：", c)
+    requests = [_plain(header + q + "\n答案：", c)
                 for q in questions for c in ("A", "B", " and the old mill")]
     passes: list[tuple[int, int]] = []
     handle = tiny_runner.model.register_forward_pre_hook(
@@ -196,8 +201,8 @@ def test_stored_logprobs_keep_full_precision(tiny_runner):
 
     ds = CEval()
     item = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES)}), tiny_runner)[0]
-    _, _, _, fields = _choose(tiny_runner, item)
-    raw = tiny_runner.loglikelihood([LoglikelihoodRequest(item.prompt, c) for c in "ABCD"])
+    _, _, _, fields = _choose(tiny_runner, item, False)
+    raw = tiny_runner.loglikelihood([_plain(item.prompt, c) for c in "ABCD"])
     assert fields["logprobs"] == {c: r.logprob for c, r in zip("ABCD", raw, strict=True)}
     assert any(round(v, 4) != v for v in fields["logprobs"].values())
 
@@ -211,7 +216,7 @@ class _LmEvalShim:
     backend = "causal"
 
     def __init__(self, runner):
-        self.tok_encode = runner.tok.prompt_ids
+        self.tok_encode = lambda text: runner.tok.prompt_ids(text, False)
 
 
 @pytest.mark.parametrize("context, continuation", [
@@ -230,7 +235,7 @@ def test_split_matches_lm_eval_encode_pair(tiny_runner, context, continuation):
     from lm_eval.api.model import TemplateLM
 
     expected = TemplateLM._encode_pair(_LmEvalShim(tiny_runner), context, continuation)
-    assert tiny_runner._split(LoglikelihoodRequest(context, continuation)) == expected
+    assert tiny_runner._split(_plain(context, continuation)) == expected
 
 
 def test_order_for_batching_keeps_shared_prompts_together_longest_first():

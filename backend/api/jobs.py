@@ -25,8 +25,9 @@ from backend.api.schemas import (
     sample_out,
 )
 from backend.datasets.base import ParamError, PathRefused
+from backend.datasets.hub import DataMissing
 from backend.datasets.registry import UnknownDataset
-from backend.evaluation import JobFieldError, prepare
+from backend.evaluation import JobFieldError, JobFieldRefused, prepare
 from backend.runners.models import ModelNotFound, ModelPathRefused
 from backend.secrets_box import encrypt
 
@@ -56,7 +57,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
     except JobFieldError as exc:
         field = f"{prefix}{exc.field}"
-        raise ApiError(422, "invalid_job", f"{field}: {exc.message}",
+        status, code = (403, "path_refused") if isinstance(exc, JobFieldRefused) \
+            else (422, "invalid_job")
+        raise ApiError(status, code, f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     except UnknownDataset as exc:
         raise ApiError(422, "unknown_dataset", str(exc),
@@ -76,6 +79,10 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         if isinstance(exc, PathRefused):
             raise ApiError(403, "path_refused", f"{field}: {exc.message}",
                            [{"field": field, "message": exc.message}])
+        if isinstance(exc, DataMissing):
+            raise ApiError(422, "data_missing", f"{field}: {exc.message}",
+                           [{"field": field, "message": exc.message}],
+                           {"guidance": exc.guidance})
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)

@@ -154,6 +154,14 @@ class Dataset:
     """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
     when a job gives no `data_dir` (set by evaluation.prepare)."""
 
+    hub: ClassVar[Any] = None
+    """Where the official data lives on the Hugging Face hub (a `hub.HubSource`), so
+    that it can be fetched and read from the hub cache; None for bundled data."""
+
+    data_access: Any = None
+    """A `hub.DataAccess` (set by evaluation.prepare): whether missing data may be
+    fetched here, offline mode, and the progress callback."""
+
     confine_paths: bool = False
     """Set by evaluation.prepare for jobs from the API: paths in parameters must lie
     under `datasets_dir` (see local_path)."""
@@ -169,11 +177,14 @@ class Dataset:
         except OutsideAllowedFolders as exc:
             raise PathRefused(field, f"refused: {exc}") from None
 
-    def data_folder(self, given: str | None, folder_name: str | None = None) -> Path:
+    def data_folder(self, given: str | None, folder_name: str | None = None,
+                    parts: list[str] | None = None) -> Path:
         """The folder to read data from; ParamError saying where it looked if missing.
 
         `given` may be `hub:<org>/<name>`: the snapshot of that dataset repository in
-        the local Hugging Face cache (never downloaded here).
+        the local Hugging Face cache (never downloaded here). Without `given`:
+        `<datasets dir>/<name>/` when it exists, else the dataset's `hub` source (the
+        cache, or a fetch where allowed; `parts` limits what is fetched; see hub.py).
         """
         if given and given.startswith("hub:"):
             return _hub_snapshot(given[4:])
@@ -181,6 +192,10 @@ class Dataset:
             path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
             path = self.datasets_dir / (folder_name or self.name)
+            if not path.is_dir() and self.hub is not None:
+                from backend.datasets.hub import locate
+
+                return locate(self, parts)
         else:
             raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
         if not path.is_dir():

@@ -10,7 +10,8 @@ Prompt (the official one): "以下是中国关于{科目}考试的单项选择�
 答案。" then the examples, each "question / A. … / B. … / C. … / D. … / 答案：X", and
 the question ending in "答案：". Scoring: by default the log-likelihood of each
 answer letter after the prompt (one forward pass per question); `method:
-generate` asks the model to answer and takes the first A-D letter of its reply.
+generate` asks the model to answer and takes the option letter of its reply (the
+official evaluator's rules, then the first standalone capital A-D; see extract_letter).
 Accuracy per subject, per category (STEM, Social Science, Humanities, Other),
 and the average over subjects (as the official leaderboard reports it); the
 accuracy over all questions is reported as `micro`.
@@ -33,7 +34,8 @@ from backend.datasets.base import (
     ScoreEntry,
     check_known,
 )
-from backend.datasets.files import read_records
+from backend.datasets.files import read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 LETTERS = ["A", "B", "C", "D"]
@@ -100,19 +102,24 @@ class CEvalParams(DatasetParams):
         return check_known(value, SUBJECTS, "subject(s)")
 
 
-def split_file(folder, subject: str, split: str):
-    """The official `<split>/<subject>_<split>.csv`, or the hub's
-    `<subject>/<split>-*.parquet`; None when neither exists."""
+def split_files(folder, subject: str, split: str) -> list:
+    """The official `<split>/<subject>_<split>.csv`, or every shard of the hub's
+    `<subject>/<split>-*.parquet`; [] when neither exists."""
     path = folder / split / f"{subject}_{split}.csv"
     if path.is_file():
-        return path
-    hub = sorted(folder.glob(f"{subject}/{split}-*.parquet"))
-    return hub[0] if hub else None
+        return [path]
+    return sorted(folder.glob(f"{subject}/{split}-*.parquet"))
+
+
+def split_file(folder, subject: str, split: str):
+    """The first file of `split_files`, None when there is none."""
+    files = split_files(folder, subject, split)
+    return files[0] if files else None
 
 
 def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
-    path = split_file(folder, subject, split)
-    return [{k: str(v) for k, v in r.items()} for r in read_records(path)] if path else []
+    return [{k: str(v) for k, v in r.items()}
+            for r in read_all(split_files(folder, subject, split))]
 
 
 def format_question(row: dict[str, str], with_answer: bool) -> str:
@@ -121,10 +128,37 @@ def format_question(row: dict[str, str], with_answer: bool) -> str:
     return text + (row["answer"].strip() + "\n\n" if with_answer else "")
 
 
+# The official evaluator's patterns (hkust-nlp/ceval, evaluators/chatgpt.py extract_ans).
+_OFFICIAL = [re.compile(p) for p in (
+    r"^选([A-D])", r"^选项([A-D])", r"答案是\s?选?项?\s?([A-D])", r"答案为\s?选?项?\s?([A-D])",
+    r"答案应为\s?选?项?\s?([A-D])", r"答案选\s?选?项?\s?([A-D])", r"答案是:\s?选?项?\s?([A-D])",
+    r"答案应该是:\s?选?项?\s?([A-D])", r"正确的一项是\s?([A-D])", r"答案为:\s?选?项?\s?([A-D])",
+    r"答案应为:\s?选?项?\s?([A-D])", r"答案:\s?选?项?\s?([A-D])", r"答案是：\s?选?项?\s?([A-D])",
+    r"答案应该是：\s?选?项?\s?([A-D])", r"答案为：\s?选?项?\s?([A-D])",
+    r"答案应为：\s?选?项?\s?([A-D])", r"答案：\s?选?项?\s?([A-D])")]
+_LEADING = re.compile(r"^([A-D])(?![A-Za-z])")
+_LEADING_LOWER = re.compile(r"^([a-d])(?:[).:：）]|$)")
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])")
+
+
 def extract_letter(reply: str) -> str:
-    """The first A-D letter of a generated reply ('' when there is none)."""
-    match = re.search(r"[ABCD]", reply.upper()) if reply else None
-    return match.group(0) if match else ""
+    """The option letter of a generated reply ('' when there is none).
+
+    In order: a reply that starts with the letter (the official evaluator's first
+    rule; "A. 安培", "d)"), the official Chinese answer patterns ("答案是C", "选B"), then
+    the first standalone capital A-D (not part of a word: "Correct option: D" gives D,
+    "I choose A" gives A, "BAD" gives nothing).
+    """
+    text = (reply or "").strip()
+    match = _LEADING.match(text) or _LEADING_LOWER.match(text)
+    if match:
+        return match.group(1).upper()
+    for pattern in _OFFICIAL:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    match = _STANDALONE.search(text)
+    return match.group(1) if match else ""
 
 
 @register
@@ -135,9 +169,18 @@ class CEval(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "52 subjects, 1346 val questions; one forward pass each"
     Params = CEvalParams
+    hub = HubSource("ceval/ceval-exam", files=("*/dev-*.parquet", "*/val-*.parquet",
+                                                "*/test-*.parquet"),
+                    part_files=("{part}/*.parquet",), parts_param="subjects",
+                    configs=tuple(SUBJECTS), splits=("dev", "val", "test"))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        """(subject, split, files) of every split file in a data folder."""
+        return [(s, split, files) for s in SUBJECTS for split in ("dev", "val", "test")
+                if (files := split_files(folder, s, split))]
 
     def _subjects(self, params: CEvalParams):
-        folder = self.data_folder(params.data_dir)
+        folder = self.data_folder(params.data_dir, parts=params.subjects)
         subjects = params.subjects or [s for s in SUBJECTS
                                        if split_file(folder, s, params.split)]
         if not subjects:

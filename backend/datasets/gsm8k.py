@@ -3,7 +3,7 @@
 Data: the official JSONL layout, `<data_dir>/test.jsonl` (and `train.jsonl`
 for few-shot examples), one {"question", "answer"} per line, the answer's
 last line being "#### <number>"; the hub's Parquet layout
-(`main/test-00000-of-00001.parquet`) is read too.
+(`main/test-0000k-of-0000n.parquet`, every shard) is read too.
 
 Prompt: "Question: …\\nAnswer:" after `shots` solved examples from the train
 file in the same form. The reply is cut at the next "Question:" (the model
@@ -25,9 +25,11 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    ParamError,
     PromptTokenizer,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -72,10 +74,21 @@ class GSM8K(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "1319 test problems, up to max_new_tokens generated each"
     Params = GSM8KParams
+    hub = HubSource("openai/gsm8k", files=("main/*.parquet",), configs=("main",),
+                    splits=("train", "test"))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        out = []
+        for split in ("test", "train"):
+            try:
+                out.append(("main", split, find_files(folder, [split])))
+            except ParamError:
+                continue
+        return out
 
     def _file(self, params: GSM8KParams, split: str | None = None):
-        return find_file(self.data_folder(params.data_dir), [split or params.split],
-                         field="split" if split is None else "shots")
+        return find_files(self.data_folder(params.data_dir), [split or params.split],
+                          field="split" if split is None else "shots")
 
     def check(self, params: GSM8KParams, model: Any) -> None:
         self._file(params)
@@ -83,12 +96,12 @@ class GSM8K(Dataset):
             self._file(params, "train")
 
     def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
-        path = self._file(params)
+        paths = self._file(params)
         shots = ""
         if params.shots:
-            for ex in read_records(self._file(params, "train"))[:params.shots]:
+            for ex in read_all(self._file(params, "train"))[:params.shots]:
                 shots += f"Question: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}\n\n"
-        rows = read_records(path)[:params.max_samples]
+        rows = read_all(paths)[:params.max_samples]
         items = []
         for i, row in enumerate(rows):
             prompt = tokenizer.render(f"{shots}Question: {row['question'].strip()}\nAnswer:")

@@ -25,10 +25,12 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    ParamError,
     PromptTokenizer,
     ScoreEntry,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.longbench import truncate_middle
 from backend.datasets.registry import register
 
@@ -82,9 +84,16 @@ class LongBenchV2(Dataset):
     cache_mode = CacheMode.UNCACHED
     cost = "503 questions of 8k-2M words (middle-truncated to the model)"
     Params = LongBenchV2Params
+    hub = HubSource("THUDM/LongBench-v2", files=("data.json",), splits=("train",))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        try:
+            return [("all", "train", find_files(folder, ["data", "train"]))]
+        except ParamError:
+            return []
 
     def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
-        rows = read_records(find_file(self.data_folder(params.data_dir), ["data", "train"]))
+        rows = read_all(find_files(self.data_folder(params.data_dir), ["data", "train"]))
         rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
                 and (params.length in (None, r.get("length")))]
         return rows[:params.max_samples]

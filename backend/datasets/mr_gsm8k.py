@@ -40,6 +40,7 @@ from backend.datasets.base import (
     ScoreEntry,
 )
 from backend.datasets.files import read_records
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 PROMPT = """Act as a grade school math teacher and score the following problem solution.
@@ -114,11 +115,27 @@ class MRGSM8K(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "3000 solutions to grade, up to max_new_tokens generated each"
     Params = MRGSM8KParams
+    # The hub dataset the official repository (dvlab-research/MR-GSM8K) links to; its
+    # JSON files are fetched and `file` is looked for anywhere in the snapshot.
+    hub = HubSource("Randolphzeng/DiagGSM8K", files=("*.json", "*.jsonl", "*.parquet"),
+                    splits=("test",))
+
+    @staticmethod
+    def _file(folder, name: str):
+        path = folder / name
+        if path.is_file():
+            return path
+        return next(iter(sorted(folder.rglob(name))), None)
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        path = self._file(folder, MRGSM8KParams.model_fields["file"].default)
+        return [("all", "test", [path])] if path else []
 
     def _rows(self, params: MRGSM8KParams) -> list[dict[str, Any]]:
-        path = self.data_folder(params.data_dir) / params.file
-        if not path.is_file():
-            raise ParamError("file", f"no {params.file} in {path.parent}")
+        folder = self.data_folder(params.data_dir)
+        path = self._file(folder, params.file)
+        if path is None:
+            raise ParamError("file", f"no {params.file} in {folder}")
         return read_records(path)[:params.max_samples]
 
     def check(self, params: MRGSM8KParams, model: Any) -> None:

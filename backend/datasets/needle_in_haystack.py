@@ -8,16 +8,19 @@ sentence boundary nearest to `depth_percent` of the haystack (0 = start,
 100 = end).
 
 Scoring (`score_answer`), RULER-style string match rather than a judge model:
-both texts are normalised (lower case, punctuation and the articles a/an/the
-removed, whitespace collapsed); the score is 1.0 when the normalised answer
-occurs in the normalised reply, otherwise the fraction of the answer's words
-that occur in the reply (a paraphrase earns partial credit, a miss 0.0).
+both texts are normalised (lower case, ASCII and all Unicode punctuation -
+curly quotes, 「」, «», 。，：… - and the articles a/an/the removed, whitespace
+collapsed); the score is 1.0 when the normalised answer occurs in the normalised
+reply (as whole words; a Chinese/Japanese/Korean answer anywhere), otherwise the
+fraction of the answer's words that occur in the reply (a paraphrase earns partial
+credit, a miss 0.0).
 """
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from bisect import bisect_left
 from functools import lru_cache
 from pathlib import Path
@@ -159,22 +162,31 @@ class NeedleParams(DatasetParams):
 # --- scoring ----------------------------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def _is_separator(char: str) -> bool:
+    """ASCII punctuation and symbols, and every Unicode punctuation character (category
+    P*: curly quotes, 「」, «», 。，：…, dashes)."""
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed."""
-    text = text.lower().translate(_PUNCT)
+    """Lower case, punctuation (all of Unicode's) and articles removed, whitespace
+    collapsed."""
+    text = "".join(" " if _is_separator(c) else c for c in text.lower())
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def score_answer(prediction: str, answer: str) -> float:
     """1.0 when the normalised answer is in the normalised reply, else the share
-    of the answer's words found in the reply (0.0 for none)."""
+    of the answer's words found in the reply (0.0 for none). Words are bounded by
+    spaces and punctuation; an answer in a script written without spaces (Chinese,
+    Japanese, Korean) counts wherever it occurs, as RULER's substring rule does."""
     want, got = normalize(answer), normalize(prediction)
     if not want:
         return 0.0
-    if f" {want} " in f" {got} ":
+    if f" {want} " in f" {got} " or (_CJK.search(want) and want in got):
         return 1.0
     words = want.split()
     present = set(got.split())

@@ -156,6 +156,13 @@ class CudaPeaks:
 
         self._torch = torch
         self.devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.devices:
+            # torch 2.13's reset_peak_memory_stats goes straight to the allocator
+            # (torch/cuda/memory.py: no _lazy_init), which rejects every device before
+            # CUDA starts ("Invalid device argument 0: did you call init?"), and
+            # max_memory_allocated reads 0 until then. The worker starts CUDA early by
+            # chance; the CLI and bench/compare.py do not: start it here.
+            torch.cuda.init()
         self._job: dict[int, dict[str, int]] = {
             i: {"max_allocated": 0, "max_reserved": 0} for i in range(self.devices)}
         self.nvml_peak: int | None = None  # this process's use as NVML sees it

@@ -7,10 +7,16 @@ with exponential backoff. Token usage, latency and attempts are kept per request
 
 Datasets build prompts in a local tokenizer's tokens (`tokenizer`: the model's own
 tokenizer folder or cached hub id, else the built-in tiny model's, so NIAH lengths
-are then approximate for the remote model). Log-likelihood needs the completions
-endpoint to echo the prompt with its token log-probabilities (`echo` + `logprobs`,
-as vLLM and the legacy OpenAI completions API do); an endpoint that does not gets a
-clear error rather than a guess.
+are then approximate for the remote model). The completions endpoint gets the prompt
+a local run would tokenise: the tokenizer's chat template only where the dataset and
+job want one.
+
+Log-likelihood needs the completions endpoint to echo the prompt with its token
+log-probabilities (`echo` + `logprobs`, as vLLM, llama.cpp's server and the legacy
+OpenAI completions API do). The runner asks for one generated token (`max_tokens: 0`
+means "until the context is full" to llama-cpp-python), sums only the echoed prompt
+tokens that spell the continuation, and checks that they do; an endpoint that returns
+no prompt log-probabilities (`transformers serve`) is named on the first request.
 
 The API key travels only in the Authorization header and never enters a log line,
 an exception message or a stored row (see `redact`).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -76,11 +83,54 @@ class ApiOptions(BaseModel):
 
 
 class ApiError(RuntimeError):
-    """A request that failed for good (after retries, or one that retrying cannot fix)."""
+    """A request that failed for good (after retries, or one that retrying cannot fix);
+    `status` is the last HTTP status the server answered, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+NO_PROMPT_LOGPROBS = (
+    "this endpoint must return prompt log-probabilities for log-likelihood scoring (the "
+    "completions endpoint with echo + logprobs, as vLLM and llama.cpp's server do)")
+NO_CHAT_TEMPLATE_HINT = (
+    "if the served model has no chat template, set api.endpoint \"completions\" (the "
+    "prompt is then sent as is)")
 
 
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def remote_message(raw: bytes, limit: int = 300) -> str:
+    """What a remote JSON error answer says (`error.message`, or `error` / `message` /
+    `detail` text), safe to store and show: ANSI sequences and control characters
+    (newlines included) removed, whitespace folded, length capped. '' for a body that
+    is not such JSON: an HTML page of some internal service is never copied into a job.
+    """
+    try:
+        data = json.loads(raw[:65536].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return ""
+    found: Any = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        found = err.get("message") if isinstance(err, dict) else err
+        if not isinstance(found, str):
+            found = data.get("message", data.get("detail"))
+    return clean_remote_text(found, limit) if isinstance(found, str) else ""
+
+
+def clean_remote_text(text: str, limit: int = 300) -> str:
+    """Text from a remote server made safe to store and show: ANSI sequences and
+    control characters (newlines included) removed, whitespace folded, length capped."""
+    text = " ".join(_CONTROL.sub(" ", _ANSI.sub("", text)).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass
@@ -116,29 +166,35 @@ class OpenAIRunner(Runner):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def render(self, user_message: str) -> str:
+    def render(self, user_message: str, chat_template: bool = True) -> str:
         # The chat endpoint applies the served model's template itself.
-        return user_message if self.use_chat else self.tok.render(user_message)
+        return user_message if self.use_chat else self.tok.render(user_message, chat_template)
 
-    def count_prompt(self, prompt: str) -> int:
-        return self.tok.count_prompt(prompt)
-
-    def without_chat_template(self) -> OpenAIRunner:
-        return self  # the chat endpoint always templates; completions never does here
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
+        # The chat endpoint wraps the message in the served model's template; counting
+        # it with the job's tokenizer's template keeps prompt budgets on the server too.
+        # The completions endpoint gets the dataset's prompt as is, as a local run would
+        # feed it: rendered with the template or not, as the job asked (chat_template).
+        if self.use_chat:
+            return self.tok.count_prompt(self.tok.render(prompt))
+        return self.tok.count_prompt(prompt, chat_template)
 
     # --- HTTP -----------------------------------------------------------------------
 
-    def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """POST with retries; returns (answer, attempts). Raises ApiError."""
+    def _post(self, path: str, body: dict[str, Any],
+              retry_status: frozenset[int] | set[int] = RETRY_STATUS
+              ) -> tuple[dict[str, Any], int]:
+        """POST with retries (on `retry_status`, timeouts and unreadable answers);
+        returns (answer, attempts). Raises ApiError."""
         url = f"{self.options.base_url}{path}"
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        attempts = 0
+        attempts, status = 0, None
         while True:
             attempts += 1
-            problem, retry_after = None, None
+            problem, retry_after, status = None, None, None
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.options.timeout_s) as res:
@@ -151,11 +207,13 @@ class OpenAIRunner(Runner):
                 except ValueError:
                     problem = f"unreadable answer ({raw[:80]!r})"
             except urllib.error.HTTPError as err:
-                detail = err.read()[:300].decode("utf-8", "replace")
-                if err.code not in RETRY_STATUS:
-                    raise ApiError(redact(f"{url} answered HTTP {err.code}: {detail}",
-                                          self._key)) from None
-                problem = f"HTTP {err.code}"
+                status = err.code
+                # the JSON error's message, else the status line's reason phrase
+                detail = remote_message(err.read()) or clean_remote_text(str(err.reason or ""))
+                problem = f"HTTP {err.code}" + (f": {detail}" if detail else "")
+                if err.code not in retry_status:
+                    raise ApiError(redact(f"{url} answered {problem}", self._key),
+                                   status) from None
                 retry_after = err.headers.get("Retry-After") if err.headers else None
             except TimeoutError:
                 problem = f"no answer within {self.options.timeout_s:g} s"
@@ -168,7 +226,8 @@ class OpenAIRunner(Runner):
                 problem = f"connection failed: {err}"
             problem = redact(problem, self._key)
             if attempts > self.options.max_retries:
-                raise ApiError(f"{url}: {problem} (gave up after {attempts} attempts)")
+                raise ApiError(f"{url}: {problem} (gave up after {attempts} attempts)",
+                               status)
             delay = min(30.0, 0.25 * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
             if retry_after:
                 try:
@@ -187,14 +246,22 @@ class OpenAIRunner(Runner):
                                 "temperature": 0}
         if self.use_chat:
             body["messages"] = [{"role": "user", "content": request.prompt}]
-            answer, attempts = self._post("/chat/completions", body)
+            try:
+                answer, attempts = self._post("/chat/completions", body)
+            except ApiError as exc:
+                # A model without a chat template: vLLM answers 400 naming it,
+                # transformers serve a bare 500 (the reason only in its log).
+                if exc.status in (400, 422, 500) or "template" in str(exc).lower():
+                    raise ApiError(f"{exc}; {NO_CHAT_TEMPLATE_HINT}", exc.status) from None
+                raise
             text = (answer["choices"][0].get("message") or {}).get("content") or ""
         else:
             body["prompt"] = request.prompt
             answer, attempts = self._post("/completions", body)
             text = answer["choices"][0].get("text") or ""
         usage = answer.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or self.count_prompt(request.prompt))
+        prompt_tokens = int(usage.get("prompt_tokens")
+                            or self.count_prompt(request.prompt, request.chat_template))
         output_tokens = int(usage.get("completion_tokens") or len(self.encode(text)))
         with self.stats.lock:
             self.stats.requests += 1
@@ -219,31 +286,36 @@ class OpenAIRunner(Runner):
             raise ApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
                            "generation method of the dataset (e.g. C-Eval method: generate)")
-        return [self._loglikelihood(r) for r in requests]
+        if not requests:
+            return []
+        # The first request alone: an endpoint without prompt log-probabilities is
+        # named at once instead of after a batch of failed (or retried) requests.
+        first = self._loglikelihood(requests[0], probe=True)
+        rest = requests[1:]
+        if len(rest) <= 1 or self.options.concurrency == 1:
+            return [first, *(self._loglikelihood(r) for r in rest)]
+        with ThreadPoolExecutor(min(self.options.concurrency, len(rest))) as pool:
+            return [first, *pool.map(self._loglikelihood, rest)]
 
-    def _loglikelihood(self, request: LoglikelihoodRequest) -> Loglikelihood:
+    def _loglikelihood(self, request: LoglikelihoodRequest, probe: bool = False
+                       ) -> Loglikelihood:
+        # max_tokens 1, not 0: llama-cpp-python generates until its context is full
+        # for 0 and transformers' generate() refuses it; the one generated token is
+        # told apart from the echoed prompt and left out.
         context, continuation = move_trailing_whitespace(request.context, request.continuation)
-        body = {"model": self.served_model, "prompt": context + continuation, "max_tokens": 0,
-                "echo": True, "logprobs": 1, "temperature": 0}
-        answer, _ = self._post("/completions", body)
-        logprobs = answer["choices"][0].get("logprobs") or {}
-        offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
-        if not offsets or not values:
-            raise ApiError("the endpoint did not return prompt log-probabilities (echo + "
-                           "logprobs); log-likelihood datasets cannot be scored through it")
-        tops = logprobs.get("top_logprobs") or [None] * len(values)
-        tokens = logprobs.get("tokens") or [None] * len(values)
-        total, greedy, count = 0.0, True, 0
-        for offset, value, top, token in zip(offsets, values, tops, tokens, strict=False):
-            if offset < len(context) or value is None:
-                continue
-            total += float(value)
-            count += 1
-            if top and token is not None:
-                greedy = greedy and max(top, key=top.get) == token
-        if count == 0:
-            raise ApiError("the continuation has no tokens in the endpoint's answer")
-        return Loglikelihood(total, greedy, count)
+        body = {"model": self.served_model, "prompt": context + continuation,
+                "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        try:
+            # A 500 to the first echo request is the server refusing echo/logprobs
+            # (transformers serve), not a hiccup worth five retries.
+            answer, _ = self._post("/completions", body,
+                                   RETRY_STATUS - {500} if probe else RETRY_STATUS)
+        except ApiError as exc:
+            if probe and exc.status is not None and exc.status not in (401, 403, 404, 429):
+                raise ApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
+            raise
+        return read_prompt_logprobs(answer, context, continuation,
+                                    f"{self.options.base_url}/completions")
 
     # --- placement (the model manager) ------------------------------------------------
 
@@ -264,6 +336,59 @@ class OpenAIRunner(Runner):
 
     def close(self) -> None:
         self._key = None
+
+
+def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str,
+                         url: str = "the endpoint") -> Loglikelihood:
+    """The continuation's log-likelihood from a completions answer to `context +
+    continuation` with echo + logprobs.
+
+    The echoed prompt's tokens are the answer's tokens less the generated ones
+    (`usage.completion_tokens`, else those whose text offset lies past the prompt).
+    Walking back from the prompt's end, the tokens whose text spells the continuation
+    (with the start of the context, if one token spans both, as a local run's split
+    does) are summed; when their text does not spell it, or no context token precedes
+    them, or the prompt's tokens do not spell the prompt, the answer is refused with
+    ApiError rather than read as a guess.
+    """
+    choice = (answer.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs") or {}
+    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not tokens or not values or len(tokens) != len(values):
+        raise ApiError(f"{NO_PROMPT_LOGPROBS}; {url} answered without them, so "
+                       "log-likelihood datasets cannot be scored through it (score them "
+                       "by generation instead, e.g. C-Eval method: generate)")
+    prompt = context + continuation
+    tops = logprobs.get("top_logprobs") or [None] * len(values)
+    generated = (answer.get("usage") or {}).get("completion_tokens")
+    offsets = logprobs.get("text_offset")
+    if isinstance(generated, int) and 0 <= generated <= len(tokens):
+        n_prompt = len(tokens) - generated
+    elif offsets and len(offsets) == len(tokens):
+        n_prompt = sum(1 for offset in offsets if offset < len(prompt))
+    else:
+        n_prompt = len(tokens)
+    spelled, first = "", n_prompt
+    while first > 0 and len(spelled) < len(continuation):
+        first -= 1
+        spelled = str(tokens[first]) + spelled
+    head = spelled[:len(spelled) - len(continuation)]
+    echoed = "".join(str(t) for t in tokens[:n_prompt])
+    covered = (spelled.endswith(continuation) and context.endswith(head)
+               and (first > 0 or not context)
+               # byte pieces of a character come back as U+FFFD: not comparable then
+               and ("\ufffd" in echoed or echoed.endswith(prompt)))
+    picked = values[first:n_prompt]
+    if not covered or any(v is None for v in picked):
+        raise ApiError(f"the tokens {url} returned do not cover the prompt: the echoed "
+                       f"prompt's last tokens spell {spelled[-60:]!r} where the continuation "
+                       f"is {continuation[-60:]!r}; the server must echo the prompt's tokens "
+                       "with their log-probabilities (echo + logprobs)")
+    greedy = True
+    for top, token in zip(tops[first:n_prompt], tokens[first:n_prompt], strict=False):
+        if top:
+            greedy = greedy and max(top, key=top.get) == token
+    return Loglikelihood(float(sum(picked)), greedy, n_prompt - first)
 
 
 def effective_options(options: ApiOptions | None, settings: Any) -> ApiOptions:

@@ -34,7 +34,8 @@ from backend.datasets.base import (
     ScoreEntry,
     check_known,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
 
@@ -85,17 +86,32 @@ class LongBench(Dataset):
     cache_mode = CacheMode.UNCACHED
     cost = "21 subsets, 4750 samples of up to ~30k tokens"
     Params = LongBenchParams
+    # The repository's loading script (LongBench.py) reads data.zip, whose data/ folder is
+    # the official layout; datasets 5 no longer runs scripts, so the zip is read directly.
+    hub = HubSource("THUDM/LongBench", files=("data.zip",), archive="data.zip", layout="data",
+                    configs=tuple(SUBSETS) + tuple(f"{s}_e" for s in SUBSETS),
+                    splits=("test",))
 
-    def _files(self, params: LongBenchParams) -> list[tuple[str, Path]]:
+    def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
+        out = []
+        for subset in SUBSETS:
+            for stem in (subset, subset + "_e"):
+                try:
+                    out.append((stem, "test", find_files(folder, [stem])))
+                except ParamError:
+                    continue
+        return out
+
+    def _files(self, params: LongBenchParams) -> list[tuple[str, list[Path]]]:
         folder = self.data_folder(params.data_dir)
         suffix = "_e" if params.use_e else ""
         if params.subsets:
-            return [(s, find_file(folder, [s + suffix], field="subsets"))
+            return [(s, find_files(folder, [s + suffix], field="subsets"))
                     for s in params.subsets]
         files = []
         for subset in SUBSETS:
             try:
-                files.append((subset, find_file(folder, [subset + suffix])))
+                files.append((subset, find_files(folder, [subset + suffix])))
             except ParamError:
                 continue
         if not files:
@@ -108,11 +124,11 @@ class LongBench(Dataset):
 
     def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
-        for subset, path in self._files(params):
+        for subset, paths in self._files(params):
             spec = SUBSETS[subset]
             budget = params.max_length or (tokenizer.max_length - spec["max_new_tokens"]
                                            - TEMPLATE_SLACK)
-            for row in read_records(path)[:params.max_samples]:
+            for row in read_all(paths)[:params.max_samples]:
                 text = truncate_middle(spec["prompt"].format(**row), tokenizer, budget)
                 templated = params.use_chat_template and subset not in NO_CHAT_TEMPLATE
                 prompt = tokenizer.render(text) if templated else text
