@@ -87,6 +87,8 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
     runner asks for one token and sums only the echoed prompt's continuation tokens, so
     the scores are the local model's."""
     requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
+    # one split rule for both runners: the context's trailing newline is scored too
+    requests += [LoglikelihoodRequest("Question: what did Aunt Margit cook?\nAnswer:\n", "A")]
     local = tiny_runner.loglikelihood([LoglikelihoodRequest(r.context, r.continuation,
                                                             chat_template=False)
                                        for r in requests])
@@ -95,9 +97,9 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
         assert b.logprob == pytest.approx(a.logprob, abs=1e-3)
         assert b.tokens == a.tokens and b.is_greedy == a.is_greedy
     bodies = [r["body"] for r in fake.requests]
-    assert len(bodies) == 3 and all(b["max_tokens"] == 1 and b["echo"] is True
+    assert len(bodies) == 4 and all(b["max_tokens"] == 1 and b["echo"] is True
                                     and b["prompt"] == QUESTION + c
-                                    for b, c in zip(bodies, CHOICES, strict=True))
+                                    for b, c in zip(bodies[:3], CHOICES, strict=True))
 
     with pytest.raises(ApiError, match="completions endpoint with echo and logprobs"):
         _client(fake, tiny_runner).loglikelihood(requests)

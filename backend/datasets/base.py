@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -73,9 +73,11 @@ class DatasetParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(
-        1, ge=1, le=256, title="Batch size",
-        description="prompts generated together; halved automatically on out-of-memory")
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        1, title="Batch size",
+        description="prompts generated (or multiple-choice questions scored) together; "
+                    "\"auto\": the largest batch that fits, probed on the longest item; "
+                    "halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
         "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "

@@ -44,6 +44,7 @@ from backend.runners.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     Runner,
+    move_trailing_whitespace,
 )
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,9 @@ class OpenAIRunner(Runner):
         with ThreadPoolExecutor(min(self.options.concurrency, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 
-    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+    def loglikelihood(self, requests: list[LoglikelihoodRequest],
+                      batch_size: int = 1) -> list[Loglikelihood]:
+        """One completions request per request (`batch_size` changes nothing here)."""
         if self.use_chat:
             raise ApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
@@ -299,7 +302,8 @@ class OpenAIRunner(Runner):
         # max_tokens 1, not 0: llama-cpp-python generates until its context is full
         # for 0 and transformers' generate() refuses it; the one generated token is
         # told apart from the echoed prompt and left out.
-        body = {"model": self.served_model, "prompt": request.context + request.continuation,
+        context, continuation = move_trailing_whitespace(request.context, request.continuation)
+        body = {"model": self.served_model, "prompt": context + continuation,
                 "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
         try:
             # A 500 to the first echo request is the server refusing echo/logprobs
@@ -310,7 +314,7 @@ class OpenAIRunner(Runner):
             if probe and exc.status is not None and exc.status not in (401, 403, 404, 429):
                 raise ApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
             raise
-        return read_prompt_logprobs(answer, request.context, request.continuation,
+        return read_prompt_logprobs(answer, context, continuation,
                                     f"{self.options.base_url}/completions")
 
     # --- placement (the model manager) ------------------------------------------------
