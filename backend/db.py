@@ -356,7 +356,13 @@ def _m005_api_models(op: Any) -> None:
     op.add_column("jobs", sa.Column("api_key_encrypted", sa.Text))
 
 
-def _m006_id_floors(op: Any) -> None:
+def _m006_unknown_memory(op: Any) -> None:
+    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
+    with op.batch_alter_table("memory_peaks") as batch:
+        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
+
+
+def _m007_id_floors(op: Any) -> None:
     op.create_table(
         "id_floors",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -368,16 +374,10 @@ def _m006_id_floors(op: Any) -> None:
                "FROM jobs")
 
 
-def _m007_unknown_memory(op: Any) -> None:
-    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
-    with op.batch_alter_table("memory_peaks") as batch:
-        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
-
-
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
-                                           _m005_api_models, _m006_id_floors,
-                                           _m007_unknown_memory]
+                                           _m005_api_models, _m006_unknown_memory,
+                                           _m007_id_floors]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL
