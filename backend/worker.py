@@ -85,10 +85,17 @@ class _DbSink:
             "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
         cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
                                self.worker.settings.lease_seconds, values)
+        if cancel:
+            self.worker.cancel_seen.set()
+        return not self.should_stop()
+
+    def should_stop(self) -> bool:
+        """Cancelled (seen by the heartbeat or the last write), timed out, or the worker
+        is stopping: the evaluation loop and waiting runners stop."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
-        return not (cancel or self.timed_out or self.worker.cancel_seen.is_set()
-                    or self.worker.stopping.is_set())
+        return self.timed_out or self.worker.cancel_seen.is_set() or \
+            self.worker.stopping.is_set()
 
 
 class Worker:
@@ -254,7 +261,8 @@ class Worker:
                 api_key_encrypted: str | None = None, num_gpus: int = 1) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.evaluation import JobFieldError, prepare, run_evaluation
+        from backend.evaluation import EvalOutcome, JobFieldError, prepare, run_evaluation
+        from backend.runners.base import Stopped
         from backend.runners.models import ModelNotFound
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
@@ -273,11 +281,16 @@ class Worker:
                                api_key=api_key)
             prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
-            outcome = run_evaluation(
-                prepared, self.manager, self.settings, sink,
-                keep_on_gpu=lambda: next_queued_model(
-                    self.factory, [model], self.settings.affinity_seconds,
-                    Capacity(self.labels, len(self.gpus))) == model)
+            prepared.should_stop = sink.should_stop
+            try:
+                outcome = run_evaluation(
+                    prepared, self.manager, self.settings, sink,
+                    keep_on_gpu=lambda: next_queued_model(
+                        self.factory, [model], self.settings.affinity_seconds,
+                        Capacity(self.labels, len(self.gpus))) == model)
+            except Stopped:  # a runner stopped waiting (an API request in flight)
+                outcome = EvalOutcome(scores=[], memory=[], stopped=True, events=[
+                    e.as_dict() for e in self.manager.events_since(self._job_events_from)])
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
                 requeue_job(self.factory, job_id, self.id)
                 log.info("[Worker] job %d given back to the queue", job_id)

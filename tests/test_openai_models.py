@@ -64,7 +64,8 @@ def test_retries_on_429_500_bad_json_and_timeouts(fake, tiny_runner):
     assert [r["outcome"] for r in fake.requests] == ["429", "500", "badjson", "slow", "ok"]
 
     fake.failures = ["500"] * 10
-    with pytest.raises(ApiError, match=r"HTTP 500 \(gave up after 4 attempts\)"):
+    with pytest.raises(ApiError,
+                       match=r"HTTP 500: The server had an error \(gave up after 4 attempts\)"):
         _client(fake, tiny_runner).generate([GenerationRequest(PROMPTS[0], 4)])
 
 
@@ -205,12 +206,12 @@ def test_openai_job_fields_are_checked_at_submit(client, monkeypatch):
     assert submit(model="builtin:tiny", api={"base_url": "http://127.0.0.1:9/v1"}) \
         == (422, ["api"])
     assert submit(model="openai:tiny", api={"base_url": "ftp://x"}) == (422, ["api.base_url"])
-    assert submit(model="openai:tiny", api={"base_url": "http://h/v1", "concurrency": 0}) \
+    assert submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "concurrency": 0}) \
         == (422, ["api.concurrency"])
-    status, fields = submit(model="openai:tiny", api={"base_url": "http://h/v1", "api_key": 7})
+    status, fields = submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "api_key": 7})
     assert (status, fields) == (422, ["api.api_key"])
-    assert submit(model="openai:tiny", api={"base_url": "http://h/v1"},
+    assert submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1"},
                   params={**NIAH, "methods": ["basic"]}) == (422, ["params.methods"])
-    status, body = submit(model="openai:tiny", api={"base_url": "http://h/v1", "api_key": KEY})
+    status, body = submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "api_key": KEY})
     assert status == 201 and KEY not in str(body)
     assert body["data"]["job"]["memory_estimate_bytes"] is None  # needs no GPU here
