@@ -202,16 +202,16 @@ def test_openai_job_fields_are_checked_at_submit(client, monkeypatch):
         return res.status_code, [d["field"] for d in body["error"]["details"]] \
             if res.status_code >= 400 else body
 
+    LOCAL = "http://127.0.0.1:9/v1"  # noqa: N806 - loopback: allowed without a token
     assert submit(model="openai:tiny") == (422, ["api.base_url"])  # no setting, no job URL
-    assert submit(model="builtin:tiny", api={"base_url": "http://127.0.0.1:9/v1"}) \
-        == (422, ["api"])
+    assert submit(model="builtin:tiny", api={"base_url": LOCAL}) == (422, ["api"])
     assert submit(model="openai:tiny", api={"base_url": "ftp://x"}) == (422, ["api.base_url"])
-    assert submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "concurrency": 0}) \
+    assert submit(model="openai:tiny", api={"base_url": LOCAL, "concurrency": 0}) \
         == (422, ["api.concurrency"])
-    status, fields = submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "api_key": 7})
+    status, fields = submit(model="openai:tiny", api={"base_url": LOCAL, "api_key": 7})
     assert (status, fields) == (422, ["api.api_key"])
-    assert submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1"},
+    assert submit(model="openai:tiny", api={"base_url": LOCAL},
                   params={**NIAH, "methods": ["basic"]}) == (422, ["params.methods"])
-    status, body = submit(model="openai:tiny", api={"base_url": "http://127.0.0.1:9/v1", "api_key": KEY})
+    status, body = submit(model="openai:tiny", api={"base_url": LOCAL, "api_key": KEY})
     assert status == 201 and KEY not in str(body)
     assert body["data"]["job"]["memory_estimate_bytes"] is None  # needs no GPU here

@@ -1,0 +1,177 @@
+"""Hardening (issue 15) against a real server and worker: where the server's API key
+travels, which hosts jobs may reach, what of a remote answer reaches a job's error,
+and cancel / timeout ending a request that hangs. Loopback listeners stand in for
+remote endpoints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import LiveServer
+
+KEY = "sk-server-key-only-for-its-own-url"
+NIAH = {"context_lengths": [256], "depth_percents": [0], "max_new_tokens": 4}
+SECRET_PAGE = "<html>internal admin console: db-password=hunter2\x1b[31m</html>"
+
+
+class Recorder:
+    """An OpenAI-compatible endpoint that records each request's Authorization header
+    and answers a completion, or (forbidden=True) a 403 with an internal HTML page."""
+
+    def __init__(self, forbidden: bool = False):
+        self.auth: list[str | None] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                recorder.auth.append(self.headers.get("Authorization"))
+                if forbidden:
+                    body, status, kind = SECRET_PAGE.encode(), 403, "text/html"
+                else:
+                    body = json.dumps({"choices": [{"message": {"content": "goulash"}}],
+                                       "usage": {"prompt_tokens": 3,
+                                                 "completion_tokens": 1}}).encode()
+                    status, kind = 200, "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Silent:
+    """Accepts connections and never answers (a hung remote model)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def endpoints():
+    own, other, forbidden, silent = Recorder(), Recorder(), Recorder(forbidden=True), Silent()
+    yield own, other, forbidden, silent
+    for e in (own, other, forbidden, silent):
+        e.stop()
+
+
+def test_keys_hosts_remote_errors_and_hung_requests(with_tiny, endpoints):
+    own, other, forbidden, silent = endpoints
+    server = LiveServer(with_tiny, {"LBS_OPENAI_BASE_URL": own.url,
+                                    "LBS_OPENAI_API_KEY": KEY}).start()
+    try:
+        def submit(api: dict, **extra) -> int:
+            status, body = server.request("POST", "/api/jobs", {
+                "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
+                "api": {"max_retries": 0, **api}, **extra})
+            assert status == 201, body
+            return body["data"]["job"]["id"]
+
+        # 1. The server's key goes to its own base URL, never to one a job names.
+        mine = submit({})
+        theirs = submit({"base_url": other.url})
+        with_key = submit({"base_url": other.url, "api_key": "sk-the-jobs-own"})
+        for job_id in (mine, theirs, with_key):
+            job = server.wait_for(job_id, ("succeeded", "failed"))
+            assert job["state"] == "succeeded", job["error"]
+        assert own.auth == [f"Bearer {KEY}"]
+        assert other.auth == [None, "Bearer sk-the-jobs-own"]
+
+        # 2. A remote error is its status and a short reason, not the remote body.
+        job = server.wait_for(submit({"base_url": forbidden.url}), ("succeeded", "failed"))
+        assert job["state"] == "failed" and "HTTP 403" in job["error"]
+        assert "hunter2" not in job["error"] and "admin" not in job["error"]
+        assert forbidden.auth == [None]
+
+        # 4. Cancel and the job's timeout end a request that never gets an answer.
+        hung = submit({"base_url": silent.url, "timeout_s": 600})
+        deadline = time.monotonic() + 60
+        while not silent.held and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert silent.held, "the worker never connected"
+        assert server.wait_for(hung, ("running",))["state"] == "running"
+        asked = time.monotonic()
+        assert server.request("POST", f"/api/jobs/{hung}/cancel")[0] == 200
+        job = server.wait_for(hung, ("cancelled", "failed", "succeeded"), timeout=30)
+        assert job["state"] == "cancelled", job
+        took = time.monotonic() - asked
+
+        timed = submit({"base_url": silent.url, "timeout_s": 600}, timeout_s=2)
+        job = server.wait_for(timed, ("cancelled", "failed", "succeeded"), timeout=30)
+        assert job["state"] == "failed" and "timed out" in job["error"], job
+        print(f"cancel reached the hung request in {took:.1f} s")
+    finally:
+        server.stop()
+
+
+def test_jobs_reach_only_allowed_hosts(monkeypatch, with_tiny):
+    from backend.config import load_settings
+    from backend.server import create_app
+
+    def client(**env):
+        for name in ("LBS_API_TOKEN", "LBS_OPENAI_ALLOWED_HOSTS", "LBS_OPENAI_BASE_URL"):
+            monkeypatch.delenv(name, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return create_app(load_settings(), {"TESTING": True}).test_client()
+
+    def submit(c, base_url: str, token: str | None = "t0ken") -> tuple[int, list[str]]:
+        res = c.post("/api/jobs", json={"model": "openai:tiny", "dataset": "needle_in_haystack",
+                                        "params": NIAH, "api": {"base_url": base_url}},
+                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        body = res.get_json()
+        return res.status_code, [d["field"] for d in body["error"]["details"]] \
+            if res.status_code >= 400 else []
+
+    # With a token (a shared server): loopback and unlisted hosts are refused.
+    shared = client(LBS_API_TOKEN="t0ken", LBS_OPENAI_BASE_URL="http://models.lab:8000/v1")
+    for url in ("http://127.0.0.1:6379/v1", "http://localhost:8000/v1", "http://[::1]:80/v1",
+                "http://169.254.169.254/latest", "http://intranet.lab/v1"):
+        assert submit(shared, url) == (422, ["api.base_url"]), url
+    assert submit(shared, "http://models.lab:8000/other")[0] == 201
+    listed = client(LBS_API_TOKEN="t0ken", LBS_OPENAI_ALLOWED_HOSTS="intranet.lab,10.0.0.5:9000")
+    assert submit(listed, "http://intranet.lab/v1")[0] == 201
+    assert submit(listed, "https://10.0.0.5:9000/v1")[0] == 201
+    assert submit(listed, "http://10.0.0.5:9001/v1") == (422, ["api.base_url"])
+    assert submit(client(LBS_API_TOKEN="t0ken", LBS_OPENAI_ALLOWED_HOSTS="*"),
+                  "http://anything.example/v1")[0] == 201
+    # Without a token (loopback-only server): loopback services too, nothing else.
+    alone = client()
+    assert submit(alone, "http://127.0.0.1:8000/v1", None)[0] == 201
+    assert submit(alone, "http://intranet.lab/v1", None) == (422, ["api.base_url"])
