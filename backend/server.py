@@ -78,8 +78,49 @@ def create_app(settings: Settings | None = None,
     return app
 
 
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def host_allowed(host_header: str, settings: Settings) -> bool:
+    """Whether a request's Host header names this server: its bind address, a loopback
+    name, or one of LBS_ALLOWED_HOSTS (with any port). Bound to every address, any IP
+    literal also passes: DNS rebinding needs a name, and an address is what the
+    client connected to. Everything else (a rebound attacker.example) is refused."""
+    import ipaddress
+
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    allowed = {*LOOPBACK_NAMES, settings.host.lower().strip("[]"),
+               *(h.partition("]")[0].strip("[") if h.startswith("[")
+                 else h.rpartition(":")[0] if h.count(":") == 1 else h
+                 for h in settings.allowed_hosts)}
+    if name in allowed or "*" in allowed:
+        return True
+    if settings.host in WILDCARD_BINDS:
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
 def _init_access(app: Flask, settings: Settings) -> None:
-    """Bearer-token check (LBS_API_TOKEN) and CORS (LBS_CORS_ORIGINS)."""
+    """Host check (DNS rebinding), cross-site write refusal (Origin and JSON-only
+    bodies), the bearer token (LBS_API_TOKEN) and CORS (LBS_CORS_ORIGINS).
+
+    A page on another site can make the browser send a "simple" request without
+    asking first: a form post or a no-cors fetch, whose body can only be text/plain,
+    form-urlencoded or multipart. So state-changing requests must carry a JSON body
+    (or none at all, e.g. cancel) and, when the browser names an Origin, it must be
+    this server's own or one of LBS_CORS_ORIGINS."""
     import hmac
 
     from flask import request
@@ -87,6 +128,37 @@ def _init_access(app: Flask, settings: Settings) -> None:
     from backend.api.errors import error_response
 
     open_paths = ("/healthz", "/", "/static/")
+
+    @app.before_request
+    def _check_host():
+        if not host_allowed(request.host, settings):
+            return error_response(
+                400, "bad_host", "this server does not answer to that Host name; an "
+                "operator can add it to LBS_ALLOWED_HOSTS",
+                [{"field": "Host", "message": "not this server's name"}])
+        return None
+
+    @app.before_request
+    def _refuse_cross_site_writes():
+        if request.method not in STATE_CHANGING:
+            return None
+        origin = request.headers.get("Origin")
+        own = request.host_url.rstrip("/")
+        if origin is not None and origin != own and origin not in settings.cors_origins:
+            return error_response(
+                403, "cross_origin", f"requests that change state from the page at "
+                f"{origin[:200]!r} are refused (only this server's own page, or "
+                "LBS_CORS_ORIGINS)", [{"field": "Origin", "message": "not allowed"}])
+        kind = request.mimetype
+        has_body = bool(request.content_length) or "chunked" in \
+            request.headers.get("Transfer-Encoding", "").lower()
+        if (kind or has_body) and kind != "application/json":
+            return error_response(
+                415, "unsupported_media_type",
+                f"send the body as JSON with 'Content-Type: application/json' (got "
+                f"{(kind or 'none')[:100]!r})",
+                [{"field": "Content-Type", "message": "expected application/json"}])
+        return None
 
     @app.before_request
     def _require_token():

@@ -175,3 +175,123 @@ def test_jobs_reach_only_allowed_hosts(monkeypatch, with_tiny):
     alone = client()
     assert submit(alone, "http://127.0.0.1:8000/v1", None)[0] == 201
     assert submit(alone, "http://intranet.lab/v1", None) == (422, ["api.base_url"])
+
+
+# --- cross-site writes and DNS rebinding ----------------------------------------------
+
+ATTACK_PAGE = """<!doctype html><title>cute cats</title><script>
+const target = "%(target)s";
+async function attack() {
+  const job = JSON.stringify({model: "builtin:tiny", dataset: "needle_in_haystack"});
+  const tries = [
+    fetch(target + "/api/jobs/1/cancel", {method: "POST", mode: "no-cors"}),
+    fetch(target + "/api/jobs", {method: "POST", mode: "no-cors", body: job}),
+    fetch(target + "/api/jobs", {method: "POST", mode: "no-cors", body: job,
+                                 headers: {"Content-Type": "text/plain"}}),
+    fetch(target + "/api/jobs", {method: "POST", mode: "no-cors",
+                                 body: new URLSearchParams({model: "builtin:tiny"})}),
+    fetch(target + "/api/v1/memory/limit?limit_gb=0.1", {method: "POST", mode: "no-cors"}),
+    fetch(target + "/api/jobs/1", {method: "DELETE", mode: "no-cors"}).catch(() => null),
+  ];
+  await Promise.allSettled(tries);
+  document.title = "done";
+}
+attack();
+</script>
+<form id="f" method="post" enctype="text/plain" action="%(target)s/api/jobs/1/cancel">
+<input name='{"a":"' value='"}'></form>"""
+
+
+@pytest.fixture
+def idle_server(with_tiny):
+    """A server without workers: jobs stay queued, so a cancel would show at once."""
+    live = LiveServer(with_tiny, {"LBS_WORKERS": "0"}).start()
+    yield live
+    live.stop()
+
+
+def test_a_page_on_another_origin_cannot_change_anything(idle_server):
+    import shutil
+
+    from tests.test_frontend import FLAGS
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: scripts/setup.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    server = idle_server
+    status, body = server.request("POST", "/api/jobs", {
+        "model": "builtin:tiny", "dataset": "needle_in_haystack", "params": NIAH})
+    assert status == 201 and body["data"]["job"]["id"] == 1
+
+    page_html = (ATTACK_PAGE % {"target": server.url}).encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page_html)))
+            self.end_headers()
+            self.wfile.write(page_html)
+
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+            page.wait_for_function("document.title === 'done'", timeout=30_000)
+            with page.expect_navigation():
+                page.evaluate("document.getElementById('f').submit()")
+            # the server's own page still works: it cancels through its JSON fetches
+            own = browser.new_page()
+            own.goto(server.url + "/#/queue")
+            jobs = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+            assert [(j["id"], j["state"]) for j in jobs] == [(1, "queued")]
+            own.locator('tr[data-job="1"] button.cancel').click()
+            own.locator('tr[data-job="1"] .badge.cancelled').wait_for(timeout=30_000)
+            browser.close()
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    jobs = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+    assert [(j["id"], j["state"]) for j in jobs] == [(1, "cancelled")]
+
+
+def test_foreign_host_and_content_types_are_refused(idle_server):
+    import http.client
+
+    server = idle_server
+
+    def raw(method: str, path: str, headers: dict[str, str], body: bytes | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request(method, path, body=body, headers=headers)
+        res = conn.getresponse()
+        answer = json.loads(res.read() or b"null")
+        conn.close()
+        return res.status, answer
+
+    status, body = raw("GET", "/api/jobs", {"Host": "attacker.example"})
+    assert status == 400 and body["error"]["details"][0]["field"] == "Host"
+    assert raw("GET", "/api/jobs", {"Host": f"attacker.example:{server.port}"})[0] == 400
+    for name in ("localhost", "127.0.0.1", "[::1]"):
+        assert raw("GET", "/api/jobs", {"Host": f"{name}:{server.port}"})[0] == 200, name
+
+    job = json.dumps({"model": "builtin:tiny", "dataset": "needle_in_haystack",
+                      "params": NIAH}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x"):
+        status, body = raw("POST", "/api/jobs", {"Content-Type": kind}, job)
+        assert status == 415 and body["error"]["details"][0]["field"] == "Content-Type"
+    status, body = raw("POST", "/api/jobs", {"Content-Type": "application/json",
+                                             "Origin": "http://evil.example"}, job)
+    assert status == 403 and body["error"]["code"] == "cross_origin"
+    status, _ = raw("POST", "/api/jobs", {"Content-Type": "application/json",
+                                          "Origin": server.url}, job)
+    assert status == 201
+    assert server.request("GET", "/api/jobs")[1]["data"]["total"] == 1
