@@ -51,7 +51,7 @@ class AppState:
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, jobs, memory, openapi
+    from backend.api import datasets, errors, health, inputs, jobs, memory, openapi
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None,
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
     errors.init_app(app)
     _init_access(app, settings)
+    inputs.init_app(app)
     for module in (jobs, datasets, health, memory, openapi):
         app.register_blueprint(module.bp)
 

@@ -17,6 +17,7 @@ from backend import jobs as service
 from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
 from backend.api.schemas import (
+    SUMMARY_EXCLUDE,
     JobBatchRequest,
     JobListQuery,
     JobRequest,
@@ -91,11 +92,14 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
                           if job.api is not None and job.api.api_key is not None else None)
 
 
-def _out(jobs: list[Any]) -> list[dict[str, Any]]:
-    """Jobs as the API shows them, a queued job with the reason it waits."""
+def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
+    """Jobs as the API shows them, a queued job with the reason it waits; `summary`
+    leaves out params and events (lists)."""
     lease = current_app.extensions["lbs"].settings.lease_seconds
     reasons = service.waiting_reasons(_factory(), jobs, lease)
-    return [job_out(j, reasons.get(j.id)).model_dump(mode="json") for j in jobs]
+    exclude = SUMMARY_EXCLUDE if summary else None
+    return [job_out(j, reasons.get(j.id)).model_dump(mode="json", exclude=exclude)
+            for j in jobs]
 
 
 @bp.post("")
@@ -118,7 +122,7 @@ def list_jobs():
         _factory(), state=query.state.value if query.state else None, model=query.model,
         dataset=query.dataset, submitter=query.submitter,
         offset=(query.page - 1) * query.per_page, limit=query.per_page)
-    return _ok({"jobs": _out(jobs),
+    return _ok({"jobs": _out(jobs, summary=True),
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 

@@ -24,6 +24,14 @@ MAX_TIMEOUT = 7 * 24 * 3600
 
 
 class _Strict(BaseModel):
+    """A request body: no coercion ("300" is not 300)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+
+class _Query(BaseModel):
+    """Query-string parameters (text, parsed into numbers and booleans)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
@@ -43,11 +51,16 @@ class TimeoutRequest(_Strict):
     worker: str | None = Field(None, max_length=128)
 
 
-class LimitQuery(_Strict):
-    limit_gb: float = Field(gt=0, le=1_000_000, description="MAX_MEMORY_USAGE in GB")
+MIN_LIMIT_GB = 0.1
 
 
-class CleanupQuery(_Strict):
+class LimitQuery(_Query):
+    limit_gb: float = Field(ge=MIN_LIMIT_GB, le=1_000_000,
+                            description=f"MAX_MEMORY_USAGE in GB (at least {MIN_LIMIT_GB}: "
+                                        "less would refuse every model)")
+
+
+class CleanupQuery(_Query):
     force: bool = Field(False, description="unload every unpinned idle model, not only "
                                            "while there is pressure")
 

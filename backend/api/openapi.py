@@ -15,6 +15,7 @@ from backend.api.schemas import (
     JobListQuery,
     JobOut,
     JobRequest,
+    JobSummary,
     SampleListQuery,
     SampleOut,
 )
@@ -57,8 +58,8 @@ def _job_id() -> dict[str, Any]:
 
 
 def build_spec() -> dict[str, Any]:
-    models = [JobRequest, JobBatchRequest, JobOut, SampleOut, ErrorResponse, ModelTarget,
-              PinRequest, TimeoutRequest]
+    models = [JobRequest, JobBatchRequest, JobOut, JobSummary, SampleOut, ErrorResponse,
+              ModelTarget, PinRequest, TimeoutRequest]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = defs.get("$defs", {})
     for name in dataset_names():
@@ -83,8 +84,8 @@ def build_spec() -> dict[str, Any]:
                          "application/json": {"schema": submit_body}}},
                      "responses": submit},
             "get": {"summary": "list jobs, newest first", "parameters": _query(JobListQuery),
-                    "responses": _response("a page of jobs", {
-                        "jobs": {"type": "array", "items": _ref(JobOut)},
+                    "responses": _response("a page of jobs (summaries: no params, events)", {
+                        "jobs": {"type": "array", "items": _ref(JobSummary)},
                         "total": {"type": "integer"}}, (422,))},
         },
         "/api/jobs/{job_id}": {

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.paths import OutsideAllowedFolders, confine
+from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 
 
 class CacheMode(str, enum.Enum):
@@ -160,6 +160,10 @@ class Dataset:
     def local_path(self, given: str, field: str) -> Path:
         """The file or folder a parameter names. For API jobs it must lie under
         LBS_DATASETS_DIR (relative paths are taken from there); raises ParamError."""
+        try:
+            check_path_text(given)
+        except InvalidPath as exc:
+            raise ParamError(field, str(exc)) from None
         if not self.confine_paths:
             return Path(given).expanduser()
         roots = [self.datasets_dir] if self.datasets_dir is not None else []
@@ -174,14 +178,21 @@ class Dataset:
         `given` may be `hub:<org>/<name>`: the snapshot of that dataset repository in
         the local Hugging Face cache (never downloaded here).
         """
+        from backend.datasets.files import confine_reads
+
         if given and given.startswith("hub:"):
-            return _hub_snapshot(given[4:])
+            snapshot = _hub_snapshot(given[4:])
+            # the cache's snapshot files link to ../../blobs: the repo folder is the root
+            confine_reads([snapshot.parent.parent] if self.confine_paths else None)
+            return snapshot
         if given:
             path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
             path = self.datasets_dir / (folder_name or self.name)
         else:
             raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
+        confine_reads([self.datasets_dir] if self.confine_paths and self.datasets_dir
+                      else None)
         if not path.is_dir():
             raise ParamError("data_dir", f"no data folder at {path} (set the job parameter "
                                          f"data_dir or put the files under LBS_DATASETS_DIR/"
@@ -189,8 +200,11 @@ class Dataset:
         return path
 
     def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
-        """Validate raw parameters; raises pydantic.ValidationError."""
-        return self.Params.model_validate(raw or {})
+        """Validate raw parameters as JSON, strictly ("7" is not 7, "yes" is not true);
+        raises pydantic.ValidationError."""
+        import json
+
+        return self.Params.model_validate_json(json.dumps(raw or {}), strict=True)
 
     def check(self, params: DatasetParams, model: ModelInfo) -> None:
         """Refuse parameters that cannot work with this model, before it loads.

@@ -71,7 +71,7 @@ POLL_S = 0.1
 class ApiOptions(BaseModel):
     """The `api` object of a job for an `openai:` model (settings fill what it leaves out)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     base_url: str | None = Field(None, max_length=2048,
                                  description="e.g. http://127.0.0.1:8000/v1")
