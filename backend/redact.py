@@ -65,6 +65,17 @@ def remote_reason(body: bytes | str | None, limit: int = MAX_REASON) -> str:
     return clean_text(message, limit) if isinstance(message, str) else ""
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not run as a formula (OWASP CSV injection):
+    text starting with = + - @ tab or CR gets a leading apostrophe. Numbers stay."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 class MaskPasswords(logging.Filter):
     """Masks URL passwords in a log record's message (arguments included)."""
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, send_from_directory
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from backend.config import (
@@ -33,6 +34,7 @@ from backend.config import (
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import session_factory
 from backend.logs import setup_logging
+from backend.redact import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +218,10 @@ class WorkerPool:
         env = {**os.environ, **self.settings.as_env()}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], env=env,
-                                cwd=os.getcwd())
+        # --parent-pid: the worker asks Linux to stop it when this server dies
+        # (PR_SET_PDEATHSIG), so a killed server leaves no orphan claiming jobs.
+        proc = subprocess.Popen([sys.executable, "-m", "backend.worker",
+                                 "--parent-pid", str(os.getpid())], env=env, cwd=os.getcwd())
         log.info("[Server] worker %d started (pid %d, %s)", slot, proc.pid,
                  f"GPU {device}" if device is not None else "default device")
         return proc
@@ -253,6 +257,22 @@ class WorkerPool:
                 proc.kill()
 
 
+def startup_problem(exc: BaseException, settings: Settings) -> str:
+    """One sentence saying why the server cannot start (no traceback)."""
+    import errno
+
+    if isinstance(exc, SQLAlchemyError):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return (f"cannot use the database {mask_url(settings.database_url)}: {reason} "
+                "(check the file or server, its permissions, or LBS_DATABASE_URL)")
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {settings.host}:{settings.port}: the port is already "
+                "in use (another server running?); stop it or choose another LBS_PORT")
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"cannot start: {reason}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.server",
                                      description="Serve LLM Bench Shower and run its workers.")
@@ -270,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     from waitress import create_server
 
-    app = create_app(settings)
-    server = create_server(app, host=settings.host, port=settings.port, threads=8,
-                           ident="llm-bench-shower")
+    try:
+        app = create_app(settings)
+        server = create_server(app, host=settings.host, port=settings.port, threads=8,
+                               ident="llm-bench-shower")
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"error: {startup_problem(exc, settings)}", file=sys.stderr)
+        return 2
     pool = WorkerPool(settings)
     if not args.no_workers:
         pool.start()
@@ -284,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
     log.info("[Server] listening on http://%s:%s (database %s)", settings.host,
-             server.effective_port, settings.database_url)
+             server.effective_port, mask_url(settings.database_url))
     try:
         server.run()
     except (OSError, ValueError):

@@ -35,7 +35,12 @@ from backend.config import (
     load_settings_or_report,
     select_cuda_device,
 )
-from backend.control import complete_command, pending_commands, publish_status
+from backend.control import (
+    complete_command,
+    pending_commands,
+    publish_status,
+    stored_commands,
+)
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import JobState, session_factory
 from backend.jobs import (
@@ -172,6 +177,7 @@ class Worker:
                         labels=self.labels, gpus=self.gpus,
                         gpu_free_bytes=self.free_gpu_bytes() if self.gpus else None)
         self.publish_status()
+        self.apply_stored_settings()
         self.manager.start_monitor()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._heartbeat.start()
@@ -181,6 +187,15 @@ class Worker:
         log.info("[Worker] %s started on %s", self.id, self.device)
 
     # --- model manager status and commands ------------------------------------------
+
+    def apply_stored_settings(self) -> None:
+        """Apply the operator's run-time settings (POST /api/gpu/timeout, /api/v1/memory/
+        limit), stored in the database. Called after the first status is published: a
+        change made while this worker starts is then either read here or sent to it."""
+        for command, args in stored_commands(self.factory):
+            result, error = self.apply_command(command, args)
+            log.info("[Worker] stored setting %s %s: %s", command, args, error or result)
+        self.publish_status()
 
     def publish_status(self) -> None:
         status = self.manager.status()
@@ -440,6 +455,21 @@ def _describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:
     return "cpu"
 
 
+def die_with_parent(parent_pid: int) -> bool:
+    """Have Linux send this process SIGTERM when its parent ends (PR_SET_PDEATHSIG),
+    so a worker whose server was killed stops instead of claiming jobs as an orphan.
+    False when the parent is already gone (the caller exits). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("[Worker] prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker "
+                        "outlives its server if that is killed", ctypes.get_errno())
+    return os.getppid() == parent_pid  # it may have ended before prctl took effect
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.worker",
                                      description="Run one LLM Bench Shower worker.")
@@ -447,7 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", metavar="0,1",
                         help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
                              "with num_gpus = 2 needs a worker holding two")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="stop (SIGTERM) when the process PID ends; the server passes "
+                             "its own")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
+        return 0
     settings = load_settings_or_report()
     if settings is None:
         return 2

@@ -28,6 +28,7 @@ from backend.api.schemas import (
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.registry import UnknownDataset
 from backend.evaluation import JobFieldError, prepare
+from backend.redact import csv_cell
 from backend.runners.models import ModelNotFound, ModelPathRefused
 from backend.secrets_box import encrypt
 
@@ -174,6 +175,6 @@ def export(job_id: int):
                "prompt", "error"]
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(samples)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in samples)
     return Response(out.getvalue(), mimetype="text/csv", headers={
         "Content-Disposition": f"attachment; filename={name}.csv"})

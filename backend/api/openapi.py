@@ -158,6 +158,10 @@ def _memory_paths() -> dict[str, Any]:
                                 "requestBody": _body(model, model is not ModelTarget),
                                 "responses": _response(summary, None,
                                                        (404, 409, 422, *commands))}}
+    for name in ("/api/v1/memory/limit", "/api/gpu/timeout"):  # operator settings
+        paths[name]["post"]["responses"]["202"] = {
+            "description": "stored; no worker is running yet: each applies it as it starts",
+            "content": {"application/json": {"schema": _success({})}}}
     return paths
 
 
