@@ -518,7 +518,6 @@ def test_start_up_problems_are_one_sentence(tmp_path):
 
 
 def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
-    import os
     import subprocess
     import sys
 
