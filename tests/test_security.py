@@ -261,6 +261,12 @@ def test_a_page_on_another_origin_cannot_change_anything(idle_server):
         evil.server_close()
     jobs = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
     assert [(j["id"], j["state"]) for j in jobs] == [(1, "cancelled")]
+    from backend.control import stored_commands
+    from backend.db import dispose_engines, session_factory
+
+    factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
+    assert stored_commands(factory) == []  # the memory limit was not set to 0.1 GB either
+    dispose_engines()
 
 
 def test_foreign_host_and_content_types_are_refused(idle_server):
