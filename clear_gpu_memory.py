@@ -138,14 +138,16 @@ def server_report(url: str, token: str) -> dict[str, Any]:
                 "models": []}
     return {"url": url, "reachable": True, "error": None,
             "models": [{"model_name": m["model_name"], "location": m["location"],
-                        "worker_id": m["worker_id"], "pinned": m.get("pinned", False)}
+                        "worker_id": m["worker_id"], "pinned": m.get("pinned", False),
+                        "stale": m.get("stale", False)}
                        for m in status.values()]}
 
 
 def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
                dry_run: bool) -> dict[str, Any]:
-    """Release or offload every model through the server; the action's outcome."""
-    models = [m["model_name"] for m in server["models"]]
+    """Release or offload every model through the server; the action's outcome.
+    Models of stale workers are not asked: only live workers take commands."""
+    models = [m["model_name"] for m in server["models"] if not m["stale"]]
     entry: dict[str, Any] = {"action": action, "target": server["url"], "dry_run": dry_run}
     if not server["reachable"]:
         return {**entry, "ok": not explicit, "message": server["error"] + (
@@ -308,7 +310,8 @@ def print_report(report: dict[str, Any]) -> None:
     if not server["reachable"]:
         print(f"Server: {server['error']}")
     else:
-        models = ", ".join(f"{m['model_name']} ({m['location']}, {m['worker_id']})"
+        models = ", ".join(f"{m['model_name']} ({m['location']}, {m['worker_id']}"
+                           f"{', stale' if m['stale'] else ''})"
                            for m in server["models"]) or "none"
         print(f"Server {server['url']}: models held: {models}")
     for action in report["actions"]:

@@ -1,10 +1,13 @@
 """The channel between the server and the model managers that live in the workers.
 
 The model manager is in each worker process, never in the server. Workers
-publish their manager's status to `worker_status` about once a second (and
-right after a command); the server reads it. For changes (offload, release,
-pin, timeout, limit, cleanup) the server writes one `control_commands` row per
-target worker and waits for the worker to apply it (its control thread looks
+publish their manager's status to `worker_status` after every model move
+(load, offload, restore, release), when a job ends before the job is marked
+finished, right after a command, and about once a second for idle changes;
+each status carries `as_of`, the time it describes. The server reads it and
+marks the status of a worker whose heartbeat is stale. For changes (offload,
+release, pin, timeout, limit, cleanup) the server writes one `control_commands`
+row per target worker and waits for the worker to apply it (its control thread looks
 every 0.2 s) and write the answer; so an HTTP answer reflects what the worker
 really did, e.g. the MB a release actually returned.
 """
@@ -12,7 +15,7 @@ really did, e.g. the MB a release actually returned.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,10 +26,12 @@ from backend.db import (
     ControlCommand,
     RuntimeSetting,
     Worker,
+    WorkerState,
     WorkerStatus,
     utcnow,
     write_session,
 )
+from backend.scheduling import is_alive
 
 COMMANDS = ("offload", "release", "pin", "unpin", "timeout", "limit", "cleanup")
 PERSISTED = {"timeout": "gpu_idle_timeout", "limit": "memory_limit_bytes"}
@@ -69,18 +74,29 @@ def publish_status(factory: sessionmaker, worker_id: str, status: dict[str, Any]
             row.status, row.updated_at = status, utcnow()
 
 
-def live_statuses(factory: sessionmaker, stale_after: float = 15.0,
-                  worker: str | None = None) -> list[tuple[Worker, dict[str, Any]]]:
-    """(worker, status) of every worker whose heartbeat is fresh, oldest worker first."""
-    cutoff = utcnow() - timedelta(seconds=stale_after)
+@dataclass(frozen=True)
+class Published:
+    """A worker and the status it last published; `stale` when its heartbeat is."""
+
+    worker: Worker
+    status: dict[str, Any]
+    stale: bool
+
+
+def worker_statuses(factory: sessionmaker, lease_seconds: float,
+                    worker: str | None = None) -> list[Published]:
+    """The last status of every worker that did not stop (or of `worker`), oldest
+    worker first; a worker that is not alive (scheduling.is_alive) is `stale`."""
     query = (sa.select(Worker, WorkerStatus.status)
              .join(WorkerStatus, WorkerStatus.worker_id == Worker.id)
-             .where(Worker.state != "stopped", Worker.heartbeat_at >= cutoff)
+             .where(Worker.state != WorkerState.STOPPED.value)
              .order_by(Worker.started_at))
     if worker:
         query = query.where(Worker.id == worker)
+    now = utcnow()
     with factory() as session:
-        return [(w, status) for w, status in session.execute(query).all()]
+        return [Published(w, status, not is_alive(w, now, lease_seconds))
+                for w, status in session.execute(query).all()]
 
 
 def pending_commands(factory: sessionmaker, worker_id: str) -> list[ControlCommand]:
@@ -99,15 +115,16 @@ def complete_command(factory: sessionmaker, command_id: int, result: dict[str, A
 
 
 def send_command(factory: sessionmaker, command: str, args: dict[str, Any],
-                 worker: str | None = None, timeout: float = 20.0,
-                 stale_after: float = 15.0) -> list[dict[str, Any]]:
+                 lease_seconds: float, worker: str | None = None,
+                 timeout: float = 20.0) -> list[dict[str, Any]]:
     """Ask every live worker (or `worker`) to run `command`; wait for their answers.
 
     Returns one {"worker_id", "ok", "result", "error"} per worker. Raises
     NoWorker when no live worker matches and CommandTimeout when one is silent.
     """
     assert command in COMMANDS, command
-    targets = [w.id for w, _ in live_statuses(factory, stale_after, worker)]
+    targets = [p.worker.id for p in worker_statuses(factory, lease_seconds, worker)
+               if not p.stale]
     if not targets:
         raise NoWorker(f"worker {worker!r} is not running" if worker
                        else "no worker is running")

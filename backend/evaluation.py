@@ -29,7 +29,13 @@ from backend.datasets.base import (
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
 from backend.runners.base import GenerationRequest
-from backend.runners.models import ModelNotFound, ModelSpec, model_info, resolve_model
+from backend.runners.models import (
+    ModelNotFound,
+    ModelPathRefused,
+    ModelSpec,
+    model_info,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,10 @@ class JobFieldError(ValueError):
         self.message = message
 
 
+class JobFieldRefused(JobFieldError):
+    """A job-level field names a path outside the folders the operator allows."""
+
+
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
             settings: Settings, confine: bool = True, api: Any = None,
             api_key: str | None = None) -> PreparedJob:
@@ -69,7 +79,8 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
     the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
-    JobFieldError. `api` (ApiOptions) and `api_key` are for `openai:` models.
+    JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
+    (ApiOptions) and `api_key` are for `openai:` models.
     """
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
@@ -89,6 +100,8 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
         if api.tokenizer:
             try:
                 resolve_model(api.tokenizer, settings, confine=confine)
+            except ModelPathRefused as exc:
+                raise JobFieldRefused("api.tokenizer", str(exc)) from None
             except ModelNotFound as exc:
                 raise JobFieldError("api.tokenizer", str(exc)) from None
         if api_key is None and api.api_key is not None:

@@ -120,6 +120,10 @@ class Worker:
         self.device = device or _describe_device(settings, self.gpus)
         self.waiter = WorkWaiter(settings.database_url)
         self.manager = ModelManager(ManagerConfig.from_settings(settings))
+        self.status_interval = 1.0  # seconds between publications of idle changes
+        self._moved = threading.Event()  # a model moved: publish the status now
+        self.manager.on_move = lambda _event: self._moved.set()
+        self._publishing = threading.Lock()
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
@@ -198,13 +202,19 @@ class Worker:
         self.publish_status()
 
     def publish_status(self) -> None:
-        status = self.manager.status()
-        status.update(worker_id=self.id, device=self.device, current_job_id=self.current_job)
-        publish_status(self.factory, self.id, status)
+        """Write the model manager's status with `as_of`, the time it describes. One
+        publication at a time, so a status taken earlier never overwrites a later one."""
+        with self._publishing:
+            status = self.manager.status()
+            status.update(worker_id=self.id, device=self.device,
+                          current_job_id=self.current_job, as_of=time.time())
+            publish_status(self.factory, self.id, status)
 
     def _serve_commands(self) -> None:
         last_publish = 0.0
-        while not self.stopping.wait(0.2):
+        while not self.stopping.is_set():
+            moved = self._moved.wait(0.2)
+            self._moved.clear()
             try:
                 commands = pending_commands(self.factory, self.id)
                 for command in commands:
@@ -212,7 +222,7 @@ class Worker:
                     # publish first, so whoever reads the answer also reads the new state
                     self.publish_status()
                     complete_command(self.factory, command.id, result, error)
-                if time.monotonic() - last_publish >= 1.0:
+                if moved or time.monotonic() - last_publish >= self.status_interval:
                     self.publish_status()
                     last_publish = time.monotonic()
             except Exception:  # noqa: BLE001 - the control loop must outlive a busy database
@@ -227,6 +237,7 @@ class Worker:
         try:
             if command == "offload":
                 if not m.has_gpu:
+                    m.offload(model)  # nothing to move; raises UnknownModel for a wrong name
                     return {"offloaded": [], "has_gpu": False,
                             "message": "this worker has no GPU: models stay in RAM"}, None
                 return {"offloaded": m.offload(model), "has_gpu": True}, None
@@ -306,6 +317,8 @@ class Worker:
             except Stopped:  # a runner stopped waiting (an API request in flight)
                 outcome = EvalOutcome(scores=[], memory=[], stopped=True, events=[
                     e.as_dict() for e in self.manager.events_since(self._job_events_from)])
+            # publish first, so whoever sees the job end also sees where its model is now
+            self._publish_quietly()
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
                 requeue_job(self.factory, job_id, self.id)
                 log.info("[Worker] job %d given back to the queue", job_id)
@@ -344,8 +357,15 @@ class Worker:
         except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
             log.exception("[Worker] prefetch failed")
 
+    def _publish_quietly(self) -> None:
+        try:
+            self.publish_status()
+        except Exception:  # noqa: BLE001 - the job's outcome matters more than the status
+            log.exception("[Worker] publishing the model manager status failed")
+
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)
+        self._publish_quietly()
         try:
             events = self.manager.events_since(getattr(self, "_job_events_from", 0))
             finish_job(self.factory, job_id, self.id, JobState.FAILED, error=error,

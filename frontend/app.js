@@ -182,7 +182,7 @@ async function viewQueue() {
                                           api("GET", "/api/v1/memory/models")]);
     if (!res.ok) return;
     const where = {};
-    for (const m of mem.data?.models || []) where[m.model_name] = m.location;
+    for (const m of mem.data?.models || []) if (!m.stale) where[m.model_name] = m.location;
     const rows = res.data.jobs.map((job) => {
       const pct = job.progress.total ? Math.round((100 * job.progress.done) / job.progress.total) : 0;
       const actions = [];
@@ -388,8 +388,11 @@ async function viewModels() {
     }
     const head = h("tr", {}, ["model", "worker", "location", "size", "idle", "loads", "pinned", "actions"]
       .map((k) => h("th", { text: t(k) })));
-    const rows = (m.data?.models || []).map((x) => h("tr", { "data-model": x.model_name, "data-location": x.location },
-      h("td", { text: x.model_name }), h("td", { text: x.worker_id }), h("td", { class: "location", text: x.location }),
+    const rows = (m.data?.models || []).map((x) => h("tr", { "data-model": x.model_name, "data-location": x.location,
+      // a worker whose heartbeat stopped: what it last said, which may no longer be true
+      class: x.stale ? "stale" : null },
+      h("td", { text: x.model_name }), h("td", { text: x.stale ? `${x.worker_id} (${t("worker_lost")})` : x.worker_id }),
+      h("td", { class: "location", text: x.location }),
       h("td", { text: x.formatted_size }), h("td", { text: x.idle_time_seconds }), h("td", { text: x.load_count }),
       h("td", { text: x.pinned ? t("yes") : t("no") }),
       h("td", {},

@@ -19,6 +19,20 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
+# The MCP tests also drive the server through the official MCP Inspector CLI (npm; Node
+# from Debian's package), installed into .node/ (git-ignored). 0.21.x is the line whose
+# CLI runs on Debian's Node 20 (later majors want Node 22).
+INSPECTOR_VERSION=0.21.1
+if [ ! -x .node/node_modules/.bin/mcp-inspector ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  npm install --silent --no-audit --no-fund --prefix .node \
+    "@modelcontextprotocol/inspector@${INSPECTOR_VERSION}" >/dev/null
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 code=$?

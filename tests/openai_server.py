@@ -1,7 +1,15 @@
-"""A small OpenAI-compatible HTTP server on loopback for the tests, serving the built-in
-tiny model through the real HF runner: /v1/chat/completions, /v1/completions (with
-echo + logprobs for log-likelihood) and /v1/models, with an API key check and
-scripted failures (429, 500, slow answers, bad JSON) to exercise the client's retries.
+"""A small OpenAI-compatible HTTP server on loopback for the faults a real server does not
+produce on demand. The real thing (`transformers serve`) is in tests/test_openai_serve.py.
+
+It serves the built-in tiny model through the real HF runner: /v1/chat/completions,
+/v1/completions and /v1/models, with an API key check and scripted failures (429, 500,
+slow answers, bad JSON, an error naming a missing chat template, logprobs without the
+echoed prompt) to exercise the client. Its completions endpoint behaves like
+llama-cpp-python's server: `echo` + `logprobs` return the prompt's tokens with their
+log-probabilities followed by the generated ones, and `max_tokens: 0` means "generate
+until the context is full" (`n_ctx`, kept small here), not "generate nothing".
+With `logprobs=False` it behaves like `transformers serve` instead: `echo` and
+`logprobs` are ignored and `max_tokens: 0` is an HTTP 500.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ class FakeOpenAI:
         self.logprobs = logprobs
         self.failures: list[str] = []  # consumed one per request: 429, 500, slow, badjson
         self.slow_seconds = 3.0
+        self.n_ctx = 96  # llama.cpp's context size: max_tokens 0 generates up to it
         self.requests: list[dict[str, Any]] = []  # path, body, auth_ok, outcome
         self.lock = threading.Lock()
         self.model_lock = threading.Lock()  # one generation at a time on the CPU model
@@ -52,15 +61,28 @@ class FakeOpenAI:
                                             "total_tokens": gen.prompt_tokens
                                             + gen.output_tokens}}
 
-    def _echo_logprobs(self, prompt: str) -> dict[str, Any]:
+    def _with_logprobs(self, prompt: str, max_tokens: int, echo: bool) -> dict[str, Any]:
+        """A completion choice with `logprobs` (tokens, token_logprobs, top_logprobs,
+        text_offset) as llama-cpp-python builds it: greedy decoding of `max_tokens`
+        tokens (0: until n_ctx), the prompt's tokens first when `echo`."""
         import torch
 
         tok = self.runner.tokenizer
         enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
+        ids = list(enc["input_ids"])
+        n_prompt = len(ids)
+        if max_tokens <= 0:
+            max_tokens = max(0, self.n_ctx - n_prompt)
         with self.model_lock, torch.inference_mode():
+            for _ in range(max_tokens):
+                logits = self.runner.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
             logits = self.runner.model(input_ids=torch.tensor([ids])).logits[0].float()
         logps = torch.log_softmax(logits, dim=-1)
+        generated = tok.decode(ids[n_prompt:])
+        offsets = [start for start, _ in enc["offset_mapping"]]
+        offsets += [len(prompt) + len(tok.decode(ids[n_prompt:pos]))
+                    for pos in range(n_prompt, len(ids))]
         tokens = [tok.decode([i]) for i in ids]
         values: list[float | None] = [None]
         tops: list[dict[str, float] | None] = [None]
@@ -69,8 +91,13 @@ class FakeOpenAI:
             values.append(float(row[ids[pos]]))
             best = int(row.argmax())
             tops.append({tok.decode([best]): float(row[best])})
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": [start for start, _ in enc["offset_mapping"]]}
+        first = 0 if echo else n_prompt
+        return {"text": (prompt if echo else "") + generated, "index": 0,
+                "finish_reason": "length",
+                "logprobs": {"tokens": tokens[first:], "token_logprobs": values[first:],
+                             "top_logprobs": tops[first:], "text_offset": offsets[first:]},
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(ids) - n_prompt,
+                          "total_tokens": len(ids)}}
 
     # --- HTTP -------------------------------------------------------------------------------
 
@@ -131,6 +158,12 @@ class FakeOpenAI:
                     return self._send(500, {"error": {"message": "The server had an error"}})
                 if failure == "badjson":
                     return self._send(200, None, raw=b"{\"choices\": [ oops")
+                if failure == "notemplate":  # vLLM's answer for a model without one
+                    return self._send(400, {"error": {
+                        "message": "As of transformers v4.44, default chat template is no "
+                                   "longer allowed,\nso you must provide a chat template "
+                                   "\x1b[31mif the tokenizer does not define one." + "!" * 500,
+                        "type": "BadRequestError", "code": 400}})
                 if failure == "slow":
                     time.sleep(fake.slow_seconds)
                 if body.get("model") != fake.served_name:
@@ -147,15 +180,21 @@ class FakeOpenAI:
                         "usage": out["usage"]})
                 if self.path == "/v1/completions":
                     prompt = body["prompt"]
-                    choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-                    usage = {}
-                    if body.get("echo") and max_tokens == 0:
-                        choice["text"] = prompt
-                        if fake.logprobs and body.get("logprobs") is not None:
-                            choice["logprobs"] = fake._echo_logprobs(prompt)
+                    if fake.logprobs and body.get("logprobs") is not None:
+                        # "noecho": logprobs of the generated tokens only (echo ignored)
+                        choice = fake._with_logprobs(prompt, max_tokens, bool(
+                            body.get("echo")) and failure != "noecho")
+                        usage = choice.pop("usage")
+                    elif max_tokens <= 0:
+                        if not fake.logprobs:  # transformers serve's generate() refuses it
+                            return self._send(500, None, raw=b"Internal Server Error")
+                        out = fake._generate(prompt, fake.n_ctx)
+                        choice = {"index": 0, "finish_reason": "length", "text": out["text"]}
+                        usage = out["usage"]
                     else:
                         out = fake._generate(prompt, max_tokens)
-                        choice["text"], usage = out["text"], out["usage"]
+                        choice = {"index": 0, "finish_reason": "length", "text": out["text"]}
+                        usage = out["usage"]
                     return self._send(200, {"object": "text_completion",
                                             "model": fake.served_name,
                                             "choices": [choice], "usage": usage})

@@ -46,6 +46,20 @@ def _no_gpu() -> bool:
 
 # --- without a server ---------------------------------------------------------------
 
+def test_models_of_stale_workers_are_not_asked():
+    """The server lists a stale worker's last status (marked stale), but only live workers
+    take commands: the script neither counts nor asks for those models."""
+    from clear_gpu_memory import ask_server
+
+    server = {"url": "http://127.0.0.1:1", "reachable": True, "error": None, "models": [
+        {"model_name": "a", "location": "CPU", "worker_id": "live", "pinned": False,
+         "stale": False},
+        {"model_name": "b", "location": "GPU", "worker_id": "gone", "pinned": False,
+         "stale": True}]}
+    action = ask_server("release", server, TOKEN, explicit=False, dry_run=True)
+    assert action["message"] == "would ask the server to release 1 model(s): a"
+
+
 def test_no_server_is_reported_clearly(data_dir):
     env, url = dict(os.environ), f"http://127.0.0.1:{free_port()}"
 

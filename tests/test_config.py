@@ -73,3 +73,13 @@ def test_every_setting_is_documented_in_readme():
     readme = (ROOT / "README.md").read_text()
     missing = [s.name for s in SETTINGS if f"`{s.name}`" not in readme]
     assert not missing, f"settings missing from the README's table: {missing}"
+
+
+def test_the_package_version_is_pyprojects():
+    import re
+
+    from backend import __version__
+    from tests.conftest import ROOT
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer
+from tests.conftest import ROOT, LiveServer, manager_status
 
 pytestmark = pytest.mark.slow
 
@@ -286,6 +287,16 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert job["num_gpus"] == 2 and job["worker_label"] is None
     assert job["state"] == "queued" and "needs 2 GPUs" in job["waiting_reason"]  # CPU workers
     assert "needs 2 GPUs" in page.locator(f'tr[data-job="{job["id"]}"] .waiting').inner_text()
+
+    # the lost worker's last published status stays on the models panel, marked as such
+    from backend.control import publish_status
+
+    publish_status(_db(server), "ghost-1", manager_status("ghost-model", time.time() - 600))
+    page.goto(server.url + "/#/models")
+    ghost_model = page.locator('tr[data-model="ghost-model"]')
+    ghost_model.wait_for()
+    assert ghost_model.get_attribute("class") == "stale"
+    assert "ghost-1 (lost)" in ghost_model.inner_text()
 
 
 def test_method_comparison_table(server, page):

@@ -169,6 +169,8 @@ def test_no_gpu_offload_is_a_clear_noop():
     m = manager()
     run_job(m, "a")
     assert m.offload() == [] and m.loaded() == ["a"]
+    with pytest.raises(UnknownModel, match="'nope' is not loaded"):  # not a silent no-op
+        m.offload("nope")
 
 
 def test_release_of_real_model_returns_rss(settings, with_tiny):
@@ -218,3 +220,18 @@ def test_prefetch_restores_next_model_when_it_fits():
     assert not m.prefetch("a", free_gpu_bytes=lambda: 80 * GB)  # already there
     assert not manager().prefetch("a")  # no GPU: nothing to do
 
+
+
+def test_on_move_is_called_after_every_move():
+    """The worker publishes its status from this hook: each call sees the model already
+    where the move put it."""
+    m, seen = manager(gpu=True), []
+    m.on_move = lambda event: seen.append(
+        (event.kind, event.model, {e["model_name"]: e["location"] for e in m.status()["models"]}))
+    run_job(m, "a", gpu=True)  # load, then offload when the job ends
+    run_job(m, "a", gpu=True)  # restore, offload
+    m.release("a")
+    run_job(m, "b", mode=CacheMode.UNCACHED, gpu=True)  # load, release
+    assert seen == [("load", "a", {"a": "gpu"}), ("offload", "a", {"a": "cpu"}),
+                    ("restore", "a", {"a": "gpu"}), ("offload", "a", {"a": "cpu"}),
+                    ("release", "a", {}), ("load", "b", {"b": "gpu"}), ("release", "b", {})]

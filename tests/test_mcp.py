@@ -4,12 +4,14 @@ once over streamable HTTP), against a real server + worker that needs an API tok
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import pytest
 
@@ -121,6 +123,10 @@ def test_bad_submit_names_the_problem(server):
             assert "invalid_params" in text and "params.context_lengths" in text
             text = await call_error(client, "get_job", job_id=999999)
             assert "HTTP 404 not_found" in text
+            for tool in ("get_job", "cancel_job"):  # not Werkzeug's "requested URL" page
+                text = await call_error(client, tool, job_id=-1)
+                assert "job_id" in text and "greater than or equal to 1" in text
+                assert "URL" not in text and "<" not in text
 
     asyncio.run(scenario())
 
@@ -149,7 +155,7 @@ def test_gpu_tools_reach_the_worker(server):
             assert answer["idle_timeout_seconds"] == 300
             assert api_status()["builtin:tiny"]["idle_timeout_seconds"] == 300
             text = await call_error(client, "update_gpu_timeout", timeout_seconds=-1)
-            assert "HTTP 422 validation_error" in text and "timeout" in text
+            assert "timeout_seconds" in text and "greater than 0" in text
 
             answer = await call(client, "offload_gpu")
             assert [w["ok"] for w in answer["workers"]] == [True]
@@ -158,6 +164,8 @@ def test_gpu_tools_reach_the_worker(server):
             assert api_status() == {}
             text = await call_error(client, "release_gpu", model="builtin:tiny")
             assert "HTTP 404 unknown_model" in text
+            text = await call_error(client, "offload_gpu", model="nope")
+            assert "HTTP 404 unknown_model" in text and "'nope' is not loaded" in text
 
     asyncio.run(scenario())
 
@@ -193,9 +201,9 @@ def test_without_the_token_tools_fail_clearly(server):
     asyncio.run(scenario())
 
 
-def test_streamable_http_transport(server):
-    from mcp.client import Client
-
+@contextmanager
+def http_mcp(server: LiveServer):
+    """`python -m backend.mcp_server --http` on a free port, for the server's token."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.mcp_server", "--http", "--port", str(port),
@@ -211,17 +219,81 @@ def test_streamable_http_transport(server):
             except OSError:
                 assert time.monotonic() < deadline, "the MCP HTTP server did not start"
                 time.sleep(0.2)
-
-        async def scenario():
-            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                assert {t.name for t in (await client.list_tools()).tools} == TOOLS
-                datasets = (await call(client, "list_datasets"))["datasets"]
-                assert "needle_in_haystack" in [d["name"] for d in datasets]
-
-        asyncio.run(scenario())
+        yield f"http://127.0.0.1:{port}/mcp"
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _post_initialize(url: str, token: str | None) -> tuple[int, Any, str]:
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"}}}).encode()
+    headers = {"Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as res:
+            return res.status, res.headers, res.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def test_streamable_http_needs_the_api_token(server):
+    import httpx2
+    from mcp.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    with http_mcp(server) as url:
+        for token in (None, "wrong"):  # anyone on the machine could cancel jobs before
+            status, headers, text = _post_initialize(url, token)
+            assert status == 401, text
+            assert headers.get("WWW-Authenticate", "").startswith("Bearer")
+        status, _, text = _post_initialize(url, TOKEN)
+        assert status == 200 and '"serverInfo"' in text
+
+        async def scenario():
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                async with Client(streamable_http_client(url, http_client=http)) as client:
+                    assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+                    datasets = (await call(client, "list_datasets"))["datasets"]
+                    assert "needle_in_haystack" in [d["name"] for d in datasets]
+
+        asyncio.run(scenario())
+
+
+def test_what_a_client_sees_in_the_tool_list(server):
+    from backend import __version__
+
+    async def scenario():
+        async with session(server) as client:
+            assert client.server_info.version == __version__
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            for tool in tools.values():
+                assert "\n " not in tool.description and "  " not in tool.description
+                assert tool.annotations is not None, tool.name
+            hints = {name: (t.annotations.read_only_hint, t.annotations.destructive_hint,
+                            t.annotations.idempotent_hint) for name, t in tools.items()}
+            assert hints["get_gpu_status"][0] and hints["list_datasets"][0]
+            assert hints["get_job"][0]
+            assert hints["release_gpu"] == (False, True, True)
+            assert hints["cancel_job"][:2] == (False, True)
+            assert hints["submit_job"] == (False, False, False)
+            assert hints["update_gpu_timeout"] == (False, False, True)
+
+            result = await client.call_tool("list_datasets", {})
+            text = result.content[0].text
+            structured = result.structured_content
+            full = json.dumps(structured)
+            assert "params_schema" in full and len(text) < len(full) / 2
+            assert "needle_in_haystack" in text and "context_lengths" in text
+
+    asyncio.run(scenario())
 
 
 def test_the_mcp_server_never_imports_torch():
@@ -229,3 +301,67 @@ def test_the_mcp_server_never_imports_torch():
             "m.build_server(m.ApiClient('http://127.0.0.1:1'))\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+# --- the official MCP Inspector CLI (npm), over stdio and streamable HTTP -------------
+
+INSPECTOR = ROOT / ".node" / "node_modules" / ".bin" / "mcp-inspector"
+
+
+@pytest.fixture(scope="module")
+def inspector() -> str:
+    """The Inspector CLI that scripts/test.sh installs into .node/ from npm. Missing, the
+    tests skip, except in CI (CI=true), where they fail."""
+    if not INSPECTOR.exists():
+        give_up = pytest.fail if os.environ.get("CI", "").lower() in ("1", "true") \
+            else pytest.skip
+        give_up("the MCP Inspector is not installed: bash scripts/test.sh installs it "
+                "(npm install --prefix .node @modelcontextprotocol/inspector)")
+    return str(INSPECTOR)
+
+
+def run_inspector(inspector: str, *args: str) -> tuple[int, str]:
+    proc = subprocess.run([inspector, "--cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_inspector_over_stdio(server, inspector):
+    env = {**_env(server, TOKEN), "LBS_SERVER_URL": server.url}  # its --server is taken
+    stdio = [*[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
+             sys.executable, "-m", "backend.mcp_server"]
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/list")
+    assert code == 0, out
+    tools = {t["name"]: t for t in json.loads(out)["tools"]}
+    assert set(tools) == TOOLS
+    assert tools["get_job"]["annotations"]["readOnlyHint"] is True
+    assert tools["get_job"]["inputSchema"]["properties"]["job_id"]["minimum"] == 1
+
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/call",
+                              "--tool-name", "submit_job", "--tool-arg", "model=builtin:tiny",
+                              "--tool-arg", "dataset=echo")
+    assert code == 0, out
+    job = json.loads(out)["structuredContent"]
+    assert job["state"] == "queued"
+    assert server.wait_for(job["id"], ("succeeded", "failed"))["state"] == "succeeded"
+
+    code, out = run_inspector(inspector, *stdio, "--method", "tools/call",
+                              "--tool-name", "get_job", "--tool-arg", "job_id=-1")
+    answer = json.loads(out)
+    assert answer["isError"] is True and "job_id" in answer["content"][0]["text"]
+
+
+def test_inspector_over_http_with_and_without_the_token(server, inspector):
+    with http_mcp(server) as url:
+        code, out = run_inspector(inspector, url, "--transport", "http",
+                                  "--method", "tools/list")
+        assert code != 0 and "Authentication required" in out, out
+        code, out = run_inspector(inspector, url, "--transport", "http", "--header",
+                                  "Authorization: Bearer wrong", "--method", "tools/list")
+        assert code != 0 and "invalid_token" in out, out
+        code, out = run_inspector(inspector, url, "--transport", "http", "--header",
+                                  f"Authorization: Bearer {TOKEN}", "--method", "tools/call",
+                                  "--tool-name", "get_gpu_status")
+        assert code == 0, out
+        status = json.loads(out)["structuredContent"]
+        assert [w["alive"] for w in status["workers"]] == [True]

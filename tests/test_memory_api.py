@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +32,7 @@ def _run(server, model: str) -> dict:
 def _wait_models(server, predicate, timeout=10.0) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     while True:
-        models = _models(server)  # workers publish their status about once a second
+        models = _models(server)
         if predicate(models) or time.monotonic() > deadline:
             return models
         time.sleep(0.2)
@@ -61,7 +64,8 @@ def test_cache_eviction_pins_and_commands(server, tiny_copy):
     assert first["state"] == second["state"] == "succeeded"
     assert [e["kind"] for e in first["events"]] == ["load"]
     assert second["events"] == [], "a cached model is not loaded again"
-    models = _wait_models(server, lambda m: "builtin:tiny" in m)
+    models = _wait_models(server, lambda m: m.get("builtin:tiny", {}).get("location") == "cpu"
+                          and not m["builtin:tiny"]["in_use"])
     tiny = models["builtin:tiny"]
     assert (tiny["location"], tiny["load_count"], tiny["pinned"]) == ("cpu", 1, False)
     assert tiny["worker_id"] and 1_000_000 < tiny["size_bytes"] < 2_000_000
@@ -77,7 +81,7 @@ def test_cache_eviction_pins_and_commands(server, tiny_copy):
     failed = _run(server, "builtin:tiny")
     assert failed["state"] == "failed"
     assert "MemoryLimitError" in failed["error"] and "(pinned)" in failed["error"]
-    assert set(_models(server)) == {copy}
+    assert set(_wait_models(server, lambda m: set(m) == {copy})) == {copy}
 
     # Stats, pressure, system, GPU status in the seed documents' shapes.
     stats = server.request("GET", "/api/v1/memory/stats")[1]["data"]
@@ -141,7 +145,7 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
                                   "LBS_RELEASE_TIMEOUT": "1.5"}).start()
     try:
         assert _run(live, "builtin:tiny")["state"] == "succeeded"
-        # the worker's log says when the idle monitor released it (status rows lag ~1 s)
+        # the worker's log says when the idle monitor released it
         deadline = time.monotonic() + 15
         while "released builtin:tiny" not in live.log() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -152,3 +156,129 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
         assert "idle" in live.log() and "released builtin:tiny" in live.log()
     finally:
         live.stop()
+
+
+# A worker whose control thread never runs: it neither publishes its status once a second
+# nor applies commands, so what the API shows comes from the job thread alone.
+QUIET_WORKER = ("import sys; from backend import worker; "
+                "worker.Worker._serve_commands = lambda self: None; "
+                "sys.exit(worker.main())")
+UNCACHED_PLUGIN = ECHO_PLUGIN.replace('name = "echo"', 'name = "echo_uncached"') \
+    .replace("CacheMode.CACHED", "CacheMode.UNCACHED")
+
+
+def _utc(stamp: str) -> datetime:
+    when = datetime.fromisoformat(stamp)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def test_a_finished_job_shows_the_model_where_it_now_is(with_tiny, echo_plugin_dir):
+    """Whoever sees `succeeded` reads the model where the job left it: a cached dataset's
+    model idle in RAM, an uncached one's released; even from a worker whose control
+    thread (the periodic publisher) is stopped."""
+    (echo_plugin_dir / "echo_uncached.py").write_text(UNCACHED_PLUGIN)
+    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir),
+                                  "LBS_WORKERS": "0"}).start()
+    with open(with_tiny / "worker.log", "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-c", QUIET_WORKER], cwd=ROOT,
+                                  env=live.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        live.wait_for_worker()
+        job = _run(live, "builtin:tiny")
+        models = _models(live)  # read right after `succeeded`, without waiting
+        assert job["state"] == "succeeded", job
+        assert set(models) == {"builtin:tiny"}, models
+        tiny = models["builtin:tiny"]
+        assert (tiny["location"], tiny["in_use"], tiny["load_count"], tiny["stale"]) == \
+            ("cpu", False, 1, False)
+        # the status describes a moment after the job started and before it was finished
+        assert _utc(job["started_at"]) <= _utc(tiny["as_of"]) <= _utc(job["finished_at"])
+        gpu = live.request("GET", "/api/gpu/status")[1]["data"]["builtin:tiny"]
+        assert (gpu["location"], gpu["as_of"], gpu["stale"]) == ("CPU", tiny["as_of"], False)
+        stats = live.request("GET", "/api/v1/memory/stats")[1]["data"]
+        assert stats["total_models"] == 1 and stats["as_of"] == tiny["as_of"]
+        assert [(w["as_of"], w["stale"]) for w in stats["workers"]] == [(tiny["as_of"], False)]
+
+        # an uncached dataset (like NIAH) releases the model after its job
+        job = live.request("POST", "/api/jobs", {"model": "builtin:tiny",
+                                                 "dataset": "echo_uncached"})[1]
+        job = live.wait_for(job["data"]["job"]["id"], ("succeeded", "failed", "cancelled"))
+        assert job["state"] == "succeeded", job
+        assert _models(live) == {}
+        assert [e["kind"] for e in job["events"]] == ["release"]
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        live.stop()
+
+
+def test_worker_publishes_after_a_move_between_jobs(monkeypatch, with_tiny, echo_plugin_dir):
+    """A model moved outside a job (idle monitor, eviction) is published at once, not at
+    the next periodic publication: here there is none."""
+    from backend import control, jobs
+    from backend.config import load_settings
+    from backend.worker import Worker
+
+    monkeypatch.setenv("LBS_PLUGIN_DIRS", str(echo_plugin_dir))
+    settings = load_settings()
+    worker = Worker(settings, worker_id="w")
+    worker.status_interval = 3600.0
+    worker.start()
+
+    def published_models(predicate) -> list[dict]:
+        deadline = time.monotonic() + 10
+        while True:
+            (published,) = control.worker_statuses(worker.factory, settings.lease_seconds)
+            if predicate(published.status["models"]) or time.monotonic() > deadline:
+                return published.status["models"]
+            time.sleep(0.05)
+
+    try:
+        jobs.submit_jobs(worker.factory, [jobs.NewJob("builtin:tiny", "echo", {})])
+        assert worker.run_once()
+        models = published_models(lambda models: True)  # published before the job ended
+        assert [(m["model_name"], m["location"]) for m in models] == [("builtin:tiny", "cpu")]
+        worker.manager.release("builtin:tiny")  # as the idle monitor would, from a thread
+        assert published_models(lambda models: models == []) == []
+    finally:
+        worker.stop()
+        worker.manager.stop_monitor()
+
+
+def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, settings):
+    """A worker whose heartbeat stopped still shows what it last published, marked stale,
+    and is left out of the totals; commands only go to live workers."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from backend import control, jobs
+    from backend.db import Worker, utcnow
+
+    now = time.time()
+    for worker_id, as_of in (("gone", now - 600), ("live", now - 1)):  # "gone" started first
+        jobs.register_worker(factory, worker_id, "host", 1, "cpu")
+        control.publish_status(factory, worker_id, manager_status("m", as_of))
+    with factory.begin() as session:
+        session.execute(sa.update(Worker).where(Worker.id == "gone")
+                        .values(heartbeat_at=utcnow() - timedelta(minutes=10)))
+    gone_at = datetime.fromtimestamp(now - 600, timezone.utc).isoformat()
+    live_at = datetime.fromtimestamp(now - 1, timezone.utc).isoformat()
+
+    models = client.get("/api/v1/memory/models").get_json()["data"]["models"]
+    assert [(m["worker_id"], m["as_of"], m["stale"]) for m in models] == \
+        [("gone", gone_at, True), ("live", live_at, False)]
+    stats = client.get("/api/v1/memory/stats").get_json()["data"]
+    assert (stats["total_models"], stats["total_memory_usage"], stats["as_of"]) == \
+        (1, 1000, live_at)
+    assert [(w["worker_id"], w["as_of"], w["stale"]) for w in stats["workers"]] == \
+        [("gone", gone_at, True), ("live", live_at, False)]
+    gpu = client.get("/api/gpu/status").get_json()["data"]
+    assert {key: (e["worker_id"], e["as_of"], e["stale"]) for key, e in gpu.items()} == \
+        {"m": ("live", live_at, False), "m (gone)": ("gone", gone_at, True)}
+    answer = client.post("/api/gpu/offload", json={"worker": "gone"})
+    assert answer.status_code == 503 and answer.get_json()["error"]["code"] == "no_worker"

@@ -27,7 +27,7 @@ from backend.api.schemas import (
 )
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.registry import UnknownDataset
-from backend.evaluation import JobFieldError, prepare
+from backend.evaluation import JobFieldError, JobFieldRefused, prepare
 from backend.redact import csv_cell
 from backend.runners.models import ModelNotFound, ModelPathRefused
 from backend.secrets_box import encrypt
@@ -58,7 +58,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
     except JobFieldError as exc:
         field = f"{prefix}{exc.field}"
-        raise ApiError(422, "invalid_job", f"{field}: {exc.message}",
+        status, code = (403, "path_refused") if isinstance(exc, JobFieldRefused) \
+            else (422, "invalid_job")
+        raise ApiError(status, code, f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     except UnknownDataset as exc:
         raise ApiError(422, "unknown_dataset", str(exc),

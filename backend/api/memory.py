@@ -2,7 +2,9 @@
 
 Reads come from the status each worker publishes; changes are commands the
 workers apply (backend.control). With several workers every answer says which
-worker holds what.
+worker holds what. Each status says when it was taken (`as_of`) and whether its
+worker's heartbeat is stale (`stale`: it may no longer be true, and the totals
+leave it out).
 """
 
 from __future__ import annotations
@@ -73,9 +75,14 @@ def _state():
     return current_app.extensions["lbs"]
 
 
-def _statuses(worker: str | None = None) -> list[tuple[Any, dict[str, Any]]]:
+def _statuses() -> list[control.Published]:
     lbs = _state()
-    return control.live_statuses(lbs.factory, max(15.0, lbs.settings.lease_seconds), worker)
+    return control.worker_statuses(lbs.factory, lbs.settings.lease_seconds)
+
+
+def _fresh() -> list[tuple[Any, dict[str, Any]]]:
+    """(worker, status) of the workers whose heartbeat is fresh."""
+    return [(p.worker, p.status) for p in _statuses() if not p.stale]
 
 
 def _body(model: type[BaseModel]) -> BaseModel:
@@ -105,8 +112,8 @@ def _setting(command: str, args: dict[str, Any], worker: str | None
 def _send(command: str, args: dict[str, Any], worker: str | None) -> list[dict[str, Any]]:
     lbs = _state()
     try:
-        answers = control.send_command(lbs.factory, command, args, worker,
-                                       stale_after=max(15.0, lbs.settings.lease_seconds))
+        answers = control.send_command(lbs.factory, command, args,
+                                       lbs.settings.lease_seconds, worker)
     except control.NoWorker as exc:
         raise ApiError(503, "no_worker", str(exc))
     except control.CommandTimeout as exc:
@@ -128,16 +135,21 @@ def _pending(status: int, stored: bool = True) -> dict[str, Any]:
                                        "and every worker applies it as it starts"}
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _when(published: control.Published) -> dict[str, Any]:
+    """When the status was taken, and whether its worker's heartbeat is stale."""
+    return {"as_of": _iso(published.status.get("as_of")), "stale": published.stale}
 
 
 def _model_rows() -> list[dict[str, Any]]:
     rows = []
-    for worker, status in _statuses():
-        for m in status["models"]:
-            rows.append({**m, "worker_id": worker.id, "last_access": _iso(m["last_access"]),
-                         "loaded_at": _iso(m["loaded_at"])})
+    for p in _statuses():
+        for m in p.status["models"]:
+            rows.append({**m, "worker_id": p.worker.id, "last_access": _iso(m["last_access"]),
+                         "loaded_at": _iso(m["loaded_at"]), **_when(p)})
     return rows
 
 
@@ -145,7 +157,8 @@ def _model_rows() -> list[dict[str, Any]]:
 
 @bp.get("/api/v1/memory/stats")
 def stats():
-    statuses = _statuses()
+    published = _statuses()
+    statuses = [(p.worker, p.status) for p in published if not p.stale]
     usage = sum(s["total_memory_usage"] for _, s in statuses)
     limit = sum(s["memory_limit"] for _, s in statuses)
     vm = psutil.virtual_memory()
@@ -158,17 +171,18 @@ def stats():
         "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
         "system_available": available, "formatted_system_available": format_bytes(available),
         "system_total": total, "formatted_system_total": format_bytes(total),
-        "workers": [{"worker_id": w.id, "total_models": s["total_models"],
-                     "total_memory_usage": s["total_memory_usage"],
-                     "memory_limit": s["memory_limit"],
-                     "memory_pressure": s["pressure"]["memory_pressure"]}
-                    for w, s in statuses],
+        "as_of": _iso(min((s["as_of"] for _, s in statuses if "as_of" in s), default=None)),
+        "workers": [{"worker_id": p.worker.id, "total_models": p.status["total_models"],
+                     "total_memory_usage": p.status["total_memory_usage"],
+                     "memory_limit": p.status["memory_limit"],
+                     "memory_pressure": p.status["pressure"]["memory_pressure"], **_when(p)}
+                    for p in published],
     })
 
 
 @bp.get("/api/v1/memory/pressure")
 def pressure():
-    statuses = _statuses()
+    statuses = _fresh()
     return _ok({
         "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
         "reasons": [f"{w.id}: {r}" for w, s in statuses for r in s["pressure"]["reasons"]],
@@ -238,7 +252,8 @@ _LOCATION = {"gpu": "GPU", "cpu": "CPU", "loading": "loading", "unloaded": "unlo
 @bp.get("/api/gpu/status")
 def gpu_status():
     data: dict[str, Any] = {}
-    for worker, status in _statuses():
+    for p in sorted(_statuses(), key=lambda p: p.stale):  # a live worker's model keeps its name
+        worker, status = p.worker, p.status
         for m in status["models"]:
             key = m["model_name"] if m["model_name"] not in data \
                 else f"{m['model_name']} ({worker.id})"
@@ -248,7 +263,7 @@ def gpu_status():
                 "idle_timeout_seconds": status["idle_timeout_seconds"],
                 "monitor_running": status["monitor_running"],
                 "gpu_memory": status["gpu_memory"], "pinned": m["pinned"],
-                "worker_id": worker.id,
+                "worker_id": worker.id, **_when(p),
             }
     return _ok(data)
 

@@ -70,7 +70,7 @@ def build_spec() -> dict[str, Any]:
     submit_body = {"oneOf": [_ref(JobRequest), _ref(JobBatchRequest)]}
     submit = _response("the queued job(s)", {"job": _ref(JobOut),
                                              "jobs": {"type": "array", "items": _ref(JobOut)}},
-                       (400, 413, 422))
+                       (400, 403, 413, 422))
     submit["201"] = submit.pop("200")
     paths = {
         "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},
@@ -133,11 +133,14 @@ def _body(model: type[BaseModel], required: bool = False) -> dict[str, Any]:
 def _memory_paths() -> dict[str, Any]:
     commands = (503, 504)
     get = {
-        "/api/v1/memory/stats": "usage, limit, pressure and system RAM, summed over workers",
+        "/api/v1/memory/stats": "usage, limit, pressure and system RAM, summed over the "
+                                "workers with a fresh heartbeat; per worker as_of and stale",
         "/api/v1/memory/pressure": "memory pressure and the models to unload, LRU first",
-        "/api/v1/memory/models": "every loaded model: worker, location, size, load count, pins",
+        "/api/v1/memory/models": "every loaded model: worker, location, size, load count, "
+                                 "pins, as_of (when its worker took the status), stale",
         "/api/v1/memory/system": "RAM and swap of the server's machine",
-        "/api/gpu/status": "per model: location, idle time, idle timeout, GPU memory",
+        "/api/gpu/status": "per model: location, idle time, idle timeout, GPU memory, "
+                           "as_of, stale",
     }
     paths: dict[str, Any] = {p: {"get": {"summary": s, "responses": _response(s)}}
                              for p, s in get.items()}

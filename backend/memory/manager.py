@@ -24,6 +24,10 @@ of the `Location`s. The contract:
 All public methods are thread-safe (the worker's job thread, its idle monitor
 and its control thread share the manager). Models in use by a job are never
 moved or released from another thread: such requests answer `ModelBusy`.
+`on_move`, when set, is called with each event (load, offload, restore,
+release, oom) right after the move, under the manager's lock: it must return at
+once and call neither the manager from another thread nor the database (the
+worker's only sets a flag that makes its control thread publish the status).
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class ModelManager:
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
         self.event_count = 0  # events ever recorded; `events` keeps the last 200
+        self.on_move: Callable[[ModelEvent], None] | None = None
         self.tracker = MemoryTracker()
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
@@ -268,6 +273,8 @@ class ModelManager:
         self.events.append(event)
         self.event_count += 1
         del self.events[:-200]
+        if self.on_move is not None:
+            self.on_move(event)
         if kind not in ("release", "oom"):  # those log their own line
             log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
                      event.seconds)
@@ -382,12 +389,14 @@ class ModelManager:
         return entries
 
     def offload(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Offload one model (or every GPU model) to CPU RAM; a model in use is refused."""
+        """Offload one model (or every GPU model) to CPU RAM; a model in use is refused,
+        one this manager does not hold raises UnknownModel (also without a GPU)."""
         with self._lock:
+            entries = self._named(name)
             if not self.has_gpu:
                 return []
             done = []
-            for entry in self._named(name):
+            for entry in entries:
                 if entry.in_use:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 event = self._offload(entry, "requested")

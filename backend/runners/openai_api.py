@@ -7,17 +7,23 @@ with exponential backoff. Token usage, latency and attempts are kept per request
 
 Datasets build prompts in a local tokenizer's tokens (`tokenizer`: the model's own
 tokenizer folder or cached hub id, else the built-in tiny model's, so NIAH lengths
-are then approximate for the remote model). Log-likelihood needs the completions
-endpoint to echo the prompt with its token log-probabilities (`echo` + `logprobs`,
-as vLLM and the legacy OpenAI completions API do); an endpoint that does not gets a
-clear error rather than a guess.
+are then approximate for the remote model). The completions endpoint gets the prompt
+a local run would tokenise: the tokenizer's chat template only where the dataset and
+job want one.
+
+Log-likelihood needs the completions endpoint to echo the prompt with its token
+log-probabilities (`echo` + `logprobs`, as vLLM, llama.cpp's server and the legacy
+OpenAI completions API do). The runner asks for one generated token (`max_tokens: 0`
+means "until the context is full" to llama-cpp-python), sums only the echoed prompt
+tokens that spell the continuation, and checks that they do; an endpoint that returns
+no prompt log-probabilities (`transformers serve`) is named on the first request.
 
 The API key travels only in the Authorization header and never enters a log line,
 an exception message or a stored row (see `redact`). The server's own key
 (LBS_OPENAI_API_KEY) goes only to the server's base URL (LBS_OPENAI_BASE_URL); a job
 naming another URL sends its own key or none (`key_for`). A job may name only the
 hosts the operator allows (`check_host`). A remote error becomes its status code
-and a short cleaned reason, never the remote body (backend.redact.remote_reason).
+and a short cleaned reason, never the remote body (`remote_message`).
 
 Each request runs on a helper thread while the calling thread waits in short steps,
 so cancel, the job's timeout and worker shutdown (`should_stop`) end a request that
@@ -28,11 +34,13 @@ used.
 
 from __future__ import annotations
 
+import copy
 import http.client
 import ipaddress
 import json
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -44,7 +52,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from backend.redact import clean_text, mask_url, remote_reason
+from backend.redact import mask_url
 from backend.runners.base import (
     Generation,
     GenerationRequest,
@@ -111,7 +119,20 @@ class ApiOptions(BaseModel):
 
 
 class ApiError(RuntimeError):
-    """A request that failed for good (after retries, or one that retrying cannot fix)."""
+    """A request that failed for good (after retries, or one that retrying cannot fix);
+    `status` is the last HTTP status the server answered, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+NO_PROMPT_LOGPROBS = (
+    "this endpoint must return prompt log-probabilities for log-likelihood scoring (the "
+    "completions endpoint with echo + logprobs, as vLLM and llama.cpp's server do)")
+NO_CHAT_TEMPLATE_HINT = (
+    "if the served model has no chat template, set api.endpoint \"completions\" (the "
+    "prompt is then sent as is)")
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -120,6 +141,36 @@ def redact(text: str, secret: str | None) -> str:
 
 def _never() -> bool:
     return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def remote_message(raw: bytes, limit: int = 300) -> str:
+    """What a remote JSON error answer says (`error.message`, or `error` / `message` /
+    `detail` text), safe to store and show: ANSI sequences and control characters
+    (newlines included) removed, whitespace folded, length capped. '' for a body that
+    is not such JSON: an HTML page of some internal service is never copied into a job.
+    """
+    try:
+        data = json.loads(raw[:65536].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return ""
+    found: Any = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        found = err.get("message") if isinstance(err, dict) else err
+        if not isinstance(found, str):
+            found = data.get("message", data.get("detail"))
+    return clean_remote_text(found, limit) if isinstance(found, str) else ""
+
+
+def clean_remote_text(text: str, limit: int = 300) -> str:
+    """Text from a remote server made safe to store and show: ANSI sequences and
+    control characters (newlines included) removed, whitespace folded, length capped."""
+    text = " ".join(_CONTROL.sub(" ", _ANSI.sub("", text)).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass
@@ -163,26 +214,42 @@ class OpenAIRunner(Runner):
         return user_message if self.use_chat else self.tok.render(user_message)
 
     def count_prompt(self, prompt: str) -> int:
+        # The chat endpoint wraps the message in the served model's template; counting
+        # it with the job's tokenizer's template keeps prompt budgets on the server too.
+        if self.use_chat:
+            return self.tok.count_prompt(self.tok.render(prompt))
         return self.tok.count_prompt(prompt)
 
     def without_chat_template(self) -> OpenAIRunner:
-        return self  # the chat endpoint always templates; completions never does here
+        """The completions endpoint then gets the dataset's prompt as is, as a local run
+        would feed it; the chat endpoint always applies the server's template."""
+        if self.use_chat:
+            return self
+        from backend.runners.hf import HFTokenizer
+
+        plain = copy.copy(self)
+        plain.tok = HFTokenizer(self.tok.tokenizer, self.tok.max_length,
+                                use_chat_template=False)
+        return plain
 
     # --- HTTP -----------------------------------------------------------------------
 
-    def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """POST with retries; returns (answer, attempts). Raises ApiError, or Stopped
-        when `should_stop` turns true while it waits."""
+    def _post(self, path: str, body: dict[str, Any],
+              retry_status: frozenset[int] | set[int] = RETRY_STATUS
+              ) -> tuple[dict[str, Any], int]:
+        """POST with retries (on `retry_status`, timeouts and unreadable answers);
+        returns (answer, attempts). Raises ApiError, or Stopped when `should_stop`
+        turns true while it waits."""
         url = f"{self.options.base_url}{path}"
         shown = mask_url(url)
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        attempts = 0
+        attempts, status = 0, None
         while True:
             attempts += 1
-            problem, retry_after = None, None
+            problem, retry_after, status = None, None, None
             try:
                 status, answer_headers, raw = self._exchange(url, data, headers)
                 if 200 <= status < 300:
@@ -194,18 +261,22 @@ class OpenAIRunner(Runner):
                     except (ValueError, RecursionError):
                         problem = "unreadable answer (not the JSON of a completion)"
                 else:
-                    reason = remote_reason(raw) or http.client.responses.get(status, "")
+                    # the JSON error's message, else the status line's reason phrase
+                    reason = remote_message(raw) or http.client.responses.get(status, "")
                     problem = f"HTTP {status}" + (f": {reason}" if reason else "")
-                    if status not in RETRY_STATUS:
-                        raise ApiError(redact(f"{shown} answered {problem}", self._key))
+                    if status not in retry_status:
+                        raise ApiError(redact(f"{shown} answered {problem}", self._key),
+                                       status)
                     retry_after = answer_headers.get("Retry-After")
             except TimeoutError:
                 problem = f"no answer within {self.options.timeout_s:g} s"
             except (http.client.HTTPException, OSError) as err:
-                problem = f"cannot reach {shown}: {clean_text(str(err) or type(err).__name__)}"
+                reason = clean_remote_text(str(err) or type(err).__name__)
+                problem = f"cannot reach {shown}: {reason}"
             problem = redact(problem, self._key)
             if attempts > self.options.max_retries:
-                raise ApiError(f"{shown}: {problem} (gave up after {attempts} attempts)")
+                raise ApiError(f"{shown}: {problem} (gave up after {attempts} attempts)",
+                               status)
             delay = min(30.0, 0.25 * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
             if retry_after:
                 try:
@@ -279,7 +350,14 @@ class OpenAIRunner(Runner):
                                 "temperature": 0}
         if self.use_chat:
             body["messages"] = [{"role": "user", "content": request.prompt}]
-            answer, attempts = self._post("/chat/completions", body)
+            try:
+                answer, attempts = self._post("/chat/completions", body)
+            except ApiError as exc:
+                # A model without a chat template: vLLM answers 400 naming it,
+                # transformers serve a bare 500 (the reason only in its log).
+                if exc.status in (400, 422, 500) or "template" in str(exc).lower():
+                    raise ApiError(f"{exc}; {NO_CHAT_TEMPLATE_HINT}", exc.status) from None
+                raise
             text = (answer["choices"][0].get("message") or {}).get("content") or ""
         else:
             body["prompt"] = request.prompt
@@ -309,31 +387,35 @@ class OpenAIRunner(Runner):
             raise ApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
                            "generation method of the dataset (e.g. C-Eval method: generate)")
-        return [self._loglikelihood(r) for r in requests]
+        if not requests:
+            return []
+        # The first request alone: an endpoint without prompt log-probabilities is
+        # named at once instead of after a batch of failed (or retried) requests.
+        first = self._loglikelihood(requests[0], probe=True)
+        rest = requests[1:]
+        if len(rest) <= 1 or self.options.concurrency == 1:
+            return [first, *(self._loglikelihood(r) for r in rest)]
+        with ThreadPoolExecutor(min(self.options.concurrency, len(rest))) as pool:
+            return [first, *pool.map(self._loglikelihood, rest)]
 
-    def _loglikelihood(self, request: LoglikelihoodRequest) -> Loglikelihood:
-        context, continuation = request.context, request.continuation
-        body = {"model": self.served_model, "prompt": context + continuation, "max_tokens": 0,
-                "echo": True, "logprobs": 1, "temperature": 0}
-        answer, _ = self._post("/completions", body)
-        logprobs = answer["choices"][0].get("logprobs") or {}
-        offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
-        if not offsets or not values:
-            raise ApiError("the endpoint did not return prompt log-probabilities (echo + "
-                           "logprobs); log-likelihood datasets cannot be scored through it")
-        tops = logprobs.get("top_logprobs") or [None] * len(values)
-        tokens = logprobs.get("tokens") or [None] * len(values)
-        total, greedy, count = 0.0, True, 0
-        for offset, value, top, token in zip(offsets, values, tops, tokens, strict=False):
-            if offset < len(context) or value is None:
-                continue
-            total += float(value)
-            count += 1
-            if top and token is not None:
-                greedy = greedy and max(top, key=top.get) == token
-        if count == 0:
-            raise ApiError("the continuation has no tokens in the endpoint's answer")
-        return Loglikelihood(total, greedy, count)
+    def _loglikelihood(self, request: LoglikelihoodRequest, probe: bool = False
+                       ) -> Loglikelihood:
+        # max_tokens 1, not 0: llama-cpp-python generates until its context is full
+        # for 0 and transformers' generate() refuses it; the one generated token is
+        # told apart from the echoed prompt and left out.
+        body = {"model": self.served_model, "prompt": request.context + request.continuation,
+                "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        try:
+            # A 500 to the first echo request is the server refusing echo/logprobs
+            # (transformers serve), not a hiccup worth five retries.
+            answer, _ = self._post("/completions", body,
+                                   RETRY_STATUS - {500} if probe else RETRY_STATUS)
+        except ApiError as exc:
+            if probe and exc.status is not None and exc.status not in (401, 403, 404, 429):
+                raise ApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
+            raise
+        return read_prompt_logprobs(answer, request.context, request.continuation,
+                                    f"{self.options.base_url}/completions")
 
     # --- placement (the model manager) ------------------------------------------------
 
@@ -366,6 +448,59 @@ def _abort(conn: http.client.HTTPConnection) -> None:
         except OSError:
             pass
     conn.close()
+
+
+def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str,
+                         url: str = "the endpoint") -> Loglikelihood:
+    """The continuation's log-likelihood from a completions answer to `context +
+    continuation` with echo + logprobs.
+
+    The echoed prompt's tokens are the answer's tokens less the generated ones
+    (`usage.completion_tokens`, else those whose text offset lies past the prompt).
+    Walking back from the prompt's end, the tokens whose text spells the continuation
+    (with the start of the context, if one token spans both, as a local run's split
+    does) are summed; when their text does not spell it, or no context token precedes
+    them, or the prompt's tokens do not spell the prompt, the answer is refused with
+    ApiError rather than read as a guess.
+    """
+    choice = (answer.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs") or {}
+    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not tokens or not values or len(tokens) != len(values):
+        raise ApiError(f"{NO_PROMPT_LOGPROBS}; {url} answered without them, so "
+                       "log-likelihood datasets cannot be scored through it (score them "
+                       "by generation instead, e.g. C-Eval method: generate)")
+    prompt = context + continuation
+    tops = logprobs.get("top_logprobs") or [None] * len(values)
+    generated = (answer.get("usage") or {}).get("completion_tokens")
+    offsets = logprobs.get("text_offset")
+    if isinstance(generated, int) and 0 <= generated <= len(tokens):
+        n_prompt = len(tokens) - generated
+    elif offsets and len(offsets) == len(tokens):
+        n_prompt = sum(1 for offset in offsets if offset < len(prompt))
+    else:
+        n_prompt = len(tokens)
+    spelled, first = "", n_prompt
+    while first > 0 and len(spelled) < len(continuation):
+        first -= 1
+        spelled = str(tokens[first]) + spelled
+    head = spelled[:len(spelled) - len(continuation)]
+    echoed = "".join(str(t) for t in tokens[:n_prompt])
+    covered = (spelled.endswith(continuation) and context.endswith(head)
+               and (first > 0 or not context)
+               # byte pieces of a character come back as U+FFFD: not comparable then
+               and ("\ufffd" in echoed or echoed.endswith(prompt)))
+    picked = values[first:n_prompt]
+    if not covered or any(v is None for v in picked):
+        raise ApiError(f"the tokens {url} returned do not cover the prompt: the echoed "
+                       f"prompt's last tokens spell {spelled[-60:]!r} where the continuation "
+                       f"is {continuation[-60:]!r}; the server must echo the prompt's tokens "
+                       "with their log-probabilities (echo + logprobs)")
+    greedy = True
+    for top, token in zip(tops[first:n_prompt], tokens[first:n_prompt], strict=False):
+        if top:
+            greedy = greedy and max(top, key=top.get) == token
+    return Loglikelihood(float(sum(picked)), greedy, n_prompt - first)
 
 
 def effective_options(options: ApiOptions | None, settings: Any) -> ApiOptions:
