@@ -527,7 +527,7 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
     import subprocess
     import sys
 
-    from backend.control import live_statuses
+    from backend.control import worker_statuses
     from backend.db import dispose_engines, session_factory
     from tests.conftest import ROOT
 
@@ -545,9 +545,9 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
         deadline = time.monotonic() + 90
         seen = None
         while time.monotonic() < deadline:
-            statuses = live_statuses(factory, 30.0)
+            statuses = [p for p in worker_statuses(factory, 60.0) if not p.stale]
             if statuses:
-                seen = statuses[0][1]
+                seen = statuses[0].status
                 if seen["idle_timeout_seconds"] == 321 and seen["memory_limit"] == 2 * 1024**3:
                     break
             time.sleep(0.3)
