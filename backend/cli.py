@@ -3,6 +3,7 @@
     python -m backend.cli eval --model builtin:tiny --dataset needle_in_haystack \\
         --param 'context_lengths=[256,512]' --param 'depth_percents={"count": 3}' \\
         --output result.json
+    python -m backend.cli data fetch ceval --subsets law     # see backend/data_cli.py
 
 Each --param is key=JSON (a bare word that is not JSON is taken as a string).
 The output file holds {"scores", "memory", "samples"} with the same fields as
@@ -59,6 +60,23 @@ class _ListSink:
         return True
 
 
+def _fetch_bar():
+    """Progress of a data fetch (LBS_ALLOW_DATA_DOWNLOAD) on stderr: "fetching data"."""
+    state: dict[str, Any] = {}
+
+    def report(done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if "bar" not in state:
+            state["bar"] = tqdm(desc="fetching data", unit="B", unit_scale=True,
+                                total=total, file=sys.stderr)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+    return report
+
+
 def _print_table(scores: dict[str, Any]) -> None:
     print(f"overall score: {scores.get('overall', 0.0):.4f} over {scores.get('count', 0)} samples")
     for name, rows in scores.items():
@@ -84,7 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     apply_allocator_settings(settings)
     params = dict(args.param or [])
     try:
-        job = prepare(args.model, args.dataset, params, settings, confine=False)
+        job = prepare(args.model, args.dataset, params, settings, confine=False,
+                      fetch_data=True, data_progress=_fetch_bar())
     except (UnknownDataset, ModelNotFound, ParamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -131,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--param", action="append", type=parse_param, metavar="KEY=JSON")
     ev.add_argument("--output", help="write the result as JSON to this file")
     ev.add_argument("--quiet", action="store_true", help="log warnings only")
+    from backend.data_cli import add_parser, cmd_data
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return cmd_eval(args)
+        return cmd_data(args) if args.command == "data" else cmd_eval(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

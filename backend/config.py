@@ -219,8 +219,10 @@ SETTINGS: tuple[Setting, ...] = (
             "For testing only: workers pretend this machine has GPUs of these sizes (all "
             "free) for num_gpus and memory admission; jobs still run on the CPU."),
     Setting("LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, 'a number from 0.0 (no limit) to 1.0',
-            "Fraction of each GPU's memory a model may take (accelerate max_memory); "
-            "0.0 = no limit."),
+            "Fraction of each GPU's memory a worker process may use through PyTorch "
+            "(weights, KV cache, activations; set with "
+            "torch.cuda.set_per_process_memory_fraction); weights are placed under it "
+            "less the job's KV/activation estimate, spilling to RAM. 0.0 = no limit."),
     Setting("LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, '1/0, true/false, yes/no, on/off',
             "Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in workers "
             "(a value you set yourself wins)."),
@@ -232,6 +234,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Allow models that ship their own Python code (trust_remote_code)."),
     Setting("LBS_ALLOW_DOWNLOAD", "0", _bool, '1/0, true/false, yes/no, on/off',
             "Allow downloading hub models that are not in the local cache."),
+    Setting("LBS_ALLOW_DATA_DOWNLOAD", "0", _bool, '1/0, true/false, yes/no, on/off',
+            "Allow jobs to fetch a dataset's official data from the Hugging Face hub when "
+            "it is neither in LBS_DATASETS_DIR nor in the hub cache (separate from model "
+            "downloads); the web page then offers a Fetch button."),
     Setting("LBS_LEASE_SECONDS", "60", _positive_float, 'a number of seconds greater than 0',
             "A running job whose worker has not renewed its lease for this long is re-queued."),
     Setting("LBS_JOB_TIMEOUT", "0", _non_negative_float, "a number of seconds (0 = none)",
@@ -337,11 +343,20 @@ class Settings:
     max_grid_cells: int = 2500
     cuda_visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES as the process found it (read here, like every setting)."""
+    allow_data_download: bool = False
+    hub_offline: bool = False
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: dataset data is read from the cache only
+    (huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT itself as well)."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, to hand to a child process."""
         return dict(self.raw)
+
+    def child_env(self) -> dict[str, str]:
+        """The whole environment of a child process of ours: this one's (PATH, HF_*…)
+        with the settings on top."""
+        return {**os.environ, **self.raw}
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
@@ -419,6 +434,9 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         datasets_dir=Path(parsed["LBS_DATASETS_DIR"]).expanduser().resolve()
         if parsed["LBS_DATASETS_DIR"] else data_dir / "datasets",
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        allow_data_download=parsed["LBS_ALLOW_DATA_DOWNLOAD"],
+        hub_offline=any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+                        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
         raw=raw,
     )
 
@@ -453,13 +471,17 @@ def load_settings_or_report() -> Settings | None:
 
 
 def apply_allocator_settings(settings: Settings) -> str | None:
-    """Set PYTORCH_CUDA_ALLOC_CONF before torch initialises CUDA.
+    """Set PYTORCH_CUDA_ALLOC_CONF and CUDA_DEVICE_ORDER before torch initialises CUDA.
 
-    Call it in a worker before the first `import torch`. With
+    Call it in a worker before the first `import torch`. CUDA_DEVICE_ORDER becomes
+    PCI_BUS_ID, the order of NVML and nvidia-smi, so that the GPU indices read with
+    NVML (the free-GPU choice, LBS_WORKERS, --gpus) name the same GPUs in
+    CUDA_VISIBLE_DEVICES; CUDA's default order puts the fastest GPU first. With
     LBS_ENABLE_MEMORY_MANAGEMENT=1 it sets `expandable_segments:True`, unless the
     user already set PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF (their value
     wins). Returns the value in force, or None.
     """
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         if os.environ.get(name):
             return os.environ[name]
@@ -470,5 +492,7 @@ def apply_allocator_settings(settings: Settings) -> str | None:
 
 
 def select_cuda_device(index: str) -> None:
-    """Pin this process to one GPU (CUDA_VISIBLE_DEVICES), before torch starts CUDA."""
+    """Pin this process to GPUs by NVML index (CUDA_VISIBLE_DEVICES, in the PCI bus
+    order NVML uses), before torch starts CUDA."""
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = index

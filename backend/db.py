@@ -155,9 +155,21 @@ class MemoryPeak(Base):
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(sa.String(64))
     device: Mapped[str] = mapped_column(sa.String(32), default="cpu")
-    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    bytes: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    """None: unknown (NVML could not tell this process's GPU use)."""
 
     job: Mapped[Job] = relationship(back_populates="memory_peaks")
+
+
+class IdFloor(Base):
+    """The highest id a table ever handed out, where the engine may hand it out again:
+    SQLite gives a new row max(id) + 1, so deleting the newest job would give its id to
+    the next one (PostgreSQL's sequences never go back and need no floor)."""
+
+    __tablename__ = "id_floors"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(sa.BigInteger)
 
 
 class WorkerState(str, enum.Enum):
@@ -355,7 +367,25 @@ def _m005_api_models(op: Any) -> None:
     op.add_column("jobs", sa.Column("api_key_encrypted", sa.Text))
 
 
-def _m006_runtime_settings(op: Any) -> None:
+def _m006_id_floors(op: Any) -> None:
+    op.create_table(
+        "id_floors",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.BigInteger, nullable=False),
+    )
+    # the floor starts at the highest job id there is: ids deleted before this
+    # migration are beyond recall, those from now on are never handed out again
+    op.execute("INSERT INTO id_floors (name, value) SELECT 'jobs', COALESCE(MAX(id), 0) "
+               "FROM jobs")
+
+
+def _m007_unknown_memory(op: Any) -> None:
+    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
+    with op.batch_alter_table("memory_peaks") as batch:
+        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
+
+
+def _m008_runtime_settings(op: Any) -> None:
     op.create_table(
         "runtime_settings",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -366,7 +396,9 @@ def _m006_runtime_settings(op: Any) -> None:
 
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
-                                           _m005_api_models, _m006_runtime_settings]
+                                           _m005_api_models, _m006_id_floors,
+                                           _m007_unknown_memory,
+                                           _m008_runtime_settings]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

@@ -28,7 +28,7 @@ from backend.datasets.base import (
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest
+from backend.runners.base import GenerationRequest, PromptView
 from backend.runners.models import (
     ModelNotFound,
     ModelPathRefused,
@@ -72,7 +72,8 @@ class JobFieldRefused(JobFieldError):
 
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
             settings: Settings, confine: bool = True, api: Any = None,
-            api_key: str | None = None) -> PreparedJob:
+            api_key: str | None = None, fetch_data: bool = False,
+            data_progress: Any = None) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
     With `confine` (jobs from the API and the queue) model folders must lie under
@@ -81,10 +82,21 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
     JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
     (ApiOptions) and `api_key` are for `openai:` models.
+
+    Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
+    `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
+    `data_progress`; without `fetch_data` (the server) missing data that a worker may
+    fetch lets the job through, unchecked until then, and otherwise is a DataMissing
+    ParamError carrying how to get it.
     """
+    from backend.datasets.hub import DataAccess, FetchPending
+
     ds = get_dataset(dataset)
     ds.datasets_dir = settings.datasets_dir
     ds.confine_paths = confine
+    ds.data_access = DataAccess(allow_download=settings.allow_data_download,
+                                fetch_now=fetch_data, offline=settings.hub_offline,
+                                progress=data_progress)
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
     if spec.api_model:
@@ -111,7 +123,10 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     info = model_info(spec)
     if spec.api_model and api.max_length:
         info = ModelInfo(spec.name, api.max_length)
-    ds.check(params, info)
+    try:
+        ds.check(params, info)
+    except FetchPending:
+        pass  # the worker fetches the data, then checks again before building items
     apply_ceilings(params, info, settings)
     return PreparedJob(spec, info, ds, params, api, api_key)
 
@@ -186,28 +201,50 @@ class EvalOutcome:
     stopped: bool = False
 
 
-def _choose(runner: Any, item: Any) -> tuple[str, int, int, dict[str, Any]]:
+def _choose(runner: Any, item: Any, chat_template: bool = True
+            ) -> tuple[str, int, int, dict[str, Any]]:
     """Multiple choice by log-likelihood: the label of the likeliest continuation, the
-    prompt's token count, 0 generated tokens, and the fields with each choice's log-prob."""
+    prompt's token count, 0 generated tokens, and the fields with each choice's log-prob.
+    `chat_template` says how the item's prompt was rendered."""
     from backend.runners.base import LoglikelihoodRequest
 
-    scored = runner.loglikelihood([LoglikelihoodRequest(item.prompt, c) for c in item.choices])
+    scored = runner.loglikelihood([LoglikelihoodRequest(item.prompt, c, chat_template)
+                                   for c in item.choices])
     labels = item.labels or item.choices
     best = max(range(len(scored)), key=lambda i: scored[i].logprob)
     fields = {**item.fields, "logprobs": {label: round(s.logprob, 4)
                                           for label, s in zip(labels, scored, strict=True)}}
-    return labels[best], runner.count_prompt(item.prompt), 0, fields
+    return labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields
 
 
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
+                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
+                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
+                "_alloc_failed", "_allocation_failed")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
-    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory")."""
+    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
+    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
+    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: torch.AcceleratorError (raised by its
+    C10_CUDA_CHECK, e.g. "CUDA error: an illegal memory access was encountered") or
+    a RuntimeError from its cuBLAS/cuDNN checks ("CUDA error: ...", "cuDNN error:
+    ..."). Such errors are sticky: the process's CUDA context is unusable after one,
+    so the worker gives its job back and exits (see worker.py)."""
+    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return (type(exc).__name__ == "AcceleratorError" or "CUDA error:" in text
+            or "cuDNN error:" in text)
 
 
 class SampleOutOfMemory(RuntimeError):
@@ -273,21 +310,24 @@ class _Answer:
     error: str | None = None
 
 
-def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Backoff,
+def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset, backoff: Backoff,
                   single: Backoff) -> list[_Answer]:
     """Answers to `items`: multiple-choice items one by one, generation items in batches
-    (and their second turns, e.g. the answer after a chain of thought, likewise)."""
+    (and their second turns, e.g. the answer after a chain of thought, likewise).
+    `view` is the runner as the dataset sees it, rendering as the job asked."""
+    runner, templated = view.runner, view.chat_template
     answers = [_Answer(item, fields=item.fields) for item in items]
     for answer in answers:
         if answer.item.choices:
-            (got,) = single.run(lambda batch: [_choose(runner, i) for i in batch], [answer.item])
+            (got,) = single.run(lambda batch: [_choose(runner, i, templated) for i in batch],
+                                [answer.item])
             if isinstance(got, OomFailure):
                 answer.error = got.message
             else:
                 answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
-    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens)
-                                            for a in generating])
+    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens,
+                                                              templated) for a in generating])
     follow = getattr(dataset, "second_turn", None)
     second: list[tuple[_Answer, Any]] = []
     for answer, reply in zip(generating, replies, strict=True):
@@ -298,11 +338,11 @@ def _answer_batch(items: list[Any], runner: Any, dataset: Dataset, backoff: Back
         answer.output_tokens = reply.output_tokens
         if reply.extra:  # prefill/decode timing; an API model's usage and attempts
             answer.fields = {**answer.fields, **reply.extra}
-        nxt = follow(answer.item, reply.text, runner) if follow else None
+        nxt = follow(answer.item, reply.text, view) if follow else None
         if nxt is not None:
             second.append((answer, nxt))
-    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens)
-                                            for _, n in second])
+    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens,
+                                                              templated) for _, n in second])
     for (answer, nxt), reply in zip(second, replies, strict=True):
         if isinstance(reply, OomFailure):
             answer.error = reply.message
@@ -383,14 +423,16 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                                rss_bytes()))
                 if hasattr(runner, "should_stop"):  # a cached runner serves one job at a time
                     runner.should_stop = job.should_stop
-                if not getattr(job.params, "use_chat_template", True):
-                    runner = runner.without_chat_template()
-                items = job.dataset.build_items(job.params, runner)
+                # The job's chat-template choice travels with each request; a view of
+                # the runner (never a copy holding the model) renders the prompts, so
+                # the manager's release at the end of this block frees the weights.
+                view = PromptView(runner, getattr(job.params, "use_chat_template", True))
+                items = job.dataset.build_items(job.params, view)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
                 if method is not None and any(i.idx + offset not in stored for i in items):
-                    _warm_up(runner, items[0], method)
-                stopped = _run_items(job, manager, runner, items, offset, method, stored,
+                    _warm_up(view, items[0], method)
+                stopped = _run_items(job, manager, view, items, offset, method, stored,
                                      results, sink, sampler, cuda)
             if stopped:
                 break
@@ -400,8 +442,7 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     for device, peaks in cuda.job_peaks().items():
         memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
-    if cuda.nvml_peak is not None:  # sampled at sample boundaries, CUDA context included
-        memory.append(("cuda_nvml_process_used", "cuda:all", cuda.nvml_peak))
+    memory += cuda.nvml_readings()
     if methods == [None]:
         scores = job.dataset.aggregate([results[i] for i in sorted(results)])
     else:
@@ -421,24 +462,31 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
 
         return (api_model_key(job),
                 partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
+    from backend.admission import estimate_job_bytes
+
     options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
-    return (model_key(job.spec, settings, options), partial(HFRunner.load, job.spec, options,
-                                                            settings),
-            estimate_model_bytes(job.spec, options.dtype))
+    weights = estimate_model_bytes(job.spec, options.dtype)
+    # what the job needs on the GPU besides the weights: placing them leaves it free
+    needed = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings)
+    headroom = max(0, needed - weights) if needed and weights else 0
+    return (model_key(job.spec, settings, options),
+            partial(HFRunner.load, job.spec, options, settings, headroom_bytes=headroom),
+            weights)
 
 
-def _warm_up(runner: Any, item: Any, method: str) -> None:
+def _warm_up(view: PromptView, item: Any, method: str) -> None:
     """One untimed generation before a method's timed pass, so first-call costs (kernel
     selection, thread pools, torch.compile) do not count against whichever runs first."""
     started = time.perf_counter()
     if item.choices:
-        _choose(runner, item)
+        _choose(view.runner, item, view.chat_template)
     else:
-        runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4))])
+        view.runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4),
+                                                view.chat_template)])
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
 
-def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list[Any],
+def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items: list[Any],
                offset: int, method: str | None, stored: dict, results: dict,
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
@@ -450,7 +498,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = _answer_batch(pending[first:first + step], runner, job.dataset, backoff,
+        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff,
                                 single)
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
@@ -460,7 +508,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, runner: Any, items: list
                     f"sample {a.item.idx + offset} does not fit in memory even alone "
                     f"({a.error}); the job asked on_oom=fail_job")
             score = 0.0 if a.error else job.dataset.score(a.item, a.text)
-            fields = a.fields
+            fields = {**a.fields, **job.dataset.explain(a.item, a.text)}
             if method is not None:  # what the comparison reads back, also after a resume
                 fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,
                           "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens,

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.db import (
+    IdFloor,
     Job,
     JobState,
     MemoryPeak,
@@ -84,6 +85,12 @@ def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
                     state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
                     attempts=0, cancel_requested=False, progress_done=0)
                 for j in new_jobs]
+        if not is_postgres(session):  # never reuse a deleted job's id (see IdFloor)
+            floor = session.get(IdFloor, "jobs")
+            newest = session.scalar(sa.select(sa.func.max(Job.id))) or 0
+            start = max(newest, floor.value if floor else 0) + 1
+            for offset, job in enumerate(jobs):
+                job.id = start + offset
         session.add_all(jobs)
         session.flush()
         announce_work(session)
@@ -217,6 +224,24 @@ def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) ->
         _owned(session, job_id, worker_id).progress_total = total
 
 
+def record_data_fetch(factory: sessionmaker, job_id: int, worker_id: str,
+                      event: dict[str, Any], lease_seconds: float | None = None) -> None:
+    """Show a data fetch on the job: the `data_fetch` event (state, repo_id, bytes_done,
+    bytes_total) replaces the job's running one, so polling sees the bytes grow; the
+    lease is renewed too, since a large fetch may outlast it."""
+    with write_session(factory) as session:
+        job = _owned(session, job_id, worker_id)
+        events = list(job.events or [])
+        if events and events[-1].get("kind") == "data_fetch" \
+                and events[-1].get("state") == "running":
+            events[-1] = event
+        else:
+            events.append(event)
+        job.events = events
+        if lease_seconds:
+            job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+
+
 def storable_text(value: Any) -> Any:
     # PostgreSQL text cannot hold NUL, which a model may well generate; every engine
     # stores U+FFFD instead, so results do not depend on the engine.
@@ -284,6 +309,10 @@ def delete_job(factory: sessionmaker, job_id: int) -> None:
         if job.state == JobState.RUNNING.value:
             raise JobConflict(f"job {job_id} is running; cancel it first")
         session.delete(job)
+        if not is_postgres(session):
+            floor = session.get(IdFloor, "jobs") or IdFloor(name="jobs", value=0)
+            floor.value = max(floor.value, job_id)
+            session.add(floor)
 
 
 class JobView(SimpleNamespace):
@@ -415,6 +444,32 @@ def waiting_reasons(factory: sessionmaker, jobs: list[Any],
     """Why each queued job in `jobs` waits (see scheduling.waiting_reason)."""
     with factory() as session:  # connects only if a job is queued (queued_reasons)
         return queued_reasons(session, jobs, utcnow(), lease_seconds)
+
+
+def give_back_job(factory: sessionmaker, job_id: int, worker_id: str, error: str,
+                  max_attempts: int) -> JobState:
+    """A worker whose CUDA context broke gives its running job back: queued again (it
+    resumes after its stored samples on a fresh worker), or failed with `error` when
+    it has had `max_attempts` attempts. The attempt counts, so a job that breaks every
+    worker fails instead of restarting them for ever. Returns the new state."""
+    with write_session(factory) as session:
+        job = _owned(session, job_id, worker_id)
+        now = utcnow()
+        job.worker_id = None
+        job.lease_expires_at = None
+        job.events = [*job.events, {"kind": "cuda_error", "at": now.isoformat(),
+                                    "message": f"worker {worker_id}: {error} (attempt "
+                                               f"{job.attempts} of {max_attempts})"}]
+        if job.attempts >= max_attempts:
+            job.state = JobState.FAILED.value
+            job.finished_at = now
+            job.error = f"gave up after {job.attempts} attempts: {error}"
+        else:
+            job.state = JobState.QUEUED.value
+            announce_work(session)
+        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+                        .values(current_job_id=None, state=WorkerState.IDLE.value))
+        return JobState(job.state)
 
 
 def requeue_job(factory: sessionmaker, job_id: int, worker_id: str) -> None:

@@ -10,7 +10,10 @@ job of that submitter. A worker only sees the jobs it can run (`Capacity`):
 - `num_gpus`: at most the worker's GPU count (a worker without a GPU runs
   one-device jobs on the CPU, so a laptop needs no settings);
 - `memory_bytes`: the job's estimated GPU memory (see admission.py) fits the
-  memory the worker can give now, under LBS_GPU_MEMORY_LIMIT.
+  memory the worker can give now, under LBS_GPU_MEMORY_LIMIT, on the GPUs the job
+  would use: a job of `num_gpus` n runs on the worker's first n GPUs (a one-GPU
+  job on its first), so it is admitted against their sum, never against GPUs it
+  will not touch.
 
 Nothing here writes; `jobs.claim_job` locks and takes the row.
 """
@@ -35,13 +38,20 @@ class Capacity:
     """What a claiming worker offers.
 
     `labels`: it runs jobs pinned to any of them. `gpu_count`: the GPUs it holds
-    (0 = a CPU worker, which runs jobs of num_gpus <= 1). `free_gpu_bytes`: GPU
-    memory it can give a job now; None admits every job (no GPU, or unmeasured).
+    (0 = a CPU worker, which runs jobs of num_gpus <= 1). `free_gpu_bytes`: the GPU
+    memory each of its GPUs can give a job now, in CUDA order; None admits every job
+    (no GPU, or unmeasured).
     """
 
     labels: tuple[str, ...] = ()
     gpu_count: int = 0
-    free_gpu_bytes: int | None = None
+    free_gpu_bytes: tuple[int, ...] | None = None
+
+
+def room_for(num_gpus: int, free_per_gpu: list[int] | tuple[int, ...]) -> int:
+    """GPU memory a job of `num_gpus` can use on a worker whose GPUs have
+    `free_per_gpu` available: the sum over the first `num_gpus` (where it runs)."""
+    return sum(free_per_gpu[:max(1, num_gpus)])
 
 
 def eligible(caps: Capacity) -> list[Any]:
@@ -52,8 +62,10 @@ def eligible(caps: Capacity) -> list[Any]:
     conditions.append(sa.or_(label_free, Job.worker_label.in_(caps.labels))
                       if caps.labels else label_free)
     if caps.gpu_count and caps.free_gpu_bytes is not None:
-        conditions.append(sa.or_(Job.memory_bytes.is_(None),
-                                 Job.memory_bytes <= caps.free_gpu_bytes))
+        free = caps.free_gpu_bytes
+        conditions.append(sa.or_(Job.memory_bytes.is_(None), *(
+            sa.and_(Job.num_gpus == n, Job.memory_bytes <= room_for(n, free))
+            for n in range(1, max(len(free), 1) + 1))))
     return conditions
 
 
@@ -90,6 +102,17 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / GB:.1f} GiB" if nbytes >= GB else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _room(worker: Worker, num_gpus: int) -> int | None:
+    """What a job of `num_gpus` could use on `worker` at its last heartbeat (see
+    `room_for`), from each GPU's `available_bytes`; None when unmeasured."""
+    gpus = worker.gpus or []
+    if gpus and all("available_bytes" in g for g in gpus):
+        return room_for(num_gpus, [int(g["available_bytes"]) for g in gpus])
+    if gpus and all("free_bytes" in g for g in gpus):
+        return room_for(num_gpus, [int(g["free_bytes"]) for g in gpus])
+    return worker.gpu_free_bytes
+
+
 def waiting_reason(job: Job, workers: Iterable[Worker], now: datetime,
                    lease_seconds: float) -> str | None:
     """Why a queued job does not run yet, in words; None for a job that is not queued."""
@@ -107,10 +130,11 @@ def waiting_reason(job: Job, workers: Iterable[Worker], now: datetime,
         most = max(w.gpu_count or 0 for w in live)
         return f"needs {job.num_gpus} GPUs on one worker; the most a live worker holds is {most}"
     if job.memory_bytes:
-        roomy = [w for w in fitting if not w.gpu_count or w.gpu_free_bytes is None
-                 or w.gpu_free_bytes >= job.memory_bytes]
+        room = {w.id: _room(w, job.num_gpus) for w in fitting}
+        roomy = [w for w in fitting if not w.gpu_count or room[w.id] is None
+                 or room[w.id] >= job.memory_bytes]
         if not roomy:
-            most = max(w.gpu_free_bytes or 0 for w in fitting)
+            most = max(room[w.id] or 0 for w in fitting)
             return (f"needs about {_gb(job.memory_bytes)} of GPU memory (weights, KV cache "
                     f"and activations at its longest context); the most a matching worker "
                     f"has free is {_gb(most)}")

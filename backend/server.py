@@ -48,12 +48,15 @@ class AppState:
 
     settings: Settings
     factory: sessionmaker
+    workers_spawned_at: float | None = None
+    """time.monotonic() when this server last started a worker process (None: it starts
+    none): until one registers, a queued job waits for it to start, not for no one."""
 
 
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, inputs, jobs, memory, openapi
+    from backend.api import datasets, errors, health, inputs, jobs, memory, openapi, results
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,7 @@ def create_app(settings: Settings | None = None,
     errors.init_app(app)
     _init_access(app, settings)
     inputs.init_app(app)
-    for module in (jobs, datasets, health, memory, openapi):
+    for module in (jobs, datasets, health, memory, openapi, results):
         app.register_blueprint(module.bp)
 
     @app.get("/")
@@ -190,12 +193,33 @@ def _init_access(app: Flask, settings: Settings) -> None:
 
 # --- worker processes -------------------------------------------------------------
 
-class WorkerPool:
-    """Starts the worker processes and restarts any that exits while the server runs."""
+def restart_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Seconds to wait before restarting a worker that exited `failures` times in a row
+    without a healthy run in between: base, doubling each time, at most cap."""
+    return min(cap, base * 2 ** max(0, failures - 1))
 
-    def __init__(self, settings: Settings):
+
+class WorkerPool:
+    """Starts the worker processes and restarts any that exits while the server runs.
+
+    A worker that exits is restarted after `restart_delay` seconds: 1 s after its
+    first exit, doubling with each exit that follows a run shorter than
+    `healthy_after` seconds, at most 60 s; a run of `healthy_after` seconds or more
+    resets the count. A worker that fails at start (a broken driver, a database
+    that is down) so does not spin; one that exits after a CUDA error (it gives its
+    job back, see worker.py) is replaced within a second.
+    """
+
+    healthy_after = 60.0
+
+    def __init__(self, settings: Settings, state: AppState | None = None):
         self.settings = settings
+        self.state = state
         self.procs: dict[int, subprocess.Popen] = {}
+        self.devices: list[str | None] = []
+        self.started_at: dict[int, float] = {}
+        self.failures: dict[int, int] = {}
+        self.restart_at: dict[int, float] = {}
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -223,26 +247,48 @@ class WorkerPool:
         # (PR_SET_PDEATHSIG), so a killed server leaves no orphan claiming jobs.
         proc = subprocess.Popen([sys.executable, "-m", "backend.worker",
                                  "--parent-pid", str(os.getpid())], env=env, cwd=os.getcwd())
+        if self.state is not None:
+            self.state.workers_spawned_at = time.monotonic()
         log.info("[Server] worker %d started (pid %d, %s)", slot, proc.pid,
                  f"GPU {device}" if device is not None else "default device")
         return proc
 
     def start(self) -> None:
-        devices = self.plan()
-        for slot, device in enumerate(devices):
+        self.devices = self.plan()
+        now = time.monotonic()
+        for slot, device in enumerate(self.devices):
             self.procs[slot] = self._spawn(slot, device)
-        self._thread = threading.Thread(target=self._supervise, args=(devices,),
-                                        name="worker-supervisor", daemon=True)
+            self.started_at[slot] = now
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor",
+                                        daemon=True)
         self._thread.start()
 
-    def _supervise(self, devices: list[str | None]) -> None:
-        while not self.stopping.wait(1.0):
-            for slot, proc in list(self.procs.items()):
-                code = proc.poll()
-                if code is not None and not self.stopping.is_set():
-                    log.warning("[Server] worker %d (pid %d) exited with %s; restarting",
-                                slot, proc.pid, code)
-                    self.procs[slot] = self._spawn(slot, devices[slot])
+    def _supervise(self) -> None:
+        while not self.stopping.wait(0.5):
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        """One supervision pass at monotonic time `now`: note workers that exited and
+        restart those whose delay is over."""
+        for slot, proc in list(self.procs.items()):
+            if self.stopping.is_set():
+                return
+            if slot in self.restart_at:
+                if now >= self.restart_at[slot]:
+                    del self.restart_at[slot]
+                    self.procs[slot] = self._spawn(slot, self.devices[slot])
+                    self.started_at[slot] = now
+                continue
+            code = proc.poll()
+            if code is None:
+                continue
+            ran = now - self.started_at.get(slot, now)
+            failures = 1 if ran >= self.healthy_after else self.failures.get(slot, 0) + 1
+            self.failures[slot] = failures
+            delay = restart_delay(failures)
+            self.restart_at[slot] = now + delay
+            log.warning("[Server] worker %d (pid %d) exited with %s after %.0f s; restarting "
+                        "in %.0f s", slot, proc.pid, code, ran, delay)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
@@ -298,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, SQLAlchemyError) as exc:
         print(f"error: {startup_problem(exc, settings)}", file=sys.stderr)
         return 2
-    pool = WorkerPool(settings)
+    pool = WorkerPool(settings, app.extensions["lbs"])
     if not args.no_workers:
         pool.start()
 

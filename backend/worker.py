@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from backend.config import (
     Settings,
@@ -42,13 +43,15 @@ from backend.control import (
     stored_commands,
 )
 from backend.datasets.registry import load_plugin_dirs
-from backend.db import JobState, session_factory
+from backend.db import JobState, session_factory, utcnow
 from backend.jobs import (
     LeaseLost,
     claim_job,
     finish_job,
+    give_back_job,
     mark_lost_workers,
     next_queued_model,
+    record_data_fetch,
     record_sample,
     register_worker,
     renew_lease,
@@ -63,6 +66,9 @@ from backend.notify import WorkWaiter
 from backend.scheduling import Capacity
 
 log = logging.getLogger(__name__)
+
+EXIT_CUDA_ERROR = 3
+"""Exit status of a worker whose CUDA context broke; the server's pool starts a fresh one."""
 
 
 class _DbSink:
@@ -127,6 +133,9 @@ class Worker:
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None
+        self._job_lock = threading.Lock()  # current_job and cancel_seen change together
+        self.cuda_broken: str | None = None
+        """The CUDA error that made this process's context unusable (then it exits)."""
         self._heartbeat: threading.Thread | None = None
         self._control: threading.Thread | None = None
 
@@ -137,18 +146,21 @@ class Worker:
         return Capacity(labels=self.labels, gpu_count=len(self.gpus),
                         free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None)
 
-    def free_gpu_bytes(self) -> int:
-        """GPU memory a job may use here now: each GPU's free memory, under
-        LBS_GPU_MEMORY_LIMIT × its total, plus what this worker's idle models hold on
-        the GPU (the model manager makes room by offloading them)."""
+    def free_gpu_bytes(self) -> tuple[int, ...]:
+        """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
+        under LBS_GPU_MEMORY_LIMIT × its total; the first GPU also counts what this
+        worker's idle models hold there (the model manager makes room by offloading
+        them; a movable model lives on the first GPU). Also notes each GPU's figure as
+        `available_bytes` in `self.gpus`, which the heartbeat stores."""
         self.gpus = detect_gpus(self.settings) or self.gpus
         fraction = self.settings.gpu_memory_limit
-        free = sum(int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
-                   for g in self.gpus)
-        if self.manager.has_gpu:
-            free += sum(m["size_bytes"] for m in self.manager.status()["models"]
-                        if m["location"] == "gpu" and not m["in_use"])
-        return free
+        free = [int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
+                for g in self.gpus]
+        if self.manager.has_gpu and free:  # lock-free: never waits on a model move
+            free[0] += self.manager.idle_gpu_bytes()
+        for gpu, available in zip(self.gpus, free, strict=True):
+            gpu["available_bytes"] = available
+        return tuple(free)
 
     def _beat(self) -> None:
         interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
@@ -157,11 +169,11 @@ class Worker:
             try:
                 job_id = self.current_job
                 if job_id is not None:
-                    if renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds):
-                        self.cancel_seen.set()
+                    self.renew(job_id)
                 if self.gpus:
                     free = self.free_gpu_bytes()
-                    worker_heartbeat(self.factory, self.id, gpus=self.gpus, gpu_free_bytes=free)
+                    worker_heartbeat(self.factory, self.id, gpus=self.gpus,
+                                     gpu_free_bytes=sum(free))
                 else:
                     worker_heartbeat(self.factory, self.id)
                 if time.monotonic() - last_sweep >= 10.0:
@@ -170,16 +182,40 @@ class Worker:
                         log.warning("[Worker] worker %s stopped heartbeating: marked lost; "
                                     "its job goes back to the queue when its lease expires",
                                     lost)
-            except LeaseLost as exc:
-                log.warning("[Worker] %s", exc)
-                self.cancel_seen.set()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive a busy database
                 log.exception("[Worker] heartbeat failed; retrying")
 
+    def start_job_watch(self, job_id: int) -> None:
+        """Make `job_id` the job whose lease the heartbeat renews and whose cancel
+        request (or lost lease) stops the evaluation loop."""
+        with self._job_lock:
+            self.current_job = job_id
+            self.cancel_seen.clear()
+
+    def renew(self, job_id: int) -> None:
+        """Renew `job_id`'s lease. A cancel request or a lost lease stops the loop, but
+        only while `job_id` is still the current job: the heartbeat may have read the
+        previous job just before it finished, and its lost lease is no news for the next."""
+        try:
+            stop = renew_lease(self.factory, job_id, self.id, self.settings.lease_seconds)
+        except LeaseLost as exc:
+            log.warning("[Worker] %s", exc)
+            stop = True
+        if stop:
+            with self._job_lock:
+                if self.current_job == job_id:
+                    self.cancel_seen.set()
+
     def start(self) -> None:
+        if self.gpus and not self.gpus[0].get("simulated"):
+            from backend.memory.gpu import take_device_baseline
+
+            # before any model loads: what the GPUs hold without this worker
+            take_device_baseline([g["index"] for g in self.gpus])
+        free = self.free_gpu_bytes() if self.gpus else None
         register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
                         labels=self.labels, gpus=self.gpus,
-                        gpu_free_bytes=self.free_gpu_bytes() if self.gpus else None)
+                        gpu_free_bytes=sum(free) if free is not None else None)
         self.publish_status()
         self.apply_stored_settings()
         self.manager.start_monitor()
@@ -279,32 +315,45 @@ class Worker:
         self.run_job(job.id, job.model, job.dataset, job.params,
                      timeout_s=job.timeout_s or self.settings.job_timeout or None,
                      api=job.api, api_key_encrypted=job.api_key_encrypted,
-                     num_gpus=job.num_gpus)
+                     num_gpus=job.num_gpus, memory_bytes=job.memory_bytes)
         return True
 
     def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
                 timeout_s: float | None = None, api: dict[str, Any] | None = None,
-                api_key_encrypted: str | None = None, num_gpus: int = 1) -> None:
+                api_key_encrypted: str | None = None, num_gpus: int = 1,
+                memory_bytes: int | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.evaluation import EvalOutcome, JobFieldError, prepare, run_evaluation
+        from backend.evaluation import (
+            EvalOutcome,
+            JobFieldError,
+            is_cuda_failure,
+            prepare,
+            run_evaluation,
+        )
         from backend.runners.base import Stopped
         from backend.runners.models import ModelNotFound
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
 
-        self.current_job = job_id
+        self.start_job_watch(job_id)
         self._job_events_from = self.manager.event_count
-        self.cancel_seen.clear()
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         if self.manager.has_gpu:
-            threading.Thread(target=self._prefetch_next, args=(model,), name="prefetch",
-                             daemon=True).start()
+            threading.Thread(target=self._prefetch_next, args=(job_id, model, memory_bytes),
+                             name="prefetch", daemon=True).start()
         try:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
             prepared = prepare(model, dataset, params, self.settings,
                                api=ApiOptions.model_validate(api) if api else None,
-                               api_key=api_key)
+                               api_key=api_key, fetch_data=True,
+                               data_progress=self._data_progress(job_id, dataset))
+            for fetched in prepared.dataset.data_access.fetched:
+                record_data_fetch(self.factory, job_id, self.id, {
+                    "kind": "data_fetch", "state": "done", "dataset": dataset,
+                    "repo_id": fetched["repo_id"], "bytes_done": fetched["bytes"],
+                    "bytes_total": fetched["bytes"], "files": fetched["files"],
+                    "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
             prepared.should_stop = sink.should_stop
@@ -340,20 +389,61 @@ class Worker:
                 SecretUnreadable) as exc:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+            if is_cuda_failure(exc):
+                self._give_back_after_cuda_error(job_id, exc)
+                return
             log.exception("[Worker] job %d failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
 
-    def _prefetch_next(self, current: str) -> None:
-        """While a job runs, bring the next queued job's model back to the GPU if it is
-        offloaded here and fits (see ModelManager.prefetch)."""
+    def _data_progress(self, job_id: int, dataset: str):
+        """The progress callback of a data fetch: the job shows a running `data_fetch`
+        event (the "fetching data" phase) with its bytes."""
+        logged = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            if time.monotonic() - logged[0] >= 5 or done == total:  # a line every 5 s
+                logged[0] = time.monotonic()
+                log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
+                         dataset, done, "?" if total is None else total)
+            record_data_fetch(self.factory, job_id, self.id, {
+                "kind": "data_fetch", "state": "running", "dataset": dataset,
+                "bytes_done": done, "bytes_total": total, "at": utcnow().isoformat()},
+                self.settings.lease_seconds)
+        return report
+
+    def _give_back_after_cuda_error(self, job_id: int, exc: BaseException) -> None:
+        """After a CUDA error nothing more can run in this process: give the job back
+        (counted as an attempt, see jobs.give_back_job) and stop, so that the server's
+        pool starts a fresh worker with a fresh CUDA context."""
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.error("[Worker] job %d hit a CUDA error; this worker's CUDA context is unusable, "
+                  "so it gives the job back and exits: %s", job_id, error, exc_info=exc)
+        self.cuda_broken = error
+        self.stopping.set()
         try:
+            state = give_back_job(self.factory, job_id, self.id, error,
+                                  self.settings.max_attempts)
+            log.info("[Worker] job %d is %s", job_id, state.value)
+        except LeaseLost as lost:
+            log.warning("[Worker] %s", lost)
+
+    def _prefetch_next(self, job_id: int, current: str, job_bytes: int | None) -> None:
+        """While a job runs, bring the next queued job's model back to the GPU if it is
+        offloaded here and fits (see ModelManager.prefetch). It waits for the running
+        job's model to load first, and leaves room for what that job still allocates
+        (its estimate less its weights)."""
+        try:
+            while not self.manager.wait_loaded(current, 1.0):
+                if self.current_job != job_id or self.stopping.is_set():
+                    return  # the job ended (or its load failed) first
             following = next_queued_model(self.factory, self.manager.loaded(),
                                           self.settings.affinity_seconds,
                                           Capacity(self.labels, len(self.gpus)))
-            if following and following != current:
-                self.manager.prefetch(following)
+            if following and following != current and self.current_job == job_id:
+                reserve = max(0, (job_bytes or 0) - self.manager.size_of(current))
+                self.manager.prefetch(following, reserve=reserve)
         except Exception:  # noqa: BLE001 - prefetching is an optimisation, never an error
             log.exception("[Worker] prefetch failed")
 
@@ -383,19 +473,37 @@ class Worker:
                 timeout = min(timeout, expiry + 0.05)
         self.waiter.wait(self.settings.poll_interval, timeout, self.stopping)
 
-    def run_forever(self) -> None:
+    def run_forever(self) -> int:
+        """Claim and run jobs until stopped; the process's exit status (EXIT_CUDA_ERROR
+        after a CUDA error, else 0). A database error while claiming is logged and
+        retried with exponential backoff (0.5 s doubling to 30 s)."""
         self.start()
+        failures = 0
         try:
             while not self.stopping.is_set():
-                self.waiter.mark()
-                if not self.run_once():
-                    self.wait_for_work()
+                try:
+                    self.waiter.mark()
+                    ran = self.run_once()
+                    if not ran:
+                        self.wait_for_work()
+                    failures = 0
+                except SQLAlchemyError:
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                    log.exception("[Worker] database error between jobs; retrying in %.1f s",
+                                  delay)
+                    self.stopping.wait(delay)
         finally:
             self.waiter.close()
             self.manager.stop_monitor()
-            self.manager.release_all()
-            worker_heartbeat(self.factory, self.id, state="stopped")
+            if self.cuda_broken is None:  # a broken context cannot free anything: exit does
+                self.manager.release_all()
+            try:
+                worker_heartbeat(self.factory, self.id, state="stopped")
+            except SQLAlchemyError:
+                log.exception("[Worker] could not mark this worker stopped")
             log.info("[Worker] %s stopped", self.id)
+        return EXIT_CUDA_ERROR if self.cuda_broken else 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -403,9 +511,9 @@ class Worker:
 
 def _choose_gpu(settings: Settings) -> str | None:
     """Without CUDA_VISIBLE_DEVICES on a machine with several GPUs, take the one with
-    the most free memory that no live worker of this database holds."""
-    import re
-
+    the most free memory that no live worker on this host holds (every GPU of a
+    worker that holds several; workers of other hosts sharing the database hold
+    GPUs of their own machines)."""
     from backend.db import utcnow
     from backend.jobs import list_workers
     from backend.memory.gpu import pick_free_gpu, visible_gpu_count
@@ -413,10 +521,10 @@ def _choose_gpu(settings: Settings) -> str | None:
 
     if settings.cuda_visible_devices is not None or visible_gpu_count(None) < 2:
         return None
-    now = utcnow()
-    taken = {m.group(1) for w in list_workers(session_factory(settings.database_url))
-             if is_alive(w, now, settings.lease_seconds)
-             and (m := re.match(r"cuda:(\d+)", w.device))}
+    now, host = utcnow(), socket.gethostname()
+    taken = {str(g["index"]) for w in list_workers(session_factory(settings.database_url))
+             if w.host == host and is_alive(w, now, settings.lease_seconds)
+             for g in (w.gpus or []) if not g.get("simulated")}
     choice = pick_free_gpu(taken)
     if choice is not None:
         select_cuda_device(choice)
@@ -525,8 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(settings, worker_id=args.id)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    worker.run_forever()
-    return 0
+    return worker.run_forever()
 
 
 if __name__ == "__main__":

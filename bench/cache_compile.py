@@ -3,15 +3,16 @@
     .venv/bin/python bench/cache_compile.py [--model builtin:small]
         [--lengths 1024,4096] [--max-new-tokens 32] [--repeats 3] [--no-compile]
 
-The "optimized" inference method always uses SDPA attention; the runner adds a
-static KV cache and torch.compile only on CUDA. This script measures the three
-variants on the device torch finds (CUDA if present, else CPU), with plain
-transformers `generate` (greedy, batch 1), every variant on the same random
+The "optimized" inference method uses SDPA attention and a static KV cache sized to
+each request; on CUDA transformers also compiles its decode step. This script
+measures three variants on the device torch finds (CUDA if present, else CPU), with
+plain transformers `generate` (greedy, batch 1), every variant on the same random
 prompt of each length:
 
-    sdpa           dynamic cache (what "optimized" is on the CPU)
-    sdpa+static    cache_implementation="static"
-    sdpa+compile   static cache and model.forward = torch.compile(..., "reduce-overhead")
+    sdpa           dynamic cache
+    sdpa+static    a StaticCache sized as the runner sizes it (what "optimized" is on the CPU)
+    sdpa+compile   the same, plus transformers' decode-step compile (the runner's
+                   backend.runners.hf.configure_compile; forced on the CPU too here)
 
 Each variant gets one untimed warm-up generation per length (where compilation
 happens), then `--repeats` timed ones; it prints the median end-to-end time, the
@@ -54,6 +55,19 @@ def _generate(model, ids, new_tokens: int, extra: dict) -> tuple[float, float, l
     return ended - started, ended - first.at, out[0, ids.shape[1]:].tolist()
 
 
+def _cache(model, length: int, new_tokens: int, static: bool) -> dict:
+    """generate's cache argument for one call: a new StaticCache sized as the runner
+    sizes it (backend.runners.hf.cache_length), or none (a dynamic cache)."""
+    from transformers import StaticCache
+
+    from backend.runners.hf import cache_length
+
+    if not static:
+        return {}
+    return {"cache": StaticCache(config=model.config,
+                                 max_cache_len=cache_length(length + new_tokens - 1))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:small")
@@ -71,6 +85,7 @@ def main() -> int:
 
     from backend.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
+    from backend.runners.hf import configure_compile
 
     settings = load_settings()
     source = ensure_builtin_model(settings.data_dir, args.model.removeprefix("builtin:"))
@@ -91,18 +106,19 @@ def main() -> int:
     for variant in variants:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        extra = {}
-        if variant != "sdpa":
-            extra["cache_implementation"] = "static"
         if variant == "sdpa+compile":
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+            configure_compile(model)
+            model.generation_config.compile_config._compile_all_devices = True  # CPU too
         for length in lengths:
             ids = prompts[length].to(device)
+            static = variant != "sdpa"
 
             warm_started = time.perf_counter()
-            _generate(model, ids, args.max_new_tokens, extra)
+            _generate(model, ids, args.max_new_tokens,
+                      _cache(model, length, args.max_new_tokens, static))
             warm = time.perf_counter() - warm_started
-            timed = [_generate(model, ids, args.max_new_tokens, extra)
+            timed = [_generate(model, ids, args.max_new_tokens,
+                               _cache(model, length, args.max_new_tokens, static))
                      for _ in range(args.repeats)]
             total = statistics.median(t[0] for t in timed)
             decode = statistics.median(t[1] for t in timed)

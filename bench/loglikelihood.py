@@ -41,8 +41,9 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     settings = load_settings()
+    # prompts as plain text: chat_template=False on every call below
     runner = HFRunner.load(resolve_model(args.model, settings), LoadOptions.from_settings(settings),
-                           settings).without_chat_template()
+                           settings)
     sentences = load_haystack("essays")
     letters = ["A", "B", "C", "D"]
 
@@ -55,18 +56,18 @@ def main() -> None:
     items = [Item(idx=i, prompt=header + shots + question(i), prompt_tokens=0, max_new_tokens=1,
                   reference="A", choices=letters, labels=letters)
              for i in range(args.questions)]
-    tokens = [runner.count_prompt(item.prompt) for item in items]
+    tokens = [runner.count_prompt(item.prompt, chat_template=False) for item in items]
 
     def harness() -> list[str]:
-        return [_choose(runner, item)[0] for item in items]
+        return [_choose(runner, item, chat_template=False)[0] for item in items]
 
     def bare() -> list[str]:
         picks = []
         for item in items:
             scores = []
             for letter in letters:
-                ctx = runner.tok.prompt_ids(item.prompt)
-                whole = runner.tok.prompt_ids(item.prompt + letter)
+                ctx = runner.tok.prompt_ids(item.prompt, chat_template=False)
+                whole = runner.tok.prompt_ids(item.prompt + letter, chat_template=False)
                 logp = torch.log_softmax(runner.model(torch.tensor([whole])).logits[0].float(), -1)
                 scores.append(sum(float(logp[j - 1, whole[j]])
                                   for j in range(len(ctx), len(whole))))

@@ -69,11 +69,42 @@ export async function api(method, path, body) {
   return { ok: true, status: res.status, data: json.data };
 }
 
+/** "45 s", "2 min 5 s", "1 h 3 min": whole seconds first, so 119.6 s is "2 min 0 s", never "1 min 60 s". */
 export function fmtSeconds(s) {
   if (s === null || s === undefined || !isFinite(s)) return "";
-  if (s < 60) return `${Math.round(s)} s`;
-  const m = Math.floor(s / 60);
-  return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+  const total = Math.max(0, Math.round(s));
+  if (total < 60) return `${total} s`;
+  const m = Math.floor(total / 60);
+  return m < 60 ? `${m} min ${total % 60} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+
+/** A stored UTC time ("2026-12-01T16:00:00.123") in the browser's time zone. */
+export function fmtTime(iso) {
+  if (!iso) return "";
+  const d = new Date(/[zZ]|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
+  return isNaN(d) ? iso : d.toLocaleString();
+}
+
+/** The width to draw a chart at: the window's, between 340 and 640 px, so that a chart
+ * on a phone is drawn for the phone (whole and readable) instead of shrunk. */
+export function chartWidth() { return Math.max(340, Math.min(640, window.innerWidth - 32)); }
+
+let datasetsPromise = null;
+
+/** Every dataset's description (GET /api/datasets), fetched once per page load. */
+export function datasetsList() {
+  if (!datasetsPromise) {
+    datasetsPromise = api("GET", "/api/datasets").then((res) => {
+      if (!res.ok) { datasetsPromise = null; return []; }
+      return res.data.datasets;
+    });
+  }
+  return datasetsPromise;
+}
+
+/** One dataset's description, or null for a dataset the server no longer has. */
+export async function datasetInfo(name) {
+  return (await datasetsList()).find((d) => d.name === name) || null;
 }
 
 export function mb(bytes) { return bytes === undefined || bytes === null ? "" : (bytes / 2 ** 20).toFixed(1); }

@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the requirements into it.
+# Create .venv (if missing) and install the requirements into it, saying what it does:
+# one "[setup] step i/n" line per step, then pip's own progress (packages collected,
+# download bars, what it installs), and how long each step took.
 # Usage: bash scripts/setup.sh [requirements file]   (default: requirements.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 req="${1:-requirements.txt}"
 python="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
-fi
+started=$SECONDS
+step_start=$SECONDS
+step() {  # step <i> <n> <what>
+  if [ "$1" -gt 1 ]; then echo "[setup]   done in $((SECONDS - step_start)) s"; fi
+  step_start=$SECONDS
+  echo "[setup] step $1/$2: $3"
+}
 stamp=".venv/.installed-$(basename "$req")"
-# Reinstall only when a requirements file changed since the last install.
-if [ ! -f "$stamp" ] || [ "$req" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  # torch first, pinned, so nothing resolves a different build with GBs of CUDA packages.
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -r "$req"
-  touch "$stamp"
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ ! "$req" -nt "$stamp" ] \
+    && [ ! requirements.txt -nt "$stamp" ]; then
+  echo "[setup] $req already installed in .venv (delete $stamp to reinstall)"
+  exit 0
 fi
+# pip's progress bars need a terminal; in a log they would be one line per update.
+if [ -t 1 ]; then progress=(--progress-bar on); else progress=(--progress-bar off); fi
+# pip prints what it collects, downloads and installs (no --quiet): a first install takes
+# minutes and should not look stuck.
+pip=(.venv/bin/python -m pip install --disable-pip-version-check "${progress[@]}")
+n=4
+if [ ! -x .venv/bin/python ]; then
+  step 1 $n "creating the virtual environment .venv with $("$python" --version 2>&1)"
+  "$python" -m venv .venv
+else
+  step 1 $n "using the existing virtual environment .venv"
+fi
+step 2 $n "upgrading pip"
+"${pip[@]}" --upgrade pip
+# torch first, pinned, so nothing resolves a different build with GBs of CUDA packages.
+step 3 $n "installing torch 2.13.0 (the largest download: several hundred MB to GBs)"
+"${pip[@]}" "torch==2.13.0"
+step 4 $n "installing the packages of $req"
+"${pip[@]}" -r "$req"
+touch "$stamp"
+echo "[setup]   done in $((SECONDS - step_start)) s"
+echo "[setup] installed in $((SECONDS - started)) s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -291,3 +292,32 @@ def tiny_copy(builtin_models_dir, tmp_path) -> Path:
     target = tmp_path / "zoo" / "tiny-copy"
     shutil.copytree(builtin_models_dir / "builtin-tiny-v1", target)
     return target
+
+
+# --- the browser (Debian's Chromium driven by Playwright) ------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page():
+    """A Chromium page; the test fails on any uncaught error in the page."""
+    if CHROMIUM is None:
+        pytest.fail("Chromium is not installed: scripts/setup.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(viewport={"width": 1366, "height": 900})
+        page = context.new_page()
+        crashes: list[str] = []
+        page.on("pageerror", lambda exc: crashes.append(str(exc)))
+        yield page
+        browser.close()
+    assert not crashes, f"uncaught errors in the page: {crashes}"
+
+

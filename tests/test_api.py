@@ -177,3 +177,16 @@ def test_export_json_and_csv(client, app):
     assert rows[0]["prediction"] == 'say "hi"\nthere' and rows[0]["context_length"] == "256"
     assert client.get(f"/api/jobs/{job_id}/export?format=xml").status_code == 422
     assert client.get("/api/jobs/999/export").status_code == 404
+
+
+def test_no_false_no_live_worker_while_the_servers_workers_start(client, app):
+    import time
+
+    job = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]
+    assert job["waiting_reason"].startswith("no live worker")  # the server starts none
+    app.extensions["lbs"].workers_spawned_at = time.monotonic() - 5  # as WorkerPool sets it
+    job = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
+    assert job["waiting_reason"].startswith("the worker is starting (started 5 s ago)")
+    app.extensions["lbs"].workers_spawned_at = time.monotonic() - 3600  # long ago: say so
+    job = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
+    assert job["waiting_reason"].startswith("no live worker")

@@ -232,3 +232,54 @@ def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with
     assert job.state == JobState.FAILED.value
     assert "timed out" in job.error and "0.3 s" in job.error
     assert 1 <= job.progress_done < 20
+
+
+@both_engines
+def test_a_deleted_jobs_id_is_never_reused(factory):
+    first, second, newest = _submit(factory, 3)
+    jobs.delete_job(factory, newest)  # the highest id: SQLite alone would hand it out again
+    jobs.delete_job(factory, second)
+    (after,) = _submit(factory, 1)
+    assert after == newest + 1
+    jobs.delete_job(factory, after)
+    assert _submit(factory, 2) == [after + 1, after + 2]
+
+
+def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir):
+    """A database from before the floor: its highest job id is the floor."""
+    import sqlalchemy as sa
+
+    from backend.db import MIGRATIONS, dispose_engines, get_engine, session_factory
+
+    url = f"sqlite:///{data_dir / 'old.sqlite3'}"
+    ids = _submit(session_factory(url), 2)
+    with get_engine(url).begin() as conn:  # back to the schema before the floor
+        conn.execute(sa.text("DROP TABLE id_floors"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version = :v"),
+                     {"v": len(MIGRATIONS)})
+        conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
+    dispose_engines()
+    factory = session_factory(url)  # migrates again: the floor is the newest job there is
+    assert _submit(factory, 1) == [ids[-1]]  # deleted before the floor: beyond recall
+    jobs.delete_job(factory, ids[-1])
+    assert _submit(factory, 1) == [ids[-1] + 1]
+    dispose_engines()
+
+
+def test_a_late_lease_loss_of_the_last_job_does_not_cancel_the_next(settings, factory):
+    """The heartbeat read job 3, job 3 finished and job 4 started, then renewing job 3's
+    lease failed (LeaseLost): that must not stop job 4 (it was cancelled, seen live)."""
+    from backend.worker import Worker
+
+    first, second = _submit(factory, 2)
+    worker = Worker(settings, worker_id="w-late")
+    assert jobs.claim_job(factory, "w-late", 60, 3).id == first
+    jobs.finish_job(factory, first, "w-late", JobState.SUCCEEDED)
+    assert jobs.claim_job(factory, "w-late", 60, 3).id == second
+    worker.start_job_watch(second)
+    worker.renew(first)  # the heartbeat's renewal of the job it read before the switch
+    assert not worker.cancel_seen.is_set()
+    jobs.cancel_job(factory, second)  # a real cancel of the running job is still seen
+    worker.renew(second)
+    assert worker.cancel_seen.is_set()
+    worker.manager.stop_monitor()

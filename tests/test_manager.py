@@ -3,6 +3,7 @@ monitor, pressure; with fake runners for the GPU paths and real models for RAM."
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -235,3 +236,137 @@ def test_on_move_is_called_after_every_move():
     assert seen == [("load", "a", {"a": "gpu"}), ("offload", "a", {"a": "cpu"}),
                     ("restore", "a", {"a": "gpu"}), ("offload", "a", {"a": "cpu"}),
                     ("release", "a", {}), ("load", "b", {"b": "gpu"}), ("release", "b", {})]
+
+
+def test_keep_on_gpu_is_asked_outside_the_lock():
+    """keep_on_gpu queries the database: the heartbeat must not wait behind it."""
+    m = manager(gpu=True)
+    held = []
+    a = run_job(m, "a", gpu=True, keep=lambda: held.append(m._lock._is_owned()) or True)
+    assert held == [False] and a.device == "cuda:0"
+
+    def broken():
+        raise RuntimeError("database is locked")
+
+    run_job(m, "b", gpu=True, keep=broken)  # a failed question offloads; nothing stuck
+    assert not any(e["in_use"] for e in m.status()["models"])
+
+
+def test_prefetch_copies_outside_the_lock_and_leaves_room_for_the_running_job():
+    m = manager(gpu=True)
+
+    class SlowRestore(FakeRunner):
+        go = threading.Event()
+        lock_held: list[bool] = []
+
+        def restore(self):
+            self.lock_held.append(m._lock._is_owned())
+            self.go.wait(10)
+            return super().restore()
+
+    runner = SlowRestore(40 * MB, on_gpu=True)
+    with m.use("a", "a", lambda: runner, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    # 40 MB x 1.2 + 60 MB the running job still allocates > 100 MB free
+    assert not m.prefetch("a", free_gpu_bytes=lambda: 100 * MB, reserve=60 * MB)
+    mover = threading.Thread(target=m.prefetch, args=("a", lambda: 100 * MB, 40 * MB))
+    mover.start()
+    while not runner.lock_held:
+        time.sleep(0.01)
+    try:
+        reader = threading.Thread(target=m.status)
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "status() waited on the copy"
+        with pytest.raises(ModelBusy):  # nothing else moves it meanwhile
+            m.offload("a")
+    finally:
+        SlowRestore.go.set()
+        mover.join(5)
+    assert runner.lock_held == [False], "the copy held the manager's lock"
+    assert runner.device == "cuda:0" and m.events[-1].note == "prefetched for the next queued job"
+
+
+class PinnedHost:
+    """torch's caching host allocator as the manager meets it: every pinned block is
+    rounded up to a power of two (ATen/core/CachingHostAllocator.h, PowerOf2Ceil);
+    `fail` makes pinning fail as cudaHostAlloc does when the host is out of it."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.pinned = 0
+
+    def pin(self, nbytes):
+        if self.fail:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        self.pinned += 1 << (nbytes - 1).bit_length()
+
+
+class PinningRunner(FakeRunner):
+    """A model of several weights whose offload pins each one through `host`."""
+
+    def __init__(self, weights, host):
+        super().__init__(sum(weights), on_gpu=True)
+        self.weights, self.host = weights, host
+
+    def pinned_bytes(self):
+        from backend.runners.hf import pinned_block_bytes
+
+        return sum(pinned_block_bytes(w) for w in self.weights)
+
+    def offload(self, pin):
+        if pin:
+            for w in self.weights:
+                self.host.pin(w)
+        return super().offload(pin)
+
+
+def test_pinned_budget_counts_what_the_host_allocator_rounds_to():
+    weights = [22 * MB, 3 * MB]  # 25 MB of weights take 32 + 4 = 36 MB pinned
+    host = PinnedHost()
+    m = manager(gpu=True, pinned_budget=30 * MB)
+    a = PinningRunner(weights, host)
+    with m.use("a", "a", lambda: a, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert not a.host_pinned and host.pinned == 0  # 36 MB would pass the 30 MB budget
+    assert "pageable" in m.events[-1].note
+    m2 = manager(gpu=True, pinned_budget=40 * MB)
+    b = PinningRunner(weights, host)
+    with m2.use("b", "b", lambda: b, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert b.host_pinned and host.pinned == 36 * MB
+    c = PinningRunner([5 * MB], host)  # pins 8 MB: 36 + 8 would pass 40 MB, pageable
+    with m2.use("c", "c", lambda: c, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass
+    assert not c.host_pinned
+
+
+def test_a_failed_pin_falls_back_to_pageable_memory_and_the_job_ends_well():
+    m = manager(gpu=True, pinned_budget=GB)
+    a = PinningRunner([22 * MB], PinnedHost(fail=True))
+    with m.use("a", "a", lambda: a, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        pass  # the job's samples are done: its end must not fail
+    assert a.device == "cpu" and not a.host_pinned
+    assert "pinning failed" in m.events[-1].note and m.status()["models"][0]["location"] == "cpu"
+
+
+def test_hf_runner_counts_its_pinned_blocks(with_tiny, settings):
+    from backend.runners.hf import HFRunner, LoadOptions, pinned_block_bytes
+    from backend.runners.models import resolve_model
+
+    assert [pinned_block_bytes(n) for n in (1, 4096, 22 * MB, 32 * MB, 32 * MB + 1)] == \
+        [1, 4096, 32 * MB, 32 * MB, 64 * MB]
+    runner = HFRunner.load(resolve_model("builtin:tiny", settings),
+                           LoadOptions("float32", False, 0.0), settings)
+    sizes = [t.numel() * t.element_size() for _, t in runner._tensors()]
+    assert runner.pinned_bytes() == sum(1 << (s - 1).bit_length() for s in sizes)
+    assert runner.pinned_bytes() > runner.size_bytes()
+
+
+def test_wait_loaded_waits_for_a_job_to_hold_its_model_where_it_runs():
+    m = manager(gpu=True)
+    a = run_job(m, "a", gpu=True, keep=lambda: False)  # offloaded: held in RAM
+    assert not m.wait_loaded("a", 0.05)  # no job has it yet: not restored
+    with m.use("a", "a", lambda: None, CacheMode.CACHED, keep_on_gpu=lambda: False):
+        assert m.wait_loaded("a", 0.05) and a.device == "cuda:0"
+    assert not m.wait_loaded("b", 0.05)

@@ -87,7 +87,9 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
     runner asks for one token and sums only the echoed prompt's continuation tokens, so
     the scores are the local model's."""
     requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
-    local = tiny_runner.without_chat_template().loglikelihood(requests)
+    local = tiny_runner.loglikelihood([LoglikelihoodRequest(r.context, r.continuation,
+                                                            chat_template=False)
+                                       for r in requests])
     remote = _client(fake, tiny_runner, endpoint="completions").loglikelihood(requests)
     for a, b in zip(local, remote, strict=True):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-3)
@@ -141,10 +143,9 @@ def test_completions_send_the_prompt_as_a_local_run_would(fake, tiny_runner):
     """use_chat_template false (C-Eval's log-likelihood prompts): the completions
     endpoint gets the dataset's prompt without the tokenizer's chat template."""
     runner = _client(fake, tiny_runner, endpoint="completions")
-    plain = runner.without_chat_template()
-    assert plain.render("Question: 1+1?") == "Question: 1+1?"
-    assert plain.count_prompt("Question: 1+1?") \
-        == tiny_runner.without_chat_template().count_prompt("Question: 1+1?")
+    assert runner.render("Question: 1+1?", chat_template=False) == "Question: 1+1?"
+    assert runner.count_prompt("Question: 1+1?", chat_template=False) \
+        == tiny_runner.count_prompt("Question: 1+1?", chat_template=False)
     assert runner.render("hi") == tiny_runner.render("hi")  # datasets that want it keep it
 
 

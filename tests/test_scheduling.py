@@ -74,12 +74,12 @@ def test_num_gpus_and_memory_admission(factory):
     (two,) = _submit(factory, 1, num_gpus=2)
     (big,) = _submit(factory, 1, memory_bytes=30 * GB)
     (small,) = _submit(factory, 1, memory_bytes=2 * GB)
-    one_gpu_16g = Capacity(gpu_count=1, free_gpu_bytes=16 * GB)
+    one_gpu_16g = Capacity(gpu_count=1, free_gpu_bytes=(16 * GB,))
     assert _drain(factory, one_gpu_16g) == [small]
     # a CPU worker runs one-device jobs on the CPU, whatever their memory estimate
     assert _claim(factory, caps=Capacity()) == big
     assert _claim(factory, caps=Capacity()) is None
-    assert _claim(factory, caps=Capacity(gpu_count=2, free_gpu_bytes=3 * GB)) == two
+    assert _claim(factory, caps=Capacity(gpu_count=2, free_gpu_bytes=(2 * GB, GB))) == two
 
 
 def _worker_row(factory, worker_id, *, labels=(), gpus=(), free=None, age_s=0.0):
@@ -159,13 +159,14 @@ def test_memory_estimate_grows_with_context(settings, with_tiny):
     def need(lengths, batch=1):
         p = prepare("builtin:tiny", NIAH, {"context_lengths": lengths, "batch_size": batch},
                     settings)
-        return estimate_job_bytes(p.spec, p.params, p.info.max_length, settings)
+        return estimate_job_bytes(p.spec, p.dataset, p.params, p.info.max_length, settings)
 
     short, long = need([512]), need([512, 8000])
     # tiny: 2 layers, 2 KV heads of 16 dims, hidden 64, MLP 176, float32 on CPU
     per_token = (2 * 2 * 2 * 16 + 4 * 64 + 2 * 176) * 4
     assert long - short == (8000 - 512) * per_token
-    assert need([8000], batch=4) - long == 3 * (8000 + 48) * per_token
+    # and each sequence's last-position logits (vocab 2048, float32)
+    assert need([8000], batch=4) - long == 3 * ((8000 + 48) * per_token + 2048 * 4)
 
 
 def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, with_tiny,
@@ -180,7 +181,7 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", str(need // 2))
     with started_worker(load_settings(), "small-gpu") as worker:
         assert worker.capacity() == Capacity(labels=worker.labels, gpu_count=1,
-                                             free_gpu_bytes=need // 2)
+                                             free_gpu_bytes=(need // 2,))
         assert not worker.run_once()
         reason = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
         assert "of GPU memory" in reason["waiting_reason"]
@@ -192,6 +193,9 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
         assert not worker.run_once()
     monkeypatch.setenv("LBS_GPU_MEMORY_LIMIT", "0")
     with started_worker(load_settings(), "two-gpus") as worker:
+        assert not worker.run_once()  # a one-GPU job runs on the first: need // 20
+    monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", f"{need},{need // 20}")
+    with started_worker(load_settings(), "roomy-first") as worker:
         assert worker.run_once()
     assert jobs.get_job(factory, job["id"]).state == "succeeded"
 

@@ -21,18 +21,23 @@ class ApiError(Exception):
     """An error to send to the caller as it is."""
 
     def __init__(self, status: int, code: str, message: str,
-                 details: list[dict[str, str]] | None = None):
+                 details: list[dict[str, str]] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
+        self.extra = extra or {}
+        """More keys of the error object (a missing dataset's `guidance`)."""
 
 
 def error_response(status: int, code: str, message: str,
-                   details: list[dict[str, str]] | None = None):
+                   details: list[dict[str, str]] | None = None,
+                   extra: dict[str, Any] | None = None):
     body = {"status": "error",
-            "error": {"code": code, "message": message, "details": details or []}}
+            "error": {"code": code, "message": message, "details": details or [],
+                      **(extra or {})}}
     return jsonify(body), status
 
 
@@ -60,7 +65,7 @@ def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str,
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.extra)
 
     from backend.jobs import JobConflict, JobNotFound
 

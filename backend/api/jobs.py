@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, request, stream_with_context
 from pydantic import ValidationError
 
 from backend import jobs as service
+from backend import results
 from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
 from backend.api.schemas import (
@@ -26,7 +29,8 @@ from backend.api.schemas import (
     sample_out,
 )
 from backend.datasets.base import ParamError, PathRefused
-from backend.datasets.registry import UnknownDataset
+from backend.datasets.hub import DataMissing
+from backend.datasets.registry import UnknownDataset, get_dataset
 from backend.evaluation import JobFieldError, JobFieldRefused, prepare
 from backend.redact import csv_cell
 from backend.runners.models import ModelNotFound, ModelPathRefused
@@ -56,6 +60,9 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     settings = current_app.extensions["lbs"].settings
     try:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
+        # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
+        memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
+                                    prepared.info.max_length, settings)
     except JobFieldError as exc:
         field = f"{prefix}{exc.field}"
         status, code = (403, "path_refused") if isinstance(exc, JobFieldRefused) \
@@ -80,11 +87,13 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         if isinstance(exc, PathRefused):
             raise ApiError(403, "path_refused", f"{field}: {exc.message}",
                            [{"field": field, "message": exc.message}])
+        if isinstance(exc, DataMissing):
+            raise ApiError(422, "data_missing", f"{field}: {exc.message}",
+                           [{"field": field, "message": exc.message}],
+                           {"guidance": exc.guidance})
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
-    memory = estimate_job_bytes(prepared.spec, prepared.params, prepared.info.max_length,
-                                settings)
     return service.NewJob(model=job.model, dataset=job.dataset, params=params,
                           timeout_s=job.timeout_s, priority=job.priority,
                           submitter=job.submitter or "anonymous",
@@ -95,11 +104,22 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
                           if job.api is not None and job.api.api_key is not None else None)
 
 
+WORKER_START_GRACE_S = 180.0
+"""How long after this server started a worker process a job without a live worker
+is said to wait for it to start (loading torch and registering takes a while)."""
+
+
 def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
     """Jobs as the API shows them, a queued job with the reason it waits; `summary`
     leaves out params and events (lists)."""
-    lease = current_app.extensions["lbs"].settings.lease_seconds
-    reasons = service.waiting_reasons(_factory(), jobs, lease)
+    lbs = current_app.extensions["lbs"]
+    reasons = service.waiting_reasons(_factory(), jobs, lbs.settings.lease_seconds)
+    spawned = lbs.workers_spawned_at
+    if spawned is not None and time.monotonic() - spawned < WORKER_START_GRACE_S:
+        since = round(time.monotonic() - spawned)
+        reasons = {i: f"the worker is starting (started {since} s ago); the job runs once "
+                      "it is ready" if r.startswith("no live worker") else r
+                   for i, r in reasons.items()}
     exclude = SUMMARY_EXCLUDE if summary else None
     return [job_out(j, reasons.get(j.id)).model_dump(mode="json", exclude=exclude)
             for j in jobs]
@@ -116,6 +136,39 @@ def submit():
     new = [_check(JobRequest.model_validate(body), "")]
     created = service.submit_jobs(_factory(), new)
     return _ok({"job": _out(created)[0]}, 201)
+
+
+@bp.post("/estimate")
+def estimate():
+    """What a submission would need, without queueing it: per job the checked
+    parameters' memory estimate (admission.estimate_job_bytes) and a rough duration
+    from finished jobs, and the live workers' free GPU memory. Refuses bad jobs with
+    the same 4xx errors as a submission, so a form can show them before launch."""
+    body = _json_body()
+    requests = JobBatchRequest.model_validate(body).jobs if "jobs" in body \
+        else [JobRequest.model_validate(body)]
+    lbs = current_app.extensions["lbs"]
+    out = []
+    for i, job in enumerate(requests):
+        new = _check(job, f"jobs[{i}]." if "jobs" in body else "")
+        items = _grid_size(job.dataset, new.params)
+        out.append({"model": job.model, "dataset": job.dataset,
+                    "memory_bytes": new.memory_bytes,
+                    "duration": results.rough_duration(lbs.factory, job.model, job.dataset,
+                                                       new.params, items)})
+    return _ok({"jobs": out,
+                "workers": results.live_workers(lbs.factory, lbs.settings.lease_seconds)})
+
+
+def _grid_size(dataset: str, params: dict[str, Any]) -> int | None:
+    """Items of a job whose parameters say how many (NIAH's lengths x depths grid)."""
+    try:
+        parsed = get_dataset(dataset).parse_params(params)
+    except (UnknownDataset, ValidationError):
+        return None
+    if hasattr(parsed, "lengths") and hasattr(parsed, "depths"):
+        return len(parsed.lengths()) * len(parsed.depths())
+    return None
 
 
 @bp.get("")
@@ -158,25 +211,70 @@ def delete(job_id: int):
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/export")
 def export(job_id: int):
-    """The job and all its samples as JSON, or the samples as CSV (?format=csv)."""
+    """The job and all its samples as JSON, or the samples as CSV (?format=csv). Both
+    carry each sample's reference, extracted answer, why, and the dataset's own columns;
+    both are streamed, a page of samples at a time, never built whole in memory."""
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "csv"):
         raise ApiError(422, "validation_error", "format must be json or csv",
                        [{"field": "format", "message": "expected json or csv"}])
-    job = job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")
-    rows, _ = service.list_samples(_factory(), job_id, limit=10**9)
-    samples = [sample_out(s).model_dump(mode="json") for s in rows]
+    factory = _factory()
+    job = job_out(service.get_job(factory, job_id)).model_dump(mode="json")
     name = f"job-{job_id}-{job['dataset']}"
+    try:
+        own = [c["key"] for c in get_dataset(job["dataset"]).sample_columns]
+    except UnknownDataset:  # a plugin that is gone: its fields stay in `fields`
+        own = []
     if fmt == "json":
-        body = json.dumps({"job": job, "samples": samples}, ensure_ascii=False, indent=2)
-        return Response(body, mimetype="application/json", headers={
-            "Content-Disposition": f"attachment; filename={name}.json"})
+        return Response(stream_with_context(_json_chunks(factory, job_id, job)),
+                        mimetype="application/json",
+                        headers={"Content-Disposition": f"attachment; filename={name}.json"})
+    return Response(stream_with_context(_csv_chunks(factory, job_id, own)), mimetype="text/csv",
+                    headers={"Content-Disposition": f"attachment; filename={name}.csv"})
+
+
+EXPORT_PAGE = 500
+
+
+def _exported_samples(factory: Any, job_id: int) -> Iterator[dict[str, Any]]:
+    """Every sample of the job as the API shows it, read a page at a time."""
+    offset = 0
+    while True:
+        rows, _ = service.list_samples(factory, job_id, offset=offset, limit=EXPORT_PAGE)
+        for row in rows:
+            yield sample_out(row).model_dump(mode="json")
+        if len(rows) < EXPORT_PAGE:
+            return
+        offset += EXPORT_PAGE
+
+
+def _json_chunks(factory: Any, job_id: int, job: dict[str, Any]) -> Iterator[str]:
+    yield '{"job": ' + json.dumps(job, ensure_ascii=False) + ', "samples": ['
+    for i, sample in enumerate(_exported_samples(factory, job_id)):
+        yield ("," if i else "") + "\n" + json.dumps(sample, ensure_ascii=False)
+    yield "\n]}\n"
+
+
+CSV_COLUMNS = ["idx", "context_length", "depth_percent", "prompt_tokens", "score",
+               "reference", "extracted", "why", "latency_s", "output_tokens", "peak_rss_mb",
+               "peak_gpu_mb", "prediction", "prompt", "error"]
+
+
+def _csv_cell(value: Any) -> Any:
+    """Lists and objects (several reference answers, choice log-likelihoods) as JSON."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value
+
+
+def _csv_chunks(factory: Any, job_id: int, own: list[str]) -> Iterator[str]:
+    extra = [c for c in own if c not in CSV_COLUMNS]
     out = io.StringIO()
-    columns = ["idx", "context_length", "depth_percent", "prompt_tokens", "score",
-               "latency_s", "output_tokens", "peak_rss_mb", "peak_gpu_mb", "prediction",
-               "prompt", "error"]
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in samples)
-    return Response(out.getvalue(), mimetype="text/csv", headers={
-        "Content-Disposition": f"attachment; filename={name}.csv"})
+    for sample in _exported_samples(factory, job_id):
+        fields = sample["fields"]
+        row = {**sample, **{k: fields.get(k) for k in ("reference", "extracted", "why")},
+               **{k: fields.get(k) for k in extra}}
+        writer.writerow({k: csv_cell(_csv_cell(v)) for k, v in row.items()})
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()

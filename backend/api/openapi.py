@@ -74,8 +74,21 @@ def build_spec() -> dict[str, Any]:
     submit["201"] = submit.pop("200")
     paths = {
         "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},
-        "/api/datasets": {"get": {"summary": "datasets with parameter schemas",
+        "/api/datasets": {"get": {"summary": "datasets with parameter schemas and data "
+                                             "status (ready/missing, where, items, how to "
+                                             "get it)",
                                   "responses": _response("datasets")}},
+        "/api/datasets/{name}/fetch": {
+            "post": {"summary": "fetch a dataset's official data from the Hugging Face hub "
+                                "into this machine's cache (LBS_ALLOW_DATA_DOWNLOAD=1); body "
+                                "{subsets?: [...]}; progress in GET /api/datasets",
+                     "parameters": [{"name": "name", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
+                     "responses": {("202" if k == "200" else k): v for k, v in _response(
+                         "the fetch started", {"dataset": {"type": "string"},
+                                               "fetch": {"type": "object"}},
+                         (403, 404, 422)).items()}},
+        },
         "/api/workers": {"get": {"summary": "workers and their heartbeats",
                                  "responses": _response("workers")}},
         "/api/jobs": {
@@ -88,6 +101,20 @@ def build_spec() -> dict[str, Any]:
                         "jobs": {"type": "array", "items": _ref(JobSummary)},
                         "total": {"type": "integer"}}, (422,))},
         },
+        "/api/jobs/estimate": {
+            "post": {"summary": "check jobs and estimate their memory and duration without "
+                                "queueing them (same body and errors as a submission)",
+                     "requestBody": {"required": True, "content": {
+                         "application/json": {"schema": submit_body}}},
+                     "responses": _response("per job memory_bytes and duration; live workers",
+                                            None, (400, 403, 422))},
+        },
+        "/api/leaderboard": {"get": {
+            "summary": "models x datasets from the newest succeeded job of each: score, peak "
+                       "memory, tokens/s, duration", "responses": _response("rows")}},
+        "/api/leaderboard/memory": {"get": {
+            "summary": "peak memory per context length, per model, on NIAH and LongBench",
+            "responses": _response("series per dataset")}},
         "/api/jobs/{job_id}": {
             "get": {"summary": "one job with progress, scores and memory",
                     "parameters": [_job_id()], "responses": _response("the job", job, (404,))},

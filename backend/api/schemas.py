@@ -136,6 +136,12 @@ class JobSummary(BaseModel):
     api: dict[str, Any] | None = Field(
         None, description="an openai: model's options as given, without the key")
     api_key_set: bool = Field(False, description="whether the job carries its own API key")
+    phase: str | None = Field(
+        None, description='"fetching data" while the worker downloads the dataset\'s data '
+                          "from the Hugging Face hub (see data_fetch), else null")
+    data_fetch: dict[str, Any] | None = Field(
+        None, description="the job's latest data fetch: dataset, state (running|done), "
+                          "bytes_done, bytes_total")
 
 
 class JobOut(JobSummary):
@@ -228,6 +234,10 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
     duration = None
     if job.started_at and job.finished_at:
         duration = round((job.finished_at - job.started_at).total_seconds(), 3)
+    fetches = [e for e in job.events or [] if e.get("kind") == "data_fetch"]
+    data_fetch = fetches[-1] if fetches else None
+    fetching = (data_fetch is not None and data_fetch.get("state") == "running"
+                and job.state == JobState.RUNNING.value)
     return JobOut(
         id=job.id, model=job.model, dataset=job.dataset, params=job.params,
         state=JobState(job.state), progress=Progress(done=job.progress_done,
@@ -239,6 +249,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         submitter=job.submitter, worker_label=job.worker_label, num_gpus=job.num_gpus,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
+        phase="fetching data" if fetching else None, data_fetch=data_fetch,
         events=job.events or [])
 
 

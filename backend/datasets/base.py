@@ -19,6 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 
+TEMPLATE_TOKENS = 128
+"""Tokens a chat template and special tokens may add around one user message (Llama
+3.1's default system block and headers take ~30, Qwen2.5's ~30): the slack that
+`token_bound` adds."""
+
+
+def token_bound(text: str) -> int:
+    """An upper bound of the tokens `text` takes once rendered: its UTF-8 bytes plus
+    TEMPLATE_TOKENS. Byte-level BPE tokenizers (Llama 3, Qwen2, GPT-2) never make a
+    token of less than one byte, and SentencePiece ones (Mistral, Llama 2) at most one
+    more (the leading space marker); byte fallback is one token per byte."""
+    return len(text.encode("utf-8")) + TEMPLATE_TOKENS
+
 
 class CacheMode(str, enum.Enum):
     """What happens to the model after a job of this dataset.
@@ -61,14 +74,14 @@ class DatasetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(
-        1, ge=1, le=256,
+        1, ge=1, le=256, title="Batch size",
         description="prompts generated together; halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
-        "fail_sample",
+        "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "
                     "sample (scored 0) and go on, or fail the job")
     methods: list[Literal["basic", "optimized"]] | None = Field(
-        None, min_length=1, max_length=2,
+        None, min_length=1, max_length=2, title="Inference methods",
         description="compare inference methods on the same prompts, one after the other "
                     "(the model released in between): basic = eager attention; optimized = "
                     "SDPA attention and a static KV cache, plus torch.compile on CUDA")
@@ -153,6 +166,14 @@ class Dataset:
     """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
     when a job gives no `data_dir` (set by evaluation.prepare)."""
 
+    hub: ClassVar[Any] = None
+    """Where the official data lives on the Hugging Face hub (a `hub.HubSource`), so
+    that it can be fetched and read from the hub cache; None for bundled data."""
+
+    data_access: Any = None
+    """A `hub.DataAccess` (set by evaluation.prepare): whether missing data may be
+    fetched here, offline mode, and the progress callback."""
+
     confine_paths: bool = False
     """Set by evaluation.prepare for jobs from the API: paths in parameters must lie
     under `datasets_dir` (see local_path)."""
@@ -172,11 +193,14 @@ class Dataset:
         except OutsideAllowedFolders as exc:
             raise PathRefused(field, f"refused: {exc}") from None
 
-    def data_folder(self, given: str | None, folder_name: str | None = None) -> Path:
+    def data_folder(self, given: str | None, folder_name: str | None = None,
+                    parts: list[str] | None = None) -> Path:
         """The folder to read data from; ParamError saying where it looked if missing.
 
         `given` may be `hub:<org>/<name>`: the snapshot of that dataset repository in
-        the local Hugging Face cache (never downloaded here).
+        the local Hugging Face cache (never downloaded here). Without `given`:
+        `<datasets dir>/<name>/` when it exists, else the dataset's `hub` source (the
+        cache, or a fetch where allowed; `parts` limits what is fetched; see hub.py).
         """
         from backend.datasets.files import confine_reads
 
@@ -189,6 +213,13 @@ class Dataset:
             path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
             path = self.datasets_dir / (folder_name or self.name)
+            if not path.is_dir() and self.hub is not None:
+                from backend.datasets.hub import locate
+
+                # the dataset's own hub source, in the Hugging Face cache (whose
+                # snapshots link to its blobs): no job names these files
+                confine_reads(None)
+                return locate(self, parts)
         else:
             raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
         confine_reads([self.datasets_dir] if self.confine_paths and self.datasets_dir
@@ -217,6 +248,23 @@ class Dataset:
         """Every item of the job, in a stable order. Raises ParamError."""
         raise NotImplementedError
 
+    def longest_sequence(self, params: DatasetParams, model_max: int | None) -> int | None:
+        """Most tokens one sequence of the job holds (its longest prompt plus the tokens
+        generated after it), for the GPU memory estimate at submit time (admission.py).
+
+        Runs in the server after `check`, without a tokenizer: an upper bound (see
+        `token_bound`), at most `model_max` when that is known. This default, the
+        model's maximum (None when unknown), suits a dataset whose prompts fill the
+        model's context; a dataset of shorter prompts should say how long they are,
+        or its jobs wait for a GPU that holds the whole context.
+        """
+        return model_max
+
+    def scores_every_position(self, params: DatasetParams) -> bool:
+        """Whether the job's forward passes keep logits for every prompt position
+        (scoring by log-likelihood) instead of the last one only (generation)."""
+        return False
+
     def score(self, item: Item, prediction: str) -> float:
         """A 0-1 score of one prediction."""
         raise NotImplementedError
@@ -227,15 +275,42 @@ class Dataset:
         mean = sum(values) / len(values) if values else 0.0
         return [ScoreEntry("overall", mean, len(values))]
 
+    # --- how results explain themselves (read by the web page and the exports) ---
+    breakdowns: ClassVar[list[dict[str, Any]]] = []
+    """How the job's scores break down, as the page shows them. Each entry points into
+    the job's `scores` dict (see api/schemas.scores_dict):
+
+    - {"kind": "table", "key": "subjects", "title": ..., "columns": [{"key", "title"}]}:
+      `scores[key]` is a list of rows; the columns name their labels (score and count
+      are added by the page), e.g. C-Eval's subject and category;
+    - {"kind": "figures", "key": ..., "title": ..., "rows": [{"key", "title", "help"}]}:
+      single numbers `scores[row key]` (micro/macro averages, MR-Score terms);
+    - {"kind": "heatmap", "key": "cells", "title": ...}: NIAH's context length x depth grid.
+    """
+
+    sample_columns: ClassVar[list[dict[str, Any]]] = []
+    """The dataset's own columns of a sample, read from its `fields`:
+    [{"key", "title", "filter": bool}]; a `filter` column gets a filter on the page."""
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        """What a stored sample carries to say why it scored what it did: `reference`
+        (the gold answer(s)) and, where the dataset has them, `extracted` (the answer read
+        from the reply) and `why` (a short sentence). Merged into the sample's fields
+        before they are stored and aggregated; values must be JSON."""
+        return {"reference": item.reference}
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """Name, description, cache mode and the JSON schema of the parameters."""
+        """Name, description, cache mode, the JSON schema of the parameters, and how
+        results break down (`breakdowns`, `sample_columns`)."""
         return {
             "name": cls.name,
             "description": cls.description,
             "cache_mode": cls.cache_mode.value,
             "cost": cls.cost,
             "params_schema": cls.Params.model_json_schema(),
+            "breakdowns": cls.breakdowns,
+            "sample_columns": cls.sample_columns,
         }
 
 

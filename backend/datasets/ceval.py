@@ -10,7 +10,8 @@ Prompt (the official one): "以下是中国关于{科目}考试的单项选择�
 答案。" then the examples, each "question / A. … / B. … / C. … / D. … / 答案：X", and
 the question ending in "答案：". Scoring: by default the log-likelihood of each
 answer letter after the prompt (one forward pass per question); `method:
-generate` asks the model to answer and takes the first A-D letter of its reply.
+generate` asks the model to answer and takes the option letter of its reply (the
+official evaluator's rules, then the first standalone capital A-D; see extract_letter).
 Accuracy per subject, per category (STEM, Social Science, Humanities, Other),
 and the average over subjects (as the official leaderboard reports it); the
 accuracy over all questions is reported as `micro`.
@@ -32,8 +33,10 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
     check_known,
+    token_bound,
 )
-from backend.datasets.files import read_records
+from backend.datasets.files import read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 LETTERS = ["A", "B", "C", "D"]
@@ -90,7 +93,9 @@ class CEvalParams(DatasetParams):
     split: Literal["val", "dev", "test"] = Field("val", description="test has no answers")
     shots: int = Field(0, ge=0, le=5, description="examples from the dev split")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subject")
-    method: Literal["loglikelihood", "generate"] = "loglikelihood"
+    method: Literal["loglikelihood", "generate"] = Field(
+        "loglikelihood", description="loglikelihood: the likeliest answer letter; generate: "
+                                     "the first A-D letter of the reply")
     max_new_tokens: int = Field(16, ge=1, le=512, description="for method generate")
     use_chat_template: bool = Field(False, description="wrap the prompt in the chat template")
 
@@ -100,19 +105,24 @@ class CEvalParams(DatasetParams):
         return check_known(value, SUBJECTS, "subject(s)")
 
 
-def split_file(folder, subject: str, split: str):
-    """The official `<split>/<subject>_<split>.csv`, or the hub's
-    `<subject>/<split>-*.parquet`; None when neither exists."""
+def split_files(folder, subject: str, split: str) -> list:
+    """The official `<split>/<subject>_<split>.csv`, or every shard of the hub's
+    `<subject>/<split>-*.parquet`; [] when neither exists."""
     path = folder / split / f"{subject}_{split}.csv"
     if path.is_file():
-        return path
-    hub = sorted(folder.glob(f"{subject}/{split}-*.parquet"))
-    return hub[0] if hub else None
+        return [path]
+    return sorted(folder.glob(f"{subject}/{split}-*.parquet"))
+
+
+def split_file(folder, subject: str, split: str):
+    """The first file of `split_files`, None when there is none."""
+    files = split_files(folder, subject, split)
+    return files[0] if files else None
 
 
 def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
-    path = split_file(folder, subject, split)
-    return [{k: str(v) for k, v in r.items()} for r in read_records(path)] if path else []
+    return [{k: str(v) for k, v in r.items()}
+            for r in read_all(split_files(folder, subject, split))]
 
 
 def format_question(row: dict[str, str], with_answer: bool) -> str:
@@ -121,10 +131,37 @@ def format_question(row: dict[str, str], with_answer: bool) -> str:
     return text + (row["answer"].strip() + "\n\n" if with_answer else "")
 
 
+# The official evaluator's patterns (hkust-nlp/ceval, evaluators/chatgpt.py extract_ans).
+_OFFICIAL = [re.compile(p) for p in (
+    r"^选([A-D])", r"^选项([A-D])", r"答案是\s?选?项?\s?([A-D])", r"答案为\s?选?项?\s?([A-D])",
+    r"答案应为\s?选?项?\s?([A-D])", r"答案选\s?选?项?\s?([A-D])", r"答案是:\s?选?项?\s?([A-D])",
+    r"答案应该是:\s?选?项?\s?([A-D])", r"正确的一项是\s?([A-D])", r"答案为:\s?选?项?\s?([A-D])",
+    r"答案应为:\s?选?项?\s?([A-D])", r"答案:\s?选?项?\s?([A-D])", r"答案是：\s?选?项?\s?([A-D])",
+    r"答案应该是：\s?选?项?\s?([A-D])", r"答案为：\s?选?项?\s?([A-D])",
+    r"答案应为：\s?选?项?\s?([A-D])", r"答案：\s?选?项?\s?([A-D])")]
+_LEADING = re.compile(r"^([A-D])(?![A-Za-z])")
+_LEADING_LOWER = re.compile(r"^([a-d])(?:[).:：）]|$)")
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])")
+
+
 def extract_letter(reply: str) -> str:
-    """The first A-D letter of a generated reply ('' when there is none)."""
-    match = re.search(r"[ABCD]", reply.upper()) if reply else None
-    return match.group(0) if match else ""
+    """The option letter of a generated reply ('' when there is none).
+
+    In order: a reply that starts with the letter (the official evaluator's first
+    rule; "A. 安培", "d)"), the official Chinese answer patterns ("答案是C", "选B"), then
+    the first standalone capital A-D (not part of a word: "Correct option: D" gives D,
+    "I choose A" gives A, "BAD" gives nothing).
+    """
+    text = (reply or "").strip()
+    match = _LEADING.match(text) or _LEADING_LOWER.match(text)
+    if match:
+        return match.group(1).upper()
+    for pattern in _OFFICIAL:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    match = _STANDALONE.search(text)
+    return match.group(1) if match else ""
 
 
 @register
@@ -135,9 +172,18 @@ class CEval(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "52 subjects, 1346 val questions; one forward pass each"
     Params = CEvalParams
+    hub = HubSource("ceval/ceval-exam", files=("*/dev-*.parquet", "*/val-*.parquet",
+                                                "*/test-*.parquet"),
+                    part_files=("{part}/*.parquet",), parts_param="subjects",
+                    configs=tuple(SUBJECTS), splits=("dev", "val", "test"))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        """(subject, split, files) of every split file in a data folder."""
+        return [(s, split, files) for s in SUBJECTS for split in ("dev", "val", "test")
+                if (files := split_files(folder, s, split))]
 
     def _subjects(self, params: CEvalParams):
-        folder = self.data_folder(params.data_dir)
+        folder = self.data_folder(params.data_dir, parts=params.subjects)
         subjects = params.subjects or [s for s in SUBJECTS
                                        if split_file(folder, s, params.split)]
         if not subjects:
@@ -152,25 +198,66 @@ class CEval(Dataset):
             raise ParamError("subjects", f"no {params.split} file for: {', '.join(missing)} "
                                          f"in {folder / params.split}")
 
-    def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
+    def _questions(self, params: CEvalParams) -> list[tuple[str, dict[str, str], str]]:
+        """(subject, row, user message) of every question of the job."""
         folder, subjects = self._subjects(params)
-        items = []
+        found = []
         for subject in subjects:
-            zh, category = SUBJECTS[subject]
+            zh, _ = SUBJECTS[subject]
             header = f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n"
             shots = "".join(format_question(r, True)
                             for r in read_split(folder, subject, "dev")[:params.shots])
             rows = read_split(folder, subject, params.split)[:params.max_samples]
-            for row in rows:
-                prompt = tokenizer.render(header + shots + format_question(row, False))
-                items.append(Item(
-                    idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
-                    max_new_tokens=params.max_new_tokens,
-                    reference=row.get("answer", "").strip().upper(),
-                    fields={"subject": subject, "category": category, "id": row.get("id")},
-                    choices=LETTERS if params.method == "loglikelihood" else None,
-                    labels=LETTERS if params.method == "loglikelihood" else None))
+            found += [(subject, row, header + shots + format_question(row, False))
+                      for row in rows]
+        return found
+
+    def longest_sequence(self, params: CEvalParams, model_max: int | None) -> int | None:
+        """The longest question (with its shots) as bounded by `token_bound`, plus the
+        answer letter (log-likelihood) or max_new_tokens (generate)."""
+        longest = max((token_bound(m) for _, _, m in self._questions(params)), default=0)
+        tokens = longest + (1 if params.method == "loglikelihood" else params.max_new_tokens)
+        return min(tokens, model_max) if model_max else tokens
+
+    def scores_every_position(self, params: CEvalParams) -> bool:
+        return params.method == "loglikelihood"
+
+    def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
+        items = []
+        for subject, row, message in self._questions(params):
+            category = SUBJECTS[subject][1]
+            prompt = tokenizer.render(message)
+            items.append(Item(
+                idx=len(items), prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
+                max_new_tokens=params.max_new_tokens,
+                reference=row.get("answer", "").strip().upper(),
+                fields={"subject": subject, "category": category, "id": row.get("id")},
+                choices=LETTERS if params.method == "loglikelihood" else None,
+                labels=LETTERS if params.method == "loglikelihood" else None))
         return items
+
+    breakdowns = [
+        {"kind": "figures", "key": "averages", "title": "Averages", "rows": [
+            {"key": "overall", "title": "Macro average",
+             "help": "mean of the subject accuracies (the official C-Eval figure)"},
+            {"key": "micro", "title": "Micro average",
+             "help": "accuracy over all questions together"}]},
+        {"kind": "table", "key": "categories", "title": "By category",
+         "columns": [{"key": "category", "title": "Category"}]},
+        {"kind": "table", "key": "subjects", "title": "By subject",
+         "columns": [{"key": "subject", "title": "Subject"},
+                     {"key": "category", "title": "Category"}]},
+    ]
+    sample_columns = [{"key": "subject", "title": "Subject", "filter": True},
+                      {"key": "category", "title": "Category", "filter": True},
+                      {"key": "extracted", "title": "Answer letter"},
+                      {"key": "logprobs", "title": "Choice log-likelihoods"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        letter = extract_letter(prediction)
+        why = (f"answered {letter or 'no letter'}, the reference is {item.reference}"
+               + (" (the likeliest of A-D)" if item.choices else ""))
+        return {"reference": item.reference, "extracted": letter, "why": why}
 
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_letter(prediction) == item.reference else 0.0

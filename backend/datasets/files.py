@@ -42,20 +42,34 @@ def checked_file(path: Path, field: str = "data_dir") -> Path:
         raise PathRefused(field, f"refused: {exc}") from None
 
 
-def find_file(folder: Path, stems: list[str], field: str = "data_dir") -> Path:
-    """The first file named `<stem><ext>` (any of EXTENSIONS) or matching a hub layout
-    `<stem>/*.parquet` / `**/<stem>-*.parquet`; ParamError naming what was looked for."""
+def find_files(folder: Path, stems: list[str], field: str = "data_dir") -> list[Path]:
+    """The files holding a split: `<stem><ext>` (any of EXTENSIONS), else every shard of a
+    hub Parquet layout, `<stem>/*.parquet` or `<config>/<stem>-0000k-of-0000n.parquet` (the
+    shards of the first config folder in name order, e.g. GSM8K's `main`). ParamError
+    naming what was looked for when there is none."""
     for stem in stems:
         for ext in EXTENSIONS:
             if (folder / f"{stem}{ext}").is_file():
-                return folder / f"{stem}{ext}"
+                return [folder / f"{stem}{ext}"]
     for stem in stems:
-        hub = (sorted(folder.glob(f"{stem}/*.parquet"))
-               or sorted(folder.glob(f"**/{stem}-*.parquet")))
-        if hub:
-            return hub[0]
+        shards = sorted(folder.glob(f"{stem}/*.parquet"))
+        if not shards:
+            found = sorted(folder.glob(f"**/{stem}-*.parquet"))
+            shards = [p for p in found if found and p.parent == found[0].parent]
+        if shards:
+            return shards
     raise ParamError(field, f"none of {', '.join(s + '.jsonl/.json/.parquet/.csv' for s in stems)}"
                             f" in {folder}")
+
+
+def find_file(folder: Path, stems: list[str], field: str = "data_dir") -> Path:
+    """The first file of `find_files` (to say a split exists; read with `find_files`)."""
+    return find_files(folder, stems, field)[0]
+
+
+def read_all(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every record of every file, in order (the shards of one split)."""
+    return [record for path in paths for record in read_records(path)]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -75,7 +89,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        # ParquetFile reads the one file; read_table would import pyarrow.dataset (and
+        # pandas) first, about a second on a cold start (bench/data_fetch.py)
+        records = pq.ParquetFile(path).read().to_pylist()
         return [{k: (list(v) if hasattr(v, "tolist") else v) for k, v in r.items()}
                 for r in records]
     raise ParamError("data_dir", f"cannot read {path.name}: expected one of {EXTENSIONS}")

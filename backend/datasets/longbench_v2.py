@@ -25,11 +25,13 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    ParamError,
     PromptTokenizer,
     ScoreEntry,
 )
-from backend.datasets.files import find_file, read_records
-from backend.datasets.longbench import truncate_middle
+from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
+from backend.datasets.longbench import TEMPLATE_SLACK, truncate_middle
 from backend.datasets.registry import register
 
 _CHOICES = ("Choices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n")
@@ -65,13 +67,16 @@ def extract_choice(response: str) -> str:
 class LongBenchV2Params(DatasetParams):
     data_dir: str | None = Field(None, description="folder with data.json (default: "
                                  "LBS_DATASETS_DIR/longbench_v2)")
-    cot: bool = Field(False, description="chain of thought, then the official answer turn")
-    max_samples: int | None = Field(None, ge=1)
+    cot: bool = Field(False, title="Chain of thought",
+                      description="chain of thought, then the official answer turn")
+    max_samples: int | None = Field(None, ge=1, description="at most this many questions")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens; "
                                    "default: the model's maximum minus the answer length")
-    difficulty: str | None = Field(None, pattern="^(easy|hard)$")
-    length: str | None = Field(None, pattern="^(short|medium|long)$")
-    use_chat_template: bool = True
+    difficulty: str | None = Field(None, pattern="^(easy|hard)$",
+                                   description="only easy or only hard questions")
+    length: str | None = Field(None, pattern="^(short|medium|long)$",
+                               description="only short, medium or long contexts")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
 
 
 @register
@@ -82,9 +87,16 @@ class LongBenchV2(Dataset):
     cache_mode = CacheMode.UNCACHED
     cost = "503 questions of 8k-2M words (middle-truncated to the model)"
     Params = LongBenchV2Params
+    hub = HubSource("THUDM/LongBench-v2", files=("data.json",), splits=("train",))
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        try:
+            return [("all", "train", find_files(folder, ["data", "train"]))]
+        except ParamError:
+            return []
 
     def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
-        rows = read_records(find_file(self.data_folder(params.data_dir), ["data", "train"]))
+        rows = read_all(find_files(self.data_folder(params.data_dir), ["data", "train"]))
         rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
                 and (params.length in (None, r.get("length")))]
         return rows[:params.max_samples]
@@ -92,10 +104,21 @@ class LongBenchV2(Dataset):
     def check(self, params: LongBenchV2Params, model: Any) -> None:
         self._rows(params)
 
+    def longest_sequence(self, params: LongBenchV2Params, model_max: int | None) -> int | None:
+        """The prompt budget (max_length, else the model's maximum less the answer and
+        TEMPLATE_SLACK) plus TEMPLATE_SLACK and the answer: 128 tokens, or with cot
+        the 1024-token reasoning and the answer turn's 128 (its prompt holds the
+        question, within the first budget, and the reasoning). None when neither
+        is known."""
+        if params.max_length is None:
+            return model_max
+        tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:
         template = PROMPT_COT if params.cot else PROMPT
         new_tokens = 1024 if params.cot else 128
-        budget = params.max_length or tokenizer.max_length - new_tokens - 64
+        budget = params.max_length or tokenizer.max_length - new_tokens - TEMPLATE_SLACK
         items = []
         for row in self._rows(params):
             overhead = len(tokenizer.encode(fill(template, row)))
@@ -120,6 +143,23 @@ class LongBenchV2(Dataset):
         return Item(idx=item.idx, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
                     max_new_tokens=128, reference=item.reference,
                     fields={**item.fields, "cot": reply})
+
+    breakdowns = [
+        {"kind": "table", "key": "difficulties", "title": "By difficulty",
+         "columns": [{"key": "difficulty", "title": "Difficulty"}]},
+        {"kind": "table", "key": "lengths", "title": "By length",
+         "columns": [{"key": "length", "title": "Length"}]},
+    ]
+    sample_columns = [{"key": "difficulty", "title": "Difficulty", "filter": True},
+                      {"key": "length", "title": "Length", "filter": True},
+                      {"key": "domain", "title": "Domain", "filter": True},
+                      {"key": "extracted", "title": "Chosen answer"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        choice = extract_choice(prediction)
+        return {"reference": item.reference, "extracted": choice,
+                "why": (f"chose {choice}" if choice else "no 'The correct answer is (X)'")
+                + f"; the reference is {item.reference}"}
 
     def score(self, item: Item, prediction: str) -> float:
         return 1.0 if extract_choice(prediction) == item.reference else 0.0

@@ -38,8 +38,10 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    token_bound,
 )
 from backend.datasets.files import read_records
+from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 
 PROMPT = """Act as a grade school math teacher and score the following problem solution.
@@ -100,10 +102,15 @@ def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
 class MRGSM8KParams(DatasetParams):
     data_dir: str | None = Field(None, description="folder with MR-GSM8K.json (default: "
                                  "LBS_DATASETS_DIR/mr_gsm8k)")
-    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$")
-    max_samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(1024, ge=16, le=4096)
-    use_chat_template: bool = True
+    file: str = Field("MR-GSM8K.json", pattern=r"^[\w.-]+\.(json|jsonl|parquet)$",
+                      description="the data file in that folder")
+    max_samples: int | None = Field(None, ge=1, description="at most this many solutions")
+    max_new_tokens: int = Field(1024, ge=16, le=4096, description="longest reply, in tokens")
+    use_chat_template: bool = Field(True, description="wrap the prompt in the chat template")
+
+
+def _message(row: dict[str, Any]) -> str:
+    return PROMPT.format(question=row["question"], steps="\n".join(row["model_output_steps"]))
 
 
 @register
@@ -114,21 +121,42 @@ class MRGSM8K(Dataset):
     cache_mode = CacheMode.CACHED
     cost = "3000 solutions to grade, up to max_new_tokens generated each"
     Params = MRGSM8KParams
+    # The hub dataset the official repository (dvlab-research/MR-GSM8K) links to; its
+    # JSON files are fetched and `file` is looked for anywhere in the snapshot.
+    hub = HubSource("Randolphzeng/DiagGSM8K", files=("*.json", "*.jsonl", "*.parquet"),
+                    splits=("test",))
+
+    @staticmethod
+    def _file(folder, name: str):
+        path = folder / name
+        if path.is_file():
+            return path
+        return next(iter(sorted(folder.rglob(name))), None)
+
+    def data_parts(self, folder) -> list[tuple[str, str, list]]:
+        path = self._file(folder, MRGSM8KParams.model_fields["file"].default)
+        return [("all", "test", [path])] if path else []
 
     def _rows(self, params: MRGSM8KParams) -> list[dict[str, Any]]:
-        path = self.data_folder(params.data_dir) / params.file
-        if not path.is_file():
-            raise ParamError("file", f"no {params.file} in {path.parent}")
+        folder = self.data_folder(params.data_dir)
+        path = self._file(folder, params.file)
+        if path is None:
+            raise ParamError("file", f"no {params.file} in {folder}")
         return read_records(path)[:params.max_samples]
 
     def check(self, params: MRGSM8KParams, model: Any) -> None:
         self._rows(params)
 
+    def longest_sequence(self, params: MRGSM8KParams, model_max: int | None) -> int | None:
+        """The longest solution to grade as bounded by `token_bound`, plus max_new_tokens."""
+        longest = max((token_bound(_message(row)) for row in self._rows(params)), default=0)
+        tokens = longest + params.max_new_tokens
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: MRGSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
         for i, row in enumerate(self._rows(params)):
-            prompt = tokenizer.render(PROMPT.format(
-                question=row["question"], steps="\n".join(row["model_output_steps"])))
+            prompt = tokenizer.render(_message(row))
             truth = row["model_output_solution_correctness"].lower()
             items.append(Item(
                 idx=i, prompt=prompt, prompt_tokens=tokenizer.count_prompt(prompt),
@@ -139,14 +167,38 @@ class MRGSM8K(Dataset):
                         "error_step": str(row.get("model_output_solution_first_error_step"))}))
         return items
 
-    def score(self, item: Item, prediction: str) -> float:
+    breakdowns = [
+        {"kind": "figures", "key": "mr_score", "title": "MR-Score terms", "rows": [
+            {"key": "overall", "title": "Judgement accuracy",
+             "help": "share of solutions judged correct/wrong as the reference says"},
+            {"key": "mcc", "title": "MCC",
+             "help": "Matthews correlation of the correct/wrong judgements (weight 0.2)"},
+            {"key": "step_accuracy", "title": "First-error-step accuracy",
+             "help": "over the wrong solutions: the first wrong step found (weight 0.3)"},
+            {"key": "mr_score_without_reason", "title": "MR-Score without the reason term",
+             "help": "0.2 x max(0, MCC) + 0.3 x step accuracy; the 0.5 error-reason term "
+                     "needs a judge model and is left out"}]},
+    ]
+    sample_columns = [{"key": "truth", "title": "Solution is", "filter": True},
+                      {"key": "judgement", "title": "Judged"},
+                      {"key": "error_step", "title": "First wrong step"},
+                      {"key": "extracted", "title": "Step named"},
+                      {"key": "step_ok", "title": "Step right", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
         reply = parse_reply(prediction)
         ok = judged(item.reference["correctness"], reply["judgement"])
-        item.fields["judgement_ok"] = ok
-        item.fields["step_ok"] = bool(ok and item.reference["correctness"] == "wrong"
-                                      and step_number(reply["error_step"])
-                                      == item.reference["error_step"])
-        return 1.0 if ok else 0.0
+        step = step_number(reply["error_step"])
+        step_ok = bool(ok and item.reference["correctness"] == "wrong"
+                       and step == item.reference["error_step"])
+        return {"reference": item.reference, "judgement": reply["judgement"],
+                "extracted": step, "judgement_ok": ok, "step_ok": step_ok,
+                "why": (f"judged {reply['judgement'] or '(no Final Judgement)'}, the solution "
+                        f"is {item.reference['correctness']}")}
+
+    def score(self, item: Item, prediction: str) -> float:
+        reply = parse_reply(prediction)
+        return 1.0 if judged(item.reference["correctness"], reply["judgement"]) else 0.0
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
         correct = [(f, v) for f, v in scored if f["truth"] == "correct"]

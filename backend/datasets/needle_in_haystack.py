@@ -8,16 +8,19 @@ sentence boundary nearest to `depth_percent` of the haystack (0 = start,
 100 = end).
 
 Scoring (`score_answer`), RULER-style string match rather than a judge model:
-both texts are normalised (lower case, punctuation and the articles a/an/the
-removed, whitespace collapsed); the score is 1.0 when the normalised answer
-occurs in the normalised reply, otherwise the fraction of the answer's words
-that occur in the reply (a paraphrase earns partial credit, a miss 0.0).
+both texts are normalised (lower case, ASCII and all Unicode punctuation -
+curly quotes, 「」, «», 。，：… - and the articles a/an/the removed, whitespace
+collapsed); the score is 1.0 when the normalised answer occurs in the normalised
+reply (as whole words; a Chinese/Japanese/Korean answer anywhere), otherwise the
+fraction of the answer's words that occur in the reply (a paraphrase earns partial
+credit, a miss 0.0).
 """
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from bisect import bisect_left
 from functools import lru_cache
 from pathlib import Path
@@ -115,7 +118,7 @@ class NeedleParams(DatasetParams):
         "essays",
         description="'essays' (bundled original essays), 'noise' (RULER-style repeated "
                     "sentences) or the path of a UTF-8 text file.")
-    max_new_tokens: int = Field(48, ge=1, le=4096)
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="longest reply, in tokens")
     use_chat_template: bool = Field(
         True, description="Wrap the prompt in the tokenizer's chat template when it has one "
                           "(the runner applies it; false feeds the plain text).")
@@ -159,22 +162,31 @@ class NeedleParams(DatasetParams):
 # --- scoring ----------------------------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def _is_separator(char: str) -> bool:
+    """ASCII punctuation and symbols, and every Unicode punctuation character (category
+    P*: curly quotes, 「」, «», 。，：…, dashes)."""
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed."""
-    text = text.lower().translate(_PUNCT)
+    """Lower case, punctuation (all of Unicode's) and articles removed, whitespace
+    collapsed."""
+    text = "".join(" " if _is_separator(c) else c for c in text.lower())
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def score_answer(prediction: str, answer: str) -> float:
     """1.0 when the normalised answer is in the normalised reply, else the share
-    of the answer's words found in the reply (0.0 for none)."""
+    of the answer's words found in the reply (0.0 for none). Words are bounded by
+    spaces and punctuation; an answer in a script written without spaces (Chinese,
+    Japanese, Korean) counts wherever it occurs, as RULER's substring rule does."""
     want, got = normalize(answer), normalize(prediction)
     if not want:
         return 0.0
-    if f" {want} " in f" {got} ":
+    if f" {want} " in f" {got} " or (_CJK.search(want) and want in got):
         return 1.0
     words = want.split()
     present = set(got.split())
@@ -334,6 +346,11 @@ class NeedleInAHaystack(Dataset):
                 f"context length {longest} plus max_new_tokens {params.max_new_tokens} is "
                 f"beyond the maximum of {model.name} ({model.max_length} tokens)")
 
+    def longest_sequence(self, params: NeedleParams, model_max: int | None) -> int | None:
+        """The largest context length (each prompt is built to at most its length, chat
+        template included) plus max_new_tokens."""
+        return max(params.lengths()) + params.max_new_tokens
+
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))
         builder = _Builder(params, tokenizer, self.haystack_source(params))
@@ -346,6 +363,17 @@ class NeedleInAHaystack(Dataset):
                                   max_new_tokens=params.max_new_tokens, reference=answer,
                                   fields=fields))
         return items
+
+    breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]
+    sample_columns = [{"key": "context_length", "title": "Context length", "filter": True},
+                      {"key": "depth_percent", "title": "Depth %", "filter": True}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        words = normalize(item.reference).split()
+        found = round(score_answer(prediction, item.reference) * len(words))
+        why = ("the answer is in the reply" if found == len(words) and words else
+               f"{found} of the answer's {len(words)} words are in the reply")
+        return {"reference": item.reference, "why": why}
 
     def score(self, item: Item, prediction: str) -> float:
         return score_answer(prediction, item.reference)

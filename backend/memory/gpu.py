@@ -35,7 +35,10 @@ def visible_gpu_count(cuda_visible_devices: str | None) -> int:
 
 def process_gpu_bytes(pid: int) -> int | None:
     """GPU memory NVML sees `pid` using on all devices (non-torch allocations and the
-    CUDA context included), or None without NVML/driver."""
+    CUDA context included), or None when NVML cannot say: no NVML or driver, `pid`
+    not among the processes the driver lists (inside a container's PID namespace it
+    lists host PIDs, so nothing matches os.getpid()), or listed without a figure
+    (pynvml gives usedGpuMemory None where the driver does not report it)."""
     try:
         import pynvml
 
@@ -43,17 +46,60 @@ def process_gpu_bytes(pid: int) -> int | None:
     except Exception:  # noqa: BLE001 - ImportError or NVMLError: nothing to read
         return None
     try:
-        total = 0
+        total, found = 0, False
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    total += proc.usedGpuMemory
-        return total
+                if proc.pid == pid:
+                    if proc.usedGpuMemory is None:
+                        return None
+                    total, found = total + proc.usedGpuMemory, True
+        return total if found else None
     except pynvml.NVMLError:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+_baseline: dict[int, int] = {}
+"""Used bytes per NVML index when the worker started (see take_device_baseline)."""
+
+
+def _device_used(indices: list[int] | None) -> dict[int, int] | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - ImportError or NVMLError: nothing to read
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        return {i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used)
+                for i in (range(count) if indices is None else indices) if i < count}
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def take_device_baseline(indices: list[int] | None) -> None:
+    """Note the memory used on these GPUs (NVML indices; all when None) now, before
+    this worker loads anything: the fallback reading when NVML cannot tell this
+    process's own use (see `device_used_since_baseline`)."""
+    _baseline.clear()
+    _baseline.update(_device_used(indices) or {})
+
+
+def device_used_since_baseline() -> int | None:
+    """Bytes used on the baseline's GPUs beyond what was used when it was taken: this
+    worker's use, plus whatever other processes on those GPUs started since. None
+    without a baseline or NVML."""
+    if not _baseline:
+        return None
+    now = _device_used(list(_baseline))
+    if now is None:
+        return None
+    return sum(max(0, now[i] - base) for i, base in _baseline.items() if i in now)
 
 
 def pick_free_gpu(taken: set[str]) -> str | None:

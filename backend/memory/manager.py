@@ -37,6 +37,7 @@ import gc
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class ManagerConfig:
     min_available_bytes: int = 2 * GB
     pinned_budget: int = 0  # 0 = 25% of RAM
     use_cache: bool = True
-    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x GPU total; 0 = no cap
+    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x the first GPU's total; 0 = no cap
 
     @classmethod
     def from_settings(cls, settings: Any) -> ManagerConfig:
@@ -137,9 +138,15 @@ class _Entry:
     load_count: int = 1
     pinned: bool = False
     in_use: bool = False
+    moving: bool = False  # a prefetch copies it to the GPU outside the lock
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     last_used_wall: float = field(default_factory=time.time)
+
+    @property
+    def busy(self) -> bool:
+        """In use by a job, or being copied by a prefetch: nothing else may move it."""
+        return self.in_use or self.moving
 
     def held_bytes(self) -> int:
         """RAM and GPU bytes this model holds now (a GPU model may keep a CPU copy)."""
@@ -162,6 +169,7 @@ class ModelManager:
             self.config.pinned_budget = int(total_ram * 0.25)
         self.has_gpu = _cuda_available() if has_gpu is None else has_gpu
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a load or a prefetch ended
         self._models: dict[Hashable, _Entry] = {}
         self.load_counts: dict[Hashable, int] = {}
         self.events: list[ModelEvent] = []
@@ -182,26 +190,40 @@ class ModelManager:
         entry = self._acquire(key, name, load, estimate)
         try:
             yield entry.runner
+        except BaseException as exc:
+            # The failed job's frames, down to the model's own forward, hold the runner's
+            # tensors and the model itself (`self`): drop their locals, or the release
+            # below empties the allocators' caches while the weights are still held.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
+            cached = cache_mode is CacheMode.CACHED and self.config.use_cache
+            # asked before taking the lock: it queries the database, and the heartbeat
+            # and the control thread must not wait on that
+            keep = cached and keep_on_gpu is not None and _asked(keep_on_gpu)
             with self._lock:
                 entry.in_use = False
                 entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
-                if cache_mode is CacheMode.UNCACHED or not self.config.use_cache:
+                if not cached:
                     self._release(entry, "uncached dataset" if self.config.use_cache
                                   else "LBS_USE_MODEL_CACHE=0")
-                elif entry.location is Location.GPU and not (keep_on_gpu and keep_on_gpu()):
+                elif entry.location is Location.GPU and not keep:
                     self._offload(entry, "job finished")
 
     def _acquire(self, key: Hashable, name: str, load: Callable[[], Any],
                  estimate: int) -> _Entry:
         with self._lock:
             entry = self._models.get(key)
+            while entry is not None and entry.moving:  # a prefetch is bringing it back
+                self._changed.wait()
+                entry = self._models.get(key)
             if entry is not None:
                 if entry.location is Location.CPU and self.has_gpu and entry.runner.movable():
                     self._make_gpu_room(name, entry.size, keep=entry)
                     self._restore(entry)
                 entry.in_use = True
                 entry.last_used, entry.last_used_wall = time.monotonic(), time.time()
+                self._changed.notify_all()
                 return entry
             self._make_room(name, estimate)
             if self.has_gpu:
@@ -215,6 +237,7 @@ class ModelManager:
         except BaseException:
             with self._lock:
                 self._models.pop(key, None)
+                self._changed.notify_all()
             raise
         with self._lock:
             placeholder.runner = runner
@@ -225,7 +248,18 @@ class ModelManager:
             placeholder.load_count = self.load_counts[key]
             self._event("load", name, started, before, placeholder.size)
             self.tracker.checkpoint(f"load {name}")
+            self._changed.notify_all()
             return placeholder
+
+    def wait_loaded(self, name: str, timeout: float) -> bool:
+        """Wait until a job holds a model called `name`, loaded (or restored) where it
+        runs; False when `timeout` seconds passed first (its load may have failed, or
+        the job ended)."""
+        def ready() -> bool:
+            return any(e.name == name and e.in_use and e.location is not Location.LOADING
+                       for e in self._models.values())
+        with self._lock:
+            return self._changed.wait_for(ready, timeout)
 
     # --- moves ---------------------------------------------------------------------
 
@@ -235,12 +269,22 @@ class ModelManager:
         if not (hasattr(entry.runner, "movable") and entry.runner.movable()):
             return self._release(entry, f"{why}; a device-mapped model is released, not moved")
         before, started = rss_bytes(), time.perf_counter()
-        pin = entry.size <= self._pinned_room(entry)
-        copied = entry.runner.offload(pin=pin)
+        pin = _pinned_bytes(entry) <= self._pinned_room(entry)
+        how = "pinned" if pin else "pageable"
+        try:
+            copied = entry.runner.offload(pin=pin)
+        except Exception as exc:  # noqa: BLE001 - cudaHostAlloc refused: pageable will do
+            if not pin:
+                raise
+            log.warning("[ModelManager] pinning %s's host copy failed (%s); using pageable "
+                        "memory", entry.name, exc)
+            _empty_cuda_cache()  # the blocks pinned before the failure
+            copied = entry.runner.offload(pin=False)
+            how = f"pageable (pinning failed: {exc})"
         entry.location = Location.CPU
         _empty_cuda_cache()
         return self._event("offload", entry.name, started, before, copied,
-                           f"{why}; host copy {'pinned' if pin else 'pageable'}")
+                           f"{why}; host copy {how}")
 
     def _restore(self, entry: _Entry) -> ModelEvent:
         before, started = rss_bytes(), time.perf_counter()
@@ -281,11 +325,22 @@ class ModelManager:
         return event
 
     def _pinned_room(self, entry: _Entry) -> int:
-        used = sum(e.size for e in self._models.values()
+        used = sum(_pinned_bytes(e) for e in self._models.values()
                    if e is not entry and getattr(e.runner, "host_pinned", False))
         return self.config.pinned_budget - used
 
     # --- limits, eviction, pressure --------------------------------------------------
+
+    def idle_gpu_bytes(self) -> int:
+        """Bytes of the models on the GPU that no job uses (the manager offloads them to
+        make room). Read without the lock, so it never waits on a model move: a model
+        being moved counts where it was."""
+        entries = list(self._models.values())  # one C-level copy: safe without the lock
+        return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
+
+    def size_of(self, name: str) -> int:
+        """Bytes of the weights of the models called `name` held here (0 if none)."""
+        return sum(e.size for e in list(self._models.values()) if e.name == name)
 
     def usage(self) -> int:
         with self._lock:
@@ -293,7 +348,7 @@ class ModelManager:
 
     def _lru_candidates(self) -> list[_Entry]:
         free = [e for e in self._models.values()
-                if not e.pinned and not e.in_use and e.location is not Location.LOADING]
+                if not e.pinned and not e.busy and e.location is not Location.LOADING]
         return sorted(free, key=lambda e: e.last_used)
 
     def _make_room(self, name: str, needed: int) -> None:
@@ -328,24 +383,39 @@ class ModelManager:
                 break
             self._offload(victim, f"GPU cap: making room for {name}")
 
-    def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None) -> bool:
+    def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None,
+                 reserve: int = 0) -> bool:
         """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits
-        both the GPU cap and the free GPU memory with a 20% margin. Returns whether it
-        did; the worker calls it from a thread while the current job runs."""
+        both the GPU cap and the free GPU memory, less `reserve` bytes (what the running
+        job will still allocate: its KV cache and activations), with a 20% margin.
+        Returns whether it did. The worker calls it from a thread once the running job's
+        model has loaded; the copy runs outside the lock (a job that wants the model
+        meanwhile waits for it; commands answer busy)."""
         with self._lock:
             if not self.has_gpu:
                 return False
             entry = next((e for e in self._models.values() if e.name == name), None)
-            if entry is None or entry.location is not Location.CPU or entry.in_use:
+            if entry is None or entry.location is not Location.CPU or entry.in_use \
+                    or entry.moving:
                 return False
             cap = self.config.gpu_cap_bytes
             on_gpu = sum(e.size for e in self._models.values() if e.location is Location.GPU)
             free = (free_gpu_bytes or _free_gpu_bytes)()
-            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 > free:
+            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 + reserve > free:
                 return False
-            self._restore(entry)
+            entry.moving = True
+        before, started = rss_bytes(), time.perf_counter()
+        try:
+            moved = entry.runner.restore()
+        finally:
+            with self._lock:
+                entry.moving = False
+                self._changed.notify_all()
+        with self._lock:
+            entry.location = Location.GPU
             entry.last_used = time.monotonic()  # so the idle monitor does not undo it
-            self.events[-1].note = "prefetched for the next queued job"
+            self._event("restore", entry.name, started, before, moved,
+                        "prefetched for the next queued job")
             return True
 
     def pressure(self) -> dict[str, Any]:
@@ -397,7 +467,7 @@ class ModelManager:
                 return []
             done = []
             for entry in entries:
-                if entry.in_use:
+                if entry.busy:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 event = self._offload(entry, "requested")
                 if event:
@@ -409,7 +479,7 @@ class ModelManager:
         with self._lock:
             done = []
             for entry in self._named(name):
-                if entry.in_use:
+                if entry.busy:
                     raise ModelBusy(f"{entry.name} is in use by a running job")
                 if entry.pinned and not include_pinned:
                     continue
@@ -419,7 +489,7 @@ class ModelManager:
     def release_all(self) -> None:
         with self._lock:
             for entry in list(self._models.values()):
-                if not entry.in_use:
+                if not entry.busy:
                     self._release(entry, "worker stopping")
 
     def set_pinned(self, name: str, pinned: bool) -> None:
@@ -465,7 +535,7 @@ class ModelManager:
         now = time.monotonic() if now is None else now
         with self._lock:
             for entry in list(self._models.values()):
-                if entry.in_use or entry.location is Location.LOADING:
+                if entry.busy or entry.location is Location.LOADING:
                     continue
                 idle = now - entry.last_used
                 if entry.location is Location.GPU and idle > self.config.idle_timeout:
@@ -533,6 +603,21 @@ class ModelManager:
             }
 
 
+def _pinned_bytes(entry: _Entry) -> int:
+    """Pinned host memory the model's copy takes: what the host allocator rounds its
+    blocks to when the runner says (HFRunner.pinned_bytes), else its size."""
+    runner = entry.runner
+    return runner.pinned_bytes() if hasattr(runner, "pinned_bytes") else entry.size
+
+
+def _asked(question: Callable[[], bool]) -> bool:
+    try:
+        return bool(question())
+    except Exception:  # noqa: BLE001 - a failed "keep it?" must not leave the model in use
+        log.exception("[ModelManager] keep_on_gpu failed; offloading")
+        return False
+
+
 def gpu_memory() -> dict[str, dict[str, float]]:
     """Per visible GPU: allocated/reserved by this process and total, in GB."""
     import sys
@@ -555,13 +640,16 @@ def _cuda_available() -> bool:
 
 
 def _gpu_cap(fraction: float) -> int:
+    """The cap on the models the manager keeps on the GPU: the limit's share of the
+    first GPU, where a movable (single-device) model lives and where the loader caps
+    it (memory/limits.py); not of every GPU together, which would let models pile up
+    on the first GPU beyond its own cap."""
     import sys
 
     torch = sys.modules.get("torch")
     if fraction <= 0 or torch is None or not torch.cuda.is_available():
         return 0
-    return int(fraction * sum(torch.cuda.get_device_properties(i).total_memory
-                              for i in range(torch.cuda.device_count())))
+    return int(fraction * torch.cuda.get_device_properties(0).total_memory)
 
 
 def _free_gpu_bytes() -> int:

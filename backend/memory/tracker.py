@@ -156,18 +156,41 @@ class CudaPeaks:
 
         self._torch = torch
         self.devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.devices:
+            # torch 2.13's reset_peak_memory_stats goes straight to the allocator
+            # (torch/cuda/memory.py: no _lazy_init), which rejects every device before
+            # CUDA starts ("Invalid device argument 0: did you call init?"), and
+            # max_memory_allocated reads 0 until then. The worker starts CUDA early by
+            # chance; the CLI and bench/compare.py do not: start it here.
+            torch.cuda.init()
         self._job: dict[int, dict[str, int]] = {
             i: {"max_allocated": 0, "max_reserved": 0} for i in range(self.devices)}
         self.nvml_peak: int | None = None  # this process's use as NVML sees it
+        self.nvml_device_peak: int | None = None  # used on its GPUs since worker start
 
     def _sample_nvml(self) -> None:
         import os
 
-        from backend.memory.gpu import process_gpu_bytes
+        from backend.memory.gpu import device_used_since_baseline, process_gpu_bytes
 
         used = process_gpu_bytes(os.getpid()) if self.devices else None
         if used is not None:
             self.nvml_peak = max(self.nvml_peak or 0, used)
+        elif self.devices:  # unknown (a container's PID namespace): the device's use
+            device = device_used_since_baseline()
+            if device is not None:
+                self.nvml_device_peak = max(self.nvml_device_peak or 0, device)
+
+    def nvml_readings(self) -> list[tuple[str, str, int | None]]:
+        """The job's NVML readings (sampled at sample boundaries, CUDA context
+        included): this process's use, None when NVML could not tell it, and then
+        the device-level use since the worker started, when known."""
+        if not self.devices:
+            return []
+        readings = [("cuda_nvml_process_used", "cuda:all", self.nvml_peak)]
+        if self.nvml_peak is None and self.nvml_device_peak is not None:
+            readings.append(("cuda_nvml_device_used", "cuda:all", self.nvml_device_peak))
+        return readings
 
     def _fold(self) -> None:
         cuda = self._torch.cuda

@@ -22,6 +22,10 @@ class GenerationRequest:
 
     prompt: str
     max_new_tokens: int
+    chat_template: bool = True
+    """How `prompt` was rendered (`Runner.render(..., chat_template=)`): with the chat
+    template, whose text already holds the special tokens (BOS…), or as plain text, to
+    which the runner adds its tokenizer's usual special tokens."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class LoglikelihoodRequest:
 
     context: str
     continuation: str
+    chat_template: bool = True
+    """How `context` was rendered (see GenerationRequest.chat_template)."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,13 @@ class Runner(ABC):
     def decode(self, ids: list[int]) -> str: ...
 
     @abstractmethod
-    def render(self, user_message: str) -> str: ...
+    def render(self, user_message: str, chat_template: bool = True) -> str:
+        """The prompt for one user message: in the chat template when `chat_template`
+        and the model has one, else the message as is."""
 
     @abstractmethod
-    def count_prompt(self, prompt: str) -> int: ...
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
+        """Tokens the model is fed for `prompt`, rendered with `chat_template` or not."""
 
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
@@ -96,3 +105,33 @@ class Runner(ABC):
     @abstractmethod
     def close(self) -> None:
         """Drop every reference to the model and tokenizer and free their memory."""
+
+
+class PromptView:
+    """A runner as one job's dataset sees it (the PromptTokenizer protocol): prompts
+    rendered with or without the chat template, as the job asked.
+
+    The choice is a rendering option carried by each request, not a second runner:
+    this view holds the runner, never the model, so when the model manager releases
+    the runner (closing it) nothing here keeps the weights alive.
+    """
+
+    def __init__(self, runner: Runner, chat_template: bool = True):
+        self.runner = runner
+        self.chat_template = chat_template
+
+    @property
+    def max_length(self) -> int:
+        return self.runner.max_length
+
+    def encode(self, text: str) -> list[int]:
+        return self.runner.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.runner.decode(ids)
+
+    def render(self, user_message: str) -> str:
+        return self.runner.render(user_message, chat_template=self.chat_template)
+
+    def count_prompt(self, prompt: str) -> int:
+        return self.runner.count_prompt(prompt, chat_template=self.chat_template)

@@ -2,7 +2,8 @@
 
 Loading follows the settings: dtype from LBS_TORCH_DTYPE, trust_remote_code
 only with LBS_TRUST_REMOTE_CODE=1, never a download unless
-LBS_ALLOW_DOWNLOAD=1, and with LBS_GPU_MEMORY_LIMIT > 0 on CUDA a device map
+LBS_ALLOW_DOWNLOAD=1, the weights straight onto the worker's device, and with
+LBS_GPU_MEMORY_LIMIT > 0 on CUDA the process's allocator capped and a device map
 under accelerate's `max_memory` (see backend.memory.limits). Generation is
 greedy, one request at a time (prompts of a job differ in length, and
 padding a 100k-token batch wastes the memory NIAH needs).
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from backend.config import Settings
-from backend.memory.limits import build_max_memory
+from backend.memory.limits import cap_process_memory, load_placement
 from backend.runners.base import Generation, GenerationRequest, Runner
 from backend.runners.builtin import ensure_builtin_model
 from backend.runners.models import ModelSpec
@@ -63,6 +64,46 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
+def cache_length(needed: int) -> int:
+    """Slots of a static KV cache for a request that needs `needed` positions: rounded up
+    to one of eight sizes per doubling (at most 1/8 more than needed, at least 256), so a
+    compiled decode step, whose graphs are specialised on the cache's shape, meets a
+    handful of sizes rather than one per prompt length."""
+    if needed <= 256:
+        return 256
+    step = 1 << (needed.bit_length() - 4)
+    return -(-needed // step) * step
+
+
+def spills(model) -> bool:
+    """Whether accelerate placed some of the model's layers in CPU RAM or on disk."""
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    return "disk" in placed or ("cpu" in placed and len(placed) > 1)
+
+
+def configure_compile(model) -> bool:
+    """Let transformers compile generation its own way on CUDA, or forbid it; True if
+    it will compile.
+
+    transformers compiles only the decode step, and only with a static cache on CUDA
+    (generation/utils.py `_valid_auto_compile_criteria`, `get_compiled_call` in
+    modeling_utils.py): the prefill, whose shape changes with every prompt length, stays
+    eager. A model that spills layers to CPU RAM or disk is never compiled (the same rule
+    transformers applies when it sees the device map; said here outright). Off CUDA
+    nothing is set: transformers would not compile there, only warn about the config.
+    """
+    from transformers import CompileConfig
+
+    config = model.generation_config
+    if spills(model):
+        config.compile_config, config.disable_compile = None, True
+        return False
+    if model.device.type != "cuda":
+        return False
+    config.compile_config = CompileConfig()  # transformers' defaults: reduce-overhead
+    return True
+
+
 def model_source(spec: ModelSpec, settings: Settings) -> str:
     """What `from_pretrained` reads: a built-in model's folder (made first if it is not
     there yet), a checkpoint folder, or a hub id."""
@@ -90,14 +131,24 @@ class FirstTokenClock:
 
 
 class HFTokenizer:
-    """A transformers tokenizer as datasets see it (the PromptTokenizer protocol)."""
+    """A transformers tokenizer as datasets see it (the PromptTokenizer protocol).
+
+    `use_chat_template` is the default rendering (None: the template when the tokenizer
+    has one); `render`, `prompt_ids` and `count_prompt` take a per-call `chat_template`
+    that overrides it. A tokenizer without a template always renders plain text."""
 
     def __init__(self, tokenizer, max_length: int, use_chat_template: bool | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.use_chat_template = has_template if use_chat_template is None else (
-            use_chat_template and has_template)
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = self.has_template if use_chat_template is None else (
+            use_chat_template and self.has_template)
+
+    def templated(self, chat_template: bool | None) -> bool:
+        """Whether prompts asked for with `chat_template` (None: the default) are in it."""
+        if chat_template is None:
+            return self.use_chat_template
+        return chat_template and self.has_template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -105,30 +156,38 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render(self, user_message: str) -> str:
-        if not self.use_chat_template:
+    def render(self, user_message: str, chat_template: bool | None = None) -> str:
+        if not self.templated(chat_template):
             return user_message
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_message}], tokenize=False,
             add_generation_prompt=True)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str, chat_template: bool | None = None) -> list[int]:
         # A rendered chat template already holds its special tokens (BOS…).
-        return self.tokenizer.encode(prompt, add_special_tokens=not self.use_chat_template)
+        return self.tokenizer.encode(prompt,
+                                     add_special_tokens=not self.templated(chat_template))
 
-    def count_prompt(self, prompt: str) -> int:
-        return len(self.prompt_ids(prompt))
+    def count_prompt(self, prompt: str, chat_template: bool | None = None) -> int:
+        return len(self.prompt_ids(prompt, chat_template))
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host memory torch's caching host allocator takes to pin `nbytes`: the next power
+    of two (ATen/core/CachingHostAllocator.h rounds every block with PowerOf2Ceil
+    under its default thresholds), so a 22 MiB weight takes 32 MiB."""
+    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
 class HFRunner(Runner):
     """A transformers model and tokenizer, loaded by `HFRunner.load`."""
 
     def __init__(self, spec: ModelSpec, model, tokenizer, device: str, max_length: int,
-                 use_chat_template: bool | None = None, static_cache: bool = False):
+                 static_cache: bool = False):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
-        self.tok = HFTokenizer(tokenizer, max_length, use_chat_template)
+        self.tok = HFTokenizer(tokenizer, max_length)
         self.device = device
         self.max_length = max_length
         self.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -139,7 +198,12 @@ class HFRunner(Runner):
         """Generate with a preallocated KV cache (the "optimized" method)."""
 
     @classmethod
-    def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings) -> HFRunner:
+    def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
+             headroom_bytes: int = 0) -> HFRunner:
+        """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
+        process's allocator (backend.memory.limits.cap_process_memory); the weights go
+        straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
+        job's KV cache and activations) free on each GPU (`load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,31 +212,36 @@ class HFRunner(Runner):
         on_cuda = torch.cuda.is_available()
         kwargs = dict(dtype=_torch_dtype(options.dtype, on_cuda),
                       trust_remote_code=options.trust_remote_code,
-                      local_files_only=local_only, low_cpu_mem_usage=True)
+                      local_files_only=local_only)
         if options.method == "basic":
             kwargs["attn_implementation"] = "eager"
         elif options.method == "optimized":
             kwargs["attn_implementation"] = "sdpa"
-        max_memory = build_max_memory(options.gpu_memory_limit,
-                                      num_gpus=options.num_gpus) if on_cuda else None
-        if max_memory:
-            kwargs.update(device_map="auto", max_memory=max_memory)
+        if on_cuda:
+            cap_process_memory(options.gpu_memory_limit)
+            kwargs.update(load_placement(options.gpu_memory_limit, num_gpus=options.num_gpus,
+                                         headroom_bytes=headroom_bytes))
+        else:
+            kwargs["device_map"] = {"": "cpu"}
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=options.trust_remote_code, local_files_only=local_only)
+        # With a device map transformers materialises each tensor on its device as it
+        # reads it (transformers 5 dropped low_cpu_mem_usage: modeling_utils.py pops it
+        # unread); a map to one device is applied without accelerate hooks
+        # (modeling_utils.py dispatches only a map over several devices or disk).
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if on_cuda and not max_memory:
-            model.to("cuda:0")
         model.eval()
         device = str(next(model.parameters()).device)
         # A preallocated (static) KV cache saves the dynamic cache's copy per decoded
         # token: 1.12-1.37x decode tokens/s on the CPU (bench/cache_compile.py). Its
-        # fixed shapes are what lets a compiled forward be replayed step after step on
-        # CUDA; on the CPU compiling costs ~18 s per new prompt length and gained
-        # nothing at 4096 tokens, so it is CUDA only.
+        # fixed shapes are what lets a compiled decode step be replayed step after step
+        # on CUDA; transformers compiles only that step, and only on CUDA (on the CPU
+        # compiling cost ~18 s per shape and gained nothing at 4096 tokens).
         static_cache = options.method == "optimized"
-        if static_cache and device.startswith("cuda"):
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        if static_cache and not configure_compile(model) and spills(model):
+            log.info("[Runner] %s spills layers to cpu/disk: generation is not compiled",
+                     spec.name)
         config_max = getattr(model.config, "max_position_embeddings", None)
         tok_max = tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None
         max_length = config_max or tok_max or 2048
@@ -189,16 +258,11 @@ class HFRunner(Runner):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def render(self, user_message: str) -> str:
-        return self.tok.render(user_message)
+    def render(self, user_message: str, chat_template: bool = True) -> str:
+        return self.tok.render(user_message, chat_template)
 
-    def count_prompt(self, prompt: str) -> int:
-        return self.tok.count_prompt(prompt)
-
-    def without_chat_template(self) -> HFRunner:
-        """The same model, prompts fed as plain text (job parameter use_chat_template=false)."""
-        return HFRunner(self.spec, self.model, self.tokenizer, self.device, self.max_length,
-                        use_chat_template=False, static_cache=self.static_cache)
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
+        return self.tok.count_prompt(prompt, chat_template)
 
     # --- generation --------------------------------------------------------------
 
@@ -213,7 +277,7 @@ class HFRunner(Runner):
 
         if not requests:
             return []
-        prompts = [self.tok.prompt_ids(r.prompt) for r in requests]
+        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
         width = max(len(ids) for ids in prompts)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
@@ -221,12 +285,23 @@ class HFRunner(Runner):
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
                             device=self.device)
         first_token = FirstTokenClock(self.device.startswith("cuda"))
-        extra = {"cache_implementation": "static"} if self.static_cache else {}
+        max_new = max(r.max_new_tokens for r in requests)
+        extra = {}
+        if self.static_cache:
+            # Our own cache, sized to this request: with cache_implementation="static"
+            # transformers sizes it to the longest length the model has ever seen
+            # (generation/utils.py _prepare_static_cache, _previous_max_cache_length),
+            # so one 128k-token prompt made every later request allocate 128k slots.
+            # The last new token is never fed back: width + max_new - 1 positions.
+            from transformers import StaticCache
+
+            extra["cache"] = StaticCache(config=self.model.config,
+                                         max_cache_len=cache_length(width + max_new - 1))
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
-                max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                max_new_tokens=max_new, do_sample=False,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                 logits_processor=[first_token], **extra)
         if self.device.startswith("cuda"):
@@ -266,8 +341,8 @@ class HFRunner(Runner):
         context, continuation = request.context, request.continuation
         stripped = context.rstrip(" ")
         continuation = context[len(stripped):] + continuation
-        whole = self.tok.prompt_ids(stripped + continuation)
-        ctx = self.tok.prompt_ids(stripped)
+        whole = self.tok.prompt_ids(stripped + continuation, request.chat_template)
+        ctx = self.tok.prompt_ids(stripped, request.chat_template)
         n = len(ctx)
         while n and whole[:n] != ctx[:n]:
             n -= 1
@@ -325,6 +400,11 @@ class HFRunner(Runner):
             return 0
         return sum(t.numel() * t.element_size() for t in self._host.values())
 
+    def pinned_bytes(self) -> int:
+        """Pinned host memory an offload with `pin` takes: one block per weight and
+        buffer, each rounded by the host allocator (see pinned_block_bytes)."""
+        return sum(pinned_block_bytes(t.numel() * t.element_size()) for _, t in self._tensors())
+
     def movable(self) -> bool:
         """False for a model placed by accelerate hooks (a device map): it is released,
         never moved, since moving it under its hooks would break their bookkeeping."""
@@ -369,8 +449,20 @@ class HFRunner(Runner):
         return self.size_bytes()
 
     def close(self) -> None:
-        """Drop the model; the model manager collects garbage and empties caches after."""
+        """Drop the model; the model manager collects garbage and empties caches after.
+
+        A model that generation compiled also resets torch.compile's caches: they hold
+        the compiled decode step and, on CUDA, its CUDA-graph memory pools, which nothing
+        else frees (torch._dynamo.reset calls reset_cudagraph_trees). The reset is
+        process-wide: another cached model recompiles on its next use."""
+        compiled = self.model is not None and "_compiled_call" in self.model.__dict__
+        if compiled:
+            del self.model._compiled_call  # model -> compiled call -> model
         self.model = None
         self.tokenizer = None
         self.tok = None
         self._host = None
+        if compiled:
+            import torch
+
+            torch.compiler.reset()

@@ -34,7 +34,6 @@ used.
 
 from __future__ import annotations
 
-import copy
 import http.client
 import ipaddress
 import json
@@ -209,28 +208,18 @@ class OpenAIRunner(Runner):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def render(self, user_message: str) -> str:
+    def render(self, user_message: str, chat_template: bool = True) -> str:
         # The chat endpoint applies the served model's template itself.
-        return user_message if self.use_chat else self.tok.render(user_message)
+        return user_message if self.use_chat else self.tok.render(user_message, chat_template)
 
-    def count_prompt(self, prompt: str) -> int:
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
         # The chat endpoint wraps the message in the served model's template; counting
         # it with the job's tokenizer's template keeps prompt budgets on the server too.
+        # The completions endpoint gets the dataset's prompt as is, as a local run would
+        # feed it: rendered with the template or not, as the job asked (chat_template).
         if self.use_chat:
             return self.tok.count_prompt(self.tok.render(prompt))
-        return self.tok.count_prompt(prompt)
-
-    def without_chat_template(self) -> OpenAIRunner:
-        """The completions endpoint then gets the dataset's prompt as is, as a local run
-        would feed it; the chat endpoint always applies the server's template."""
-        if self.use_chat:
-            return self
-        from backend.runners.hf import HFTokenizer
-
-        plain = copy.copy(self)
-        plain.tok = HFTokenizer(self.tok.tokenizer, self.tok.max_length,
-                                use_chat_template=False)
-        return plain
+        return self.tok.count_prompt(prompt, chat_template)
 
     # --- HTTP -----------------------------------------------------------------------
 
@@ -364,7 +353,8 @@ class OpenAIRunner(Runner):
             answer, attempts = self._post("/completions", body)
             text = answer["choices"][0].get("text") or ""
         usage = answer.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or self.count_prompt(request.prompt))
+        prompt_tokens = int(usage.get("prompt_tokens")
+                            or self.count_prompt(request.prompt, request.chat_template))
         output_tokens = int(usage.get("completion_tokens") or len(self.encode(text)))
         with self.stats.lock:
             self.stats.requests += 1

@@ -60,7 +60,12 @@ def test_missing_data_says_where_it_looked(tmp_path):
 
 
 @pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("答案是C。", "C"), (" d) because", "D"), ("不知道", ""), ("", "")])
+    ("B", "B"), ("答案是C。", "C"), (" d) because", "D"), ("不知道", ""), ("", ""),
+    # a standalone option letter, not the first A-D of the upper-cased reply
+    ("Correct option: D", "D"), ("I choose A", "A"), ("The answer is B.", "B"),
+    ("Answer: (C)", "C"), ("答案：D", "D"), ("选B", "B"), ("我认为正确答案是 A 选项", "A"),
+    ("A. 安培", "A"), ("Because of this, D", "D"), ("Clearly B", "B"),
+    ("Can't decide", ""), ("BAD", "")])
 def test_extract_letter(reply, letter):
     assert extract_letter(reply) == letter
 
@@ -87,7 +92,7 @@ def tiny_runner(builtin_models_dir):
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return HFRunner(ModelSpec("tiny", folder), model, AutoTokenizer.from_pretrained(folder),
-                    "cpu", 8192, use_chat_template=False)
+                    "cpu", 8192)
 
 
 def test_loglikelihood_matches_separate_full_passes(tiny_runner):
@@ -95,6 +100,8 @@ def test_loglikelihood_matches_separate_full_passes(tiny_runner):
     requests = [LoglikelihoodRequest(ctx, c) for c in ("A", "B", "C", "D")] + \
         [LoglikelihoodRequest("The river runs", " past the old mill"),
          LoglikelihoodRequest("The river runs", " dry")]
+    requests = [LoglikelihoodRequest(r.context, r.continuation, chat_template=False)
+                for r in requests]
     got = tiny_runner.loglikelihood(requests)
     for request, result in zip(requests, got, strict=True):
         ctx_ids, cont = tiny_runner._split(request)
@@ -114,6 +121,7 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
 
     from backend.datasets.ceval import LETTERS
     from backend.evaluation import _choose
+    from backend.runners.base import PromptView
     from backend.runners.hf import HFRunner
 
     model = copy.deepcopy(tiny_runner.model)
@@ -128,12 +136,13 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
         for letter in ("A", "B", "D"):
             model.lm_head.weight[tok.convert_tokens_to_ids(letter)] = 0.0
         model.lm_head.weight[tok.convert_tokens_to_ids("C")] = e
-    runner = HFRunner(tiny_runner.spec, model, tok, "cpu", 8192, use_chat_template=False)
+    runner = HFRunner(tiny_runner.spec, model, tok, "cpu", 8192)
     ds = CEval()
-    items = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES)}), runner)
+    params = ds.parse_params({"data_dir": str(FIXTURES)})
+    items = ds.build_items(params, PromptView(runner, params.use_chat_template))
     assert len(items) == 5
     for item in items:
-        prediction, _, _, fields = _choose(runner, item)
+        prediction, _, _, fields = _choose(runner, item, params.use_chat_template)
         assert prediction == "C"
         assert max(fields["logprobs"], key=fields["logprobs"].get) == "C"
         assert set(fields["logprobs"]) == set(LETTERS)

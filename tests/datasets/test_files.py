@@ -90,3 +90,21 @@ def test_hub_cache_snapshot(tmp_path):
     first, second = out.stdout.strip().splitlines()
     assert first == "3"
     assert second.startswith("data_dir") and "not in the local Hugging Face cache" in second
+
+
+def test_every_parquet_shard_of_a_split_is_read(tmp_path):
+    """A split in several shards (the hub's `<split>-0000k-of-0000n.parquet`) is read
+    whole, in shard order, for GSM8K's and C-Eval's layouts."""
+    rows = read_records(FIXTURES / "gsm8k" / "test.jsonl")
+    _to_parquet(rows[:1], tmp_path / "gsm" / "main" / "test-00000-of-00002.parquet")
+    _to_parquet(rows[1:], tmp_path / "gsm" / "main" / "test-00001-of-00002.parquet")
+    ds = GSM8K()
+    items = ds.build_items(ds.parse_params({"data_dir": str(tmp_path / "gsm")}), Plain())
+    assert [i.reference for i in items] == ["27", "32", "36"]
+
+    law = read_records(FIXTURES / "ceval" / "val" / "law_val.csv")
+    _to_parquet(law[:1], tmp_path / "ce" / "law" / "val-00000-of-00002.parquet")
+    _to_parquet(law[1:], tmp_path / "ce" / "law" / "val-00001-of-00002.parquet")
+    ds = CEval()
+    items = ds.build_items(ds.parse_params({"data_dir": str(tmp_path / "ce")}), Plain())
+    assert [i.fields["id"] for i in items] == [str(r["id"]) for r in law]

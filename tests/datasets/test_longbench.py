@@ -131,3 +131,19 @@ def test_longbench_e_buckets(tiny_tok):
     buckets = {e.labels["bucket"]: e.value for e in entries if e.name == "bucket"}
     assert buckets == {"0-4k": 1.0, "4-8k": 0.0, "8k+": 0.0}
     assert [length_bucket(n) for n in (3999, 4000, 7999, 8000)] == ["0-4k", "4-8k", "4-8k", "8k+"]
+
+
+def test_prompts_and_lengths_are_the_official_text_byte_for_byte():
+    """subsets.json against copies of LongBench's config/dataset2prompt.json and
+    dataset2maxlen.json (tests/fixtures/longbench_official): narrativeqa's official
+    text reads "asconcisely", and that typo is what the model must see."""
+    import json
+
+    official = ROOT / "tests" / "fixtures" / "longbench_official"
+    prompts = json.loads((official / "dataset2prompt.json").read_text(encoding="utf-8"))
+    lengths = json.loads((official / "dataset2maxlen.json").read_text(encoding="utf-8"))
+    assert set(prompts) == set(SUBSETS) == set(lengths)
+    for name, spec in SUBSETS.items():
+        assert spec["prompt"].encode("utf-8") == prompts[name].encode("utf-8"), name
+        assert spec["max_new_tokens"] == lengths[name], name
+    assert "Answer the question asconcisely as you can" in SUBSETS["narrativeqa"]["prompt"]

@@ -47,7 +47,10 @@ def test_scores_and_mr_score_components():
              (_item("correct", "N/A"), "Final Judgement: correct\nFirst Error Step: N/A\n"
                                        "Error Analysis: N/A"),  # tp
              (_item("correct", "N/A"), REPLY)]                  # fn
-    scored = [(item.fields, ds.score(item, reply)) for item, reply in cases]
+    # as the evaluation loop stores them: the item's fields, a copy, with explain() merged
+    scored = [({**item.fields, **ds.explain(item, reply)}, ds.score(item, reply))
+              for item, reply in cases]
+    assert all(item.fields.keys() == {"truth", "error_step"} for item, _ in cases)
     assert [v for _, v in scored] == [1.0, 1.0, 1.0, 0.0]
     got = {e.name: e.value for e in ds.aggregate(scored)}
     expected_mcc = mcc(1, 2, 0, 1)  # (2 - 0) / sqrt(1*2*2*3)
@@ -55,6 +58,10 @@ def test_scores_and_mr_score_components():
     assert got["step_accuracy"] == 0.5
     assert got["mr_score_without_reason"] == pytest.approx(0.2 * expected_mcc + 0.3 * 0.5)
     assert got["overall"] == 0.75
+    first = scored[0][0]
+    assert first["reference"] == {"correctness": "wrong", "error_step": "1"}
+    assert first["extracted"] == "1" and first["step_ok"] is True
+    assert first["why"] == "judged **wrong**, the solution is wrong"
 
 
 def test_official_prompt():

@@ -209,3 +209,28 @@ def test_aggregate_gives_overall_and_cells():
     cells = {(e.labels["context_length"], e.labels["depth_percent"]): e.value
              for e in entries if e.name == "cell"}
     assert cells == {(512, 0.0): 1.0, (512, 50.0): 0.0, (1024, 0.0): 0.5}
+
+
+# Unicode punctuation is a separator like ASCII punctuation (RULER's substring rule
+# gives 1.0 on all of these: the answer is in the reply verbatim).
+@pytest.mark.parametrize("reply, answer", [
+    ("答案：北京。", "北京"),
+    ("答案是北京", "北京"),
+    ("根据文章，秘密配料是：一勺烟熏辣椒粉。", "一勺烟熏辣椒粉"),
+    ("The answer is “a spoonful of smoked paprika”.", DEFAULT_ANSWER),
+    ("The answer is ‘a spoonful of smoked paprika’", DEFAULT_ANSWER),
+    ("答案是「一勺烟熏辣椒粉」", "一勺烟熏辣椒粉"),
+    ("Réponse : «a spoonful of smoked paprika»", DEFAULT_ANSWER),
+    ("a spoonful of smoked paprika。", DEFAULT_ANSWER),
+    ("a spoonful of smoked paprika，I think", DEFAULT_ANSWER),
+    ("a spoonful of smoked paprika…", DEFAULT_ANSWER),
+    ("It is — a spoonful of smoked paprika — of course", DEFAULT_ANSWER),
+])
+def test_unicode_punctuation_separates(reply, answer):
+    assert score_answer(reply, answer) == 1.0
+
+
+def test_unicode_punctuation_keeps_word_boundaries():
+    assert normalize("«Paprika»。") == "paprika"
+    assert score_answer("«paprikas»", "paprika") == 0.0
+    assert score_answer("答案：上海。", "北京") == 0.0

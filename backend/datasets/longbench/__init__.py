@@ -34,7 +34,8 @@ from backend.datasets.base import (
     ScoreEntry,
     check_known,
 )
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_all
+from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
 
@@ -54,8 +55,9 @@ class LongBenchParams(DatasetParams):
                                  "(default: LBS_DATASETS_DIR/longbench)")
     subsets: list[str] | None = Field(None, description="subsets to run; default: every "
                                       "subset whose file is in the folder")
-    use_e: bool = Field(False, description="LongBench-E files (<subset>_e.jsonl) and length "
-                                           "buckets 0-4k, 4-8k, 8k+")
+    use_e: bool = Field(False, title="LongBench-E",
+                        description="LongBench-E files (<subset>_e.jsonl) and length "
+                                    "buckets 0-4k, 4-8k, 8k+")
     max_samples: int | None = Field(None, ge=1, description="at most this many per subset")
     max_length: int | None = Field(None, ge=256, description="prompt budget in tokens before "
                                    "middle truncation; default: the model's maximum minus "
@@ -85,17 +87,32 @@ class LongBench(Dataset):
     cache_mode = CacheMode.UNCACHED
     cost = "21 subsets, 4750 samples of up to ~30k tokens"
     Params = LongBenchParams
+    # The repository's loading script (LongBench.py) reads data.zip, whose data/ folder is
+    # the official layout; datasets 5 no longer runs scripts, so the zip is read directly.
+    hub = HubSource("THUDM/LongBench", files=("data.zip",), archive="data.zip", layout="data",
+                    configs=tuple(SUBSETS) + tuple(f"{s}_e" for s in SUBSETS),
+                    splits=("test",))
 
-    def _files(self, params: LongBenchParams) -> list[tuple[str, Path]]:
+    def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
+        out = []
+        for subset in SUBSETS:
+            for stem in (subset, subset + "_e"):
+                try:
+                    out.append((stem, "test", find_files(folder, [stem])))
+                except ParamError:
+                    continue
+        return out
+
+    def _files(self, params: LongBenchParams) -> list[tuple[str, list[Path]]]:
         folder = self.data_folder(params.data_dir)
         suffix = "_e" if params.use_e else ""
         if params.subsets:
-            return [(s, find_file(folder, [s + suffix], field="subsets"))
+            return [(s, find_files(folder, [s + suffix], field="subsets"))
                     for s in params.subsets]
         files = []
         for subset in SUBSETS:
             try:
-                files.append((subset, find_file(folder, [subset + suffix])))
+                files.append((subset, find_files(folder, [subset + suffix])))
             except ParamError:
                 continue
         if not files:
@@ -106,13 +123,23 @@ class LongBench(Dataset):
     def check(self, params: LongBenchParams, model: Any) -> None:
         self._files(params)
 
+    def longest_sequence(self, params: LongBenchParams, model_max: int | None) -> int | None:
+        """The prompt budget (max_length, else the model's maximum less the subset's
+        generation length and TEMPLATE_SLACK) plus TEMPLATE_SLACK and the subset's
+        generation length, over the job's subsets; None when neither bound is known."""
+        if params.max_length is None:
+            return model_max
+        new = max(SUBSETS[s]["max_new_tokens"] for s, _ in self._files(params))
+        tokens = params.max_length + TEMPLATE_SLACK + new
+        return min(tokens, model_max) if model_max else tokens
+
     def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
-        for subset, path in self._files(params):
+        for subset, paths in self._files(params):
             spec = SUBSETS[subset]
             budget = params.max_length or (tokenizer.max_length - spec["max_new_tokens"]
                                            - TEMPLATE_SLACK)
-            for row in read_records(path)[:params.max_samples]:
+            for row in read_all(paths)[:params.max_samples]:
                 text = truncate_middle(spec["prompt"].format(**row), tokenizer, budget)
                 templated = params.use_chat_template and subset not in NO_CHAT_TEMPLATE
                 prompt = tokenizer.render(text) if templated else text
@@ -123,6 +150,30 @@ class LongBench(Dataset):
                     fields={"subset": subset, "length": row.get("length"),
                             "_id": row.get("_id")}))
         return items
+
+    breakdowns = [
+        {"kind": "table", "key": "subsets", "title": "By subset",
+         "columns": [{"key": "subset", "title": "Subset"}]},
+        {"kind": "table", "key": "buckets", "title": "By subset and length (LongBench-E buckets)",
+         "columns": [{"key": "subset", "title": "Subset"},
+                     {"key": "bucket", "title": "Length (words)"}]},
+    ]
+    sample_columns = [{"key": "subset", "title": "Subset", "filter": True},
+                      {"key": "length", "title": "Length (words)"},
+                      {"key": "bucket", "title": "Length bucket", "filter": True},
+                      {"key": "metric", "title": "Metric"}]
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        subset = item.fields["subset"]
+        metric = SUBSETS[subset]["metric"]
+        answers = item.reference["answers"]
+        out = {"reference": answers, "metric": metric,
+               "why": f"{metric}: the best over {len(answers)} reference answer(s)"
+                      + (", first line of the reply only" if subset in FIRST_LINE_ONLY
+                         else "")}
+        if item.fields.get("length") is not None:
+            out["bucket"] = length_bucket(int(item.fields["length"]))
+        return out
 
     def score(self, item: Item, prediction: str) -> float:
         subset = item.fields["subset"]

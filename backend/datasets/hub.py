@@ -1,0 +1,333 @@
+"""Where a dataset's official data lives on the Hugging Face hub, and getting it.
+
+A plugin declares `hub = HubSource(...)`: the dataset repository, its revision,
+the files of the whole dataset (`files`, fnmatch patterns as huggingface_hub's
+`allow_patterns`) and, when parts (subjects, subsets) can be fetched alone, the
+files of one part (`part_files`, with `{part}`). `archive` names a zip in the
+repository that holds the official layout (LongBench's `data.zip`: `datasets`
+5 no longer runs the repository's loading script, so the zip is read directly).
+
+Everything goes through huggingface_hub and its cache (`HF_HOME` / `HF_HUB_CACHE`):
+`HF_ENDPOINT` and `HF_HUB_OFFLINE` are honoured by the library itself,
+`HF_DATASETS_OFFLINE` through `Settings.hub_offline`. A fetched repository is a
+snapshot folder in that cache, in the repository's own layout, which the plugins
+read with `files.py`; an archive is extracted once next to the snapshot
+(`<cache>/datasets--org--name/extracted/<commit>/`).
+
+Order of precedence for a job's data (`locate`): the job's `data_dir`, then
+`LBS_DATASETS_DIR/<name>/` when that folder exists, then the hub cache, then -
+where data downloads are allowed (`LBS_ALLOW_DATA_DOWNLOAD`) - a fetch; otherwise
+`DataMissing`, whose message says how to get the data.
+
+This module imports huggingface_hub only inside functions, so the server (which
+asks for the status of every dataset) never pays for it unless it looks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.datasets.base import ParamError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int | None], None]
+"""Called with (bytes done, bytes total or None) while a fetch runs."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    files: tuple[str, ...]
+    """allow_patterns for the whole dataset."""
+    revision: str = "main"
+    part_files: tuple[str, ...] = ()
+    """allow_patterns for one part, with `{part}` (empty: parts are not fetched alone)."""
+    parts_param: str | None = None
+    """The job parameter that names parts ("subjects", "subsets")."""
+    archive: str | None = None
+    """A zip file in the repository holding the official layout."""
+    layout: str = ""
+    """Folder inside the snapshot (or the extracted archive) that holds the layout."""
+    configs: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()
+
+    def patterns(self, parts: list[str] | None = None) -> list[str]:
+        if parts and self.part_files:
+            return [p.format(part=part) for part in parts for p in self.part_files]
+        return list(self.files)
+
+    def public(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.revision,
+                "url": f"https://huggingface.co/datasets/{self.repo_id}",
+                "configs": list(self.configs), "splits": list(self.splits),
+                "files": list(self.files), "archive": self.archive}
+
+
+@dataclass
+class DataAccess:
+    """What a dataset may do to get its data in this process (set by evaluation.prepare)."""
+
+    allow_download: bool = False
+    """LBS_ALLOW_DATA_DOWNLOAD: jobs may fetch missing data."""
+    fetch_now: bool = False
+    """This process fetches (a worker, the CLI); False in the server, which only checks."""
+    offline: bool = False
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: read the cache only."""
+    progress: ProgressFn | None = None
+    fetched: list[dict[str, Any]] = field(default_factory=list)
+    """What this access fetched: {"repo_id", "bytes", "files", "seconds"} per fetch."""
+
+
+class DataMissing(ParamError):
+    """The data is nowhere to be read; the message says how to get it."""
+
+    def __init__(self, message: str, guidance: dict[str, Any]):
+        super().__init__("data_dir", message)
+        self.guidance = guidance
+
+
+class FetchPending(DataMissing):
+    """Missing here, but downloads are allowed: the worker will fetch it (submit accepts)."""
+
+
+def fetch_command(dataset: str, parts: list[str] | None = None) -> str:
+    extra = f" --subsets {' '.join(parts)}" if parts else ""
+    return f"python -m backend.cli data fetch {dataset}{extra}"
+
+
+def guidance(ds: Any, parts: list[str] | None = None,
+             allow_download: bool | None = None) -> dict[str, Any]:
+    """How to get a dataset's data: the hub source, the command, the folder to copy into."""
+    target = (ds.datasets_dir / ds.name) if ds.datasets_dir is not None else None
+    out: dict[str, Any] = {"copy_to": str(target) if target else None}
+    if ds.hub is not None:
+        out["hub"] = ds.hub.public()
+        out["fetch_command"] = fetch_command(ds.name, parts)
+    if allow_download is not None:
+        out["downloads_allowed"] = allow_download
+    return out
+
+
+def missing_message(ds: Any, parts: list[str] | None, allow_download: bool,
+                    offline: bool = False) -> str:
+    where = (f"LBS_DATASETS_DIR/{ds.name} ({ds.datasets_dir / ds.name})"
+             if ds.datasets_dir is not None else f"LBS_DATASETS_DIR/{ds.name}")
+    if ds.hub is None:
+        return f"no data for {ds.name}: put its files in {where} or give data_dir"
+    text = (f"no data for {ds.name} in {where} nor in the Hugging Face cache; its official "
+            f"data is the hub dataset {ds.hub.repo_id}. On a machine with a network run "
+            f"`{fetch_command(ds.name, parts)}`")
+    text += (", or copy the repository's files into that folder"
+             if not ds.hub.archive else
+             f", or copy the files of {ds.hub.archive} ({ds.hub.layout or '.'}/) into that "
+             "folder")
+    if offline:
+        text += " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: nothing is downloaded)"
+    elif not allow_download:
+        text += " (or set LBS_ALLOW_DATA_DOWNLOAD=1 so that jobs fetch it themselves)"
+    return text
+
+
+# --- the Hugging Face cache ------------------------------------------------------------
+
+def _snapshot(source: HubSource, parts: list[str] | None, local_only: bool,
+              **kwargs: Any) -> Any:
+    """huggingface_hub's snapshot_download of the source's files (its own progress bars
+    silenced: ours count bytes); a Path, or the file list with dry_run."""
+    from huggingface_hub import snapshot_download
+
+    result = snapshot_download(source.repo_id, repo_type="dataset", revision=source.revision,
+                               allow_patterns=source.patterns(parts),
+                               local_files_only=local_only, tqdm_class=_Silent, **kwargs)
+    return result if kwargs.get("dry_run") else Path(result)
+
+
+def _layout_folder(source: HubSource, snapshot: Path, extract: bool) -> Path | None:
+    """The folder holding the official layout inside a snapshot; an archive is
+    extracted once (when `extract`) next to the snapshot."""
+    if not source.archive:
+        return snapshot / source.layout if source.layout else snapshot
+    target = snapshot.parent.parent / "extracted" / snapshot.name
+    done = target / ".complete"
+    if not done.is_file():
+        if not extract:
+            return None
+        _extract(snapshot / source.archive, target)
+        done.write_text(source.archive, encoding="utf-8")
+    return target / source.layout if source.layout else target
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Unzip into `target`, refusing members that would land outside it."""
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            dest = (target / member.filename).resolve()
+            if not dest.is_relative_to(root):
+                raise ParamError("data_dir", f"{archive.name}: member {member.filename!r} "
+                                             "points outside the folder; not extracted")
+        zf.extractall(target)
+
+
+def cached_folder(source: HubSource, parts: list[str] | None = None,
+                  extract: bool = True) -> Path | None:
+    """The data's folder from the local Hugging Face cache (no network), None when the
+    cache does not hold every file asked for."""
+    try:
+        snapshot = _snapshot(source, parts, local_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not (completely) in the cache"
+        return None
+    folder = _layout_folder(source, snapshot, extract)
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _archive_cached(source: HubSource) -> bool:
+    try:
+        return (_snapshot(source, None, local_only=True) / source.archive).is_file()
+    except Exception:  # noqa: BLE001 - not in the cache
+        return False
+
+
+class _Silent:
+    """A tqdm that shows nothing: every method huggingface_hub calls on it does nothing."""
+
+    n = 0
+    total = 0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        return None
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class _Bar:
+    """A tqdm stand-in for hf_hub_download: adds the bytes written to a shared count.
+
+    Plain HTTP downloads call `update(len(chunk))`; Xet downloads call `update` with the
+    bytes reconstructed on disk and, because this class has `update_transfer`, send the
+    network bytes there (ignored, so nothing is counted twice). Any other tqdm method
+    they call (`set_postfix_str`, `refresh`…) does nothing.
+    """
+
+    counter: _Counter
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.n = kwargs.get("initial", 0) or 0
+        self.total = kwargs.get("total")
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int | float | None = 1) -> None:
+        self.n += int(n or 0)
+        self.counter.add(int(n or 0))
+
+    def update_transfer(self, n: int | float | None = 1) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class _Counter:
+    def __init__(self, total: int | None, progress: ProgressFn | None, every_s: float = 0.25):
+        self.done = 0
+        self.total = total
+        self.progress = progress
+        self.every_s = every_s
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            due = now - self.last >= self.every_s
+            if due:
+                self.last = now
+        if due:
+            self.report()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def fetch(source: HubSource, parts: list[str] | None = None,
+          progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+    """Download what is not cached yet (bytes reported to `progress`), then return the
+    layout folder and {"repo_id", "bytes", "files", "seconds"}. Raises what
+    huggingface_hub raises (offline, not found, network errors)."""
+    from huggingface_hub import hf_hub_download
+
+    started = time.monotonic()
+    plan = _snapshot(source, parts, local_only=False, dry_run=True)
+    todo = [f for f in plan if f.will_download]
+    total = sum(f.file_size or 0 for f in todo)
+    counter = _Counter(total, progress)
+    bar = type("Bar", (_Bar,), {"counter": counter})
+    counter.report()
+    for info in todo:
+        hf_hub_download(source.repo_id, info.filename, repo_type="dataset",
+                        revision=info.commit_hash, tqdm_class=bar)
+    # The snapshot call records the revision's commit and the tree listing in the cache,
+    # so that offline reads later know the snapshot is complete.
+    snapshot = _snapshot(source, parts, local_only=False)
+    counter.report()
+    folder = _layout_folder(source, snapshot, extract=True)
+    summary = {"repo_id": source.repo_id, "revision": source.revision,
+               "bytes": counter.done, "files": len(todo),
+               "seconds": round(time.monotonic() - started, 3)}
+    log.info("[Datasets] fetched %s: %d files, %d bytes in %.1f s", source.repo_id,
+             len(todo), counter.done, summary["seconds"])
+    return folder, summary
+
+
+def locate(ds: Any, parts: list[str] | None = None) -> Path:
+    """The folder of a dataset's data when the job gives no data_dir and
+    LBS_DATASETS_DIR/<name>/ does not exist: the hub cache, or a fetch when allowed
+    and this process fetches. Raises DataMissing (FetchPending when the worker will
+    fetch it)."""
+    access: DataAccess = ds.data_access or DataAccess()
+    parts = parts if ds.hub.part_files else None
+    folder = cached_folder(ds.hub, parts, extract=access.fetch_now)
+    if folder is not None:
+        return folder
+    if ds.hub.archive and not access.fetch_now and _archive_cached(ds.hub):
+        # the zip is in the cache but not unpacked yet: the worker unpacks it (the
+        # server does not spend a request on that)
+        raise FetchPending(f"{ds.hub.archive} of {ds.hub.repo_id} is cached; the worker "
+                           "unpacks it", guidance(ds, parts, access.allow_download))
+    can_fetch = access.allow_download and not access.offline
+    if can_fetch and access.fetch_now:
+        try:
+            folder, summary = fetch(ds.hub, parts, access.progress)
+        except Exception as exc:  # noqa: BLE001 - network/hub errors become a job error
+            raise DataMissing(f"fetching {ds.hub.repo_id} failed: {type(exc).__name__}: "
+                              f"{exc}", guidance(ds, parts, True)) from None
+        access.fetched.append(summary)
+        return folder
+    message = missing_message(ds, parts, access.allow_download, access.offline)
+    info = guidance(ds, parts, can_fetch)
+    if can_fetch:
+        raise FetchPending(message, info)
+    raise DataMissing(message, info)

@@ -1,0 +1,74 @@
+// The leaderboard: every model x dataset from its newest succeeded job (GET /api/leaderboard),
+// score against peak memory, and peak memory against context length on NIAH and LongBench
+// (GET /api/leaderboard/memory, from the per-sample peaks every job stores).
+import { lineChart, scatterChart } from "./charts.js";
+import { api, chartWidth, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
+import { builtinNote } from "./datastatus.js";
+import { t } from "./i18n.js";
+import { fmtScore, sortableTable } from "./tables.js";
+
+/** A figure in MiB, shown in GiB from 1 GiB up, with `d` decimals. */
+const fmtMiB = (v, d = 0) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d, 1))} GiB` : `${v.toFixed(d)} MiB`);
+
+function peakCell(r) {
+  if (r.peak_bytes === null || r.peak_bytes === undefined) return "";
+  return h("span", {}, fmtBytes(r.peak_bytes), h("small", { class: "muted", text: ` ${t(r.peak_kind === "gpu" ? "gpu_short" : "rss_short")}` }));
+}
+
+export async function viewLeaderboard(main) {
+  stopPolling();
+  main.replaceChildren(h("h2", { text: t("nav_leaderboard") }), h("p", { class: "muted", text: "…" }));
+  const [board, memory] = await Promise.all([api("GET", "/api/leaderboard"), api("GET", "/api/leaderboard/memory")]);
+  if (!board.ok) { main.replaceChildren(h("p", { class: "error", text: board.error.message })); return; }
+  const rows = board.data.rows;
+  if (!rows.length) {
+    main.replaceChildren(h("h2", { text: t("nav_leaderboard") }),
+      h("p", { id: "leaderboard-empty", class: "empty" }, t("leaderboard_empty"), " ",
+        h("a", { href: "#/launch", text: t("nav_launch") })));
+    return;
+  }
+  const datasets = [...new Set(rows.map((r) => r.dataset))].sort();
+  const picker = h("select", { id: "leaderboard-dataset", "aria-label": t("dataset") },
+    h("option", { value: "", text: `${t("dataset")}: ${t("all")}` }), datasets.map((d) => h("option", { value: d, text: d })));
+  const columns = [
+    { key: "model", title: t("model"), cell: (r) => h("span", { title: r.names.join("\n"), class: "model-name" },
+      r.model, builtinNote(r.model), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
+    { key: "dataset", title: t("dataset") },
+    { key: "score", title: t("score"), num: true, cell: (r) => fmtScore(r.score) },
+    { key: "peak_bytes", title: t("peak_memory_col"), num: true, cell: peakCell },
+    { key: "tokens_per_s", title: t("tokens_per_s"), num: true, cell: (r) => r.tokens_per_s?.toFixed(1) ?? "" },
+    { key: "duration_s", title: t("duration"), num: true, cell: (r) => fmtSeconds(r.duration_s) },
+    { key: "runs", title: t("runs"), num: true },
+    { key: "job_id", title: t("job"), num: true, cell: (r) => h("a", { href: `#/job/${r.job_id}`, text: `#${r.job_id}` }) },
+  ];
+  const tableBox = sortableTable(columns, rows, { id: "leaderboard-table", sortBy: "score", desc: true,
+    rowAttrs: (r) => ({ "data-model": r.model, "data-dataset": r.dataset }) });
+  const scatterBox = h("div", { class: "chart-box" });
+  const drawScatter = (shown) => {
+    scatterBox.replaceChildren(scatterChart(shown.filter((r) => r.score !== null && r.peak_bytes).map((r) => ({
+      x: r.peak_bytes / 2 ** 20, y: r.score, label: r.model, group: datasets.indexOf(r.dataset),
+      title: `${r.model} · ${r.dataset}: ${fmtScore(r.score)} @ ${fmtBytes(r.peak_bytes)}` })),
+    { xLabel: t("peak_memory_axis"), yLabel: t("score"), testid: "score-memory", xFmt: fmtMiB,
+      yFmt: (v) => v.toFixed(2), groups: datasets, width: chartWidth() }));
+  };
+  picker.addEventListener("change", () => {
+    const shown = rows.filter((r) => !picker.value || r.dataset === picker.value);
+    tableBox.update(shown);
+    drawScatter(shown);
+  });
+  drawScatter(rows);
+  const parts = [h("h2", { text: t("nav_leaderboard") }), h("p", { class: "hint", text: t("leaderboard_help") }),
+    h("div", { class: "controls" }, picker), tableBox,
+    h("h3", { text: t("score_vs_memory") }), h("p", { class: "hint", text: t("score_vs_memory_help") }), scatterBox];
+  for (const [dataset, series] of Object.entries(memory.ok ? memory.data.datasets : {})) {
+    if (!series.length) continue;
+    parts.push(h("h3", { text: `${t("memory_vs_length")} · ${dataset}` }),
+      h("div", { class: "chart-box", "data-dataset": dataset }, lineChart(series.map((s) => ({
+        name: `${s.model} (${t(s.kind === "gpu" ? "gpu_short" : "rss_short")}, #${s.job_id})`,
+        points: s.points.map(([x, y]) => [x, y / 2 ** 20]) })), {
+        xLabel: dataset === "needle_in_haystack" ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
+        testid: `memory-length-${dataset}`, yFmt: fmtMiB, xTicks: "nice",
+        lines: dataset === "needle_in_haystack", width: chartWidth() })));  // a NIAH grid is a series; LongBench prompts are points
+  }
+  main.replaceChildren(...parts);
+}

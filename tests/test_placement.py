@@ -1,0 +1,219 @@
+"""Where weights go and what the GPU memory limit caps, proven without a GPU: the
+loader's from_pretrained arguments under a torch.cuda stand-in (tests/fake_cuda.py), and
+the device maps transformers computes from them for pretend GPUs, on models built on
+the meta device (accelerate's init_empty_weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.memory.limits import cap_process_memory, load_placement
+from backend.runners.base import GenerationRequest
+from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.models import resolve_model
+from tests.fake_cuda import FakeCuda, install
+
+GiB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def _no_cap_yet(monkeypatch):
+    """Each test starts in a process whose allocator nothing has capped."""
+    from backend.memory import limits
+
+    monkeypatch.setattr(limits, "_capped", {})
+
+
+class _Stop(Exception):
+    """Ends a load after from_pretrained's arguments were seen (no GPU to load onto)."""
+
+
+@pytest.fixture
+def from_pretrained(monkeypatch):
+    """Records every AutoModelForCausalLM.from_pretrained call; `real` lets it load."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    class Spy:
+        calls: list[dict] = []
+        real = False
+        order: list | None = None
+
+        @classmethod
+        def load(cls, auto, source, **kwargs):
+            cls.calls.append(kwargs)
+            if cls.order is not None:
+                cls.order.append(("from_pretrained",))
+            if not cls.real:
+                raise _Stop
+            return original(auto, source, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(Spy.load))
+    Spy.calls = []
+    return Spy
+
+
+def _load(settings, limit=0.0, num_gpus=1, headroom=0):
+    spec = resolve_model("builtin:tiny", settings)
+    options = LoadOptions("auto", False, limit, "default", num_gpus)
+    return HFRunner.load(spec, options, settings, headroom_bytes=headroom)
+
+
+def test_without_a_limit_the_model_loads_straight_onto_the_gpu(settings, with_tiny,
+                                                                 monkeypatch, from_pretrained):
+    """Not into RAM then .to("cuda:0") (twice the traffic, a RAM peak the model's size):
+    a device map of the worker's GPU makes transformers load each tensor there."""
+    fake = install(monkeypatch, FakeCuda([24 * GiB]))
+    with pytest.raises(_Stop):
+        _load(settings)
+    (kwargs,) = from_pretrained.calls
+    assert kwargs["device_map"] == {"": "cuda:0"}
+    assert "max_memory" not in kwargs
+    assert not fake.fractions, "no limit: the allocator is not capped"
+
+
+def test_on_the_cpu_the_same_path_gives_the_same_model(settings, with_tiny, from_pretrained):
+    from transformers import AutoModelForCausalLM
+
+    from backend.runners.hf import model_source
+
+    from_pretrained.real = True
+    runner = _load(settings)
+    (kwargs,) = from_pretrained.calls
+    assert kwargs["device_map"] == {"": "cpu"}
+    assert {str(p.device) for p in runner.model.parameters()} == {"cpu"}
+    assert runner.device == "cpu" and runner.movable()
+    reference = AutoModelForCausalLM.from_pretrained(
+        model_source(runner.spec, settings), dtype=torch.float32).eval()
+    for (name, a), (_, b) in zip(runner.model.state_dict().items(),
+                                 reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    prompt = runner.render("Where is the library?")
+    assert runner.generate([GenerationRequest(prompt, 6)])[0].output_tokens == 6
+
+
+def test_the_limit_caps_the_process_and_leaves_headroom(settings, with_tiny, monkeypatch,
+                                                        from_pretrained):
+    """LBS_GPU_MEMORY_LIMIT=0.5 on a worker holding two 80 GiB GPUs: the allocator of
+    each is capped at half (torch.cuda.set_per_process_memory_fraction, before loading),
+    and the weights of a one-GPU job are placed under half of GPU 0 less the job's
+    KV/activation estimate."""
+    fake = install(monkeypatch, FakeCuda([80 * GiB, 80 * GiB]))
+    from_pretrained.order = fake.calls
+    with pytest.raises(_Stop):
+        _load(settings, limit=0.5, headroom=3 * GiB)
+    (kwargs,) = from_pretrained.calls
+    assert kwargs["device_map"] == "auto"
+    assert kwargs["max_memory"][0] == 40 * GiB - 3 * GiB
+    assert set(kwargs["max_memory"]) == {0, "cpu"}
+    sets = [c for c in fake.calls if c[0] == "set_per_process_memory_fraction"]
+    assert sets == [("set_per_process_memory_fraction", 0.5, 0),
+                    ("set_per_process_memory_fraction", 0.5, 1)]
+    assert fake.calls.index(("from_pretrained",)) > fake.calls.index(sets[-1])
+
+
+def test_cap_process_memory_without_a_limit_or_gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        assert cap_process_memory(0.5) == []  # no GPU here: nothing to cap
+    fake = install(monkeypatch, FakeCuda([24 * GiB, 24 * GiB]))
+    assert cap_process_memory(0.0) == []  # no limit, nothing capped before
+    assert cap_process_memory(0.25) == [(0, 0.25), (1, 0.25)]
+    assert fake.fractions == {0: 0.25, 1: 0.25}
+    assert cap_process_memory(0.0) == [(0, 1.0), (1, 1.0)]  # the limit is lifted
+    assert fake.fractions == {0: 1.0, 1: 1.0}
+
+
+# --- device maps for pretend GPUs -------------------------------------------------------
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                max_position_embeddings=131072, tie_word_embeddings=False)
+LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                 num_attention_heads=64)
+
+
+def _meta_model(shape: dict):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
+
+
+def _device_map(model, placement: dict) -> dict:
+    """The device map from_pretrained computes from the loader's arguments
+    (transformers/integrations/accelerate.py _get_device_map, as modeling_utils calls it)."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    if placement["device_map"] != "auto":
+        return placement["device_map"]
+    return _get_device_map(model, "auto", dict(placement["max_memory"]), None)
+
+
+def _size(model) -> int:
+    from accelerate.utils import compute_module_sizes
+
+    return compute_module_sizes(model)[""]  # parameters and buffers
+
+
+def _per_device(model, device_map: dict) -> dict:
+    from accelerate.utils import compute_module_sizes
+
+    sizes = compute_module_sizes(model)
+    totals: dict = {}
+    for name, device in device_map.items():
+        totals[device] = totals.get(device, 0) + sizes[name]
+    return totals
+
+
+def test_one_24_gib_card_at_half_spills_what_does_not_fit():
+    model = _meta_model(LLAMA_8B)  # ~15 GiB of bfloat16 weights
+    size = _size(model)
+    headroom = 2 * GiB  # e.g. an 8k-token job's KV cache and activations
+    placement = load_placement(0.5, num_gpus=1, headroom_bytes=headroom, totals=[24 * GiB],
+                               cpu_bytes=64 * GiB)
+    on = _per_device(model, _device_map(model, placement))
+    assert set(on) == {0, "cpu"}
+    assert on[0] <= 12 * GiB - headroom  # the cap less the job's room
+    assert on[0] > 12 * GiB - headroom - 2 * GiB  # filled up to it (a layer is ~0.4 GiB)
+    assert on[0] + on["cpu"] == size
+
+
+def test_two_80_gib_cards_hold_an_8b_model_without_spilling():
+    model = _meta_model(LLAMA_8B)
+    size = _size(model)
+    headroom = 20 * GiB  # a 128k-token job: 16 GiB of KV cache plus activations
+    placement = load_placement(0.0, num_gpus=2, headroom_bytes=headroom,
+                               totals=[80 * GiB, 80 * GiB], cpu_bytes=64 * GiB)
+    assert placement["max_memory"] == {0: 60 * GiB, 1: 60 * GiB, "cpu": 64 * GiB}
+    on = _per_device(model, _device_map(model, placement))
+    assert set(on) == {0, 1}, "spread over both GPUs, nothing on the CPU"
+    assert on[0] + on[1] == size
+    assert all(on[i] <= 80 * GiB - headroom for i in (0, 1))
+
+
+def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
+    model = _meta_model(LLAMA_70B)  # ~131 GiB of bfloat16 weights
+    size = _size(model)
+    headroom = 6 * GiB
+    placement = load_placement(0.5, num_gpus=2, headroom_bytes=headroom,
+                               totals=[80 * GiB, 80 * GiB], cpu_bytes=256 * GiB)
+    on = _per_device(model, _device_map(model, placement))
+    assert on.get("cpu", 0) > size - 2 * (40 * GiB - headroom)
+    assert all(on[i] <= 40 * GiB - headroom for i in (0, 1))
+    assert sum(on.values()) == size
+
+
+def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
+    from backend.admission import estimate_job_bytes
+    from backend.evaluation import _loader, prepare
+    from backend.runners.models import estimate_model_bytes
+
+    job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)
+    _, load, weights = _loader(job, settings, None)
+    expected = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings) - \
+        estimate_model_bytes(job.spec, settings.torch_dtype)
+    assert expected > 0 and load.keywords["headroom_bytes"] == expected
+    assert weights == estimate_model_bytes(job.spec, settings.torch_dtype)

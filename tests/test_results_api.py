@@ -1,0 +1,132 @@
+"""Results across jobs through the API: the leaderboard (a model named by path and by
+folder name is one model), memory against context length, the pre-launch estimate,
+and exports that carry each sample's reference and the dataset's own columns."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from backend import jobs
+from backend.datasets.base import ScoreEntry
+from backend.db import JobState
+
+NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
+        "params": {"context_lengths": [256, 512], "depth_percents": [0, 50, 100]}}
+
+
+def _finished(factory, model, dataset, samples, score, memory=(), worker="w"):
+    """A succeeded job with `samples` [(prompt_tokens, fields, peak_rss, peak_gpu)]."""
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob(model, dataset, {})])
+    claimed = jobs.claim_job(factory, worker, 60, 3)
+    assert claimed.id == job.id
+    for i, (tokens, fields, rss, gpu) in enumerate(samples):
+        jobs.record_sample(factory, job.id, worker, 60, dict(
+            idx=i, prompt="p", prompt_tokens=tokens, prediction="x", score=1.0,
+            latency_s=0.1, output_tokens=4, fields=fields, peak_rss_bytes=rss,
+            peak_gpu_bytes=gpu))
+    jobs.finish_job(factory, job.id, worker, JobState.SUCCEEDED,
+                    scores=[ScoreEntry("overall", score, len(samples))], memory=list(memory))
+    return job.id
+
+
+def test_leaderboard_merges_a_model_named_by_path_and_by_folder(client, app, tmp_path):
+    factory = app.extensions["lbs"].factory
+    folder = tmp_path / "zoo" / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    old = _finished(factory, str(folder), "gsm8k", [(10, {}, 2**30, None)], 0.25,
+                    [("rss_peak", "cpu", 3 * 2**30)])
+    new = _finished(factory, "my-model", "gsm8k", [(10, {}, 2**30, None)] * 2, 0.5,
+                    [("rss_peak", "cpu", 2**31)])
+    gpu = _finished(factory, "builtin:tiny", "gsm8k", [(20, {}, 2**30, 2**29)], 0.75,
+                    [("rss_peak", "cpu", 2**31), ("cuda_max_reserved", "cuda:0", 2**29),
+                     ("cuda_max_reserved", "cuda:1", 2**29)])
+    data = client.get("/api/leaderboard").get_json()["data"]
+    rows = {r["model"]: r for r in data["rows"]}
+    assert set(rows) == {"my-model", "builtin:tiny"}
+    mine = rows["my-model"]
+    assert mine["job_id"] == new and mine["score"] == 0.5 and mine["runs"] == 2
+    assert set(mine["names"]) == {"my-model", str(folder)} and old != new
+    assert mine["peak_bytes"] == 2**31 and mine["peak_kind"] == "rss"
+    assert mine["tokens_per_s"] is not None and mine["tokens_per_s"] > 0
+    tiny = rows["builtin:tiny"]
+    assert tiny["job_id"] == gpu and tiny["peak_kind"] == "gpu" and tiny["peak_bytes"] == 2**30
+
+
+def test_memory_by_context_length(client, app):
+    factory = app.extensions["lbs"].factory
+    _finished(factory, "builtin:tiny", "needle_in_haystack", [
+        (260, {"context_length": 256}, 100, None), (262, {"context_length": 256}, 300, None),
+        (515, {"context_length": 512}, 500, None)], 1.0)
+    _finished(factory, "builtin:tiny", "longbench", [(900, {}, 10, 40), (400, {}, 20, 30)], 0.3)
+    data = client.get("/api/leaderboard/memory").get_json()["data"]["datasets"]
+    (niah,) = data["needle_in_haystack"]
+    assert niah["kind"] == "rss" and niah["points"] == [[256, 300], [512, 500]]
+    (lb,) = data["longbench"]
+    assert lb["kind"] == "gpu" and lb["points"] == [[400, 30], [900, 40]]
+
+
+def test_estimate_before_launch(client, app):
+    res = client.post("/api/jobs/estimate", json=NIAH)
+    assert res.status_code == 200, res.get_json()
+    data = res.get_json()["data"]
+    (job,) = data["jobs"]
+    assert job["memory_bytes"] > 0
+    assert job["duration"] == {"items": 6, "seconds_per_sample": None, "seconds": None,
+                               "basis": None}  # nothing finished yet to go on
+    assert data["workers"] == []  # none alive in this test
+    factory = app.extensions["lbs"].factory
+    _finished(factory, "builtin:tiny", "needle_in_haystack",
+              [(256, {"context_length": 256}, 1, None)] * 4, 1.0)
+    job = client.post("/api/jobs/estimate", json=NIAH).get_json()["data"]["jobs"][0]
+    assert job["duration"]["basis"] == "this model on this dataset"
+    assert job["duration"]["seconds"] == round(job["duration"]["seconds_per_sample"] * 6, 1)
+    # a bad field is refused as a submission would be, and nothing is queued
+    res = client.post("/api/jobs/estimate", json={"jobs": [
+        {**NIAH, "params": {"context_lengths": [64]}}]})
+    assert res.status_code == 422
+    assert res.get_json()["error"]["details"][0]["field"] == "jobs[0].params.context_lengths"
+    assert client.get("/api/jobs?state=queued").get_json()["data"]["total"] == 0
+
+
+def test_exports_carry_reference_and_dataset_columns(client, app):
+    factory = app.extensions["lbs"].factory
+    fields = {"subject": "law", "category": "Humanities", "reference": "B", "extracted": "A",
+              "why": "answered A, the reference is B", "logprobs": {"A": -0.5, "B": -1.5}}
+    job_id = _finished(factory, "builtin:tiny", "ceval",
+                       [(30, fields, 1, None)] * 3, 0.0)
+    res = client.get(f"/api/jobs/{job_id}/export?format=csv")
+    assert res.status_code == 200 and res.is_streamed
+    rows = list(csv.DictReader(io.StringIO(res.get_data(as_text=True))))
+    assert len(rows) == 3
+    assert rows[0]["reference"] == "B" and rows[0]["extracted"] == "A"
+    assert rows[0]["subject"] == "law" and rows[0]["category"] == "Humanities"
+    assert json.loads(rows[0]["logprobs"]) == {"A": -0.5, "B": -1.5}
+    res = client.get(f"/api/jobs/{job_id}/export")
+    assert res.is_streamed
+    body = json.loads(res.get_data(as_text=True))
+    assert body["job"]["id"] == job_id and len(body["samples"]) == 3
+    assert body["samples"][2]["fields"]["why"] == "answered A, the reference is B"
+
+
+def test_export_of_many_samples_reads_them_in_pages(client, app, monkeypatch):
+    from backend.api import jobs as api_jobs
+
+    monkeypatch.setattr(api_jobs, "EXPORT_PAGE", 2)
+    factory = app.extensions["lbs"].factory
+    job_id = _finished(factory, "builtin:tiny", "gsm8k",
+                       [(5, {"reference": str(i)}, 1, None) for i in range(5)], 0.0)
+    body = json.loads(client.get(f"/api/jobs/{job_id}/export").get_data(as_text=True))
+    assert [s["fields"]["reference"] for s in body["samples"]] == ["0", "1", "2", "3", "4"]
+    rows = list(csv.DictReader(io.StringIO(
+        client.get(f"/api/jobs/{job_id}/export?format=csv").get_data(as_text=True))))
+    assert [r["idx"] for r in rows] == ["0", "1", "2", "3", "4"]
+
+
+def test_datasets_list_their_breakdowns(client):
+    data = client.get("/api/datasets").get_json()["data"]["datasets"]
+    ceval = next(d for d in data if d["name"] == "ceval")
+    assert [b["key"] for b in ceval["breakdowns"]] == ["averages", "categories", "subjects"]
+    assert {"key": "subject", "title": "Subject", "filter": True} in ceval["sample_columns"]

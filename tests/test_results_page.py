@@ -1,0 +1,257 @@
+"""Results that explain themselves, in Chromium against a real server and worker: the
+breakdown tables each dataset declares, samples with their references and filters, the
+leaderboard, the launch form without JSON, and ids that are never reused. Screenshots
+of every view at 1440 px and 390 px go to test-artifacts/."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ARTIFACTS, ROOT, LiveServer
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture
+def server(with_tiny, echo_plugin_dir):
+    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir),
+                                  "LBS_DATASETS_DIR": str(FIXTURES),
+                                  "LBS_MAX_CONTEXT_LENGTH": "400"}).start()
+    live.wait_for_worker()
+    yield live
+    live.stop()
+
+
+def shoot(page, name: str, redraw: bool = True) -> None:
+    """The current view at desktop and phone width; at phone width nothing may widen
+    the page (tables scroll inside their box). `redraw`: reload at each width, so charts
+    are drawn for it (False keeps what was typed or picked in the view)."""
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.wait_for_timeout(150)
+    page.screenshot(path=ARTIFACTS / f"{name}-1440.png", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    if redraw:
+        page.reload()  # drawn for the phone, as a phone would load it
+        page.wait_for_timeout(1200)
+    page.screenshot(path=ARTIFACTS / f"{name}-390.png", full_page=True)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, f"{name}: the page is {overflow}px wider than a phone"
+    page.set_viewport_size({"width": 1440, "height": 900})
+    if redraw:
+        page.reload()
+        page.wait_for_timeout(800)
+
+
+def cells(table, column: str) -> list[str]:
+    return [c.inner_text() for c in table.locator(f'tbody td[data-col="{column}"]').all()]
+
+
+def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
+    status, body = server.request("POST", "/api/jobs", {"jobs": [
+        {"model": "builtin:tiny", "dataset": "ceval", "params": {"shots": 1}},
+        {"model": "builtin:tiny", "dataset": "longbench",
+         "params": {"subsets": ["hotpotqa", "multifieldqa_zh", "trec"]}},
+        {"model": str(tiny_copy), "dataset": "echo", "params": {}},
+        {"model": tiny_copy.name, "dataset": "echo", "params": {"words": ["a", "b"]}}]})
+    assert status == 201, body
+    ceval_id, lb_id, echo_path, echo_name = (j["id"] for j in body["data"]["jobs"])
+    ceval = server.wait_for(ceval_id, ("succeeded", "failed"))
+    assert ceval["state"] == "succeeded", ceval["error"]
+
+    # C-Eval: categories and subjects as the dataset declares them, with the API's figures
+    page.goto(f"{server.url}/#/job/{ceval_id}")
+    subjects = page.locator("#breakdown-subjects")
+    subjects.wait_for()
+    want = {s["subject"]: s for s in ceval["scores"]["subjects"]}
+    assert sorted(cells(subjects, "subject")) == sorted(want)
+    for row in subjects.locator("tbody tr").all():
+        s = want[row.locator('td[data-col="subject"]').inner_text()]
+        assert row.locator('td[data-col="score"]').inner_text() == f"{s['score']:.4f}"
+        assert row.locator('td[data-col="count"]').inner_text() == str(s["count"])
+        assert row.locator('td[data-col="category"]').inner_text() == s["category"]
+    categories = page.locator("#breakdown-categories")
+    assert sorted(cells(categories, "category")) == sorted(
+        c["category"] for c in ceval["scores"]["categories"])
+    averages = page.locator('[data-breakdown="averages"]')
+    assert averages.locator('dd[data-key="micro"] strong').inner_text() == \
+        f"{ceval['scores']['micro']:.4f}"
+    assert averages.locator('dd[data-key="overall"] strong').inner_text() == \
+        f"{ceval['scores']['overall']:.4f}"
+    subjects.locator('th[data-key="count"] button').click()  # sorted, highest first
+    counts = [int(c) for c in cells(subjects, "count")]
+    assert counts == sorted(counts, reverse=True)
+    subjects.locator('th[data-key="count"] button').click()  # and back
+    assert [int(c) for c in cells(subjects, "count")] == sorted(counts)
+
+    # a sample shows its reference, the choice log-likelihoods and why it scored so
+    samples = server.request("GET", f"/api/jobs/{ceval_id}/samples")[1]["data"]["samples"]
+    table = page.locator("#samples-table")
+    first = table.locator('tbody tr[data-idx="0"]')
+    assert first.locator('td[data-col="reference"]').inner_text() == \
+        samples[0]["fields"]["reference"]
+    assert first.locator('td[data-col="logprobs"] .chosen').inner_text().startswith(
+        samples[0]["prediction"])
+    assert "the reference is" in first.locator('td[data-col="why"]').inner_text()
+    assert table.locator("thead").inner_text().count("Depth") == 0  # no NIAH columns here
+    page.select_option('[data-filter="subject"]', "law")
+    assert set(cells(table, "subject")) == {"law"}
+    assert len(cells(table, "subject")) == sum(s["fields"]["subject"] == "law" for s in samples)
+    page.select_option('[data-filter="subject"]', "")
+    page.select_option("#outcome-filter", "wrong")
+    wrong = [s for s in samples if s["score"] == 0]
+    assert table.locator("tbody tr[data-idx]").count() == len(wrong)
+    assert page.locator("#samples-shown").inner_text() == f"{len(wrong)} / {len(samples)}"
+    page.select_option("#outcome-filter", "")
+    shoot(page, "job-ceval")
+
+    # LongBench: per subset and per length bucket, references as a list of answers
+    lb = server.wait_for(lb_id, ("succeeded", "failed"))
+    assert lb["state"] == "succeeded", lb["error"]
+    page.goto(f"{server.url}/#/job/{lb_id}")
+    subsets = page.locator("#breakdown-subsets")
+    subsets.wait_for()
+    want = {s["subset"]: s for s in lb["scores"]["subsets"]}
+    assert sorted(cells(subsets, "subset")) == sorted(want)
+    for row in subsets.locator("tbody tr").all():
+        s = want[row.locator('td[data-col="subset"]').inner_text()]
+        assert row.locator('td[data-col="score"]').inner_text() == f"{s['score']:.4f}"
+        assert row.locator('td[data-col="count"]').inner_text() == str(s["count"])
+    buckets = page.locator("#breakdown-buckets")
+    assert buckets.locator("tbody tr").count() == len(lb["scores"]["buckets"])
+    lb_samples = server.request("GET", f"/api/jobs/{lb_id}/samples")[1]["data"]["samples"]
+    refs = page.locator('#samples-table tbody tr[data-idx="0"] td[data-col="reference"] li')
+    assert refs.all_inner_texts() == lb_samples[0]["fields"]["reference"]
+    page.select_option('[data-filter="subset"]', "trec")
+    assert set(cells(page.locator("#samples-table"), "subset")) == {"trec"}
+    assert page.locator('[data-testid="memory-chart"] circle.dot').count() >= 1
+    shoot(page, "job-longbench")
+
+    # the leaderboard: the folder named by path and by name is one model
+    for job_id in (echo_path, echo_name):
+        assert server.wait_for(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+    page.goto(f"{server.url}/#/leaderboard")
+    board = page.locator("#leaderboard-table")
+    board.wait_for()
+    echo_rows = board.locator('tbody tr[data-dataset="echo"]')
+    assert echo_rows.count() == 1
+    assert echo_rows.get_attribute("data-model") == tiny_copy.name
+    assert "2 names" in echo_rows.locator('td[data-col="model"]').inner_text()
+    assert echo_rows.locator('td[data-col="job_id"]').inner_text() == f"#{echo_name}"
+    assert echo_rows.locator('td[data-col="runs"]').inner_text() == "2"
+    assert board.locator("tbody tr").count() == 3  # ceval, longbench, echo
+    board.locator('th[data-key="score"] button').click()  # sorted by score already: reverse
+    scores = [float(x) for x in cells(board, "score")]
+    assert scores == sorted(scores)
+    board.locator('th[data-key="dataset"] button').click()
+    assert cells(board, "dataset") == ["ceval", "echo", "longbench"]
+    assert page.locator('[data-testid="score-memory"] circle.dot').count() == 3
+    assert page.locator('[data-testid="memory-length-longbench"] circle.dot').count() >= 1
+    shoot(page, "leaderboard")
+
+    page.goto(f"{server.url}/#/compare")  # no NIAH job: it says so
+    page.locator("#compare-empty").wait_for()
+    shoot(page, "compare-empty")
+
+
+def _niah_form(page, lengths: tuple[int, int, int] | None = None, depths: int = 2) -> None:
+    page.check("#ds-needle_in_haystack")
+    fs = page.locator('fieldset[data-dataset="needle_in_haystack"]')
+    if lengths:
+        for key, value in zip(("min", "max", "count"), lengths, strict=True):
+            fs.locator(f'input[name="context_lengths.{key}"]').fill(str(value))
+    fs.locator('input[name="depth_percents.count"]').fill(str(depths))
+    fs.locator('input[name="max_new_tokens"]').fill("4")
+
+
+def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.goto(server.url + "/#/launch")
+    page.locator("#ds-needle_in_haystack").wait_for()
+    assert page.locator("#job-options").is_hidden()  # scheduling folded away
+    assert page.locator('.ds[data-dataset="ceval"] .ds-status').count() == 1
+    _niah_form(page, (64, 384, 2))
+    # the estimate checks the fields before launch: the error is at its field
+    error = page.locator('[data-field="params.context_lengths"] .field-error')
+    error.wait_for()
+    assert "at least 128" in error.inner_text() or "greater than or equal to 128" in \
+        error.inner_text()
+    page.locator('input[name="context_lengths.min"]').fill("256")
+    estimate = page.locator('#launch-estimate p[data-dataset="needle_in_haystack"]')
+    estimate.wait_for()
+    assert "needs about" in estimate.inner_text() and ("MiB" in estimate.inner_text()
+                                                       or "GiB" in estimate.inner_text())
+    assert error.inner_text() == ""
+    label = page.locator('[data-field="params.context_lengths"] .label').inner_text()
+    assert label == "Context Lengths"
+    shoot(page, "launch", redraw=False)
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    (job,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+    assert job["params"]["context_lengths"] == {"min": 256, "max": 384, "count": 2}
+    assert job["params"]["depth_percents"] == {"count": 2}
+    row = page.locator(f'tr[data-job="{job["id"]}"]')
+    row.locator(".badge.succeeded").wait_for(timeout=120_000)
+    shoot(page, "queue")
+
+    page.goto(f"{server.url}/#/job/{job['id']}")
+    heat = page.locator('[data-testid="heatmap"]')
+    heat.wait_for()
+    assert heat.locator("rect.cell").count() == 4
+    assert heat.locator("text.cell-label").count() == 4  # the score in every cell
+    assert page.locator('#job-meta dd[data-key="duration"]').inner_text().endswith("s")
+    assert page.locator('#memory-peaks tr[data-reading="rss_peak"] td.num').inner_text() \
+        .endswith(("MiB", "GiB"))
+    assert page.locator("#samples-table tbody tr[data-idx]").count() == 4
+    shoot(page, "job-niah")
+
+    # the list form of the same field, and a second grid for the Compare view
+    page.goto(server.url + "/#/launch")
+    page.check("#ds-needle_in_haystack")
+    fs = page.locator('fieldset[data-dataset="needle_in_haystack"]')
+    fs.locator('input[name="context_lengths-mode"][value="list"]').check()
+    fs.locator('input[name="context_lengths"][data-kind="list"]').fill("256, 320")
+    fs.locator('input[name="depth_percents.count"]').fill("3")
+    fs.locator('input[name="max_new_tokens"]').fill("2")
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    second = server.request("GET", "/api/jobs")[1]["data"]["jobs"][0]
+    assert second["params"]["context_lengths"] == [256, 320]
+    assert server.wait_for(second["id"], ("succeeded",))["state"] == "succeeded"
+    page.goto(server.url + "/#/compare")
+    page.select_option("#compare-0", str(job["id"]))
+    page.select_option("#compare-1", str(second["id"]))
+    page.wait_for_function("document.querySelectorAll('.side-by-side svg.heatmap').length == 2")
+    page.locator("#compare-warning").wait_for()
+    assert "different grids" in page.locator("#compare-warning").inner_text()
+    shoot(page, "compare", redraw=False)
+
+    # Delete asks first; the next job never gets the deleted id
+    page.goto(server.url + "/#/queue")
+    doomed = page.locator(f'tr[data-job="{second["id"]}"]')
+    doomed.locator("button.delete").click()
+    doomed.wait_for(state="detached", timeout=10_000)
+    assert dialogs and f"#{second['id']}" in dialogs[0]
+    page.goto(server.url + "/#/launch")
+    _niah_form(page, (256, 256, 1), depths=1)
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/queue")
+    third = server.request("GET", "/api/jobs")[1]["data"]["jobs"][0]
+    assert third["id"] == second["id"] + 1
+
+    # the ETA never says "1 min 60 s"
+    fmt = "s => import('/static/dom.js').then(m => m.fmtSeconds(s))"
+    assert [page.evaluate(fmt, s) for s in (59.6, 119.6, 3599.7)] == \
+        ["1 min 0 s", "2 min 0 s", "1 h 0 min"]
+
+    page.click("#lang-toggle")  # Chinese: the form's labels and help follow
+    page.goto(server.url + "/#/launch")
+    page.check("#ds-needle_in_haystack")
+    assert page.locator('[data-field="params.context_lengths"] .label').inner_text() == "上下文长度"
+    shoot(page, "launch-zh", redraw=False)
+    page.goto(f"{server.url}/#/job/{job['id']}")
+    page.locator('[data-testid="heatmap"]').wait_for()
+    shoot(page, "job-niah-zh")
+    page.click("#lang-toggle")
