@@ -213,7 +213,7 @@ def idle_server(with_tiny):
 def test_a_page_on_another_origin_cannot_change_anything(idle_server):
     import shutil
 
-    from tests.test_frontend import FLAGS
+    from tests.conftest import FLAGS
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
