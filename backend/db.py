@@ -233,6 +233,17 @@ class ControlCommand(Base):
     done_at: Mapped[datetime | None]
 
 
+class RuntimeSetting(Base):
+    """A setting the operator changed at run time through the API (the GPU idle timeout,
+    the memory limit): kept across restarts and applied by every worker as it starts."""
+
+    __tablename__ = "runtime_settings"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(sa.JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # --- migrations -----------------------------------------------------------------
 # Append only: never edit a migration that has shipped, add the next one.
 
@@ -362,7 +373,16 @@ def _m006_unknown_memory(op: Any) -> None:
         batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
 
 
-def _m007_id_floors(op: Any) -> None:
+def _m007_runtime_settings(op: Any) -> None:
+    op.create_table(
+        "runtime_settings",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )
+
+
+def _m008_id_floors(op: Any) -> None:
     op.create_table(
         "id_floors",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -377,7 +397,7 @@ def _m007_id_floors(op: Any) -> None:
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
-                                           _m007_id_floors]
+                                           _m007_runtime_settings, _m008_id_floors]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

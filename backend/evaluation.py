@@ -52,6 +52,10 @@ class PreparedJob:
     api_key: str | None = None
     num_gpus: int = 1
     """GPUs the job asked for (a model sharded across them); set by the worker."""
+    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """True once the job is cancelled, timed out or its worker stops; set by the worker.
+    Runners that wait on something outside (an API model's requests) check it and
+    raise runners.base.Stopped."""
 
 
 class JobFieldError(ValueError):
@@ -432,6 +436,8 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                              keep_on_gpu=keep_on_gpu) as runner:
                 memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
                                rss_bytes()))
+                if hasattr(runner, "should_stop"):  # a cached runner serves one job at a time
+                    runner.should_stop = job.should_stop
                 # The job's chat-template choice travels with each request; a view of
                 # the runner (never a copy holding the model) renders the prompts, so
                 # the manager's release at the end of this block frees the weights.

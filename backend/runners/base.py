@@ -11,6 +11,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
+class Stopped(Exception):
+    """A runner gave up waiting because its job asked it to stop (cancelled, timed out,
+    or the worker is shutting down); nothing is wrong with the model."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, already rendered (chat template applied if wanted)."""
