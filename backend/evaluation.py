@@ -303,8 +303,9 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset, backoff:
             else:
                 answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
-    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens,
-                                                              templated) for a in generating])
+    replies = backoff.run(runner.generate, [GenerationRequest(
+        a.item.prompt, a.item.max_new_tokens, templated, getattr(a.item, "prefix", None))
+        for a in generating])
     follow = getattr(dataset, "second_turn", None)
     second: list[tuple[_Answer, Any]] = []
     for answer, reply in zip(generating, replies, strict=True):
@@ -407,8 +408,11 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 offset = k * len(items)
                 if method is not None and any(i.idx + offset not in stored for i in items):
                     _warm_up(view, items[0], method)
-                stopped = _run_items(job, manager, view, items, offset, method, stored,
-                                     results, sink, sampler, cuda)
+                try:
+                    stopped = _run_items(job, manager, view, items, offset, method, stored,
+                                         results, sink, sampler, cuda)
+                finally:  # a shared prefix's cache is this pass's, not the cached model's
+                    getattr(runner, "forget_prefixes", lambda: None)()
             if stopped:
                 break
         memory.append(("rss_after_job", "cpu", rss_bytes()))

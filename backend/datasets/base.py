@@ -123,6 +123,9 @@ class Item:
     """Multiple choice scored by log-likelihood: the continuations to compare after
     `prompt`; the prediction is the label of the most likely one (see `labels`)."""
     labels: list[str] | None = None
+    prefix: str | None = None
+    """A leading part of `prompt` other items share (NIAH: the text before the needle);
+    a runner may compute it once (see GenerationRequest.prefix)."""
 
 
 @dataclass
