@@ -105,7 +105,9 @@ class Runner(ABC):
 
     def forget_prefixes(self) -> None:
         """Drop any key/value cache kept for shared prefixes (GenerationRequest.prefix);
-        the evaluation loop calls it when a pass over a job's items ends."""
+        the evaluation loop calls it when a pass over a job's items ends. Runners that
+        keep none have nothing to do."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
