@@ -51,6 +51,9 @@ class PreparedJob:
     api_key: str | None = None
     num_gpus: int = 1
     """GPUs the job asked for (a model sharded across them); set by the worker."""
+    shard: tuple[int, int] | None = None
+    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
+    set by the worker."""
 
 
 class JobFieldError(ValueError):
@@ -406,6 +409,10 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 items = job.dataset.build_items(job.params, view)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
+                if job.shard is not None:  # this worker's share of a data-parallel job
+                    items = [i for i in items if i.idx % job.shard[1] == job.shard[0]]
+                    if not items:
+                        continue
                 if method is not None and any(i.idx + offset not in stored for i in items):
                     _warm_up(view, items[0], method)
                 try:
