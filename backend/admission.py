@@ -71,7 +71,8 @@ def estimate_job_bytes(spec: ModelSpec, params: Any, model_max: int | None,
     kv_heads = int(arch.get("num_key_value_heads") or heads)
     head_dim = int(arch.get("head_dim") or hidden // max(heads, 1))
     intermediate = int(arch.get("intermediate_size") or 4 * hidden)
-    batch = int(getattr(params, "batch_size", 1) or 1)
+    batch = getattr(params, "batch_size", 1) or 1
+    batch = batch if isinstance(batch, int) else 1  # "auto": what fits is found by halving
     kv_cache = 2 * layers * kv_heads * head_dim * tokens * element
     activations = tokens * (4 * hidden + 2 * intermediate) * element
     return weights + batch * (kv_cache + activations)

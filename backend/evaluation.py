@@ -25,6 +25,7 @@ from backend.datasets.base import (
     ModelInfo,
     ParamError,
     ScoreEntry,
+    batch_start,
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
@@ -478,15 +479,22 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
     pending = [item for item in items if item.idx + offset not in stored]
+    if getattr(job.dataset, "length_sorted", False):
+        # longest first: neighbours in length batch with little padding, and the first
+        # batch is the most memory any batch needs (what "auto" probes); stored by idx
+        pending.sort(key=lambda item: -item.prompt_tokens)
     on_oom = _oom_handler(manager, job)
-    backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
-    step = job.params.batch_size
-    for first in range(0, len(pending), step):
+    size = batch_start(job.params.batch_size, len(pending))
+    backoff, single = Backoff(size, on_oom), Backoff(1, on_oom)
+    first = 0
+    while first < len(pending):
+        step = backoff.size  # after an out-of-memory halving, the smaller size
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
         answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff,
                                 single)
+        first += step
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:

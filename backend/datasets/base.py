@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,6 +52,18 @@ def check_known(values: list[str] | None, known: Any, what: str) -> list[str] | 
     return values
 
 
+BATCH_AUTO_START = 32
+"""Where `batch_size: "auto"` starts: the out-of-memory halving takes it down from there."""
+
+
+def batch_start(batch_size: int | str, pending: int) -> int:
+    """The first batch size of a job: its `batch_size`, or for "auto" BATCH_AUTO_START
+    (no more than the prompts it has)."""
+    if batch_size == "auto":
+        return max(1, min(BATCH_AUTO_START, pending))
+    return int(batch_size)
+
+
 class DatasetParams(BaseModel):
     """Base of every dataset's parameter model: unknown fields are refused.
 
@@ -60,9 +72,10 @@ class DatasetParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(
-        1, ge=1, le=256,
-        description="prompts generated together; halved automatically on out-of-memory")
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        1, description='prompts generated together, or "auto": the largest batch that fits '
+                       f"(starting at {BATCH_AUTO_START}); halved automatically on "
+                       "out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
         "fail_sample",
         description="when one prompt alone does not fit in memory: record it as a failed "
@@ -149,6 +162,10 @@ class Dataset:
     description: ClassVar[str]
     cache_mode: ClassVar[CacheMode] = CacheMode.CACHED
     Params: ClassVar[type[DatasetParams]] = DatasetParams
+    length_sorted: ClassVar[bool] = False
+    """Generate the items longest prompt first, batching neighbours in length (less
+    padding; the first batch probes the most memory a batch needs); results are stored
+    under each item's idx, so they read back in the original order."""
     cost: ClassVar[str] = ""
     """A rough cost for the UI, e.g. "52 subjects, ~1.3k questions (val)"."""
 
