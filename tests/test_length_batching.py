@@ -17,7 +17,8 @@ from backend.runners.hf import HFRunner
 from backend.worker import Worker
 from tests.conftest import ROOT
 
-PARAMS = {"max_length": 300, "max_new_tokens": 6, "use_chat_template": False}
+PARAMS = {"max_length": 300, "use_chat_template": False,
+          "subsets": ["hotpotqa", "trec", "passage_count", "multifieldqa_zh"]}
 
 
 @pytest.fixture
