@@ -399,13 +399,14 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
 def cancel_job(factory: sessionmaker, job_id: int) -> Job:
     """Cancel a queued job at once, or ask its worker to stop a running one."""
     with write_session(factory) as session:
+        # shards before their job, the order a shard's sample or end takes its locks in
+        shards = session.scalars(sa.select(Job).where(Job.parent_id == job_id)
+                                 .order_by(Job.id).with_for_update()).all()
         job = _locked(session, job_id)
         if job is None:
             raise JobNotFound(job_id)
         if JobState(job.state).finished:
             raise JobConflict(f"job {job_id} is already {job.state}")
-        shards = session.scalars(sa.select(Job).where(Job.parent_id == job_id)
-                                 .with_for_update()).all()
         for shard in shards:  # a data-parallel job: every shard stops
             if shard.state == JobState.QUEUED.value:
                 shard.state, shard.finished_at = JobState.CANCELLED.value, utcnow()
