@@ -57,13 +57,6 @@ def _torch_dtype(name: str, on_cuda: bool):
     return getattr(torch, name)
 
 
-def _copy_cache(cache):
-    """A copy of a key/value cache, so each continuation extends its own."""
-    import copy
-
-    return copy.deepcopy(cache)
-
-
 def cache_length(needed: int) -> int:
     """Slots of a static KV cache for a request that needs `needed` positions: rounded up
     to one of eight sizes per doubling (at most 1/8 more than needed, at least 256), so a
@@ -110,6 +103,14 @@ def model_source(spec: ModelSpec, settings: Settings) -> str:
     if spec.builtin:
         return str(ensure_builtin_model(settings.data_dir, spec.builtin))
     return str(spec.path) if spec.path is not None else spec.hub_id
+
+
+def _copy_cache(cache):
+    """A copy of a key/value cache, so each continuation extends its own (log-likelihood
+    continuations, prompts after a shared prefix)."""
+    import copy
+
+    return copy.deepcopy(cache)
 
 
 class FirstTokenClock:
