@@ -91,6 +91,13 @@ class Job(Base):
     """The job's API key as a Fernet token (secrets_box.py); never returned."""
     claimed_at: Mapped[datetime | None]
     """When a worker last claimed the job (round robin over submitters reads it)."""
+    parent_id: Mapped[int | None] = mapped_column(index=True)
+    """A shard of a data-parallel job: the job it belongs to (its samples are stored
+    there). None for an ordinary job and for the data-parallel job itself."""
+    shard_index: Mapped[int | None]
+    """A shard's place: it evaluates the items whose idx % shard_count == shard_index."""
+    shard_count: Mapped[int | None]
+    """Shards of a data-parallel job (on the job and on each shard); None: not sharded."""
 
     samples: Mapped[list[Sample]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
@@ -382,7 +389,17 @@ def _m007_runtime_settings(op: Any) -> None:
     )
 
 
-def _m008_id_floors(op: Any) -> None:
+def _m008_data_parallel(op: Any) -> None:
+    """A job spread over several workers: its shards are rows of `jobs` (issue 20)."""
+    # No foreign key: SQLite adds one only by copying the table, and dropping the old
+    # `jobs` would cascade into `samples`. delete_job removes a job's shards itself.
+    op.add_column("jobs", sa.Column("parent_id", sa.Integer))
+    op.add_column("jobs", sa.Column("shard_index", sa.Integer))
+    op.add_column("jobs", sa.Column("shard_count", sa.Integer))
+    op.create_index("ix_jobs_parent_id", "jobs", ["parent_id"])
+
+
+def _m009_id_floors(op: Any) -> None:
     op.create_table(
         "id_floors",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -397,7 +414,8 @@ def _m008_id_floors(op: Any) -> None:
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
-                                           _m007_runtime_settings, _m008_id_floors]
+                                           _m007_runtime_settings, _m008_data_parallel,
+                                           _m009_id_floors]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

@@ -56,6 +56,9 @@ class PreparedJob:
     """True once the job is cancelled, timed out or its worker stops; set by the worker.
     Runners that wait on something outside (an API model's requests) check it and
     raise runners.base.Stopped."""
+    shard: tuple[int, int] | None = None
+    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
+    set by the worker."""
 
 
 class JobFieldError(ValueError):
@@ -341,8 +344,9 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
         else:
             answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
-    replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens,
-                                                              templated) for a in generating])
+    replies = backoff.run(runner.generate, [GenerationRequest(
+        a.item.prompt, a.item.max_new_tokens, templated, a.item.prefix)
+        for a in generating])
     follow = getattr(dataset, "second_turn", None)
     second: list[tuple[_Answer, Any]] = []
     for answer, reply in zip(generating, replies, strict=True):
@@ -445,10 +449,17 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 items = job.dataset.build_items(job.params, view)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
+                if job.shard is not None:  # this worker's share of a data-parallel job
+                    items = [i for i in items if i.idx % job.shard[1] == job.shard[0]]
+                    if not items:
+                        continue
                 if method is not None and any(i.idx + offset not in stored for i in items):
                     _warm_up(view, items[0], method)
-                stopped = _run_items(job, manager, view, items, offset, method, stored,
-                                     results, sink, sampler, cuda)
+                try:
+                    stopped = _run_items(job, manager, view, items, offset, method, stored,
+                                         results, sink, sampler, cuda)
+                finally:  # a shared prefix's cache is this pass's, not the cached model's
+                    runner.forget_prefixes()
             if stopped:
                 break
         memory.append(("rss_after_job", "cpu", rss_bytes()))
@@ -507,7 +518,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
     pending = [item for item in items if item.idx + offset not in stored]
-    pending = order_for_batching(pending)
+    pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
     step = job.params.batch_size
     if step == "auto":
         step = _auto_batch_size(view.runner, pending)
@@ -547,13 +558,17 @@ SHARED_CHARS = 64
 """Prompts sharing a prefix this long (characters) are batched together."""
 
 
-def order_for_batching(items: list[Any]) -> list[Any]:
-    """Multiple-choice items in the order they batch best, generation items after them
-    as given. Prompts that share a prefix of SHARED_CHARS or more (one subject's
-    few-shot header and examples) stay together, so the runner computes that prefix
-    once per batch; each such run goes longest first (a batch pads to its longest
-    prompt, so neighbours in length waste the least) and the runs by their longest
-    prompt, so an out-of-memory shows on the first batch."""
+def order_for_batching(items: list[Any], longest_first: bool = False) -> list[Any]:
+    """Multiple-choice items in the order they batch best, generation items after them:
+    as given, or longest first with `longest_first` (Dataset.length_sorted: neighbours
+    in length batch with little padding, and the first batch is the most memory any
+    batch needs; samples are stored by idx, so the order does not show).
+
+    Prompts that share a prefix of SHARED_CHARS or more (one subject's few-shot header
+    and examples) stay together, so the runner computes that prefix once per batch;
+    each such run goes longest first (a batch pads to its longest prompt, so neighbours
+    in length waste the least) and the runs by their longest prompt, so an
+    out-of-memory shows on the first batch."""
     runs: list[list[Any]] = []
     for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
         if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
@@ -562,7 +577,10 @@ def order_for_batching(items: list[Any]) -> list[Any]:
         runs[-1].append(item)
     runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
                   key=lambda run: -run[0].prompt_tokens)
-    return [i for run in runs for i in run] + [i for i in items if not i.choices]
+    generating = [i for i in items if not i.choices]
+    if longest_first:
+        generating.sort(key=lambda i: -i.prompt_tokens)
+    return [i for run in runs for i in run] + generating
 
 
 def _auto_batch_size(runner: Any, pending: list[Any]) -> int:

@@ -19,6 +19,7 @@ source of truth, and every change that reads before it writes runs in a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ from backend.db import (
     write_session,
 )
 from backend.notify import announce_work
-from backend.scheduling import Capacity, ordered, queued_reasons, stale_after
+from backend.scheduling import Capacity, ordered, queued_reasons, stale_after, worker_state
 
 
 class JobNotFound(LookupError):
@@ -73,17 +74,27 @@ class NewJob:
     memory_bytes: int | None = None
     api: dict[str, Any] | None = None
     api_key_encrypted: str | None = None
+    data_parallel: int = 1
+    """Shards the job's samples are spread over (one worker each); 1: not sharded."""
+
+
+def _row(j: NewJob, **extra: Any) -> Job:
+    return Job(model=j.model, dataset=j.dataset, params=j.params, timeout_s=j.timeout_s,
+               priority=j.priority, submitter=j.submitter, worker_label=j.worker_label,
+               num_gpus=j.num_gpus, memory_bytes=j.memory_bytes, api=j.api,
+               api_key_encrypted=j.api_key_encrypted,
+               state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
+               attempts=0, cancel_requested=False, progress_done=0, **extra)
 
 
 def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
-    """Queue jobs (all or none), wake idle workers, and return the jobs."""
+    """Queue jobs (all or none), wake idle workers, and return the jobs.
+
+    A job with `data_parallel` N > 1 is queued with N shards: rows of `jobs` with its
+    id as `parent_id`, claimed, leased, resumed and cancelled like jobs; shard k
+    evaluates the items whose idx % N == k and stores its samples on the job itself."""
     with write_session(factory) as session:
-        jobs = [Job(model=j.model, dataset=j.dataset, params=j.params, timeout_s=j.timeout_s,
-                    priority=j.priority, submitter=j.submitter, worker_label=j.worker_label,
-                    num_gpus=j.num_gpus, memory_bytes=j.memory_bytes, api=j.api,
-                    api_key_encrypted=j.api_key_encrypted,
-                    state=JobState.QUEUED.value, events=[], scores=[], memory_peaks=[],
-                    attempts=0, cancel_requested=False, progress_done=0)
+        jobs = [_row(j, shard_count=j.data_parallel if j.data_parallel > 1 else None)
                 for j in new_jobs]
         if not is_postgres(session):  # never reuse a deleted job's id (see IdFloor)
             floor = session.get(IdFloor, "jobs")
@@ -93,8 +104,86 @@ def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
                 job.id = start + offset
         session.add_all(jobs)
         session.flush()
+        session.add_all(_row(j, parent_id=job.id, shard_index=k, shard_count=j.data_parallel)
+                        for j, job in zip(new_jobs, jobs, strict=True) if j.data_parallel > 1
+                        for k in range(j.data_parallel))
+        session.flush()
         announce_work(session)
         return jobs
+
+
+def idle_workers(factory: sessionmaker, lease_seconds: float,
+                 worker_label: str | None = None, num_gpus: int = 1) -> int:
+    """Workers alive and idle now that could run a job with this label and GPU count:
+    what `data_parallel: "auto"` spreads a job over (at least 1)."""
+    now = utcnow()
+    count = 0
+    with factory() as session:
+        for worker in session.scalars(sa.select(Worker)):
+            if worker_state(worker, now, lease_seconds) != WorkerState.IDLE:
+                continue
+            labels = set(worker.labels or [])
+            if worker_label is not None and worker_label not in labels:
+                continue
+            if num_gpus > max(worker.gpu_count or 0, 1):
+                continue
+            count += 1
+    return max(count, 1)
+
+
+def _close_parent(session: Session, parent_id: int,
+                  aggregate: Callable[[list[tuple[dict, float]]], list[Any]] | None = None
+                  ) -> None:
+    """After a shard ended: when every shard of the job has ended, end the job too -
+    failed if a shard failed, cancelled if one was cancelled, else succeeded - with
+    scores aggregated over all its samples (as one worker would have) and every
+    shard's memory peaks. A failed shard asks the others to stop first."""
+    parent = _locked(session, parent_id)
+    if parent is None or JobState(parent.state).finished:
+        return
+    shards = session.scalars(sa.select(Job).where(Job.parent_id == parent_id)
+                             .order_by(Job.shard_index)).all()
+    now = utcnow()
+    failed = [s for s in shards if s.state == JobState.FAILED.value]
+    if failed:
+        for shard in shards:
+            if shard.state == JobState.QUEUED.value:
+                shard.state, shard.finished_at = JobState.CANCELLED.value, now
+            elif shard.state == JobState.RUNNING.value:
+                shard.cancel_requested = True
+    if any(not JobState(s.state).finished for s in shards):
+        return
+    session.execute(sa.delete(Score).where(Score.job_id == parent_id))
+    session.execute(sa.delete(MemoryPeak).where(MemoryPeak.job_id == parent_id))
+    if aggregate is not None:
+        rows = session.execute(sa.select(Sample.fields, Sample.score)
+                               .where(Sample.job_id == parent_id)
+                               .order_by(Sample.idx)).all()
+        session.add_all(Score(job_id=parent_id, name=e.name, value=e.value, count=e.count,
+                              labels=e.labels)
+                        for e in aggregate([(f, sc or 0.0) for f, sc in rows]))
+    highest: dict[tuple[str, str], int] = {}
+    for peak in session.scalars(sa.select(MemoryPeak).where(
+            MemoryPeak.job_id.in_([s.id for s in shards])).order_by(MemoryPeak.id)):
+        shard = next(s for s in shards if s.id == peak.job_id)
+        session.add(MemoryPeak(job_id=parent_id, name=f"shard{shard.shard_index}_{peak.name}",
+                               device=peak.device, bytes=peak.bytes))
+        key = (peak.name, peak.device)
+        highest[key] = max(highest.get(key, 0), peak.bytes)
+    session.add_all(MemoryPeak(job_id=parent_id, name=name, device=device, bytes=value)
+                    for (name, device), value in highest.items())
+    if failed:
+        parent.state = JobState.FAILED.value
+        parent.error = f"shard {failed[0].shard_index}: {failed[0].error}"
+    elif any(s.state == JobState.CANCELLED.value for s in shards):
+        parent.state = JobState.CANCELLED.value
+    else:
+        parent.state = JobState.SUCCEEDED.value
+    parent.events = [*parent.events, *({**e, "shard": s.shard_index}
+                                       for s in shards for e in s.events or [])]
+    parent.finished_at = now
+    parent.progress_done = session.scalar(
+        sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == parent_id))
 
 
 def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None:
@@ -120,6 +209,8 @@ def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None
             job.error = f"gave up after {job.attempts} attempts: {note}"
         else:
             job.state = JobState.QUEUED.value
+        if job.parent_id is not None and JobState(job.state).finished:
+            _close_parent(session, job.parent_id)
 
 
 def _next_queued(session: Session, caps: Capacity, prefer_models: list[str] | None,
@@ -176,6 +267,12 @@ def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
         ).rowcount
         if claimed != 1:
             return None
+        shard = session.get(Job, job_id)
+        if shard.parent_id is not None:  # the job runs from its first shard's claim on
+            session.execute(
+                sa.update(Job).where(Job.id == shard.parent_id,
+                                     Job.state == JobState.QUEUED.value)
+                .values(state=JobState.RUNNING.value, started_at=now))
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
                         .values(current_job_id=job_id, state=WorkerState.BUSY.value,
                                 heartbeat_at=now))
@@ -213,15 +310,22 @@ def renew_lease(factory: sessionmaker, job_id: int, worker_id: str,
 
 
 def stored_samples(factory: sessionmaker, job_id: int) -> dict[int, tuple[dict, float]]:
+    """A job's stored samples; for a shard, those of its job (every shard's)."""
     with factory() as session:
+        target = session.scalar(sa.select(sa.func.coalesce(Job.parent_id, Job.id))
+                                .where(Job.id == job_id))
         rows = session.execute(sa.select(Sample.idx, Sample.fields, Sample.score)
-                               .where(Sample.job_id == job_id)).all()
+                               .where(Sample.job_id == target)).all()
     return {idx: (fields, score or 0.0) for idx, fields, score in rows}
 
 
 def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) -> None:
     with write_session(factory) as session:
-        _owned(session, job_id, worker_id).progress_total = total
+        job = _owned(session, job_id, worker_id)
+        job.progress_total = total
+        if job.parent_id is not None:  # every shard knows the whole job's count
+            session.execute(sa.update(Job).where(Job.id == job.parent_id)
+                            .values(progress_total=total))
 
 
 def record_data_fetch(factory: sessionmaker, job_id: int, worker_id: str,
@@ -251,11 +355,15 @@ def storable_text(value: Any) -> Any:
 def record_sample(factory: sessionmaker, job_id: int, worker_id: str, lease_seconds: float,
                   values: dict[str, Any]) -> bool:
     """Store one sample and renew the lease; returns whether cancel was requested.
-    NUL characters in its text become U+FFFD."""
+    NUL characters in its text become U+FFFD. A shard stores it on its job, whose
+    progress counts every shard's samples."""
     values = {key: storable_text(value) for key, value in values.items()}
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
-        session.add(Sample(job_id=job_id, **values))
+        session.add(Sample(job_id=job.parent_id or job_id, **values))
+        if job.parent_id is not None:
+            session.execute(sa.update(Job).where(Job.id == job.parent_id)
+                            .values(progress_done=Job.progress_done + 1))
         job.progress_done = (job.progress_done or 0) + 1
         job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
         return job.cancel_requested
@@ -263,14 +371,21 @@ def record_sample(factory: sessionmaker, job_id: int, worker_id: str, lease_seco
 
 def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobState, *,
                scores: list[Any] = (), memory: list[tuple[str, str, int]] = (),
-               events: list[dict[str, Any]] = (), error: str | None = None) -> None:
-    """Write the outcome of a job in one transaction. Raises LeaseLost."""
+               events: list[dict[str, Any]] = (), error: str | None = None,
+               aggregate: Callable[[list[tuple[dict, float]]], list[Any]] | None = None
+               ) -> None:
+    """Write the outcome of a job in one transaction. Raises LeaseLost.
+
+    A shard keeps its memory peaks and events (not scores: its samples are a part of
+    its job's); the last shard to end also ends its job, scored by `aggregate` (the
+    dataset's) over all the job's samples."""
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
         session.execute(sa.delete(Score).where(Score.job_id == job_id))
         session.execute(sa.delete(MemoryPeak).where(MemoryPeak.job_id == job_id))
-        session.add_all(Score(job_id=job_id, name=s.name, value=s.value, count=s.count,
-                              labels=s.labels) for s in scores)
+        if job.parent_id is None:
+            session.add_all(Score(job_id=job_id, name=s.name, value=s.value, count=s.count,
+                                  labels=s.labels) for s in scores)
         session.add_all(MemoryPeak(job_id=job_id, name=name, device=device, bytes=value)
                         for name, device, value in memory)
         job.state = state.value
@@ -278,25 +393,41 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
         job.finished_at = utcnow()
         job.lease_expires_at = None
         job.events = [*job.events, *events]
-        job.progress_done = session.scalar(
-            sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == job_id))
+        if job.parent_id is None:
+            job.progress_done = session.scalar(
+                sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == job_id))
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
                         .values(current_job_id=None, state=WorkerState.IDLE.value))
+        if job.parent_id is not None:
+            session.flush()
+            _close_parent(session, job.parent_id, aggregate)
 
 
 def cancel_job(factory: sessionmaker, job_id: int) -> Job:
     """Cancel a queued job at once, or ask its worker to stop a running one."""
     with write_session(factory) as session:
+        # shards before their job, the order a shard's sample or end takes its locks in
+        shards = session.scalars(sa.select(Job).where(Job.parent_id == job_id)
+                                 .order_by(Job.id).with_for_update()).all()
         job = _locked(session, job_id)
         if job is None:
             raise JobNotFound(job_id)
         if JobState(job.state).finished:
             raise JobConflict(f"job {job_id} is already {job.state}")
-        if job.state == JobState.QUEUED.value:
+        for shard in shards:  # a data-parallel job: every shard stops
+            if shard.state == JobState.QUEUED.value:
+                shard.state, shard.finished_at = JobState.CANCELLED.value, utcnow()
+            elif shard.state == JobState.RUNNING.value:
+                shard.cancel_requested = True
+        if job.state == JobState.QUEUED.value or (
+                shards and all(JobState(s.state).finished for s in shards)):
             job.state = JobState.CANCELLED.value
             job.finished_at = utcnow()
         else:
             job.cancel_requested = True
+        if job.parent_id is not None and JobState(job.state).finished:
+            session.flush()
+            _close_parent(session, job.parent_id)
         return job
 
 
@@ -308,6 +439,8 @@ def delete_job(factory: sessionmaker, job_id: int) -> None:
             raise JobNotFound(job_id)
         if job.state == JobState.RUNNING.value:
             raise JobConflict(f"job {job_id} is running; cancel it first")
+        for shard in session.scalars(sa.select(Job).where(Job.parent_id == job_id)):
+            session.delete(shard)
         session.delete(job)
         if not is_postgres(session):
             floor = session.get(IdFloor, "jobs") or IdFloor(name="jobs", value=0)
@@ -356,7 +489,7 @@ def list_jobs(factory: sessionmaker, *, state: str | None = None, model: str | N
               dataset: str | None = None, submitter: str | None = None, offset: int = 0,
               limit: int = 50) -> tuple[list[JobView], int]:
     """A page of jobs, newest first, and the number of jobs matching the filters."""
-    query = sa.select(*_JOB_COLUMNS)
+    query = sa.select(*_JOB_COLUMNS).where(Job.parent_id.is_(None))  # shards: in their job
     if submitter:
         query = query.where(Job.submitter == submitter)
     if state:

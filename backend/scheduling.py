@@ -57,7 +57,9 @@ def room_for(num_gpus: int, free_per_gpu: list[int] | tuple[int, ...]) -> int:
 def eligible(caps: Capacity) -> list[Any]:
     """WHERE conditions of the queued jobs a worker with `caps` may claim."""
     conditions = [Job.state == JobState.QUEUED.value,
-                  Job.num_gpus <= max(caps.gpu_count, 1)]
+                  Job.num_gpus <= max(caps.gpu_count, 1),
+                  # a data-parallel job is run by its shards, never claimed itself
+                  sa.or_(Job.shard_count.is_(None), Job.parent_id.isnot(None))]
     label_free = Job.worker_label.is_(None)
     conditions.append(sa.or_(label_free, Job.worker_label.in_(caps.labels))
                       if caps.labels else label_free)

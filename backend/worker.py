@@ -315,13 +315,15 @@ class Worker:
         self.run_job(job.id, job.model, job.dataset, job.params,
                      timeout_s=job.timeout_s or self.settings.job_timeout or None,
                      api=job.api, api_key_encrypted=job.api_key_encrypted,
-                     num_gpus=job.num_gpus, memory_bytes=job.memory_bytes)
+                     num_gpus=job.num_gpus, memory_bytes=job.memory_bytes,
+                     shard=(job.shard_index, job.shard_count) if job.parent_id else None)
         return True
 
     def run_job(self, job_id: int, model: str, dataset: str, params: dict[str, Any],
                 timeout_s: float | None = None, api: dict[str, Any] | None = None,
                 api_key_encrypted: str | None = None, num_gpus: int = 1,
-                memory_bytes: int | None = None) -> None:
+                memory_bytes: int | None = None,
+                shard: tuple[int, int] | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
         from backend.evaluation import (
@@ -355,6 +357,7 @@ class Worker:
                     "bytes_total": fetched["bytes"], "files": fetched["files"],
                     "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
+            prepared.shard = shard
             sink = _DbSink(self, job_id, timeout_s)
             prepared.should_stop = sink.should_stop
             try:
@@ -379,7 +382,8 @@ class Worker:
                 error = (f"timed out: ran longer than {timeout_s:g} s "
                          "(job timeout_s or LBS_JOB_TIMEOUT); the samples done are kept")
             finish_job(self.factory, job_id, self.id, state, scores=outcome.scores,
-                       memory=outcome.memory, events=outcome.events, error=error)
+                       memory=outcome.memory, events=outcome.events, error=error,
+                       aggregate=prepared.dataset.aggregate if shard else None)
             overall = next((s.value for s in outcome.scores if s.name == "overall"), None)
             log.info("[Worker] job %d %s (overall score %s)", job_id, state.value,
                      "n/a" if overall is None else f"{overall:.4f}")

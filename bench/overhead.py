@@ -13,9 +13,10 @@ Three timings per repeat, taken alternately so drift hits all of them alike:
            claim to finish as stored in its row (lease heartbeats, one SQLite
            transaction per sample, model load in the worker, release after),
            and submit->succeeded as the client saw it (polling once a second).
-It prints medians and the ratios cli/bare process and server job/bare load+generation
-(target <= 1.05), and
-checks that harness and bare loop produced the same predictions.
+It prints medians and the ratios cli/bare process and server job/bare load+generation,
+and checks that harness and bare loop produced the same predictions. Since issue 20 the
+harness computes the haystack before each needle once (prefix-shared prefill) where the
+bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
         assert job["state"] == "succeeded", job["error"]
         samples = _http(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
         job["generation_s"] = sum(s["latency_s"] for s in samples)
+        job["prefill_tokens"] = sum(s["fields"].get("timing", {}).get("prefill_tokens", 0)
+                                    for s in samples)
         return elapsed, job, [s["prediction"] for s in samples]
 
 
@@ -107,10 +110,14 @@ def main() -> None:
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="builtin:tiny")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--depths", type=int, default=5,
+                        help="needle depths per context length, evenly from 0 to 100 percent")
     args = parser.parse_args()
     if args.bare:
         bare(args.bare)
         return
+    GRID["depth_percents"] = [round(100 * i / (args.depths - 1), 2)
+                              for i in range(args.depths)] if args.depths > 1 else [50.0]
 
     work = Path(tempfile.mkdtemp(prefix="lbs-bench-"))
     env = {**os.environ, "LBS_DATA_DIR": str(work / "data"), "LBS_ENV_FILE": str(work / "x"),
@@ -166,7 +173,8 @@ def main() -> None:
               f"{bare_out['import_s']:.2f} s, load {bare_out['load_s']:.2f} s, generation "
               f"{bare_out['loop_s']:.2f} s) | cli process {t_cli:.2f} s | server submit->"
               f"succeeded {t_server:.2f} s (job {job['duration_s']:.2f} s, of it generation "
-              f"{job['generation_s']:.2f} s) | "
+              f"{job['generation_s']:.2f} s, prefill tokens computed "
+              f"{job['prefill_tokens']} of {sum(i.prompt_tokens for i in items)}) | "
               f"same predictions: {same}")
         if not same:
             raise SystemExit("harness and bare loop disagree on predictions")

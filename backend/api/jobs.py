@@ -94,11 +94,19 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         raise ApiError(422, "invalid_params", f"{field}: {exc.message}",
                        [{"field": field, "message": exc.message}])
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
+    shards = job.data_parallel
+    if shards == "auto":
+        shards = service.idle_workers(_factory(), settings.lease_seconds, job.worker_label,
+                                      job.num_gpus)
+    if shards > 1 and prepared.params.methods:
+        message = "a comparison of methods runs on one worker; use data_parallel 1"
+        raise ApiError(422, "invalid_job", f"{prefix}data_parallel: {message}",
+                       [{"field": f"{prefix}data_parallel", "message": message}])
     return service.NewJob(model=job.model, dataset=job.dataset, params=params,
                           timeout_s=job.timeout_s, priority=job.priority,
                           submitter=job.submitter or "anonymous",
                           worker_label=job.worker_label, num_gpus=job.num_gpus,
-                          memory_bytes=memory,
+                          memory_bytes=memory, data_parallel=shards,
                           api=prepared.api.public() if prepared.api is not None else None,
                           api_key_encrypted=encrypt(settings, prepared.api_key)
                           if job.api is not None and job.api.api_key is not None else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +59,10 @@ class JobRequest(_Strict):
     num_gpus: int = Field(1, ge=1, le=64,
                           description="GPUs the job needs on one worker (a worker without "
                                       "GPUs runs 1-GPU jobs on the CPU)")
+    data_parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        1, description="spread the job's samples over this many workers (shards, one worker "
+                    "each, each loading the model once; one progress and one result), or "
+                    '"auto": every worker idle now that could run it (at least 1)')
     api: ApiOptions | None = Field(
         None, description="for openai:<name> models: the server's base URL, key, endpoint "
                           "and limits (LBS_OPENAI_BASE_URL / LBS_OPENAI_API_KEY fill what "
@@ -127,6 +131,7 @@ class JobSummary(BaseModel):
     submitter: str = "anonymous"
     worker_label: str | None = None
     num_gpus: int = 1
+    data_parallel: int = Field(1, description="shards the job's samples are spread over")
     memory_estimate_bytes: int | None = Field(
         None, description="estimated GPU memory (weights, KV cache, activations) a worker "
                           "must have free to claim the job")
@@ -247,6 +252,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         duration_s=duration, timeout_s=job.timeout_s, priority=job.priority,
         submitter=job.submitter, worker_label=job.worker_label, num_gpus=job.num_gpus,
+        data_parallel=getattr(job, "shard_count", None) or 1,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
         phase="fetching data" if fetching else None, data_fetch=data_fetch,

@@ -138,6 +138,9 @@ class Item:
     """Multiple choice scored by log-likelihood: the continuations to compare after
     `prompt`; the prediction is the label of the most likely one (see `labels`)."""
     labels: list[str] | None = None
+    prefix: str | None = None
+    """A leading part of `prompt` other items share (NIAH: the text before the needle);
+    a runner may compute it once (see GenerationRequest.prefix)."""
 
 
 @dataclass
@@ -161,6 +164,10 @@ class Dataset:
     description: ClassVar[str]
     cache_mode: ClassVar[CacheMode] = CacheMode.CACHED
     Params: ClassVar[type[DatasetParams]] = DatasetParams
+    length_sorted: ClassVar[bool] = False
+    """Generate the items longest prompt first, batching neighbours in length (less
+    padding; the first batch probes the most memory a batch needs); results are stored
+    under each item's idx, so they read back in the original order."""
     cost: ClassVar[str] = ""
     """A rough cost for the UI, e.g. "52 subjects, ~1.3k questions (val)"."""
 

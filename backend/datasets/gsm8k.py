@@ -81,6 +81,7 @@ class GSM8K(Dataset):
     name = "gsm8k"
     description = "GSM8K: grade-school maths word problems; accuracy of the final number."
     cache_mode = CacheMode.CACHED
+    length_sorted = True
     cost = "1319 test problems, up to max_new_tokens generated each"
     Params = GSM8KParams
     hub = HubSource("openai/gsm8k", files=("main/*.parquet",), configs=("main",),

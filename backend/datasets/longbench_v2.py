@@ -85,6 +85,7 @@ class LongBenchV2(Dataset):
     description = ("LongBench v2: 503 long-context multiple-choice questions; accuracy "
                    "overall, by difficulty and by length.")
     cache_mode = CacheMode.UNCACHED
+    length_sorted = True
     cost = "503 questions of 8k-2M words (middle-truncated to the model)"
     Params = LongBenchV2Params
     hub = HubSource("THUDM/LongBench-v2", files=("data.json",), splits=("train",))

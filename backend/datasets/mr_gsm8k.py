@@ -119,6 +119,7 @@ class MRGSM8K(Dataset):
     description = ("MR-GSM8K: the model grades GSM8K solutions (correct? first wrong step?); "
                    "MR-Score components.")
     cache_mode = CacheMode.CACHED
+    length_sorted = True
     cost = "3000 solutions to grade, up to max_new_tokens generated each"
     Params = MRGSM8KParams
     # The hub dataset the official repository (dvlab-research/MR-GSM8K) links to; its

@@ -359,9 +359,13 @@ class NeedleInAHaystack(Dataset):
         for length in params.lengths():
             for depth in params.depths():
                 prompt, tokens, fields = builder.build(length, depth)
+                # Everything before the needle is the same at every deeper depth (and,
+                # as far as the sentences chosen agree, at other lengths): a runner may
+                # compute it once (GenerationRequest.prefix).
+                prefix = prompt[:prompt.index(params.needle.strip())]
                 items.append(Item(idx=len(items), prompt=prompt, prompt_tokens=tokens,
                                   max_new_tokens=params.max_new_tokens, reference=answer,
-                                  fields=fields))
+                                  fields=fields, prefix=prefix))
         return items
 
     breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]

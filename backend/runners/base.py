@@ -26,6 +26,12 @@ class GenerationRequest:
     """How `prompt` was rendered (`Runner.render(..., chat_template=)`): with the chat
     template, whose text already holds the special tokens (BOS…), or as plain text, to
     which the runner adds its tokenizer's usual special tokens."""
+    prefix: str | None = None
+    """A leading part of `prompt` that other requests of the job share (NIAH: the rendered
+    text before the needle). A runner may compute its keys/values once and continue each
+    prompt from a copy of them; the reply is the one the whole prompt alone would get.
+    The split is made in token space: only tokens the prompt's own tokenisation shares
+    with the prefix's are reused, so a token merging across the boundary is recomputed."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,12 @@ class Runner(ABC):
         memory: what job parameter batch_size "auto" becomes. A runner with no memory
         of its own to probe (a remote API) takes one request at a time."""
         return 1
+
+    def forget_prefixes(self) -> None:
+        """Drop any key/value cache kept for shared prefixes (GenerationRequest.prefix);
+        the evaluation loop calls it when a pass over a job's items ends. Runners that
+        keep none have nothing to do."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -133,6 +133,14 @@ def model_source(spec: ModelSpec, settings: Settings) -> str:
     return str(spec.path) if spec.path is not None else spec.hub_id
 
 
+def _copy_cache(cache):
+    """A copy of a key/value cache, so each continuation extends its own (log-likelihood
+    continuations, prompts after a shared prefix)."""
+    import copy
+
+    return copy.deepcopy(cache)
+
+
 class FirstTokenClock:
     """A logits processor that only notes when it is first called: the end of the
     prefill (the prompt's forward pass), so generation splits into prefill and decode."""
@@ -217,6 +225,10 @@ class HFRunner(Runner):
         self.host_pinned = False
         self.static_cache = static_cache
         """Generate with a preallocated KV cache (the "optimized" method)."""
+        self.share_prefixes = True
+        """Continue requests with a `prefix` from a copy of its cached keys/values."""
+        self._prefix: tuple[tuple[int, ...], object] | None = None
+        """The longest shared prefix seen in this pass: its token ids and cache."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
@@ -299,6 +311,8 @@ class HFRunner(Runner):
         if not requests:
             return []
         prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
+        if self.share_prefixes and not self.static_cache and any(r.prefix for r in requests):
+            return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
@@ -332,18 +346,121 @@ class HFRunner(Runner):
         prefill = (first_token.at or ended) - started
         timing = {"prefill_s": round(prefill, 6), "decode_s": round(ended - started - prefill, 6),
                   "batch": len(requests), "prefill_tokens": sum(len(p) for p in prompts)}
+        return [self._reply(row, request, len(ids), latency, timing)
+                for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
+                                             strict=True)]
+
+    def _reply(self, row: list[int], request: GenerationRequest, prompt_tokens: int,
+               latency: float, timing: dict) -> Generation:
+        """A generated row cut to the request's budget and after its first end token."""
+        new_ids = row[:request.max_new_tokens]
         stops = self._eos_ids()
-        results = []
-        for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
-                                     strict=True):
-            new_ids = row[:request.max_new_tokens]
-            end = next((i for i, t in enumerate(new_ids) if t in stops), None)
-            if end is not None:
-                new_ids = new_ids[:end + 1]
-            results.append(Generation(text=self.decode(new_ids).strip(), prompt_tokens=len(ids),
-                                      output_tokens=len(new_ids), latency_s=latency,
-                                      extra={"timing": timing}))
+        end = next((i for i, t in enumerate(new_ids) if t in stops), None)
+        if end is not None:
+            new_ids = new_ids[:end + 1]
+        return Generation(text=self.decode(new_ids).strip(), prompt_tokens=prompt_tokens,
+                          output_tokens=len(new_ids), latency_s=latency,
+                          extra={"timing": timing})
+
+    # --- shared prefixes (GenerationRequest.prefix) -----------------------------------
+
+    def _shared_length(self, request: GenerationRequest, ids: list[int]) -> int:
+        """How many leading tokens of the prompt's `ids` are the prefix's: the tokens the
+        prefix's own tokenisation agrees on with the prompt's (a token merging across
+        the boundary is left to the rest), and at least one token left to feed."""
+        if not request.prefix:
+            return 0
+        head = self.tok.prompt_ids(request.prefix, request.chat_template)
+        n = 0
+        for a, b in zip(head, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(ids) - 1)
+
+    def _prefix_cache(self, ids: list[int]):
+        """A fresh copy of the key/value cache of the tokens `ids`, and how many of
+        them had to be computed now.
+
+        One prefix is kept between calls: the longest seen. A prefix it starts with
+        (a shallower needle: deepest first costs one prefill) is a copy cropped to
+        length; otherwise the kept one is cut where they part and extended by the
+        new tokens (a longer prefix, or another context length's haystack), and kept
+        instead."""
+        import torch
+        from transformers import DynamicCache
+
+        kept_ids, kept = self._prefix or ((), None)
+        common = 0
+        for a, b in zip(kept_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if kept is not None and common == len(ids):
+            cache = _copy_cache(kept)
+            cache.crop(len(ids) - len(kept_ids))
+            return cache, 0
+        if kept is None or common == 0:
+            self._prefix = None
+            kept, common = DynamicCache(config=self.model.config), 0
+        else:
+            self._prefix = None  # cut in place: no second copy while it is extended
+            kept.crop(common - len(kept_ids))
+        rest = torch.tensor([ids[common:]], device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=rest, cache=kept, use_cache=True,
+                       logits_to_keep=1)
+        if not all(type(layer).__name__ == "DynamicLayer" for layer in kept.layers):
+            # sliding-window or linear-attention layers cannot be cut back to a prefix
+            self.share_prefixes = False
+        else:
+            self._prefix = (tuple(ids), kept)
+        return _copy_cache(kept), len(ids) - common
+
+    def _generate_shared(self, requests: list[GenerationRequest],
+                         prompts: list[list[int]]) -> list[Generation]:
+        """Requests with a shared prefix, one at a time (their caches would not line up
+        in a padded batch), deepest prefix first, each continuing from a copy of its
+        prefix's cache: the same greedy tokens as the whole prompt alone."""
+        import torch
+
+        shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
+        results: list[Generation | None] = [None] * len(requests)
+        try:
+            for i in sorted(range(len(requests)), key=lambda i: -shared[i]):
+                request, ids, n = requests[i], prompts[i], shared[i]
+                first_token = FirstTokenClock(self.device.startswith("cuda"))
+                started = time.perf_counter()
+                extra = {}
+                computed = 0
+                if n:
+                    extra["cache"], computed = self._prefix_cache(ids[:n])
+                input_ids = torch.tensor([ids], device=self.device)
+                with torch.inference_mode():
+                    output = self.model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                        max_new_tokens=request.max_new_tokens, do_sample=False,
+                        temperature=None, top_p=None, top_k=None,
+                        pad_token_id=self.pad_token_id if self.pad_token_id is not None else 0,
+                        logits_processor=[first_token], **extra)
+                extra.clear()
+                if self.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                ended = time.perf_counter()
+                prefill = (first_token.at or ended) - started
+                timing = {"prefill_s": round(prefill, 6),
+                          "decode_s": round(ended - started - prefill, 6), "batch": 1,
+                          "prefill_tokens": len(ids) - n + computed,
+                          "shared_prefix_tokens": n - computed}
+                results[i] = self._reply(output[0, len(ids):].tolist(), request, len(ids),
+                                         ended - started, timing)
+        except BaseException:
+            self._prefix = None  # out of memory above all: the retry starts from nothing
+            raise
         return results
+
+    def forget_prefixes(self) -> None:
+        self._prefix = None
 
     def _eos_ids(self) -> set[int]:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -566,6 +683,7 @@ class HFRunner(Runner):
         """
         import torch
 
+        self._prefix = None  # a shared prefix's cache lives on the GPU
         if self.device == "cpu":
             return 0
         copied = 0
@@ -605,6 +723,7 @@ class HFRunner(Runner):
         compiled = self.model is not None and "_compiled_call" in self.model.__dict__
         if compiled:
             del self.model._compiled_call  # model -> compiled call -> model
+        self._prefix = None
         self.model = None
         self.tokenizer = None
         self.tok = None

@@ -85,6 +85,7 @@ class LongBench(Dataset):
     description = ("LongBench: 21 long-context subsets (QA, summarisation, few-shot, "
                    "synthetic, code) in English and Chinese with the official metrics.")
     cache_mode = CacheMode.UNCACHED
+    length_sorted = True
     cost = "21 subsets, 4750 samples of up to ~30k tokens"
     Params = LongBenchParams
     # The repository's loading script (LongBench.py) reads data.zip, whose data/ folder is

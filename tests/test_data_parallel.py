@@ -1,0 +1,190 @@
+"""One job over several workers (`data_parallel`): its shards are claimed, leased,
+resumed and cancelled like jobs; every sample is stored once, on the job; the job's
+scores are those of a single-worker run (aggregated over all samples); each shard's
+memory peaks are kept. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from backend import jobs
+from backend.db import Job, JobState, utcnow, write_session
+from backend.worker import Worker
+from tests.conftest import ENGINES, LiveServer
+
+NIAH = "needle_in_haystack"
+GRID = {"context_lengths": [256, 384], "depth_percents": [0, 25, 50, 75, 100],
+        "max_new_tokens": 6}
+
+
+def _submit(factory, shards: int, params=GRID) -> int:
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", NIAH, params,
+                                                    data_parallel=shards)])
+    return job.id
+
+
+def _drain(settings, names: list[str]) -> list[Worker]:
+    """Workers taking turns at the queue until it is empty."""
+    workers = [Worker(settings, worker_id=n) for n in names]
+    for w in workers:
+        w.start()
+    try:
+        while any([w.run_once() for w in workers]):
+            pass
+    finally:
+        for w in workers:
+            w.stop()
+            w.manager.stop_monitor()
+    return workers
+
+
+def _shards(factory, job_id):
+    with factory() as session:
+        return session.scalars(sa.select(Job).where(Job.parent_id == job_id)
+                               .order_by(Job.shard_index)).all()
+
+
+def _scores(job):
+    return [(s.name, s.value, s.count, s.labels) for s in job.scores]
+
+
+@pytest.mark.parametrize("db_url", ENGINES, indirect=True)
+def test_shards_store_each_sample_once_and_score_like_one_worker(settings, factory,
+                                                                 with_tiny, db_url):
+    single = _submit(factory, 1)
+    _drain(settings, ["solo"])
+    sharded = _submit(factory, 3)
+    _drain(settings, ["w1", "w2", "w3"])
+
+    one, many = jobs.get_job(factory, single), jobs.get_job(factory, sharded)
+    assert many.state == JobState.SUCCEEDED.value, many.error
+    assert many.shard_count == 3 and many.progress_done == many.progress_total == 10
+    samples, total = jobs.list_samples(factory, sharded)
+    assert [s.idx for s in samples] == list(range(10)) and total == 10  # each once
+    ref, _ = jobs.list_samples(factory, single)
+    assert [s.prediction for s in samples] == [s.prediction for s in ref]
+    assert _scores(many) == _scores(one)
+    shards = _shards(factory, sharded)
+    assert [s.state for s in shards] == [JobState.SUCCEEDED.value] * 3
+    assert {s.worker_id for s in shards} == {"w1", "w2", "w3"}  # one shard each
+    assert [s.progress_done for s in shards] == [4, 3, 3]  # idx % 3
+    peaks = {p.name for p in many.memory_peaks}
+    assert {"shard0_rss_peak", "shard1_rss_peak", "shard2_rss_peak", "rss_peak"} <= peaks
+    # the list shows the job, not its shards
+    listed, count = jobs.list_jobs(factory)
+    assert sorted(j.id for j in listed) == [single, sharded] and count == 2
+
+
+@pytest.mark.parametrize("db_url", ENGINES, indirect=True)
+def test_a_shard_whose_worker_died_resumes_elsewhere(settings, factory, with_tiny, db_url):
+    job_id = _submit(factory, 2)
+    dead = jobs.claim_job(factory, "dead", settings.lease_seconds, settings.max_attempts)
+    assert dead.parent_id == job_id and dead.shard_index == 0
+    assert jobs.get_job(factory, job_id).state == JobState.RUNNING.value
+    for idx in (0, 2):  # two samples of shard 0 were stored before the worker died
+        jobs.record_sample(factory, dead.id, "dead", 60, {
+            "idx": idx, "prompt": "p", "prompt_tokens": 1, "prediction": "stored before",
+            "score": 0.0, "latency_s": 0.1, "output_tokens": 1, "fields": {
+                "context_length": 256, "depth_percent": 0.0 if idx == 0 else 50.0}})
+    with write_session(factory) as session:  # its lease ran out
+        session.get(Job, dead.id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    _drain(settings, ["w1", "w2"])
+
+    job = jobs.get_job(factory, job_id)
+    assert job.state == JobState.SUCCEEDED.value, job.error
+    samples, _ = jobs.list_samples(factory, job_id)
+    assert [s.idx for s in samples] == list(range(10))
+    assert [s.prediction for s in samples if s.idx in (0, 2)] == ["stored before"] * 2
+    shard0 = _shards(factory, job_id)[0]
+    assert shard0.attempts == 2 and shard0.state == JobState.SUCCEEDED.value
+    assert any(e["kind"] == "lease_expired" for e in shard0.events)
+
+
+@pytest.mark.parametrize("db_url", ENGINES, indirect=True)
+def test_cancel_stops_every_shard(settings, factory, with_tiny, db_url):
+    job_id = _submit(factory, 3)
+    running = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
+    jobs.cancel_job(factory, job_id)
+    shards = _shards(factory, job_id)
+    assert [s.state for s in shards] == [JobState.RUNNING.value, JobState.CANCELLED.value,
+                                         JobState.CANCELLED.value]
+    assert jobs.get_job(factory, job_id).state == JobState.RUNNING.value  # until it stops
+    # the running shard hears of it at its next sample or heartbeat, and stops
+    assert jobs.renew_lease(factory, running.id, "w1", 60) is True
+    jobs.finish_job(factory, running.id, "w1", JobState.CANCELLED)
+    job = jobs.get_job(factory, job_id)
+    assert job.state == JobState.CANCELLED.value and job.finished_at is not None
+    assert jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts) is None
+
+
+def test_a_failed_shard_fails_the_job_and_stops_the_others(settings, factory, with_tiny):
+    job_id = _submit(factory, 2)
+    a = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
+    b = jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts)
+    jobs.finish_job(factory, a.id, "w1", JobState.FAILED, error="RuntimeError: boom")
+    assert jobs.renew_lease(factory, b.id, "w2", 60) is True  # asked to stop
+    jobs.finish_job(factory, b.id, "w2", JobState.CANCELLED)
+    job = jobs.get_job(factory, job_id)
+    assert job.state == JobState.FAILED.value and "shard 0: RuntimeError: boom" in job.error
+
+
+def test_submit_data_parallel_over_the_api(client, factory):
+    ok = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                        "params": GRID, "data_parallel": 2})
+    assert ok.status_code in (200, 201), ok.get_json()
+    job = ok.get_json()["data"]["job"]
+    assert job["data_parallel"] == 2 and job["state"] == "queued"
+    assert len(_shards(factory, job["id"])) == 2
+    auto = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                          "params": GRID, "data_parallel": "auto"})
+    assert auto.get_json()["data"]["job"]["data_parallel"] == 1  # no idle worker here
+    for bad in (0, 65, "all", 1.5):
+        res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                             "params": GRID, "data_parallel": bad})
+        assert res.status_code == 422, bad
+        fields = [d["field"] for d in res.get_json()["error"]["details"]]
+        assert any("data_parallel" in f for f in fields), fields
+    res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                         "params": {**GRID, "methods": ["basic"]},
+                                         "data_parallel": 2})
+    assert res.status_code == 422
+    assert res.get_json()["error"]["details"][0]["field"] == "data_parallel"
+
+
+@pytest.mark.slow
+def test_sigkilled_shard_worker_is_replaced_and_the_shard_resumes(with_tiny):
+    long = {"context_lengths": [256, 512, 768, 1024], "depth_percents": {"count": 5},
+            "max_new_tokens": 24}
+    live = LiveServer(with_tiny, {"LBS_LEASE_SECONDS": "2", "LBS_WORKERS": "2"}).start()
+    try:
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": NIAH, "params": long, "data_parallel": 2})
+        assert status in (200, 201), body
+        job_id = body["data"]["job"]["id"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # both shards running, some samples stored
+            shards = [live.request("GET", f"/api/jobs/{job_id + k}")[1]["data"]["job"]
+                      for k in (1, 2)]
+            done = live.request("GET", f"/api/jobs/{job_id}")[1]["data"]["job"]
+            if all(s["worker_id"] for s in shards) and done["progress"]["done"] >= 2:
+                break
+            time.sleep(0.1)
+        victim = shards[0]["worker_id"]
+        workers = live.request("GET", "/api/workers")[1]["data"]["workers"]
+        os.kill(next(w["pid"] for w in workers if w["id"] == victim), signal.SIGKILL)
+        job = live.wait_for(job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+        assert job["state"] == "succeeded", job["error"]
+        assert job["progress"] == {"done": 20, "total": 20}
+        samples = live.request("GET", f"/api/jobs/{job_id}/samples")[1]["data"]["samples"]
+        assert [s["idx"] for s in samples] == list(range(20))  # none lost, none twice
+        shard = live.request("GET", f"/api/jobs/{shards[0]['id']}")[1]["data"]["job"]
+        assert shard["attempts"] == 2
+        assert any(e["kind"] == "lease_expired" for e in shard["events"])
+    finally:
+        live.stop()

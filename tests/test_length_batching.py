@@ -1,0 +1,86 @@
+"""Length-aware batching of generation datasets: the items go longest first in batches of
+neighbours, `batch_size: "auto"` starts large and halves on out-of-memory (the first,
+longest batch is the probe), and the results are stored in the original order with the
+answers of batch size 1."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from backend import jobs
+from backend.db import JobState
+from backend.runners.hf import HFRunner
+from backend.worker import Worker
+from tests.conftest import ROOT
+
+PARAMS = {"max_length": 300, "use_chat_template": False,
+          "subsets": ["hotpotqa", "trec", "passage_count", "multifieldqa_zh"]}
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every generate call's prompt lengths; batches above `limit` raise CUDA's OOM."""
+    calls: list[list[int]] = []
+    limit = {"n": None}
+    real = HFRunner.generate
+
+    def generate(self, requests):
+        calls.append([self.count_prompt(r.prompt, r.chat_template) for r in requests])
+        if limit["n"] is not None and len(requests) > limit["n"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+        return real(self, requests)
+    monkeypatch.setattr(HFRunner, "generate", generate)
+    return calls, limit
+
+
+def _run(settings, factory, params):
+    settings = dataclasses.replace(settings, datasets_dir=ROOT / "tests" / "fixtures")
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "longbench", params)])
+    worker = Worker(settings, worker_id="w")
+    worker.start()
+    try:
+        assert worker.run_once()
+    finally:
+        worker.stop()
+        worker.manager.stop_monitor()
+    return jobs.get_job(factory, job.id), jobs.list_samples(factory, job.id)[0]
+
+
+def test_longest_first_auto_batches_and_original_order(settings, factory, with_tiny,
+                                                       recorded):
+    calls, limit = recorded
+    reference, ref_samples = _run(settings, factory, {**PARAMS, "batch_size": 1})
+    assert reference.state == JobState.SUCCEEDED.value, reference.error
+    lengths = [c[0] for c in calls]
+    assert lengths == sorted(lengths, reverse=True)  # longest first, one at a time
+    n = len(ref_samples)
+    assert n >= 4
+
+    calls.clear()
+    limit["n"] = 2  # a batch of more than two prompts does not fit
+    job, samples = _run(settings, factory, {**PARAMS, "batch_size": "auto"})
+    assert job.state == JobState.SUCCEEDED.value, job.error
+    # the first batch holds every prompt (auto starts at min(32, prompts)), longest
+    # first; it halves until it fits, and the halved size stays
+    sizes = [len(c) for c in calls]
+    fits = next(i for i, size in enumerate(sizes) if size <= 2)
+    assert sizes[0] == n and all(size > 2 for size in sizes[:fits])
+    assert all(size <= 2 for size in sizes[fits:])  # the halved size stays
+    flat = [length for c in calls if len(c) <= 2 for length in c]
+    assert flat == sorted(flat, reverse=True)  # neighbours in length batched together
+    assert [s.idx for s in samples] == list(range(n))  # stored in the original order
+    assert [s.prediction for s in samples] == [s.prediction for s in ref_samples]
+    assert job.scores[0].value == reference.scores[0].value
+    ooms = [e for e in job.events if e["kind"] == "oom"]
+    assert ooms and ooms[0]["note"].startswith(f"batch size {n}")
+
+
+def test_auto_batch_size_is_checked(client):
+    for bad in ("big", 0, 257):
+        res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": "gsm8k",
+                                             "params": {"batch_size": bad}})
+        assert res.status_code == 422, bad
+        assert any("batch_size" in d["field"] for d in res.get_json()["error"]["details"])
