@@ -29,7 +29,7 @@ from backend.api.schemas import (
     sample_out,
 )
 from backend.datasets.base import ParamError, PathRefused
-from backend.datasets.hub import DataMissing
+from backend.datasets.hub import DataMissing, FetchPending
 from backend.datasets.registry import UnknownDataset, get_dataset
 from backend.evaluation import JobFieldError, JobFieldRefused, prepare
 from backend.redact import csv_cell
@@ -61,8 +61,11 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     try:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
         # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
-        memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
-                                    prepared.info.max_length, settings)
+        try:
+            memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
+                                        prepared.info.max_length, settings)
+        except FetchPending:  # no prompts to measure until the worker fetches the data:
+            memory = None     # unknown, admitted anywhere (like a model not downloaded)
     except JobFieldError as exc:
         field = f"{prefix}{exc.field}"
         status, code = (403, "path_refused") if isinstance(exc, JobFieldRefused) \
