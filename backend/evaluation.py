@@ -461,7 +461,8 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
     options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
     weights = estimate_model_bytes(job.spec, options.dtype)
     # what the job needs on the GPU besides the weights: placing them leaves it free
-    needed = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings)
+    needed = estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
+                                settings)
     headroom = max(0, needed - weights) if needed and weights else 0
     return (model_key(job.spec, settings, options),
             partial(HFRunner.load, job.spec, options, settings, headroom_bytes=headroom),
