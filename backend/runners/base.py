@@ -21,6 +21,9 @@ class GenerationRequest:
     """How `prompt` was rendered (`Runner.render(..., chat_template=)`): with the chat
     template, whose text already holds the special tokens (BOS…), or as plain text, to
     which the runner adds its tokenizer's usual special tokens."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: when given, the reply is cut before the first one it holds and kept
+    as decoded (not stripped), the way lm-evaluation-harness reads a generation."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class Runner(ABC):
         that context: single-token continuations (answer letters) are read off
         its last position, longer ones continue from its cached keys/values.
         """
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+        """The log-likelihood of each whole text (perplexity tasks), scored in disjoint
+        windows of the model's length, each predicting its tokens from the ones before.
+        Runners that cannot score a text's every token say so (ValueError)."""
+        raise ValueError(f"{type(self).__name__} cannot score whole texts "
+                         "(loglikelihood_rolling); use a local transformers model")
 
     @abstractmethod
     def close(self) -> None:
