@@ -177,3 +177,62 @@ def test_killed_worker_resumes_to_the_same_numbers(with_tiny, tasks_dir):
     for key, value in fresh.items():
         assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     assert json.dumps(sorted(resumed)) == json.dumps(sorted(fresh))
+
+
+def _task_list(live, timeout=600):
+    """GET /api/datasets until the lm_eval entry carries its task list (indexed off the
+    request path: the first answers say `indexing`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        (ds,) = [d for d in live.request("GET", "/api/datasets")[1]["data"]["datasets"]
+                 if d["name"] == "lm_eval"]
+        assert time.monotonic() - started < 10, "the listing waited for the index"
+        if isinstance(ds["tasks"], list):
+            return ds
+        assert ds["tasks"] == {"status": "indexing"}
+        time.sleep(1)
+    raise AssertionError("the task list never came")
+
+
+@pytest.mark.slow
+def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
+    live = LiveServer(with_tiny, {"LBS_LM_EVAL_INCLUDE_PATH": str(tasks_dir),
+                                  "HF_DATASETS_OFFLINE": "1"}).start()
+    try:
+        live.wait_for_worker()
+        ds = _task_list(live)
+        by_name = {t["name"]: t for t in ds["tasks"]}
+        assert by_name["lbs_gen"]["version"] == 2.0
+        assert by_name["lbs_gen"]["output_type"] == "generate_until"
+        assert by_name["lbs_group"]["kind"] == "group"
+        assert by_name["lbs_group"]["tasks"] == ["lbs_mc", "lbs_gen"]
+        assert "arc_easy" in by_name and "hellaswag" in by_name  # lm-eval's own index
+        # a task the index knows is checked at submit time
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "lm_eval", "params": {"tasks": ["nope_x"]}})
+        assert status == 422 and body["error"]["details"][0]["field"] == "params.tasks"
+
+        page.goto(live.url + "/#/launch")
+        page.check("#ds-lm_eval")
+        fs = page.locator('fieldset[data-dataset="lm_eval"]')
+        search = fs.locator("input.list-search")
+        search.fill("lbs_mc")
+        search.dispatch_event("change")
+        search.fill("lbs_ppl")
+        search.dispatch_event("change")
+        assert fs.locator('input[name="tasks"]').input_value() == "lbs_mc, lbs_ppl"
+        fs.locator('input[name="limit"]').fill("2")
+        page.click("#launch-submit")
+        page.wait_for_url("**/#/queue")
+        (job,) = live.request("GET", "/api/jobs")[1]["data"]["jobs"]
+        assert job["params"]["tasks"] == ["lbs_mc", "lbs_ppl"]
+        job = live.wait_for(job["id"], ("succeeded", "failed"), timeout=300)
+        assert job["state"] == "succeeded", job["error"]
+        page.goto(f"{live.url}/#/job/{job['id']}")
+        page.get_by_text("lm-eval results (per task and group)").wait_for()
+        body_text = page.locator("body").inner_text()
+        assert "bits_per_byte" in body_text and "acc_norm" in body_text
+        assert "0.4.13" in body_text
+    finally:
+        live.stop()

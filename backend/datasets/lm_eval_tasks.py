@@ -46,10 +46,11 @@ class LmEvalParams(DatasetParams):
         None, gt=0, title="Limit",
         description="documents per task: a count, or a fraction of each task when under 1 "
                     "(lm_eval --limit)")
-    gen_kwargs: dict[str, str | int | float | bool | list[str]] | None = Field(
+    gen_kwargs: dict[str, str | int | float | bool | list[str]] | str | None = Field(
         None, title="Generation kwargs",
-        description="merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs), "
-                    "e.g. {\"max_gen_toks\": 64, \"until\": [\"\\n\"]}; decoding is greedy")
+        description="merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): "
+                    "an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; "
+                    "decoding is greedy")
     bootstrap_iters: int = Field(
         100000, ge=0, le=1_000_000, title="Bootstrap iterations",
         description="for the stderr of metrics lm-eval bootstraps (0: no stderr)")
@@ -65,7 +66,9 @@ class LmEvalParams(DatasetParams):
 
     @field_validator("gen_kwargs")
     @classmethod
-    def _greedy(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _greedy(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            value = parse_arg_string(value) or None
         if value and (value.get("do_sample") or value.get("temperature")):
             raise ValueError("decoding is greedy here: do_sample/temperature are not taken")
         return value
@@ -340,10 +343,34 @@ class LmEvalTasks(Dataset):
         out = super().describe()
         tasks = cached_task_list(cls.include_path)
         out["tasks"] = tasks if tasks is not None else {"status": "indexing"}
-        if tasks is not None:  # the form's searchable picker reads the schema's examples
+        if tasks is not None:  # the Launch form offers these names in a search box
             out["params_schema"]["properties"]["tasks"]["items"] = {
-                "type": "string", "enum": [t["name"] for t in tasks]}
+                "type": "string", "examples": [t["name"] for t in tasks]}
         return out
+
+
+def parse_arg_string(text: str) -> dict[str, Any]:
+    """lm_eval's `key=value,key=value` argument text (`simple_parse_args_string`), values
+    read as booleans, integers or floats where they are."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {part!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -420,8 +447,20 @@ def list_tasks(include: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in manager.all_tasks:
         entry = manager.task_index[name]
-        rows.append({"name": name, "kind": str(getattr(entry, "kind", "")).split(".")[-1].lower(),
-                     "yaml": str(getattr(entry, "yaml_path", "") or "")})
+        cfg = entry.cfg if isinstance(getattr(entry, "cfg", None), dict) else {}
+        row = {"name": name, "kind": getattr(entry.kind, "name", str(entry.kind)).lower(),
+               "yaml": str(entry.yaml_path or "")}
+        version = (cfg.get("metadata") or {}).get("version") if isinstance(
+            cfg.get("metadata"), dict) else None
+        if version is not None:
+            row["version"] = version
+        for key in ("output_type", "dataset_path", "dataset_name", "num_fewshot", "tag"):
+            if isinstance(cfg.get(key), str | int | float | list):
+                row[key] = cfg[key]
+        if isinstance(cfg.get("task"), list):  # a group: its tasks
+            row["tasks"] = [t if isinstance(t, str) else str(t.get("task", t))
+                            if isinstance(t, dict) else str(t) for t in cfg["task"]]
+        rows.append(_jsonable(row))
     return rows
 
 
