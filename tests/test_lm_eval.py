@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LiveServer
+from tests.test_faults import _rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 TASKS = ["lbs_gen", "lbs_mc", "lbs_ppl"]
@@ -100,6 +101,19 @@ def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
             else:
                 assert row.fields["loglikelihood"] == pytest.approx(float(s["resps"][0][0]),
                                                                     abs=1e-4)
+    # lm-eval's own loop on our runner (its model interface served by RunnerLM)
+    from backend.config import load_settings
+    from backend.datasets.lm_eval_lm import RunnerLM
+    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import resolve_model
+
+    settings = load_settings()
+    runner = HFRunner.load(resolve_model("builtin:tiny", settings, confine=False),
+                           LoadOptions.from_settings(settings), settings)
+    theirs = lm_eval.simple_evaluate(model=RunnerLM(runner), tasks=TASKS,
+                                     task_manager=TaskManager(include_path=str(tasks_dir)))
+    for (task, key), (value, _) in expected.items():
+        assert theirs["results"][task][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     versions = {s.labels["what"]: s.labels["version"] for s in outcome.scores
                 if s.name == "version"}
     assert versions["lm-eval"] == "0.4.13" and versions["lbs_gen"] == 2.0
@@ -164,6 +178,7 @@ def test_killed_worker_resumes_to_the_same_numbers(with_tiny, tasks_dir):
         assert job["state"] == "succeeded", job["error"]
         assert job["attempts"] == 2
         assert job["progress"] == {"done": 14, "total": 14}
+        assert _rows(with_tiny, job_id) == (14, 14), "one row per document, none twice"
         resumed = {(m["task"], m["metric"], m["filter"]): m["score"]
                    for m in job["scores"]["metrics"]}
         listing = live.request("GET", "/api/datasets")[1]["data"]["datasets"]

@@ -182,7 +182,9 @@ class LmEvalTasks(Dataset):
                 kind = first.request_type
                 max_new = 0
                 if kind == "generate_until":
-                    max_new = int(first.args[1].get("max_gen_toks", 256))
+                    from backend.datasets.lm_eval_lm import max_gen_toks
+
+                    max_new = max_gen_toks(first.args[1])
                 prompt = first.args[0]
                 items.append(Item(
                     idx=idx, prompt=prompt, prompt_tokens=0, max_new_tokens=max_new,
@@ -196,42 +198,26 @@ class LmEvalTasks(Dataset):
         """Answer a batch of documents through `runner`; `run(fn, requests)` calls a runner
         method in batches, halving them on out-of-memory (an OomFailure in place of a
         result that does not fit alone)."""
+        from backend.datasets.lm_eval_lm import RunnerLM
         from backend.evaluation import OomFailure
-        from backend.runners.base import GenerationRequest, LoglikelihoodRequest
 
-        ll, gen, rolling = [], [], []
+        lm = RunnerLM(runner, run)
+        by_type: dict[str, list[Any]] = defaultdict(list)
         for item in items:
             for inst in self._docs[item.idx][2]:
-                if inst.request_type == "loglikelihood":
-                    ll.append(inst)
-                elif inst.request_type == "generate_until":
-                    gen.append(inst)
-                elif inst.request_type == "loglikelihood_rolling":
-                    rolling.append(inst)
-                else:
-                    raise ValueError(f"unsupported lm-eval request type {inst.request_type}")
-        failed: dict[int, str] = {}
-        outs = run(runner.loglikelihood, [LoglikelihoodRequest(*split_pair(*i.args), False)
-                                          for i in ll])
-        for inst, out in zip(ll, outs, strict=True):
-            inst.resps = [out if isinstance(out, OomFailure) else (out.logprob, out.is_greedy)]
-        outs = run(runner.generate, [GenerationRequest(
-            i.args[0], int(i.args[1].get("max_gen_toks", 256)), False,
-            stop=tuple(_until(i.args[1]))) for i in gen])
-        for inst, out in zip(gen, outs, strict=True):
-            inst.resps = [out if isinstance(out, OomFailure) else out.text]
-            if not isinstance(out, OomFailure):
-                inst.lbs_tokens = (out.prompt_tokens, out.output_tokens)
-        outs = run(runner.loglikelihood_rolling, [i.args[0] for i in rolling])
-        for inst, out in zip(rolling, outs, strict=True):
-            inst.resps = [out]
+                by_type[inst.request_type].append(inst)
+        unknown = set(by_type) - {"loglikelihood", "generate_until", "loglikelihood_rolling"}
+        if unknown:
+            raise ValueError(f"unsupported lm-eval request type(s): {', '.join(unknown)}")
+        for kind, instances in by_type.items():
+            for inst, out in zip(instances, getattr(lm, kind)(instances), strict=True):
+                inst.resps = [out]
         answers = []
         for item in items:
             name, doc, instances = self._docs[item.idx]
             oom = next((r.resps[0].message for r in instances
                         if isinstance(r.resps[0], OomFailure)), None)
             if oom is not None:
-                failed[item.idx] = oom
                 answers.append({"text": "", "error": oom, "fields": item.fields})
                 continue
             answers.append(self._process(item, name, doc, instances, runner))
@@ -371,20 +357,6 @@ def parse_arg_string(text: str) -> dict[str, Any]:
                     pass
         out[key.strip()] = value
     return out
-
-
-def split_pair(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval's context/continuation split (`LM._encode_pair`): all trailing whitespace
-    of the context moves to the continuation."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        return context[:-n], context[-n:] + continuation
-    return context, continuation
-
-
-def _until(gen_kwargs: dict[str, Any]) -> list[str]:
-    until = gen_kwargs.get("until") or []
-    return [until] if isinstance(until, str) else list(until)
 
 
 def _jsonable(value: Any) -> Any:
