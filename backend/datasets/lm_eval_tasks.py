@@ -128,13 +128,11 @@ class LmEvalTasks(Dataset):
     # --- building ------------------------------------------------------------------
 
     def _load(self, params: LmEvalParams) -> dict[str, Any]:
-        from lm_eval.tasks import TaskManager
-
         started = time.perf_counter()
-        paths = list(self.include_path) or None
-        manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+        paths = tuple(self.include_path)
+        manager = _task_manager(paths, False) if paths else None
         if manager is None or any(t not in manager.all_tasks for t in params.tasks):
-            manager = TaskManager(include_path=paths)
+            manager = _task_manager(paths, True)
         unknown = [t for t in params.tasks if t not in manager.all_tasks]
         if unknown:
             raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
@@ -333,6 +331,26 @@ class LmEvalTasks(Dataset):
             out["params_schema"]["properties"]["tasks"]["items"] = {
                 "type": "string", "examples": [t["name"] for t in tasks]}
         return out
+
+
+_managers: dict[tuple, Any] = {}
+
+
+def _task_manager(paths: tuple[str, ...], defaults: bool) -> Any:
+    """lm-eval's TaskManager (its task index) for these folders, built once per worker
+    process: indexing lm-eval's own tasks takes ~13 s. Tasks are loaded fresh per job;
+    a YAML added or changed in the folders makes a new index."""
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for d in paths
+                         for f in Path(d).rglob("*.yaml") if f.is_file()))
+    key = (paths, defaults, stamp)
+    if key not in _managers:
+        _managers[key] = TaskManager(include_path=list(paths) or None,
+                                     include_defaults=defaults)
+    return _managers[key]
 
 
 def parse_arg_string(text: str) -> dict[str, Any]:
