@@ -131,6 +131,40 @@ def test_group_aggregate_and_num_fewshot(with_tiny, tasks_dir):
     assert len(mc) == 3 and all(r.prompt.count("Question:") == 3 for r in mc)
 
 
+def test_cancel_stops_between_documents_and_a_resume_skips_stored_ones(with_tiny, tasks_dir):
+    """A sink that says stop (a cancelled job) ends the job after that document; a resumed
+    job answers only the documents not stored and aggregates all of them."""
+    from backend.cli import _ListSink
+    from backend.config import load_settings
+    from backend.evaluation import prepare, run_evaluation
+    from backend.memory.manager import ModelManager
+
+    class Stopping(_ListSink):
+        def write(self, record):
+            super().write(record)
+            return len(self.records) < 3
+
+    settings = load_settings()
+    params = {"tasks": ["lbs_mc"]}
+    first = Stopping()
+    job = prepare("builtin:tiny", "lm_eval", params, settings, confine=False)
+    assert run_evaluation(job, ModelManager(use_cache=False), settings, first).stopped
+    assert [r.idx for r in first.records] == [0, 1, 2]
+
+    class Resumed(_ListSink):
+        def stored(self):
+            return {r.idx: (r.fields, r.score) for r in first.records}
+
+    second = Resumed()
+    job = prepare("builtin:tiny", "lm_eval", params, settings, confine=False)
+    outcome = run_evaluation(job, ModelManager(use_cache=False), settings, second)
+    assert [r.idx for r in second.records] == [3, 4, 5]
+    acc = _metrics(outcome.scores)[("lbs_mc", "acc,none")]
+    whole, _ = _ours(["lbs_mc"])
+    assert acc == _metrics(whole.scores)[("lbs_mc", "acc,none")]
+    assert [s.count for s in outcome.scores if s.name == "metric"][0] == 6
+
+
 def test_openai_runner_refuses_rolling_clearly():
     from backend.runners.openai_api import OpenAIRunner
 
