@@ -285,3 +285,43 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
         assert "0.4.13" in body_text
     finally:
         live.stop()
+
+
+def test_openai_model_answers_through_runner_lm(with_tiny, tasks_dir):
+    """An openai: model serves lm-eval's interface too (completions with echo+logprobs for
+    the choices, generation with stop strings): on a fake endpoint backed by the same tiny
+    model it scores as the local runner does; rolling log-likelihood is refused clearly."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from backend.config import load_settings
+    from backend.datasets.lm_eval_lm import RunnerLM
+    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.models import resolve_model
+    from backend.runners.openai_api import ApiOptions, OpenAIRunner
+    from tests.openai_server import FakeOpenAI
+
+    settings = load_settings()
+    local = HFRunner.load(resolve_model("builtin:tiny", settings, confine=False),
+                          LoadOptions.from_settings(settings), settings)
+    fake = FakeOpenAI(local, api_key="k").start()
+    try:
+        remote = OpenAIRunner("openai:tiny", "tiny",
+                              ApiOptions(base_url=fake.url, endpoint="completions"), "k",
+                              local.tok, local.max_length)
+        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+        got = {}
+        for name, runner in (("local", local), ("remote", remote)):
+            got[name] = lm_eval.simple_evaluate(model=RunnerLM(runner),
+                                                tasks=["lbs_mc", "lbs_gen"],
+                                                task_manager=manager)["results"]
+        assert got["remote"]["lbs_mc"]["acc,none"] == got["local"]["lbs_mc"]["acc,none"]
+        assert got["remote"]["lbs_mc"]["acc_norm,none"] == \
+            got["local"]["lbs_mc"]["acc_norm,none"]
+        assert got["remote"]["lbs_gen"]["exact_match,first_number"] == \
+            got["local"]["lbs_gen"]["exact_match,first_number"]
+        with pytest.raises(ValueError, match="cannot score whole texts"):
+            lm_eval.simple_evaluate(model=RunnerLM(remote), tasks=["lbs_ppl"],
+                                    task_manager=manager)
+    finally:
+        fake.stop()
