@@ -119,6 +119,25 @@ def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
     assert versions["lm-eval"] == "0.4.13" and versions["lbs_gen"] == 2.0
 
 
+def test_choices_without_context_are_conditioned_on_the_prefix_token(with_tiny, tasks_dir):
+    """An empty context (lm-eval scores the continuation after its prefix token, BOS)
+    gives the HF backend's numbers too."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model = with_tiny / "models" / "builtin-tiny-v1"
+    ref = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model},dtype=float32",
+        tasks=["lbs_mc_nocontext"], task_manager=TaskManager(include_path=str(tasks_dir)),
+        device="cpu", batch_size=1, log_samples=True)
+    _, sink = _ours(["lbs_mc_nocontext"])
+    assert len(sink.records) == 6
+    for s in ref["samples"]["lbs_mc_nocontext"]:
+        (row,) = [r for r in sink.records if r.fields["doc_id"] == s["doc_id"]]
+        for got, want in zip(row.fields["resps"], s["resps"], strict=True):
+            assert got[0] == pytest.approx(float(want[0][0]), abs=1e-5)
+
+
 def test_group_aggregate_and_num_fewshot(with_tiny, tasks_dir):
     """A group runs its tasks and gets lm-eval's size-weighted aggregate; num_fewshot
     puts examples into the multiple-choice prompts."""

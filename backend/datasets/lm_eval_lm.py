@@ -58,9 +58,20 @@ class RunnerLM(LM):
         self.runner = runner
         self.run = run or (lambda fn, requests: fn(requests) if requests else [])
 
+    def _prefix_text(self) -> str:
+        """The text of lm-eval's `prefix_token_id` (BOS, else EOS), which conditions a
+        continuation scored without context; a tokenizer reads it back as that token."""
+        tok = getattr(getattr(self.runner, "tok", None), "tokenizer", None)
+        text = getattr(tok, "bos_token", None) or getattr(tok, "eos_token", None)
+        if not text:
+            raise ValueError("a continuation without context needs the tokenizer's BOS or "
+                             "EOS token")
+        return text
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Any]:
+        pairs = [r.args if r.args[0] else (self._prefix_text(), r.args[1]) for r in requests]
         outs = self.run(self.runner.loglikelihood, [
-            LoglikelihoodRequest(*split_pair(*r.args), chat_template=False) for r in requests])
+            LoglikelihoodRequest(*split_pair(*pair), chat_template=False) for pair in pairs])
         return [(o.logprob, o.is_greedy) if hasattr(o, "logprob") else o for o in outs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Any]:
