@@ -73,9 +73,10 @@ def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
     head_dim = int(arch.get("head_dim") or hidden // max(heads, 1))
     intermediate = int(arch.get("intermediate_size") or 4 * hidden)
     vocab = int(arch.get("vocab_size") or 0)
+    batch = 1 if params.batch_size == "auto" else params.batch_size  # "auto" takes what is free
     kv_cache = 2 * layers * kv_heads * head_dim * tokens * element
     activations = tokens * (4 * hidden + 2 * intermediate) * element
     scores = heads * tokens * tokens * (2 * element + 4) if "basic" in (params.methods or []) \
         else 0
     logits = vocab * (tokens if dataset.scores_every_position(params) else 1) * 4
-    return weights + params.batch_size * (kv_cache + activations + scores + logits)
+    return weights + batch * (kv_cache + activations + scores + logits)

@@ -153,6 +153,14 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    if any(not re.fullmatch(r"\*|\[[0-9a-f:.]+\](:\d+)?|[\w.-]+(:\d+)?|[0-9a-f:]+", h)
+           for h in hosts):
+        raise ValueError(raw)
+    return hosts
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its name, default (as text), parser and help."""
@@ -180,8 +188,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Default base URL (e.g. http://127.0.0.1:8000/v1) of the OpenAI-compatible "
             "server that evaluates openai:<name> models; a job's api.base_url wins."),
     Setting("LBS_OPENAI_API_KEY", "", _text, "any secret text (empty = no key)",
-            "Default API key for openai:<name> models (sent as a bearer token, never "
-            "logged); a job's api.api_key wins."),
+            "API key for LBS_OPENAI_BASE_URL (sent as a bearer token, never logged), and "
+            "only there: a job naming another base_url sends its own api.api_key or none."),
+    Setting("LBS_OPENAI_ALLOWED_HOSTS", "", _hosts,
+            "host names or IP addresses separated by ',' (host:port for one port; '*' = any)",
+            "Hosts a job's api.base_url may name, besides LBS_OPENAI_BASE_URL's host; "
+            "loopback addresses are allowed too while no LBS_API_TOKEN is set."),
+    Setting("LBS_ALLOWED_HOSTS", "", _hosts,
+            "host names or IP addresses separated by ','",
+            "Names the server answers to in the Host header besides its bind address and "
+            "the loopback names (localhost, 127.0.0.1, [::1]); others get 400 (DNS "
+            "rebinding)."),
     Setting("LBS_SECRET_KEY", "", _text, "any secret text (empty = <data dir>/secret.key)",
             "Key that encrypts the API keys jobs carry while they wait in the database; "
             "empty = a random key kept in <data dir>/secret.key (mode 0600). Give the "
@@ -317,6 +334,8 @@ class Settings:
     openai_api_key: str = field(default="", repr=False)
     secret_key: str = field(default="", repr=False)
     cors_origins: tuple[str, ...] = ()
+    openai_allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     server_url: str = ""
     worker_gpu_groups: tuple[str, ...] = ()
     """LBS_WORKERS as GPU groups ('0,1', '2'), one per worker; empty for 'auto' or a count."""
@@ -412,6 +431,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         openai_base_url=parsed["LBS_OPENAI_BASE_URL"],
         openai_api_key=parsed["LBS_OPENAI_API_KEY"],
         secret_key=parsed["LBS_SECRET_KEY"],
+        openai_allowed_hosts=parsed["LBS_OPENAI_ALLOWED_HOSTS"],
+        allowed_hosts=parsed["LBS_ALLOWED_HOSTS"],
         cors_origins=tuple(o.strip() for o in parsed["LBS_CORS_ORIGINS"].split(",")
                            if o.strip()),
         server_url=(parsed["LBS_SERVER_URL"] or f"http://127.0.0.1:{parsed['LBS_PORT']}")

@@ -24,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from backend.db import (
     CommandState,
     ControlCommand,
+    RuntimeSetting,
     Worker,
     WorkerState,
     WorkerStatus,
@@ -33,6 +34,27 @@ from backend.db import (
 from backend.scheduling import is_alive
 
 COMMANDS = ("offload", "release", "pin", "unpin", "timeout", "limit", "cleanup")
+PERSISTED = {"timeout": "gpu_idle_timeout", "limit": "memory_limit_bytes"}
+"""Commands whose value is an operator setting: stored, and applied by each worker as
+it starts (command -> runtime_settings name)."""
+
+
+def store_setting(factory: sessionmaker, command: str, args: dict[str, Any]) -> None:
+    """Remember the operator's value for a PERSISTED command (its args)."""
+    with write_session(factory) as session:
+        row = session.get(RuntimeSetting, PERSISTED[command])
+        if row is None:
+            session.add(RuntimeSetting(name=PERSISTED[command], value=args,
+                                       updated_at=utcnow()))
+        else:
+            row.value, row.updated_at = args, utcnow()
+
+
+def stored_commands(factory: sessionmaker) -> list[tuple[str, dict[str, Any]]]:
+    """The stored settings as (command, args) for a starting worker to apply."""
+    with factory() as session:
+        rows = {r.name: r.value for r in session.scalars(sa.select(RuntimeSetting))}
+    return [(command, rows[name]) for command, name in PERSISTED.items() if name in rows]
 
 
 class NoWorker(RuntimeError):

@@ -233,6 +233,17 @@ class ControlCommand(Base):
     done_at: Mapped[datetime | None]
 
 
+class RuntimeSetting(Base):
+    """A setting the operator changed at run time through the API (the GPU idle timeout,
+    the memory limit): kept across restarts and applied by every worker as it starts."""
+
+    __tablename__ = "runtime_settings"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(sa.JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # --- migrations -----------------------------------------------------------------
 # Append only: never edit a migration that has shipped, add the next one.
 
@@ -356,7 +367,22 @@ def _m005_api_models(op: Any) -> None:
     op.add_column("jobs", sa.Column("api_key_encrypted", sa.Text))
 
 
-def _m006_id_floors(op: Any) -> None:
+def _m006_unknown_memory(op: Any) -> None:
+    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
+    with op.batch_alter_table("memory_peaks") as batch:
+        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
+
+
+def _m007_runtime_settings(op: Any) -> None:
+    op.create_table(
+        "runtime_settings",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )
+
+
+def _m008_id_floors(op: Any) -> None:
     op.create_table(
         "id_floors",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -368,16 +394,10 @@ def _m006_id_floors(op: Any) -> None:
                "FROM jobs")
 
 
-def _m007_unknown_memory(op: Any) -> None:
-    # a GPU reading NVML cannot give (a container's PID namespace) is stored as NULL
-    with op.batch_alter_table("memory_peaks") as batch:
-        batch.alter_column("bytes", existing_type=sa.BigInteger, nullable=True)
-
-
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
-                                           _m005_api_models, _m006_id_floors,
-                                           _m007_unknown_memory]
+                                           _m005_api_models, _m006_unknown_memory,
+                                           _m007_runtime_settings, _m008_id_floors]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

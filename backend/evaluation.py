@@ -11,6 +11,7 @@ tokens, generates and scores every item not yet stored, hands each result to a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from backend.datasets.base import (
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest, PromptView
+from backend.runners.base import GenerationRequest, PromptView, move_trailing_whitespace
 from backend.runners.models import (
     ModelNotFound,
     ModelPathRefused,
@@ -51,6 +52,10 @@ class PreparedJob:
     api_key: str | None = None
     num_gpus: int = 1
     """GPUs the job asked for (a model sharded across them); set by the worker."""
+    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """True once the job is cancelled, timed out or its worker stops; set by the worker.
+    Runners that wait on something outside (an API model's requests) check it and
+    raise runners.base.Stopped."""
 
 
 class JobFieldError(ValueError):
@@ -198,20 +203,33 @@ class EvalOutcome:
     stopped: bool = False
 
 
-def _choose(runner: Any, item: Any, chat_template: bool = True
-            ) -> tuple[str, int, int, dict[str, Any]]:
-    """Multiple choice by log-likelihood: the label of the likeliest continuation, the
-    prompt's token count, 0 generated tokens, and the fields with each choice's log-prob.
-    `chat_template` says how the item's prompt was rendered."""
+def _choose_many(runner: Any, items: list[Any], chat_template: bool = True
+                 ) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """Multiple choice by log-likelihood, `items` scored together (one batch of
+    questions): per item the label of the likeliest continuation, the prompt's token
+    count, 0 generated tokens, and the fields with each choice's log-prob (full
+    precision: differences below 1e-4 are real differences). `chat_template` says how
+    the items' prompts were rendered."""
     from backend.runners.base import LoglikelihoodRequest
 
-    scored = runner.loglikelihood([LoglikelihoodRequest(item.prompt, c, chat_template)
-                                   for c in item.choices])
-    labels = item.labels or item.choices
-    best = max(range(len(scored)), key=lambda i: scored[i].logprob)
-    fields = {**item.fields, "logprobs": {label: round(s.logprob, 4)
-                                          for label, s in zip(labels, scored, strict=True)}}
-    return labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields
+    requests = [LoglikelihoodRequest(item.prompt, c, chat_template)
+                for item in items for c in item.choices]
+    scored = runner.loglikelihood(requests, batch_size=len(items))
+    out, at = [], 0
+    for item in items:
+        mine, at = scored[at:at + len(item.choices)], at + len(item.choices)
+        labels = item.labels or item.choices
+        best = max(range(len(mine)), key=lambda i: mine[i].logprob)
+        fields = {**item.fields, "logprobs": {label: s.logprob
+                                              for label, s in zip(labels, mine, strict=True)}}
+        out.append((labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields))
+    return out
+
+
+def _choose(runner: Any, item: Any, chat_template: bool = True
+            ) -> tuple[str, int, int, dict[str, Any]]:
+    """`_choose_many` for one item."""
+    return _choose_many(runner, [item], chat_template)[0]
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
@@ -307,10 +325,11 @@ class _Answer:
     error: str | None = None
 
 
-def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset, backoff: Backoff,
-                  single: Backoff) -> list[_Answer]:
-    """Answers to `items`: multiple-choice items one by one, generation items in batches
-    (and their second turns, e.g. the answer after a chain of thought, likewise).
+def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
+                  backoff: Backoff) -> list[_Answer]:
+    """Answers to `items`, in batches of the backoff's size: multiple-choice items
+    scored together by log-likelihood, generation items generated together (and their
+    second turns, e.g. the answer after a chain of thought, likewise).
     `view` is the runner as the dataset sees it, rendering as the job asked."""
     runner, templated = view.runner, view.chat_template
     if dataset.answer is not None:  # the dataset calls the runner itself
@@ -319,14 +338,14 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset, backoff:
                 for item, a in zip(items, dataset.answer(items, runner, backoff.run),
                                    strict=True)]
     answers = [_Answer(item, fields=item.fields) for item in items]
-    for answer in answers:
-        if answer.item.choices:
-            (got,) = single.run(lambda batch: [_choose(runner, i, templated) for i in batch],
-                                [answer.item])
-            if isinstance(got, OomFailure):
-                answer.error = got.message
-            else:
-                answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
+    choosing = [a for a in answers if a.item.choices]
+    chosen = backoff.run(partial(_choose_many, runner, chat_template=templated),
+                         [a.item for a in choosing])
+    for answer, got in zip(choosing, chosen, strict=True):
+        if isinstance(got, OomFailure):
+            answer.error = got.message
+        else:
+            answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
     generating = [a for a in answers if not a.item.choices]
     replies = backoff.run(runner.generate, [GenerationRequest(a.item.prompt, a.item.max_new_tokens,
                                                               templated) for a in generating])
@@ -423,6 +442,8 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                              keep_on_gpu=keep_on_gpu) as runner:
                 memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
                                rss_bytes()))
+                if hasattr(runner, "should_stop"):  # a cached runner serves one job at a time
+                    runner.should_stop = job.should_stop
                 # The job's chat-template choice travels with each request; a view of
                 # the runner (never a copy holding the model) renders the prompts, so
                 # the manager's release at the end of this block frees the weights.
@@ -492,15 +513,16 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                sink: SampleSink, sampler: Any, cuda: Any) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop."""
     pending = [item for item in items if item.idx + offset not in stored]
-    on_oom = _oom_handler(manager, job)
-    backoff, single = Backoff(job.params.batch_size, on_oom), Backoff(1, on_oom)
+    pending = order_for_batching(pending)
     step = job.params.batch_size
+    if step == "auto":
+        step = _auto_batch_size(view.runner, pending)
+    backoff = Backoff(step, _oom_handler(manager, job))
     for first in range(0, len(pending), step):
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff,
-                                single)
+        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff)
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:
@@ -525,6 +547,47 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
             if not sink.write(record):
                 return True
     return False
+
+
+SHARED_CHARS = 64
+"""Prompts sharing a prefix this long (characters) are batched together."""
+
+
+def order_for_batching(items: list[Any]) -> list[Any]:
+    """Multiple-choice items in the order they batch best, generation items after them
+    as given. Prompts that share a prefix of SHARED_CHARS or more (one subject's
+    few-shot header and examples) stay together, so the runner computes that prefix
+    once per batch; each such run goes longest first (a batch pads to its longest
+    prompt, so neighbours in length waste the least) and the runs by their longest
+    prompt, so an out-of-memory shows on the first batch."""
+    runs: list[list[Any]] = []
+    for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
+        if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
+                < SHARED_CHARS:
+            runs.append([])
+        runs[-1].append(item)
+    runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
+                  key=lambda run: -run[0].prompt_tokens)
+    return [i for run in runs for i in run] + [i for i in items if not i.choices]
+
+
+def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
+    """Job parameter batch_size "auto": the largest batch the runner finds to fit
+    (probed on the job's longest item, at most the number of items, at most 256)."""
+    if not pending:
+        return 1
+    longest = max(pending, key=lambda item: item.prompt_tokens)
+    if longest.choices:  # the continuation as scored: with the context's trailing space
+        context = longest.prompt_tokens
+        continuation = max(len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
+                           for c in longest.choices)
+    else:  # a generation's cache grows to prompt + new tokens; one pass that long bounds it
+        context, continuation = longest.prompt_tokens + longest.max_new_tokens, 1
+    started = time.perf_counter()
+    size = runner.find_batch_size(context, continuation, min(len(pending), 256))
+    log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
+             context, continuation, time.perf_counter() - started)
+    return size
 
 
 def compare_methods(dataset: Dataset, methods: list[str],

@@ -17,13 +17,53 @@ class OutsideAllowedFolders(ValueError):
     """A path from a job lies outside the configured folders (or uses `..`)."""
 
 
+class InvalidPath(ValueError):
+    """A path from a job cannot name a file at all (NUL byte, name too long)."""
+
+
+NAME_MAX = 255
+"""Longest file name (bytes, UTF-8) Linux file systems take."""
+PATH_MAX = 4096
+
+
+def check_path_text(given: str) -> None:
+    """Raise InvalidPath unless `given` could be a path on this system."""
+    if "\x00" in given:
+        raise InvalidPath("a path cannot contain a NUL character")
+    try:
+        encoded = given.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath("a path must be valid Unicode (no lone surrogates)") from None
+    if len(encoded) > PATH_MAX:
+        raise InvalidPath(f"the path is longer than {PATH_MAX} bytes")
+    longest = max((len(part.encode()) for part in given.split("/")), default=0)
+    if longest > NAME_MAX:
+        raise InvalidPath(f"a file or folder name in the path is longer than {NAME_MAX} "
+                          "bytes")
+
+
+def confine_file(path: Path, roots: Sequence[Path | str]) -> Path:
+    """`path` resolved (symbolic links followed), if it still lies under one of
+    `roots`; OutsideAllowedFolders otherwise. For each file read inside an allowed
+    folder: a link in there may lead anywhere."""
+    resolved = path.resolve()
+    folders = [Path(r).expanduser().resolve() for r in roots]
+    if not any(resolved.is_relative_to(folder) for folder in folders):
+        raise OutsideAllowedFolders(
+            f"{path.name!r} leads through a symbolic link outside the allowed folders "
+            f"({', '.join(str(f) for f in folders)})")
+    return resolved
+
+
 def confine(given: str, roots: Sequence[Path | str], setting: str) -> Path:
     """The resolved path `given` names, if it lies under one of `roots`.
 
     A relative path is looked up under each root in turn (the first that exists
     wins). Raises OutsideAllowedFolders naming `setting`, the setting that lists
-    the folders. The path need not exist: the caller reports a missing one.
+    the folders, or InvalidPath. The path need not exist: the caller reports a missing
+    one.
     """
+    check_path_text(given)
     path = Path(given).expanduser()
     if ".." in path.parts:
         raise OutsideAllowedFolders(f"{given!r}: '..' is not allowed in paths")
@@ -37,7 +77,10 @@ def confine(given: str, roots: Sequence[Path | str], setting: str) -> Path:
     else:
         candidates = [folder / path for folder in folders]
         candidate = next((c for c in candidates if c.exists()), candidates[0])
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop, a folder it may not read
+        raise OutsideAllowedFolders(f"{given!r} cannot be resolved ({exc})") from None
     if not any(resolved.is_relative_to(folder) for folder in folders):
         via = " through a symbolic link" if candidate.absolute() != resolved else ""
         raise OutsideAllowedFolders(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, send_from_directory
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from backend.config import (
@@ -33,6 +34,7 @@ from backend.config import (
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import session_factory
 from backend.logs import setup_logging
+from backend.redact import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class AppState:
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, jobs, memory, openapi, results
+    from backend.api import datasets, errors, health, inputs, jobs, memory, openapi, results
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +69,7 @@ def create_app(settings: Settings | None = None,
     app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
     errors.init_app(app)
     _init_access(app, settings)
+    inputs.init_app(app)
     for module in (jobs, datasets, health, memory, openapi, results):
         app.register_blueprint(module.bp)
 
@@ -81,8 +84,49 @@ def create_app(settings: Settings | None = None,
     return app
 
 
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def host_allowed(host_header: str, settings: Settings) -> bool:
+    """Whether a request's Host header names this server: its bind address, a loopback
+    name, or one of LBS_ALLOWED_HOSTS (with any port). Bound to every address, any IP
+    literal also passes: DNS rebinding needs a name, and an address is what the
+    client connected to. Everything else (a rebound attacker.example) is refused."""
+    import ipaddress
+
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    allowed = {*LOOPBACK_NAMES, settings.host.lower().strip("[]"),
+               *(h.partition("]")[0].strip("[") if h.startswith("[")
+                 else h.rpartition(":")[0] if h.count(":") == 1 else h
+                 for h in settings.allowed_hosts)}
+    if name in allowed or "*" in allowed:
+        return True
+    if settings.host in WILDCARD_BINDS:
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
 def _init_access(app: Flask, settings: Settings) -> None:
-    """Bearer-token check (LBS_API_TOKEN) and CORS (LBS_CORS_ORIGINS)."""
+    """Host check (DNS rebinding), cross-site write refusal (Origin and JSON-only
+    bodies), the bearer token (LBS_API_TOKEN) and CORS (LBS_CORS_ORIGINS).
+
+    A page on another site can make the browser send a "simple" request without
+    asking first: a form post or a no-cors fetch, whose body can only be text/plain,
+    form-urlencoded or multipart. So state-changing requests must carry a JSON body
+    (or none at all, e.g. cancel) and, when the browser names an Origin, it must be
+    this server's own or one of LBS_CORS_ORIGINS."""
     import hmac
 
     from flask import request
@@ -90,6 +134,38 @@ def _init_access(app: Flask, settings: Settings) -> None:
     from backend.api.errors import error_response
 
     open_paths = ("/healthz", "/", "/static/")
+
+    @app.before_request
+    def _check_host():
+        # /healthz says nothing a rebinding page could use; probes may name anything
+        if request.path != "/healthz" and not host_allowed(request.host, settings):
+            return error_response(
+                400, "bad_host", "this server does not answer to that Host name; an "
+                "operator can add it to LBS_ALLOWED_HOSTS",
+                [{"field": "Host", "message": "not this server's name"}])
+        return None
+
+    @app.before_request
+    def _refuse_cross_site_writes():
+        if request.method not in STATE_CHANGING:
+            return None
+        origin = request.headers.get("Origin")
+        own = request.host_url.rstrip("/")
+        if origin is not None and origin != own and origin not in settings.cors_origins:
+            return error_response(
+                403, "cross_origin", f"requests that change state from the page at "
+                f"{origin[:200]!r} are refused (only this server's own page, or "
+                "LBS_CORS_ORIGINS)", [{"field": "Origin", "message": "not allowed"}])
+        kind = request.mimetype
+        has_body = bool(request.content_length) or "chunked" in \
+            request.headers.get("Transfer-Encoding", "").lower()
+        if (kind or has_body) and kind != "application/json":
+            return error_response(
+                415, "unsupported_media_type",
+                f"send the body as JSON with 'Content-Type: application/json' (got "
+                f"{(kind or 'none')[:100]!r})",
+                [{"field": "Content-Type", "message": "expected application/json"}])
+        return None
 
     @app.before_request
     def _require_token():
@@ -167,8 +243,10 @@ class WorkerPool:
         env = {**os.environ, **self.settings.as_env()}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], env=env,
-                                cwd=os.getcwd())
+        # --parent-pid: the worker asks Linux to stop it when this server dies
+        # (PR_SET_PDEATHSIG), so a killed server leaves no orphan claiming jobs.
+        proc = subprocess.Popen([sys.executable, "-m", "backend.worker",
+                                 "--parent-pid", str(os.getpid())], env=env, cwd=os.getcwd())
         if self.state is not None:
             self.state.workers_spawned_at = time.monotonic()
         log.info("[Server] worker %d started (pid %d, %s)", slot, proc.pid,
@@ -226,6 +304,22 @@ class WorkerPool:
                 proc.kill()
 
 
+def startup_problem(exc: BaseException, settings: Settings) -> str:
+    """One sentence saying why the server cannot start (no traceback)."""
+    import errno
+
+    if isinstance(exc, SQLAlchemyError):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return (f"cannot use the database {mask_url(settings.database_url)}: {reason} "
+                "(check the file or server, its permissions, or LBS_DATABASE_URL)")
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {settings.host}:{settings.port}: the port is already "
+                "in use (another server running?); stop it or choose another LBS_PORT")
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"cannot start: {reason}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.server",
                                      description="Serve LLM Bench Shower and run its workers.")
@@ -243,9 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     from waitress import create_server
 
-    app = create_app(settings)
-    server = create_server(app, host=settings.host, port=settings.port, threads=8,
-                           ident="llm-bench-shower")
+    try:
+        app = create_app(settings)
+        server = create_server(app, host=settings.host, port=settings.port, threads=8,
+                               ident="llm-bench-shower")
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"error: {startup_problem(exc, settings)}", file=sys.stderr)
+        return 2
     pool = WorkerPool(settings, app.extensions["lbs"])
     if not args.no_workers:
         pool.start()
@@ -257,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
     log.info("[Server] listening on http://%s:%s (database %s)", settings.host,
-             server.effective_port, settings.database_url)
+             server.effective_port, mask_url(settings.database_url))
     try:
         server.run()
     except (OSError, ValueError):

@@ -36,7 +36,12 @@ from backend.config import (
     load_settings_or_report,
     select_cuda_device,
 )
-from backend.control import complete_command, pending_commands, publish_status
+from backend.control import (
+    complete_command,
+    pending_commands,
+    publish_status,
+    stored_commands,
+)
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import JobState, session_factory, utcnow
 from backend.jobs import (
@@ -91,10 +96,17 @@ class _DbSink:
             "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
         cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
                                self.worker.settings.lease_seconds, values)
+        if cancel:
+            self.worker.cancel_seen.set()
+        return not self.should_stop()
+
+    def should_stop(self) -> bool:
+        """Cancelled (seen by the heartbeat or the last write), timed out, or the worker
+        is stopping: the evaluation loop and waiting runners stop."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
-        return not (cancel or self.timed_out or self.worker.cancel_seen.is_set()
-                    or self.worker.stopping.is_set())
+        return self.timed_out or self.worker.cancel_seen.is_set() or \
+            self.worker.stopping.is_set()
 
 
 class Worker:
@@ -205,6 +217,7 @@ class Worker:
                         labels=self.labels, gpus=self.gpus,
                         gpu_free_bytes=sum(free) if free is not None else None)
         self.publish_status()
+        self.apply_stored_settings()
         self.manager.start_monitor()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._heartbeat.start()
@@ -214,6 +227,15 @@ class Worker:
         log.info("[Worker] %s started on %s", self.id, self.device)
 
     # --- model manager status and commands ------------------------------------------
+
+    def apply_stored_settings(self) -> None:
+        """Apply the operator's run-time settings (POST /api/gpu/timeout, /api/v1/memory/
+        limit), stored in the database. Called after the first status is published: a
+        change made while this worker starts is then either read here or sent to it."""
+        for command, args in stored_commands(self.factory):
+            result, error = self.apply_command(command, args)
+            log.info("[Worker] stored setting %s %s: %s", command, args, error or result)
+        self.publish_status()
 
     def publish_status(self) -> None:
         """Write the model manager's status with `as_of`, the time it describes. One
@@ -302,7 +324,14 @@ class Worker:
                 memory_bytes: int | None = None) -> None:
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.evaluation import JobFieldError, is_cuda_failure, prepare, run_evaluation
+        from backend.evaluation import (
+            EvalOutcome,
+            JobFieldError,
+            is_cuda_failure,
+            prepare,
+            run_evaluation,
+        )
+        from backend.runners.base import Stopped
         from backend.runners.models import ModelNotFound
         from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
@@ -327,11 +356,16 @@ class Worker:
                     "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
             sink = _DbSink(self, job_id, timeout_s)
-            outcome = run_evaluation(
-                prepared, self.manager, self.settings, sink,
-                keep_on_gpu=lambda: next_queued_model(
-                    self.factory, [model], self.settings.affinity_seconds,
-                    Capacity(self.labels, len(self.gpus))) == model)
+            prepared.should_stop = sink.should_stop
+            try:
+                outcome = run_evaluation(
+                    prepared, self.manager, self.settings, sink,
+                    keep_on_gpu=lambda: next_queued_model(
+                        self.factory, [model], self.settings.affinity_seconds,
+                        Capacity(self.labels, len(self.gpus))) == model)
+            except Stopped:  # a runner stopped waiting (an API request in flight)
+                outcome = EvalOutcome(scores=[], memory=[], stopped=True, events=[
+                    e.as_dict() for e in self.manager.events_since(self._job_events_from)])
             # publish first, so whoever sees the job end also sees where its model is now
             self._publish_quietly()
             if outcome.stopped and self.stopping.is_set() and not self.cancel_seen.is_set():
@@ -549,6 +583,21 @@ def _describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:
     return "cpu"
 
 
+def die_with_parent(parent_pid: int) -> bool:
+    """Have Linux send this process SIGTERM when its parent ends (PR_SET_PDEATHSIG),
+    so a worker whose server was killed stops instead of claiming jobs as an orphan.
+    False when the parent is already gone (the caller exits). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("[Worker] prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker "
+                        "outlives its server if that is killed", ctypes.get_errno())
+    return os.getppid() == parent_pid  # it may have ended before prctl took effect
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.worker",
                                      description="Run one LLM Bench Shower worker.")
@@ -556,7 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", metavar="0,1",
                         help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
                              "with num_gpus = 2 needs a worker holding two")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="stop (SIGTERM) when the process PID ends; the server passes "
+                             "its own")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
+        return 0
     settings = load_settings_or_report()
     if settings is None:
         return 2

@@ -297,7 +297,8 @@ def test_method_comparison_table(server, page):
     methods.locator('input[value="optimized"]').check()
     page.click("#launch-submit")
     page.wait_for_url("**/#/queue")
-    (job,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+    (listed,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]  # lists: summaries
+    job = server.request("GET", f"/api/jobs/{listed['id']}")[1]["data"]["job"]
     assert job["params"]["methods"] == ["basic", "optimized"]
     row = page.locator(f'tr[data-job="{job["id"]}"]')
     row.locator(".badge.succeeded").wait_for(timeout=60_000)

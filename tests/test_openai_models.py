@@ -87,6 +87,8 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
     runner asks for one token and sums only the echoed prompt's continuation tokens, so
     the scores are the local model's."""
     requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
+    # one split rule for both runners: the context's trailing newline is scored too
+    requests += [LoglikelihoodRequest("Question: what did Aunt Margit cook?\nAnswer:\n", "A")]
     local = tiny_runner.loglikelihood([LoglikelihoodRequest(r.context, r.continuation,
                                                             chat_template=False)
                                        for r in requests])
@@ -95,9 +97,11 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
         assert b.logprob == pytest.approx(a.logprob, abs=1e-3)
         assert b.tokens == a.tokens and b.is_greedy == a.is_greedy
     bodies = [r["body"] for r in fake.requests]
-    assert len(bodies) == 3 and all(b["max_tokens"] == 1 and b["echo"] is True
-                                    and b["prompt"] == QUESTION + c
-                                    for b, c in zip(bodies, CHOICES, strict=True))
+    # the first request alone, the others concurrently: in any order
+    assert len(bodies) == 4 and bodies[0]["prompt"] == QUESTION + CHOICES[0]
+    assert sorted(b["prompt"] for b in bodies[:4]) == sorted(
+        [QUESTION + c for c in CHOICES] + ["Question: what did Aunt Margit cook?\nAnswer:\nA"])
+    assert all(b["max_tokens"] == 1 and b["echo"] is True for b in bodies)
 
     with pytest.raises(ApiError, match="completions endpoint with echo and logprobs"):
         _client(fake, tiny_runner).loglikelihood(requests)
@@ -245,17 +249,17 @@ def test_openai_job_fields_are_checked_at_submit(client, monkeypatch):
         return res.status_code, [d["field"] for d in body["error"]["details"]] \
             if res.status_code >= 400 else body
 
+    LOCAL = "http://127.0.0.1:9/v1"  # noqa: N806 - loopback: allowed without a token
     assert submit(model="openai:tiny") == (422, ["api.base_url"])  # no setting, no job URL
-    assert submit(model="builtin:tiny", api={"base_url": "http://127.0.0.1:9/v1"}) \
-        == (422, ["api"])
+    assert submit(model="builtin:tiny", api={"base_url": LOCAL}) == (422, ["api"])
     assert submit(model="openai:tiny", api={"base_url": "ftp://x"}) == (422, ["api.base_url"])
-    assert submit(model="openai:tiny", api={"base_url": "http://h/v1", "concurrency": 0}) \
+    assert submit(model="openai:tiny", api={"base_url": LOCAL, "concurrency": 0}) \
         == (422, ["api.concurrency"])
-    status, fields = submit(model="openai:tiny", api={"base_url": "http://h/v1", "api_key": 7})
+    status, fields = submit(model="openai:tiny", api={"base_url": LOCAL, "api_key": 7})
     assert (status, fields) == (422, ["api.api_key"])
-    assert submit(model="openai:tiny", api={"base_url": "http://h/v1"},
+    assert submit(model="openai:tiny", api={"base_url": LOCAL},
                   params={**NIAH, "methods": ["basic"]}) == (422, ["params.methods"])
-    status, body = submit(model="openai:tiny", api={"base_url": "http://h/v1", "api_key": KEY})
+    status, body = submit(model="openai:tiny", api={"base_url": LOCAL, "api_key": KEY})
     assert status == 201 and KEY not in str(body)
     assert body["data"]["job"]["memory_estimate_bytes"] is None  # needs no GPU here
 
@@ -267,7 +271,7 @@ def test_a_tokenizer_outside_the_model_dirs_is_refused_with_403(client, tmp_path
     for name in (str(outside), "../elsewhere", "/etc"):
         res = client.post("/api/jobs", json={
             "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
-            "api": {"base_url": "http://h/v1", "tokenizer": name}})
+            "api": {"base_url": "http://127.0.0.1:9/v1", "tokenizer": name}})
         body = res.get_json()
         assert res.status_code == 403, body
         assert body["error"]["code"] == "path_refused"
@@ -275,7 +279,7 @@ def test_a_tokenizer_outside_the_model_dirs_is_refused_with_403(client, tmp_path
         assert "refused" in body["error"]["message"]
     res = client.post("/api/jobs", json={  # a missing one is still a 422
         "model": "openai:tiny", "dataset": "needle_in_haystack", "params": NIAH,
-        "api": {"base_url": "http://h/v1", "tokenizer": "builtin:nope"}})
+        "api": {"base_url": "http://127.0.0.1:9/v1", "tokenizer": "builtin:nope"}})
     assert res.status_code == 422 and res.get_json()["error"]["code"] == "invalid_job"
 
 

@@ -260,7 +260,7 @@ def test_cuda_peaks_store_unknown_process_use_and_the_device_fallback(monkeypatc
     for name, value in [("is_available", lambda: True), ("device_count", lambda: 1),
                         ("max_memory_allocated", lambda i: GB),
                         ("max_memory_reserved", lambda i: GB),
-                        ("reset_peak_memory_stats", lambda i: None)]:
+                        ("reset_peak_memory_stats", lambda i: None), ("init", lambda: None)]:
         monkeypatch.setattr(torch.cuda, name, value)
     peaks = CudaPeaks()
     nvml.gpus[0] = (80 * GB, 73 * GB, 7 * GB, [(os.getpid() + 1000, 7 * GB)])

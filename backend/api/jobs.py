@@ -20,6 +20,7 @@ from backend import results
 from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
 from backend.api.schemas import (
+    SUMMARY_EXCLUDE,
     JobBatchRequest,
     JobListQuery,
     JobRequest,
@@ -31,6 +32,7 @@ from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.hub import DataMissing
 from backend.datasets.registry import UnknownDataset, get_dataset
 from backend.evaluation import JobFieldError, JobFieldRefused, prepare
+from backend.redact import csv_cell
 from backend.runners.models import ModelNotFound, ModelPathRefused
 from backend.secrets_box import encrypt
 
@@ -107,8 +109,9 @@ WORKER_START_GRACE_S = 180.0
 is said to wait for it to start (loading torch and registering takes a while)."""
 
 
-def _out(jobs: list[Any]) -> list[dict[str, Any]]:
-    """Jobs as the API shows them, a queued job with the reason it waits."""
+def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
+    """Jobs as the API shows them, a queued job with the reason it waits; `summary`
+    leaves out params and events (lists)."""
     lbs = current_app.extensions["lbs"]
     reasons = service.waiting_reasons(_factory(), jobs, lbs.settings.lease_seconds)
     spawned = lbs.workers_spawned_at
@@ -117,7 +120,9 @@ def _out(jobs: list[Any]) -> list[dict[str, Any]]:
         reasons = {i: f"the worker is starting (started {since} s ago); the job runs once "
                       "it is ready" if r.startswith("no live worker") else r
                    for i, r in reasons.items()}
-    return [job_out(j, reasons.get(j.id)).model_dump(mode="json") for j in jobs]
+    exclude = SUMMARY_EXCLUDE if summary else None
+    return [job_out(j, reasons.get(j.id)).model_dump(mode="json", exclude=exclude)
+            for j in jobs]
 
 
 @bp.post("")
@@ -173,7 +178,7 @@ def list_jobs():
         _factory(), state=query.state.value if query.state else None, model=query.model,
         dataset=query.dataset, submitter=query.submitter,
         offset=(query.page - 1) * query.per_page, limit=query.per_page)
-    return _ok({"jobs": _out(jobs),
+    return _ok({"jobs": _out(jobs, summary=True),
                 "page": query.page, "per_page": query.per_page, "total": total})
 
 
@@ -269,7 +274,7 @@ def _csv_chunks(factory: Any, job_id: int, own: list[str]) -> Iterator[str]:
         fields = sample["fields"]
         row = {**sample, **{k: fields.get(k) for k in ("reference", "extracted", "why")},
                **{k: fields.get(k) for k in extra}}
-        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+        writer.writerow({k: csv_cell(_csv_cell(v)) for k, v in row.items()})
         yield out.getvalue()
         out.seek(0)
         out.truncate()

@@ -26,6 +26,14 @@ MAX_TIMEOUT = 7 * 24 * 3600
 
 
 class _Strict(BaseModel):
+    """A request body: no coercion ("300" is not 300)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+
+class _Query(BaseModel):
+    """Query-string parameters (text, parsed into numbers and booleans)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
@@ -45,11 +53,16 @@ class TimeoutRequest(_Strict):
     worker: str | None = Field(None, max_length=128)
 
 
-class LimitQuery(_Strict):
-    limit_gb: float = Field(gt=0, le=1_000_000, description="MAX_MEMORY_USAGE in GB")
+MIN_LIMIT_GB = 0.1
 
 
-class CleanupQuery(_Strict):
+class LimitQuery(_Query):
+    limit_gb: float = Field(ge=MIN_LIMIT_GB, le=1_000_000,
+                            description=f"MAX_MEMORY_USAGE in GB (at least {MIN_LIMIT_GB}: "
+                                        "less would refuse every model)")
+
+
+class CleanupQuery(_Query):
     force: bool = Field(False, description="unload every unpinned idle model, not only "
                                            "while there is pressure")
 
@@ -80,6 +93,22 @@ def _body(model: type[BaseModel]) -> BaseModel:
     return model.model_validate(raw)
 
 
+def _setting(command: str, args: dict[str, Any], worker: str | None
+             ) -> tuple[list[dict[str, Any]], int]:
+    """An operator setting (timeout, limit) for every worker: stored first (workers
+    apply it as they start), then sent to the live ones. (answers, status): 200 when
+    live workers applied it, 202 when none is running yet."""
+    if worker is not None:
+        return _send(command, args, worker), 200
+    control.store_setting(_state().factory, command, args)
+    try:
+        return _send(command, args, None), 200
+    except ApiError as exc:
+        if exc.code in ("no_worker", "worker_timeout"):
+            return [], 202
+        raise
+
+
 def _send(command: str, args: dict[str, Any], worker: str | None) -> list[dict[str, Any]]:
     lbs = _state()
     try:
@@ -97,6 +126,13 @@ def _send(command: str, args: dict[str, Any], worker: str | None) -> list[dict[s
         raise ApiError(status, kind or "worker_error", message or errors[0],
                        [{"field": field, "message": message}] if field else [])
     return answers
+
+
+def _pending(status: int, stored: bool = True) -> dict[str, Any]:
+    if status != 202:
+        return {"stored": stored}
+    return {"stored": stored, "message": "no worker is running yet: the setting is stored "
+                                       "and every worker applies it as it starts"}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -177,9 +213,9 @@ def models():
 def limit():
     query = LimitQuery.model_validate(request.args.to_dict())
     nbytes = int(query.limit_gb * 1024**3)
-    answers = _send("limit", {"bytes": nbytes}, None)
+    answers, status = _setting("limit", {"bytes": nbytes}, None)
     return _ok({"memory_limit": nbytes, "formatted_limit": format_bytes(nbytes),
-                "workers": answers})
+                "workers": answers, **_pending(status)}), status
 
 
 @bp.get("/api/v1/memory/system")
@@ -253,5 +289,6 @@ def gpu_release():
 @bp.post("/api/gpu/timeout")
 def gpu_timeout():
     body = _body(TimeoutRequest)
-    answers = _send("timeout", {"timeout": body.timeout}, body.worker)
-    return _ok({"idle_timeout_seconds": body.timeout, "workers": answers})
+    answers, status = _setting("timeout", {"timeout": body.timeout}, body.worker)
+    return _ok({"idle_timeout_seconds": body.timeout, "workers": answers,
+                **_pending(status, body.worker is None)}), status

@@ -15,6 +15,7 @@ from backend.api.schemas import (
     JobListQuery,
     JobOut,
     JobRequest,
+    JobSummary,
     SampleListQuery,
     SampleOut,
 )
@@ -57,8 +58,8 @@ def _job_id() -> dict[str, Any]:
 
 
 def build_spec() -> dict[str, Any]:
-    models = [JobRequest, JobBatchRequest, JobOut, SampleOut, ErrorResponse, ModelTarget,
-              PinRequest, TimeoutRequest]
+    models = [JobRequest, JobBatchRequest, JobOut, JobSummary, SampleOut, ErrorResponse,
+              ModelTarget, PinRequest, TimeoutRequest]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = defs.get("$defs", {})
     for name in dataset_names():
@@ -96,8 +97,8 @@ def build_spec() -> dict[str, Any]:
                          "application/json": {"schema": submit_body}}},
                      "responses": submit},
             "get": {"summary": "list jobs, newest first", "parameters": _query(JobListQuery),
-                    "responses": _response("a page of jobs", {
-                        "jobs": {"type": "array", "items": _ref(JobOut)},
+                    "responses": _response("a page of jobs (summaries: no params, events)", {
+                        "jobs": {"type": "array", "items": _ref(JobSummary)},
                         "total": {"type": "integer"}}, (422,))},
         },
         "/api/jobs/estimate": {
@@ -187,6 +188,10 @@ def _memory_paths() -> dict[str, Any]:
                                 "requestBody": _body(model, model is not ModelTarget),
                                 "responses": _response(summary, None,
                                                        (404, 409, 422, *commands))}}
+    for name in ("/api/v1/memory/limit", "/api/gpu/timeout"):  # operator settings
+        paths[name]["post"]["responses"]["202"] = {
+            "description": "stored; no worker is running yet: each applies it as it starts",
+            "content": {"application/json": {"schema": _success({})}}}
     return paths
 
 

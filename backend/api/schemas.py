@@ -3,10 +3,11 @@ generate /openapi.json, so the three never disagree."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.db import Job, JobState, Sample
 from backend.runners.openai_api import ApiOptions
@@ -15,7 +16,21 @@ MB = 1024 * 1024
 MAX_JOBS_PER_REQUEST = 500
 
 
+MAX_PARAMS_BYTES = 64 * 1024
+"""Largest `params` object (as JSON) a job may carry: it is stored and shown with the
+job, so a megabyte of it would travel with every read of the job."""
+
+
 class _Strict(BaseModel):
+    """A request body: unknown fields refused, and no coercion ("7" is not 7, "yes" is
+    not true): what a JSON client sends is what the API takes."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+
+class _Query(BaseModel):
+    """Query-string parameters: they arrive as text, so numbers are parsed from it."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
@@ -49,6 +64,15 @@ class JobRequest(_Strict):
                           "and limits (LBS_OPENAI_BASE_URL / LBS_OPENAI_API_KEY fill what "
                           "it leaves out); the key is stored encrypted and never returned")
 
+    @field_validator("params")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(f"params is {size} bytes as JSON; at most {MAX_PARAMS_BYTES} "
+                             "(put long texts in a file under LBS_DATASETS_DIR)")
+        return value
+
 
 class JobBatchRequest(_Strict):
     """Several evaluations submitted together (all are queued, or none)."""
@@ -56,7 +80,7 @@ class JobBatchRequest(_Strict):
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
 
 
-class JobListQuery(_Strict):
+class JobListQuery(_Query):
     state: JobState | None = None
     submitter: str | None = Field(None, max_length=128)
     model: str | None = Field(None, max_length=1024)
@@ -65,7 +89,7 @@ class JobListQuery(_Strict):
     per_page: int = Field(50, ge=1, le=500)
 
 
-class SampleListQuery(_Strict):
+class SampleListQuery(_Query):
     page: int = Field(1, ge=1, le=1_000_000)
     per_page: int = Field(1000, ge=1, le=5000)
 
@@ -75,13 +99,15 @@ class Progress(BaseModel):
     total: int | None
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as lists show it: everything but its params and events (GET /api/jobs/<id>
+    has those), so a poll of the queue stays small whatever the jobs carry."""
+
     model_config = ConfigDict(protected_namespaces=())
 
     id: int
     model: str
     dataset: str
-    params: dict[str, Any]
     state: JobState
     progress: Progress
     scores: dict[str, Any] = Field(
@@ -116,7 +142,16 @@ class JobOut(BaseModel):
     data_fetch: dict[str, Any] | None = Field(
         None, description="the job's latest data fetch: dataset, state (running|done), "
                           "bytes_done, bytes_total")
+
+
+class JobOut(JobSummary):
+    """A job with everything: its params and model events too."""
+
+    params: dict[str, Any]
     events: list[dict[str, Any]]
+
+
+SUMMARY_EXCLUDE = {"params", "events"}
 
 
 class SampleOut(BaseModel):

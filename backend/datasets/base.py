@@ -13,11 +13,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.paths import OutsideAllowedFolders, confine
+from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -73,9 +73,11 @@ class DatasetParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(
-        1, ge=1, le=256, title="Batch size",
-        description="prompts generated together; halved automatically on out-of-memory")
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        1, title="Batch size",
+        description="prompts generated (or multiple-choice questions scored) together; "
+                    "\"auto\": the largest batch that fits, probed on the longest item; "
+                    "halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
         "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "
@@ -181,6 +183,10 @@ class Dataset:
     def local_path(self, given: str, field: str) -> Path:
         """The file or folder a parameter names. For API jobs it must lie under
         LBS_DATASETS_DIR (relative paths are taken from there); raises ParamError."""
+        try:
+            check_path_text(given)
+        except InvalidPath as exc:
+            raise ParamError(field, str(exc)) from None
         if not self.confine_paths:
             return Path(given).expanduser()
         roots = [self.datasets_dir] if self.datasets_dir is not None else []
@@ -198,8 +204,13 @@ class Dataset:
         `<datasets dir>/<name>/` when it exists, else the dataset's `hub` source (the
         cache, or a fetch where allowed; `parts` limits what is fetched; see hub.py).
         """
+        from backend.datasets.files import confine_reads
+
         if given and given.startswith("hub:"):
-            return _hub_snapshot(given[4:])
+            snapshot = _hub_snapshot(given[4:])
+            # the cache's snapshot files link to ../../blobs: the repo folder is the root
+            confine_reads([snapshot.parent.parent] if self.confine_paths else None)
+            return snapshot
         if given:
             path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
@@ -207,9 +218,14 @@ class Dataset:
             if not path.is_dir() and self.hub is not None:
                 from backend.datasets.hub import locate
 
+                # the dataset's own hub source, in the Hugging Face cache (whose
+                # snapshots link to its blobs): no job names these files
+                confine_reads(None)
                 return locate(self, parts)
         else:
             raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
+        confine_reads([self.datasets_dir] if self.confine_paths and self.datasets_dir
+                      else None)
         if not path.is_dir():
             raise ParamError("data_dir", f"no data folder at {path} (set the job parameter "
                                          f"data_dir or put the files under LBS_DATASETS_DIR/"
@@ -221,8 +237,11 @@ class Dataset:
         the datasets API before anything else); default: none."""
 
     def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
-        """Validate raw parameters; raises pydantic.ValidationError."""
-        return self.Params.model_validate(raw or {})
+        """Validate raw parameters as JSON, strictly ("7" is not 7, "yes" is not true);
+        raises pydantic.ValidationError."""
+        import json
+
+        return self.Params.model_validate_json(json.dumps(raw or {}), strict=True)
 
     def check(self, params: DatasetParams, model: ModelInfo) -> None:
         """Refuse parameters that cannot work with this model, before it loads.

@@ -1,16 +1,45 @@
 """Reading dataset files in the layouts their authors publish: JSON (a list, or an
-object with a "data" list), JSONL, CSV and Parquet (as on the Hugging Face hub)."""
+object with a "data" list), JSONL, CSV and Parquet (as on the Hugging Face hub).
+
+For jobs from the API every file is confined, not only its folder: a file inside an
+allowed folder may be a symbolic link to anywhere. `Dataset.data_folder` sets the
+folders reads must stay in (`confine_reads`) and `read_records` resolves each file
+and refuses one that leads out (PathRefused, 403).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from backend.datasets.base import ParamError
+from backend.datasets.base import ParamError, PathRefused
+from backend.paths import OutsideAllowedFolders, confine_file
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+
+_read_roots: ContextVar[tuple[Path, ...] | None] = ContextVar("lbs_read_roots", default=None)
+
+
+def confine_reads(roots: Sequence[Path] | None) -> None:
+    """From now on (in this thread) `read_records` opens only files that resolve under
+    `roots`; None lifts the rule (the command line, run by the machine's own user)."""
+    _read_roots.set(tuple(roots) if roots is not None else None)
+
+
+def checked_file(path: Path, field: str = "data_dir") -> Path:
+    """`path` resolved, if reads are unconfined or it stays under the allowed roots;
+    PathRefused naming `field` otherwise."""
+    roots = _read_roots.get()
+    if roots is None:
+        return path
+    try:
+        return confine_file(path, roots)
+    except OutsideAllowedFolders as exc:
+        raise PathRefused(field, f"refused: {exc}") from None
 
 
 def find_files(folder: Path, stems: list[str], field: str = "data_dir") -> list[Path]:
@@ -44,8 +73,10 @@ def read_all(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a JSON, JSONL, CSV or Parquet file, as dicts."""
+    """Every record of a JSON, JSONL, CSV or Parquet file, as dicts (PathRefused when
+    the file leads out of the allowed folders, see `confine_reads`)."""
     suffix = path.suffix.lower()
+    path = checked_file(path)
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]

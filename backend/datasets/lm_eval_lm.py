@@ -13,7 +13,11 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
-from backend.runners.base import GenerationRequest, LoglikelihoodRequest
+from backend.runners.base import (
+    GenerationRequest,
+    LoglikelihoodRequest,
+    move_trailing_whitespace,
+)
 
 DEFAULT_MAX_GEN_TOKS = 256
 """lm-eval's default `max_gen_toks` when a task's generation_kwargs name none."""
@@ -21,13 +25,11 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
     """lm-eval's context/continuation split (`LM._encode_pair`): all trailing whitespace
-    of the context moves to the continuation. Our runner then cuts the tokens where the
-    whole text's tokens leave the context's, which is lm-eval's cut whenever the context's
-    tokens are a prefix of the whole text's (no token merges across the boundary)."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        return context[:-n], context[-n:] + continuation
-    return context, continuation
+    of the context moves to the continuation (`move_trailing_whitespace`, the rule every
+    runner applies too). The runner then cuts the tokens where the whole text's tokens
+    leave the context's: lm-eval's cut whenever the context's tokens are a prefix of the
+    whole text's (no token merges across the boundary)."""
+    return move_trailing_whitespace(context, continuation)
 
 
 def stop_strings(gen_kwargs: dict[str, Any]) -> tuple[str, ...]:

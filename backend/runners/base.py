@@ -11,6 +11,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
+class Stopped(Exception):
+    """A runner gave up waiting because its job asked it to stop (cancelled, timed out,
+    or the worker is shutting down); nothing is wrong with the model."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, already rendered (chat template applied if wanted)."""
@@ -45,12 +50,32 @@ class Generation:
 
 @dataclass(frozen=True)
 class LoglikelihoodRequest:
-    """Score `continuation` after `context` (both plain text, rendered already)."""
+    """Score `continuation` after `context` (both plain text, rendered already).
+
+    Every runner splits the pair by `move_trailing_whitespace` first."""
 
     context: str
     continuation: str
     chat_template: bool = True
     """How `context` was rendered (see GenerationRequest.chat_template)."""
+
+
+def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    r"""The one rule for where a log-likelihood request's context ends: all trailing
+    whitespace of the context (spaces, tabs, newlines: `str.rstrip()`) moves to the
+    front of the continuation, so "答案：\n" + "A" is scored as "\n" + "A" after "答案：".
+
+    It is lm-evaluation-harness's rule (`TemplateLM._encode_pair`), so log-likelihoods
+    are comparable with its figures, and the one tokenizers need: most attach leading
+    whitespace to the next word ("▁A", " A", "\tA"), so a context tokenized with its
+    trailing whitespace would end in a token that the whole text never contains. Where
+    the whitespace is a token of its own, its log-probability is the same for every
+    choice after one context, so the chosen answer does not change with the rule; C-Eval
+    (its official scorer reads the letter's logit right after "答案：") is unaffected,
+    its prompts end in no whitespace.
+    """
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
 
 
 @dataclass(frozen=True)
@@ -92,12 +117,15 @@ class Runner(ABC):
         """
 
     @abstractmethod
-    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        """One Loglikelihood per request, in order.
+    def loglikelihood(self, requests: list[LoglikelihoodRequest],
+                      batch_size: int = 1) -> list[Loglikelihood]:
+        """One Loglikelihood per request, in the order of `requests`.
 
         Requests that share a context are scored from one forward pass over
         that context: single-token continuations (answer letters) are read off
         its last position, longer ones continue from its cached keys/values.
+        Up to `batch_size` distinct contexts go through the model together
+        (longest first). Raises on failure (out of memory included) of any batch.
         """
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
@@ -106,6 +134,14 @@ class Runner(ABC):
         Runners that cannot score a text's every token say so (ValueError)."""
         raise ValueError(f"{type(self).__name__} cannot score whole texts "
                          "(loglikelihood_rolling); use a local transformers model")
+
+    def find_batch_size(self, context_tokens: int, continuation_tokens: int,
+                        start: int) -> int:
+        """The largest batch (at most `start`, halving from it) of `context_tokens`-token
+        contexts, each followed by `continuation_tokens` scored tokens, that fits in
+        memory: what job parameter batch_size "auto" becomes. A runner with no memory
+        of its own to probe (a remote API) takes one request at a time."""
+        return 1
 
     @abstractmethod
     def close(self) -> None:

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 from backend.config import Settings
 from backend.memory.limits import cap_process_memory, load_placement
-from backend.runners.base import Generation, GenerationRequest, Runner
+from backend.runners.base import (
+    Generation,
+    GenerationRequest,
+    Runner,
+    move_trailing_whitespace,
+)
 from backend.runners.builtin import ensure_builtin_model
 from backend.runners.models import ModelSpec
 
@@ -57,11 +62,27 @@ def _torch_dtype(name: str, on_cuda: bool):
     return getattr(torch, name)
 
 
-def _copy_cache(cache):
-    """A copy of a key/value cache, so each continuation extends its own."""
-    import copy
+CPU_MAX_BATCH = 16
+"""Where batch_size "auto" starts on the CPU (see HFRunner.find_batch_size)."""
+MIN_SHARED_PREFIX = 32
+"""Tokens a batch's contexts must share before the shared part is computed once."""
 
-    return copy.deepcopy(cache)
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every row."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _cache_of(output):
+    """The key/value cache of a forward's output (`cache` in recent transformers)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def cache_length(needed: int) -> int:
@@ -364,53 +385,179 @@ class HFRunner(Runner):
 
     # --- log-likelihood -------------------------------------------------------------
 
-    def _split(self, request) -> tuple[list[int], list[int]]:
-        """Context and continuation token ids, cut where the whole text's tokens diverge
-        from the context's (so a merge across the boundary is not double counted).
-        Trailing spaces of the context move to the continuation, as usual."""
-        context, continuation = request.context, request.continuation
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped):] + continuation
-        whole = self.tok.prompt_ids(stripped + continuation, request.chat_template)
-        ctx = self.tok.prompt_ids(stripped, request.chat_template)
+    def _split(self, request, contexts: dict | None = None
+               ) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids. The text is split by
+        `move_trailing_whitespace` (lm-evaluation-harness's rule); the tokens are cut
+        where the whole text's tokens diverge from the context's, so a token merged
+        across the boundary is scored with the continuation, never counted twice.
+        `contexts` memoizes the context's tokens (the choices of a question share them).
+        An empty context is the BOS token (else EOS), as in lm-evaluation-harness."""
+        context, continuation = move_trailing_whitespace(request.context, request.continuation)
+        whole = self.tok.prompt_ids(context + continuation, request.chat_template)
+        key = (context, request.chat_template)
+        if contexts is None or key not in contexts:
+            ctx = self.tok.prompt_ids(context, request.chat_template)
+            if contexts is not None:
+                contexts[key] = ctx
+        else:
+            ctx = contexts[key]
         n = len(ctx)
         while n and whole[:n] != ctx[:n]:
             n -= 1
+        if n == 0:
+            prefix = (self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                      else self.tokenizer.eos_token_id)
+            if prefix is not None and whole[:1] != [prefix]:
+                return [prefix], whole
+            n = 1  # the text starts with that token: it is the context
         return whole[:n], whole[n:]
 
-    def loglikelihood(self, requests):
+    def loglikelihood(self, requests, batch_size: int = 1):
+        """See `Runner.loglikelihood`. Distinct contexts go longest first, `batch_size`
+        per forward pass, left-padded so every row ends on the last column (answer
+        letters need that one column of logits: `logits_to_keep`); longer continuations
+        then run on that pass's cache, right-padded. Position ids and the attention mask
+        give each row what it would have alone: equal to unbatched scores within float
+        rounding (1e-5 in float32)."""
+        from backend.runners.base import Loglikelihood
+
+        contexts: dict[tuple[str, bool], list[int]] = {}
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
+            ctx, cont = self._split(request, contexts)
+            if not cont:
+                raise ValueError(f"request {i}: the continuation has no tokens")
+            groups.setdefault(tuple(ctx), []).append((i, cont))
+        order = sorted(groups.items(),
+                       key=lambda g: -(len(g[0]) + max(len(c) for _, c in g[1])))
+        results: list[Loglikelihood | None] = [None] * len(requests)
+        step = max(1, batch_size)
+        for first in range(0, len(order), step):
+            for i, result in self._score(order[first:first + step]):
+                results[i] = result
+        return results
+
+    def _forward_takes(self, name: str) -> bool:
+        """Whether the model's forward takes argument `name`: `logits_to_keep` (models
+        of transformers >= 4.50) or `cache` (recent transformers; `past_key_values`
+        before)."""
+        if not hasattr(self, "_forward_params"):
+            import inspect
+
+            try:
+                self._forward_params = set(inspect.signature(self.model.forward).parameters)
+            except (TypeError, ValueError):
+                self._forward_params = set()
+        return name in self._forward_params
+
+    def _score(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]],
+               share_prefix: bool = True):
+        """(request index, Loglikelihood) for every continuation of the contexts in
+        `batch`, from one padded pass over the contexts (and one over the longer
+        continuations, if any). With `share_prefix`, a prefix of at least
+        MIN_SHARED_PREFIX tokens common to every context (a few-shot prompt's header
+        and examples) goes through the model once, and the padded pass covers only
+        what follows it, on that prefix's cache."""
         import torch
 
         from backend.runners.base import Loglikelihood
 
-        results: list[Loglikelihood | None] = [None] * len(requests)
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for i, request in enumerate(requests):
-            ctx, cont = self._split(request)
-            if not cont:
-                raise ValueError(f"request {i}: the continuation has no tokens")
-            groups.setdefault(tuple(ctx), []).append((i, cont))
+        contexts = [list(ctx) for ctx, _ in batch]
+        shared = _common_prefix(contexts) if share_prefix and len(batch) > 1 else 0
+        shared = min(shared, min(len(c) for c in contexts) - 1)  # each row keeps a token
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        rest = [c[shared:] for c in contexts]
+        width = max(len(r) for r in rest)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        longer = [(row, i, cont) for row, (_, members) in enumerate(batch)
+                  for i, cont in members if len(cont) > 1]
+        extra = {"logits_to_keep": 1} if self._forward_takes("logits_to_keep") else {}
+        cache_arg = "cache" if self._forward_takes("cache") else "past_key_values"
+        out_rows = []
         with torch.inference_mode():
-            for ctx, members in groups.items():
-                ctx_ids = torch.tensor([list(ctx)], device=self.device)
-                out = self.model(input_ids=ctx_ids, use_cache=True)
-                last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            if shared:
+                head = self.model(input_ids=torch.tensor([contexts[0][:shared]],
+                                                         device=self.device),
+                                  use_cache=True, **extra)
+                cache = _cache_of(head)
+                cache.batch_repeat_interleave(len(batch))
+                extra = {**extra, cache_arg: cache}
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             use_cache=bool(longer or shared), **extra)
+            last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            best = last.argmax(-1).tolist()
+            for row, (_, members) in enumerate(batch):
                 for i, cont in members:
                     if len(cont) == 1:  # answer letters: read off the shared pass
-                        results[i] = Loglikelihood(float(last[cont[0]]),
-                                                   bool(last.argmax() == cont[0]), 1)
-                        continue
-                    cache = _copy_cache(out.past_key_values)
-                    rest = torch.tensor([cont[:-1]], device=self.device)
-                    more = self.model(input_ids=rest, past_key_values=cache, use_cache=True)
-                    logps = torch.log_softmax(
-                        torch.cat([last[None], more.logits[0].float()]), dim=-1)
-                    target = torch.tensor(cont, device=logps.device)
-                    picked = logps.gather(1, target[:, None])[:, 0]
-                    results[i] = Loglikelihood(float(picked.sum()),
-                                               bool((logps.argmax(-1) == target).all()),
-                                               len(cont))
-        return results
+                        out_rows.append((i, Loglikelihood(float(last[row, cont[0]]),
+                                                          best[row] == cont[0], 1)))
+            if not longer:
+                return out_rows
+            # Each longer continuation extends its context's row of the cache (rows
+            # repeated when a context has several), right-padded after its last token.
+            rows = torch.tensor([row for row, _, _ in longer], device=self.device)
+            cache = _cache_of(out)
+            cache.batch_select_indices(rows)
+            steps = max(len(cont) for _, _, cont in longer) - 1
+            more_ids = torch.tensor([cont[:-1] + [pad] * (steps + 1 - len(cont))
+                                     for _, _, cont in longer], device=self.device)
+            more_mask = torch.tensor([[1] * (len(cont) - 1) + [0] * (steps + 1 - len(cont))
+                                      for _, _, cont in longer], device=self.device)
+            more = self.model(
+                input_ids=more_ids, attention_mask=torch.cat([mask[rows], more_mask], dim=1),
+                position_ids=positions[rows, -1:] + 1 + torch.arange(steps, device=self.device),
+                use_cache=True, **{cache_arg: cache})
+            logps = torch.cat([last[rows][:, None],
+                               torch.log_softmax(more.logits.float(), dim=-1)], dim=1)
+            for k, (_, i, cont) in enumerate(longer):
+                target = torch.tensor(cont, device=logps.device)
+                row = logps[k, :len(cont)]
+                picked = row.gather(1, target[:, None])[:, 0]
+                out_rows.append((i, Loglikelihood(float(picked.sum()),
+                                                  bool((row.argmax(-1) == target).all()),
+                                                  len(cont))))
+        return out_rows
+
+    def find_batch_size(self, context_tokens: int, continuation_tokens: int,
+                        start: int) -> int:
+        """See `Runner.find_batch_size`: accelerate's `find_executable_batch_size`,
+        halving from `start` (capped at CPU_MAX_BATCH on the CPU, where memory is
+        seldom the limit and wider batches bought no speed: see BENCHMARKS.md), over
+        the real scoring pass on rows of the given length."""
+        from accelerate.utils import find_executable_batch_size
+
+        if self.device == "cpu":
+            start = min(start, CPU_MAX_BATCH)
+        size = [max(1, start)]
+        token = self.tokenizer.eos_token_id or 0
+        context = (token,) * max(1, context_tokens)
+        continuation = [token] * max(1, continuation_tokens)
+
+        def halve() -> int:
+            size[0] //= 2
+            return size[0]
+
+        @find_executable_batch_size(starting_batch_size=size[0], reduce_batch_size_fn=halve)
+        def probe(batch_size: int) -> int:
+            try:
+                self._score([(context, [(k, continuation)]) for k in range(batch_size)],
+                            share_prefix=False)
+            except MemoryError:  # Python's; accelerate only recognises RuntimeErrors
+                raise RuntimeError("CPU out of memory.") from None
+            return batch_size
+
+        try:
+            return probe()
+        except RuntimeError as exc:
+            if "reached zero" not in str(exc):
+                raise
+            return 1  # not even one fits: the job's own halving records the failures
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """Whole-text log-likelihoods, windowed as lm-evaluation-harness's HF backend does

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backend.config import Settings
 from backend.datasets.base import ModelInfo
-from backend.paths import OutsideAllowedFolders
+from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text
 from backend.paths import confine as confine_path
 from backend.runners import builtin
 
@@ -63,6 +63,11 @@ def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelS
             raise ModelNotFound(f"unknown built-in model {name!r}; built-in models: "
                                 + ", ".join(f"builtin:{k}" for k in builtin.BUILTIN_MODELS))
         return ModelSpec(name=name, path=builtin.model_dir(settings.data_dir, key), builtin=key)
+    try:
+        check_path_text(name)
+    except InvalidPath as exc:
+        raise ModelNotFound(f"model {name[:80]!r}…: {exc}" if len(name) > 80
+                            else f"model {name!r}: {exc}") from None
     path: Path | None = Path(name).expanduser()
     looks_like_path = path.is_absolute() or name.startswith((".", "~")) or ".." in path.parts
     if confine and (looks_like_path or _under_model_dirs(name, settings)):

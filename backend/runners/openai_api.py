@@ -19,53 +19,82 @@ tokens that spell the continuation, and checks that they do; an endpoint that re
 no prompt log-probabilities (`transformers serve`) is named on the first request.
 
 The API key travels only in the Authorization header and never enters a log line,
-an exception message or a stored row (see `redact`).
+an exception message or a stored row (see `redact`). The server's own key
+(LBS_OPENAI_API_KEY) goes only to the server's base URL (LBS_OPENAI_BASE_URL); a job
+naming another URL sends its own key or none (`key_for`). A job may name only the
+hosts the operator allows (`check_host`). A remote error becomes its status code
+and a short cleaned reason, never the remote body (`remote_message`).
+
+Each request runs on a helper thread while the calling thread waits in short steps,
+so cancel, the job's timeout and worker shutdown (`should_stop`) end a request that
+hangs within a fraction of a second: its socket is shut down under it. Redirects are
+not followed (they could lead off the allowed hosts) and environment proxies are not
+used.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
 import logging
 import random
 import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from backend.redact import mask_url
 from backend.runners.base import (
     Generation,
     GenerationRequest,
     Loglikelihood,
     LoglikelihoodRequest,
     Runner,
+    Stopped,
+    move_trailing_whitespace,
 )
 
 log = logging.getLogger(__name__)
 
 PREFIX = "openai:"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_TIMEOUT_S = 600.0
+"""Longest wait for one answer: a generation of thousands of tokens on a busy server."""
+MAX_RETRIES = 10
+"""With the backoff (at most 30 s, or Retry-After up to 60 s) a request gives up after
+at most about (MAX_RETRIES + 1) x timeout_s + 10 min; cancel and the job's timeout_s
+interrupt it within a second whatever these are."""
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+POLL_S = 0.1
 
 
 class ApiOptions(BaseModel):
     """The `api` object of a job for an `openai:` model (settings fill what it leaves out)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
-    api_key: SecretStr | None = Field(None, description="sent as a Bearer token; never stored "
-                                                        "in clear nor returned")
+    base_url: str | None = Field(None, max_length=2048,
+                                 description="e.g. http://127.0.0.1:8000/v1")
+    api_key: SecretStr | None = Field(None, max_length=4096,
+                                      description="sent as a Bearer token; never stored "
+                                                  "in clear nor returned")
     endpoint: Literal["chat", "completions"] = "chat"
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
-    timeout_s: float = Field(60.0, gt=0, le=3600, description="per request")
-    max_retries: int = Field(4, ge=0, le=20, description="on 429, 5xx, timeouts, bad JSON")
-    tokenizer: str | None = Field(None, description="local tokenizer for prompt building "
-                                                    "(default: the built-in tiny model's)")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S,
+                             description="per request (the answer included)")
+    max_retries: int = Field(4, ge=0, le=MAX_RETRIES,
+                             description="on 429, 5xx, timeouts, bad JSON")
+    tokenizer: str | None = Field(None, max_length=1024,
+                                  description="local tokenizer for prompt building "
+                                              "(default: the built-in tiny model's)")
     max_length: int | None = Field(None, ge=16, description="the served model's context "
                                                             "(default: the tokenizer's)")
 
@@ -74,6 +103,14 @@ class ApiOptions(BaseModel):
     def _http(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if value is not None:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ValueError("is not a valid URL") from None
+            if not parts.hostname or any(ord(c) < 33 or c == "\x7f" for c in value):
+                raise ValueError("needs a host name and no spaces or control characters")
         return value.rstrip("/") if value else value
 
     def public(self) -> dict[str, Any]:
@@ -100,6 +137,10 @@ NO_CHAT_TEMPLATE_HINT = (
 
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
+
+
+def _never() -> bool:
+    return False
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -156,6 +197,9 @@ class OpenAIRunner(Runner):
         self.max_length = max_length
         self.stats = _Stats()
         self.use_chat = options.endpoint == "chat"
+        self.should_stop: Callable[[], bool] = _never
+        """Set per job by the evaluation loop: true once the job is cancelled, timed
+        out or its worker stops; waiting requests then raise `Stopped`."""
 
     # --- PromptTokenizer ----------------------------------------------------------
 
@@ -184,10 +228,12 @@ class OpenAIRunner(Runner):
               retry_status: frozenset[int] | set[int] = RETRY_STATUS
               ) -> tuple[dict[str, Any], int]:
         """POST with retries (on `retry_status`, timeouts and unreadable answers);
-        returns (answer, attempts). Raises ApiError."""
+        returns (answer, attempts). Raises ApiError, or Stopped when `should_stop`
+        turns true while it waits."""
         url = f"{self.options.base_url}{path}"
+        shown = mask_url(url)
         data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         attempts, status = 0, None
@@ -195,49 +241,98 @@ class OpenAIRunner(Runner):
             attempts += 1
             problem, retry_after, status = None, None, None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.options.timeout_s) as res:
-                    raw = res.read()
-                try:
-                    answer = json.loads(raw)
-                    if not isinstance(answer, dict) or not answer.get("choices"):
-                        raise ValueError("no choices")
-                    return answer, attempts
-                except ValueError:
-                    problem = f"unreadable answer ({raw[:80]!r})"
-            except urllib.error.HTTPError as err:
-                status = err.code
-                # the JSON error's message, else the status line's reason phrase
-                detail = remote_message(err.read()) or clean_remote_text(str(err.reason or ""))
-                problem = f"HTTP {err.code}" + (f": {detail}" if detail else "")
-                if err.code not in retry_status:
-                    raise ApiError(redact(f"{url} answered {problem}", self._key),
-                                   status) from None
-                retry_after = err.headers.get("Retry-After") if err.headers else None
+                status, answer_headers, raw = self._exchange(url, data, headers)
+                if 200 <= status < 300:
+                    try:
+                        answer = json.loads(raw)
+                        if not isinstance(answer, dict) or not answer.get("choices"):
+                            raise ValueError("no choices")
+                        return answer, attempts
+                    except (ValueError, RecursionError):
+                        problem = "unreadable answer (not the JSON of a completion)"
+                else:
+                    # the JSON error's message, else the status line's reason phrase
+                    reason = remote_message(raw) or http.client.responses.get(status, "")
+                    problem = f"HTTP {status}" + (f": {reason}" if reason else "")
+                    if status not in retry_status:
+                        raise ApiError(redact(f"{shown} answered {problem}", self._key),
+                                       status)
+                    retry_after = answer_headers.get("Retry-After")
             except TimeoutError:
                 problem = f"no answer within {self.options.timeout_s:g} s"
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, TimeoutError):
-                    problem = f"no answer within {self.options.timeout_s:g} s"
-                else:
-                    problem = f"cannot reach {url}: {err.reason}"
-            except (ConnectionError, OSError) as err:
-                problem = f"connection failed: {err}"
+            except (http.client.HTTPException, OSError) as err:
+                reason = clean_remote_text(str(err) or type(err).__name__)
+                problem = f"cannot reach {shown}: {reason}"
             problem = redact(problem, self._key)
             if attempts > self.options.max_retries:
-                raise ApiError(f"{url}: {problem} (gave up after {attempts} attempts)",
+                raise ApiError(f"{shown}: {problem} (gave up after {attempts} attempts)",
                                status)
             delay = min(30.0, 0.25 * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
             if retry_after:
                 try:
-                    delay = min(60.0, float(retry_after))
+                    delay = min(60.0, max(0.0, float(retry_after)))
                 except ValueError:
                     pass
             with self.stats.lock:
                 self.stats.retries += 1
             log.warning("[OpenAI] %s; retry %d of %d in %.2f s", problem, attempts,
                         self.options.max_retries, delay)
-            time.sleep(delay)
+            self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        """time.sleep that ends early (raising Stopped) when the job should stop."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            if self.should_stop():
+                raise Stopped("the job was cancelled, timed out or its worker is stopping")
+            time.sleep(min(POLL_S, left))
+
+    def _exchange(self, url: str, data: bytes, headers: dict[str, str]
+                  ) -> tuple[int, Any, bytes]:
+        """One POST: (status, headers, body). The request runs on a helper thread;
+        this thread waits in POLL_S steps and, when the job should stop or timeout_s
+        passed, shuts the socket down under the helper (Stopped / TimeoutError)."""
+        parts = urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" \
+            else http.client.HTTPConnection
+        conn = kind(parts.hostname, parts.port, timeout=self.options.timeout_s)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def send() -> None:
+            try:
+                conn.request("POST", target or "/", body=data, headers=headers)
+                res = conn.getresponse()
+                raw = res.read(MAX_ANSWER_BYTES + 1)
+                if len(raw) > MAX_ANSWER_BYTES:
+                    raise http.client.HTTPException(
+                        f"answer larger than {MAX_ANSWER_BYTES // 2**20} MB")
+                box["answer"] = (res.status, res.headers, raw)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name="openai-request", daemon=True).start()
+        deadline = time.monotonic() + self.options.timeout_s
+        try:
+            while not done.wait(POLL_S):
+                if self.should_stop():
+                    raise Stopped("the job was cancelled, timed out or its worker is stopping")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        finally:
+            if not done.is_set():
+                _abort(conn)
+            else:
+                conn.close()
+        if "error" in box:
+            error = box["error"]
+            if isinstance(error, socket.timeout):
+                raise TimeoutError from None
+            raise error
+        return box["answer"]
 
     def _one(self, request: GenerationRequest) -> Generation:
         started = time.perf_counter()
@@ -278,7 +373,9 @@ class OpenAIRunner(Runner):
         with ThreadPoolExecutor(min(self.options.concurrency, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 
-    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+    def loglikelihood(self, requests: list[LoglikelihoodRequest],
+                      batch_size: int = 1) -> list[Loglikelihood]:
+        """One completions request per request (`batch_size` changes nothing here)."""
         if self.use_chat:
             raise ApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
@@ -299,7 +396,8 @@ class OpenAIRunner(Runner):
         # max_tokens 1, not 0: llama-cpp-python generates until its context is full
         # for 0 and transformers' generate() refuses it; the one generated token is
         # told apart from the echoed prompt and left out.
-        body = {"model": self.served_model, "prompt": request.context + request.continuation,
+        context, continuation = move_trailing_whitespace(request.context, request.continuation)
+        body = {"model": self.served_model, "prompt": context + continuation,
                 "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
         try:
             # A 500 to the first echo request is the server refusing echo/logprobs
@@ -310,7 +408,7 @@ class OpenAIRunner(Runner):
             if probe and exc.status is not None and exc.status not in (401, 403, 404, 429):
                 raise ApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
             raise
-        return read_prompt_logprobs(answer, request.context, request.continuation,
+        return read_prompt_logprobs(answer, context, continuation,
                                     f"{self.options.base_url}/completions")
 
     # --- placement (the model manager) ------------------------------------------------
@@ -332,6 +430,18 @@ class OpenAIRunner(Runner):
 
     def close(self) -> None:
         self._key = None
+
+
+def _abort(conn: http.client.HTTPConnection) -> None:
+    """End a request that is still waiting: shut its socket down (the helper thread's
+    read returns at once) and close it."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    conn.close()
 
 
 def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str,
@@ -389,14 +499,87 @@ def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str
 
 def effective_options(options: ApiOptions | None, settings: Any) -> ApiOptions:
     """The job's options with the settings' base URL filled in; raises ValueError if
-    there is no base URL at all."""
+    there is no base URL at all, or HostNotAllowed (a ValueError) if the job names a
+    host the operator does not allow (see `check_host`)."""
     options = options or ApiOptions()
     if options.base_url is None:
         if not settings.openai_base_url:
             raise ValueError("no base URL: give api.base_url in the job or set "
                              "LBS_OPENAI_BASE_URL")
         options = options.model_copy(update={"base_url": settings.openai_base_url.rstrip("/")})
+    check_host(options.base_url, settings)
     return options
+
+
+class HostNotAllowed(ValueError):
+    """A job's base_url names a host that LBS_OPENAI_ALLOWED_HOSTS does not list."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(settings: Any) -> list[str]:
+    """What a job's base_url may name: LBS_OPENAI_ALLOWED_HOSTS, the host of
+    LBS_OPENAI_BASE_URL, and 'loopback' while the server has no API token (then only
+    people on this machine reach the API, and they reach loopback services anyway)."""
+    hosts = list(settings.openai_allowed_hosts)
+    if settings.openai_base_url:
+        hosts.append((urlsplit(settings.openai_base_url).hostname or "").lower())
+    if not settings.api_token:
+        hosts.append("loopback")
+    return hosts
+
+
+def _split_host(entry: str) -> tuple[str, int | None]:
+    """'h' / 'h:80' / '[::1]:80' / '::1' -> (host, port or None)."""
+    if entry.startswith("["):
+        name, _, rest = entry[1:].partition("]")
+        return name, int(rest[1:]) if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+        return name, int(port)
+    return entry, None
+
+
+def check_host(base_url: str, settings: Any) -> None:
+    """Raise HostNotAllowed unless `base_url`'s host (or host:port) is allowed. Names
+    are compared as written (no DNS look-up), so an allowed name is the operator's
+    promise about where it leads."""
+    if base_url.rstrip("/") == settings.openai_base_url.rstrip("/"):
+        return
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    allowed = allowed_hosts(settings)
+    for entry in allowed:
+        if entry == "*" or (entry == "loopback" and _is_loopback(host)):
+            return
+        name, entry_port = _split_host(entry)
+        if name == host and entry_port in (None, port):
+            return
+    shown = [h for h in allowed if h != "loopback"] + \
+        (["loopback addresses"] if "loopback" in allowed else [])
+    raise HostNotAllowed(
+        f"host {host!r} is not one this server lets jobs reach (allowed: "
+        f"{', '.join(shown) or 'none'}); the operator lists hosts in "
+        "LBS_OPENAI_ALLOWED_HOSTS")
+
+
+def key_for(options: ApiOptions, job_key: str | None, settings: Any) -> str | None:
+    """The key to send: the job's own, else the server's LBS_OPENAI_API_KEY, but the
+    server's only when the job talks to LBS_OPENAI_BASE_URL itself."""
+    if job_key:
+        return job_key
+    if settings.openai_base_url and options.base_url and \
+            options.base_url.rstrip("/") == settings.openai_base_url.rstrip("/"):
+        return settings.openai_api_key or None
+    return None
 
 
 def load_api_runner(name: str, options: ApiOptions, api_key: str | None,
@@ -412,8 +595,8 @@ def load_api_runner(name: str, options: ApiOptions, api_key: str | None,
                                               local_files_only=not settings.allow_download)
     max_length = options.max_length or model_info(spec).max_length or 4096
     served = name.removeprefix(PREFIX)
-    key = api_key or settings.openai_api_key or None
+    key = key_for(options, api_key, settings)
     log.info("[OpenAI] %s at %s (%s endpoint, %d at a time, prompts in %s tokens)", served,
-             options.base_url, options.endpoint, options.concurrency, spec.name)
+             mask_url(options.base_url or ""), options.endpoint, options.concurrency, spec.name)
     return OpenAIRunner(name, served, options, key, HFTokenizer(tokenizer, max_length),
                         max_length)
