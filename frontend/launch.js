@@ -89,7 +89,9 @@ function inputFor(name, schema, defs) {
   if (s.type === "boolean") {
     return h("input", { id, type: "checkbox", name, checked: value === true, "data-kind": "bool" });
   }
-  return h("input", { id, type: "text", name, value: value ?? "", "data-kind": "string",
+  // A number or a word (batch_size: 8 or "auto"): a typed number goes as a number.
+  const numberOrWord = (s.anyOf || []).some((a) => a.type === "integer" || a.type === "number");
+  return h("input", { id, type: "text", name, value: value ?? "", "data-kind": numberOrWord ? "numberOrWord" : "string",
                       placeholder: value === null ? t("default_choice") : null });
 }
 
@@ -147,7 +149,8 @@ function readParams(fieldset) {
     }
     const raw = input.value.trim();
     if (raw === "") continue;
-    params[input.name] = kind === "number" ? Number(raw) : raw;
+    const numeric = kind === "number" || (kind === "numberOrWord" && isFinite(Number(raw)));
+    params[input.name] = numeric ? Number(raw) : raw;
   }
   return params;
 }

@@ -292,7 +292,12 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
         assert fs.locator('input[name="tasks"]').input_value() == "lbs_mc, lbs_ppl"
         fs.locator('input[name="limit"]').fill("2")
         page.click("#launch-submit")
-        page.wait_for_url("**/#/queue")
+        try:
+            page.wait_for_url("**/#/queue")
+        except Exception:
+            errors = [e.inner_text() for e in page.locator(".field-error").all()]
+            raise AssertionError(f"{page.locator('#launch-status').inner_text()} {errors}"
+                                 f"\n{live.log()[-2000:]}") from None
         (job,) = live.request("GET", "/api/jobs")[1]["data"]["jobs"]
         assert job["params"]["tasks"] == ["lbs_mc", "lbs_ppl"]
         job = live.wait_for(job["id"], ("succeeded", "failed"), timeout=300)
