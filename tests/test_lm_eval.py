@@ -294,11 +294,12 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
         page.click("#launch-submit")
         try:
             page.wait_for_url("**/#/queue")
-        except Exception:
+        except Exception:  # noqa: BLE001 - any wait failure: say what the form said
             errors = [e.inner_text() for e in page.locator(".field-error").all()]
             raise AssertionError(f"{page.locator('#launch-status').inner_text()} {errors}"
                                  f"\n{live.log()[-2000:]}") from None
-        (job,) = live.request("GET", "/api/jobs")[1]["data"]["jobs"]
+        (listed,) = live.request("GET", "/api/jobs")[1]["data"]["jobs"]
+        job = live.request("GET", f"/api/jobs/{listed['id']}")[1]["data"]["job"]
         assert job["params"]["tasks"] == ["lbs_mc", "lbs_ppl"]
         job = live.wait_for(job["id"], ("succeeded", "failed"), timeout=300)
         assert job["state"] == "succeeded", job["error"]
