@@ -286,6 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
             "one of them."),
     Setting("LBS_PLUGIN_DIRS", "", _text, "folder paths separated by ':'",
             "Folders whose *.py modules are imported at start to register dataset plugins."),
+    Setting("LBS_LM_EVAL_INCLUDE_PATH", "", _text, "folder paths separated by ':'",
+            "Folders of local lm-evaluation-harness task YAMLs offered by the lm_eval dataset "
+            "beside lm-eval's own tasks (the lm_eval command's --include_path)."),
     Setting("LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
             "Logging level of the server and workers."),
 )
@@ -324,6 +327,7 @@ class Settings:
     affinity_seconds: float = 300.0
     plugin_dirs: tuple[str, ...] = ()
     model_dirs: tuple[str, ...] = ()
+    lm_eval_include_path: tuple[str, ...] = ()
     datasets_dir: Path | None = None
     api_token: str = field(default="", repr=False)
     openai_base_url: str = ""
@@ -421,6 +425,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         max_grid_cells=parsed["LBS_MAX_GRID_CELLS"],
         plugin_dirs=tuple(d for d in parsed["LBS_PLUGIN_DIRS"].split(os.pathsep) if d),
         model_dirs=tuple(d for d in parsed["LBS_MODEL_DIRS"].split(os.pathsep) if d),
+        lm_eval_include_path=tuple(d for d in parsed["LBS_LM_EVAL_INCLUDE_PATH"]
+                                   .split(os.pathsep) if d),
         api_token=parsed["LBS_API_TOKEN"],
         openai_base_url=parsed["LBS_OPENAI_BASE_URL"],
         openai_api_key=parsed["LBS_OPENAI_API_KEY"],

@@ -96,6 +96,7 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     from backend.datasets.hub import DataAccess, FetchPending
 
     ds = get_dataset(dataset)
+    ds.configure(settings)
     ds.datasets_dir = settings.datasets_dir
     ds.confine_paths = confine
     ds.data_access = DataAccess(allow_download=settings.allow_data_download,
@@ -334,6 +335,11 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
     second turns, e.g. the answer after a chain of thought, likewise).
     `view` is the runner as the dataset sees it, rendering as the job asked."""
     runner, templated = view.runner, view.chat_template
+    if dataset.answer is not None:  # the dataset calls the runner itself
+        return [_Answer(item, a.get("text", ""), a.get("prompt_tokens", 0),
+                        a.get("output_tokens", 0), a.get("fields", item.fields), a.get("error"))
+                for item, a in zip(items, dataset.answer(items, runner, backoff.run),
+                                   strict=True)]
     answers = [_Answer(item, fields=item.fields) for item in items]
     choosing = [a for a in answers if a.item.choices]
     chosen = backoff.run(partial(_choose_many, runner, chat_template=templated),
@@ -535,7 +541,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                 raise SampleOutOfMemory(
                     f"sample {a.item.idx + offset} does not fit in memory even alone "
                     f"({a.error}); the job asked on_oom=fail_job")
-            score = 0.0 if a.error else job.dataset.score(a.item, a.text)
+            score = 0.0 if a.error else job.dataset.score_answer(a.item, a.text, a.fields)
             fields = {**a.fields, **job.dataset.explain(a.item, a.text)}
             if method is not None:  # what the comparison reads back, also after a resume
                 fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,

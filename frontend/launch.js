@@ -24,9 +24,24 @@ const listText = (v) => (Array.isArray(v) ? v.join(", ") : "");
 
 function listInput(id, name, items, value) {
   const numeric = items?.type === "integer" || items?.type === "number";
-  return h("input", { id, type: "text", name, value: listText(value), "data-kind": "list",
+  const input = h("input", { id, type: "text", name, value: listText(value), "data-kind": "list",
     "data-items": numeric ? "number" : "string", inputmode: numeric ? "decimal" : null,
     placeholder: numeric ? t("list_numbers_hint") : t("list_text_hint"), autocomplete: "off" });
+  if (!Array.isArray(items?.examples) || !items.examples.length) return input;
+  // Known names (e.g. lm-eval's thousands of tasks): a search box whose pick joins the list.
+  const known = new Set(items.examples), listId = `${id}-known`;
+  const search = h("input", { type: "search", list: listId, class: "list-search", autocomplete: "off",
+    placeholder: t("search_add_hint"), "aria-label": t("search_add_hint"), onchange: () => {
+      const picked = search.value.trim();
+      if (!known.has(picked)) return;
+      const parts = readList(input);
+      if (!parts.includes(picked)) input.value = [...parts, picked].join(", ");
+      search.value = "";
+    } });
+  const box = h("span", { class: "list-with-search" }, input, search,
+    h("datalist", { id: listId }, items.examples.map((v) => h("option", { value: v }))));
+  box.labelTarget = input;
+  return box;
 }
 
 function listOrRange(name, s) {
@@ -74,7 +89,9 @@ function inputFor(name, schema, defs) {
   if (s.type === "boolean") {
     return h("input", { id, type: "checkbox", name, checked: value === true, "data-kind": "bool" });
   }
-  return h("input", { id, type: "text", name, value: value ?? "", "data-kind": "string",
+  // A number or a word (batch_size: 8 or "auto"): a typed number goes as a number.
+  const numberOrWord = (s.anyOf || []).some((a) => a.type === "integer" || a.type === "number");
+  return h("input", { id, type: "text", name, value: value ?? "", "data-kind": numberOrWord ? "numberOrWord" : "string",
                       placeholder: value === null ? t("default_choice") : null });
 }
 
@@ -85,7 +102,7 @@ function paramsForm(ds) {
     const title = tr(prop.title || name);
     const grouped = ["multi", "listOrRange"].includes(control.dataset.kind);
     const label = grouped ? h("span", { class: "label", id: `label-${name}`, text: title })
-      : h("label", { for: control.id, text: title });
+      : h("label", { for: (control.labelTarget || control).id, text: title });
     return h("div", { class: "field", "data-field": `params.${name}` }, label, control,
       prop.description ? h("small", { text: tr(prop.description) }) : null,
       h("div", { class: "field-error", role: "alert" }));
@@ -132,7 +149,8 @@ function readParams(fieldset) {
     }
     const raw = input.value.trim();
     if (raw === "") continue;
-    params[input.name] = kind === "number" ? Number(raw) : raw;
+    const numeric = kind === "number" || (kind === "numberOrWord" && isFinite(Number(raw)));
+    params[input.name] = numeric ? Number(raw) : raw;
   }
   return params;
 }

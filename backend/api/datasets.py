@@ -87,6 +87,7 @@ def _fetches() -> Fetches:
 def describe(name: str) -> dict[str, Any]:
     settings = current_app.extensions["lbs"].settings
     ds = get_dataset(name)
+    ds.configure(settings)
     ds.datasets_dir = settings.datasets_dir
     out = ds.describe()
     out["data"] = dataset_status(ds, settings.allow_data_download, settings.hub_offline)

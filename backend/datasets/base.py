@@ -239,6 +239,10 @@ class Dataset:
                                          f"{folder_name or self.name})")
         return path
 
+    def configure(self, settings: Any) -> None:
+        """Read the server settings the dataset needs (called by evaluation.prepare and
+        the datasets API before anything else); default: none."""
+
     def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
         """Validate raw parameters as JSON, strictly ("7" is not 7, "yes" is not true);
         raises pydantic.ValidationError."""
@@ -277,6 +281,19 @@ class Dataset:
     def score(self, item: Item, prediction: str) -> float:
         """A 0-1 score of one prediction."""
         raise NotImplementedError
+
+    def score_answer(self, item: Item, prediction: str, fields: dict[str, Any]) -> float:
+        """A 0-1 score of one answer, given the answer's fields too (a dataset that
+        answers items itself, see `answer`, keeps what it scores with there);
+        default: `score(item, prediction)`."""
+        return self.score(item, prediction)
+
+    answer: ClassVar[Any] = None
+    """Optional: `answer(items, runner, run) -> [{"text", "prompt_tokens",
+    "output_tokens", "fields", "error"}]` for a dataset whose items need more than one
+    prompt or choice list each (lm-eval tasks): it calls the runner itself, through
+    `run(method, requests)`, which batches and halves batches on out-of-memory (an
+    `OomFailure` in place of a result that does not fit alone)."""
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
         """Scores of the job from (item fields, score) pairs; default: the mean."""

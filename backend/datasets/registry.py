@@ -24,6 +24,7 @@ BUILTIN: dict[str, str] = {
     "mr_gsm8k": "backend.datasets.mr_gsm8k:MRGSM8K",
     "longbench": "backend.datasets.longbench:LongBench",
     "longbench_v2": "backend.datasets.longbench_v2:LongBenchV2",
+    "lm_eval": "backend.datasets.lm_eval_tasks:LmEvalTasks",
 }
 
 _registered: dict[str, type[Dataset]] = {}

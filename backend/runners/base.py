@@ -32,6 +32,9 @@ class GenerationRequest:
     prompt from a copy of them; the reply is the one the whole prompt alone would get.
     The split is made in token space: only tokens the prompt's own tokenisation shares
     with the prefix's are reused, so a token merging across the boundary is recomputed."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: when given, the reply is cut before the first one it holds and kept
+    as decoded (not stripped), the way lm-evaluation-harness reads a generation."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,13 @@ class Runner(ABC):
         Up to `batch_size` distinct contexts go through the model together
         (longest first). Raises on failure (out of memory included) of any batch.
         """
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+        """The log-likelihood of each whole text (perplexity tasks), scored in disjoint
+        windows of the model's length, each predicting its tokens from the ones before.
+        Runners that cannot score a text's every token say so (ValueError)."""
+        raise ValueError(f"{type(self).__name__} cannot score whole texts "
+                         "(loglikelihood_rolling); use a local transformers model")
 
     def find_batch_size(self, context_tokens: int, continuation_tokens: int,
                         start: int) -> int:

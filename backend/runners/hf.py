@@ -141,6 +141,34 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` before the first occurrence of each non-empty stop string in turn (the
+    rule of lm-evaluation-harness's `postprocess_generated_text`)."""
+    for term in stop:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, predicted) windows covering every token once, each at most
+    `max_len` long, the first conditioned on `prefix`: lm-eval's
+    `get_rolling_token_windows(context_len=1)` followed by `make_disjoint_window`."""
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([prefix] + tokens[:first - 1], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        ctx, pred = tokens[max(0, end - max_len - 1):end - 1], tokens[end - n:end]
+        windows.append((ctx, pred))
+        done = end
+    return [(ctx[:len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
+
+
 class FirstTokenClock:
     """A logits processor that only notes when it is first called: the end of the
     prefill (the prompt's forward pass), so generation splits into prefill and decode."""
@@ -358,7 +386,9 @@ class HFRunner(Runner):
         end = next((i for i, t in enumerate(new_ids) if t in stops), None)
         if end is not None:
             new_ids = new_ids[:end + 1]
-        return Generation(text=self.decode(new_ids).strip(), prompt_tokens=prompt_tokens,
+        text = self.decode(new_ids)
+        text = cut_at_stop(text, request.stop) if request.stop else text.strip()
+        return Generation(text=text, prompt_tokens=prompt_tokens,
                           output_tokens=len(new_ids), latency_s=latency,
                           extra={"timing": timing})
 
@@ -645,6 +675,28 @@ class HFRunner(Runner):
             if "reached zero" not in str(exc):
                 raise
             return 1  # not even one fits: the job's own halving records the failures
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+        """Whole-text log-likelihoods, windowed as lm-evaluation-harness's HF backend does
+        (`rolling_windows`): the text's tokens (the tokenizer's usual special tokens
+        included), the first window conditioned on the BOS token (EOS without one)."""
+        import torch
+
+        prefix = (self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                  else self.tokenizer.eos_token_id)
+        results = []
+        with torch.inference_mode():
+            for text in texts:
+                total = 0.0
+                for ctx, cont in rolling_windows(self.tokenizer.encode(text), prefix,
+                                                 self.max_length):
+                    ids = torch.tensor([(ctx + cont)[:-1]], device=self.device)
+                    logits = self.model(input_ids=ids).logits[0, -len(cont):].float()
+                    logps = torch.log_softmax(logits, dim=-1)
+                    target = torch.tensor(cont, device=logps.device)
+                    total += float(logps.gather(1, target[:, None]).sum())
+                results.append(total)
+        return results
 
     # --- placement (used by the model manager) --------------------------------------
 

@@ -1,0 +1,459 @@
+"""lm-evaluation-harness tasks as a dataset: any lm-eval task, group or list of them,
+run through our runner in our worker (model manager, batching, out-of-memory halving,
+memory tracking, resume and cancel between documents).
+
+lm-eval builds the requests (its `TaskManager`, `Task.build_all_requests`: prompts,
+few-shot examples, choices, generation kwargs), our runner answers them, lm-eval's
+filters and `process_results` score each document and its own aggregation
+(`_process_results`: per-task metrics with their stderr, group aggregates) makes the
+job's scores. Every document is one Item and one stored sample, whose fields keep the
+per-metric values, so a resumed job aggregates stored and new documents alike.
+
+lm_eval imports torch: it is imported only in the worker's path (`build_items`,
+`answer`, `aggregate`) and in the task-list subprocess, never by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from importlib.metadata import version as package_version
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator
+
+from backend.datasets.base import Dataset, DatasetParams, Item, ModelInfo, ParamError, ScoreEntry
+
+log = logging.getLogger(__name__)
+
+
+class LmEvalParams(DatasetParams):
+    tasks: list[str] = Field(
+        min_length=1, max_length=64, title="Tasks",
+        description="lm-evaluation-harness task or group names (e.g. arc_easy, mmlu), or "
+                    "tasks from the local YAML folders of LBS_LM_EVAL_INCLUDE_PATH",
+        json_schema_extra={"x-choices-from": "tasks"})
+    num_fewshot: int | None = Field(
+        None, ge=0, le=64, title="Few-shot examples",
+        description="overrides each task's num_fewshot (lm_eval --num_fewshot); tasks "
+                    "whose YAML sets 0 keep 0")
+    limit: float | None = Field(
+        None, gt=0, title="Limit",
+        description="documents per task: a count, or a fraction of each task when under 1 "
+                    "(lm_eval --limit)")
+    gen_kwargs: dict[str, str | int | float | bool | list[str]] | str | None = Field(
+        None, title="Generation kwargs",
+        description="merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): "
+                    "an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; "
+                    "decoding is greedy")
+    bootstrap_iters: int = Field(
+        100000, ge=0, le=1_000_000, title="Bootstrap iterations",
+        description="for the stderr of metrics lm-eval bootstraps (0: no stderr)")
+    fewshot_seed: int = Field(1234, title="Few-shot seed",
+                              description="seed of the few-shot sampler (lm-eval's default)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each task at most once")
+        return value
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _greedy(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            value = parse_arg_string(value) or None
+        if value and (value.get("do_sample") or value.get("temperature")):
+            raise ValueError("decoding is greedy here: do_sample/temperature are not taken")
+        return value
+
+
+class LmEvalTasks(Dataset):
+    name = "lm_eval"
+    description = ("Any lm-evaluation-harness task, group or list of tasks (MMLU, ARC, "
+                   "HellaSwag, ...) with its official prompts and metrics, scored by "
+                   "lm-eval's own aggregation")
+    Params = LmEvalParams
+    cost = "depends on the tasks; lm-eval's task index takes ~15 s to build per job"
+
+    include_path: ClassVar[tuple[str, ...]] = ()
+    """LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
+
+    breakdowns: ClassVar[list[dict[str, Any]]] = [
+        {"kind": "table", "key": "metrics", "title": "lm-eval results (per task and group)",
+         "columns": [{"key": "task", "title": "Task"}, {"key": "kind", "title": "Kind"},
+                     {"key": "metric", "title": "Metric"},
+                     {"key": "filter", "title": "Filter"},
+                     {"key": "stderr", "title": "Stderr"},
+                     {"key": "n_shot", "title": "Shots"},
+                     {"key": "version", "title": "Version"}]},
+        {"kind": "table", "key": "versions", "title": "Versions (for reproducibility)",
+         "columns": [{"key": "what", "title": "Package or task"},
+                     {"key": "version", "title": "Version"}]},
+    ]
+    sample_columns: ClassVar[list[dict[str, Any]]] = [
+        {"key": "task", "title": "Task", "filter": True},
+        {"key": "doc_id", "title": "Doc", "filter": False},
+        {"key": "metrics", "title": "Metrics", "filter": False},
+    ]
+
+    def __init__(self) -> None:
+        self._docs: dict[int, tuple[str, Any, list[Any]]] = {}
+        self._loaded: dict[str, Any] | None = None
+
+    def configure(self, settings: Any) -> None:
+        type(self).include_path = tuple(settings.lm_eval_include_path)
+
+    def check(self, params: LmEvalParams, model: ModelInfo) -> None:
+        if params.methods:
+            raise ParamError("methods", "not offered for lm_eval tasks")
+        known = cached_task_names(self.include_path)
+        if known is not None:
+            unknown = [t for t in params.tasks if t not in known]
+            if unknown:
+                raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
+
+    def longest_sequence(self, params: LmEvalParams, model_max: int | None) -> int | None:
+        return model_max  # prompts are only known once lm-eval builds them
+
+    def scores_every_position(self, params: DatasetParams) -> bool:
+        return True
+
+    # --- building ------------------------------------------------------------------
+
+    def _load(self, params: LmEvalParams) -> dict[str, Any]:
+        started = time.perf_counter()
+        paths = tuple(self.include_path)
+        manager = _task_manager(paths, False) if paths else None
+        if manager is None or any(t not in manager.all_tasks for t in params.tasks):
+            manager = _task_manager(paths, True)
+        unknown = [t for t in params.tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
+        loaded = manager.load(list(params.tasks))
+        for task in loaded["tasks"].values():
+            if task.get_config("output_type") == "generate_until" and params.gen_kwargs:
+                task.set_config(key="generation_kwargs", value=dict(params.gen_kwargs),
+                                update=True)
+            if params.num_fewshot is not None:
+                if task.get_config("num_fewshot") != 0:
+                    task.set_config(key="num_fewshot", value=params.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=params.fewshot_seed)
+        log.info("[Datasets] lm-eval loaded %d task(s) in %.1f s", len(loaded["tasks"]),
+                 time.perf_counter() - started)
+        return loaded
+
+    def build_items(self, params: LmEvalParams, tokenizer: Any) -> list[Item]:
+        """One item per lm-eval document: tasks in name order, documents in doc_id order
+        (lm-eval's own order), so the same parameters give the same idx."""
+        import random
+
+        import numpy as np
+        from lm_eval.evaluator_utils import get_sample_size
+
+        # simple_evaluate's seeds: few-shot sampling and some doc_to_text use them
+        random.seed(0)
+        np.random.seed(1234)
+        self._loaded = self._load(params)
+        self._params = params
+        items: list[Item] = []
+        for name in sorted(self._loaded["tasks"]):
+            task = self._loaded["tasks"][name]
+            task.build_all_requests(limit=get_sample_size(task, params.limit), rank=0,
+                                    world_size=1)
+            by_doc: dict[int, list[Any]] = defaultdict(list)
+            for inst in task.instances:
+                by_doc[inst.doc_id].append(inst)
+            for doc_id in sorted(by_doc):
+                instances = sorted(by_doc[doc_id], key=lambda x: x.idx)
+                first = instances[0]
+                idx = len(items)
+                self._docs[idx] = (name, first.doc, instances)
+                kind = first.request_type
+                max_new = 0
+                if kind == "generate_until":
+                    from backend.datasets.lm_eval_lm import max_gen_toks
+
+                    max_new = max_gen_toks(first.args[1])
+                prompt = first.args[0]
+                items.append(Item(
+                    idx=idx, prompt=prompt, prompt_tokens=0, max_new_tokens=max_new,
+                    reference=_jsonable(task.doc_to_target(first.doc)),
+                    fields={"task": name, "doc_id": doc_id, "request_type": kind}))
+        return items
+
+    # --- answering (the evaluation loop's `answer` hook) -----------------------------
+
+    def answer(self, items: list[Item], runner: Any, run: Any) -> list[dict[str, Any]]:
+        """Answer a batch of documents through `runner`; `run(fn, requests)` calls a runner
+        method in batches, halving them on out-of-memory (an OomFailure in place of a
+        result that does not fit alone)."""
+        from backend.datasets.lm_eval_lm import RunnerLM
+        from backend.evaluation import OomFailure
+
+        lm = RunnerLM(runner, run)
+        by_type: dict[str, list[Any]] = defaultdict(list)
+        for item in items:
+            for inst in self._docs[item.idx][2]:
+                by_type[inst.request_type].append(inst)
+        unknown = set(by_type) - {"loglikelihood", "generate_until", "loglikelihood_rolling"}
+        if unknown:
+            raise ValueError(f"unsupported lm-eval request type(s): {', '.join(unknown)}")
+        for kind, instances in by_type.items():
+            for inst, out in zip(instances, getattr(lm, kind)(instances), strict=True):
+                inst.resps = [out]
+        answers = []
+        for item in items:
+            name, doc, instances = self._docs[item.idx]
+            oom = next((r.resps[0].message for r in instances
+                        if isinstance(r.resps[0], OomFailure)), None)
+            if oom is not None:
+                answers.append({"text": "", "error": oom, "fields": item.fields})
+                continue
+            answers.append(self._process(item, name, doc, instances, runner))
+        return answers
+
+    def _process(self, item: Item, name: str, doc: Any, instances: list[Any],
+                 runner: Any) -> dict[str, Any]:
+        task = self._loaded["tasks"][name]
+        for inst in instances:
+            inst.filtered_resps = {}
+        for ensemble in task._filters:
+            ensemble.apply(instances)
+        metrics: dict[str, Any] = {}
+        for key in instances[0].filtered_resps:
+            values = task.process_results(doc, [i.filtered_resps[key] for i in instances])
+            for metric, value in values.items():
+                metrics[f"{metric},{key}"] = _jsonable(value)
+        kind = instances[0].request_type
+        first_filtered = next(iter(instances[0].filtered_resps.values()))
+        prompt_tokens = output_tokens = 0
+        if kind == "loglikelihood":
+            resps = [list(i.resps[0]) for i in instances]
+            choices = [i.args[1] for i in instances]
+            best = max(range(len(resps)), key=lambda k: resps[k][0])
+            text = choices[best]
+            extra = {"choices": choices, "resps": resps}
+        elif kind == "generate_until":
+            text = first_filtered if isinstance(first_filtered, str) else str(first_filtered)
+            prompt_tokens, output_tokens = getattr(instances[0], "lbs_tokens", (0, 0))
+            extra = {"raw": instances[0].resps[0]}
+        else:
+            text = repr(instances[0].resps[0])
+            extra = {"loglikelihood": instances[0].resps[0]}
+        return {"text": text, "prompt_tokens": prompt_tokens or len(runner.encode(item.prompt)),
+                "output_tokens": output_tokens,
+                "fields": {**item.fields, "metrics": metrics, **extra}}
+
+    def score_answer(self, item: Item, prediction: str, fields: dict[str, Any]) -> float:
+        """The document's first metric (e.g. acc, exact_match) as its 0-1 sample score
+        where it is one; perplexity-like metrics are not, and score 0."""
+        for value in (fields.get("metrics") or {}).values():
+            if isinstance(value, int | float) and 0 <= value <= 1:
+                return float(value)
+            return 0.0
+        return 0.0
+
+    def score(self, item: Item, prediction: str) -> float:
+        return self.score_answer(item, prediction, item.fields)
+
+    def explain(self, item: Item, prediction: str) -> dict[str, Any]:
+        return {"reference": item.reference}
+
+    # --- aggregation ---------------------------------------------------------------
+
+    def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+        """lm-eval's own aggregation (`_process_results`) of the stored per-document
+        metric values: per task and group, each metric with its stderr."""
+        from lm_eval.evaluator_utils import _process_results
+
+        if self._loaded is None:
+            raise RuntimeError("aggregate before build_items")
+        tasks = self._loaded["tasks"]
+        acc = {name: {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
+               for name, task in tasks.items()}
+        by_task: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        for fields, _ in scored:
+            if fields.get("task") in acc:
+                by_task[fields["task"]].append((fields.get("doc_id", 0), fields))
+        for name, rows in by_task.items():
+            for _, fields in sorted(rows, key=lambda r: r[0]):
+                for key, value in (fields.get("metrics") or {}).items():
+                    metric, _, filt = key.partition(",")
+                    acc[name]["raw_metrics"][(metric, filt)].append(_restore(value))
+        acc = {name: a for name, a in acc.items() if a["raw_metrics"]}
+        if not acc:
+            return [ScoreEntry("overall", 0.0, 0)]
+        results = _process_results(acc, self._loaded.get("groups"),
+                                   self._params.bootstrap_iters)._to_eval_results()
+        entries = [ScoreEntry("overall", sum(s for _, s in scored) / len(scored),
+                              len(scored))]
+        n_shot = results.get("n-shot", {})
+        versions = results.get("versions", {})
+        samples = {k: v.get("effective", v.get("original"))
+                   for k, v in (results.get("n-samples") or {}).items()}
+        groups = set(results.get("groups", {}))
+        for task_name, values in {**results.get("results", {}),
+                                  **results.get("groups", {})}.items():
+            for key, value in values.items():
+                if (key in ("alias", "sample_len") or "_stderr," in key
+                        or not isinstance(value, int | float)):
+                    continue
+                metric, _, filt = key.partition(",")
+                stderr = values.get(f"{metric}_stderr,{filt}")
+                entries.append(ScoreEntry("metric", float(value),
+                                          int(samples.get(task_name) or 0), {
+                    "task": task_name, "kind": "group" if task_name in groups else "task",
+                    "metric": metric, "filter": filt,
+                    "stderr": stderr if isinstance(stderr, int | float) else None,
+                    "n_shot": n_shot.get(task_name), "version": versions.get(task_name)}))
+        entries.append(ScoreEntry("version", 0.0, 0, {"what": "lm-eval",
+                                                       "version": package_version("lm-eval")}))
+        for name in sorted(versions):
+            entries.append(ScoreEntry("version", 0.0, 0, {"what": name,
+                                                           "version": versions[name]}))
+        return entries
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        out = super().describe()
+        tasks = cached_task_list(cls.include_path)
+        out["tasks"] = tasks if tasks is not None else {"status": "indexing"}
+        if tasks is not None:  # the Launch form offers these names in a search box
+            out["params_schema"]["properties"]["tasks"]["items"] = {
+                "type": "string", "examples": [t["name"] for t in tasks]}
+        return out
+
+
+_managers: dict[tuple, Any] = {}
+
+
+def _task_manager(paths: tuple[str, ...], defaults: bool) -> Any:
+    """lm-eval's TaskManager (its task index) for these folders, built once per worker
+    process: indexing lm-eval's own tasks takes ~13 s. Tasks are loaded fresh per job;
+    a YAML added or changed in the folders makes a new index."""
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for d in paths
+                         for f in Path(d).rglob("*.yaml") if f.is_file()))
+    key = (paths, defaults, stamp)
+    if key not in _managers:
+        _managers[key] = TaskManager(include_path=list(paths) or None,
+                                     include_defaults=defaults)
+    return _managers[key]
+
+
+def parse_arg_string(text: str) -> dict[str, Any]:
+    """lm_eval's `key=value,key=value` argument text (`simple_parse_args_string`), values
+    read as booleans, integers or floats where they are."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {part!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """lm-eval values as JSON (tuples -> lists, numpy numbers -> Python)."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item")
+                                 else str(o)))
+
+
+def _restore(value: Any) -> Any:
+    """A stored metric value back as lm-eval gave it (pairs such as bits_per_byte's
+    (log-likelihood, bytes) were tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# --- the task list (GET /api/datasets, submit-time checks) ----------------------------
+
+_cache: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+_pending: set[tuple[str, ...]] = set()
+_lock = threading.Lock()
+
+
+def cached_task_list(include: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """The task list for these include folders, or None while it is being indexed
+    (started here, off the request path, in a subprocess: lm_eval imports torch)."""
+    key = tuple(include)
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+        if key in _pending:
+            return None
+        _pending.add(key)
+    threading.Thread(target=_index, args=(key,), daemon=True, name="lm-eval-index").start()
+    return None
+
+
+def cached_task_names(include: tuple[str, ...]) -> set[str] | None:
+    tasks = _cache.get(tuple(include))
+    return None if tasks is None else {t["name"] for t in tasks}
+
+
+def _index(key: tuple[str, ...]) -> None:
+    try:
+        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks", *key],
+                             capture_output=True, text=True, timeout=600, check=True)
+        tasks = json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # noqa: BLE001 - the list stays unknown; jobs still run
+        log.warning("[Datasets] indexing lm-eval tasks failed: %s", exc)
+        tasks = None
+    with _lock:
+        _pending.discard(key)
+        if tasks is not None:
+            _cache[key] = tasks
+
+
+def list_tasks(include: list[str]) -> list[dict[str, Any]]:
+    """Every task and group lm-eval knows (its own and those under `include`)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include or None)
+    rows = []
+    for name in manager.all_tasks:
+        entry = manager.task_index[name]
+        cfg = entry.cfg if isinstance(getattr(entry, "cfg", None), dict) else {}
+        row = {"name": name, "kind": getattr(entry.kind, "name", str(entry.kind)).lower(),
+               "yaml": str(entry.yaml_path or "")}
+        version = (cfg.get("metadata") or {}).get("version") if isinstance(
+            cfg.get("metadata"), dict) else None
+        if version is not None:
+            row["version"] = version
+        for key in ("output_type", "dataset_path", "dataset_name", "num_fewshot", "tag"):
+            if isinstance(cfg.get(key), str | int | float | list):
+                row[key] = cfg[key]
+        if isinstance(cfg.get("task"), list):  # a group: its tasks
+            row["tasks"] = [t if isinstance(t, str) else str(t.get("task", t))
+                            if isinstance(t, dict) else str(t) for t in cfg["task"]]
+        rows.append(_jsonable(row))
+    return rows
+
+
+if __name__ == "__main__":
+    logging.disable(logging.WARNING)
+    print(json.dumps(list_tasks(sys.argv[1:])))
