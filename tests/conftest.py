@@ -218,6 +218,19 @@ class LiveServer:
             self._log.close()
 
 
+def work_one_job(settings) -> None:
+    """Run the next queued job in an in-process worker, started and stopped around it."""
+    from backend.worker import Worker
+
+    worker = Worker(settings, worker_id="w")
+    worker.start()
+    try:
+        assert worker.run_once()
+    finally:
+        worker.stop()
+        worker.manager.stop_monitor()
+
+
 def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str, Any]:
     """What a worker publishes (Worker.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""

@@ -13,8 +13,7 @@ import torch
 from backend import jobs
 from backend.db import JobState
 from backend.runners.hf import HFRunner
-from backend.worker import Worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, work_one_job
 
 PARAMS = {"max_length": 300, "use_chat_template": False,
           "subsets": ["hotpotqa", "trec", "passage_count", "multifieldqa_zh"]}
@@ -39,13 +38,7 @@ def recorded(monkeypatch):
 def _run(settings, factory, params):
     settings = dataclasses.replace(settings, datasets_dir=ROOT / "tests" / "fixtures")
     (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "longbench", params)])
-    worker = Worker(settings, worker_id="w")
-    worker.start()
-    try:
-        assert worker.run_once()
-    finally:
-        worker.stop()
-        worker.manager.stop_monitor()
+    work_one_job(settings)
     return jobs.get_job(factory, job.id), jobs.list_samples(factory, job.id)[0]
 
 

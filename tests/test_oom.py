@@ -14,7 +14,7 @@ from backend import jobs
 from backend.db import JobState
 from backend.evaluation import Backoff, OomFailure, is_out_of_memory
 from backend.runners.hf import HFRunner
-from backend.worker import Worker
+from tests.conftest import work_one_job
 
 NIAH = "needle_in_haystack"
 GRID = {"context_lengths": [256, 512], "depth_percents": [0, 25, 50, 75, 100],
@@ -46,13 +46,7 @@ def oom_when(monkeypatch):
 def _run(settings, factory, params):
     (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", NIAH,
                                                                        params)])]
-    worker = Worker(settings, worker_id="w")
-    worker.start()
-    try:
-        assert worker.run_once()
-    finally:
-        worker.stop()
-        worker.manager.stop_monitor()
+    work_one_job(settings)
     samples, _ = jobs.list_samples(factory, job_id)
     return jobs.get_job(factory, job_id), samples
 

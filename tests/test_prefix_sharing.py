@@ -14,7 +14,7 @@ from backend.evaluation import Backoff
 from backend.runners.base import GenerationRequest, PromptView
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
-from backend.worker import Worker
+from tests.conftest import work_one_job
 
 NIAH = "needle_in_haystack"
 GRID = {"context_lengths": [256, 384, 512], "depth_percents": [0, 25, 50, 75, 100],
@@ -139,13 +139,7 @@ def _job(settings, factory, params):
 
 
 def _work(settings, job_id, factory):
-    worker = Worker(settings, worker_id="w")
-    worker.start()
-    try:
-        assert worker.run_once()
-    finally:
-        worker.stop()
-        worker.manager.stop_monitor()
+    work_one_job(settings)
     return jobs.get_job(factory, job_id), jobs.list_samples(factory, job_id)[0]
 
 
