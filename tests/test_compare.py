@@ -46,7 +46,9 @@ def check_samples(samples: list[dict]) -> None:
     for s in samples:
         assert s["fields"]["method"] == METHODS[s["idx"] // N]
         assert s["fields"]["item"] == s["idx"] % N
-        assert s["fields"]["timing"]["prefill_tokens"] == s["prompt_tokens"]  # batch of 1
+        timing = s["fields"]["timing"]  # batch of 1: computed plus reused (a shared prefix)
+        assert timing["prefill_tokens"] + timing.get("shared_prefix_tokens", 0) \
+            == s["prompt_tokens"]
     first, second = samples[:N], samples[N:]
     # The same prompts for both methods, so the comparison is like for like.
     assert [s["prompt"] for s in first] == [s["prompt"] for s in second]

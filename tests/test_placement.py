@@ -213,7 +213,8 @@ def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)
     _, load, weights = _loader(job, settings, None)
-    expected = estimate_job_bytes(job.spec, job.params, job.info.max_length, settings) - \
+    expected = estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
+                                  settings) - \
         estimate_model_bytes(job.spec, settings.torch_dtype)
     assert expected > 0 and load.keywords["headroom_bytes"] == expected
     assert weights == estimate_model_bytes(job.spec, settings.torch_dtype)

@@ -189,7 +189,8 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     shoot(page, "launch", redraw=False)
     page.click("#launch-submit")
     page.wait_for_url("**/#/queue")
-    (job,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
+    (listed,) = server.request("GET", "/api/jobs")[1]["data"]["jobs"]  # a summary
+    job = server.request("GET", f"/api/jobs/{listed['id']}")[1]["data"]["job"]
     assert job["params"]["context_lengths"] == {"min": 256, "max": 384, "count": 2}
     assert job["params"]["depth_percents"] == {"count": 2}
     row = page.locator(f'tr[data-job="{job["id"]}"]')
