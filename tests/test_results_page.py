@@ -218,7 +218,8 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     fs.locator('input[name="max_new_tokens"]').fill("2")
     page.click("#launch-submit")
     page.wait_for_url("**/#/queue")
-    second = server.request("GET", "/api/jobs")[1]["data"]["jobs"][0]
+    newest = server.request("GET", "/api/jobs")[1]["data"]["jobs"][0]  # a summary
+    second = server.request("GET", f"/api/jobs/{newest['id']}")[1]["data"]["job"]
     assert second["params"]["context_lengths"] == [256, 320]
     assert server.wait_for(second["id"], ("succeeded",))["state"] == "succeeded"
     page.goto(server.url + "/#/compare")
