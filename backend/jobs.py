@@ -196,21 +196,29 @@ def _requeue_expired(session: Session, now: datetime, max_attempts: int) -> None
     for job in expired:
         note = (f"worker {job.worker_id} stopped renewing its lease "
                 f"(attempt {job.attempts} of {max_attempts})")
-        job.events = [*job.events, {"kind": "lease_expired", "at": now.isoformat(),
-                                    "message": note}]
-        job.worker_id = None
-        job.lease_expires_at = None
-        if job.cancel_requested:
-            job.state = JobState.CANCELLED.value
-            job.finished_at = now
-        elif job.attempts >= max_attempts:
-            job.state = JobState.FAILED.value
-            job.finished_at = now
-            job.error = f"gave up after {job.attempts} attempts: {note}"
-        else:
-            job.state = JobState.QUEUED.value
-        if job.parent_id is not None and JobState(job.state).finished:
-            _close_parent(session, job.parent_id)
+        _take_back(session, job, now, "lease_expired", note, max_attempts)
+
+
+def _take_back(session: Session, job: Job, now: datetime, kind: str, note: str,
+               max_attempts: int) -> None:
+    """A running job its worker no longer runs (lease expired, CUDA context broken): it
+    is cancelled if that was asked, failed after `max_attempts` attempts, else queued
+    again to resume after its stored samples. A shard that ends this way ends its job
+    with it (see _close_parent)."""
+    job.events = [*job.events, {"kind": kind, "at": now.isoformat(), "message": note}]
+    job.worker_id = None
+    job.lease_expires_at = None
+    if job.cancel_requested:
+        job.state = JobState.CANCELLED.value
+        job.finished_at = now
+    elif job.attempts >= max_attempts:
+        job.state = JobState.FAILED.value
+        job.finished_at = now
+        job.error = f"gave up after {job.attempts} attempts: {note}"
+    else:
+        job.state = JobState.QUEUED.value
+    if job.parent_id is not None and JobState(job.state).finished:
+        _close_parent(session, job.parent_id)
 
 
 def _next_queued(session: Session, caps: Capacity, prefer_models: list[str] | None,
@@ -587,18 +595,10 @@ def give_back_job(factory: sessionmaker, job_id: int, worker_id: str, error: str
     worker fails instead of restarting them for ever. Returns the new state."""
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
-        now = utcnow()
-        job.worker_id = None
-        job.lease_expires_at = None
-        job.events = [*job.events, {"kind": "cuda_error", "at": now.isoformat(),
-                                    "message": f"worker {worker_id}: {error} (attempt "
-                                               f"{job.attempts} of {max_attempts})"}]
-        if job.attempts >= max_attempts:
-            job.state = JobState.FAILED.value
-            job.finished_at = now
-            job.error = f"gave up after {job.attempts} attempts: {error}"
-        else:
-            job.state = JobState.QUEUED.value
+        _take_back(session, job, utcnow(), "cuda_error",
+                   f"worker {worker_id}: {error} (attempt {job.attempts} of {max_attempts})",
+                   max_attempts)
+        if job.state == JobState.QUEUED.value:
             announce_work(session)
         session.execute(sa.update(Worker).where(Worker.id == worker_id)
                         .values(current_job_id=None, state=WorkerState.IDLE.value))

@@ -188,3 +188,19 @@ def test_sigkilled_shard_worker_is_replaced_and_the_shard_resumes(with_tiny):
         assert any(e["kind"] == "lease_expired" for e in shard["events"])
     finally:
         live.stop()
+
+
+def test_a_shard_given_back_after_a_cuda_error_on_its_last_attempt_fails_the_job(
+        settings, factory, with_tiny):
+    """A shard's worker whose CUDA context broke gives the shard back (give_back_job);
+    on its last attempt the shard fails, and the job ends with it like after a lost
+    lease, instead of staying running with no shard left to finish it."""
+    job_id = _submit(factory, 2)
+    a = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
+    b = jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts)
+    state = jobs.give_back_job(factory, a.id, "w1", "AcceleratorError: CUDA error", 1)
+    assert state == JobState.FAILED
+    assert jobs.renew_lease(factory, b.id, "w2", 60) is True  # the other shard: stop
+    jobs.finish_job(factory, b.id, "w2", JobState.CANCELLED)
+    job = jobs.get_job(factory, job_id)
+    assert job.state == JobState.FAILED.value and "CUDA error" in job.error
