@@ -11,37 +11,27 @@ speed-up, and checks that the two runs' predictions and scores are identical.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-from local_server import running_server  # bench/ is this script's folder
+from local_server import http_json, running_server  # bench/ is this script's folder
 
 PARAMS = {"context_lengths": [512, 1024, 2048], "depth_percents": {"count": 4},
           "max_new_tokens": 32}
 
 
-def _http(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=60) as res:
-        return json.loads(res.read())
-
-
 def run(base: str, model: str, shards: int) -> tuple[float, list[str], list]:
-    job = _http(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
+    job = http_json(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
                                      "params": PARAMS, "data_parallel": shards})["data"]["job"]
     while job["state"] in ("queued", "running"):
         time.sleep(0.5)
-        job = _http(f"{base}/api/jobs/{job['id']}")["data"]["job"]
+        job = http_json(f"{base}/api/jobs/{job['id']}")["data"]["job"]
     assert job["state"] == "succeeded", job["error"]
-    samples = _http(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
+    samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
     took = (datetime.fromisoformat(job["finished_at"])
             - datetime.fromisoformat(job["started_at"])).total_seconds()
     return took, [s["prediction"] for s in samples], job["scores"]
@@ -60,7 +50,7 @@ def main() -> None:
     with running_server(env) as port:
         base = f"http://127.0.0.1:{port}"
         for _ in range(600):  # both workers have imported torch before the clock starts
-            workers = _http(base + "/api/workers")["data"]["workers"]
+            workers = http_json(base + "/api/workers")["data"]["workers"]
             if len([w for w in workers if w["alive"]]) == 2:
                 break
             time.sleep(0.1)

@@ -3,6 +3,7 @@ for the benchmarks that measure through HTTP (overhead.py, api_load.py)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -50,3 +51,12 @@ def running_server(env: dict[str, str], log: IO[bytes] | int = subprocess.DEVNUL
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def http_json(url: str, body: dict | None = None) -> dict:
+    """GET `url` (or POST `body` as JSON) and return the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=60) as res:
+        return json.loads(res.read())

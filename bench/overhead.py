@@ -29,10 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from local_server import ROOT, running_server  # bench/ is this script's folder
+from local_server import ROOT, http_json, running_server  # bench/ is this script's folder
 
 GRID = {"context_lengths": [512, 1024, 2048], "depth_percents": [0, 25, 50, 75, 100],
         "max_new_tokens": 32}
@@ -66,33 +65,25 @@ def bare(prompts_file: str) -> None:
                       "predictions": predictions}))
 
 
-def _http(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=60) as res:
-        return json.loads(res.read())
-
-
 def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
     env = {**env, "LBS_WORKERS": "1", "LBS_POLL_INTERVAL": "0.05", "LBS_LOG_LEVEL": "WARNING"}
     with running_server(env) as port:
         base = f"http://127.0.0.1:{port}"
         # let the worker finish importing torch before the clock starts
         for _ in range(300):
-            workers = _http(base + "/api/workers")["data"]["workers"]
+            workers = http_json(base + "/api/workers")["data"]["workers"]
             if workers and workers[0]["alive"]:
                 break
             time.sleep(0.1)
         started = time.perf_counter()
-        job = _http(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
+        job = http_json(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
                                          "params": GRID})["data"]["job"]
         while job["state"] in ("queued", "running"):
             time.sleep(1.0)  # as a person's page does; the job row has the exact duration
-            job = _http(f"{base}/api/jobs/{job['id']}")["data"]["job"]
+            job = http_json(f"{base}/api/jobs/{job['id']}")["data"]["job"]
         elapsed = time.perf_counter() - started
         assert job["state"] == "succeeded", job["error"]
-        samples = _http(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
+        samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
         job["generation_s"] = sum(s["latency_s"] for s in samples)
         job["prefill_tokens"] = sum(s["fields"].get("timing", {}).get("prefill_tokens", 0)
                                     for s in samples)
