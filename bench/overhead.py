@@ -16,7 +16,8 @@ Three timings per repeat, taken alternately so drift hits all of them alike:
 It prints medians and the ratios cli/bare process and server job/bare load+generation,
 and checks that harness and bare loop produced the same predictions. Since issue 20 the
 harness computes the haystack before each needle once (prefix-shared prefill) where the
-bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid.
+bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid, and
+`--batch-size 5` lets the harness decode one context length's prompts together.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def run_server_job(env: dict, model: str) -> tuple[float, dict, list[str]]:
         assert job["state"] == "succeeded", job["error"]
         samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
         job["generation_s"] = sum(s["latency_s"] for s in samples)
-        job["prefill_tokens"] = sum(s["fields"].get("timing", {}).get("prefill_tokens", 0)
-                                    for s in samples)
+        # timing is per batch (prompts of one length decode together): each sample's share
+        job["prefill_tokens"] = round(sum(
+            s["fields"]["timing"]["prefill_tokens"] / s["fields"]["timing"]["batch"]
+            for s in samples if "timing" in s["fields"]))
         return elapsed, job, [s["prediction"] for s in samples]
 
 
@@ -103,10 +106,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depths", type=int, default=5,
                         help="needle depths per context length, evenly from 0 to 100 percent")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="the harness job's batch_size (the bare loop is always one prompt "
+                             "at a time): with --batch-size equal to --depths, one context "
+                             "length's prompts decode together")
     args = parser.parse_args()
     if args.bare:
         bare(args.bare)
         return
+    if args.batch_size > 1:
+        GRID["batch_size"] = args.batch_size
     GRID["depth_percents"] = [round(100 * i / (args.depths - 1), 2)
                               for i in range(args.depths)] if args.depths > 1 else [50.0]
 

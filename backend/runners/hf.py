@@ -141,6 +141,31 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
+LENGTH_GROUP = 0.9
+"""Shared-prefix prompts decode together when the shortest is at least this share of
+the longest (NIAH prompts of one context length differ by a few tokens); others would
+pad too much."""
+
+
+def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
+    """Indexes of `prompts`, longest first, in groups of about one length."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        if not groups or len(prompts[i]) < LENGTH_GROUP * len(prompts[groups[-1][0]]):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _pad_left(states, length: int):
+    """Keys or values [batch, heads, positions, dim] with zeros before them up to
+    `length` positions (masked out by the batch's attention mask)."""
+    import torch
+
+    missing = length - states.shape[-2]
+    return torch.nn.functional.pad(states, (0, 0, missing, 0)) if missing else states
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """`text` before the first occurrence of each non-empty stop string in turn (the
     rule of lm-evaluation-harness's `postprocess_generated_text`)."""
@@ -449,45 +474,125 @@ class HFRunner(Runner):
 
     def _generate_shared(self, requests: list[GenerationRequest],
                          prompts: list[list[int]]) -> list[Generation]:
-        """Requests with a shared prefix, one at a time (their caches would not line up
-        in a padded batch), deepest prefix first, each continuing from a copy of its
-        prefix's cache: the same greedy tokens as the whole prompt alone."""
-        import torch
-
+        """Requests with a shared prefix: each prompt's cache continues from a copy of
+        its prefix's (deepest prefix first, so one prefill serves every shallower one),
+        then prompts of about one length decode together in one left-padded batch.
+        The same greedy tokens as each whole prompt alone."""
         shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
         results: list[Generation | None] = [None] * len(requests)
         try:
-            for i in sorted(range(len(requests)), key=lambda i: -shared[i]):
-                request, ids, n = requests[i], prompts[i], shared[i]
-                first_token = FirstTokenClock(self.device.startswith("cuda"))
-                started = time.perf_counter()
-                extra = {}
-                computed = 0
-                if n:
-                    extra["cache"], computed = self._prefix_cache(ids[:n])
-                input_ids = torch.tensor([ids], device=self.device)
-                with torch.inference_mode():
-                    output = self.model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                        max_new_tokens=request.max_new_tokens, do_sample=False,
-                        temperature=None, top_p=None, top_k=None,
-                        pad_token_id=self.pad_token_id if self.pad_token_id is not None else 0,
-                        logits_processor=[first_token], **extra)
-                extra.clear()
-                if self.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                ended = time.perf_counter()
-                prefill = (first_token.at or ended) - started
-                timing = {"prefill_s": round(prefill, 6),
-                          "decode_s": round(ended - started - prefill, 6), "batch": 1,
-                          "prefill_tokens": len(ids) - n + computed,
-                          "shared_prefix_tokens": n - computed}
-                results[i] = self._reply(output[0, len(ids):].tolist(), request, len(ids),
-                                         ended - started, timing)
+            for group in _length_groups(prompts):
+                group.sort(key=lambda i: -shared[i])
+                if len(group) == 1 or min(len(prompts[i]) for i in group) < 2:
+                    for i in group:
+                        results[i] = self._continue_one(requests[i], prompts[i], shared[i])
+                    continue
+                for i, generation in zip(group, self._continue_batch(
+                        [requests[i] for i in group], [prompts[i] for i in group],
+                        [shared[i] for i in group]), strict=True):
+                    results[i] = generation
         except BaseException:
             self._prefix = None  # out of memory above all: the retry starts from nothing
             raise
         return results
+
+    def _continue_one(self, request: GenerationRequest, ids: list[int],
+                      n: int) -> Generation:
+        """One prompt whose first `n` tokens continue from its prefix's cache."""
+        import torch
+
+        first_token = FirstTokenClock(self.device.startswith("cuda"))
+        started = time.perf_counter()
+        extra = {}
+        computed = 0
+        if n:
+            extra["cache"], computed = self._prefix_cache(ids[:n])
+        input_ids = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=request.max_new_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None,
+                pad_token_id=self.pad_token_id if self.pad_token_id is not None else 0,
+                logits_processor=[first_token], **extra)
+        extra.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ended = time.perf_counter()
+        prefill = (first_token.at or ended) - started
+        timing = {"prefill_s": round(prefill, 6),
+                  "decode_s": round(ended - started - prefill, 6), "batch": 1,
+                  "prefill_tokens": len(ids) - n + computed,
+                  "shared_prefix_tokens": n - computed}
+        return self._reply(output[0, len(ids):].tolist(), request, len(ids),
+                           ended - started, timing)
+
+    def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                        shared: list[int]) -> list[Generation]:
+        """Prompts of about one length (every one at least two tokens): each one's cache
+        up to its last token is its prefix's copy extended by the rest, one prompt at a
+        time; the caches are then left-padded into one batch, and `generate` feeds every
+        prompt's last token and decodes them together (the positions follow from the
+        attention mask, as for any left-padded batch).
+
+        Timing is the batch's, as for an ordinary batch: prefill and decode seconds,
+        and the tokens computed and reused summed over the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        first_token = FirstTokenClock(self.device.startswith("cuda"))
+        started = time.perf_counter()
+        caches, computed = [], 0
+        for ids, n in zip(prompts, shared, strict=True):
+            if n:
+                cache, fresh = self._prefix_cache(ids[:n])
+            else:
+                cache, fresh = DynamicCache(config=self.model.config), 0
+            rest = ids[n:-1]
+            if rest:
+                with torch.inference_mode():
+                    self.model(input_ids=torch.tensor([rest], device=self.device),
+                               cache=cache, use_cache=True, logits_to_keep=1)
+            computed += fresh + len(rest)
+            caches.append(cache)
+        width = max(len(ids) for ids in prompts)
+        if not self.share_prefixes or not all(
+                type(layer).__name__ == "DynamicLayer" for c in caches for layer in c.layers):
+            caches.clear()  # layers that cannot be padded (sliding window): one at a time
+            return [self._continue_one(r, ids, n if self.share_prefixes else 0)
+                    for r, ids, n in zip(requests, prompts, shared, strict=True)]
+        batch = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            for layer in range(len(caches[0].layers)):
+                keys = [c.layers[layer].keys for c in caches]
+                values = [c.layers[layer].values for c in caches]
+                batch.update(torch.cat([_pad_left(k, width - 1) for k in keys]),
+                             torch.cat([_pad_left(v, width - 1) for v in values]), layer)
+        caches.clear()
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
+                                 device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
+                            device=self.device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=mask,
+                max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                logits_processor=[first_token], cache=batch)
+        del batch
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ended = time.perf_counter()
+        prefill = (first_token.at or ended) - started
+        total = sum(len(ids) for ids in prompts)
+        timing = {"prefill_s": round(prefill, 6), "decode_s": round(ended - started - prefill, 6),
+                  "batch": len(requests), "prefill_tokens": computed + len(requests),
+                  "shared_prefix_tokens": total - computed - len(requests)}
+        latency = (ended - started) / len(requests)
+        return [self._reply(row, request, len(ids), latency, timing)
+                for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
+                                             strict=True)]
 
     def forget_prefixes(self) -> None:
         self._prefix = None
