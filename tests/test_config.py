@@ -83,3 +83,17 @@ def test_the_package_version_is_pyprojects():
 
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
+
+
+def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
+    """"24GB" in LBS_SIMULATED_GPU_MEMORY is the same amount as limit_gb=24 on the memory
+    API, LBS_MIN_AVAILABLE_GB=24 and the product brief's MAX_MEMORY_USAGE (8589934592 bytes,
+    shown as "8.00 GB" there): 2**30 bytes a GB, as GPU tools count. A simulated 24 GB GPU
+    must not show up as 22.4 GiB on the workers page."""
+    from backend.memory.manager import ManagerConfig
+
+    monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB,24GiB,512MB")
+    monkeypatch.setenv("LBS_MIN_AVAILABLE_GB", "24")
+    s = load_settings()
+    assert s.simulated_gpu_memory == (24 * 2**30, 24 * 2**30, 512 * 2**20)
+    assert ManagerConfig.from_settings(s).min_available_bytes == s.simulated_gpu_memory[0]
