@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from backend.config import SETTINGS, ConfigError, apply_allocator_settings, load_settings
+from backend.config import (
+    SETTINGS,
+    ConfigError,
+    apply_allocator_settings,
+    load_settings,
+    markdown_table,
+)
 from tests.conftest import ROOT
 
 
@@ -69,10 +75,33 @@ def test_allocator_setting(monkeypatch):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
-def test_every_setting_is_documented_in_readme():
-    readme = (ROOT / "README.md").read_text()
-    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in readme]
-    assert not missing, f"settings missing from the README's table: {missing}"
+def _rows(table: str) -> dict[str, str]:
+    return {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
+
+
+def test_readme_settings_table_is_made_from_the_definitions():
+    """The README's table is what `python -m backend.config --markdown` prints from the
+    settings' definitions: the same variables, defaults and meanings, in the same order."""
+    made = subprocess.run([sys.executable, "-m", "backend.config", "--markdown"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| variable | default | meaning |")
+    in_readme = readme[start:readme.index("\n\n", start) + 1]
+    ours, theirs = _rows(made), _rows(in_readme)
+    assert list(ours) == [s.name for s in SETTINGS]
+    assert list(theirs) == list(ours), "README's settings table lists other variables"
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    assert not differ, (f"README's settings table differs from backend/config.py for {differ}; "
+                        "paste the output of `python -m backend.config --markdown`")
+    assert in_readme == made
+
+
+def test_settings_without_the_prefix_are_the_briefs():
+    """Four variables lack LBS_: they are the product brief's names, and say so."""
+    unprefixed = {s.name for s in SETTINGS if not s.name.startswith("LBS_")}
+    assert unprefixed == {s.name for s in SETTINGS if s.seed_name} == {
+        "MAX_MEMORY_USAGE", "MEMORY_CHECK_INTERVAL", "AUTO_CLEANUP_ENABLED", "GPU_IDLE_TIMEOUT"}
+    assert all("product brief" in _rows(markdown_table())[name] for name in unprefixed)
 
 
 def test_the_package_version_is_pyprojects():
