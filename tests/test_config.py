@@ -126,3 +126,20 @@ def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
     s = load_settings()
     assert s.simulated_gpu_memory == (24 * 2**30, 24 * 2**30, 512 * 2**20)
     assert ManagerConfig.from_settings(s).min_available_bytes == s.simulated_gpu_memory[0]
+
+
+def test_only_config_reads_the_environment():
+    """Every variable is read in backend/config.py, so the settings table is complete:
+    no other module of the product touches os.environ or os.getenv."""
+    import ast
+
+    offenders = []
+    for path in [*(ROOT / "backend").rglob("*.py"), ROOT / "clear_gpu_memory.py"]:
+        if path == ROOT / "backend" / "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = (node.attr if isinstance(node, ast.Attribute)
+                    else node.name if isinstance(node, ast.alias) else None)
+            if name in ("environ", "getenv", "environb", "getenvb"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"read the environment outside backend/config.py: {offenders}"
