@@ -483,10 +483,6 @@ class Settings:
         if self.datasets_dir is None:
             put(self, "datasets_dir", self.data_dir / "datasets")
 
-    def as_env(self) -> dict[str, str]:
-        """The settings as environment variables, to hand to a child process."""
-        return dict(self.raw)
-
     def child_env(self) -> dict[str, str]:
         """The whole environment of a child process of ours: this one's (PATH, HF_*…)
         with the settings on top."""

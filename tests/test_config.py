@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ import pytest
 from backend.config import (
     SETTINGS,
     ConfigError,
+    Settings,
     apply_allocator_settings,
+    format_bytes,
     load_settings,
     markdown_table,
 )
@@ -43,6 +46,8 @@ def test_env_file_then_environment(tmp_path, monkeypatch):
     ("LBS_USE_MODEL_CACHE", "maybe", "1/0, true/false"),
     ("LBS_PORT", "70000", "0 to 65535"),
     ("LBS_WORKERS", "-1", "'auto' or an integer"),
+    ("MAX_MEMORY_USAGE", "-8GB", "a number of bytes or a size such as 8GB"),
+    ("LBS_SIMULATED_GPU_MEMORY", "24XB", "sizes separated by ','"),
 ])
 def test_bad_value_names_variable_and_accepted_values(monkeypatch, name, value, accepted):
     monkeypatch.setenv(name, value)
@@ -143,3 +148,30 @@ def test_only_config_reads_the_environment():
             if name in ("environ", "getenv", "environb", "getenvb"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"read the environment outside backend/config.py: {offenders}"
+
+
+def test_sizes_with_units_and_the_briefs_bytes(monkeypatch):
+    """MAX_MEMORY_USAGE takes the brief's number of bytes or a size with its unit."""
+    monkeypatch.setenv("MAX_MEMORY_USAGE", "8589934592")
+    assert load_settings().max_memory_usage == 8 * 2**30
+    for spelled in ("8GB", "8 GiB", "8g", "8192MB"):
+        monkeypatch.setenv("MAX_MEMORY_USAGE", spelled)
+        assert load_settings().max_memory_usage == 8 * 2**30, spelled
+    monkeypatch.setenv("LBS_PINNED_MEMORY_BUDGET", "1.5GB")
+    assert load_settings().pinned_memory_budget == 3 * 2**29
+    assert format_bytes(8 * 2**30) == "8.00 GiB" and format_bytes(3 * 2**19) == "1.50 MiB"
+
+
+def test_the_dataclass_defaults_are_the_definitions(monkeypatch, data_dir):
+    """Settings built in code gets the same defaults as one read from an empty environment,
+    the derived ones included (database, server URL, datasets folder)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("LBS_MODEL_DIRS")  # conftest's; LBS_DATA_DIR stays set
+    loaded = load_settings()
+    assert Settings(data_dir=data_dir.resolve(), hub_offline=True) == loaded
+    assert loaded.server_url == "http://127.0.0.1:8080"
+    assert loaded.datasets_dir == data_dir.resolve() / "datasets"
+    groups = load_settings({"LBS_WORKERS": "0,1;2"})
+    assert (groups.workers, groups.worker_gpu_groups) == (2, ("0,1", "2"))
+    moved = dataclasses.replace(groups, cuda_visible_devices="3")
+    assert (moved.workers, moved.worker_gpu_groups) == (2, ("0,1", "2"))
