@@ -40,9 +40,9 @@ import psutil
 import sqlalchemy as sa
 
 from backend.client import ApiClient, ServerError
+from backend.config import MiB
 
 log = logging.getLogger("clear_gpu_memory")
-MB = 1024 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -64,7 +64,7 @@ def _process(pid: int) -> dict[str, Any]:
     except psutil.Error:
         return {"alive": False, "command": None, "rss_mb": None, "is_worker": False}
     return {"alive": status != psutil.STATUS_ZOMBIE, "status": status,
-            "command": " ".join(cmdline[:4]) or proc.name(), "rss_mb": round(rss / MB, 1),
+            "command": " ".join(cmdline[:4]) or proc.name(), "rss_mb": round(rss / MiB, 1),
             "is_worker": _is_worker_command(cmdline), "created": created}
 
 
@@ -116,9 +116,9 @@ def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
             gpus.append({
                 "index": i, "name": pynvml.nvmlDeviceGetName(handle),
-                "used_mb": round(mem.used / MB, 1), "total_mb": round(mem.total / MB, 1),
+                "used_mb": round(mem.used / MiB, 1), "total_mb": round(mem.total / MiB, 1),
                 "processes": [{"pid": p.pid, "command": _process(p.pid)["command"],
-                               "gpu_mb": round((p.usedGpuMemory or 0) / MB, 1),
+                               "gpu_mb": round((p.usedGpuMemory or 0) / MiB, 1),
                                "lbs_worker": by_pid.get(p.pid)} for p in procs]})
         return gpus
     except pynvml.NVMLError as exc:
@@ -167,7 +167,7 @@ def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
     past = {"release": "released", "offload": "offloaded"}[action]
     message = f"{past} {len(done)} model(s): {', '.join(names) or 'none'}"
     if action == "release" and done:
-        message += f"; the workers' RSS fell by {data['freed_rss_mb']} MB"
+        message += f"; the workers' RSS fell by {data['freed_rss_mb']} MiB"
     notes = {a["result"]["message"] for a in data["workers"]
              if a["ok"] and a["result"] and a["result"].get("message")}
     message += "".join(f" ({n})" for n in sorted(notes))
@@ -287,12 +287,12 @@ def print_report(report: dict[str, Any]) -> None:
         print("No NVIDIA GPU found (no NVML or no driver): nothing holds GPU memory here.")
     for gpu in report["gpus"] or []:
         print(f"GPU {gpu['index']} {gpu['name']}: {gpu['used_mb']:.0f} / "
-              f"{gpu['total_mb']:.0f} MB used")
+              f"{gpu['total_mb']:.0f} MiB used")
         for p in gpu["processes"]:
             mark = f"  [LBS worker {p['lbs_worker']}]" if p["lbs_worker"] else ""
-            print(f"  pid {p['pid']:>7}  {p['gpu_mb']:>9.0f} MB  {p['command']}{mark}")
+            print(f"  pid {p['pid']:>7}  {p['gpu_mb']:>9.0f} MiB  {p['command']}{mark}")
     ram = report["ram"]
-    print(f"RAM: {ram['used_mb']:.0f} / {ram['total_mb']:.0f} MB used")
+    print(f"RAM: {ram['used_mb']:.0f} / {ram['total_mb']:.0f} MiB used")
     workers = report["workers"]
     if workers is None:
         print("Workers: the database could not be read.")
@@ -302,7 +302,7 @@ def print_report(report: dict[str, Any]) -> None:
     for w in workers or []:
         proc = w["process"]
         where = f"on {w['host']}" if not w["local"] else (
-            f"RSS {proc['rss_mb']} MB" if proc["alive"] else "process gone")
+            f"RSS {proc['rss_mb']} MiB" if proc["alive"] else "process gone")
         fresh = "fresh" if w["fresh"] else "STALE"
         print(f"  worker {w['id']} pid {w['pid']} ({w['device']}, {w['state']}): {where}, "
               f"heartbeat {w['heartbeat_age_s']:.0f} s ago ({fresh})")
@@ -319,7 +319,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{'[dry run] ' if action['dry_run'] else ''}{mark}{action['message']}")
     if report.get("gpus_after"):
         for gpu in report["gpus_after"]:
-            print(f"GPU {gpu['index']} now: {gpu['used_mb']:.0f} / {gpu['total_mb']:.0f} MB used")
+            print(f"GPU {gpu['index']} now: {gpu['used_mb']:.0f} / {gpu['total_mb']:.0f} MiB used")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     vm = psutil.virtual_memory()
     report: dict[str, Any] = {
         "gpus": gpu_report(workers or []),
-        "ram": {"used_mb": round((vm.total - vm.available) / MB, 1),
-                "total_mb": round(vm.total / MB, 1)},
+        "ram": {"used_mb": round((vm.total - vm.available) / MiB, 1),
+                "total_mb": round(vm.total / MiB, 1)},
         "workers": workers, "stale_after_s": stale_after,
         "server": server_report(url, settings.api_token), "actions": []}
     if not report["server"]["reachable"]:

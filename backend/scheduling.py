@@ -28,9 +28,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
+from backend.config import format_bytes
 from backend.db import Job, JobState, Worker, WorkerState
-
-GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,6 @@ def is_alive(worker: Worker, now: datetime, lease_seconds: float) -> bool:
     return worker_state(worker, now, lease_seconds) in (WorkerState.IDLE, WorkerState.BUSY)
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / GB:.1f} GiB" if nbytes >= GB else f"{nbytes / 2**20:.1f} MiB"
-
-
 def _room(worker: Worker, num_gpus: int) -> int | None:
     """What a job of `num_gpus` could use on `worker` at its last heartbeat (see
     `room_for`), from each GPU's `available_bytes`; None when unmeasured."""
@@ -137,9 +132,9 @@ def waiting_reason(job: Job, workers: Iterable[Worker], now: datetime,
                  or room[w.id] >= job.memory_bytes]
         if not roomy:
             most = max(room[w.id] or 0 for w in fitting)
-            return (f"needs about {_gb(job.memory_bytes)} of GPU memory (weights, KV cache "
-                    f"and activations at its longest context); the most a matching worker "
-                    f"has free is {_gb(most)}")
+            return (f"needs about {format_bytes(job.memory_bytes, 1)} of GPU memory (weights, "
+                    f"KV cache and activations at its longest context); the most a matching worker "
+                    f"has free is {format_bytes(most, 1)}")
     if all(w.state == WorkerState.BUSY.value for w in fitting):
         return f"waiting for a free worker ({len(fitting)} able to run it, all busy)"
     return "waiting for its turn (higher priorities and other submitters first)"

@@ -240,7 +240,7 @@ class WorkerPool:
         return [ids[i % len(ids)] for i in range(count)]
 
     def _spawn(self, slot: int, device: str | None) -> subprocess.Popen:
-        env = {**os.environ, **self.settings.as_env()}
+        env = self.settings.child_env()
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         # --parent-pid: the worker asks Linux to stop it when this server dies

@@ -150,7 +150,7 @@ async function viewModels() {
     const gpuInfo = Object.values(g.data || {})[0];
     if (gpuInfo && Object.keys(gpuInfo.gpu_memory).length) {
       stats.append(h("div", { class: "card" }, h("b", { text: t("gpu_memory") }),
-        Object.entries(gpuInfo.gpu_memory).map(([dev, v]) => h("div", { text: `${dev}: ${v.allocated_gb} / ${v.total_gb} GB` }))));
+        Object.entries(gpuInfo.gpu_memory).map(([dev, v]) => h("div", { text: `${dev}: ${v.allocated_gb} / ${v.total_gb} GiB` }))));
     }
     const head = h("tr", {}, ["model", "worker", "location", "size", "idle", "loads", "pinned", "actions"]
       .map((k) => h("th", { text: t(k) })));

@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
+from backend.config import SETTINGS
+
 ROOT = Path(__file__).resolve().parent.parent
-SEED_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "MAX_MEMORY_USAGE",
-                 "MEMORY_CHECK_INTERVAL", "AUTO_CLEANUP_ENABLED", "GPU_IDLE_TIMEOUT")
+SEED_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+                 *(s.name for s in SETTINGS if s.seed_name))
+"""Variables a test must not inherit besides LBS_*: the allocator's and the brief's names."""
 
 
 def _cuda_available() -> bool:

@@ -141,8 +141,8 @@ def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
         assert [w["fresh"] for w in report["workers"]] == [True]
 
         proc = run_script(env, *server)
-        assert "GPU 0 Fake GPU: 3072 / 81920 MB used" in proc.stdout
-        assert f"pid {worker.pid:>7}       1024 MB" in proc.stdout
+        assert "GPU 0 Fake GPU: 3072 / 81920 MiB used" in proc.stdout
+        assert f"pid {worker.pid:>7}       1024 MiB" in proc.stdout
         assert "[LBS worker w1]" in proc.stdout
     finally:
         for p in (worker, other):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from backend.config import SETTINGS, ConfigError, apply_allocator_settings, load_settings
+from backend.config import (
+    SETTINGS,
+    ConfigError,
+    Settings,
+    apply_allocator_settings,
+    format_bytes,
+    load_settings,
+    markdown_table,
+)
 from tests.conftest import ROOT
 
 
@@ -37,6 +46,8 @@ def test_env_file_then_environment(tmp_path, monkeypatch):
     ("LBS_USE_MODEL_CACHE", "maybe", "1/0, true/false"),
     ("LBS_PORT", "70000", "0 to 65535"),
     ("LBS_WORKERS", "-1", "'auto' or an integer"),
+    ("MAX_MEMORY_USAGE", "-8GB", "a number of bytes or a size such as 8GB"),
+    ("LBS_SIMULATED_GPU_MEMORY", "24XB", "sizes separated by ','"),
 ])
 def test_bad_value_names_variable_and_accepted_values(monkeypatch, name, value, accepted):
     monkeypatch.setenv(name, value)
@@ -69,10 +80,33 @@ def test_allocator_setting(monkeypatch):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
-def test_every_setting_is_documented_in_readme():
-    readme = (ROOT / "README.md").read_text()
-    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in readme]
-    assert not missing, f"settings missing from the README's table: {missing}"
+def _rows(table: str) -> dict[str, str]:
+    return {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
+
+
+def test_readme_settings_table_is_made_from_the_definitions():
+    """The README's table is what `python -m backend.config --markdown` prints from the
+    settings' definitions: the same variables, defaults and meanings, in the same order."""
+    made = subprocess.run([sys.executable, "-m", "backend.config", "--markdown"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| variable | default | meaning |")
+    in_readme = readme[start:readme.index("\n\n", start) + 1]
+    ours, theirs = _rows(made), _rows(in_readme)
+    assert list(ours) == [s.name for s in SETTINGS]
+    assert list(theirs) == list(ours), "README's settings table lists other variables"
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    assert not differ, (f"README's settings table differs from backend/config.py for {differ}; "
+                        "paste the output of `python -m backend.config --markdown`")
+    assert in_readme == made
+
+
+def test_settings_without_the_prefix_are_the_briefs():
+    """Four variables lack LBS_: they are the product brief's names, and say so."""
+    unprefixed = {s.name for s in SETTINGS if not s.name.startswith("LBS_")}
+    assert unprefixed == {s.name for s in SETTINGS if s.seed_name} == {
+        "MAX_MEMORY_USAGE", "MEMORY_CHECK_INTERVAL", "AUTO_CLEANUP_ENABLED", "GPU_IDLE_TIMEOUT"}
+    assert all("product brief" in _rows(markdown_table())[name] for name in unprefixed)
 
 
 def test_the_package_version_is_pyprojects():
@@ -83,3 +117,61 @@ def test_the_package_version_is_pyprojects():
 
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
+
+
+def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
+    """"24GB" in LBS_SIMULATED_GPU_MEMORY is the same amount as limit_gb=24 on the memory
+    API, LBS_MIN_AVAILABLE_GB=24 and the product brief's MAX_MEMORY_USAGE (8589934592 bytes,
+    shown as "8.00 GB" there): 2**30 bytes a GB, as GPU tools count. A simulated 24 GB GPU
+    must not show up as 22.4 GiB on the workers page."""
+    from backend.memory.manager import ManagerConfig
+
+    monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB,24GiB,512MB")
+    monkeypatch.setenv("LBS_MIN_AVAILABLE_GB", "24")
+    s = load_settings()
+    assert s.simulated_gpu_memory == (24 * 2**30, 24 * 2**30, 512 * 2**20)
+    assert ManagerConfig.from_settings(s).min_available_bytes == s.simulated_gpu_memory[0]
+
+
+def test_only_config_reads_the_environment():
+    """Every variable is read in backend/config.py, so the settings table is complete:
+    no other module of the product touches os.environ or os.getenv."""
+    import ast
+
+    offenders = []
+    for path in [*(ROOT / "backend").rglob("*.py"), ROOT / "clear_gpu_memory.py"]:
+        if path == ROOT / "backend" / "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = (node.attr if isinstance(node, ast.Attribute)
+                    else node.name if isinstance(node, ast.alias) else None)
+            if name in ("environ", "getenv", "environb", "getenvb"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"read the environment outside backend/config.py: {offenders}"
+
+
+def test_sizes_with_units_and_the_briefs_bytes(monkeypatch):
+    """MAX_MEMORY_USAGE takes the brief's number of bytes or a size with its unit."""
+    monkeypatch.setenv("MAX_MEMORY_USAGE", "8589934592")
+    assert load_settings().max_memory_usage == 8 * 2**30
+    for spelled in ("8GB", "8 GiB", "8g", "8192MB"):
+        monkeypatch.setenv("MAX_MEMORY_USAGE", spelled)
+        assert load_settings().max_memory_usage == 8 * 2**30, spelled
+    monkeypatch.setenv("LBS_PINNED_MEMORY_BUDGET", "1.5GB")
+    assert load_settings().pinned_memory_budget == 3 * 2**29
+    assert format_bytes(8 * 2**30) == "8.00 GiB" and format_bytes(3 * 2**19) == "1.50 MiB"
+
+
+def test_the_dataclass_defaults_are_the_definitions(monkeypatch, data_dir):
+    """Settings built in code gets the same defaults as one read from an empty environment,
+    the derived ones included (database, server URL, datasets folder)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("LBS_MODEL_DIRS")  # conftest's; LBS_DATA_DIR stays set
+    loaded = load_settings()
+    assert Settings(data_dir=data_dir.resolve(), hub_offline=True) == loaded
+    assert loaded.server_url == "http://127.0.0.1:8080"
+    assert loaded.datasets_dir == data_dir.resolve() / "datasets"
+    groups = load_settings({"LBS_WORKERS": "0,1;2"})
+    assert (groups.workers, groups.worker_gpu_groups) == (2, ("0,1", "2"))
+    moved = dataclasses.replace(groups, cuda_visible_devices="3")
+    assert (moved.workers, moved.worker_gpu_groups) == (2, ("0,1", "2"))

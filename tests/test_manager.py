@@ -89,7 +89,7 @@ def test_lru_eviction_and_pins():
     run_job(m, "d")  # c goes; pinned a stays
     assert sorted(m.loaded()) == ["a", "d"]
     m.set_pinned("d", True)
-    with pytest.raises(MemoryLimitError, match="cannot be evicted.*a 40.00 MB \\(pinned\\)"):
+    with pytest.raises(MemoryLimitError, match="cannot be evicted.*a 40.00 MiB \\(pinned\\)"):
         run_job(m, "e")
     assert sorted(m.loaded()) == ["a", "d"] and "e" not in m.load_counts
     with pytest.raises(MemoryLimitError, match="even alone"):

@@ -212,7 +212,7 @@ def test_pool_plan_and_worker_gpus(monkeypatch):
     assert WorkerPool(load_settings()).plan() == ["0", "1", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")  # what `--gpus 1,2` sets
     gpus = detect_gpus(load_settings())
-    assert [(g["index"], g["total_bytes"]) for g in gpus] == [(1, 16 * 2**30), (2, 8 * 10**9)]
+    assert [(g["index"], g["total_bytes"]) for g in gpus] == [(1, 16 * 2**30), (2, 8 * 2**30)]
 
 
 @both_engines

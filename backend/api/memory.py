@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend import control
 from backend.api.errors import ApiError
-from backend.memory.manager import format_bytes
+from backend.config import GiB, format_bytes
 
 bp = Blueprint("memory", __name__)
 
@@ -58,8 +58,8 @@ MIN_LIMIT_GB = 0.1
 
 class LimitQuery(_Query):
     limit_gb: float = Field(ge=MIN_LIMIT_GB, le=1_000_000,
-                            description=f"MAX_MEMORY_USAGE in GB (at least {MIN_LIMIT_GB}: "
-                                        "less would refuse every model)")
+                            description=f"MAX_MEMORY_USAGE in GB of 2**30 bytes (at least "
+                                        f"{MIN_LIMIT_GB}: less would refuse every model)")
 
 
 class CleanupQuery(_Query):
@@ -212,7 +212,7 @@ def models():
 @bp.post("/api/v1/memory/limit")
 def limit():
     query = LimitQuery.model_validate(request.args.to_dict())
-    nbytes = int(query.limit_gb * 1024**3)
+    nbytes = int(query.limit_gb * GiB)
     answers, status = _setting("limit", {"bytes": nbytes}, None)
     return _ok({"memory_limit": nbytes, "formatted_limit": format_bytes(nbytes),
                 "workers": answers, **_pending(status)}), status

@@ -26,9 +26,10 @@ import logging
 
 import psutil
 
+from backend.config import format_bytes
+
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
 
 _capped: dict[int, float] = {}
 """Devices whose allocator cap_process_memory capped, and at what fraction."""
@@ -75,10 +76,10 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
     max_memory["cpu"] = int(psutil.virtual_memory().available if cpu_bytes is None else cpu_bytes)
     what = "GPU memory limit set" if fraction > 0 else f"model sharded over {len(totals)} GPUs"
     log.info("[Runner] %s: %s", what,
-             ", ".join(f"cuda:{i} {max_memory[i] / GiB:.2f} GiB of {t / GiB:.2f} GiB "
-                       f"({share:.0%} less {headroom / GiB:.2f} GiB for the job's KV cache "
+             ", ".join(f"cuda:{i} {format_bytes(max_memory[i])} of {format_bytes(t)} "
+                       f"({share:.0%} less {format_bytes(headroom)} for the job's KV cache "
                        "and activations) for weights" for i, t in enumerate(totals))
-             + f"; cpu {max_memory['cpu'] / GiB:.2f} GiB")
+             + f"; cpu {format_bytes(max_memory['cpu'])}")
     return max_memory
 
 

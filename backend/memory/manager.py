@@ -45,14 +45,11 @@ from typing import Any
 
 import psutil
 
+from backend.config import GiB, format_bytes
 from backend.datasets.base import CacheMode
 from backend.memory.tracker import MemoryTracker, rss_bytes
 
 log = logging.getLogger(__name__)
-
-GB = 1024**3
-MB = 1024**2
-
 
 class Location(str, enum.Enum):
     UNLOADED = "unloaded"
@@ -73,13 +70,6 @@ class UnknownModel(LookupError):
     """No model of that name is held by this manager."""
 
 
-def format_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", MB), ("KB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 @dataclass
 class ManagerConfig:
     max_memory_usage: int = 0  # 0 = 80% of RAM
@@ -88,7 +78,7 @@ class ManagerConfig:
     check_interval: float = 60.0
     auto_cleanup: bool = True
     pressure_ratio: float = 0.8
-    min_available_bytes: int = 2 * GB
+    min_available_bytes: int = 2 * GiB
     pinned_budget: int = 0  # 0 = 25% of RAM
     use_cache: bool = True
     gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x the first GPU's total; 0 = no cap
@@ -102,7 +92,7 @@ class ManagerConfig:
                    check_interval=settings.memory_check_interval,
                    auto_cleanup=settings.auto_cleanup_enabled,
                    pressure_ratio=settings.pressure_ratio,
-                   min_available_bytes=int(settings.min_available_gb * GB),
+                   min_available_bytes=int(settings.min_available_gb * GiB),
                    pinned_budget=settings.pinned_memory_budget,
                    use_cache=settings.use_model_cache)
 
@@ -619,16 +609,16 @@ def _asked(question: Callable[[], bool]) -> bool:
 
 
 def gpu_memory() -> dict[str, dict[str, float]]:
-    """Per visible GPU: allocated/reserved by this process and total, in GB."""
+    """Per visible GPU: allocated/reserved by this process and total, in GB (2**30 bytes)."""
     import sys
 
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return {}
     return {f"GPU_{i}": {
-        "allocated_gb": round(torch.cuda.memory_allocated(i) / GB, 3),
-        "reserved_gb": round(torch.cuda.memory_reserved(i) / GB, 3),
-        "total_gb": round(torch.cuda.get_device_properties(i).total_memory / GB, 3),
+        "allocated_gb": round(torch.cuda.memory_allocated(i) / GiB, 3),
+        "reserved_gb": round(torch.cuda.memory_reserved(i) / GiB, 3),
+        "total_gb": round(torch.cuda.get_device_properties(i).total_memory / GiB, 3),
     } for i in range(torch.cuda.device_count())}
 
 
