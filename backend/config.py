@@ -126,11 +126,15 @@ def parse_size(raw: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-def format_bytes(n: float, digits: int = 2) -> str:
-    """Bytes as text in the one unit: '1.50 GiB', '12.00 MiB', '3.00 KiB', '12 B'."""
+def format_bytes(n: float, digits: int = 2, brief_labels: bool = False) -> str:
+    """Bytes as text in the one unit: '1.50 GiB', '12.00 MiB', '3.00 KiB', '12 B'.
+
+    `brief_labels` writes the same amounts as the product brief's memory API does
+    ('8.00 GB' for 8589934592 bytes): its `formatted_*` fields keep that shape."""
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= size:
-            return f"{n / size:.{digits}f} {unit}"
+            label = unit.replace("i", "") if brief_labels else unit
+            return f"{n / size:.{digits}f} {label}"
     return f"{int(n)} B"
 
 

@@ -190,3 +190,14 @@ def test_no_false_no_live_worker_while_the_servers_workers_start(client, app):
     app.extensions["lbs"].workers_spawned_at = time.monotonic() - 3600  # long ago: say so
     job = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
     assert job["waiting_reason"].startswith("no live worker")
+
+
+def test_memory_sizes_keep_the_briefs_shape(client):
+    """The brief's memory API writes 8589934592 bytes as "8.00 GB" (a GB being 2**30
+    bytes, the one unit of every size here); its formatted_* fields keep that text."""
+    status = client.post("/api/v1/memory/limit?limit_gb=8", headers={"Origin": "http://localhost"})
+    body = status.get_json()
+    assert body["data"]["memory_limit"] == 8589934592, body
+    assert body["data"]["formatted_limit"] == "8.00 GB"
+    system = client.get("/api/v1/memory/system").get_json()["data"]
+    assert system["memory"]["formatted_total"].endswith(" GB")

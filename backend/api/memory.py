@@ -22,6 +22,12 @@ from backend.config import GiB, format_bytes
 
 bp = Blueprint("memory", __name__)
 
+
+def _formatted(nbytes: float) -> str:
+    """A size in the brief's response shape: "8.00 GB" for 8589934592 bytes."""
+    return format_bytes(nbytes, brief_labels=True)
+
+
 MAX_TIMEOUT = 7 * 24 * 3600
 
 
@@ -166,11 +172,11 @@ def stats():
     total = max((s["system_total"] for _, s in statuses), default=vm.total)
     return _ok({
         "total_models": sum(s["total_models"] for _, s in statuses),
-        "total_memory_usage": usage, "formatted_usage": format_bytes(usage),
-        "memory_limit": limit, "formatted_limit": format_bytes(limit),
+        "total_memory_usage": usage, "formatted_usage": _formatted(usage),
+        "memory_limit": limit, "formatted_limit": _formatted(limit),
         "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
-        "system_available": available, "formatted_system_available": format_bytes(available),
-        "system_total": total, "formatted_system_total": format_bytes(total),
+        "system_available": available, "formatted_system_available": _formatted(available),
+        "system_total": total, "formatted_system_total": _formatted(total),
         "as_of": _iso(min((s["as_of"] for _, s in statuses if "as_of" in s), default=None)),
         "workers": [{"worker_id": p.worker.id, "total_models": p.status["total_models"],
                      "total_memory_usage": p.status["total_memory_usage"],
@@ -200,7 +206,7 @@ def cleanup():
     freed = sum(a["result"]["freed_bytes"] for a in answers if a["ok"])
     return _ok({"unloaded": [{"model_name": name, "worker_id": a["worker_id"]}
                              for a in answers if a["ok"] for name in a["result"]["unloaded"]],
-                "freed_bytes": freed, "formatted_freed": format_bytes(freed),
+                "freed_bytes": freed, "formatted_freed": _formatted(freed),
                 "workers": answers})
 
 
@@ -214,7 +220,7 @@ def limit():
     query = LimitQuery.model_validate(request.args.to_dict())
     nbytes = int(query.limit_gb * GiB)
     answers, status = _setting("limit", {"bytes": nbytes}, None)
-    return _ok({"memory_limit": nbytes, "formatted_limit": format_bytes(nbytes),
+    return _ok({"memory_limit": nbytes, "formatted_limit": _formatted(nbytes),
                 "workers": answers, **_pending(status)}), status
 
 
@@ -223,10 +229,10 @@ def system():
     vm, swap = psutil.virtual_memory(), psutil.swap_memory()
     return _ok({
         "memory": {"total": vm.total, "available": vm.available, "used": vm.total - vm.available,
-                   "percent": vm.percent, "formatted_total": format_bytes(vm.total),
-                   "formatted_available": format_bytes(vm.available)},
+                   "percent": vm.percent, "formatted_total": _formatted(vm.total),
+                   "formatted_available": _formatted(vm.available)},
         "swap": {"total": swap.total, "used": swap.used, "free": swap.free,
-                 "percent": swap.percent, "formatted_total": format_bytes(swap.total)},
+                 "percent": swap.percent, "formatted_total": _formatted(swap.total)},
     })
 
 

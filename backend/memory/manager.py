@@ -437,7 +437,7 @@ class ModelManager:
                 unloaded.append(entry.name)
                 self._release(entry, "cleanup" + (" (forced)" if force else " under pressure"))
             return {"unloaded": unloaded, "freed_bytes": freed,
-                    "formatted_freed": format_bytes(freed)}
+                    "formatted_freed": format_bytes(freed, brief_labels=True)}
 
     # --- commands (from the API, through the worker) ---------------------------------
 
