@@ -245,20 +245,27 @@ def test_a_deleted_jobs_id_is_never_reused(factory):
     assert _submit(factory, 2) == [after + 1, after + 2]
 
 
-def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir):
+def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monkeypatch):
     """A database from before the floor: its highest job id is the floor."""
     import sqlalchemy as sa
 
-    from backend.db import MIGRATIONS, dispose_engines, get_engine, session_factory
+    from backend import db
+    from backend.db import Job, dispose_engines, get_engine, session_factory
 
     url = f"sqlite:///{data_dir / 'old.sqlite3'}"
-    ids = _submit(session_factory(url), 2)
-    with get_engine(url).begin() as conn:  # back to the schema before the floor
-        conn.execute(sa.text("DROP TABLE id_floors"))
-        conn.execute(sa.text("DELETE FROM schema_version WHERE version = :v"),
-                     {"v": len(MIGRATIONS)})
-        conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
-    dispose_engines()
+    floor = db.MIGRATIONS.index(db._m009_id_floors)  # by name: later migrations follow it
+    with monkeypatch.context() as m:  # the schema before the floor, and jobs written there
+        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:floor])
+        with session_factory(url)() as session:
+            old = [Job(model="builtin:tiny", dataset=NIAH, params=SMALL) for _ in range(2)]
+            session.add_all(old)
+            session.commit()
+            ids = [job.id for job in old]
+        with get_engine(url).begin() as conn:
+            assert conn.execute(sa.text("SELECT MAX(version) FROM schema_version")
+                                ).scalar() == floor
+            conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
+        dispose_engines()
     factory = session_factory(url)  # migrates again: the floor is the newest job there is
     assert _submit(factory, 1) == [ids[-1]]  # deleted before the floor: beyond recall
     jobs.delete_job(factory, ids[-1])
