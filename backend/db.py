@@ -151,7 +151,7 @@ class Score(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(sa.String(64))
-    value: Mapped[float]
+    value: Mapped[float] = mapped_column(sa.Float)
     count: Mapped[int] = mapped_column(default=0)
     labels: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
 
@@ -192,7 +192,7 @@ class WorkerState(str, enum.Enum):
     """It stopped heartbeating: marked by another worker, or shown so by the API."""
 
 
-class Worker(Base):
+class WorkerRow(Base):
     """A worker process as it last reported itself."""
 
     __tablename__ = "workers"
