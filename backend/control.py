@@ -25,7 +25,7 @@ from backend.db import (
     CommandState,
     ControlCommand,
     RuntimeSetting,
-    Worker,
+    WorkerRow,
     WorkerState,
     WorkerStatus,
     utcnow,
@@ -78,7 +78,7 @@ def publish_status(factory: sessionmaker, worker_id: str, status: dict[str, Any]
 class Published:
     """A worker and the status it last published; `stale` when its heartbeat is."""
 
-    worker: Worker
+    worker: WorkerRow
     status: dict[str, Any]
     stale: bool
 
@@ -87,12 +87,12 @@ def worker_statuses(factory: sessionmaker, lease_seconds: float,
                     worker: str | None = None) -> list[Published]:
     """The last status of every worker that did not stop (or of `worker`), oldest
     worker first; a worker that is not alive (scheduling.is_alive) is `stale`."""
-    query = (sa.select(Worker, WorkerStatus.status)
-             .join(WorkerStatus, WorkerStatus.worker_id == Worker.id)
-             .where(Worker.state != WorkerState.STOPPED.value)
-             .order_by(Worker.started_at))
+    query = (sa.select(WorkerRow, WorkerStatus.status)
+             .join(WorkerStatus, WorkerStatus.worker_id == WorkerRow.id)
+             .where(WorkerRow.state != WorkerState.STOPPED.value)
+             .order_by(WorkerRow.started_at))
     if worker:
-        query = query.where(Worker.id == worker)
+        query = query.where(WorkerRow.id == worker)
     now = utcnow()
     with factory() as session:
         return [Published(w, status, not is_alive(w, now, lease_seconds))
