@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -112,6 +113,15 @@ def complete_command(factory: sessionmaker, command_id: int, result: dict[str, A
         row = session.get(ControlCommand, command_id)
         row.state = (CommandState.FAILED if error else CommandState.DONE).value
         row.result, row.error, row.done_at = result, error, utcnow()
+
+
+def prune_commands(factory: sessionmaker, retention: timedelta) -> int:
+    """Delete the commands sent before `retention` ago: answered, failed, or still
+    pending for a worker that never took them (send_command stopped waiting for them
+    long before). Returns how many went."""
+    with factory.begin() as session:  # a blind write
+        return session.execute(sa.delete(ControlCommand).where(
+            ControlCommand.created_at < utcnow() - retention)).rowcount
 
 
 def send_command(factory: sessionmaker, command: str, args: dict[str, Any],

@@ -37,6 +37,7 @@ from backend.db import (
     Score,
     WorkerRow,
     WorkerState,
+    WorkerStatus,
     is_postgres,
     utcnow,
     write_session,
@@ -529,13 +530,16 @@ def list_samples(factory: sessionmaker, job_id: int, *, offset: int = 0,
 def register_worker(factory: sessionmaker, worker_id: str, host: str, pid: int,
                     device: str, *, labels: tuple[str, ...] | list[str] = (),
                     gpus: list[dict[str, Any]] | None = None,
-                    gpu_free_bytes: int | None = None) -> None:
+                    gpu_free_bytes: int | None = None,
+                    current_job_id: int | None = None) -> None:
     """Insert or refresh the worker's row: where it runs, its labels and its GPUs
-    (`gpus`: index, name, total_bytes, free_bytes per GPU; empty for a CPU worker)."""
+    (`gpus`: index, name, total_bytes, free_bytes per GPU; empty for a CPU worker),
+    idle, or busy with `current_job_id` (a worker whose row was pruned while it slept)."""
     with write_session(factory) as session:
         worker = session.get(WorkerRow, worker_id, with_for_update=True) or WorkerRow(id=worker_id)
         worker.host, worker.pid, worker.device = host, pid, device
-        worker.state, worker.current_job_id = WorkerState.IDLE.value, None
+        worker.state = (WorkerState.IDLE if current_job_id is None else WorkerState.BUSY).value
+        worker.current_job_id = current_job_id
         worker.labels, worker.gpus = list(labels), list(gpus or [])
         worker.gpu_count, worker.gpu_free_bytes = len(worker.gpus), gpu_free_bytes
         worker.started_at = worker.heartbeat_at = utcnow()
@@ -544,9 +548,11 @@ def register_worker(factory: sessionmaker, worker_id: str, host: str, pid: int,
 
 def worker_heartbeat(factory: sessionmaker, worker_id: str, state: str | None = None,
                      *, gpus: list[dict[str, Any]] | None = None,
-                     gpu_free_bytes: int | None = None) -> None:
+                     gpu_free_bytes: int | None = None) -> bool:
     """Refresh the worker's heartbeat (and its state and GPU readings when given).
-    A worker marked lost that beats again is back: idle, or busy with its job."""
+    A worker marked lost that beats again is back: idle, or busy with its job.
+    Returns False when the worker has no row (pruned: see prune_workers), so that it
+    registers again."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if state:
         values["state"] = state
@@ -559,7 +565,8 @@ def worker_heartbeat(factory: sessionmaker, worker_id: str, state: str | None = 
         values["gpus"] = gpus
         values["gpu_free_bytes"] = gpu_free_bytes
     with factory.begin() as session:  # a blind write: no need to hold SQLite's lock first
-        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id).values(**values))
+        return session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
+                               .values(**values)).rowcount > 0
 
 
 def mark_lost_workers(factory: sessionmaker, lease_seconds: float) -> list[str]:
@@ -573,6 +580,29 @@ def mark_lost_workers(factory: sessionmaker, lease_seconds: float) -> list[str]:
         for worker in lost:
             worker.state = WorkerState.LOST.value
         return [w.id for w in lost]
+
+
+DEAD_WORKER_RETENTION = timedelta(days=7)
+"""How long the row and the published status of a worker whose heartbeats stopped are
+kept (it shows as lost or stopped in /api/workers meanwhile); control commands answered
+or expired that long ago go too (control.prune_commands)."""
+
+
+def prune_workers(factory: sessionmaker,
+                  retention: timedelta = DEAD_WORKER_RETENTION) -> list[str]:
+    """Delete the workers whose last heartbeat is older than `retention`, with their
+    status rows (and status rows of no worker as old); returns the ids deleted. A
+    worker that was only asleep registers again on its next heartbeat."""
+    cutoff = utcnow() - retention
+    with write_session(factory) as session:
+        gone = list(session.scalars(sa.select(WorkerRow.id).where(
+            WorkerRow.heartbeat_at < cutoff)))
+        session.execute(sa.delete(WorkerStatus).where(
+            WorkerStatus.worker_id.in_(gone)
+            | ((WorkerStatus.updated_at < cutoff)
+               & WorkerStatus.worker_id.not_in(sa.select(WorkerRow.id)))))
+        session.execute(sa.delete(WorkerRow).where(WorkerRow.id.in_(gone)))
+        return gone
 
 
 def list_workers(factory: sessionmaker) -> list[WorkerRow]:
