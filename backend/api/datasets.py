@@ -138,9 +138,10 @@ def fetch_dataset(name: str):
     body = request.get_json(silent=True) or {}
     try:
         parts = FetchRequest.model_validate(body).subsets if isinstance(body, dict) else None
-    except ValidationError:
-        parts = [""]  # not a list of names: refused below like an unknown part
-    if parts is not None and not all(p in (ds.hub.configs or ()) for p in parts):
+        known = parts is None or all(p in (ds.hub.configs or ()) for p in parts)
+    except ValidationError:  # not a list of names
+        known = False
+    if not known:
         raise ApiError(422, "invalid_body", "subsets: a list of the dataset's parts",
                        [{"field": "subsets", "message": "a list of known parts"}])
     state = _fetches().start(name, parts, settings)
