@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ from backend.db import (
     CommandState,
     ControlCommand,
     RuntimeSetting,
-    Worker,
+    WorkerRow,
     WorkerState,
     WorkerStatus,
     utcnow,
@@ -78,7 +79,7 @@ def publish_status(factory: sessionmaker, worker_id: str, status: dict[str, Any]
 class Published:
     """A worker and the status it last published; `stale` when its heartbeat is."""
 
-    worker: Worker
+    worker: WorkerRow
     status: dict[str, Any]
     stale: bool
 
@@ -87,12 +88,12 @@ def worker_statuses(factory: sessionmaker, lease_seconds: float,
                     worker: str | None = None) -> list[Published]:
     """The last status of every worker that did not stop (or of `worker`), oldest
     worker first; a worker that is not alive (scheduling.is_alive) is `stale`."""
-    query = (sa.select(Worker, WorkerStatus.status)
-             .join(WorkerStatus, WorkerStatus.worker_id == Worker.id)
-             .where(Worker.state != WorkerState.STOPPED.value)
-             .order_by(Worker.started_at))
+    query = (sa.select(WorkerRow, WorkerStatus.status)
+             .join(WorkerStatus, WorkerStatus.worker_id == WorkerRow.id)
+             .where(WorkerRow.state != WorkerState.STOPPED.value)
+             .order_by(WorkerRow.started_at))
     if worker:
-        query = query.where(Worker.id == worker)
+        query = query.where(WorkerRow.id == worker)
     now = utcnow()
     with factory() as session:
         return [Published(w, status, not is_alive(w, now, lease_seconds))
@@ -112,6 +113,15 @@ def complete_command(factory: sessionmaker, command_id: int, result: dict[str, A
         row = session.get(ControlCommand, command_id)
         row.state = (CommandState.FAILED if error else CommandState.DONE).value
         row.result, row.error, row.done_at = result, error, utcnow()
+
+
+def prune_commands(factory: sessionmaker, retention: timedelta) -> int:
+    """Delete the commands sent before `retention` ago: answered, failed, or still
+    pending for a worker that never took them (send_command stopped waiting for them
+    long before). Returns how many went."""
+    with factory.begin() as session:  # a blind write
+        return session.execute(sa.delete(ControlCommand).where(
+            ControlCommand.created_at < utcnow() - retention)).rowcount
 
 
 def send_command(factory: sessionmaker, command: str, args: dict[str, Any],

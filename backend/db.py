@@ -61,6 +61,11 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # the queue's reads: a state's jobs newest first (list), and the claim's order
+    # (priority, then round robin over submitters by their last claim, then id)
+    __table_args__ = (sa.Index("ix_jobs_state_id", "state", "id"),
+                      sa.Index("ix_jobs_state_priority_id", "state", "priority", "id"),
+                      sa.Index("ix_jobs_submitter_claimed_at", "submitter", "claimed_at"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model: Mapped[str] = mapped_column(sa.String(1024))
@@ -78,7 +83,7 @@ class Job(Base):
     progress_total: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(sa.Text)
     events: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
-    timeout_s: Mapped[float | None]
+    timeout_s: Mapped[float | None] = mapped_column(sa.Float)
     priority: Mapped[int] = mapped_column(default=0)
     submitter: Mapped[str] = mapped_column(sa.String(128), default="anonymous")
     worker_label: Mapped[str | None] = mapped_column(sa.String(255))
@@ -122,8 +127,8 @@ class Sample(Base):
     prompt: Mapped[str] = mapped_column(sa.Text)
     prompt_tokens: Mapped[int]
     prediction: Mapped[str] = mapped_column(sa.Text)
-    score: Mapped[float | None]
-    latency_s: Mapped[float]
+    score: Mapped[float | None] = mapped_column(sa.Float)
+    latency_s: Mapped[float] = mapped_column(sa.Float)
     output_tokens: Mapped[int | None]
     peak_rss_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     peak_gpu_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
@@ -146,7 +151,7 @@ class Score(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(sa.String(64))
-    value: Mapped[float]
+    value: Mapped[float] = mapped_column(sa.Float)
     count: Mapped[int] = mapped_column(default=0)
     labels: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
 
@@ -187,7 +192,7 @@ class WorkerState(str, enum.Enum):
     """It stopped heartbeating: marked by another worker, or shown so by the API."""
 
 
-class Worker(Base):
+class WorkerRow(Base):
     """A worker process as it last reported itself."""
 
     __tablename__ = "workers"
@@ -228,9 +233,11 @@ class ControlCommand(Base):
     """A command for one worker's model manager (offload, release, pin…), and its answer."""
 
     __tablename__ = "control_commands"
+    # a worker's pending commands (its worker_id prefix serves the worker's other reads)
+    __table_args__ = (sa.Index("ix_control_commands_worker_state", "worker_id", "state"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    worker_id: Mapped[str] = mapped_column(sa.String(128), index=True)
+    worker_id: Mapped[str] = mapped_column(sa.String(128))
     command: Mapped[str] = mapped_column(sa.String(32))
     args: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
     state: Mapped[str] = mapped_column(sa.String(16), default=CommandState.PENDING.value)

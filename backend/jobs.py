@@ -35,8 +35,9 @@ from backend.db import (
     MemoryPeak,
     Sample,
     Score,
-    Worker,
+    WorkerRow,
     WorkerState,
+    WorkerStatus,
     is_postgres,
     utcnow,
     write_session,
@@ -119,7 +120,7 @@ def idle_workers(factory: sessionmaker, lease_seconds: float,
     now = utcnow()
     count = 0
     with factory() as session:
-        for worker in session.scalars(sa.select(Worker)):
+        for worker in session.scalars(sa.select(WorkerRow)):
             if worker_state(worker, now, lease_seconds) != WorkerState.IDLE:
                 continue
             labels = set(worker.labels or [])
@@ -281,7 +282,7 @@ def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
                 sa.update(Job).where(Job.id == shard.parent_id,
                                      Job.state == JobState.QUEUED.value)
                 .values(state=JobState.RUNNING.value, started_at=now))
-        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                         .values(current_job_id=job_id, state=WorkerState.BUSY.value,
                                 heartbeat_at=now))
         return session.get(Job, job_id)
@@ -404,7 +405,7 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
         if job.parent_id is None:
             job.progress_done = session.scalar(
                 sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == job_id))
-        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                         .values(current_job_id=None, state=WorkerState.IDLE.value))
         if job.parent_id is not None:
             session.flush()
@@ -529,13 +530,16 @@ def list_samples(factory: sessionmaker, job_id: int, *, offset: int = 0,
 def register_worker(factory: sessionmaker, worker_id: str, host: str, pid: int,
                     device: str, *, labels: tuple[str, ...] | list[str] = (),
                     gpus: list[dict[str, Any]] | None = None,
-                    gpu_free_bytes: int | None = None) -> None:
+                    gpu_free_bytes: int | None = None,
+                    current_job_id: int | None = None) -> None:
     """Insert or refresh the worker's row: where it runs, its labels and its GPUs
-    (`gpus`: index, name, total_bytes, free_bytes per GPU; empty for a CPU worker)."""
+    (`gpus`: index, name, total_bytes, free_bytes per GPU; empty for a CPU worker),
+    idle, or busy with `current_job_id` (a worker whose row was pruned while it slept)."""
     with write_session(factory) as session:
-        worker = session.get(Worker, worker_id, with_for_update=True) or Worker(id=worker_id)
+        worker = session.get(WorkerRow, worker_id, with_for_update=True) or WorkerRow(id=worker_id)
         worker.host, worker.pid, worker.device = host, pid, device
-        worker.state, worker.current_job_id = WorkerState.IDLE.value, None
+        worker.state = (WorkerState.IDLE if current_job_id is None else WorkerState.BUSY).value
+        worker.current_job_id = current_job_id
         worker.labels, worker.gpus = list(labels), list(gpus or [])
         worker.gpu_count, worker.gpu_free_bytes = len(worker.gpus), gpu_free_bytes
         worker.started_at = worker.heartbeat_at = utcnow()
@@ -544,22 +548,25 @@ def register_worker(factory: sessionmaker, worker_id: str, host: str, pid: int,
 
 def worker_heartbeat(factory: sessionmaker, worker_id: str, state: str | None = None,
                      *, gpus: list[dict[str, Any]] | None = None,
-                     gpu_free_bytes: int | None = None) -> None:
+                     gpu_free_bytes: int | None = None) -> bool:
     """Refresh the worker's heartbeat (and its state and GPU readings when given).
-    A worker marked lost that beats again is back: idle, or busy with its job."""
+    A worker marked lost that beats again is back: idle, or busy with its job.
+    Returns False when the worker has no row (pruned: see prune_workers), so that it
+    registers again."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if state:
         values["state"] = state
     else:
         values["state"] = sa.case(
-            (Worker.state != WorkerState.LOST.value, Worker.state),
-            (Worker.current_job_id.is_(None), WorkerState.IDLE.value),
+            (WorkerRow.state != WorkerState.LOST.value, WorkerRow.state),
+            (WorkerRow.current_job_id.is_(None), WorkerState.IDLE.value),
             else_=WorkerState.BUSY.value)
     if gpus is not None:
         values["gpus"] = gpus
         values["gpu_free_bytes"] = gpu_free_bytes
     with factory.begin() as session:  # a blind write: no need to hold SQLite's lock first
-        session.execute(sa.update(Worker).where(Worker.id == worker_id).values(**values))
+        return session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
+                               .values(**values)).rowcount > 0
 
 
 def mark_lost_workers(factory: sessionmaker, lease_seconds: float) -> list[str]:
@@ -567,17 +574,40 @@ def mark_lost_workers(factory: sessionmaker, lease_seconds: float) -> list[str]:
     back to the queue when their leases expire (in the next claim)."""
     cutoff = utcnow() - stale_after(lease_seconds)
     with write_session(factory) as session:
-        lost = session.scalars(sa.select(Worker).where(
-            Worker.state.in_([WorkerState.IDLE.value, WorkerState.BUSY.value]),
-            Worker.heartbeat_at < cutoff).with_for_update(skip_locked=True)).all()
+        lost = session.scalars(sa.select(WorkerRow).where(
+            WorkerRow.state.in_([WorkerState.IDLE.value, WorkerState.BUSY.value]),
+            WorkerRow.heartbeat_at < cutoff).with_for_update(skip_locked=True)).all()
         for worker in lost:
             worker.state = WorkerState.LOST.value
         return [w.id for w in lost]
 
 
-def list_workers(factory: sessionmaker) -> list[Worker]:
+DEAD_WORKER_RETENTION = timedelta(days=7)
+"""How long the row and the published status of a worker whose heartbeats stopped are
+kept (it shows as lost or stopped in /api/workers meanwhile); control commands answered
+or expired that long ago go too (control.prune_commands)."""
+
+
+def prune_workers(factory: sessionmaker,
+                  retention: timedelta = DEAD_WORKER_RETENTION) -> list[str]:
+    """Delete the workers whose last heartbeat is older than `retention`, with their
+    status rows (and status rows of no worker as old); returns the ids deleted. A
+    worker that was only asleep registers again on its next heartbeat."""
+    cutoff = utcnow() - retention
+    with write_session(factory) as session:
+        gone = list(session.scalars(sa.select(WorkerRow.id).where(
+            WorkerRow.heartbeat_at < cutoff)))
+        session.execute(sa.delete(WorkerStatus).where(
+            WorkerStatus.worker_id.in_(gone)
+            | ((WorkerStatus.updated_at < cutoff)
+               & WorkerStatus.worker_id.not_in(sa.select(WorkerRow.id)))))
+        session.execute(sa.delete(WorkerRow).where(WorkerRow.id.in_(gone)))
+        return gone
+
+
+def list_workers(factory: sessionmaker) -> list[WorkerRow]:
     with factory() as session:
-        return list(session.scalars(sa.select(Worker).order_by(Worker.started_at)).all())
+        return list(session.scalars(sa.select(WorkerRow).order_by(WorkerRow.started_at)).all())
 
 
 def waiting_reasons(factory: sessionmaker, jobs: list[Any],
@@ -600,7 +630,7 @@ def give_back_job(factory: sessionmaker, job_id: int, worker_id: str, error: str
                    max_attempts)
         if job.state == JobState.QUEUED.value:
             announce_work(session)
-        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                         .values(current_job_id=None, state=WorkerState.IDLE.value))
         return JobState(job.state)
 
@@ -616,6 +646,6 @@ def requeue_job(factory: sessionmaker, job_id: int, worker_id: str) -> None:
         job.attempts = max(0, job.attempts - 1)
         job.events = [*job.events, {"kind": "requeued", "at": utcnow().isoformat(),
                                     "message": f"worker {worker_id} shut down"}]
-        session.execute(sa.update(Worker).where(Worker.id == worker_id)
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                         .values(current_job_id=None, state=WorkerState.IDLE.value))
         announce_work(session)

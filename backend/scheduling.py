@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
 from backend.config import format_bytes
-from backend.db import Job, JobState, Worker, WorkerState
+from backend.db import Job, JobState, WorkerRow, WorkerState
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def stale_after(lease_seconds: float) -> timedelta:
     return timedelta(seconds=max(15.0, lease_seconds))
 
 
-def worker_state(worker: Worker, now: datetime, lease_seconds: float) -> WorkerState:
+def worker_state(worker: WorkerRow, now: datetime, lease_seconds: float) -> WorkerState:
     """The state to show: the stored one, or LOST when the heartbeats stopped."""
     state = WorkerState(worker.state)
     if state in (WorkerState.IDLE, WorkerState.BUSY) and \
@@ -94,12 +94,12 @@ def worker_state(worker: Worker, now: datetime, lease_seconds: float) -> WorkerS
     return state
 
 
-def is_alive(worker: Worker, now: datetime, lease_seconds: float) -> bool:
+def is_alive(worker: WorkerRow, now: datetime, lease_seconds: float) -> bool:
     """Idle or busy, and heartbeating."""
     return worker_state(worker, now, lease_seconds) in (WorkerState.IDLE, WorkerState.BUSY)
 
 
-def _room(worker: Worker, num_gpus: int) -> int | None:
+def _room(worker: WorkerRow, num_gpus: int) -> int | None:
     """What a job of `num_gpus` could use on `worker` at its last heartbeat (see
     `room_for`), from each GPU's `available_bytes`; None when unmeasured."""
     gpus = worker.gpus or []
@@ -110,7 +110,7 @@ def _room(worker: Worker, num_gpus: int) -> int | None:
     return worker.gpu_free_bytes
 
 
-def waiting_reason(job: Job, workers: Iterable[Worker], now: datetime,
+def waiting_reason(job: Job, workers: Iterable[WorkerRow], now: datetime,
                    lease_seconds: float) -> str | None:
     """Why a queued job does not run yet, in words; None for a job that is not queued."""
     if job.state != JobState.QUEUED.value:
@@ -146,6 +146,6 @@ def queued_reasons(session: Session, jobs: list[Job], now: datetime,
     queued = [job for job in jobs if job.state == JobState.QUEUED.value]
     if not queued:
         return {}
-    workers = session.scalars(sa.select(Worker)).all()
+    workers = session.scalars(sa.select(WorkerRow)).all()
     return {job.id: reason for job in queued
             if (reason := waiting_reason(job, workers, now, lease_seconds))}

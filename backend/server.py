@@ -73,11 +73,15 @@ def create_app(settings: Settings | None = None,
     for module in (jobs, datasets, health, memory, openapi, results):
         app.register_blueprint(module.bp)
 
+    from backend.api.openapi import undocumented
+
     @app.get("/")
+    @undocumented("the web page")
     def index():
         return send_from_directory(FRONTEND, "index.html")
 
     @app.get("/static/<path:name>")
+    @undocumented("the web page's files")
     def static_files(name: str):
         return send_from_directory(FRONTEND, name)
 

@@ -39,18 +39,21 @@ from backend.config import (
 from backend.control import (
     complete_command,
     pending_commands,
+    prune_commands,
     publish_status,
     stored_commands,
 )
 from backend.datasets.registry import load_plugin_dirs
 from backend.db import JobState, session_factory, utcnow
 from backend.jobs import (
+    DEAD_WORKER_RETENTION,
     LeaseLost,
     claim_job,
     finish_job,
     give_back_job,
     mark_lost_workers,
     next_queued_model,
+    prune_workers,
     record_data_fetch,
     record_sample,
     register_worker,
@@ -69,6 +72,8 @@ log = logging.getLogger(__name__)
 
 EXIT_CUDA_ERROR = 3
 """Exit status of a worker whose CUDA context broke; the server's pool starts a fresh one."""
+PRUNE_EVERY_S = 3600.0
+"""How often the heartbeat deletes old rows (jobs.prune_workers, control.prune_commands)."""
 
 
 class _DbSink:
@@ -164,7 +169,7 @@ class Worker:
 
     def _beat(self) -> None:
         interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
-        last_sweep = 0.0
+        last_sweep, last_prune = 0.0, float("-inf")  # prune once at start, then hourly
         while not self.stopping.wait(interval):
             try:
                 job_id = self.current_job
@@ -172,16 +177,23 @@ class Worker:
                     self.renew(job_id)
                 if self.gpus:
                     free = self.free_gpu_bytes()
-                    worker_heartbeat(self.factory, self.id, gpus=self.gpus,
-                                     gpu_free_bytes=sum(free))
+                    known = worker_heartbeat(self.factory, self.id, gpus=self.gpus,
+                                             gpu_free_bytes=sum(free))
                 else:
-                    worker_heartbeat(self.factory, self.id)
+                    known = worker_heartbeat(self.factory, self.id)
+                if not known:  # pruned while this process slept (a suspended machine)
+                    log.warning("[Worker] %s had no row (pruned); registering again", self.id)
+                    self._register(self.current_job)
+                    self.publish_status()
                 if time.monotonic() - last_sweep >= 10.0:
                     last_sweep = time.monotonic()
                     for lost in mark_lost_workers(self.factory, self.settings.lease_seconds):
                         log.warning("[Worker] worker %s stopped heartbeating: marked lost; "
                                     "its job goes back to the queue when its lease expires",
                                     lost)
+                if time.monotonic() - last_prune >= PRUNE_EVERY_S:
+                    last_prune = time.monotonic()
+                    self._prune()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive a busy database
                 log.exception("[Worker] heartbeat failed; retrying")
 
@@ -212,10 +224,7 @@ class Worker:
 
             # before any model loads: what the GPUs hold without this worker
             take_device_baseline([g["index"] for g in self.gpus])
-        free = self.free_gpu_bytes() if self.gpus else None
-        register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
-                        labels=self.labels, gpus=self.gpus,
-                        gpu_free_bytes=sum(free) if free is not None else None)
+        self._register()
         self.publish_status()
         self.apply_stored_settings()
         self.manager.start_monitor()
@@ -225,6 +234,22 @@ class Worker:
                                          daemon=True)
         self._control.start()
         log.info("[Worker] %s started on %s", self.id, self.device)
+
+    def _register(self, current_job_id: int | None = None) -> None:
+        free = self.free_gpu_bytes() if self.gpus else None
+        register_worker(self.factory, self.id, socket.gethostname(), os.getpid(), self.device,
+                        labels=self.labels, gpus=self.gpus,
+                        gpu_free_bytes=sum(free) if free is not None else None,
+                        current_job_id=current_job_id)
+
+    def _prune(self) -> None:
+        """Delete rows of workers dead for DEAD_WORKER_RETENTION, and commands as old."""
+        gone = prune_workers(self.factory)
+        commands = prune_commands(self.factory, DEAD_WORKER_RETENTION)
+        if gone or commands:
+            log.info("[Worker] pruned %d worker row(s) dead for %d days (%s) and %d old "
+                     "control command(s)", len(gone), DEAD_WORKER_RETENTION.days,
+                     ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""), commands)
 
     # --- model manager status and commands ------------------------------------------
 

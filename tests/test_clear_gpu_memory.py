@@ -151,7 +151,7 @@ def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
 
 
 def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
-    from backend.db import Worker, utcnow
+    from backend.db import WorkerRow, utcnow
     from backend.jobs import register_worker
 
     host = socket.gethostname()
@@ -169,14 +169,14 @@ def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
     procs.append(newcomer)
     register_worker(factory, "reused", host, newcomer.pid, "cpu")
     with factory.begin() as session:
-        session.execute(sa.update(Worker).where(Worker.id == "reused")
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == "reused")
                         .values(heartbeat_at=utcnow() - timedelta(hours=1)))
     env = dict(os.environ)
     args = ("--kill-stale", "--keep-models", "--stale-after", "1", "--grace", "1")
 
     def states() -> dict[str, str]:
         with factory() as session:
-            return dict(session.execute(sa.select(Worker.id, Worker.state)).all())
+            return dict(session.execute(sa.select(WorkerRow.id, WorkerRow.state)).all())
 
     try:
         proc = run_script(env, *args)  # no terminal to confirm on, and no --yes

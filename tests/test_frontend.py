@@ -194,7 +194,7 @@ def _add_workers(server, current_job_id: int) -> None:
     import sqlalchemy as sa
 
     from backend import jobs
-    from backend.db import Worker, WorkerState, utcnow
+    from backend.db import WorkerRow, WorkerState, utcnow
 
     factory = _db(server)
     gpus = [{"index": i, "name": "Fake GPU", "total_bytes": 80 * 2**30, "free_bytes": 60 * 2**30}
@@ -204,7 +204,7 @@ def _add_workers(server, current_job_id: int) -> None:
     jobs.register_worker(factory, "done-1", "old-box", 4343, "cpu", labels=["old-box"])
     jobs.worker_heartbeat(factory, "done-1", WorkerState.STOPPED.value)
     with factory.begin() as session:
-        session.execute(sa.update(Worker).where(Worker.id == "ghost-1").values(
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == "ghost-1").values(
             heartbeat_at=utcnow() - timedelta(minutes=10), current_job_id=current_job_id))
 
 

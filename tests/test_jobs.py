@@ -245,20 +245,27 @@ def test_a_deleted_jobs_id_is_never_reused(factory):
     assert _submit(factory, 2) == [after + 1, after + 2]
 
 
-def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir):
+def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monkeypatch):
     """A database from before the floor: its highest job id is the floor."""
     import sqlalchemy as sa
 
-    from backend.db import MIGRATIONS, dispose_engines, get_engine, session_factory
+    from backend import db
+    from backend.db import Job, dispose_engines, get_engine, session_factory
 
     url = f"sqlite:///{data_dir / 'old.sqlite3'}"
-    ids = _submit(session_factory(url), 2)
-    with get_engine(url).begin() as conn:  # back to the schema before the floor
-        conn.execute(sa.text("DROP TABLE id_floors"))
-        conn.execute(sa.text("DELETE FROM schema_version WHERE version = :v"),
-                     {"v": len(MIGRATIONS)})
-        conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
-    dispose_engines()
+    floor = db.MIGRATIONS.index(db._m009_id_floors)  # by name: later migrations follow it
+    with monkeypatch.context() as m:  # the schema before the floor, and jobs written there
+        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:floor])
+        with session_factory(url)() as session:
+            old = [Job(model="builtin:tiny", dataset=NIAH, params=SMALL) for _ in range(2)]
+            session.add_all(old)
+            session.commit()
+            ids = [job.id for job in old]
+        with get_engine(url).begin() as conn:
+            assert conn.execute(sa.text("SELECT MAX(version) FROM schema_version")
+                                ).scalar() == floor
+            conn.execute(sa.text("DELETE FROM jobs WHERE id = :i"), {"i": ids[-1]})
+        dispose_engines()
     factory = session_factory(url)  # migrates again: the floor is the newest job there is
     assert _submit(factory, 1) == [ids[-1]]  # deleted before the floor: beyond recall
     jobs.delete_job(factory, ids[-1])
@@ -283,3 +290,73 @@ def test_a_late_lease_loss_of_the_last_job_does_not_cancel_the_next(settings, fa
     worker.renew(second)
     assert worker.cancel_seen.is_set()
     worker.manager.stop_monitor()
+
+
+@both_engines
+def test_a_worker_prunes_long_dead_workers_their_status_and_old_commands(settings, factory):
+    """Rows of workers gone for weeks, their status, and commands answered or expired
+    weeks ago are deleted by the running workers' heartbeat; recent ones stay."""
+    from datetime import timedelta
+
+    from backend.db import (
+        CommandState,
+        ControlCommand,
+        WorkerRow,
+        WorkerState,
+        WorkerStatus,
+        utcnow,
+    )
+
+    now = utcnow()
+    weeks, hours = now - timedelta(days=30), now - timedelta(hours=1)
+    with factory.begin() as session:
+        for worker_id, beat, state in (("gone", weeks, WorkerState.LOST),
+                                       ("stopped-long-ago", weeks, WorkerState.STOPPED),
+                                       ("stopped-recently", hours, WorkerState.STOPPED)):
+            session.add(WorkerRow(id=worker_id, host="h", pid=1, device="cpu",
+                                  state=state.value, started_at=beat, heartbeat_at=beat))
+            session.add(WorkerStatus(worker_id=worker_id, status={}, updated_at=beat))
+        session.add(WorkerStatus(worker_id="never-registered", status={}, updated_at=weeks))
+        for worker_id, state, created, done in (
+                ("stopped-recently", CommandState.DONE, weeks, weeks),
+                ("stopped-recently", CommandState.FAILED, weeks, None),  # timed out
+                ("gone", CommandState.PENDING, weeks, None),  # nobody waits for it now
+                ("stopped-recently", CommandState.DONE, hours, hours)):
+            session.add(ControlCommand(worker_id=worker_id, command="offload", args={},
+                                       state=state.value, created_at=created, done_at=done))
+
+    def rows():
+        with factory() as session:
+            return (set(session.scalars(sa.select(WorkerRow.id))),
+                    set(session.scalars(sa.select(WorkerStatus.worker_id))),
+                    sorted(session.scalars(sa.select(ControlCommand.created_at))))
+
+    with started_worker(settings, "w-prune"):
+        deadline = time.monotonic() + 30
+        while "gone" in rows()[0] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers, statuses, commands = rows()
+    assert workers == {"stopped-recently", "w-prune"}
+    assert statuses <= {"stopped-recently", "w-prune"} and "stopped-recently" in statuses
+    assert commands == [hours]
+
+
+def test_a_worker_whose_row_was_pruned_while_it_slept_registers_again(settings, factory):
+    """A suspended machine wakes after the retention: another worker pruned this one's
+    rows, and its next heartbeat brings them back instead of beating into nothing."""
+    from backend.db import WorkerRow, WorkerStatus
+
+    with started_worker(settings, "w-sleeper"):
+        with factory.begin() as session:
+            session.execute(sa.delete(WorkerStatus).where(WorkerStatus.worker_id == "w-sleeper"))
+            session.execute(sa.delete(WorkerRow).where(WorkerRow.id == "w-sleeper"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with factory() as session:
+                row = session.get(WorkerRow, "w-sleeper")
+                status = session.get(WorkerStatus, "w-sleeper")
+            if row is not None and status is not None:
+                break
+            time.sleep(0.2)
+    assert row is not None and row.state == "idle" and status is not None
+    assert [w.id for w in jobs.list_workers(factory)] == ["w-sleeper"]

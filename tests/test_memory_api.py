@@ -257,14 +257,14 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
     import sqlalchemy as sa
 
     from backend import control, jobs
-    from backend.db import Worker, utcnow
+    from backend.db import WorkerRow, utcnow
 
     now = time.time()
     for worker_id, as_of in (("gone", now - 600), ("live", now - 1)):  # "gone" started first
         jobs.register_worker(factory, worker_id, "host", 1, "cpu")
         control.publish_status(factory, worker_id, manager_status("m", as_of))
     with factory.begin() as session:
-        session.execute(sa.update(Worker).where(Worker.id == "gone")
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == "gone")
                         .values(heartbeat_at=utcnow() - timedelta(minutes=10)))
     gone_at = datetime.fromtimestamp(now - 600, timezone.utc).isoformat()
     live_at = datetime.fromtimestamp(now - 1, timezone.utc).isoformat()

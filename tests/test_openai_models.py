@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from backend.runners.base import GenerationRequest, LoglikelihoodRequest
-from backend.runners.openai_api import ApiError, ApiOptions, OpenAIRunner
+from backend.runners.openai_api import ApiOptions, OpenAIRunner, RemoteApiError
 from tests.openai_server import FakeOpenAI
 
 KEY = "sk-test-5ecret-key-never-logged"
@@ -52,7 +52,7 @@ def test_retries_on_429_500_bad_json_and_timeouts(fake, tiny_runner):
     assert [r["outcome"] for r in fake.requests] == ["429", "500", "badjson", "slow", "ok"]
 
     fake.failures = ["500"] * 10
-    with pytest.raises(ApiError, match=r"HTTP 500: The server had an error \(gave up after 4 "
+    with pytest.raises(RemoteApiError, match=r"HTTP 500: The server had an error \(gave up after 4 "
                                         r"attempts\)"):
         _client(fake, tiny_runner).generate([GenerationRequest(PROMPTS[0], 4)])
 
@@ -60,12 +60,12 @@ def test_retries_on_429_500_bad_json_and_timeouts(fake, tiny_runner):
 def test_wrong_key_and_unknown_model_fail_at_once_without_the_key(fake, tiny_runner):
     opts = ApiOptions(base_url=fake.url)
     wrong = OpenAIRunner("openai:tiny", "tiny", opts, "sk-wrong-" + KEY, tiny_runner.tok, 512)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(RemoteApiError) as err:
         wrong.generate([GenerationRequest("hi", 2)])
     assert "HTTP 401" in str(err.value) and "sk-wrong" not in str(err.value)
     assert KEY not in str(err.value)
     missing = OpenAIRunner("openai:nope", "nope", opts, KEY, tiny_runner.tok, 512)
-    with pytest.raises(ApiError, match="HTTP 404.*does not exist"):
+    with pytest.raises(RemoteApiError, match="HTTP 404.*does not exist"):
         missing.generate([GenerationRequest("hi", 2)])
     assert len(fake.requests) == 2  # neither was retried
 
@@ -103,7 +103,7 @@ def test_loglikelihood_counts_only_the_echoed_prompt_like_llama_cpp(fake, tiny_r
         [QUESTION + c for c in CHOICES] + ["Question: what did Aunt Margit cook?\nAnswer:\nA"])
     assert all(b["max_tokens"] == 1 and b["echo"] is True for b in bodies)
 
-    with pytest.raises(ApiError, match="completions endpoint with echo and logprobs"):
+    with pytest.raises(RemoteApiError, match="completions endpoint with echo and logprobs"):
         _client(fake, tiny_runner).loglikelihood(requests)
 
 
@@ -113,12 +113,12 @@ def test_loglikelihood_without_echo_fails_at_the_first_request(fake, tiny_runner
     fake.logprobs = False
     requests = [LoglikelihoodRequest(QUESTION, c) for c in CHOICES]
     runner = _client(fake, tiny_runner, endpoint="completions", max_retries=4)
-    with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
+    with pytest.raises(RemoteApiError, match="this endpoint must return prompt log-probabilities"):
         runner.loglikelihood(requests)
     assert len(fake.requests) == 1 and runner.stats.retries == 0
     # a server that answers the first echo request with a 500 is not retried either
     fake.logprobs, fake.failures = True, ["500"]
-    with pytest.raises(ApiError, match="must return prompt log-probabilities.*HTTP 500"):
+    with pytest.raises(RemoteApiError, match="must return prompt log-probabilities.*HTTP 500"):
         runner.loglikelihood(requests)
     assert len(fake.requests) == 2 and runner.stats.retries == 0
 
@@ -128,14 +128,14 @@ def test_loglikelihood_fails_when_the_tokens_do_not_cover_the_prompt(fake, tiny_
     continuation's."""
     fake.failures = ["noecho"]
     runner = _client(fake, tiny_runner, endpoint="completions")
-    with pytest.raises(ApiError, match="do not cover the prompt"):
+    with pytest.raises(RemoteApiError, match="do not cover the prompt"):
         runner.loglikelihood([LoglikelihoodRequest(QUESTION, " goulash")])
 
 
 def test_chat_template_error_shows_the_remote_reason_and_suggests_completions(fake,
                                                                               tiny_runner):
     fake.failures = ["notemplate"]
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(RemoteApiError) as err:
         _client(fake, tiny_runner).generate([GenerationRequest(PROMPTS[0], 4)])
     text = str(err.value)
     assert "HTTP 400" in text and "default chat template is no longer allowed" in text
@@ -332,9 +332,9 @@ def test_reading_prompt_logprobs_as_servers_send_them():
     # the generated tokens only (echo ignored), or a prompt that is not ours: refused
     for answer in (_answer([" B"], [-1.0], generated=1),
                    _answer(["Question", ":", " A", "x"], [None, -1.0, -1.0, -1.0])):
-        with pytest.raises(ApiError, match="do not cover the prompt"):
+        with pytest.raises(RemoteApiError, match="do not cover the prompt"):
             read_prompt_logprobs(answer, "Answer:", " A")
-    with pytest.raises(ApiError, match="this endpoint must return prompt log-probabilities"):
+    with pytest.raises(RemoteApiError, match="this endpoint must return prompt log-probabilities"):
         read_prompt_logprobs({"choices": [{"text": "x", "logprobs": None}]}, "Answer:", " A")
 
 

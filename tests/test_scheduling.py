@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from backend import jobs
-from backend.db import Worker, utcnow
+from backend.db import WorkerRow, utcnow
 from backend.scheduling import Capacity
 from tests.conftest import ENGINES
 
@@ -89,7 +89,7 @@ def _worker_row(factory, worker_id, *, labels=(), gpus=(), free=None, age_s=0.0)
                          gpus=gpu_rows, gpu_free_bytes=free)
     if age_s:
         with factory.begin() as s:
-            s.execute(sa.update(Worker).where(Worker.id == worker_id)
+            s.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                       .values(heartbeat_at=utcnow() - timedelta(seconds=age_s)))
 
 

@@ -23,14 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, current_app, request
+from pydantic import BaseModel, Field, ValidationError
 
 from backend.api.errors import ApiError
+from backend.api.openapi import documented
 from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
 from backend.datasets.status import dataset_status
 from backend.runners.models import list_local_models
 
 log = logging.getLogger(__name__)
 bp = Blueprint("datasets", __name__)
+
+
+class FetchRequest(BaseModel):
+    subsets: list[str] | None = Field(None, max_length=100,
+                                      description="parts of the dataset; all when left out")
 
 
 class Fetches:
@@ -98,12 +105,19 @@ def describe(name: str) -> dict[str, Any]:
 
 
 @bp.get("/api/datasets")
+@documented("datasets with parameter schemas and data status (ready/missing, where, items, "
+            "how to get it)", data={"datasets": [{"type": "object"}]})
 def list_datasets():
     datasets = [describe(name) for name in dataset_names()]
     return {"status": "success", "data": {"datasets": datasets}}
 
 
 @bp.post("/api/datasets/<name>/fetch")
+@documented("fetch a dataset's official data from the Hugging Face hub into this machine's "
+            "cache (LBS_ALLOW_DATA_DOWNLOAD=1); body {subsets?: [...]}; progress in GET "
+            "/api/datasets", body=FetchRequest, body_required=False,
+            data={"dataset": {"type": "string"}, "fetch": {"type": "object"}}, status=202,
+            errors=(403, 404, 422))
 def fetch_dataset(name: str):
     settings = current_app.extensions["lbs"].settings
     try:
@@ -122,9 +136,12 @@ def fetch_dataset(name: str):
                        f"python -m backend.cli data fetch {name}",
                        [{"field": "name", "message": why}])
     body = request.get_json(silent=True) or {}
-    parts = body.get("subsets") if isinstance(body, dict) else None
-    if parts is not None and (not isinstance(parts, list) or len(parts) > 100 or not all(
-            isinstance(p, str) and p in (ds.hub.configs or ()) for p in parts)):
+    try:
+        parts = FetchRequest.model_validate(body).subsets if isinstance(body, dict) else None
+        known = parts is None or all(p in (ds.hub.configs or ()) for p in parts)
+    except ValidationError:  # not a list of names
+        known = False
+    if not known:
         raise ApiError(422, "invalid_body", "subsets: a list of the dataset's parts",
                        [{"field": "subsets", "message": "a list of known parts"}])
     state = _fetches().start(name, parts, settings)
@@ -132,6 +149,13 @@ def fetch_dataset(name: str):
 
 
 @bp.get("/api/models")
+@documented("local models a job can name: the built-in ones and the checkpoint folders "
+            "under LBS_MODEL_DIRS (name, kind, max_length)",
+            data={"models": [{"type": "object", "properties": {
+                "name": {"type": "string"}, "kind": {"type": "string"},
+                "max_length": {"type": ["integer", "null"]},
+                "architecture": {"type": ["string", "null"]}}}],
+                  "model_dirs": [{"type": "string"}]})
 def list_models():
     dirs = current_app.extensions["lbs"].settings.model_dirs
     return {"status": "success", "data": {"models": list_local_models(dirs),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
+from backend.api.openapi import documented
 from backend.db import utcnow
 from backend.jobs import list_workers
 from backend.scheduling import is_alive, worker_state
@@ -12,11 +13,14 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@documented("liveness", data={"ok": {"const": True}})
 def healthz():
     return {"status": "success", "data": {"ok": True}}
 
 
 @bp.get("/api/workers")
+@documented("workers and their heartbeats: host, labels, GPUs, state (`lost` when the "
+            "heartbeats stopped)", data={"workers": [{"type": "object"}]})
 def workers():
     """Every worker that registered: host, labels, GPUs (count, names, total and free
     memory), heartbeat, and state; `lost` when its heartbeats stopped."""

@@ -19,12 +19,17 @@ from backend import jobs as service
 from backend import results
 from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
+from backend.api.openapi import documented
 from backend.api.schemas import (
     SUMMARY_EXCLUDE,
+    ExportQuery,
     JobBatchRequest,
     JobListQuery,
+    JobOut,
     JobRequest,
+    JobSummary,
     SampleListQuery,
+    SampleOut,
     job_out,
     sample_out,
 )
@@ -136,7 +141,12 @@ def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
             for j in jobs]
 
 
+_JOB_BODY = (JobRequest, JobBatchRequest)
+
+
 @bp.post("")
+@documented("queue one job, or several with {jobs: [...]}", body=_JOB_BODY,
+            data={"job": JobOut, "jobs": [JobOut]}, status=201, errors=(400, 403, 413, 422))
 def submit():
     body = _json_body()
     if "jobs" in body:
@@ -150,6 +160,13 @@ def submit():
 
 
 @bp.post("/estimate")
+@documented("check jobs and estimate their memory and duration without queueing them "
+            "(same body and errors as a submission)", body=_JOB_BODY,
+            data={"jobs": [{"type": "object", "properties": {
+                "model": {"type": "string"}, "dataset": {"type": "string"},
+                "memory_bytes": {"type": ["integer", "null"]},
+                "duration": {"type": ["object", "null"]}}}],
+                  "workers": [{"type": "object"}]}, errors=(400, 403, 422))
 def estimate():
     """What a submission would need, without queueing it: per job the checked
     parameters' memory estimate (admission.estimate_job_bytes) and a rough duration
@@ -183,6 +200,10 @@ def _grid_size(dataset: str, params: dict[str, Any]) -> int | None:
 
 
 @bp.get("")
+@documented("list jobs, newest first (summaries: no params, events)", query=JobListQuery,
+            data={"jobs": [JobSummary], "page": {"type": "integer"},
+                  "per_page": {"type": "integer"}, "total": {"type": "integer"}},
+            errors=(422,))
 def list_jobs():
     query = JobListQuery.model_validate(request.args.to_dict())
     jobs, total = service.list_jobs(
@@ -194,11 +215,17 @@ def list_jobs():
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>")
+@documented("one job with progress, scores and memory", data={"job": JobOut},
+            errors=(404,))
 def get_job(job_id: int):
     return _ok({"job": _out([service.get_job(_factory(), job_id)])[0]})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/samples")
+@documented("per-sample results", query=SampleListQuery,
+            data={"samples": [SampleOut], "page": {"type": "integer"},
+                  "per_page": {"type": "integer"}, "total": {"type": "integer"}},
+            errors=(404, 422))
 def samples(job_id: int):
     query = SampleListQuery.model_validate(request.args.to_dict())
     rows, total = service.list_samples(_factory(), job_id,
@@ -209,26 +236,32 @@ def samples(job_id: int):
 
 
 @bp.post("/<int(min=1, max=9223372036854775807):job_id>/cancel")
+@documented("cancel a queued job, or stop a running one between samples",
+            data={"job": JobOut}, errors=(404, 409))
 def cancel(job_id: int):
     service.cancel_job(_factory(), job_id)
     return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
 
 
 @bp.delete("/<int(min=1, max=9223372036854775807):job_id>")
+@documented("delete a job that is not running", data={"deleted": {"type": "integer"}},
+            errors=(404, 409))
 def delete(job_id: int):
     service.delete_job(_factory(), job_id)
     return _ok({"deleted": job_id})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/export")
+@documented("the job and its samples as a JSON file, or the samples as CSV",
+            query=ExportQuery, errors=(404, 422), responses={"200": {
+                "description": "a file download", "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/csv": {"schema": {"type": "string"}}}}})
 def export(job_id: int):
     """The job and all its samples as JSON, or the samples as CSV (?format=csv). Both
     carry each sample's reference, extracted answer, why, and the dataset's own columns;
     both are streamed, a page of samples at a time, never built whole in memory."""
-    fmt = request.args.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise ApiError(422, "validation_error", "format must be json or csv",
-                       [{"field": "format", "message": "expected json or csv"}])
+    fmt = ExportQuery.model_validate(request.args.to_dict()).format
     factory = _factory()
     job = job_out(service.get_job(factory, job_id)).model_dump(mode="json")
     name = f"job-{job_id}-{job['dataset']}"

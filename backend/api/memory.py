@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend import control
 from backend.api.errors import ApiError
+from backend.api.openapi import documented
 from backend.config import GiB, format_bytes
 
 bp = Blueprint("memory", __name__)
@@ -159,9 +160,20 @@ def _model_rows() -> list[dict[str, Any]]:
     return rows
 
 
+COMMANDS = (503, 504)
+"""A memory command's own errors: no live worker, or one that did not answer in time."""
+SETTING_STORED = {202: "stored; no worker is running yet: each applies it as it starts"}
+_OBJECTS = [{"type": "object"}]
+_ANSWERS = {"workers": [{"type": "object", "description": "per worker: worker_id, ok, "
+                                                          "result, error"}]}
+
 # --- /api/v1/memory ---------------------------------------------------------------
 
 @bp.get("/api/v1/memory/stats")
+@documented("usage, limit, pressure and system RAM, summed over the workers with a fresh "
+            "heartbeat; per worker as_of and stale",
+            data={"total_memory_usage": {"type": "integer"}, "memory_limit": {"type": "integer"},
+                  "memory_pressure": {"type": "boolean"}, "workers": _OBJECTS})
 def stats():
     published = _statuses()
     statuses = [(p.worker, p.status) for p in published if not p.stale]
@@ -187,6 +199,9 @@ def stats():
 
 
 @bp.get("/api/v1/memory/pressure")
+@documented("memory pressure and the models to unload, LRU first",
+            data={"memory_pressure": {"type": "boolean"}, "reasons": [{"type": "string"}],
+                  "recommended_unload": _OBJECTS, "workers": _OBJECTS})
 def pressure():
     statuses = _fresh()
     return _ok({
@@ -200,6 +215,9 @@ def pressure():
 
 
 @bp.post("/api/v1/memory/cleanup")
+@documented("unload LRU unpinned models while there is pressure", query=CleanupQuery,
+            data={"unloaded": _OBJECTS, "freed_bytes": {"type": "integer"}, **_ANSWERS},
+            errors=(422, *COMMANDS))
 def cleanup():
     query = CleanupQuery.model_validate(request.args.to_dict())
     answers = _send("cleanup", {"force": query.force}, None)
@@ -211,11 +229,16 @@ def cleanup():
 
 
 @bp.get("/api/v1/memory/models")
+@documented("every loaded model: worker, location, size, load count, pins, as_of (when its "
+            "worker took the status), stale", data={"models": _OBJECTS})
 def models():
     return _ok({"models": _model_rows()})
 
 
 @bp.post("/api/v1/memory/limit")
+@documented("set MAX_MEMORY_USAGE on every worker", query=LimitQuery,
+            data={"memory_limit": {"type": "integer"}, "stored": {"type": "boolean"},
+                  **_ANSWERS}, errors=(422, *COMMANDS), also=SETTING_STORED)
 def limit():
     query = LimitQuery.model_validate(request.args.to_dict())
     nbytes = int(query.limit_gb * GiB)
@@ -225,6 +248,8 @@ def limit():
 
 
 @bp.get("/api/v1/memory/system")
+@documented("RAM and swap of the server's machine",
+            data={"memory": {"type": "object"}, "swap": {"type": "object"}})
 def system():
     vm, swap = psutil.virtual_memory(), psutil.swap_memory()
     return _ok({
@@ -237,6 +262,9 @@ def system():
 
 
 @bp.post("/api/v1/memory/pin")
+@documented("pin a model: never evicted or idle-released", body=PinRequest,
+            data={"model": {"type": "string"}, "pinned": {"const": True}, **_ANSWERS},
+            errors=(404, 409, 422, *COMMANDS))
 def pin():
     body = _body(PinRequest)
     return _ok({"workers": _send("pin", {"model": body.model}, body.worker),
@@ -244,6 +272,9 @@ def pin():
 
 
 @bp.post("/api/v1/memory/unpin")
+@documented("unpin a model", body=PinRequest,
+            data={"model": {"type": "string"}, "pinned": {"const": False}, **_ANSWERS},
+            errors=(404, 409, 422, *COMMANDS))
 def unpin():
     body = _body(PinRequest)
     return _ok({"workers": _send("unpin", {"model": body.model}, body.worker),
@@ -256,6 +287,8 @@ _LOCATION = {"gpu": "GPU", "cpu": "CPU", "loading": "loading", "unloaded": "unlo
 
 
 @bp.get("/api/gpu/status")
+@documented("per model (the keys of `data`): location, idle time, idle timeout, GPU memory, "
+            "as_of, stale")
 def gpu_status():
     data: dict[str, Any] = {}
     for p in sorted(_statuses(), key=lambda p: p.stale):  # a live worker's model keeps its name
@@ -275,6 +308,8 @@ def gpu_status():
 
 
 @bp.post("/api/gpu/offload")
+@documented("offload a model (or all) to CPU RAM", body=ModelTarget, body_required=False,
+            data={"offloaded": _OBJECTS, **_ANSWERS}, errors=(404, 409, 422, *COMMANDS))
 def gpu_offload():
     body = _body(ModelTarget)
     answers = _send("offload", {"model": body.model}, body.worker)
@@ -283,6 +318,9 @@ def gpu_offload():
 
 
 @bp.post("/api/gpu/release")
+@documented("release a model (or all) fully", body=ModelTarget, body_required=False,
+            data={"released": _OBJECTS, "freed_rss_bytes": {"type": "integer"},
+                  **_ANSWERS}, errors=(404, 409, 422, *COMMANDS))
 def gpu_release():
     body = _body(ModelTarget)
     answers = _send("release", {"model": body.model}, body.worker)
@@ -293,6 +331,9 @@ def gpu_release():
 
 
 @bp.post("/api/gpu/timeout")
+@documented("change the GPU idle timeout at run time", body=TimeoutRequest,
+            data={"idle_timeout_seconds": {"type": "number"}, "stored": {"type": "boolean"},
+                  **_ANSWERS}, errors=(404, 409, 422, *COMMANDS), also=SETTING_STORED)
 def gpu_timeout():
     body = _body(TimeoutRequest)
     answers, status = _setting("timeout", {"timeout": body.timeout}, body.worker)

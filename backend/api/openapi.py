@@ -1,33 +1,109 @@
-"""/openapi.json, generated from the pydantic models that validate the requests."""
+"""/openapi.json, generated from the app's routes and the pydantic models they use.
+
+Each view says what it takes and answers with `@documented(...)` beside its route:
+a summary, its query model, its body model(s), the `data` of its success answer
+(pydantic models or JSON schemas), and the error statuses it may give. The document
+walks `app.url_map`, so every route is in it with its path parameters read from the
+route's converters, and nothing is in it that no route serves; views that are not
+part of the API (the web page) say so with `@undocumented`. A view with neither is
+left out and logged, and tests/test_api.py fails on it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from flask import Blueprint
+from flask import Blueprint, Flask, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from werkzeug.routing import Rule
+from werkzeug.routing.converters import NumberConverter
 
-from backend.api.memory import CleanupQuery, LimitQuery, ModelTarget, PinRequest, TimeoutRequest
-from backend.api.schemas import (
-    ErrorResponse,
-    JobBatchRequest,
-    JobListQuery,
-    JobOut,
-    JobRequest,
-    JobSummary,
-    SampleListQuery,
-    SampleOut,
-)
+from backend.api.schemas import ErrorResponse
 from backend.datasets.registry import dataset_names, get_dataset
 
+log = logging.getLogger(__name__)
 bp = Blueprint("openapi", __name__)
 
 REF = "#/components/schemas/{model}"
+View = TypeVar("View", bound=Callable[..., Any])
+Schema = type[BaseModel] | list | dict[str, Any]
+"""A model (a $ref to it), [model] (an array of it), or a JSON schema as it is."""
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": REF.format(model=model.__name__)}
+@dataclass(frozen=True)
+class Operation:
+    """What one view takes and answers, for the document."""
+
+    summary: str
+    query: type[BaseModel] | None = None
+    body: tuple[type[BaseModel], ...] = ()
+    """One model, or several: the body is one of them."""
+    body_required: bool = True
+    data: dict[str, Schema] = field(default_factory=dict)
+    """The properties of `data` in the success answer."""
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    also: dict[int, str] = field(default_factory=dict)
+    """Other success statuses with the same shape (status -> description)."""
+    responses: dict[str, Any] | None = None
+    """The whole `responses` object, for an answer that is not the JSON envelope."""
+
+
+def documented(summary: str, *, query: type[BaseModel] | None = None,
+               body: type[BaseModel] | tuple[type[BaseModel], ...] = (),
+               body_required: bool = True, data: dict[str, Schema] | None = None,
+               status: int = 200, errors: tuple[int, ...] = (),
+               also: dict[int, str] | None = None,
+               responses: dict[str, Any] | None = None) -> Callable[[View], View]:
+    """Describe a view in /openapi.json (put it under the route decorator)."""
+    op = Operation(summary, query, body if isinstance(body, tuple) else (body,),
+                   body_required, data or {}, status, errors, also or {}, responses)
+
+    def mark(view: View) -> View:
+        view.openapi = op  # type: ignore[attr-defined]
+        return view
+    return mark
+
+
+def undocumented(reason: str) -> Callable[[View], View]:
+    """Keep a route that is not part of the API (a page, a file) out of the document."""
+    def mark(view: View) -> View:
+        view.openapi_skip = reason  # type: ignore[attr-defined]
+        return view
+    return mark
+
+
+class _Components:
+    """The models the operations name; `ref` collects them for components/schemas."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, type[BaseModel]] = {"ErrorResponse": ErrorResponse}
+
+    def ref(self, model: type[BaseModel]) -> dict[str, str]:
+        self.models[model.__name__] = model
+        return {"$ref": REF.format(model=model.__name__)}
+
+    def schema(self, value: Schema) -> dict[str, Any]:
+        if isinstance(value, list):
+            return {"type": "array", "items": self.schema(value[0])}
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return self.ref(value)
+        return value
+
+    def schemas(self) -> dict[str, Any]:
+        _, defs = models_json_schema([(m, "validation") for m in self.models.values()],
+                                     ref_template=REF)
+        schemas = defs.get("$defs", {})
+        for name in dataset_names():  # the `params` each dataset takes in a job
+            params = get_dataset(name).Params
+            schemas.update(params.model_json_schema(ref_template=REF).pop("$defs", {}))
+            schemas[f"{name}.params"] = params.model_json_schema(ref_template=REF)
+        return schemas
 
 
 def _success(data: dict[str, Any]) -> dict[str, Any]:
@@ -36,165 +112,78 @@ def _success(data: dict[str, Any]) -> dict[str, Any]:
                            "data": {"type": "object", "properties": data}}}
 
 
-def _response(description: str, data: dict[str, Any] | None = None,
-              errors: tuple[int, ...] = ()) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": {"description": description, "content": {
-        "application/json": {"schema": _success(data or {})}}}}
-    for code in errors:
-        responses[str(code)] = {"description": "error", "content": {
-            "application/json": {"schema": _ref(ErrorResponse)}}}
-    return responses
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
 
 
-def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema(ref_template=REF)
-    return [{"name": name, "in": "query", "required": False, "schema": prop}
-            for name, prop in schema["properties"].items()]
+def _path(rule: Rule) -> tuple[str, list[dict[str, Any]]]:
+    """The OpenAPI path of a route (`<int:job_id>` -> `{job_id}`) and its parameters,
+    typed from the route's converters (an int's min and max are kept)."""
+    params = []
+    for name in rule.arguments:
+        converter = rule._converters[name]
+        if isinstance(converter, NumberConverter):
+            schema: dict[str, Any] = {"type": "integer"}
+            schema.update({k: v for k, v in (("minimum", converter.min),
+                                             ("maximum", converter.max)) if v is not None})
+        else:
+            schema = {"type": "string"}
+        params.append({"name": name, "in": "path", "required": True, "schema": schema})
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule), params
 
 
-def _job_id() -> dict[str, Any]:
-    return {"name": "job_id", "in": "path", "required": True,
-            "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
+def _operation(op: Operation, params: list[dict[str, Any]],
+               components: _Components) -> dict[str, Any]:
+    out: dict[str, Any] = {"summary": op.summary}
+    if op.query is not None:
+        schema = op.query.model_json_schema(ref_template=REF)
+        params = [*params, *({"name": name, "in": "query", "required": False, "schema": prop}
+                             for name, prop in schema["properties"].items())]
+    if params:
+        out["parameters"] = params
+    if op.body:
+        refs = [components.ref(m) for m in op.body]
+        out["requestBody"] = {"required": op.body_required, "content": _json(
+            refs[0] if len(refs) == 1 else {"oneOf": refs})}
+    if op.responses is not None:
+        responses = dict(op.responses)
+    else:
+        body = _json(_success({k: components.schema(v) for k, v in op.data.items()}))
+        responses = {str(op.status): {"description": op.summary, "content": body}}
+        for status, description in op.also.items():
+            responses[str(status)] = {"description": description, "content": body}
+    for code in op.errors:
+        responses[str(code)] = {"description": "error",
+                                "content": _json(components.ref(ErrorResponse))}
+    out["responses"] = responses
+    return out
 
 
-def build_spec() -> dict[str, Any]:
-    models = [JobRequest, JobBatchRequest, JobOut, JobSummary, SampleOut, ErrorResponse,
-              ModelTarget, PinRequest, TimeoutRequest]
-    _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
-    schemas = defs.get("$defs", {})
-    for name in dataset_names():
-        params = get_dataset(name).Params
-        schemas.update(params.model_json_schema(ref_template=REF).pop("$defs", {}))
-        schemas[f"{name}.params"] = params.model_json_schema(ref_template=REF)
-    job = {"job": _ref(JobOut)}
-    submit_body = {"oneOf": [_ref(JobRequest), _ref(JobBatchRequest)]}
-    submit = _response("the queued job(s)", {"job": _ref(JobOut),
-                                             "jobs": {"type": "array", "items": _ref(JobOut)}},
-                       (400, 403, 413, 422))
-    submit["201"] = submit.pop("200")
-    paths = {
-        "/healthz": {"get": {"summary": "liveness", "responses": _response("ok")}},
-        "/api/datasets": {"get": {"summary": "datasets with parameter schemas and data "
-                                             "status (ready/missing, where, items, how to "
-                                             "get it)",
-                                  "responses": _response("datasets")}},
-        "/api/datasets/{name}/fetch": {
-            "post": {"summary": "fetch a dataset's official data from the Hugging Face hub "
-                                "into this machine's cache (LBS_ALLOW_DATA_DOWNLOAD=1); body "
-                                "{subsets?: [...]}; progress in GET /api/datasets",
-                     "parameters": [{"name": "name", "in": "path", "required": True,
-                                     "schema": {"type": "string"}}],
-                     "responses": {("202" if k == "200" else k): v for k, v in _response(
-                         "the fetch started", {"dataset": {"type": "string"},
-                                               "fetch": {"type": "object"}},
-                         (403, 404, 422)).items()}},
-        },
-        "/api/workers": {"get": {"summary": "workers and their heartbeats",
-                                 "responses": _response("workers")}},
-        "/api/jobs": {
-            "post": {"summary": "queue one job, or several with {jobs: [...]}",
-                     "requestBody": {"required": True, "content": {
-                         "application/json": {"schema": submit_body}}},
-                     "responses": submit},
-            "get": {"summary": "list jobs, newest first", "parameters": _query(JobListQuery),
-                    "responses": _response("a page of jobs (summaries: no params, events)", {
-                        "jobs": {"type": "array", "items": _ref(JobSummary)},
-                        "total": {"type": "integer"}}, (422,))},
-        },
-        "/api/jobs/estimate": {
-            "post": {"summary": "check jobs and estimate their memory and duration without "
-                                "queueing them (same body and errors as a submission)",
-                     "requestBody": {"required": True, "content": {
-                         "application/json": {"schema": submit_body}}},
-                     "responses": _response("per job memory_bytes and duration; live workers",
-                                            None, (400, 403, 422))},
-        },
-        "/api/leaderboard": {"get": {
-            "summary": "models x datasets from the newest succeeded job of each: score, peak "
-                       "memory, tokens/s, duration", "responses": _response("rows")}},
-        "/api/leaderboard/memory": {"get": {
-            "summary": "peak memory per context length, per model, on NIAH and LongBench",
-            "responses": _response("series per dataset")}},
-        "/api/jobs/{job_id}": {
-            "get": {"summary": "one job with progress, scores and memory",
-                    "parameters": [_job_id()], "responses": _response("the job", job, (404,))},
-            "delete": {"summary": "delete a job that is not running",
-                       "parameters": [_job_id()],
-                       "responses": _response("deleted", None, (404, 409))},
-        },
-        "/api/jobs/{job_id}/samples": {
-            "get": {"summary": "per-sample results", "parameters": [_job_id(),
-                                                                   *_query(SampleListQuery)],
-                    "responses": _response("samples", {
-                        "samples": {"type": "array", "items": _ref(SampleOut)}}, (404, 422))},
-        },
-        "/api/jobs/{job_id}/export": {
-            "get": {"summary": "the job and its samples as a JSON file, or the samples as CSV",
-                    "parameters": [_job_id(), {
-                        "name": "format", "in": "query", "required": False,
-                        "schema": {"type": "string", "enum": ["json", "csv"],
-                                   "default": "json"}}],
-                    "responses": {
-                        "200": {"description": "a file download", "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/csv": {"schema": {"type": "string"}}}},
-                        **{str(code): {"description": "error", "content": {"application/json": {
-                            "schema": _ref(ErrorResponse)}}} for code in (404, 422)}}},
-        },
-        "/api/jobs/{job_id}/cancel": {
-            "post": {"summary": "cancel a queued job, or stop a running one between samples",
-                     "parameters": [_job_id()],
-                     "responses": _response("the job", job, (404, 409))},
-        },
-    }
-    paths.update(_memory_paths())
+def build_spec(app: Flask) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `app`'s routes, in the order they were added."""
+    components = _Components()
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        view = app.view_functions[rule.endpoint]
+        if getattr(view, "openapi_skip", None):
+            continue
+        op = getattr(view, "openapi", None)
+        if op is None:
+            log.warning("[API] route %s has no @documented: left out of /openapi.json",
+                        rule.rule)
+            continue
+        path, params = _path(rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(op, params, components)
     return {"openapi": "3.1.0",
             "info": {"title": "LLM Bench Shower", "version": "0.1.0"},
-            "paths": paths, "components": {"schemas": schemas}}
-
-
-def _body(model: type[BaseModel], required: bool = False) -> dict[str, Any]:
-    return {"required": required, "content": {"application/json": {"schema": _ref(model)}}}
-
-
-def _memory_paths() -> dict[str, Any]:
-    commands = (503, 504)
-    get = {
-        "/api/v1/memory/stats": "usage, limit, pressure and system RAM, summed over the "
-                                "workers with a fresh heartbeat; per worker as_of and stale",
-        "/api/v1/memory/pressure": "memory pressure and the models to unload, LRU first",
-        "/api/v1/memory/models": "every loaded model: worker, location, size, load count, "
-                                 "pins, as_of (when its worker took the status), stale",
-        "/api/v1/memory/system": "RAM and swap of the server's machine",
-        "/api/gpu/status": "per model: location, idle time, idle timeout, GPU memory, "
-                           "as_of, stale",
-    }
-    paths: dict[str, Any] = {p: {"get": {"summary": s, "responses": _response(s)}}
-                             for p, s in get.items()}
-    paths["/api/v1/memory/cleanup"] = {"post": {
-        "summary": "unload LRU unpinned models while there is pressure",
-        "parameters": _query(CleanupQuery), "responses": _response("unloaded", None,
-                                                                   (422, *commands))}}
-    paths["/api/v1/memory/limit"] = {"post": {
-        "summary": "set MAX_MEMORY_USAGE on every worker", "parameters": _query(LimitQuery),
-        "responses": _response("the new limit", None, (422, *commands))}}
-    for name, model, summary in (
-            ("/api/v1/memory/pin", PinRequest, "pin a model: never evicted or idle-released"),
-            ("/api/v1/memory/unpin", PinRequest, "unpin a model"),
-            ("/api/gpu/offload", ModelTarget, "offload a model (or all) to CPU RAM"),
-            ("/api/gpu/release", ModelTarget, "release a model (or all) fully"),
-            ("/api/gpu/timeout", TimeoutRequest, "change the GPU idle timeout at run time")):
-        paths[name] = {"post": {"summary": summary,
-                                "requestBody": _body(model, model is not ModelTarget),
-                                "responses": _response(summary, None,
-                                                       (404, 409, 422, *commands))}}
-    for name in ("/api/v1/memory/limit", "/api/gpu/timeout"):  # operator settings
-        paths[name]["post"]["responses"]["202"] = {
-            "description": "stored; no worker is running yet: each applies it as it starts",
-            "content": {"application/json": {"schema": _success({})}}}
-    return paths
+            "paths": paths, "components": {"schemas": components.schemas()}}
 
 
 @bp.get("/openapi.json")
+@documented("this document: every route of the API with its parameters, bodies and "
+            "answers (the `data` of its JSON envelope), generated from the routes",
+            responses={"200": {"description": "an OpenAPI 3.1 document",
+                               "content": _json({"type": "object"})}})
 def openapi():
-    return build_spec()
+    return build_spec(current_app)

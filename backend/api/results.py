@@ -7,6 +7,7 @@ from pathlib import Path
 from flask import Blueprint, current_app
 
 from backend import results
+from backend.api.openapi import documented
 from backend.runners.models import ModelNotFound, resolve_model
 
 bp = Blueprint("results", __name__, url_prefix="/api/leaderboard")
@@ -30,6 +31,9 @@ def _resolver():
 
 
 @bp.get("")
+@documented("models x datasets from the newest succeeded job of each: score, peak memory, "
+            "tokens/s, duration", data={"rows": [{"type": "object"}],
+                                          "models": [{"type": "object"}]})
 def leaderboard():
     """Models x datasets from the newest succeeded job of each pair: score, peak memory,
     tokens/s, duration (see results.leaderboard)."""
@@ -38,6 +42,9 @@ def leaderboard():
 
 
 @bp.get("/memory")
+@documented("peak memory per context length, per model, on NIAH and LongBench",
+            data={"datasets": {"type": "object", "description": "dataset -> series of "
+                               "{model, job_id, kind, points: [[length, bytes]]}"}})
 def memory():
     """Peak memory against context length per model, on NIAH and LongBench."""
     lbs = current_app.extensions["lbs"]

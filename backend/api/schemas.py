@@ -98,6 +98,11 @@ class SampleListQuery(_Query):
     per_page: int = Field(1000, ge=1, le=5000)
 
 
+class ExportQuery(BaseModel):
+    format: Literal["json", "csv"] = Field(
+        "json", description="json: the job and its samples; csv: the samples")
+
+
 class Progress(BaseModel):
     done: int
     total: int | None

@@ -118,7 +118,7 @@ class ApiOptions(BaseModel):
         return self.model_dump(mode="json", exclude={"api_key"}, exclude_none=True)
 
 
-class ApiError(RuntimeError):
+class RemoteApiError(RuntimeError):
     """A request that failed for good (after retries, or one that retrying cannot fix);
     `status` is the last HTTP status the server answered, if any."""
 
@@ -228,7 +228,7 @@ class OpenAIRunner(Runner):
               retry_status: frozenset[int] | set[int] = RETRY_STATUS
               ) -> tuple[dict[str, Any], int]:
         """POST with retries (on `retry_status`, timeouts and unreadable answers);
-        returns (answer, attempts). Raises ApiError, or Stopped when `should_stop`
+        returns (answer, attempts). Raises RemoteApiError, or Stopped when `should_stop`
         turns true while it waits."""
         url = f"{self.options.base_url}{path}"
         shown = mask_url(url)
@@ -255,7 +255,7 @@ class OpenAIRunner(Runner):
                     reason = remote_message(raw) or http.client.responses.get(status, "")
                     problem = f"HTTP {status}" + (f": {reason}" if reason else "")
                     if status not in retry_status:
-                        raise ApiError(redact(f"{shown} answered {problem}", self._key),
+                        raise RemoteApiError(redact(f"{shown} answered {problem}", self._key),
                                        status)
                     retry_after = answer_headers.get("Retry-After")
             except TimeoutError:
@@ -265,7 +265,7 @@ class OpenAIRunner(Runner):
                 problem = f"cannot reach {shown}: {reason}"
             problem = redact(problem, self._key)
             if attempts > self.options.max_retries:
-                raise ApiError(f"{shown}: {problem} (gave up after {attempts} attempts)",
+                raise RemoteApiError(f"{shown}: {problem} (gave up after {attempts} attempts)",
                                status)
             delay = min(30.0, 0.25 * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
             if retry_after:
@@ -342,11 +342,11 @@ class OpenAIRunner(Runner):
             body["messages"] = [{"role": "user", "content": request.prompt}]
             try:
                 answer, attempts = self._post("/chat/completions", body)
-            except ApiError as exc:
+            except RemoteApiError as exc:
                 # A model without a chat template: vLLM answers 400 naming it,
                 # transformers serve a bare 500 (the reason only in its log).
                 if exc.status in (400, 422, 500) or "template" in str(exc).lower():
-                    raise ApiError(f"{exc}; {NO_CHAT_TEMPLATE_HINT}", exc.status) from None
+                    raise RemoteApiError(f"{exc}; {NO_CHAT_TEMPLATE_HINT}", exc.status) from None
                 raise
             text = (answer["choices"][0].get("message") or {}).get("content") or ""
         else:
@@ -377,7 +377,7 @@ class OpenAIRunner(Runner):
                       batch_size: int = 1) -> list[Loglikelihood]:
         """One completions request per request (`batch_size` changes nothing here)."""
         if self.use_chat:
-            raise ApiError("log-likelihood needs the completions endpoint with echo and "
+            raise RemoteApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
                            "generation method of the dataset (e.g. C-Eval method: generate)")
         if not requests:
@@ -404,9 +404,9 @@ class OpenAIRunner(Runner):
             # (transformers serve), not a hiccup worth five retries.
             answer, _ = self._post("/completions", body,
                                    RETRY_STATUS - {500} if probe else RETRY_STATUS)
-        except ApiError as exc:
+        except RemoteApiError as exc:
             if probe and exc.status is not None and exc.status not in (401, 403, 404, 429):
-                raise ApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
+                raise RemoteApiError(f"{NO_PROMPT_LOGPROBS}; {exc}", exc.status) from None
             raise
         return read_prompt_logprobs(answer, context, continuation,
                                     f"{self.options.base_url}/completions")
@@ -455,13 +455,13 @@ def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str
     (with the start of the context, if one token spans both, as a local run's split
     does) are summed; when their text does not spell it, or no context token precedes
     them, or the prompt's tokens do not spell the prompt, the answer is refused with
-    ApiError rather than read as a guess.
+    RemoteApiError rather than read as a guess.
     """
     choice = (answer.get("choices") or [{}])[0]
     logprobs = choice.get("logprobs") or {}
     tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
     if not tokens or not values or len(tokens) != len(values):
-        raise ApiError(f"{NO_PROMPT_LOGPROBS}; {url} answered without them, so "
+        raise RemoteApiError(f"{NO_PROMPT_LOGPROBS}; {url} answered without them, so "
                        "log-likelihood datasets cannot be scored through it (score them "
                        "by generation instead, e.g. C-Eval method: generate)")
     prompt = context + continuation
@@ -486,7 +486,7 @@ def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str
                and ("\ufffd" in echoed or echoed.endswith(prompt)))
     picked = values[first:n_prompt]
     if not covered or any(v is None for v in picked):
-        raise ApiError(f"the tokens {url} returned do not cover the prompt: the echoed "
+        raise RemoteApiError(f"the tokens {url} returned do not cover the prompt: the echoed "
                        f"prompt's last tokens spell {spelled[-60:]!r} where the continuation "
                        f"is {continuation[-60:]!r}; the server must echo the prompt's tokens "
                        "with their log-probabilities (echo + logprobs)")
