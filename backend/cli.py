@@ -108,9 +108,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in err["loc"])
-            print(f"error: params.{where}: {err['msg']}", file=sys.stderr)
+        from backend.api.errors import validation_details
+
+        for detail in validation_details(exc, "params"):
+            print(f"error: {detail['field']}: {detail['message']}", file=sys.stderr)
         return 2
     from backend.memory.manager import ModelManager
 

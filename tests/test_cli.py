@@ -42,3 +42,8 @@ def test_eval_refuses_bad_input_without_traceback(with_tiny):
     assert "Traceback" not in proc.stderr
     proc = run_cli("eval", "--model", "nowhere/model", "--dataset", "needle_in_haystack")
     assert proc.returncode == 2 and "not in the local Hugging Face cache" in proc.stderr
+    proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                   "--param", "batch_size=x")
+    assert proc.returncode == 2
+    assert "error: params.batch_size: Input should be a valid integer, or be 'auto'" \
+        in proc.stderr, proc.stderr
