@@ -27,6 +27,7 @@ from backend.api.schemas import (
     SampleListQuery,
     job_out,
     sample_out,
+    shard_out,
 )
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.hub import DataMissing, FetchPending
@@ -195,7 +196,15 @@ def list_jobs():
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>")
 def get_job(job_id: int):
-    return _ok({"job": _out([service.get_job(_factory(), job_id)])[0]})
+    job = service.get_job(_factory(), job_id)
+    out = _out([job])[0]
+    if job.shard_count and job.parent_id is None:  # a data-parallel job: its shards too
+        shards = service.list_shards(_factory(), job_id)
+        reasons = service.waiting_reasons(_factory(), shards,
+                                          current_app.extensions["lbs"].settings.lease_seconds)
+        out["shards"] = [shard_out(s, reasons.get(s.id)).model_dump(mode="json")
+                         for s in shards]
+    return _ok({"job": out})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/samples")
