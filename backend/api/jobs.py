@@ -202,7 +202,8 @@ def get_job(job_id: int):
         shards = service.list_shards(_factory(), job_id)
         reasons = service.waiting_reasons(_factory(), shards,
                                           current_app.extensions["lbs"].settings.lease_seconds)
-        out["shards"] = [shard_out(s, reasons.get(s.id)).model_dump(mode="json")
+        out["shards"] = [shard_out(s, reasons.get(s.id), job.progress_total)
+                         .model_dump(mode="json")
                          for s in shards]
     return _ok({"job": out})
 

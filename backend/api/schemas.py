@@ -285,10 +285,12 @@ def _duration(job: Any) -> float | None:
     return None
 
 
-def shard_out(shard: Job, waiting_reason: str | None = None) -> ShardOut:
+def shard_out(shard: Job, waiting_reason: str | None = None,
+              job_total: int | None = None) -> ShardOut:
     """A shard as its job shows it. Its progress counts its own samples against its
-    share of the job's items (those with idx % n == k), known once the job's count is."""
-    total, k, n = shard.progress_total, shard.shard_index, shard.shard_count
+    share of the job's items (those with idx % n == k), known once the job's count is
+    (`job_total`: the job's, set by whichever shard started first)."""
+    total, k, n = shard.progress_total or job_total, shard.shard_index, shard.shard_count
     share = None if total is None else max(0, (total - k + n - 1) // n)
     return ShardOut(
         id=shard.id, shard_index=k, state=JobState(shard.state), worker_id=shard.worker_id,
