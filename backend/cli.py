@@ -6,6 +6,8 @@
     python -m backend.cli data fetch ceval --subsets law     # see backend/data_cli.py
 
 Each --param is key=JSON (a bare word that is not JSON is taken as a string).
+`--data-parallel` is refused above 1: this process is one worker, and spreading a
+job's samples over several takes a server's workers (POST /api/jobs, MCP submit_job).
 The output file holds {"scores", "memory", "samples"} with the same fields as
 the API's job and samples.
 """
@@ -34,6 +36,16 @@ def parse_param(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
+
+
+def parse_data_parallel(text: str) -> int | str:
+    """`--data-parallel` as the submit body takes it: 1…64 or "auto"."""
+    if text == "auto":
+        return text
+    if text.isdigit() and 1 <= int(text) <= 64:
+        return int(text)
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number of workers from 1 to 64, '
+                                     'or "auto"')
 
 
 class _ListSink:
@@ -96,6 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from backend.evaluation import SampleOutOfMemory, prepare, run_evaluation
     from backend.runners.models import ModelNotFound
 
+    if args.data_parallel not in (None, 1, "auto"):
+        print(f"error: --data-parallel {args.data_parallel}: `cli eval` runs the job in "
+              "this one process; to spread it over several workers, submit it to a server "
+              f"that has them (POST /api/jobs with \"data_parallel\": {args.data_parallel}, "
+              "or the MCP tool submit_job)", file=sys.stderr)
+        return 2
     settings = load_settings()
     setup_logging("WARNING" if args.quiet else settings.log_level)
     load_plugin_dirs(list(settings.plugin_dirs))
@@ -108,9 +126,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in err["loc"])
-            print(f"error: params.{where}: {err['msg']}", file=sys.stderr)
+        from backend.api.errors import validation_details
+
+        for detail in validation_details(exc, "params"):
+            print(f"error: {detail['field']}: {detail['message']}", file=sys.stderr)
         return 2
     from backend.memory.manager import ModelManager
 
@@ -149,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--param", action="append", type=parse_param, metavar="KEY=JSON")
     ev.add_argument("--output", help="write the result as JSON to this file")
+    ev.add_argument("--data-parallel", type=parse_data_parallel, metavar="N|auto",
+                    help="workers to spread the job over: this process is one, so 1 or "
+                         "auto (= 1) run here and more is refused (submit to a server)")
     ev.add_argument("--quiet", action="store_true", help="log warnings only")
     from backend.data_cli import add_parser, cmd_data
 

@@ -494,6 +494,13 @@ def get_job(factory: sessionmaker, job_id: int) -> JobView:
     return found[0]
 
 
+def list_shards(factory: sessionmaker, job_id: int) -> list[JobView]:
+    """The shards of a data-parallel job, by shard index (none for another job)."""
+    with factory() as session:
+        return _read_jobs(session, sa.select(*_JOB_COLUMNS).where(Job.parent_id == job_id)
+                          .order_by(Job.shard_index))
+
+
 def list_jobs(factory: sessionmaker, *, state: str | None = None, model: str | None = None,
               dataset: str | None = None, submitter: str | None = None, offset: int = 0,
               limit: int = 50) -> tuple[list[JobView], int]:

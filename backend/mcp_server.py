@@ -31,13 +31,14 @@ import inspect
 import json
 import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, PlainValidator, WithJsonSchema
 
 from backend import __version__
 from backend.client import ApiClient, ServerError
+from backend.runners.openai_api import ApiOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,32 @@ INSTRUCTIONS = (
 
 
 JobId = Annotated[int, Field(ge=1, description="the job's id (from submit_job)")]
+
+
+def _data_parallel(value: Any) -> int | str | None:
+    if value is None or value == "auto" or (
+            type(value) is int and 1 <= value <= 64):
+        return value
+    raise ValueError('must be a number of workers from 1 to 64, or "auto"')
+
+
+DataParallel = Annotated[int | Literal["auto"] | None, PlainValidator(_data_parallel),
+                         WithJsonSchema({"anyOf": [
+                             {"type": "integer", "minimum": 1, "maximum": 64},
+                             {"const": "auto", "type": "string"}, {"type": "null"}],
+                             "default": None})]
+"""As POST /api/jobs takes it: a number of workers, or "auto"; checked in one step so
+that a bad value is one error naming `data_parallel` (a union's members would each
+add theirs, named `data_parallel.constrained-int` and `data_parallel.literal['auto']`)."""
+
+
+def _api_body(api: ApiOptions) -> dict[str, Any]:
+    """The `api` object for POST /api/jobs: what the caller set, the key in clear (the
+    server encrypts it; it is never logged here)."""
+    body = api.model_dump(mode="json", exclude_unset=True, exclude={"api_key"})
+    if api.api_key is not None:
+        body["api_key"] = api.api_key.get_secret_value()
+    return body
 
 
 def _target(**fields: Any) -> dict[str, Any]:
@@ -168,17 +195,27 @@ def build_server(api: ApiClient, http_token: str | None = None,
     def submit_job(model: str, dataset: str, params: dict[str, Any] | None = None,
                    timeout_s: float | None = None, priority: int | None = None,
                    submitter: str | None = None, worker_label: str | None = None,
-                   num_gpus: int | None = None) -> dict[str, Any]:
+                   num_gpus: int | None = None, data_parallel: DataParallel = None,
+                   api: ApiOptions | None = None) -> dict[str, Any]:
         """Queue one evaluation and return the job (id, state "queued", ...).
-        `model`: "builtin:tiny", a checkpoint folder or a cached hub id; `dataset`: a
-        name from list_datasets; `params`: that dataset's parameters (defaults when
+        `model`: "builtin:tiny", a checkpoint folder, a cached hub id, or
+        "openai:<served name>" for a model behind an OpenAI-compatible server; `dataset`:
+        a name from list_datasets; `params`: that dataset's parameters (defaults when
         left out; "methods": ["basic", "optimized"] compares inference methods);
         `timeout_s`: fail the job after this many seconds of running; `priority`
         (higher first), `submitter` (submitters take turns), `worker_label` (run only
-        on a worker with it) and `num_gpus` as in POST /api/jobs."""
+        on a worker with it) and `num_gpus` as in POST /api/jobs.
+
+        `data_parallel`: spread the job's samples over this many workers (1-64), or
+        "auto" for every worker idle now that could run it; still one job, one progress
+        and one result. `api`: for an "openai:" model, its server's `base_url` (e.g.
+        http://127.0.0.1:8000/v1), `api_key`, `endpoint` (chat or completions) and
+        limits; the server's LBS_OPENAI_BASE_URL / LBS_OPENAI_API_KEY fill what is left
+        out. The key is stored encrypted and never shown."""
         body = _target(model=model, dataset=dataset, params=params or {}, timeout_s=timeout_s,
                        priority=priority, submitter=submitter, worker_label=worker_label,
-                       num_gpus=num_gpus)
+                       num_gpus=num_gpus, data_parallel=data_parallel,
+                       api=None if api is None else _api_body(api))
         return call("POST", "/api/jobs", body)["job"]
 
     @tool(read_only=True, idempotent=True)

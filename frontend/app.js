@@ -50,7 +50,8 @@ async function viewQueue() {
           job.waiting_reason ? h("div", { class: "waiting", text: tr(job.waiting_reason) }) : null),
         h("td", {}, h("progress", { max: 100, value: pct }),
           ` ${job.progress.done}/${job.progress.total ?? "?"}`, fetchProgress(job)),
-        h("td", { text: eta(job) }), h("td", { text: job.worker_id || "" }),
+        h("td", { text: eta(job) }),
+        h("td", { text: job.worker_id || (job.data_parallel > 1 ? `${job.data_parallel} ${t("workers_lc")}` : "") }),
         h("td", { text: where[job.model] || "" }), h("td", {}, actions));
     });
     table.replaceChildren(head, ...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 9, text: t("no_jobs") }))]));

@@ -31,9 +31,10 @@ function record(job) {
     ["submitted_at", fmtTime(job.created_at)], ["started_at", fmtTime(job.started_at)],
     ["finished_at", fmtTime(job.finished_at)],
     ["duration", job.duration_s !== null && job.duration_s !== undefined ? fmtSeconds(job.duration_s) : ""],
-    ["worker", job.worker_id], ["attempts", job.attempts],
+    ["worker", job.worker_id], ["attempts", job.data_parallel > 1 ? null : job.attempts],  // per shard there
     ["priority", job.priority], ["submitter", job.submitter], ["worker_label", job.worker_label],
-    ["num_gpus", job.num_gpus], ["memory_estimate", fmtBytes(job.memory_estimate_bytes)],
+    ["num_gpus", job.num_gpus], ["data_parallel", job.data_parallel > 1 ? job.data_parallel : null],
+    ["memory_estimate", fmtBytes(job.memory_estimate_bytes)],
   ].filter(([, v]) => v !== null && v !== undefined && v !== "");
   return h("dl", { id: "job-meta", class: "meta" },
     rows.flatMap(([k, v]) => [h("dt", { text: t(k) }), h("dd", { "data-key": k, text: v })]));
@@ -45,6 +46,40 @@ function paramsTable(job) {
   return h("div", { class: "table-wrap" }, h("table", { id: "job-params" },
     entries.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }),
       h("td", {}, h("code", { text: typeof v === "string" ? v : JSON.stringify(v) }))))));
+}
+
+// --- a data-parallel job's shards -------------------------------------------------------
+
+function highest(memory, key) {  // a shard's peak over its GPUs (one entry per device)
+  const values = Object.values(memory?.gpu || {}).map((g) => g[key]).filter((v) => typeof v === "number");
+  return values.length ? Math.max(...values) : null;
+}
+
+function shardsSection(job) {
+  if (!job.shards?.length) return [];
+  const columns = [
+    { key: "shard_index", title: t("shard"), num: false },  // k, as in idx % n == k and shard<k>_ peaks
+    { key: "state", title: t("state"), cell: (s) => badge(s.state) },
+    { key: "worker_id", title: t("worker") },
+    { key: "progress", title: t("progress"), value: (s) => s.progress.done, cell: (s) => {
+      const pct = s.progress.total ? Math.round((100 * s.progress.done) / s.progress.total) : 0;
+      return h("span", { class: "shard-progress" }, h("progress", { max: 100, value: pct }),
+        ` ${s.progress.done}/${s.progress.total ?? "?"}`);
+    } },
+    { key: "attempts", title: t("attempts"), num: true },
+    { key: "rss_peak", title: t("peak_rss"), num: true, value: (s) => s.memory?.rss_peak_bytes ?? null,
+      cell: (s) => fmtBytes(s.memory?.rss_peak_bytes) },
+    { key: "gpu_peak", title: t("peak_gpu"), num: true, value: (s) => highest(s.memory, "max_allocated_bytes"),
+      cell: (s) => fmtBytes(highest(s.memory, "max_allocated_bytes")) },
+    { key: "duration_s", title: t("duration"), num: true,
+      cell: (s) => (s.duration_s === null || s.duration_s === undefined ? "" : fmtSeconds(s.duration_s)) },
+    { key: "note", title: t("shard_note"), value: (s) => s.error || s.waiting_reason || "",
+      cell: (s) => h("small", { class: s.error ? "error" : "waiting", text: tr(s.error || s.waiting_reason || "") }) },
+  ];
+  return [h("h3", { text: t("shards") }),
+    h("p", { class: "hint", text: t("shards_help").replaceAll("{n}", job.shards.length) }),
+    sortableTable(columns, job.shards, { id: "shards-table",
+      rowAttrs: (s) => ({ "data-shard": s.shard_index, "data-state": s.state }) })];
 }
 
 // --- scores as the dataset declares them ----------------------------------------------
@@ -92,6 +127,14 @@ const MEMORY_MEANING = {
   nvml_process_used: "mem_nvml",
 };
 
+/** What a reading means; a data-parallel job's `shard<k>_<reading>` is shard k's reading. */
+function meaningOf(name) {
+  const m = /^shard(\d+)_(.*)$/.exec(name);
+  const key = MEMORY_MEANING[m ? m[2] : name];
+  if (!key) return "";
+  return m ? `${t("shard")} ${m[1]}: ${t(key)}` : t(key);
+}
+
 function memoryTable(job) {
   const rows = [];
   for (const [k, v] of Object.entries(job.memory || {})) {
@@ -105,7 +148,7 @@ function memoryTable(job) {
     h("tbody", {}, rows.map(([name, device, bytes]) => h("tr", { "data-reading": name },
       h("th", { scope: "row" }, h("code", { text: name })), h("td", { text: device }),
       h("td", { class: "num", text: fmtBytes(bytes) }),
-      h("td", { class: "muted", text: MEMORY_MEANING[name] ? t(MEMORY_MEANING[name]) : "" }))))));
+      h("td", { class: "muted", text: meaningOf(name) }))))));
 }
 
 function memorySeries(points, xOf) {
@@ -253,6 +296,7 @@ export async function viewJob(main, id) {
     h("div", { class: "record" },
       h("section", {}, h("h3", { text: t("record") }), record(job)),
       h("section", {}, h("h3", { text: t("params") }), paramsTable(job))),
+    ...shardsSection(job),
     h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
       h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }), builtinNote(job.model),
       job.scores.count !== undefined ? h("small", { class: "muted", text: ` (${job.scores.count} ${t("samples_lc")})` }) : null,

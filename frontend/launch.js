@@ -162,6 +162,9 @@ const JOB_OPTIONS = [
   ["submitter", { type: "text", maxlength: 128, placeholder: "anonymous" }, String],
   ["worker_label", { type: "text", maxlength: 255 }, String],
   ["num_gpus", { type: "number", step: 1, min: 1, max: 64, placeholder: "1" }, Number],
+  // a number of workers or the word auto: a typed number goes as a number
+  ["data_parallel", { type: "text", maxlength: 8, placeholder: "1", autocomplete: "off" },
+    (raw) => (/^\d+$/.test(raw) ? Number(raw) : raw)],
 ];
 
 function optionsForm() {

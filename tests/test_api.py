@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backend import jobs
 from backend.db import JobState
 
@@ -78,6 +80,33 @@ def test_bad_bodies(client):
     assert res.status_code == 413 and res.get_json()["status"] == "error"
     res = client.put("/api/jobs")
     assert res.status_code == 405 and res.get_json()["status"] == "error"
+
+
+@pytest.mark.parametrize(("where", "body", "field"), [
+    ("params", {"batch_size": "x"}, "params.batch_size"),
+    ("params", {"batch_size": 0}, "params.batch_size"),
+    ("params", {"batch_size": 999}, "params.batch_size"),
+    ("job", {"data_parallel": "many"}, "data_parallel"),
+    ("job", {"data_parallel": 0}, "data_parallel"),
+])
+def test_union_field_errors_name_the_field_plainly(client, where, body, field):
+    """A field that takes a number or "auto" is named as the user wrote it (not
+    `params.batch_size.constrained-int`), and its message says what it takes."""
+    job = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
+           "params": {"context_lengths": [256], "depth_percents": [50]}}
+    if where == "params":
+        job["params"].update(body)
+    else:
+        job.update(body)
+    for path, prefix in (("/api/jobs", ""), ("/api/jobs", "jobs[0].")):
+        res = client.post(path, json={"jobs": [job]} if prefix else job)
+        assert res.status_code == 422, res.get_json()
+        error = res.get_json()["error"]
+        fields = [d["field"] for d in error["details"]]
+        assert fields == [prefix + field], fields  # one error, not one per union branch
+        message = error["details"][0]["message"]
+        assert "auto" in message and "constrained" not in message, message
+        assert "constrained" not in error["message"] and "literal" not in error["message"]
 
 
 def test_context_and_grid_ceilings(monkeypatch, data_dir, with_tiny):

@@ -19,7 +19,7 @@ def test_eval_writes_scores_memory_and_samples(with_tiny, tmp_path):
     proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
                    "--param", "context_lengths=[256,384]", "--param",
                    'depth_percents={"count": 2}', "--param", "max_new_tokens=4",
-                   "--output", str(out))
+                   "--data-parallel", "auto", "--output", str(out))  # auto: this process
     assert proc.returncode == 0, proc.stderr
     assert "overall score:" in proc.stdout and "cells:" in proc.stdout
     assert "sample/s" in proc.stderr or "100%" in proc.stderr  # the progress bar
@@ -42,3 +42,20 @@ def test_eval_refuses_bad_input_without_traceback(with_tiny):
     assert "Traceback" not in proc.stderr
     proc = run_cli("eval", "--model", "nowhere/model", "--dataset", "needle_in_haystack")
     assert proc.returncode == 2 and "not in the local Hugging Face cache" in proc.stderr
+    proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                   "--param", "batch_size=x")
+    assert proc.returncode == 2
+    assert "error: params.batch_size: Input should be a valid integer, or be 'auto'" \
+        in proc.stderr, proc.stderr
+
+
+def test_data_parallel_beyond_this_process_is_refused_clearly():
+    proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                   "--data-parallel", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--data-parallel 2" in proc.stderr and "POST /api/jobs" in proc.stderr
+    for bad in ("many", "0", "65"):
+        proc = run_cli("eval", "--model", "builtin:tiny", "--dataset", "needle_in_haystack",
+                       "--data-parallel", bad)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "--data-parallel" in proc.stderr and '"auto"' in proc.stderr, proc.stderr

@@ -204,3 +204,38 @@ def test_a_shard_given_back_after_a_cuda_error_on_its_last_attempt_fails_the_job
     jobs.finish_job(factory, b.id, "w2", JobState.CANCELLED)
     job = jobs.get_job(factory, job_id)
     assert job.state == JobState.FAILED.value and "CUDA error" in job.error
+
+
+def test_the_job_shows_its_shards(client, factory):
+    """GET /api/jobs/<id> of a sharded job lists its shards: worker, state, progress over
+    the shard's own items, attempts, memory peaks; lists leave them out."""
+    res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                         "params": GRID, "data_parallel": 3})
+    job_id = res.get_json()["data"]["job"]["id"]
+    a = jobs.claim_job(factory, "w1", 60, 3)
+    jobs.set_total(factory, a.id, "w1", 10)  # the job's 10 items: shard 0 has 4
+    for idx in (0, 3):
+        jobs.record_sample(factory, a.id, "w1", 60, {
+            "idx": idx, "prompt": "p", "prompt_tokens": 1, "prediction": "x", "score": 1.0,
+            "latency_s": 0.1, "output_tokens": 1, "fields": {}})
+    b = jobs.claim_job(factory, "w2", 60, 3)
+    jobs.finish_job(factory, b.id, "w2", JobState.SUCCEEDED,
+                    memory=[("rss_peak", "cpu", 300 * 2**20),
+                            ("cuda_max_allocated", "cuda:0", 2**30)])
+
+    job = client.get(f"/api/jobs/{job_id}").get_json()["data"]["job"]
+    shards = job["shards"]
+    assert [s["shard_index"] for s in shards] == [0, 1, 2]
+    assert [s["id"] for s in shards] == [a.id, b.id, b.id + 1]
+    assert [(s["state"], s["worker_id"], s["attempts"]) for s in shards] == [
+        ("running", "w1", 1), ("succeeded", "w2", 1), ("queued", None, 0)]
+    assert [s["progress"] for s in shards] == [  # shares of 10 items: 4, 3, 3
+        {"done": 2, "total": 4}, {"done": 0, "total": 3}, {"done": 0, "total": 3}]
+    assert shards[1]["memory"]["rss_peak_bytes"] == 300 * 2**20
+    assert shards[1]["memory"]["gpu"]["cuda:0"]["max_allocated_bytes"] == 2**30
+    assert job["progress"]["done"] == 2
+    listed = client.get("/api/jobs").get_json()["data"]["jobs"]
+    assert "shards" not in listed[0]
+    plain = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
+                                           "params": GRID}).get_json()["data"]["job"]
+    assert client.get(f"/api/jobs/{plain['id']}").get_json()["data"]["job"]["shards"] is None

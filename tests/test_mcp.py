@@ -27,7 +27,8 @@ NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, builtin_models_dir):
-    """One server + worker for the module, with LBS_API_TOKEN set and the echo plugin."""
+    """One server + worker for the module, with LBS_API_TOKEN set, the echo plugin, and
+    openai: jobs allowed to reach 127.0.0.1:9 (where nothing answers)."""
     root = tmp_path_factory.mktemp("mcp")
     data, plugins = root / "data", root / "plugins"
     data.mkdir()
@@ -39,7 +40,8 @@ def server(tmp_path_factory, builtin_models_dir):
             if name.startswith("LBS_") or name in SEED_SETTINGS:
                 mp.delenv(name)
         mp.setenv("HF_HUB_OFFLINE", "1")
-        live = LiveServer(data, {"LBS_API_TOKEN": TOKEN, "LBS_PLUGIN_DIRS": str(plugins)})
+        live = LiveServer(data, {"LBS_API_TOKEN": TOKEN, "LBS_PLUGIN_DIRS": str(plugins),
+                                 "LBS_OPENAI_ALLOWED_HOSTS": "127.0.0.1:9"})
     live.start()
     try:
         live.wait_for_worker()
@@ -127,6 +129,43 @@ def test_bad_submit_names_the_problem(server):
                 text = await call_error(client, tool, job_id=-1)
                 assert "job_id" in text and "greater than or equal to 1" in text
                 assert "URL" not in text and "<" not in text
+
+    asyncio.run(scenario())
+
+
+def test_submit_job_takes_data_parallel_and_api_like_the_rest_body(server):
+    async def scenario():
+        async with session(server) as client:
+            job = await call(client, "submit_job", model="builtin:tiny",
+                             dataset="needle_in_haystack", params=NIAH, data_parallel=2)
+            assert job["data_parallel"] == 2
+            shards = [server.request("GET", f"/api/jobs/{job['id'] + k}")[1]["data"]["job"]
+                      for k in (1, 2)]
+            assert [s["data_parallel"] for s in shards] == [2, 2]
+            done = await wait_job(client, job["id"])  # one worker here: the shards in turn
+            assert done["state"] == "succeeded", done["error"]
+            assert done["progress"] == {"done": 2, "total": 2}
+            for bad in ("many", 0, 65):
+                text = await call_error(client, "submit_job", model="builtin:tiny",
+                                        dataset="echo", data_parallel=bad)
+                assert "data_parallel" in text and '"auto"' in text, text
+                assert "constrained" not in text and "literal" not in text, text
+
+            key = "mcp-job-key-123"
+            base = "http://127.0.0.1:9/v1"  # a loopback address, which nothing answers
+            job = await call(client, "submit_job", model="openai:tiny",
+                             dataset="needle_in_haystack", params=NIAH,
+                             api={"base_url": base, "api_key": key, "max_retries": 0})
+            assert job["api"]["base_url"] == base and job["api"]["max_retries"] == 0
+            assert job["api_key_set"] is True and key not in json.dumps(job)
+            await call(client, "cancel_job", job_id=job["id"])
+            assert (await wait_job(client, job["id"]))["state"] in ("cancelled", "failed")
+            text = await call_error(client, "submit_job", model="openai:tiny",
+                                    dataset="needle_in_haystack", api={"base_url": "ftp://x"})
+            assert "api.base_url" in text and "http://" in text, text
+            text = await call_error(client, "submit_job", model="openai:tiny",  # the server's
+                                    dataset="needle_in_haystack")  # check: no URL anywhere
+            assert "HTTP 422" in text and "api.base_url" in text, text
 
     asyncio.run(scenario())
 
@@ -337,12 +376,16 @@ def test_inspector_over_stdio(server, inspector):
     assert tools["get_job"]["annotations"]["readOnlyHint"] is True
     assert tools["get_job"]["inputSchema"]["properties"]["job_id"]["minimum"] == 1
 
+    schema = tools["submit_job"]["inputSchema"]["properties"]
+    assert {"integer", "string"} <= {b.get("type") for b in schema["data_parallel"]["anyOf"]}
+    assert "base_url" in json.dumps(tools["submit_job"]["inputSchema"])  # api's fields
+
     code, out = run_inspector(inspector, *stdio, "--method", "tools/call",
                               "--tool-name", "submit_job", "--tool-arg", "model=builtin:tiny",
-                              "--tool-arg", "dataset=echo")
+                              "--tool-arg", "dataset=echo", "--tool-arg", "data_parallel=2")
     assert code == 0, out
     job = json.loads(out)["structuredContent"]
-    assert job["state"] == "queued"
+    assert job["state"] == "queued" and job["data_parallel"] == 2
     assert server.wait_for(job["id"], ("succeeded", "failed"))["state"] == "succeeded"
 
     code, out = run_inspector(inspector, *stdio, "--method", "tools/call",

@@ -8,6 +8,7 @@ and a bare 500 message (never a stack trace) for the rest.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from flask import Flask, jsonify
@@ -52,13 +53,28 @@ def field_path(loc: tuple[Any, ...], prefix: str = "") -> str:
     return path or "body"
 
 
+_UNION_TAG = re.compile(r"^(?:[A-Z]\w*|int|float|str|bool|bytes|none|constrained-\w+|"
+                        r"[\w-]+\[.*\])$")
+"""What pydantic adds to an error's location for each member of a union
+(`constrained-int`, `literal['auto']`, `list[int]`, `function-after[...]`, a model's
+class name): it means nothing to a user, who named the field only."""
+
+
 def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
-    details = []
+    """One detail per field the caller got wrong, named as the caller wrote it. The
+    errors of a union's members on one field (`1..256` or `"auto"`) become one message
+    listing what the field takes: "Input should be less than or equal to 256, or be
+    'auto'"."""
+    merged: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False, include_input=False):
-        # Union members add their type name to the location; it means nothing to a user.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
-            p.startswith(("list[", "function-")) or p[:1].isupper())))
-        details.append({"field": field_path(loc, prefix), "message": err["msg"]})
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        merged.setdefault(field_path(loc, prefix), []).append(err["msg"])
+    details = []
+    for field, messages in merged.items():
+        first, *others = dict.fromkeys(messages)  # in order, each once
+        alternatives = [m.removeprefix("Input should be ") for m in others]
+        message = ", or be ".join([first, *alternatives]) if alternatives else first
+        details.append({"field": field, "message": message})
     return details
 
 

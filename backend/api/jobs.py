@@ -32,6 +32,7 @@ from backend.api.schemas import (
     SampleOut,
     job_out,
     sample_out,
+    shard_out,
 )
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.hub import DataMissing, FetchPending
@@ -218,7 +219,16 @@ def list_jobs():
 @documented("one job with progress, scores and memory", data={"job": JobOut},
             errors=(404,))
 def get_job(job_id: int):
-    return _ok({"job": _out([service.get_job(_factory(), job_id)])[0]})
+    job = service.get_job(_factory(), job_id)
+    out = _out([job])[0]
+    if job.shard_count and job.parent_id is None:  # a data-parallel job: its shards too
+        shards = service.list_shards(_factory(), job_id)
+        reasons = service.waiting_reasons(_factory(), shards,
+                                          current_app.extensions["lbs"].settings.lease_seconds)
+        out["shards"] = [shard_out(s, reasons.get(s.id), job.progress_total)
+                         .model_dump(mode="json")
+                         for s in shards]
+    return _ok({"job": out})
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/samples")

@@ -154,14 +154,36 @@ class JobSummary(BaseModel):
                           "bytes_done, bytes_total")
 
 
+class ShardOut(BaseModel):
+    """One shard of a data-parallel job: the worker running its share of the items."""
+
+    id: int = Field(description="the shard's own job id (GET /api/jobs/<id> shows it whole)")
+    shard_index: int = Field(description="k: the shard evaluates the items whose "
+                                         "idx % data_parallel == k")
+    state: JobState
+    worker_id: str | None
+    progress: Progress = Field(description="its own samples over its share of the items")
+    attempts: int
+    cancel_requested: bool
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    memory: dict[str, Any] = Field(description="its peaks, as a job's `memory`")
+    waiting_reason: str | None = None
+
+
 class JobOut(JobSummary):
     """A job with everything: its params and model events too."""
 
     params: dict[str, Any]
     events: list[dict[str, Any]]
+    shards: list[ShardOut] | None = Field(
+        None, description="a data-parallel job's shards by index (GET /api/jobs/<id> "
+                          "only); null for a job on one worker")
 
 
-SUMMARY_EXCLUDE = {"params", "events"}
+SUMMARY_EXCLUDE = {"params", "events", "shards"}
 
 
 class SampleOut(BaseModel):
@@ -241,9 +263,7 @@ def memory_dict(readings: list[tuple[str, str, int]]) -> dict[str, Any]:
 def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
     scores = scores_dict(job.scores)
     memory = memory_dict([(m.name, m.device, m.bytes) for m in job.memory_peaks])
-    duration = None
-    if job.started_at and job.finished_at:
-        duration = round((job.finished_at - job.started_at).total_seconds(), 3)
+    duration = _duration(job)
     fetches = [e for e in job.events or [] if e.get("kind") == "data_fetch"]
     data_fetch = fetches[-1] if fetches else None
     fetching = (data_fetch is not None and data_fetch.get("state") == "running"
@@ -262,6 +282,28 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         api=job.api, api_key_set=job.api_key_encrypted is not None,
         phase="fetching data" if fetching else None, data_fetch=data_fetch,
         events=job.events or [])
+
+
+def _duration(job: Any) -> float | None:
+    if job.started_at and job.finished_at:
+        return round((job.finished_at - job.started_at).total_seconds(), 3)
+    return None
+
+
+def shard_out(shard: Job, waiting_reason: str | None = None,
+              job_total: int | None = None) -> ShardOut:
+    """A shard as its job shows it. Its progress counts its own samples against its
+    share of the job's items (those with idx % n == k), known once the job's count is
+    (`job_total`: the job's, set by whichever shard started first)."""
+    total, k, n = shard.progress_total or job_total, shard.shard_index, shard.shard_count
+    share = None if total is None else max(0, (total - k + n - 1) // n)
+    return ShardOut(
+        id=shard.id, shard_index=k, state=JobState(shard.state), worker_id=shard.worker_id,
+        progress=Progress(done=shard.progress_done, total=share), attempts=shard.attempts,
+        cancel_requested=shard.cancel_requested, error=shard.error,
+        started_at=shard.started_at, finished_at=shard.finished_at,
+        duration_s=_duration(shard), waiting_reason=waiting_reason,
+        memory=memory_dict([(m.name, m.device, m.bytes) for m in shard.memory_peaks]))
 
 
 def sample_out(sample: Sample | Any) -> SampleOut:
