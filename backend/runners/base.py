@@ -250,7 +250,6 @@ class Runner(HeldModel, ABC):
         caller decides whether to retry or fail the sample.
         """
 
-    @abstractmethod
     def loglikelihood(self, requests: list[LoglikelihoodRequest],
                       batch_size: int = 1) -> list[Loglikelihood]:
         """One Loglikelihood per request, in the order of `requests`.
@@ -260,7 +259,11 @@ class Runner(HeldModel, ABC):
         its last position, longer ones continue from its cached keys/values.
         Up to `batch_size` distinct contexts go through the model together
         (longest first). Raises on failure (out of memory included) of any batch.
+        Runners that cannot score a continuation say so (ValueError, the default):
+        multiple-choice datasets then fail the job with that message.
         """
+        raise ValueError(f"{type(self).__name__} cannot score continuations "
+                         "(loglikelihood); use a generation dataset or another runner")
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """The log-likelihood of each whole text (perplexity tasks), scored in disjoint
