@@ -285,7 +285,8 @@ SETTINGS: tuple[Setting, ...] = (
             "web page and in GET /api/models. A model folder named in a job must lie under "
             "one of them."),
     Setting("LBS_PLUGIN_DIRS", "", _text, "folder paths separated by ':'",
-            "Folders whose *.py modules are imported at start to register dataset plugins."),
+            "Folders whose *.py modules are imported at start to register dataset and runner "
+            "plugins."),
     Setting("LBS_LM_EVAL_INCLUDE_PATH", "", _text, "folder paths separated by ':'",
             "Folders of local lm-evaluation-harness task YAMLs offered by the lm_eval dataset "
             "beside lm-eval's own tasks (the lm_eval command's --include_path)."),
