@@ -52,3 +52,20 @@ fine = getattr(torch._C, "_host_emptyCache", None)
 '''
     got = [call for _, call in _probes(ast.parse(code))]
     assert len(got) == 7 and not any("torch" in c for c in got), got
+
+
+def test_every_use_chat_template_parameter_reaches_the_prompts():
+    """A dataset whose parameters offer `use_chat_template` returns the job's choice
+    from its declared `chat_template` hook (the loop no longer reads the field itself)."""
+    from backend.datasets.registry import BUILTIN, get_dataset
+
+    offering = []
+    for name in BUILTIN:
+        ds = get_dataset(name)
+        if "use_chat_template" not in ds.Params.model_fields:
+            continue
+        offering.append(name)
+        for choice in (True, False):
+            params = ds.Params.model_construct(use_chat_template=choice)
+            assert ds.chat_template(params) is choice, name
+    assert "needle_in_haystack" in offering and "ceval" in offering

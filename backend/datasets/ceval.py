@@ -224,7 +224,7 @@ class CEval(Dataset):
     def scores_every_position(self, params: CEvalParams) -> bool:
         return params.method == "loglikelihood"
 
-    def chat_template(self, params) -> bool:
+    def chat_template(self, params: CEvalParams) -> bool:
         return params.use_chat_template
 
     def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:

@@ -123,7 +123,7 @@ class GSM8K(Dataset):
         tokens = longest + params.max_new_tokens
         return min(tokens, model_max) if model_max else tokens
 
-    def chat_template(self, params) -> bool:
+    def chat_template(self, params: GSM8KParams) -> bool:
         return params.use_chat_template
 
     def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:

@@ -119,7 +119,7 @@ class LongBenchV2(Dataset):
         tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
         return min(tokens, model_max) if model_max else tokens
 
-    def chat_template(self, params) -> bool:
+    def chat_template(self, params: LongBenchV2Params) -> bool:
         return params.use_chat_template
 
     def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:

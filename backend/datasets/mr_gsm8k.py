@@ -156,7 +156,7 @@ class MRGSM8K(Dataset):
         tokens = longest + params.max_new_tokens
         return min(tokens, model_max) if model_max else tokens
 
-    def chat_template(self, params) -> bool:
+    def chat_template(self, params: MRGSM8KParams) -> bool:
         return params.use_chat_template
 
     def build_items(self, params: MRGSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:

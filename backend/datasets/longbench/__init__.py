@@ -137,7 +137,7 @@ class LongBench(Dataset):
         tokens = params.max_length + TEMPLATE_SLACK + new
         return min(tokens, model_max) if model_max else tokens
 
-    def chat_template(self, params) -> bool:
+    def chat_template(self, params: LongBenchParams) -> bool:
         return params.use_chat_template
 
     def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
