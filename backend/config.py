@@ -412,7 +412,8 @@ class Settings:
     plugin_dirs: tuple[str, ...] = setting(
         "LBS_PLUGIN_DIRS", "", _path_list, "folder paths separated by ':'",
         "Folders (separated by `:`) whose `*.py` modules are imported at start to register "
-        "dataset plugins (see `docs/adding-a-dataset.md`).")
+        "dataset and runner plugins (see `docs/adding-a-dataset.md`, "
+        "`docs/adding-a-runner.md`).")
 
     # -- the model manager. The four names without LBS_ are the product brief's own
     # (its .env example lists MAX_MEMORY_USAGE, MEMORY_CHECK_INTERVAL,

@@ -24,19 +24,20 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     ModelInfo,
-    ParamError,
     ScoreEntry,
 )
 from backend.datasets.registry import get_dataset
 from backend.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest, PromptView, move_trailing_whitespace
-from backend.runners.models import (
-    ModelNotFound,
-    ModelPathRefused,
-    ModelSpec,
-    model_info,
-    resolve_model,
+from backend.runners.base import (  # noqa: F401 - JobField* are raised through here
+    GenerationRequest,
+    JobFieldError,
+    JobFieldRefused,
+    PromptView,
+    Runner,
+    move_trailing_whitespace,
 )
+from backend.runners.models import ModelSpec, resolve_model
+from backend.runners.registry import get_runner
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class PreparedJob:
     dataset: Dataset
     params: DatasetParams
     api: Any = None
-    """ApiOptions for an `openai:` model (base URL filled in from the settings)."""
+    """The runner's options (ApiOptions for an `openai:` model, base URL filled in from
+    the settings by its check_job)."""
     api_key: str | None = None
     num_gpus: int = 1
     """GPUs the job asked for (a model sharded across them); set by the worker."""
@@ -60,18 +62,10 @@ class PreparedJob:
     """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
     set by the worker."""
 
-
-class JobFieldError(ValueError):
-    """A job-level field (not a dataset parameter) is wrong; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class JobFieldRefused(JobFieldError):
-    """A job-level field names a path outside the folders the operator allows."""
+    @property
+    def runner(self) -> type[Runner]:
+        """The runner class that serves the job's model (backend.runners.registry)."""
+        return get_runner(self.spec.runner)
 
 
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
@@ -85,7 +79,8 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
     JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
-    (ApiOptions) and `api_key` are for `openai:` models.
+    and `api_key` are the runner's options (ApiOptions, or their stored dict, for
+    `openai:` models); the model's runner checks them (Runner.check_job).
 
     Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
     `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
@@ -104,67 +99,15 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
                                 progress=data_progress)
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
-    if spec.api_model:
-        from backend.runners.openai_api import effective_options
-
-        if params.methods:
-            raise ParamError("methods", "inference methods are for local transformers "
-                                        "models, not openai: models")
-        try:
-            api = effective_options(api, settings)
-        except ValueError as exc:
-            raise JobFieldError("api.base_url", str(exc)) from None
-        if api.tokenizer:
-            try:
-                resolve_model(api.tokenizer, settings, confine=confine)
-            except ModelPathRefused as exc:
-                raise JobFieldRefused("api.tokenizer", str(exc)) from None
-            except ModelNotFound as exc:
-                raise JobFieldError("api.tokenizer", str(exc)) from None
-        if api_key is None and api.api_key is not None:
-            api_key = api.api_key.get_secret_value()
-    elif api is not None:
-        raise JobFieldError("api", "only for openai:<name> models")
-    info = model_info(spec)
-    if spec.api_model and api.max_length:
-        info = ModelInfo(spec.name, api.max_length)
+    job = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key)
+    job.runner.check_job(job, settings, confine)
+    job.info = job.runner.model_info(job)
     try:
-        ds.check(params, info)
+        ds.check(params, job.info)
     except FetchPending:
         pass  # the worker fetches the data, then checks again before building items
-    apply_ceilings(params, info, settings)
-    return PreparedJob(spec, info, ds, params, api, api_key)
-
-
-def apply_ceilings(params: DatasetParams, info: ModelInfo, settings: Settings) -> None:
-    """The server's own limits, on top of the model's: LBS_MAX_GRID_CELLS on a
-    Needle-in-a-Haystack grid and LBS_MAX_CONTEXT_LENGTH on the context a job asks
-    for. A job with a `max_length` prompt budget that names none gets the ceiling as
-    its budget when the model takes more (stored with the job). Raises ParamError."""
-    if hasattr(params, "lengths") and hasattr(params, "depths"):
-        cells = len(params.lengths()) * len(params.depths())
-        if cells > settings.max_grid_cells:
-            raise ParamError("context_lengths",
-                             f"the grid has {cells} cells (context lengths x depths); this "
-                             f"server allows at most {settings.max_grid_cells} "
-                             "(LBS_MAX_GRID_CELLS)")
-    ceiling = settings.max_context_length
-    if not ceiling:
-        return
-    if hasattr(params, "lengths"):
-        longest = max(params.lengths())
-        if longest > ceiling:
-            raise ParamError("context_lengths",
-                             f"context length {longest} is above this server's ceiling of "
-                             f"{ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
-    elif "max_length" in type(params).model_fields:
-        if params.max_length is None:
-            if info.max_length is None or info.max_length > ceiling:
-                params.max_length = ceiling
-        elif params.max_length > ceiling:
-            raise ParamError("max_length",
-                             f"max_length {params.max_length} is above this server's ceiling "
-                             f"of {ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+    ds.check_ceilings(params, job.info, settings)
+    return job
 
 
 @dataclass
@@ -353,7 +296,6 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
     replies = backoff.run(runner.generate, [GenerationRequest(
         a.item.prompt, a.item.max_new_tokens, templated, a.item.prefix)
         for a in generating])
-    follow = getattr(dataset, "second_turn", None)
     second: list[tuple[_Answer, Any]] = []
     for answer, reply in zip(generating, replies, strict=True):
         if isinstance(reply, OomFailure):
@@ -363,7 +305,7 @@ def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
         answer.output_tokens = reply.output_tokens
         if reply.extra:  # prefill/decode timing; an API model's usage and attempts
             answer.fields = {**answer.fields, **reply.extra}
-        nxt = follow(answer.item, reply.text, view) if follow else None
+        nxt = dataset.second_turn(answer.item, reply.text, view)
         if nxt is not None:
             second.append((answer, nxt))
     replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens,
@@ -398,22 +340,6 @@ def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str]
     return handle
 
 
-def api_model_key(job: PreparedJob) -> tuple:
-    """An API model's cache key: its options, and a digest of its key (never the key)."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256((job.api_key or "").encode()).hexdigest()[:16]
-    return (job.spec.name, "openai", json.dumps(job.api.public(), sort_keys=True), digest)
-
-
-def model_key(spec: ModelSpec, settings: Settings, options: Any = None) -> tuple:
-    """What makes two loaded models different (the model manager's cache key)."""
-    from backend.runners.hf import LoadOptions
-
-    return (spec.name, str(spec.path), "hf", options or LoadOptions.from_settings(settings))
-
-
 def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                    sink: SampleSink,
                    keep_on_gpu: Callable[[], bool] | None = None) -> EvalOutcome:
@@ -446,12 +372,11 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                              keep_on_gpu=keep_on_gpu) as runner:
                 memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
                                rss_bytes()))
-                if hasattr(runner, "should_stop"):  # a cached runner serves one job at a time
-                    runner.should_stop = job.should_stop
+                runner.should_stop = job.should_stop  # a cached runner serves one job at a time
                 # The job's chat-template choice travels with each request; a view of
                 # the runner (never a copy holding the model) renders the prompts, so
                 # the manager's release at the end of this block frees the weights.
-                view = PromptView(runner, getattr(job.params, "use_chat_template", True))
+                view = PromptView(runner, job.dataset.chat_template(job.params))
                 items = job.dataset.build_items(job.params, view)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
@@ -485,26 +410,11 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
 
 def _loader(job: PreparedJob, settings: Settings, method: str | None
             ) -> tuple[tuple, Callable[[], Any], int]:
-    """The model manager's key, the load function and the size estimate for `job`."""
-    from backend.runners.hf import HFRunner, LoadOptions
-    from backend.runners.models import estimate_model_bytes
-
-    if job.spec.api_model:
-        from backend.runners.openai_api import load_api_runner
-
-        return (api_model_key(job),
-                partial(load_api_runner, job.spec.name, job.api, job.api_key, settings), 0)
-    from backend.admission import estimate_job_bytes
-
-    options = LoadOptions.from_settings(settings, method or "default", job.num_gpus)
-    weights = estimate_model_bytes(job.spec, options.dtype)
-    # what the job needs on the GPU besides the weights: placing them leaves it free
-    needed = estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
-                                settings)
-    headroom = max(0, needed - weights) if needed and weights else 0
-    return (model_key(job.spec, settings, options),
-            partial(HFRunner.load, job.spec, options, settings, headroom_bytes=headroom),
-            weights)
+    """The model manager's key, the load function and the size estimate for `job`,
+    from the job's runner (Runner.cache_key, .loader, .load_estimate)."""
+    runner = job.runner
+    return (runner.cache_key(job, settings, method), runner.loader(job, settings, method),
+            runner.load_estimate(job, settings, method))
 
 
 def _warm_up(view: PromptView, item: Any, method: str) -> None:

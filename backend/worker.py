@@ -360,7 +360,6 @@ class Worker:
         )
         from backend.runners.base import Stopped
         from backend.runners.models import ModelNotFound
-        from backend.runners.openai_api import ApiOptions
         from backend.secrets_box import SecretUnreadable, decrypt
 
         self.start_job_watch(job_id)
@@ -372,7 +371,7 @@ class Worker:
         try:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
             prepared = prepare(model, dataset, params, self.settings,
-                               api=ApiOptions.model_validate(api) if api else None,
+                               api=api or None,  # the runner validates its options
                                api_key=api_key, fetch_data=True,
                                data_progress=self._data_progress(job_id, dataset))
             for fetched in prepared.dataset.data_access.fetched:

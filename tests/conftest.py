@@ -249,13 +249,12 @@ def work_one_job(settings) -> None:
 def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str, Any]:
     """What a worker publishes (Worker.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""
-    from types import SimpleNamespace
-
     from backend.datasets.base import CacheMode
+    from backend.memory.held import HeldModel
     from backend.memory.manager import ManagerConfig, ModelManager
 
     manager = ModelManager(ManagerConfig(max_memory_usage=2**30), has_gpu=False)
-    runner = SimpleNamespace(device="cpu", size_bytes=lambda: size, close=lambda: None)
+    runner = type("Held", (HeldModel,), {"size_bytes": lambda self: size})()
     with manager.use(model_name, model_name, lambda: runner, CacheMode.CACHED):
         pass
     return {**manager.status(), "as_of": as_of}

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from backend.datasets.base import CacheMode
+from backend.memory.held import HeldModel
 from backend.memory.manager import (
     Location,
     ManagerConfig,
@@ -22,7 +23,7 @@ MB = 2**20
 GB = 2**30
 
 
-class FakeRunner:
+class FakeRunner(HeldModel):
     """Stands in for HFRunner's placement methods; counts what the manager does."""
 
     def __init__(self, size: int, on_gpu: bool):
@@ -176,9 +177,8 @@ def test_no_gpu_offload_is_a_clear_noop():
 
 def test_release_of_real_model_returns_rss(settings, with_tiny):
     """A model of tens of MB, loaded and released: RSS measurably drops."""
-    from backend.evaluation import model_key
     from backend.runners.base import GenerationRequest
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf import HFRunner, LoadOptions, model_key
     from backend.runners.models import estimate_model_bytes, resolve_model
 
     spec = resolve_model("builtin:small", settings)

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from backend.datasets.base import CacheMode
+from backend.memory.held import HeldModel
 from backend.memory.limits import build_max_memory
 from backend.memory.manager import ModelManager
 from backend.runners.base import GenerationRequest
@@ -135,7 +136,7 @@ def test_resolve_models(settings, tmp_path):
         resolve_model("someone/some-model", settings)
 
 
-class _FakeRunner:
+class _FakeRunner(HeldModel):
     closed = 0
 
     def close(self):

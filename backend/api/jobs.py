@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from backend import jobs as service
 from backend import results
-from backend.admission import estimate_job_bytes
 from backend.api.errors import ApiError, validation_details
 from backend.api.openapi import documented
 from backend.api.schemas import (
@@ -68,8 +67,7 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
         # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
         try:
-            memory = estimate_job_bytes(prepared.spec, prepared.dataset, prepared.params,
-                                        prepared.info.max_length, settings)
+            memory = prepared.runner.estimate_job_bytes(prepared, settings)
         except FetchPending:  # no prompts to measure until the worker fetches the data:
             memory = None     # unknown, admitted anywhere (like a model not downloaded)
     except JobFieldError as exc:
@@ -170,7 +168,7 @@ def submit():
                   "workers": [{"type": "object"}]}, errors=(400, 403, 422))
 def estimate():
     """What a submission would need, without queueing it: per job the checked
-    parameters' memory estimate (admission.estimate_job_bytes) and a rough duration
+    parameters' memory estimate (the runner's estimate_job_bytes) and a rough duration
     from finished jobs, and the live workers' free GPU memory. Refuses bad jobs with
     the same 4xx errors as a submission, so a form can show them before launch."""
     body = _json_body()
@@ -192,12 +190,11 @@ def estimate():
 def _grid_size(dataset: str, params: dict[str, Any]) -> int | None:
     """Items of a job whose parameters say how many (NIAH's lengths x depths grid)."""
     try:
-        parsed = get_dataset(dataset).parse_params(params)
+        dataset_obj = get_dataset(dataset)
+        parsed = dataset_obj.parse_params(params)
     except (UnknownDataset, ValidationError):
         return None
-    if hasattr(parsed, "lengths") and hasattr(parsed, "depths"):
-        return len(parsed.lengths()) * len(parsed.depths())
-    return None
+    return dataset_obj.grid_size(parsed)
 
 
 @bp.get("")

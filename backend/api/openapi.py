@@ -54,6 +54,10 @@ class Operation:
     """The whole `responses` object, for an answer that is not the JSON envelope."""
 
 
+_OPERATIONS: dict[View, Operation | str] = {}
+"""Each view's description, or the reason it is left out (`undocumented`)."""
+
+
 def documented(summary: str, *, query: type[BaseModel] | None = None,
                body: type[BaseModel] | tuple[type[BaseModel], ...] = (),
                body_required: bool = True, data: dict[str, Schema] | None = None,
@@ -65,7 +69,7 @@ def documented(summary: str, *, query: type[BaseModel] | None = None,
                    body_required, data or {}, status, errors, also or {}, responses)
 
     def mark(view: View) -> View:
-        view.openapi = op  # type: ignore[attr-defined]
+        _OPERATIONS[view] = op
         return view
     return mark
 
@@ -73,7 +77,7 @@ def documented(summary: str, *, query: type[BaseModel] | None = None,
 def undocumented(reason: str) -> Callable[[View], View]:
     """Keep a route that is not part of the API (a page, a file) out of the document."""
     def mark(view: View) -> View:
-        view.openapi_skip = reason  # type: ignore[attr-defined]
+        _OPERATIONS[view] = reason
         return view
     return mark
 
@@ -159,15 +163,21 @@ def _operation(op: Operation, params: list[dict[str, Any]],
     return out
 
 
+def left_out(view: View) -> str | None:
+    """Why `view` is not in the document (`undocumented`), or None."""
+    op = _OPERATIONS.get(view)
+    return op if isinstance(op, str) else None
+
+
 def build_spec(app: Flask) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `app`'s routes, in the order they were added."""
     components = _Components()
     paths: dict[str, dict[str, Any]] = {}
     for rule in app.url_map.iter_rules():
         view = app.view_functions[rule.endpoint]
-        if getattr(view, "openapi_skip", None):
+        op = _OPERATIONS.get(view)
+        if isinstance(op, str):
             continue
-        op = getattr(view, "openapi", None)
         if op is None:
             log.warning("[API] route %s has no @documented: left out of /openapi.json",
                         rule.rule)

@@ -277,7 +277,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         duration_s=duration, timeout_s=job.timeout_s, priority=job.priority,
         submitter=job.submitter, worker_label=job.worker_label, num_gpus=job.num_gpus,
-        data_parallel=getattr(job, "shard_count", None) or 1,
+        data_parallel=job.shard_count or 1,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
         phase="fetching data" if fetching else None, data_fetch=data_fetch,

@@ -278,6 +278,52 @@ class Dataset:
         (scoring by log-likelihood) instead of the last one only (generation)."""
         return False
 
+    def chat_template(self, params: DatasetParams) -> bool:
+        """Whether the job's prompts are rendered with the model's chat template (a
+        rendering option each request carries, see runners.base.GenerationRequest);
+        default: yes. A dataset whose parameters let the user choose returns theirs."""
+        return True
+
+    def second_turn(self, item: Item, reply: str, tokenizer: PromptTokenizer) -> Item | None:
+        """A follow-up prompt to generate after `reply` (e.g. the answer turn after a
+        chain of thought), whose reply is then the one scored; None: none (default)."""
+        return None
+
+    def grid_size(self, params: DatasetParams) -> int | None:
+        """How many items the job has when its parameters alone say (NIAH's context
+        lengths x depths grid), for the estimate of a job's duration; None otherwise."""
+        return None
+
+    prompt_budget: ClassVar[bool] = False
+    """Whether the parameters have `max_length`, a prompt budget in tokens (None: the
+    model's context). The default `check_ceilings` then applies LBS_MAX_CONTEXT_LENGTH."""
+
+    def check_ceilings(self, params: DatasetParams, model: ModelInfo, settings: Any) -> None:
+        """The server's own limits, on top of the model's (`check`): settings such as
+        LBS_MAX_CONTEXT_LENGTH and LBS_MAX_GRID_CELLS. Runs at submit time, after `check`.
+        Default: with a `prompt_budget`, a job that names none gets the ceiling as its
+        budget when the model takes more (stored with the job), and a larger budget is
+        refused. Raises ParamError."""
+        ceiling = settings.max_context_length
+        if not ceiling or not self.prompt_budget:
+            return
+        if params.max_length is None:
+            if model.max_length is None or model.max_length > ceiling:
+                params.max_length = ceiling
+        elif params.max_length > ceiling:
+            raise ParamError("max_length",
+                             f"max_length {params.max_length} is above this server's ceiling "
+                             f"of {ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+
+    has_data_parts: ClassVar[bool] = False
+    """Whether the data is read from a folder (`<datasets dir>/<name>/` or the `hub`
+    snapshot) whose parts `data_parts` lists, so the data status can count them."""
+
+    def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
+        """(part, split, files) for each part of the data found in `folder`, for the data
+        status (GET /api/datasets, `data status`); only with `has_data_parts`."""
+        return []
+
     def score(self, item: Item, prediction: str) -> float:
         """A 0-1 score of one prediction."""
         raise NotImplementedError

@@ -177,6 +177,8 @@ class CEval(Dataset):
                     part_files=("{part}/*.parquet",), parts_param="subjects",
                     configs=tuple(SUBJECTS), splits=("dev", "val", "test"))
 
+    has_data_parts = True
+
     def data_parts(self, folder) -> list[tuple[str, str, list]]:
         """(subject, split, files) of every split file in a data folder."""
         return [(s, split, files) for s in SUBJECTS for split in ("dev", "val", "test")
@@ -221,6 +223,9 @@ class CEval(Dataset):
 
     def scores_every_position(self, params: CEvalParams) -> bool:
         return params.method == "loglikelihood"
+
+    def chat_template(self, params: CEvalParams) -> bool:
+        return params.use_chat_template
 
     def build_items(self, params: CEvalParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []

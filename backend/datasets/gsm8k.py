@@ -87,6 +87,8 @@ class GSM8K(Dataset):
     hub = HubSource("openai/gsm8k", files=("main/*.parquet",), configs=("main",),
                     splits=("train", "test"))
 
+    has_data_parts = True
+
     def data_parts(self, folder) -> list[tuple[str, str, list]]:
         out = []
         for split in ("test", "train"):
@@ -120,6 +122,9 @@ class GSM8K(Dataset):
         longest = max((token_bound(m) for _, m in self._messages(params)), default=0)
         tokens = longest + params.max_new_tokens
         return min(tokens, model_max) if model_max else tokens
+
+    def chat_template(self, params: GSM8KParams) -> bool:
+        return params.use_chat_template
 
     def build_items(self, params: GSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []

@@ -14,7 +14,9 @@ from typing import Any
 from lm_eval.api.model import LM
 
 from backend.runners.base import (
+    Generation,
     GenerationRequest,
+    Loglikelihood,
     LoglikelihoodRequest,
     move_trailing_whitespace,
 )
@@ -63,8 +65,7 @@ class RunnerLM(LM):
     def _prefix_text(self) -> str:
         """The text of lm-eval's `prefix_token_id` (BOS, else EOS), which conditions a
         continuation scored without context; a tokenizer reads it back as that token."""
-        tok = getattr(getattr(self.runner, "tok", None), "tokenizer", None)
-        text = getattr(tok, "bos_token", None) or getattr(tok, "eos_token", None)
+        text = self.runner.prefix_token_text()
         if not text:
             raise ValueError("a continuation without context needs the tokenizer's BOS or "
                              "EOS token")
@@ -74,7 +75,7 @@ class RunnerLM(LM):
         pairs = [r.args if r.args[0] else (self._prefix_text(), r.args[1]) for r in requests]
         outs = self.run(self.runner.loglikelihood, [
             LoglikelihoodRequest(*split_pair(*pair), chat_template=False) for pair in pairs])
-        return [(o.logprob, o.is_greedy) if hasattr(o, "logprob") else o for o in outs]
+        return [(o.logprob, o.is_greedy) if isinstance(o, Loglikelihood) else o for o in outs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Any]:
         return self.run(self.runner.loglikelihood_rolling, [r.args[0] for r in requests])
@@ -87,7 +88,7 @@ class RunnerLM(LM):
         outs = self.run(self.runner.generate, asks)
         replies = []
         for request, ask, out in zip(requests, asks, outs, strict=True):
-            if not hasattr(out, "text"):
+            if not isinstance(out, Generation):  # an OomFailure, passed through
                 replies.append(out)
                 continue
             request.lbs_tokens = (out.prompt_tokens, out.output_tokens)

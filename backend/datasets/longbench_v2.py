@@ -90,6 +90,9 @@ class LongBenchV2(Dataset):
     Params = LongBenchV2Params
     hub = HubSource("THUDM/LongBench-v2", files=("data.json",), splits=("train",))
 
+    has_data_parts = True
+    prompt_budget = True
+
     def data_parts(self, folder) -> list[tuple[str, str, list]]:
         try:
             return [("all", "train", find_files(folder, ["data", "train"]))]
@@ -115,6 +118,9 @@ class LongBenchV2(Dataset):
             return model_max
         tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
         return min(tokens, model_max) if model_max else tokens
+
+    def chat_template(self, params: LongBenchV2Params) -> bool:
+        return params.use_chat_template
 
     def build_items(self, params: LongBenchV2Params, tokenizer: PromptTokenizer) -> list[Item]:
         template = PROMPT_COT if params.cot else PROMPT

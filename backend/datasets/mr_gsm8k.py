@@ -134,6 +134,8 @@ class MRGSM8K(Dataset):
             return path
         return next(iter(sorted(folder.rglob(name))), None)
 
+    has_data_parts = True
+
     def data_parts(self, folder) -> list[tuple[str, str, list]]:
         path = self._file(folder, MRGSM8KParams.model_fields["file"].default)
         return [("all", "test", [path])] if path else []
@@ -153,6 +155,9 @@ class MRGSM8K(Dataset):
         longest = max((token_bound(_message(row)) for row in self._rows(params)), default=0)
         tokens = longest + params.max_new_tokens
         return min(tokens, model_max) if model_max else tokens
+
+    def chat_template(self, params: MRGSM8KParams) -> bool:
+        return params.use_chat_template
 
     def build_items(self, params: MRGSM8KParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []

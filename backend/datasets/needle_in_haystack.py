@@ -351,6 +351,28 @@ class NeedleInAHaystack(Dataset):
         template included) plus max_new_tokens."""
         return max(params.lengths()) + params.max_new_tokens
 
+    def chat_template(self, params: NeedleParams) -> bool:
+        return params.use_chat_template
+
+    def grid_size(self, params: NeedleParams) -> int:
+        """One item per cell of the context length x depth grid."""
+        return len(params.lengths()) * len(params.depths())
+
+    def check_ceilings(self, params: NeedleParams, model: ModelInfo, settings: Any) -> None:
+        """LBS_MAX_GRID_CELLS on the grid, LBS_MAX_CONTEXT_LENGTH on its longest context."""
+        cells = self.grid_size(params)
+        if cells > settings.max_grid_cells:
+            raise ParamError("context_lengths",
+                             f"the grid has {cells} cells (context lengths x depths); this "
+                             f"server allows at most {settings.max_grid_cells} "
+                             "(LBS_MAX_GRID_CELLS)")
+        ceiling = settings.max_context_length
+        longest = max(params.lengths())
+        if ceiling and longest > ceiling:
+            raise ParamError("context_lengths",
+                             f"context length {longest} is above this server's ceiling of "
+                             f"{ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))
         builder = _Builder(params, tokenizer, self.haystack_source(params))

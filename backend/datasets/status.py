@@ -144,7 +144,7 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
     background (the CLI)."""
     can_fetch = allow_download and not offline and ds.hub is not None
     how = guidance(ds, allow_download=can_fetch)
-    if ds.hub is None and not hasattr(ds, "data_parts"):
+    if ds.hub is None and not ds.has_data_parts:
         return {"state": "ready", "source": "bundled", "where": None, "parts": [],
                 "items": None, "how": how}
     local = ds.datasets_dir / ds.name if ds.datasets_dir is not None else None
@@ -162,7 +162,7 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
                 "reason": f"no folder {local} and not in the Hugging Face cache"
                 if ds.hub is not None else f"no folder {local}"}
     parts = []
-    if hasattr(ds, "data_parts") and folder.is_dir():
+    if ds.has_data_parts and folder.is_dir():
         for part, split, files in ds.data_parts(folder):
             parts.append({"part": part, "split": split,
                           "items": COUNTER.get(files, wait=wait)})
@@ -171,7 +171,7 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
     counts = [p["items"] for p in parts]
     out = {"state": "ready", "source": source, "where": str(folder), "parts": parts,
            "items": None if None in counts else sum(counts), "how": how}
-    if hasattr(ds, "data_parts") and not parts and not (ds.hub and ds.hub.archive
+    if ds.has_data_parts and not parts and not (ds.hub and ds.hub.archive
                                                         and folder.name != ds.hub.layout):
         out.update(state="missing", reason=f"{folder} holds none of the dataset's files "
                                             "in its official layout")

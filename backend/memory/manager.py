@@ -47,6 +47,7 @@ import psutil
 
 from backend.config import GiB, format_bytes
 from backend.datasets.base import CacheMode
+from backend.memory.held import HeldModel
 from backend.memory.tracker import MemoryTracker, rss_bytes
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class ModelEvent:
 class _Entry:
     key: Hashable
     name: str
-    runner: Any
+    runner: HeldModel | None  # None while it loads
     location: Location
     size: int
     load_count: int = 1
@@ -140,8 +141,7 @@ class _Entry:
 
     def held_bytes(self) -> int:
         """RAM and GPU bytes this model holds now (a GPU model may keep a CPU copy)."""
-        extra = self.runner.host_bytes() if hasattr(self.runner, "host_bytes") else 0
-        return self.size + extra
+        return self.size + (self.runner.host_bytes() if self.runner is not None else 0)
 
 
 class ModelManager:
@@ -231,9 +231,9 @@ class ModelManager:
             raise
         with self._lock:
             placeholder.runner = runner
-            placeholder.size = runner.size_bytes() if hasattr(runner, "size_bytes") else estimate
-            placeholder.location = (Location.GPU if str(getattr(runner, "device", "cpu"))
-                                    .startswith("cuda") else Location.CPU)
+            placeholder.size = runner.size_bytes()
+            placeholder.location = (Location.GPU if str(runner.device).startswith("cuda")
+                                    else Location.CPU)
             self.load_counts[key] = self.load_counts.get(key, 0) + 1
             placeholder.load_count = self.load_counts[key]
             self._event("load", name, started, before, placeholder.size)
@@ -256,7 +256,7 @@ class ModelManager:
     def _offload(self, entry: _Entry, why: str) -> ModelEvent | None:
         if entry.location is not Location.GPU:
             return None
-        if not (hasattr(entry.runner, "movable") and entry.runner.movable()):
+        if not entry.runner.movable():
             return self._release(entry, f"{why}; a device-mapped model is released, not moved")
         before, started = rss_bytes(), time.perf_counter()
         pin = _pinned_bytes(entry) <= self._pinned_room(entry)
@@ -316,7 +316,7 @@ class ModelManager:
 
     def _pinned_room(self, entry: _Entry) -> int:
         used = sum(_pinned_bytes(e) for e in self._models.values()
-                   if e is not entry and getattr(e.runner, "host_pinned", False))
+                   if e is not entry and e.runner is not None and e.runner.host_pinned)
         return self.config.pinned_budget - used
 
     # --- limits, eviction, pressure --------------------------------------------------
@@ -595,9 +595,8 @@ class ModelManager:
 
 def _pinned_bytes(entry: _Entry) -> int:
     """Pinned host memory the model's copy takes: what the host allocator rounds its
-    blocks to when the runner says (HFRunner.pinned_bytes), else its size."""
-    runner = entry.runner
-    return runner.pinned_bytes() if hasattr(runner, "pinned_bytes") else entry.size
+    blocks to (HeldModel.pinned_bytes; HFRunner's counts the rounding)."""
+    return entry.runner.pinned_bytes()
 
 
 def _asked(question: Callable[[], bool]) -> bool:

@@ -2,13 +2,37 @@
 
 A runner owns a loaded model and its tokenizer. Datasets see only its
 `PromptTokenizer` side (see backend.datasets.base); the evaluation loop calls
-`generate`. Runners never know about jobs, SQL or HTTP.
+`generate` and `loglikelihood`; the model manager only `HeldModel`'s methods.
+Runners never know about SQL or HTTP.
+
+A runner is a plugin, found by the scheme of the model reference a user types
+(`openai:<name>`; anything else goes to the transformers runner) in
+backend.runners.registry. Its class side says how to resolve, check, estimate and
+load a job's model; see `Runner` and docs/adding-a-runner.md.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from backend.memory.held import HeldModel
+
+
+class JobFieldError(ValueError):
+    """A job-level field (not a dataset parameter) is wrong; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobFieldRefused(JobFieldError):
+    """A job-level field names a path outside the folders the operator allows."""
 
 
 class Stopped(Exception):
@@ -94,10 +118,114 @@ class Loglikelihood:
     tokens: int
 
 
-class Runner(ABC):
-    """A loaded model. Subclasses implement the PromptTokenizer methods and generate."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model reference: `name` as the user wrote it, `runner` the scheme of
+    the runner that serves it (backend.runners.registry). For the transformers runner
+    `path` is a local folder (None for a built-in model not yet made, or a hub id to
+    download); for a plugin runner `target` is what follows its scheme (`openai:gpt-4o`
+    -> "gpt-4o")."""
 
+    name: str
+    path: Path | None
+    builtin: str | None = None
+    hub_id: str | None = None
+    runner: str = "hf"
+    target: str | None = None
+
+
+def _never() -> bool:
+    return False
+
+
+class Runner(HeldModel, ABC):
+    """A loaded model behind one interface, and (on its class) how a job gets one.
+
+    Instance side, for the evaluation loop: the PromptTokenizer methods (`encode`,
+    `decode`, `render`, `count_prompt`, `max_length`), `generate`, `loglikelihood`,
+    `loglikelihood_rolling`, `find_batch_size`, `forget_prefixes`, `should_stop`,
+    and the memory reporting of `HeldModel`.
+
+    Class side, for the registry (backend.runners.registry), all without loading
+    anything and without torch (the server calls them at submit time): `resolve` a
+    reference typed by a user, `check_job`, `model_info`, `estimate_job_bytes`
+    (admission), and for the worker `cache_key`, `load_estimate` and `loader`.
+    A class registers under its `scheme`; references `<scheme>:<rest>` go to it.
+    """
+
+    scheme: ClassVar[str] = ""
+    """The registry name: the scheme of the model references it serves (`openai`)."""
     max_length: int
+    should_stop: Callable[[], bool] = staticmethod(_never)
+    """Set per job by the evaluation loop (a cached runner serves one job at a time):
+    true once the job is cancelled, timed out or its worker stops. A runner that waits
+    on something outside (a remote API) checks it and raises `Stopped`."""
+
+    # --- class side: a job's model, before anything loads --------------------------
+
+    @classmethod
+    def resolve(cls, reference: str, settings: Any, confine: bool = True) -> ModelSpec:
+        """The spec for `reference` ("<name>:<rest>"); raises runners.models.ModelNotFound
+        (ModelPathRefused for a path outside the allowed folders). Default: `rest` is
+        the target, which must not be empty."""
+        from backend.runners.models import ModelNotFound
+
+        target = reference.split(":", 1)[1].strip() if ":" in reference else ""
+        if not target:
+            raise ModelNotFound(f"give the model's name after {cls.scheme}:, "
+                                f"e.g. {cls.scheme}:<model>")
+        return ModelSpec(name=reference, path=None, runner=cls.scheme, target=target)
+
+    @classmethod
+    def check_job(cls, job: Any, settings: Any, confine: bool = True) -> None:
+        """Refuse what this runner cannot do with `job` (an evaluation.PreparedJob whose
+        `spec`, `params`, `api` options and `api_key` are set), or fill in its options
+        (e.g. a base URL from the settings). Raises datasets.base.ParamError for a
+        dataset parameter, JobFieldError for a job field. Default: no
+        inference `methods` and no `api` options (both belong to other runners)."""
+        from backend.datasets.base import ParamError
+
+        if job.params.methods:
+            raise ParamError("methods", "inference methods are for local transformers "
+                                        f"models, not {cls.scheme}: models")
+        if job.api is not None:
+            raise JobFieldError("api", "only for openai:<name> models")
+
+    @classmethod
+    def model_info(cls, job: Any) -> Any:
+        """What is known of the model before it loads (a datasets.base.ModelInfo: its
+        longest sequence, None when unknown)."""
+        from backend.datasets.base import ModelInfo
+
+        return ModelInfo(job.spec.name, None)
+
+    @classmethod
+    def estimate_job_bytes(cls, job: Any, settings: Any) -> int | None:
+        """GPU bytes a worker must have free for `job` (admission, scheduling.py);
+        None when the job needs no GPU memory (or it is unknown): admitted anywhere."""
+        return None
+
+    @classmethod
+    def cache_key(cls, job: Any, settings: Any, method: str | None) -> tuple:
+        """What makes two loaded models different (the model manager's cache key);
+        never holds a secret. Default: the runner and the reference."""
+        return (job.spec.name, cls.scheme)
+
+    @classmethod
+    def load_estimate(cls, job: Any, settings: Any, method: str | None) -> int:
+        """Bytes the loaded model will hold in this process (the manager makes room
+        for them before loading). Default: 0, nothing local."""
+        return 0
+
+    @classmethod
+    @abstractmethod
+    def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], Runner]:
+        """The function the model manager calls to load the model of `job` (with
+        inference `method`, None for the default) when it does not hold it already.
+        Making the function loads nothing; calling it runs in the worker, may import
+        torch, and raises on failure."""
+
+    # --- instance side: the loaded model -------------------------------------------
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -122,7 +250,6 @@ class Runner(ABC):
         caller decides whether to retry or fail the sample.
         """
 
-    @abstractmethod
     def loglikelihood(self, requests: list[LoglikelihoodRequest],
                       batch_size: int = 1) -> list[Loglikelihood]:
         """One Loglikelihood per request, in the order of `requests`.
@@ -132,7 +259,11 @@ class Runner(ABC):
         its last position, longer ones continue from its cached keys/values.
         Up to `batch_size` distinct contexts go through the model together
         (longest first). Raises on failure (out of memory included) of any batch.
+        Runners that cannot score a continuation say so (ValueError, the default):
+        multiple-choice datasets then fail the job with that message.
         """
+        raise ValueError(f"{type(self).__name__} cannot score continuations "
+                         "(loglikelihood); use a generation dataset or another runner")
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """The log-likelihood of each whole text (perplexity tasks), scored in disjoint
@@ -149,16 +280,17 @@ class Runner(ABC):
         of its own to probe (a remote API) takes one request at a time."""
         return 1
 
+    def prefix_token_text(self) -> str | None:
+        """The text of the token that conditions a continuation scored without context
+        (lm-eval's `prefix_token_id`: BOS, else EOS), which the tokenizer reads back as
+        that one token; None when the runner has no such token (the default)."""
+        return None
+
     def forget_prefixes(self) -> None:
         """Drop any key/value cache kept for shared prefixes (GenerationRequest.prefix);
         the evaluation loop calls it when a pass over a job's items ends. Runners that
         keep none have nothing to do."""
         return None
-
-    @abstractmethod
-    def close(self) -> None:
-        """Drop every reference to the model and tokenizer and free their memory."""
-
 
 class PromptView:
     """A runner as one job's dataset sees it (the PromptTokenizer protocol): prompts

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from backend.config import Settings
 from backend.memory.limits import cap_process_memory, load_placement
@@ -24,7 +27,12 @@ from backend.runners.base import (
     move_trailing_whitespace,
 )
 from backend.runners.builtin import ensure_builtin_model
-from backend.runners.models import ModelSpec
+from backend.runners.models import (
+    ModelSpec,
+    estimate_model_bytes,
+    model_info,
+    resolve_local_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +261,11 @@ class HFTokenizer:
     def count_prompt(self, prompt: str, chat_template: bool | None = None) -> int:
         return len(self.prompt_ids(prompt, chat_template))
 
+    def prefix_token_text(self) -> str | None:
+        """BOS, else EOS, as text (see Runner.prefix_token_text)."""
+        return (getattr(self.tokenizer, "bos_token", None)
+                or getattr(self.tokenizer, "eos_token", None))
+
 
 def pinned_block_bytes(nbytes: int) -> int:
     """Host memory torch's caching host allocator takes to pin `nbytes`: the next power
@@ -261,8 +274,64 @@ def pinned_block_bytes(nbytes: int) -> int:
     return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
+def model_key(spec: ModelSpec, settings: Settings, options: LoadOptions | None = None
+              ) -> tuple:
+    """What makes two loaded transformers models different (the model manager's key)."""
+    return (spec.name, str(spec.path), "hf", options or LoadOptions.from_settings(settings))
+
+
 class HFRunner(Runner):
-    """A transformers model and tokenizer, loaded by `HFRunner.load`."""
+    """A transformers model and tokenizer, loaded by `HFRunner.load`: the runner of
+    every model reference without a runner scheme (folders, hub ids, builtin:)."""
+
+    scheme = "hf"
+
+    # --- class side (the runner registry; no torch) ------------------------------------
+
+    @classmethod
+    def resolve(cls, reference: str, settings: Any, confine: bool = True) -> ModelSpec:
+        return resolve_local_model(reference, settings, confine)
+
+    @classmethod
+    def check_job(cls, job: Any, settings: Any, confine: bool = True) -> None:
+        from backend.runners.base import JobFieldError
+
+        if job.api is not None:
+            raise JobFieldError("api", "only for openai:<name> models")
+
+    @classmethod
+    def model_info(cls, job: Any) -> Any:
+        return model_info(job.spec)
+
+    @classmethod
+    def estimate_job_bytes(cls, job: Any, settings: Any) -> int | None:
+        from backend.admission import estimate_job_bytes
+
+        return estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
+                                  settings)
+
+    @classmethod
+    def _options(cls, job: Any, settings: Any, method: str | None) -> LoadOptions:
+        return LoadOptions.from_settings(settings, method or "default", job.num_gpus)
+
+    @classmethod
+    def cache_key(cls, job: Any, settings: Any, method: str | None) -> tuple:
+        return model_key(job.spec, settings, cls._options(job, settings, method))
+
+    @classmethod
+    def load_estimate(cls, job: Any, settings: Any, method: str | None) -> int:
+        return estimate_model_bytes(job.spec, cls._options(job, settings, method).dtype)
+
+    @classmethod
+    def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], HFRunner]:
+        options = cls._options(job, settings, method)
+        weights = estimate_model_bytes(job.spec, options.dtype)
+        # what the job needs on the GPU besides the weights: placing them leaves it free
+        needed = cls.estimate_job_bytes(job, settings)
+        headroom = max(0, needed - weights) if needed and weights else 0
+        return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom)
+
+    # --- instance side -----------------------------------------------------------------
 
     def __init__(self, spec: ModelSpec, model, tokenizer, device: str, max_length: int,
                  static_cache: bool = False):
@@ -349,6 +418,9 @@ class HFRunner(Runner):
 
     def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
         return self.tok.count_prompt(prompt, chat_template)
+
+    def prefix_token_text(self) -> str | None:
+        return self.tok.prefix_token_text()
 
     # --- generation --------------------------------------------------------------
 

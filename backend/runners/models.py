@@ -1,17 +1,17 @@
 """Resolving what a user typed as a model into something loadable, without torch.
 
-A model is `builtin:<name>`, the path of a local Hugging Face checkpoint folder,
-or a hub id that is already in the local cache (downloads only with
-LBS_ALLOW_DOWNLOAD=1). The server uses this at submit time to refuse unknown
-models and over-long contexts before anything loads; the worker uses it again
-before loading.
+A model is `<runner>:<name>` for a registered runner plugin (`openai:gpt-4o`, see
+backend.runners.registry), else one for the transformers runner: `builtin:<name>`,
+the path of a local Hugging Face checkpoint folder, or a hub id that is already in
+the local cache (downloads only with LBS_ALLOW_DOWNLOAD=1). The server uses this
+at submit time to refuse unknown models and over-long contexts before anything
+loads; the worker uses it again before loading.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from backend.config import Settings
@@ -19,6 +19,11 @@ from backend.datasets.base import ModelInfo
 from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text
 from backend.paths import confine as confine_path
 from backend.runners import builtin
+from backend.runners.base import ModelSpec
+from backend.runners.registry import DEFAULT, get_runner, runner_name_for
+
+__all__ = ["ModelNotFound", "ModelPathRefused", "ModelSpec", "estimate_model_bytes",
+           "list_local_models", "max_length_from_config", "model_info", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -31,32 +36,25 @@ class ModelPathRefused(ModelNotFound):
     """A model folder outside LBS_MODEL_DIRS (or a path with `..`)."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A resolved model: `name` as the user wrote it, `path` a local folder
-    (None for a built-in model not yet made, or a hub id to download)."""
-
-    name: str
-    path: Path | None
-    builtin: str | None = None
-    hub_id: str | None = None
-    api_model: str | None = None
-    """For `openai:<name>`: the model name the OpenAI-compatible server serves."""
-
-
 def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelSpec:
-    """Find `name` locally; raise ModelNotFound with a message saying where it looked.
+    """Resolve the model reference `name` with the runner that serves it (its scheme,
+    see backend.runners.registry); raise ModelNotFound saying where it looked.
 
     With `confine` (jobs from the API) a folder must lie under LBS_MODEL_DIRS, where a
     relative name is also looked up; raises ModelPathRefused otherwise. The command
     line, run by the machine's own user, passes False.
     """
     name = name.strip()
-    if name.startswith("openai:"):
-        served = name.split(":", 1)[1].strip()
-        if not served:
-            raise ModelNotFound("give the served model's name after openai:, e.g. openai:gpt-4o")
-        return ModelSpec(name=name, path=None, api_model=served)
+    runner = runner_name_for(name)
+    if runner != DEFAULT:
+        return get_runner(runner).resolve(name, settings, confine)
+    return resolve_local_model(name, settings, confine)
+
+
+def resolve_local_model(name: str, settings: Settings, confine: bool = True) -> ModelSpec:
+    """The transformers runner's `resolve`: a built-in model, a checkpoint folder or a
+    cached hub id (see resolve_model)."""
+    name = name.strip()
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in builtin.BUILTIN_MODELS:
@@ -112,9 +110,7 @@ def _hub_cache_path(repo_id: str) -> Path | None:
 
 
 def model_info(spec: ModelSpec) -> ModelInfo:
-    """What the model's config says, read without loading it."""
-    if spec.api_model:
-        return ModelInfo(spec.name, None)  # known once its runner (tokenizer) is made
+    """What a local model's config says, read without loading it."""
     if spec.builtin:
         return ModelInfo(spec.name, builtin.BUILTIN_MODELS[spec.builtin].max_position_embeddings)
     if spec.path is None:

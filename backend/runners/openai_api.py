@@ -55,8 +55,11 @@ from backend.redact import mask_url
 from backend.runners.base import (
     Generation,
     GenerationRequest,
+    JobFieldError,
+    JobFieldRefused,
     Loglikelihood,
     LoglikelihoodRequest,
+    ModelSpec,
     Runner,
     Stopped,
     move_trailing_whitespace,
@@ -183,9 +186,75 @@ class _Stats:
 
 
 class OpenAIRunner(Runner):
-    """A served model. `tokenizer` is a PromptTokenizer-like object (HFTokenizer)."""
+    """A served model. `tokenizer` is a PromptTokenizer-like object (HFTokenizer).
 
+    It holds no weights here: the memory reporting is HeldModel's (0 bytes, nothing
+    to move), and admission admits its jobs anywhere (no GPU memory needed)."""
+
+    scheme = "openai"
     device = "remote"
+
+    # --- class side (the runner registry; no torch) ------------------------------------
+
+    @classmethod
+    def resolve(cls, reference: str, settings: Any, confine: bool = True) -> ModelSpec:
+        from backend.runners.models import ModelNotFound
+
+        served = reference.split(":", 1)[1].strip()
+        if not served:
+            raise ModelNotFound("give the served model's name after openai:, e.g. openai:gpt-4o")
+        return ModelSpec(name=reference, path=None, runner=cls.scheme, target=served)
+
+    @classmethod
+    def check_job(cls, job: Any, settings: Any, confine: bool = True) -> None:
+        """No inference methods; the job's `api` options (an ApiOptions, or its dict as
+        stored with the job) with the settings' base URL filled in, an allowed host and
+        a tokenizer that resolves; the key from the options when none is given apart."""
+        from backend.datasets.base import ParamError
+        from backend.runners.models import ModelNotFound, ModelPathRefused, resolve_model
+
+        if job.params.methods:
+            raise ParamError("methods", "inference methods are for local transformers "
+                                        "models, not openai: models")
+        api = ApiOptions.model_validate(job.api) if isinstance(job.api, dict) else job.api
+        try:
+            api = effective_options(api, settings)
+        except ValueError as exc:
+            raise JobFieldError("api.base_url", str(exc)) from None
+        if api.tokenizer:
+            try:
+                resolve_model(api.tokenizer, settings, confine=confine)
+            except ModelPathRefused as exc:
+                raise JobFieldRefused("api.tokenizer", str(exc)) from None
+            except ModelNotFound as exc:
+                raise JobFieldError("api.tokenizer", str(exc)) from None
+        if job.api_key is None and api.api_key is not None:
+            job.api_key = api.api_key.get_secret_value()
+        job.api = api
+
+    @classmethod
+    def model_info(cls, job: Any) -> Any:
+        from backend.datasets.base import ModelInfo
+
+        # known once the runner (its tokenizer) is made, unless the job says
+        return ModelInfo(job.spec.name, job.api.max_length)
+
+    @classmethod
+    def cache_key(cls, job: Any, settings: Any, method: str | None) -> tuple:
+        """Its options, and a digest of its key (never the key)."""
+        import hashlib
+
+        digest = hashlib.sha256((job.api_key or "").encode()).hexdigest()[:16]
+        return (job.spec.name, "openai", json.dumps(job.api.public(), sort_keys=True), digest)
+
+    @classmethod
+    def loader(cls, job: Any, settings: Any, method: str | None
+               ) -> Callable[[], OpenAIRunner]:
+        from functools import partial
+
+        return partial(load_api_runner, job.spec.name, job.api, job.api_key, settings)
+
+    # --- instance side -----------------------------------------------------------------
 
     def __init__(self, name: str, served_model: str, options: ApiOptions, api_key: str | None,
                  tokenizer: Any, max_length: int):
@@ -221,6 +290,9 @@ class OpenAIRunner(Runner):
         if self.use_chat:
             return self.tok.count_prompt(self.tok.render(prompt))
         return self.tok.count_prompt(prompt, chat_template)
+
+    def prefix_token_text(self) -> str | None:
+        return self.tok.prefix_token_text()
 
     # --- HTTP -----------------------------------------------------------------------
 
@@ -411,22 +483,7 @@ class OpenAIRunner(Runner):
         return read_prompt_logprobs(answer, context, continuation,
                                     f"{self.options.base_url}/completions")
 
-    # --- placement (the model manager) ------------------------------------------------
-
-    def size_bytes(self) -> int:
-        return 0
-
-    def host_bytes(self) -> int:
-        return 0
-
-    def movable(self) -> bool:
-        return False  # nothing to move: the weights live on the API's side
-
-    def offload(self, pin: bool) -> int:
-        return 0
-
-    def restore(self, device: str = "cuda:0") -> int:
-        return 0
+    # --- placement: HeldModel's defaults (the weights live on the API's side) ----------
 
     def close(self) -> None:
         self._key = None

@@ -94,6 +94,9 @@ class LongBench(Dataset):
                     configs=tuple(SUBSETS) + tuple(f"{s}_e" for s in SUBSETS),
                     splits=("test",))
 
+    has_data_parts = True
+    prompt_budget = True
+
     def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
         out = []
         for subset in SUBSETS:
@@ -133,6 +136,9 @@ class LongBench(Dataset):
         new = max(SUBSETS[s]["max_new_tokens"] for s, _ in self._files(params))
         tokens = params.max_length + TEMPLATE_SLACK + new
         return min(tokens, model_max) if model_max else tokens
+
+    def chat_template(self, params: LongBenchParams) -> bool:
+        return params.use_chat_template
 
     def build_items(self, params: LongBenchParams, tokenizer: PromptTokenizer) -> list[Item]:
         items = []
