@@ -16,7 +16,7 @@
    `--stale-after` seconds (default: max(15, LBS_LEASE_SECONDS), the rule the
    server's /api/workers uses), after a confirmation or `--yes`: SIGTERM (a
    stopped process is continued so it can shut down), then SIGKILL after
-   `--grace` seconds. A PID is signalled only while it runs `backend.worker`
+   `--grace` seconds. A PID is signalled only while it runs `backend.apps.worker`
    and was started before that worker's last heartbeat (so a recycled PID is
    never hit). Rows of ended or vanished workers are marked stopped.
 
@@ -39,8 +39,8 @@ from typing import Any
 import psutil
 import sqlalchemy as sa
 
-from backend.client import ApiClient, ServerError
-from backend.config import MiB
+from backend.apps.client import ApiClient, ServerError
+from backend.common.config import MiB
 
 log = logging.getLogger("clear_gpu_memory")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -50,12 +50,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _is_worker_command(cmdline: list[str]) -> bool:
     pairs = zip(cmdline, cmdline[1:], strict=False)
-    return any(a == "-m" and b == "backend.worker" for a, b in pairs) \
-        or any(a.endswith("backend/worker.py") for a in cmdline)
+    return any(a == "-m" and b == "backend.apps.worker" for a, b in pairs) \
+        or any(a.endswith("backend/apps/worker.py") for a in cmdline)
 
 
 def _process(pid: int) -> dict[str, Any]:
-    """What runs under `pid` now: alive, command, RSS, whether it is a backend.worker."""
+    """What runs under `pid` now: alive, command, RSS, whether it is a backend.apps.worker."""
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():
@@ -71,8 +71,8 @@ def _process(pid: int) -> dict[str, Any]:
 def read_workers(settings: Any, stale_after: float) -> list[dict[str, Any]] | None:
     """The workers table's rows that are not stopped, with their heartbeat's age and, for
     this machine, the process behind the PID; None when the database cannot be read."""
-    from backend.db import WorkerState, session_factory, utcnow
-    from backend.jobs import list_workers
+    from backend.queue.db import WorkerState, session_factory, utcnow
+    from backend.queue.jobs import list_workers
 
     url = settings.database_url
     path = sa.engine.make_url(url).database if url.startswith("sqlite") else None
@@ -252,8 +252,8 @@ def confirm(plans: list[dict[str, Any]]) -> bool | None:
 
 def kill_stale(plans: list[dict[str, Any]], settings: Any, grace: float,
                dry_run: bool) -> list[dict[str, Any]]:
-    from backend.db import WorkerState, session_factory
-    from backend.jobs import worker_heartbeat
+    from backend.queue.db import WorkerState, session_factory
+    from backend.queue.jobs import worker_heartbeat
 
     factory = None if dry_run else session_factory(settings.database_url)
     actions = []
@@ -357,9 +357,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from backend.config import load_settings_or_report
-    from backend.logs import setup_logging
-    from backend.scheduling import stale_after as default_stale_after
+    from backend.common.config import load_settings_or_report
+    from backend.common.logs import setup_logging
+    from backend.queue.scheduling import stale_after as default_stale_after
 
     settings = load_settings_or_report()
     if settings is None:

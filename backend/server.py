@@ -24,17 +24,17 @@ from flask import Flask, send_from_directory
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from backend.config import (
+from backend.common.config import (
     ConfigError,
     Settings,
     check_exposure,
     load_settings,
     load_settings_or_report,
 )
+from backend.common.logs import setup_logging
+from backend.common.redact import mask_url
 from backend.datasets.registry import load_plugin_dirs
-from backend.db import session_factory
-from backend.logs import setup_logging
-from backend.redact import mask_url
+from backend.queue.db import session_factory
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class AppState:
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.api import datasets, errors, health, inputs, jobs, memory, openapi, results
+    from backend.apps.api import datasets, errors, health, inputs, jobs, memory, openapi, results
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None,
     for module in (jobs, datasets, health, memory, openapi, results):
         app.register_blueprint(module.bp)
 
-    from backend.api.openapi import undocumented
+    from backend.apps.api.openapi import undocumented
 
     @app.get("/")
     @undocumented("the web page")
@@ -135,7 +135,7 @@ def _init_access(app: Flask, settings: Settings) -> None:
 
     from flask import request
 
-    from backend.api.errors import error_response
+    from backend.apps.api.errors import error_response
 
     open_paths = ("/healthz", "/", "/static/")
 
@@ -230,7 +230,7 @@ class WorkerPool:
     def plan(self) -> list[str | None]:
         """CUDA_VISIBLE_DEVICES of each worker to start (None = CPU / inherit): the GPU
         groups of LBS_WORKERS ('0,1;2'), else one GPU per worker, real or simulated."""
-        from backend.memory.gpu import visible_gpu_count
+        from backend.engine.memory.gpu import visible_gpu_count
 
         if self.settings.worker_gpu_groups:
             return list(self.settings.worker_gpu_groups)
@@ -249,7 +249,7 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = device
         # --parent-pid: the worker asks Linux to stop it when this server dies
         # (PR_SET_PDEATHSIG), so a killed server leaves no orphan claiming jobs.
-        proc = subprocess.Popen([sys.executable, "-m", "backend.worker",
+        proc = subprocess.Popen([sys.executable, "-m", "backend.apps.worker",
                                  "--parent-pid", str(os.getpid())], env=env, cwd=os.getcwd())
         if self.state is not None:
             self.state.workers_spawned_at = time.monotonic()
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.server",
                                      description="Serve LLM Bench Shower and run its workers.")
     parser.add_argument("--no-workers", action="store_true",
-                        help="serve the API only (run `python -m backend.worker` yourself)")
+                        help="serve the API only (run `python -m backend.apps.worker` yourself)")
     args = parser.parse_args(argv)
     settings = load_settings_or_report()
     if settings is None:

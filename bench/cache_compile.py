@@ -83,7 +83,7 @@ def main() -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
     from backend.runners.hf import configure_compile
 

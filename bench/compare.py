@@ -85,14 +85,14 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """One comparison job through backend.evaluation; the figures as a dict."""
-    from backend.worker import warm_up
+    """One comparison job through backend.engine.evaluation; the figures as a dict."""
+    from backend.apps.worker import warm_up
 
     warm_up()  # as a worker does at start, so neither method pays the lazy imports
-    from backend.api.schemas import memory_dict, scores_dict
-    from backend.config import apply_allocator_settings, load_settings
-    from backend.evaluation import prepare, run_evaluation
-    from backend.memory.manager import ManagerConfig, ModelManager
+    from backend.apps.api.schemas import memory_dict, scores_dict
+    from backend.common.config import apply_allocator_settings, load_settings
+    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.memory.manager import ManagerConfig, ModelManager
 
     settings = load_settings()
     apply_allocator_settings(settings)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "methods": args.methods}
     job = prepare(args.model, "needle_in_haystack", params, settings, confine=False)
     warmups = _WarmUps()
-    evaluation_log = logging.getLogger("backend.evaluation")
+    evaluation_log = logging.getLogger("backend.engine.evaluation")
     evaluation_log.setLevel(logging.INFO)
     evaluation_log.addHandler(warmups)
     sink = _Sink()

@@ -1,7 +1,7 @@
 """Run the project's CLI or lm-evaluation-harness's `lm_eval` command in this process
 with timers on its scoring path, for bench/loglikelihood.py --vs-lm-eval:
 
-    python bench/ll_timing.py OUT.json project ARGS...   # = python -m backend.cli ARGS
+    python bench/ll_timing.py OUT.json project ARGS...   # = python -m backend.apps.cli ARGS
     python bench/ll_timing.py OUT.json lm_eval ARGS...   # = lm_eval ARGS (its cli_evaluate)
 
 At exit OUT.json holds `scoring_s` (time inside HFRunner.loglikelihood, or lm-eval's
@@ -66,7 +66,7 @@ def main() -> int:
     if which == "project":
         sys.path.insert(0, str(ROOT))
         time_project()
-        from backend.cli import main as cli
+        from backend.apps.cli import main as cli
 
         return cli(rest)
     time_lm_eval()

@@ -95,7 +95,7 @@ def main() -> None:
         from backend.runners.builtin import ensure_builtin_model
 
         model_dir = ensure_builtin_model(data_dir, args.model.removeprefix("builtin:"))
-        ours_cmd = [sys.executable, "-m", "backend.cli", "eval", "--model", args.model,
+        ours_cmd = [sys.executable, "-m", "backend.apps.cli", "eval", "--model", args.model,
                     "--dataset", "lm_eval", "--param", f"tasks={json.dumps(TASKS)}",
                     "--quiet", "--output", str(tmp / "ours.json")]
         lm_eval_bin = str(Path(sys.executable).parent / "lm_eval")

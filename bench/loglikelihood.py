@@ -7,7 +7,7 @@ that scores each option with its own full forward pass; same model, same prompts
         [--sweep-questions 40]
 
 --vs-lm-eval: the same C-Eval-shaped questions (one subject, 5 shots) as a C-Eval data
-folder for the project (`python -m backend.cli eval --dataset ceval`) and as a local
+folder for the project (`python -m backend.apps.cli eval --dataset ceval`) and as a local
 task YAML (dataset_path: json) for the `lm_eval` command, same model folder
 (builtin:small, float32), whole processes alternated `--rounds` times. Each process
 runs under bench/ll_timing.py, which times its scoring path and model forward calls.
@@ -204,11 +204,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.base import Item
     from backend.datasets.ceval import format_question
     from backend.datasets.needle_in_haystack import load_haystack
-    from backend.evaluation import _choose
+    from backend.engine.evaluation import _choose
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
 

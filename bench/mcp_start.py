@@ -1,4 +1,4 @@
-"""How long an MCP client waits for `python -m backend.mcp_server` to answer `initialize`.
+"""How long an MCP client waits for `python -m backend.apps.mcp_server` to answer `initialize`.
 
     .venv/bin/python bench/mcp_start.py [--runs 5]
 
@@ -42,7 +42,7 @@ def _line(proc: subprocess.Popen) -> dict:
 
 def one_run(env: dict[str, str]) -> tuple[float, float]:
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "backend.mcp_server", "--server",
+    proc = subprocess.Popen([sys.executable, "-m", "backend.apps.mcp_server", "--server",
                              "http://127.0.0.1:1"], cwd=ROOT, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

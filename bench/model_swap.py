@@ -57,15 +57,15 @@ def touch(model) -> None:
 def measure(model: str) -> dict:
     """One fresh-process measurement (called through --measure)."""
     sys.path.insert(0, str(ROOT))
-    from backend.worker import warm_up
+    from backend.apps.worker import warm_up
 
     warm_up()
     import torch
 
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.base import CacheMode
-    from backend.memory.manager import ManagerConfig, ModelManager
-    from backend.memory.tracker import PeakSampler, rss_bytes
+    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.tracker import PeakSampler, rss_bytes
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
 
@@ -163,7 +163,7 @@ def main() -> None:
            "LBS_LOG_LEVEL": "WARNING"}
     os.environ.update({k: env[k] for k in ("LBS_DATA_DIR", "LBS_ENV_FILE")})
     sys.path.insert(0, str(ROOT))
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
 
     models = [args.model]

@@ -6,7 +6,7 @@ transformers loop over the identical prompts, in one run, as whole processes.
 Three timings per repeat, taken alternately so drift hits all of them alike:
   bare     `python bench/overhead.py --bare prompts.json`: import torch and
            transformers, load the model, generate greedily for every prompt.
-  cli      `python -m backend.cli eval …`: the harness in one process (settings,
+  cli      `python -m backend.apps.cli eval …`: the harness in one process (settings,
            model resolution, prompt building in tokens, model manager, memory
            sampler, scoring, result file).
   server   `python -m backend.server` with its worker: the job's duration from
@@ -124,9 +124,9 @@ def main() -> None:
            "LBS_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
     sys.path.insert(0, str(ROOT))
     os.environ.update({k: env[k] for k in ("LBS_DATA_DIR", "LBS_ENV_FILE")})
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.registry import get_dataset
-    from backend.jobs import storable_text
+    from backend.queue.jobs import storable_text
     from backend.runners.builtin import ensure_builtin_model
     from backend.runners.hf import HFTokenizer
     from backend.runners.models import resolve_model
@@ -144,7 +144,7 @@ def main() -> None:
     prompts_file.write_text(json.dumps({"model_dir": str(model_dir),
                                         "max_new_tokens": GRID["max_new_tokens"],
                                         "prompts": [i.prompt for i in items]}))
-    cli_cmd = [sys.executable, "-m", "backend.cli", "eval", "--model", args.model,
+    cli_cmd = [sys.executable, "-m", "backend.apps.cli", "eval", "--model", args.model,
                "--dataset", "needle_in_haystack", "--quiet",
                "--output", str(work / "cli.json")]
     for key, value in GRID.items():

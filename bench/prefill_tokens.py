@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("LBS_DATA_DIR", tempfile.mkdtemp(prefix="lbs-prefill-"))
     os.environ.setdefault("LBS_ENV_FILE", os.devnull)
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.registry import get_dataset
     from backend.runners.base import GenerationRequest, PromptView
     from backend.runners.hf import HFRunner, LoadOptions

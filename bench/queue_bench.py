@@ -42,9 +42,9 @@ import time  # noqa: E402
 
 def worker_loop(url: str, worker_id: str, poll: float, listen_timeout: float, stop,
                 ready) -> None:
-    from backend.db import JobState, session_factory
-    from backend.jobs import claim_job, finish_job, record_sample, register_worker
-    from backend.notify import WorkWaiter
+    from backend.queue.db import JobState, session_factory
+    from backend.queue.jobs import claim_job, finish_job, record_sample, register_worker
+    from backend.queue.notify import WorkWaiter
 
     factory = session_factory(url)
     register_worker(factory, worker_id, socket.gethostname(), os.getpid(), "cpu")
@@ -67,7 +67,7 @@ def worker_loop(url: str, worker_id: str, poll: float, listen_timeout: float, st
 def _wait_finished(factory, count: int, timeout: float = 600) -> None:
     import sqlalchemy as sa
 
-    from backend.db import Job, JobState
+    from backend.queue.db import Job, JobState
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,8 +83,8 @@ def _wait_finished(factory, count: int, timeout: float = 600) -> None:
 def measure(url: str, workers: int, n_jobs: int, latency_jobs: int) -> dict:
     import sqlalchemy as sa
 
-    from backend.db import Job, dispose_engines, session_factory
-    from backend.jobs import NewJob, submit_jobs
+    from backend.queue.db import Job, dispose_engines, session_factory
+    from backend.queue.jobs import NewJob, submit_jobs
 
     factory = session_factory(url)  # migrates before the workers start
     ctx = mp.get_context("spawn")

@@ -243,7 +243,7 @@ const ZH_TEXT = {
 };
 
 const ZH_PATTERNS = [
-  [/^no live worker: start one \(python -m backend\.worker\) or check the server log$/, "没有在线的工作进程：请启动一个（python -m backend.worker）或查看服务器日志"],
+  [/^no live worker: start one \(python -m backend\.apps\.worker\) or check the server log$/, "没有在线的工作进程：请启动一个（python -m backend.apps.worker）或查看服务器日志"],
   [/^the worker is starting \(started (\d+) s ago\); the job runs once it is ready$/, "工作进程正在启动（$1 秒前启动）；就绪后即运行此任务"],
   [/^waiting for its turn \(higher priorities and other submitters first\)$/, "等待轮到它（优先级更高的任务和其他提交者优先）"],
   [/^waiting for a free worker \((\d+) able to run it, all busy\)$/, "等待空闲的工作进程（$1 个可运行，均在忙）"],

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from backend.config import SETTINGS
+from backend.common.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
@@ -125,14 +125,14 @@ def db_url(request, data_dir, monkeypatch) -> str | None:
 
 @pytest.fixture
 def settings(data_dir, db_url):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
 
     return load_settings()
 
 
 @pytest.fixture
 def factory(settings):
-    from backend.db import dispose_engines, session_factory
+    from backend.queue.db import dispose_engines, session_factory
 
     yield session_factory(settings.database_url)
     dispose_engines()
@@ -235,7 +235,7 @@ class LiveServer:
 
 def work_one_job(settings) -> None:
     """Run the next queued job in an in-process worker, started and stopped around it."""
-    from backend.worker import Worker
+    from backend.apps.worker import Worker
 
     worker = Worker(settings, worker_id="w")
     worker.start()
@@ -250,8 +250,8 @@ def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str,
     """What a worker publishes (Worker.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""
     from backend.datasets.base import CacheMode
-    from backend.memory.held import HeldModel
-    from backend.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.held import HeldModel
+    from backend.engine.memory.manager import ManagerConfig, ModelManager
 
     manager = ModelManager(ManagerConfig(max_memory_usage=2**30), has_gpu=False)
     runner = type("Held", (HeldModel,), {"size_bytes": lambda self: size})()

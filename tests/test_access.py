@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from backend.config import load_settings
+from backend.common.config import load_settings
 from backend.server import create_app
 from tests.conftest import ROOT
 

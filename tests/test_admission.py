@@ -14,11 +14,11 @@ import struct
 
 import pytest
 
-from backend import jobs
-from backend.admission import estimate_job_bytes
 from backend.datasets.registry import get_dataset
+from backend.engine.admission import estimate_job_bytes
+from backend.queue import jobs
+from backend.queue.scheduling import Capacity
 from backend.runners.models import ModelSpec
-from backend.scheduling import Capacity
 
 CONFIGS = {
     "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096,
@@ -200,7 +200,7 @@ FIXTURES = [
 
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
@@ -229,7 +229,7 @@ def test_declared_longest_sequence_bounds_the_real_prompts(dataset, params, tiny
 
 def test_a_data_file_without_the_fields_read_is_a_422_at_submit(tmp_path, monkeypatch,
                                                                 with_tiny):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     folder = tmp_path / "datasets" / "gsm8k"

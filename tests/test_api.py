@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend import jobs
-from backend.db import JobState
+from backend.queue import jobs
+from backend.queue.db import JobState
 
 NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
         "params": {"context_lengths": [256], "depth_percents": [50]}}
@@ -110,7 +110,7 @@ def test_union_field_errors_name_the_field_plainly(client, where, body, field):
 
 
 def test_context_and_grid_ceilings(monkeypatch, data_dir, with_tiny):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", "512")
@@ -168,7 +168,7 @@ def test_openapi_documents_every_route_and_nothing_else(app, client):
     out, each marked so at its view (openapi.undocumented)."""
     import re
 
-    from backend.api.openapi import left_out
+    from backend.apps.api.openapi import left_out
 
     spec = client.get("/openapi.json").get_json()
     documented = {(path, method.upper()) for path, ops in spec["paths"].items()
@@ -198,7 +198,7 @@ def test_index_page_and_health(client):
 def test_models_list_builtin_and_model_dirs(tmp_path, monkeypatch, with_tiny, builtin_models_dir):
     import shutil
 
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     shutil.copytree(builtin_models_dir / "builtin-tiny-v1", tmp_path / "zoo" / "org" / "my-model")

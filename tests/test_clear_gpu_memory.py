@@ -39,7 +39,7 @@ def run_json(env: dict[str, str], *args: str, code: int = 0) -> dict:
 
 
 def _no_gpu() -> bool:
-    from backend.memory.gpu import visible_gpu_count
+    from backend.engine.memory.gpu import visible_gpu_count
 
     return visible_gpu_count(None) == 0
 
@@ -87,7 +87,7 @@ def test_bad_usage_exits_2(args):
 
 
 def _sleeper(*extra: str, ignore_term: bool = False) -> subprocess.Popen:
-    """A stand-in process; with extra=('-m', 'backend.worker') its command line is a
+    """A stand-in process; with extra=('-m', 'backend.apps.worker') its command line is a
     worker's. It prints once its SIGTERM handling is in place."""
     code = ("import signal, sys, time\n"
             + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
@@ -123,11 +123,11 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
 
 def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
     """The NVML path (no GPU here: a stand-in pynvml module shows one)."""
-    from backend.jobs import register_worker
+    from backend.queue.jobs import register_worker
 
     (tmp_path / "fake_nvml").mkdir()
     (tmp_path / "fake_nvml" / "pynvml.py").write_text(FAKE_NVML)
-    worker, other = _sleeper("-m", "backend.worker"), _sleeper()
+    worker, other = _sleeper("-m", "backend.apps.worker"), _sleeper()
     try:
         register_worker(factory, "w1", socket.gethostname(), worker.pid, "cuda:0 (Fake GPU)")
         env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake_nvml"),
@@ -151,11 +151,11 @@ def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
 
 
 def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
-    from backend.db import WorkerRow, utcnow
-    from backend.jobs import register_worker
+    from backend.queue.db import WorkerRow, utcnow
+    from backend.queue.jobs import register_worker
 
     host = socket.gethostname()
-    hung = _sleeper("-m", "backend.worker", ignore_term=True)  # a worker stuck for good
+    hung = _sleeper("-m", "backend.apps.worker", ignore_term=True)  # a worker stuck for good
     unrelated = _sleeper()  # a program that got a dead worker's PID
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -165,7 +165,7 @@ def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
         register_worker(factory, worker_id, where, pid, "cpu")
     time.sleep(1.5)  # every heartbeat is now older than --stale-after 1
     # A worker-looking process started after the row's last heartbeat: its PID was reused.
-    newcomer = _sleeper("-m", "backend.worker")
+    newcomer = _sleeper("-m", "backend.apps.worker")
     procs.append(newcomer)
     register_worker(factory, "reused", host, newcomer.pid, "cpu")
     with factory.begin() as session:

@@ -1,4 +1,5 @@
-"""`python -m backend.cli eval`: one evaluation in-process, result file with the API's fields."""
+"""`python -m backend.apps.cli eval`: one evaluation in-process, a result file with the
+API's fields."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tests.conftest import ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "backend.apps.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -22,7 +22,7 @@ GRID = {"context_lengths": [256, 512], "depth_percents": [0, 50, 100], "max_new_
         "methods": METHODS}
 N = 6  # prompts in GRID
 
-# What the memory tracker writes after a release (backend.memory.tracker.release_check).
+# What the memory tracker writes after a release (backend.engine.memory.tracker.release_check).
 RELEASE_CHECK = re.compile(r"RSS (returned [\d.]+ MB|did not drop \([+-][\d.]+ MB) "
                            r"of ([\d.]+) MB expected")
 
@@ -115,7 +115,7 @@ def test_comparison_job_over_http(live_server):
 ])
 def test_bad_methods_refused_at_submit(with_tiny, monkeypatch, model, methods, field, says):
     monkeypatch.setenv("LBS_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never contacted
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     client = create_app(load_settings(), {"TESTING": True}).test_client()
@@ -133,7 +133,7 @@ def test_comparison_from_the_command_line(with_tiny, tmp_path):
     out = tmp_path / "result.json"
     params = [arg for key, value in GRID.items()
               for arg in ("--param", f"{key}={json.dumps(value)}")]
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "eval", "--model",
+    proc = subprocess.run([sys.executable, "-m", "backend.apps.cli", "eval", "--model",
                            "builtin:tiny", "--dataset", "needle_in_haystack", *params,
                            "--output", str(out), "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -144,7 +144,7 @@ def test_comparison_from_the_command_line(with_tiny, tmp_path):
     check_scores(result["scores"], result["samples"])
     check_events(result["events"])
 
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "eval", "--model",
+    proc = subprocess.run([sys.executable, "-m", "backend.apps.cli", "eval", "--model",
                            "builtin:tiny", "--dataset", "needle_in_haystack", "--param",
                            'methods=["optimized","optimized"]'],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from backend.config import (
+from backend.common.config import (
     SETTINGS,
     ConfigError,
     Settings,
@@ -85,9 +85,9 @@ def _rows(table: str) -> dict[str, str]:
 
 
 def test_readme_settings_table_is_made_from_the_definitions():
-    """The README's table is what `python -m backend.config --markdown` prints from the
+    """The README's table is what `python -m backend.common.config --markdown` prints from the
     settings' definitions: the same variables, defaults and meanings, in the same order."""
-    made = subprocess.run([sys.executable, "-m", "backend.config", "--markdown"], cwd=ROOT,
+    made = subprocess.run([sys.executable, "-m", "backend.common.config", "--markdown"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=True).stdout
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("| variable | default | meaning |")
@@ -96,8 +96,9 @@ def test_readme_settings_table_is_made_from_the_definitions():
     assert list(ours) == [s.name for s in SETTINGS]
     assert list(theirs) == list(ours), "README's settings table lists other variables"
     differ = [name for name in ours if ours[name] != theirs[name]]
-    assert not differ, (f"README's settings table differs from backend/config.py for {differ}; "
-                        "paste the output of `python -m backend.config --markdown`")
+    assert not differ, (f"README's settings table differs from backend/common/config.py"
+                        f" for {differ}; paste the output of "
+                        "`python -m backend.common.config --markdown`")
     assert in_readme == made
 
 
@@ -124,7 +125,7 @@ def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
     API, LBS_MIN_AVAILABLE_GB=24 and the product brief's MAX_MEMORY_USAGE (8589934592 bytes,
     shown as "8.00 GB" there): 2**30 bytes a GB, as GPU tools count. A simulated 24 GB GPU
     must not show up as 22.4 GiB on the workers page."""
-    from backend.memory.manager import ManagerConfig
+    from backend.engine.memory.manager import ManagerConfig
 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB,24GiB,512MB")
     monkeypatch.setenv("LBS_MIN_AVAILABLE_GB", "24")
@@ -134,20 +135,20 @@ def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
 
 
 def test_only_config_reads_the_environment():
-    """Every variable is read in backend/config.py, so the settings table is complete:
+    """Every variable is read in backend/common/config.py, so the settings table is complete:
     no other module of the product touches os.environ or os.getenv."""
     import ast
 
     offenders = []
     for path in [*(ROOT / "backend").rglob("*.py"), ROOT / "clear_gpu_memory.py"]:
-        if path == ROOT / "backend" / "config.py":
+        if path == ROOT / "backend" / "common" / "config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             name = (node.attr if isinstance(node, ast.Attribute)
                     else node.name if isinstance(node, ast.alias) else None)
             if name in ("environ", "getenv", "environb", "getenvb"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert not offenders, f"read the environment outside backend/config.py: {offenders}"
+    assert not offenders, f"read the environment outside backend/common/config.py: {offenders}"
 
 
 def test_sizes_with_units_and_the_briefs_bytes(monkeypatch):

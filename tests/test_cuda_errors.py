@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy.exc
 import torch
 
-from backend import jobs
-from backend.evaluation import is_cuda_failure, is_out_of_memory
+from backend.engine.evaluation import is_cuda_failure, is_out_of_memory
+from backend.queue import jobs
 from tests.conftest import ROOT
 
 # The messages torch raises: TORCH_CUDABLAS_CHECK and AT_CUDNN_CHECK in
@@ -79,7 +79,7 @@ def test_worker_gives_its_job_back_and_exits_after_a_cuda_error(factory, with_ti
            "LBS_POLL_INTERVAL": "0.2"}
 
     def run_worker() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "backend.worker"], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "backend.apps.worker"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
 
     first = run_worker()
@@ -98,7 +98,7 @@ def test_worker_gives_its_job_back_and_exits_after_a_cuda_error(factory, with_ti
 
 
 def test_a_database_error_while_claiming_does_not_end_the_loop(settings, monkeypatch):
-    from backend import worker as worker_module
+    from backend.apps import worker as worker_module
 
     calls = []
     worker = worker_module.Worker(settings, worker_id="flaky-db")

@@ -48,7 +48,7 @@ def test_job_fetches_then_reads_cache_then_offline(with_tiny, hub, tmp_path):
         before = _datasets(live)["ceval"]["data"]
         assert before["state"] == "missing"
         assert before["how"]["hub"]["repo_id"] == "ceval/ceval-exam"
-        assert before["how"]["fetch_command"] == "python -m backend.cli data fetch ceval"
+        assert before["how"]["fetch_command"] == "python -m backend.apps.cli data fetch ceval"
         assert before["how"]["downloads_allowed"] is True
 
         status, body = live.request("POST", "/api/jobs", CEVAL_LAW)  # accepted: fetched later
@@ -132,7 +132,7 @@ def test_missing_data_422_and_status_say_how_to_get_it(with_tiny, hub, tmp_path)
         err = body["error"]
         assert err["code"] == "data_missing"
         assert err["details"][0]["field"] == "params.data_dir"
-        for text in ("THUDM/LongBench-v2", "python -m backend.cli data fetch longbench_v2",
+        for text in ("THUDM/LongBench-v2", "python -m backend.apps.cli data fetch longbench_v2",
                      str(datasets_dir / "longbench_v2"), "LBS_ALLOW_DATA_DOWNLOAD=1"):
             assert text in err["message"], text
         assert err["guidance"] == _datasets(live)["longbench_v2"]["data"]["how"]
@@ -182,14 +182,14 @@ def test_fetch_button_endpoint_and_cli(with_tiny, hub, tmp_path):
 
     # the CLI: LongBench's data.zip is fetched and unpacked; a job then reads it offline
     cli_env = {**live.env, **env}
-    out = subprocess.run([sys.executable, "-m", "backend.cli", "data", "fetch", "longbench"],
+    out = subprocess.run([sys.executable, "-m", "backend.apps.cli", "data", "fetch", "longbench"],
                          cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "fetching data" in out.stderr and "THUDM/LongBench" in out.stderr
     assert "hotpotqa" in out.stdout and "2 items" in out.stdout
     result = tmp_path / "lb.json"
     out = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "eval", "--model", "builtin:tiny",
+        [sys.executable, "-m", "backend.apps.cli", "eval", "--model", "builtin:tiny",
          "--dataset", "longbench", "--param", 'subsets=["trec"]', "--param", "max_length=300",
          "--output", str(result), "--quiet"],
         cwd=ROOT, env={**cli_env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,

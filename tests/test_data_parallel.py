@@ -13,9 +13,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from backend import jobs
-from backend.db import Job, JobState, utcnow, write_session
-from backend.worker import Worker
+from backend.apps.worker import Worker
+from backend.queue import jobs
+from backend.queue.db import Job, JobState, utcnow, write_session
 from tests.conftest import ENGINES, LiveServer
 
 NIAH = "needle_in_haystack"

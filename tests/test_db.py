@@ -50,7 +50,7 @@ def _schema(engine: sa.Engine) -> dict[str, Any]:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_the_migrated_schema_is_the_orm_schema(request, data_dir, engine):
-    from backend.db import Base, _create_engine, dispose_engines, get_engine
+    from backend.queue.db import Base, _create_engine, dispose_engines, get_engine
 
     migrated = get_engine(_empty_url(request, data_dir, "migrated"))
     declared = _create_engine(_empty_url(request, data_dir, "declared"))

@@ -134,8 +134,8 @@ def test_cancel_and_models_panel(server, tiny_copy, page):
 
 def test_model_output_is_shown_as_text(server, page):
     """A reply that looks like HTML is displayed as characters, never run or rendered."""
-    from backend import jobs
-    from backend.db import JobState, session_factory
+    from backend.queue import jobs
+    from backend.queue.db import JobState, session_factory
 
     factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
     (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "needle_in_haystack", {})])
@@ -181,7 +181,7 @@ def test_page_asks_for_the_token_once(with_tiny, page):
 
 
 def _db(server):
-    from backend.db import session_factory
+    from backend.queue.db import session_factory
 
     return session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
 
@@ -193,8 +193,8 @@ def _add_workers(server, current_job_id: int) -> None:
 
     import sqlalchemy as sa
 
-    from backend import jobs
-    from backend.db import WorkerRow, WorkerState, utcnow
+    from backend.queue import jobs
+    from backend.queue.db import WorkerRow, WorkerState, utcnow
 
     factory = _db(server)
     gpus = [{"index": i, "name": "Fake GPU", "total_bytes": 80 * 2**30, "free_bytes": 60 * 2**30}
@@ -233,7 +233,7 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert page.locator("#workers-summary").inner_text() == "1 of 3 workers alive"
     page.screenshot(path=ARTIFACTS / "workers.png", full_page=True)
     # polled: a worker that registers now shows up without a reload
-    from backend import jobs
+    from backend.queue import jobs
 
     jobs.register_worker(_db(server), "late-1", "late-box", 4444, "cpu")
     page.locator('tr[data-worker="late-1"] .badge.idle').wait_for(timeout=5_000)
@@ -276,7 +276,7 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert "needs 2 GPUs" in page.locator(f'tr[data-job="{job["id"]}"] .waiting').inner_text()
 
     # the lost worker's last published status stays on the models panel, marked as such
-    from backend.control import publish_status
+    from backend.queue.control import publish_status
 
     publish_status(_db(server), "ghost-1", manager_status("ghost-model", time.time() - 600))
     page.goto(server.url + "/#/models")

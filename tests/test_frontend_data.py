@@ -33,7 +33,7 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
 
         missing = page.locator('#data-longbench_v2[data-state="missing"]')
         text = missing.inner_text()
-        assert "python -m backend.cli data fetch longbench_v2" in text
+        assert "python -m backend.apps.cli data fetch longbench_v2" in text
         assert "THUDM/LongBench-v2" in text and str(datasets_dir / "longbench_v2") in text
         page.screenshot(path=ARTIFACTS / "launch-data-status.png", full_page=True)
 

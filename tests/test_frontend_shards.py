@@ -25,7 +25,7 @@ def server(with_tiny):
 
 
 def _db(server):
-    from backend.db import session_factory
+    from backend.queue.db import session_factory
 
     return session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
 
@@ -88,9 +88,9 @@ def test_launch_a_data_parallel_job_and_read_its_shards(server, page):
 def test_shards_in_every_state(server, page):
     """A job over three workers, pinned to a label the live worker lacks: shard 0 running
     on one worker, shard 1 done on another (with a GPU peak), shard 2 waiting."""
-    from backend import jobs
-    from backend.db import JobState
-    from backend.scheduling import Capacity
+    from backend.queue import jobs
+    from backend.queue.db import JobState
+    from backend.queue.scheduling import Capacity
 
     status, body = server.request("POST", "/api/jobs", {
         "model": "builtin:tiny", "dataset": NIAH, "worker_label": "rack-9",

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import pytest
 import sqlalchemy as sa
 
-from backend import jobs
-from backend.db import Job, JobState, Sample, Score
-from backend.worker import Worker
+from backend.apps.worker import Worker
+from backend.queue import jobs
+from backend.queue.db import Job, JobState, Sample, Score
 from tests.conftest import ENGINES
 
 both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
@@ -40,8 +40,8 @@ def started_worker(settings, worker_id: str):
 
 
 def _claim_all(url: str, worker_id: str, start, out: mp.Queue) -> None:
-    from backend.db import JobState, session_factory
-    from backend.jobs import claim_job, finish_job
+    from backend.queue.db import JobState, session_factory
+    from backend.queue.jobs import claim_job, finish_job
 
     factory = session_factory(url)
     start.wait()  # both processes are ready: race from here
@@ -192,7 +192,7 @@ def test_failed_job_records_reason_and_worker_survives(settings, factory, with_t
 
 
 def _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity: str):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.registry import load_plugin_dirs
 
     load_plugin_dirs([str(echo_plugin_dir)])
@@ -249,8 +249,8 @@ def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monk
     """A database from before the floor: its highest job id is the floor."""
     import sqlalchemy as sa
 
-    from backend import db
-    from backend.db import Job, dispose_engines, get_engine, session_factory
+    from backend.queue import db
+    from backend.queue.db import Job, dispose_engines, get_engine, session_factory
 
     url = f"sqlite:///{data_dir / 'old.sqlite3'}"
     floor = db.MIGRATIONS.index(db._m009_id_floors)  # by name: later migrations follow it
@@ -276,7 +276,7 @@ def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monk
 def test_a_late_lease_loss_of_the_last_job_does_not_cancel_the_next(settings, factory):
     """The heartbeat read job 3, job 3 finished and job 4 started, then renewing job 3's
     lease failed (LeaseLost): that must not stop job 4 (it was cancelled, seen live)."""
-    from backend.worker import Worker
+    from backend.apps.worker import Worker
 
     first, second = _submit(factory, 2)
     worker = Worker(settings, worker_id="w-late")
@@ -298,7 +298,7 @@ def test_a_worker_prunes_long_dead_workers_their_status_and_old_commands(setting
     weeks ago are deleted by the running workers' heartbeat; recent ones stay."""
     from datetime import timedelta
 
-    from backend.db import (
+    from backend.queue.db import (
         CommandState,
         ControlCommand,
         WorkerRow,
@@ -344,7 +344,7 @@ def test_a_worker_prunes_long_dead_workers_their_status_and_old_commands(setting
 def test_a_worker_whose_row_was_pruned_while_it_slept_registers_again(settings, factory):
     """A suspended machine wakes after the retention: another worker pruned this one's
     rows, and its next heartbeat brings them back instead of beating into nothing."""
-    from backend.db import WorkerRow, WorkerStatus
+    from backend.queue.db import WorkerRow, WorkerStatus
 
     with started_worker(settings, "w-sleeper"):
         with factory.begin() as session:

@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from backend import jobs
-from backend.db import JobState
+from backend.queue import jobs
+from backend.queue.db import JobState
 from backend.runners.hf import HFRunner
 from tests.conftest import ROOT, work_one_job
 

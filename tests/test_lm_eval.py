@@ -40,10 +40,10 @@ def tasks_dir(tmp_path, monkeypatch) -> Path:
 
 
 def _ours(tasks: list[str], extra: dict | None = None):
-    from backend.cli import _ListSink
-    from backend.config import load_settings
-    from backend.evaluation import prepare, run_evaluation
-    from backend.memory.manager import ModelManager
+    from backend.apps.cli import _ListSink
+    from backend.common.config import load_settings
+    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.memory.manager import ModelManager
 
     settings = load_settings()
     job = prepare("builtin:tiny", "lm_eval", {"tasks": tasks, **(extra or {})}, settings,
@@ -102,7 +102,7 @@ def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
                 assert row.fields["loglikelihood"] == pytest.approx(float(s["resps"][0][0]),
                                                                     abs=1e-4)
     # lm-eval's own loop on our runner (its model interface served by RunnerLM)
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.lm_eval_lm import RunnerLM
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
@@ -153,10 +153,10 @@ def test_group_aggregate_and_num_fewshot(with_tiny, tasks_dir):
 def test_cancel_stops_between_documents_and_a_resume_skips_stored_ones(with_tiny, tasks_dir):
     """A sink that says stop (a cancelled job) ends the job after that document; a resumed
     job answers only the documents not stored and aggregates all of them."""
-    from backend.cli import _ListSink
-    from backend.config import load_settings
-    from backend.evaluation import prepare, run_evaluation
-    from backend.memory.manager import ModelManager
+    from backend.apps.cli import _ListSink
+    from backend.common.config import load_settings
+    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.memory.manager import ModelManager
 
     class Stopping(_ListSink):
         def write(self, record):
@@ -319,7 +319,7 @@ def test_openai_model_answers_through_runner_lm(with_tiny, tasks_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.datasets.lm_eval_lm import RunnerLM
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from backend.datasets.base import CacheMode
-from backend.memory.held import HeldModel
-from backend.memory.manager import (
+from backend.engine.memory.held import HeldModel
+from backend.engine.memory.manager import (
     Location,
     ManagerConfig,
     MemoryLimitError,

@@ -1,4 +1,4 @@
-"""`python -m backend.mcp_server` driven by the mcp package's own client, over stdio (and
+"""`python -m backend.apps.mcp_server` driven by the mcp package's own client, over stdio (and
 once over streamable HTTP), against a real server + worker that needs an API token."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ async def session(server: LiveServer, token: str | None = TOKEN):
     from mcp.client.stdio import StdioServerParameters
 
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "backend.mcp_server", "--server", server.url],
+        command=sys.executable, args=["-m", "backend.apps.mcp_server", "--server", server.url],
         env=_env(server, token), cwd=ROOT)
     async with Client(params) as client:
         yield client
@@ -242,10 +242,10 @@ def test_without_the_token_tools_fail_clearly(server):
 
 @contextmanager
 def http_mcp(server: LiveServer):
-    """`python -m backend.mcp_server --http` on a free port, for the server's token."""
+    """`python -m backend.apps.mcp_server --http` on a free port, for the server's token."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.mcp_server", "--http", "--port", str(port),
+        [sys.executable, "-m", "backend.apps.mcp_server", "--http", "--port", str(port),
          "--server", server.url], cwd=ROOT, env={**os.environ, **_env(server, TOKEN)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -336,7 +336,7 @@ def test_what_a_client_sees_in_the_tool_list(server):
 
 
 def test_the_mcp_server_never_imports_torch():
-    code = ("import sys, backend.mcp_server as m\n"
+    code = ("import sys, backend.apps.mcp_server as m\n"
             "m.build_server(m.ApiClient('http://127.0.0.1:1'))\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -368,7 +368,7 @@ def run_inspector(inspector: str, *args: str) -> tuple[int, str]:
 def test_inspector_over_stdio(server, inspector):
     env = {**_env(server, TOKEN), "LBS_SERVER_URL": server.url}  # its --server is taken
     stdio = [*[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
-             sys.executable, "-m", "backend.mcp_server"]
+             sys.executable, "-m", "backend.apps.mcp_server"]
     code, out = run_inspector(inspector, *stdio, "--method", "tools/list")
     assert code == 0, out
     tools = {t["name"]: t for t in json.loads(out)["tools"]}

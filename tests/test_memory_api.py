@@ -219,9 +219,9 @@ def test_a_finished_job_shows_the_model_where_it_now_is(with_tiny, echo_plugin_d
 def test_worker_publishes_after_a_move_between_jobs(monkeypatch, with_tiny, echo_plugin_dir):
     """A model moved outside a job (idle monitor, eviction) is published at once, not at
     the next periodic publication: here there is none."""
-    from backend import control, jobs
-    from backend.config import load_settings
-    from backend.worker import Worker
+    from backend.apps.worker import Worker
+    from backend.common.config import load_settings
+    from backend.queue import control, jobs
 
     monkeypatch.setenv("LBS_PLUGIN_DIRS", str(echo_plugin_dir))
     settings = load_settings()
@@ -256,8 +256,8 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
 
     import sqlalchemy as sa
 
-    from backend import control, jobs
-    from backend.db import WorkerRow, utcnow
+    from backend.queue import control, jobs
+    from backend.queue.db import WorkerRow, utcnow
 
     now = time.time()
     for worker_id, as_of in (("gone", now - 600), ("live", now - 1)):  # "gone" started first

@@ -17,7 +17,7 @@ KEY = "sk-test-5ecret-key-never-logged"
 
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import jobs
-from backend.db import JobState
-from backend.evaluation import prepare
-from backend.paths import OutsideAllowedFolders, confine
+from backend.common.paths import OutsideAllowedFolders, confine
+from backend.engine.evaluation import prepare
+from backend.queue import jobs
+from backend.queue.db import JobState
 
 ROOT = Path(__file__).resolve().parent.parent
 NIAH = "needle_in_haystack"
@@ -70,7 +70,7 @@ def test_model_folders_must_lie_under_model_dirs(client, tiny_copy, outside_chec
 
 
 def test_without_model_dirs_no_folder_is_accepted(monkeypatch, with_tiny, tiny_copy):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     monkeypatch.setenv("LBS_MODEL_DIRS", "")
@@ -108,7 +108,7 @@ def test_data_paths_must_lie_under_datasets_dir(client, settings, tmp_path):
 def test_the_worker_refuses_a_queued_job_outside_the_folders(settings, factory, with_tiny,
                                                              outside_checkpoint):
     """A row that reached the queue some other way is checked again before loading."""
-    from backend.worker import Worker
+    from backend.apps.worker import Worker
 
     (job_id,) = [j.id for j in jobs.submit_jobs(
         factory, [jobs.NewJob(str(outside_checkpoint), NIAH, SMALL)])]

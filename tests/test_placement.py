@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.memory.limits import cap_process_memory, load_placement
+from backend.engine.memory.limits import cap_process_memory, load_placement
 from backend.runners.base import GenerationRequest
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
@@ -20,7 +20,7 @@ GiB = 1024**3
 @pytest.fixture(autouse=True)
 def _no_cap_yet(monkeypatch):
     """Each test starts in a process whose allocator nothing has capped."""
-    from backend.memory import limits
+    from backend.engine.memory import limits
 
     monkeypatch.setattr(limits, "_capped", {})
 
@@ -207,8 +207,8 @@ def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
 
 
 def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
-    from backend.admission import estimate_job_bytes
-    from backend.evaluation import _loader, prepare
+    from backend.engine.admission import estimate_job_bytes
+    from backend.engine.evaluation import _loader, prepare
     from backend.runners.models import estimate_model_bytes
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)

@@ -35,7 +35,7 @@ def test_adding_a_dataset_followed_from_scratch(with_tiny, tmp_path):
     assert [f.name for f in files] == ["echo_dataset.py"]
     out = tmp_path / "echo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "eval", "--model", "builtin:tiny",
+        [sys.executable, "-m", "backend.apps.cli", "eval", "--model", "builtin:tiny",
          "--dataset", "echo", "--param", 'words=["apple","river"]', "--param",
          "max_new_tokens=4", "--output", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend import jobs
 from backend.datasets.registry import get_dataset
-from backend.db import JobState
-from backend.evaluation import Backoff
+from backend.engine.evaluation import Backoff
+from backend.queue import jobs
+from backend.queue.db import JobState
 from backend.runners.base import GenerationRequest, PromptView
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
@@ -163,7 +163,7 @@ def test_a_job_answers_as_independent_prompts_and_resumes(settings, factory, wit
     # a job that crashed after 7 samples: the resumed run starts mid-length, mid-depth
     resumed = _job(settings, factory, params)
     with factory() as db:
-        from backend.db import Sample
+        from backend.queue.db import Sample
         for s in samples[:7]:
             db.add(Sample(job_id=resumed, idx=s.idx, prompt=s.prompt,
                           prompt_tokens=s.prompt_tokens, prediction=s.prediction,

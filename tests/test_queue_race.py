@@ -1,6 +1,6 @@
 """Worker processes racing on one queue, on SQLite and on PostgreSQL: every job runs
 exactly once, and a job whose worker was killed mid-job resumes in another worker
-after its stored samples. The processes claim and finish through backend.jobs
+after its stored samples. The processes claim and finish through backend.queue.jobs
 (no model), so hundreds of jobs take seconds."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backend import jobs
-from backend.db import Job, JobState, Sample
+from backend.queue import jobs
+from backend.queue.db import Job, JobState, Sample
 from tests.conftest import ENGINES
 
 pytestmark = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 
 
 def _drain(url: str, worker_id: str, start, out) -> None:
-    from backend.db import JobState, session_factory
-    from backend.jobs import claim_job, finish_job, record_sample
+    from backend.queue.db import JobState, session_factory
+    from backend.queue.jobs import claim_job, finish_job, record_sample
 
     factory = session_factory(url)
     start.wait()
@@ -65,8 +65,8 @@ def test_worker_processes_race_on_hundreds_of_jobs(factory, settings):
 
 def _run_until_killed(url: str, ready) -> None:
     """Claim the job, store samples 0-2, then hang (the test kills this process)."""
-    from backend.db import session_factory
-    from backend.jobs import claim_job, record_sample, set_total
+    from backend.queue.db import session_factory
+    from backend.queue.jobs import claim_job, record_sample, set_total
 
     factory = session_factory(url)
     job = claim_job(factory, "doomed", lease_seconds=1.0, max_attempts=3)
@@ -79,8 +79,8 @@ def _run_until_killed(url: str, ready) -> None:
 
 def _rescue(url: str, out) -> None:
     """Wait for the lost job to come back, resume it after its stored samples."""
-    from backend.db import JobState, session_factory
-    from backend.jobs import claim_job, finish_job, record_sample, stored_samples
+    from backend.queue.db import JobState, session_factory
+    from backend.queue.jobs import claim_job, finish_job, record_sample, stored_samples
 
     factory = session_factory(url)
     deadline = time.monotonic() + 60

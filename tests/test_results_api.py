@@ -8,9 +8,9 @@ import csv
 import io
 import json
 
-from backend import jobs
 from backend.datasets.base import ScoreEntry
-from backend.db import JobState
+from backend.queue import jobs
+from backend.queue.db import JobState
 
 NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
         "params": {"context_lengths": [256, 512], "depth_percents": [0, 50, 100]}}
@@ -112,7 +112,7 @@ def test_exports_carry_reference_and_dataset_columns(client, app):
 
 
 def test_export_of_many_samples_reads_them_in_pages(client, app, monkeypatch):
-    from backend.api import jobs as api_jobs
+    from backend.apps.api import jobs as api_jobs
 
     monkeypatch.setattr(api_jobs, "EXPORT_PAGE", 2)
     factory = app.extensions["lbs"].factory

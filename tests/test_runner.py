@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from backend.datasets.base import CacheMode
-from backend.memory.held import HeldModel
-from backend.memory.limits import build_max_memory
-from backend.memory.manager import ModelManager
+from backend.engine.memory.held import HeldModel
+from backend.engine.memory.limits import build_max_memory
+from backend.engine.memory.manager import ModelManager
 from backend.runners.base import GenerationRequest
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import ModelNotFound, resolve_model
@@ -40,7 +40,7 @@ def test_max_memory_for_a_job_on_several_gpus(caplog):
 
 
 def test_num_gpus_reaches_the_load_options(settings, with_tiny):
-    from backend.evaluation import _loader, prepare
+    from backend.engine.evaluation import _loader, prepare
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [256]}, settings)
     job.num_gpus = 2
@@ -171,8 +171,8 @@ def test_uncached_model_is_released_when_the_job_fails():
 def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
     import torch
 
-    from backend.config import load_settings
-    from backend.memory.tracker import CudaPeaks
+    from backend.common.config import load_settings
+    from backend.engine.memory.tracker import CudaPeaks
 
     monkeypatch.setenv("LBS_GPU_MEMORY_LIMIT", "0.5")
     capped = load_settings()
@@ -196,7 +196,7 @@ def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
     assert peaks.job_peaks()["cuda:0"]["max_allocated"] > 0
     runner.close()
     torch.cuda.empty_cache()
-    from backend.memory.limits import cap_process_memory
+    from backend.engine.memory.limits import cap_process_memory
 
     cap_process_memory(0.0)  # lift the cap for the tests that follow in this process
     assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
@@ -204,7 +204,7 @@ def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
 
 _ALLOCATOR_REPORT = """
 import json, sys
-from backend.config import apply_allocator_settings, load_settings
+from backend.common.config import apply_allocator_settings, load_settings
 apply_allocator_settings(load_settings())
 import torch
 a = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
@@ -253,7 +253,7 @@ def test_worker_sets_expandable_segments_before_cuda():
 def test_gpu_offload_drops_gpu_copy_and_restore_is_exact(settings, with_tiny):
     import torch
 
-    from backend.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.manager import ManagerConfig, ModelManager
 
     spec = resolve_model("builtin:small", settings)
     manager = ModelManager(ManagerConfig.from_settings(settings))

@@ -10,9 +10,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from backend import jobs
-from backend.db import WorkerRow, utcnow
-from backend.scheduling import Capacity
+from backend.queue import jobs
+from backend.queue.db import WorkerRow, utcnow
+from backend.queue.scheduling import Capacity
 from tests.conftest import ENGINES
 
 both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
@@ -153,8 +153,8 @@ def test_api_fields_validation_and_waiting_reason(client, monkeypatch, settings)
 
 
 def test_memory_estimate_grows_with_context(settings, with_tiny):
-    from backend.admission import estimate_job_bytes
-    from backend.evaluation import prepare
+    from backend.engine.admission import estimate_job_bytes
+    from backend.engine.evaluation import prepare
 
     def need(lengths, batch=1):
         p = prepare("builtin:tiny", NIAH, {"context_lengths": lengths, "batch_size": batch},
@@ -171,7 +171,7 @@ def test_memory_estimate_grows_with_context(settings, with_tiny):
 
 def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, with_tiny,
                                                           client):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from tests.test_jobs import started_worker
 
     res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH, "params": {
@@ -201,9 +201,9 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
 
 
 def test_pool_plan_and_worker_gpus(monkeypatch):
-    from backend.config import load_settings
+    from backend.apps.worker import detect_gpus
+    from backend.common.config import load_settings
     from backend.server import WorkerPool
-    from backend.worker import detect_gpus
 
     monkeypatch.setenv("LBS_WORKERS", "0,1;2")
     assert WorkerPool(load_settings()).plan() == ["0,1", "2"]
@@ -219,7 +219,7 @@ def test_pool_plan_and_worker_gpus(monkeypatch):
 def test_idle_worker_wakes_on_new_work(factory, settings, db_url):
     """A submitted job wakes an idle worker: LISTEN/NOTIFY on PostgreSQL, a 50 ms read of
     the queue on SQLite."""
-    from backend.notify import WorkWaiter
+    from backend.queue.notify import WorkWaiter
 
     waiter = WorkWaiter(settings.database_url)
     stop = threading.Event()

@@ -141,7 +141,7 @@ def test_keys_hosts_remote_errors_and_hung_requests(with_tiny, endpoints):
 
 
 def test_jobs_reach_only_allowed_hosts(monkeypatch, with_tiny):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
     from backend.server import create_app
 
     def client(**env):
@@ -261,8 +261,8 @@ def test_a_page_on_another_origin_cannot_change_anything(idle_server):
         evil.server_close()
     jobs = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
     assert [(j["id"], j["state"]) for j in jobs] == [(1, "cancelled")]
-    from backend.control import stored_commands
-    from backend.db import dispose_engines, session_factory
+    from backend.queue.control import stored_commands
+    from backend.queue.db import dispose_engines, session_factory
 
     factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
     assert stored_commands(factory) == []  # the memory limit was not set to 0.1 GB either
@@ -527,8 +527,8 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
     import subprocess
     import sys
 
-    from backend.control import worker_statuses
-    from backend.db import dispose_engines, session_factory
+    from backend.queue.control import worker_statuses
+    from backend.queue.db import dispose_engines, session_factory
     from tests.conftest import ROOT
 
     server = idle_server
@@ -537,7 +537,7 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
     status, body = server.request("POST", "/api/v1/memory/limit?limit_gb=2")
     assert status == 202 and body["data"]["memory_limit"] == 2 * 1024**3, body
 
-    worker = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT,
+    worker = subprocess.Popen([sys.executable, "-m", "backend.apps.worker"], cwd=ROOT,
                               env=server.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")

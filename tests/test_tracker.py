@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.memory import tracker
+from backend.engine.memory import tracker
 
 
 @pytest.mark.parametrize("use_kernel_mark", [True, False])

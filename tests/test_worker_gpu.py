@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import sqlalchemy as sa
 
-from backend import jobs
 from backend.datasets.base import CacheMode
-from backend.db import Job
+from backend.queue import jobs
+from backend.queue.db import Job
 from tests.test_jobs import started_worker
 from tests.test_manager import FakeRunner
 
@@ -40,7 +40,7 @@ def _lease(factory, job_id):
 
 
 def test_heartbeat_renews_the_lease_while_an_offload_outlasts_it(factory, monkeypatch):
-    from backend.config import load_settings
+    from backend.common.config import load_settings
 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB")
     monkeypatch.setenv("LBS_LEASE_SECONDS", "1")  # the heartbeat beats every 0.25 s
@@ -76,8 +76,8 @@ def test_heartbeat_renews_the_lease_while_an_offload_outlasts_it(factory, monkey
 
 def test_prefetch_waits_for_the_running_jobs_model_and_counts_its_estimate(
         factory, settings, monkeypatch):
-    from backend.memory import manager as manager_module
-    from backend.worker import Worker
+    from backend.apps.worker import Worker
+    from backend.engine.memory import manager as manager_module
 
     monkeypatch.setattr(manager_module, "_free_gpu_bytes", lambda: 10 * GB)
     worker = Worker(settings, worker_id="prefetcher")
@@ -142,7 +142,7 @@ class FakeNVML:
 
 
 def test_a_one_gpu_job_is_admitted_against_its_own_gpu_not_the_sum(factory):
-    from backend.scheduling import Capacity
+    from backend.queue.scheduling import Capacity
 
     (one,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
     two_cards = Capacity(gpu_count=2, free_gpu_bytes=(10 * GB, 10 * GB))
@@ -167,7 +167,7 @@ def test_waiting_reason_counts_the_gpus_the_job_uses(factory):
 def test_manager_gpu_cap_is_a_share_of_the_first_gpu(monkeypatch):
     import torch
 
-    from backend.memory.manager import ManagerConfig
+    from backend.engine.memory.manager import ManagerConfig
 
     sizes = [24 * GB, 80 * GB]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -185,7 +185,7 @@ def test_manager_gpu_cap_is_a_share_of_the_first_gpu(monkeypatch):
 def test_nvml_indices_are_cuda_indices(monkeypatch, settings):
     import os
 
-    from backend.config import apply_allocator_settings, select_cuda_device
+    from backend.common.config import apply_allocator_settings, select_cuda_device
 
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # CUDA's default order
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -201,7 +201,7 @@ def test_free_gpu_choice_skips_every_gpu_of_this_hosts_workers_only(factory, set
     import socket
     import sys
 
-    from backend import worker as worker_module
+    from backend.apps import worker as worker_module
 
     nvml = FakeNVML([(80 * GB, 10 * GB, 0, []), (80 * GB, 80 * GB, 0, []),
                      (80 * GB, 40 * GB, 0, [])])
@@ -225,7 +225,7 @@ def test_nvml_in_a_pid_namespace_reports_unknown_and_device_use_since_start(monk
     import os
     import sys
 
-    from backend.memory import gpu
+    from backend.engine.memory import gpu
 
     foreign = [(os.getpid() + 1000, 3 * GB), (os.getpid() + 2000, GB)]
     nvml = FakeNVML([(80 * GB, 75 * GB, 5 * GB, foreign)])
@@ -248,10 +248,10 @@ def test_cuda_peaks_store_unknown_process_use_and_the_device_fallback(monkeypatc
 
     import torch
 
-    from backend.api.schemas import memory_dict
-    from backend.db import JobState
-    from backend.memory import gpu
-    from backend.memory.tracker import CudaPeaks
+    from backend.apps.api.schemas import memory_dict
+    from backend.engine.memory import gpu
+    from backend.engine.memory.tracker import CudaPeaks
+    from backend.queue.db import JobState
 
     nvml = FakeNVML([(80 * GB, 75 * GB, 5 * GB, [(os.getpid() + 1000, 5 * GB)])])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
+from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama

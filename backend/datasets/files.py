@@ -16,8 +16,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from backend.common.paths import OutsideAllowedFolders, confine_file
 from backend.datasets.base import ParamError, PathRefused
-from backend.paths import OutsideAllowedFolders, confine_file
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 

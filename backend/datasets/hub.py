@@ -100,7 +100,7 @@ class FetchPending(DataMissing):
 
 def fetch_command(dataset: str, parts: list[str] | None = None) -> str:
     extra = f" --subsets {' '.join(parts)}" if parts else ""
-    return f"python -m backend.cli data fetch {dataset}{extra}"
+    return f"python -m backend.apps.cli data fetch {dataset}{extra}"
 
 
 def guidance(ds: Any, parts: list[str] | None = None,

@@ -197,7 +197,7 @@ class LmEvalTasks(Dataset):
         method in batches, halving them on out-of-memory (an OomFailure in place of a
         result that does not fit alone)."""
         from backend.datasets.lm_eval_lm import RunnerLM
-        from backend.evaluation import OomFailure
+        from backend.engine.evaluation import OomFailure
 
         lm = RunnerLM(runner, run)
         by_type: dict[str, list[Any]] = defaultdict(list)

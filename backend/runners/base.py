@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backend.memory.held import HeldModel
+from backend.engine.memory.held import HeldModel
 
 
 class JobFieldError(ValueError):

@@ -4,7 +4,7 @@ Loading follows the settings: dtype from LBS_TORCH_DTYPE, trust_remote_code
 only with LBS_TRUST_REMOTE_CODE=1, never a download unless
 LBS_ALLOW_DOWNLOAD=1, the weights straight onto the worker's device, and with
 LBS_GPU_MEMORY_LIMIT > 0 on CUDA the process's allocator capped and a device map
-under accelerate's `max_memory` (see backend.memory.limits). Generation is
+under accelerate's `max_memory` (see backend.engine.memory.limits). Generation is
 greedy, one request at a time (prompts of a job differ in length, and
 padding a 100k-token batch wastes the memory NIAH needs).
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from backend.config import Settings
-from backend.memory.limits import cap_process_memory, load_placement
+from backend.common.config import Settings
+from backend.engine.memory.limits import cap_process_memory, load_placement
 from backend.runners.base import (
     Generation,
     GenerationRequest,
@@ -305,7 +305,7 @@ class HFRunner(Runner):
 
     @classmethod
     def estimate_job_bytes(cls, job: Any, settings: Any) -> int | None:
-        from backend.admission import estimate_job_bytes
+        from backend.engine.admission import estimate_job_bytes
 
         return estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
                                   settings)
@@ -356,7 +356,7 @@ class HFRunner(Runner):
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
              headroom_bytes: int = 0) -> HFRunner:
         """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
-        process's allocator (backend.memory.limits.cap_process_memory); the weights go
+        process's allocator (backend.engine.memory.limits.cap_process_memory); the weights go
         straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
         job's KV cache and activations) free on each GPU (`load_placement`)."""
         import torch

@@ -14,10 +14,10 @@ import json
 import re
 from pathlib import Path
 
-from backend.config import Settings
+from backend.common.config import Settings
+from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text
+from backend.common.paths import confine as confine_path
 from backend.datasets.base import ModelInfo
-from backend.paths import InvalidPath, OutsideAllowedFolders, check_path_text
-from backend.paths import confine as confine_path
 from backend.runners import builtin
 from backend.runners.base import ModelSpec
 from backend.runners.registry import DEFAULT, get_runner, runner_name_for

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from backend.redact import mask_url
+from backend.common.redact import mask_url
 from backend.runners.base import (
     Generation,
     GenerationRequest,

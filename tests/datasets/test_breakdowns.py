@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.api.schemas import scores_dict
+from backend.apps.api.schemas import scores_dict
 from backend.datasets.registry import dataset_names, get_dataset
 from tests.conftest import ROOT
 

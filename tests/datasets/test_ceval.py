@@ -120,7 +120,7 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
     import copy
 
     from backend.datasets.ceval import LETTERS
-    from backend.evaluation import _choose
+    from backend.engine.evaluation import _choose
     from backend.runners.base import PromptView
     from backend.runners.hf import HFRunner
 

@@ -1,0 +1,162 @@
+"""/api/datasets and /api/models: what a job can name, and whether its data is ready.
+
+Each dataset carries `data`: ready or missing, where, items per part, and how to get
+it (hub id, the `data fetch` command, the folder to copy into). POST
+/api/datasets/<name>/fetch starts `python -m backend.apps.cli data fetch <name>` as a
+child process of the server (only with LBS_ALLOW_DATA_DOWNLOAD): the download runs
+outside the server process, into this machine's Hugging Face cache, and its progress
+(bytes) shows in `data.fetch` until it ends. Workers on this machine read that
+cache; a worker on another machine fetches for itself when its first job needs the
+data (LBS_ALLOW_DATA_DOWNLOAD there too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from pydantic import BaseModel, Field, ValidationError
+
+from backend.apps.api.errors import ApiError
+from backend.apps.api.openapi import documented
+from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
+from backend.datasets.status import dataset_status
+from backend.runners.models import list_local_models
+
+log = logging.getLogger(__name__)
+bp = Blueprint("datasets", __name__)
+
+
+class FetchRequest(BaseModel):
+    subsets: list[str] | None = Field(None, max_length=100,
+                                      description="parts of the dataset; all when left out")
+
+
+class Fetches:
+    """The data fetches this server started: one child process per dataset at a time."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+        self.lock = threading.Lock()
+
+    def start(self, name: str, parts: list[str] | None, settings: Any) -> dict[str, Any]:
+        with self.lock:
+            running = self.procs.get(name)
+            if running is not None and running[0].poll() is None:
+                return self.state(name) or {}
+            folder = settings.data_dir / "fetch"
+            folder.mkdir(parents=True, exist_ok=True)
+            progress = folder / f"{name}.json"
+            progress.unlink(missing_ok=True)
+            log_file = open(folder / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+            cmd = [sys.executable, "-m", "backend.apps.cli", "data", "fetch", name,
+                   "--progress-file", str(progress)]
+            if parts:
+                cmd += ["--subsets", *parts]
+            env = settings.child_env()
+            proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+            log_file.close()
+            self.procs[name] = (proc, progress, time.time())
+            log.info("[Server] fetching data for %s (pid %d)", name, proc.pid)
+        return self.state(name) or {}
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        entry = self.procs.get(name)
+        if entry is None:
+            return None
+        proc, progress, started = entry
+        try:
+            state = json.loads(progress.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = {"state": "running", "bytes_done": 0, "bytes_total": None}
+        code = proc.poll()
+        if code is not None and state.get("state") == "running":
+            tail = (progress.parent / f"{name}.log").read_text(errors="replace")[-500:]
+            state = {**state, "state": "failed", "error": tail.strip().splitlines()[-1]
+                     if tail.strip() else f"exit status {code}"}
+        state.pop("at", None)
+        return {**state, "started_at": started}
+
+
+def _fetches() -> Fetches:
+    return current_app.extensions.setdefault("lbs_fetches", Fetches())
+
+
+def describe(name: str) -> dict[str, Any]:
+    settings = current_app.extensions["lbs"].settings
+    ds = get_dataset(name)
+    ds.configure(settings)
+    ds.datasets_dir = settings.datasets_dir
+    out = ds.describe()
+    out["data"] = dataset_status(ds, settings.allow_data_download, settings.hub_offline)
+    fetch = _fetches().state(name)
+    if fetch is not None:
+        out["data"]["fetch"] = fetch
+    return out
+
+
+@bp.get("/api/datasets")
+@documented("datasets with parameter schemas and data status (ready/missing, where, items, "
+            "how to get it)", data={"datasets": [{"type": "object"}]})
+def list_datasets():
+    datasets = [describe(name) for name in dataset_names()]
+    return {"status": "success", "data": {"datasets": datasets}}
+
+
+@bp.post("/api/datasets/<name>/fetch")
+@documented("fetch a dataset's official data from the Hugging Face hub into this machine's "
+            "cache (LBS_ALLOW_DATA_DOWNLOAD=1); body {subsets?: [...]}; progress in GET "
+            "/api/datasets", body=FetchRequest, body_required=False,
+            data={"dataset": {"type": "string"}, "fetch": {"type": "object"}}, status=202,
+            errors=(403, 404, 422))
+def fetch_dataset(name: str):
+    settings = current_app.extensions["lbs"].settings
+    try:
+        ds = get_dataset(name)
+    except UnknownDataset as exc:
+        raise ApiError(404, "unknown_dataset", str(exc),
+                       [{"field": "name", "message": str(exc)}]) from None
+    if ds.hub is None:
+        raise ApiError(422, "no_hub_source", f"{name} has no hub source to fetch from",
+                       [{"field": "name", "message": "no hub source"}])
+    if not settings.allow_data_download or settings.hub_offline:
+        why = ("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if settings.hub_offline
+               else "data downloads are off (LBS_ALLOW_DATA_DOWNLOAD=0)")
+        raise ApiError(403, "downloads_disabled",
+                       f"{why}; fetch it on a machine with a network: "
+                       f"python -m backend.apps.cli data fetch {name}",
+                       [{"field": "name", "message": why}])
+    body = request.get_json(silent=True) or {}
+    try:
+        parts = FetchRequest.model_validate(body).subsets if isinstance(body, dict) else None
+        known = parts is None or all(p in (ds.hub.configs or ()) for p in parts)
+    except ValidationError:  # not a list of names
+        known = False
+    if not known:
+        raise ApiError(422, "invalid_body", "subsets: a list of the dataset's parts",
+                       [{"field": "subsets", "message": "a list of known parts"}])
+    state = _fetches().start(name, parts, settings)
+    return {"status": "success", "data": {"dataset": name, "fetch": state}}, 202
+
+
+@bp.get("/api/models")
+@documented("local models a job can name: the built-in ones and the checkpoint folders "
+            "under LBS_MODEL_DIRS (name, kind, max_length)",
+            data={"models": [{"type": "object", "properties": {
+                "name": {"type": "string"}, "kind": {"type": "string"},
+                "max_length": {"type": ["integer", "null"]},
+                "architecture": {"type": ["string", "null"]}}}],
+                  "model_dirs": [{"type": "string"}]})
+def list_models():
+    dirs = current_app.extensions["lbs"].settings.model_dirs
+    return {"status": "success", "data": {"models": list_local_models(dirs),
+                                          "model_dirs": list(dirs)}}

@@ -1,0 +1,112 @@
+"""The API's error envelope, and the handlers that make every failure one.
+
+Every error answers `{"status": "error", "error": {"code", "message",
+"details": [{"field", "message"}]}}` with a 4xx for what the caller got wrong,
+and a bare 500 message (never a stack trace) for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error to send to the caller as it is."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, str]] | None = None,
+                 extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.extra = extra or {}
+        """More keys of the error object (a missing dataset's `guidance`)."""
+
+
+def error_response(status: int, code: str, message: str,
+                   details: list[dict[str, str]] | None = None,
+                   extra: dict[str, Any] | None = None):
+    body = {"status": "error",
+            "error": {"code": code, "message": message, "details": details or [],
+                      **(extra or {})}}
+    return jsonify(body), status
+
+
+def field_path(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """('jobs', 0, 'params', 'x') -> 'jobs[0].params.x'."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+_UNION_TAG = re.compile(r"^(?:[A-Z]\w*|int|float|str|bool|bytes|none|constrained-\w+|"
+                        r"[\w-]+\[.*\])$")
+"""What pydantic adds to an error's location for each member of a union
+(`constrained-int`, `literal['auto']`, `list[int]`, `function-after[...]`, a model's
+class name): it means nothing to a user, who named the field only."""
+
+
+def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """One detail per field the caller got wrong, named as the caller wrote it. The
+    errors of a union's members on one field (`1..256` or `"auto"`) become one message
+    listing what the field takes: "Input should be less than or equal to 256, or be
+    'auto'"."""
+    merged: dict[str, list[str]] = {}
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        merged.setdefault(field_path(loc, prefix), []).append(err["msg"])
+    details = []
+    for field, messages in merged.items():
+        first, *others = dict.fromkeys(messages)  # in order, each once
+        alternatives = [m.removeprefix("Input should be ") for m in others]
+        message = ", or be ".join([first, *alternatives]) if alternatives else first
+        details.append({"field": field, "message": message})
+    return details
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.extra)
+
+    from backend.queue.jobs import JobConflict, JobNotFound
+
+    @app.errorhandler(JobNotFound)
+    def _not_found(exc: JobNotFound):
+        return error_response(404, "not_found", str(exc))
+
+    @app.errorhandler(JobConflict)
+    def _conflict(exc: JobConflict):
+        return error_response(409, "conflict", str(exc))
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError):
+        details = validation_details(exc)
+        return error_response(422, "validation_error",
+                              "; ".join(f"{d['field']}: {d['message']}" for d in details),
+                              details)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("[API] unexpected error")
+        return error_response(500, "internal_error",
+                              "internal error; the server log has the details")

@@ -1,0 +1,146 @@
+"""`python -m backend.apps.cli data fetch|status`: get a dataset's official data, see what is ready.
+
+    python -m backend.apps.cli data fetch ceval --subsets law logic
+    python -m backend.apps.cli data status
+
+`data fetch` downloads from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN and the cache of
+huggingface_hub apply) whatever LBS_ALLOW_DATA_DOWNLOAD says: it is the explicit way to
+get data, on a machine with a network. With `--progress-file` it also writes its progress
+as JSON for the server's Fetch button (see backend/apps/api/datasets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    data = sub.add_parser("data", help="fetch datasets' official data, or show what is ready")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    fetch = dsub.add_parser("fetch", help="download a dataset's official data into the "
+                                          "Hugging Face cache")
+    fetch.add_argument("dataset")
+    fetch.add_argument("--subsets", "--subjects", nargs="+", metavar="PART",
+                       help="only these parts (C-Eval subjects); default: all")
+    fetch.add_argument("--progress-file", help=argparse.SUPPRESS)
+    status = dsub.add_parser("status", help="which datasets' data is ready, where, how many "
+                                            "items")
+    status.add_argument("dataset", nargs="?")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _write_progress(path: str | None, state: dict[str, Any]) -> None:
+    if not path:
+        return
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({**state, "at": time.time()}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from backend.common.config import load_settings
+    from backend.common.logs import setup_logging
+    from backend.datasets.registry import UnknownDataset, get_dataset, load_plugin_dirs
+
+    settings = load_settings()
+    setup_logging("WARNING")
+    load_plugin_dirs(list(settings.plugin_dirs))
+    if args.data_command == "status":
+        return _status(args, settings)
+    try:
+        ds = get_dataset(args.dataset)
+    except UnknownDataset as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ds.datasets_dir = settings.datasets_dir
+    return _fetch(ds, args, settings)
+
+
+def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
+    from tqdm import tqdm
+
+    from backend.datasets.hub import fetch
+    from backend.datasets.status import dataset_status
+
+    if ds.hub is None:
+        print(f"error: {ds.name} declares no hub source: its data is bundled or copied by "
+              "hand", file=sys.stderr)
+        return 2
+    if settings.hub_offline:
+        print("error: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: nothing can be downloaded",
+              file=sys.stderr)
+        return 2
+    parts = args.subsets
+    if parts and not ds.hub.part_files:
+        print(f"note: {ds.hub.repo_id} is fetched whole ({', '.join(ds.hub.files)}); "
+              "--subsets selects parts when a job runs", file=sys.stderr)
+        parts = None
+    unknown = [p for p in parts or [] if ds.hub.configs and p not in ds.hub.configs]
+    if unknown:
+        print(f"error: unknown part(s) of {ds.name}: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    print(f"fetching data: {ds.name} from the hub dataset {ds.hub.repo_id} "
+          f"({', '.join(ds.hub.patterns(parts))})", file=sys.stderr)
+    bar = tqdm(desc="fetching data", unit="B", unit_scale=True, file=sys.stderr)
+    state = {"dataset": ds.name, "state": "running", "bytes_done": 0, "bytes_total": None}
+
+    def progress(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+        state.update(bytes_done=done, bytes_total=total)
+        _write_progress(args.progress_file, state)
+
+    _write_progress(args.progress_file, state)
+    try:
+        folder, summary = fetch(ds.hub, parts, progress)
+    except Exception as exc:  # noqa: BLE001 - report any hub/network error plainly
+        bar.close()
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        _write_progress(args.progress_file, {**state, "state": "failed", "error": message})
+        print(f"error: fetching {ds.hub.repo_id} failed: {message}", file=sys.stderr)
+        return 1
+    bar.close()
+    _write_progress(args.progress_file, {**state, "state": "done",
+                                         "bytes_done": summary["bytes"],
+                                         "bytes_total": summary["bytes"]})
+    print(f"fetched {summary['files']} file(s), {summary['bytes']} bytes in "
+          f"{summary['seconds']} s into {folder}")
+    status = dataset_status(ds, True, wait=True)
+    for part in status["parts"]:
+        print(f"  {part['part']:<40} {part['split']:<6} {part['items']} items")
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Any) -> int:
+    from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
+    from backend.datasets.status import dataset_status
+
+    names = [args.dataset] if args.dataset else dataset_names()
+    out = {}
+    for name in names:
+        try:
+            ds = get_dataset(name)
+        except UnknownDataset as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        ds.datasets_dir = settings.datasets_dir
+        out[name] = dataset_status(ds, settings.allow_data_download, settings.hub_offline,
+                                   wait=True)
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    for name, st in out.items():
+        where = st["where"] or st.get("reason") or ""
+        items = "" if st["items"] is None else f", {st['items']} items"
+        print(f"{name:<20} {st['state']:<8} {st['source'] or '':<10} {where}{items}")
+        if st["state"] == "missing" and st["how"].get("fetch_command"):
+            print(f"{'':<20} get it: {st['how']['fetch_command']}  (hub: "
+                  f"{st['how']['hub']['repo_id']}; or copy into {st['how']['copy_to']})")
+    return 0

@@ -1,0 +1,555 @@
+"""The evaluation loop shared by the worker and the CLI.
+
+`prepare` turns what a user submitted (model name, dataset name, raw params)
+into a `PreparedJob`, refusing anything wrong before a model loads; it does not
+import torch, so the server calls it at submit time. `run_evaluation` loads the
+model through the model manager, builds the dataset's items in the model's
+tokens, generates and scores every item not yet stored, hands each result to a
+`SampleSink` as soon as it is scored, and returns the scores and memory peaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from backend.common.config import Settings
+from backend.datasets.base import (
+    CacheMode,
+    Dataset,
+    DatasetParams,
+    ModelInfo,
+    ScoreEntry,
+)
+from backend.datasets.registry import get_dataset
+from backend.engine.memory.manager import ModelManager
+from backend.runners.base import (  # noqa: F401 - JobField* are raised through here
+    GenerationRequest,
+    JobFieldError,
+    JobFieldRefused,
+    PromptView,
+    Runner,
+    move_trailing_whitespace,
+)
+from backend.runners.models import ModelSpec, resolve_model
+from backend.runners.registry import get_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedJob:
+    spec: ModelSpec
+    info: ModelInfo
+    dataset: Dataset
+    params: DatasetParams
+    api: Any = None
+    """The runner's options (ApiOptions for an `openai:` model, base URL filled in from
+    the settings by its check_job)."""
+    api_key: str | None = None
+    num_gpus: int = 1
+    """GPUs the job asked for (a model sharded across them); set by the worker."""
+    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """True once the job is cancelled, timed out or its worker stops; set by the worker.
+    Runners that wait on something outside (an API model's requests) check it and
+    raise runners.base.Stopped."""
+    shard: tuple[int, int] | None = None
+    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
+    set by the worker."""
+
+    @property
+    def runner(self) -> type[Runner]:
+        """The runner class that serves the job's model (backend.runners.registry)."""
+        return get_runner(self.spec.runner)
+
+
+def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
+            settings: Settings, confine: bool = True, api: Any = None,
+            api_key: str | None = None, fetch_data: bool = False,
+            data_progress: Any = None) -> PreparedJob:
+    """Resolve and check a job without loading anything.
+
+    With `confine` (jobs from the API and the queue) model folders must lie under
+    LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
+    the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
+    (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
+    JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
+    and `api_key` are the runner's options (ApiOptions, or their stored dict, for
+    `openai:` models); the model's runner checks them (Runner.check_job).
+
+    Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
+    `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
+    `data_progress`; without `fetch_data` (the server) missing data that a worker may
+    fetch lets the job through, unchecked until then, and otherwise is a DataMissing
+    ParamError carrying how to get it.
+    """
+    from backend.datasets.hub import DataAccess, FetchPending
+
+    ds = get_dataset(dataset)
+    ds.configure(settings)
+    ds.datasets_dir = settings.datasets_dir
+    ds.confine_paths = confine
+    ds.data_access = DataAccess(allow_download=settings.allow_data_download,
+                                fetch_now=fetch_data, offline=settings.hub_offline,
+                                progress=data_progress)
+    params = ds.parse_params(raw_params)
+    spec = resolve_model(model, settings, confine=confine)
+    job = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key)
+    job.runner.check_job(job, settings, confine)
+    job.info = job.runner.model_info(job)
+    try:
+        ds.check(params, job.info)
+    except FetchPending:
+        pass  # the worker fetches the data, then checks again before building items
+    ds.check_ceilings(params, job.info, settings)
+    return job
+
+
+@dataclass
+class SampleRecord:
+    """A scored item, as stored (one row of `samples`)."""
+
+    idx: int
+    prompt: str
+    prompt_tokens: int
+    prediction: str
+    score: float
+    latency_s: float
+    output_tokens: int
+    fields: dict[str, Any]
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    error: str | None = None
+
+
+class SampleSink(Protocol):
+    """Where results go: the database for a worker, a list for the CLI."""
+
+    def stored(self) -> dict[int, tuple[dict[str, Any], float]]:
+        """Samples already stored for this job (a resumed job): idx -> (fields, score)."""
+
+    def set_total(self, total: int) -> None:
+        """The job has `total` items."""
+
+    def write(self, record: SampleRecord) -> bool:
+        """Store one result; False asks the loop to stop (the job was cancelled)."""
+
+
+@dataclass
+class EvalOutcome:
+    scores: list[ScoreEntry]
+    memory: list[tuple[str, str, int]]
+    """(name, device, bytes) readings: rss_peak, rss_at_load, cuda max_allocated…"""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+
+
+def _choose_many(runner: Any, items: list[Any], chat_template: bool = True
+                 ) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """Multiple choice by log-likelihood, `items` scored together (one batch of
+    questions): per item the label of the likeliest continuation, the prompt's token
+    count, 0 generated tokens, and the fields with each choice's log-prob (full
+    precision: differences below 1e-4 are real differences). `chat_template` says how
+    the items' prompts were rendered."""
+    from backend.runners.base import LoglikelihoodRequest
+
+    requests = [LoglikelihoodRequest(item.prompt, c, chat_template)
+                for item in items for c in item.choices]
+    scored = runner.loglikelihood(requests, batch_size=len(items))
+    out, at = [], 0
+    for item in items:
+        mine, at = scored[at:at + len(item.choices)], at + len(item.choices)
+        labels = item.labels or item.choices
+        best = max(range(len(mine)), key=lambda i: mine[i].logprob)
+        fields = {**item.fields, "logprobs": {label: s.logprob
+                                              for label, s in zip(labels, mine, strict=True)}}
+        out.append((labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields))
+    return out
+
+
+def _choose(runner: Any, item: Any, chat_template: bool = True
+            ) -> tuple[str, int, int, dict[str, Any]]:
+    """`_choose_many` for one item."""
+    return _choose_many(runner, [item], chat_template)[0]
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
+                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
+                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
+                "_alloc_failed", "_allocation_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
+    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
+    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
+    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: torch.AcceleratorError (raised by its
+    C10_CUDA_CHECK, e.g. "CUDA error: an illegal memory access was encountered") or
+    a RuntimeError from its cuBLAS/cuDNN checks ("CUDA error: ...", "cuDNN error:
+    ..."). Such errors are sticky: the process's CUDA context is unusable after one,
+    so the worker gives its job back and exits (see worker.py)."""
+    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return (type(exc).__name__ == "AcceleratorError" or "CUDA error:" in text
+            or "cuDNN error:" in text)
+
+
+class SampleOutOfMemory(RuntimeError):
+    """One prompt alone did not fit in memory and the job asked to fail (on_oom=fail_job)."""
+
+
+@dataclass(frozen=True)
+class OomFailure:
+    """In place of a result: the request did not fit in memory even alone."""
+
+    message: str
+
+
+@dataclass
+class Backoff:
+    """Runs a batch function in batches of `size`, halving `size` on out-of-memory.
+
+    The halved size stays for the rest of the job (the next batch would not fit
+    either). A request that fails alone becomes an `OomFailure`; `on_oom` hears of
+    every failure, after the failed attempt's frames are gone, so it can free memory.
+    """
+
+    size: int
+    on_oom: Callable[[int, str], None]
+
+    def run(self, fn: Callable[[list[Any]], list[Any]], requests: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        i = 0
+        while i < len(requests):
+            chunk = requests[i:i + self.size]
+            try:
+                out.extend(fn(chunk))
+                i += len(chunk)
+                continue
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                message = f"{type(exc).__name__}: {_first_line(exc)}"
+            # Outside the except block: the traceback (holding the batch's tensors) is gone.
+            self.on_oom(len(chunk), message)
+            if len(chunk) == 1:
+                out.append(OomFailure(message))
+                i += 1
+            else:
+                self.size = max(1, len(chunk) // 2)
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+@dataclass
+class _Answer:
+    """What the model made of one item, before scoring."""
+
+    item: Any
+    text: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
+                  backoff: Backoff) -> list[_Answer]:
+    """Answers to `items`, in batches of the backoff's size: multiple-choice items
+    scored together by log-likelihood, generation items generated together (and their
+    second turns, e.g. the answer after a chain of thought, likewise).
+    `view` is the runner as the dataset sees it, rendering as the job asked."""
+    runner, templated = view.runner, view.chat_template
+    if dataset.answer is not None:  # the dataset calls the runner itself
+        return [_Answer(item, a.get("text", ""), a.get("prompt_tokens", 0),
+                        a.get("output_tokens", 0), a.get("fields", item.fields), a.get("error"))
+                for item, a in zip(items, dataset.answer(items, runner, backoff.run),
+                                   strict=True)]
+    answers = [_Answer(item, fields=item.fields) for item in items]
+    choosing = [a for a in answers if a.item.choices]
+    chosen = backoff.run(partial(_choose_many, runner, chat_template=templated),
+                         [a.item for a in choosing])
+    for answer, got in zip(choosing, chosen, strict=True):
+        if isinstance(got, OomFailure):
+            answer.error = got.message
+        else:
+            answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
+    generating = [a for a in answers if not a.item.choices]
+    replies = backoff.run(runner.generate, [GenerationRequest(
+        a.item.prompt, a.item.max_new_tokens, templated, a.item.prefix)
+        for a in generating])
+    second: list[tuple[_Answer, Any]] = []
+    for answer, reply in zip(generating, replies, strict=True):
+        if isinstance(reply, OomFailure):
+            answer.error = reply.message
+            continue
+        answer.text, answer.prompt_tokens = reply.text, reply.prompt_tokens
+        answer.output_tokens = reply.output_tokens
+        if reply.extra:  # prefill/decode timing; an API model's usage and attempts
+            answer.fields = {**answer.fields, **reply.extra}
+        nxt = dataset.second_turn(answer.item, reply.text, view)
+        if nxt is not None:
+            second.append((answer, nxt))
+    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens,
+                                                              templated) for _, n in second])
+    for (answer, nxt), reply in zip(second, replies, strict=True):
+        if isinstance(reply, OomFailure):
+            answer.error = reply.message
+            continue
+        first = answer.fields.get("timing")
+        answer.text = reply.text
+        answer.fields = {**answer.fields, **nxt.fields, **(reply.extra or {})}
+        if first and reply.extra and "timing" in reply.extra:  # both turns' time and tokens
+            answer.fields["timing"] = _add_timings(first, reply.extra["timing"])
+        answer.output_tokens += reply.output_tokens
+    return answers
+
+
+def _add_timings(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One answer's share of two batches' timings (each divided by its batch size)."""
+    return {"prefill_s": a["prefill_s"] / a["batch"] + b["prefill_s"] / b["batch"],
+            "decode_s": a["decode_s"] / a["batch"] + b["decode_s"] / b["batch"],
+            "prefill_tokens": a["prefill_tokens"] / a["batch"]
+            + b["prefill_tokens"] / b["batch"], "batch": 1}
+
+
+def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str], None]:
+    def handle(batch: int, message: str) -> None:
+        what = (f"batch of {batch} did not fit; retrying with {max(1, batch // 2)}"
+                if batch > 1 else "one prompt alone did not fit")
+        log.warning("[Runner] out of memory on %s: %s (%s)", job.spec.name, what, message)
+        manager.record_oom(job.spec.name, f"batch size {batch}: {what}; {message}")
+    return handle
+
+
+def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
+                   sink: SampleSink,
+                   keep_on_gpu: Callable[[], bool] | None = None) -> EvalOutcome:
+    """Evaluate `job`; raises whatever loading or generation raises.
+
+    `keep_on_gpu` tells the model manager, after the job, whether the next job
+    needs the same model (then a cached model stays on the GPU).
+
+    With `methods` (a comparison) the job makes one pass per method over the same
+    items: the model is loaded with that method, every item answered, and the model
+    released (the release checked by the memory tracker) before the next method
+    loads. Pass k stores item i as sample k * n + i with the method in its fields.
+    """
+    from backend.engine.memory.tracker import CudaPeaks, PeakSampler, rss_bytes
+
+    sampler = PeakSampler().start()
+    cuda = CudaPeaks()
+    cuda.reset()
+    memory: list[tuple[str, str, int]] = [("rss_before_load", "cpu", rss_bytes())]
+    first_event = manager.event_count
+    stopped = False
+    stored = sink.stored()
+    results = dict(stored)
+    methods: list[str | None] = list(job.params.methods or []) or [None]
+    try:
+        for k, method in enumerate(methods):
+            key, load, estimate = _loader(job, settings, method)
+            cache_mode = job.dataset.cache_mode if method is None else CacheMode.UNCACHED
+            with manager.use(key, job.spec.name, load, cache_mode, estimate=estimate,
+                             keep_on_gpu=keep_on_gpu) as runner:
+                memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
+                               rss_bytes()))
+                runner.should_stop = job.should_stop  # a cached runner serves one job at a time
+                # The job's chat-template choice travels with each request; a view of
+                # the runner (never a copy holding the model) renders the prompts, so
+                # the manager's release at the end of this block frees the weights.
+                view = PromptView(runner, job.dataset.chat_template(job.params))
+                items = job.dataset.build_items(job.params, view)
+                sink.set_total(len(items) * len(methods))
+                offset = k * len(items)
+                if job.shard is not None:  # this worker's share of a data-parallel job
+                    items = [i for i in items if i.idx % job.shard[1] == job.shard[0]]
+                    if not items:
+                        continue
+                if method is not None and any(i.idx + offset not in stored for i in items):
+                    _warm_up(view, items[0], method)
+                try:
+                    stopped = _run_items(job, manager, view, items, offset, method, stored,
+                                         results, sink, sampler, cuda)
+                finally:  # a shared prefix's cache is this pass's, not the cached model's
+                    runner.forget_prefixes()
+            if stopped:
+                break
+        memory.append(("rss_after_job", "cpu", rss_bytes()))
+    finally:
+        memory.append(("rss_peak", "cpu", sampler.stop()))
+    for device, peaks in cuda.job_peaks().items():
+        memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
+        memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
+    memory += cuda.nvml_readings()
+    if methods == [None]:
+        scores = job.dataset.aggregate([results[i] for i in sorted(results)])
+    else:
+        scores = compare_methods(job.dataset, [m for m in methods if m], results)
+    events = [e.as_dict() for e in manager.events_since(first_event)]
+    return EvalOutcome(scores=scores, memory=memory, events=events, stopped=stopped)
+
+
+def _loader(job: PreparedJob, settings: Settings, method: str | None
+            ) -> tuple[tuple, Callable[[], Any], int]:
+    """The model manager's key, the load function and the size estimate for `job`,
+    from the job's runner (Runner.cache_key, .loader, .load_estimate)."""
+    runner = job.runner
+    return (runner.cache_key(job, settings, method), runner.loader(job, settings, method),
+            runner.load_estimate(job, settings, method))
+
+
+def _warm_up(view: PromptView, item: Any, method: str) -> None:
+    """One untimed generation before a method's timed pass, so first-call costs (kernel
+    selection, thread pools, torch.compile) do not count against whichever runs first."""
+    started = time.perf_counter()
+    if item.choices:
+        _choose(view.runner, item, view.chat_template)
+    else:
+        view.runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4),
+                                                view.chat_template)])
+    log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
+
+
+def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items: list[Any],
+               offset: int, method: str | None, stored: dict, results: dict,
+               sink: SampleSink, sampler: Any, cuda: Any) -> bool:
+    """Answer and store every item not stored yet; True if the sink asked to stop."""
+    pending = [item for item in items if item.idx + offset not in stored]
+    pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
+    step = job.params.batch_size
+    if step == "auto":
+        step = _auto_batch_size(view.runner, pending)
+    backoff = Backoff(step, _oom_handler(manager, job))
+    for first in range(0, len(pending), step):
+        sampler.new_window()
+        cuda.new_window()
+        started = time.perf_counter()
+        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff)
+        latency = round((time.perf_counter() - started) / len(answers), 6)
+        peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
+        for a in answers:
+            if a.error and job.params.on_oom == "fail_job":
+                raise SampleOutOfMemory(
+                    f"sample {a.item.idx + offset} does not fit in memory even alone "
+                    f"({a.error}); the job asked on_oom=fail_job")
+            score = 0.0 if a.error else job.dataset.score_answer(a.item, a.text, a.fields)
+            fields = {**a.fields, **job.dataset.explain(a.item, a.text)}
+            if method is not None:  # what the comparison reads back, also after a resume
+                fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,
+                          "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens,
+                          "latency_s": latency, "peak_rss_bytes": peak_rss,
+                          "peak_gpu_bytes": peak_gpu}
+            record = SampleRecord(
+                idx=a.item.idx + offset, prompt=a.item.prompt, prompt_tokens=a.prompt_tokens,
+                prediction=a.text, score=score, latency_s=latency,
+                output_tokens=a.output_tokens, fields=fields,
+                peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
+                error=f"out of memory even alone: {a.error}" if a.error else None)
+            results[a.item.idx + offset] = (fields, score)
+            if not sink.write(record):
+                return True
+    return False
+
+
+SHARED_CHARS = 64
+"""Prompts sharing a prefix this long (characters) are batched together."""
+
+
+def order_for_batching(items: list[Any], longest_first: bool = False) -> list[Any]:
+    """Multiple-choice items in the order they batch best, generation items after them:
+    as given, or longest first with `longest_first` (Dataset.length_sorted: neighbours
+    in length batch with little padding, and the first batch is the most memory any
+    batch needs; samples are stored by idx, so the order does not show).
+
+    Prompts that share a prefix of SHARED_CHARS or more (one subject's few-shot header
+    and examples) stay together, so the runner computes that prefix once per batch;
+    each such run goes longest first (a batch pads to its longest prompt, so neighbours
+    in length waste the least) and the runs by their longest prompt, so an
+    out-of-memory shows on the first batch."""
+    runs: list[list[Any]] = []
+    for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
+        if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
+                < SHARED_CHARS:
+            runs.append([])
+        runs[-1].append(item)
+    runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
+                  key=lambda run: -run[0].prompt_tokens)
+    generating = [i for i in items if not i.choices]
+    if longest_first:
+        generating.sort(key=lambda i: -i.prompt_tokens)
+    return [i for run in runs for i in run] + generating
+
+
+def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
+    """Job parameter batch_size "auto": the largest batch the runner finds to fit
+    (probed on the job's longest item, at most the number of items, at most 256)."""
+    if not pending:
+        return 1
+    longest = max(pending, key=lambda item: item.prompt_tokens)
+    if longest.choices:  # the continuation as scored: with the context's trailing space
+        context = longest.prompt_tokens
+        continuation = max(len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
+                           for c in longest.choices)
+    else:  # a generation's cache grows to prompt + new tokens; one pass that long bounds it
+        context, continuation = longest.prompt_tokens + longest.max_new_tokens, 1
+    started = time.perf_counter()
+    size = runner.find_batch_size(context, continuation, min(len(pending), 256))
+    log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
+             context, continuation, time.perf_counter() - started)
+    return size
+
+
+def compare_methods(dataset: Dataset, methods: list[str],
+                    results: dict[int, tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
+    """Scores of a comparison job: the dataset's own scores for the first method, one
+    `method` entry per method (score, tokens/s of prefill and decode, mean latency,
+    peak memory) and `agreement`, the share of items where the methods answered alike."""
+    by_method: dict[str, dict[int, tuple[dict[str, Any], float]]] = {m: {} for m in methods}
+    for fields, score in results.values():
+        if fields.get("method") in by_method:
+            by_method[fields["method"]][fields["item"]] = (fields, score)
+    first = by_method[methods[0]]
+    scores = dataset.aggregate([first[i] for i in sorted(first)])
+    for method in methods:
+        rows = [f for f, _ in by_method[method].values()]
+        values = [s for _, s in by_method[method].values()]
+        timings = [(f, f.get("timing")) for f in rows if f.get("timing")]
+        prefill_s = sum(t["prefill_s"] / t["batch"] for _, t in timings)
+        decode_s = sum(t["decode_s"] / t["batch"] for _, t in timings)
+        decoded = sum(max(f["output_tokens"] - 1, 0) for f, _ in timings)
+        prompt = sum(t["prefill_tokens"] / t["batch"] for _, t in timings)
+        peaks_gpu = [f["peak_gpu_bytes"] for f in rows if f.get("peak_gpu_bytes")]
+        scores.append(ScoreEntry("method", sum(values) / len(values) if values else 0.0,
+                                 len(values), {
+            "method": method,
+            "prefill_tokens_per_s": round(prompt / prefill_s, 1) if prefill_s else None,
+            "decode_tokens_per_s": round(decoded / decode_s, 1) if decode_s else None,
+            "latency_s_mean": round(sum(f["latency_s"] for f in rows) / len(rows), 6)
+            if rows else None,
+            "peak_rss_mb": round(max((f.get("peak_rss_bytes") or 0 for f in rows),
+                                     default=0) / 2**20, 1),
+            "peak_gpu_mb": round(max(peaks_gpu) / 2**20, 1) if peaks_gpu else None}))
+    common = set.intersection(*(set(by_method[m]) for m in methods))
+    if len(methods) > 1 and common:
+        same = sum(len({by_method[m][i][0]["prediction"] for m in methods}) == 1 for i in common)
+        scores.append(ScoreEntry("agreement", same / len(common), len(common)))
+    return scores

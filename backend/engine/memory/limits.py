@@ -1,0 +1,125 @@
+"""GPU memory cap: LBS_GPU_MEMORY_LIMIT for the whole process, and where weights go.
+
+With a limit `f` > 0 and CUDA present, two things hold:
+
+- **The process** (`cap_process_memory`): PyTorch's caching allocator of this process
+  may reserve at most `f` x total on each visible GPU
+  (`torch.cuda.set_per_process_memory_fraction`): weights, KV cache, activations,
+  CUDA-graph pools, everything allocated through PyTorch. An allocation past it is
+  an out-of-memory error (handled like any other: the batch halves). Not counted: the
+  CUDA context (a few hundred MB per process) and memory that libraries allocate
+  outside PyTorch's allocator.
+- **The weights** (`load_placement`): each GPU `i` the job uses gets
+  `max_memory[i] = total_i * f - headroom`, where the headroom is the job's estimated
+  KV cache and activations (backend.engine.admission), and a `cpu` entry of the RAM available
+  now, so layers that do not fit spill to RAM instead of failing when the job runs.
+
+A job with `num_gpus` > 1 gets a map over its first `num_gpus` visible GPUs (whole GPUs
+less the headroom when there is no limit), which shards the model's layers across
+them. Without a limit on one GPU the model goes straight onto it (`device_map={"":
+"cuda:0"}`), never through RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+
+from backend.common.config import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+_capped: dict[int, float] = {}
+"""Devices whose allocator cap_process_memory capped, and at what fraction."""
+
+
+def gpu_totals() -> list[int]:
+    """Total bytes of each visible CUDA device (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())]
+
+
+def build_max_memory(fraction: float, totals: list[int] | None = None,
+                     cpu_bytes: int | None = None,
+                     num_gpus: int | None = None,
+                     headroom_bytes: int = 0) -> dict[int | str, int] | None:
+    """`max_memory` for accelerate, or None when the model goes whole onto one GPU
+    (no limit and one GPU used) or there is no GPU.
+
+    `totals` defaults to the visible GPUs' sizes and `cpu_bytes` to the RAM
+    available now; both can be given to compute a map for other hardware.
+    `num_gpus` (default: one when there is no limit, else all visible) is how many
+    of the visible GPUs the model is spread over. Each GPU keeps `headroom_bytes`
+    free of weights: transformers leaves headroom of its own only when it is not
+    given `max_memory` (integrations/accelerate.py get_balanced_memory), and the
+    process cap (`cap_process_memory`) makes a job whose KV cache finds no room fail.
+    The whole headroom is kept on every GPU of a sharded model, which holds only its
+    layers' share of the KV cache: safe, at the price of more spilling.
+    """
+    totals = gpu_totals() if totals is None else totals
+    if num_gpus is not None:
+        totals = totals[:max(1, num_gpus)]
+    elif fraction <= 0:
+        totals = totals[:1]
+    if not totals or (fraction <= 0 and len(totals) == 1):
+        return None
+    share = fraction if fraction > 0 else 1.0
+    headroom = max(0, int(headroom_bytes))
+    max_memory: dict[int | str, int] = {i: max(0, int(total * share) - headroom)
+                                        for i, total in enumerate(totals)}
+    max_memory["cpu"] = int(psutil.virtual_memory().available if cpu_bytes is None else cpu_bytes)
+    what = "GPU memory limit set" if fraction > 0 else f"model sharded over {len(totals)} GPUs"
+    log.info("[Runner] %s: %s", what,
+             ", ".join(f"cuda:{i} {format_bytes(max_memory[i])} of {format_bytes(t)} "
+                       f"({share:.0%} less {format_bytes(headroom)} for the job's KV cache "
+                       "and activations) for weights" for i, t in enumerate(totals))
+             + f"; cpu {format_bytes(max_memory['cpu'])}")
+    return max_memory
+
+
+def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
+                   totals: list[int] | None = None,
+                   cpu_bytes: int | None = None) -> dict[str, object]:
+    """`from_pretrained` keyword arguments that place the weights on CUDA: the whole
+    model straight onto cuda:0 when there is no limit and one GPU is used (transformers
+    then loads every tensor onto it: no copy through RAM, no RAM peak the model's
+    size), else `device_map="auto"` under `build_max_memory`. Empty without a GPU."""
+    totals = gpu_totals() if totals is None else totals
+    if not totals:
+        return {}
+    max_memory = build_max_memory(fraction, totals, cpu_bytes, num_gpus, headroom_bytes)
+    if max_memory is None:
+        return {"device_map": {"": "cuda:0"}}
+    return {"device_map": "auto", "max_memory": max_memory}
+
+
+def cap_process_memory(fraction: float) -> list[tuple[int, float]]:
+    """Cap this process's PyTorch allocator at `fraction` of each visible GPU (see the
+    module docstring for what it counts); returns the (device, fraction) pairs set.
+    Nothing without CUDA; without a limit, lifts (back to 1.0) a cap set earlier.
+    Safe to call before every load: setting the same fraction again changes nothing
+    (torch/cuda/memory.py set_per_process_memory_fraction starts CUDA first if needed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    if fraction <= 0:  # no limit: lift a cap an earlier load of this process set
+        lifted = [(i, 1.0) for i in sorted(_capped)]
+        for i, whole in lifted:
+            torch.cuda.set_per_process_memory_fraction(whole, i)
+        _capped.clear()
+        return lifted
+    done = []
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(float(fraction), i)
+        done.append((i, float(fraction)))
+        _capped[i] = float(fraction)
+    log.info("[Runner] GPU memory limit holds for this process: PyTorch may reserve at most "
+             "%.0f%% of %s", fraction * 100, ", ".join(f"cuda:{i}" for i, _ in done))
+    return done
