@@ -160,7 +160,7 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
 
 # A worker whose control thread never runs: it neither publishes its status once a second
 # nor applies commands, so what the API shows comes from the job thread alone.
-QUIET_WORKER = ("import sys; from backend import worker; "
+QUIET_WORKER = ("import sys; from backend.apps import worker; "
                 "worker.Worker._serve_commands = lambda self: None; "
                 "sys.exit(worker.main())")
 UNCACHED_PLUGIN = ECHO_PLUGIN.replace('name = "echo"', 'name = "echo_uncached"') \
