@@ -560,3 +560,29 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
         worker.terminate()
         worker.wait(30)
         dispose_engines()
+
+
+def test_an_orphaned_worker_stops_even_when_its_main_thread_is_stuck():
+    """The parent watch runs in a thread of its own: once the server is gone it asks the
+    worker to stop and, if the worker has not stopped after the grace, exits anyway (a
+    main thread blocked in C never runs the SIGTERM handler)."""
+    import os
+
+    from backend.apps.worker import watch_parent
+
+    stop, exits = threading.Event(), []
+    gone = os.getppid() + 10**6  # a parent this process does not have: the server died
+    watcher = threading.Thread(target=watch_parent, args=(gone, stop, 0.2, exits.append, 0.05))
+    watcher.start()
+    watcher.join(5)
+    assert stop.is_set() and exits == [1] and not watcher.is_alive()
+
+    stop, exits = threading.Event(), []
+    watcher = threading.Thread(target=watch_parent,
+                               args=(os.getppid(), stop, 0.2, exits.append, 0.05))
+    watcher.start()
+    time.sleep(0.3)
+    assert not stop.is_set() and exits == []  # the parent is alive: nothing happens
+    stop.set()
+    watcher.join(5)
+    assert not watcher.is_alive() and exits == []

@@ -626,6 +626,28 @@ def die_with_parent(parent_pid: int) -> bool:
     return os.getppid() == parent_pid  # it may have ended before prctl took effect
 
 
+ORPHAN_GRACE_S = 10.0
+"""How long a worker whose server died may take to stop between samples before it
+exits anyway (its job's lease then expires and the job resumes elsewhere)."""
+
+
+def watch_parent(parent_pid: int, stop: threading.Event, grace: float = ORPHAN_GRACE_S,
+                 exit_now=os._exit, every: float = 0.5) -> None:
+    """Until `stop` is set: once the process `parent_pid` is no longer this one's parent
+    (the server died, even by SIGKILL), set `stop`, and exit after `grace` seconds if
+    the worker has not stopped by then. A thread of its own, so a main thread blocked
+    in C (a database wait, a forward pass) cannot keep an orphan alive; the kernel's
+    PR_SET_PDEATHSIG signal only reaches Python handlers between bytecodes."""
+    while not stop.wait(every):
+        if os.getppid() != parent_pid:
+            log.warning("[Worker] the server (pid %d) is gone; stopping", parent_pid)
+            stop.set()
+            time.sleep(grace)
+            log.error("[Worker] still running %.0f s after the server died; exiting", grace)
+            exit_now(1)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.apps.worker",
                                      description="Run one LLM Bench Shower worker.")
@@ -661,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(settings, worker_id=args.id)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
+    if args.parent_pid is not None:
+        threading.Thread(target=watch_parent, args=(args.parent_pid, worker.stopping),
+                         name="parent-watch", daemon=True).start()
     return worker.run_forever()
 
 
