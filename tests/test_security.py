@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import ROOT, LiveServer
 
 KEY = "sk-server-key-only-for-its-own-url"
 NIAH = {"context_lengths": [256], "depth_percents": [0], "max_new_tokens": 4}
@@ -511,6 +511,8 @@ def test_start_up_problems_are_one_sentence(tmp_path):
     url = f"sqlite:///file:{readonly / 'lbs.sqlite3'}?mode=ro&uri=true"
     assert "readonly database" in _start_fails(tmp_path, {"LBS_DATABASE_URL": url,
                                                           "LBS_PORT": "0"})
+    # an SQLite URI names no folder to create: none appears where the server was started
+    assert not (ROOT / f"file:{readonly}").exists()
 
     url = "postgresql+psycopg://lbs:pa55-w0rd-secret@127.0.0.1:1/lbs"
     out = _start_fails(tmp_path, {"LBS_DATABASE_URL": url, "LBS_PORT": "0"})

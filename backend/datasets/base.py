@@ -350,7 +350,7 @@ class Dataset:
     # --- how results explain themselves (read by the web page and the exports) ---
     breakdowns: ClassVar[list[dict[str, Any]]] = []
     """How the job's scores break down, as the page shows them. Each entry points into
-    the job's `scores` dict (see api/schemas.scores_dict):
+    the job's `scores` dict (see apps/api/schemas.scores_dict):
 
     - {"kind": "table", "key": "subjects", "title": ..., "columns": [{"key", "title"}]}:
       `scores[key]` is a list of rows; the columns name their labels (score and count

@@ -86,14 +86,15 @@ def load_entry_points() -> None:
 
 def load_plugin_dirs(dirs: list[str]) -> None:
     """Import every `*.py` module in `dirs` (LBS_PLUGIN_DIRS); modules register their
-    datasets with `register`. A module that fails to import is logged and skipped.
+    datasets with `register` here and their runners with `backend.runners.registry.register`
+    (this one loader serves both). A module that fails to import is logged and skipped.
     Installed packages' entry points are loaded here too."""
     load_entry_points()
     for folder in dirs:
         path = Path(folder).expanduser().resolve()
         if str(path) in _loaded_dirs or not path.is_dir():
             if not path.is_dir():
-                log.warning("[Datasets] plugin folder %s does not exist", path)
+                log.warning("[Plugins] plugin folder %s does not exist", path)
             continue
         _loaded_dirs.add(str(path))
         for file in sorted(path.glob("*.py")):
@@ -105,6 +106,6 @@ def load_plugin_dirs(dirs: list[str]) -> None:
                 spec.loader.exec_module(module)
             except Exception:  # noqa: BLE001 - one broken plugin must not stop the product
                 sys.modules.pop(name, None)
-                log.exception("[Datasets] plugin %s failed to load", file)
+                log.exception("[Plugins] plugin %s failed to load", file)
                 continue
-            log.info("[Datasets] loaded plugin %s", file)
+            log.info("[Plugins] loaded plugin %s", file)

@@ -508,7 +508,8 @@ def get_engine(url: str) -> Engine:
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
+        # a "file:…?uri=true" database is an SQLite URI: sqlite opens it, no folder to make
+        if path and path != ":memory:" and not path.startswith("file:"):
             from pathlib import Path
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
