@@ -15,25 +15,17 @@ import os
 import statistics
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
-from local_server import http_json, running_server  # bench/ is this script's folder
+from local_server import http_json, run_job, running_server  # bench/ is this script's folder
 
 PARAMS = {"context_lengths": [512, 1024, 2048], "depth_percents": {"count": 4},
           "max_new_tokens": 32}
 
 
 def run(base: str, model: str, shards: int) -> tuple[float, list[str], list]:
-    job = http_json(base + "/api/jobs", {"model": model, "dataset": "needle_in_haystack",
-                                     "params": PARAMS, "data_parallel": shards})["data"]["job"]
-    while job["state"] in ("queued", "running"):
-        time.sleep(0.5)
-        job = http_json(f"{base}/api/jobs/{job['id']}")["data"]["job"]
-    assert job["state"] == "succeeded", job["error"]
-    samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
-    took = (datetime.fromisoformat(job["finished_at"])
-            - datetime.fromisoformat(job["started_at"])).total_seconds()
+    took, job, samples = run_job(base, {"model": model, "dataset": "needle_in_haystack",
+                                        "params": PARAMS, "data_parallel": shards})
     return took, [s["prediction"] for s in samples], job["scores"]
 
 

@@ -27,10 +27,9 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
-from local_server import ROOT, http_json, running_server  # bench/ is this script's folder
+from local_server import ROOT, http_json, run_job, running_server  # bench/ is this script's folder
 
 SUBSETS = {  # subset -> (question, answers, all_classes)
     "hotpotqa": ("Which city did the author move to after college?", ["Boston"], None),
@@ -79,15 +78,8 @@ def write_dataset(folder: Path, items: int, shortest: int, longest: int,
 
 def run(base: str, model: str, batch_size: int | str) -> tuple[float, list[dict], dict, list]:
     params = {"subsets": list(SUBSETS), "batch_size": batch_size}
-    job = http_json(base + "/api/jobs", {"model": model, "dataset": "longbench",
-                                         "params": params})["data"]["job"]
-    while job["state"] in ("queued", "running"):
-        time.sleep(0.3)
-        job = http_json(f"{base}/api/jobs/{job['id']}")["data"]["job"]
-    assert job["state"] == "succeeded", job["error"]
-    samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
-    took = (datetime.fromisoformat(job["finished_at"])
-            - datetime.fromisoformat(job["started_at"])).total_seconds()
+    took, job, samples = run_job(base, {"model": model, "dataset": "longbench",
+                                        "params": params}, poll=0.3)
     return took, samples, job["scores"], job["events"]
 
 

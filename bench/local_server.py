@@ -1,5 +1,6 @@
 """`python -m backend.server` (with its worker) as a subprocess on a free loopback port,
-for the benchmarks that measure through HTTP (overhead.py, api_load.py)."""
+for the benchmarks that measure through HTTP (overhead.py, api_load.py, data_parallel.py,
+length_batching.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
@@ -60,3 +62,18 @@ def http_json(url: str, body: dict | None = None) -> dict:
                                  method="POST" if body is not None else "GET")
     with urllib.request.urlopen(req, timeout=60) as res:
         return json.loads(res.read())
+
+
+def run_job(base: str, body: dict, poll: float = 0.5) -> tuple[float, dict, list[dict]]:
+    """Submit `body` to the server at `base`, wait for the job to succeed, and return
+    its duration as stored (claim -> finish, so polling does not count), the job and
+    its samples."""
+    job = http_json(base + "/api/jobs", body)["data"]["job"]
+    while job["state"] in ("queued", "running"):
+        time.sleep(poll)
+        job = http_json(f"{base}/api/jobs/{job['id']}")["data"]["job"]
+    assert job["state"] == "succeeded", job["error"]
+    samples = http_json(f"{base}/api/jobs/{job['id']}/samples")["data"]["samples"]
+    took = (datetime.fromisoformat(job["finished_at"])
+            - datetime.fromisoformat(job["started_at"])).total_seconds()
+    return took, job, samples
