@@ -176,3 +176,12 @@ def test_the_dataclass_defaults_are_the_definitions(monkeypatch, data_dir):
     assert (groups.workers, groups.worker_gpu_groups) == (2, ("0,1", "2"))
     moved = dataclasses.replace(groups, cuda_visible_devices="3")
     assert (moved.workers, moved.worker_gpu_groups) == (2, ("0,1", "2"))
+
+
+def test_the_settings_repr_shows_no_database_password(monkeypatch):
+    """A PostgreSQL URL carries its password: the settings' repr (what a log line or a
+    traceback would show) leaves it out, like the API token and keys."""
+    monkeypatch.setenv("LBS_DATABASE_URL", "postgresql+psycopg://lbs:pa55-w0rd@db:5432/lbs")
+    monkeypatch.setenv("LBS_API_TOKEN", "tok-0123456789")
+    text = repr(load_settings())
+    assert "pa55-w0rd" not in text and "tok-0123456789" not in text

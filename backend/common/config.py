@@ -258,7 +258,7 @@ class Settings:
         "SQLAlchemy database URL; empty means the SQLite file `<data dir>/lbs.sqlite3`. "
         "`postgresql+psycopg://user:password@host:5432/dbname` shares one queue between the "
         "server and workers on several machines (see [Several workers and machines]"
-        "(#several-workers-and-machines)).")
+        "(#several-workers-and-machines)).", secret=True)
     host: str = setting(
         "LBS_HOST", "127.0.0.1", _text, "an IP address or host name",
         "Address the HTTP server binds.")
