@@ -431,22 +431,14 @@ class HFRunner(Runner):
         its own budget and after its first end-of-sequence token, which is what it
         would be alone under greedy decoding.
         """
-        import torch
-
         if not requests:
             return []
         prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
         if self.share_prefixes and not self.static_cache and any(r.prefix for r in requests):
             return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
-        pad = self.pad_token_id if self.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
-                                 device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
-                            device=self.device)
-        first_token = FirstTokenClock(self.device.startswith("cuda"))
         max_new = max(r.max_new_tokens for r in requests)
-        extra = {}
+        cache = None
         if self.static_cache:
             # Our own cache, sized to this request: with cache_implementation="static"
             # transformers sizes it to the longest length the model has ever seen
@@ -455,25 +447,41 @@ class HFRunner(Runner):
             # The last new token is never fed back: width + max_new - 1 positions.
             from transformers import StaticCache
 
-            extra["cache"] = StaticCache(config=self.model.config,
-                                         max_cache_len=cache_length(width + max_new - 1))
-        started = time.perf_counter()
+            cache = StaticCache(config=self.model.config,
+                                max_cache_len=cache_length(width + max_new - 1))
+        rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        timing.update(batch=len(requests), prefill_tokens=sum(len(p) for p in prompts))
+        return [self._reply(row, request, len(ids), took / len(requests), timing)
+                for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
+                cache=None) -> tuple[list[list[int]], dict, float]:
+        """`prompts` left-padded into one batch and decoded greedily up to `max_new`
+        tokens, continuing `cache` when given: each row's new tokens, the prefill and
+        decode seconds since `started`, and the seconds in all."""
+        import torch
+
+        width = max(len(ids) for ids in prompts)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
+                                 device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
+                            device=self.device)
+        first_token = FirstTokenClock(self.device.startswith("cuda"))
+        extra = {} if cache is None else {"cache": cache}
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
                 max_new_tokens=max_new, do_sample=False,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                 logits_processor=[first_token], **extra)
+        extra.clear()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        ended = time.perf_counter()
-        latency = (ended - started) / len(requests)
-        prefill = (first_token.at or ended) - started
-        timing = {"prefill_s": round(prefill, 6), "decode_s": round(ended - started - prefill, 6),
-                  "batch": len(requests), "prefill_tokens": sum(len(p) for p in prompts)}
-        return [self._reply(row, request, len(ids), latency, timing)
-                for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
-                                             strict=True)]
+        took = time.perf_counter() - started
+        prefill = (first_token.at - started) if first_token.at else took
+        return (output[:, width:].tolist(),
+                {"prefill_s": round(prefill, 6), "decode_s": round(took - prefill, 6)}, took)
 
     def _reply(self, row: list[int], request: GenerationRequest, prompt_tokens: int,
                latency: float, timing: dict) -> Generation:
@@ -571,33 +579,12 @@ class HFRunner(Runner):
     def _continue_one(self, request: GenerationRequest, ids: list[int],
                       n: int) -> Generation:
         """One prompt whose first `n` tokens continue from its prefix's cache."""
-        import torch
-
-        first_token = FirstTokenClock(self.device.startswith("cuda"))
         started = time.perf_counter()
-        extra = {}
-        computed = 0
-        if n:
-            extra["cache"], computed = self._prefix_cache(ids[:n])
-        input_ids = torch.tensor([ids], device=self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=request.max_new_tokens, do_sample=False,
-                temperature=None, top_p=None, top_k=None,
-                pad_token_id=self.pad_token_id if self.pad_token_id is not None else 0,
-                logits_processor=[first_token], **extra)
-        extra.clear()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ended = time.perf_counter()
-        prefill = (first_token.at or ended) - started
-        timing = {"prefill_s": round(prefill, 6),
-                  "decode_s": round(ended - started - prefill, 6), "batch": 1,
-                  "prefill_tokens": len(ids) - n + computed,
-                  "shared_prefix_tokens": n - computed}
-        return self._reply(output[0, len(ids):].tolist(), request, len(ids),
-                           ended - started, timing)
+        cache, computed = self._prefix_cache(ids[:n]) if n else (None, 0)
+        (row,), timing, took = self._greedy([ids], request.max_new_tokens, started, cache)
+        timing.update(batch=1, prefill_tokens=len(ids) - n + computed,
+                      shared_prefix_tokens=n - computed)
+        return self._reply(row, request, len(ids), took, timing)
 
     def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
                         shared: list[int]) -> list[Generation]:
@@ -612,7 +599,6 @@ class HFRunner(Runner):
         import torch
         from transformers import DynamicCache
 
-        first_token = FirstTokenClock(self.device.startswith("cuda"))
         started = time.perf_counter()
         caches, computed = [], 0
         for ids, n in zip(prompts, shared, strict=True):
@@ -641,30 +627,14 @@ class HFRunner(Runner):
                 batch.update(torch.cat([_pad_left(k, width - 1) for k in keys]),
                              torch.cat([_pad_left(v, width - 1) for v in values]), layer)
         caches.clear()
-        pad = self.pad_token_id if self.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
-                                 device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
-                            device=self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=mask,
-                max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
-                temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                logits_processor=[first_token], cache=batch)
+        rows, timing, took = self._greedy(prompts, max(r.max_new_tokens for r in requests),
+                                          started, batch)
         del batch
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ended = time.perf_counter()
-        prefill = (first_token.at or ended) - started
         total = sum(len(ids) for ids in prompts)
-        timing = {"prefill_s": round(prefill, 6), "decode_s": round(ended - started - prefill, 6),
-                  "batch": len(requests), "prefill_tokens": computed + len(requests),
-                  "shared_prefix_tokens": total - computed - len(requests)}
-        latency = (ended - started) / len(requests)
-        return [self._reply(row, request, len(ids), latency, timing)
-                for row, request, ids in zip(output[:, width:].tolist(), requests, prompts,
-                                             strict=True)]
+        timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
+                      shared_prefix_tokens=total - computed - len(requests))
+        return [self._reply(row, request, len(ids), took / len(requests), timing)
+                for row, request, ids in zip(rows, requests, prompts, strict=True)]
 
     def forget_prefixes(self) -> None:
         self._prefix = None
