@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ECHO_PLUGIN, ROOT, SEED_SETTINGS, LiveServer, free_port
+from tests.conftest import (
+    ECHO_PLUGIN,
+    ROOT,
+    SEED_SETTINGS,
+    LiveServer,
+    free_port,
+    stop_process,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -260,8 +267,7 @@ def http_mcp(server: LiveServer):
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
 
 
 def _post_initialize(url: str, token: str | None) -> tuple[int, Any, str]:

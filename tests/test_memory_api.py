@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status
+from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -207,12 +207,7 @@ def test_a_finished_job_shows_the_model_where_it_now_is(with_tiny, echo_plugin_d
         assert _models(live) == {}
         assert [e["kind"] for e in job["events"]] == ["release"]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
         live.stop()
 
 

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, SEED_SETTINGS, LiveServer, free_port
+from tests.conftest import ROOT, SEED_SETTINGS, LiveServer, free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +78,7 @@ def serve(models, tmp_path_factory):
                 time.sleep(0.3)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer
+from tests.conftest import ROOT, LiveServer, stop_process
 
 KEY = "sk-server-key-only-for-its-own-url"
 NIAH = {"context_lengths": [256], "depth_percents": [0], "max_new_tokens": 4}
@@ -559,8 +559,7 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
         status, body = server.request("POST", "/api/gpu/timeout", {"timeout": 400})
         assert status == 200 and body["data"]["workers"][0]["ok"], body
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_process(worker)
         dispose_engines()
 
 
