@@ -119,6 +119,33 @@ class Loglikelihood:
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """One request batch as a runner will run it, for the memory account: what it holds
+    on the device beyond the weights is the runner's `work_bytes(plan)`, read by
+    admission (the job's worst batch) and by the code that allocates it.
+
+    `kind` is "generate" (a prompt then `new_tokens` decoded tokens), "loglikelihood"
+    (a context then a scored continuation of `new_tokens` tokens) or "rolling" (one
+    window of `prompt_tokens` scored at every position)."""
+
+    kind: str
+    rows: int
+    """Rows in the batch (B)."""
+    prompt_tokens: int
+    """The longest row's prompt or context, in tokens, the shared prefix included."""
+    new_tokens: int = 1
+    """Tokens generated after the prompt, or the longest scored continuation."""
+    shared_prefix: int = 0
+    """Leading tokens every row shares that are computed once and kept (0: none)."""
+    padded: bool = True
+    """Rows differ in length, so an attention mask over the padding is built."""
+    logits_positions: int = 1
+    """Positions per row whose logits the pass asks for (1: the last one only)."""
+    method: str = "default"
+    """The inference method ("default", "basic": eager attention, "optimized")."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A resolved model reference: `name` as the user wrote it, `runner` the scheme of
     the runner that serves it (backend.runners.registry). For the transformers runner
