@@ -226,6 +226,10 @@ class WorkerPool:
         self.restart_at: dict[int, float] = {}
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        """Held while a worker starts and while `stop` takes the list of workers: a
+        restart racing the shutdown either finishes first (and is stopped with the
+        rest) or sees `stopping` and starts nothing."""
 
     def plan(self) -> list[str | None]:
         """CUDA_VISIBLE_DEVICES of each worker to start (None = CPU / inherit): the GPU
@@ -274,6 +278,10 @@ class WorkerPool:
     def check(self, now: float) -> None:
         """One supervision pass at monotonic time `now`: note workers that exited and
         restart those whose delay is over."""
+        with self._lock:
+            self._check(now)
+
+    def _check(self, now: float) -> None:
         for slot, proc in list(self.procs.items()):
             if self.stopping.is_set():
                 return
@@ -295,12 +303,16 @@ class WorkerPool:
                         "in %.0f s", slot, proc.pid, code, ran, delay)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.stopping.set()
-        for proc in self.procs.values():
+        """SIGTERM every worker this pool started (one starting at this moment
+        included), wait up to `timeout` seconds for them, then SIGKILL the rest."""
+        with self._lock:  # a restart in progress ends first; none starts after
+            self.stopping.set()
+            procs = list(self.procs.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

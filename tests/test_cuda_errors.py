@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import sqlalchemy.exc
@@ -158,3 +159,42 @@ def test_pool_restarts_workers_with_exponential_backoff(settings, monkeypatch):
     spawned[-1].code = 0
     pool.check(now)
     assert pool.restart_at[0] - now == 1
+
+
+def test_a_restart_racing_the_shutdown_leaves_no_worker_running(settings, monkeypatch):
+    """The server's shutdown stops every worker it started, including a replacement the
+    supervisor is starting at that very moment (one was left running, orphaned, after
+    a Ctrl-C: on a GPU box a process holding a model's memory)."""
+    from backend.server import WorkerPool
+
+    started: list[subprocess.Popen] = []
+    spawning = threading.Event()
+
+    def slow_spawn(slot, device):  # a restart that is still starting when stop() comes
+        spawning.set()
+        time.sleep(0.5)
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        started.append(proc)
+        return proc
+
+    pool = WorkerPool(settings)
+    monkeypatch.setattr(pool, "_spawn", slow_spawn)
+    pool.devices = [None]
+    first = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    started.append(first)
+    first.wait(30)
+    pool.procs[0], pool.started_at[0] = first, 0.0
+    pool.check(1.0)  # the worker exited: a restart is due in 1 s
+    restart = threading.Thread(target=pool.check, args=(pool.restart_at[0],))
+    try:
+        restart.start()
+        assert spawning.wait(10)
+        pool.stop(timeout=10)
+        restart.join(10)
+        assert len(started) == 2
+        assert all(p.poll() is not None for p in started), "a worker outlived the shutdown"
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
