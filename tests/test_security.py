@@ -565,25 +565,51 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
 
 def test_an_orphaned_worker_stops_even_when_its_main_thread_is_stuck():
     """The parent watch runs in a thread of its own: once the server is gone it asks the
-    worker to stop and, if the worker has not stopped after the grace, exits anyway (a
-    main thread blocked in C never runs the SIGTERM handler)."""
+    worker to stop and, if the worker has not finished after the grace, exits anyway (a
+    main thread blocked in C never runs the SIGTERM handler). It watches until the worker
+    has finished, not until it was asked to stop: the kernel's SIGTERM on the server's
+    death sets the stop flag first, and a worker stuck after that must still end."""
     import os
 
     from backend.apps.worker import watch_parent
 
-    stop, exits = threading.Event(), []
+    def watch(parent, stop, done):
+        exits = []
+        watcher = threading.Thread(target=watch_parent,
+                                   args=(parent, stop, done, 0.2, exits.append, 0.05))
+        watcher.start()
+        return watcher, exits
+
     gone = os.getppid() + 10**6  # a parent this process does not have: the server died
-    watcher = threading.Thread(target=watch_parent, args=(gone, stop, 0.2, exits.append, 0.05))
-    watcher.start()
+
+    stop, done = threading.Event(), threading.Event()
+    watcher, exits = watch(gone, stop, done)
     watcher.join(5)
     assert stop.is_set() and exits == [1] and not watcher.is_alive()
 
-    stop, exits = threading.Event(), []
-    watcher = threading.Thread(target=watch_parent,
-                               args=(os.getppid(), stop, 0.2, exits.append, 0.05))
-    watcher.start()
-    time.sleep(0.3)
-    assert not stop.is_set() and exits == []  # the parent is alive: nothing happens
+    # The server's death already delivered SIGTERM (stop is set), then the worker hung.
+    stop, done = threading.Event(), threading.Event()
     stop.set()
+    watcher, exits = watch(gone, stop, done)
+    watcher.join(5)
+    assert exits == [1] and not watcher.is_alive()
+
+    # The worker finishes within the grace: no forced exit.
+    stop, done = threading.Event(), threading.Event()
+    watcher, exits = watch(gone, stop, done)
+    assert stop.wait(5)
+    done.set()
+    watcher.join(5)
+    assert exits == [] and not watcher.is_alive()
+
+    # The parent is alive: nothing happens, also while the worker is stopping on request.
+    stop, done = threading.Event(), threading.Event()
+    watcher, exits = watch(os.getppid(), stop, done)
+    time.sleep(0.3)
+    assert not stop.is_set() and exits == []
+    stop.set()
+    time.sleep(0.3)
+    assert watcher.is_alive() and exits == []
+    done.set()
     watcher.join(5)
     assert not watcher.is_alive() and exits == []

@@ -631,20 +631,24 @@ ORPHAN_GRACE_S = 10.0
 exits anyway (its job's lease then expires and the job resumes elsewhere)."""
 
 
-def watch_parent(parent_pid: int, stop: threading.Event, grace: float = ORPHAN_GRACE_S,
-                 exit_now=os._exit, every: float = 0.5) -> None:
-    """Until `stop` is set: once the process `parent_pid` is no longer this one's parent
-    (the server died, even by SIGKILL), set `stop`, and exit after `grace` seconds if
-    the worker has not stopped by then. A thread of its own, so a main thread blocked
-    in C (a database wait, a forward pass) cannot keep an orphan alive; the kernel's
-    PR_SET_PDEATHSIG signal only reaches Python handlers between bytecodes."""
-    while not stop.wait(every):
+def watch_parent(parent_pid: int, stop: threading.Event, done: threading.Event,
+                 grace: float = ORPHAN_GRACE_S, exit_now=os._exit,
+                 every: float = 0.5) -> None:
+    """Until `done` is set: once the process `parent_pid` is no longer this one's
+    parent (the server died, even by SIGKILL), set `stop`, and exit if the worker has
+    not finished `grace` seconds later. A thread of its own, so a main thread blocked in
+    C (a database wait, a forward pass) cannot keep an orphan alive; the kernel's
+    PR_SET_PDEATHSIG signal only reaches Python handlers between bytecodes. It watches
+    until `done`, not until `stop`: that signal sets `stop` first, and a worker stuck
+    after it must still end."""
+    while not done.wait(every):
         if os.getppid() != parent_pid:
             log.warning("[Worker] the server (pid %d) is gone; stopping", parent_pid)
             stop.set()
-            time.sleep(grace)
-            log.error("[Worker] still running %.0f s after the server died; exiting", grace)
-            exit_now(1)
+            if not done.wait(grace):
+                log.error("[Worker] still running %.0f s after the server died; exiting",
+                          grace)
+                exit_now(1)
             return
 
 
@@ -684,7 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     if args.parent_pid is not None:
-        threading.Thread(target=watch_parent, args=(args.parent_pid, worker.stopping),
+        # Never `done`: the watch lasts as long as the process, its shutdown included
+        # (the interpreter joins threads after main returns, and one may hang).
+        threading.Thread(target=watch_parent,
+                         args=(args.parent_pid, worker.stopping, threading.Event()),
                          name="parent-watch", daemon=True).start()
     return worker.run_forever()
 
