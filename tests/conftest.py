@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,69 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
                  *(s.name for s in SETTINGS if s.seed_name))
 """Variables a test must not inherit besides LBS_*: the allocator's and the brief's names."""
+
+
+RUN_MARK = "BENCH_SHOWER_TEST_RUN"
+"""Set once per test run and inherited by every process a test starts (servers, the
+workers they spawn, peers), so processes that outlive the run can be found at its end,
+orphans included. Not LBS_*: the data_dir fixture clears those."""
+os.environ.setdefault(RUN_MARK, uuid.uuid4().hex)
+
+
+def _left_running() -> list:
+    """This run's processes still alive (its children, and any process, orphaned or
+    not, whose environment carries this run's mark), this process excepted."""
+    import psutil
+
+    me, mark = os.getpid(), os.environ[RUN_MARK]
+    found = {p.pid: p for p in psutil.Process(me).children(recursive=True)}
+    for proc in psutil.process_iter():
+        if proc.pid == me or proc.pid in found:
+            continue
+        try:
+            if proc.environ().get(RUN_MARK) == mark:
+                found[proc.pid] = proc
+        except (psutil.Error, OSError):
+            continue  # gone, a zombie, or another user's
+    alive = []
+    for proc in found.values():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any process it started is still running at its end (a worker
+    that outlived its server holds a model's memory on a GPU box), then end them."""
+    import psutil
+
+    left = _left_running()
+    if left:
+        _, left = psutil.wait_procs(left, timeout=10)  # some may be ending right now
+    if not left:
+        return
+    lines = []
+    for proc in left:
+        try:
+            lines.append(f"  pid {proc.pid} (parent {proc.ppid()}): "
+                         f"{' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    if not lines:
+        return
+    message = (f"{len(lines)} process(es) started by the tests were still running "
+               "at the end of the run (now killed):\n" + "\n".join(lines))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    if session.exitstatus in (0, 5):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _cuda_available() -> bool:
