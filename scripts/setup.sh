@@ -2,6 +2,8 @@
 # Create .venv (if missing) and install the requirements into it, saying what it does:
 # one "[setup] step i/n" line per step, then pip's own progress (packages collected,
 # download bars, what it installs), and how long each step took.
+# Versions are those of requirements.lock (exact, used as pip constraints), so every
+# machine installs what was tested; bash scripts/lock.sh refreshes it on purpose.
 # Usage: bash scripts/setup.sh [requirements file]   (default: requirements.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ step() {  # step <i> <n> <what>
 }
 stamp=".venv/.installed-$(basename "$req")"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ ! "$req" -nt "$stamp" ] \
-    && [ ! requirements.txt -nt "$stamp" ]; then
+    && [ ! requirements.txt -nt "$stamp" ] && [ ! requirements.lock -nt "$stamp" ]; then
   echo "[setup] $req already installed in .venv (delete $stamp to reinstall)"
   exit 0
 fi
@@ -37,8 +39,8 @@ step 2 $n "upgrading pip"
 # torch first, pinned, so nothing resolves a different build with GBs of CUDA packages.
 step 3 $n "installing torch 2.13.0 (the largest download: several hundred MB to GBs)"
 "${pip[@]}" "torch==2.13.0"
-step 4 $n "installing the packages of $req"
-"${pip[@]}" -r "$req"
+step 4 $n "installing the packages of $req at the versions of requirements.lock"
+"${pip[@]}" -r "$req" -c requirements.lock
 touch "$stamp"
 echo "[setup]   done in $((SECONDS - step_start)) s"
 echo "[setup] installed in $((SECONDS - started)) s"
