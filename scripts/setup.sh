@@ -38,7 +38,7 @@ step 2 $n "upgrading pip"
 "${pip[@]}" --upgrade pip
 # torch first, pinned, so nothing resolves a different build with GBs of CUDA packages.
 step 3 $n "installing torch 2.13.0 (the largest download: several hundred MB to GBs)"
-"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" "torch==2.13.0" -c requirements.lock
 step 4 $n "installing the packages of $req at the versions of requirements.lock"
 "${pip[@]}" -r "$req" -c requirements.lock
 touch "$stamp"
