@@ -56,7 +56,17 @@ class AppState:
 def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
-    from backend.apps.api import datasets, errors, health, inputs, jobs, memory, openapi, results
+    from backend.apps.api import (
+        compare,
+        datasets,
+        errors,
+        health,
+        inputs,
+        jobs,
+        memory,
+        openapi,
+        results,
+    )
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +80,7 @@ def create_app(settings: Settings | None = None,
     errors.init_app(app)
     _init_access(app, settings)
     inputs.init_app(app)
-    for module in (jobs, datasets, health, memory, openapi, results):
+    for module in (jobs, datasets, health, memory, openapi, results, compare):
         app.register_blueprint(module.bp)
 
     from backend.apps.api.openapi import undocumented

@@ -44,6 +44,9 @@ class _Sink:
     def set_total(self, total: int) -> None:
         pass
 
+    def set_manifest(self, manifest: dict) -> None:
+        pass
+
     def write(self, record: Any) -> bool:
         self.records.append(record)
         return True

@@ -7,7 +7,7 @@ import { lang, setLang, t, tr } from "./i18n.js";
 import { cellsOf, viewJob } from "./job.js";
 import { viewLaunch } from "./launch.js";
 import { viewLeaderboard } from "./leaderboard.js";
-import { fmtScore } from "./tables.js";
+import { fmtScore, sortableTable } from "./tables.js";
 import { viewWorkers } from "./workers.js";
 
 const main = document.getElementById("main");
@@ -67,10 +67,52 @@ function gridOf(job) {
            depths: [...new Set(cells.map((c) => c.depth_percent))].sort((a, b) => a - b) };
 }
 
+function pairedSection(data) {
+  const p = data.paired;
+  const num = (v, d = 4) => (typeof v === "number" ? v.toFixed(d) : "–");
+  const diff = typeof p.difference === "number"
+    ? `${p.difference >= 0 ? "+" : ""}${num(p.difference)} [${num(p.ci95?.[0])}, ${num(p.ci95?.[1])}]` : "–";
+  const cell = (key, value) => [h("dt", { text: t(key) }), h("dd", { "data-key": key, text: value ?? "–" })];
+  const differing = Object.entries(data.differing_params || {});
+  const disagreeCols = [
+    { key: "a_idx", title: "#", num: true },
+    { key: "reference", title: t("reference"), value: (r) => JSON.stringify(r.reference ?? ""),
+      cell: (r) => h("small", { text: typeof r.reference === "string" ? r.reference : JSON.stringify(r.reference ?? "") }) },
+    { key: "a", title: t("prediction_a"), value: (r) => r.a.score,
+      cell: (r) => h("span", {}, h("b", { text: `${num(r.a.score, 2)} ` }), h("small", { class: "answer", text: r.a.prediction })) },
+    { key: "b", title: t("prediction_b"), value: (r) => r.b.score,
+      cell: (r) => h("span", {}, h("b", { text: `${num(r.b.score, 2)} ` }), h("small", { class: "answer", text: r.b.prediction })) },
+  ];
+  return h("section", { id: "paired", class: "breakdown" },
+    h("h3", { text: t("paired_title") }),
+    h("p", { class: "hint", text: t("paired_help") }),
+    h("dl", { class: "meta figures", id: "paired-figures" },
+      ...cell("shared_items", p.n),
+      ...(p.binary ? [...cell("both_right", p.both_right), ...cell("a_only", p.a_only),
+        ...cell("b_only", p.b_only), ...cell("both_wrong", p.both_wrong), ...cell("mcnemar", num(p.mcnemar_p))] : []),
+      ...cell("difference", diff)),
+    h("h4", { text: t("differing_params") }),
+    differing.length
+      ? h("table", { id: "differing-params", class: "compact" },
+        h("tr", {}, h("th", { text: t("params") }), h("th", { text: `A #${data.a.id}` }), h("th", { text: `B #${data.b.id}` })),
+        differing.map(([k, [va, vb]]) => h("tr", {}, h("td", { text: k }),
+          h("td", { text: JSON.stringify(va) }), h("td", { text: JSON.stringify(vb) }))))
+      : h("p", { class: "muted", text: t("no_differing_params") }),
+    data.differing_manifest && Object.keys(data.differing_manifest).length ? [
+      h("h4", { text: t("differing_manifest") }),
+      h("table", { id: "differing-manifest", class: "compact" },
+        h("tr", {}, h("th", { text: t("manifest") }), h("th", { text: `A #${data.a.id}` }), h("th", { text: `B #${data.b.id}` })),
+        Object.entries(data.differing_manifest).map(([k, [va, vb]]) => h("tr", {}, h("td", { text: k }),
+          h("td", { text: JSON.stringify(va) }), h("td", { text: JSON.stringify(vb) }))))] : null,
+    data.disagreements.length ? [
+      h("h4", {}, t("disagreements"), h("small", { class: "muted", text: ` (${data.disagreements_total})` })),
+      sortableTable(disagreeCols, data.disagreements, { id: "disagreements", compact: true })] : null);
+}
+
 async function viewCompare() {
   stopPolling();
   const res = await api("GET", "/api/jobs?state=succeeded&per_page=500");
-  const jobs = (res.ok ? res.data.jobs : []).filter((j) => j.dataset === "needle_in_haystack" || j.scores?.cells);
+  const jobs = res.ok ? res.data.jobs : [];
   if (!jobs.length) {
     main.replaceChildren(h("h2", { text: t("side_by_side") }),
       h("p", { id: "compare-empty", class: "empty" }, t("compare_empty"), " ",
@@ -79,22 +121,33 @@ async function viewCompare() {
   }
   const pickers = [0, 1].map((i) => h("select", { id: `compare-${i}`, "aria-label": `${t("pick_job")} ${i + 1}` },
     h("option", { value: "", text: t("pick_job") }),
-    jobs.map((j) => h("option", { value: j.id, text: `#${j.id} ${j.model} · ${fmtScore(j.scores?.overall)}` }))));
+    jobs.map((j) => h("option", { value: j.id, text: `#${j.id} ${j.dataset} · ${j.model} · ${fmtScore(j.scores?.overall)}` }))));
   const warning = h("p", { id: "compare-warning", class: "waiting", role: "status" });
+  const paired = h("div", { id: "compare-result" });
   const side = h("div", { class: "side-by-side" });
   const draw = async () => {
-    const picked = await Promise.all(pickers.map(async (p) => {
-      if (!p.value) return null;
-      const [jr, sr] = await Promise.all([api("GET", `/api/jobs/${p.value}`), api("GET", `/api/jobs/${p.value}/samples?per_page=5000`)]);
+    const [a, b] = pickers.map((p) => p.value);
+    warning.textContent = "";
+    paired.replaceChildren();
+    side.replaceChildren();
+    if (!a || !b) { warning.textContent = t("compare_pick"); return; }
+    const cmp = await api("GET", `/api/compare?a=${a}&b=${b}`);
+    if (!cmp.ok) {
+      paired.replaceChildren(h("p", { class: "error", id: "compare-error" }, h("b", { text: `${t("not_comparable")}: ` }), cmp.error.message));
+      return;
+    }
+    paired.replaceChildren(pairedSection(cmp.data));
+    if (cmp.data.a.dataset !== "needle_in_haystack") return;
+    const picked = await Promise.all([a, b].map(async (id) => {
+      const [jr, sr] = await Promise.all([api("GET", `/api/jobs/${id}`), api("GET", `/api/jobs/${id}/samples?per_page=5000`)]);
       return jr.ok ? { job: jr.data.job, samples: sr.ok ? sr.data.samples : [] } : null;
     }));
     side.replaceChildren(...picked.map((x) => (x ? h("div", {},
       h("h4", {}, h("a", { href: `#/job/${x.job.id}`, text: `#${x.job.id}` }), ` ${x.job.model} · ${fmtScore(x.job.scores.overall)}`),
       heatmap(cellsOf(x.job, x.samples), { xLabel: t("context_length"), yLabel: t("depth"), width: 420 })) : h("div"))));
-    const [a, b] = picked;
-    warning.textContent = "";
-    if (a && b) {
-      const ga = gridOf(a.job), gb = gridOf(b.job);
+    const [ja, jb] = picked;
+    if (ja && jb) {
+      const ga = gridOf(ja.job), gb = gridOf(jb.job);
       if (JSON.stringify(ga) !== JSON.stringify(gb)) {
         warning.textContent = t("grids_differ").replace("{a}", `${ga.lengths.join("/")} × ${ga.depths.join("/")}`)
           .replace("{b}", `${gb.lengths.join("/")} × ${gb.depths.join("/")}`);
@@ -104,7 +157,7 @@ async function viewCompare() {
   pickers.forEach((p) => p.addEventListener("change", draw));
   main.replaceChildren(h("h2", { text: t("side_by_side") }),
     h("p", { class: "hint" }, t("compare_help"), " ", h("a", { href: "#/leaderboard", text: t("nav_leaderboard") })),
-    h("div", { class: "controls" }, pickers), warning, side);
+    h("div", { class: "controls" }, pickers), warning, paired, side);
 }
 
 // --- models & memory ---------------------------------------------------------------

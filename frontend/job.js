@@ -6,7 +6,7 @@ import { api, badge, chartWidth, datasetInfo, download, fmtBytes, fmtSeconds, fm
 import { t, tr } from "./i18n.js";
 import { builtinNote } from "./datastatus.js";
 import { methodComparison } from "./methods.js";
-import { fmtScore, sortableTable } from "./tables.js";
+import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
 // A comparison job stores every item once per method; its cells are the first method's.
 function firstMethod(job) { return job.scores.methods?.[0]?.method; }
@@ -82,6 +82,23 @@ function shardsSection(job) {
       rowAttrs: (s) => ({ "data-shard": s.shard_index, "data-state": s.state }) })];
 }
 
+// --- the run manifest -------------------------------------------------------------------
+
+/** A nested record as [dotted key, value] rows. */
+export function flatRows(record, prefix = "") {
+  return Object.entries(record || {}).flatMap(([k, v]) => (v && typeof v === "object" && !Array.isArray(v)
+    ? flatRows(v, `${prefix}${k}.`) : [[`${prefix}${k}`, v]]));
+}
+
+function manifestSection(job) {
+  if (!job.manifest) return null;
+  const rows = flatRows(job.manifest).filter(([k]) => k !== "task.params" && !k.startsWith("task.params."));
+  return h("details", { id: "manifest", class: "manifest" },
+    h("summary", {}, h("b", { text: t("manifest") }), h("small", { class: "muted", text: ` — ${t("manifest_help")}` })),
+    h("div", { class: "table-wrap" }, h("table", { class: "compact" }, rows.map(([k, v]) =>
+      h("tr", { "data-key": k }, h("th", { text: k }), h("td", { text: fieldText(v) }))))));
+}
+
 // --- scores as the dataset declares them ----------------------------------------------
 
 function figures(part, scores) {
@@ -92,6 +109,7 @@ function figures(part, scores) {
     h("dl", { class: "meta figures" }, rows.flatMap((r) => [
       h("dt", { text: tr(r.title) }),
       h("dd", { "data-key": r.key }, h("strong", { text: fmtScore(scores[r.key]) }),
+        h("span", { class: "spread", text: ` ${fmtSpread(scores[`${r.key}_stderr`], scores[`${r.key}_ci95`])}` }),
         r.help ? h("small", { class: "muted", text: ` — ${tr(r.help)}` }) : null)])));
 }
 
@@ -100,6 +118,8 @@ function table(part, scores) {
   if (!Array.isArray(rows) || !rows.length) return null;
   const columns = [...part.columns.map((c) => ({ key: c.key, title: tr(c.title) })),
     { key: "score", title: t("score"), num: true, cell: (r) => fmtScore(r.score) },
+    { key: "stderr", title: t("error_bars"), num: true, cell: (r) => h("span", { class: "spread" },
+      fmtSpread(r.stderr, r.ci95), r.few_items ? h("small", { class: "few", title: t("few_items_help"), text: ` ${t("few_items")}` }) : null) },
     { key: "count", title: t("count"), num: true }];
   return h("section", { class: "breakdown", "data-breakdown": part.key },
     h("h3", {}, tr(part.title), h("small", { class: "muted", text: ` (${rows.length})` })),
@@ -296,10 +316,14 @@ export async function viewJob(main, id) {
     h("div", { class: "record" },
       h("section", {}, h("h3", { text: t("record") }), record(job)),
       h("section", {}, h("h3", { text: t("params") }), paramsTable(job))),
+    manifestSection(job),
     ...shardsSection(job),
     h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
-      h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }), builtinNote(job.model),
+      h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }),
+      h("span", { id: "overall-spread", class: "spread", title: t("error_bars_help"),
+        text: ` ${fmtSpread(job.scores.overall_stderr, job.scores.overall_ci95)}` }), builtinNote(job.model),
       job.scores.count !== undefined ? h("small", { class: "muted", text: ` (${job.scores.count} ${t("samples_lc")})` }) : null,
+      job.scores.few_items ? h("small", { id: "few-items", class: "few", title: t("few_items_help"), text: ` ${t("few_items")}` }) : null,
       " · ", exportLink("json"), " · ", exportLink("csv")),
     ...breakdowns(job, info, samples),
     ...methodComparison(job.scores),

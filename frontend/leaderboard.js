@@ -5,7 +5,7 @@ import { lineChart, scatterChart } from "./charts.js";
 import { api, chartWidth, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
 import { builtinNote } from "./datastatus.js";
 import { t } from "./i18n.js";
-import { fmtScore, sortableTable } from "./tables.js";
+import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
 /** A figure in MiB, shown in GiB from 1 GiB up, with `d` decimals. */
 const fmtMiB = (v, d = 0) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d, 1))} GiB` : `${v.toFixed(d)} MiB`);
@@ -27,32 +27,39 @@ export async function viewLeaderboard(main) {
         h("a", { href: "#/launch", text: t("nav_launch") })));
     return;
   }
-  const datasets = [...new Set(rows.map((r) => r.dataset))].sort();
+  const datasets = [...new Set(rows.map((r) => r.benchmark))].sort();
   const picker = h("select", { id: "leaderboard-dataset", "aria-label": t("dataset") },
     h("option", { value: "", text: `${t("dataset")}: ${t("all")}` }), datasets.map((d) => h("option", { value: d, text: d })));
   const columns = [
     { key: "model", title: t("model"), cell: (r) => h("span", { title: r.names.join("\n"), class: "model-name" },
       r.model, builtinNote(r.model), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
-    { key: "dataset", title: t("dataset") },
-    { key: "score", title: t("score"), num: true, cell: (r) => fmtScore(r.score) },
+    { key: "dataset", title: t("dataset"), value: (r) => r.benchmark, cell: (r) => h("span", {}, r.benchmark,
+      Object.keys(r.distinct || {}).length ? h("small", { class: "distinct muted", title: t("distinct_help"),
+        text: ` ${Object.entries(r.distinct).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")}` }) : null) },
+    { key: "score", title: t("score"), num: true, cell: (r) => h("span", {}, fmtScore(r.score),
+      r.score_stderr !== null && r.score_stderr !== undefined
+        ? h("small", { class: "spread", title: t("error_bars_help"), text: ` ${fmtSpread(r.score_stderr)}` }) : null,
+      r.few_items ? h("small", { class: "few", title: t("few_items_help"), text: ` ${t("few_items")}` }) : null) },
     { key: "peak_bytes", title: t("peak_memory_col"), num: true, cell: peakCell },
     { key: "tokens_per_s", title: t("tokens_per_s"), num: true, cell: (r) => r.tokens_per_s?.toFixed(1) ?? "" },
     { key: "duration_s", title: t("duration"), num: true, cell: (r) => fmtSeconds(r.duration_s) },
-    { key: "runs", title: t("runs"), num: true },
+    { key: "runs", title: t("runs"), num: true, cell: (r) => h("span", {}, String(r.runs),
+      r.run_spread ? h("small", { class: "muted run-spread", title: t("runs_help"),
+        text: ` (${r.runs_agree} ${t("agree")}; ${fmtScore(r.run_spread[0])}–${fmtScore(r.run_spread[1])})` }) : null) },
     { key: "job_id", title: t("job"), num: true, cell: (r) => h("a", { href: `#/job/${r.job_id}`, text: `#${r.job_id}` }) },
   ];
   const tableBox = sortableTable(columns, rows, { id: "leaderboard-table", sortBy: "score", desc: true,
-    rowAttrs: (r) => ({ "data-model": r.model, "data-dataset": r.dataset }) });
+    rowAttrs: (r) => ({ "data-model": r.model, "data-dataset": r.benchmark, "data-params": r.params_key }) });
   const scatterBox = h("div", { class: "chart-box" });
   const drawScatter = (shown) => {
     scatterBox.replaceChildren(scatterChart(shown.filter((r) => r.score !== null && r.peak_bytes).map((r) => ({
-      x: r.peak_bytes / 2 ** 20, y: r.score, label: r.model, group: datasets.indexOf(r.dataset),
-      title: `${r.model} · ${r.dataset}: ${fmtScore(r.score)} @ ${fmtBytes(r.peak_bytes)}` })),
+      x: r.peak_bytes / 2 ** 20, y: r.score, label: r.model, group: datasets.indexOf(r.benchmark),
+      title: `${r.model} · ${r.benchmark}: ${fmtScore(r.score)} @ ${fmtBytes(r.peak_bytes)}` })),
     { xLabel: t("peak_memory_axis"), yLabel: t("score"), testid: "score-memory", xFmt: fmtMiB,
       yFmt: (v) => v.toFixed(2), groups: datasets, width: chartWidth() }));
   };
   picker.addEventListener("change", () => {
-    const shown = rows.filter((r) => !picker.value || r.dataset === picker.value);
+    const shown = rows.filter((r) => !picker.value || r.benchmark === picker.value);
     tableBox.update(shown);
     drawScatter(shown);
   });

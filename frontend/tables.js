@@ -54,3 +54,9 @@ export function sortableTable(columns, rows, options = {}) {
 
 /** A score 0..1 as shown in tables: 4 decimals. */
 export function fmtScore(v) { return typeof v === "number" && isFinite(v) ? v.toFixed(4) : "–"; }
+
+/** A score's error bars as text: "± 0.0123 [0.4100, 0.5200]" (standard error, 95% interval). */
+export function fmtSpread(stderr, ci95) {
+  if (typeof stderr !== "number") return "";
+  return `± ${stderr.toFixed(4)}` + (Array.isArray(ci95) ? ` [${ci95[0].toFixed(4)}, ${ci95[1].toFixed(4)}]` : "");
+}

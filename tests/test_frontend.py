@@ -127,8 +127,13 @@ def test_cancel_and_models_panel(server, tiny_copy, page):
     assert page.locator("#models-table").inner_text().strip().endswith("No model is loaded.")
     page.fill("#idle-timeout", "120")
     page.click("#apply-timeout")
-    page.goto(server.url + "/#/compare")
-    page.wait_for_selector("#compare-empty")  # no finished NIAH job: it says so
+    page.goto(server.url + "/#/compare")  # any finished job can be compared: the echo job
+    echo_id = str(body["data"]["job"]["id"])
+    page.select_option("#compare-0", echo_id)
+    page.select_option("#compare-1", echo_id)
+    page.wait_for_selector("#paired-figures")
+    assert page.locator('#paired-figures dd[data-key="shared_items"]').inner_text() == "3"
+    assert page.locator('#paired-figures dd[data-key="mcnemar"]').inner_text() == "1.0000"
     page.screenshot(path=ARTIFACTS / "compare.png", full_page=True)
 
 
@@ -176,6 +181,7 @@ def test_page_asks_for_the_token_once(with_tiny, page):
         page.goto(live.url + "/#/queue")
         page.wait_for_selector("#queue-table tr")
         assert len(asked) == 1 and "LBS_API_TOKEN" in asked[0]
+        page.goto("about:blank")  # stop polling before the server goes away
     finally:
         live.stop()
 

@@ -29,6 +29,9 @@ class _Sink:
     def set_total(self, total):
         pass
 
+    def set_manifest(self, manifest):
+        self.manifest = manifest
+
     def write(self, record):
         self.records.append(record)
         return True

@@ -130,3 +130,89 @@ def test_datasets_list_their_breakdowns(client):
     ceval = next(d for d in data if d["name"] == "ceval")
     assert [b["key"] for b in ceval["breakdowns"]] == ["averages", "categories", "subjects"]
     assert {"key": "subject", "title": "Subject", "filter": True} in ceval["sample_columns"]
+
+
+def _run(factory, model, dataset, params, scores, entries=None, worker="w"):
+    """A succeeded job of `dataset` with `params`, one sample per 0-1 score, scored by
+    the dataset's own aggregate unless `entries` are given."""
+    from backend.datasets.registry import get_dataset
+
+    (job,) = jobs.submit_jobs(factory, [jobs.NewJob(model, dataset, params)])
+    assert jobs.claim_job(factory, worker, 60, 3).id == job.id
+    for i, score in enumerate(scores):
+        jobs.record_sample(factory, job.id, worker, 60, dict(
+            idx=i, prompt=f"question {i}", prompt_tokens=10, prediction="x", score=score,
+            latency_s=0.1, output_tokens=4, fields={}))
+    if entries is None:
+        entries = get_dataset(dataset).aggregate([({}, s) for s in scores])
+    jobs.finish_job(factory, job.id, worker, JobState.SUCCEEDED, scores=entries)
+    return job.id
+
+
+def _lm_eval_entries(acc: float) -> list[ScoreEntry]:
+    """What the lm_eval dataset stores: overall, then a metric row per task/group metric."""
+    def metric(task, kind, name, value, stderr):
+        return ScoreEntry("metric", value, 40, {
+            "task": task, "kind": kind, "metric": name, "filter": "none", "stderr": stderr,
+            "n_shot": 0, "version": 1.0}, stderr, (value - 0.1, value + 0.1))
+    return [ScoreEntry("overall", acc, 80),
+            metric("arc_easy", "task", "acc", acc, 0.05),
+            metric("arc_easy", "task", "acc_norm", acc - 0.1, 0.04),
+            metric("lbs_mc", "task", "acc", 0.5, 0.08)]
+
+
+def test_leaderboard_rows_are_configurations_and_lm_eval_tasks(client, app):
+    factory = app.extensions["lbs"].factory
+    full = _run(factory, "builtin:tiny", "gsm8k", {}, [1.0, 0.0, 1.0, 1.0])
+    few = _run(factory, "builtin:tiny", "gsm8k", {"split": "train", "max_samples": 2},
+               [0.0, 0.0])
+    # the same configuration again, batched: one row, two runs that disagree
+    again = _run(factory, "builtin:tiny", "gsm8k", {"batch_size": 4}, [1.0, 0.0, 0.0, 1.0])
+    _run(factory, "builtin:tiny", "lm_eval", {"tasks": ["arc_easy", "lbs_mc"]}, [1.0] * 4,
+         _lm_eval_entries(0.7))
+    rows = client.get("/api/leaderboard").get_json()["data"]["rows"]
+    gsm = {r["job_id"]: r for r in rows if r["benchmark"] == "gsm8k"}
+    assert set(gsm) == {again, few}  # the 2-question job did not replace the test split
+    test_split, two = gsm[again], gsm[few]
+    assert test_split["runs"] == 2 and test_split["runs_agree"] == 1
+    assert test_split["run_spread"] == [0.5, 0.75] and full != again
+    assert test_split["distinct"] == {"max_samples": None, "split": "test"}
+    assert two["distinct"] == {"max_samples": 2, "split": "train"} and two["runs"] == 1
+    assert two["few_items"] is True and two["score_stderr"] == 0.0
+    tasks = {r["benchmark"]: r for r in rows if r["dataset"] == "lm_eval"}
+    assert set(tasks) == {"lm_eval:arc_easy", "lm_eval:lbs_mc"}
+    arc = tasks["lm_eval:arc_easy"]
+    assert (arc["metric"], arc["score"], arc["score_stderr"]) == ("acc", 0.7, 0.05)
+    assert [m["metric"] for m in arc["metrics"]] == ["acc", "acc_norm"]
+
+
+def test_lm_eval_export_is_read_by_lm_eval(client, app):
+    from lm_eval.utils import make_table
+
+    factory = app.extensions["lbs"].factory
+    niah = _run(factory, "builtin:tiny", "gsm8k", {"shots": 2}, [1.0, 0.0, 1.0])
+    task = _run(factory, "builtin:tiny", "lm_eval", {"tasks": ["arc_easy", "lbs_mc"]},
+                [1.0] * 4, _lm_eval_entries(0.7))
+    for job_id, names in ((niah, ["gsm8k"]), (task, ["arc_easy", "lbs_mc"])):
+        res = client.get(f"/api/jobs/{job_id}/export?format=lm_eval")
+        assert res.status_code == 200, res.get_json()
+        assert res.headers["Content-Disposition"].endswith(".json")
+        results = json.loads(res.data)
+        for key in ("results", "groups", "configs", "versions", "n-shot", "n-samples"):
+            assert key in results, key
+        table = make_table(results)  # lm-eval's own reader of its results
+        for name in names:
+            assert name in table
+    gsm = json.loads(client.get(f"/api/jobs/{niah}/export?format=lm_eval").data)
+    entry = gsm["results"]["gsm8k"]
+    assert entry["score,none"] == 2 / 3
+    assert entry["score_stderr,none"] == (2 / 3 * 1 / 3 / 3) ** 0.5
+    assert gsm["n-shot"]["gsm8k"] == 2 and gsm["n-samples"]["gsm8k"]["effective"] == 3
+    arc = json.loads(client.get(f"/api/jobs/{task}/export?format=lm_eval").data)
+    assert arc["results"]["arc_easy"]["acc,none"] == 0.7
+    assert arc["results"]["arc_easy"]["acc_stderr,none"] == 0.05
+    row = next(line for line in make_table(arc).splitlines() if "arc_easy" in line)
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[5:10] == ["acc", "", "0.7", "±", "0.05"]  # the value and its stderr
+    res = client.get(f"/api/jobs/{task}/export?format=lm-eval")
+    assert res.status_code == 422 and "format" in res.get_json()["error"]["message"]

@@ -54,9 +54,10 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
         {"model": "builtin:tiny", "dataset": "longbench",
          "params": {"subsets": ["hotpotqa", "multifieldqa_zh", "trec"]}},
         {"model": str(tiny_copy), "dataset": "echo", "params": {}},
+        {"model": tiny_copy.name, "dataset": "echo", "params": {}},
         {"model": tiny_copy.name, "dataset": "echo", "params": {"words": ["a", "b"]}}]})
     assert status == 201, body
-    ceval_id, lb_id, echo_path, echo_name = (j["id"] for j in body["data"]["jobs"])
+    ceval_id, lb_id, echo_path, echo_name, echo_ab = (j["id"] for j in body["data"]["jobs"])
     ceval = server.wait_for(ceval_id, ("succeeded", "failed"))
     assert ceval["state"] == "succeeded", ceval["error"]
 
@@ -104,6 +105,13 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
     assert table.locator("tbody tr[data-idx]").count() == len(wrong)
     assert page.locator("#samples-shown").inner_text() == f"{len(wrong)} / {len(samples)}"
     page.select_option("#outcome-filter", "")
+    # error bars beside the score: a macro average over subjects, from a handful of items
+    page.locator("#manifest summary").click()  # the run manifest, folded
+    assert page.locator('#manifest tr[data-key="versions.torch"]').is_visible()
+    assert page.locator('#manifest tr[data-key="inference.device"] td').inner_text() == "cpu"
+    spread = page.locator("#overall-spread").inner_text()
+    assert spread.startswith(" ± ") and "[" in spread
+    assert page.locator("#few-items").is_visible()
     shoot(page, "job-ceval")
 
     # LongBench: per subset and per length bucket, references as a list of answers
@@ -128,31 +136,50 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
     assert page.locator('[data-testid="memory-chart"] circle.dot').count() >= 1
     shoot(page, "job-longbench")
 
-    # the leaderboard: the folder named by path and by name is one model
-    for job_id in (echo_path, echo_name):
+    # the leaderboard: the folder named by path and by name is one model; another
+    # configuration of the same dataset is a row of its own, named by what differs
+    for job_id in (echo_path, echo_name, echo_ab):
         assert server.wait_for(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+    # ... and loaded once: the job naming it by name found it loaded by the path's job
+    by_name = server.request("GET", f"/api/jobs/{echo_name}")[1]["data"]["job"]
+    assert "load" not in [e["kind"] for e in by_name["events"]], by_name["events"]
     page.goto(f"{server.url}/#/leaderboard")
     board = page.locator("#leaderboard-table")
     board.wait_for()
     echo_rows = board.locator('tbody tr[data-dataset="echo"]')
-    assert echo_rows.count() == 1
-    assert echo_rows.get_attribute("data-model") == tiny_copy.name
-    assert "2 names" in echo_rows.locator('td[data-col="model"]').inner_text()
-    assert echo_rows.locator('td[data-col="job_id"]').inner_text() == f"#{echo_name}"
-    assert echo_rows.locator('td[data-col="runs"]').inner_text() == "2"
-    assert board.locator("tbody tr").count() == 3  # ceval, longbench, echo
+    assert echo_rows.count() == 2
+    same = board.locator(f'tbody tr[data-dataset="echo"]:has(a:text-is("#{echo_name}"))')
+    assert same.get_attribute("data-model") == tiny_copy.name
+    assert "2 names" in same.locator('td[data-col="model"]').inner_text()
+    assert same.locator('td[data-col="runs"]').inner_text() == "2"
+    assert 'words=["apple","river","stone"]' in same.locator('td[data-col="dataset"]').inner_text()
+    other = board.locator(f'tbody tr[data-dataset="echo"]:has(a:text-is("#{echo_ab}"))')
+    assert 'words=["a","b"]' in other.locator('td[data-col="dataset"]').inner_text()
+    assert board.locator("tbody tr").count() == 4  # ceval, longbench, echo twice
     board.locator('th[data-key="score"] button').click()  # sorted by score already: reverse
-    scores = [float(x) for x in cells(board, "score")]
+    scores = [float(x.split()[0]) for x in cells(board, "score")]  # the score, then ± stderr
     assert scores == sorted(scores)
     board.locator('th[data-key="dataset"] button').click()
-    assert cells(board, "dataset") == ["ceval", "echo", "longbench"]
-    assert page.locator('[data-testid="score-memory"] circle.dot').count() == 3
+    assert [c.split()[0] for c in cells(board, "dataset")] == ["ceval", "echo", "echo",
+                                                               "longbench"]
+    assert page.locator('[data-testid="score-memory"] circle.dot').count() == 4
     assert page.locator('[data-testid="memory-length-longbench"] circle.dot').count() >= 1
     shoot(page, "leaderboard")
 
-    page.goto(f"{server.url}/#/compare")  # no NIAH job: it says so
-    page.locator("#compare-empty").wait_for()
-    shoot(page, "compare-empty")
+    # Compare: the same folder by path and by name, item by item; two datasets refused
+    page.goto(f"{server.url}/#/compare")
+    page.select_option("#compare-0", str(echo_path))
+    page.select_option("#compare-1", str(echo_name))
+    figures = page.locator("#paired-figures")
+    figures.wait_for()
+    paired = server.request("GET", f"/api/compare?a={echo_path}&b={echo_name}")[1]["data"]["paired"]
+    assert figures.locator('dd[data-key="shared_items"]').inner_text() == str(paired["n"])
+    assert paired["n"] == 3 and paired["a_only"] == paired["b_only"] == 0
+    assert page.locator("#differing-params").count() == 0  # same parameters: it says so
+    shoot(page, "compare-paired", redraw=False)
+    page.select_option("#compare-1", str(lb_id))
+    page.locator("#compare-error").wait_for()
+    assert "one dataset" in page.locator("#compare-error").inner_text()
 
 
 def _niah_form(page, lengths: tuple[int, int, int] | None = None, depths: int = 2) -> None:
@@ -228,6 +255,9 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     page.wait_for_function("document.querySelectorAll('.side-by-side svg.heatmap').length == 2")
     page.locator("#compare-warning").wait_for()
     assert "different grids" in page.locator("#compare-warning").inner_text()
+    # compared on the cells both grids have (256 tokens at depths 0 and 100)
+    assert page.locator('#paired-figures dd[data-key="shared_items"]').inner_text() == "2"
+    assert page.locator("#differing-params").inner_text().count("context_lengths") == 1
     shoot(page, "compare", redraw=False)
 
     # Delete asks first; the next job never gets the deleted id

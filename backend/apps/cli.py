@@ -54,9 +54,13 @@ class _ListSink:
     def __init__(self) -> None:
         self.records: list[Any] = []
         self.bar = None
+        self.manifest: dict[str, Any] | None = None
 
     def stored(self) -> dict:
         return {}
+
+    def set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
 
     def set_total(self, total: int) -> None:
         from tqdm import tqdm
@@ -89,16 +93,27 @@ def _fetch_bar():
     return report
 
 
+def _spread(stderr: float | None) -> str:
+    return f" ± {stderr:.4f}" if stderr is not None else ""
+
+
 def _print_table(scores: dict[str, Any]) -> None:
-    print(f"overall score: {scores.get('overall', 0.0):.4f} over {scores.get('count', 0)} samples")
+    low_high = scores.get("overall_ci95")
+    interval = f" [95%: {low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
+    print(f"overall score: {scores.get('overall', 0.0):.4f}{_spread(scores.get('overall_stderr'))}"
+          f"{interval} over {scores.get('count', 0)} samples"
+          + (" (few items: the interval is rough)" if scores.get("few_items") else ""))
     for name, rows in scores.items():
-        if not isinstance(rows, list):
-            continue
-        keys = [k for k in rows[0] if k not in ("score", "count")]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            continue  # breakdowns are lists of rows; an interval is a list of numbers
+        keys = [k for k in rows[0]
+                if k not in ("score", "count", "stderr", "ci95", "few_items")]
         print(f"\n{name}:")
-        print("  " + "  ".join(f"{k:>16}" for k in keys) + f"  {'score':>8}")
+        print("  " + "  ".join(f"{k:>16}" for k in keys) + f"  {'score':>8}  {'± stderr':>10}")
         for row in rows:
-            print("  " + "  ".join(f"{row[k]!s:>16}" for k in keys) + f"  {row['score']:8.4f}")
+            stderr = row.get("stderr")
+            print("  " + "  ".join(f"{row[k]!s:>16}" for k in keys) + f"  {row['score']:8.4f}"
+                  + (f"  {stderr:10.4f}" if stderr is not None else ""))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -149,6 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "params": job.params.model_dump(mode="json"),
         "scores": scores_dict(outcome.scores),
         "memory": memory_dict(outcome.memory),
+        "manifest": sink.manifest,
         "events": outcome.events,
         "samples": [sample_out(r).model_dump(mode="json") for r in sink.records],
     }

@@ -56,6 +56,7 @@ from backend.queue.jobs import (
     next_queued_model,
     prune_workers,
     record_data_fetch,
+    record_manifest,
     record_sample,
     register_worker,
     renew_lease,
@@ -94,6 +95,9 @@ class _DbSink:
 
     def set_total(self, total: int) -> None:
         set_total(self.worker.factory, self.job_id, self.worker.id, total)
+
+    def set_manifest(self, manifest: dict[str, Any]) -> None:
+        record_manifest(self.worker.factory, self.job_id, self.worker.id, manifest)
 
     def write(self, record: Any) -> bool:
         values = {k: getattr(record, k) for k in (

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
+from backend.common.stats import Spread, macro_spread, mean_spread
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -145,12 +146,37 @@ class Item:
 
 @dataclass
 class ScoreEntry:
-    """One aggregated score: `overall`, or an entry of a breakdown named `name`."""
+    """One aggregated score: `overall`, or an entry of a breakdown named `name`, with
+    its standard error and 95% interval where the dataset can say (None: not a mean of
+    items, e.g. a version record)."""
 
     name: str
     value: float
     count: int
     labels: dict[str, Any] = field(default_factory=dict)
+    stderr: float | None = None
+    ci95: tuple[float, float] | None = None
+
+    @classmethod
+    def spread(cls, name: str, value: float, count: int, spread: Spread | None,
+               labels: dict[str, Any] | None = None) -> ScoreEntry:
+        return cls(name, value, count, labels or {},
+                   spread.stderr if spread else None, spread.ci95 if spread else None)
+
+    @classmethod
+    def mean(cls, name: str, values: list[float],
+             labels: dict[str, Any] | None = None) -> ScoreEntry:
+        """The mean of items' scores: a binomial error for 0-1 scores, else bootstrap."""
+        return cls.spread(name, sum(values) / len(values) if values else 0.0, len(values),
+                          mean_spread(values), labels)
+
+    @classmethod
+    def macro(cls, name: str, groups: list[list[float]], count: int,
+              labels: dict[str, Any] | None = None) -> ScoreEntry:
+        """The mean of groups' means (C-Eval over subjects, LongBench over subsets)."""
+        means = [sum(g) / len(g) for g in groups if g]
+        return cls.spread(name, sum(means) / len(means) if means else 0.0, count,
+                          macro_spread(groups), labels)
 
 
 class Dataset:
@@ -343,9 +369,7 @@ class Dataset:
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
         """Scores of the job from (item fields, score) pairs; default: the mean."""
-        values = [score for _, score in scored]
-        mean = sum(values) / len(values) if values else 0.0
-        return [ScoreEntry("overall", mean, len(values))]
+        return [ScoreEntry.mean("overall", [score for _, score in scored])]
 
     # --- how results explain themselves (read by the web page and the exports) ---
     breakdowns: ClassVar[list[dict[str, Any]]] = []

@@ -271,18 +271,17 @@ class CEval(Dataset):
         by_subject: dict[str, list[float]] = {}
         for fields, value in scored:
             by_subject.setdefault(fields["subject"], []).append(value)
-        subject_acc = {s: sum(v) / len(v) for s, v in by_subject.items()}
-        by_category: dict[str, list[float]] = {}
-        for subject, acc in subject_acc.items():
-            by_category.setdefault(SUBJECTS[subject][1], []).append(acc)
+        by_category: dict[str, list[list[float]]] = {}
+        for subject, values in by_subject.items():
+            by_category.setdefault(SUBJECTS[subject][1], []).append(values)
         total = [v for _, v in scored]
-        entries = [ScoreEntry("overall", sum(subject_acc.values()) / len(subject_acc)
-                              if subject_acc else 0.0, len(total))]
-        entries += [ScoreEntry("category", sum(v) / len(v), len(v), {"category": c})
-                    for c, v in sorted(by_category.items())]
-        entries += [ScoreEntry("subject", subject_acc[s], len(by_subject[s]),
-                               {"subject": s, "category": SUBJECTS[s][1]})
-                    for s in sorted(subject_acc)]
-        entries.append(ScoreEntry("micro", sum(total) / len(total) if total else 0.0,
-                                  len(total)))
+        # The overall and category scores are macro averages over subjects (the
+        # official leaderboard's); a category's count is its number of subjects.
+        entries = [ScoreEntry.macro("overall", list(by_subject.values()), len(total))]
+        entries += [ScoreEntry.macro("category", groups, len(groups), {"category": c})
+                    for c, groups in sorted(by_category.items())]
+        entries += [ScoreEntry.mean("subject", by_subject[s],
+                                    {"subject": s, "category": SUBJECTS[s][1]})
+                    for s in sorted(by_subject)]
+        entries.append(ScoreEntry.mean("micro", total))
         return entries

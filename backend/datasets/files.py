@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,25 @@ from backend.datasets.base import ParamError, PathRefused
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 _read_roots: ContextVar[tuple[Path, ...] | None] = ContextVar("lbs_read_roots", default=None)
+_reads: ContextVar[list[Path] | None] = ContextVar("lbs_data_reads", default=None)
+
+
+@contextmanager
+def recording_reads() -> Iterator[list[Path]]:
+    """Collect the data files read in this context (`read_records`, `note_read`): the
+    data a job's items came from, for its run manifest."""
+    token = _reads.set([])
+    try:
+        yield _reads.get()
+    finally:
+        _reads.reset(token)
+
+
+def note_read(path: Path) -> None:
+    """A dataset read `path` (read_records notes its own reads)."""
+    reads = _reads.get()
+    if reads is not None and path not in reads:
+        reads.append(path)
 
 
 def confine_reads(roots: Sequence[Path] | None) -> None:
@@ -77,6 +97,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     the file leads out of the allowed folders, see `confine_reads`)."""
     suffix = path.suffix.lower()
     path = checked_file(path)
+    note_read(path)
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]

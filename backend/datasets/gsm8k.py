@@ -159,6 +159,6 @@ class GSM8K(Dataset):
         for fields, value in scored:
             if fields.get("extraction"):
                 groups.setdefault(fields["extraction"], []).append(value)
-        entries += [ScoreEntry("extraction", sum(v) / len(v), len(v), {"extraction": k})
+        entries += [ScoreEntry.mean("extraction", v, {"extraction": k})
                     for k, v in sorted(groups.items())]
         return entries

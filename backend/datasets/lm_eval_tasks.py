@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
+from backend.common.stats import normal_spread
 from backend.datasets.base import Dataset, DatasetParams, Item, ModelInfo, ParamError, ScoreEntry
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,7 @@ class LmEvalTasks(Dataset):
             return [ScoreEntry("overall", 0.0, 0)]
         results = _process_results(acc, self._loaded.get("groups"),
                                    self._params.bootstrap_iters)._to_eval_results()
-        entries = [ScoreEntry("overall", sum(s for _, s in scored) / len(scored),
-                              len(scored))]
+        entries = [ScoreEntry.mean("overall", [s for _, s in scored])]
         n_shot = results.get("n-shot", {})
         versions = results.get("versions", {})
         samples = {k: v.get("effective", v.get("original"))
@@ -309,12 +309,14 @@ class LmEvalTasks(Dataset):
                     continue
                 metric, _, filt = key.partition(",")
                 stderr = values.get(f"{metric}_stderr,{filt}")
-                entries.append(ScoreEntry("metric", float(value),
-                                          int(samples.get(task_name) or 0), {
-                    "task": task_name, "kind": "group" if task_name in groups else "task",
-                    "metric": metric, "filter": filt,
-                    "stderr": stderr if isinstance(stderr, int | float) else None,
-                    "n_shot": n_shot.get(task_name), "version": versions.get(task_name)}))
+                stderr = float(stderr) if isinstance(stderr, int | float) else None
+                # lm-eval's own stderr (its formula or its bootstrap), a normal interval
+                entries.append(ScoreEntry.spread(
+                    "metric", float(value), int(samples.get(task_name) or 0),
+                    normal_spread(float(value), stderr) if stderr is not None else None, {
+                        "task": task_name, "kind": "group" if task_name in groups else "task",
+                        "metric": metric, "filter": filt, "stderr": stderr,
+                        "n_shot": n_shot.get(task_name), "version": versions.get(task_name)}))
         entries.append(ScoreEntry("version", 0.0, 0, {"what": "lm-eval",
                                                        "version": package_version("lm-eval")}))
         for name in sorted(versions):

@@ -178,6 +178,5 @@ class LongBenchV2(Dataset):
             for fields, value in scored:
                 if fields.get(key):
                     groups.setdefault(fields[key], []).append(value)
-            entries += [ScoreEntry(key, sum(v) / len(v), len(v), {key: k})
-                        for k, v in sorted(groups.items())]
+            entries += [ScoreEntry.mean(key, v, {key: k}) for k, v in sorted(groups.items())]
         return entries

@@ -28,8 +28,10 @@ import math
 import re
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
+from backend.common.stats import bootstrap_spread
 from backend.datasets.base import (
     CacheMode,
     Dataset,
@@ -97,6 +99,21 @@ def step_number(text: str) -> str:
 def mcc(tp: int, tn: int, fp: int, fn: int) -> float:
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
+
+
+def _mcc(truth: np.ndarray, right: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """`mcc` of each resample (rows of the arrays)."""
+    tp, tn = (truth * right).sum(axis=1), ((1 - truth) * right).sum(axis=1)
+    fp, fn = (1 - truth).sum(axis=1) - tn, truth.sum(axis=1) - tp
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return np.divide(tp * tn - fp * fn, denominator, out=np.zeros_like(tp),
+                     where=denominator > 0)
+
+
+def _mr_score(truth: np.ndarray, right: np.ndarray, step: np.ndarray) -> np.ndarray:
+    wrong = (1 - truth).sum(axis=1)
+    step_acc = np.divide(step.sum(axis=1), wrong, out=np.zeros_like(wrong), where=wrong > 0)
+    return 0.2 * np.maximum(0.0, _mcc(truth, right, step)) + 0.3 * step_acc
 
 
 class MRGSM8KParams(DatasetParams):
@@ -213,8 +230,15 @@ class MRGSM8K(Dataset):
         tn = sum(v for _, v in wrong)
         m = mcc(int(tp), int(tn), len(wrong) - int(tn), len(correct) - int(tp))
         step_acc = sum(bool(f.get("step_ok")) for f, _ in wrong) / len(wrong) if wrong else 0.0
-        return [ScoreEntry("overall", (tp + tn) / len(scored) if scored else 0.0, len(scored)),
-                ScoreEntry("mcc", m, len(scored)),
-                ScoreEntry("step_accuracy", step_acc, len(wrong)),
-                ScoreEntry("mr_score_without_reason", 0.2 * max(0.0, m) + 0.3 * step_acc,
-                           len(scored))]
+        # MCC and the MR-Score are not means of items: their error bars are bootstrapped
+        # over the solutions (truth, judged right, first wrong step found).
+        items = {"truth": [1.0 if f["truth"] == "correct" else 0.0 for f, _ in scored],
+                 "right": [float(v) for _, v in scored],
+                 "step": [1.0 if f["truth"] == "wrong" and f.get("step_ok") else 0.0
+                          for f, _ in scored]}
+        return [ScoreEntry.mean("overall", [v for _, v in scored]),
+                ScoreEntry.spread("mcc", m, len(scored), bootstrap_spread(items, _mcc)),
+                ScoreEntry.mean("step_accuracy",
+                                [1.0 if f.get("step_ok") else 0.0 for f, _ in wrong]),
+                ScoreEntry.spread("mr_score_without_reason", 0.2 * max(0.0, m) + 0.3 * step_acc,
+                                  len(scored), bootstrap_spread(items, _mr_score))]

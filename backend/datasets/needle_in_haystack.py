@@ -38,6 +38,7 @@ from backend.datasets.base import (
     PromptTokenizer,
     ScoreEntry,
 )
+from backend.datasets.files import note_read
 
 DATA_DIR = Path(__file__).parent / "data"
 BUNDLED_HAYSTACKS = {
@@ -230,6 +231,8 @@ def load_haystack(source: str) -> list[str]:
                                      f"{exc.strerror if isinstance(exc, OSError) else exc}")
     if not units:
         raise ParamError("haystack", f"haystack {source!r} has no sentences")
+    if source != "noise":  # the job's data, for its run manifest
+        note_read(BUNDLED_HAYSTACKS.get(source) or Path(source).expanduser())
     return list(units)
 
 
@@ -410,8 +413,8 @@ class NeedleInAHaystack(Dataset):
             cells.setdefault((fields["context_length"], fields["depth_percent"]), []).append(value)
         entries = super().aggregate(scored)
         for (length, depth), values in sorted(cells.items()):
-            entries.append(ScoreEntry("cell", sum(values) / len(values), len(values),
-                                      {"context_length": length, "depth_percent": depth}))
+            entries.append(ScoreEntry.mean("cell", values, {"context_length": length,
+                                                            "depth_percent": depth}))
         return entries
 
 

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from backend.common.config import Settings
+from backend.common.stats import binomial
 from backend.datasets.base import (
     CacheMode,
     Dataset,
@@ -26,7 +27,9 @@ from backend.datasets.base import (
     ModelInfo,
     ScoreEntry,
 )
+from backend.datasets.files import recording_reads
 from backend.datasets.registry import get_dataset
+from backend.engine.manifest import build_manifest
 from backend.engine.memory.manager import ModelManager
 from backend.runners.base import (  # noqa: F401 - JobField* are raised through here
     GenerationRequest,
@@ -135,6 +138,9 @@ class SampleSink(Protocol):
 
     def set_total(self, total: int) -> None:
         """The job has `total` items."""
+
+    def set_manifest(self, manifest: dict[str, Any]) -> None:
+        """What the job runs with (backend.engine.manifest), once its model is loaded."""
 
     def write(self, record: SampleRecord) -> bool:
         """Store one result; False asks the loop to stop (the job was cancelled)."""
@@ -377,7 +383,10 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 # the runner (never a copy holding the model) renders the prompts, so
                 # the manager's release at the end of this block frees the weights.
                 view = PromptView(runner, job.dataset.chat_template(job.params))
-                items = job.dataset.build_items(job.params, view)
+                with recording_reads() as data_files:
+                    items = job.dataset.build_items(job.params, view)
+                if k == 0:
+                    sink.set_manifest(build_manifest(job, runner, method, data_files))
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
                 if job.shard is not None:  # this worker's share of a data-parallel job
@@ -538,8 +547,7 @@ def compare_methods(dataset: Dataset, methods: list[str],
         decoded = sum(max(f["output_tokens"] - 1, 0) for f, _ in timings)
         prompt = sum(t["prefill_tokens"] / t["batch"] for _, t in timings)
         peaks_gpu = [f["peak_gpu_bytes"] for f in rows if f.get("peak_gpu_bytes")]
-        scores.append(ScoreEntry("method", sum(values) / len(values) if values else 0.0,
-                                 len(values), {
+        scores.append(ScoreEntry.mean("method", values, {
             "method": method,
             "prefill_tokens_per_s": round(prompt / prefill_s, 1) if prefill_s else None,
             "decode_tokens_per_s": round(decoded / decode_s, 1) if decode_s else None,
@@ -551,5 +559,6 @@ def compare_methods(dataset: Dataset, methods: list[str],
     common = set.intersection(*(set(by_method[m]) for m in methods))
     if len(methods) > 1 and common:
         same = sum(len({by_method[m][i][0]["prediction"] for m in methods}) == 1 for i in common)
-        scores.append(ScoreEntry("agreement", same / len(common), len(common)))
+        scores.append(ScoreEntry.spread("agreement", same / len(common), len(common),
+                                        binomial(same, len(common))))
     return scores

@@ -103,6 +103,9 @@ class Job(Base):
     """A shard's place: it evaluates the items whose idx % shard_count == shard_index."""
     shard_count: Mapped[int | None]
     """Shards of a data-parallel job (on the job and on each shard); None: not sharded."""
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    """What the job ran with (backend.engine.manifest): versions, device, the model's and
+    the task's identities, inference settings; written once its model is loaded."""
 
     samples: Mapped[list[Sample]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
@@ -154,6 +157,12 @@ class Score(Base):
     value: Mapped[float] = mapped_column(sa.Float)
     count: Mapped[int] = mapped_column(default=0)
     labels: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    stderr: Mapped[float | None] = mapped_column(sa.Float)
+    """The value's standard error; None where there is none (and on jobs scored before
+    error bars were recorded)."""
+    ci_low: Mapped[float | None] = mapped_column(sa.Float)
+    ci_high: Mapped[float | None] = mapped_column(sa.Float)
+    """The value's 95% interval."""
 
     job: Mapped[Job] = relationship(back_populates="scores")
 
@@ -418,11 +427,20 @@ def _m009_id_floors(op: Any) -> None:
                "FROM jobs")
 
 
+def _m010_score_records(op: Any) -> None:
+    """Every score's standard error and 95% interval; every job's run manifest."""
+    with op.batch_alter_table("scores") as batch:
+        batch.add_column(sa.Column("stderr", sa.Float))
+        batch.add_column(sa.Column("ci_low", sa.Float))
+        batch.add_column(sa.Column("ci_high", sa.Float))
+    op.add_column("jobs", sa.Column("manifest", sa.JSON))
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
                                            _m007_runtime_settings, _m008_data_parallel,
-                                           _m009_id_floors]
+                                           _m009_id_floors, _m010_score_records]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

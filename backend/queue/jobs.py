@@ -132,6 +132,14 @@ def idle_workers(factory: sessionmaker, lease_seconds: float,
     return max(count, 1)
 
 
+def score_row(job_id: int, entry: Any) -> Score:
+    """The stored row of a dataset's ScoreEntry, error bars included."""
+    ci95 = getattr(entry, "ci95", None)
+    return Score(job_id=job_id, name=entry.name, value=entry.value, count=entry.count,
+                 labels=entry.labels, stderr=getattr(entry, "stderr", None),
+                 ci_low=ci95[0] if ci95 else None, ci_high=ci95[1] if ci95 else None)
+
+
 def _close_parent(session: Session, parent_id: int,
                   aggregate: Callable[[list[tuple[dict, float]]], list[Any]] | None = None
                   ) -> None:
@@ -160,8 +168,7 @@ def _close_parent(session: Session, parent_id: int,
         rows = session.execute(sa.select(Sample.fields, Sample.score)
                                .where(Sample.job_id == parent_id)
                                .order_by(Sample.idx)).all()
-        session.add_all(Score(job_id=parent_id, name=e.name, value=e.value, count=e.count,
-                              labels=e.labels)
+        session.add_all(score_row(parent_id, e)
                         for e in aggregate([(f, sc or 0.0) for f, sc in rows]))
     highest: dict[tuple[str, str], int] = {}
     for peak in session.scalars(sa.select(MemoryPeak).where(
@@ -337,6 +344,14 @@ def set_total(factory: sessionmaker, job_id: int, worker_id: str, total: int) ->
                             .values(progress_total=total))
 
 
+def record_manifest(factory: sessionmaker, job_id: int, worker_id: str,
+                    manifest: dict[str, Any]) -> None:
+    """What the job runs with (backend.engine.manifest), once its model is loaded; a
+    resumed job's replaces the earlier one (it may run on another machine)."""
+    with write_session(factory) as session:
+        _owned(session, job_id, worker_id).manifest = manifest
+
+
 def record_data_fetch(factory: sessionmaker, job_id: int, worker_id: str,
                       event: dict[str, Any], lease_seconds: float | None = None) -> None:
     """Show a data fetch on the job: the `data_fetch` event (state, repo_id, bytes_done,
@@ -393,8 +408,7 @@ def finish_job(factory: sessionmaker, job_id: int, worker_id: str, state: JobSta
         session.execute(sa.delete(Score).where(Score.job_id == job_id))
         session.execute(sa.delete(MemoryPeak).where(MemoryPeak.job_id == job_id))
         if job.parent_id is None:
-            session.add_all(Score(job_id=job_id, name=s.name, value=s.value, count=s.count,
-                                  labels=s.labels) for s in scores)
+            session.add_all(score_row(job_id, s) for s in scores)
         session.add_all(MemoryPeak(job_id=job_id, name=name, device=device, bytes=value)
                         for name, device, value in memory)
         job.state = state.value
@@ -471,7 +485,8 @@ def _read_jobs(session: Session, query: sa.Select) -> list[JobView]:
     peaks: dict[int, list[Any]] = {i: [] for i in ids}
     if ids:
         for score in session.execute(
-                sa.select(Score.job_id, Score.name, Score.value, Score.count, Score.labels)
+                sa.select(Score.job_id, Score.name, Score.value, Score.count, Score.labels,
+                          Score.stderr, Score.ci_low, Score.ci_high)
                 .where(Score.job_id.in_(ids)).order_by(Score.id)):
             scores[score.job_id].append(score)
         for peak in session.execute(

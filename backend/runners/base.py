@@ -319,6 +319,11 @@ class Runner(HeldModel, ABC):
         keep none have nothing to do."""
         return None
 
+    def run_settings(self) -> dict[str, Any]:
+        """How this loaded model computes (device, dtype, attention, cache…), for the
+        job's run manifest; JSON values, never a secret."""
+        return {}
+
 class PromptView:
     """A runner as one job's dataset sees it (the PromptTokenizer protocol): prompts
     rendered with or without the chat template, as the job asked.

@@ -276,8 +276,11 @@ def pinned_block_bytes(nbytes: int) -> int:
 
 def model_key(spec: ModelSpec, settings: Settings, options: LoadOptions | None = None
               ) -> tuple:
-    """What makes two loaded transformers models different (the model manager's key)."""
-    return (spec.name, str(spec.path), "hf", options or LoadOptions.from_settings(settings))
+    """What makes two loaded transformers models different (the model manager's key). A
+    folder is known by its real path, so the same folder named by its path and by its
+    name under LBS_MODEL_DIRS (or through a symlink) is one loaded model."""
+    where = str(spec.path.resolve()) if spec.path is not None else spec.name
+    return (where, "hf", options or LoadOptions.from_settings(settings))
 
 
 class HFRunner(Runner):
@@ -635,6 +638,23 @@ class HFRunner(Runner):
                       shared_prefix_tokens=total - computed - len(requests))
         return [self._reply(row, request, len(ids), took / len(requests), timing)
                 for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def run_settings(self) -> dict[str, Any]:
+        import torch
+
+        first = next(iter(self.model.parameters()), None)
+        out: dict[str, Any] = {
+            "device": self.device,
+            "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+            "attention": getattr(self.model.config, "_attn_implementation", None),
+            "cache": "static" if self.static_cache else "dynamic",
+            "shared_prefixes": self.share_prefixes}
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            out["device_name"] = torch.cuda.get_device_name(torch.device(self.device))
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map and len(set(map(str, device_map.values()))) > 1:
+            out["devices"] = sorted(set(map(str, device_map.values())))
+        return out
 
     def forget_prefixes(self) -> None:
         self._prefix = None

@@ -256,6 +256,15 @@ class OpenAIRunner(Runner):
 
     # --- instance side -----------------------------------------------------------------
 
+    def run_settings(self) -> dict[str, Any]:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.options.base_url or "")
+        return {"device": "remote", "served_model": self.served_model,
+                "endpoint": self.options.endpoint,
+                "server": f"{url.scheme}://{url.hostname}:{url.port}" if url.port
+                else f"{url.scheme}://{url.hostname}"}
+
     def __init__(self, name: str, served_model: str, options: ApiOptions, api_key: str | None,
                  tokenizer: Any, max_length: int):
         self.name = name

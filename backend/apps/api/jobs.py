@@ -259,7 +259,8 @@ def delete(job_id: int):
 
 
 @bp.get("/<int(min=1, max=9223372036854775807):job_id>/export")
-@documented("the job and its samples as a JSON file, or the samples as CSV",
+@documented("the job and its samples as a JSON file, the samples as CSV, or the scores "
+            "in lm-eval's results format",
             query=ExportQuery, errors=(404, 422), responses={"200": {
                 "description": "a file download", "content": {
                     "application/json": {"schema": {"type": "object"}},
@@ -276,6 +277,10 @@ def export(job_id: int):
         own = [c["key"] for c in get_dataset(job["dataset"]).sample_columns]
     except UnknownDataset:  # a plugin that is gone: its fields stay in `fields`
         own = []
+    if fmt == "lm_eval":
+        return Response(json.dumps(results.lm_eval_results(job), ensure_ascii=False, indent=2),
+                        mimetype="application/json", headers={
+                            "Content-Disposition": f"attachment; filename={name}-lm_eval.json"})
     if fmt == "json":
         return Response(stream_with_context(_json_chunks(factory, job_id, job)),
                         mimetype="application/json",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, current_app
 
@@ -30,15 +31,28 @@ def _resolver():
     return resolve
 
 
+def effective_params(dataset: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A job's parameters with the dataset's defaults filled in, so a default left out
+    and the same value given are one configuration."""
+    from backend.datasets.registry import get_dataset
+
+    try:
+        return get_dataset(dataset).parse_params(params).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - a dataset since removed, parameters since renamed
+        return params
+
+
 @bp.get("")
-@documented("models x datasets from the newest succeeded job of each: score, peak memory, "
-            "tokens/s, duration", data={"rows": [{"type": "object"}],
-                                          "models": [{"type": "object"}]})
+@documented("one row per model and configuration (a dataset with its effective parameters; "
+            "each lm-eval task and group of its own), from the newest succeeded run: score "
+            "with stderr and 95% interval, peak memory, tokens/s, duration, runs, the "
+            "parameters that set the row apart", data={"rows": [{"type": "object"}],
+                                                         "models": [{"type": "object"}]})
 def leaderboard():
-    """Models x datasets from the newest succeeded job of each pair: score, peak memory,
-    tokens/s, duration (see results.leaderboard)."""
+    """One row per model and configuration (see results.leaderboard)."""
     lbs = current_app.extensions["lbs"]
-    return {"status": "success", "data": results.leaderboard(lbs.factory, _resolver())}
+    return {"status": "success",
+            "data": results.leaderboard(lbs.factory, _resolver(), effective_params)}
 
 
 @bp.get("/memory")

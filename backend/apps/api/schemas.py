@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from backend.common.stats import FEW_ITEMS
 from backend.queue.db import Job, JobState, Sample
 from backend.runners.openai_api import ApiOptions
 
@@ -28,7 +29,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
-class _Query(BaseModel):
+class Query(BaseModel):
     """Query-string parameters: they arrive as text, so numbers are parsed from it."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -84,7 +85,7 @@ class JobBatchRequest(_Strict):
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
 
 
-class JobListQuery(_Query):
+class JobListQuery(Query):
     state: JobState | None = None
     submitter: str | None = Field(None, max_length=128)
     model: str | None = Field(None, max_length=1024)
@@ -93,14 +94,15 @@ class JobListQuery(_Query):
     per_page: int = Field(50, ge=1, le=500)
 
 
-class SampleListQuery(_Query):
+class SampleListQuery(Query):
     page: int = Field(1, ge=1, le=1_000_000)
     per_page: int = Field(1000, ge=1, le=5000)
 
 
 class ExportQuery(BaseModel):
-    format: Literal["json", "csv"] = Field(
-        "json", description="json: the job and its samples; csv: the samples")
+    format: Literal["json", "csv", "lm_eval"] = Field(
+        "json", description="json: the job and its samples; csv: the samples; lm_eval: "
+        "the scores in the results format lm_eval writes")
 
 
 class Progress(BaseModel):
@@ -178,12 +180,17 @@ class JobOut(JobSummary):
 
     params: dict[str, Any]
     events: list[dict[str, Any]]
+    manifest: dict[str, Any] | None = Field(
+        None, description="what the job ran with: versions, device, the model's identity "
+        "(real location, weights fingerprint), the task's (effective params, data files' "
+        "sha256, prompt code and chat template hashes), inference settings, decoding, "
+        "started_at / finished_at; null until its model has loaded")
     shards: list[ShardOut] | None = Field(
         None, description="a data-parallel job's shards by index (GET /api/jobs/<id> "
                           "only); null for a job on one worker")
 
 
-SUMMARY_EXCLUDE = {"params", "events", "shards"}
+SUMMARY_EXCLUDE = {"params", "events", "shards", "manifest"}
 
 
 class SampleOut(BaseModel):
@@ -226,20 +233,36 @@ def _plural(name: str) -> str:
     return name[:-1] + "ies" if name.endswith("y") else name + "s"
 
 
+def _spread(entry: Any) -> tuple[float | None, list[float] | None]:
+    """(stderr, [low, high]) of a stored Score or a dataset's ScoreEntry."""
+    ci95 = getattr(entry, "ci95", None)
+    if ci95 is None and getattr(entry, "ci_low", None) is not None:
+        ci95 = (entry.ci_low, entry.ci_high)
+    return getattr(entry, "stderr", None), list(ci95) if ci95 is not None else None
+
+
 def scores_dict(entries: list[Any]) -> dict[str, Any]:
     """Score entries as the API shows them: `overall` and `count`, every other
     unlabelled entry as a number under its name (e.g. `micro`), and labelled
-    entries as a list under the plural of their name (`cells`, `subjects`…)."""
+    entries as a list under the plural of their name (`cells`, `subjects`…).
+    Every score carries its error bars beside it: `<name>_stderr` and `<name>_ci95`
+    ([low, high], 95%) for the unlabelled ones, `stderr` and `ci95` in a row; None
+    where there are none. `few_items` marks a score from fewer than 30 items."""
     scores: dict[str, Any] = {}
     for s in entries:
+        stderr, ci95 = _spread(s)
         if s.name == "overall":
             scores["overall"] = s.value
             scores["count"] = s.count
+            scores["overall_stderr"], scores["overall_ci95"] = stderr, ci95
+            scores["few_items"] = 0 < s.count < FEW_ITEMS
         elif not s.labels:
             scores[s.name] = s.value
+            scores[f"{s.name}_stderr"], scores[f"{s.name}_ci95"] = stderr, ci95
         else:
             scores.setdefault(_plural(s.name), []).append(
-                {**s.labels, "score": s.value, "count": s.count})
+                {**s.labels, "score": s.value, "count": s.count, "stderr": stderr,
+                 "ci95": ci95, "few_items": 0 < s.count < FEW_ITEMS})
     return scores
 
 
@@ -281,7 +304,14 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
         phase="fetching data" if fetching else None, data_fetch=data_fetch,
-        events=job.events or [])
+        events=job.events or [],
+        manifest={**job.manifest, "started_at": _iso(job.started_at),
+                  "finished_at": _iso(job.finished_at)}
+        if getattr(job, "manifest", None) else None)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def _duration(job: Any) -> float | None:

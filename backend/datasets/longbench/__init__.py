@@ -195,11 +195,9 @@ class LongBench(Dataset):
             if fields.get("length") is not None:
                 key = (fields["subset"], length_bucket(int(fields["length"])))
                 buckets.setdefault(key, []).append(value)
-        means = {s: sum(v) / len(v) for s, v in by_subset.items()}
-        entries = [ScoreEntry("overall", sum(means.values()) / len(means) if means else 0.0,
-                              len(scored))]
-        entries += [ScoreEntry("subset", means[s], len(by_subset[s]), {"subset": s})
-                    for s in SUBSETS if s in means]
-        entries += [ScoreEntry("bucket", sum(v) / len(v), len(v), {"subset": s, "bucket": b})
+        entries = [ScoreEntry.macro("overall", list(by_subset.values()), len(scored))]
+        entries += [ScoreEntry.mean("subset", by_subset[s], {"subset": s})
+                    for s in SUBSETS if s in by_subset]
+        entries += [ScoreEntry.mean("bucket", v, {"subset": s, "bucket": b})
                     for (s, b), v in sorted(buckets.items())]
         return entries
