@@ -127,8 +127,10 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
     if plan.kind == "loglikelihood":
         return _loglikelihood(shape, element_bytes, plan, kv_token, layer_kv)
 
-    # generate: the prompt's forward pass (prefill), then one token per row per step
+    # generate: the prompt's forward pass (prefill), then one token per row per step;
+    # with a static cache the runner shares no prefix (each row has its own slots)
     total = prompt + new
+    shared = plan.shared_prefix if plan.method != "optimized" else 0
     if plan.method == "optimized":
         from backend.runners.hf import cache_length
 
@@ -137,15 +139,14 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
         prefill_cache = end_cache = copies * slots * kv_token
         keys_seen = slots
     else:
-        copies = rows + 1 if plan.shared_prefix > 0 else rows
+        copies = rows + 1 if shared else rows
         prefill_cache = copies * prompt * kv_token + rows * layer_kv
         end_cache = copies * total * kv_token + rows * layer_kv
         keys_seen = prompt
     prefix = 0
-    if plan.shared_prefix > 0:
+    if shared:
         # the kept prefix's own pass, then each row's rest alone on a copy of it, its
         # queries after the prefix (a materialised mask), then the rows decode together
-        shared = plan.shared_prefix
         prefix = shared * kv_token + _activations(shape, element_bytes, shared) \
             + _logits(shape, element_bytes, 1)
         queries, mask_rows, flow_rows = prompt - shared, 1, 1
@@ -163,7 +164,7 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
                                  keys_seen)
     decode = end_cache + _logits(shape, element_bytes, rows) \
         + _activations(shape, element_bytes, rows, rows * total if (
-            plan.padded or plan.shared_prefix or plan.method == "optimized") else 0) \
+            plan.padded or shared or plan.method == "optimized") else 0) \
         + rows * total * (1 + element_bytes)
     return max(prefix, prefill, decode)
 
