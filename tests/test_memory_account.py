@@ -140,6 +140,22 @@ def test_shared_prefix_alone(tiny):
     assert plan.shared_prefix > 1000
 
 
+def test_a_row_continuing_a_short_prefix_holds_its_whole_mask(tiny):
+    """A shallow needle: the row's own 4,000-odd tokens are queries after the prefix's
+    keys, which SDPA's `is_causal` cannot express, so transformers builds the boolean
+    [1, 1, q, T] mask although nothing is padded."""
+    prefix = _text(tiny, 40, 1)
+    request = GenerationRequest(prefix + _text(tiny, 4000, 2), 8, False, prefix=prefix)
+    tiny.forget_prefixes()
+    plan = _within(tiny, "generate", [request])
+    assert 0 < plan.shared_prefix < 100 and not plan.padded
+    tiny.forget_prefixes()
+    with StorageCensus(tiny.model, detail=True) as census:
+        tiny.generate([request])
+    rest = plan.prompt_tokens - plan.shared_prefix
+    assert census.at_peak[0][0] == rest * plan.prompt_tokens  # the largest tensor held
+
+
 @pytest.mark.xfail(strict=True, reason="issue 27 item 1: _continue_batch holds each row's "
                    "copy and the padded batch built from them at once (2B+1 caches) where "
                    "the account counts B+1; the prefix-sharing fix makes this pass")
