@@ -56,9 +56,14 @@ class StorageCensus(TorchDispatchMode):
     `where` (op and code line at the peak), `held_bytes` (alive now), `ops` (ops seen).
     """
 
-    def __init__(self, *exclude):
+    def __init__(self, *exclude, detail: bool = False):
         super().__init__()
+        self._detail = detail
+        self.at_peak: list[tuple[int, str]] = []
+        """With `detail`: (bytes, op that made it) of each counted storage alive at the
+        peak, largest first: what a path holds, to read against its account."""
         self._storages: dict[int, _Storage] = {}
+        self._made: dict[int, str] = {}  # data_ptr -> the op that made it (with `detail`)
         self._tensors: dict[int, weakref.ref] = {}  # id(tensor) -> tensor, each noted once
         self._excluded: set[int] = set()
         for item in exclude:
@@ -80,10 +85,16 @@ class StorageCensus(TorchDispatchMode):
         for t in outputs:
             if isinstance(t, torch.Tensor):
                 self._register(t, counted=True)
+                if self._detail and _pointer(t) not in self._made:
+                    self._made[_pointer(t)] = f"{func} {tuple(t.shape)} {_caller()}"
         self.ops += 1
         if self.held_bytes > self.peak_bytes:
             self.peak_bytes = self.held_bytes
             self.where = f"{func} at {_caller()}"
+            if self._detail:
+                self.at_peak = sorted(((e.nbytes, self._made.get(p, "?"))
+                                       for p, e in self._storages.items() if e.counted),
+                                      reverse=True)
         return out
 
     def _register(self, t: torch.Tensor, counted: bool) -> None:
@@ -119,6 +130,7 @@ class StorageCensus(TorchDispatchMode):
             del self._storages[ptr]
             if entry.counted:
                 self.held_bytes -= entry.nbytes
+            self._made.pop(ptr, None)
 
 
 def _pointer(t: torch.Tensor) -> int:

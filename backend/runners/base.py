@@ -143,6 +143,9 @@ class BatchPlan:
     """Positions per row whose logits the pass asks for (1: the last one only)."""
     method: str = "default"
     """The inference method ("default", "basic": eager attention, "optimized")."""
+    continuations: int = 1
+    """Log-likelihood: continuations per row longer than one token (the choices of a
+    question), each continuing its own copy of the row's cache."""
 
 
 @dataclass(frozen=True)

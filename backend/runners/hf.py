@@ -388,6 +388,26 @@ class HFRunner(Runner):
                  time.perf_counter() - started)
         return cls(spec, model, tokenizer, device, max_length, static_cache=static_cache)
 
+    def work_bytes(self, plan) -> int:
+        """Bytes this model holds on its device beyond the weights while it runs `plan`
+        (a runners.base.BatchPlan): the memory account of runners/hf_memory.py for the
+        loaded model's config and dtype, the one admission reads for a job's worst
+        batch. The method is the loaded one unless the plan names another."""
+        from backend.runners.hf_memory import work_bytes
+
+        config = self.model.config
+        arch = (config.get_text_config() if hasattr(config, "get_text_config")
+                else config).to_dict()
+        element = next(self.model.parameters()).element_size()
+        if plan.method == "default":
+            from dataclasses import replace
+
+            loaded = ("optimized" if self.static_cache else
+                      "basic" if getattr(config, "_attn_implementation", "") == "eager"
+                      else "default")
+            plan = replace(plan, method=loaded)
+        return work_bytes(arch, element, plan)
+
     # --- PromptTokenizer (delegated) ------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
