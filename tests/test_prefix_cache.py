@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
-from backend.runners.base import GenerationRequest
+from backend.runners.base import BatchPlan, GenerationRequest
 from backend.runners.builtin import build_tokenizer
 from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.hf_cache import can_cut_back
 from backend.runners.models import ModelSpec, resolve_model
 from tests.memory_census import StorageCensus
 
 HAY = "The grass is green. The sky is blue. The sun is yellow. Here we go again. "
 NEEDLE = "The secret ingredient is paprika. "
-DEPTHS = (1.0, 0.75, 0.5, 0.25, 0.0)
+DEPTHS = (1.0, 0.8, 0.6, 0.4, 0.2)
+"""Needle depths, deepest first; every prompt has a prefix, the shallowest one shared by
+all (a batch plan's `shared_prefix`)."""
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +85,19 @@ def _alone(runner: HFRunner, requests):
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_a_shared_prefix_batch_holds_its_rows_and_one_kept_prefix(tokenizer, rows):
-    """B prompts after one shared prefix peak at B + 1 copies of one row's cache (B=1:
-    the kept prefix and the row), not a copy per prompt on top of the padded batch."""
+    """B prompts after a shared prefix peak at B + 1 copies of one row's cache (B=1:
+    the kept prefix and the row), not a copy per prompt on top of the padded batch,
+    and within the memory account of the batch's plan (at most 1.3 x what it holds)."""
     runner = _llama(tokenizer)
     requests = _niah(14, DEPTHS[:rows])
     expected = _alone(runner, requests)
-    longest = max(runner.count_prompt(r.prompt, False) for r in requests)
+    prompts = [runner.tok.prompt_ids(r.prompt, False) for r in requests]
+    longest = max(len(ids) for ids in prompts)
     new = requests[0].max_new_tokens
     row = _kv_bytes_per_token(runner) * (longest + new)
+    plan = BatchPlan("generate", rows, longest, new, padded=len(set(map(len, prompts))) > 1,
+                     shared_prefix=min(runner._shared_length(r, ids)
+                                       for r, ids in zip(requests, prompts, strict=True)))
     runner.forget_prefixes()
     with StorageCensus(runner.model) as census:
         got = runner.generate(requests)
@@ -93,6 +108,7 @@ def test_a_shared_prefix_batch_holds_its_rows_and_one_kept_prefix(tokenizer, row
     # the longest piece computed at once, the logits of one position) is under half a
     # row's cache for this model; 2B + 1 copies would be (B + 1) + B
     assert census.peak_bytes <= (rows + 1.5) * row, (census.peak_bytes / row, census.where)
+    assert census.peak_bytes <= runner.work_bytes(plan) <= 1.3 * census.peak_bytes
     # and once the call returns only the kept prefix is left
     assert census.held_bytes <= row
 
@@ -121,6 +137,15 @@ def test_sliding_window_models_never_compute_a_prefix_twice(tokenizer):
     alone = _alone(runner, requests)
     assert shared == alone
     assert with_sharing <= sum(fed)
+
+
+@pytest.mark.parametrize(("config", "shares"), [
+    (LlamaConfig(), True), (MistralConfig(sliding_window=None), True),
+    (MistralConfig(sliding_window=4096), False),  # Mistral-7B-v0.1
+    (Gemma2Config(), False), (Gemma3TextConfig(), False),  # sliding layers among full ones
+], ids=["llama", "mistral-v0.3", "mistral-v0.1", "gemma2", "gemma3"])
+def test_whether_prefixes_are_shared_is_read_from_the_config(config, shares):
+    assert can_cut_back(config) is shares
 
 
 @pytest.fixture
