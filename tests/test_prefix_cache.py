@@ -56,10 +56,11 @@ def _llama(tokenizer) -> HFRunner:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def _niah(repeats: int, depths=DEPTHS, new_tokens: int = 4) -> list[GenerationRequest]:
+def _niah(repeats: int, depths=DEPTHS, new_tokens: int = 4, hay: str = HAY
+          ) -> list[GenerationRequest]:
     """NIAH-shaped requests: one haystack, the needle at each depth, the prefix the
     haystack before it."""
-    hay = HAY * repeats
+    hay = hay * repeats
     requests = []
     for depth in depths:
         cut = hay.rfind(". ", 0, int(len(hay) * depth) + 1) + 2 if depth else 0
@@ -111,6 +112,26 @@ def test_a_shared_prefix_batch_holds_its_rows_and_one_kept_prefix(tokenizer, row
     assert census.peak_bytes <= runner.work_bytes(plan) <= 1.3 * census.peak_bytes
     # and once the call returns only the kept prefix is left
     assert census.held_bytes <= row
+
+
+def test_a_replaced_prefix_is_freed_before_the_next_is_computed(tokenizer):
+    """Rows of one batch after two unrelated prefixes: each time the kept prefix is
+    replaced the old one is gone before the new one is computed, so the batch still
+    holds its rows and one prefix."""
+    runner = _llama(tokenizer)
+    other = HAY.replace("grass", "river").replace("sky", "road").replace("sun", "moon")
+    requests = [r for pair in zip(_niah(14, (1.0, 0.6)), _niah(14, (1.0, 0.6), hay=other),
+                                  strict=True) for r in pair]
+    expected = _alone(runner, requests)
+    longest = max(runner.count_prompt(r.prompt, False) for r in requests)
+    row = _kv_bytes_per_token(runner) * (longest + requests[0].max_new_tokens)
+    runner.forget_prefixes()
+    with StorageCensus(runner.model) as census:
+        got = runner.generate(requests)
+    assert [(g.text, g.output_tokens) for g in got] == expected
+    assert got[0].extra["timing"]["batch"] == len(requests)
+    assert census.peak_bytes <= (len(requests) + 1.5) * row, (census.peak_bytes / row,
+                                                              census.where)
 
 
 def test_sliding_window_models_never_compute_a_prefix_twice(tokenizer):

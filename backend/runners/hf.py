@@ -553,6 +553,17 @@ class HFRunner(Runner):
         self._prefix = (tuple(ids), kept)
         return kept, len(ids) - common
 
+    def _copy_prefix(self, ids: list[int], cache) -> int:
+        """Write the kept prefix's cache of the tokens `ids` (computing what it lacks)
+        into `cache`, a row of the batch; returns the tokens computed. No reference to
+        the kept cache outlives the call, so when the next row's prefix replaces it the
+        old one is freed before the new one is computed."""
+        kept, computed = self._kept_prefix(ids)
+        n = len(ids)
+        for layer, held in enumerate(kept.layers):
+            cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
+        return computed
+
     def _shares_prefixes(self) -> bool:
         """Whether requests' prefixes are shared: on, the model's own cache (the
         optimized method's static cache has no room for a second row) and layers that
@@ -611,11 +622,7 @@ class HFRunner(Runner):
         with torch.inference_mode():
             for row, (ids, n) in enumerate(zip(prompts, shared, strict=True)):
                 cache = slots.row(row, start=width - len(ids))
-                if n:
-                    kept, fresh = self._kept_prefix(ids[:n])
-                    for layer, held in enumerate(kept.layers):
-                        cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
-                    computed += fresh
+                computed += self._copy_prefix(ids[:n], cache) if n else 0
                 rest = ids[n:-1]
                 if rest:
                     self.model(input_ids=torch.tensor([rest], device=self.device),
