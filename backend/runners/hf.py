@@ -333,7 +333,9 @@ class HFRunner(Runner):
         self.share_prefixes = True
         """Continue requests with a `prefix` from a copy of its cached keys/values."""
         self._prefix: tuple[tuple[int, ...], object] | None = None
-        """The longest shared prefix seen in this pass: its token ids and cache."""
+        """The shared prefix kept in this pass: its token ids and cache."""
+        self._cut_back: bool | None = None
+        """Whether the model's cache can be cut back to a prefix (read once, on use)."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
@@ -571,7 +573,7 @@ class HFRunner(Runner):
         before anything is computed)."""
         if not self.share_prefixes or self.static_cache:
             return False
-        if not hasattr(self, "_cut_back"):
+        if self._cut_back is None:
             from backend.runners.hf_cache import can_cut_back
 
             self._cut_back = can_cut_back(self.model.config)
