@@ -156,9 +156,6 @@ def test_a_row_continuing_a_short_prefix_holds_its_whole_mask(tiny):
     assert census.at_peak[0][0] == rest * plan.prompt_tokens  # the largest tensor held
 
 
-@pytest.mark.xfail(strict=True, reason="issue 27 item 1: _continue_batch holds each row's "
-                   "copy and the padded batch built from them at once (2B+1 caches) where "
-                   "the account counts B+1; the prefix-sharing fix makes this pass")
 def test_shared_prefix_batch(tiny):
     head = _text(tiny, 1500, 1)
     prefixes = [head + _text(tiny, 40 * (i + 1), 10 + i) for i in range(3)]
@@ -290,9 +287,6 @@ def _deep_narrow_model(settings, folder):
     return folder
 
 
-@pytest.mark.xfail(strict=True, reason="issue 27 item 1: _continue_batch holds each row's "
-                   "copy and the padded batch built from them at once (2B+1 caches) where "
-                   "admission counts B+1; the prefix-sharing fix makes this pass")
 def test_a_niah_8k_batch_of_5_job_holds_no_more_than_admission_counted(settings, with_tiny,
                                                                         monkeypatch, tmp_path):
     """The Done-when figure of issue 27: NIAH at 8k tokens, five depths in one batch, on

@@ -141,14 +141,6 @@ def model_source(spec: ModelSpec, settings: Settings) -> str:
     return str(spec.path) if spec.path is not None else spec.hub_id
 
 
-def _copy_cache(cache):
-    """A copy of a key/value cache, so each continuation extends its own (log-likelihood
-    continuations, prompts after a shared prefix)."""
-    import copy
-
-    return copy.deepcopy(cache)
-
-
 LENGTH_GROUP = 0.9
 """Shared-prefix prompts decode together when the shortest is at least this share of
 the longest (NIAH prompts of one context length differ by a few tokens); others would
@@ -163,15 +155,6 @@ def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
             groups.append([])
         groups[-1].append(i)
     return groups
-
-
-def _pad_left(states, length: int):
-    """Keys or values [batch, heads, positions, dim] with zeros before them up to
-    `length` positions (masked out by the batch's attention mask)."""
-    import torch
-
-    missing = length - states.shape[-2]
-    return torch.nn.functional.pad(states, (0, 0, missing, 0)) if missing else states
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -350,7 +333,9 @@ class HFRunner(Runner):
         self.share_prefixes = True
         """Continue requests with a `prefix` from a copy of its cached keys/values."""
         self._prefix: tuple[tuple[int, ...], object] | None = None
-        """The longest shared prefix seen in this pass: its token ids and cache."""
+        """The shared prefix kept in this pass: its token ids and cache."""
+        self._cut_back: bool | None = None
+        """Whether the model's cache can be cut back to a prefix (read once, on use)."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
@@ -454,7 +439,7 @@ class HFRunner(Runner):
         if not requests:
             return []
         prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
-        if self.share_prefixes and not self.static_cache and any(r.prefix for r in requests):
+        if any(r.prefix for r in requests) and self._shares_prefixes():
             return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
         max_new = max(r.max_new_tokens for r in requests)
@@ -490,9 +475,13 @@ class HFRunner(Runner):
         first_token = FirstTokenClock(self.device.startswith("cuda"))
         extra = {} if cache is None else {"cache": cache}
         with torch.inference_mode():
+            # The runner chooses the cache (`cache`, else a dynamic one), never a
+            # checkpoint's generation_config.cache_implementation: transformers refuses
+            # it beside a cache, and its static cache is sized to the longest request
+            # the model has seen (`_previous_max_cache_length`), not to this one.
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
-                max_new_tokens=max_new, do_sample=False,
+                max_new_tokens=max_new, do_sample=False, cache_implementation=None,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                 logits_processor=[first_token], **extra)
         extra.clear()
@@ -533,15 +522,16 @@ class HFRunner(Runner):
             n += 1
         return min(n, len(ids) - 1)
 
-    def _prefix_cache(self, ids: list[int]):
-        """A fresh copy of the key/value cache of the tokens `ids`, and how many of
-        them had to be computed now.
+    def _kept_prefix(self, ids: list[int]):
+        """The kept prefix's cache, made to start with the tokens `ids`, and how many of
+        them had to be computed now (the caller reads the first len(ids) positions).
 
-        One prefix is kept between calls: the longest seen. A prefix it starts with
-        (a shallower needle: deepest first costs one prefill) is a copy cropped to
-        length; otherwise the kept one is cut where they part and extended by the
-        new tokens (a longer prefix, or another context length's haystack), and kept
-        instead."""
+        One prefix is kept between calls. When `ids` is a prefix of it (a shallower
+        needle: deepest first costs one prefill) it is used as it is; otherwise it is
+        cut where the two part and extended by the rest of `ids` (a deeper prefix,
+        another context length's haystack). The cut is a view, but the extension
+        concatenates onto it, so the positions cut away are freed with the old
+        tensors: one prefix is held at any time, never a copy of it."""
         import torch
         from transformers import DynamicCache
 
@@ -552,41 +542,54 @@ class HFRunner(Runner):
                 break
             common += 1
         if kept is not None and common == len(ids):
-            cache = _copy_cache(kept)
-            cache.crop(len(ids) - len(kept_ids))
-            return cache, 0
+            return kept, 0
+        self._prefix = None  # out of memory while extending it: nothing half-made kept
         if kept is None or common == 0:
-            self._prefix = None
+            kept = None  # freed before its successor is computed
             kept, common = DynamicCache(config=self.model.config), 0
         else:
-            self._prefix = None  # cut in place: no second copy while it is extended
             kept.crop(common - len(kept_ids))
-        rest = torch.tensor([ids[common:]], device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=rest, cache=kept, use_cache=True,
-                       logits_to_keep=1)
-        if not all(type(layer).__name__ == "DynamicLayer" for layer in kept.layers):
-            # sliding-window or linear-attention layers cannot be cut back to a prefix
-            self.share_prefixes = False
-        else:
-            self._prefix = (tuple(ids), kept)
-        return _copy_cache(kept), len(ids) - common
+            self.model(input_ids=torch.tensor([ids[common:]], device=self.device),
+                       cache=kept, use_cache=True, logits_to_keep=1)
+        self._prefix = (tuple(ids), kept)
+        return kept, len(ids) - common
+
+    def _copy_prefix(self, ids: list[int], cache) -> int:
+        """Write the kept prefix's cache of the tokens `ids` (computing what it lacks)
+        into `cache`, a row of the batch; returns the tokens computed. No reference to
+        the kept cache outlives the call, so when the next row's prefix replaces it the
+        old one is freed before the new one is computed."""
+        kept, computed = self._kept_prefix(ids)
+        n = len(ids)
+        for layer, held in enumerate(kept.layers):
+            cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
+        return computed
+
+    def _shares_prefixes(self) -> bool:
+        """Whether requests' prefixes are shared: on, the model's own cache (the
+        optimized method's static cache has no room for a second row) and layers that
+        can be cut back to a prefix (`hf_cache.can_cut_back`, read from the config
+        before anything is computed)."""
+        if not self.share_prefixes or self.static_cache:
+            return False
+        if self._cut_back is None:
+            from backend.runners.hf_cache import can_cut_back
+
+            self._cut_back = can_cut_back(self.model.config)
+        return self._cut_back
 
     def _generate_shared(self, requests: list[GenerationRequest],
                          prompts: list[list[int]]) -> list[Generation]:
-        """Requests with a shared prefix: each prompt's cache continues from a copy of
-        its prefix's (deepest prefix first, so one prefill serves every shallower one),
-        then prompts of about one length decode together in one left-padded batch.
-        The same greedy tokens as each whole prompt alone."""
+        """Requests with a shared prefix: prompts of about one length decode together,
+        each one's cache continuing from the kept prefix's (deepest prefix first, so one
+        prefill serves every shallower one). The same greedy tokens as each whole
+        prompt alone."""
         shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
         results: list[Generation | None] = [None] * len(requests)
         try:
             for group in _length_groups(prompts):
                 group.sort(key=lambda i: -shared[i])
-                if len(group) == 1 or min(len(prompts[i]) for i in group) < 2:
-                    for i in group:
-                        results[i] = self._continue_one(requests[i], prompts[i], shared[i])
-                    continue
                 for i, generation in zip(group, self._continue_batch(
                         [requests[i] for i in group], [prompts[i] for i in group],
                         [shared[i] for i in group]), strict=True):
@@ -596,60 +599,38 @@ class HFRunner(Runner):
             raise
         return results
 
-    def _continue_one(self, request: GenerationRequest, ids: list[int],
-                      n: int) -> Generation:
-        """One prompt whose first `n` tokens continue from its prefix's cache."""
-        started = time.perf_counter()
-        cache, computed = self._prefix_cache(ids[:n]) if n else (None, 0)
-        (row,), timing, took = self._greedy([ids], request.max_new_tokens, started, cache)
-        timing.update(batch=1, prefill_tokens=len(ids) - n + computed,
-                      shared_prefix_tokens=n - computed)
-        return self._reply(row, request, len(ids), took, timing)
-
     def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
                         shared: list[int]) -> list[Generation]:
-        """Prompts of about one length (every one at least two tokens): each one's cache
-        up to its last token is its prefix's copy extended by the rest, one prompt at a
-        time; the caches are then left-padded into one batch, and `generate` feeds every
-        prompt's last token and decodes them together (the positions follow from the
-        attention mask, as for any left-padded batch).
+        """Prompts of about one length, each one's first `shared` tokens those of the
+        kept prefix, built into one left-padded cache (`hf_cache.BatchSlots`) allocated
+        once for the prompts and the new tokens: a row's prefix is copied from the kept
+        one and the rest of its prompt, but for its last token, computed in place; then
+        `generate` feeds every row's last token and decodes them together on the same
+        storage (the positions follow from the attention mask, as for any left-padded
+        batch). At most B + 1 copies of one row are alive: the B rows and the kept
+        prefix.
 
         Timing is the batch's, as for an ordinary batch: prefill and decode seconds,
         and the tokens computed and reused summed over the batch."""
         import torch
-        from transformers import DynamicCache
+
+        from backend.runners.hf_cache import BatchSlots
 
         started = time.perf_counter()
-        caches, computed = [], 0
-        for ids, n in zip(prompts, shared, strict=True):
-            if n:
-                cache, fresh = self._prefix_cache(ids[:n])
-            else:
-                cache, fresh = DynamicCache(config=self.model.config), 0
-            rest = ids[n:-1]
-            if rest:
-                with torch.inference_mode():
+        width = max(len(ids) for ids in prompts)
+        max_new = max(r.max_new_tokens for r in requests)
+        slots = BatchSlots(self.model.config, len(prompts), width + max_new - 1)
+        computed = 0
+        with torch.inference_mode():
+            for row, (ids, n) in enumerate(zip(prompts, shared, strict=True)):
+                cache = slots.row(row, start=width - len(ids))
+                computed += self._copy_prefix(ids[:n], cache) if n else 0
+                rest = ids[n:-1]
+                if rest:
                     self.model(input_ids=torch.tensor([rest], device=self.device),
                                cache=cache, use_cache=True, logits_to_keep=1)
-            computed += fresh + len(rest)
-            caches.append(cache)
-        width = max(len(ids) for ids in prompts)
-        if not self.share_prefixes or not all(
-                type(layer).__name__ == "DynamicLayer" for c in caches for layer in c.layers):
-            caches.clear()  # layers that cannot be padded (sliding window): one at a time
-            return [self._continue_one(r, ids, n if self.share_prefixes else 0)
-                    for r, ids, n in zip(requests, prompts, shared, strict=True)]
-        batch = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            for layer in range(len(caches[0].layers)):
-                keys = [c.layers[layer].keys for c in caches]
-                values = [c.layers[layer].values for c in caches]
-                batch.update(torch.cat([_pad_left(k, width - 1) for k in keys]),
-                             torch.cat([_pad_left(v, width - 1) for v in values]), layer)
-        caches.clear()
-        rows, timing, took = self._greedy(prompts, max(r.max_new_tokens for r in requests),
-                                          started, batch)
-        del batch
+                computed += len(rest)
+        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1))
         total = sum(len(ids) for ids in prompts)
         timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
                       shared_prefix_tokens=total - computed - len(requests))
