@@ -63,7 +63,7 @@ def test_adding_a_dataset_followed_from_scratch(with_tiny, tmp_path):
     assert plans.stdout.strip() == (
         "[BatchPlan(kind='generate', rows=2, prompt_tokens=151, new_tokens=4, "
         "shared_prefix=0, padded=True, logits_positions=1, method='default', "
-        "continuations=1)]")
+        "continuations=0)]")
 
 
 def test_adding_a_runner_followed_from_scratch(with_tiny, tmp_path):

@@ -975,16 +975,22 @@ class HFRunner(Runner):
         results = []
         with torch.inference_mode():
             for text in texts:
-                total = 0.0
-                for ctx, cont in rolling_windows(self.tokenizer.encode(text), prefix,
-                                                 self.max_length):
-                    ids = torch.tensor([(ctx + cont)[:-1]], device=self.device)
-                    logits = self.model(input_ids=ids).logits[0, -len(cont):].float()
-                    logps = torch.log_softmax(logits, dim=-1)
-                    target = torch.tensor(cont, device=logps.device)
-                    total += float(logps.gather(1, target[:, None]).sum())
-                results.append(total)
+                results.append(sum(self._window_logprob(ctx, cont) for ctx, cont in
+                                   rolling_windows(self.tokenizer.encode(text), prefix,
+                                                   self.max_length)))
         return results
+
+    def _window_logprob(self, context: list[int], predicted: list[int]) -> float:
+        """The summed log-probability of `predicted` after `context` (one rolling
+        window). Its logits (every position's, float32) die on return: a window's are
+        never alive while the next one's forward pass runs."""
+        import torch
+
+        ids = torch.tensor([(context + predicted)[:-1]], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, -len(predicted):].float()
+        logps = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(predicted, device=logps.device)
+        return float(logps.gather(1, target[:, None]).sum())
 
     # --- placement (used by the model manager) --------------------------------------
 

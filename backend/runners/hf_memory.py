@@ -114,15 +114,17 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
     eager = plan.method == "basic"
 
     if plan.kind == "rolling":
-        # one window through the model: every position's logits; no padding, and the
-        # cache transformers builds by default grows layer by layer during the pass
+        # one window through the model: no padding; the cache transformers builds by
+        # default grows layer by layer during the pass, then every position's logits
+        # (gone with the output), then those logits' float32 copy and log_softmax
         cache = rows * prompt * kv_token
-        work = _activations(shape, element_bytes, rows * prompt) \
-            + _logits(shape, element_bytes, rows * min(plan.logits_positions, prompt))
+        layers = _activations(shape, element_bytes, rows * prompt)
         if eager:
-            work += rows * prompt * prompt * element_bytes \
+            layers += rows * prompt * prompt * element_bytes \
                 + _eager_scores(shape, element_bytes, rows, prompt, prompt)
-        return cache + work
+        positions = rows * min(plan.logits_positions, prompt)
+        head = (positions * shape.vocab + rows * prompt * shape.hidden) * element_bytes
+        return max(cache + max(layers, head), _logits(shape, element_bytes, positions))
 
     if plan.kind == "loglikelihood":
         return _loglikelihood(shape, element_bytes, plan, kv_token, layer_kv)
@@ -140,15 +142,17 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
         keys_seen = slots
     else:
         copies = rows + 1 if shared else rows
-        prefill_cache = copies * prompt * kv_token + rows * layer_kv
-        end_cache = copies * total * kv_token + rows * layer_kv
+        # each decoded token is joined to a layer's keys (then values) by torch.cat:
+        # the old and the new tensor alive together for a moment
+        prefill_cache = copies * prompt * kv_token
+        end_cache = copies * total * kv_token + rows * total * layer_kv // 2
         keys_seen = prompt
     prefix = 0
     if shared:
         # the kept prefix's own pass, then each row's rest alone on a copy of it, its
         # queries after the prefix (a materialised mask), then the rows decode together
-        prefix = shared * kv_token + _activations(shape, element_bytes, shared) \
-            + _logits(shape, element_bytes, 1)
+        prefix = shared * kv_token + max(_activations(shape, element_bytes, shared),
+                                         _logits(shape, element_bytes, 1))
         queries, mask_rows, flow_rows = prompt - shared, 1, 1
         mask = (prompt - shared) * prompt
     else:
@@ -157,11 +161,12 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
     if eager:
         mask *= 1 + element_bytes  # its boolean form, then the additive one
     masked = mask_rows * keys_seen if mask and not eager else 0
-    prefill = prefill_cache + mask + _activations(shape, element_bytes, queries, masked) \
-        + _logits(shape, element_bytes, rows)
+    layers = mask + _activations(shape, element_bytes, queries, masked)
     if eager:
-        prefill += _eager_scores(shape, element_bytes, flow_rows, queries // mask_rows,
-                                 keys_seen)
+        layers += _eager_scores(shape, element_bytes, flow_rows, queries // mask_rows,
+                                keys_seen)
+    # the layers' tensors are gone when the last position's logits are made
+    prefill = prefill_cache + max(layers, _logits(shape, element_bytes, rows))
     decode = end_cache + _logits(shape, element_bytes, rows) \
         + _activations(shape, element_bytes, rows, rows * total if (
             plan.padded or shared or plan.method == "optimized") else 0) \
@@ -180,31 +185,34 @@ def _loglikelihood(shape: Shape, element_bytes: int, plan: BatchPlan, kv_token: 
     eager = plan.method == "basic"
     longer = plan.new_tokens > 1
     cached = longer or shared > 0  # the runner asks for a cache only then
-    cache = rows * context * kv_token + rows * layer_kv if cached else rows * layer_kv
+    cache = rows * context * kv_token if cached else rows * context * layer_kv
     continued = shared > 0
     mask = rows * width * context if (plan.padded or continued or eager) else 0
     if eager:
         mask *= 1 + element_bytes
-    first = cache + mask + _activations(shape, element_bytes, rows * width,
-                                        rows * context if mask and not eager else 0) \
-        + _logits(shape, element_bytes, rows)
+    layers = mask + _activations(shape, element_bytes, rows * width,
+                                 rows * context if mask and not eager else 0)
     if eager:
-        first += _eager_scores(shape, element_bytes, rows, width, context)
+        layers += _eager_scores(shape, element_bytes, rows, width, context)
+    first = cache + max(layers, _logits(shape, element_bytes, rows))
     if not longer:
         return first
     # the continuations' pass: `repeats` rows (a context's row for each of its longer
     # continuations), `steps` tokens each, every position's logits kept
-    repeats = rows * max(1, plan.continuations)
+    repeats = plan.continuations or rows
     steps = plan.new_tokens - 1
     end = context + steps
-    last = rows * shape.vocab * 4 + repeats * shape.vocab * 4  # log_softmax and its rows
+    # the first pass's logits and their log_softmax stay, with its rows picked for the
+    # continuations; ids, masks and positions (int64) beside them
+    last = rows * shape.vocab * (element_bytes + 4) + repeats * shape.vocab * 4 \
+        + repeats * end * 24
     logits = repeats * steps * shape.vocab * (element_bytes + 4) \
         + repeats * (steps + 1) * shape.vocab * 4  # float32 log-probs joined to `last`
-    forward = repeats * steps * end + _activations(shape, element_bytes, repeats * steps,
-                                                   repeats * end) \
-        + repeats * steps * shape.vocab * element_bytes
-    second = repeats * end * kv_token + max(rows, repeats) * end * layer_kv + last \
-        + max(forward, logits)
+    layers = repeats * steps * end + _activations(shape, element_bytes, repeats * steps,
+                                                  repeats * end)
     if eager:
-        second += _eager_scores(shape, element_bytes, repeats, steps, end)
+        layers += _eager_scores(shape, element_bytes, repeats, steps, end)
+    head = repeats * steps * (shape.vocab + shape.hidden) * element_bytes
+    joined = max(rows, repeats) * end * layer_kv // 2  # a layer's keys, old and new
+    second = repeats * end * kv_token + last + max(layers, head, logits, joined)
     return max(first, second)
