@@ -59,7 +59,7 @@ def forwards(runner, limit: int | None = None, error=None) -> list[dict]:
     return seen
 
 
-SCORE = BatchPlan("loglikelihood", 8, 40, 1, continuations=1)
+SCORE = BatchPlan("loglikelihood", 8, 40, 1)
 GENERATE = BatchPlan("generate", 8, 40, 6)
 
 
@@ -177,4 +177,34 @@ def test_auto_batch_size_plans_the_jobs_longest_batch():
     items = [SimpleNamespace(prompt_tokens=n, prompt="Q: which?\nAnswer:",
                              choices=["A", "the river bank"]) for n in (60, 90)]
     _auto_batch_size(fake, items)
-    assert asked[-1] == BatchPlan("loglikelihood", 2, 90, 3, padded=True, continuations=1)
+    # each row continues its context once per choice past one token
+    assert asked[-1] == BatchPlan("loglikelihood", 2, 90, 3, padded=True, continuations=2)
+
+
+@pytest.mark.parametrize("method", ["default", "optimized"])
+@pytest.mark.parametrize("plan", [BatchPlan("generate", 4, 120, 8),
+                                  BatchPlan("loglikelihood", 4, 120, 3, continuations=8)],
+                         ids=["generate", "loglikelihood"])
+def test_the_step_holds_what_the_account_of_its_batch_says(settings, with_tiny, method,
+                                                           plan):
+    """The census oracle (tests/memory_census.py) on the probe's step: its peak beyond
+    the weights within the account of the batch it runs, the account within 1.3x. A
+    generation step prefills the prompt and the new tokens but the last, then decodes
+    one token: the batch (prompt + new - 2, 2 new tokens), every moment at least as
+    large as the job's own batch."""
+    from tests.memory_census import StorageCensus
+
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings, method), settings)
+    ran = plan
+    if plan.kind == "generate":
+        ran = replace(plan, prompt_tokens=plan.prompt_tokens + plan.new_tokens - 2,
+                      new_tokens=2)
+    with StorageCensus(runner.model) as census:
+        runner._probe_step(plan)
+    account = runner.work_bytes(ran)
+    assert census.peak_bytes <= account <= 1.3 * census.peak_bytes, (
+        census.peak_bytes, account, census.where)
+    if method == "optimized" and plan.kind == "generate":  # the job's first batch's cache
+        assert runner._static[0] == (plan.rows, hf.cache_length(
+            plan.prompt_tokens + plan.new_tokens - 1))

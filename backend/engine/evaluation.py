@@ -501,7 +501,7 @@ def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
         lengths = [len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
                    for c in longest.choices]
         plan = BatchPlan("loglikelihood", rows, longest.prompt_tokens, max(lengths),
-                         padded=rows > 1, continuations=max(1, sum(n > 1 for n in lengths)))
+                         padded=rows > 1, continuations=rows * sum(n > 1 for n in lengths))
     else:
         plan = BatchPlan("generate", rows, longest.prompt_tokens,
                          max(item.max_new_tokens for item in pending), padded=rows > 1)

@@ -133,6 +133,15 @@ def room_bytes(devices: list[str]) -> int | None:
     return min(rooms) * len(rooms)
 
 
+def _with_rows(plan: BatchPlan, rows: int) -> BatchPlan:
+    """`plan` with `rows` rows, its longer continuations (counted over the batch) in
+    proportion."""
+    from dataclasses import replace
+
+    return replace(plan, rows=rows, continuations=-(-plan.continuations * rows // plan.rows)
+                   if plan.rows else plan.continuations)
+
+
 def spills(model) -> bool:
     """Whether accelerate placed some of the model's layers in CPU RAM or on disk."""
     placed = set((getattr(model, "hf_device_map", None) or {}).values())
@@ -881,7 +890,7 @@ class HFRunner(Runner):
         if room is not None:
             size = self._rows_within(plan, size, room)
         while True:
-            failure = self._try_step(plan, size)
+            failure = self._try_step(_with_rows(plan, size))
             if failure is None:
                 return size
             clear_device_cache(garbage_collection=True)
@@ -898,12 +907,10 @@ class HFRunner(Runner):
     def _rows_within(self, plan: BatchPlan, start: int, room: int) -> int:
         """The most rows, 1 to `start`, whose account (`work_bytes`) fits in `room`
         (1 when none does: the real step then says so)."""
-        from dataclasses import replace
-
         low, high = 1, start
         while low < high:
             middle = (low + high + 1) // 2
-            if self.work_bytes(replace(plan, rows=middle)) <= room:
+            if self.work_bytes(_with_rows(plan, middle)) <= room:
                 low = middle
             else:
                 high = middle - 1
@@ -911,14 +918,14 @@ class HFRunner(Runner):
                  "%.2f GiB", low, plan.prompt_tokens, plan.new_tokens, room / 2**30)
         return low
 
-    def _try_step(self, plan: BatchPlan, rows: int) -> str | None:
-        """Run `_probe_step` with `rows` rows: None when it fits, else what ran out. The
+    def _try_step(self, plan: BatchPlan) -> str | None:
+        """Run `_probe_step` on `plan`: None when it fits, else what ran out. The
         exception, and with its traceback every frame of the failed step, is gone
         when this returns; so are the caches kept from it."""
         from backend.runners.base import is_out_of_memory
 
         try:
-            self._probe_step(plan, rows)
+            self._probe_step(plan)
             return None
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -928,23 +935,24 @@ class HFRunner(Runner):
         self.forget_prefixes()
         return failure
 
-    def _probe_step(self, plan: BatchPlan, rows: int) -> None:
-        """One step of the path a batch of `rows` rows shaped as `plan` takes, at its
-        fullest. Log-likelihood: `_score` over contexts of `plan.prompt_tokens` tokens
-        (one a token shorter when rows are padded), each with `plan.continuations`
-        continuations of `plan.new_tokens` tokens. Generation: the left-padded prefill
+    def _probe_step(self, plan: BatchPlan) -> None:
+        """One step of the path the batch `plan` takes, at its fullest. Log-likelihood:
+        `_score` over `plan.rows` contexts of `plan.prompt_tokens` tokens (one a token
+        shorter when rows are padded), with `plan.continuations` continuations of
+        `plan.new_tokens` tokens shared out over them. Generation: the left-padded prefill
         of prompts as long as the prompt plus the new tokens but the last, so the KV
         cache (the kept static cache with the "optimized" method) reaches its final
         length, then one decode step on it."""
         import torch
 
         token = self.tokenizer.eos_token_id or 0
+        rows = max(1, plan.rows)
         lengths = [max(1, plan.prompt_tokens)] * rows
         if plan.kind == "loglikelihood":
             if plan.padded and rows > 1 and lengths[-1] > 1:
                 lengths[-1] -= 1
             continuation = [token] * max(1, plan.new_tokens)
-            each = max(1, plan.continuations)
+            each = max(1, -(-plan.continuations // rows))
             self._score([((token,) * n, [(k * each + j, continuation) for j in range(each)])
                          for k, n in enumerate(lengths)], share_prefix=False)
             return
