@@ -134,3 +134,23 @@ def test_the_warm_up_runs_in_the_first_timed_items_cache(settings, with_tiny, ma
     assert warm[0] == "generate" and cache[0] == "cache" and first[0] == "generate"
     assert warm[1:] == first[1:], "the warm-up is the first timed item, whole budget"
     assert log[3][0] != "cache", "the first timed item reuses the warm-up's cache"
+
+
+def test_a_batch_that_runs_out_of_memory_keeps_no_cache(settings, with_tiny):
+    """The job halves a batch that did not fit and empties the device cache: the
+    failed batch's static cache must not stay kept for a size no batch will ask again."""
+    import torch
+
+    spec = resolve_model("builtin:tiny", settings)
+    runner = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
+
+    def refuse(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+    runner.model.register_forward_pre_hook(refuse, with_kwargs=True)
+    prompt = runner.render("Where is the library?")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runner.generate([GenerationRequest(prompt, 4)] * 2)
+    assert runner._static is None
+    runner.generate([GenerationRequest(prompt, 4)])
+    assert runner._static[0] == (1, 256)

@@ -503,7 +503,11 @@ class HFRunner(Runner):
         if self.static_cache:
             # The last new token is never fed back: width + max_new - 1 positions.
             cache = self._static_cache(len(requests), cache_length(width + max_new - 1))
-        rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        try:
+            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        except BaseException:
+            self._static = None  # out of memory above all: no batch asks this size again
+            raise
         timing.update(batch=len(requests), prefill_tokens=sum(len(p) for p in prompts))
         return [self._reply(row, request, len(ids), took / len(requests), timing)
                 for row, request, ids in zip(rows, requests, prompts, strict=True)]
