@@ -24,8 +24,12 @@ live tensor storage (tests/test_memory_account.py):
   three intermediate-sized tensors or attention's projections, whichever is larger,
   beside the residual stream.
 
-The largest of two moments is the batch's need: the prefill (the prompt's cache,
-the mask, the activations, the scores) and the end of decoding (the whole cache).
+The batch's need is its largest moment: a kept prefix's own pass; the prompt's pass,
+whose cache stays while first a layer's tensors (mask, activations, scores) and then
+the logits come and go; the end of decoding, the whole cache. A row that continues a
+shared prefix has queries after the prefix's keys, so transformers materialises its
+mask even unpadded: at the shallowest NIAH needle that is about the prompt's length
+squared in bytes (16 GiB at 128k tokens).
 """
 
 from __future__ import annotations
