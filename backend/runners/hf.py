@@ -21,6 +21,7 @@ from typing import Any
 from backend.common.config import Settings
 from backend.engine.memory.limits import cap_process_memory, load_placement
 from backend.runners.base import (
+    BatchPlan,
     Generation,
     GenerationRequest,
     Runner,
@@ -94,14 +95,51 @@ def _cache_of(output):
 
 
 def cache_length(needed: int) -> int:
-    """Slots of a static KV cache for a request that needs `needed` positions: rounded up
-    to one of eight sizes per doubling (at most 1/8 more than needed, at least 256), so a
-    compiled decode step, whose graphs are specialised on the cache's shape, meets a
-    handful of sizes rather than one per prompt length."""
+    """Slots of a static KV cache for a request that needs `needed` positions: the next
+    power of two up to 4096 (at least 256), four sizes per doubling past it (at most 1/4
+    more than needed, where slots cost real memory). A compiled decode step's graphs
+    are specialised on the cache's shape (and on CUDA recorded at its address), so
+    prompts of a job meet a handful of sizes, each reused (HFRunner keeps the cache of
+    the size in use), rather than one size per prompt length. The memory account
+    (runners/hf_memory.py) counts these slots for a static-cache batch."""
     if needed <= 256:
         return 256
-    step = 1 << (needed.bit_length() - 4)
+    if needed <= 4096:
+        return 1 << (needed - 1).bit_length()
+    step = 1 << (needed.bit_length() - 3)
     return -(-needed // step) * step
+
+
+def room_bytes(devices: list[str]) -> int | None:
+    """Bytes this process may still allocate on the CUDA `devices` a model uses: on each,
+    the smaller of what the device has free (with what this process's allocator holds
+    unused) and the allocator's cap (LBS_GPU_MEMORY_LIMIT, set by cap_process_memory,
+    read back as torch's per-process fraction) less what is allocated; for a model
+    spread over several GPUs, the tightest device's room on each (its layers' share of
+    the KV cache is about even). None without CUDA devices: the CPU's RAM is not
+    probed."""
+    import torch
+
+    cuda = [d for d in devices if str(d).startswith("cuda")]
+    if not cuda or not torch.cuda.is_available():
+        return None
+    rooms = []
+    for device in cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        unused = torch.cuda.memory_reserved(device) - allocated
+        cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+        rooms.append(max(0, min(free + unused, cap)))
+    return min(rooms) * len(rooms)
+
+
+def _with_rows(plan: BatchPlan, rows: int) -> BatchPlan:
+    """`plan` with `rows` rows, its longer continuations (counted over the batch) in
+    proportion."""
+    from dataclasses import replace
+
+    return replace(plan, rows=rows, continuations=-(-plan.continuations * rows // plan.rows)
+                   if plan.rows else plan.continuations)
 
 
 def spills(model) -> bool:
@@ -336,6 +374,9 @@ class HFRunner(Runner):
         """The shared prefix kept in this pass: its token ids and cache."""
         self._cut_back: bool | None = None
         """Whether the model's cache can be cut back to a prefix (read once, on use)."""
+        self._static: tuple[tuple[int, int], object] | None = None
+        """The static cache of the size in use ((rows, slots), cache), kept for the pass:
+        see `_static_cache`."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
@@ -445,19 +486,43 @@ class HFRunner(Runner):
         max_new = max(r.max_new_tokens for r in requests)
         cache = None
         if self.static_cache:
-            # Our own cache, sized to this request: with cache_implementation="static"
-            # transformers sizes it to the longest length the model has ever seen
-            # (generation/utils.py _prepare_static_cache, _previous_max_cache_length),
-            # so one 128k-token prompt made every later request allocate 128k slots.
             # The last new token is never fed back: width + max_new - 1 positions.
-            from transformers import StaticCache
-
-            cache = StaticCache(config=self.model.config,
-                                max_cache_len=cache_length(width + max_new - 1))
-        rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+            cache = self._static_cache(len(requests), cache_length(width + max_new - 1))
+        try:
+            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        except BaseException:
+            self._static = None  # out of memory above all: no batch asks this size again
+            raise
         timing.update(batch=len(requests), prefill_tokens=sum(len(p) for p in prompts))
         return [self._reply(row, request, len(ids), took / len(requests), timing)
                 for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def _static_cache(self, rows: int, slots: int):
+        """The static KV cache for a batch of `rows` rows and `slots` positions, reset:
+        the one kept from the last request when it had this shape, else a new one, made
+        after the kept one is dropped (never two held: the memory account counts one
+        batch's `cache_length(...)` slots per row). Reusing one cache keeps its tensors'
+        addresses, which transformers marks static for a compiled decode step: on CUDA
+        its graphs, recorded for those addresses, are replayed instead of recorded again
+        for each request. Dropped by `forget_prefixes` (the end of a pass), `offload`
+        and `close`.
+
+        Our own cache rather than cache_implementation="static": transformers sizes that
+        to the longest length the model has ever seen (generation/utils.py
+        _prepare_static_cache, _previous_max_cache_length), so one 128k-token prompt
+        made every later request allocate 128k slots."""
+        import torch
+        from transformers import StaticCache
+
+        if self._static is not None and self._static[0] == (rows, slots):
+            cache = self._static[1]
+            with torch.inference_mode():  # its tensors were made under it
+                cache.reset()  # zeroes keys and values, and the length written so far
+            return cache
+        self._static = None
+        cache = StaticCache(config=self.model.config, max_cache_len=slots)
+        self._static = ((rows, slots), cache)
+        return cache
 
     def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
                 cache=None) -> tuple[list[list[int]], dict, float]:
@@ -638,7 +703,9 @@ class HFRunner(Runner):
                 for row, request, ids in zip(rows, requests, prompts, strict=True)]
 
     def forget_prefixes(self) -> None:
+        """Drop the kept prefix cache and the kept static cache: the pass is over."""
         self._prefix = None
+        self._static = None
 
     def _eos_ids(self) -> set[int]:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -789,40 +856,106 @@ class HFRunner(Runner):
                                                   len(cont))))
         return out_rows
 
-    def find_batch_size(self, context_tokens: int, continuation_tokens: int,
-                        start: int) -> int:
-        """See `Runner.find_batch_size`: accelerate's `find_executable_batch_size`,
-        halving from `start` (capped at CPU_MAX_BATCH on the CPU, where memory is
-        seldom the limit and wider batches bought no speed: see BENCHMARKS.md), over
-        the real scoring pass on rows of the given length."""
-        from accelerate.utils import find_executable_batch_size
+    def find_batch_size(self, plan: BatchPlan) -> int:
+        """See `Runner.find_batch_size`. Starts at `plan.rows` (at most CPU_MAX_BATCH on
+        the CPU, where memory is seldom the limit and wider batches bought no speed: see
+        BENCHMARKS.md); on CUDA at the most rows whose memory account
+        (`work_bytes`) fits the room this process may still use (`room_bytes`). That
+        batch is then checked by one real step of the path the job runs (`_probe_step`),
+        halving while it runs out of memory of any kind (CUDA's, a cuBLAS or cuDNN
+        allocation failure, Python's MemoryError); other errors are raised. After each
+        failure the failed batch's tensors are gone (the exception and its frames are
+        dropped, the kept caches forgotten) before the device cache is emptied."""
+        from accelerate.utils.memory import clear_device_cache
 
+        size = max(1, plan.rows)
         if self.device == "cpu":
-            start = min(start, CPU_MAX_BATCH)
-        size = [max(1, start)]
-        token = self.tokenizer.eos_token_id or 0
-        context = (token,) * max(1, context_tokens)
-        continuation = [token] * max(1, continuation_tokens)
+            size = min(size, CPU_MAX_BATCH)
+        room = self.room_bytes()
+        if room is not None:
+            size = self._rows_within(plan, size, room)
+        while True:
+            failure = self._try_step(_with_rows(plan, size))
+            if failure is None:
+                return size
+            clear_device_cache(garbage_collection=True)
+            log.info("[Runner] batch_size auto: %d rows did not fit (%s)", size, failure)
+            if size == 1:
+                return 1  # not even one fits: the job's own halving records the failures
+            size //= 2
 
-        def halve() -> int:
-            size[0] //= 2
-            return size[0]
+    def room_bytes(self) -> int | None:
+        """What this process may still allocate on the model's CUDA devices (see the
+        module's `room_bytes`); None on the CPU."""
+        return room_bytes(sorted({str(p.device) for p in self.model.parameters()}))
 
-        @find_executable_batch_size(starting_batch_size=size[0], reduce_batch_size_fn=halve)
-        def probe(batch_size: int) -> int:
-            try:
-                self._score([(context, [(k, continuation)]) for k in range(batch_size)],
-                            share_prefix=False)
-            except MemoryError:  # Python's; accelerate only recognises RuntimeErrors
-                raise RuntimeError("CPU out of memory.") from None
-            return batch_size
+    def _rows_within(self, plan: BatchPlan, start: int, room: int) -> int:
+        """The most rows, 1 to `start`, whose account (`work_bytes`) fits in `room`
+        (1 when none does: the real step then says so)."""
+        low, high = 1, start
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.work_bytes(_with_rows(plan, middle)) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        log.info("[Runner] batch_size auto: the account fits %d rows of %d + %d tokens in "
+                 "%.2f GiB", low, plan.prompt_tokens, plan.new_tokens, room / 2**30)
+        return low
+
+    def _try_step(self, plan: BatchPlan) -> str | None:
+        """Run `_probe_step` on `plan`: None when it fits, else what ran out. The
+        exception, and with its traceback every frame of the failed step, is gone
+        when this returns; so are the caches kept from it."""
+        from backend.runners.base import is_out_of_memory
 
         try:
-            return probe()
-        except RuntimeError as exc:
-            if "reached zero" not in str(exc):
+            self._probe_step(plan)
+            return None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
                 raise
-            return 1  # not even one fits: the job's own halving records the failures
+            text = str(exc).strip()
+            failure = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        self.forget_prefixes()
+        return failure
+
+    def _probe_step(self, plan: BatchPlan) -> None:
+        """One step of the path the batch `plan` takes, at its fullest. Log-likelihood:
+        `_score` over `plan.rows` contexts of `plan.prompt_tokens` tokens (one a token
+        shorter when rows are padded), with `plan.continuations` continuations of
+        `plan.new_tokens` tokens shared out over them. Generation: the left-padded prefill
+        of prompts as long as the prompt plus the new tokens but the last, so the KV
+        cache (the kept static cache with the "optimized" method) reaches its final
+        length, then one decode step on it."""
+        import torch
+
+        token = self.tokenizer.eos_token_id or 0
+        rows = max(1, plan.rows)
+        lengths = [max(1, plan.prompt_tokens)] * rows
+        if plan.kind == "loglikelihood":
+            if plan.padded and rows > 1 and lengths[-1] > 1:
+                lengths[-1] -= 1
+            continuation = [token] * max(1, plan.new_tokens)
+            each = max(1, -(-plan.continuations // rows))
+            self._score([((token,) * n, [(k * each + j, continuation) for j in range(each)])
+                         for k, n in enumerate(lengths)], share_prefix=False)
+            return
+        width = max(lengths[0], plan.prompt_tokens + plan.new_tokens - 2)
+        lengths = [width] * rows
+        if plan.padded and rows > 1 and width > 1:
+            lengths[-1] -= 1
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - n) + [token] * n for n in lengths],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self.device)
+        extra = {}
+        if self.static_cache:
+            extra["cache"] = self._static_cache(rows, cache_length(width + 1))
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                min_new_tokens=2, do_sample=False, temperature=None,
+                                top_p=None, top_k=None, pad_token_id=pad, **extra)
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """Whole-text log-likelihoods, windowed as lm-evaluation-harness's HF backend does
@@ -889,7 +1022,7 @@ class HFRunner(Runner):
         """
         import torch
 
-        self._prefix = None  # a shared prefix's cache lives on the GPU
+        self.forget_prefixes()  # a shared prefix's cache and the static cache live there
         if self.device == "cpu":
             return 0
         copied = 0
@@ -929,7 +1062,7 @@ class HFRunner(Runner):
         compiled = self.model is not None and "_compiled_call" in self.model.__dict__
         if compiled:
             del self.model._compiled_call  # model -> compiled call -> model
-        self._prefix = None
+        self.forget_prefixes()
         self.model = None
         self.tokenizer = None
         self.tok = None
