@@ -207,8 +207,11 @@ def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
 
 
 def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
+    """The loader keeps free what admission counted beyond the weights, split by where
+    it lands (the KV cache with the layers), and says how large the weights are."""
     from backend.engine.admission import estimate_job_bytes
     from backend.engine.evaluation import _loader, prepare
+    from backend.runners import builtin
     from backend.runners.models import estimate_model_bytes
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)
@@ -216,5 +219,71 @@ def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
     expected = estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
                                   settings) - \
         estimate_model_bytes(job.spec, settings.torch_dtype)
-    assert expected > 0 and load.keywords["headroom_bytes"] == expected
+    headroom = load.keywords["headroom_bytes"]
+    assert expected > 0 and headroom.total == expected
+    tiny = builtin.BUILTIN_MODELS["tiny"]
+    head_dim = tiny.hidden_size // tiny.num_attention_heads
+    tokens = job.dataset.longest_sequence(job.params, job.info.max_length)
+    assert headroom.layers == 2 * tiny.num_hidden_layers * tiny.num_key_value_heads * \
+        head_dim * tokens * 4  # float32, batch 1
     assert weights == estimate_model_bytes(job.spec, settings.torch_dtype)
+    assert load.keywords["weights_bytes"] == weights
+
+
+# --- a sharded job's headroom, split by what each GPU holds ------------------------------
+
+H100 = 85_032_601_600  # torch.cuda.get_device_properties(0).total_memory, H100 SXM 80GB
+
+
+def _job_70b(tokens: int) -> dict:
+    """What a batch-1 generation of `tokens` tokens holds beyond a Llama-3.1-70B's bf16
+    weights: the KV cache of its 80 layers, one layer's activations, one row of logits."""
+    kv = 2 * 80 * 8 * 128 * 2 * tokens
+    activations = (4 * 8192 + 2 * 28672) * 2 * tokens
+    return dict(layers=kv, each=activations, last=128256 * 4)
+
+
+def _kv_on(model, device_map: dict, kv: int) -> dict:
+    """The KV cache each device holds: that of the decoder layers placed on it."""
+    layers = len(model.model.layers)
+    held: dict = {}
+    for name, device in device_map.items():
+        if name.startswith("model.layers."):
+            held[device] = held.get(device, 0) + kv // layers
+    return held
+
+
+def test_a_70b_32k_job_on_two_80_gib_gpus_keeps_every_layer_on_a_gpu():
+    """Each GPU holds only its layers' share of the KV cache, so each keeps only that
+    share free (plus the activations, and on the last one the logits): the job that
+    admission found to fit (146.9 GiB <= 2 x 79.19 GiB) loads without spilling."""
+    from backend.engine.memory.limits import Headroom
+
+    model = _meta_model(LLAMA_70B)
+    size = _size(model)
+    job = _job_70b(32768 + 48)
+    placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
+                               totals=[H100, H100], cpu_bytes=512 * GiB, weights_bytes=size)
+    device_map = _device_map(model, placement)
+    on = _per_device(model, device_map)
+    assert set(on) == {0, 1}, f"nothing on the CPU: {on}"
+    kv = _kv_on(model, device_map, job["layers"])
+    assert on[0] + kv[0] + job["each"] <= H100
+    assert on[1] + kv[1] + job["each"] + job["last"] <= H100
+
+
+def test_a_70b_job_that_does_not_fit_two_gpus_still_spills_and_gpu_0_keeps_its_kv():
+    """At 128k the job does not fit two 80 GiB GPUs: layers spill to the CPU, and the
+    spilled layers run on GPU 0 (accelerate's offload hooks), so their KV cache lands
+    there: GPU 0 keeps the whole KV cache free."""
+    from backend.engine.memory.limits import Headroom
+
+    model = _meta_model(LLAMA_70B)
+    size = _size(model)
+    job = _job_70b(131072)
+    placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
+                               totals=[H100, H100], cpu_bytes=512 * GiB, weights_bytes=size)
+    on = _per_device(model, _device_map(model, placement))
+    assert on.get("cpu", 0) > 0
+    assert on[0] + job["layers"] + job["each"] <= H100
+    assert sum(on.values()) == size

@@ -27,6 +27,7 @@ from typing import Any
 
 from backend.common.config import Settings
 from backend.datasets.base import Dataset, DatasetParams, ParamError
+from backend.engine.memory.limits import Headroom
 from backend.runners import builtin
 from backend.runners.models import ModelSpec, estimate_model_bytes
 
@@ -55,6 +56,15 @@ def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
     weights = estimate_model_bytes(spec, settings.torch_dtype)
     if not weights:
         return None
+    return weights + estimate_job_headroom(spec, dataset, params, model_max, settings).total
+
+
+def estimate_job_headroom(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
+                          model_max: int | None, settings: Settings) -> Headroom:
+    """What the job holds beyond its weights (the terms of the module docstring), by
+    where it lands when the model is sharded over GPUs: the KV cache follows the
+    layers, the activations and attention scores are on every GPU that runs layers,
+    the logits on the GPU of the output head. Empty when the lengths are unknown."""
     arch = _architecture(spec)
     try:
         tokens = dataset.longest_sequence(params, model_max)
@@ -62,7 +72,7 @@ def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
         raise ParamError("data_dir", f"the {dataset.name} data has a record without the "
                                      f"field {exc}") from None
     if not arch or not tokens:
-        return weights
+        return Headroom()
     dtype = settings.torch_dtype if settings.torch_dtype != "auto" else \
         str(arch.get("torch_dtype") or arch.get("dtype") or "float16")
     element = _ELEMENT_BYTES.get(dtype, 2)
@@ -79,4 +89,5 @@ def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
     scores = heads * tokens * tokens * (2 * element + 4) if "basic" in (params.methods or []) \
         else 0
     logits = vocab * (tokens if dataset.scores_every_position(params) else 1) * 4
-    return weights + batch * (kv_cache + activations + scores + logits)
+    return Headroom(layers=batch * kv_cache, each=batch * (activations + scores),
+                    last=batch * logits)

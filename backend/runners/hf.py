@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from backend.common.config import Settings
-from backend.engine.memory.limits import cap_process_memory, load_placement
+from backend.engine.memory.limits import Headroom, cap_process_memory, load_placement
 from backend.runners.base import (
     Generation,
     GenerationRequest,
@@ -325,11 +325,14 @@ class HFRunner(Runner):
     @classmethod
     def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], HFRunner]:
         options = cls._options(job, settings, method)
+        from backend.engine.admission import estimate_job_headroom
+
         weights = estimate_model_bytes(job.spec, options.dtype)
         # what the job needs on the GPU besides the weights: placing them leaves it free
-        needed = cls.estimate_job_bytes(job, settings)
-        headroom = max(0, needed - weights) if needed and weights else 0
-        return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom)
+        headroom = estimate_job_headroom(job.spec, job.dataset, job.params,
+                                         job.info.max_length, settings)
+        return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom,
+                       weights_bytes=weights)
 
     # --- instance side -----------------------------------------------------------------
 
@@ -354,11 +357,12 @@ class HFRunner(Runner):
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
-             headroom_bytes: int = 0) -> HFRunner:
+             headroom_bytes: int | Headroom = 0, weights_bytes: int = 0) -> HFRunner:
         """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
         process's allocator (backend.engine.memory.limits.cap_process_memory); the weights go
-        straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
-        job's KV cache and activations) free on each GPU (`load_placement`)."""
+        straight onto the GPU, or under a device map that keeps free on each GPU what the
+        job holds there beyond its `weights_bytes` of weights (`headroom_bytes`: its KV
+        cache, activations and logits; `load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -375,7 +379,8 @@ class HFRunner(Runner):
         if on_cuda:
             cap_process_memory(options.gpu_memory_limit)
             kwargs.update(load_placement(options.gpu_memory_limit, num_gpus=options.num_gpus,
-                                         headroom_bytes=headroom_bytes))
+                                         headroom_bytes=headroom_bytes,
+                                         weights_bytes=weights_bytes))
         else:
             kwargs["device_map"] = {"": "cpu"}
         started = time.perf_counter()

@@ -10,19 +10,22 @@ With a limit `f` > 0 and CUDA present, two things hold:
   CUDA context (a few hundred MB per process) and memory that libraries allocate
   outside PyTorch's allocator.
 - **The weights** (`load_placement`): each GPU `i` the job uses gets
-  `max_memory[i] = total_i * f - headroom`, where the headroom is the job's estimated
-  KV cache and activations (backend.engine.admission), and a `cpu` entry of the RAM available
-  now, so layers that do not fit spill to RAM instead of failing when the job runs.
+  `max_memory[i]` = `total_i * f` less what the job holds on it beyond the weights
+  (`Headroom`, from backend.engine.admission: the KV cache follows the layers, the
+  activations are on each GPU, the logits on the last), and a `cpu` entry of the RAM
+  available now, so layers that do not fit spill to RAM instead of failing when the
+  job runs.
 
 A job with `num_gpus` > 1 gets a map over its first `num_gpus` visible GPUs (whole GPUs
-less the headroom when there is no limit), which shards the model's layers across
-them. Without a limit on one GPU the model goes straight onto it (`device_map={"":
-"cuda:0"}`), never through RAM.
+when there is no limit), which shards the model's layers across them. Without a limit
+on one GPU the model goes straight onto it (`device_map={"": "cuda:0"}`), never
+through RAM.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import psutil
 
@@ -45,22 +48,62 @@ def gpu_totals() -> list[int]:
             for i in range(torch.cuda.device_count())]
 
 
+@dataclass(frozen=True)
+class Headroom:
+    """What a job holds on its GPUs beyond the weights, by where it lands: `layers`
+    follows the decoder layers (their KV cache: a GPU holding a third of the layers holds
+    a third of it), `each` is needed on every GPU that runs layers (one layer's
+    activations and workspace, the attention mask), `last` only on the GPU of the output
+    head (the logits). A plain number of bytes is kept free on every GPU (`each`)."""
+
+    layers: int = 0
+    each: int = 0
+    last: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.each + self.last
+
+
+def _weights_room(caps: list[int], headroom: Headroom, weights_bytes: int) -> list[int]:
+    """Bytes of weights each GPU may take so that they, the KV cache of the layers among
+    them, the per-GPU work and (on the last GPU) the logits fit under its cap.
+
+    A GPU holding weights w holds at most `layers x w / weights` of KV cache (the
+    embeddings and the head carry none, so this errs on the safe side), hence
+    w + layers x w / weights <= cap - each (- last): w <= (cap - each) x weights /
+    (weights + layers). When the GPUs cannot take every weight, the layers that spill
+    run on GPU 0 (accelerate's offload hooks execute them on the first device), so
+    their KV cache lands there: GPU 0 then keeps the whole KV cache free, as one GPU does.
+    """
+    n = len(caps)
+    free = [cap - headroom.each - (headroom.last if i == n - 1 else 0)
+            for i, cap in enumerate(caps)]
+    if headroom.layers <= 0 or weights_bytes <= 0:
+        return [max(0, f - headroom.layers) for f in free]
+    room = [max(0, f * weights_bytes // (weights_bytes + headroom.layers)) for f in free]
+    if n == 1 or sum(room) < weights_bytes:
+        room[0] = max(0, free[0] - headroom.layers)
+    return room
+
+
 def build_max_memory(fraction: float, totals: list[int] | None = None,
                      cpu_bytes: int | None = None,
                      num_gpus: int | None = None,
-                     headroom_bytes: int = 0) -> dict[int | str, int] | None:
+                     headroom_bytes: int | Headroom = 0,
+                     weights_bytes: int = 0) -> dict[int | str, int] | None:
     """`max_memory` for accelerate, or None when the model goes whole onto one GPU
     (no limit and one GPU used) or there is no GPU.
 
     `totals` defaults to the visible GPUs' sizes and `cpu_bytes` to the RAM
     available now; both can be given to compute a map for other hardware.
     `num_gpus` (default: one when there is no limit, else all visible) is how many
-    of the visible GPUs the model is spread over. Each GPU keeps `headroom_bytes`
-    free of weights: transformers leaves headroom of its own only when it is not
-    given `max_memory` (integrations/accelerate.py get_balanced_memory), and the
-    process cap (`cap_process_memory`) makes a job whose KV cache finds no room fail.
-    The whole headroom is kept on every GPU of a sharded model, which holds only its
-    layers' share of the KV cache: safe, at the price of more spilling.
+    of the visible GPUs the model is spread over. Each GPU keeps free of weights what
+    the job will hold on it (`headroom_bytes`, split by `Headroom`; `weights_bytes` is
+    the model's weights, which the KV cache's share is measured against): transformers
+    leaves headroom of its own only when it is not given `max_memory`
+    (integrations/accelerate.py get_balanced_memory), and the process cap
+    (`cap_process_memory`) makes a job whose KV cache finds no room fail.
     """
     totals = gpu_totals() if totals is None else totals
     if num_gpus is not None:
@@ -70,22 +113,25 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
     if not totals or (fraction <= 0 and len(totals) == 1):
         return None
     share = fraction if fraction > 0 else 1.0
-    headroom = max(0, int(headroom_bytes))
-    max_memory: dict[int | str, int] = {i: max(0, int(total * share) - headroom)
-                                        for i, total in enumerate(totals)}
+    headroom = headroom_bytes if isinstance(headroom_bytes, Headroom) else \
+        Headroom(each=max(0, int(headroom_bytes)))
+    caps = [int(total * share) for total in totals]
+    max_memory: dict[int | str, int] = dict(enumerate(
+        _weights_room(caps, headroom, int(weights_bytes))))
     max_memory["cpu"] = int(psutil.virtual_memory().available if cpu_bytes is None else cpu_bytes)
     what = "GPU memory limit set" if fraction > 0 else f"model sharded over {len(totals)} GPUs"
     log.info("[Runner] %s: %s", what,
              ", ".join(f"cuda:{i} {format_bytes(max_memory[i])} of {format_bytes(t)} "
-                       f"({share:.0%} less {format_bytes(headroom)} for the job's KV cache "
-                       "and activations) for weights" for i, t in enumerate(totals))
+                       f"({share:.0%} less {format_bytes(caps[i] - max_memory[i])} for the "
+                       "job's KV cache, activations and logits there) for weights"
+                       for i, t in enumerate(totals))
              + f"; cpu {format_bytes(max_memory['cpu'])}")
     return max_memory
 
 
-def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
+def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int | Headroom = 0,
                    totals: list[int] | None = None,
-                   cpu_bytes: int | None = None) -> dict[str, object]:
+                   cpu_bytes: int | None = None, weights_bytes: int = 0) -> dict[str, object]:
     """`from_pretrained` keyword arguments that place the weights on CUDA: the whole
     model straight onto cuda:0 when there is no limit and one GPU is used (transformers
     then loads every tensor onto it: no copy through RAM, no RAM peak the model's
@@ -93,7 +139,8 @@ def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
     totals = gpu_totals() if totals is None else totals
     if not totals:
         return {}
-    max_memory = build_max_memory(fraction, totals, cpu_bytes, num_gpus, headroom_bytes)
+    max_memory = build_max_memory(fraction, totals, cpu_bytes, num_gpus, headroom_bytes,
+                                  weights_bytes)
     if max_memory is None:
         return {"device_map": {"": "cuda:0"}}
     return {"device_map": "auto", "max_memory": max_memory}
