@@ -153,16 +153,23 @@ class Worker:
 
     def free_gpu_bytes(self) -> tuple[int, ...]:
         """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
-        under LBS_GPU_MEMORY_LIMIT × its total; the first GPU also counts what this
-        worker's idle models hold there (the model manager makes room by offloading
-        them; a movable model lives on the first GPU). Also notes each GPU's figure as
-        `available_bytes` in `self.gpus`, which the heartbeat stores."""
+        plus on the first GPU what this worker's idle models hold there (the model
+        manager makes room by offloading them; a movable model lives on the first GPU);
+        under LBS_GPU_MEMORY_LIMIT never more than the process cap (limit x total) less
+        what this worker's models in use hold there, since the cap counts every byte
+        this process allocates. Also notes each GPU's figure as `available_bytes` in
+        `self.gpus`, which the heartbeat stores."""
         self.gpus = detect_gpus(self.settings) or self.gpus
         fraction = self.settings.gpu_memory_limit
-        free = [int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
-                for g in self.gpus]
+        free = [int(g["free_bytes"]) for g in self.gpus]
+        caps = [int(g["total_bytes"] * fraction) if fraction > 0 else None for g in self.gpus]
         if self.manager.has_gpu and free:  # lock-free: never waits on a model move
-            free[0] += self.manager.idle_gpu_bytes()
+            idle, held = self.manager.idle_gpu_bytes(), self.manager.gpu_bytes()
+            free[0] += idle
+            if caps[0] is not None:
+                caps[0] -= held - idle
+        free = [max(0, min(f, cap)) if cap is not None else f for f, cap in zip(free, caps,
+                                                                               strict=True)]
         for gpu, available in zip(self.gpus, free, strict=True):
             gpu["available_bytes"] = available
         return tuple(free)

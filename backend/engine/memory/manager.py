@@ -328,6 +328,11 @@ class ModelManager:
         entries = list(self._models.values())  # one C-level copy: safe without the lock
         return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
 
+    def gpu_bytes(self) -> int:
+        """Bytes of all the models on the GPU, idle or in use (lock-free, as above)."""
+        entries = list(self._models.values())
+        return sum(e.size for e in entries if e.location is Location.GPU)
+
     def size_of(self, name: str) -> int:
         """Bytes of the weights of the models called `name` held here (0 if none)."""
         return sum(e.size for e in list(self._models.values()) if e.name == name)
