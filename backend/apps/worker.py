@@ -168,8 +168,8 @@ class Worker:
             free[0] += idle
             if caps[0] is not None:
                 caps[0] -= held - idle
-        free = [max(0, min(f, cap)) if cap is not None else f for f, cap in zip(free, caps,
-                                                                               strict=True)]
+        free = [f if cap is None else max(0, min(f, cap))
+                for f, cap in zip(free, caps, strict=True)]
         for gpu, available in zip(self.gpus, free, strict=True):
             gpu["available_bytes"] = available
         return tuple(free)
