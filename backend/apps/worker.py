@@ -603,7 +603,7 @@ def detect_gpus(settings: Settings) -> list[dict[str, Any]]:
                     "total_bytes": size, "free_bytes": size, "simulated": True}
                    for i, size in enumerate(settings.simulated_gpu_memory)]
         return [g for g in pretend if indices is None or g["index"] in indices]
-    return gpu_inventory(indices)
+    return gpu_inventory(visible)
 
 
 def _describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:
