@@ -370,3 +370,17 @@ def test_wait_loaded_waits_for_a_job_to_hold_its_model_where_it_runs():
     with m.use("a", "a", lambda: None, CacheMode.CACHED, keep_on_gpu=lambda: False):
         assert m.wait_loaded("a", 0.05) and a.device == "cuda:0"
     assert not m.wait_loaded("b", 0.05)
+
+
+def test_prefetch_leaves_the_running_jobs_reserve_under_the_process_cap():
+    """Under LBS_GPU_MEMORY_LIMIT the cap counts every byte of this process: the model
+    of the running job (40 MB), what that job will still allocate (`reserve`, 40 MB)
+    and a prefetched model (30 MB) must fit it together, however free the GPU is."""
+    m = manager(gpu=True, gpu_cap_bytes=100 * MB)
+    a = run_job(m, "a", size=30 * MB, gpu=True, keep=lambda: False)  # offloaded
+    with m.use("running", "running", lambda: FakeRunner(40 * MB, on_gpu=True),
+               CacheMode.UNCACHED, estimate=40 * MB):
+        assert not m.prefetch("a", free_gpu_bytes=lambda: 80 * GB, reserve=40 * MB)
+        assert a.device == "cpu"
+        assert m.prefetch("a", free_gpu_bytes=lambda: 80 * GB, reserve=20 * MB)
+    assert a.device == "cuda:0"
