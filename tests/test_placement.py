@@ -287,3 +287,99 @@ def test_a_70b_job_that_does_not_fit_two_gpus_still_spills_and_gpu_0_keeps_its_k
     assert on.get("cpu", 0) > 0
     assert on[0] + job["layers"] + job["each"] <= H100
     assert sum(on.values()) == size
+
+
+# --- restoring beside a running job ------------------------------------------------------
+
+class FakeStreams:
+    """torch.cuda's stream calls as torch 2.13 defines them (torch/cuda/streams.py,
+    torch/cuda/__init__.py): `Stream(device)` makes a stream, `stream(s)` makes it the
+    current stream inside a with-block and puts the previous one back after,
+    `default_stream(device)` is the stream every thread's work goes to unless told
+    otherwise, `Stream.synchronize()` waits on the host for the work queued on it,
+    `Tensor.record_stream(s)` tells the allocator the tensor's memory is used on `s`.
+    Every call is recorded with the stream current at that moment."""
+
+    class Stream:
+        def __init__(self, owner, name, device=None):
+            self.owner, self.name, self.device = owner, name, device
+
+        def synchronize(self):
+            self.owner.calls.append(("synchronize", self.name))
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.default = self.Stream(self, "default")
+        self.current = self.default
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        import torch
+
+        def new_stream(device=None, priority=0):
+            self.calls.append(("Stream", str(device)))
+            return self.Stream(self, "side", device)
+
+        @contextlib.contextmanager
+        def stream(s):
+            previous, self.current = self.current, s
+            try:
+                yield s
+            finally:
+                self.current = previous
+
+        to = torch.Tensor.to
+
+        def copy(tensor, *args, **kwargs):
+            self.calls.append(("copy", self.current.name))
+            return to(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: self.default)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "synchronize",
+                            lambda device=None: self.calls.append(("device synchronize",)))
+        monkeypatch.setattr(torch.Tensor, "to", copy)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: self.calls.append(("record_stream", s.name)))
+        return self
+
+
+def _offloaded(settings, from_pretrained):
+    """A tiny model as an offload leaves it: its weights on the host copy."""
+    from_pretrained.real = True
+    runner = _load(settings)
+    runner._host = {name: t.detach().clone() for name, t in runner._tensors()}
+    runner.device = "cpu"
+    return runner
+
+
+def test_a_background_restore_copies_on_a_side_stream(settings, with_tiny, monkeypatch,
+                                                      from_pretrained):
+    """A prefetch restores a model while another job's kernels run on the default
+    stream: its copies go on a side stream (not queued behind those kernels), the
+    prefetching thread waits for that stream only (not the whole device, which would
+    wait for the running job too), and the new weights are marked as used by the
+    default stream, where the next job reads them."""
+    runner = _offloaded(settings, from_pretrained)
+    streams = FakeStreams().install(monkeypatch)
+    count = len(runner._host)
+    moved = runner.restore("cpu", background=True)  # "cpu": no device here to copy to
+    assert moved == runner.size_bytes() and runner.device == "cpu"
+    assert streams.calls[0] == ("Stream", "cpu")
+    assert streams.calls[1:count + 1] == [("copy", "side")] * count
+    assert streams.calls[count + 1:] == [("synchronize", "side")] + \
+        [("record_stream", "default")] * count
+    for name, t in runner._tensors():
+        assert torch.equal(t, runner._host[name])
+
+
+def test_a_jobs_own_restore_copies_on_the_default_stream(settings, with_tiny, monkeypatch,
+                                                         from_pretrained):
+    runner = _offloaded(settings, from_pretrained)
+    streams = FakeStreams().install(monkeypatch)
+    count = len(runner._host)
+    runner.restore("cpu")
+    assert streams.calls == [("copy", "default")] * count + [("device synchronize",)]

@@ -905,15 +905,33 @@ class HFRunner(Runner):
         self.device = "cpu"
         return copied
 
-    def restore(self, device: str = "cuda:0") -> int:
-        """Copy the CPU copy back to `device` with non-blocking copies and one sync."""
+    def restore(self, device: str = "cuda:0", background: bool = False) -> int:
+        """Copy the CPU copy back to `device` with non-blocking copies and one sync.
+
+        With `background` (a prefetch beside a running job) the copies go on a side
+        stream, not queued behind the job's kernels on the default stream; this thread
+        waits for that stream alone, and the new weights are marked as used by the
+        default stream (where the next job reads them), so the allocator does not hand
+        their memory to the side stream again while such a job may still read it."""
         import torch
 
         if self.device != "cpu" or self._host is None:
             return 0
+        names = [name for name, _ in self._tensors()]
+        if background:
+            side = torch.cuda.Stream(device)
+            with torch.cuda.stream(side):
+                moved = {name: self._host[name].to(device, non_blocking=True)
+                         for name in names}
+            side.synchronize()
+            readers = torch.cuda.default_stream(device)
+            for t in moved.values():
+                t.record_stream(readers)
+        else:
+            moved = {name: self._host[name].to(device, non_blocking=True) for name in names}
+            torch.cuda.synchronize()
         for name, t in self._tensors():
-            t.data = self._host[name].to(device, non_blocking=True)
-        torch.cuda.synchronize()
+            t.data = moved[name]
         self.device = device
         return self.size_bytes()
 

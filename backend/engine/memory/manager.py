@@ -404,7 +404,7 @@ class ModelManager:
             entry.moving = True
         before, started = rss_bytes(), time.perf_counter()
         try:
-            moved = entry.runner.restore()
+            moved = entry.runner.restore(background=True)
         finally:
             with self._lock:
                 entry.moving = False
