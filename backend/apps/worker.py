@@ -61,6 +61,7 @@ from backend.queue.jobs import (
     renew_lease,
     requeue_job,
     seconds_to_next_expiry,
+    set_gpu_reservation,
     set_total,
     stored_samples,
     worker_heartbeat,
@@ -149,7 +150,9 @@ class Worker:
     def capacity(self) -> Capacity:
         """What this worker can run now; GPU memory is read afresh (see `free_gpu_bytes`)."""
         return Capacity(labels=self.labels, gpu_count=len(self.gpus),
-                        free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None)
+                        free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None,
+                        host=socket.gethostname(),
+                        gpu_indices=tuple(int(g["index"]) for g in self.gpus))
 
     def free_gpu_bytes(self) -> tuple[int, ...]:
         """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
@@ -373,7 +376,8 @@ class Worker:
         self._job_events_from = self.manager.event_count
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         if self.manager.has_gpu:
-            threading.Thread(target=self._prefetch_next, args=(job_id, model, memory_bytes),
+            used = [str(g["index"]) for g in self.gpus[:max(1, num_gpus)]]
+            threading.Thread(target=self._after_load, args=(job_id, model, memory_bytes, used),
                              name="prefetch", daemon=True).start()
         try:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
@@ -431,6 +435,14 @@ class Worker:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
+            self._drop_reservation()
+
+    def _drop_reservation(self) -> None:
+        """The job ended: what it holds is gone or shows in NVML (its cached model)."""
+        try:
+            set_gpu_reservation(self.factory, self.id, None)
+        except Exception:  # noqa: BLE001 - the row is rewritten at the next claim anyway
+            log.exception("[Worker] could not drop this worker's GPU reservation")
 
     def _data_progress(self, job_id: int, dataset: str):
         """The progress callback of a data fetch: the job shows a running `data_fetch`
@@ -463,6 +475,24 @@ class Worker:
             log.info("[Worker] job %d is %s", job_id, state.value)
         except LeaseLost as lost:
             log.warning("[Worker] %s", lost)
+
+    def _after_load(self, job_id: int, current: str, job_bytes: int | None,
+                    gpus: list[str]) -> None:
+        """Once the running job's model has loaded (NVML shows its weights now), keep
+        reserved on the job's `gpus` (NVML indices) only what the job still allocates
+        (its estimate less its weights), for the other workers of this GPU; then
+        prefetch the next job's model (`_prefetch_next`)."""
+        try:
+            while not self.manager.wait_loaded(current, 1.0):
+                if self.current_job != job_id or self.stopping.is_set():
+                    return  # the job ended (or its load failed) first
+            if job_bytes and gpus and self.current_job == job_id:
+                rest = max(0, job_bytes - self.manager.size_of(current))
+                set_gpu_reservation(self.factory, self.id,
+                                    {i: rest // len(gpus) for i in gpus})
+        except Exception:  # noqa: BLE001 - the full reservation stays until the job ends
+            log.exception("[Worker] could not lower this worker's GPU reservation")
+        self._prefetch_next(job_id, current, job_bytes)
 
     def _prefetch_next(self, job_id: int, current: str, job_bytes: int | None) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is
