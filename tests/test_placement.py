@@ -227,7 +227,8 @@ def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
     assert headroom.layers == 2 * tiny.num_hidden_layers * tiny.num_key_value_heads * \
         head_dim * tokens * 4  # float32, batch 1
     assert weights == estimate_model_bytes(job.spec, settings.torch_dtype)
-    assert load.keywords["weights_bytes"] == weights
+    # the KV cache follows the decoder layers' weights: the embeddings and head apart
+    assert headroom.layer_weights == weights - 2 * tiny.vocab_size * tiny.hidden_size * 4
 
 
 # --- a sharded job's headroom, split by what each GPU holds ------------------------------
@@ -235,12 +236,16 @@ def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
 H100 = 85_032_601_600  # torch.cuda.get_device_properties(0).total_memory, H100 SXM 80GB
 
 
-def _job_70b(tokens: int) -> dict:
+def _job_70b(model, tokens: int) -> dict:
     """What a batch-1 generation of `tokens` tokens holds beyond a Llama-3.1-70B's bf16
-    weights: the KV cache of its 80 layers, one layer's activations, one row of logits."""
+    weights: the KV cache of its 80 layers, one layer's activations, one row of logits;
+    and the weights of those layers."""
+    from accelerate.utils import compute_module_sizes
+
     kv = 2 * 80 * 8 * 128 * 2 * tokens
     activations = (4 * 8192 + 2 * 28672) * 2 * tokens
-    return dict(layers=kv, each=activations, last=128256 * 4)
+    return dict(layers=kv, each=activations, last=128256 * 4,
+                layer_weights=compute_module_sizes(model)["model.layers"])
 
 
 def _kv_on(model, device_map: dict, kv: int) -> dict:
@@ -260,10 +265,9 @@ def test_a_70b_32k_job_on_two_80_gib_gpus_keeps_every_layer_on_a_gpu():
     from backend.engine.memory.limits import Headroom
 
     model = _meta_model(LLAMA_70B)
-    size = _size(model)
-    job = _job_70b(32768 + 48)
+    job = _job_70b(model, 32768 + 48)
     placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
-                               totals=[H100, H100], cpu_bytes=512 * GiB, weights_bytes=size)
+                               totals=[H100, H100], cpu_bytes=512 * GiB)
     device_map = _device_map(model, placement)
     on = _per_device(model, device_map)
     assert set(on) == {0, 1}, f"nothing on the CPU: {on}"
@@ -280,9 +284,9 @@ def test_a_70b_job_that_does_not_fit_two_gpus_still_spills_and_gpu_0_keeps_its_k
 
     model = _meta_model(LLAMA_70B)
     size = _size(model)
-    job = _job_70b(131072)
+    job = _job_70b(model, 131072)
     placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
-                               totals=[H100, H100], cpu_bytes=512 * GiB, weights_bytes=size)
+                               totals=[H100, H100], cpu_bytes=512 * GiB)
     on = _per_device(model, _device_map(model, placement))
     assert on.get("cpu", 0) > 0
     assert on[0] + job["layers"] + job["each"] <= H100
@@ -383,3 +387,69 @@ def test_a_jobs_own_restore_copies_on_the_default_stream(settings, with_tiny, mo
     count = len(runner._host)
     runner.restore("cpu")
     assert streams.calls == [("copy", "default")] * count + [("device synchronize",)]
+
+
+def _checkpoint_70b(folder) -> None:
+    """A Llama-3.1-70B-shaped checkpoint without weights: its config and a safetensors
+    header saying every tensor's shape (what estimate_model_bytes reads)."""
+    import json
+    import struct
+
+    config = dict(LLAMA_70B, architectures=["LlamaForCausalLM"], head_dim=128,
+                  torch_dtype="bfloat16")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    h, i, v, kv = 8192, 28672, 128256, 8 * 128
+    shapes = {"model.embed_tokens.weight": [v, h], "lm_head.weight": [v, h],
+              "model.norm.weight": [h]}
+    for n in range(80):
+        p = f"model.layers.{n}."
+        shapes.update({p + "q": [h, h], p + "k": [kv, h], p + "v": [kv, h], p + "o": [h, h],
+                       p + "g": [i, h], p + "u": [i, h], p + "d": [h, i], p + "n1": [h],
+                       p + "n2": [h]})
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("gpus,context", [(2, 32768), (2, 65536), (3, 65536), (3, 131024),
+                                          (4, 131024)])
+def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
+        settings, tmp_path, gpus, context):
+    """Admission (the job's estimate against the sum of its GPUs) and placement (the
+    loader's headroom, through transformers' device map) agree for a 70B NIAH job on
+    H100s: admitted, every layer lands on a GPU; refused, it would have spilled. Each
+    GPU runs its layers in turn, so each keeps room for one layer's activations."""
+    from backend.engine.evaluation import prepare
+
+    _checkpoint_70b(tmp_path / "llama-70b")
+    job = prepare(str(tmp_path / "llama-70b"), "needle_in_haystack",
+                  {"context_lengths": [context], "depth_percents": [50]}, settings,
+                  confine=False)
+    job.num_gpus = gpus
+    admitted = HFRunner.estimate_job_bytes(job, settings) <= gpus * H100
+    headroom = HFRunner.loader(job, settings, None).keywords["headroom_bytes"]
+    placement = load_placement(0.0, num_gpus=gpus, headroom_bytes=headroom,
+                               totals=[H100] * gpus, cpu_bytes=512 * GiB)
+    model = _meta_model(LLAMA_70B)
+    on = _per_device(model, _device_map(model, placement))
+    assert admitted == ("cpu" not in on), (admitted, on)
+
+
+def test_the_api_estimates_a_sharded_job_for_its_gpus(client):
+    """What a submission stores as `memory_bytes` (admission's figure) counts every GPU
+    the job will shard its model over: each keeps room for one layer's activations."""
+    def estimate(num_gpus):
+        res = client.post("/api/jobs/estimate", json={
+            "model": "builtin:tiny", "dataset": "needle_in_haystack", "num_gpus": num_gpus,
+            "params": {"context_lengths": [4096], "depth_percents": [50]}})
+        assert res.status_code == 200, res.get_json()
+        return res.get_json()["data"]["jobs"][0]["memory_bytes"]
+
+    one, two = estimate(1), estimate(2)
+    tiny_activations = 4096 * (4 * 64 + 2 * 176) * 4  # one layer's, float32
+    assert two >= one + tiny_activations

@@ -49,14 +49,19 @@ def _architecture(spec: ModelSpec) -> dict[str, Any] | None:
 
 
 def estimate_job_bytes(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
-                       model_max: int | None, settings: Settings) -> int | None:
-    """Estimated GPU bytes of a job (see the module docstring); None when the model's
-    size is unknown (a hub model not downloaded yet), which admits it anywhere.
+                       model_max: int | None, settings: Settings,
+                       num_gpus: int = 1) -> int | None:
+    """Estimated GPU bytes of a job (see the module docstring) over its `num_gpus` GPUs;
+    None when the model's size is unknown (a hub model not downloaded yet), which
+    admits it anywhere. A model sharded over several GPUs runs its layers on each in
+    turn, so every GPU keeps room for one layer's activations of its own, and placing
+    whole layers leaves some room unused (`Headroom.sharded`).
     Raises ParamError when the dataset's files cannot be read for their lengths."""
     weights = estimate_model_bytes(spec, settings.torch_dtype)
     if not weights:
         return None
-    return weights + estimate_job_headroom(spec, dataset, params, model_max, settings).total
+    headroom = estimate_job_headroom(spec, dataset, params, model_max, settings)
+    return weights + headroom.sharded(num_gpus)
 
 
 def estimate_job_headroom(spec: ModelSpec, dataset: Dataset, params: DatasetParams,
@@ -89,5 +94,13 @@ def estimate_job_headroom(spec: ModelSpec, dataset: Dataset, params: DatasetPara
     scores = heads * tokens * tokens * (2 * element + 4) if "basic" in (params.methods or []) \
         else 0
     logits = vocab * (tokens if dataset.scores_every_position(params) else 1) * 4
+    # the layers' share of the weights, which the KV cache follows when sharded: not
+    # the embeddings nor the head (counted twice unless the config says they are tied,
+    # which errs towards keeping more free)
+    embedding = vocab * hidden * element
+    weights = estimate_model_bytes(spec, settings.torch_dtype) or 0
+    layer_weights = max(0, weights - embedding * (1 if arch.get("tie_word_embeddings") else 2))
+    layer = layer_weights // max(layers, 1)
     return Headroom(layers=batch * kv_cache, each=batch * (activations + scores),
-                    last=batch * logits)
+                    last=batch * logits, layer_weights=layer_weights, layer_bytes=layer,
+                    largest_module=max(layer, embedding))

@@ -308,7 +308,7 @@ class HFRunner(Runner):
         from backend.engine.admission import estimate_job_bytes
 
         return estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
-                                  settings)
+                                  settings, num_gpus=job.num_gpus)
 
     @classmethod
     def _options(cls, job: Any, settings: Any, method: str | None) -> LoadOptions:
@@ -324,15 +324,13 @@ class HFRunner(Runner):
 
     @classmethod
     def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], HFRunner]:
-        options = cls._options(job, settings, method)
         from backend.engine.admission import estimate_job_headroom
 
-        weights = estimate_model_bytes(job.spec, options.dtype)
+        options = cls._options(job, settings, method)
         # what the job needs on the GPU besides the weights: placing them leaves it free
         headroom = estimate_job_headroom(job.spec, job.dataset, job.params,
                                          job.info.max_length, settings)
-        return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom,
-                       weights_bytes=weights)
+        return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom)
 
     # --- instance side -----------------------------------------------------------------
 
@@ -357,12 +355,12 @@ class HFRunner(Runner):
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
-             headroom_bytes: int | Headroom = 0, weights_bytes: int = 0) -> HFRunner:
+             headroom_bytes: int | Headroom = 0) -> HFRunner:
         """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
         process's allocator (backend.engine.memory.limits.cap_process_memory); the weights go
         straight onto the GPU, or under a device map that keeps free on each GPU what the
-        job holds there beyond its `weights_bytes` of weights (`headroom_bytes`: its KV
-        cache, activations and logits; `load_placement`)."""
+        job holds there beyond the weights (`headroom_bytes`: its KV cache, activations
+        and logits; `load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -379,8 +377,7 @@ class HFRunner(Runner):
         if on_cuda:
             cap_process_memory(options.gpu_memory_limit)
             kwargs.update(load_placement(options.gpu_memory_limit, num_gpus=options.num_gpus,
-                                         headroom_bytes=headroom_bytes,
-                                         weights_bytes=weights_bytes))
+                                         headroom_bytes=headroom_bytes))
         else:
             kwargs["device_map"] = {"": "cpu"}
         started = time.perf_counter()

@@ -54,35 +54,57 @@ class Headroom:
     follows the decoder layers (their KV cache: a GPU holding a third of the layers holds
     a third of it), `each` is needed on every GPU that runs layers (one layer's
     activations and workspace, the attention mask), `last` only on the GPU of the output
-    head (the logits). A plain number of bytes is kept free on every GPU (`each`)."""
+    head (the logits). `layer_weights` is the weight bytes of the layers that hold the
+    KV cache (the decoder layers: not the embeddings or the head), which a GPU's share
+    of `layers` is measured by; 0 keeps all of `layers` free on every GPU. A plain
+    number of bytes is kept free on every GPU (`each`).
+
+    `layer_bytes` (one decoder layer's weights) and `largest_module` (the largest
+    module placed whole, often the embeddings) are what a sharded placement may leave
+    unused: accelerate puts whole layers on a GPU, so each GPU but the last may end up
+    to one layer short of its room, and it keeps the largest module's size free on the
+    first GPU (accelerate/utils/modeling.py infer_auto_device_map)."""
 
     layers: int = 0
     each: int = 0
     last: int = 0
+    layer_weights: int = 0
+    layer_bytes: int = 0
+    largest_module: int = 0
+
+    def sharded(self, num_gpus: int) -> int:
+        """Bytes a model sharded over `num_gpus` GPUs needs beyond its weights: `total`,
+        plus one layer's activations on every further GPU (each runs its layers in
+        turn) and what placing whole layers leaves unused (see above)."""
+        if num_gpus <= 1:
+            return self.total
+        return self.total + (num_gpus - 1) * (self.each + self.layer_bytes) + \
+            self.largest_module
 
     @property
     def total(self) -> int:
         return self.layers + self.each + self.last
 
 
-def _weights_room(caps: list[int], headroom: Headroom, weights_bytes: int) -> list[int]:
+def _weights_room(caps: list[int], headroom: Headroom) -> list[int]:
     """Bytes of weights each GPU may take so that they, the KV cache of the layers among
     them, the per-GPU work and (on the last GPU) the logits fit under its cap.
 
-    A GPU holding weights w holds at most `layers x w / weights` of KV cache (the
-    embeddings and the head carry none, so this errs on the safe side), hence
-    w + layers x w / weights <= cap - each (- last): w <= (cap - each) x weights /
-    (weights + layers). When the GPUs cannot take every weight, the layers that spill
-    run on GPU 0 (accelerate's offload hooks execute them on the first device), so
-    their KV cache lands there: GPU 0 then keeps the whole KV cache free, as one GPU does.
+    A GPU holding weights w holds the KV cache of at most w bytes of layers, i.e. at most
+    `layers x w / layer_weights` (less where some of w is the embeddings or the head),
+    hence w x (1 + layers / layer_weights) <= cap - each (- last). When the GPUs cannot
+    take every layer, the layers that spill run on GPU 0 (accelerate's offload hooks
+    execute them on the first device), so their KV cache lands there: GPU 0 then keeps
+    the whole KV cache free, as one GPU does.
     """
     n = len(caps)
     free = [cap - headroom.each - (headroom.last if i == n - 1 else 0)
             for i, cap in enumerate(caps)]
-    if headroom.layers <= 0 or weights_bytes <= 0:
+    per_weight = headroom.layer_weights
+    if headroom.layers <= 0 or per_weight <= 0:
         return [max(0, f - headroom.layers) for f in free]
-    room = [max(0, f * weights_bytes // (weights_bytes + headroom.layers)) for f in free]
-    if n == 1 or sum(room) < weights_bytes:
+    room = [max(0, f * per_weight // (per_weight + headroom.layers)) for f in free]
+    if n == 1 or sum(room) < per_weight:
         room[0] = max(0, free[0] - headroom.layers)
     return room
 
@@ -90,8 +112,7 @@ def _weights_room(caps: list[int], headroom: Headroom, weights_bytes: int) -> li
 def build_max_memory(fraction: float, totals: list[int] | None = None,
                      cpu_bytes: int | None = None,
                      num_gpus: int | None = None,
-                     headroom_bytes: int | Headroom = 0,
-                     weights_bytes: int = 0) -> dict[int | str, int] | None:
+                     headroom_bytes: int | Headroom = 0) -> dict[int | str, int] | None:
     """`max_memory` for accelerate, or None when the model goes whole onto one GPU
     (no limit and one GPU used) or there is no GPU.
 
@@ -99,8 +120,8 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
     available now; both can be given to compute a map for other hardware.
     `num_gpus` (default: one when there is no limit, else all visible) is how many
     of the visible GPUs the model is spread over. Each GPU keeps free of weights what
-    the job will hold on it (`headroom_bytes`, split by `Headroom`; `weights_bytes` is
-    the model's weights, which the KV cache's share is measured against): transformers
+    the job will hold on it (`headroom_bytes`, split by where it lands: `Headroom`;
+    a plain number is kept free on every GPU): transformers
     leaves headroom of its own only when it is not given `max_memory`
     (integrations/accelerate.py get_balanced_memory), and the process cap
     (`cap_process_memory`) makes a job whose KV cache finds no room fail.
@@ -117,7 +138,7 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
         Headroom(each=max(0, int(headroom_bytes)))
     caps = [int(total * share) for total in totals]
     max_memory: dict[int | str, int] = dict(enumerate(
-        _weights_room(caps, headroom, int(weights_bytes))))
+        _weights_room(caps, headroom)))
     max_memory["cpu"] = int(psutil.virtual_memory().available if cpu_bytes is None else cpu_bytes)
     what = "GPU memory limit set" if fraction > 0 else f"model sharded over {len(totals)} GPUs"
     log.info("[Runner] %s: %s", what,
@@ -131,7 +152,7 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
 
 def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int | Headroom = 0,
                    totals: list[int] | None = None,
-                   cpu_bytes: int | None = None, weights_bytes: int = 0) -> dict[str, object]:
+                   cpu_bytes: int | None = None) -> dict[str, object]:
     """`from_pretrained` keyword arguments that place the weights on CUDA: the whole
     model straight onto cuda:0 when there is no limit and one GPU is used (transformers
     then loads every tensor onto it: no copy through RAM, no RAM peak the model's
@@ -139,8 +160,7 @@ def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int | Hea
     totals = gpu_totals() if totals is None else totals
     if not totals:
         return {}
-    max_memory = build_max_memory(fraction, totals, cpu_bytes, num_gpus, headroom_bytes,
-                                  weights_bytes)
+    max_memory = build_max_memory(fraction, totals, cpu_bytes, num_gpus, headroom_bytes)
     if max_memory is None:
         return {"device_map": {"": "cuda:0"}}
     return {"device_map": "auto", "max_memory": max_memory}
