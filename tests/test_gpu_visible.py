@@ -112,3 +112,14 @@ def test_cuda_stops_at_the_first_entry_it_cannot_resolve(settings, machine):
     assert _gpus(settings, "1") == [(1, 80 * GiB, 60 * GiB)]
     assert _gpus(settings, "-1") == []
     assert len(_gpus(settings, None)) == 2
+
+
+def test_on_a_mig_slice_the_fallback_reading_is_the_slices_own(machine):
+    """Where NVML cannot tell this process's use (a container's PID namespace) the
+    tracker falls back to the device's use since the worker started: on a MIG slice,
+    that slice's, not the whole GPU's, where other slices' tenants come and go."""
+    from backend.engine.memory import gpu
+
+    gpu.take_device_baseline([1], visible=MIG)  # the slice: 1 GiB used
+    machine.gpus[1] = (B, "H100", 80 * GiB, 30 * GiB, [(MIG, 10 * GiB, 6 * GiB)])
+    assert gpu.device_used_since_baseline() == 3 * GiB  # not the GPU's 30 GiB more

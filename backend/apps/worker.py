@@ -233,7 +233,8 @@ class Worker:
             from backend.engine.memory.gpu import take_device_baseline
 
             # before any model loads: what the GPUs hold without this worker
-            take_device_baseline([g["index"] for g in self.gpus])
+            take_device_baseline([g["index"] for g in self.gpus],
+                                 visible=self.settings.cuda_visible_devices)
         self._register()
         self.publish_status()
         self.apply_stored_settings()

@@ -62,10 +62,15 @@ def process_gpu_bytes(pid: int) -> int | None:
 
 
 _baseline: dict[int, int] = {}
-"""Used bytes per NVML index when the worker started (see take_device_baseline)."""
+"""Used bytes per NVML index (or per position in CUDA_VISIBLE_DEVICES, see
+`_baseline_visible`) when the worker started (see take_device_baseline)."""
+_baseline_visible: list[str | None] = [None]
 
 
-def _device_used(indices: list[int] | None) -> dict[int, int] | None:
+def _device_used(indices: list[int] | None, visible: str | None = None) -> dict[int, int] | None:
+    """Used bytes of the GPUs with these NVML indices (all when None), or with
+    `visible` of the devices CUDA_VISIBLE_DEVICES names, by position (a MIG slice's
+    own use)."""
     try:
         import pynvml
 
@@ -73,6 +78,9 @@ def _device_used(indices: list[int] | None) -> dict[int, int] | None:
     except Exception:  # noqa: BLE001 - ImportError or NVMLError: nothing to read
         return None
     try:
+        if visible is not None:
+            return {k: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+                    for k, (_, handle) in enumerate(_visible_devices(pynvml, visible))}
         count = pynvml.nvmlDeviceGetCount()
         return {i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used)
                 for i in (range(count) if indices is None else indices) if i < count}
@@ -82,12 +90,14 @@ def _device_used(indices: list[int] | None) -> dict[int, int] | None:
         pynvml.nvmlShutdown()
 
 
-def take_device_baseline(indices: list[int] | None) -> None:
-    """Note the memory used on these GPUs (NVML indices; all when None) now, before
+def take_device_baseline(indices: list[int] | None, visible: str | None = None) -> None:
+    """Note the memory used on these GPUs (NVML indices; all when None), or on the
+    devices CUDA_VISIBLE_DEVICES = `visible` names (a MIG slice by itself), now, before
     this worker loads anything: the fallback reading when NVML cannot tell this
     process's own use (see `device_used_since_baseline`)."""
     _baseline.clear()
-    _baseline.update(_device_used(indices) or {})
+    _baseline_visible[0] = visible
+    _baseline.update(_device_used(indices, visible) or {})
 
 
 def device_used_since_baseline() -> int | None:
@@ -96,7 +106,7 @@ def device_used_since_baseline() -> int | None:
     without a baseline or NVML."""
     if not _baseline:
         return None
-    now = _device_used(list(_baseline))
+    now = _device_used(list(_baseline), _baseline_visible[0])
     if now is None:
         return None
     return sum(max(0, now[i] - base) for i, base in _baseline.items() if i in now)
