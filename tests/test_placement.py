@@ -416,14 +416,16 @@ def _checkpoint_70b(folder) -> None:
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
 
 
-@pytest.mark.parametrize("gpus,context", [(2, 32768), (2, 65536), (3, 65536), (3, 131024),
-                                          (4, 131024)])
+@pytest.mark.parametrize("gpus,context,limit", [
+    (2, 32768, 0.0), (2, 65536, 0.0), (3, 65536, 0.0), (3, 131024, 0.0), (4, 131024, 0.0),
+    (2, 8192, 0.9), (2, 16384, 0.9), (2, 32768, 0.95), (3, 65536, 0.8)])
 def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
-        settings, tmp_path, gpus, context):
-    """Admission (the job's estimate against the sum of its GPUs) and placement (the
-    loader's headroom, through transformers' device map) agree for a 70B NIAH job on
-    H100s: admitted, every layer lands on a GPU; refused, it would have spilled. Each
-    GPU runs its layers in turn, so each keeps room for one layer's activations."""
+        settings, tmp_path, gpus, context, limit):
+    """Admission (the job's estimate against the sum of its GPUs, under the limit if
+    one is set) and placement (the loader's headroom, through transformers' device map)
+    agree for a 70B NIAH job on H100s: admitted, every layer lands on a GPU; refused,
+    it would have spilled. Each GPU runs its layers in turn, so each keeps room for one
+    layer's activations."""
     from backend.engine.evaluation import prepare
 
     _checkpoint_70b(tmp_path / "llama-70b")
@@ -431,9 +433,10 @@ def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
                   {"context_lengths": [context], "depth_percents": [50]}, settings,
                   confine=False)
     job.num_gpus = gpus
-    admitted = HFRunner.estimate_job_bytes(job, settings) <= gpus * H100
+    cap = int(H100 * limit) if limit else H100  # what a worker offers per GPU
+    admitted = HFRunner.estimate_job_bytes(job, settings) <= gpus * cap
     headroom = HFRunner.loader(job, settings, None).keywords["headroom_bytes"]
-    placement = load_placement(0.0, num_gpus=gpus, headroom_bytes=headroom,
+    placement = load_placement(limit, num_gpus=gpus, headroom_bytes=headroom,
                                totals=[H100] * gpus, cpu_bytes=512 * GiB)
     model = _meta_model(LLAMA_70B)
     on = _per_device(model, _device_map(model, placement))
