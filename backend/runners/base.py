@@ -143,6 +143,10 @@ class BatchPlan:
     """Positions per row whose logits the pass asks for (1: the last one only)."""
     method: str = "default"
     """The inference method ("default", "basic": eager attention, "optimized")."""
+    continuations: int = 0
+    """Log-likelihood: continuations longer than one token in the whole batch (the
+    choices of its questions), each continuing its own copy of its context's row of
+    the cache (0: one per row)."""
 
 
 @dataclass(frozen=True)

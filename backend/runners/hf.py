@@ -407,6 +407,26 @@ class HFRunner(Runner):
                  time.perf_counter() - started)
         return cls(spec, model, tokenizer, device, max_length, static_cache=static_cache)
 
+    def work_bytes(self, plan) -> int:
+        """Bytes this model holds on its device beyond the weights while it runs `plan`
+        (a runners.base.BatchPlan): the memory account of runners/hf_memory.py for the
+        loaded model's config and dtype, the one admission reads for a job's worst
+        batch. The method is the loaded one unless the plan names another."""
+        from backend.runners.hf_memory import work_bytes
+
+        config = self.model.config
+        arch = (config.get_text_config() if hasattr(config, "get_text_config")
+                else config).to_dict()
+        element = next(self.model.parameters()).element_size()
+        if plan.method == "default":
+            from dataclasses import replace
+
+            loaded = ("optimized" if self.static_cache else
+                      "basic" if getattr(config, "_attn_implementation", "") == "eager"
+                      else "default")
+            plan = replace(plan, method=loaded)
+        return work_bytes(arch, element, plan)
+
     # --- PromptTokenizer (delegated) ------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -836,16 +856,22 @@ class HFRunner(Runner):
         results = []
         with torch.inference_mode():
             for text in texts:
-                total = 0.0
-                for ctx, cont in rolling_windows(self.tokenizer.encode(text), prefix,
-                                                 self.max_length):
-                    ids = torch.tensor([(ctx + cont)[:-1]], device=self.device)
-                    logits = self.model(input_ids=ids).logits[0, -len(cont):].float()
-                    logps = torch.log_softmax(logits, dim=-1)
-                    target = torch.tensor(cont, device=logps.device)
-                    total += float(logps.gather(1, target[:, None]).sum())
-                results.append(total)
+                results.append(sum(self._window_logprob(ctx, cont) for ctx, cont in
+                                   rolling_windows(self.tokenizer.encode(text), prefix,
+                                                   self.max_length)))
         return results
+
+    def _window_logprob(self, context: list[int], predicted: list[int]) -> float:
+        """The summed log-probability of `predicted` after `context` (one rolling
+        window). Its logits (every position's, float32) die on return: a window's are
+        never alive while the next one's forward pass runs."""
+        import torch
+
+        ids = torch.tensor([(context + predicted)[:-1]], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, -len(predicted):].float()
+        logps = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(predicted, device=logps.device)
+        return float(logps.gather(1, target[:, None]).sum())
 
     # --- placement (used by the model manager) --------------------------------------
 
