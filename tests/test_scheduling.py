@@ -3,6 +3,7 @@ admission, the reasons a job waits, lost workers, and waking idle workers."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -183,7 +184,8 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", str(need // 2))
     with started_worker(load_settings(), "small-gpu") as worker:
         assert worker.capacity() == Capacity(labels=worker.labels, gpu_count=1,
-                                             free_gpu_bytes=(need // 2,))
+                                             free_gpu_bytes=(need // 2,),
+                                             host=socket.gethostname(), gpu_indices=(0,))
         assert not worker.run_once()
         reason = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
         assert "of GPU memory" in reason["waiting_reason"]

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from backend.common.config import Settings
-from backend.engine.memory.limits import cap_process_memory, load_placement
+from backend.engine.memory.limits import Headroom, cap_process_memory, load_placement
 from backend.runners.base import (
     BatchPlan,
     Generation,
@@ -329,7 +329,7 @@ class HFRunner(Runner):
         from backend.engine.admission import estimate_job_bytes
 
         return estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
-                                  settings)
+                                  settings, num_gpus=job.num_gpus)
 
     @classmethod
     def _options(cls, job: Any, settings: Any, method: str | None) -> LoadOptions:
@@ -345,11 +345,12 @@ class HFRunner(Runner):
 
     @classmethod
     def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], HFRunner]:
+        from backend.engine.admission import estimate_job_headroom
+
         options = cls._options(job, settings, method)
-        weights = estimate_model_bytes(job.spec, options.dtype)
         # what the job needs on the GPU besides the weights: placing them leaves it free
-        needed = cls.estimate_job_bytes(job, settings)
-        headroom = max(0, needed - weights) if needed and weights else 0
+        headroom = estimate_job_headroom(job.spec, job.dataset, job.params,
+                                         job.info.max_length, settings)
         return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom)
 
     # --- instance side -----------------------------------------------------------------
@@ -380,11 +381,12 @@ class HFRunner(Runner):
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
-             headroom_bytes: int = 0) -> HFRunner:
+             headroom_bytes: int | Headroom = 0) -> HFRunner:
         """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
         process's allocator (backend.engine.memory.limits.cap_process_memory); the weights go
-        straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
-        job's KV cache and activations) free on each GPU (`load_placement`)."""
+        straight onto the GPU, or under a device map that keeps free on each GPU what the
+        job holds there beyond the weights (`headroom_bytes`: its KV cache, activations
+        and logits; `load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1040,15 +1042,33 @@ class HFRunner(Runner):
         self.device = "cpu"
         return copied
 
-    def restore(self, device: str = "cuda:0") -> int:
-        """Copy the CPU copy back to `device` with non-blocking copies and one sync."""
+    def restore(self, device: str = "cuda:0", background: bool = False) -> int:
+        """Copy the CPU copy back to `device` with non-blocking copies and one sync.
+
+        With `background` (a prefetch beside a running job) the copies go on a side
+        stream, not queued behind the job's kernels on the default stream; this thread
+        waits for that stream alone, and the new weights are marked as used by the
+        default stream (where the next job reads them), so the allocator does not hand
+        their memory to the side stream again while such a job may still read it."""
         import torch
 
         if self.device != "cpu" or self._host is None:
             return 0
+        names = [name for name, _ in self._tensors()]
+        if background:
+            side = torch.cuda.Stream(device)
+            with torch.cuda.stream(side):
+                moved = {name: self._host[name].to(device, non_blocking=True)
+                         for name in names}
+            side.synchronize()
+            readers = torch.cuda.default_stream(device)
+            for t in moved.values():
+                t.record_stream(readers)
+        else:
+            moved = {name: self._host[name].to(device, non_blocking=True) for name in names}
+            torch.cuda.synchronize()
         for name, t in self._tensors():
-            t.data = self._host[name].to(device, non_blocking=True)
-        torch.cuda.synchronize()
+            t.data = moved[name]
         self.device = device
         return self.size_bytes()
 
