@@ -144,12 +144,19 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
         copies = rows
         prefill_cache = end_cache = copies * slots * kv_token
         keys_seen = slots
+    elif shared:
+        # the rows' cache is allocated once for prompt and new tokens (hf_cache.BatchSlots,
+        # written in place) beside the one kept prefix, which grows to a row's prompt
+        # while that row's rest is computed on it: each layer's keys (then values) joined
+        # to the rest's by torch.cat, the old and the new tensor alive together a moment
+        end_cache = (rows * total + prompt) * kv_token
+        prefill_cache = end_cache + (prompt - shared) * layer_kv // 2
+        keys_seen = prompt
     else:
-        copies = rows + 1 if shared else rows
         # each decoded token is joined to a layer's keys (then values) by torch.cat:
         # the old and the new tensor alive together for a moment
-        prefill_cache = copies * prompt * kv_token
-        end_cache = copies * total * kv_token + rows * total * layer_kv // 2
+        prefill_cache = rows * prompt * kv_token
+        end_cache = rows * total * kv_token + rows * total * layer_kv // 2
         keys_seen = prompt
     prefix = 0
     if shared:
