@@ -5,7 +5,10 @@
 
 1. Report. Each GPU's used/total memory and the processes using it (NVML),
    marking this project's workers (the workers table of the configured
-   database) and whether their heartbeat is fresh; without a GPU, the RAM and
+   database) and whether their heartbeat is fresh; a process whose GPU use the
+   driver does not report shows "unknown", and inside a container (another PID
+   namespace than the host's) NVML's PIDs are the host's, so they are not looked
+   up among this container's processes; without a GPU, the RAM and
    the workers' RSS; and the models the running server's workers hold.
 2. Ask the running server (`--server`, default LBS_SERVER_URL) to release
    every model (the default, POST /api/gpu/release) or to offload them to CPU
@@ -99,6 +102,31 @@ def read_workers(settings: Any, stale_after: float) -> list[dict[str, Any]] | No
     return workers
 
 
+INIT_PID_NAMESPACE = 0xEFFFFFFC
+"""The inode of the host's (initial) PID namespace (PROC_PID_INIT_INO in the kernel)."""
+
+
+def in_host_pid_namespace() -> bool:
+    """Whether this process sees the host's PIDs. NVML lists the PIDs of the host's
+    namespace, so in a container a PID it names is not this container's process of
+    that number. Assumed true where /proc/self/ns/pid cannot be read."""
+    try:
+        link = Path("/proc/self/ns/pid").readlink().name  # "pid:[4026531836]"
+    except OSError:
+        return True
+    return link == f"pid:[{INIT_PID_NAMESPACE}]"
+
+
+def _gpu_process(pid: int, used: int | None, by_pid: dict[int, str],
+                 host_pids: bool) -> dict[str, Any]:
+    """One process NVML lists on a GPU: its command and worker, looked up only when its
+    PID is one of this namespace's; `gpu_mb` None where the driver does not say."""
+    return {"pid": pid, "gpu_mb": None if used is None else round(used / MiB, 1),
+            "host_pid": not host_pids,
+            "command": _process(pid)["command"] if host_pids else None,
+            "lbs_worker": by_pid.get(pid) if host_pids else None}
+
+
 def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """One entry per GPU with the processes using it, or None without NVML or a driver."""
     try:
@@ -108,6 +136,7 @@ def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     except Exception:  # noqa: BLE001 - ImportError or NVMLError: no GPU to report
         return None
     by_pid = {w["pid"]: w["id"] for w in workers if w["process"] and w["process"]["is_worker"]}
+    host_pids = in_host_pid_namespace()
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -117,9 +146,8 @@ def gpu_report(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             gpus.append({
                 "index": i, "name": pynvml.nvmlDeviceGetName(handle),
                 "used_mb": round(mem.used / MiB, 1), "total_mb": round(mem.total / MiB, 1),
-                "processes": [{"pid": p.pid, "command": _process(p.pid)["command"],
-                               "gpu_mb": round((p.usedGpuMemory or 0) / MiB, 1),
-                               "lbs_worker": by_pid.get(p.pid)} for p in procs]})
+                "processes": [_gpu_process(p.pid, p.usedGpuMemory, by_pid, host_pids)
+                              for p in procs]})
         return gpus
     except pynvml.NVMLError as exc:
         log.warning("[Clear] NVML failed: %s", exc)
@@ -290,7 +318,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"{gpu['total_mb']:.0f} MiB used")
         for p in gpu["processes"]:
             mark = f"  [LBS worker {p['lbs_worker']}]" if p["lbs_worker"] else ""
-            print(f"  pid {p['pid']:>7}  {p['gpu_mb']:>9.0f} MiB  {p['command']}{mark}")
+            used = "unknown" if p["gpu_mb"] is None else f"{p['gpu_mb']:.0f}"
+            command = "(host PID, not in this PID namespace: its command is not visible " \
+                "here)" if p["host_pid"] else p["command"]
+            print(f"  pid {p['pid']:>7}  {used:>9} MiB  {command}{mark}")
     ram = report["ram"]
     print(f"RAM: {ram['used_mb']:.0f} / {ram['total_mb']:.0f} MiB used")
     workers = report["workers"]

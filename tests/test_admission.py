@@ -10,7 +10,10 @@ prompt's byte length is known exactly.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +21,10 @@ from backend.datasets.registry import get_dataset
 from backend.engine.admission import estimate_job_bytes
 from backend.queue import jobs
 from backend.queue.scheduling import Capacity
+from backend.runners.base import BatchPlan
+from backend.runners.hf_memory import work_bytes
 from backend.runners.models import ModelSpec
+from tests.test_lm_eval import FIXTURES as LM_EVAL_FIXTURES
 
 CONFIGS = {
     "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096,
@@ -108,27 +114,32 @@ def _estimate(spec: ModelSpec, dataset: str, params: dict, settings) -> int:
                               settings)
 
 
-# Per token, in bfloat16 (E = 2):
-#   KV cache     2 x layers x kv_heads x head_dim x E
-#   activations  (4 x hidden + 2 x intermediate) x E
-# llama-3.1-8b / mistral-7b: KV 2*32*8*128*2 = 131072, activations (16384 + 28672)*2 = 90112
-# qwen2.5-7b:                KV 2*28*4*128*2 =  57344, activations (14336 + 37888)*2 = 104448
-PER_TOKEN = {"llama-3.1-8b": 131072 + 90112, "mistral-7b": 131072 + 90112,
-             "qwen2.5-7b": 57344 + 104448}
+def _plans(dataset: str, params: dict, model_max: int = 131072):
+    ds = get_dataset(dataset)
+    ds.datasets_dir = None
+    return ds.worst_batches(ds.parse_params(params), model_max)
+
+
+def _beyond_weights(name: str, plan: BatchPlan) -> int:
+    return work_bytes(CONFIGS[name], 2, plan)
+
+
+# Keys and values of one position, every layer, bfloat16: 2 x layers x kv_heads x head_dim x 2
+KV_PER_TOKEN = {"llama-3.1-8b": 131072, "mistral-7b": 131072, "qwen2.5-7b": 57344}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_gsm8k_estimate(name, model, data, settings):
+def test_gsm8k_estimate_is_the_weights_and_the_account_of_its_worst_batch(name, model, data,
+                                                                          settings):
     # longest message "Question: " + 300 x "q" + "\nAnswer:" = 318 bytes, + 128 template
-    # tokens, + 256 new tokens = 702 tokens; generate keeps the last position's logits only
-    tokens = 318 + 128 + 256
-    logits = CONFIGS[name]["vocab_size"] * 4
-    expected = {"llama-3.1-8b": 16_060_522_496 + 702 * 221_184 + 513_024,
-                "qwen2.5-7b": 15_231_233_024 + 702 * 161_792 + 608_256,
-                "mistral-7b": 14_483_464_192 + 702 * 221_184 + 128_000}[name]
-    assert expected == PARAMS[name] * 2 + tokens * PER_TOKEN[name] + logits
-    got = _estimate(model(name), "gsm8k", {"data_dir": str(data / "gsm8k")}, settings)
-    assert got == expected
+    # tokens; then 256 new tokens; batch_size 4: four rows, padded
+    params = {"data_dir": str(data / "gsm8k"), "batch_size": 4}
+    (plan,) = _plans("gsm8k", params)
+    assert plan == BatchPlan("generate", 4, 318 + 128, 256, padded=True)
+    got = _estimate(model(name), "gsm8k", params, settings)
+    assert got == PARAMS[name] * 2 + _beyond_weights(name, plan)
+    # the account holds at least the four rows' whole caches and the padded prompt's mask
+    assert got - PARAMS[name] * 2 >= 4 * (446 + 256) * KV_PER_TOKEN[name] + 4 * 446 * 446
 
 
 def test_gsm8k_on_llama_8b_is_admitted_on_a_24gb_card(model, data, settings, factory):
@@ -142,48 +153,95 @@ def test_gsm8k_on_llama_8b_is_admitted_on_a_24gb_card(model, data, settings, fac
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ceval_loglikelihood_counts_every_position_logits(name, model, data, settings):
+def test_ceval_loglikelihood_counts_the_last_position_logits_only(name, model, data, settings):
     # "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。\n\n": 29 CJK x 3 + 2 = 89 bytes;
     # 50 x "问" = 150, "\n", 4 x "A. 甲\n" (7 bytes) = 28, "答案：" = 9: 277 bytes.
-    # + 128 template tokens + 1 answer letter = 406 tokens; logits float32 at every one.
-    tokens = 277 + 128 + 1
-    spec = model(name)
-    got = _estimate(spec, "ceval", {"data_dir": str(data / "ceval")}, settings)
-    vocab = CONFIGS[name]["vocab_size"]
-    assert got == PARAMS[name] * 2 + tokens * PER_TOKEN[name] + vocab * tokens * 4
-    generate = _estimate(spec, "ceval", {"data_dir": str(data / "ceval"), "method": "generate"},
-                         settings)
-    # generate: 277 + 128 + 16 new tokens, logits of the last position only
-    assert generate == PARAMS[name] * 2 + (277 + 128 + 16) * PER_TOKEN[name] + vocab * 4
+    # + 128 template tokens = 405 tokens; the letter is read off the last position
+    spec, vocab = model(name), CONFIGS[name]["vocab_size"]
+    params = {"data_dir": str(data / "ceval"), "batch_size": 16}
+    (plan,) = _plans("ceval", params)
+    assert (plan.kind, plan.rows, plan.prompt_tokens, plan.logits_positions) == \
+        ("loglikelihood", 16, 405, 1)
+    beyond = _estimate(spec, "ceval", params, settings) - PARAMS[name] * 2
+    assert beyond == _beyond_weights(name, plan)
+    # logits: each row's last position in bfloat16, its float32 copy and log_softmax,
+    # not 16 x 405 positions in float32 (what was counted before): a vocabulary twice
+    # as large adds at most those to the estimate
+    larger = work_bytes({**CONFIGS[name], "vocab_size": 2 * vocab}, 2, plan)
+    assert larger - beyond <= 16 * vocab * (2 + 4 + 4) < 16 * 405 * vocab * 4
+    # and the rows' caches: they continue the subject's shared header
+    assert beyond >= 16 * 405 * KV_PER_TOKEN[name]
+    generate = _estimate(spec, "ceval", {**params, "method": "generate"}, settings)
+    (gen,) = _plans("ceval", {**params, "method": "generate"})
+    assert gen == BatchPlan("generate", 16, 405, 16, padded=True)
+    assert generate == PARAMS[name] * 2 + _beyond_weights(name, gen)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_longbench_estimate_follows_max_length(name, model, data, settings):
+def test_longbench_counts_the_padded_batch_mask(name, model, data, settings):
     spec = model(name)
-    params = {"data_dir": str(data / "longbench"), "subsets": ["hotpotqa"]}
-    # hotpotqa generates 32 tokens; budget 4000 + 64 template slack + 32 = 4096 tokens
-    got = _estimate(spec, "longbench", {**params, "max_length": 4000}, settings)
-    vocab = CONFIGS[name]["vocab_size"]
-    assert got == PARAMS[name] * 2 + 4096 * PER_TOKEN[name] + vocab * 4
+    params = {"data_dir": str(data / "longbench"), "subsets": ["hotpotqa"], "batch_size": 8}
+    # hotpotqa generates 32 tokens; budget 32000 + 64 template slack
+    (plan,) = _plans("longbench", {**params, "max_length": 32000},
+                     CONFIGS[name]["max_position_embeddings"])
+    assert plan == BatchPlan("generate", 8, 32064, 32, padded=True)
+    got = _estimate(spec, "longbench", {**params, "max_length": 32000}, settings)
+    prompt = 32064
+    # transformers materialises a boolean [8, 1, T, T] mask once one row is padded
+    mask = 8 * prompt * prompt
+    assert got >= PARAMS[name] * 2 + 8 * prompt * KV_PER_TOKEN[name] + mask
+    unpadded = work_bytes(CONFIGS[name], 2, replace(plan, padded=False))
+    assert _beyond_weights(name, plan) - unpadded >= mask
     # no max_length: the prompt is cut to fill the model's context
-    full = _estimate(spec, "longbench", params, settings)
-    context = CONFIGS[name]["max_position_embeddings"]
-    assert full == PARAMS[name] * 2 + context * PER_TOKEN[name] + vocab * 4
+    (full,) = _plans("longbench", params, CONFIGS[name]["max_position_embeddings"])
+    assert full.prompt_tokens + full.new_tokens == CONFIGS[name]["max_position_embeddings"]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_niah_estimate_counts_eager_scores(name, model, settings):
     spec = model(name)
     params = {"context_lengths": [2000, 8000], "depth_percents": [50]}
-    tokens = 8000 + 48  # largest context length + default max_new_tokens
-    vocab, heads = CONFIGS[name]["vocab_size"], CONFIGS[name]["num_attention_heads"]
+    heads = CONFIGS[name]["num_attention_heads"]
     sdpa = _estimate(spec, "needle_in_haystack", params, settings)
-    assert sdpa == PARAMS[name] * 2 + tokens * PER_TOKEN[name] + vocab * 4
     eager = _estimate(spec, "needle_in_haystack", {**params, "methods": ["basic"]}, settings)
-    # bfloat16 scores + their float32 softmax + its bfloat16 cast: 2 + 4 + 2 bytes each
-    assert eager - sdpa == heads * tokens * tokens * 8
-    assert eager - sdpa == {"llama-3.1-8b": 16_581_197_824, "mistral-7b": 16_581_197_824,
-                            "qwen2.5-7b": 14_508_548_096}[name]
+    # a row's queries after the shared prefix over all 8000 keys: bfloat16 scores, their
+    # float32 softmax and its bfloat16 cast (2 + 4 + 2 bytes each), in one layer
+    scores = heads * 7999 * 8000 * 8
+    assert scores <= eager - sdpa <= 1.3 * scores
+
+
+@pytest.fixture
+def lm_eval_tasks(tmp_path) -> Path:
+    """The local lm-eval task YAMLs, their data files at absolute paths."""
+    folder = tmp_path / "lm_eval_tasks"
+    shutil.copytree(LM_EVAL_FIXTURES, folder)
+    for yaml in folder.glob("*.yaml"):
+        text = yaml.read_text()
+        for data in ("mc.jsonl", "gen.jsonl", "text.jsonl"):
+            text = text.replace(f": {data}", f": {folder / data}")
+        yaml.write_text(text)
+    return folder
+
+
+def test_lm_eval_multiple_choice_on_llama_8b_takes_its_lengths_from_the_requests(
+        model, settings, lm_eval_tasks, monkeypatch):
+    """HellaSwag-like multiple choice: its contexts are short, so the job is its weights
+    and a few hundred tokens, not the model's whole 128k context with every position's
+    logits (104.6 GiB before)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ds = get_dataset("lm_eval")
+    monkeypatch.setattr(type(ds), "include_path", (str(lm_eval_tasks),))
+    params = ds.parse_params({"tasks": ["lbs_mc"], "batch_size": 4})
+    (plan,) = ds.worst_batches(params, 131072)
+    # the longest context "Question: The sun rises in the\nAnswer:" and choice " north"
+    assert plan.kind == "loglikelihood" and plan.logits_positions == 1
+    assert plan.rows == 1 and plan.continuations == 3
+    assert plan.prompt_tokens < 64 and plan.new_tokens < 16
+    got = estimate_job_bytes(model("llama-3.1-8b"), ds, params, 131072, settings)
+    assert got < 20 * 2**30
+    mix = ds.worst_batches(ds.parse_params({"tasks": ["lbs_mc", "lbs_gen", "lbs_ppl"]}),
+                           131072)
+    assert sorted(p.kind for p in mix) == ["generate", "loglikelihood", "rolling"]
 
 
 FIXTURES = [
@@ -213,8 +271,8 @@ def tiny_runner(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dataset, params", FIXTURES)
-def test_declared_longest_sequence_bounds_the_real_prompts(dataset, params, tiny_runner):
-    """With a real tokenizer, no item is longer than what the dataset declares."""
+def test_declared_worst_batch_bounds_the_real_prompts(dataset, params, tiny_runner):
+    """With a real tokenizer, no item is longer than the worst batch the dataset declares."""
     from tests.conftest import ROOT
 
     if "data_dir" in params:
@@ -223,7 +281,8 @@ def test_declared_longest_sequence_bounds_the_real_prompts(dataset, params, tiny
     parsed = ds.parse_params(params)
     items = ds.build_items(parsed, tiny_runner)
     longest = max(i.prompt_tokens + (1 if i.choices else i.max_new_tokens) for i in items)
-    declared = ds.longest_sequence(parsed, tiny_runner.max_length)
+    declared = max(p.prompt_tokens + p.new_tokens
+                   for p in ds.worst_batches(parsed, tiny_runner.max_length))
     assert longest <= declared < tiny_runner.max_length
 
 

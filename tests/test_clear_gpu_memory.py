@@ -116,7 +116,9 @@ def nvmlDeviceGetName(handle): return "Fake GPU"
 def nvmlDeviceGetMemoryInfo(handle):
     return SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=77 * 2**30)
 def nvmlDeviceGetComputeRunningProcesses(handle):
-    return [SimpleNamespace(pid=int(p), usedGpuMemory=2**30)
+    # pynvml gives usedGpuMemory None where the driver does not report it
+    used = None if os.environ.get("FAKE_NVML_USED") == "unknown" else 2**30
+    return [SimpleNamespace(pid=int(p), usedGpuMemory=used)
             for p in os.environ["FAKE_NVML_PIDS"].split(",")]
 '''
 
@@ -148,6 +150,58 @@ def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
         for p in (worker, other):
             p.kill()
             p.wait()
+
+
+def _fake_nvml_env(tmp_path, pids: str, **extra: str) -> dict[str, str]:
+    (tmp_path / "fake_nvml").mkdir(exist_ok=True)
+    (tmp_path / "fake_nvml" / "pynvml.py").write_text(FAKE_NVML)
+    return {**os.environ, "PYTHONPATH": str(tmp_path / "fake_nvml"), "FAKE_NVML_PIDS": pids,
+            **extra}
+
+
+def test_a_process_whose_gpu_use_nvml_cannot_tell_is_shown_as_unknown(data_dir, tmp_path):
+    """Not as 0 MiB, which reads as "holds nothing"."""
+    other = _sleeper()
+    try:
+        env = _fake_nvml_env(tmp_path, str(other.pid), FAKE_NVML_USED="unknown")
+        server = ("--server", f"http://127.0.0.1:{free_port()}")
+        (gpu,) = run_json(env, *server)["gpus"]
+        assert [p["gpu_mb"] for p in gpu["processes"]] == [None]
+        proc = run_script(env, *server)
+        assert f"pid {other.pid:>7}    unknown MiB" in proc.stdout
+        assert " 0 MiB" not in proc.stdout
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare for a PID namespace")
+def test_in_a_pid_namespace_host_pids_are_not_looked_up_locally(data_dir, tmp_path):
+    """In a container NVML lists the host's PIDs: PID 1 there is not this container's
+    PID 1 (here the script itself, started by unshare in a fresh PID namespace), so the
+    report says the PID is the host's instead of naming a local process."""
+    env = _fake_nvml_env(tmp_path, "1")
+    proc = subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, SCRIPT,
+                           "--json", "--server", f"http://127.0.0.1:{free_port()}"],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (gpu,) = json.loads(proc.stdout)["gpus"]
+    (listed,) = gpu["processes"]
+    assert listed["command"] is None and listed["host_pid"] is True
+    text = subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, SCRIPT,
+                           "--server", f"http://127.0.0.1:{free_port()}"],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert "pid       1" in text.stdout
+    assert "host PID, not in this PID namespace" in text.stdout
+    assert "clear_gpu_memory" not in text.stdout
 
 
 def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):

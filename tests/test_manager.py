@@ -30,6 +30,7 @@ class FakeRunner(HeldModel):
         self.size = size
         self.device = "cuda:0" if on_gpu else "cpu"
         self.offloads = self.restores = self.closed = 0
+        self.backgrounds: list[bool] = []  # per restore: copied beside a running job?
         self.host_pinned = False
 
     def size_bytes(self):
@@ -46,9 +47,10 @@ class FakeRunner(HeldModel):
         self.device, self.host_pinned = "cpu", pin
         return self.size
 
-    def restore(self):
+    def restore(self, device="cuda:0", background=False):
         self.restores += 1
-        self.device = "cuda:0"
+        self.backgrounds.append(background)
+        self.device = device
         return self.size
 
     def close(self):
@@ -259,10 +261,10 @@ def test_prefetch_copies_outside_the_lock_and_leaves_room_for_the_running_job():
         go = threading.Event()
         lock_held: list[bool] = []
 
-        def restore(self):
+        def restore(self, device="cuda:0", background=False):
             self.lock_held.append(m._lock._is_owned())
             self.go.wait(10)
-            return super().restore()
+            return super().restore(device, background)
 
     runner = SlowRestore(40 * MB, on_gpu=True)
     with m.use("a", "a", lambda: runner, CacheMode.CACHED, keep_on_gpu=lambda: False):
@@ -370,3 +372,29 @@ def test_wait_loaded_waits_for_a_job_to_hold_its_model_where_it_runs():
     with m.use("a", "a", lambda: None, CacheMode.CACHED, keep_on_gpu=lambda: False):
         assert m.wait_loaded("a", 0.05) and a.device == "cuda:0"
     assert not m.wait_loaded("b", 0.05)
+
+
+def test_prefetch_leaves_the_running_jobs_reserve_under_the_process_cap():
+    """Under LBS_GPU_MEMORY_LIMIT the cap counts every byte of this process: the model
+    of the running job (40 MB), what that job will still allocate (`reserve`, 40 MB)
+    and a prefetched model (30 MB) must fit it together, however free the GPU is."""
+    m = manager(gpu=True, gpu_cap_bytes=100 * MB)
+    a = run_job(m, "a", size=30 * MB, gpu=True, keep=lambda: False)  # offloaded
+    with m.use("running", "running", lambda: FakeRunner(40 * MB, on_gpu=True),
+               CacheMode.UNCACHED, estimate=40 * MB):
+        assert not m.prefetch("a", free_gpu_bytes=lambda: 80 * GB, reserve=40 * MB)
+        assert a.device == "cpu"
+        assert m.prefetch("a", free_gpu_bytes=lambda: 80 * GB, reserve=20 * MB)
+    assert a.device == "cuda:0"
+
+
+def test_a_prefetch_copies_in_the_background_and_a_jobs_own_restore_does_not():
+    """A prefetch runs beside another job's kernels, so the runner copies on a side
+    stream (HFRunner.restore, background=True); a job restoring its own model waits
+    for it anyway."""
+    m = manager(gpu=True)
+    a = run_job(m, "a", gpu=True, keep=lambda: False)
+    assert m.prefetch("a", free_gpu_bytes=lambda: 80 * GB)
+    m.offload("a")
+    run_job(m, "a", gpu=True, keep=lambda: False)
+    assert a.backgrounds == [True, False]

@@ -207,8 +207,11 @@ def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
 
 
 def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
+    """The loader keeps free what admission counted beyond the weights, split by where
+    it lands (the KV cache with the layers), and says how large the weights are."""
     from backend.engine.admission import estimate_job_bytes
     from backend.engine.evaluation import _loader, prepare
+    from backend.runners import builtin
     from backend.runners.models import estimate_model_bytes
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)
@@ -216,5 +219,243 @@ def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
     expected = estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
                                   settings) - \
         estimate_model_bytes(job.spec, settings.torch_dtype)
-    assert expected > 0 and load.keywords["headroom_bytes"] == expected
+    headroom = load.keywords["headroom_bytes"]
+    assert expected > 0 and headroom.total == expected
+    tiny = builtin.BUILTIN_MODELS["tiny"]
+    head_dim = tiny.hidden_size // tiny.num_attention_heads
+    (plan,) = job.dataset.worst_batches(job.params, job.info.max_length)
+    one_row = 2 * tiny.num_hidden_layers * tiny.num_key_value_heads * head_dim * \
+        (plan.prompt_tokens + plan.new_tokens) * 4  # float32
+    # the kept prefix and the row continuing it: the KV cache follows the layers
+    assert one_row <= headroom.layers <= 3 * one_row
+    assert headroom.each > 0  # one layer's activations (the logits are gone by the peak)
     assert weights == estimate_model_bytes(job.spec, settings.torch_dtype)
+    # the KV cache follows the decoder layers' weights: the embeddings and head apart
+    assert headroom.layer_weights == weights - 2 * tiny.vocab_size * tiny.hidden_size * 4
+
+
+# --- a sharded job's headroom, split by what each GPU holds ------------------------------
+
+H100 = 85_032_601_600  # torch.cuda.get_device_properties(0).total_memory, H100 SXM 80GB
+
+
+def _job_70b(model, tokens: int) -> dict:
+    """What a batch-1 generation of `tokens` tokens holds beyond a Llama-3.1-70B's bf16
+    weights: the KV cache of its 80 layers, one layer's activations, one row of logits;
+    and the weights of those layers."""
+    from accelerate.utils import compute_module_sizes
+
+    kv = 2 * 80 * 8 * 128 * 2 * tokens
+    activations = (4 * 8192 + 2 * 28672) * 2 * tokens
+    return dict(layers=kv, each=activations, last=128256 * 4,
+                layer_weights=compute_module_sizes(model)["model.layers"])
+
+
+def _kv_on(model, device_map: dict, kv: int) -> dict:
+    """The KV cache each device holds: that of the decoder layers placed on it."""
+    layers = len(model.model.layers)
+    held: dict = {}
+    for name, device in device_map.items():
+        if name.startswith("model.layers."):
+            held[device] = held.get(device, 0) + kv // layers
+    return held
+
+
+def test_a_70b_32k_job_on_two_80_gib_gpus_keeps_every_layer_on_a_gpu():
+    """Each GPU holds only its layers' share of the KV cache, so each keeps only that
+    share free (plus the activations, and on the last one the logits): the job that
+    admission found to fit (146.9 GiB <= 2 x 79.19 GiB) loads without spilling."""
+    from backend.engine.memory.limits import Headroom
+
+    model = _meta_model(LLAMA_70B)
+    job = _job_70b(model, 32768 + 48)
+    placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
+                               totals=[H100, H100], cpu_bytes=512 * GiB)
+    device_map = _device_map(model, placement)
+    on = _per_device(model, device_map)
+    assert set(on) == {0, 1}, f"nothing on the CPU: {on}"
+    kv = _kv_on(model, device_map, job["layers"])
+    assert on[0] + kv[0] + job["each"] <= H100
+    assert on[1] + kv[1] + job["each"] + job["last"] <= H100
+
+
+def test_a_70b_job_that_does_not_fit_two_gpus_still_spills_and_gpu_0_keeps_its_kv():
+    """At 128k the job does not fit two 80 GiB GPUs: layers spill to the CPU, and the
+    spilled layers run on GPU 0 (accelerate's offload hooks), so their KV cache lands
+    there: GPU 0 keeps the whole KV cache free."""
+    from backend.engine.memory.limits import Headroom
+
+    model = _meta_model(LLAMA_70B)
+    size = _size(model)
+    job = _job_70b(model, 131072)
+    placement = load_placement(0.0, num_gpus=2, headroom_bytes=Headroom(**job),
+                               totals=[H100, H100], cpu_bytes=512 * GiB)
+    on = _per_device(model, _device_map(model, placement))
+    assert on.get("cpu", 0) > 0
+    assert on[0] + job["layers"] + job["each"] <= H100
+    assert sum(on.values()) == size
+
+
+# --- restoring beside a running job ------------------------------------------------------
+
+class FakeStreams:
+    """torch.cuda's stream calls as torch 2.13 defines them (torch/cuda/streams.py,
+    torch/cuda/__init__.py): `Stream(device)` makes a stream, `stream(s)` makes it the
+    current stream inside a with-block and puts the previous one back after,
+    `default_stream(device)` is the stream every thread's work goes to unless told
+    otherwise, `Stream.synchronize()` waits on the host for the work queued on it,
+    `Tensor.record_stream(s)` tells the allocator the tensor's memory is used on `s`.
+    Every call is recorded with the stream current at that moment."""
+
+    class Stream:
+        def __init__(self, owner, name, device=None):
+            self.owner, self.name, self.device = owner, name, device
+
+        def synchronize(self):
+            self.owner.calls.append(("synchronize", self.name))
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.default = self.Stream(self, "default")
+        self.current = self.default
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        import torch
+
+        def new_stream(device=None, priority=0):
+            self.calls.append(("Stream", str(device)))
+            return self.Stream(self, "side", device)
+
+        @contextlib.contextmanager
+        def stream(s):
+            previous, self.current = self.current, s
+            try:
+                yield s
+            finally:
+                self.current = previous
+
+        to = torch.Tensor.to
+
+        def copy(tensor, *args, **kwargs):
+            self.calls.append(("copy", self.current.name))
+            return to(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: self.default)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "synchronize",
+                            lambda device=None: self.calls.append(("device synchronize",)))
+        monkeypatch.setattr(torch.Tensor, "to", copy)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: self.calls.append(("record_stream", s.name)))
+        return self
+
+
+def _offloaded(settings, from_pretrained):
+    """A tiny model as an offload leaves it: its weights on the host copy."""
+    from_pretrained.real = True
+    runner = _load(settings)
+    runner._host = {name: t.detach().clone() for name, t in runner._tensors()}
+    runner.device = "cpu"
+    return runner
+
+
+def test_a_background_restore_copies_on_a_side_stream(settings, with_tiny, monkeypatch,
+                                                      from_pretrained):
+    """A prefetch restores a model while another job's kernels run on the default
+    stream: its copies go on a side stream (not queued behind those kernels), the
+    prefetching thread waits for that stream only (not the whole device, which would
+    wait for the running job too), and the new weights are marked as used by the
+    default stream, where the next job reads them."""
+    runner = _offloaded(settings, from_pretrained)
+    streams = FakeStreams().install(monkeypatch)
+    count = len(runner._host)
+    moved = runner.restore("cpu", background=True)  # "cpu": no device here to copy to
+    assert moved == runner.size_bytes() and runner.device == "cpu"
+    assert streams.calls[0] == ("Stream", "cpu")
+    assert streams.calls[1:count + 1] == [("copy", "side")] * count
+    assert streams.calls[count + 1:] == [("synchronize", "side")] + \
+        [("record_stream", "default")] * count
+    for name, t in runner._tensors():
+        assert torch.equal(t, runner._host[name])
+
+
+def test_a_jobs_own_restore_copies_on_the_default_stream(settings, with_tiny, monkeypatch,
+                                                         from_pretrained):
+    runner = _offloaded(settings, from_pretrained)
+    streams = FakeStreams().install(monkeypatch)
+    count = len(runner._host)
+    runner.restore("cpu")
+    assert streams.calls == [("copy", "default")] * count + [("device synchronize",)]
+
+
+def _checkpoint_70b(folder) -> None:
+    """A Llama-3.1-70B-shaped checkpoint without weights: its config and a safetensors
+    header saying every tensor's shape (what estimate_model_bytes reads)."""
+    import json
+    import struct
+
+    config = dict(LLAMA_70B, architectures=["LlamaForCausalLM"], head_dim=128,
+                  torch_dtype="bfloat16")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    h, i, v, kv = 8192, 28672, 128256, 8 * 128
+    shapes = {"model.embed_tokens.weight": [v, h], "lm_head.weight": [v, h],
+              "model.norm.weight": [h]}
+    for n in range(80):
+        p = f"model.layers.{n}."
+        shapes.update({p + "q": [h, h], p + "k": [kv, h], p + "v": [kv, h], p + "o": [h, h],
+                       p + "g": [i, h], p + "u": [i, h], p + "d": [h, i], p + "n1": [h],
+                       p + "n2": [h]})
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("gpus,context,limit", [
+    (2, 32768, 0.0), (2, 65536, 0.0), (3, 65536, 0.0), (3, 131024, 0.0), (4, 131024, 0.0),
+    (2, 8192, 0.9), (2, 16384, 0.9), (2, 32768, 0.95), (3, 65536, 0.8)])
+def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
+        settings, tmp_path, gpus, context, limit):
+    """Admission (the job's estimate against the sum of its GPUs, under the limit if
+    one is set) and placement (the loader's headroom, through transformers' device map)
+    agree for a 70B NIAH job on H100s: admitted, every layer lands on a GPU; refused,
+    it would have spilled. Each GPU runs its layers in turn, so each keeps room for one
+    layer's activations."""
+    from backend.engine.evaluation import prepare
+
+    _checkpoint_70b(tmp_path / "llama-70b")
+    job = prepare(str(tmp_path / "llama-70b"), "needle_in_haystack",
+                  {"context_lengths": [context], "depth_percents": [50]}, settings,
+                  confine=False)
+    job.num_gpus = gpus
+    cap = int(H100 * limit) if limit else H100  # what a worker offers per GPU
+    admitted = HFRunner.estimate_job_bytes(job, settings) <= gpus * cap
+    headroom = HFRunner.loader(job, settings, None).keywords["headroom_bytes"]
+    placement = load_placement(limit, num_gpus=gpus, headroom_bytes=headroom,
+                               totals=[H100] * gpus, cpu_bytes=512 * GiB)
+    model = _meta_model(LLAMA_70B)
+    on = _per_device(model, _device_map(model, placement))
+    assert admitted == ("cpu" not in on), (admitted, on)
+
+
+def test_the_api_estimates_a_sharded_job_for_its_gpus(client):
+    """What a submission stores as `memory_bytes` (admission's figure) counts every GPU
+    the job will shard its model over: each keeps room for one layer's activations."""
+    def estimate(num_gpus):
+        res = client.post("/api/jobs/estimate", json={
+            "model": "builtin:tiny", "dataset": "needle_in_haystack", "num_gpus": num_gpus,
+            "params": {"context_lengths": [4096], "depth_percents": [50]}})
+        assert res.status_code == 200, res.get_json()
+        return res.get_json()["data"]["jobs"][0]["memory_bytes"]
+
+    one, two = estimate(1), estimate(2)
+    tiny_activations = 4096 * (4 * 64 + 2 * 176) * 4  # one layer's, float32
+    assert two >= one + tiny_activations

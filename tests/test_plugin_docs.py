@@ -51,6 +51,19 @@ def test_adding_a_dataset_followed_from_scratch(with_tiny, tmp_path):
                                    else 0.0)
     assert result["scores"]["count"] == 2
     assert result["scores"]["overall"] == sum(s["score"] for s in samples) / 2
+    # its worst batch, as admission reads it: two rows of the longest prompt's bound
+    # ("Repeat this word: apple", 23 bytes, + 128 template tokens), then 4 new tokens
+    code = ("from backend.datasets.registry import get_dataset, load_plugin_dirs;"
+            "load_plugin_dirs([sys.argv[1]]); d = get_dataset('echo');"
+            "print(d.worst_batches(d.parse_params({'words': ['apple', 'river'], "
+            "'max_new_tokens': 4, 'batch_size': 2}), 2048))")
+    plans = subprocess.run([sys.executable, "-c", "import sys;" + code,
+                            str(tmp_path / "plugins")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, check=True)
+    assert plans.stdout.strip() == (
+        "[BatchPlan(kind='generate', rows=2, prompt_tokens=151, new_tokens=4, "
+        "shared_prefix=0, padded=True, logits_positions=1, method='default', "
+        "continuations=0)]")
 
 
 def test_adding_a_runner_followed_from_scratch(with_tiny, tmp_path):

@@ -337,9 +337,14 @@ def test_optimized_compiles_the_decode_step_only(settings, with_tiny, monkeypatc
     runner = HFRunner.load(spec, LoadOptions.from_settings(settings, "optimized"), settings)
     assert configured == [runner.model], "the runner hands compiling to transformers"
     assert "forward" not in runner.model.__dict__, "the whole forward is not compiled"
-    # on the CPU the runner asks for no compile (transformers would not compile here);
-    # the same path, forced: transformers' switch for compiling off CUDA, eager backend
-    assert runner.model.generation_config.compile_config is None
+    compile_config = runner.model.generation_config.compile_config
+    if runner.device.startswith("cuda"):  # transformers' defaults: the decode step only
+        assert isinstance(compile_config, CompileConfig)
+        assert compile_config.mode == CompileConfig().mode
+    else:  # on the CPU the runner asks for no compile (transformers would not compile)
+        assert compile_config is None
+    # the same path, forced on any device: transformers' switch for compiling off CUDA,
+    # eager backend
     config = CompileConfig(backend="eager")
     config._compile_all_devices = True
     runner.model.generation_config.compile_config = config

@@ -3,6 +3,7 @@ admission, the reasons a job waits, lost workers, and waking idle workers."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -162,11 +163,13 @@ def test_memory_estimate_grows_with_context(settings, with_tiny):
         return estimate_job_bytes(p.spec, p.dataset, p.params, p.info.max_length, settings)
 
     short, long = need([512]), need([512, 8000])
-    # tiny: 2 layers, 2 KV heads of 16 dims, hidden 64, MLP 176, float32 on CPU
-    per_token = (2 * 2 * 2 * 16 + 4 * 64 + 2 * 176) * 4
-    assert long - short == (8000 - 512) * per_token
-    # and each sequence's last-position logits (vocab 2048, float32)
-    assert need([8000], batch=4) - long == 3 * ((8000 + 48) * per_token + 2048 * 4)
+    # tiny: 2 layers, 2 KV heads of 16 dims, float32 on CPU: 512 bytes of keys and values
+    # per position, in the row's cache and in the shared prefix kept beside it, and the
+    # row's boolean mask over its keys while it continues the prefix
+    kv = 2 * 2 * 2 * 16 * 4
+    assert long - short >= 2 * (8000 - 512) * kv + (7999 * 8000 - 511 * 512)
+    # four rows: three more caches of the 8000-token prompt
+    assert need([8000], batch=4) - long >= 3 * 8000 * kv
 
 
 def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, with_tiny,
@@ -181,7 +184,8 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", str(need // 2))
     with started_worker(load_settings(), "small-gpu") as worker:
         assert worker.capacity() == Capacity(labels=worker.labels, gpu_count=1,
-                                             free_gpu_bytes=(need // 2,))
+                                             free_gpu_bytes=(need // 2,),
+                                             host=socket.gethostname(), gpu_indices=(0,))
         assert not worker.run_once()
         reason = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
         assert "of GPU memory" in reason["waiting_reason"]

@@ -275,3 +275,31 @@ def test_cuda_peaks_store_unknown_process_use_and_the_device_fallback(monkeypatc
     shown = memory_dict([(m.name, m.device, m.bytes) for m in stored])["gpu"]["cuda:all"]
     assert shown["nvml_process_used_bytes"] is None  # null in the API: unknown
     assert shown["nvml_device_used_bytes"] == 2 * GB
+
+
+def test_the_room_a_worker_advertises_never_passes_the_process_cap(settings, monkeypatch):
+    """LBS_GPU_MEMORY_LIMIT=0.5 on an 80 GiB GPU caps this process at 40 GiB. With 30 GiB
+    of idle cached models on it (NVML: 50 GiB free) the worker may offer those 30 GiB
+    back, but a job needs room under the cap: 40 GiB at most, less what a running job's
+    model holds."""
+    import dataclasses
+
+    from backend.apps import worker as worker_module
+    from backend.apps.worker import Worker
+    from backend.engine.memory.manager import ManagerConfig, ModelManager
+
+    gpus = [{"index": 0, "name": "H100", "total_bytes": 80 * GB, "free_bytes": 50 * GB}]
+    monkeypatch.setattr(worker_module, "detect_gpus", lambda s: [dict(g) for g in gpus])
+    worker = Worker(dataclasses.replace(settings, gpu_memory_limit=0.5), worker_id="capped")
+    worker.manager = ModelManager(ManagerConfig(max_memory_usage=10**14), has_gpu=True)
+    with worker.manager.use("idle", "idle", lambda: FakeRunner(30 * GB, on_gpu=True),
+                            CacheMode.CACHED, keep_on_gpu=lambda: True):
+        pass
+    assert worker.free_gpu_bytes() == (40 * GB,)
+    assert worker.gpus[0]["available_bytes"] == 40 * GB
+    gpus[0]["free_bytes"] = 40 * GB  # a running job's 10 GiB model loads next to it
+    with worker.manager.use("busy", "busy", lambda: FakeRunner(10 * GB, on_gpu=True),
+                            CacheMode.UNCACHED):
+        assert worker.free_gpu_bytes() == (30 * GB,)
+    gpus[0]["free_bytes"] = 5 * GB  # another process took 45 GiB: NVML's figure wins
+    assert worker.free_gpu_bytes() == (5 * GB + 30 * GB,)

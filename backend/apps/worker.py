@@ -62,6 +62,7 @@ from backend.queue.jobs import (
     renew_lease,
     requeue_job,
     seconds_to_next_expiry,
+    set_gpu_reservation,
     set_total,
     stored_samples,
     worker_heartbeat,
@@ -153,20 +154,29 @@ class Worker:
     def capacity(self) -> Capacity:
         """What this worker can run now; GPU memory is read afresh (see `free_gpu_bytes`)."""
         return Capacity(labels=self.labels, gpu_count=len(self.gpus),
-                        free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None)
+                        free_gpu_bytes=self.free_gpu_bytes() if self.gpus else None,
+                        host=socket.gethostname(),
+                        gpu_indices=tuple(int(g["index"]) for g in self.gpus))
 
     def free_gpu_bytes(self) -> tuple[int, ...]:
         """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
-        under LBS_GPU_MEMORY_LIMIT × its total; the first GPU also counts what this
-        worker's idle models hold there (the model manager makes room by offloading
-        them; a movable model lives on the first GPU). Also notes each GPU's figure as
-        `available_bytes` in `self.gpus`, which the heartbeat stores."""
+        plus on the first GPU what this worker's idle models hold there (the model
+        manager makes room by offloading them; a movable model lives on the first GPU);
+        under LBS_GPU_MEMORY_LIMIT never more than the process cap (limit x total) less
+        what this worker's models in use hold there, since the cap counts every byte
+        this process allocates. Also notes each GPU's figure as `available_bytes` in
+        `self.gpus`, which the heartbeat stores."""
         self.gpus = detect_gpus(self.settings) or self.gpus
         fraction = self.settings.gpu_memory_limit
-        free = [int(min(g["free_bytes"], g["total_bytes"] * (fraction or 1.0)))
-                for g in self.gpus]
+        free = [int(g["free_bytes"]) for g in self.gpus]
+        caps = [int(g["total_bytes"] * fraction) if fraction > 0 else None for g in self.gpus]
         if self.manager.has_gpu and free:  # lock-free: never waits on a model move
-            free[0] += self.manager.idle_gpu_bytes()
+            idle, held = self.manager.idle_gpu_bytes(), self.manager.gpu_bytes()
+            free[0] += idle
+            if caps[0] is not None:
+                caps[0] -= held - idle
+        free = [f if cap is None else max(0, min(f, cap))
+                for f, cap in zip(free, caps, strict=True)]
         for gpu, available in zip(self.gpus, free, strict=True):
             gpu["available_bytes"] = available
         return tuple(free)
@@ -227,7 +237,8 @@ class Worker:
             from backend.engine.memory.gpu import take_device_baseline
 
             # before any model loads: what the GPUs hold without this worker
-            take_device_baseline([g["index"] for g in self.gpus])
+            take_device_baseline([g["index"] for g in self.gpus],
+                                 visible=self.settings.cuda_visible_devices)
         self._register()
         self.publish_status()
         self.apply_stored_settings()
@@ -370,7 +381,8 @@ class Worker:
         self._job_events_from = self.manager.event_count
         log.info("[Worker] job %d: %s on %s", job_id, dataset, model)
         if self.manager.has_gpu:
-            threading.Thread(target=self._prefetch_next, args=(job_id, model, memory_bytes),
+            used = [str(g["index"]) for g in self.gpus[:max(1, num_gpus)]]
+            threading.Thread(target=self._after_load, args=(job_id, model, memory_bytes, used),
                              name="prefetch", daemon=True).start()
         try:
             api_key = decrypt(self.settings, api_key_encrypted) if api_key_encrypted else None
@@ -428,6 +440,14 @@ class Worker:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
             self.current_job = None
+            self._drop_reservation()
+
+    def _drop_reservation(self) -> None:
+        """The job ended: what it holds is gone or shows in NVML (its cached model)."""
+        try:
+            set_gpu_reservation(self.factory, self.id, None)
+        except Exception:  # noqa: BLE001 - the row is rewritten at the next claim anyway
+            log.exception("[Worker] could not drop this worker's GPU reservation")
 
     def _data_progress(self, job_id: int, dataset: str):
         """The progress callback of a data fetch: the job shows a running `data_fetch`
@@ -460,6 +480,24 @@ class Worker:
             log.info("[Worker] job %d is %s", job_id, state.value)
         except LeaseLost as lost:
             log.warning("[Worker] %s", lost)
+
+    def _after_load(self, job_id: int, current: str, job_bytes: int | None,
+                    gpus: list[str]) -> None:
+        """Once the running job's model has loaded (NVML shows its weights now), keep
+        reserved on the job's `gpus` (NVML indices) only what the job still allocates
+        (its estimate less its weights), for the other workers of this GPU; then
+        prefetch the next job's model (`_prefetch_next`)."""
+        try:
+            while not self.manager.wait_loaded(current, 1.0):
+                if self.current_job != job_id or self.stopping.is_set():
+                    return  # the job ended (or its load failed) first
+            if job_bytes and gpus and self.current_job == job_id:
+                rest = max(0, job_bytes - self.manager.size_of(current))
+                set_gpu_reservation(self.factory, self.id,
+                                    {i: rest // len(gpus) for i in gpus})
+        except Exception:  # noqa: BLE001 - the full reservation stays until the job ends
+            log.exception("[Worker] could not lower this worker's GPU reservation")
+        self._prefetch_next(job_id, current, job_bytes)
 
     def _prefetch_next(self, job_id: int, current: str, job_bytes: int | None) -> None:
         """While a job runs, bring the next queued job's model back to the GPU if it is
@@ -600,7 +638,7 @@ def detect_gpus(settings: Settings) -> list[dict[str, Any]]:
                     "total_bytes": size, "free_bytes": size, "simulated": True}
                    for i, size in enumerate(settings.simulated_gpu_memory)]
         return [g for g in pretend if indices is None or g["index"] in indices]
-    return gpu_inventory(indices)
+    return gpu_inventory(visible)
 
 
 def _describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 from backend.common.stats import Spread, macro_spread, mean_spread
+from backend.runners.base import BatchPlan
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -56,6 +57,12 @@ class ParamError(ValueError):
 
 class PathRefused(ParamError):
     """A path parameter outside the folders the server may read (API answer 403)."""
+
+
+def batch_rows(params: DatasetParams) -> int:
+    """Rows of the job's batches as admission counts them: its batch_size, 1 for "auto"
+    (which takes the largest batch that fits the memory the job is given)."""
+    return 1 if params.batch_size == "auto" else params.batch_size
 
 
 def check_known(values: list[str] | None, known: Any, what: str) -> list[str] | None:
@@ -287,22 +294,25 @@ class Dataset:
         """Every item of the job, in a stable order. Raises ParamError."""
         raise NotImplementedError
 
-    def longest_sequence(self, params: DatasetParams, model_max: int | None) -> int | None:
-        """Most tokens one sequence of the job holds (its longest prompt plus the tokens
-        generated after it), for the GPU memory estimate at submit time (admission.py).
+    def worst_batches(self, params: DatasetParams, model_max: int | None) -> list[BatchPlan]:
+        """The request batches of the job that may hold the most memory, for the GPU
+        memory estimate at submit time (admission.py asks the job's runner what each
+        holds, `work_bytes(plan)`, and takes the largest). Each `BatchPlan` says what
+        the batch is: generation or log-likelihood, its rows (`batch_rows(params)`),
+        the longest prompt and the tokens generated or scored after it, a prefix every
+        row shares, whether rows are padded, how many positions' logits are asked for.
 
-        Runs in the server after `check`, without a tokenizer: an upper bound (see
-        `token_bound`), at most `model_max` when that is known. This default, the
-        model's maximum (None when unknown), suits a dataset whose prompts fill the
-        model's context; a dataset of shorter prompts should say how long they are,
-        or its jobs wait for a GPU that holds the whole context.
+        Runs in the server after `check`, without a tokenizer: lengths are upper bounds
+        (see `token_bound`), at most `model_max` when that is known. This default, one
+        batch of prompts that fill the model's context (none when that is unknown: the
+        job is estimated at its weights), suits a dataset whose prompts fill it; a
+        dataset of shorter prompts should say how long they are, or its jobs wait for
+        a GPU that holds the whole context.
         """
-        return model_max
-
-    def scores_every_position(self, params: DatasetParams) -> bool:
-        """Whether the job's forward passes keep logits for every prompt position
-        (scoring by log-likelihood) instead of the last one only (generation)."""
-        return False
+        if model_max is None:
+            return []
+        rows = batch_rows(params)
+        return [BatchPlan("generate", rows, model_max, 0, padded=rows > 1)]
 
     def chat_template(self, params: DatasetParams) -> bool:
         """Whether the job's prompts are rendered with the model's chat template (a

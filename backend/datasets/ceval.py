@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -32,6 +33,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
     check_known,
     token_bound,
 )
@@ -214,15 +216,18 @@ class CEval(Dataset):
                       for row in rows]
         return found
 
-    def longest_sequence(self, params: CEvalParams, model_max: int | None) -> int | None:
-        """The longest question (with its shots) as bounded by `token_bound`, plus the
-        answer letter (log-likelihood) or max_new_tokens (generate)."""
+    def worst_batches(self, params: CEvalParams, model_max: int | None) -> list[BatchPlan]:
+        """A batch of the longest question (with its shots) as bounded by `token_bound`:
+        by log-likelihood its answer letters are read off the last position (one
+        position's logits), and the questions of a batch share the subject's header
+        (and shots), which the runner may compute once; or max_new_tokens generated."""
         longest = max((token_bound(m) for _, _, m in self._questions(params)), default=0)
-        tokens = longest + (1 if params.method == "loglikelihood" else params.max_new_tokens)
-        return min(tokens, model_max) if model_max else tokens
-
-    def scores_every_position(self, params: CEvalParams) -> bool:
-        return params.method == "loglikelihood"
+        longest = min(longest, model_max or longest)
+        rows = batch_rows(params)
+        if params.method == "loglikelihood":
+            return [BatchPlan("loglikelihood", rows, longest, 1,
+                              shared_prefix=1 if rows > 1 else 0, padded=rows > 1)]
+        return [BatchPlan("generate", rows, longest, params.max_new_tokens, padded=rows > 1)]
 
     def chat_template(self, params: CEvalParams) -> bool:
         return params.use_chat_template

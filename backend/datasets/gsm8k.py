@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -28,6 +29,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
     token_bound,
 )
 from backend.datasets.files import find_files, read_all
@@ -116,12 +118,13 @@ class GSM8K(Dataset):
         rows = read_all(self._file(params))[:params.max_samples]
         return [(row, f"{shots}Question: {row['question'].strip()}\nAnswer:") for row in rows]
 
-    def longest_sequence(self, params: GSM8KParams, model_max: int | None) -> int | None:
-        """The longest question (with its shots) as bounded by `token_bound`, plus
-        max_new_tokens."""
+    def worst_batches(self, params: GSM8KParams, model_max: int | None) -> list[BatchPlan]:
+        """A batch of the longest question (with its shots) as bounded by `token_bound`,
+        then max_new_tokens generated."""
         longest = max((token_bound(m) for _, m in self._messages(params)), default=0)
-        tokens = longest + params.max_new_tokens
-        return min(tokens, model_max) if model_max else tokens
+        rows = batch_rows(params)
+        return [BatchPlan("generate", rows, min(longest, model_max or longest),
+                          params.max_new_tokens, padded=rows > 1)]
 
     def chat_template(self, params: GSM8KParams) -> bool:
         return params.use_chat_template

@@ -28,7 +28,16 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from backend.common.stats import normal_spread
-from backend.datasets.base import Dataset, DatasetParams, Item, ModelInfo, ParamError, ScoreEntry
+from backend.datasets.base import (
+    BatchPlan,
+    Dataset,
+    DatasetParams,
+    Item,
+    ModelInfo,
+    ParamError,
+    ScoreEntry,
+    batch_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +129,39 @@ class LmEvalTasks(Dataset):
             if unknown:
                 raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
 
-    def longest_sequence(self, params: LmEvalParams, model_max: int | None) -> int | None:
-        return model_max  # prompts are only known once lm-eval builds them
+    def worst_batches(self, params: LmEvalParams, model_max: int | None) -> list[BatchPlan]:
+        """The job's batches from the lengths of the requests lm-eval builds for its
+        tasks (`request_shapes`, in a subprocess: lm_eval imports torch), as the worker
+        answers them: log-likelihood requests one context at a time, its choices
+        continuing it (only the last position's logits, then the continuations'
+        tokens); generation requests `batch_size` together; rolling ones one window
+        of at most the model's length, every position scored. When the requests cannot
+        be built here (a dataset not in the local cache), the default: the model's
+        whole context."""
+        shapes = request_shapes(self.include_path, params)
+        if shapes is None:
+            return super().worst_batches(params, model_max)
+        cap = model_max or 2**31
 
-    def scores_every_position(self, params: DatasetParams) -> bool:
-        return True
+        def bound(nbytes: int) -> int:
+            return min(plain_token_bound(nbytes), cap)
+
+        rows, plans = batch_rows(params), []
+        if "loglikelihood" in shapes:
+            ll = shapes["loglikelihood"]
+            plans.append(BatchPlan("loglikelihood", 1, bound(ll["context"]),
+                                   bound(ll["continuation"]), padded=False,
+                                   continuations=min(rows, ll["choices"])))
+        if "generate_until" in shapes:
+            gen = shapes["generate_until"]
+            plans.append(BatchPlan("generate", min(rows, gen["count"]), bound(gen["context"]),
+                                   gen["max_gen_toks"], padded=rows > 1))
+        if "loglikelihood_rolling" in shapes:
+            window = bound(shapes["loglikelihood_rolling"]["text"]) + 1
+            window = min(window, cap)
+            plans.append(BatchPlan("rolling", 1, window, 0, padded=False,
+                                   logits_positions=window))
+        return plans
 
     # --- building ------------------------------------------------------------------
 
@@ -456,6 +493,79 @@ def list_tasks(include: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+# --- the lengths of a job's requests (admission, at submit time) ---------------------
+
+SPECIAL_TOKENS = 4
+"""Tokens a tokenizer may add to plain text (BOS, EOS) and the leading-space marker of
+SentencePiece: a text of n UTF-8 bytes is at most n + SPECIAL_TOKENS tokens (see
+datasets.base.token_bound; lm-eval's requests are plain text, no chat template)."""
+
+
+def plain_token_bound(nbytes: int) -> int:
+    return nbytes + SPECIAL_TOKENS
+
+
+_shapes: dict[str, dict[str, Any] | None] = {}
+
+
+def request_shapes(include: tuple[str, ...], params: LmEvalParams) -> dict[str, Any] | None:
+    """The longest requests of each kind lm-eval builds for the job's tasks (UTF-8
+    bytes; see `build_shapes`), found once per set of parameters in a subprocess; None
+    when they cannot be built here."""
+    asked = params.model_dump(include={"tasks", "num_fewshot", "limit", "gen_kwargs",
+                                       "fewshot_seed"})
+    key = json.dumps([list(include), asked], sort_keys=True)
+    with _lock:
+        if key in _shapes:
+            return _shapes[key]
+    try:
+        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks",
+                              "--shapes", json.dumps(asked), *include],
+                             capture_output=True, text=True, timeout=600, check=True)
+        shapes = json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
+        log.warning("[Datasets] the lengths of the lm-eval requests are unknown: %s", exc)
+        shapes = None
+    with _lock:
+        _shapes[key] = shapes
+    return shapes
+
+
+def build_shapes(include: list[str], asked: dict[str, Any]) -> dict[str, Any]:
+    """For each request type of the tasks' built requests: the longest context (or
+    text) and continuation in UTF-8 bytes, the most choices of one document, the
+    largest generation budget and how many requests there are."""
+    dataset = LmEvalTasks()
+    type(dataset).include_path = tuple(include)
+    params = LmEvalParams.model_validate(asked)
+    items = dataset.build_items(params, None)
+    shapes: dict[str, dict[str, int]] = {}
+    for item in items:
+        instances = dataset._docs[item.idx][2]
+        kind = instances[0].request_type
+        shape = shapes.setdefault(kind, {"context": 0, "continuation": 0, "choices": 0,
+                                         "max_gen_toks": 0, "count": 0, "text": 0})
+        shape["count"] += len(instances)
+        shape["choices"] = max(shape["choices"], len(instances))
+        for inst in instances:
+            first = inst.args[0] or ""
+            if kind == "loglikelihood":
+                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
+                shape["continuation"] = max(shape["continuation"],
+                                            len(inst.args[1].encode("utf-8")))
+            elif kind == "generate_until":
+                from backend.datasets.lm_eval_lm import max_gen_toks
+
+                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
+                shape["max_gen_toks"] = max(shape["max_gen_toks"], max_gen_toks(inst.args[1]))
+            else:
+                shape["text"] = max(shape["text"], len(first.encode("utf-8")))
+    return shapes
+
+
 if __name__ == "__main__":
     logging.disable(logging.WARNING)
-    print(json.dumps(list_tasks(sys.argv[1:])))
+    if sys.argv[1:2] == ["--shapes"]:
+        print(json.dumps(build_shapes(sys.argv[3:], json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps(list_tasks(sys.argv[1:])))

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -28,6 +29,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
 )
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
@@ -108,16 +110,26 @@ class LongBenchV2(Dataset):
     def check(self, params: LongBenchV2Params, model: Any) -> None:
         self._rows(params)
 
-    def longest_sequence(self, params: LongBenchV2Params, model_max: int | None) -> int | None:
-        """The prompt budget (max_length, else the model's maximum less the answer and
-        TEMPLATE_SLACK) plus TEMPLATE_SLACK and the answer: 128 tokens, or with cot
-        the 1024-token reasoning and the answer turn's 128 (its prompt holds the
-        question, within the first budget, and the reasoning). None when neither
-        is known."""
+    def worst_batches(self, params: LongBenchV2Params, model_max: int | None
+                      ) -> list[BatchPlan]:
+        """Prompts of the budget (max_length, else the model's maximum less the answer
+        and TEMPLATE_SLACK) plus TEMPLATE_SLACK, then the answer: 128 tokens; with cot
+        the 1024-token reasoning, then the answer turn, whose prompt holds the question
+        and the reasoning, and its 128. None when neither bound is known."""
+        new = 1024 + 128 if params.cot else 128
         if params.max_length is None:
-            return model_max
-        tokens = params.max_length + TEMPLATE_SLACK + (1024 + 128 if params.cot else 128)
-        return min(tokens, model_max) if model_max else tokens
+            if model_max is None:
+                return []
+            prompt = model_max - new
+        else:
+            prompt = params.max_length + TEMPLATE_SLACK
+            if model_max:
+                prompt = min(prompt, model_max - new)
+        rows = batch_rows(params)
+        if not params.cot:
+            return [BatchPlan("generate", rows, prompt, 128, padded=rows > 1)]
+        return [BatchPlan("generate", rows, prompt, 1024, padded=rows > 1),
+                BatchPlan("generate", rows, prompt + 1024, 128, padded=rows > 1)]
 
     def chat_template(self, params: LongBenchV2Params) -> bool:
         return params.use_chat_template

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from backend.common.stats import bootstrap_spread
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -40,6 +41,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
     token_bound,
 )
 from backend.datasets.files import read_records
@@ -167,11 +169,13 @@ class MRGSM8K(Dataset):
     def check(self, params: MRGSM8KParams, model: Any) -> None:
         self._rows(params)
 
-    def longest_sequence(self, params: MRGSM8KParams, model_max: int | None) -> int | None:
-        """The longest solution to grade as bounded by `token_bound`, plus max_new_tokens."""
+    def worst_batches(self, params: MRGSM8KParams, model_max: int | None) -> list[BatchPlan]:
+        """A batch of the longest solution to grade as bounded by `token_bound`, then
+        max_new_tokens generated."""
         longest = max((token_bound(_message(row)) for row in self._rows(params)), default=0)
-        tokens = longest + params.max_new_tokens
-        return min(tokens, model_max) if model_max else tokens
+        rows = batch_rows(params)
+        return [BatchPlan("generate", rows, min(longest, model_max or longest),
+                          params.max_new_tokens, padded=rows > 1)]
 
     def chat_template(self, params: MRGSM8KParams) -> bool:
         return params.use_chat_template

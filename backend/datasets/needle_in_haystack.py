@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -37,6 +38,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
 )
 from backend.datasets.files import note_read
 
@@ -349,10 +351,15 @@ class NeedleInAHaystack(Dataset):
                 f"context length {longest} plus max_new_tokens {params.max_new_tokens} is "
                 f"beyond the maximum of {model.name} ({model.max_length} tokens)")
 
-    def longest_sequence(self, params: NeedleParams, model_max: int | None) -> int | None:
-        """The largest context length (each prompt is built to at most its length, chat
-        template included) plus max_new_tokens."""
-        return max(params.lengths()) + params.max_new_tokens
+    def worst_batches(self, params: NeedleParams, model_max: int | None) -> list[BatchPlan]:
+        """A batch of prompts of the largest context length (each is built to at most
+        its length, chat template included), then max_new_tokens generated. Its rows
+        share the haystack before their needles (`Item.prefix`): a runner may keep
+        that prefix and continue each row from it; at the shallowest depth almost the
+        whole prompt is the row's own."""
+        rows = min(batch_rows(params), self.grid_size(params))
+        return [BatchPlan("generate", rows, max(params.lengths()), params.max_new_tokens,
+                          shared_prefix=1, padded=rows > 1)]
 
     def chat_template(self, params: NeedleParams) -> bool:
         return params.use_chat_template

@@ -32,11 +32,13 @@ from backend.datasets.registry import get_dataset
 from backend.engine.manifest import build_manifest
 from backend.engine.memory.manager import ModelManager
 from backend.runners.base import (  # noqa: F401 - JobField* are raised through here
+    BatchPlan,
     GenerationRequest,
     JobFieldError,
     JobFieldRefused,
     PromptView,
     Runner,
+    is_out_of_memory,
     move_trailing_whitespace,
 )
 from backend.runners.models import ModelSpec, resolve_model
@@ -182,23 +184,6 @@ def _choose(runner: Any, item: Any, chat_template: bool = True
             ) -> tuple[str, int, int, dict[str, Any]]:
     """`_choose_many` for one item."""
     return _choose_many(runner, [item], chat_template)[0]
-
-
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
-                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
-                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
-                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
-                "_alloc_failed", "_allocation_failed")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
-    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
-    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
-    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
 
 
 def is_cuda_failure(exc: BaseException) -> bool:
@@ -393,8 +378,6 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                     items = [i for i in items if i.idx % job.shard[1] == job.shard[0]]
                     if not items:
                         continue
-                if method is not None and any(i.idx + offset not in stored for i in items):
-                    _warm_up(view, items[0], method)
                 try:
                     stopped = _run_items(job, manager, view, items, offset, method, stored,
                                          results, sink, sampler, cuda)
@@ -427,13 +410,17 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
 
 
 def _warm_up(view: PromptView, item: Any, method: str) -> None:
-    """One untimed generation before a method's timed pass, so first-call costs (kernel
-    selection, thread pools, torch.compile) do not count against whichever runs first."""
+    """One untimed answer before a method's timed pass, so first-call costs (kernel
+    selection, thread pools, torch.compile) do not count against whichever runs first.
+    `item` is the first one the timed pass answers, with its whole token budget: the
+    optimized method's static cache then has the size that item needs, and on CUDA the
+    decode step's compiled graphs are those the item replays (a shorter warm-up landed
+    in another cache size for most prompts under 1k tokens)."""
     started = time.perf_counter()
     if item.choices:
         _choose(view.runner, item, view.chat_template)
     else:
-        view.runner.generate([GenerationRequest(item.prompt, min(item.max_new_tokens, 4),
+        view.runner.generate([GenerationRequest(item.prompt, item.max_new_tokens,
                                                 view.chat_template)])
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
@@ -447,6 +434,8 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
     step = job.params.batch_size
     if step == "auto":
         step = _auto_batch_size(view.runner, pending)
+    if method is not None and pending:
+        _warm_up(view, pending[0], method)
     backoff = Backoff(step, _oom_handler(manager, job))
     for first in range(0, len(pending), step):
         sampler.new_window()
@@ -509,21 +498,26 @@ def order_for_batching(items: list[Any], longest_first: bool = False) -> list[An
 
 
 def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
-    """Job parameter batch_size "auto": the largest batch the runner finds to fit
-    (probed on the job's longest item, at most the number of items, at most 256)."""
+    """Job parameter batch_size "auto": the most rows, at most the number of items and
+    at most 256, of the job's longest batch (`Runner.find_batch_size`): for
+    multiple-choice items the longest context and its longest continuation as scored,
+    for generation the longest prompt and the most new tokens any item asks."""
     if not pending:
         return 1
+    rows = min(len(pending), 256)
     longest = max(pending, key=lambda item: item.prompt_tokens)
     if longest.choices:  # the continuation as scored: with the context's trailing space
-        context = longest.prompt_tokens
-        continuation = max(len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
-                           for c in longest.choices)
-    else:  # a generation's cache grows to prompt + new tokens; one pass that long bounds it
-        context, continuation = longest.prompt_tokens + longest.max_new_tokens, 1
+        lengths = [len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
+                   for c in longest.choices]
+        plan = BatchPlan("loglikelihood", rows, longest.prompt_tokens, max(lengths),
+                         padded=rows > 1, continuations=rows * sum(n > 1 for n in lengths))
+    else:
+        plan = BatchPlan("generate", rows, longest.prompt_tokens,
+                         max(item.max_new_tokens for item in pending), padded=rows > 1)
     started = time.perf_counter()
-    size = runner.find_batch_size(context, continuation, min(len(pending), 256))
+    size = runner.find_batch_size(plan)
     log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
-             context, continuation, time.perf_counter() - started)
+             plan.prompt_tokens, plan.new_tokens, time.perf_counter() - started)
     return size
 
 

@@ -220,6 +220,10 @@ class WorkerRow(Base):
     """Per GPU: index, name, total_bytes, free_bytes (and simulated: true for pretend GPUs)."""
     gpu_free_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     """GPU memory a job may use on this worker now (free, under LBS_GPU_MEMORY_LIMIT)."""
+    gpu_reserved: Mapped[dict[str, int] | None] = mapped_column(sa.JSON)
+    """Per NVML index (as text): GPU memory this worker's job will still take there that
+    NVML does not show yet (all of it from the claim, the rest once its model loaded);
+    the other workers of this host on that GPU count it as taken."""
 
 
 class WorkerStatus(Base):
@@ -436,11 +440,17 @@ def _m010_score_records(op: Any) -> None:
     op.add_column("jobs", sa.Column("manifest", sa.JSON))
 
 
+def _m011_gpu_reservations(op: Any) -> None:
+    """What a claimed job will take on a GPU shared with other workers (issue 27)."""
+    op.add_column("workers", sa.Column("gpu_reserved", sa.JSON))
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
                                            _m007_runtime_settings, _m008_data_parallel,
-                                           _m009_id_floors, _m010_score_records]
+                                           _m009_id_floors, _m010_score_records,
+                                           _m011_gpu_reservations]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

@@ -43,7 +43,14 @@ from backend.queue.db import (
     write_session,
 )
 from backend.queue.notify import announce_work
-from backend.queue.scheduling import Capacity, ordered, queued_reasons, stale_after, worker_state
+from backend.queue.scheduling import (
+    Capacity,
+    less_reserved,
+    ordered,
+    queued_reasons,
+    stale_after,
+    worker_state,
+)
 
 
 class JobNotFound(LookupError):
@@ -115,12 +122,14 @@ def submit_jobs(factory: sessionmaker, new_jobs: list[NewJob]) -> list[Job]:
 
 def idle_workers(factory: sessionmaker, lease_seconds: float,
                  worker_label: str | None = None, num_gpus: int = 1) -> int:
-    """Workers alive and idle now that could run a job with this label and GPU count:
-    what `data_parallel: "auto"` spreads a job over (at least 1)."""
+    """Workers alive and idle now that could run a job with this label and GPU count,
+    counting workers that share a GPU once (LBS_WORKERS above the GPU count: shards on
+    one GPU would wait for each other's memory): what `data_parallel: "auto"` spreads
+    a job over (at least 1)."""
     now = utcnow()
-    count = 0
+    count, taken = 0, set()  # (host, NVML index) of the GPUs counted
     with factory() as session:
-        for worker in session.scalars(sa.select(WorkerRow)):
+        for worker in session.scalars(sa.select(WorkerRow).order_by(WorkerRow.id)):
             if worker_state(worker, now, lease_seconds) != WorkerState.IDLE:
                 continue
             labels = set(worker.labels or [])
@@ -128,6 +137,10 @@ def idle_workers(factory: sessionmaker, lease_seconds: float,
                 continue
             if num_gpus > max(worker.gpu_count or 0, 1):
                 continue
+            gpus = {(worker.host, int(g["index"])) for g in worker.gpus or []}
+            if gpus & taken:
+                continue
+            taken |= gpus
             count += 1
     return max(count, 1)
 
@@ -266,10 +279,14 @@ def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
     """Take the next job `worker_id` can run (see `_next_queued` and scheduling.py), or
     None when there is none. `capacity` says what the worker can run (default: a CPU
     worker without labels). The job comes back running, leased for `lease_seconds`."""
+    caps = capacity or Capacity()
     with write_session(factory) as session:
         now = utcnow()
         _requeue_expired(session, now, max_attempts)
-        job = _next_queued(session, capacity or Capacity(), prefer_models, affinity_seconds,
+        if caps.host and caps.gpu_indices:
+            caps = less_reserved(caps, _host_workers(session, caps.host, worker_id), now,
+                                 lease_seconds)
+        job = _next_queued(session, caps, prefer_models, affinity_seconds,
                            lock=is_postgres(session))
         if job is None:
             return None
@@ -289,10 +306,40 @@ def claim_job(factory: sessionmaker, worker_id: str, lease_seconds: float,
                 sa.update(Job).where(Job.id == shard.parent_id,
                                      Job.state == JobState.QUEUED.value)
                 .values(state=JobState.RUNNING.value, started_at=now))
+        reserved = None  # the job runs on the worker's first num_gpus GPUs
+        if shard.memory_bytes and caps.gpu_indices:
+            used = caps.gpu_indices[:max(1, shard.num_gpus)]
+            reserved = {str(i): shard.memory_bytes // len(used) for i in used}
         session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
                         .values(current_job_id=job_id, state=WorkerState.BUSY.value,
-                                heartbeat_at=now))
+                                heartbeat_at=now, gpu_reserved=reserved))
         return session.get(Job, job_id)
+
+
+def _host_workers(session: Session, host: str, worker_id: str) -> list[WorkerRow]:
+    """The other workers of `host`. On PostgreSQL their rows and the claimer's own are
+    locked, in id order, until the claim commits: two workers sharing a GPU then claim
+    one after the other, each seeing what the other reserved (SQLite's claim already
+    holds the database's write lock)."""
+    query = sa.select(WorkerRow).where(WorkerRow.host == host).order_by(WorkerRow.id)
+    if is_postgres(session):
+        query = query.with_for_update()
+    return [w for w in session.scalars(query) if w.id != worker_id]
+
+
+def set_gpu_reservation(factory: sessionmaker, worker_id: str,
+                        reserved: dict[str, int] | None) -> None:
+    """What the worker's job will still take on each of its GPUs beyond what NVML shows
+    (see WorkerRow.gpu_reserved): lowered once its model has loaded, None when it ended."""
+    with factory.begin() as session:  # a blind write of the worker's own row
+        session.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
+                        .values(gpu_reserved=reserved))
+
+
+def gpu_reservations(factory: sessionmaker, worker_id: str) -> dict[str, int] | None:
+    with factory() as session:
+        return session.scalar(sa.select(WorkerRow.gpu_reserved)
+                              .where(WorkerRow.id == worker_id))
 
 
 def seconds_to_next_expiry(factory: sessionmaker) -> float | None:

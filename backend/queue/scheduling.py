@@ -13,7 +13,8 @@ job of that submitter. A worker only sees the jobs it can run (`Capacity`):
   memory the worker can give now, under LBS_GPU_MEMORY_LIMIT, on the GPUs the job
   would use: a job of `num_gpus` n runs on the worker's first n GPUs (a one-GPU
   job on its first), so it is admitted against their sum, never against GPUs it
-  will not touch.
+  will not touch. Workers of one host on the same GPU take off what the others
+  reserved there for jobs whose memory NVML does not show yet (`less_reserved`).
 
 Nothing here writes; `jobs.claim_job` locks and takes the row.
 """
@@ -21,7 +22,7 @@ Nothing here writes; `jobs.claim_job` locks and takes the row.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,12 +40,42 @@ class Capacity:
     `labels`: it runs jobs pinned to any of them. `gpu_count`: the GPUs it holds
     (0 = a CPU worker, which runs jobs of num_gpus <= 1). `free_gpu_bytes`: the GPU
     memory each of its GPUs can give a job now, in CUDA order; None admits every job
-    (no GPU, or unmeasured).
+    (no GPU, or unmeasured). `host` and `gpu_indices` (the NVML index of each GPU, in
+    CUDA order): which physical GPUs those are, so that what other workers of the host
+    reserved on them is taken off (`shared_gpu_reservations`).
     """
 
     labels: tuple[str, ...] = ()
     gpu_count: int = 0
     free_gpu_bytes: tuple[int, ...] | None = None
+    host: str | None = None
+    gpu_indices: tuple[int, ...] = ()
+
+
+def shares_gpus(caps: Capacity, worker: WorkerRow) -> bool:
+    """Whether `worker` runs on one of the GPUs `caps` offers (the same host's)."""
+    return bool(caps.host and caps.gpu_indices and worker.host == caps.host
+                and {int(g["index"]) for g in worker.gpus or []} & set(caps.gpu_indices))
+
+
+def less_reserved(caps: Capacity, others: Iterable[WorkerRow], now: datetime,
+                  lease_seconds: float) -> Capacity:
+    """`caps` less what the live workers among `others` that share its GPUs reserved
+    on them for jobs they claimed (WorkerRow.gpu_reserved): NVML's free memory shows
+    a claimed job only once its model has loaded, and its KV cache only once it runs."""
+    if caps.free_gpu_bytes is None or not caps.gpu_indices:
+        return caps
+    taken = dict.fromkeys(caps.gpu_indices, 0)
+    for worker in others:
+        if worker.current_job_id is None or not is_alive(worker, now, lease_seconds) \
+                or not shares_gpus(caps, worker):
+            continue
+        for index, nbytes in (worker.gpu_reserved or {}).items():
+            if int(index) in taken:
+                taken[int(index)] += int(nbytes)
+    free = tuple(max(0, f - taken.get(i, 0))
+                 for f, i in zip(caps.free_gpu_bytes, caps.gpu_indices, strict=False))
+    return replace(caps, free_gpu_bytes=free + caps.free_gpu_bytes[len(free):])
 
 
 def room_for(num_gpus: int, free_per_gpu: list[int] | tuple[int, ...]) -> int:

@@ -40,6 +40,24 @@ class Stopped(Exception):
     or the worker is shutting down); nothing is wrong with the model."""
 
 
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
+                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
+                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
+                "_alloc_failed", "_allocation_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
+    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
+    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
+    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"): what the evaluation loop halves a
+    batch on, and what a runner probing for its batch size halves on."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, already rendered (chat template applied if wanted)."""
@@ -143,6 +161,10 @@ class BatchPlan:
     """Positions per row whose logits the pass asks for (1: the last one only)."""
     method: str = "default"
     """The inference method ("default", "basic": eager attention, "optimized")."""
+    continuations: int = 0
+    """Log-likelihood: continuations longer than one token in the whole batch (the
+    choices of its questions), each continuing its own copy of its context's row of
+    the cache (0: one per row)."""
 
 
 @dataclass(frozen=True)
@@ -299,12 +321,13 @@ class Runner(HeldModel, ABC):
         raise ValueError(f"{type(self).__name__} cannot score whole texts "
                          "(loglikelihood_rolling); use a local transformers model")
 
-    def find_batch_size(self, context_tokens: int, continuation_tokens: int,
-                        start: int) -> int:
-        """The largest batch (at most `start`, halving from it) of `context_tokens`-token
-        contexts, each followed by `continuation_tokens` scored tokens, that fits in
-        memory: what job parameter batch_size "auto" becomes. A runner with no memory
-        of its own to probe (a remote API) takes one request at a time."""
+    def find_batch_size(self, plan: BatchPlan) -> int:
+        """The largest batch, at most `plan.rows` rows, of requests shaped as `plan` (the
+        job's longest: its kind, prompt or context, new or scored tokens) that fits in
+        memory: what job parameter batch_size "auto" becomes. At least 1 (a batch
+        that does not fit even alone is the job's own out-of-memory to report). A
+        runner with no memory of its own to probe (a remote API) takes one request at
+        a time."""
         return 1
 
     def prefix_token_text(self) -> str | None:

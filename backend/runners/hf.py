@@ -19,8 +19,9 @@ from functools import partial
 from typing import Any
 
 from backend.common.config import Settings
-from backend.engine.memory.limits import cap_process_memory, load_placement
+from backend.engine.memory.limits import Headroom, cap_process_memory, load_placement
 from backend.runners.base import (
+    BatchPlan,
     Generation,
     GenerationRequest,
     Runner,
@@ -94,14 +95,51 @@ def _cache_of(output):
 
 
 def cache_length(needed: int) -> int:
-    """Slots of a static KV cache for a request that needs `needed` positions: rounded up
-    to one of eight sizes per doubling (at most 1/8 more than needed, at least 256), so a
-    compiled decode step, whose graphs are specialised on the cache's shape, meets a
-    handful of sizes rather than one per prompt length."""
+    """Slots of a static KV cache for a request that needs `needed` positions: the next
+    power of two up to 4096 (at least 256), four sizes per doubling past it (at most 1/4
+    more than needed, where slots cost real memory). A compiled decode step's graphs
+    are specialised on the cache's shape (and on CUDA recorded at its address), so
+    prompts of a job meet a handful of sizes, each reused (HFRunner keeps the cache of
+    the size in use), rather than one size per prompt length. The memory account
+    (runners/hf_memory.py) counts these slots for a static-cache batch."""
     if needed <= 256:
         return 256
-    step = 1 << (needed.bit_length() - 4)
+    if needed <= 4096:
+        return 1 << (needed - 1).bit_length()
+    step = 1 << (needed.bit_length() - 3)
     return -(-needed // step) * step
+
+
+def room_bytes(devices: list[str]) -> int | None:
+    """Bytes this process may still allocate on the CUDA `devices` a model uses: on each,
+    the smaller of what the device has free (with what this process's allocator holds
+    unused) and the allocator's cap (LBS_GPU_MEMORY_LIMIT, set by cap_process_memory,
+    read back as torch's per-process fraction) less what is allocated; for a model
+    spread over several GPUs, the tightest device's room on each (its layers' share of
+    the KV cache is about even). None without CUDA devices: the CPU's RAM is not
+    probed."""
+    import torch
+
+    cuda = [d for d in devices if str(d).startswith("cuda")]
+    if not cuda or not torch.cuda.is_available():
+        return None
+    rooms = []
+    for device in cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        unused = torch.cuda.memory_reserved(device) - allocated
+        cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+        rooms.append(max(0, min(free + unused, cap)))
+    return min(rooms) * len(rooms)
+
+
+def _with_rows(plan: BatchPlan, rows: int) -> BatchPlan:
+    """`plan` with `rows` rows, its longer continuations (counted over the batch) in
+    proportion."""
+    from dataclasses import replace
+
+    return replace(plan, rows=rows, continuations=-(-plan.continuations * rows // plan.rows)
+                   if plan.rows else plan.continuations)
 
 
 def spills(model) -> bool:
@@ -141,14 +179,6 @@ def model_source(spec: ModelSpec, settings: Settings) -> str:
     return str(spec.path) if spec.path is not None else spec.hub_id
 
 
-def _copy_cache(cache):
-    """A copy of a key/value cache, so each continuation extends its own (log-likelihood
-    continuations, prompts after a shared prefix)."""
-    import copy
-
-    return copy.deepcopy(cache)
-
-
 LENGTH_GROUP = 0.9
 """Shared-prefix prompts decode together when the shortest is at least this share of
 the longest (NIAH prompts of one context length differ by a few tokens); others would
@@ -163,15 +193,6 @@ def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
             groups.append([])
         groups[-1].append(i)
     return groups
-
-
-def _pad_left(states, length: int):
-    """Keys or values [batch, heads, positions, dim] with zeros before them up to
-    `length` positions (masked out by the batch's attention mask)."""
-    import torch
-
-    missing = length - states.shape[-2]
-    return torch.nn.functional.pad(states, (0, 0, missing, 0)) if missing else states
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -311,7 +332,7 @@ class HFRunner(Runner):
         from backend.engine.admission import estimate_job_bytes
 
         return estimate_job_bytes(job.spec, job.dataset, job.params, job.info.max_length,
-                                  settings)
+                                  settings, num_gpus=job.num_gpus)
 
     @classmethod
     def _options(cls, job: Any, settings: Any, method: str | None) -> LoadOptions:
@@ -327,11 +348,12 @@ class HFRunner(Runner):
 
     @classmethod
     def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], HFRunner]:
+        from backend.engine.admission import estimate_job_headroom
+
         options = cls._options(job, settings, method)
-        weights = estimate_model_bytes(job.spec, options.dtype)
         # what the job needs on the GPU besides the weights: placing them leaves it free
-        needed = cls.estimate_job_bytes(job, settings)
-        headroom = max(0, needed - weights) if needed and weights else 0
+        headroom = estimate_job_headroom(job.spec, job.dataset, job.params,
+                                         job.info.max_length, settings)
         return partial(cls.load, job.spec, options, settings, headroom_bytes=headroom)
 
     # --- instance side -----------------------------------------------------------------
@@ -353,15 +375,21 @@ class HFRunner(Runner):
         self.share_prefixes = True
         """Continue requests with a `prefix` from a copy of its cached keys/values."""
         self._prefix: tuple[tuple[int, ...], object] | None = None
-        """The longest shared prefix seen in this pass: its token ids and cache."""
+        """The shared prefix kept in this pass: its token ids and cache."""
+        self._cut_back: bool | None = None
+        """Whether the model's cache can be cut back to a prefix (read once, on use)."""
+        self._static: tuple[tuple[int, int], object] | None = None
+        """The static cache of the size in use ((rows, slots), cache), kept for the pass:
+        see `_static_cache`."""
 
     @classmethod
     def load(cls, spec: ModelSpec, options: LoadOptions, settings: Settings,
-             headroom_bytes: int = 0) -> HFRunner:
+             headroom_bytes: int | Headroom = 0) -> HFRunner:
         """Load the model and tokenizer. On CUDA, LBS_GPU_MEMORY_LIMIT first caps this
         process's allocator (backend.engine.memory.limits.cap_process_memory); the weights go
-        straight onto the GPU, or under a device map that keeps `headroom_bytes` (the
-        job's KV cache and activations) free on each GPU (`load_placement`)."""
+        straight onto the GPU, or under a device map that keeps free on each GPU what the
+        job holds there beyond the weights (`headroom_bytes`: its KV cache, activations
+        and logits; `load_placement`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -408,6 +436,26 @@ class HFRunner(Runner):
                  time.perf_counter() - started)
         return cls(spec, model, tokenizer, device, max_length, static_cache=static_cache)
 
+    def work_bytes(self, plan) -> int:
+        """Bytes this model holds on its device beyond the weights while it runs `plan`
+        (a runners.base.BatchPlan): the memory account of runners/hf_memory.py for the
+        loaded model's config and dtype, the one admission reads for a job's worst
+        batch. The method is the loaded one unless the plan names another."""
+        from backend.runners.hf_memory import work_bytes
+
+        config = self.model.config
+        arch = (config.get_text_config() if hasattr(config, "get_text_config")
+                else config).to_dict()
+        element = next(self.model.parameters()).element_size()
+        if plan.method == "default":
+            from dataclasses import replace
+
+            loaded = ("optimized" if self.static_cache else
+                      "basic" if getattr(config, "_attn_implementation", "") == "eager"
+                      else "default")
+            plan = replace(plan, method=loaded)
+        return work_bytes(arch, element, plan)
+
     # --- PromptTokenizer (delegated) ------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -437,25 +485,49 @@ class HFRunner(Runner):
         if not requests:
             return []
         prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
-        if self.share_prefixes and not self.static_cache and any(r.prefix for r in requests):
+        if any(r.prefix for r in requests) and self._shares_prefixes():
             return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
         max_new = max(r.max_new_tokens for r in requests)
         cache = None
         if self.static_cache:
-            # Our own cache, sized to this request: with cache_implementation="static"
-            # transformers sizes it to the longest length the model has ever seen
-            # (generation/utils.py _prepare_static_cache, _previous_max_cache_length),
-            # so one 128k-token prompt made every later request allocate 128k slots.
             # The last new token is never fed back: width + max_new - 1 positions.
-            from transformers import StaticCache
-
-            cache = StaticCache(config=self.model.config,
-                                max_cache_len=cache_length(width + max_new - 1))
-        rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+            cache = self._static_cache(len(requests), cache_length(width + max_new - 1))
+        try:
+            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        except BaseException:
+            self._static = None  # out of memory above all: no batch asks this size again
+            raise
         timing.update(batch=len(requests), prefill_tokens=sum(len(p) for p in prompts))
         return [self._reply(row, request, len(ids), took / len(requests), timing)
                 for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def _static_cache(self, rows: int, slots: int):
+        """The static KV cache for a batch of `rows` rows and `slots` positions, reset:
+        the one kept from the last request when it had this shape, else a new one, made
+        after the kept one is dropped (never two held: the memory account counts one
+        batch's `cache_length(...)` slots per row). Reusing one cache keeps its tensors'
+        addresses, which transformers marks static for a compiled decode step: on CUDA
+        its graphs, recorded for those addresses, are replayed instead of recorded again
+        for each request. Dropped by `forget_prefixes` (the end of a pass), `offload`
+        and `close`.
+
+        Our own cache rather than cache_implementation="static": transformers sizes that
+        to the longest length the model has ever seen (generation/utils.py
+        _prepare_static_cache, _previous_max_cache_length), so one 128k-token prompt
+        made every later request allocate 128k slots."""
+        import torch
+        from transformers import StaticCache
+
+        if self._static is not None and self._static[0] == (rows, slots):
+            cache = self._static[1]
+            with torch.inference_mode():  # its tensors were made under it
+                cache.reset()  # zeroes keys and values, and the length written so far
+            return cache
+        self._static = None
+        cache = StaticCache(config=self.model.config, max_cache_len=slots)
+        self._static = ((rows, slots), cache)
+        return cache
 
     def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
                 cache=None) -> tuple[list[list[int]], dict, float]:
@@ -473,9 +545,13 @@ class HFRunner(Runner):
         first_token = FirstTokenClock(self.device.startswith("cuda"))
         extra = {} if cache is None else {"cache": cache}
         with torch.inference_mode():
+            # The runner chooses the cache (`cache`, else a dynamic one), never a
+            # checkpoint's generation_config.cache_implementation: transformers refuses
+            # it beside a cache, and its static cache is sized to the longest request
+            # the model has seen (`_previous_max_cache_length`), not to this one.
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=mask,
-                max_new_tokens=max_new, do_sample=False,
+                max_new_tokens=max_new, do_sample=False, cache_implementation=None,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                 logits_processor=[first_token], **extra)
         extra.clear()
@@ -516,15 +592,16 @@ class HFRunner(Runner):
             n += 1
         return min(n, len(ids) - 1)
 
-    def _prefix_cache(self, ids: list[int]):
-        """A fresh copy of the key/value cache of the tokens `ids`, and how many of
-        them had to be computed now.
+    def _kept_prefix(self, ids: list[int]):
+        """The kept prefix's cache, made to start with the tokens `ids`, and how many of
+        them had to be computed now (the caller reads the first len(ids) positions).
 
-        One prefix is kept between calls: the longest seen. A prefix it starts with
-        (a shallower needle: deepest first costs one prefill) is a copy cropped to
-        length; otherwise the kept one is cut where they part and extended by the
-        new tokens (a longer prefix, or another context length's haystack), and kept
-        instead."""
+        One prefix is kept between calls. When `ids` is a prefix of it (a shallower
+        needle: deepest first costs one prefill) it is used as it is; otherwise it is
+        cut where the two part and extended by the rest of `ids` (a deeper prefix,
+        another context length's haystack). The cut is a view, but the extension
+        concatenates onto it, so the positions cut away are freed with the old
+        tensors: one prefix is held at any time, never a copy of it."""
         import torch
         from transformers import DynamicCache
 
@@ -535,41 +612,54 @@ class HFRunner(Runner):
                 break
             common += 1
         if kept is not None and common == len(ids):
-            cache = _copy_cache(kept)
-            cache.crop(len(ids) - len(kept_ids))
-            return cache, 0
+            return kept, 0
+        self._prefix = None  # out of memory while extending it: nothing half-made kept
         if kept is None or common == 0:
-            self._prefix = None
+            kept = None  # freed before its successor is computed
             kept, common = DynamicCache(config=self.model.config), 0
         else:
-            self._prefix = None  # cut in place: no second copy while it is extended
             kept.crop(common - len(kept_ids))
-        rest = torch.tensor([ids[common:]], device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=rest, cache=kept, use_cache=True,
-                       logits_to_keep=1)
-        if not all(type(layer).__name__ == "DynamicLayer" for layer in kept.layers):
-            # sliding-window or linear-attention layers cannot be cut back to a prefix
-            self.share_prefixes = False
-        else:
-            self._prefix = (tuple(ids), kept)
-        return _copy_cache(kept), len(ids) - common
+            self.model(input_ids=torch.tensor([ids[common:]], device=self.device),
+                       cache=kept, use_cache=True, logits_to_keep=1)
+        self._prefix = (tuple(ids), kept)
+        return kept, len(ids) - common
+
+    def _copy_prefix(self, ids: list[int], cache) -> int:
+        """Write the kept prefix's cache of the tokens `ids` (computing what it lacks)
+        into `cache`, a row of the batch; returns the tokens computed. No reference to
+        the kept cache outlives the call, so when the next row's prefix replaces it the
+        old one is freed before the new one is computed."""
+        kept, computed = self._kept_prefix(ids)
+        n = len(ids)
+        for layer, held in enumerate(kept.layers):
+            cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
+        return computed
+
+    def _shares_prefixes(self) -> bool:
+        """Whether requests' prefixes are shared: on, the model's own cache (the
+        optimized method's static cache has no room for a second row) and layers that
+        can be cut back to a prefix (`hf_cache.can_cut_back`, read from the config
+        before anything is computed)."""
+        if not self.share_prefixes or self.static_cache:
+            return False
+        if self._cut_back is None:
+            from backend.runners.hf_cache import can_cut_back
+
+            self._cut_back = can_cut_back(self.model.config)
+        return self._cut_back
 
     def _generate_shared(self, requests: list[GenerationRequest],
                          prompts: list[list[int]]) -> list[Generation]:
-        """Requests with a shared prefix: each prompt's cache continues from a copy of
-        its prefix's (deepest prefix first, so one prefill serves every shallower one),
-        then prompts of about one length decode together in one left-padded batch.
-        The same greedy tokens as each whole prompt alone."""
+        """Requests with a shared prefix: prompts of about one length decode together,
+        each one's cache continuing from the kept prefix's (deepest prefix first, so one
+        prefill serves every shallower one). The same greedy tokens as each whole
+        prompt alone."""
         shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
         results: list[Generation | None] = [None] * len(requests)
         try:
             for group in _length_groups(prompts):
                 group.sort(key=lambda i: -shared[i])
-                if len(group) == 1 or min(len(prompts[i]) for i in group) < 2:
-                    for i in group:
-                        results[i] = self._continue_one(requests[i], prompts[i], shared[i])
-                    continue
                 for i, generation in zip(group, self._continue_batch(
                         [requests[i] for i in group], [prompts[i] for i in group],
                         [shared[i] for i in group]), strict=True):
@@ -579,60 +669,38 @@ class HFRunner(Runner):
             raise
         return results
 
-    def _continue_one(self, request: GenerationRequest, ids: list[int],
-                      n: int) -> Generation:
-        """One prompt whose first `n` tokens continue from its prefix's cache."""
-        started = time.perf_counter()
-        cache, computed = self._prefix_cache(ids[:n]) if n else (None, 0)
-        (row,), timing, took = self._greedy([ids], request.max_new_tokens, started, cache)
-        timing.update(batch=1, prefill_tokens=len(ids) - n + computed,
-                      shared_prefix_tokens=n - computed)
-        return self._reply(row, request, len(ids), took, timing)
-
     def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
                         shared: list[int]) -> list[Generation]:
-        """Prompts of about one length (every one at least two tokens): each one's cache
-        up to its last token is its prefix's copy extended by the rest, one prompt at a
-        time; the caches are then left-padded into one batch, and `generate` feeds every
-        prompt's last token and decodes them together (the positions follow from the
-        attention mask, as for any left-padded batch).
+        """Prompts of about one length, each one's first `shared` tokens those of the
+        kept prefix, built into one left-padded cache (`hf_cache.BatchSlots`) allocated
+        once for the prompts and the new tokens: a row's prefix is copied from the kept
+        one and the rest of its prompt, but for its last token, computed in place; then
+        `generate` feeds every row's last token and decodes them together on the same
+        storage (the positions follow from the attention mask, as for any left-padded
+        batch). At most B + 1 copies of one row are alive: the B rows and the kept
+        prefix.
 
         Timing is the batch's, as for an ordinary batch: prefill and decode seconds,
         and the tokens computed and reused summed over the batch."""
         import torch
-        from transformers import DynamicCache
+
+        from backend.runners.hf_cache import BatchSlots
 
         started = time.perf_counter()
-        caches, computed = [], 0
-        for ids, n in zip(prompts, shared, strict=True):
-            if n:
-                cache, fresh = self._prefix_cache(ids[:n])
-            else:
-                cache, fresh = DynamicCache(config=self.model.config), 0
-            rest = ids[n:-1]
-            if rest:
-                with torch.inference_mode():
+        width = max(len(ids) for ids in prompts)
+        max_new = max(r.max_new_tokens for r in requests)
+        slots = BatchSlots(self.model.config, len(prompts), width + max_new - 1)
+        computed = 0
+        with torch.inference_mode():
+            for row, (ids, n) in enumerate(zip(prompts, shared, strict=True)):
+                cache = slots.row(row, start=width - len(ids))
+                computed += self._copy_prefix(ids[:n], cache) if n else 0
+                rest = ids[n:-1]
+                if rest:
                     self.model(input_ids=torch.tensor([rest], device=self.device),
                                cache=cache, use_cache=True, logits_to_keep=1)
-            computed += fresh + len(rest)
-            caches.append(cache)
-        width = max(len(ids) for ids in prompts)
-        if not self.share_prefixes or not all(
-                type(layer).__name__ == "DynamicLayer" for c in caches for layer in c.layers):
-            caches.clear()  # layers that cannot be padded (sliding window): one at a time
-            return [self._continue_one(r, ids, n if self.share_prefixes else 0)
-                    for r, ids, n in zip(requests, prompts, shared, strict=True)]
-        batch = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            for layer in range(len(caches[0].layers)):
-                keys = [c.layers[layer].keys for c in caches]
-                values = [c.layers[layer].values for c in caches]
-                batch.update(torch.cat([_pad_left(k, width - 1) for k in keys]),
-                             torch.cat([_pad_left(v, width - 1) for v in values]), layer)
-        caches.clear()
-        rows, timing, took = self._greedy(prompts, max(r.max_new_tokens for r in requests),
-                                          started, batch)
-        del batch
+                computed += len(rest)
+        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1))
         total = sum(len(ids) for ids in prompts)
         timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
                       shared_prefix_tokens=total - computed - len(requests))
@@ -657,7 +725,9 @@ class HFRunner(Runner):
         return out
 
     def forget_prefixes(self) -> None:
+        """Drop the kept prefix cache and the kept static cache: the pass is over."""
         self._prefix = None
+        self._static = None
 
     def _eos_ids(self) -> set[int]:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -808,40 +878,106 @@ class HFRunner(Runner):
                                                   len(cont))))
         return out_rows
 
-    def find_batch_size(self, context_tokens: int, continuation_tokens: int,
-                        start: int) -> int:
-        """See `Runner.find_batch_size`: accelerate's `find_executable_batch_size`,
-        halving from `start` (capped at CPU_MAX_BATCH on the CPU, where memory is
-        seldom the limit and wider batches bought no speed: see BENCHMARKS.md), over
-        the real scoring pass on rows of the given length."""
-        from accelerate.utils import find_executable_batch_size
+    def find_batch_size(self, plan: BatchPlan) -> int:
+        """See `Runner.find_batch_size`. Starts at `plan.rows` (at most CPU_MAX_BATCH on
+        the CPU, where memory is seldom the limit and wider batches bought no speed: see
+        BENCHMARKS.md); on CUDA at the most rows whose memory account
+        (`work_bytes`) fits the room this process may still use (`room_bytes`). That
+        batch is then checked by one real step of the path the job runs (`_probe_step`),
+        halving while it runs out of memory of any kind (CUDA's, a cuBLAS or cuDNN
+        allocation failure, Python's MemoryError); other errors are raised. After each
+        failure the failed batch's tensors are gone (the exception and its frames are
+        dropped, the kept caches forgotten) before the device cache is emptied."""
+        from accelerate.utils.memory import clear_device_cache
 
+        size = max(1, plan.rows)
         if self.device == "cpu":
-            start = min(start, CPU_MAX_BATCH)
-        size = [max(1, start)]
-        token = self.tokenizer.eos_token_id or 0
-        context = (token,) * max(1, context_tokens)
-        continuation = [token] * max(1, continuation_tokens)
+            size = min(size, CPU_MAX_BATCH)
+        room = self.room_bytes()
+        if room is not None:
+            size = self._rows_within(plan, size, room)
+        while True:
+            failure = self._try_step(_with_rows(plan, size))
+            if failure is None:
+                return size
+            clear_device_cache(garbage_collection=True)
+            log.info("[Runner] batch_size auto: %d rows did not fit (%s)", size, failure)
+            if size == 1:
+                return 1  # not even one fits: the job's own halving records the failures
+            size //= 2
 
-        def halve() -> int:
-            size[0] //= 2
-            return size[0]
+    def room_bytes(self) -> int | None:
+        """What this process may still allocate on the model's CUDA devices (see the
+        module's `room_bytes`); None on the CPU."""
+        return room_bytes(sorted({str(p.device) for p in self.model.parameters()}))
 
-        @find_executable_batch_size(starting_batch_size=size[0], reduce_batch_size_fn=halve)
-        def probe(batch_size: int) -> int:
-            try:
-                self._score([(context, [(k, continuation)]) for k in range(batch_size)],
-                            share_prefix=False)
-            except MemoryError:  # Python's; accelerate only recognises RuntimeErrors
-                raise RuntimeError("CPU out of memory.") from None
-            return batch_size
+    def _rows_within(self, plan: BatchPlan, start: int, room: int) -> int:
+        """The most rows, 1 to `start`, whose account (`work_bytes`) fits in `room`
+        (1 when none does: the real step then says so)."""
+        low, high = 1, start
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.work_bytes(_with_rows(plan, middle)) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        log.info("[Runner] batch_size auto: the account fits %d rows of %d + %d tokens in "
+                 "%.2f GiB", low, plan.prompt_tokens, plan.new_tokens, room / 2**30)
+        return low
+
+    def _try_step(self, plan: BatchPlan) -> str | None:
+        """Run `_probe_step` on `plan`: None when it fits, else what ran out. The
+        exception, and with its traceback every frame of the failed step, is gone
+        when this returns; so are the caches kept from it."""
+        from backend.runners.base import is_out_of_memory
 
         try:
-            return probe()
-        except RuntimeError as exc:
-            if "reached zero" not in str(exc):
+            self._probe_step(plan)
+            return None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
                 raise
-            return 1  # not even one fits: the job's own halving records the failures
+            text = str(exc).strip()
+            failure = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        self.forget_prefixes()
+        return failure
+
+    def _probe_step(self, plan: BatchPlan) -> None:
+        """One step of the path the batch `plan` takes, at its fullest. Log-likelihood:
+        `_score` over `plan.rows` contexts of `plan.prompt_tokens` tokens (one a token
+        shorter when rows are padded), with `plan.continuations` continuations of
+        `plan.new_tokens` tokens shared out over them. Generation: the left-padded prefill
+        of prompts as long as the prompt plus the new tokens but the last, so the KV
+        cache (the kept static cache with the "optimized" method) reaches its final
+        length, then one decode step on it."""
+        import torch
+
+        token = self.tokenizer.eos_token_id or 0
+        rows = max(1, plan.rows)
+        lengths = [max(1, plan.prompt_tokens)] * rows
+        if plan.kind == "loglikelihood":
+            if plan.padded and rows > 1 and lengths[-1] > 1:
+                lengths[-1] -= 1
+            continuation = [token] * max(1, plan.new_tokens)
+            each = max(1, -(-plan.continuations // rows))
+            self._score([((token,) * n, [(k * each + j, continuation) for j in range(each)])
+                         for k, n in enumerate(lengths)], share_prefix=False)
+            return
+        width = max(lengths[0], plan.prompt_tokens + plan.new_tokens - 2)
+        lengths = [width] * rows
+        if plan.padded and rows > 1 and width > 1:
+            lengths[-1] -= 1
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - n) + [token] * n for n in lengths],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self.device)
+        extra = {}
+        if self.static_cache:
+            extra["cache"] = self._static_cache(rows, cache_length(width + 1))
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                min_new_tokens=2, do_sample=False, temperature=None,
+                                top_p=None, top_k=None, pad_token_id=pad, **extra)
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """Whole-text log-likelihoods, windowed as lm-evaluation-harness's HF backend does
@@ -854,16 +990,22 @@ class HFRunner(Runner):
         results = []
         with torch.inference_mode():
             for text in texts:
-                total = 0.0
-                for ctx, cont in rolling_windows(self.tokenizer.encode(text), prefix,
-                                                 self.max_length):
-                    ids = torch.tensor([(ctx + cont)[:-1]], device=self.device)
-                    logits = self.model(input_ids=ids).logits[0, -len(cont):].float()
-                    logps = torch.log_softmax(logits, dim=-1)
-                    target = torch.tensor(cont, device=logps.device)
-                    total += float(logps.gather(1, target[:, None]).sum())
-                results.append(total)
+                results.append(sum(self._window_logprob(ctx, cont) for ctx, cont in
+                                   rolling_windows(self.tokenizer.encode(text), prefix,
+                                                   self.max_length)))
         return results
+
+    def _window_logprob(self, context: list[int], predicted: list[int]) -> float:
+        """The summed log-probability of `predicted` after `context` (one rolling
+        window). Its logits (every position's, float32) die on return: a window's are
+        never alive while the next one's forward pass runs."""
+        import torch
+
+        ids = torch.tensor([(context + predicted)[:-1]], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, -len(predicted):].float()
+        logps = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(predicted, device=logps.device)
+        return float(logps.gather(1, target[:, None]).sum())
 
     # --- placement (used by the model manager) --------------------------------------
 
@@ -902,7 +1044,7 @@ class HFRunner(Runner):
         """
         import torch
 
-        self._prefix = None  # a shared prefix's cache lives on the GPU
+        self.forget_prefixes()  # a shared prefix's cache and the static cache live there
         if self.device == "cpu":
             return 0
         copied = 0
@@ -920,15 +1062,33 @@ class HFRunner(Runner):
         self.device = "cpu"
         return copied
 
-    def restore(self, device: str = "cuda:0") -> int:
-        """Copy the CPU copy back to `device` with non-blocking copies and one sync."""
+    def restore(self, device: str = "cuda:0", background: bool = False) -> int:
+        """Copy the CPU copy back to `device` with non-blocking copies and one sync.
+
+        With `background` (a prefetch beside a running job) the copies go on a side
+        stream, not queued behind the job's kernels on the default stream; this thread
+        waits for that stream alone, and the new weights are marked as used by the
+        default stream (where the next job reads them), so the allocator does not hand
+        their memory to the side stream again while such a job may still read it."""
         import torch
 
         if self.device != "cpu" or self._host is None:
             return 0
+        names = [name for name, _ in self._tensors()]
+        if background:
+            side = torch.cuda.Stream(device)
+            with torch.cuda.stream(side):
+                moved = {name: self._host[name].to(device, non_blocking=True)
+                         for name in names}
+            side.synchronize()
+            readers = torch.cuda.default_stream(device)
+            for t in moved.values():
+                t.record_stream(readers)
+        else:
+            moved = {name: self._host[name].to(device, non_blocking=True) for name in names}
+            torch.cuda.synchronize()
         for name, t in self._tensors():
-            t.data = self._host[name].to(device, non_blocking=True)
-        torch.cuda.synchronize()
+            t.data = moved[name]
         self.device = device
         return self.size_bytes()
 
@@ -942,7 +1102,7 @@ class HFRunner(Runner):
         compiled = self.model is not None and "_compiled_call" in self.model.__dict__
         if compiled:
             del self.model._compiled_call  # model -> compiled call -> model
-        self._prefix = None
+        self.forget_prefixes()
         self.model = None
         self.tokenizer = None
         self.tok = None

@@ -65,6 +65,7 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     settings = current_app.extensions["lbs"].settings
     try:
         prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
+        prepared.num_gpus = job.num_gpus  # a sharded model needs room on each GPU
         # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
         try:
             memory = prepared.runner.estimate_job_bytes(prepared, settings)

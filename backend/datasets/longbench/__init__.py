@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from backend.datasets.base import (
+    BatchPlan,
     CacheMode,
     Dataset,
     DatasetParams,
@@ -32,6 +33,7 @@ from backend.datasets.base import (
     ParamError,
     PromptTokenizer,
     ScoreEntry,
+    batch_rows,
     check_known,
 )
 from backend.datasets.files import find_files, read_all
@@ -127,15 +129,23 @@ class LongBench(Dataset):
     def check(self, params: LongBenchParams, model: Any) -> None:
         self._files(params)
 
-    def longest_sequence(self, params: LongBenchParams, model_max: int | None) -> int | None:
-        """The prompt budget (max_length, else the model's maximum less the subset's
-        generation length and TEMPLATE_SLACK) plus TEMPLATE_SLACK and the subset's
-        generation length, over the job's subsets; None when neither bound is known."""
-        if params.max_length is None:
-            return model_max
+    def worst_batches(self, params: LongBenchParams, model_max: int | None
+                      ) -> list[BatchPlan]:
+        """A batch of prompts of the budget (max_length, else the model's maximum less
+        the subset's generation length and TEMPLATE_SLACK) plus TEMPLATE_SLACK, then
+        the subset's generation length, over the job's subsets; none when neither
+        bound is known. Rows of a batch differ in length: padded."""
         new = max(SUBSETS[s]["max_new_tokens"] for s, _ in self._files(params))
-        tokens = params.max_length + TEMPLATE_SLACK + new
-        return min(tokens, model_max) if model_max else tokens
+        if params.max_length is None:
+            if model_max is None:
+                return []
+            prompt = model_max - new
+        else:
+            prompt = params.max_length + TEMPLATE_SLACK
+            if model_max:
+                prompt = min(prompt, model_max - new)
+        rows = batch_rows(params)
+        return [BatchPlan("generate", rows, prompt, new, padded=rows > 1)]
 
     def chat_template(self, params: LongBenchParams) -> bool:
         return params.use_chat_template

@@ -40,8 +40,9 @@ class HeldModel:
         """Move the weights to CPU RAM (pinned when `pin`); bytes copied."""
         return 0
 
-    def restore(self, device: str = "cuda:0") -> int:
-        """Move the weights back to `device`; bytes copied."""
+    def restore(self, device: str = "cuda:0", background: bool = False) -> int:
+        """Move the weights back to `device`; bytes copied. `background`: another job
+        runs meanwhile (a prefetch), so the copy should not wait behind its work."""
         return 0
 
     def close(self) -> None:

@@ -10,19 +10,22 @@ With a limit `f` > 0 and CUDA present, two things hold:
   CUDA context (a few hundred MB per process) and memory that libraries allocate
   outside PyTorch's allocator.
 - **The weights** (`load_placement`): each GPU `i` the job uses gets
-  `max_memory[i] = total_i * f - headroom`, where the headroom is the job's estimated
-  KV cache and activations (backend.engine.admission), and a `cpu` entry of the RAM available
-  now, so layers that do not fit spill to RAM instead of failing when the job runs.
+  `max_memory[i]` = `total_i * f` less what the job holds on it beyond the weights
+  (`Headroom`, from backend.engine.admission: the KV cache follows the layers, the
+  activations are on each GPU, the logits on the last), and a `cpu` entry of the RAM
+  available now, so layers that do not fit spill to RAM instead of failing when the
+  job runs.
 
 A job with `num_gpus` > 1 gets a map over its first `num_gpus` visible GPUs (whole GPUs
-less the headroom when there is no limit), which shards the model's layers across
-them. Without a limit on one GPU the model goes straight onto it (`device_map={"":
-"cuda:0"}`), never through RAM.
+when there is no limit), which shards the model's layers across them. Without a limit
+on one GPU the model goes straight onto it (`device_map={"": "cuda:0"}`), never
+through RAM.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import psutil
 
@@ -45,22 +48,83 @@ def gpu_totals() -> list[int]:
             for i in range(torch.cuda.device_count())]
 
 
+@dataclass(frozen=True)
+class Headroom:
+    """What a job holds on its GPUs beyond the weights, by where it lands: `layers`
+    follows the decoder layers (their KV cache: a GPU holding a third of the layers holds
+    a third of it), `each` is needed on every GPU that runs layers (one layer's
+    activations and workspace, the attention mask), `last` only on the GPU of the output
+    head (the logits). `layer_weights` is the weight bytes of the layers that hold the
+    KV cache (the decoder layers: not the embeddings or the head), which a GPU's share
+    of `layers` is measured by; 0 keeps all of `layers` free on every GPU. A plain
+    number of bytes is kept free on every GPU (`each`).
+
+    `layer_bytes` (one decoder layer's weights) and `largest_module` (the largest
+    module placed whole, often the embeddings) are what a sharded placement may leave
+    unused: accelerate puts whole layers on a GPU, so each GPU but the last may end up
+    to one layer short of its room, and it keeps the largest module's size free on the
+    first GPU (accelerate/utils/modeling.py infer_auto_device_map)."""
+
+    layers: int = 0
+    each: int = 0
+    last: int = 0
+    layer_weights: int = 0
+    layer_bytes: int = 0
+    largest_module: int = 0
+
+    def sharded(self, num_gpus: int) -> int:
+        """Bytes a model sharded over `num_gpus` GPUs needs beyond its weights: `total`,
+        plus one layer's activations on every further GPU (each runs its layers in
+        turn) and what placing whole layers leaves unused (see above)."""
+        if num_gpus <= 1:
+            return self.total
+        return self.total + (num_gpus - 1) * (self.each + self.layer_bytes) + \
+            self.largest_module
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.each + self.last
+
+
+def _weights_room(caps: list[int], headroom: Headroom) -> list[int]:
+    """Bytes of weights each GPU may take so that they, the KV cache of the layers among
+    them, the per-GPU work and (on the last GPU) the logits fit under its cap.
+
+    A GPU holding weights w holds the KV cache of at most w bytes of layers, i.e. at most
+    `layers x w / layer_weights` (less where some of w is the embeddings or the head),
+    hence w x (1 + layers / layer_weights) <= cap - each (- last). When the GPUs cannot
+    take every layer, the layers that spill run on GPU 0 (accelerate's offload hooks
+    execute them on the first device), so their KV cache lands there: GPU 0 then keeps
+    the whole KV cache free, as one GPU does.
+    """
+    n = len(caps)
+    free = [cap - headroom.each - (headroom.last if i == n - 1 else 0)
+            for i, cap in enumerate(caps)]
+    per_weight = headroom.layer_weights
+    if headroom.layers <= 0 or per_weight <= 0:
+        return [max(0, f - headroom.layers) for f in free]
+    room = [max(0, f * per_weight // (per_weight + headroom.layers)) for f in free]
+    if n == 1 or sum(room) < per_weight:
+        room[0] = max(0, free[0] - headroom.layers)
+    return room
+
+
 def build_max_memory(fraction: float, totals: list[int] | None = None,
                      cpu_bytes: int | None = None,
                      num_gpus: int | None = None,
-                     headroom_bytes: int = 0) -> dict[int | str, int] | None:
+                     headroom_bytes: int | Headroom = 0) -> dict[int | str, int] | None:
     """`max_memory` for accelerate, or None when the model goes whole onto one GPU
     (no limit and one GPU used) or there is no GPU.
 
     `totals` defaults to the visible GPUs' sizes and `cpu_bytes` to the RAM
     available now; both can be given to compute a map for other hardware.
     `num_gpus` (default: one when there is no limit, else all visible) is how many
-    of the visible GPUs the model is spread over. Each GPU keeps `headroom_bytes`
-    free of weights: transformers leaves headroom of its own only when it is not
-    given `max_memory` (integrations/accelerate.py get_balanced_memory), and the
-    process cap (`cap_process_memory`) makes a job whose KV cache finds no room fail.
-    The whole headroom is kept on every GPU of a sharded model, which holds only its
-    layers' share of the KV cache: safe, at the price of more spilling.
+    of the visible GPUs the model is spread over. Each GPU keeps free of weights what
+    the job will hold on it (`headroom_bytes`, split by where it lands: `Headroom`;
+    a plain number is kept free on every GPU): transformers
+    leaves headroom of its own only when it is not given `max_memory`
+    (integrations/accelerate.py get_balanced_memory), and the process cap
+    (`cap_process_memory`) makes a job whose KV cache finds no room fail.
     """
     totals = gpu_totals() if totals is None else totals
     if num_gpus is not None:
@@ -70,20 +134,23 @@ def build_max_memory(fraction: float, totals: list[int] | None = None,
     if not totals or (fraction <= 0 and len(totals) == 1):
         return None
     share = fraction if fraction > 0 else 1.0
-    headroom = max(0, int(headroom_bytes))
-    max_memory: dict[int | str, int] = {i: max(0, int(total * share) - headroom)
-                                        for i, total in enumerate(totals)}
+    headroom = headroom_bytes if isinstance(headroom_bytes, Headroom) else \
+        Headroom(each=max(0, int(headroom_bytes)))
+    caps = [int(total * share) for total in totals]
+    max_memory: dict[int | str, int] = dict(enumerate(
+        _weights_room(caps, headroom)))
     max_memory["cpu"] = int(psutil.virtual_memory().available if cpu_bytes is None else cpu_bytes)
     what = "GPU memory limit set" if fraction > 0 else f"model sharded over {len(totals)} GPUs"
     log.info("[Runner] %s: %s", what,
              ", ".join(f"cuda:{i} {format_bytes(max_memory[i])} of {format_bytes(t)} "
-                       f"({share:.0%} less {format_bytes(headroom)} for the job's KV cache "
-                       "and activations) for weights" for i, t in enumerate(totals))
+                       f"({share:.0%} less {format_bytes(caps[i] - max_memory[i])} for the "
+                       "job's KV cache, activations and logits there) for weights"
+                       for i, t in enumerate(totals))
              + f"; cpu {format_bytes(max_memory['cpu'])}")
     return max_memory
 
 
-def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int = 0,
+def load_placement(fraction: float, num_gpus: int = 1, headroom_bytes: int | Headroom = 0,
                    totals: list[int] | None = None,
                    cpu_bytes: int | None = None) -> dict[str, object]:
     """`from_pretrained` keyword arguments that place the weights on CUDA: the whole

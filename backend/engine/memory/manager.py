@@ -328,6 +328,11 @@ class ModelManager:
         entries = list(self._models.values())  # one C-level copy: safe without the lock
         return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
 
+    def gpu_bytes(self) -> int:
+        """Bytes of all the models on the GPU, idle or in use (lock-free, as above)."""
+        entries = list(self._models.values())
+        return sum(e.size for e in entries if e.location is Location.GPU)
+
     def size_of(self, name: str) -> int:
         """Bytes of the weights of the models called `name` held here (0 if none)."""
         return sum(e.size for e in list(self._models.values()) if e.name == name)
@@ -375,9 +380,11 @@ class ModelManager:
 
     def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None,
                  reserve: int = 0) -> bool:
-        """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits
-        both the GPU cap and the free GPU memory, less `reserve` bytes (what the running
-        job will still allocate: its KV cache and activations), with a 20% margin.
+        """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits,
+        with a 20% margin and next to `reserve` bytes (what the running job will still
+        allocate: its KV cache and activations), both under the process cap
+        (LBS_GPU_MEMORY_LIMIT: the models on the GPU count against it) and in the free
+        GPU memory.
         Returns whether it did. The worker calls it from a thread once the running job's
         model has loaded; the copy runs outside the lock (a job that wants the model
         meanwhile waits for it; commands answer busy)."""
@@ -391,12 +398,13 @@ class ModelManager:
             cap = self.config.gpu_cap_bytes
             on_gpu = sum(e.size for e in self._models.values() if e.location is Location.GPU)
             free = (free_gpu_bytes or _free_gpu_bytes)()
-            if (cap and on_gpu + entry.size > cap) or entry.size * 1.2 + reserve > free:
+            needed = entry.size * 1.2 + reserve  # the running job allocates `reserve` still
+            if (cap and on_gpu + needed > cap) or needed > free:
                 return False
             entry.moving = True
         before, started = rss_bytes(), time.perf_counter()
         try:
-            moved = entry.runner.restore()
+            moved = entry.runner.restore(background=True)
         finally:
             with self._lock:
                 entry.moving = False
