@@ -10,7 +10,7 @@ import json
 
 from backend.datasets.base import ScoreEntry
 from backend.queue import jobs
-from backend.queue.db import JobState
+from backend.queue.db import Job, JobState
 
 NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
         "params": {"context_lengths": [256, 512], "depth_percents": [0, 50, 100]}}
@@ -147,6 +147,28 @@ def _run(factory, model, dataset, params, scores, entries=None, worker="w"):
         entries = get_dataset(dataset).aggregate([({}, s) for s in scores])
     jobs.finish_job(factory, job.id, worker, JobState.SUCCEEDED, scores=entries)
     return job.id
+
+
+def test_leaderboard_tells_runs_on_other_data_or_weights_apart(client, app):
+    """What only the run knows (its manifest: the data files' hash, the weights'
+    fingerprint) is part of a row's identity too."""
+    factory = app.extensions["lbs"].factory
+    ids = [_run(factory, "builtin:tiny", "gsm8k", {}, [1.0, 0.0]) for _ in range(4)]
+
+    def manifest(data: str, weights: str) -> dict:
+        return {"task": {"data": {"sha256": data * 64}, "prompt_code_sha256": "c" * 64},
+                "model": {"weights_sha256": weights * 64}}
+    for job_id, (data, weights) in zip(ids, ("aa", "ab", "ba", "aa"), strict=True):
+        with factory() as session:  # as the worker records it once the model loaded
+            session.get(Job, job_id).manifest = manifest(data, weights)
+            session.commit()
+    rows = client.get("/api/leaderboard").get_json()["data"]["rows"]
+    by_job = {r["job_id"]: r for r in rows}
+    # runs 1 and 4: same data and weights, one row; run 2 other weights; run 3 other data
+    assert set(by_job) == {ids[3], ids[1], ids[2]} and by_job[ids[3]]["runs"] == 2
+    assert by_job[ids[1]]["model_key"] != by_job[ids[3]]["model_key"]
+    assert by_job[ids[2]]["distinct"] == {"data_sha256": "b" * 16}
+    assert by_job[ids[3]]["distinct"] == {"data_sha256": "a" * 16}
 
 
 def _lm_eval_entries(acc: float) -> list[ScoreEntry]:

@@ -79,6 +79,18 @@ def task_identity(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(text.encode()).hexdigest()[:12], shown
 
 
+def recorded_identity(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The parts of a task's identity only the run knows, from its manifest: the hash of
+    the data files read and of the prompt code (none for a job run before manifests)."""
+    task = (manifest or {}).get("task") or {}
+    out = {}
+    if (task.get("data") or {}).get("sha256"):
+        out["data_sha256"] = task["data"]["sha256"][:16]
+    if task.get("prompt_code_sha256"):
+        out["prompt_code_sha256"] = task["prompt_code_sha256"][:16]
+    return out
+
+
 def _lm_eval_rows(session: Any, ids: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
     """Per lm-eval job, per task or group: its metrics in the order lm-eval wrote them."""
     out: dict[int, dict[str, dict[str, Any]]] = {}
@@ -111,7 +123,7 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
     with factory() as session:
         jobs = session.execute(
             sa.select(Job.id, Job.model, Job.dataset, Job.params, Job.started_at,
-                      Job.finished_at, Job.progress_done)
+                      Job.finished_at, Job.progress_done, Job.manifest)
             .where(Job.state == JobState.SUCCEEDED.value, Job.parent_id.is_(None))
             .order_by(Job.id.desc()).limit(MAX_JOBS)).all()
         ids = [j.id for j in jobs]
@@ -130,7 +142,10 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for job in jobs:  # newest first: the first run of a configuration is the one shown
         key, display = identities.setdefault(job.model, model_identity(job.model, resolve))
-        params = effective(job.dataset, job.params or {})
+        params = {**effective(job.dataset, job.params or {}), **recorded_identity(job.manifest)}
+        weights = ((job.manifest or {}).get("model") or {}).get("weights_sha256")
+        if weights:  # the same folder with other weights in it is another model
+            key = f"{key}#{weights[:12]}"
         duration = ((job.finished_at - job.started_at).total_seconds()
                     if job.started_at and job.finished_at else None)
         peak, score = peaks[job.id], overall.get(job.id)
