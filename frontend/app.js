@@ -1,6 +1,6 @@
 // LLM Bench Shower web page: plain ES modules, no build step. Everything the model
 // produced is inserted as text (textContent), never as HTML.
-import { heatmap } from "./charts.js";
+import { DIFFERENCE_SCALE, heatmap } from "./charts.js";
 import { fetchProgress } from "./datastatus.js";
 import { api, badge, fmtSeconds, h, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t, tr } from "./i18n.js";
@@ -138,6 +138,15 @@ async function viewCompare() {
     }
     paired.replaceChildren(pairedSection(cmp.data));
     if (cmp.data.a.dataset !== "needle_in_haystack") return;
+    const diff = cmp.data.heatmap_difference || [];
+    if (diff.length) {
+      paired.append(h("section", { id: "heatmap-difference", class: "breakdown" },
+        h("h4", { text: t("heatmap_difference") }),
+        h("div", { class: "chart-box" }, heatmap(diff.map((c) => ({ ...c, score: c.difference,
+          tooltip: `${t("context_length")} ${c.context_length}, ${t("depth")} ${c.depth_percent}: ` +
+            `A ${c.a.toFixed(2)} − B ${c.b.toFixed(2)} = ${c.difference.toFixed(2)}` })),
+        { xLabel: t("context_length"), yLabel: t("depth"), width: 420, scale: DIFFERENCE_SCALE }))));
+    }
     const picked = await Promise.all([a, b].map(async (id) => {
       const [jr, sr] = await Promise.all([api("GET", `/api/jobs/${id}`), api("GET", `/api/jobs/${id}/samples?per_page=5000`)]);
       return jr.ok ? { job: jr.data.job, samples: sr.ok ? sr.data.samples : [] } : null;

@@ -22,8 +22,22 @@ export function scoreColour(score) {
 /** Text colour that stays readable on scoreColour(score). */
 export function inkFor(score) { return score < 0.6 ? "#fff" : "#111"; }
 
-/** cells: [{context_length, depth_percent, score, tooltip}] -> SVG heatmap with legend. */
-export function heatmap(cells, { xLabel, yLabel, width = 640 } = {}) {
+/** A difference in [-1, 1]: blue where A is better, orange where B is, white at 0
+ * (two hues told apart with every common colour-vision deficiency). */
+export function differenceColour(d) {
+  const v = Math.max(-1, Math.min(1, Number(d) || 0));
+  const [r, g, b] = v >= 0 ? [0, 114, 178] : [213, 94, 0];
+  const mix = (c) => Math.round(255 + (c - 255) * Math.abs(v));
+  return `rgb(${mix(r)}, ${mix(g)}, ${mix(b)})`;
+}
+
+const SCORE_SCALE = { colour: scoreColour, ink: inkFor, stops: [1, 0.75, 0.5, 0.25, 0], top: "1.0", bottom: "0.0" };
+export const DIFFERENCE_SCALE = { colour: differenceColour, ink: (d) => (Math.abs(d) > 0.6 ? "#fff" : "#111"),
+  stops: [1, 0.5, 0, -0.5, -1], top: "+1 (A)", bottom: "−1 (B)" };
+
+/** cells: [{context_length, depth_percent, score, tooltip}] -> SVG heatmap with legend;
+ * `scale` DIFFERENCE_SCALE draws differences in [-1, 1] instead of scores. */
+export function heatmap(cells, { xLabel, yLabel, width = 640, scale = SCORE_SCALE } = {}) {
   const lengths = [...new Set(cells.map((c) => c.context_length))].sort((a, b) => a - b);
   const depths = [...new Set(cells.map((c) => c.depth_percent))].sort((a, b) => a - b);
   const left = 60, top = 10, cellW = Math.max(24, (width - left - 70) / lengths.length);
@@ -35,13 +49,13 @@ export function heatmap(cells, { xLabel, yLabel, width = 640 } = {}) {
     const x = left + lengths.indexOf(c.context_length) * cellW;
     const y = top + depths.indexOf(c.depth_percent) * cellH;
     const rect = svg("rect", { x, y, width: cellW - 1, height: cellH - 1,
-                               fill: scoreColour(c.score), class: "cell", tabindex: 0,
+                               fill: scale.colour(c.score), class: "cell", tabindex: 0,
                                "data-score": c.score });
     rect.append(svg("title", {}, c.tooltip));
     root.append(rect);
     if (cellW >= 26 && cellH >= 14) {  // the score in the cell, not only its colour
       root.append(svg("text", { x: x + cellW / 2, y: y + cellH / 2 + 4, "text-anchor": "middle",
-        class: "cell-label", fill: inkFor(c.score), "pointer-events": "none" },
+        class: "cell-label", fill: scale.ink(c.score), "pointer-events": "none" },
       c.score.toFixed(cellW >= 34 ? 2 : 1)));
     }
   }
@@ -56,15 +70,16 @@ export function heatmap(cells, { xLabel, yLabel, width = 640 } = {}) {
     yLabel || ""));
   // legend: a vertical gradient from 1 (top) to 0 (bottom)
   const lx = left + cellW * lengths.length + 20, lh = cellH * depths.length;
-  const grad = svg("linearGradient", { id: "lbs-legend", x1: 0, y1: 0, x2: 0, y2: 1 });
-  [[0, 1], [25, 0.75], [50, 0.5], [75, 0.25], [100, 0]].forEach(([o, s]) =>
-    grad.append(svg("stop", { offset: `${o}%`, "stop-color": scoreColour(s) })));
+  const gradId = scale === SCORE_SCALE ? "lbs-legend" : "lbs-legend-difference";
+  const grad = svg("linearGradient", { id: gradId, x1: 0, y1: 0, x2: 0, y2: 1 });
+  scale.stops.forEach((s, i) =>
+    grad.append(svg("stop", { offset: `${i * 25}%`, "stop-color": scale.colour(s) })));
   const defs = svg("defs");
   defs.append(grad);
-  root.append(defs, svg("rect", { x: lx, y: top, width: 14, height: lh, fill: "url(#lbs-legend)",
+  root.append(defs, svg("rect", { x: lx, y: top, width: 14, height: lh, fill: `url(#${gradId})`,
                                   class: "legend" }),
-              svg("text", { x: lx + 18, y: top + 10, class: "tick" }, "1.0"),
-              svg("text", { x: lx + 18, y: top + lh, class: "tick" }, "0.0"));
+              svg("text", { x: lx + 18, y: top + 10, class: "tick" }, scale.top),
+              svg("text", { x: lx + 18, y: top + lh, class: "tick" }, scale.bottom));
   return root;
 }
 

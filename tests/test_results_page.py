@@ -258,6 +258,7 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     # compared on the cells both grids have (256 tokens at depths 0 and 100)
     assert page.locator('#paired-figures dd[data-key="shared_items"]').inner_text() == "2"
     assert page.locator("#differing-params").inner_text().count("context_lengths") == 1
+    assert page.locator("#heatmap-difference rect.cell").count() == 2
     shoot(page, "compare", redraw=False)
 
     # Delete asks first; the next job never gets the deleted id
