@@ -74,7 +74,7 @@ def weights_fingerprint(folder: Path | None) -> str | None:
 def model_identity(spec: Any) -> dict[str, Any]:
     """Where the model really is: a folder's real path (a hub snapshot's folder names
     its revision), a hub id, a runner target; and its weights' fingerprint."""
-    path = Path(spec.path).resolve() if getattr(spec, "path", None) else None
+    path = Path(spec.path).resolve() if spec.path else None
     revision = None
     if path is not None and path.parent.name == "snapshots":
         revision = path.name  # the hub cache's snapshots/<commit>
@@ -100,7 +100,8 @@ def build_manifest(job: Any, runner: Any, method: str | None,
     if job.dataset.name == "lm_eval":
         versions["lm-eval"] = _version("lm-eval")
     chat = job.dataset.chat_template(job.params)
-    template = getattr(getattr(runner, "tokenizer", None), "chat_template", None)
+    settings = runner.run_settings()
+    template = settings.pop("chat_template", None)
     return {
         "versions": {k: v for k, v in versions.items() if v is not None},
         "model": model_identity(job.spec),
@@ -110,8 +111,7 @@ def build_manifest(job: Any, runner: Any, method: str | None,
             "data": data_identity(data_files),
             "prompt_code_sha256": _sha256_text(inspect.getsource(type(job.dataset))),
             "chat_template": chat,
-            "chat_template_sha256": _sha256_text(template) if chat and isinstance(
-                template, str) else None},
-        "inference": {"method": method or "default", **runner.run_settings()},
+            "chat_template_sha256": _sha256_text(template) if chat and template else None},
+        "inference": {"method": method or "default", **settings},
         "decoding": "greedy (no sampling: no seed involved)",
     }

@@ -344,7 +344,8 @@ class Runner(HeldModel, ABC):
 
     def run_settings(self) -> dict[str, Any]:
         """How this loaded model computes (device, dtype, attention, cache…), for the
-        job's run manifest; JSON values, never a secret."""
+        job's run manifest; JSON values, never a secret. `chat_template`: the template
+        text prompts are wrapped in, if the runner renders one (hashed, not stored)."""
         return {}
 
 class PromptView:

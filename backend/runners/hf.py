@@ -716,7 +716,9 @@ class HFRunner(Runner):
             "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
             "attention": getattr(self.model.config, "_attn_implementation", None),
             "cache": "static" if self.static_cache else "dynamic",
-            "shared_prefixes": self.share_prefixes}
+            "shared_prefixes": self.share_prefixes,
+            "chat_template": self.tokenizer.chat_template
+            if isinstance(self.tokenizer.chat_template, str) else None}
         if self.device.startswith("cuda") and torch.cuda.is_available():
             out["device_name"] = torch.cuda.get_device_name(torch.device(self.device))
         device_map = getattr(self.model, "hf_device_map", None)

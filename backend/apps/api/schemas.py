@@ -307,7 +307,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         events=job.events or [],
         manifest={**job.manifest, "started_at": _iso(job.started_at),
                   "finished_at": _iso(job.finished_at)}
-        if getattr(job, "manifest", None) else None)
+        if job.manifest else None)
 
 
 def _iso(moment: datetime | None) -> str | None:
