@@ -213,7 +213,10 @@ def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_c
         while worker.run_once():
             pass
     order = sorted((jobs.get_job(factory, i).started_at, i) for i in (a1, b, a2))
-    loads = sum(c for k, c in worker.manager.load_counts.items() if k[0] == "builtin:tiny")
+    from backend.runners.models import resolve_model
+
+    tiny = str(resolve_model("builtin:tiny", s).path.resolve())  # models are keyed by folder
+    loads = sum(c for k, c in worker.manager.load_counts.items() if k[0] == tiny)
     if affinity == "0":
         assert [i for _, i in order] == [a1, b, a2]  # strict queue order
     else:
