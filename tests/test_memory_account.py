@@ -8,6 +8,7 @@ way a dataset states its worst batch for admission, with the real token counts."
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import replace
 from functools import wraps
@@ -259,6 +260,8 @@ def test_an_lm_eval_task_mix(settings, with_tiny, monkeypatch, tmp_path):
     from backend.datasets.lm_eval_tasks import LmEvalTasks
 
     monkeypatch.setattr(LmEvalTasks, "include_path", (str(folder),))
+    # as LBS_LM_EVAL_INCLUDE_PATH would: prepare configures the dataset from the settings
+    settings = dataclasses.replace(settings, lm_eval_include_path=(str(folder),))
     job = prepare("builtin:tiny", "lm_eval",
                   {"tasks": ["lbs_mc", "lbs_gen", "lbs_ppl"], "batch_size": 4}, settings,
                   confine=False)
