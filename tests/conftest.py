@@ -33,15 +33,29 @@ orphans included. Not LBS_*: the data_dir fixture clears those."""
 os.environ.setdefault(RUN_MARK, uuid.uuid4().hex)
 
 
+def _own_helpers() -> set:
+    """PIDs of the helpers multiprocessing keeps for this process (its resource
+    tracker, its fork server): they end when this process does, so are no leak."""
+    import multiprocessing.forkserver as forkserver
+    import multiprocessing.resource_tracker as resource_tracker
+
+    pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
+            getattr(forkserver._forkserver, "_forkserver_pid", None)}
+    return {pid for pid in pids if pid}
+
+
 def _left_running() -> list:
     """This run's processes still alive (its children, and any process, orphaned or
-    not, whose environment carries this run's mark), this process excepted."""
+    not, whose environment carries this run's mark), this process and its own
+    multiprocessing helpers excepted."""
     import psutil
 
     me, mark = os.getpid(), os.environ[RUN_MARK]
-    found = {p.pid: p for p in psutil.Process(me).children(recursive=True)}
+    skip = _own_helpers() | {me}
+    found = {p.pid: p for p in psutil.Process(me).children(recursive=True)
+             if p.pid not in skip}
     for proc in psutil.process_iter():
-        if proc.pid == me or proc.pid in found:
+        if proc.pid in skip or proc.pid in found:
             continue
         try:
             if proc.environ().get(RUN_MARK) == mark:
