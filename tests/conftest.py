@@ -142,8 +142,15 @@ def _unconfined_reads():
     yield
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One LBS_CACHE_DIR for the whole run, as a user's ~/.cache is shared by all their
+    servers and workers: lm-eval's task index is built once per run, not per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch) -> Path:
+def data_dir(tmp_path, monkeypatch, shared_cache) -> Path:
     """Every test gets its own data dir; no test reads a user's .env or settings."""
     for name in list(os.environ):
         if name.startswith("LBS_") or name in SEED_SETTINGS:
@@ -152,10 +159,26 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.setenv("LBS_DATA_DIR", str(data))
+    monkeypatch.setenv("LBS_CACHE_DIR", str(shared_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "zoo").mkdir()  # model folders from the API must lie under LBS_MODEL_DIRS
     monkeypatch.setenv("LBS_MODEL_DIRS", str(tmp_path / "zoo"))
     return data
+
+
+@pytest.fixture
+def tasks_dir(tmp_path, monkeypatch) -> Path:
+    """The fixture YAMLs with their data files at absolute paths, as LBS_LM_EVAL_INCLUDE_PATH."""
+    folder = tmp_path / "lm_eval_tasks"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "lm_eval", folder)
+    for yaml in folder.glob("*.yaml"):
+        text = yaml.read_text()
+        for data in ("mc.jsonl", "gen.jsonl", "text.jsonl"):
+            text = text.replace(f": {data}", f": {folder / data}")
+        yaml.write_text(text)
+    monkeypatch.setenv("LBS_LM_EVAL_INCLUDE_PATH", str(folder))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return folder
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,21 +21,6 @@ from tests.test_faults import _rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 TASKS = ["lbs_gen", "lbs_mc", "lbs_ppl"]
-
-
-@pytest.fixture
-def tasks_dir(tmp_path, monkeypatch) -> Path:
-    """The fixture YAMLs with their data files at absolute paths, as LBS_LM_EVAL_INCLUDE_PATH."""
-    folder = tmp_path / "lm_eval_tasks"
-    shutil.copytree(FIXTURES, folder)
-    for yaml in folder.glob("*.yaml"):
-        text = yaml.read_text()
-        for data in ("mc.jsonl", "gen.jsonl", "text.jsonl"):
-            text = text.replace(f": {data}", f": {folder / data}")
-        yaml.write_text(text)
-    monkeypatch.setenv("LBS_LM_EVAL_INCLUDE_PATH", str(folder))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    return folder
 
 
 def _ours(tasks: list[str], extra: dict | None = None):

@@ -193,6 +193,18 @@ def _optional_path(raw: str) -> Path | None:
     return _path(raw) if raw.strip() else None
 
 
+def _cache_path(raw: str) -> Path | None:
+    """Empty: the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/llm-bench-shower;
+    `off`: no cache."""
+    text = raw.strip()
+    if text.lower() == "off":
+        return None
+    if text:
+        return _path(text)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return _path(base) / "llm-bench-shower"
+
+
 def _path_list(raw: str) -> tuple[str, ...]:
     return tuple(d for d in raw.strip().split(os.pathsep) if d)
 
@@ -253,6 +265,12 @@ class Settings:
     data_dir: Path = setting(
         "LBS_DATA_DIR", "./data", _path, "a folder path",
         "Folder for the SQLite database, the built-in model and logs.")
+    cache_dir: Path | None = setting(
+        "LBS_CACHE_DIR", "", _cache_path, "a folder path, `off`, or empty",
+        "Folder for caches shared by every server and worker of this user (lm-eval's task "
+        "index, read in under a second instead of built in ~15 s); empty means "
+        "`$XDG_CACHE_HOME/llm-bench-shower` (`~/.cache/llm-bench-shower`); `off` keeps "
+        "no cache.", default_means="`~/.cache/llm-bench-shower`")
     database_url: str = setting(
         "LBS_DATABASE_URL", "", _text, "a SQLAlchemy URL, or empty",
         "SQLAlchemy database URL; empty means the SQLite file `<data dir>/lbs.sqlite3`. "

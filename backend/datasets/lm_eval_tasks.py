@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
@@ -90,10 +91,13 @@ class LmEvalTasks(Dataset):
                    "HellaSwag, ...) with its official prompts and metrics, scored by "
                    "lm-eval's own aggregation")
     Params = LmEvalParams
-    cost = "depends on the tasks; lm-eval's task index takes ~15 s to build per job"
+    cost = ("depends on the tasks; lm-eval's task index is built once (~15 s) and kept "
+            "in LBS_CACHE_DIR")
 
     include_path: ClassVar[tuple[str, ...]] = ()
     """LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
+    cache_dir: ClassVar[Path | None] = None
+    """LBS_CACHE_DIR (set by `configure`): where lm-eval's task index is kept."""
 
     breakdowns: ClassVar[list[dict[str, Any]]] = [
         {"kind": "table", "key": "metrics", "title": "lm-eval results (per task and group)",
@@ -119,6 +123,7 @@ class LmEvalTasks(Dataset):
 
     def configure(self, settings: Any) -> None:
         type(self).include_path = tuple(settings.lm_eval_include_path)
+        type(self).cache_dir = settings.cache_dir
 
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
@@ -168,9 +173,9 @@ class LmEvalTasks(Dataset):
     def _load(self, params: LmEvalParams) -> dict[str, Any]:
         started = time.perf_counter()
         paths = tuple(self.include_path)
-        manager = _task_manager(paths, False) if paths else None
+        manager = _task_manager(paths, False, self.cache_dir) if paths else None
         if manager is None or any(t not in manager.all_tasks for t in params.tasks):
-            manager = _task_manager(paths, True)
+            manager = _task_manager(paths, True, self.cache_dir)
         unknown = [t for t in params.tasks if t not in manager.all_tasks]
         if unknown:
             raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
@@ -375,20 +380,16 @@ class LmEvalTasks(Dataset):
 _managers: dict[tuple, Any] = {}
 
 
-def _task_manager(paths: tuple[str, ...], defaults: bool) -> Any:
-    """lm-eval's TaskManager (its task index) for these folders, built once per worker
-    process: indexing lm-eval's own tasks takes ~13 s. Tasks are loaded fresh per job;
-    a YAML added or changed in the folders makes a new index."""
-    from pathlib import Path
+def _task_manager(paths: tuple[str, ...], defaults: bool, cache_dir: Path | None) -> Any:
+    """lm-eval's TaskManager (its task index) for these folders, once per worker process
+    and index (`lm_eval_index`: read from the cache folder, or built in ~15 s and stored
+    there). Tasks are loaded fresh per job; a file added or changed in the folders makes
+    a new index."""
+    from backend.datasets.lm_eval_index import digests, task_manager
 
-    from lm_eval.tasks import TaskManager
-
-    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for d in paths
-                         for f in Path(d).rglob("*.yaml") if f.is_file()))
-    key = (paths, defaults, stamp)
+    key = (paths, defaults, digests(paths, defaults))
     if key not in _managers:
-        _managers[key] = TaskManager(include_path=list(paths) or None,
-                                     include_defaults=defaults)
+        _managers[key] = task_manager(paths, defaults, cache_dir)
     return _managers[key]
 
 
@@ -445,7 +446,8 @@ def cached_task_list(include: tuple[str, ...]) -> list[dict[str, Any]] | None:
         if key in _pending:
             return None
         _pending.add(key)
-    threading.Thread(target=_index, args=(key,), daemon=True, name="lm-eval-index").start()
+    threading.Thread(target=_index, args=(key, LmEvalTasks.cache_dir), daemon=True,
+                     name="lm-eval-index").start()
     return None
 
 
@@ -454,9 +456,14 @@ def cached_task_names(include: tuple[str, ...]) -> set[str] | None:
     return None if tasks is None else {t["name"] for t in tasks}
 
 
-def _index(key: tuple[str, ...]) -> None:
+def _cache_arg(cache_dir: Path | None) -> list[str]:
+    return ["--cache", "off" if cache_dir is None else str(cache_dir)]
+
+
+def _index(key: tuple[str, ...], cache_dir: Path | None) -> None:
     try:
-        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks", *key],
+        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks",
+                              *_cache_arg(cache_dir), *key],
                              capture_output=True, text=True, timeout=600, check=True)
         tasks = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - the list stays unknown; jobs still run
@@ -468,11 +475,9 @@ def _index(key: tuple[str, ...]) -> None:
             _cache[key] = tasks
 
 
-def list_tasks(include: list[str]) -> list[dict[str, Any]]:
+def list_tasks(include: list[str], cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every task and group lm-eval knows (its own and those under `include`)."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include or None)
+    manager = _task_manager(tuple(include), True, cache_dir)
     rows = []
     for name in manager.all_tasks:
         entry = manager.task_index[name]
@@ -520,7 +525,8 @@ def request_shapes(include: tuple[str, ...], params: LmEvalParams) -> dict[str, 
             return _shapes[key]
     try:
         out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks",
-                              "--shapes", json.dumps(asked), *include],
+                              *_cache_arg(LmEvalTasks.cache_dir), "--shapes",
+                              json.dumps(asked), *include],
                              capture_output=True, text=True, timeout=600, check=True)
         shapes = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
@@ -531,12 +537,14 @@ def request_shapes(include: tuple[str, ...], params: LmEvalParams) -> dict[str, 
     return shapes
 
 
-def build_shapes(include: list[str], asked: dict[str, Any]) -> dict[str, Any]:
+def build_shapes(include: list[str], asked: dict[str, Any],
+                 cache_dir: Path | None = None) -> dict[str, Any]:
     """For each request type of the tasks' built requests: the longest context (or
     text) and continuation in UTF-8 bytes, the most choices of one document, the
     largest generation budget and how many requests there are."""
     dataset = LmEvalTasks()
     type(dataset).include_path = tuple(include)
+    type(dataset).cache_dir = cache_dir
     params = LmEvalParams.model_validate(asked)
     items = dataset.build_items(params, None)
     shapes: dict[str, dict[str, int]] = {}
@@ -565,7 +573,12 @@ def build_shapes(include: list[str], asked: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.disable(logging.WARNING)
-    if sys.argv[1:2] == ["--shapes"]:
-        print(json.dumps(build_shapes(sys.argv[3:], json.loads(sys.argv[2]))))
+    args = sys.argv[1:]
+    cache: Path | None = None
+    if args[:1] == ["--cache"]:
+        cache = None if args[1] == "off" else Path(args[1])
+        args = args[2:]
+    if args[:1] == ["--shapes"]:
+        print(json.dumps(build_shapes(args[2:], json.loads(args[1]), cache)))
     else:
-        print(json.dumps(list_tasks(sys.argv[1:])))
+        print(json.dumps(list_tasks(args, cache)))
