@@ -168,6 +168,7 @@ def test_the_dataclass_defaults_are_the_definitions(monkeypatch, data_dir):
     the derived ones included (database, server URL, datasets folder)."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("LBS_MODEL_DIRS")  # conftest's; LBS_DATA_DIR stays set
+    monkeypatch.delenv("LBS_CACHE_DIR")  # conftest's shared cache
     loaded = load_settings()
     assert Settings(data_dir=data_dir.resolve(), hub_offline=True) == loaded
     assert loaded.server_url == "http://127.0.0.1:8080"
