@@ -11,14 +11,14 @@ const TEXT = {
     ready: "data ready", items: "items", missing: "data missing", fetch: "Fetch",
     fetching: "fetching data", failed: "fetch failed", run: "get it with", copy: "or copy the files into",
     hub: "hub", bundled: "bundled data", folder: "folder", "hub cache": "Hugging Face cache",
-    counting: "counting items…",
+    counting: "counting items…", per_task: "data per task: see each task below",
     random: "random weights: a smoke test of the harness, scores near 0 are expected",
   },
   zh: {
     ready: "数据已就绪", items: "条", missing: "缺少数据", fetch: "获取",
     fetching: "正在获取数据", failed: "获取失败", run: "获取命令", copy: "或把文件复制到",
     hub: "Hub", bundled: "内置数据", folder: "文件夹", "hub cache": "Hugging Face 缓存",
-    counting: "正在统计条数…",
+    counting: "正在统计条数…", per_task: "数据按任务检查：见下方各任务",
     random: "随机权重：仅用于检验评测流程，得分接近 0 属正常",
   },
 };
@@ -36,6 +36,7 @@ function content(name, data, refresh) {
   }
   const out = [];
   if (fetch && fetch.state === "failed") out.push(h("span", { class: "error", text: `${tr("failed")}: ${fetch.error || ""} ` }));
+  if (data.state === "per_task") return [`ⓘ ${tr("per_task")}`];
   if (data.state === "ready") {
     const items = data.items === null || data.items === undefined
       ? (data.parts?.length ? tr("counting") : "") : `${data.items} ${tr("items")}`;

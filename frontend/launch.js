@@ -44,6 +44,71 @@ function listInput(id, name, items, value) {
   return box;
 }
 
+// A list of names searched on the server (lm-eval's ~15k tasks: GET /api/lm_eval/tasks):
+// suggestions as the user types, and under the box whether each chosen name's data is
+// here (or how to get it), so a job whose data is missing is seen before it is sent.
+function searchedList(id, name, url, value) {
+  const input = listInput(id, name, { type: "string" }, value);
+  const listId = `${id}-known`, options = h("datalist", { id: listId });
+  const state = h("div", { class: "task-data", "aria-live": "polite" });
+  let known = new Set(), typing = null, checking = null;
+  const query = async (params) => {
+    const res = await api("GET", `${url}?${new URLSearchParams(params)}`);
+    return res.ok ? res.data : null;
+  };
+  const suggest = async () => {
+    const data = await query({ q: search.value.trim(), limit: 20 });
+    if (!data) return;
+    if (data.status === "indexing") {
+      state.replaceChildren(h("span", { class: "hint", text: t("tasks_indexing") }));
+      setTimeout(suggest, 2000);
+      return;
+    }
+    known = new Set(data.tasks.map((x) => x.name));
+    options.replaceChildren(...data.tasks.map((x) => h("option", { value: x.name,
+      label: `${x.kind}${x.data?.state === "missing" ? ` · ${t("data_missing_short")}` : ""}` })));
+  };
+  const check = async () => {
+    const names = readList(input);
+    if (!names.length) { state.replaceChildren(); return; }
+    const data = await query({ names: names.join(","), limit: 500 });
+    if (!data) return;
+    if (data.status === "indexing") { setTimeout(check, 2000); return; }
+    const found = new Map(data.tasks.map((x) => [x.name, x]));
+    state.replaceChildren(...names.map((n) => {
+      const row = found.get(n);
+      if (!row) return h("div", { class: "task-state unknown", "data-task": n, text: `? ${n}: ${t("task_unknown")}` });
+      const d = row.data || {};
+      const runs = row.runs ? ` · ${row.runs.count} ${t("tasks_word")}` : "";
+      if (d.state !== "missing") {
+        const where = d.source === "hub" ? `${d.hub}${d.config ? ` (${d.config})` : ""}` : d.source || "";
+        return h("div", { class: "task-state ready", "data-task": n, text: `✓ ${n}${runs} ${where}` });
+      }
+      return h("div", { class: "task-state missing", "data-task": n },
+        `✗ ${n}${runs}: ${t("data_missing_short")}`,
+        d.hub ? ` (${d.hub}${d.config ? `, ${d.config}` : ""})` : "",
+        d.how?.fetch_command ? h("small", {}, ` ${t("get_it_with")} `, h("code", { text: d.how.fetch_command })) : "");
+    }));
+  };
+  const search = h("input", { type: "search", list: listId, class: "list-search", autocomplete: "off",
+    placeholder: t("search_add_hint"), "aria-label": t("search_add_hint"),
+    oninput: () => { clearTimeout(typing); typing = setTimeout(suggest, 250); },
+    onchange: () => {
+      const picked = search.value.trim();
+      if (!known.has(picked)) return;
+      const parts = readList(input);
+      if (!parts.includes(picked)) input.value = [...parts, picked].join(", ");
+      search.value = "";
+      check();
+    } });
+  input.addEventListener("input", () => { clearTimeout(checking); checking = setTimeout(check, 400); });
+  const box = h("span", { class: "list-with-search" }, input, search, options, state);
+  box.labelTarget = input;
+  suggest();
+  check();
+  return box;
+}
+
 function listOrRange(name, s) {
   const isRange = s.default && !Array.isArray(s.default) && typeof s.default === "object";
   const mode = (m) => h("label", { class: "choice" }, h("input", { type: "radio", name: `${name}-mode`, value: m,
@@ -75,6 +140,7 @@ function inputFor(name, schema, defs) {
       s.items.enum.map((v) => h("label", { class: "choice" },
         h("input", { type: "checkbox", value: v, checked: (value || []).includes(v) }), ` ${v}`)));
   }
+  if (s.type === "array" && s["x-search"]) return searchedList(id, name, s["x-search"], value);
   if (s.type === "array") return listInput(id, name, s.items, value);
   if (s.enum) {
     return h("select", { id, name, "data-kind": "string" },

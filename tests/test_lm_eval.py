@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import ARTIFACTS, LiveServer
 from tests.test_faults import _rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
@@ -231,18 +231,19 @@ def test_killed_worker_resumes_to_the_same_numbers(with_tiny, tasks_dir):
     assert json.dumps(sorted(resumed)) == json.dumps(sorted(fresh))
 
 
-def _task_list(live, timeout=600):
-    """GET /api/datasets until the lm_eval entry carries its task list (indexed off the
-    request path: the first answers say `indexing`)."""
+def _task_list(live, timeout=600, **query):
+    """GET /api/lm_eval/tasks until the index is built (off the request path: the first
+    answers say `indexing`); the page of tasks the query finds."""
+    from urllib.parse import urlencode
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         started = time.monotonic()
-        (ds,) = [d for d in live.request("GET", "/api/datasets")[1]["data"]["datasets"]
-                 if d["name"] == "lm_eval"]
-        assert time.monotonic() - started < 10, "the listing waited for the index"
-        if isinstance(ds["tasks"], list):
-            return ds
-        assert ds["tasks"] == {"status": "indexing"}
+        status, body = live.request("GET", f"/api/lm_eval/tasks?{urlencode(query)}")
+        assert status == 200, body
+        assert time.monotonic() - started < 10, "the search waited for the index"
+        if body["data"]["status"] == "ready":
+            return body["data"]
         time.sleep(1)
     raise AssertionError("the task list never came")
 
@@ -253,7 +254,7 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
                                   "HF_DATASETS_OFFLINE": "1"}).start()
     try:
         live.wait_for_worker()
-        ds = _task_list(live)
+        ds = _task_list(live, names="lbs_gen,lbs_group,arc_easy,hellaswag")
         by_name = {t["name"]: t for t in ds["tasks"]}
         assert by_name["lbs_gen"]["version"] == 2.0
         assert by_name["lbs_gen"]["output_type"] == "generate_until"
@@ -269,11 +270,18 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
         page.check("#ds-lm_eval")
         fs = page.locator('fieldset[data-dataset="lm_eval"]')
         search = fs.locator("input.list-search")
-        search.fill("lbs_mc")
-        search.dispatch_event("change")
-        search.fill("lbs_ppl")
-        search.dispatch_event("change")
+        for name in ("lbs_mc", "lbs_ppl"):
+            search.fill(name)  # suggestions come from GET /api/lm_eval/tasks
+            fs.locator(f'datalist option[value="{name}"]').wait_for(state="attached")
+            search.dispatch_event("change")
         assert fs.locator('input[name="tasks"]').input_value() == "lbs_mc, lbs_ppl"
+        # each chosen task says its data is here (local files next to the YAML)
+        fs.locator('.task-state.ready[data-task="lbs_ppl"]').wait_for()
+        fs.locator('input[name="tasks"]').fill("lbs_mc, arc_easy")
+        fs.locator('.task-state.missing[data-task="arc_easy"]').wait_for()
+        assert "data fetch lm_eval --tasks arc_easy" in fs.locator(".task-data").inner_text()
+        page.screenshot(path=ARTIFACTS / "lm-eval-task-picker.png", full_page=True)
+        fs.locator('input[name="tasks"]').fill("lbs_mc, lbs_ppl")
         fs.locator('input[name="limit"]').fill("2")
         page.click("#launch-submit")
         try:

@@ -28,10 +28,15 @@ def add_parser(sub: Any) -> None:
     fetch.add_argument("dataset")
     fetch.add_argument("--subsets", "--subjects", nargs="+", metavar="PART",
                        help="only these parts (C-Eval subjects); default: all")
+    fetch.add_argument("--tasks", nargs="+", metavar="TASK",
+                       help="lm_eval: the tasks, groups or tags whose datasets to load into "
+                            "the Hugging Face datasets cache")
     fetch.add_argument("--progress-file", help=argparse.SUPPRESS)
     status = dsub.add_parser("status", help="which datasets' data is ready, where, how many "
                                             "items")
     status.add_argument("dataset", nargs="?")
+    status.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="lm_eval: whether these tasks' data is here")
     status.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -59,7 +64,66 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ds.datasets_dir = settings.datasets_dir
+    if ds.data_per_task:
+        return _fetch_tasks(ds, args, settings)
     return _fetch(ds, args, settings)
+
+
+def _task_rows(ds: Any, settings: Any) -> list[dict[str, Any]]:
+    from backend.datasets.lm_eval_tasks import list_tasks
+
+    ds.configure(settings)
+    return list_tasks(list(ds.include_path), settings.cache_dir)
+
+
+def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
+    """Load each named lm-eval task once with downloads on, as a job would: `datasets`
+    prepares the task's hub data in its cache, where offline jobs read it."""
+    from backend.datasets import lm_eval_catalog as catalog
+
+    if not args.tasks:
+        print(f"error: name the tasks: data fetch {ds.name} --tasks arc_easy ...",
+              file=sys.stderr)
+        return 2
+    if settings.hub_offline:
+        print("error: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: nothing can be downloaded",
+              file=sys.stderr)
+        return 2
+    print("indexing lm-eval's tasks…", file=sys.stderr)
+    rows = _task_rows(ds, settings)
+    index = catalog.by_name(rows)
+    unknown = [t for t in args.tasks if t not in index]
+    if unknown:
+        print(f"error: unknown lm-eval task(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    missing = catalog.missing_data(args.tasks, rows)
+    local = [m for m in missing if m["source"] == "local"]
+    if local:
+        print("error: " + catalog.missing_message(local, True, False), file=sys.stderr)
+        return 1
+    if not missing:
+        print("every task's data is already here")
+        return 0
+    from backend.datasets.lm_eval_tasks import _task_manager
+
+    manager = _task_manager(tuple(ds.include_path), True, settings.cache_dir)
+    failed = 0
+    for m in missing:
+        print(f"fetching data: {m['task']} from the hub dataset {m['hub']}"
+              + (f" ({m['config']})" if m["config"] else ""), file=sys.stderr)
+        try:
+            manager.load([m["task"]])  # lm-eval's own download of the task's data
+        except Exception as exc:  # noqa: BLE001 - report any hub/network error plainly
+            failed += 1
+            print(f"error: fetching {m['hub']} for {m['task']} failed: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  file=sys.stderr)
+    left = catalog.missing_data(args.tasks, rows)
+    for m in left:
+        print(f"  still missing: {m['task']} ({m['hub']})", file=sys.stderr)
+    print(f"{len(missing) - len(left)} of {len(missing)} task(s) fetched into "
+          f"{catalog.datasets_cache()}")
+    return 1 if failed or left else 0
 
 
 def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
@@ -123,6 +187,8 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
     from backend.datasets.status import dataset_status
 
     names = [args.dataset] if args.dataset else dataset_names()
+    if args.tasks:
+        return _task_status(args, settings, names)
     out = {}
     for name in names:
         try:
@@ -140,7 +206,40 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
         where = st["where"] or st.get("reason") or ""
         items = "" if st["items"] is None else f", {st['items']} items"
         print(f"{name:<20} {st['state']:<8} {st['source'] or '':<10} {where}{items}")
+        if st["state"] == "per_task":
+            print(f"{'':<20} per task: python -m backend.apps.cli data status {name} "
+                  "--tasks arc_easy ...")
         if st["state"] == "missing" and st["how"].get("fetch_command"):
             print(f"{'':<20} get it: {st['how']['fetch_command']}  (hub: "
                   f"{st['how']['hub']['repo_id']}; or copy into {st['how']['copy_to']})")
     return 0
+
+
+def _task_status(args: argparse.Namespace, settings: Any, names: list[str]) -> int:
+    from backend.datasets import lm_eval_catalog as catalog
+    from backend.datasets.registry import get_dataset
+
+    ds = get_dataset(names[0]) if names else None
+    if ds is None or not ds.data_per_task:
+        print("error: --tasks is for lm_eval: data status lm_eval --tasks ...",
+              file=sys.stderr)
+        return 2
+    rows = _task_rows(ds, settings)
+    index = catalog.by_name(rows)
+    out = {}
+    for asked in args.tasks:
+        if asked not in index:
+            out[asked] = {"state": "unknown_task"}
+            continue
+        for leaf in catalog.leaves(asked, index):
+            out[leaf] = catalog.task_data(index[leaf])
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        for task, st in out.items():
+            where = st.get("where") or st.get("hub") or ""
+            print(f"{task:<40} {st['state']:<8} {st.get('source') or '':<6} {where}")
+        missing = [t for t, st in out.items() if st["state"] == "missing"]
+        if missing:
+            print(f"get it: {catalog.fetch_command(missing)}")
+    return 0 if all(st["state"] != "unknown_task" for st in out.values()) else 2

@@ -191,6 +191,29 @@ def build_server(api: ApiClient, http_token: str | None = None,
         return CallToolResult(content=[TextContent(type="text", text=datasets_summary(data))],
                               structured_content=data)
 
+    @tool(read_only=True, idempotent=True)
+    def search_lm_eval_tasks(
+            query: Annotated[str, Field(max_length=200)] = "",
+            kind: Literal["task", "py_task", "group", "tag"] | None = None,
+            tag: Annotated[str | None, Field(max_length=200)] = None,
+            group: Annotated[str | None, Field(max_length=200)] = None,
+            names: Annotated[list[str] | None, Field(max_length=500)] = None,
+            offset: Annotated[int, Field(ge=0)] = 0,
+            limit: Annotated[int, Field(ge=1, le=200)] = 20) -> dict[str, Any]:
+        """Search lm-evaluation-harness tasks for the lm_eval dataset (its `tasks`
+        parameter): `query` words in the name or hub dataset, or a `kind` (task, group,
+        tag), a `tag`, members of a `group`, or exactly these `names`; a page of `limit`
+        from `offset`, with `total`. Each task says whether its data is here
+        (data.state ready/missing, hub id and config, the command that fetches it); a
+        job naming a task whose data is missing is refused while downloads are off.
+        `status` is "indexing" for the first ~15 s after the server starts."""
+        from urllib.parse import urlencode
+
+        args = {"q": query, "kind": kind, "tag": tag, "group": group, "offset": offset,
+                "limit": limit, "names": ",".join(names) if names is not None else None}
+        text = urlencode({k: v for k, v in args.items() if v not in (None, "")})
+        return call("GET", f"/api/lm_eval/tasks?{text}")
+
     @tool()
     def submit_job(model: str, dataset: str, params: dict[str, Any] | None = None,
                    timeout_s: float | None = None, priority: int | None = None,

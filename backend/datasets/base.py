@@ -212,6 +212,10 @@ class Dataset:
     """Where the official data lives on the Hugging Face hub (a `hub.HubSource`), so
     that it can be fetched and read from the hub cache; None for bundled data."""
 
+    data_per_task: ClassVar[bool] = False
+    """Its data depends on the parameters (lm-eval: each task reads its own dataset):
+    the data status says so instead of "ready", and `check` refuses what is missing."""
+
     data_access: Any = None
     """A `hub.DataAccess` (set by evaluation.prepare): whether missing data may be
     fetched here, offline mode, and the progress callback."""

@@ -39,8 +39,16 @@ from backend.datasets.base import (
     ScoreEntry,
     batch_rows,
 )
+from backend.datasets.lm_eval_catalog import missing_data, missing_message
 
 log = logging.getLogger(__name__)
+
+
+TASK_SEARCH = "/api/lm_eval/tasks"
+
+EXAMPLES = Path(__file__).resolve().parent / "lm_eval_examples"
+"""Example task YAMLs that ship with the product (lbs_example_mc): always indexed, first,
+so a folder of LBS_LM_EVAL_INCLUDE_PATH may override them."""
 
 
 class LmEvalParams(DatasetParams):
@@ -48,7 +56,7 @@ class LmEvalParams(DatasetParams):
         min_length=1, max_length=64, title="Tasks",
         description="lm-evaluation-harness task or group names (e.g. arc_easy, mmlu), or "
                     "tasks from the local YAML folders of LBS_LM_EVAL_INCLUDE_PATH",
-        json_schema_extra={"x-choices-from": "tasks"})
+        json_schema_extra={"x-search": "/api/lm_eval/tasks"})
     num_fewshot: int | None = Field(
         None, ge=0, le=64, title="Few-shot examples",
         description="overrides each task's num_fewshot (lm_eval --num_fewshot); tasks "
@@ -91,11 +99,12 @@ class LmEvalTasks(Dataset):
                    "HellaSwag, ...) with its official prompts and metrics, scored by "
                    "lm-eval's own aggregation")
     Params = LmEvalParams
+    data_per_task = True
     cost = ("depends on the tasks; lm-eval's task index is built once (~15 s) and kept "
             "in LBS_CACHE_DIR")
 
-    include_path: ClassVar[tuple[str, ...]] = ()
-    """LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
+    include_path: ClassVar[tuple[str, ...]] = (str(EXAMPLES),)
+    """The bundled example tasks, then LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
     cache_dir: ClassVar[Path | None] = None
     """LBS_CACHE_DIR (set by `configure`): where lm-eval's task index is kept."""
 
@@ -122,17 +131,29 @@ class LmEvalTasks(Dataset):
         self._loaded: dict[str, Any] | None = None
 
     def configure(self, settings: Any) -> None:
-        type(self).include_path = tuple(settings.lm_eval_include_path)
+        type(self).include_path = (str(EXAMPLES), *settings.lm_eval_include_path)
         type(self).cache_dir = settings.cache_dir
 
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
             raise ParamError("methods", "not offered for lm_eval tasks")
-        known = cached_task_names(self.include_path)
-        if known is not None:
-            unknown = [t for t in params.tasks if t not in known]
-            if unknown:
-                raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
+        rows = cached_task_list(self.include_path)
+        if rows is None:
+            return  # still indexing: the worker says what it cannot find
+        known = {r["name"] for r in rows}
+        unknown = [t for t in params.tasks if t not in known]
+        if unknown:
+            raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}"
+                             + _suggest(unknown, known))
+        access = self.data_access
+        allowed = bool(access and access.allow_download and not access.offline)
+        missing = missing_data(list(params.tasks), rows)
+        # local files that do not exist are refused always; hub data when it cannot come
+        refused = [m for m in missing if m["source"] == "local" or not allowed]
+        if refused:
+            raise ParamError("tasks", missing_message(
+                refused, allow_download=bool(access and access.allow_download),
+                offline=bool(access and access.offline)))
 
     def worst_batches(self, params: LmEvalParams, model_max: int | None) -> list[BatchPlan]:
         """The job's batches from the lengths of the requests lm-eval builds for its
@@ -368,13 +389,30 @@ class LmEvalTasks(Dataset):
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
+        """Small: the task list itself is searched through GET /api/lm_eval/tasks (the
+        Launch form's search box, the MCP tool search_lm_eval_tasks)."""
         out = super().describe()
         tasks = cached_task_list(cls.include_path)
-        out["tasks"] = tasks if tasks is not None else {"status": "indexing"}
-        if tasks is not None:  # the Launch form offers these names in a search box
-            out["params_schema"]["properties"]["tasks"]["items"] = {
-                "type": "string", "examples": [t["name"] for t in tasks]}
+        out["tasks"] = ({"status": "indexing", "search": TASK_SEARCH} if tasks is None else
+                        {"status": "ready", "count": len(tasks), "search": TASK_SEARCH})
         return out
+
+
+
+
+
+def _suggest(unknown: list[str], known: set[str]) -> str:
+    """"; did you mean …" for names close to known ones (a typo, another case)."""
+    import difflib
+
+    lowered = {k.lower(): k for k in known}
+    hints = []
+    for name in unknown:
+        close = ([lowered[name.lower()]] if name.lower() in lowered else
+                 difflib.get_close_matches(name, known, n=3, cutoff=0.75))
+        if close:
+            hints.append(f"{name} -> {' or '.join(close)}")
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 _managers: dict[tuple, Any] = {}
@@ -389,8 +427,26 @@ def _task_manager(paths: tuple[str, ...], defaults: bool, cache_dir: Path | None
 
     key = (paths, defaults, digests(paths, defaults))
     if key not in _managers:
-        _managers[key] = task_manager(paths, defaults, cache_dir)
+        manager = task_manager(paths, defaults, cache_dir)
+        manager._factory = _paths_factory()(meta=manager.metadata)
+        _managers[key] = manager
     return _managers[key]
+
+
+def _paths_factory() -> type:
+    """lm-eval's TaskFactory whose task configs take relative local paths from the
+    folder of their YAML (lm_eval_catalog.resolve_local_paths) instead of the process's
+    working directory."""
+    from lm_eval.tasks._factory import TaskFactory
+
+    from backend.datasets.lm_eval_catalog import resolve_local_paths
+
+    class PathsFromYaml(TaskFactory):
+        def _load_full_config(self, entry: Any, overrides: Any = None) -> dict[str, Any]:
+            cfg = super()._load_full_config(entry, overrides)
+            return resolve_local_paths(cfg, entry.yaml_path)
+
+    return PathsFromYaml
 
 
 def parse_arg_string(text: str) -> dict[str, Any]:
@@ -451,11 +507,6 @@ def cached_task_list(include: tuple[str, ...]) -> list[dict[str, Any]] | None:
     return None
 
 
-def cached_task_names(include: tuple[str, ...]) -> set[str] | None:
-    tasks = _cache.get(tuple(include))
-    return None if tasks is None else {t["name"] for t in tasks}
-
-
 def _cache_arg(cache_dir: Path | None) -> list[str]:
     return ["--cache", "off" if cache_dir is None else str(cache_dir)]
 
@@ -476,21 +527,32 @@ def _index(key: tuple[str, ...], cache_dir: Path | None) -> None:
 
 
 def list_tasks(include: list[str], cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Every task and group lm-eval knows (its own and those under `include`)."""
+    """Every task, group and tag lm-eval knows (its own and those under `include`), with
+    what the catalogue needs (lm_eval_catalog): tags, a group's members, and where the
+    data is read from (local paths taken from the YAML's folder)."""
+    from backend.datasets.lm_eval_catalog import _flat, resolve_local_paths
+
     manager = _task_manager(tuple(include), True, cache_dir)
     rows = []
     for name in manager.all_tasks:
         entry = manager.task_index[name]
         cfg = entry.cfg if isinstance(getattr(entry, "cfg", None), dict) else {}
+        cfg = resolve_local_paths(json.loads(json.dumps(cfg, default=str)), entry.yaml_path)
         row = {"name": name, "kind": getattr(entry.kind, "name", str(entry.kind)).lower(),
                "yaml": str(entry.yaml_path or "")}
         version = (cfg.get("metadata") or {}).get("version") if isinstance(
             cfg.get("metadata"), dict) else None
         if version is not None:
             row["version"] = version
-        for key in ("output_type", "dataset_path", "dataset_name", "num_fewshot", "tag"):
-            if isinstance(cfg.get(key), str | int | float | list):
+        for key in ("output_type", "dataset_path", "dataset_name", "num_fewshot"):
+            if isinstance(cfg.get(key), str | int | float):
                 row[key] = cfg[key]
+        tags = sorted(getattr(entry, "tags", None) or [])
+        if tags:
+            row["tags"] = tags
+        kwargs = cfg.get("dataset_kwargs")
+        if isinstance(kwargs, dict) and kwargs.get("data_files"):
+            row["data_files"] = _flat(kwargs["data_files"])
         if isinstance(cfg.get("task"), list):  # a group: its tasks
             row["tasks"] = [t if isinstance(t, str) else str(t.get("task", t))
                             if isinstance(t, dict) else str(t) for t in cfg["task"]]

@@ -144,6 +144,12 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
     background (the CLI)."""
     can_fetch = allow_download and not offline and ds.hub is not None
     how = guidance(ds, allow_download=can_fetch)
+    if ds.data_per_task:
+        return {"state": "per_task", "source": None, "where": None, "parts": [],
+                "items": None, "how": how,
+                "reason": "each task reads its own data: the task search (GET "
+                          "/api/lm_eval/tasks, `data status lm_eval --tasks ...`) says "
+                          "which are here, and a job whose data is missing is refused"}
     if ds.hub is None and not ds.has_data_parts:
         return {"state": "ready", "source": "bundled", "where": None, "parts": [],
                 "items": None, "how": how}

@@ -20,13 +20,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, current_app, request
 from pydantic import BaseModel, Field, ValidationError
 
 from backend.apps.api.errors import ApiError
 from backend.apps.api.openapi import documented
+from backend.apps.api.schemas import Query
 from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
 from backend.datasets.status import dataset_status
 from backend.runners.models import list_local_models
@@ -110,6 +111,76 @@ def describe(name: str) -> dict[str, Any]:
 def list_datasets():
     datasets = [describe(name) for name in dataset_names()]
     return {"status": "success", "data": {"datasets": datasets}}
+
+
+class TaskQuery(Query):
+    q: str = Field("", max_length=200, description="words the task's name or hub dataset "
+                                                   "contains (all of them)")
+    kind: Literal["task", "py_task", "group", "tag"] | None = Field(
+        None, description="only tasks, Python tasks, groups or tags")
+    tag: str | None = Field(None, max_length=200, description="only tasks with this tag")
+    group: str | None = Field(None, max_length=200,
+                              description="only members of this group (at any level)")
+    names: str | None = Field(None, max_length=20000,
+                              description="exactly these names, comma-separated (e.g. a "
+                                          "job's tasks, to show their data state)")
+    offset: int = Field(0, ge=0, le=1_000_000)
+    limit: int = Field(50, ge=1, le=500)
+
+
+@bp.get("/api/lm_eval/tasks")
+@documented("search lm-evaluation-harness tasks, groups and tags (lm-eval's own and "
+            "LBS_LM_EVAL_INCLUDE_PATH's) by name, kind, tag or group, a page at a time, "
+            "each with whether its data is here (data: state ready/missing/unknown, source "
+            "hub/local, hub id and config, where) and, for a group or tag, the tasks it runs",
+            query=TaskQuery,
+            data={"status": {"type": "string", "description": "ready, or indexing (the "
+                                                               "first request starts it)"},
+                  "total": {"type": "integer"}, "offset": {"type": "integer"},
+                  "limit": {"type": "integer"}, "tasks": [{"type": "object"}],
+                  "downloads_allowed": {"type": "boolean"}},
+            errors=(422,))
+def search_lm_eval_tasks():
+    from backend.datasets import lm_eval_catalog as catalog
+    from backend.datasets.lm_eval_tasks import LmEvalTasks, cached_task_list
+
+    query = TaskQuery.model_validate(request.args.to_dict())
+    settings = current_app.extensions["lbs"].settings
+    LmEvalTasks().configure(settings)
+    rows = cached_task_list(LmEvalTasks.include_path)
+    allowed = settings.allow_data_download and not settings.hub_offline
+    base = {"offset": query.offset, "limit": query.limit, "downloads_allowed": allowed}
+    if rows is None:
+        return {"status": "success", "data": {"status": "indexing", "total": None,
+                                              "tasks": [], **base}}
+    if query.names is not None:
+        index = catalog.by_name(rows)
+        wanted = [n.strip() for n in query.names.split(",") if n.strip()]
+        found = [index[n] for n in wanted if n in index]
+        total, page = len(found), found[query.offset:query.offset + query.limit]
+    else:
+        total, page = catalog.search(rows, query.q, query.kind, query.tag, query.group,
+                                     query.offset, query.limit)
+    index = catalog.by_name(rows)
+    tasks = []
+    for row in page:
+        out = {k: v for k, v in row.items() if k not in ("data_files",)}
+        if row["kind"] in ("group", "tag"):
+            runs = catalog.leaves(row["name"], index)
+            out["runs"] = {"count": len(runs), "tasks": runs[:20]}
+            missing = catalog.missing_data([row["name"]], rows)
+            out["data"] = {"state": "missing" if missing else "ready",
+                           "missing": [m["task"] for m in missing][:20],
+                           "missing_count": len(missing)}
+        else:
+            out["data"] = catalog.task_data(row)
+        if out["data"]["state"] == "missing":
+            asked = [row["name"]]
+            out["data"]["how"] = {"fetch_command": catalog.fetch_command(asked),
+                                  "downloads_allowed": allowed}
+        tasks.append(out)
+    return {"status": "success", "data": {"status": "ready", "total": total,
+                                          "tasks": tasks, **base}}
 
 
 @bp.post("/api/datasets/<name>/fetch")
