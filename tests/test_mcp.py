@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "mcp-test-token"
 TOOLS = {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout",
-         "list_datasets", "submit_job", "get_job", "cancel_job"}
+         "list_datasets", "search_lm_eval_tasks", "submit_job", "get_job", "cancel_job"}
 NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 4}
 
 
@@ -104,8 +104,21 @@ def test_tools_datasets_and_a_job(server):
     async def scenario():
         async with session(server) as client:
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
-            names = [d["name"] for d in (await call(client, "list_datasets"))["datasets"]]
+            listed = await client.call_tool("list_datasets", {})
+            names = [d["name"] for d in listed.structured_content["datasets"]]
             assert "needle_in_haystack" in names and "echo" in names
+            size = sum(len(c.text) for c in listed.content) + len(
+                json.dumps(listed.structured_content))
+            assert size < 200_000, f"list_datasets is {size} bytes for an agent's context"
+            deadline = time.monotonic() + 300
+            while (found := await call(client, "search_lm_eval_tasks", query="arc easy",
+                                       limit=3))["status"] == "indexing":
+                assert time.monotonic() < deadline, "lm-eval's tasks were never indexed"
+                await asyncio.sleep(1)
+            assert found["tasks"][0]["name"] == "arc_easy" and len(found["tasks"]) == 3
+            assert found["tasks"][0]["data"]["state"] == "missing"
+            exact = await call(client, "search_lm_eval_tasks", names=["lbs_example_mc"])
+            assert exact["tasks"][0]["data"]["state"] == "ready"
 
             job = await call(client, "submit_job", model="builtin:tiny",
                              dataset="needle_in_haystack", params=NIAH, priority=5,
