@@ -169,7 +169,8 @@ function paramsForm(ds) {
     const grouped = ["multi", "listOrRange"].includes(control.dataset.kind);
     const label = grouped ? h("span", { class: "label", id: `label-${name}`, text: title })
       : h("label", { for: (control.labelTarget || control).id, text: title });
-    return h("div", { class: "field", "data-field": `params.${name}` }, label, control,
+    return h("div", { class: "field", "data-field": `params.${name}`, "data-title": title,
+                      "data-required": (schema.required || []).includes(name) ? "1" : null }, label, control,
       prop.description ? h("small", { text: tr(prop.description) }) : null,
       h("div", { class: "field-error", role: "alert" }));
   });
@@ -337,6 +338,17 @@ export async function viewLaunch(main) {
   const runEstimate = async () => {
     const jobs = jobsOf(), body = estimate.querySelector(".estimate-body");
     if (!jobs.length) { body.replaceWith(h("div", { class: "estimate-body muted", text: t("pick_to_estimate") })); return; }
+    // a required field not filled in yet (e.g. lm_eval's tasks right after ticking it)
+    // is a step still to take, not an error: say what to fill, mark nothing red
+    const unfilled = [...paramsBox.querySelectorAll('fieldset.params .field[data-required]')]
+      .filter((f) => [...f.querySelectorAll("input[name], select[name]")].every((i) => !i.value.trim()));
+    if (unfilled.length) {
+      ++asked;
+      clearErrors(form);
+      body.replaceWith(h("div", { class: "estimate-body muted",
+        text: `${t("fill_to_estimate")}: ${unfilled.map((f) => f.dataset.title).join(", ")}` }));
+      return;
+    }
     const mine = ++asked;
     const res = await api("POST", "/api/jobs/estimate", { jobs });
     if (mine !== asked) return;  // a newer estimate is on its way

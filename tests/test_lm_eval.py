@@ -269,6 +269,10 @@ def test_task_list_and_launch_form_search(with_tiny, tasks_dir, page):
         page.goto(live.url + "/#/launch")
         page.check("#ds-lm_eval")
         fs = page.locator('fieldset[data-dataset="lm_eval"]')
+        # tasks not chosen yet: the estimate says what to fill, nothing is marked wrong
+        page.locator("#launch-estimate", has_text="Tasks").wait_for()
+        assert fs.locator(".field-error").all_inner_texts() == [""] * fs.locator(
+            ".field-error").count()
         search = fs.locator("input.list-search")
         for name in ("lbs_mc", "lbs_ppl"):
             search.fill(name)  # suggestions come from GET /api/lm_eval/tasks
