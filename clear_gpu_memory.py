@@ -353,9 +353,9 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"GPU {gpu['index']} now: {gpu['used_mb']:.0f} / {gpu['total_mb']:.0f} MiB used")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str = "clear_gpu_memory.py") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="clear_gpu_memory.py",
+        prog=prog, epilog=f"example: {prog} --dry-run",
         description="Show what holds GPU memory, ask the server to release (or offload) "
                     "its models, and end stale workers.")
     action = parser.add_mutually_exclusive_group()
@@ -386,8 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "clear_gpu_memory.py") -> int:
+    args = parse_args(argv, prog)
     from backend.common.config import load_settings_or_report
     from backend.common.logs import setup_logging
     from backend.queue.scheduling import stale_after as default_stale_after

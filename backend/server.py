@@ -346,9 +346,10 @@ def startup_problem(exc: BaseException, settings: Settings) -> str:
     return f"cannot start: {reason}{where}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.server",
-                                     description="Serve LLM Bench Shower and run its workers.")
+def main(argv: list[str] | None = None, prog: str = "python -m backend.server") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Serve LLM Bench Shower and run its workers.",
+                                     epilog="example: lbs serve --port 8080")
     parser.add_argument("--no-workers", action="store_true",
                         help="serve the API only (run `python -m backend.apps.worker` yourself)")
     args = parser.parse_args(argv)

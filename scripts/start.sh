@@ -5,7 +5,7 @@
 # install downloads torch and takes minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "[start] installing the requirements into .venv (scripts/setup.sh)"
-bash scripts/setup.sh requirements.txt
-echo "[start] starting the server and its workers (Ctrl-C stops them)"
-exec .venv/bin/python -m backend.server "$@"
+echo "[start] installing llm-bench-shower with all its extras into .venv (scripts/setup.sh)"
+bash scripts/setup.sh all
+echo "[start] starting the server and its workers: lbs serve (Ctrl-C stops them)"
+exec .venv/bin/lbs serve "$@"

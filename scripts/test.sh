@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. -k niah, -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh requirements-dev.txt
+bash scripts/setup.sh dev
 # The browser tests drive Debian's Chromium (Playwright never downloads a browser here);
 # the queue tests also run on a PostgreSQL server they start themselves (initdb in a
 # temporary folder), so Debian's PostgreSQL binaries must be installed.

@@ -260,7 +260,10 @@ def free_port() -> int:
 class LiveServer:
     """`python -m backend.server` (with its worker) as a subprocess on a free port."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 cmd: list[str] | None = None, cwd: Path = ROOT):
+        self.cmd = cmd or [sys.executable, "-m", "backend.server"]
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -272,8 +275,8 @@ class LiveServer:
 
     def start(self, timeout: float = 60.0) -> LiveServer:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.server"], cwd=ROOT,
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

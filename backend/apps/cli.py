@@ -176,10 +176,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.apps.cli")
+def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.cli") -> int:
+    parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="run one evaluation in this process")
+    ev = sub.add_parser("eval", help="run one evaluation in this process",
+                        description="Run one evaluation in this process and print its "
+                                    "scores (no server needed).",
+                        epilog=f"example: {prog} eval --model builtin:tiny "
+                               "--dataset needle_in_haystack --param context_lengths=[512]")
     ev.add_argument("--model", required=True, help="builtin:tiny, a folder, or a cached hub id")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--param", action="append", type=parse_param, metavar="KEY=JSON")

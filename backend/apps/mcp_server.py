@@ -256,9 +256,11 @@ def build_server(api: ApiClient, http_token: str | None = None,
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.apps.mcp_server",
-                                     description="Serve LLM Bench Shower's tools over MCP.")
+def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.mcp_server") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve LLM Bench Shower's tools over MCP (stdio, or "
+                               "streamable HTTP with --http) for a running server.",
+        epilog="example: lbs mcp --server http://127.0.0.1:8080")
     parser.add_argument("--server", help="the LLM Bench Shower server's URL "
                                          "(default: LBS_SERVER_URL)")
     parser.add_argument("--http", action="store_true",

@@ -694,9 +694,11 @@ def watch_parent(parent_pid: int, stop: threading.Event, done: threading.Event,
             return
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.apps.worker",
-                                     description="Run one LLM Bench Shower worker.")
+def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.worker") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run one LLM Bench Shower worker: it takes jobs from the "
+                               "queue (LBS_DATABASE_URL) and runs them.",
+        epilog="example: lbs worker --gpus 0,1")
     parser.add_argument("--id", help="worker id (default: host-pid-random)")
     parser.add_argument("--gpus", metavar="0,1",
                         help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "

@@ -620,8 +620,38 @@ def select_cuda_device(index: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = index
 
 
+def main(argv: list[str] | None = None, prog: str = "python -m backend.common.config") -> int:
+    """Print every setting with its value here (secrets as set/empty), or the README's
+    table with --markdown."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Show every setting (environment variable) and its value "
+                               "on this machine, from the environment and the .env file.",
+        epilog=f"example: {prog} --markdown")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the settings table of the documentation instead")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
+    settings = load_settings_or_report()
+    if settings is None:
+        return 2
+    for f in fields(Settings):
+        spec = f.metadata.get("setting")
+        if spec is None:
+            continue
+        value = getattr(settings, f.name)
+        if not f.repr:  # a secret: say whether it is set, never what it is
+            shown = "(set)" if value else "(empty)"
+        elif isinstance(value, tuple):
+            shown = ",".join(str(v) for v in value)
+        else:
+            shown = "" if value is None else str(value)
+        print(f"{spec.name}={shown}")
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python -m backend.common.config --markdown  "
-                 "(prints the README's settings table)")
-    sys.stdout.write(markdown_table())
+    sys.exit(main())
