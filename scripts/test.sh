@@ -34,7 +34,9 @@ if [ ! -x .node/node_modules/.bin/mcp-inspector ]; then
     "@modelcontextprotocol/inspector@${INSPECTOR_VERSION}" >/dev/null
 fi
 set +e
-.venv/bin/python -m pytest "$@"
+# One pytest worker per core (pytest-xdist), a test file's tests together so a module's
+# server is started once; `-n 0` as an argument runs everything in one process.
+.venv/bin/python -m pytest -n auto --dist loadfile "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then

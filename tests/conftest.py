@@ -31,6 +31,10 @@ RUN_MARK = "BENCH_SHOWER_TEST_RUN"
 workers they spawn, peers), so processes that outlive the run can be found at its end,
 orphans included. Not LBS_*: the data_dir fixture clears those."""
 os.environ.setdefault(RUN_MARK, uuid.uuid4().hex)
+ROOT_PID = "BENCH_SHOWER_TEST_ROOT"
+"""The run's first process (pytest, or pytest-xdist's controller): a marked process
+with it among its ancestors still belongs to the run; one without it is an orphan."""
+os.environ.setdefault(ROOT_PID, str(os.getpid()))
 
 
 def _own_helpers() -> set:
@@ -44,24 +48,49 @@ def _own_helpers() -> set:
     return {pid for pid in pids if pid}
 
 
-def _left_running() -> list:
-    """This run's processes still alive (its children, and any process, orphaned or
-    not, whose environment carries this run's mark), this process and its own
-    multiprocessing helpers excepted."""
+def _environ(proc) -> dict:
     import psutil
 
-    me, mark = os.getpid(), os.environ[RUN_MARK]
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
+        return {}  # gone, a zombie, or another user's
+
+
+def _left_running() -> list:
+    """This run's processes still alive that this process answers for: its
+    descendants (a pytest-xdist worker's subtree excepted: that worker checks its own),
+    and orphans (processes with this run's mark whose ancestors no longer include the
+    run's first process); this process and its own multiprocessing helpers excepted."""
+    import psutil
+
+    me, mark, root = os.getpid(), os.environ[RUN_MARK], int(os.environ[ROOT_PID])
     skip = _own_helpers() | {me}
-    found = {p.pid: p for p in psutil.Process(me).children(recursive=True)
-             if p.pid not in skip}
-    for proc in psutil.process_iter():
+    found: dict = {}
+    todo = psutil.Process(me).children()
+    while todo:
+        proc = todo.pop()
         if proc.pid in skip or proc.pid in found:
             continue
+        mine = os.environ.get("PYTEST_XDIST_WORKER")
+        if _environ(proc).get("PYTEST_XDIST_WORKER", mine) != mine:
+            continue  # another pytest-xdist worker (seen from the controller)
+        found[proc.pid] = proc
         try:
-            if proc.environ().get(RUN_MARK) == mark:
-                found[proc.pid] = proc
-        except (psutil.Error, OSError):
-            continue  # gone, a zombie, or another user's
+            todo.extend(proc.children())
+        except psutil.Error:
+            pass
+    for proc in psutil.process_iter():
+        if proc.pid in skip or proc.pid in found or proc.pid == root:
+            continue
+        if _environ(proc).get(RUN_MARK) != mark:
+            continue
+        try:
+            if root in {p.pid for p in proc.parents()}:
+                continue  # still in the run's tree: its own process answers for it
+        except psutil.Error:
+            continue
+        found[proc.pid] = proc
     alive = []
     for proc in found.values():
         try:

@@ -19,3 +19,23 @@ def test_leaked_child_is_found_and_the_own_resource_tracker_is_not():
     finally:
         leaked.kill()
         leaked.wait()
+
+
+def test_an_orphan_of_the_run_is_found(tmp_path):
+    """A process started by the run whose parent died (a worker that outlived its
+    server) is found though it is no descendant of this process."""
+    import os
+    import time
+
+    pid_file = tmp_path / "pid"
+    code = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid))")
+    subprocess.run([sys.executable, "-c", code, str(pid_file)], check=True, env=os.environ)
+    orphan = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while orphan not in {p.pid for p in _left_running()}:
+            assert time.monotonic() < deadline, "the orphan was not found"
+            time.sleep(0.2)
+    finally:
+        os.kill(orphan, 9)

@@ -96,10 +96,11 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
     if unknown:
         print(f"error: unknown lm-eval task(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
-    missing = catalog.missing_data(args.tasks, rows)
+    cache = settings.hf_datasets_cache
+    missing = catalog.missing_data(args.tasks, rows, cache)
     local = [m for m in missing if m["source"] == "local"]
     if local:
-        print("error: " + catalog.missing_message(local, True, False), file=sys.stderr)
+        print("error: " + catalog.missing_message(local, True, False, cache), file=sys.stderr)
         return 1
     if not missing:
         print("every task's data is already here")
@@ -118,11 +119,11 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
             print(f"error: fetching {m['hub']} for {m['task']} failed: "
                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   file=sys.stderr)
-    left = catalog.missing_data(args.tasks, rows)
+    left = catalog.missing_data(args.tasks, rows, cache)
     for m in left:
         print(f"  still missing: {m['task']} ({m['hub']})", file=sys.stderr)
     print(f"{len(missing) - len(left)} of {len(missing)} task(s) fetched into "
-          f"{catalog.datasets_cache()}")
+          f"{cache}")
     return 1 if failed or left else 0
 
 
@@ -232,7 +233,7 @@ def _task_status(args: argparse.Namespace, settings: Any, names: list[str]) -> i
             out[asked] = {"state": "unknown_task"}
             continue
         for leaf in catalog.leaves(asked, index):
-            out[leaf] = catalog.task_data(index[leaf])
+            out[leaf] = catalog.task_data(index[leaf], settings.hf_datasets_cache)
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:

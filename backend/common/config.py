@@ -205,6 +205,15 @@ def _cache_path(raw: str) -> Path | None:
     return _path(base) / "llm-bench-shower"
 
 
+def _hf_datasets_cache() -> Path:
+    if os.environ.get("HF_DATASETS_CACHE", "").strip():
+        return _path(os.environ["HF_DATASETS_CACHE"])
+    home = os.environ.get("HF_HOME", "").strip() or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache"),
+        "huggingface")
+    return _path(home) / "datasets"
+
+
 def _path_list(raw: str) -> tuple[str, ...]:
     return tuple(d for d in raw.strip().split(os.pathsep) if d)
 
@@ -489,6 +498,9 @@ class Settings:
     hub_offline: bool = False
     """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: dataset data is read from the cache only
     (huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT itself as well)."""
+    hf_datasets_cache: Path | None = None
+    """The `datasets` library's cache folder, as it computes it: HF_DATASETS_CACHE, else
+    HF_HOME/datasets, else $XDG_CACHE_HOME (~/.cache)/huggingface/datasets."""
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     """Each setting's text as read, handed on to child processes."""
 
@@ -505,6 +517,8 @@ class Settings:
             put(self, "server_url", f"http://127.0.0.1:{self.port}")
         if self.datasets_dir is None:
             put(self, "datasets_dir", self.data_dir / "datasets")
+        if self.hf_datasets_cache is None:
+            put(self, "hf_datasets_cache", _hf_datasets_cache())
 
     def child_env(self) -> dict[str, str]:
         """The whole environment of a child process of ours: this one's (PATH, HF_*…)

@@ -74,20 +74,11 @@ def resolve_local_paths(cfg: dict[str, Any], yaml_path: Any) -> dict[str, Any]:
 
 # --- where data is read from -----------------------------------------------------------
 
-def datasets_cache() -> Path:
-    """The `datasets` library's cache folder, as it computes it (HF_DATASETS_CACHE, else
-    HF_HOME/datasets, else ~/.cache/huggingface/datasets)."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return Path(home).expanduser() / "datasets"
-
-
-def hub_prepared(repo_id: str, config: str | None) -> Path | None:
+def hub_prepared(repo_id: str, config: str | None, cache: Path) -> Path | None:
     """The folder of a hub dataset configuration `datasets` prepared in its cache
-    (`<cache>/<org>___<name>/<config>/<version>/<commit>/dataset_info.json`), or None."""
-    root = datasets_cache() / repo_id.replace("/", "___")
+    (`cache` is settings.hf_datasets_cache:
+    `<cache>/<org>___<name>/<config>/<version>/<commit>/dataset_info.json`), or None."""
+    root = cache / repo_id.replace("/", "___")
     if not root.is_dir():
         return None
     wanted = [config or "default"]
@@ -100,7 +91,7 @@ def hub_prepared(repo_id: str, config: str | None) -> Path | None:
     return None
 
 
-def task_data(row: dict[str, Any]) -> dict[str, Any]:
+def task_data(row: dict[str, Any], cache: Path) -> dict[str, Any]:
     """Whether one task's data can be read here: {"state": "ready"|"missing"|"unknown",
     "source": "local"|"hub"|None, "hub"?, "config"?, "where"?, "missing"?}."""
     path = row.get("dataset_path")
@@ -120,7 +111,7 @@ def task_data(row: dict[str, Any]) -> dict[str, Any]:
                 "source": "local", "where": path}
     config = row.get("dataset_name") if isinstance(row.get("dataset_name"), str) else None
     out = {"source": "hub", "hub": path, "config": config}
-    prepared = hub_prepared(path, config)
+    prepared = hub_prepared(path, config, cache)
     if prepared is not None:
         return {**out, "state": "ready", "where": str(prepared)}
     return {**out, "state": "missing"}
@@ -154,7 +145,8 @@ def leaves(name: str, rows: dict[str, dict[str, Any]], seen: set[str] | None = N
     return [name]
 
 
-def missing_data(tasks: list[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def missing_data(tasks: list[str], rows: list[dict[str, Any]], cache: Path
+                 ) -> list[dict[str, Any]]:
     """The job's leaf tasks whose data is missing here: [{"task", "asked", **task_data}]."""
     index = by_name(rows)
     out, done = [], set()
@@ -163,7 +155,7 @@ def missing_data(tasks: list[str], rows: list[dict[str, Any]]) -> list[dict[str,
             if leaf in done:
                 continue
             done.add(leaf)
-            data = task_data(index[leaf])
+            data = task_data(index[leaf], cache)
             if data["state"] == "missing":
                 out.append({"task": leaf, "asked": asked, **data})
     return out
@@ -174,7 +166,7 @@ def fetch_command(tasks: list[str]) -> str:
 
 
 def missing_message(missing: list[dict[str, Any]], allow_download: bool,
-                    offline: bool) -> str:
+                    offline: bool, cache: Path) -> str:
     """What is missing and how to get it, in a user's words."""
     hub = [m for m in missing if m["source"] == "hub"]
     local = [m for m in missing if m["source"] == "local"]
@@ -186,7 +178,7 @@ def missing_message(missing: list[dict[str, Any]], allow_download: bool,
         asked = sorted({m["asked"] for m in hub})
         parts.append(
             f"the data of lm-eval task(s) {shown}{more} is not in this machine's Hugging "
-            f"Face datasets cache ({datasets_cache()}). On a machine with a network run "
+            f"Face datasets cache ({cache}). On a machine with a network run "
             f"`{fetch_command(asked)}` (it loads each dataset once into the cache) and copy "
             "the cache folder here" + (
                 " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: nothing is downloaded)"

@@ -107,6 +107,8 @@ class LmEvalTasks(Dataset):
     """The bundled example tasks, then LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
     cache_dir: ClassVar[Path | None] = None
     """LBS_CACHE_DIR (set by `configure`): where lm-eval's task index is kept."""
+    datasets_cache: ClassVar[Path] = Path("~/.cache/huggingface/datasets").expanduser()
+    """The `datasets` cache (settings.hf_datasets_cache, set by `configure`)."""
 
     breakdowns: ClassVar[list[dict[str, Any]]] = [
         {"kind": "table", "key": "metrics", "title": "lm-eval results (per task and group)",
@@ -133,6 +135,7 @@ class LmEvalTasks(Dataset):
     def configure(self, settings: Any) -> None:
         type(self).include_path = (str(EXAMPLES), *settings.lm_eval_include_path)
         type(self).cache_dir = settings.cache_dir
+        type(self).datasets_cache = settings.hf_datasets_cache
 
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
@@ -147,13 +150,13 @@ class LmEvalTasks(Dataset):
                              + _suggest(unknown, known))
         access = self.data_access
         allowed = bool(access and access.allow_download and not access.offline)
-        missing = missing_data(list(params.tasks), rows)
+        missing = missing_data(list(params.tasks), rows, self.datasets_cache)
         # local files that do not exist are refused always; hub data when it cannot come
         refused = [m for m in missing if m["source"] == "local" or not allowed]
         if refused:
             raise ParamError("tasks", missing_message(
                 refused, allow_download=bool(access and access.allow_download),
-                offline=bool(access and access.offline)))
+                offline=bool(access and access.offline), cache=self.datasets_cache))
 
     def worst_batches(self, params: LmEvalParams, model_max: int | None) -> list[BatchPlan]:
         """The job's batches from the lengths of the requests lm-eval builds for its

@@ -168,12 +168,12 @@ def search_lm_eval_tasks():
         if row["kind"] in ("group", "tag"):
             runs = catalog.leaves(row["name"], index)
             out["runs"] = {"count": len(runs), "tasks": runs[:20]}
-            missing = catalog.missing_data([row["name"]], rows)
+            missing = catalog.missing_data([row["name"]], rows, settings.hf_datasets_cache)
             out["data"] = {"state": "missing" if missing else "ready",
                            "missing": [m["task"] for m in missing][:20],
                            "missing_count": len(missing)}
         else:
-            out["data"] = catalog.task_data(row)
+            out["data"] = catalog.task_data(row, settings.hf_datasets_cache)
         if out["data"]["state"] == "missing":
             asked = [row["name"]]
             out["data"]["how"] = {"fetch_command": catalog.fetch_command(asked),
