@@ -52,8 +52,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # --- what is there ------------------------------------------------------------------
 
 def _is_worker_command(cmdline: list[str]) -> bool:
-    pairs = zip(cmdline, cmdline[1:], strict=False)
+    """A worker's command line: `lbs worker`, `python -m backend.apps.lbs worker` (what
+    the server starts), `python -m backend.apps.worker` or the module's file."""
+    pairs = list(zip(cmdline, cmdline[1:], strict=False))
+    triples = zip(cmdline, cmdline[1:], cmdline[2:], strict=False)
     return any(a == "-m" and b == "backend.apps.worker" for a, b in pairs) \
+        or any(a == "-m" and b == "backend.apps.lbs" and c == "worker" for a, b, c in triples) \
+        or any(a.rsplit("/", 1)[-1] == "lbs" and b == "worker" for a, b in pairs) \
         or any(a.endswith("backend/apps/worker.py") for a in cmdline)
 
 

@@ -263,7 +263,7 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = device
         # --parent-pid: the worker asks Linux to stop it when this server dies
         # (PR_SET_PDEATHSIG), so a killed server leaves no orphan claiming jobs.
-        proc = subprocess.Popen([sys.executable, "-m", "backend.apps.worker",
+        proc = subprocess.Popen([sys.executable, "-m", "backend.apps.lbs", "worker",
                                  "--parent-pid", str(os.getpid())], env=env, cwd=os.getcwd())
         if self.state is not None:
             self.state.workers_spawned_at = time.monotonic()
@@ -393,4 +393,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.server") 
 
 
 if __name__ == "__main__":
+    from backend.apps.lbs import moved
+
+    moved("python -m backend.server", "lbs serve")
     sys.exit(main())

@@ -365,3 +365,19 @@ def test_release_offload_and_kill_stale_with_a_live_server(with_tiny, tmp_path):
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("cmdline, worker", [
+    (["/venv/bin/python", "-m", "backend.apps.lbs", "worker", "--parent-pid", "1"], True),
+    (["/venv/bin/python", "/venv/bin/lbs", "worker", "--gpus", "0"], True),
+    (["/venv/bin/python", "-m", "backend.apps.worker"], True),
+    (["/venv/bin/python", "/venv/bin/lbs", "serve"], False),
+    (["/venv/bin/python", "-m", "backend.apps.lbs", "eval", "worker"], False),
+    (["bash", "-c", "sleep 1"], False),
+])
+def test_worker_command_lines_in_every_form(cmdline, worker):
+    """Only a worker is ever signalled, however it was started (the server starts
+    `python -m backend.apps.lbs worker`; a user types `lbs worker`)."""
+    from clear_gpu_memory import _is_worker_command
+
+    assert _is_worker_command(cmdline) is worker

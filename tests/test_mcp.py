@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 TOKEN = "mcp-test-token"
+LBS = str(Path(sys.executable).parent / "lbs")
+"""The installed command (scripts/setup.sh installs the package into the venv)."""
 TOOLS = {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout",
          "list_datasets", "search_lm_eval_tasks", "submit_job", "get_job", "cancel_job"}
 NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 4}
@@ -70,7 +73,7 @@ async def session(server: LiveServer, token: str | None = TOKEN):
     from mcp.client.stdio import StdioServerParameters
 
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "backend.apps.mcp_server", "--server", server.url],
+        command=LBS, args=["mcp", "--server", server.url],  # as the README's client config
         env=_env(server, token), cwd=ROOT)
     async with Client(params) as client:
         yield client
@@ -265,7 +268,7 @@ def http_mcp(server: LiveServer):
     """`python -m backend.apps.mcp_server --http` on a free port, for the server's token."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.apps.mcp_server", "--http", "--port", str(port),
+        [LBS, "mcp", "--http", "--port", str(port),
          "--server", server.url], cwd=ROOT, env={**os.environ, **_env(server, TOKEN)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -387,7 +390,7 @@ def run_inspector(inspector: str, *args: str) -> tuple[int, str]:
 def test_inspector_over_stdio(server, inspector):
     env = {**_env(server, TOKEN), "LBS_SERVER_URL": server.url}  # its --server is taken
     stdio = [*[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
-             sys.executable, "-m", "backend.apps.mcp_server"]
+             LBS, "mcp"]
     code, out = run_inspector(inspector, *stdio, "--method", "tools/list")
     assert code == 0, out
     tools = {t["name"]: t for t in json.loads(out)["tools"]}

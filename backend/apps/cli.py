@@ -204,4 +204,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.cli"
 
 
 if __name__ == "__main__":
+    from backend.apps.lbs import moved
+
+    moved("python -m backend.apps.cli", "lbs eval` / `lbs data")
     sys.exit(main())

@@ -741,4 +741,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.work
 
 
 if __name__ == "__main__":
+    from backend.apps.lbs import moved
+
+    moved("python -m backend.apps.worker", "lbs worker")
     sys.exit(main())

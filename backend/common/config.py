@@ -3,14 +3,14 @@
 Each setting is one field of `Settings` made with `setting(...)`: the environment
 variable, its default, the parser that validates it, the values it accepts (for
 error messages) and its help. The loader (`load_settings`), the dataclass defaults
-and the README's settings table (`python -m backend.common.config --markdown`, checked by
+and the README's settings table (`lbs config --markdown`, checked by
 tests/test_config.py) all come from those fields, so a setting is spelled once.
 
 Values come from, in increasing priority: the defaults, a `.env` file in the
 working directory (or the file named by `LBS_ENV_FILE`), the process environment,
 and finally the `overrides` passed to `load_settings` (tests). A bad value raises
 `ConfigError`, whose message names the variable and the values it accepts;
-`python -m backend.server` prints it and exits.
+`lbs serve` prints it and exits.
 
 Byte amounts have one unit everywhere: a KB, MB, GB, TB is 2**10, 2**20, 2**30,
 2**40 bytes (what nvidia-smi, torch and the product brief count: its
@@ -285,7 +285,7 @@ class Settings:
         "SQLAlchemy database URL; empty means the SQLite file `<data dir>/lbs.sqlite3`. "
         "`postgresql+psycopg://user:password@host:5432/dbname` shares one queue between the "
         "server and workers on several machines (see [Several workers and machines]"
-        "(#several-workers-and-machines)).", secret=True)
+        "(operations.md#several-workers-and-machines)).", secret=True)
     host: str = setting(
         "LBS_HOST", "127.0.0.1", _text, "an IP address or host name",
         "Address the HTTP server binds.")
@@ -295,7 +295,7 @@ class Settings:
     server_url: str = setting(
         "LBS_SERVER_URL", "", _server_url, "a URL (empty = http://127.0.0.1:<LBS_PORT>)",
         "Where clients of a running server reach it: the MCP server "
-        "(`python -m backend.apps.mcp_server`) and `clear_gpu_memory.py`.",
+        "(`lbs mcp`) and `clear_gpu_memory.py`.",
         default_means="`http://127.0.0.1:<LBS_PORT>`")
     api_token: str = setting(
         "LBS_API_TOKEN", "", _text, "any secret text (empty = no token)",
@@ -318,7 +318,7 @@ class Settings:
         "Hosts (`host` or `host:port`, comma-separated; `*` = any) a job's `api.base_url` "
         "may name besides `LBS_OPENAI_BASE_URL`'s host; loopback addresses are allowed too "
         "while no `LBS_API_TOKEN` is set. See [What the server promises]"
-        "(#what-the-server-promises).")
+        "(security.md#what-the-server-promises).")
     allowed_hosts: tuple[str, ...] = setting(
         "LBS_ALLOWED_HOSTS", "", _hosts, "host names or IP addresses separated by ','",
         "Names the server answers to in the `Host` header besides its bind address and "
@@ -344,7 +344,7 @@ class Settings:
     gpu_memory_limit: float = setting(
         "LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, "a number from 0.0 (no limit) to 1.0",
         "Fraction of each GPU's memory a worker process may use; 0.0 = no limit. See "
-        "[What the GPU memory limit caps](#what-the-gpu-memory-limit-caps).")
+        "[What the GPU memory limit caps](gpus-and-memory.md#what-the-gpu-memory-limit-caps).")
     enable_memory_management: bool = setting(
         "LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, _BOOL,
         "Set `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` in workers before CUDA "
@@ -368,7 +368,7 @@ class Settings:
         "neither in `LBS_DATASETS_DIR` nor in the hub cache (the first job shows a "
         "`fetching data` phase with bytes; later jobs read the cache), and show the page's "
         "Fetch button. Separate from `LBS_ALLOW_DOWNLOAD` (models). "
-        "`python -m backend.apps.cli data fetch` works either way. `HF_ENDPOINT`, "
+        "`lbs data fetch` works either way. `HF_ENDPOINT`, "
         "`HF_HOME`/`HF_HUB_CACHE` and `HF_TOKEN` apply as in huggingface_hub; with "
         "`HF_HUB_OFFLINE=1` or `HF_DATASETS_OFFLINE=1` data is read from the cache only.")
 

@@ -58,7 +58,7 @@ class Fetches:
             progress = folder / f"{name}.json"
             progress.unlink(missing_ok=True)
             log_file = open(folder / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-            cmd = [sys.executable, "-m", "backend.apps.cli", "data", "fetch", name,
+            cmd = [sys.executable, "-m", "backend.apps.lbs", "data", "fetch", name,
                    "--progress-file", str(progress)]
             if parts:
                 cmd += ["--subsets", *parts]
