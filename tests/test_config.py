@@ -84,21 +84,21 @@ def _rows(table: str) -> dict[str, str]:
     return {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
 
 
-def test_readme_settings_table_is_made_from_the_definitions():
-    """The README's table is what `python -m backend.common.config --markdown` prints from the
-    settings' definitions: the same variables, defaults and meanings, in the same order."""
-    made = subprocess.run([sys.executable, "-m", "backend.common.config", "--markdown"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=True).stdout
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_settings_table_is_made_from_the_definitions():
+    """docs/settings.md's table is what `lbs config --markdown` prints from the settings'
+    definitions: the same variables, defaults and meanings, in the same order."""
+    made = subprocess.run([sys.executable, "-m", "backend.apps.lbs", "config", "--markdown"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+    readme = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     start = readme.index("| variable | default | meaning |")
-    in_readme = readme[start:readme.index("\n\n", start) + 1]
+    in_readme = readme[start:readme.index("<!-- end generated", start)]
     ours, theirs = _rows(made), _rows(in_readme)
     assert list(ours) == [s.name for s in SETTINGS]
-    assert list(theirs) == list(ours), "README's settings table lists other variables"
+    assert list(theirs) == list(ours), "docs/settings.md's table lists other variables"
     differ = [name for name in ours if ours[name] != theirs[name]]
-    assert not differ, (f"README's settings table differs from backend/common/config.py"
-                        f" for {differ}; paste the output of "
-                        "`python -m backend.common.config --markdown`")
+    assert not differ, (f"docs/settings.md's table differs from backend/common/config.py"
+                        f" for {differ}; run `python scripts/docs.py`")
     assert in_readme == made
 
 
