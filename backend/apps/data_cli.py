@@ -21,7 +21,11 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    data = sub.add_parser("data", help="fetch datasets' official data, or show what is ready")
+    data = sub.add_parser("data", help="fetch datasets' official data, or show what is ready",
+                          description="Fetch a dataset's official data into the Hugging Face "
+                                      "cache, or show which datasets' data is here.",
+                          epilog="examples: lbs data status;  lbs data fetch ceval --subsets "
+                                 "law;  lbs data fetch lm_eval --tasks arc_easy")
     dsub = data.add_subparsers(dest="data_command", required=True)
     fetch = dsub.add_parser("fetch", help="download a dataset's official data into the "
                                           "Hugging Face cache")
