@@ -103,7 +103,8 @@ class _DbSink:
     def write(self, record: Any) -> bool:
         values = {k: getattr(record, k) for k in (
             "idx", "prompt", "prompt_tokens", "prediction", "score", "latency_s",
-            "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
+            "output_tokens", "fields", "peak_rss_bytes", "peak_own_rss_bytes", "peak_gpu_bytes",
+            "error")}
         cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
                                self.worker.settings.lease_seconds, values)
         if cancel:

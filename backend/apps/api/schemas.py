@@ -124,7 +124,10 @@ class JobSummary(BaseModel):
     scores: dict[str, Any] = Field(
         description="`overall`, and each breakdown as a list, e.g. `cells` for NIAH")
     memory: dict[str, Any] = Field(
-        description="RSS readings (`rss_peak_bytes`, `rss_peak_mb`…) and `gpu` per device")
+        description="RSS readings: `rss_own_peak_bytes`/`_mb` (the job's own peak, above "
+        "`rss_baseline_bytes`: the worker's RSS without the job's model), `rss_peak_bytes`/"
+        "`_mb` (the worker process's peak, which carries what ran before)…; and `gpu` per "
+        "device")
     error: str | None
     worker_id: str | None
     attempts: int
@@ -204,7 +207,9 @@ class SampleOut(BaseModel):
     context_length: int | None = None
     depth_percent: float | None = None
     fields: dict[str, Any]
-    peak_rss_mb: float | None
+    peak_rss_mb: float | None = Field(description="the worker process's peak RSS")
+    peak_own_rss_mb: float | None = Field(
+        None, description="the sample's RSS peak above its job's baseline (`rss_baseline`)")
     peak_gpu_mb: float | None
     error: str | None
 
@@ -344,5 +349,7 @@ def sample_out(sample: Sample | Any) -> SampleOut:
         prediction=sample.prediction, score=sample.score, latency_s=sample.latency_s,
         output_tokens=sample.output_tokens, context_length=fields.get("context_length"),
         depth_percent=fields.get("depth_percent"), fields=fields,
-        peak_rss_mb=_mb(sample.peak_rss_bytes), peak_gpu_mb=_mb(sample.peak_gpu_bytes),
+        peak_rss_mb=_mb(sample.peak_rss_bytes),
+        peak_own_rss_mb=_mb(sample.peak_own_rss_bytes),
+        peak_gpu_mb=_mb(sample.peak_gpu_bytes),
         error=sample.error)
