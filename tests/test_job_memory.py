@@ -78,3 +78,51 @@ def test_a_jobs_own_memory_does_not_depend_on_what_ran_before(
     baseline_mb = mem["after"]["rss_baseline_bytes"] / MiB
     for r in rows:  # each sample's own peak is above the same baseline
         assert abs(float(r["peak_rss_mb"]) - float(r["peak_own_rss_mb"]) - baseline_mb) < 0.2
+
+
+def test_jobs_from_before_the_own_figure_show_the_process_peak(data_dir, monkeypatch):
+    """A database from before the migration keeps its samples (no own figure: None) and
+    its jobs stay on the leaderboard with the process's peak, which is all they have."""
+    import sqlalchemy as sa
+
+    from backend.datasets.base import ScoreEntry
+    from backend.queue import db
+    from backend.queue.db import JobState, dispose_engines, session_factory
+    from backend.queue.results import leaderboard
+
+    url = f"sqlite:///{data_dir / 'old.sqlite3'}"
+    before = db.MIGRATIONS.index(db._m012_own_memory)
+    with monkeypatch.context() as m:  # the schema before the migration, a job run there
+        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:before])
+        session_factory(url)
+        with db.get_engine(url).begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO jobs (model, dataset, params, state, created_at, started_at, "
+                "finished_at, attempts, cancel_requested, progress_done, events, priority, "
+                "submitter, num_gpus) VALUES ('builtin:tiny', 'gsm8k', '{}', 'succeeded', "
+                "'2026-01-01', '2026-01-01', '2026-01-01 00:00:05', 1, 0, 1, '[]', 0, 'a', 1)"))
+            conn.execute(sa.text(
+                "INSERT INTO samples (job_id, idx, prompt, prompt_tokens, prediction, score, "
+                "latency_s, peak_rss_bytes, fields, created_at) VALUES "
+                "(1, 0, 'p', 3, 'x', 1.0, 0.1, 734003200, '{}', '2026-01-01')"))
+            conn.execute(sa.text("INSERT INTO memory_peaks (job_id, name, device, bytes) "
+                                 "VALUES (1, 'rss_peak', 'cpu', 734003200)"))
+        dispose_engines()
+    factory = session_factory(url)  # migrates to the newest schema
+    (sample,), _ = jobs.list_samples(factory, 1)
+    assert sample.peak_own_rss_bytes is None and sample.peak_rss_bytes == 734003200
+    (row,) = leaderboard(factory, lambda _name: None)["rows"]
+    assert (row["peak_bytes"], row["peak_kind"], row["process_peak_bytes"]) == \
+        (734003200, "rss", 734003200)
+    # a new job beside it stores its own figure
+    (new,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "gsm8k", {})])
+    jobs.claim_job(factory, "w", 60, 3)
+    jobs.record_sample(factory, new.id, "w", 60, dict(
+        idx=0, prompt="p", prompt_tokens=3, prediction="x", score=1.0, latency_s=0.1,
+        output_tokens=1, fields={}, peak_rss_bytes=5 * MiB, peak_own_rss_bytes=MiB,
+        peak_gpu_bytes=None))
+    jobs.finish_job(factory, new.id, "w", JobState.SUCCEEDED,
+                    scores=[ScoreEntry("overall", 1.0, 1)])
+    (sample,), _ = jobs.list_samples(factory, new.id)
+    assert sample.peak_own_rss_bytes == MiB
+    dispose_engines()
