@@ -153,7 +153,9 @@ class JobSummary(BaseModel):
     api_key_set: bool = Field(False, description="whether the job carries its own API key")
     phase: str | None = Field(
         None, description='"fetching data" while the worker downloads the dataset\'s data '
-                          "from the Hugging Face hub (see data_fetch), else null")
+                          'from the Hugging Face hub (see data_fetch), "downloading model" '
+                          "while it downloads a hub model not in the cache (LBS_ALLOW_DOWNLOAD"
+                          "=1; a `model_download` event in `events`), else null")
     data_fetch: dict[str, Any] | None = Field(
         None, description="the job's latest data fetch: dataset, state (running|done), "
                           "bytes_done, bytes_total")
@@ -296,6 +298,9 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
     data_fetch = fetches[-1] if fetches else None
     fetching = (data_fetch is not None and data_fetch.get("state") == "running"
                 and job.state == JobState.RUNNING.value)
+    downloads = [e for e in job.events or [] if e.get("kind") == "model_download"]
+    downloading = (bool(downloads) and downloads[-1].get("state") == "running"
+                   and job.state == JobState.RUNNING.value)
     return JobOut(
         id=job.id, model=job.model, dataset=job.dataset, params=job.params,
         state=JobState(job.state), progress=Progress(done=job.progress_done,
@@ -308,7 +313,8 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         data_parallel=job.shard_count or 1,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
-        phase="fetching data" if fetching else None, data_fetch=data_fetch,
+        phase="fetching data" if fetching else "downloading model" if downloading else None,
+        data_fetch=data_fetch,
         events=job.events or [],
         manifest={**job.manifest, "started_at": _iso(job.started_at),
                   "finished_at": _iso(job.finished_at)}
