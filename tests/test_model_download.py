@@ -8,7 +8,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from backend.queue import jobs
+from tests.conftest import ARTIFACTS, LiveServer
 
 REPO = "someone/not-cached-model"
 NIAH = {"context_lengths": [256], "depth_percents": [50], "max_new_tokens": 4}
@@ -18,8 +21,10 @@ class _SlowMissingHub(BaseHTTPRequestHandler):
     """A hub that answers every request slowly, and that it has no such repository:
     a slow network to a hub that lacks the model."""
 
+    delay_s = 0.5
+
     def _answer(self) -> None:
-        time.sleep(0.5)
+        time.sleep(self.delay_s)
         self.send_response(404)
         self.send_header("Content-Type", "application/json")
         self.send_header("X-Error-Code", "RepoNotFound")
@@ -70,3 +75,32 @@ def test_a_hub_model_download_shows_its_phase_and_why_it_failed(client, monkeypa
     (download,) = [e for e in done["events"] if e["kind"] == "model_download"]
     assert download["state"] == "failed" and download["model"] == REPO
     assert REPO in done["error"] and "download" in done["error"]
+
+
+class _SlowerMissingHub(_SlowMissingHub):
+    delay_s = 2.0  # the queue polls every 1.5 s
+
+
+@pytest.mark.slow
+def test_the_queue_shows_the_download(with_tiny, page):
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), _SlowerMissingHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    live = LiveServer(with_tiny, {"LBS_ALLOW_DOWNLOAD": "1", "HF_HUB_OFFLINE": "0",
+                                  "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"})
+    try:
+        live.start().wait_for_worker()
+        status, body = live.request("POST", "/api/jobs", {
+            "model": REPO, "dataset": "needle_in_haystack", "params": NIAH})
+        assert status == 201, body
+        page.goto(live.url + "/#/queue")
+        row = page.locator('tr[data-job="1"]')
+        row.get_by_text("downloading the model from the hub").wait_for(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "queue-model-download.png", full_page=True)
+        job = live.wait_for(1, ("failed", "succeeded"))
+        assert job["state"] == "failed" and REPO in job["error"]
+        row.locator(".badge.failed").wait_for()
+        assert "downloading" not in row.inner_text()
+    finally:
+        page.goto("about:blank")  # no poll of the queue outlives the server
+        live.stop()
+        hub.shutdown()
