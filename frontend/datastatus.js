@@ -1,7 +1,7 @@
 // Whether a dataset's data is ready, shown next to it on the Launch form before the user
 // launches (GET /api/datasets -> data), with a Fetch button when the server allows data
 // downloads (POST /api/datasets/<name>/fetch); the "fetching data" phase of a job with
-// its bytes; and the note that the built-in models have random weights.
+// its bytes and its "downloading model" phase; and the note that the built-in models have random weights.
 // Kept apart from app.js, which hooks these in with a line each.
 import { api, fmtBytes, h } from "./dom.js";
 import { lang } from "./i18n.js";
@@ -9,14 +9,14 @@ import { lang } from "./i18n.js";
 const TEXT = {
   en: {
     ready: "data ready", items: "items", missing: "data missing", fetch: "Fetch",
-    fetching: "fetching data", failed: "fetch failed", run: "get it with", copy: "or copy the files into",
+    fetching: "fetching data", downloading: "downloading the model from the hub", failed: "fetch failed", run: "get it with", copy: "or copy the files into",
     hub: "hub", bundled: "bundled data", folder: "folder", "hub cache": "Hugging Face cache",
     counting: "counting items…", per_task: "data per task: see each task below",
     random: "random weights: a smoke test of the harness, scores near 0 are expected",
   },
   zh: {
     ready: "数据已就绪", items: "条", missing: "缺少数据", fetch: "获取",
-    fetching: "正在获取数据", failed: "获取失败", run: "获取命令", copy: "或把文件复制到",
+    fetching: "正在获取数据", downloading: "正在从 Hub 下载模型", failed: "获取失败", run: "获取命令", copy: "或把文件复制到",
     hub: "Hub", bundled: "内置数据", folder: "文件夹", "hub cache": "Hugging Face 缓存",
     counting: "正在统计条数…", per_task: "数据按任务检查：见下方各任务",
     random: "随机权重：仅用于检验评测流程，得分接近 0 属正常",
@@ -81,8 +81,10 @@ export function dataStatus(ds) {
   return el;
 }
 
-/** Text for a job's progress cell while its worker fetches the data, else "". */
+/** Text for a job's progress cell while its worker fetches the data or downloads the
+ * model, else "". */
 export function fetchProgress(job) {
+  if (job.phase === "downloading model") return ` ${tr("downloading")}`;
   if (job.phase !== "fetching data" || !job.data_fetch) return "";
   return ` ${tr("fetching")} ${bytes(job.data_fetch.bytes_done, job.data_fetch.bytes_total)}`;
 }

@@ -55,6 +55,9 @@ function highest(memory, key) {  // a shard's peak over its GPUs (one entry per 
   return values.length ? Math.max(...values) : null;
 }
 
+/** A job's own peak RAM; the process's for a job run before that was measured. */
+const ownRss = (s) => s.memory?.rss_own_peak_bytes ?? s.memory?.rss_peak_bytes ?? null;
+
 function shardsSection(job) {
   if (!job.shards?.length) return [];
   const columns = [
@@ -67,8 +70,8 @@ function shardsSection(job) {
         ` ${s.progress.done}/${s.progress.total ?? "?"}`);
     } },
     { key: "attempts", title: t("attempts"), num: true },
-    { key: "rss_peak", title: t("peak_rss"), num: true, value: (s) => s.memory?.rss_peak_bytes ?? null,
-      cell: (s) => fmtBytes(s.memory?.rss_peak_bytes) },
+    { key: "rss_peak", title: t("peak_rss"), num: true, value: ownRss,
+      cell: (s) => fmtBytes(ownRss(s)) },
     { key: "gpu_peak", title: t("peak_gpu"), num: true, value: (s) => highest(s.memory, "max_allocated_bytes"),
       cell: (s) => fmtBytes(highest(s.memory, "max_allocated_bytes")) },
     { key: "duration_s", title: t("duration"), num: true,
@@ -143,7 +146,8 @@ function breakdowns(job, info, samples) {
 
 const MEMORY_MEANING = {
   rss_before_load: "mem_rss_before_load", rss_at_load: "mem_rss_at_load", rss_after_job: "mem_rss_after_job",
-  rss_peak: "mem_rss_peak", max_allocated: "mem_max_allocated", max_reserved: "mem_max_reserved",
+  rss_peak: "mem_rss_peak", rss_baseline: "mem_rss_baseline", rss_own_peak: "mem_rss_own_peak",
+  max_allocated: "mem_max_allocated", max_reserved: "mem_max_reserved",
   nvml_process_used: "mem_nvml",
 };
 
@@ -176,19 +180,26 @@ function memorySeries(points, xOf) {
   const groups = methods.length ? methods.map((m) => [` (${m})`, points.filter((s) => s.fields?.method === m)])
     : [["", points]];
   const withGpu = points.some((s) => s.peak_gpu_mb);
+  const withOwn = points.some((s) => s.peak_own_rss_mb !== null && s.peak_own_rss_mb !== undefined);
   const peak = (pts, key) => {  // highest per x: several samples can share a length
     const best = {};
     for (const s of pts) if (s[key] !== null) best[xOf(s)] = Math.max(best[xOf(s)] ?? 0, s[key]);
     return Object.entries(best).map(([x, y]) => [Number(x), y]);
   };
   return groups.flatMap(([suffix, pts]) => [
-    { name: `${t("peak_rss")}${suffix}`, points: peak(pts, "peak_rss_mb") },
+    // the job's own RAM: the process's would add the worker's baseline to every point
+    withOwn ? { name: `${t("peak_rss_own")}${suffix}`, points: peak(pts, "peak_own_rss_mb") }
+      : { name: `${t("peak_rss")}${suffix}`, points: peak(pts, "peak_rss_mb") },
     withGpu ? { name: `${t("peak_gpu")}${suffix}`, points: peak(pts, "peak_gpu_mb") } : null,
   ].filter(Boolean));
 }
 
 /** A figure in MiB, shown in GiB from 1 GiB up; `d` decimals (axes pass what their ticks need). */
 const mib = (v, d) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d ?? 2, 1))} GiB` : `${v.toFixed(d ?? (v < 10 ? 1 : 0))} MiB`);
+
+/** A sample's peak as the leaderboard counts it: GPU, else the job's own RAM, else the
+ * process's (a sample stored before the own figure was measured). */
+const samplePeak = (s) => s.peak_gpu_mb ?? s.peak_own_rss_mb ?? s.peak_rss_mb ?? null;
 
 function memoryChart(samples) {
   const points = samples.filter((s) => s.peak_rss_mb !== null);
@@ -277,8 +288,8 @@ function samplesSection(job, info, samples, total) {
     { key: "why", title: t("why"), value: (s) => s.error || s.fields?.why || "",
       cell: (s) => h("small", { class: s.error ? "error" : "muted", text: s.error || tr(s.fields?.why || "") }) },
     { key: "latency_s", title: t("latency"), num: true, cell: (s) => s.latency_s.toFixed(3) },
-    { key: "peak", title: t("peak_memory_short"), num: true, value: (s) => s.peak_gpu_mb ?? s.peak_rss_mb,
-      cell: (s) => (s.peak_gpu_mb ?? s.peak_rss_mb) !== null ? mib(s.peak_gpu_mb ?? s.peak_rss_mb) : "" },
+    { key: "peak", title: t("peak_memory_short"), num: true, value: samplePeak,
+      cell: (s) => (samplePeak(s) !== null ? mib(samplePeak(s)) : "") },
   ].filter(Boolean);
   const tableBox = sortableTable(columns, samples, { id: "samples-table",
     rowAttrs: (s) => ({ "data-idx": s.idx, "data-outcome": outcomeOf(s) }), empty: t("no_samples_match") });

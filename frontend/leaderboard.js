@@ -12,7 +12,9 @@ const fmtMiB = (v, d = 0) => (v >= 1024 ? `${(v / 1024).toFixed(Math.max(d, 1))}
 
 function peakCell(r) {
   if (r.peak_bytes === null || r.peak_bytes === undefined) return "";
-  return h("span", {}, fmtBytes(r.peak_bytes), h("small", { class: "muted", text: ` ${t(r.peak_kind === "gpu" ? "gpu_short" : "rss_short")}` }));
+  // RAM: the job's own peak; the worker process's (which carries earlier jobs) on hover
+  const title = r.peak_kind === "rss" && r.process_peak_bytes ? `${t("peak_rss_process")}: ${fmtBytes(r.process_peak_bytes)}` : null;
+  return h("span", { class: "peak", title }, fmtBytes(r.peak_bytes), h("small", { class: "muted", text: ` ${t(r.peak_kind === "gpu" ? "gpu_short" : "rss_short")}` }));
 }
 
 export async function viewLeaderboard(main) {

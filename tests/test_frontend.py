@@ -59,10 +59,14 @@ def test_launch_watch_and_read_a_niah_job(server, page):
     assert cells.count() == 6
     tooltip = cells.first.locator("title").text_content()
     assert "Context length 256" in tooltip and "Prediction:" in tooltip
-    # the highest peak of each context length
+    # the highest peak of each context length, the job's own RAM
     assert page.locator('[data-testid="memory-chart"] circle.dot').count() == 2
+    assert "Peak RAM, this job" in page.locator('[data-testid="memory-chart"]').text_content()
     assert page.locator("#samples-table tbody tr").count() == 6
-    assert page.locator('#memory-peaks tr[data-reading="rss_peak"]').count() == 1
+    for reading in ("rss_peak", "rss_own_peak", "rss_baseline"):
+        assert page.locator(f'#memory-peaks tr[data-reading="{reading}"]').count() == 1
+    assert "this job's own peak RAM" in page.locator(
+        '#memory-peaks tr[data-reading="rss_own_peak"]').inner_text()
     page.screenshot(path=ARTIFACTS / "job-detail.png", full_page=True)
 
     # model output is text: a reply that looks like HTML stays text
@@ -71,6 +75,10 @@ def test_launch_watch_and_read_a_niah_job(server, page):
     page.goto(server.url + "/#/leaderboard")
     page.wait_for_selector("#leaderboard-table")
     assert "builtin:tiny" in page.locator("#leaderboard-table").inner_text()
+    # RAM on the leaderboard is the job's own; the process's shows on hover
+    assert "Peak RAM, worker process" in page.locator(
+        "#leaderboard-table span.peak").first.get_attribute("title")
+    page.screenshot(path=ARTIFACTS / "leaderboard.png", full_page=True)
     page.goto(server.url + "/#/compare")
     page.select_option("#compare-0", "1")
     page.select_option("#compare-1", "1")

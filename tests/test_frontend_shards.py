@@ -80,7 +80,9 @@ def test_launch_a_data_parallel_job_and_read_its_shards(server, page):
     assert "2 workers" in page.locator(".hint", has_text="shard").inner_text()
     assert "attempts" not in page.locator("#job-meta").inner_text().lower()  # per shard
     meaning = page.locator('#memory-peaks tr[data-reading="shard1_rss_peak"] td.muted')
-    assert meaning.inner_text().startswith("Shard 1: the highest resident RAM")
+    assert meaning.inner_text().startswith("Shard 1: the worker process's highest resident RAM")
+    own = page.locator('#memory-peaks tr[data-reading="shard1_rss_own_peak"] td.muted')
+    assert own.inner_text().startswith("Shard 1: this job's own peak RAM")
     assert page.locator("#samples-table tbody tr[data-idx]").count() == 3  # one list
     shoot(page, "job-shards")
 

@@ -55,8 +55,8 @@ from backend.queue.jobs import (
     mark_lost_workers,
     next_queued_model,
     prune_workers,
-    record_data_fetch,
     record_manifest,
+    record_phase,
     record_sample,
     register_worker,
     renew_lease,
@@ -82,11 +82,24 @@ class _DbSink:
     """SampleSink that writes each result to the database as it comes, and stops the
     loop when the job is cancelled, the worker is stopping, or the job timed out."""
 
-    def __init__(self, worker: Worker, job_id: int, timeout_s: float | None = None):
+    def __init__(self, worker: Worker, job_id: int, timeout_s: float | None = None,
+                 download: dict[str, Any] | None = None):
         self.worker = worker
         self.job_id = job_id
         self.deadline = time.monotonic() + timeout_s if timeout_s else None
         self.timed_out = False
+        self.download = download
+        """The running `model_download` event of a hub model the load fetches, if any."""
+
+    def end_download(self, state: str) -> bool:
+        """End the job's model download phase (`done` or `failed`); False if none ran."""
+        if self.download is None:
+            return False
+        ended, self.download = {**self.download, "state": state,
+                                "at": utcnow().isoformat()}, None
+        record_phase(self.worker.factory, self.job_id, self.worker.id, ended,
+                     self.worker.settings.lease_seconds)
+        return True
 
     def stored(self) -> dict[int, tuple[dict, float]]:
         done = stored_samples(self.worker.factory, self.job_id)
@@ -98,12 +111,14 @@ class _DbSink:
         set_total(self.worker.factory, self.job_id, self.worker.id, total)
 
     def set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.end_download("done")  # the manifest comes once the model has loaded
         record_manifest(self.worker.factory, self.job_id, self.worker.id, manifest)
 
     def write(self, record: Any) -> bool:
         values = {k: getattr(record, k) for k in (
             "idx", "prompt", "prompt_tokens", "prediction", "score", "latency_s",
-            "output_tokens", "fields", "peak_rss_bytes", "peak_gpu_bytes", "error")}
+            "output_tokens", "fields", "peak_rss_bytes", "peak_own_rss_bytes", "peak_gpu_bytes",
+            "error")}
         cancel = record_sample(self.worker.factory, self.job_id, self.worker.id,
                                self.worker.settings.lease_seconds, values)
         if cancel:
@@ -391,14 +406,14 @@ class Worker:
                                api_key=api_key, fetch_data=True,
                                data_progress=self._data_progress(job_id, dataset))
             for fetched in prepared.dataset.data_access.fetched:
-                record_data_fetch(self.factory, job_id, self.id, {
+                record_phase(self.factory, job_id, self.id, {
                     "kind": "data_fetch", "state": "done", "dataset": dataset,
                     "repo_id": fetched["repo_id"], "bytes_done": fetched["bytes"],
                     "bytes_total": fetched["bytes"], "files": fetched["files"],
                     "seconds": fetched["seconds"], "at": utcnow().isoformat()})
             prepared.num_gpus = num_gpus
             prepared.shard = shard
-            sink = _DbSink(self, job_id, timeout_s)
+            sink = _DbSink(self, job_id, timeout_s, self._start_download(job_id, prepared))
             prepared.should_stop = sink.should_stop
             try:
                 outcome = run_evaluation(
@@ -406,6 +421,14 @@ class Worker:
                     keep_on_gpu=lambda: next_queued_model(
                         self.factory, [model], self.settings.affinity_seconds,
                         Capacity(self.labels, len(self.gpus))) == model)
+            except OSError as exc:  # the hub unreachable, the model not on it…
+                if not sink.end_download("failed"):
+                    raise
+                self._fail(job_id, f"could not download hub model {model!r} "
+                           f"({type(exc).__name__}: {exc}); check the network (or "
+                           f"HF_ENDPOINT), or download it where there is one: "
+                           f"`hf download {model}` (then copy the Hugging Face cache)")
+                return
             except Stopped:  # a runner stopped waiting (an API request in flight)
                 outcome = EvalOutcome(scores=[], memory=[], stopped=True, events=[
                     e.as_dict() for e in self.manager.events_since(self._job_events_from)])
@@ -449,6 +472,20 @@ class Worker:
         except Exception:  # noqa: BLE001 - the row is rewritten at the next claim anyway
             log.exception("[Worker] could not drop this worker's GPU reservation")
 
+    def _start_download(self, job_id: int, job: Any) -> dict[str, Any] | None:
+        """A hub model not in the cache (LBS_ALLOW_DOWNLOAD=1) is downloaded by its load:
+        the job shows the "downloading model" phase until the model has loaded (the
+        sink ends it). The running event, or None when nothing is downloaded."""
+        spec = job.spec
+        if spec.hub_id is None or spec.path is not None:
+            return None
+        log.info("[Worker] job %d: downloading %s from the Hugging Face hub", job_id,
+                 spec.hub_id)
+        event = {"kind": "model_download", "state": "running", "model": spec.hub_id,
+                 "at": utcnow().isoformat()}
+        record_phase(self.factory, job_id, self.id, event, self.settings.lease_seconds)
+        return event
+
     def _data_progress(self, job_id: int, dataset: str):
         """The progress callback of a data fetch: the job shows a running `data_fetch`
         event (the "fetching data" phase) with its bytes."""
@@ -459,7 +496,7 @@ class Worker:
                 logged[0] = time.monotonic()
                 log.info("[Worker] job %d: fetching data for %s: %d of %s bytes", job_id,
                          dataset, done, "?" if total is None else total)
-            record_data_fetch(self.factory, job_id, self.id, {
+            record_phase(self.factory, job_id, self.id, {
                 "kind": "data_fetch", "state": "running", "dataset": dataset,
                 "bytes_done": done, "bytes_total": total, "at": utcnow().isoformat()},
                 self.settings.lease_seconds)

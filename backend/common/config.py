@@ -361,7 +361,8 @@ class Settings:
         "Allow models that ship their own Python code (`trust_remote_code`).")
     allow_download: bool = setting(
         "LBS_ALLOW_DOWNLOAD", "0", _bool, _BOOL,
-        "Allow downloading hub models that are not in the local cache.")
+        "Allow downloading hub models that are not in the local cache (the job shows a "
+        "`downloading model` phase until the model has loaded).")
     allow_data_download: bool = setting(
         "LBS_ALLOW_DATA_DOWNLOAD", "0", _bool, _BOOL,
         "Allow jobs to fetch a dataset's official data from the Hugging Face hub when it is "

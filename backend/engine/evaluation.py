@@ -130,6 +130,8 @@ class SampleRecord:
     peak_rss_bytes: int | None = None
     peak_gpu_bytes: int | None = None
     error: str | None = None
+    peak_own_rss_bytes: int | None = None
+    """The sample's RSS peak above the job's baseline (see run_evaluation)."""
 
 
 class SampleSink(Protocol):
@@ -152,7 +154,8 @@ class SampleSink(Protocol):
 class EvalOutcome:
     scores: list[ScoreEntry]
     memory: list[tuple[str, str, int]]
-    """(name, device, bytes) readings: rss_peak, rss_at_load, cuda max_allocated…"""
+    """(name, device, bytes) readings: rss_peak (the process's), rss_own_peak (the job's
+    own, above rss_baseline), rss_at_load, cuda max_allocated…"""
     events: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
 
@@ -343,6 +346,17 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     items: the model is loaded with that method, every item answered, and the model
     released (the release checked by the memory tracker) before the next method
     loads. Pass k stores item i as sample k * n + i with the method in its fields.
+
+    RSS is the whole worker's: libraries an earlier job imported, models other jobs left
+    warm and heap the allocator kept all count in it, so the process's peak (`rss_peak`)
+    depends on what ran before. The job's own peak (`rss_own_peak`, and each sample's
+    `peak_own_rss_bytes`) is measured above `rss_baseline`: the worker's RSS without
+    the job's model, the higher of the RSS before the job and the RSS once the model is
+    loaded, each less the RAM the model's weights took then (HeldModel.ram_bytes; 0
+    before a cold load). It counts the weights whether this job loaded them or found them
+    warm, and leaves out the libraries a first load imports, which the worker keeps for
+    every later job (unless the weights, read lazily from their files, are not in RAM
+    yet when the load returns and weigh more than those libraries).
     """
     from backend.engine.memory.tracker import CudaPeaks, PeakSampler, rss_bytes
 
@@ -350,6 +364,7 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     cuda = CudaPeaks()
     cuda.reset()
     memory: list[tuple[str, str, int]] = [("rss_before_load", "cpu", rss_bytes())]
+    baseline: list[int] = []  # per pass: the worker's RSS without this job's model
     first_event = manager.event_count
     stopped = False
     stored = sink.stored()
@@ -359,10 +374,15 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
         for k, method in enumerate(methods):
             key, load, estimate = _loader(job, settings, method)
             cache_mode = job.dataset.cache_mode if method is None else CacheMode.UNCACHED
+            before, warm = rss_bytes(), manager.ram_bytes(key)
             with manager.use(key, job.spec.name, load, cache_mode, estimate=estimate,
                              keep_on_gpu=keep_on_gpu) as runner:
+                at_load = rss_bytes()
                 memory.append(("rss_at_load" if k == 0 else f"rss_at_load_{method}", "cpu",
-                               rss_bytes()))
+                               at_load))
+                # A load's imports raise RSS for good (counted from at_load); weights
+                # read lazily from their files may not be in RSS yet (counted from before)
+                baseline.append(max(before - warm, at_load - runner.ram_bytes(), 0))
                 runner.should_stop = job.should_stop  # a cached runner serves one job at a time
                 # The job's chat-template choice travels with each request; a view of
                 # the runner (never a copy holding the model) renders the prompts, so
@@ -380,14 +400,18 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                         continue
                 try:
                     stopped = _run_items(job, manager, view, items, offset, method, stored,
-                                         results, sink, sampler, cuda)
+                                         results, sink, sampler, cuda, min(baseline))
                 finally:  # a shared prefix's cache is this pass's, not the cached model's
                     runner.forget_prefixes()
             if stopped:
                 break
         memory.append(("rss_after_job", "cpu", rss_bytes()))
     finally:
-        memory.append(("rss_peak", "cpu", sampler.stop()))
+        peak = sampler.stop()
+        memory.append(("rss_peak", "cpu", peak))
+        if baseline:  # the leanest the worker was without this job's model
+            memory += [("rss_baseline", "cpu", min(baseline)),
+                       ("rss_own_peak", "cpu", max(0, peak - min(baseline)))]
     for device, peaks in cuda.job_peaks().items():
         memory.append(("cuda_max_allocated", device, peaks["max_allocated"]))
         memory.append(("cuda_max_reserved", device, peaks["max_reserved"]))
@@ -427,8 +451,9 @@ def _warm_up(view: PromptView, item: Any, method: str) -> None:
 
 def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items: list[Any],
                offset: int, method: str | None, stored: dict, results: dict,
-               sink: SampleSink, sampler: Any, cuda: Any) -> bool:
-    """Answer and store every item not stored yet; True if the sink asked to stop."""
+               sink: SampleSink, sampler: Any, cuda: Any, baseline: int) -> bool:
+    """Answer and store every item not stored yet; True if the sink asked to stop.
+    Each sample's own RSS peak is its peak above `baseline` (run_evaluation's)."""
     pending = [item for item in items if item.idx + offset not in stored]
     pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
     step = job.params.batch_size
@@ -455,12 +480,14 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
                 fields = {**fields, "method": method, "item": a.item.idx, "prediction": a.text,
                           "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens,
                           "latency_s": latency, "peak_rss_bytes": peak_rss,
+                          "peak_own_rss_bytes": max(0, peak_rss - baseline),
                           "peak_gpu_bytes": peak_gpu}
             record = SampleRecord(
                 idx=a.item.idx + offset, prompt=a.item.prompt, prompt_tokens=a.prompt_tokens,
                 prediction=a.text, score=score, latency_s=latency,
                 output_tokens=a.output_tokens, fields=fields,
-                peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
+                peak_rss_bytes=peak_rss, peak_own_rss_bytes=max(0, peak_rss - baseline),
+                peak_gpu_bytes=peak_gpu,
                 error=f"out of memory even alone: {a.error}" if a.error else None)
             results[a.item.idx + offset] = (fields, score)
             if not sink.write(record):
@@ -549,6 +576,8 @@ def compare_methods(dataset: Dataset, methods: list[str],
             if rows else None,
             "peak_rss_mb": round(max((f.get("peak_rss_bytes") or 0 for f in rows),
                                      default=0) / 2**20, 1),
+            "peak_own_rss_mb": round(max((f.get("peak_own_rss_bytes") or 0 for f in rows),
+                                         default=0) / 2**20, 1),
             "peak_gpu_mb": round(max(peaks_gpu) / 2**20, 1) if peaks_gpu else None}))
     common = set.intersection(*(set(by_method[m]) for m in methods))
     if len(methods) > 1 and common:

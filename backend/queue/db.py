@@ -134,6 +134,10 @@ class Sample(Base):
     latency_s: Mapped[float] = mapped_column(sa.Float)
     output_tokens: Mapped[int | None]
     peak_rss_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    """The worker process's peak resident memory while the sample ran."""
+    peak_own_rss_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    """The same above the job's baseline (the memory_peaks row `rss_baseline`): what the
+    job itself held; None on samples stored before it was measured."""
     peak_gpu_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     fields: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
     error: Mapped[str | None] = mapped_column(sa.Text)
@@ -168,7 +172,8 @@ class Score(Base):
 
 
 class MemoryPeak(Base):
-    """A memory reading of a job, in bytes: `rss_peak`, `rss_at_load`, `cuda_max_allocated`…"""
+    """A memory reading of a job, in bytes: `rss_peak` (the worker process's), `rss_own_peak`
+    (the job's own, above `rss_baseline`), `rss_at_load`, `cuda_max_allocated`…"""
 
     __tablename__ = "memory_peaks"
 
@@ -445,12 +450,19 @@ def _m011_gpu_reservations(op: Any) -> None:
     op.add_column("workers", sa.Column("gpu_reserved", sa.JSON))
 
 
+def _m012_own_memory(op: Any) -> None:
+    """Each sample's RSS peak above its job's baseline, beside the process's (issue 29).
+    A job's own peaks are memory_peaks rows (`rss_baseline`, `rss_own_peak`), which need
+    no new column; jobs run before have none and show the process's peak."""
+    op.add_column("samples", sa.Column("peak_own_rss_bytes", sa.BigInteger))
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
                                            _m007_runtime_settings, _m008_data_parallel,
                                            _m009_id_floors, _m010_score_records,
-                                           _m011_gpu_reservations]
+                                           _m011_gpu_reservations, _m012_own_memory]
 
 
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL

@@ -399,15 +399,16 @@ def record_manifest(factory: sessionmaker, job_id: int, worker_id: str,
         _owned(session, job_id, worker_id).manifest = manifest
 
 
-def record_data_fetch(factory: sessionmaker, job_id: int, worker_id: str,
-                      event: dict[str, Any], lease_seconds: float | None = None) -> None:
-    """Show a data fetch on the job: the `data_fetch` event (state, repo_id, bytes_done,
-    bytes_total) replaces the job's running one, so polling sees the bytes grow; the
-    lease is renewed too, since a large fetch may outlast it."""
+def record_phase(factory: sessionmaker, job_id: int, worker_id: str,
+                 event: dict[str, Any], lease_seconds: float | None = None) -> None:
+    """Show a download on the job: a `data_fetch` event (state, repo_id, bytes_done,
+    bytes_total) or a `model_download` one (state, model) replaces the job's running one
+    of its kind, so polling sees the bytes grow and the state change; the lease is
+    renewed too, since a large download may outlast it."""
     with write_session(factory) as session:
         job = _owned(session, job_id, worker_id)
         events = list(job.events or [])
-        if events and events[-1].get("kind") == "data_fetch" \
+        if events and events[-1].get("kind") == event["kind"] \
                 and events[-1].get("state") == "running":
             events[-1] = event
         else:

@@ -46,13 +46,18 @@ def model_identity(name: str, resolve: Callable[[str], Path | None]) -> tuple[st
 
 def _peaks(session: Any, ids: list[int]) -> dict[int, dict[str, int]]:
     """Per job: `gpu` (the allocator's reserved peak summed over devices, else what NVML
-    saw for the process) and `rss` (the process's peak resident memory), in bytes."""
+    saw for the process), `rss` (the job's own peak resident memory, above the worker's
+    baseline; the process's for a job run before that was measured) and `rss_process`
+    (the worker process's peak), in bytes."""
     out: dict[int, dict[str, int]] = {i: {} for i in ids}
     nvml: dict[int, int] = {}
     for row in session.execute(sa.select(MemoryPeak.job_id, MemoryPeak.name, MemoryPeak.bytes)
                                .where(MemoryPeak.job_id.in_(ids))):
-        if row.name == "rss_peak":
+        if row.name == "rss_own_peak":
             out[row.job_id]["rss"] = row.bytes
+        elif row.name == "rss_peak":
+            out[row.job_id]["rss_process"] = row.bytes
+            out[row.job_id].setdefault("rss", row.bytes)
         elif row.name == "cuda_max_reserved":
             out[row.job_id]["gpu"] = out[row.job_id].get("gpu", 0) + row.bytes
         elif row.name == "cuda_nvml_process_used":
@@ -116,7 +121,8 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
     (`effective` fills the dataset's defaults; run-only ones such as batch_size left
     out), and per lm-eval task or group of its own. The newest succeeded run of each
     is shown: main score with its standard error and 95% interval, peak memory (GPU, or
-    RSS for a job that ran without one), tokens per second, duration, the job. `runs`
+    for a job that ran without one its own RSS peak above the worker's baseline, with the
+    process's peak beside it in `process_peak_bytes`), tokens per second, duration, the job. `runs`
     counts the runs of the configuration, `runs_agree` those with the shown score, and
     `run_spread` is [lowest, highest] when they differ; `distinct` names the parameters
     that set the row apart from the other rows of its benchmark."""
@@ -153,6 +159,7 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
             "model": display, "model_key": key, "dataset": job.dataset, "job_id": job.id,
             "peak_bytes": peak.get("gpu", peak.get("rss")),
             "peak_kind": "gpu" if "gpu" in peak else "rss" if "rss" in peak else None,
+            "process_peak_bytes": peak.get("rss_process"),
             "tokens_per_s": round(tokens.get(job.id, 0) / duration, 1)
             if duration and tokens.get(job.id) else None,
             "duration_s": round(duration, 3) if duration is not None else None}
@@ -213,7 +220,8 @@ def memory_by_length(factory: sessionmaker, resolve: Callable[[str], Path | None
     """Per dataset, per model (its newest succeeded job): the peak memory of the samples
     at each context length, [[tokens, bytes], ...] sorted by length. The length is the
     NIAH cell's context length, else the prompt's tokens; the memory is each sample's
-    GPU peak, or its RSS peak when the job ran without a GPU (`kind`)."""
+    GPU peak, or when the job ran without a GPU its own RSS peak above the job's baseline
+    (the process's on samples stored before that was measured) (`kind`)."""
     out: dict[str, list[dict[str, Any]]] = {}
     with factory() as session:
         for dataset in datasets:
@@ -230,11 +238,14 @@ def memory_by_length(factory: sessionmaker, resolve: Callable[[str], Path | None
                 seen.add(key)
                 samples = session.execute(
                     sa.select(Sample.prompt_tokens, Sample.fields, Sample.peak_gpu_bytes,
-                              Sample.peak_rss_bytes).where(Sample.job_id == job.id)).all()
+                              Sample.peak_rss_bytes, Sample.peak_own_rss_bytes)
+                    .where(Sample.job_id == job.id)).all()
                 gpu = any(s.peak_gpu_bytes for s in samples)
                 best: dict[int, int] = {}
                 for s in samples:
-                    value = s.peak_gpu_bytes if gpu else s.peak_rss_bytes
+                    value = s.peak_gpu_bytes if gpu else (
+                        s.peak_rss_bytes if s.peak_own_rss_bytes is None
+                        else s.peak_own_rss_bytes)
                     if value is None:
                         continue
                     length = int((s.fields or {}).get("context_length") or s.prompt_tokens)

@@ -1027,6 +1027,12 @@ class HFRunner(Runner):
             return 0
         return sum(t.numel() * t.element_size() for t in self._host.values())
 
+    def ram_bytes(self) -> int:
+        """Weights and buffers in RAM now (a device map may leave some layers on the
+        CPU) plus the CPU copy kept while the model is on the GPU."""
+        return self.host_bytes() + sum(t.numel() * t.element_size()
+                                       for _, t in self._tensors() if t.device.type == "cpu")
+
     def pinned_bytes(self) -> int:
         """Pinned host memory an offload with `pin` takes: one block per weight and
         buffer, each rounded by the host allocator (see pinned_block_bytes)."""

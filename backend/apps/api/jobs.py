@@ -314,7 +314,7 @@ def _json_chunks(factory: Any, job_id: int, job: dict[str, Any]) -> Iterator[str
 
 CSV_COLUMNS = ["idx", "context_length", "depth_percent", "prompt_tokens", "score",
                "reference", "extracted", "why", "latency_s", "output_tokens", "peak_rss_mb",
-               "peak_gpu_mb", "prediction", "prompt", "error"]
+               "peak_own_rss_mb", "peak_gpu_mb", "prediction", "prompt", "error"]
 
 
 def _csv_cell(value: Any) -> Any:

@@ -124,7 +124,10 @@ class JobSummary(BaseModel):
     scores: dict[str, Any] = Field(
         description="`overall`, and each breakdown as a list, e.g. `cells` for NIAH")
     memory: dict[str, Any] = Field(
-        description="RSS readings (`rss_peak_bytes`, `rss_peak_mb`…) and `gpu` per device")
+        description="RSS readings: `rss_own_peak_bytes`/`_mb` (the job's own peak, above "
+        "`rss_baseline_bytes`: the worker's RSS without the job's model), `rss_peak_bytes`/"
+        "`_mb` (the worker process's peak, which carries what ran before)…; and `gpu` per "
+        "device")
     error: str | None
     worker_id: str | None
     attempts: int
@@ -150,7 +153,9 @@ class JobSummary(BaseModel):
     api_key_set: bool = Field(False, description="whether the job carries its own API key")
     phase: str | None = Field(
         None, description='"fetching data" while the worker downloads the dataset\'s data '
-                          "from the Hugging Face hub (see data_fetch), else null")
+                          'from the Hugging Face hub (see data_fetch), "downloading model" '
+                          "while it downloads a hub model not in the cache (LBS_ALLOW_DOWNLOAD"
+                          "=1; a `model_download` event in `events`), else null")
     data_fetch: dict[str, Any] | None = Field(
         None, description="the job's latest data fetch: dataset, state (running|done), "
                           "bytes_done, bytes_total")
@@ -204,7 +209,9 @@ class SampleOut(BaseModel):
     context_length: int | None = None
     depth_percent: float | None = None
     fields: dict[str, Any]
-    peak_rss_mb: float | None
+    peak_rss_mb: float | None = Field(description="the worker process's peak RSS")
+    peak_own_rss_mb: float | None = Field(
+        None, description="the sample's RSS peak above its job's baseline (`rss_baseline`)")
     peak_gpu_mb: float | None
     error: str | None
 
@@ -291,6 +298,9 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
     data_fetch = fetches[-1] if fetches else None
     fetching = (data_fetch is not None and data_fetch.get("state") == "running"
                 and job.state == JobState.RUNNING.value)
+    downloads = [e for e in job.events or [] if e.get("kind") == "model_download"]
+    downloading = (bool(downloads) and downloads[-1].get("state") == "running"
+                   and job.state == JobState.RUNNING.value)
     return JobOut(
         id=job.id, model=job.model, dataset=job.dataset, params=job.params,
         state=JobState(job.state), progress=Progress(done=job.progress_done,
@@ -303,7 +313,8 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         data_parallel=job.shard_count or 1,
         memory_estimate_bytes=job.memory_bytes, waiting_reason=waiting_reason,
         api=job.api, api_key_set=job.api_key_encrypted is not None,
-        phase="fetching data" if fetching else None, data_fetch=data_fetch,
+        phase="fetching data" if fetching else "downloading model" if downloading else None,
+        data_fetch=data_fetch,
         events=job.events or [],
         manifest={**job.manifest, "started_at": _iso(job.started_at),
                   "finished_at": _iso(job.finished_at)}
@@ -344,5 +355,7 @@ def sample_out(sample: Sample | Any) -> SampleOut:
         prediction=sample.prediction, score=sample.score, latency_s=sample.latency_s,
         output_tokens=sample.output_tokens, context_length=fields.get("context_length"),
         depth_percent=fields.get("depth_percent"), fields=fields,
-        peak_rss_mb=_mb(sample.peak_rss_bytes), peak_gpu_mb=_mb(sample.peak_gpu_bytes),
+        peak_rss_mb=_mb(sample.peak_rss_bytes),
+        peak_own_rss_mb=_mb(sample.peak_own_rss_bytes),
+        peak_gpu_mb=_mb(sample.peak_gpu_bytes),
         error=sample.error)

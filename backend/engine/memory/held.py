@@ -27,6 +27,12 @@ class HeldModel:
         """RAM a kept CPU copy holds while the model is on the GPU."""
         return 0
 
+    def ram_bytes(self) -> int:
+        """RAM the weights hold now: all of them on the CPU, else the kept CPU copy.
+        A job's own memory counts these, so a model already loaded counts as if the
+        job had loaded it."""
+        return self.host_bytes() if str(self.device).startswith("cuda") else self.size_bytes()
+
     def pinned_bytes(self) -> int:
         """Pinned host memory an `offload(pin=True)` would take."""
         return self.size_bytes()

@@ -321,6 +321,13 @@ class ModelManager:
 
     # --- limits, eviction, pressure --------------------------------------------------
 
+    def ram_bytes(self, key: Hashable) -> int:
+        """RAM the weights of the model held under `key` take now (HeldModel.ram_bytes);
+        0 when it is not held."""
+        with self._lock:
+            entry = self._models.get(key)
+            return entry.runner.ram_bytes() if entry is not None and entry.runner else 0
+
     def idle_gpu_bytes(self) -> int:
         """Bytes of the models on the GPU that no job uses (the manager offloads them to
         make room). Read without the lock, so it never waits on a model move: a model
