@@ -14,8 +14,8 @@ Three timings per repeat, taken alternately so drift hits all of them alike:
            transaction per sample, model load in the worker, release after),
            and submit->succeeded as the client saw it (polling once a second).
 It prints medians and the ratios cli/bare process and server job/bare load+generation,
-and checks that harness and bare loop produced the same predictions. Since issue 20 the
-harness computes the haystack before each needle once (prefix-shared prefill) where the
+and checks that harness and bare loop produced the same predictions. The harness
+computes the haystack before each needle once (prefix-shared prefill) where the
 bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid, and
 `--batch-size 5` lets the harness decode one context length's prompts together.
 """

@@ -1,5 +1,5 @@
 """A census of live tensor storage on the CPU: the oracle the memory account is checked
-against (issue 27: what a path holds beyond the weights must be what admission counts).
+against (what a path holds beyond the weights must be what admission counts).
 
     with StorageCensus() as census:
         runner.generate(requests)

@@ -1,7 +1,7 @@
 """`batch_size: "auto"` (HFRunner.find_batch_size): the batch the memory account says
 fits in the room this process may still use, checked by one real step of the path that
 will run, halving on an out-of-memory of any kind, the failed batch gone before the
-device cache is emptied (issue 27 item 6).
+device cache is emptied.
 
 A real CUDA or cuBLAS out-of-memory cannot happen on the CPU: the model's forward
 raises the texts torch raises (c10/cuda/CUDACachingAllocator.cpp, ATen/cuda/

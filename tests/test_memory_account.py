@@ -294,7 +294,7 @@ def _deep_narrow_model(settings, folder):
 
 def test_a_niah_8k_batch_of_5_job_holds_no_more_than_admission_counted(settings, with_tiny,
                                                                         monkeypatch, tmp_path):
-    """The Done-when figure of issue 27: NIAH at 8k tokens, five depths in one batch, on
+    """The memory account's headline case: NIAH at 8k tokens, five depths in one batch, on
     a model with an 8k context, through the evaluation loop: what the runner holds
     beyond its weights stays within what admission counted for the job."""
     from backend.apps.cli import _ListSink

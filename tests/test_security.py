@@ -1,4 +1,4 @@
-"""Hardening (issue 15) against a real server and worker: where the server's API key
+"""Hardening against a real server and worker: where the server's API key
 travels, which hosts jobs may reach, what of a remote answer reaches a job's error,
 and cancel / timeout ending a request that hangs. Loopback listeners stand in for
 remote endpoints."""

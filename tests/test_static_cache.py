@@ -1,4 +1,4 @@
-"""The optimized method's static KV cache (issue 27 item 7): a few coarse sizes
+"""The optimized method's static KV cache: a few coarse sizes
 (`cache_length`), one cache kept and reset between requests of the same size so a
 compiled decode step meets the same shapes and, on CUDA, the same addresses (its CUDA
 graphs are recorded once), released with the pass; and a methods comparison's warm-up

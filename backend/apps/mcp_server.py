@@ -1,4 +1,4 @@
-"""MCP server: LLM Bench Shower's GPU and job tools for MCP clients (seed 004).
+"""MCP server: LLM Bench Shower's GPU and job tools for MCP clients.
 
     python -m backend.apps.mcp_server [--server URL]          # stdio, for a client that spawns it
     python -m backend.apps.mcp_server --http [--port 8765]    # streamable HTTP on 127.0.0.1/mcp

@@ -3,7 +3,7 @@
 Each setting is one field of `Settings` made with `setting(...)`: the environment
 variable, its default, the parser that validates it, the values it accepts (for
 error messages) and its help. The loader (`load_settings`), the dataclass defaults
-and the README's settings table (`lbs config --markdown`, checked by
+and the settings table of docs/settings.md (`lbs config --markdown`, checked by
 tests/test_config.py) all come from those fields, so a setting is spelled once.
 
 Values come from, in increasing priority: the defaults, a `.env` file in the
@@ -237,7 +237,7 @@ _BOOL = "1/0, true/false, yes/no, on/off"
 class Setting:
     """One environment variable: its name, default (as text), parser and documentation.
 
-    `accepted` is what a bad value's error message offers; `help` is the README's
+    `accepted` is what a bad value's error message offers; `help` is the table's
     meaning (Markdown); `default_means` says what the default stands for where the
     text alone does not ('= 80% of RAM'). `seed_name`: the variable keeps the name
     the product brief gave it, without the LBS_ prefix, so the brief's `.env` lines
@@ -267,7 +267,8 @@ class Settings:
     """Every setting, parsed. Build with `load_settings()`; never read os.environ elsewhere.
 
     The fields made with `setting(...)` are the settings table: their order is the
-    README's. A few fields below them are derived or read from other tools' variables.
+    table's in docs/settings.md. A few fields below them are derived or read from
+    other tools' variables.
     """
 
     # -- where things live, and who may reach the server
@@ -530,7 +531,7 @@ class Settings:
 SETTINGS: tuple[Setting, ...] = tuple(
     _replace(f.metadata["setting"], attr=f.name) for f in fields(Settings)
     if "setting" in f.metadata)
-"""The settings table, in the README's order."""
+"""The settings table, in the order of docs/settings.md."""
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -564,8 +565,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
 
 
 def markdown_table() -> str:
-    """The README's settings table, made from SETTINGS (`python -m backend.common.config
-    --markdown`); tests/test_config.py fails when the README's copy differs."""
+    """The settings table of docs/settings.md, made from SETTINGS (`lbs config
+    --markdown`); tests/test_config.py fails when that copy differs."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for spec in SETTINGS:
         if spec.default:
@@ -636,8 +637,8 @@ def select_cuda_device(index: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m backend.common.config") -> int:
-    """Print every setting with its value here (secrets as set/empty), or the README's
-    table with --markdown."""
+    """Print every setting with its value here (secrets as set/empty), or the table of
+    docs/settings.md with --markdown."""
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -415,7 +415,7 @@ def _m007_runtime_settings(op: Any) -> None:
 
 
 def _m008_data_parallel(op: Any) -> None:
-    """A job spread over several workers: its shards are rows of `jobs` (issue 20)."""
+    """A job spread over several workers: its shards are rows of `jobs`."""
     # No foreign key: SQLite adds one only by copying the table, and dropping the old
     # `jobs` would cascade into `samples`. delete_job removes a job's shards itself.
     op.add_column("jobs", sa.Column("parent_id", sa.Integer))
@@ -446,7 +446,8 @@ def _m010_score_records(op: Any) -> None:
 
 
 def _m011_gpu_reservations(op: Any) -> None:
-    """What a claimed job will take on a GPU shared with other workers (issue 27)."""
+    """What a claimed job will take on a GPU shared with other workers, counted
+    as taken by the host's other workers on that GPU until the job ends."""
     op.add_column("workers", sa.Column("gpu_reserved", sa.JSON))
 
 

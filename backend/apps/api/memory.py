@@ -281,7 +281,7 @@ def unpin():
                 "model": body.model, "pinned": False})
 
 
-# --- /api/gpu (seed 004) -----------------------------------------------------------
+# --- /api/gpu: status, offload, release, idle timeout -----------------------------
 
 _LOCATION = {"gpu": "GPU", "cpu": "CPU", "loading": "loading", "unloaded": "unloaded"}
 
