@@ -289,3 +289,52 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     page.locator('[data-testid="heatmap"]').wait_for()
     shoot(page, "job-niah-zh")
     page.click("#lang-toggle")
+
+
+OVERLAPS = """(selector) => {
+  const boxes = [...document.querySelectorAll(selector)]
+    .map((el) => [el.textContent, el.getBoundingClientRect()]);
+  const out = [];
+  boxes.forEach(([a, r], i) => boxes.slice(i + 1).forEach(([b, s]) => {
+    const hit = r.left < s.right && s.left < r.right && r.top < s.bottom && s.top < r.bottom;
+    if (hit) out.push(`${a} / ${b}`);
+  }));
+  return out;
+}"""
+
+
+def test_chart_labels_stay_apart_and_axes_end_on_a_label(live_server, page):
+    """The leaderboard's charts as a phone draws them (340 px): dots on one spot keep
+    their labels apart, long legend names wrap instead of running into each other, and
+    a memory chart's y axis ends on a labelled tick above its highest point."""
+    page.goto(live_server.url + "/#/leaderboard")
+    page.evaluate("""async () => {
+      const m = await import('/static/charts.js');
+      const box = document.createElement('div');
+      box.id = 'chart-check';
+      box.style.width = '340px';
+      box.append(m.scatterChart([
+        {x: 509, y: 0, label: 'builtin:tiny', group: 0},
+        {x: 512, y: 0, label: 'builtin:small', group: 1},
+        {x: 510, y: 0.01, label: 'builtin:tiny', group: 2},
+        {x: 560, y: 0, label: 'builtin:small', group: 3}],
+        {groups: ['ceval', 'echo', 'longbench', 'needle_in_haystack'], width: 340}));
+      box.append(m.lineChart([
+        {name: 'builtin:small (RAM, #4)', points: [[256, 561], [384, 568]]},
+        {name: 'builtin:tiny (RAM, #3)', points: [[256, 508], [384, 509]]}],
+        {width: 340, testid: 'line-check'}));
+      document.body.prepend(box);
+    }""")
+    assert page.evaluate(OVERLAPS, "#chart-check .point-label") == []
+    assert page.locator("#chart-check .point-label").count() == 4  # every dot named
+    assert page.evaluate(OVERLAPS, "#chart-check svg.scatter .legend-label") == []
+    assert page.evaluate(OVERLAPS, '[data-testid="line-check"] .legend-label') == []
+    top, highest_tick = page.evaluate("""() => {
+      const svg = document.querySelector('[data-testid="line-check"]');
+      const axis = [...svg.querySelectorAll('line.axisline')]
+        .find((l) => l.getAttribute('x1') === l.getAttribute('x2'));
+      const ticks = [...svg.querySelectorAll('text.tick[text-anchor="end"]')];
+      return [+axis.getAttribute('y1'), Math.min(...ticks.map((t) => +t.getAttribute('y') - 4))];
+    }""")
+    assert highest_tick == pytest.approx(top)
+    page.screenshot(path=ARTIFACTS / "chart-labels-340.png", full_page=True)
