@@ -269,6 +269,53 @@ const ZH_TEXT = {
   "0.2 x max(0, MCC) + 0.3 x step accuracy; the 0.5 error-reason term needs a judge model and is left out": "0.2 × max(0, MCC) + 0.3 × 步骤准确率；权重 0.5 的错误原因项需要评审模型，未计入",
   "Solution is": "解答实际", "Judged": "模型判断", "First wrong step": "第一个错误步骤", "Step named": "模型指出的步骤",
   "Step right": "步骤正确", "Context length": "上下文长度", "Depth %": "深度 %",
+  // lm_eval and the parameters every dataset shares
+  "Any lm-evaluation-harness task, group or list of tasks (MMLU, ARC, HellaSwag, ...) with its official prompts and metrics, scored by lm-eval's own aggregation":
+    "任意 lm-evaluation-harness 任务、任务组或任务列表（MMLU、ARC、HellaSwag 等），使用其官方提示词和指标，按 lm-eval 自己的方式汇总得分",
+  "depends on the tasks; lm-eval's task index is built once (~15 s) and kept in LBS_CACHE_DIR":
+    "取决于所选任务；lm-eval 的任务索引只建一次（约 15 秒），保存在 LBS_CACHE_DIR",
+  "prompts generated (or multiple-choice questions scored) together; \"auto\": the largest batch that fits, probed on the longest item; halved automatically on out-of-memory":
+    "一起生成的提示词数（或一起评分的选择题数）；\"auto\"：用最长的样本试出放得下的最大批；内存不足时自动减半",
+  "Tasks":
+    "任务",
+  "lm-evaluation-harness task or group names (e.g. arc_easy, mmlu), or tasks from the local YAML folders of LBS_LM_EVAL_INCLUDE_PATH":
+    "lm-evaluation-harness 的任务或任务组名称（如 arc_easy、mmlu），或 LBS_LM_EVAL_INCLUDE_PATH 本地 YAML 目录中的任务",
+  "Few-shot examples":
+    "少样本示例数",
+  "overrides each task's num_fewshot (lm_eval --num_fewshot); tasks whose YAML sets 0 keep 0":
+    "覆盖每个任务的 num_fewshot（lm_eval --num_fewshot）；YAML 中设为 0 的任务保持 0",
+  "Limit":
+    "数量上限",
+  "documents per task: a count, or a fraction of each task when under 1 (lm_eval --limit)":
+    "每个任务的文档数：一个数量，小于 1 时为每个任务的比例（lm_eval --limit）",
+  "Generation kwargs":
+    "生成参数",
+  "merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; decoding is greedy":
+    "合并到生成类任务的 generation_kwargs（lm_eval --gen_kwargs）：一个对象，或 lm_eval 的文本形式，如 max_gen_toks=64,until=Q:；解码为贪心",
+  "Bootstrap iterations":
+    "自助法迭代次数",
+  "for the stderr of metrics lm-eval bootstraps (0: no stderr)":
+    "用于 lm-eval 以自助法估计标准误的指标（0：不计算标准误）",
+  "Few-shot seed":
+    "少样本随机种子",
+  "seed of the few-shot sampler (lm-eval's default)":
+    "少样本示例抽样的随机种子（lm-eval 的默认值）",
+  "folder with dev/ val/ test/ (default: LBS_DATASETS_DIR/ceval)":
+    "包含 dev/ val/ test/ 的目录（默认：LBS_DATASETS_DIR/ceval）",
+  "folder with test.jsonl (and train.jsonl for shots); default: LBS_DATASETS_DIR/gsm8k":
+    "包含 test.jsonl（示例需要 train.jsonl）的目录；默认：LBS_DATASETS_DIR/gsm8k",
+  "folder with <subset>.jsonl files (default: LBS_DATASETS_DIR/longbench)":
+    "包含 <subset>.jsonl 文件的目录（默认：LBS_DATASETS_DIR/longbench）",
+  "LongBench-E files (<subset>_e.jsonl) and length buckets 0-4k, 4-8k, 8k+":
+    "LongBench-E 文件（<subset>_e.jsonl）及长度分段 0-4k、4-8k、8k+",
+  "prompt budget in tokens before middle truncation; default: the model's maximum minus the subset's generation length":
+    "从中间截断前的提示词预算（token）；默认：模型最大长度减去该子集的生成长度",
+  "folder with data.json (default: LBS_DATASETS_DIR/longbench_v2)":
+    "包含 data.json 的目录（默认：LBS_DATASETS_DIR/longbench_v2）",
+  "prompt budget in tokens; default: the model's maximum minus the answer length":
+    "提示词预算（token）；默认：模型最大长度减去回答长度",
+  "folder with MR-GSM8K.json (default: LBS_DATASETS_DIR/mr_gsm8k)":
+    "包含 MR-GSM8K.json 的目录（默认：LBS_DATASETS_DIR/mr_gsm8k）",
   "this model on this dataset": "此模型在此数据集上的记录", "other models on this dataset": "其他模型在此数据集上的记录",
 };
 

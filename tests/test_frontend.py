@@ -330,3 +330,24 @@ def test_every_string_has_a_chinese_translation():
     en, zh = text.split("\n  zh: {", 1)
     keys = [set(re.findall(r"\b(\w+): \"", block)) for block in (en, zh.split("\n};", 1)[0])]
     assert keys[0] - keys[1] == set() and keys[1] - keys[0] == set()
+
+
+def test_every_dataset_text_has_a_chinese_translation():
+    """The Launch form in Chinese: each built-in dataset's description, cost, and its
+    parameters' titles and help come from the server in English and are translated by
+    i18n.js's exact-text table (lm_eval's stayed English)."""
+    import json
+
+    from backend.datasets.registry import dataset_names, get_dataset
+
+    text = (ROOT / "frontend" / "i18n.js").read_text()
+    table = text.split("const ZH_TEXT = {", 1)[1].split("\n};", 1)[0]
+    missing = []
+    for name in dataset_names():
+        dataset = get_dataset(name)
+        strings = [dataset.description, dataset.cost]
+        for prop in dataset.Params.model_json_schema()["properties"].values():
+            strings += [prop.get("title"), prop.get("description")]
+        missing += [f"{name}: {s}" for s in strings
+                    if s and f"{json.dumps(s, ensure_ascii=False)}:" not in table]
+    assert missing == []
