@@ -198,9 +198,9 @@ async function viewModels() {
     if (document.activeElement !== limitInput && !limitInput.value && sd.memory_limit) {
       limitInput.value = (sd.memory_limit / 2 ** 30).toFixed(2);
     }
-    const anyModel = Object.values(g.data || {})[0];
-    if (document.activeElement !== timeoutInput && !timeoutInput.value && anyModel) {
-      timeoutInput.value = anyModel.idle_timeout_seconds;
+    // in force with or without a loaded model (a worker's, the stored one, or the configured)
+    if (document.activeElement !== timeoutInput && !timeoutInput.value && sd.idle_timeout_seconds) {
+      timeoutInput.value = sd.idle_timeout_seconds;
     }
     stats.replaceChildren(
       h("div", { class: "card" }, h("b", { text: t("usage") }), ` ${sd.formatted_usage}`),

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(with_tiny, echo_plugin_dir):
-    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir)}).start()
+    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir),
+                                  "GPU_IDLE_TIMEOUT": "900"}).start()
     live.wait_for_worker()
     yield live
     live.stop()
@@ -125,6 +126,11 @@ def test_cancel_and_models_panel(server, tiny_copy, page):
     model_row.locator("button.release").click()
     model_row.wait_for(state="detached", timeout=15_000)
     assert page.locator("#models-table").inner_text().strip().endswith("No model is loaded.")
+    # with no model loaded the timeout box still shows the value in force
+    page.reload()
+    page.wait_for_function("document.querySelector('#idle-timeout').value !== ''")
+    assert page.input_value("#idle-timeout") == "900"
+    page.screenshot(path=ARTIFACTS / "models-empty.png", full_page=True)
     page.fill("#idle-timeout", "120")
     page.click("#apply-timeout")
     page.goto(server.url + "/#/compare")  # any finished job can be compared: the echo job
