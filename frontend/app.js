@@ -2,7 +2,7 @@
 // produced is inserted as text (textContent), never as HTML.
 import { DIFFERENCE_SCALE, heatmap } from "./charts.js";
 import { fetchProgress } from "./datastatus.js";
-import { api, badge, fmtSeconds, h, poll, stopPolling } from "./dom.js";
+import { api, badge, fmtBytes, fmtSeconds, h, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t, tr } from "./i18n.js";
 import { cellsOf, viewJob } from "./job.js";
 import { viewLaunch } from "./launch.js";
@@ -202,10 +202,12 @@ async function viewModels() {
     if (document.activeElement !== timeoutInput && !timeoutInput.value && sd.idle_timeout_seconds) {
       timeoutInput.value = sd.idle_timeout_seconds;
     }
+    // sizes from the bytes, in GiB/MiB like the rest of the page (the API's formatted_*
+    // fields keep the brief's "GB" labels)
     stats.replaceChildren(
-      h("div", { class: "card" }, h("b", { text: t("usage") }), ` ${sd.formatted_usage}`),
-      h("div", { class: "card" }, h("b", { text: t("limit") }), ` ${sd.formatted_limit}`),
-      h("div", { class: "card" }, h("b", { text: t("system_available") }), ` ${sd.formatted_system_available} / ${sd.formatted_system_total}`),
+      h("div", { class: "card", id: "memory-usage" }, h("b", { text: t("usage") }), ` ${fmtBytes(sd.total_memory_usage)}`),
+      h("div", { class: "card", id: "memory-limit" }, h("b", { text: t("limit") }), ` ${fmtBytes(sd.memory_limit)}`),
+      h("div", { class: "card", id: "system-memory" }, h("b", { text: t("system_available") }), ` ${fmtBytes(sd.system_available)} / ${fmtBytes(sd.system_total)}`),
       h("div", { class: `card ${p.data.memory_pressure ? "warn" : ""}`, id: "pressure" },
         h("b", { text: t("pressure") }), ` ${p.data.memory_pressure ? t("yes") : t("no")}`,
         p.data.recommended_unload.length ? h("div", { text: `${t("recommended")}: ` +

@@ -130,6 +130,8 @@ def test_cancel_and_models_panel(server, tiny_copy, page):
     page.reload()
     page.wait_for_function("document.querySelector('#idle-timeout').value !== ''")
     assert page.input_value("#idle-timeout") == "900"
+    stats = page.locator("#memory-stats").inner_text()  # one unit on the page: GiB/MiB
+    assert "GiB" in stats and not re.search(r"\b[KMG]B\b", stats), stats
     page.screenshot(path=ARTIFACTS / "models-empty.png", full_page=True)
     page.fill("#idle-timeout", "120")
     page.click("#apply-timeout")
