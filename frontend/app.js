@@ -23,8 +23,9 @@ function eta(job) {
 async function viewQueue() {
   const table = h("table", { id: "queue-table" });
   main.replaceChildren(h("h2", { text: t("nav_queue") }), h("div", { class: "table-wrap" }, table));
-  const head = h("tr", {}, ["id", "model", "dataset", "state", "progress", "eta", "worker",
-    "location", "actions"].map((k) => h("th", { text: t(k) })));
+  // state and progress first: on a phone they are what is in view, the rest scrolls
+  const head = h("tr", {}, ["id", "state", "progress", "model", "dataset", "eta", "worker",
+    "location", "actions"].map((k) => h("th", { "data-col": k, text: t(k) })));
   poll(async () => {
     const [res, mem] = await Promise.all([api("GET", "/api/jobs?per_page=100"),
                                           api("GET", "/api/v1/memory/models")]);
@@ -44,12 +45,12 @@ async function viewQueue() {
         } }));
       }
       return h("tr", { "data-job": job.id, "data-state": job.state },
-        h("td", {}, h("a", { href: `#/job/${job.id}`, text: `#${job.id}` })),
-        h("td", { text: job.model }), h("td", { text: job.dataset }),
-        h("td", {}, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
+        h("td", { "data-col": "id" }, h("a", { href: `#/job/${job.id}`, text: `#${job.id}` })),
+        h("td", { "data-col": "state" }, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
           job.waiting_reason ? h("div", { class: "waiting", text: tr(job.waiting_reason) }) : null),
-        h("td", {}, h("progress", { max: 100, value: pct }),
+        h("td", { "data-col": "progress", class: "progress-cell" }, h("progress", { max: 100, value: pct }),
           ` ${job.progress.done}/${job.progress.total ?? "?"}`, fetchProgress(job)),
+        h("td", { text: job.model }), h("td", { text: job.dataset }),
         h("td", { text: eta(job) }),
         h("td", { text: job.worker_id || (job.data_parallel > 1 ? `${job.data_parallel} ${t("workers_lc")}` : "") }),
         h("td", { text: where[job.model] || "" }), h("td", {}, actions));

@@ -223,6 +223,12 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     assert job["params"]["depth_percents"] == {"count": 2}
     row = page.locator(f'tr[data-job="{job["id"]}"]')
     row.locator(".badge.succeeded").wait_for(timeout=120_000)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: state and progress in view
+    for col in ("state", "progress"):
+        for cell in (f'#queue-table th[data-col="{col}"]',
+                     f'tr[data-job="{job["id"]}"] td[data-col="{col}"]'):
+            box = page.locator(cell).bounding_box()
+            assert box["x"] + box["width"] <= 390, (cell, box)
     shoot(page, "queue")
 
     page.goto(f"{server.url}/#/job/{job['id']}")
