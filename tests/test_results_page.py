@@ -165,6 +165,11 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
                                                                "longbench"]
     assert page.locator('[data-testid="score-memory"] circle.dot').count() == 4
     assert page.locator('[data-testid="memory-length-longbench"] circle.dot').count() >= 1
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: the header is one line
+    heights = page.evaluate("[...document.querySelectorAll('#leaderboard-table th')]"
+                            ".map((th) => th.getBoundingClientRect().height)")
+    assert max(heights) < 40, heights
+    page.set_viewport_size({"width": 1440, "height": 900})
     shoot(page, "leaderboard")
 
     # Compare: the same folder by path and by name, item by item; two datasets refused
