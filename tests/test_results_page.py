@@ -135,6 +135,13 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
     page.select_option('[data-filter="subset"]', "trec")
     assert set(cells(page.locator("#samples-table"), "subset")) == {"trec"}
     assert page.locator('[data-testid="memory-chart"] circle.dot').count() >= 1
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: no row a screen tall
+    page.reload()
+    page.locator("#samples-table tbody tr[data-idx]").first.wait_for()
+    heights = page.evaluate("[...document.querySelectorAll('#samples-table tbody tr')]"
+                            ".map((r) => r.getBoundingClientRect().height)")
+    assert max(heights) < 150, heights
+    page.set_viewport_size({"width": 1440, "height": 900})
     shoot(page, "job-longbench")
 
     # the leaderboard: the folder named by path and by name is one model; another
