@@ -246,6 +246,10 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert page.locator('tr[data-worker="done-1"]').get_attribute("class") == "worker-stopped"
     assert page.locator("#workers-summary").inner_text() == "1 of 3 workers alive"
     page.screenshot(path=ARTIFACTS / "workers.png", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: only the table scrolls
+    assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 1
+    page.screenshot(path=ARTIFACTS / "workers-390.png", full_page=True)
+    page.set_viewport_size({"width": 1366, "height": 900})
     # polled: a worker that registers now shows up without a reload
     from backend.queue import jobs
 
