@@ -2,7 +2,7 @@
 // produced is inserted as text (textContent), never as HTML.
 import { DIFFERENCE_SCALE, heatmap } from "./charts.js";
 import { fetchProgress } from "./datastatus.js";
-import { api, badge, fmtSeconds, h, poll, stopPolling } from "./dom.js";
+import { api, badge, fmtBytes, fmtSeconds, h, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t, tr } from "./i18n.js";
 import { cellsOf, viewJob } from "./job.js";
 import { viewLaunch } from "./launch.js";
@@ -23,8 +23,9 @@ function eta(job) {
 async function viewQueue() {
   const table = h("table", { id: "queue-table" });
   main.replaceChildren(h("h2", { text: t("nav_queue") }), h("div", { class: "table-wrap" }, table));
-  const head = h("tr", {}, ["id", "model", "dataset", "state", "progress", "eta", "worker",
-    "location", "actions"].map((k) => h("th", { text: t(k) })));
+  // state and progress first: on a phone they are what is in view, the rest scrolls
+  const head = h("tr", {}, ["id", "state", "progress", "model", "dataset", "eta", "worker",
+    "location", "actions"].map((k) => h("th", { "data-col": k, text: t(k) })));
   poll(async () => {
     const [res, mem] = await Promise.all([api("GET", "/api/jobs?per_page=100"),
                                           api("GET", "/api/v1/memory/models")]);
@@ -44,12 +45,12 @@ async function viewQueue() {
         } }));
       }
       return h("tr", { "data-job": job.id, "data-state": job.state },
-        h("td", {}, h("a", { href: `#/job/${job.id}`, text: `#${job.id}` })),
-        h("td", { text: job.model }), h("td", { text: job.dataset }),
-        h("td", {}, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
+        h("td", { "data-col": "id" }, h("a", { href: `#/job/${job.id}`, text: `#${job.id}` })),
+        h("td", { "data-col": "state" }, badge(job.state), job.error ? h("div", { class: "error", text: job.error }) : null,
           job.waiting_reason ? h("div", { class: "waiting", text: tr(job.waiting_reason) }) : null),
-        h("td", {}, h("progress", { max: 100, value: pct }),
+        h("td", { "data-col": "progress", class: "progress-cell" }, h("progress", { max: 100, value: pct }),
           ` ${job.progress.done}/${job.progress.total ?? "?"}`, fetchProgress(job)),
+        h("td", { text: job.model }), h("td", { text: job.dataset }),
         h("td", { text: eta(job) }),
         h("td", { text: job.worker_id || (job.data_parallel > 1 ? `${job.data_parallel} ${t("workers_lc")}` : "") }),
         h("td", { text: where[job.model] || "" }), h("td", {}, actions));
@@ -198,14 +199,16 @@ async function viewModels() {
     if (document.activeElement !== limitInput && !limitInput.value && sd.memory_limit) {
       limitInput.value = (sd.memory_limit / 2 ** 30).toFixed(2);
     }
-    const anyModel = Object.values(g.data || {})[0];
-    if (document.activeElement !== timeoutInput && !timeoutInput.value && anyModel) {
-      timeoutInput.value = anyModel.idle_timeout_seconds;
+    // in force with or without a loaded model (a worker's, the stored one, or the configured)
+    if (document.activeElement !== timeoutInput && !timeoutInput.value && sd.idle_timeout_seconds) {
+      timeoutInput.value = sd.idle_timeout_seconds;
     }
+    // sizes from the bytes, in GiB/MiB like the rest of the page (the API's formatted_*
+    // fields keep the brief's "GB" labels)
     stats.replaceChildren(
-      h("div", { class: "card" }, h("b", { text: t("usage") }), ` ${sd.formatted_usage}`),
-      h("div", { class: "card" }, h("b", { text: t("limit") }), ` ${sd.formatted_limit}`),
-      h("div", { class: "card" }, h("b", { text: t("system_available") }), ` ${sd.formatted_system_available} / ${sd.formatted_system_total}`),
+      h("div", { class: "card", id: "memory-usage" }, h("b", { text: t("usage") }), ` ${fmtBytes(sd.total_memory_usage)}`),
+      h("div", { class: "card", id: "memory-limit" }, h("b", { text: t("limit") }), ` ${fmtBytes(sd.memory_limit)}`),
+      h("div", { class: "card", id: "system-memory" }, h("b", { text: t("system_available") }), ` ${fmtBytes(sd.system_available)} / ${fmtBytes(sd.system_total)}`),
       h("div", { class: `card ${p.data.memory_pressure ? "warn" : ""}`, id: "pressure" },
         h("b", { text: t("pressure") }), ` ${p.data.memory_pressure ? t("yes") : t("no")}`,
         p.data.recommended_unload.length ? h("div", { text: `${t("recommended")}: ` +

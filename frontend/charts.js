@@ -96,8 +96,62 @@ export function niceTicks(lo, hi, n = 5) {
   return out;
 }
 
+/** Nice ticks whose first is at or below `lo` and last at or above `hi`. */
+export function snappedTicks(lo, hi, n = 5) {
+  const inner = niceTicks(lo, hi, n);
+  if (inner.length < 2) return inner;
+  const step = inner[1] - inner[0], out = [];
+  for (let v = Math.floor(lo / step + 1e-9) * step; v < hi + step - step * 1e-9; v += step) out.push(+v.toFixed(10));
+  return out.length > 1 ? out : inner;
+}
+
 /** The decimals that tell ticks `step` apart: 0 for steps of 1 and more, else enough. */
 function decimalsFor(step) { return step >= 1 || !(step > 0) ? 0 : Math.min(3, Math.ceil(-Math.log10(step))); }
+
+/** The width of `text` at the 11 px tick font, estimated (the chart is built before it
+ * is in the page, so nothing can be measured): CJK characters are about a full em wide. */
+export function textWidth(text, px = 11) {
+  let w = 0;
+  for (const ch of String(text)) w += /[\u2e80-\u9fff\uff00-\uffef]/.test(ch) ? px : px * 0.6;
+  return w;
+}
+
+/** Legend entries laid out left to right, wrapping to a new line of 16 px when the next
+ * does not fit in `width`: [{x, y}] per name, and the height they take. */
+function legendLayout(names, left, width, mark = 14, gap = 16) {
+  let x = left, y = 14;
+  const at = names.map((name) => {
+    const w = mark + textWidth(name) + gap;
+    if (x > left && x + w > width) { x = left; y += 16; }
+    const pos = { x, y };
+    x += w;
+    return pos;
+  });
+  return { at, height: names.length ? y + 6 : 0 };
+}
+
+const overlaps = (a, b) => a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+
+/** Where each point's label goes: beside its dot, right or left, else above or below,
+ * else further up, so that no label covers another or a dot. points: [{px, py, label}];
+ * box: {left, right, top, bottom} the labels stay in. Returns [{x, y, anchor}]. */
+export function placeLabels(points, box) {
+  const h = 12, taken = points.map((p) => ({ x: p.px - 5, y: p.py - 5, w: 10, h: 10 }));
+  return points.map((p) => {
+    const w = textWidth(p.label);
+    const tries = [[7, -6, "start"], [-7, -6, "end"], [7, 10, "start"], [-7, 10, "end"]];
+    for (let up = 1; up <= 12; up++) tries.push([7, -6 - up * h, "start"], [-7, -6 - up * h, "end"], [7, 10 + up * h, "start"]);
+    for (const [dx, dy, anchor] of tries) {
+      const x = p.px + dx, y = p.py + dy;
+      const rect = { x: anchor === "start" ? x : x - w, y: y - h + 2, w, h };
+      if (rect.x < box.left || rect.x + rect.w > box.right || rect.y < box.top || rect.y + rect.h > box.bottom) continue;
+      if (taken.some((r) => overlaps(r, rect))) continue;
+      taken.push(rect);
+      return { x, y, anchor };
+    }
+    return null;  // no free place: the dot's title still names it
+  });
+}
 
 function axes(root, { width, height, left, right, top, bottom, xTicks, yTicks, sx, sy, xFmt, yFmt, xLabel, yLabel }) {
   const yStep = yTicks.length > 1 ? yTicks[1] - yTicks[0] : 0, xStep = xTicks.length > 1 ? xTicks[1] - xTicks[0] : 0;
@@ -137,21 +191,23 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, t
   yFmt = (v, d = 0) => v.toFixed(d), xFmt = (v) => String(v), xTicks = "data", lines = true } = {}) {
   series = series.map((s) => ({ ...s, points: s.points.filter((p) => p[1] !== null && p[1] !== undefined) }));
   const all = series.flatMap((s) => s.points);
-  const legendH = 16 * Math.ceil(series.length / 3);
-  const root = svg("svg", { viewBox: `0 0 ${width} ${height + legendH}`, width: "100%", role: "img",
+  const left = 84, right = 20, bottom = 40;
+  const legend = legendLayout(series.map((s) => s.name), left, width - right);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height + legend.height}`, width: "100%", role: "img",
                             class: "linechart", "data-testid": testid });
   if (!all.length) return root;
-  const left = 84, right = 20, top = 10 + legendH, bottom = 40;
-  height += legendH;
+  const top = 10 + legend.height;
+  height += legend.height;
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs);
-  const [y0, y1] = yRange(ys);
+  // the axis runs from tick to tick, so its top and bottom are labelled
+  const yTicks = snappedTicks(...yRange(ys), 4), y0 = yTicks[0], y1 = yTicks[yTicks.length - 1];
   const sx = (x) => left + ((x - x0) / (x1 - x0 || 1)) * (width - left - right) + (x1 === x0 ? (width - left - right) / 2 : 0);
   const sy = (y) => height - bottom - ((y - y0) / (y1 - y0 || 1)) * (height - top - bottom);
   const distinct = [...new Set(xs)].sort((a, b) => a - b);
   axes(root, { width, height, left, right, top, bottom, sx, sy, xFmt, yFmt, xLabel, yLabel,
                xTicks: xTicks === "data" && distinct.length <= 12 ? distinct : niceTicks(x0, x1, 6),
-               yTicks: niceTicks(y0, y1, 4) });
+               yTicks });
   series.forEach((s, i) => {
     const colour = COLOURS[i % COLOURS.length];
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
@@ -165,7 +221,7 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, t
       dot.append(svg("title", {}, `${s.name}: ${yFmt(p[1], 1)} @ ${xFmt(p[0])}`));
       root.append(dot);
     }
-    const lx = left + (i % 3) * ((width - left - right) / 3), ly = 14 + Math.floor(i / 3) * 16;
+    const { x: lx, y: ly } = legend.at[i];
     root.append(svg("rect", { x: lx, y: ly - 9, width: 10, height: 10, fill: colour }),
                 svg("text", { x: lx + 14, y: ly, class: "tick legend-label" }, s.name));
   });
@@ -179,32 +235,42 @@ export function lineChart(series, { xLabel, yLabel, width = 640, height = 260, t
  */
 export function scatterChart(points, { xLabel, yLabel, width = 640, height = 300, testid = "scatter",
   xFmt = (v) => String(v), yFmt = (v) => String(v), groups = [] } = {}) {
-  const legendH = groups.length ? 16 * Math.ceil(groups.length / 3) : 0;
-  const root = svg("svg", { viewBox: `0 0 ${width} ${height + legendH}`, width: "100%", role: "img",
+  const left = 84, right = 30, bottom = 40;
+  const legend = legendLayout(groups, left, width - right);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height + legend.height}`, width: "100%", role: "img",
                             class: "linechart scatter", "data-testid": testid });
   points = points.filter((p) => isFinite(p.x) && isFinite(p.y));
   if (!points.length) return root;
-  height += legendH;
-  const left = 84, right = 30, top = 14 + legendH, bottom = 40;
+  height += legend.height;
+  const top = 14 + legend.height;
   groups.forEach((name, i) => {
-    const lx = left + (i % 3) * ((width - left - right) / 3), ly = 14 + Math.floor(i / 3) * 16;
+    const { x: lx, y: ly } = legend.at[i];
     root.append(svg("circle", { cx: lx + 5, cy: ly - 4, r: 5, fill: COLOURS[i % COLOURS.length] }),
                 svg("text", { x: lx + 14, y: ly, class: "tick legend-label" }, name));
   });
   const xs = points.map((p) => p.x), ys = points.map((p) => p.y);
-  const xMax = Math.max(...xs) * 1.1 || 1, yMax = Math.max(1, Math.max(...ys));
+  const xTicks = snappedTicks(0, Math.max(...xs) * 1.05 || 1, 5), yTicks = niceTicks(0, Math.max(1, Math.max(...ys)), 4);
+  const xMax = xTicks[xTicks.length - 1], yMax = yTicks[yTicks.length - 1];
   const sx = (x) => left + (x / xMax) * (width - left - right);
   const sy = (y) => height - bottom - (y / yMax) * (height - top - bottom);
-  axes(root, { width, height, left, right, top, bottom, sx, sy, xFmt, yFmt, xLabel, yLabel,
-               xTicks: niceTicks(0, xMax, 5), yTicks: niceTicks(0, yMax, 4) });
+  axes(root, { width, height, left, right, top, bottom, sx, sy, xFmt, yFmt, xLabel, yLabel, xTicks, yTicks });
+  // dots first, then one label per dot where it covers no other label or dot
+  const placed = placeLabels(points.map((p) => ({ px: sx(p.x), py: sy(p.y), label: p.label })),
+    { left: left + 2, right: width - 2, top: top - 12, bottom: height - bottom - 2 });
   points.forEach((p, i) => {
     const colour = COLOURS[(p.group ?? i) % COLOURS.length];
     const dot = svg("circle", { cx: sx(p.x), cy: sy(p.y), r: 5, fill: colour, class: "dot",
                                 "fill-opacity": 0.85 });
     dot.append(svg("title", {}, p.title || p.label));
-    const nearEdge = sx(p.x) > left + (width - left - right) * 0.7;  // label on the dot's left
-    root.append(dot, svg("text", { x: sx(p.x) + (nearEdge ? -7 : 7), y: sy(p.y) - 6, class: "tick point-label",
-                                   "text-anchor": nearEdge ? "end" : "start" }, p.label));
+    root.append(dot);
+  });
+  points.forEach((p, i) => {
+    if (!placed[i]) return;
+    if (Math.abs(placed[i].y - sy(p.y)) > 12) {  // moved away from its dot: a line back to it
+      root.append(svg("line", { x1: sx(p.x), y1: sy(p.y), x2: placed[i].x, y2: placed[i].y - 4, class: "leader" }));
+    }
+    root.append(svg("text", { x: placed[i].x, y: placed[i].y, class: "tick point-label",
+                              "text-anchor": placed[i].anchor }, p.label));
   });
   return root;
 }

@@ -15,7 +15,7 @@ const STRINGS = {
     failures_only: "Failures only", prompt: "Prompt", prediction: "Prediction", score: "Score",
     latency: "Latency (s)", export_json: "Export JSON", export_csv: "Export CSV",
     back: "Back to queue", compare_table: "Models × datasets", throughput: "Samples/s",
-    peak_memory: "Peak RSS (MB)", side_by_side: "Side by side", pick_job: "pick a job",
+    peak_memory: "Peak RSS (MiB)", side_by_side: "Side by side", pick_job: "pick a job",
     stats: "Memory", usage: "Managed memory", limit: "Limit", pressure: "Pressure",
     system_available: "System RAM available", recommended: "Recommended to unload",
     set_limit: "Set limit (GiB)", set_timeout: "GPU idle timeout (s)", apply: "Apply",
@@ -41,7 +41,7 @@ const STRINGS = {
     memory_estimate: "Memory estimate",
     method_comparison: "Inference methods compared", method: "Method",
     prefill_tps: "Prefill (tokens/s)", decode_tps: "Decode (tokens/s)", latency_mean: "Mean latency (s)",
-    peak_ram_mb: "Peak RAM (MB)", peak_gpu_mb: "Peak GPU (MB)",
+    peak_ram_mb: "Peak RAM (MiB)", peak_gpu_mb: "Peak GPU (MiB)",
     relative_to: "× figures are relative to {method}, the first method.",
     agreement: "Agreement", agreement_help: "share of items where every method gave the same answer",
     nav_leaderboard: "Leaderboard", all: "all", count: "Count", no_rows: "Nothing to show.",
@@ -122,7 +122,7 @@ const STRINGS = {
     failures_only: "只看失败", prompt: "提示词", prediction: "预测", score: "得分",
     latency: "延迟（秒）", export_json: "导出 JSON", export_csv: "导出 CSV",
     back: "返回队列", compare_table: "模型 × 数据集", throughput: "样本/秒",
-    peak_memory: "峰值 RSS（MB）", side_by_side: "并排对比", pick_job: "选择任务",
+    peak_memory: "峰值 RSS（MiB）", side_by_side: "并排对比", pick_job: "选择任务",
     stats: "内存", usage: "托管内存", limit: "上限", pressure: "内存压力",
     system_available: "系统可用内存", recommended: "建议卸载",
     set_limit: "设置上限（GiB）", set_timeout: "GPU 空闲超时（秒）", apply: "应用",
@@ -147,7 +147,7 @@ const STRINGS = {
     memory_estimate: "内存估计",
     method_comparison: "推理方法对比", method: "方法",
     prefill_tps: "预填充（token/秒）", decode_tps: "解码（token/秒）", latency_mean: "平均延迟（秒）",
-    peak_ram_mb: "内存峰值（MB）", peak_gpu_mb: "显存峰值（MB）",
+    peak_ram_mb: "内存峰值（MiB）", peak_gpu_mb: "显存峰值（MiB）",
     relative_to: "× 倍数相对于第一个方法 {method}。",
     agreement: "一致率", agreement_help: "所有方法给出相同答案的样本比例",
     nav_leaderboard: "排行榜", all: "全部", count: "样本数", no_rows: "没有可显示的内容。",
@@ -281,6 +281,53 @@ const ZH_TEXT = {
   "0.2 x max(0, MCC) + 0.3 x step accuracy; the 0.5 error-reason term needs a judge model and is left out": "0.2 × max(0, MCC) + 0.3 × 步骤准确率；权重 0.5 的错误原因项需要评审模型，未计入",
   "Solution is": "解答实际", "Judged": "模型判断", "First wrong step": "第一个错误步骤", "Step named": "模型指出的步骤",
   "Step right": "步骤正确", "Context length": "上下文长度", "Depth %": "深度 %",
+  // lm_eval and the parameters every dataset shares
+  "Any lm-evaluation-harness task, group or list of tasks (MMLU, ARC, HellaSwag, ...) with its official prompts and metrics, scored by lm-eval's own aggregation":
+    "任意 lm-evaluation-harness 任务、任务组或任务列表（MMLU、ARC、HellaSwag 等），使用其官方提示词和指标，按 lm-eval 自己的方式汇总得分",
+  "depends on the tasks; lm-eval's task index is built once (~15 s) and kept in LBS_CACHE_DIR":
+    "取决于所选任务；lm-eval 的任务索引只建一次（约 15 秒），保存在 LBS_CACHE_DIR",
+  "prompts generated (or multiple-choice questions scored) together; \"auto\": the largest batch that fits, probed on the longest item; halved automatically on out-of-memory":
+    "一起生成的提示词数（或一起评分的选择题数）；\"auto\"：用最长的样本试出放得下的最大批；内存不足时自动减半",
+  "Tasks":
+    "任务",
+  "lm-evaluation-harness task or group names (e.g. arc_easy, mmlu), or tasks from the local YAML folders of LBS_LM_EVAL_INCLUDE_PATH":
+    "lm-evaluation-harness 的任务或任务组名称（如 arc_easy、mmlu），或 LBS_LM_EVAL_INCLUDE_PATH 本地 YAML 目录中的任务",
+  "Few-shot examples":
+    "少样本示例数",
+  "overrides each task's num_fewshot (lm_eval --num_fewshot); tasks whose YAML sets 0 keep 0":
+    "覆盖每个任务的 num_fewshot（lm_eval --num_fewshot）；YAML 中设为 0 的任务保持 0",
+  "Limit":
+    "数量上限",
+  "documents per task: a count, or a fraction of each task when under 1 (lm_eval --limit)":
+    "每个任务的文档数：一个数量，小于 1 时为每个任务的比例（lm_eval --limit）",
+  "Generation kwargs":
+    "生成参数",
+  "merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; decoding is greedy":
+    "合并到生成类任务的 generation_kwargs（lm_eval --gen_kwargs）：一个对象，或 lm_eval 的文本形式，如 max_gen_toks=64,until=Q:；解码为贪心",
+  "Bootstrap iterations":
+    "自助法迭代次数",
+  "for the stderr of metrics lm-eval bootstraps (0: no stderr)":
+    "用于 lm-eval 以自助法估计标准误的指标（0：不计算标准误）",
+  "Few-shot seed":
+    "少样本随机种子",
+  "seed of the few-shot sampler (lm-eval's default)":
+    "少样本示例抽样的随机种子（lm-eval 的默认值）",
+  "folder with dev/ val/ test/ (default: LBS_DATASETS_DIR/ceval)":
+    "包含 dev/ val/ test/ 的目录（默认：LBS_DATASETS_DIR/ceval）",
+  "folder with test.jsonl (and train.jsonl for shots); default: LBS_DATASETS_DIR/gsm8k":
+    "包含 test.jsonl（示例需要 train.jsonl）的目录；默认：LBS_DATASETS_DIR/gsm8k",
+  "folder with <subset>.jsonl files (default: LBS_DATASETS_DIR/longbench)":
+    "包含 <subset>.jsonl 文件的目录（默认：LBS_DATASETS_DIR/longbench）",
+  "LongBench-E files (<subset>_e.jsonl) and length buckets 0-4k, 4-8k, 8k+":
+    "LongBench-E 文件（<subset>_e.jsonl）及长度分段 0-4k、4-8k、8k+",
+  "prompt budget in tokens before middle truncation; default: the model's maximum minus the subset's generation length":
+    "从中间截断前的提示词预算（token）；默认：模型最大长度减去该子集的生成长度",
+  "folder with data.json (default: LBS_DATASETS_DIR/longbench_v2)":
+    "包含 data.json 的目录（默认：LBS_DATASETS_DIR/longbench_v2）",
+  "prompt budget in tokens; default: the model's maximum minus the answer length":
+    "提示词预算（token）；默认：模型最大长度减去回答长度",
+  "folder with MR-GSM8K.json (default: LBS_DATASETS_DIR/mr_gsm8k)":
+    "包含 MR-GSM8K.json 的目录（默认：LBS_DATASETS_DIR/mr_gsm8k）",
   "this model on this dataset": "此模型在此数据集上的记录", "other models on this dataset": "其他模型在此数据集上的记录",
 };
 

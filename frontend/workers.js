@@ -26,7 +26,7 @@ function workerRow(w) {
 export function viewWorkers(main) {
   const summary = h("p", { id: "workers-summary" });
   const table = h("table", { id: "workers-table" });
-  main.replaceChildren(h("h2", { text: t("nav_workers") }), summary, table);
+  main.replaceChildren(h("h2", { text: t("nav_workers") }), summary, h("div", { class: "table-wrap" }, table));
   const head = h("tr", {}, ["id", "host", "state", "labels", "gpus", "current_job", "heartbeat"]
     .map((k) => h("th", { text: t(k) })));
   poll(async () => {

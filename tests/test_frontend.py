@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(with_tiny, echo_plugin_dir):
-    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir)}).start()
+    live = LiveServer(with_tiny, {"LBS_PLUGIN_DIRS": str(echo_plugin_dir),
+                                  "GPU_IDLE_TIMEOUT": "900"}).start()
     live.wait_for_worker()
     yield live
     live.stop()
@@ -133,6 +134,13 @@ def test_cancel_and_models_panel(server, tiny_copy, page):
     model_row.locator("button.release").click()
     model_row.wait_for(state="detached", timeout=15_000)
     assert page.locator("#models-table").inner_text().strip().endswith("No model is loaded.")
+    # with no model loaded the timeout box still shows the value in force
+    page.reload()
+    page.wait_for_function("document.querySelector('#idle-timeout').value !== ''")
+    assert page.input_value("#idle-timeout") == "900"
+    stats = page.locator("#memory-stats").inner_text()  # one unit on the page: GiB/MiB
+    assert "GiB" in stats and not re.search(r"\b[KMG]B\b", stats), stats
+    page.screenshot(path=ARTIFACTS / "models-empty.png", full_page=True)
     page.fill("#idle-timeout", "120")
     page.click("#apply-timeout")
     page.goto(server.url + "/#/compare")  # any finished job can be compared: the echo job
@@ -246,6 +254,10 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert page.locator('tr[data-worker="done-1"]').get_attribute("class") == "worker-stopped"
     assert page.locator("#workers-summary").inner_text() == "1 of 3 workers alive"
     page.screenshot(path=ARTIFACTS / "workers.png", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: only the table scrolls
+    assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 1
+    page.screenshot(path=ARTIFACTS / "workers-390.png", full_page=True)
+    page.set_viewport_size({"width": 1366, "height": 900})
     # polled: a worker that registers now shows up without a reload
     from backend.queue import jobs
 
@@ -338,3 +350,24 @@ def test_every_string_has_a_chinese_translation():
     en, zh = text.split("\n  zh: {", 1)
     keys = [set(re.findall(r"\b(\w+): \"", block)) for block in (en, zh.split("\n};", 1)[0])]
     assert keys[0] - keys[1] == set() and keys[1] - keys[0] == set()
+
+
+def test_every_dataset_text_has_a_chinese_translation():
+    """The Launch form in Chinese: each built-in dataset's description, cost, and its
+    parameters' titles and help come from the server in English and are translated by
+    i18n.js's exact-text table (lm_eval's stayed English)."""
+    import json
+
+    from backend.datasets.registry import dataset_names, get_dataset
+
+    text = (ROOT / "frontend" / "i18n.js").read_text()
+    table = text.split("const ZH_TEXT = {", 1)[1].split("\n};", 1)[0]
+    missing = []
+    for name in dataset_names():
+        dataset = get_dataset(name)
+        strings = [dataset.description, dataset.cost]
+        for prop in dataset.Params.model_json_schema()["properties"].values():
+            strings += [prop.get("title"), prop.get("description")]
+        missing += [f"{name}: {s}" for s in strings
+                    if s and f"{json.dumps(s, ensure_ascii=False)}:" not in table]
+    assert missing == []

@@ -35,6 +35,10 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
         text = missing.inner_text()
         assert "python -m backend.apps.cli data fetch longbench_v2" in text
         assert "THUDM/LongBench-v2" in text and str(datasets_dir / "longbench_v2") in text
+        # the command to copy reads as text, not fine print
+        size = "parseFloat(getComputedStyle(document.querySelector(s)).fontSize)"
+        assert page.evaluate(f"(s) => {size}", "#data-longbench_v2 code") >= \
+            0.85 * page.evaluate(f"(s) => {size}", "body")
         page.screenshot(path=ARTIFACTS / "launch-data-status.png", full_page=True)
 
         page.locator('#data-ceval button.data-fetch').click()

@@ -277,3 +277,21 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
         {"m": ("live", live_at, False), "m (gone)": ("gone", gone_at, True)}
     answer = client.post("/api/gpu/offload", json={"worker": "gone"})
     assert answer.status_code == 503 and answer.get_json()["error"]["code"] == "no_worker"
+
+
+def test_stats_name_the_idle_timeout_in_force(client, factory, settings):
+    """The page's idle-timeout box shows the value in force with no model loaded: a live
+    worker's, else the operator's stored one, else the configured GPU_IDLE_TIMEOUT."""
+    from backend.queue import control, jobs
+
+    def in_force():
+        return client.get("/api/v1/memory/stats").get_json()["data"]["idle_timeout_seconds"]
+
+    assert in_force() == settings.gpu_idle_timeout == 600
+    assert client.post("/api/gpu/timeout", json={"timeout": 120}).status_code == 202
+    assert in_force() == 120
+    jobs.register_worker(factory, "live", "host", 1, "cpu")
+    status = {**manager_status("m", time.time()), "idle_timeout_seconds": 300.0}
+    status["models"] = []  # no model loaded
+    control.publish_status(factory, "live", status)
+    assert in_force() == 300

@@ -126,14 +126,22 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
         s = want[row.locator('td[data-col="subset"]').inner_text()]
         assert row.locator('td[data-col="score"]').inner_text() == f"{s['score']:.4f}"
         assert row.locator('td[data-col="count"]').inner_text() == str(s["count"])
-    buckets = page.locator("#breakdown-buckets")
-    assert buckets.locator("tbody tr").count() == len(lb["scores"]["buckets"])
+    # LongBench-E's length buckets only with LongBench-E files (use_e): none here
+    assert not lb["scores"].get("buckets")
+    assert page.locator('[data-breakdown="buckets"]').count() == 0
     lb_samples = server.request("GET", f"/api/jobs/{lb_id}/samples")[1]["data"]["samples"]
     refs = page.locator('#samples-table tbody tr[data-idx="0"] td[data-col="reference"] li')
     assert refs.all_inner_texts() == lb_samples[0]["fields"]["reference"]
     page.select_option('[data-filter="subset"]', "trec")
     assert set(cells(page.locator("#samples-table"), "subset")) == {"trec"}
     assert page.locator('[data-testid="memory-chart"] circle.dot').count() >= 1
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: no row a screen tall
+    page.reload()
+    page.locator("#samples-table tbody tr[data-idx]").first.wait_for()
+    heights = page.evaluate("[...document.querySelectorAll('#samples-table tbody tr')]"
+                            ".map((r) => r.getBoundingClientRect().height)")
+    assert max(heights) < 150, heights
+    page.set_viewport_size({"width": 1440, "height": 900})
     shoot(page, "job-longbench")
 
     # the leaderboard: the folder named by path and by name is one model; another
@@ -164,6 +172,11 @@ def test_breakdowns_samples_and_leaderboard(server, page, tiny_copy):
                                                                "longbench"]
     assert page.locator('[data-testid="score-memory"] circle.dot').count() == 4
     assert page.locator('[data-testid="memory-length-longbench"] circle.dot').count() >= 1
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: the header is one line
+    heights = page.evaluate("[...document.querySelectorAll('#leaderboard-table th')]"
+                            ".map((th) => th.getBoundingClientRect().height)")
+    assert max(heights) < 40, heights
+    page.set_viewport_size({"width": 1440, "height": 900})
     shoot(page, "leaderboard")
 
     # Compare: the same folder by path and by name, item by item; two datasets refused
@@ -222,6 +235,12 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     assert job["params"]["depth_percents"] == {"count": 2}
     row = page.locator(f'tr[data-job="{job["id"]}"]')
     row.locator(".badge.succeeded").wait_for(timeout=120_000)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: state and progress in view
+    for col in ("state", "progress"):
+        for cell in (f'#queue-table th[data-col="{col}"]',
+                     f'tr[data-job="{job["id"]}"] td[data-col="{col}"]'):
+            box = page.locator(cell).bounding_box()
+            assert box["x"] + box["width"] <= 390, (cell, box)
     shoot(page, "queue")
 
     page.goto(f"{server.url}/#/job/{job['id']}")
@@ -288,3 +307,52 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     page.locator('[data-testid="heatmap"]').wait_for()
     shoot(page, "job-niah-zh")
     page.click("#lang-toggle")
+
+
+OVERLAPS = """(selector) => {
+  const boxes = [...document.querySelectorAll(selector)]
+    .map((el) => [el.textContent, el.getBoundingClientRect()]);
+  const out = [];
+  boxes.forEach(([a, r], i) => boxes.slice(i + 1).forEach(([b, s]) => {
+    const hit = r.left < s.right && s.left < r.right && r.top < s.bottom && s.top < r.bottom;
+    if (hit) out.push(`${a} / ${b}`);
+  }));
+  return out;
+}"""
+
+
+def test_chart_labels_stay_apart_and_axes_end_on_a_label(live_server, page):
+    """The leaderboard's charts as a phone draws them (340 px): dots on one spot keep
+    their labels apart, long legend names wrap instead of running into each other, and
+    a memory chart's y axis ends on a labelled tick above its highest point."""
+    page.goto(live_server.url + "/#/leaderboard")
+    page.evaluate("""async () => {
+      const m = await import('/static/charts.js');
+      const box = document.createElement('div');
+      box.id = 'chart-check';
+      box.style.width = '340px';
+      box.append(m.scatterChart([
+        {x: 509, y: 0, label: 'builtin:tiny', group: 0},
+        {x: 512, y: 0, label: 'builtin:small', group: 1},
+        {x: 510, y: 0.01, label: 'builtin:tiny', group: 2},
+        {x: 560, y: 0, label: 'builtin:small', group: 3}],
+        {groups: ['ceval', 'echo', 'longbench', 'needle_in_haystack'], width: 340}));
+      box.append(m.lineChart([
+        {name: 'builtin:small (RAM, #4)', points: [[256, 561], [384, 568]]},
+        {name: 'builtin:tiny (RAM, #3)', points: [[256, 508], [384, 509]]}],
+        {width: 340, testid: 'line-check'}));
+      document.body.prepend(box);
+    }""")
+    assert page.evaluate(OVERLAPS, "#chart-check .point-label") == []
+    assert page.locator("#chart-check .point-label").count() == 4  # every dot named
+    assert page.evaluate(OVERLAPS, "#chart-check svg.scatter .legend-label") == []
+    assert page.evaluate(OVERLAPS, '[data-testid="line-check"] .legend-label') == []
+    top, highest_tick = page.evaluate("""() => {
+      const svg = document.querySelector('[data-testid="line-check"]');
+      const axis = [...svg.querySelectorAll('line.axisline')]
+        .find((l) => l.getAttribute('x1') === l.getAttribute('x2'));
+      const ticks = [...svg.querySelectorAll('text.tick[text-anchor="end"]')];
+      return [+axis.getAttribute('y1'), Math.min(...ticks.map((t) => +t.getAttribute('y') - 4))];
+    }""")
+    assert highest_tick == pytest.approx(top)
+    page.screenshot(path=ARTIFACTS / "chart-labels-340.png", full_page=True)

@@ -281,9 +281,10 @@ class CEval(Dataset):
             by_category.setdefault(SUBJECTS[subject][1], []).append(values)
         total = [v for _, v in scored]
         # The overall and category scores are macro averages over subjects (the
-        # official leaderboard's); a category's count is its number of subjects.
+        # official leaderboard's); their counts are questions, as every count is.
         entries = [ScoreEntry.macro("overall", list(by_subject.values()), len(total))]
-        entries += [ScoreEntry.macro("category", groups, len(groups), {"category": c})
+        entries += [ScoreEntry.macro("category", groups, sum(map(len, groups)),
+                                     {"category": c})
                     for c, groups in sorted(by_category.items())]
         entries += [ScoreEntry.mean("subject", by_subject[s],
                                     {"subject": s, "category": SUBJECTS[s][1]})

@@ -79,6 +79,10 @@ def test_aggregate_by_hand():
     assert entries[("micro", ())].value == pytest.approx(0.5)
     assert entries[("category", ("STEM",))].value == pytest.approx(0.5)
     assert entries[("category", ("Humanities",))].value == pytest.approx(0.5)  # law 1, logic 0
+    # a category's count is its questions, as every other count on the page
+    assert entries[("category", ("STEM",))].count == 2
+    assert entries[("category", ("Humanities",))].count == 2
+    assert entries[("overall", ())].count == 4
     assert entries[("subject", ("law", "Humanities"))].value == 1.0
 
 

@@ -133,6 +133,18 @@ def test_longbench_e_buckets(tiny_tok):
     assert [length_bucket(n) for n in (3999, 4000, 7999, 8000)] == ["0-4k", "4-8k", "4-8k", "8k+"]
 
 
+def test_plain_longbench_has_no_length_buckets(tiny_tok):
+    """The buckets are LongBench-E's breakdown: a job on the plain files (whose rows
+    carry a length too) has none, so its page shows no buckets table."""
+    ds = LongBench()
+    items = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES), "max_length": 300}),
+                           tiny_tok)
+    assert any(i.fields.get("length") is not None for i in items)
+    fields = [{**i.fields, **ds.explain(i, "")} for i in items]
+    assert not any("bucket" in f for f in fields)
+    assert [e for e in ds.aggregate([(f, 1.0) for f in fields]) if e.name == "bucket"] == []
+
+
 def test_prompts_and_lengths_are_the_official_text_byte_for_byte():
     """subsets.json against copies of LongBench's config/dataset2prompt.json and
     dataset2maxlen.json (tests/fixtures/longbench_official): narrativeqa's official

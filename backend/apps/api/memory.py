@@ -169,11 +169,21 @@ _ANSWERS = {"workers": [{"type": "object", "description": "per worker: worker_id
 
 # --- /api/v1/memory ---------------------------------------------------------------
 
+def _idle_timeout(statuses: list[tuple[Any, dict[str, Any]]]) -> float:
+    """The GPU idle timeout in force, loaded model or not: a live worker's, else the
+    operator's stored value (workers apply it as they start), else GPU_IDLE_TIMEOUT."""
+    if statuses:
+        return statuses[0][1]["idle_timeout_seconds"]
+    stored = dict(control.stored_commands(_state().factory)).get("timeout")
+    return stored["timeout"] if stored else _state().settings.gpu_idle_timeout
+
+
 @bp.get("/api/v1/memory/stats")
 @documented("usage, limit, pressure and system RAM, summed over the workers with a fresh "
-            "heartbeat; per worker as_of and stale",
+            "heartbeat; the GPU idle timeout in force; per worker as_of and stale",
             data={"total_memory_usage": {"type": "integer"}, "memory_limit": {"type": "integer"},
-                  "memory_pressure": {"type": "boolean"}, "workers": _OBJECTS})
+                  "memory_pressure": {"type": "boolean"},
+                  "idle_timeout_seconds": {"type": "number"}, "workers": _OBJECTS})
 def stats():
     published = _statuses()
     statuses = [(p.worker, p.status) for p in published if not p.stale]
@@ -189,6 +199,7 @@ def stats():
         "memory_pressure": any(s["pressure"]["memory_pressure"] for _, s in statuses),
         "system_available": available, "formatted_system_available": _formatted(available),
         "system_total": total, "formatted_system_total": _formatted(total),
+        "idle_timeout_seconds": _idle_timeout(statuses),
         "as_of": _iso(min((s["as_of"] for _, s in statuses if "as_of" in s), default=None)),
         "workers": [{"worker_id": p.worker.id, "total_models": p.status["total_models"],
                      "total_memory_usage": p.status["total_memory_usage"],

@@ -165,7 +165,10 @@ class LongBench(Dataset):
                     max_new_tokens=spec["max_new_tokens"],
                     reference={"answers": row["answers"], "all_classes": row.get("all_classes")},
                     fields={"subset": subset, "length": row.get("length"),
-                            "_id": row.get("_id")}))
+                            "_id": row.get("_id"),
+                            # LongBench-E's breakdown: plain rows carry a length too
+                            **({"bucket": length_bucket(int(row["length"]))}
+                               if params.use_e and row.get("length") is not None else {})}))
         return items
 
     breakdowns = [
@@ -188,8 +191,6 @@ class LongBench(Dataset):
                "why": f"{metric}: the best over {len(answers)} reference answer(s)"
                       + (", first line of the reply only" if subset in FIRST_LINE_ONLY
                          else "")}
-        if item.fields.get("length") is not None:
-            out["bucket"] = length_bucket(int(item.fields["length"]))
         return out
 
     def score(self, item: Item, prediction: str) -> float:
@@ -202,9 +203,8 @@ class LongBench(Dataset):
         buckets: dict[tuple[str, str], list[float]] = {}
         for fields, value in scored:
             by_subset.setdefault(fields["subset"], []).append(value)
-            if fields.get("length") is not None:
-                key = (fields["subset"], length_bucket(int(fields["length"])))
-                buckets.setdefault(key, []).append(value)
+            if fields.get("bucket") is not None:
+                buckets.setdefault((fields["subset"], fields["bucket"]), []).append(value)
         entries = [ScoreEntry.macro("overall", list(by_subset.values()), len(scored))]
         entries += [ScoreEntry.mean("subset", by_subset[s], {"subset": s})
                     for s in SUBSETS if s in by_subset]
