@@ -297,8 +297,8 @@ const ZH_PATTERNS = [
   [/^Input should be greater than or equal to (.*)$/, "应大于或等于 $1"],
   [/^Input should be less than or equal to (.*)$/, "应小于或等于 $1"],
   [/^Input should be a valid integer.*$/, "应为整数"],
-  [/^Value error, every context length must be at least (\d+)$/, "每个上下文长度至少为 $1"],
-  [/^Value error, every depth must be between 0 and 100$/, "每个深度都应在 0 到 100 之间"],
+  [/^every context length must be at least (\d+)$/, "每个上下文长度至少为 $1"],
+  [/^every depth must be between 0 and 100$/, "每个深度都应在 0 到 100 之间"],
   [/^String should match pattern (.*)$/, "格式不符合 $1"],
 ];
 

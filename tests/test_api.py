@@ -257,3 +257,15 @@ def test_memory_sizes_keep_the_briefs_shape(client):
     assert body["data"]["formatted_limit"] == "8.00 GB"
     system = client.get("/api/v1/memory/system").get_json()["data"]
     assert system["memory"]["formatted_total"].endswith(" GB")
+
+
+def test_validator_messages_read_without_pydantic_prefix(client):
+    """A dataset's own check ("every depth must be between 0 and 100") reaches the user
+    as written, not as pydantic's "Value error, every depth …"."""
+    job = {**NIAH, "params": {"context_lengths": [256], "depth_percents": [150]}}
+    res = client.post("/api/jobs", json=job)
+    assert res.status_code == 422, res.get_json()
+    error = res.get_json()["error"]
+    assert error["details"] == [{"field": "params.depth_percents",
+                                 "message": "every depth must be between 0 and 100"}]
+    assert "Value error" not in error["message"]
