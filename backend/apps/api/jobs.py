@@ -137,7 +137,7 @@ def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
                       "it is ready" if r.startswith("no live worker") else r
                    for i, r in reasons.items()}
     exclude = SUMMARY_EXCLUDE if summary else None
-    return [job_out(j, reasons.get(j.id)).model_dump(mode="json", exclude=exclude)
+    return [job_out(j, reasons.get(j.id), summary).model_dump(mode="json", exclude=exclude)
             for j in jobs]
 
 
