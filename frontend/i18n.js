@@ -281,7 +281,8 @@ const ZH_TEXT = {
 const ZH_PATTERNS = [
   [/^no live worker: start one \(python -m backend\.apps\.worker\) or check the server log$/, "没有在线的工作进程：请启动一个（python -m backend.apps.worker）或查看服务器日志"],
   [/^the worker is starting \(started (\d+) s ago\); the job runs once it is ready$/, "工作进程正在启动（$1 秒前启动）；就绪后即运行此任务"],
-  [/^waiting for its turn \(higher priorities and other submitters first\)$/, "等待轮到它（优先级更高的任务和其他提交者优先）"],
+  [/^waiting for its turn: (\d+) queued jobs? before it \(higher priorities first, then each submitter in turn\)$/, "等待轮到它：前面还有 $1 个排队任务（优先级高者先，然后各提交者轮流）"],
+  [/^next in line: an idle worker takes it within a few seconds$/, "下一个运行：空闲的工作进程将在几秒内接手"],
   [/^waiting for a free worker \((\d+) able to run it, all busy\)$/, "等待空闲的工作进程（$1 个可运行，均在忙）"],
   [/^pinned to worker label '(.*)', which no live worker has$/, "指定了工作进程标签 '$1'，但没有在线工作进程带此标签"],
   [/^needs (\d+) GPUs on one worker; the most a live worker holds is (\d+)$/, "需要同一工作进程上的 $1 块 GPU；在线工作进程最多只有 $2 块"],
