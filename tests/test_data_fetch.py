@@ -150,7 +150,7 @@ def test_missing_data_422_and_status_say_how_to_get_it(with_tiny, hub, tmp_path)
             time.sleep(0.2)
             gsm = _datasets(live)["gsm8k"]["data"]
         assert gsm["state"] == "ready" and gsm["source"] == "folder"
-        assert gsm["where"] == str(datasets_dir / "gsm8k") and gsm["items"] == 3 + 2
+        assert gsm["where"] == str(datasets_dir / "gsm8k") and gsm["items"] == 3  # test, not train
         assert _datasets(live)["needle_in_haystack"]["data"]["source"] == "bundled"
         assert not hub.requests  # nothing asked the hub
     finally:

@@ -27,7 +27,8 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
         page.goto(live.url + "/")
         ready = page.locator('#data-gsm8k[data-state="ready"]')
         ready.wait_for()
-        page.locator('#data-gsm8k:has-text("5 items")').wait_for(timeout=15_000)
+        page.locator('#data-gsm8k:has-text("3 items")').wait_for(timeout=15_000)  # test split
+        assert "by split: test 3, train 2" in ready.locator(".data-splits").inner_text()
         assert str(datasets_dir / "gsm8k") in ready.inner_text()
         assert page.locator('#data-needle_in_haystack[data-state="ready"]').count() == 1
 

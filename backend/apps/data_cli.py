@@ -179,7 +179,8 @@ def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
           f"{summary['seconds']} s into {folder}")
     status = dataset_status(ds, True, wait=True)
     for part in status["parts"]:
-        print(f"  {part['part']:<40} {part['split']:<6} {part['items']} items")
+        print(f"  {part['part']:<40} {part['split']:<6} {part['items']} items"
+              + ("" if part["default"] else "  (not in a job with the defaults)"))
     return 0
 
 
@@ -206,6 +207,9 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
     for name, st in out.items():
         where = st["where"] or st.get("reason") or ""
         items = "" if st["items"] is None else f", {st['items']} items"
+        if len(st.get("items_by_split") or {}) > 1:  # which split a job runs, and the rest
+            items += " in a job with the defaults (by split: " + ", ".join(
+                f"{split} {n}" for split, n in st["items_by_split"].items()) + ")"
         print(f"{name:<20} {st['state']:<8} {st['source'] or '':<10} {where}{items}")
         if st["state"] == "per_task":
             print(f"{'':<20} per task: python -m backend.apps.cli data status {name} "
