@@ -196,3 +196,22 @@ def test_fetch_button_endpoint_and_cli(with_tiny, hub, tmp_path):
         timeout=300)
     assert out.returncode == 0, out.stderr
     assert "overall score" in out.stdout
+
+
+def test_fetch_without_a_network_says_to_copy_the_files(data_dir, tmp_path):
+    """`data fetch` where the hub cannot be reached says so in words and where to copy
+    the files, as the API's 422 does (not huggingface_hub's "DryRunError: Dry run
+    cannot be performed…")."""
+    import os
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "LBS_DATASETS_DIR": str(tmp_path / "ds")}
+    out = subprocess.run([sys.executable, "-m", "backend.apps.cli", "data", "fetch", "gsm8k"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "DryRunError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "cannot reach the Hugging Face Hub" in out.stderr and "openai/gsm8k" in out.stderr
+    assert f"copy the repository's files into {tmp_path / 'ds' / 'gsm8k'}" in out.stderr

@@ -130,7 +130,7 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
 def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
-    from backend.datasets.hub import fetch
+    from backend.datasets.hub import fetch, fetch_failure
     from backend.datasets.status import dataset_status
 
     if ds.hub is None:
@@ -167,9 +167,9 @@ def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
         folder, summary = fetch(ds.hub, parts, progress)
     except Exception as exc:  # noqa: BLE001 - report any hub/network error plainly
         bar.close()
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = fetch_failure(ds, exc)
         _write_progress(args.progress_file, {**state, "state": "failed", "error": message})
-        print(f"error: fetching {ds.hub.repo_id} failed: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     bar.close()
     _write_progress(args.progress_file, {**state, "state": "done",
