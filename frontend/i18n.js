@@ -279,7 +279,7 @@ const ZH_TEXT = {
 };
 
 const ZH_PATTERNS = [
-  [/^no live worker: start one \(python -m backend\.apps\.worker\) or check the server log$/, "没有在线的工作进程：请启动一个（python -m backend.apps.worker）或查看服务器日志"],
+  [/^no live worker: start one \((.*)\) or check the server log$/, "没有在线的工作进程：请启动一个（$1）或查看服务器日志"],
   [/^the worker is starting \(started (\d+) s ago\); the job runs once it is ready$/, "工作进程正在启动（$1 秒前启动）；就绪后即运行此任务"],
   [/^waiting for its turn: (\d+) queued jobs? before it \(higher priorities first, then each submitter in turn\)$/, "等待轮到它：前面还有 $1 个排队任务（优先级高者先，然后各提交者轮流）"],
   [/^next in line: an idle worker takes it within a few seconds$/, "下一个运行：空闲的工作进程将在几秒内接手"],

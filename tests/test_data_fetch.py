@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from backend.common.commands import lbs_command
 from tests.conftest import ROOT, LiveServer
 from tests.hub_server import FakeHub
 
@@ -48,7 +49,7 @@ def test_job_fetches_then_reads_cache_then_offline(with_tiny, hub, tmp_path):
         before = _datasets(live)["ceval"]["data"]
         assert before["state"] == "missing"
         assert before["how"]["hub"]["repo_id"] == "ceval/ceval-exam"
-        assert before["how"]["fetch_command"] == "python -m backend.apps.cli data fetch ceval"
+        assert before["how"]["fetch_command"] == lbs_command("data fetch ceval", ROOT)
         assert before["how"]["downloads_allowed"] is True
 
         status, body = live.request("POST", "/api/jobs", CEVAL_LAW)  # accepted: fetched later
@@ -132,7 +133,7 @@ def test_missing_data_422_and_status_say_how_to_get_it(with_tiny, hub, tmp_path)
         err = body["error"]
         assert err["code"] == "data_missing"
         assert err["details"][0]["field"] == "params.data_dir"
-        for text in ("THUDM/LongBench-v2", "python -m backend.apps.cli data fetch longbench_v2",
+        for text in ("THUDM/LongBench-v2", lbs_command("data fetch longbench_v2", ROOT),
                      str(datasets_dir / "longbench_v2"), "LBS_ALLOW_DATA_DOWNLOAD=1"):
             assert text in err["message"], text
         assert err["guidance"] == _datasets(live)["longbench_v2"]["data"]["how"]

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from backend.common.commands import lbs_command
 from tests.conftest import ARTIFACTS, ROOT, LiveServer
 from tests.hub_server import FakeHub
 
@@ -34,7 +35,7 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
 
         missing = page.locator('#data-longbench_v2[data-state="missing"]')
         text = missing.inner_text()
-        assert "python -m backend.apps.cli data fetch longbench_v2" in text
+        assert lbs_command("data fetch longbench_v2", ROOT) in text
         assert "THUDM/LongBench-v2" in text and str(datasets_dir / "longbench_v2") in text
         page.screenshot(path=ARTIFACTS / "launch-data-status.png", full_page=True)
 

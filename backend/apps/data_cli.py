@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backend.common.commands import lbs_command
+
 
 def add_parser(sub: Any) -> None:
     data = sub.add_parser("data", help="fetch datasets' official data, or show what is ready")
@@ -212,8 +214,8 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
                 f"{split} {n}" for split, n in st["items_by_split"].items()) + ")"
         print(f"{name:<20} {st['state']:<8} {st['source'] or '':<10} {where}{items}")
         if st["state"] == "per_task":
-            print(f"{'':<20} per task: python -m backend.apps.cli data status {name} "
-                  "--tasks arc_easy ...")
+            print(f"{'':<20} per task: "
+                  f"{lbs_command(f'data status {name} --tasks arc_easy ...')}")
         if st["state"] == "missing" and st["how"].get("fetch_command"):
             print(f"{'':<20} get it: {st['how']['fetch_command']}  (hub: "
                   f"{st['how']['hub']['repo_id']}; or copy into {st['how']['copy_to']})")

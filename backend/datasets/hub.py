@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.common.commands import lbs_command
 from backend.datasets.base import ParamError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class FetchPending(DataMissing):
 
 def fetch_command(dataset: str, parts: list[str] | None = None) -> str:
     extra = f" --subsets {' '.join(parts)}" if parts else ""
-    return f"python -m backend.apps.cli data fetch {dataset}{extra}"
+    return lbs_command(f"data fetch {dataset}{extra}")
 
 
 def guidance(ds: Any, parts: list[str] | None = None,

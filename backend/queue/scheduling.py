@@ -29,6 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
+from backend.common.commands import lbs_command
 from backend.common.config import format_bytes
 from backend.queue.db import Job, JobState, WorkerRow, WorkerState
 
@@ -153,7 +154,7 @@ def waiting_reason(job: Job, workers: Iterable[WorkerRow], now: datetime,
         return None
     live = [w for w in workers if is_alive(w, now, lease_seconds)]
     if not live:
-        return "no live worker: start one (python -m backend.apps.worker) or check the server log"
+        return f"no live worker: start one ({lbs_command('worker')}) or check the server log"
     if job.worker_label:
         live = [w for w in live if job.worker_label in (w.labels or [])]
         if not live:
