@@ -24,7 +24,8 @@
    never hit). Rows of ended or vanished workers are marked stopped.
 
 `--dry-run` shows what would be done and changes nothing; `--json` prints one
-JSON document. Exit status: 0 ok, 1 an action failed, 2 bad usage.
+JSON document. Exit status: 0 ok, 1 an action failed, 2 bad usage, 3 a running job
+holds a model (it is freed when the job ends; run this again then, or cancel the job).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from backend.apps.client import ApiClient, ServerError
 from backend.common.config import MiB
 
 log = logging.getLogger("clear_gpu_memory")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
 # --- what is there ------------------------------------------------------------------
@@ -176,10 +177,21 @@ def server_report(url: str, token: str) -> dict[str, Any]:
                        for m in status.values()]}
 
 
+def _held_by_job(message: str, workers: list[dict[str, Any]] | None) -> str:
+    """A worker's refusal (a model in use by a running job) in the user's words: which
+    job holds it and what to do."""
+    running = [w for w in workers or [] if w.get("current_job_id") is not None]
+    which = ", ".join(f"job {w['current_job_id']} on worker {w['id']}" for w in running)
+    return (f"{message}{f' ({which})' if which else ''}: the job holds the model while it "
+            "runs, and its memory is freed when the job ends; run this again then, or "
+            "cancel the job first (the Queue page, or POST /api/jobs/<id>/cancel)")
+
+
 def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
-               dry_run: bool) -> dict[str, Any]:
-    """Release or offload every model through the server; the action's outcome.
-    Models of stale workers are not asked: only live workers take commands."""
+               dry_run: bool, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Release or offload every model through the server; the action's outcome (`busy`
+    when a running job holds a model: `workers` name the job). Models of stale workers
+    are not asked: only live workers take commands."""
     models = [m["model_name"] for m in server["models"] if not m["stale"]]
     entry: dict[str, Any] = {"action": action, "target": server["url"], "dry_run": dry_run}
     if not server["reachable"]:
@@ -193,6 +205,9 @@ def ask_server(action: str, server: dict[str, Any], token: str, explicit: bool,
     except ServerError as exc:
         if exc.code == "no_worker":  # nothing runs, so nothing holds memory
             return {**entry, "ok": True, "message": f"{exc.message}: nothing to {action}"}
+        if exc.code == "busy":
+            return {**entry, "ok": False, "busy": True,
+                    "message": f"could not {action}: {_held_by_job(exc.message, workers)}"}
         return {**entry, "ok": False, "message": f"the server could not {action}: {exc}"}
     done = data.get("released" if action == "release" else "offloaded", [])
     names = [e.get("model") or e.get("model_name") or "?" for e in done]
@@ -418,7 +433,8 @@ def main(argv: list[str] | None = None, prog: str = "clear_gpu_memory.py") -> in
     if not args.keep_models:
         action = "offload" if args.offload else "release"
         report["actions"].append(ask_server(action, report["server"], settings.api_token,
-                                            args.release or args.offload, args.dry_run))
+                                            args.release or args.offload, args.dry_run,
+                                            workers))
     code = EXIT_OK
     if args.kill_stale:
         if workers is None:
@@ -446,12 +462,13 @@ def main(argv: list[str] | None = None, prog: str = "clear_gpu_memory.py") -> in
             w["process"].pop("created", None)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
+        for action in (a for a in report["actions"] if not a["ok"]):  # beside the JSON
+            log.error("[Clear] %s", action["message"])
     else:
-        print_report(report)
-    for failed in (a for a in report["actions"] if not a["ok"]):
-        log.error("[Clear] %s", failed["message"])
-    if code == EXIT_OK and not all(a["ok"] for a in report["actions"]):
-        code = EXIT_FAILED
+        print_report(report)  # says each failure once, marked FAILED
+    failed = [a for a in report["actions"] if not a["ok"]]
+    if code == EXIT_OK and failed:
+        code = EXIT_BUSY if all(a.get("busy") for a in failed) else EXIT_FAILED
     return code
 
 

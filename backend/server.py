@@ -352,8 +352,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.server") 
                                      epilog="example: lbs serve --port 8080")
     parser.add_argument("--no-workers", action="store_true",
                         help="serve the API only (run `python -m backend.apps.worker` yourself)")
+    parser.add_argument("--host", help="address to bind (default: LBS_HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: LBS_PORT, 8080)")
     args = parser.parse_args(argv)
-    settings = load_settings_or_report()
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    flags = {"LBS_HOST": args.host, "LBS_PORT": args.port}
+    settings = load_settings_or_report({k: v for k, v in flags.items() if v is not None})
     if settings is None:
         return 2
     try:

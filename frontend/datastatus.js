@@ -8,14 +8,14 @@ import { lang } from "./i18n.js";
 
 const TEXT = {
   en: {
-    ready: "data ready", items: "items", missing: "data missing", fetch: "Fetch",
+    ready: "data ready", items: "items", per_job: "in a job with the defaults", by_split: "by split", missing: "data missing", fetch: "Fetch",
     fetching: "fetching data", downloading: "downloading the model from the hub", failed: "fetch failed", run: "get it with", copy: "or copy the files into",
     hub: "hub", bundled: "bundled data", folder: "folder", "hub cache": "Hugging Face cache",
     counting: "counting items…", per_task: "data per task: see each task below",
     random: "random weights: a smoke test of the harness, scores near 0 are expected",
   },
   zh: {
-    ready: "数据已就绪", items: "条", missing: "缺少数据", fetch: "获取",
+    ready: "数据已就绪", items: "条", per_job: "（默认参数的一次评测）", by_split: "各划分", missing: "缺少数据", fetch: "获取",
     fetching: "正在获取数据", downloading: "正在从 Hub 下载模型", failed: "获取失败", run: "获取命令", copy: "或把文件复制到",
     hub: "Hub", bundled: "内置数据", folder: "文件夹", "hub cache": "Hugging Face 缓存",
     counting: "正在统计条数…", per_task: "数据按任务检查：见下方各任务",
@@ -41,6 +41,11 @@ function content(name, data, refresh) {
     const items = data.items === null || data.items === undefined
       ? (data.parts?.length ? tr("counting") : "") : `${data.items} ${tr("items")}`;
     out.push(`✓ ${tr("ready")}`, data.source ? ` (${tr(data.source)})` : "", items ? ` · ${items}` : "");
+    const splits = Object.entries(data.items_by_split || {});
+    if (items && splits.length > 1) {  // say which split a job runs, and what the others hold
+      out.push(h("small", { class: "data-splits", text: ` ${tr("per_job")}; ${tr("by_split")}: ${
+        splits.map(([split, n]) => `${split} ${n}`).join(", ")}` }));
+    }
     if (data.where) out.push(h("small", { class: "data-where", text: ` ${data.where}` }));
     return out;
   }

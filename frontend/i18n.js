@@ -46,7 +46,7 @@ const STRINGS = {
     agreement: "Agreement", agreement_help: "share of items where every method gave the same answer",
     nav_leaderboard: "Leaderboard", all: "all", count: "Count", no_rows: "Nothing to show.",
     record: "Record", submitted_at: "Submitted", started_at: "Started", finished_at: "Finished",
-    duration: "Duration", attempts: "Attempts", defaults_only: "Every parameter at its default.",
+    duration: "Duration", attempts: "Attempts", defaults_only: "Every parameter at its default.", param_default: "(default)",
     reading: "Reading", device: "Device", amount: "Amount", meaning: "What it means",
     mem_rss_before_load: "the worker process's resident RAM before the model loaded",
     mem_rss_at_load: "resident RAM once the model was loaded",
@@ -152,7 +152,7 @@ const STRINGS = {
     agreement: "一致率", agreement_help: "所有方法给出相同答案的样本比例",
     nav_leaderboard: "排行榜", all: "全部", count: "样本数", no_rows: "没有可显示的内容。",
     record: "记录", submitted_at: "提交时间", started_at: "开始时间", finished_at: "结束时间",
-    duration: "用时", attempts: "尝试次数", defaults_only: "所有参数均为默认值。",
+    duration: "用时", attempts: "尝试次数", defaults_only: "所有参数均为默认值。", param_default: "（默认值）",
     reading: "读数", device: "设备", amount: "数值", meaning: "含义",
     mem_rss_before_load: "模型加载前工作进程的常驻内存",
     mem_rss_at_load: "模型加载完成后的常驻内存",
@@ -332,9 +332,10 @@ const ZH_TEXT = {
 };
 
 const ZH_PATTERNS = [
-  [/^no live worker: start one \(python -m backend\.apps\.worker\) or check the server log$/, "没有在线的工作进程：请启动一个（python -m backend.apps.worker）或查看服务器日志"],
+  [/^no live worker: start one \((.*)\) or check the server log$/, "没有在线的工作进程：请启动一个（$1）或查看服务器日志"],
   [/^the worker is starting \(started (\d+) s ago\); the job runs once it is ready$/, "工作进程正在启动（$1 秒前启动）；就绪后即运行此任务"],
-  [/^waiting for its turn \(higher priorities and other submitters first\)$/, "等待轮到它（优先级更高的任务和其他提交者优先）"],
+  [/^waiting for its turn: (\d+) queued jobs? before it \(higher priorities first, then each submitter in turn\)$/, "等待轮到它：前面还有 $1 个排队任务（优先级高者先，然后各提交者轮流）"],
+  [/^next in line: an idle worker takes it within a few seconds$/, "下一个运行：空闲的工作进程将在几秒内接手"],
   [/^waiting for a free worker \((\d+) able to run it, all busy\)$/, "等待空闲的工作进程（$1 个可运行，均在忙）"],
   [/^pinned to worker label '(.*)', which no live worker has$/, "指定了工作进程标签 '$1'，但没有在线工作进程带此标签"],
   [/^needs (\d+) GPUs on one worker; the most a live worker holds is (\d+)$/, "需要同一工作进程上的 $1 块 GPU；在线工作进程最多只有 $2 块"],
@@ -350,8 +351,8 @@ const ZH_PATTERNS = [
   [/^Input should be greater than or equal to (.*)$/, "应大于或等于 $1"],
   [/^Input should be less than or equal to (.*)$/, "应小于或等于 $1"],
   [/^Input should be a valid integer.*$/, "应为整数"],
-  [/^Value error, every context length must be at least (\d+)$/, "每个上下文长度至少为 $1"],
-  [/^Value error, every depth must be between 0 and 100$/, "每个深度都应在 0 到 100 之间"],
+  [/^every context length must be at least (\d+)$/, "每个上下文长度至少为 $1"],
+  [/^every depth must be between 0 and 100$/, "每个深度都应在 0 到 100 之间"],
   [/^String should match pattern (.*)$/, "格式不符合 $1"],
 ];
 

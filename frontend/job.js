@@ -40,12 +40,17 @@ function record(job) {
     rows.flatMap(([k, v]) => [h("dt", { text: t(k) }), h("dd", { "data-key": k, text: v })]));
 }
 
+/** What the job runs with: every parameter, its dataset's defaults filled in, those
+ * not sent marked as defaults. */
 function paramsTable(job) {
-  const entries = Object.entries(job.params || {});
+  const sent = job.params || {};
+  const entries = Object.entries(job.effective_params || sent);
   if (!entries.length) return h("p", { class: "muted", text: t("defaults_only") });
   return h("div", { class: "table-wrap" }, h("table", { id: "job-params" },
-    entries.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }),
-      h("td", {}, h("code", { text: typeof v === "string" ? v : JSON.stringify(v) }))))));
+    entries.map(([k, v]) => h("tr", { "data-param": k, "data-default": String(!(k in sent)) },
+      h("th", { scope: "row", text: k }),
+      h("td", {}, h("code", { text: typeof v === "string" ? v : JSON.stringify(v) }),
+        k in sent ? null : h("small", { class: "muted", text: ` ${t("param_default")}` }))))));
 }
 
 // --- a data-parallel job's shards -------------------------------------------------------

@@ -473,7 +473,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def page():
     """A Chromium page; the test fails on any uncaught error in the page."""
     if CHROMIUM is None:
-        pytest.fail("Chromium is not installed: scripts/setup.sh installs Debian's chromium")
+        pytest.fail("Chromium is not installed: scripts/test.sh installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -257,3 +257,32 @@ def test_memory_sizes_keep_the_briefs_shape(client):
     assert body["data"]["formatted_limit"] == "8.00 GB"
     system = client.get("/api/v1/memory/system").get_json()["data"]
     assert system["memory"]["formatted_total"].endswith(" GB")
+
+
+def test_validator_messages_read_without_pydantic_prefix(client):
+    """A dataset's own check ("every depth must be between 0 and 100") reaches the user
+    as written, not as pydantic's "Value error, every depth …"."""
+    job = {**NIAH, "params": {"context_lengths": [256], "depth_percents": [150]}}
+    res = client.post("/api/jobs", json=job)
+    assert res.status_code == 422, res.get_json()
+    error = res.get_json()["error"]
+    assert error["details"] == [{"field": "params.depth_percents",
+                                 "message": "every depth must be between 0 and 100"}]
+    assert "Value error" not in error["message"]
+
+
+def test_job_shows_its_effective_parameters_beside_those_sent(client):
+    """A job's record carries what it runs with: the parameters sent, and every default
+    of its dataset filled in (split, chat template, max_new_tokens…)."""
+    job = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]
+    shown = client.get(f"/api/jobs/{job['id']}").get_json()["data"]["job"]
+    assert shown["params"] == NIAH["params"]
+    effective = shown["effective_params"]
+    assert effective["context_lengths"] == [256] and effective["depth_percents"] == [50]
+    assert {"max_new_tokens", "batch_size", "use_chat_template"} <= set(effective), effective
+    gsm8k = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": "gsm8k"})
+    if gsm8k.status_code == 201:  # its data is bundled or fetched here
+        effective = gsm8k.get_json()["data"]["job"]["effective_params"]
+        assert gsm8k.get_json()["data"]["job"]["params"] == {} and "split" in effective
+    listed = client.get("/api/jobs").get_json()["data"]["jobs"][0]
+    assert "effective_params" not in listed  # the list stays short, as without params

@@ -381,3 +381,54 @@ def test_worker_command_lines_in_every_form(cmdline, worker):
     from clear_gpu_memory import _is_worker_command
 
     assert _is_worker_command(cmdline) is worker
+
+
+def test_a_model_held_by_a_running_job_is_explained_once(factory, data_dir):
+    """Releasing while a job runs: the server answers 409 busy (the worker's ModelBusy);
+    the script says which job holds the model and what to do, once, and exits 3."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from backend.queue import jobs
+
+    jobs.register_worker(factory, "w1", socket.gethostname(), os.getpid(), "cpu",
+                         current_job_id=7)
+
+    class Server(BaseHTTPRequestHandler):  # the API's answers while job 7 runs on w1
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self._answer(200, {"status": "success", "data": {"builtin:tiny": {
+                "model_name": "builtin:tiny", "location": "CPU", "worker_id": "w1",
+                "pinned": False, "stale": False}}})
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(409, {"status": "error", "error": {
+                "code": "busy", "message": "builtin:tiny is in use by a running job",
+                "details": []}})
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        proc = run_script(dict(os.environ), "--release", "--server", url)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 3, out
+        assert out.count("in use by a running job") == 1, out
+        assert "job 7" in out and "worker w1" in out
+        assert "when the job ends" in out and "cancel" in out
+        assert "HTTP 409" not in out
+        report = run_json(dict(os.environ), "--release", "--server", url, code=3)
+        assert report["actions"][0]["busy"] is True
+    finally:
+        httpd.shutdown()

@@ -186,3 +186,35 @@ def test_the_settings_repr_shows_no_database_password(monkeypatch):
     monkeypatch.setenv("LBS_API_TOKEN", "tok-0123456789")
     text = repr(load_settings())
     assert "pa55-w0rd" not in text and "tok-0123456789" not in text
+
+
+def test_server_takes_host_and_port_flags(monkeypatch, data_dir):
+    """`python -m backend.server --port N` listens on N (LBS_PORT says otherwise here);
+    a bad --port or a --host other machines reach without a token is refused by name."""
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port, stop_process
+
+    monkeypatch.setenv("LBS_PORT", "1")  # the flag wins over the environment
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "backend.server", "--no-workers",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200, proc.stderr.read() if proc.poll() is not None else "no answer"
+    finally:
+        stop_process(proc)
+    bad = subprocess.run([sys.executable, "-m", "backend.server", "--port", "70000"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port" in bad.stderr and "Traceback" not in bad.stderr
+    exposed = subprocess.run([sys.executable, "-m", "backend.server", "--host", "0.0.0.0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert exposed.returncode == 2 and "LBS_API_TOKEN" in exposed.stderr

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from backend.common.commands import lbs_command
 from tests.conftest import ROOT, LiveServer
 from tests.hub_server import FakeHub
 
@@ -48,7 +49,7 @@ def test_job_fetches_then_reads_cache_then_offline(with_tiny, hub, tmp_path):
         before = _datasets(live)["ceval"]["data"]
         assert before["state"] == "missing"
         assert before["how"]["hub"]["repo_id"] == "ceval/ceval-exam"
-        assert before["how"]["fetch_command"] == "python -m backend.apps.cli data fetch ceval"
+        assert before["how"]["fetch_command"] == lbs_command("data fetch ceval", ROOT)
         assert before["how"]["downloads_allowed"] is True
 
         status, body = live.request("POST", "/api/jobs", CEVAL_LAW)  # accepted: fetched later
@@ -132,7 +133,7 @@ def test_missing_data_422_and_status_say_how_to_get_it(with_tiny, hub, tmp_path)
         err = body["error"]
         assert err["code"] == "data_missing"
         assert err["details"][0]["field"] == "params.data_dir"
-        for text in ("THUDM/LongBench-v2", "python -m backend.apps.cli data fetch longbench_v2",
+        for text in ("THUDM/LongBench-v2", lbs_command("data fetch longbench_v2", ROOT),
                      str(datasets_dir / "longbench_v2"), "LBS_ALLOW_DATA_DOWNLOAD=1"):
             assert text in err["message"], text
         assert err["guidance"] == _datasets(live)["longbench_v2"]["data"]["how"]
@@ -150,7 +151,7 @@ def test_missing_data_422_and_status_say_how_to_get_it(with_tiny, hub, tmp_path)
             time.sleep(0.2)
             gsm = _datasets(live)["gsm8k"]["data"]
         assert gsm["state"] == "ready" and gsm["source"] == "folder"
-        assert gsm["where"] == str(datasets_dir / "gsm8k") and gsm["items"] == 3 + 2
+        assert gsm["where"] == str(datasets_dir / "gsm8k") and gsm["items"] == 3  # test, not train
         assert _datasets(live)["needle_in_haystack"]["data"]["source"] == "bundled"
         assert not hub.requests  # nothing asked the hub
     finally:
@@ -196,3 +197,22 @@ def test_fetch_button_endpoint_and_cli(with_tiny, hub, tmp_path):
         timeout=300)
     assert out.returncode == 0, out.stderr
     assert "overall score" in out.stdout
+
+
+def test_fetch_without_a_network_says_to_copy_the_files(data_dir, tmp_path):
+    """`data fetch` where the hub cannot be reached says so in words and where to copy
+    the files, as the API's 422 does (not huggingface_hub's "DryRunError: Dry run
+    cannot be performed…")."""
+    import os
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "LBS_DATASETS_DIR": str(tmp_path / "ds")}
+    out = subprocess.run([sys.executable, "-m", "backend.apps.cli", "data", "fetch", "gsm8k"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "DryRunError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "cannot reach the Hugging Face Hub" in out.stderr and "openai/gsm8k" in out.stderr
+    assert f"copy the repository's files into {tmp_path / 'ds' / 'gsm8k'}" in out.stderr

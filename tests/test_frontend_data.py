@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from backend.common.commands import lbs_command
 from tests.conftest import ARTIFACTS, ROOT, LiveServer
 from tests.hub_server import FakeHub
 
@@ -27,13 +28,14 @@ def test_launch_form_shows_data_status_and_fetches(with_tiny, tmp_path, page):  
         page.goto(live.url + "/")
         ready = page.locator('#data-gsm8k[data-state="ready"]')
         ready.wait_for()
-        page.locator('#data-gsm8k:has-text("5 items")').wait_for(timeout=15_000)
+        page.locator('#data-gsm8k:has-text("3 items")').wait_for(timeout=15_000)  # test split
+        assert "by split: test 3, train 2" in ready.locator(".data-splits").inner_text()
         assert str(datasets_dir / "gsm8k") in ready.inner_text()
         assert page.locator('#data-needle_in_haystack[data-state="ready"]').count() == 1
 
         missing = page.locator('#data-longbench_v2[data-state="missing"]')
         text = missing.inner_text()
-        assert "python -m backend.apps.cli data fetch longbench_v2" in text
+        assert lbs_command("data fetch longbench_v2", ROOT) in text
         assert "THUDM/LongBench-v2" in text and str(datasets_dir / "longbench_v2") in text
         # the command to copy reads as text, not fine print
         size = "parseFloat(getComputedStyle(document.querySelector(s)).fontSize)"

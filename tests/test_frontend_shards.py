@@ -122,7 +122,7 @@ def test_shards_in_every_state(server, page):
     assert [c.strip() for c in cells(table, "progress")] == ["1/2", "0/2", "0/1"]
     assert cells(table, "gpu_peak") == ["", "3.00 GiB", ""]
     assert cells(table, "rss_peak")[1] == "900.0 MiB"
-    notes = cells(table, "note")  # why the last one waits (its turn: gpu-b is idle)
-    assert notes[:2] == ["", ""] and "waiting" in notes[2], notes
+    notes = cells(table, "note")  # why the last one waits (next: gpu-b is idle)
+    assert notes[:2] == ["", ""] and "next in line" in notes[2], notes
     table.locator('th[data-key="attempts"] button').click()  # sortable like the others
     shoot(page, "job-shards-states")

@@ -104,6 +104,9 @@ def test_exports_carry_reference_and_dataset_columns(client, app):
     assert rows[0]["reference"] == "B" and rows[0]["extracted"] == "A"
     assert rows[0]["subject"] == "law" and rows[0]["category"] == "Humanities"
     assert json.loads(rows[0]["logprobs"]) == {"A": -0.5, "B": -1.5}
+    # only the columns this dataset has: no Needle-in-a-Haystack cells, empty on every row
+    assert "context_length" not in rows[0] and "depth_percent" not in rows[0]
+    assert list(rows[0])[:3] == ["idx", "subject", "category"]
     res = client.get(f"/api/jobs/{job_id}/export")
     assert res.is_streamed
     body = json.loads(res.get_data(as_text=True))

@@ -252,6 +252,14 @@ def test_form_launches_niah_without_json_and_ids_are_never_reused(server, page):
     assert page.locator('#memory-peaks tr[data-reading="rss_peak"] td.num').inner_text() \
         .endswith(("MiB", "GiB"))
     assert page.locator("#samples-table tbody tr[data-idx]").count() == 4
+    # the record shows what the job ran with: the parameters sent, the defaults marked
+    sent = page.locator('#job-params tr[data-param="context_lengths"]')
+    assert sent.get_attribute("data-default") == "false" and "256" in sent.inner_text()
+    defaults = page.locator('#job-params tr[data-default="true"]')
+    assert defaults.count() >= 1  # what the form left out, e.g. the answer to look for
+    assert all(text.endswith("(default)") for text in defaults.all_inner_texts())
+    assert page.locator("#job-params tr").count() == len(job["effective_params"]) > len(
+        job["params"])
     shoot(page, "job-niah")
 
     # the list form of the same field, and a second grid for the Compare view

@@ -398,3 +398,41 @@ def test_a_spilled_model_is_never_compiled(settings, with_tiny, tmp_path):
     hf.configure_compile(model)
     assert model.generation_config.compile_config is None
     assert model.generation_config.disable_compile is True
+
+
+def test_model_not_found_lists_what_there_is_and_suggests(settings, tmp_path, monkeypatch):
+    """A mistyped model name is answered with the models there are and the nearest one:
+    built-in, a folder under LBS_MODEL_DIRS, a hub id in the local cache."""
+    from huggingface_hub import constants
+
+    folder = tmp_path / "zoo" / "my-tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    hub = tmp_path / "hub"
+    (hub / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+
+    with pytest.raises(ModelNotFound) as caught:
+        resolve_model("my-tinyy", settings)
+    message = str(caught.value)
+    assert "did you mean 'my-tiny'?" in message
+    assert "builtin:tiny" in message and "builtin:small" in message
+    assert "Qwen/Qwen2.5-0.5B" in message
+    with pytest.raises(ModelNotFound, match=r"did you mean 'builtin:tiny'\?"):
+        resolve_model("builtin:tinyy", settings)
+    with pytest.raises(ModelNotFound, match=r"did you mean 'Qwen/Qwen2.5-0.5B'\?"):
+        resolve_model("qwen/qwen2.5-0.5b", settings)
+    # from the command line (not confined) a folder is named by its path
+    with pytest.raises(ModelNotFound, match=f"did you mean '{folder}'"):
+        resolve_model("my-tinyy", settings, confine=False)
+
+
+def test_unknown_dataset_suggests_the_near_name():
+    from backend.datasets.registry import UnknownDataset, get_dataset
+
+    with pytest.raises(UnknownDataset) as caught:
+        get_dataset("GSM8K")
+    assert "did you mean 'gsm8k'?" in str(caught.value)
+    with pytest.raises(UnknownDataset) as caught:
+        get_dataset("longbnech")
+    assert "did you mean 'longbench'?" in str(caught.value)

@@ -113,7 +113,7 @@ def test_waiting_reasons(factory):
                 age_s=600)  # would fit, but it stopped heartbeating
     assert "needs about 20.0 GiB" in _reason(factory, job_id)
     _worker_row(factory, "w5", labels=["big"], gpus=[24 * GB, 24 * GB], free=48 * GB)
-    assert "its turn" in _reason(factory, job_id)
+    assert _reason(factory, job_id).startswith("next in line")  # nothing before it
 
 
 @both_engines
@@ -240,3 +240,17 @@ def test_idle_worker_wakes_on_new_work(factory, settings, db_url):
         assert woke and 0.25 < waited < 1.5, waited  # not the 5 or 10 s timeouts
     finally:
         waiter.close()
+
+
+def test_waiting_reason_says_when_nothing_is_ahead(factory):
+    """On an empty queue a new job is next, not behind "higher priorities and other
+    submitters"; behind others, the reason says how many."""
+    _worker_row(factory, "idle")
+    (first,) = _submit(factory)
+    reason = _reason(factory, first)
+    assert reason.startswith("next in line") and "higher priorities" not in reason
+    second, third = _submit(factory, 2)
+    assert _reason(factory, third).startswith("waiting for its turn: 2 queued jobs before it")
+    (urgent,) = _submit(factory, priority=5)
+    assert _reason(factory, urgent).startswith("next in line")
+    assert _reason(factory, first).startswith("waiting for its turn: 1 queued job before it")

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backend.common.commands import lbs_command
+
 
 def add_parser(sub: Any) -> None:
     data = sub.add_parser("data", help="fetch datasets' official data, or show what is ready",
@@ -134,7 +136,7 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
 def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
-    from backend.datasets.hub import fetch
+    from backend.datasets.hub import fetch, fetch_failure
     from backend.datasets.status import dataset_status
 
     if ds.hub is None:
@@ -171,9 +173,9 @@ def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
         folder, summary = fetch(ds.hub, parts, progress)
     except Exception as exc:  # noqa: BLE001 - report any hub/network error plainly
         bar.close()
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = fetch_failure(ds, exc)
         _write_progress(args.progress_file, {**state, "state": "failed", "error": message})
-        print(f"error: fetching {ds.hub.repo_id} failed: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     bar.close()
     _write_progress(args.progress_file, {**state, "state": "done",
@@ -183,7 +185,8 @@ def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
           f"{summary['seconds']} s into {folder}")
     status = dataset_status(ds, True, wait=True)
     for part in status["parts"]:
-        print(f"  {part['part']:<40} {part['split']:<6} {part['items']} items")
+        print(f"  {part['part']:<40} {part['split']:<6} {part['items']} items"
+              + ("" if part["default"] else "  (not in a job with the defaults)"))
     return 0
 
 
@@ -210,10 +213,13 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
     for name, st in out.items():
         where = st["where"] or st.get("reason") or ""
         items = "" if st["items"] is None else f", {st['items']} items"
+        if len(st.get("items_by_split") or {}) > 1:  # which split a job runs, and the rest
+            items += " in a job with the defaults (by split: " + ", ".join(
+                f"{split} {n}" for split, n in st["items_by_split"].items()) + ")"
         print(f"{name:<20} {st['state']:<8} {st['source'] or '':<10} {where}{items}")
         if st["state"] == "per_task":
-            print(f"{'':<20} per task: python -m backend.apps.cli data status {name} "
-                  "--tasks arc_easy ...")
+            print(f"{'':<20} per task: "
+                  f"{lbs_command(f'data status {name} --tasks arc_easy ...')}")
         if st["state"] == "missing" and st["how"].get("fetch_command"):
             print(f"{'':<20} get it: {st['how']['fetch_command']}  (hub: "
                   f"{st['how']['hub']['repo_id']}; or copy into {st['how']['copy_to']})")

@@ -38,6 +38,7 @@ from pydantic import Field, PlainValidator, WithJsonSchema
 
 from backend import __version__
 from backend.apps.client import ApiClient, ServerError
+from backend.common.commands import lbs_command
 from backend.runners.openai_api import ApiOptions
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def build_server(api: ApiClient, http_token: str | None = None,
             log.info("[MCP] %s %s: %s", method, path, exc)
             text = str(exc)
             if exc.code == "no_server":
-                text += "; start it with `python -m backend.server` or pass --server"
+                text += f"; start it with `{lbs_command('serve')}` or pass --server"
             raise ToolError(text) from None
 
     @tool(read_only=True, idempotent=True)

@@ -599,10 +599,11 @@ def check_exposure(settings: Settings) -> None:
                           "set LBS_API_TOKEN to serve there (or bind 127.0.0.1)")
 
 
-def load_settings_or_report() -> Settings | None:
-    """Settings for a command's main(); None after printing the error for a bad value."""
+def load_settings_or_report(overrides: dict[str, Any] | None = None) -> Settings | None:
+    """Settings for a command's main() (`overrides` from its flags, as in load_settings);
+    None after printing the error for a bad value."""
     try:
-        return load_settings()
+        return load_settings(overrides)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return None

@@ -364,6 +364,13 @@ class Dataset:
         status (GET /api/datasets, `data status`); only with `has_data_parts`."""
         return []
 
+    def runs_by_default(self, part: str, split: str) -> bool:
+        """Whether a job with default parameters evaluates the items of this data part
+        (the data status counts those as the dataset's items); default: the parts of
+        the default `split` when the parameters have one, else every part."""
+        field = self.Params.model_fields.get("split")
+        return field is None or field.default == split
+
     def score(self, item: Item, prediction: str) -> float:
         """A 0-1 score of one prediction."""
         raise NotImplementedError

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.common.commands import lbs_command
 from backend.datasets.base import ParamError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class FetchPending(DataMissing):
 
 def fetch_command(dataset: str, parts: list[str] | None = None) -> str:
     extra = f" --subsets {' '.join(parts)}" if parts else ""
-    return f"python -m backend.apps.cli data fetch {dataset}{extra}"
+    return lbs_command(f"data fetch {dataset}{extra}")
 
 
 def guidance(ds: Any, parts: list[str] | None = None,
@@ -125,15 +126,36 @@ def missing_message(ds: Any, parts: list[str] | None, allow_download: bool,
     text = (f"no data for {ds.name} in {where} nor in the Hugging Face cache; its official "
             f"data is the hub dataset {ds.hub.repo_id}. On a machine with a network run "
             f"`{fetch_command(ds.name, parts)}`")
-    text += (", or copy the repository's files into that folder"
-             if not ds.hub.archive else
-             f", or copy the files of {ds.hub.archive} ({ds.hub.layout or '.'}/) into that "
-             "folder")
+    text += f", or {copy_hint(ds.hub, 'that folder')}"
     if offline:
         text += " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: nothing is downloaded)"
     elif not allow_download:
         text += " (or set LBS_ALLOW_DATA_DOWNLOAD=1 so that jobs fetch it themselves)"
     return text
+
+
+def copy_hint(source: HubSource, folder: Any) -> str:
+    """"copy the repository's files into <folder>": how to get the data by hand."""
+    if source.archive:
+        return f"copy the files of {source.archive} ({source.layout or '.'}/) into {folder}"
+    return f"copy the repository's files into {folder}"
+
+
+def fetch_failure(ds: Any, exc: BaseException) -> str:
+    """Why `fetch` failed, in the user's words, and how to get the data without it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import DryRunError
+
+    if isinstance(exc, DryRunError):  # the file list could not be read from the hub
+        reason = (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to list the "
+                  f"files of {ds.hub.repo_id} (no network, a mirror in HF_ENDPOINT that does "
+                  "not answer, or a token it needs in HF_TOKEN)")
+    else:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    target = ds.datasets_dir / ds.name if ds.datasets_dir is not None else \
+        f"LBS_DATASETS_DIR/{ds.name}"
+    return (f"fetching {ds.hub.repo_id} failed: {reason}. Without a network, "
+            f"{copy_hint(ds.hub, target)} (or copy a Hugging Face cache that holds it)")
 
 
 # --- the Hugging Face cache ------------------------------------------------------------
@@ -322,8 +344,7 @@ def locate(ds: Any, parts: list[str] | None = None) -> Path:
         try:
             folder, summary = fetch(ds.hub, parts, access.progress)
         except Exception as exc:  # noqa: BLE001 - network/hub errors become a job error
-            raise DataMissing(f"fetching {ds.hub.repo_id} failed: {type(exc).__name__}: "
-                              f"{exc}", guidance(ds, parts, True)) from None
+            raise DataMissing(fetch_failure(ds, exc), guidance(ds, parts, True)) from None
         access.fetched.append(summary)
         return folder
     message = missing_message(ds, parts, access.allow_download, access.offline)

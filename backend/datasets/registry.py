@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from backend.common.suggest import did_you_mean
 from backend.datasets.base import Dataset
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class UnknownDataset(KeyError):
         self.name = name
 
     def __str__(self) -> str:
-        return f"unknown dataset {self.name!r}; known: {', '.join(dataset_names())}"
+        names = dataset_names()
+        return (f"unknown dataset {self.name!r}{did_you_mean(self.name, names)} "
+                f"(known: {', '.join(names)})")
 
 
 def register(cls: type[Dataset]) -> type[Dataset]:

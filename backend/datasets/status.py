@@ -140,8 +140,10 @@ def cache_hint(source: HubSource) -> Path | None:
 def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
                    wait: bool = False) -> dict[str, Any]:
     """{"state": "ready"|"missing", "source", "where", "parts": [{"part", "split",
-    "items"}], "items", "how": guidance}. `wait` counts items now instead of in the
-    background (the CLI)."""
+    "items", "default"}], "items", "items_by_split", "how": guidance}. `items` counts
+    what a job with default parameters evaluates (the parts marked `default`: C-Eval's
+    val split, not the dev questions used as shots); `items_by_split` every split's
+    items. `wait` counts items now instead of in the background (the CLI)."""
     can_fetch = allow_download and not offline and ds.hub is not None
     how = guidance(ds, allow_download=can_fetch)
     if ds.data_per_task:
@@ -152,7 +154,7 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
                           "which are here, and a job whose data is missing is refused"}
     if ds.hub is None and not ds.has_data_parts:
         return {"state": "ready", "source": "bundled", "where": None, "parts": [],
-                "items": None, "how": how}
+                "items": None, "items_by_split": None, "how": how}
     local = ds.datasets_dir / ds.name if ds.datasets_dir is not None else None
     folder, source = None, None
     if local is not None and local.is_dir():
@@ -164,19 +166,24 @@ def dataset_status(ds: Any, allow_download: bool, offline: bool = False,
             log.warning("[Datasets] cannot read the hub cache for %s: %s", ds.name, exc)
     if folder is None:
         return {"state": "missing", "source": None, "where": None, "parts": [],
-                "items": 0, "how": how,
+                "items": 0, "items_by_split": {}, "how": how,
                 "reason": f"no folder {local} and not in the Hugging Face cache"
                 if ds.hub is not None else f"no folder {local}"}
     parts = []
     if ds.has_data_parts and folder.is_dir():
         for part, split, files in ds.data_parts(folder):
             parts.append({"part": part, "split": split,
-                          "items": COUNTER.get(files, wait=wait)})
+                          "items": COUNTER.get(files, wait=wait),
+                          "default": ds.runs_by_default(part, split)})
     elif ds.hub is not None and ds.hub.archive:
         parts = []  # not extracted yet: the first job (or `data fetch`) unpacks it
-    counts = [p["items"] for p in parts]
+    counting = any(p["items"] is None for p in parts)
+    by_split: dict[str, int] = {}
+    for p in parts:
+        by_split[p["split"]] = by_split.get(p["split"], 0) + (p["items"] or 0)
     out = {"state": "ready", "source": source, "where": str(folder), "parts": parts,
-           "items": None if None in counts else sum(counts), "how": how}
+           "items": None if counting else sum(p["items"] for p in parts if p["default"]),
+           "items_by_split": None if counting else by_split, "how": how}
     if ds.has_data_parts and not parts and not (ds.hub and ds.hub.archive
                                                         and folder.name != ds.hub.layout):
         out.update(state="missing", reason=f"{folder} holds none of the dataset's files "

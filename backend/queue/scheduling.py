@@ -29,6 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
+from backend.common.commands import lbs_command
 from backend.common.config import format_bytes
 from backend.queue.db import Job, JobState, WorkerRow, WorkerState
 
@@ -101,14 +102,18 @@ def eligible(caps: Capacity) -> list[Any]:
     return conditions
 
 
-def ordered(caps: Capacity) -> sa.Select:
-    """The claimable jobs (id, model, priority, created_at) in the order they should run."""
+def _claim_order() -> tuple[Any, ...]:
+    """ORDER BY of the queue: priority, then the submitter served longest ago, then age."""
     earlier = aliased(Job)
     last_claim = (sa.select(sa.func.max(earlier.claimed_at))
                   .where(earlier.submitter == Job.submitter).scalar_subquery())
+    return Job.priority.desc(), last_claim.asc().nulls_first(), Job.id
+
+
+def ordered(caps: Capacity) -> sa.Select:
+    """The claimable jobs (id, model, priority, created_at) in the order they should run."""
     return (sa.select(Job.id, Job.model, Job.priority, Job.created_at)
-            .where(*eligible(caps))
-            .order_by(Job.priority.desc(), last_claim.asc().nulls_first(), Job.id))
+            .where(*eligible(caps)).order_by(*_claim_order()))
 
 
 def stale_after(lease_seconds: float) -> timedelta:
@@ -142,13 +147,14 @@ def _room(worker: WorkerRow, num_gpus: int) -> int | None:
 
 
 def waiting_reason(job: Job, workers: Iterable[WorkerRow], now: datetime,
-                   lease_seconds: float) -> str | None:
-    """Why a queued job does not run yet, in words; None for a job that is not queued."""
+                   lease_seconds: float, ahead: int = 0) -> str | None:
+    """Why a queued job does not run yet, in words; None for a job that is not queued.
+    `ahead`: the queued jobs before it in the claim order."""
     if job.state != JobState.QUEUED.value:
         return None
     live = [w for w in workers if is_alive(w, now, lease_seconds)]
     if not live:
-        return "no live worker: start one (python -m backend.apps.worker) or check the server log"
+        return f"no live worker: start one ({lbs_command('worker')}) or check the server log"
     if job.worker_label:
         live = [w for w in live if job.worker_label in (w.labels or [])]
         if not live:
@@ -168,7 +174,10 @@ def waiting_reason(job: Job, workers: Iterable[WorkerRow], now: datetime,
                     f"has free is {format_bytes(most, 1)}")
     if all(w.state == WorkerState.BUSY.value for w in fitting):
         return f"waiting for a free worker ({len(fitting)} able to run it, all busy)"
-    return "waiting for its turn (higher priorities and other submitters first)"
+    if not ahead:
+        return "next in line: an idle worker takes it within a few seconds"
+    return (f"waiting for its turn: {ahead} queued job{'s' if ahead != 1 else ''} before it "
+            "(higher priorities first, then each submitter in turn)")
 
 
 def queued_reasons(session: Session, jobs: list[Job], now: datetime,
@@ -178,5 +187,11 @@ def queued_reasons(session: Session, jobs: list[Job], now: datetime,
     if not queued:
         return {}
     workers = session.scalars(sa.select(WorkerRow)).all()
+    order = session.scalars(
+        sa.select(Job.id).where(Job.state == JobState.QUEUED.value,
+                                sa.or_(Job.shard_count.is_(None), Job.parent_id.isnot(None)))
+        .order_by(*_claim_order())).all()
+    place = {job_id: i for i, job_id in enumerate(order)}
     return {job.id: reason for job in queued
-            if (reason := waiting_reason(job, workers, now, lease_seconds))}
+            if (reason := waiting_reason(job, workers, now, lease_seconds,
+                                         place.get(job.id, 0)))}

@@ -17,6 +17,7 @@ from pathlib import Path
 from backend.common.config import Settings
 from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text
 from backend.common.paths import confine as confine_path
+from backend.common.suggest import did_you_mean, listing
 from backend.datasets.base import ModelInfo
 from backend.runners import builtin
 from backend.runners.base import ModelSpec
@@ -58,8 +59,9 @@ def resolve_local_model(name: str, settings: Settings, confine: bool = True) -> 
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in builtin.BUILTIN_MODELS:
-            raise ModelNotFound(f"unknown built-in model {name!r}; built-in models: "
-                                + ", ".join(f"builtin:{k}" for k in builtin.BUILTIN_MODELS))
+            names = [f"builtin:{k}" for k in builtin.BUILTIN_MODELS]
+            raise ModelNotFound(f"unknown built-in model {name!r}{did_you_mean(name, names)} "
+                                f"(built-in models: {', '.join(names)})")
         return ModelSpec(name=name, path=builtin.model_dir(settings.data_dir, key), builtin=key)
     try:
         check_path_text(name)
@@ -89,9 +91,38 @@ def resolve_local_model(name: str, settings: Settings, confine: bool = True) -> 
         if settings.allow_download:
             return ModelSpec(name=name, path=None, hub_id=name)
         raise ModelNotFound(f"hub model {name!r} is not in the local Hugging Face cache and "
-                            "downloads are off (set LBS_ALLOW_DOWNLOAD=1 to allow them)")
-    raise ModelNotFound(f"model {name!r} not found: not a built-in model (builtin:tiny), "
-                        "not an existing checkpoint folder, not a cached hub id")
+                            "downloads are off (set LBS_ALLOW_DOWNLOAD=1 to allow them)"
+                            + did_you_mean(name, _cached_hub_ids()))
+    known = _known_models(settings, confine)
+    raise ModelNotFound(f"model {name!r} not found: not a built-in model, not an existing "
+                        f"checkpoint folder, not a cached hub id{did_you_mean(name, known)} "
+                        f"(models here: {listing(list(known.values()))})")
+
+
+def _known_models(settings: Settings, confine: bool) -> dict[str, str]:
+    """The models a job could name instead, each by what a user would type -> how to
+    name it: built-in models, the checkpoint folders under LBS_MODEL_DIRS (by their
+    name there; by path for the command line, which does not look names up there), the
+    hub ids in the local cache."""
+    names = {f"builtin:{k}": f"builtin:{k}" for k in builtin.BUILTIN_MODELS}
+    for folder in settings.model_dirs:
+        root = Path(folder).expanduser()
+        if root.is_dir():
+            for config in sorted([*root.glob("*/config.json"), *root.glob("*/*/config.json")]):
+                relative = config.parent.relative_to(root).as_posix()
+                names[relative] = relative if confine else str(config.parent)
+    return names | {hub_id: hub_id for hub_id in _cached_hub_ids()}
+
+
+def _cached_hub_ids() -> list[str]:
+    """The model repos in the Hugging Face cache (`models--org--name` folders)."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    if not cache.is_dir():
+        return []
+    return sorted(repo.name.removeprefix("models--").replace("--", "/")
+                  for repo in cache.glob("models--*") if (repo / "snapshots").is_dir())
 
 
 def _under_model_dirs(name: str, settings: Settings) -> bool:

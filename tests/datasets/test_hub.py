@@ -14,6 +14,7 @@ import zipfile
 
 import pytest
 
+from backend.common.commands import lbs_command
 from backend.datasets.base import ParamError
 from backend.datasets.ceval import CEval
 from backend.datasets.hub import DataMissing, _extract, guidance, locate
@@ -73,7 +74,7 @@ def test_missing_data_names_hub_command_and_folder(tmp_path):
     message = err.value.message
     assert err.value.field == "data_dir"
     assert "ceval/ceval-exam" in message
-    assert "python -m backend.apps.cli data fetch ceval --subsets law" in message
+    assert lbs_command("data fetch ceval --subsets law") in message
     assert str(tmp_path / "ceval") in message and "LBS_ALLOW_DATA_DOWNLOAD=1" in message
     assert err.value.guidance == guidance(ds, ["law"], False)
     assert err.value.guidance["hub"]["configs"][:2] == ["computer_network", "operating_system"]

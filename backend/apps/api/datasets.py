@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from backend.apps.api.errors import ApiError
 from backend.apps.api.openapi import documented
 from backend.apps.api.schemas import Query
+from backend.datasets.hub import fetch_command
 from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
 from backend.datasets.status import dataset_status
 from backend.runners.models import list_local_models
@@ -204,7 +205,7 @@ def fetch_dataset(name: str):
                else "data downloads are off (LBS_ALLOW_DATA_DOWNLOAD=0)")
         raise ApiError(403, "downloads_disabled",
                        f"{why}; fetch it on a machine with a network: "
-                       f"python -m backend.apps.cli data fetch {name}",
+                       f"{fetch_command(name)}",
                        [{"field": "name", "message": why}])
     body = request.get_json(silent=True) or {}
     try:

@@ -60,6 +60,15 @@ _UNION_TAG = re.compile(r"^(?:[A-Z]\w*|int|float|str|bool|bytes|none|constrained
 class name): it means nothing to a user, who named the field only."""
 
 
+def _plain_message(err: Any) -> str:
+    """The error's message as its validator wrote it: pydantic puts "Value error, " or
+    "Assertion failed, " before the text of an exception a validator raised."""
+    raised = (err.get("ctx") or {}).get("error")
+    if err["type"] in ("value_error", "assertion_error") and raised is not None:
+        return str(raised)
+    return err["msg"]
+
+
 def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
     """One detail per field the caller got wrong, named as the caller wrote it. The
     errors of a union's members on one field (`1..256` or `"auto"`) become one message
@@ -68,7 +77,7 @@ def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str,
     merged: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
-        merged.setdefault(field_path(loc, prefix), []).append(err["msg"])
+        merged.setdefault(field_path(loc, prefix), []).append(_plain_message(err))
     details = []
     for field, messages in merged.items():
         first, *others = dict.fromkeys(messages)  # in order, each once

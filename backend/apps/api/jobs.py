@@ -137,7 +137,7 @@ def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
                       "it is ready" if r.startswith("no live worker") else r
                    for i, r in reasons.items()}
     exclude = SUMMARY_EXCLUDE if summary else None
-    return [job_out(j, reasons.get(j.id)).model_dump(mode="json", exclude=exclude)
+    return [job_out(j, reasons.get(j.id), summary).model_dump(mode="json", exclude=exclude)
             for j in jobs]
 
 
@@ -312,9 +312,11 @@ def _json_chunks(factory: Any, job_id: int, job: dict[str, Any]) -> Iterator[str
     yield "\n]}\n"
 
 
-CSV_COLUMNS = ["idx", "context_length", "depth_percent", "prompt_tokens", "score",
-               "reference", "extracted", "why", "latency_s", "output_tokens", "peak_rss_mb",
-               "peak_own_rss_mb", "peak_gpu_mb", "prediction", "prompt", "error"]
+CSV_COLUMNS = ["idx", "prompt_tokens", "score", "reference", "extracted", "why", "latency_s",
+               "output_tokens", "peak_rss_mb", "peak_own_rss_mb",
+               "peak_gpu_mb", "prediction", "prompt", "error"]
+"""Every job's columns; the dataset's own (`sample_columns`: NIAH's context length and
+depth, C-Eval's subject…) come after `idx`, and only that dataset's."""
 
 
 def _csv_cell(value: Any) -> Any:
@@ -325,7 +327,8 @@ def _csv_cell(value: Any) -> Any:
 def _csv_chunks(factory: Any, job_id: int, own: list[str]) -> Iterator[str]:
     extra = [c for c in own if c not in CSV_COLUMNS]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS + extra, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS[:1] + extra + CSV_COLUMNS[1:],
+                            extrasaction="ignore")
     writer.writeheader()
     for sample in _exported_samples(factory, job_id):
         fields = sample["fields"]

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, current_app
 
+from backend.apps.api import schemas
 from backend.apps.api.openapi import documented
 from backend.queue import results
 from backend.runners.models import ModelNotFound, resolve_model
@@ -33,13 +34,9 @@ def _resolver():
 
 def effective_params(dataset: str, params: dict[str, Any]) -> dict[str, Any]:
     """A job's parameters with the dataset's defaults filled in, so a default left out
-    and the same value given are one configuration."""
-    from backend.datasets.registry import get_dataset
-
-    try:
-        return get_dataset(dataset).parse_params(params).model_dump(mode="json")
-    except Exception:  # noqa: BLE001 - a dataset since removed, parameters since renamed
-        return params
+    and the same value given are one configuration (as sent, for a dataset since
+    removed or parameters since renamed)."""
+    return schemas.effective_params(dataset, params) or params
 
 
 @bp.get("")

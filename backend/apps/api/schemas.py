@@ -184,6 +184,10 @@ class JobOut(JobSummary):
     """A job with everything: its params and model events too."""
 
     params: dict[str, Any]
+    effective_params: dict[str, Any] | None = Field(
+        None, description="what the job runs with: `params` with every default of its "
+        "dataset filled in (split, chat template, max_new_tokens…); null for a dataset "
+        "that is no longer installed")
     events: list[dict[str, Any]]
     manifest: dict[str, Any] | None = Field(
         None, description="what the job ran with: versions, device, the model's identity "
@@ -195,7 +199,7 @@ class JobOut(JobSummary):
                           "only); null for a job on one worker")
 
 
-SUMMARY_EXCLUDE = {"params", "events", "shards", "manifest"}
+SUMMARY_EXCLUDE = {"params", "effective_params", "events", "shards", "manifest"}
 
 
 class SampleOut(BaseModel):
@@ -290,7 +294,9 @@ def memory_dict(readings: list[tuple[str, str, int]]) -> dict[str, Any]:
     return memory
 
 
-def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
+def job_out(job: Job, waiting_reason: str | None = None, summary: bool = False) -> JobOut:
+    """The job as the API shows it; a `summary` (lists) leaves its effective parameters
+    uncomputed, as they are left out of it."""
     scores = scores_dict(job.scores)
     memory = memory_dict([(m.name, m.device, m.bytes) for m in job.memory_peaks])
     duration = _duration(job)
@@ -303,6 +309,7 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
                    and job.state == JobState.RUNNING.value)
     return JobOut(
         id=job.id, model=job.model, dataset=job.dataset, params=job.params,
+        effective_params=None if summary else effective_params(job.dataset, job.params or {}),
         state=JobState(job.state), progress=Progress(done=job.progress_done,
                                                      total=job.progress_total),
         scores=scores, memory=memory, error=job.error, worker_id=job.worker_id,
@@ -319,6 +326,17 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
         manifest={**job.manifest, "started_at": _iso(job.started_at),
                   "finished_at": _iso(job.finished_at)}
         if job.manifest else None)
+
+
+def effective_params(dataset: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """A job's parameters with its dataset's defaults filled in; None for a dataset no
+    longer installed or parameters it no longer takes."""
+    from backend.datasets.registry import get_dataset
+
+    try:
+        return get_dataset(dataset).parse_params(params).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - a dataset since removed, parameters since renamed
+        return None
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -109,6 +109,10 @@ class LongBench(Dataset):
                     continue
         return out
 
+    def runs_by_default(self, part: str, split: str) -> bool:
+        """LongBench-E's files (`<subset>_e`) are read only with `use_e`."""
+        return not part.endswith("_e")
+
     def _files(self, params: LongBenchParams) -> list[tuple[str, list[Path]]]:
         folder = self.data_folder(params.data_dir)
         suffix = "_e" if params.use_e else ""
