@@ -1,9 +1,9 @@
 """Command line: run one evaluation in this process, without a server.
 
-    python -m backend.apps.cli eval --model builtin:tiny --dataset needle_in_haystack \\
+    lbs eval --model builtin:tiny --dataset needle_in_haystack \\
         --param 'context_lengths=[256,512]' --param 'depth_percents={"count": 3}' \\
         --output result.json
-    python -m backend.apps.cli data fetch ceval --subsets law     # see backend/apps/data_cli.py
+    lbs data fetch ceval --subsets law     # see backend/apps/data_cli.py
 
 Each --param is key=JSON (a bare word that is not JSON is taken as a string).
 `--data-parallel` is refused above 1: this process is one worker, and spreading a

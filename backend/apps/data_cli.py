@@ -1,7 +1,7 @@
-"""`python -m backend.apps.cli data fetch|status`: get a dataset's official data, see what is ready.
+"""`lbs data fetch|status`: get a dataset's official data, see what is ready.
 
-    python -m backend.apps.cli data fetch ceval --subsets law logic
-    python -m backend.apps.cli data status
+    lbs data fetch ceval --subsets law logic
+    lbs data status
 
 `data fetch` downloads from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN and the cache of
 huggingface_hub apply) whatever LBS_ALLOW_DATA_DOWNLOAD says: it is the explicit way to

@@ -1,11 +1,11 @@
 """MCP server: LLM Bench Shower's GPU and job tools for MCP clients.
 
-    python -m backend.apps.mcp_server [--server URL]          # stdio, for a client that spawns it
-    python -m backend.apps.mcp_server --http [--port 8765]    # streamable HTTP on 127.0.0.1/mcp
+    lbs mcp [--server URL]          # stdio, for a client that spawns it
+    lbs mcp --http [--port 8765]    # streamable HTTP on 127.0.0.1/mcp
 
 Tools: get_gpu_status, offload_gpu, release_gpu, update_gpu_timeout,
 list_datasets, submit_job, get_job, cancel_job. Each is one or two calls to a
-running server's HTTP API (`python -m backend.server`, at `--server`, default
+running server's HTTP API (`lbs serve`, at `--server`, default
 LBS_SERVER_URL), sending `Authorization: Bearer <LBS_API_TOKEN>` when that is
 set. An error answer from the server becomes a tool error carrying its code
 and message (e.g. `HTTP 422 unknown_dataset: ...`); so does a server that

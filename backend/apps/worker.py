@@ -1,7 +1,7 @@
 """The worker process: claims jobs from the database and runs them, one at a time.
 
-`python -m backend.apps.worker` runs one worker alone (the server starts its own
-with `python -m backend.server`; point LBS_DATABASE_URL at a shared PostgreSQL
+`lbs worker` runs one worker alone (the server starts its own
+with `lbs serve`; point LBS_DATABASE_URL at a shared PostgreSQL
 to run workers on other machines). A worker registers itself in the `workers`
 table with its host, labels and GPUs, keeps its row and the lease of its
 running job fresh from a heartbeat thread, and stores every sample as soon as

@@ -162,7 +162,9 @@ def missing_data(tasks: list[str], rows: list[dict[str, Any]], cache: Path
 
 
 def fetch_command(tasks: list[str]) -> str:
-    return f"python -m backend.apps.cli data fetch lm_eval --tasks {' '.join(tasks)}"
+    from backend.common.commands import lbs_command
+
+    return lbs_command(f"data fetch lm_eval --tasks {' '.join(tasks)}")
 
 
 def missing_message(missing: list[dict[str, Any]], allow_download: bool,

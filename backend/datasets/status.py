@@ -1,5 +1,5 @@
 """Whether each dataset's data is ready, where, how many items per part, and how to get
-what is missing (GET /api/datasets, `python -m backend.apps.cli data status`).
+what is missing (GET /api/datasets, `lbs data status`).
 
 Cheap per call: it looks at folders and the Hugging Face cache's refs (no network, no
 file parsing). Items are counted once per file (path, size, mtime) in a background

@@ -2,7 +2,7 @@
 
 Each dataset carries `data`: ready or missing, where, items per part, and how to get
 it (hub id, the `data fetch` command, the folder to copy into). POST
-/api/datasets/<name>/fetch starts `python -m backend.apps.cli data fetch <name>` as a
+/api/datasets/<name>/fetch starts `lbs data fetch <name>` as a
 child process of the server (only with LBS_ALLOW_DATA_DOWNLOAD): the download runs
 outside the server process, into this machine's Hugging Face cache, and its progress
 (bytes) shows in `data.fetch` until it ends. Workers on this machine read that
