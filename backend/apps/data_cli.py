@@ -103,7 +103,7 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
         print(f"error: unknown lm-eval task(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     cache = settings.hf_datasets_cache
-    missing = catalog.missing_data(args.tasks, rows, cache)
+    missing = catalog.missing_data(args.tasks, index, cache)
     local = [m for m in missing if m["source"] == "local"]
     if local:
         print("error: " + catalog.missing_message(local, True, False, cache), file=sys.stderr)
@@ -125,7 +125,7 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
             print(f"error: fetching {m['hub']} for {m['task']} failed: "
                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   file=sys.stderr)
-    left = catalog.missing_data(args.tasks, rows, cache)
+    left = catalog.missing_data(args.tasks, index, cache)
     for m in left:
         print(f"  still missing: {m['task']} ({m['hub']})", file=sys.stderr)
     print(f"{len(missing) - len(left)} of {len(missing)} task(s) fetched into "

@@ -145,10 +145,9 @@ def leaves(name: str, rows: dict[str, dict[str, Any]], seen: set[str] | None = N
     return [name]
 
 
-def missing_data(tasks: list[str], rows: list[dict[str, Any]], cache: Path
+def missing_data(tasks: list[str], index: dict[str, dict[str, Any]], cache: Path
                  ) -> list[dict[str, Any]]:
     """The job's leaf tasks whose data is missing here: [{"task", "asked", **task_data}]."""
-    index = by_name(rows)
     out, done = [], set()
     for asked in tasks:
         for leaf in leaves(asked, index):

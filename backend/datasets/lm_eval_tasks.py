@@ -39,7 +39,7 @@ from backend.datasets.base import (
     ScoreEntry,
     batch_rows,
 )
-from backend.datasets.lm_eval_catalog import missing_data, missing_message
+from backend.datasets.lm_eval_catalog import by_name, missing_data, missing_message
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class LmEvalTasks(Dataset):
                              + _suggest(unknown, known))
         access = self.data_access
         allowed = bool(access and access.allow_download and not access.offline)
-        missing = missing_data(list(params.tasks), rows, self.datasets_cache)
+        missing = missing_data(list(params.tasks), by_name(rows), self.datasets_cache)
         # local files that do not exist are refused always; hub data when it cannot come
         refused = [m for m in missing if m["source"] == "local" or not allowed]
         if refused:

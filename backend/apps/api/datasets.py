@@ -154,22 +154,21 @@ def search_lm_eval_tasks():
     if rows is None:
         return {"status": "success", "data": {"status": "indexing", "total": None,
                                               "tasks": [], **base}}
+    index = catalog.by_name(rows)
     if query.names is not None:
-        index = catalog.by_name(rows)
         wanted = [n.strip() for n in query.names.split(",") if n.strip()]
         found = [index[n] for n in wanted if n in index]
         total, page = len(found), found[query.offset:query.offset + query.limit]
     else:
         total, page = catalog.search(rows, query.q, query.kind, query.tag, query.group,
                                      query.offset, query.limit)
-    index = catalog.by_name(rows)
     tasks = []
     for row in page:
         out = {k: v for k, v in row.items() if k not in ("data_files",)}
         if row["kind"] in ("group", "tag"):
             runs = catalog.leaves(row["name"], index)
             out["runs"] = {"count": len(runs), "tasks": runs[:20]}
-            missing = catalog.missing_data([row["name"]], rows, settings.hf_datasets_cache)
+            missing = catalog.missing_data([row["name"]], index, settings.hf_datasets_cache)
             out["data"] = {"state": "missing" if missing else "ready",
                            "missing": [m["task"] for m in missing][:20],
                            "missing_count": len(missing)}
