@@ -55,24 +55,12 @@ def render(text: str, name: str, made: str) -> str:
 
 
 def main() -> int:
-    check = "--check" in sys.argv[1:]
-    stale = []
-    for file, (name, make) in PARTS.items():
-        path = ROOT / file
-        text = path.read_text(encoding="utf-8")
-        new = render(text, name, make())
-        if new == text:
-            continue
-        if check:
-            stale.append(file)
-        else:
-            path.write_text(new, encoding="utf-8")
-            print(f"wrote {file}")
-    if stale:
-        print(f"{', '.join(stale)} differ from the code: run python scripts/docs.py",
-              file=sys.stderr)
-        return 1
-    return 0
+    from generated import write_or_check
+
+    made = {file: render((ROOT / file).read_text(encoding="utf-8"), name, make())
+            for file, (name, make) in PARTS.items()}
+    return write_or_check(ROOT, made, "--check" in sys.argv[1:], "the code",
+                          "python scripts/docs.py")
 
 
 if __name__ == "__main__":

@@ -49,22 +49,10 @@ def render() -> dict[str, str]:
 
 
 def main() -> int:
-    check = "--check" in sys.argv[1:]
-    stale = []
-    for name, text in render().items():
-        path = ROOT / name
-        if path.exists() and path.read_text() == text:
-            continue
-        if check:
-            stale.append(name)
-        else:
-            path.write_text(text)
-            print(f"wrote {name}")
-    if stale:
-        print(f"{', '.join(stale)} differ from pyproject.toml: run python scripts/requirements.py",
-              file=sys.stderr)
-        return 1
-    return 0
+    from generated import write_or_check
+
+    return write_or_check(ROOT, render(), "--check" in sys.argv[1:], "pyproject.toml",
+                          "python scripts/requirements.py")
 
 
 if __name__ == "__main__":
