@@ -452,7 +452,7 @@ def _m011_gpu_reservations(op: Any) -> None:
 
 
 def _m012_own_memory(op: Any) -> None:
-    """Each sample's RSS peak above its job's baseline, beside the process's (issue 29).
+    """Each sample's RSS peak above its job's baseline, beside the process's.
     A job's own peaks are memory_peaks rows (`rss_baseline`, `rss_own_peak`), which need
     no new column; jobs run before have none and show the process's peak."""
     op.add_column("samples", sa.Column("peak_own_rss_bytes", sa.BigInteger))
