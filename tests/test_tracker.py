@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+import time
+
 import pytest
 
 from backend.engine.memory import tracker
@@ -14,12 +17,15 @@ def test_peak_sampler_sees_a_short_spike(monkeypatch, use_kernel_mark):
     sampler = tracker.PeakSampler(interval_s=0.002).start()
     base = tracker.rss_bytes()
     sampler.new_window()
-    spike = b"\x01" * (300 * 2**20)  # 300 MB, every page touched
+    # An anonymous mapping, not a Python object: malloc may keep a freed block resident
+    # (a busy heap in a long test process did), while munmap returns every page at once.
+    spike = mmap.mmap(-1, 300 * 2**20)
+    page = b"\x01" * mmap.PAGESIZE
+    for _ in range(len(spike) // len(page)):  # every page touched
+        spike.write(page)
     if not use_kernel_mark:
-        import time
-
         time.sleep(0.05)  # the sampling thread needs to see it
-    del spike
+    spike.close()
     window = sampler.window_peak()
     sampler.new_window()
     quiet = sampler.window_peak()
