@@ -33,7 +33,7 @@ from backend.common.config import (
 )
 from backend.common.logs import setup_logging
 from backend.common.redact import mask_url
-from backend.datasets.registry import load_plugin_dirs
+from backend.engine.plugins import load_plugins
 from backend.queue.db import session_factory
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None,
 
     settings = settings or load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    load_plugin_dirs(list(settings.plugin_dirs))
+    load_plugins(list(settings.plugin_dirs))
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     app.json.sort_keys = False  # keep schemas in field order: the page builds forms from them
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.server") 
 
 
 if __name__ == "__main__":
-    from backend.apps.lbs import moved
+    from backend.common.commands import moved
 
     moved("python -m backend.server", "lbs serve")
     sys.exit(main())

@@ -222,8 +222,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from pydantic import ValidationError
 
-    from backend.datasets.base import ParamError
-    from backend.runners.models import ModelNotFound
+    from backend.engine.contracts import ModelNotFound, ParamError
 
     try:
         result = run(args)

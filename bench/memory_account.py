@@ -26,7 +26,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         os.environ["LBS_DATA_DIR"] = data
         from backend.common.config import load_settings
-        from backend.runners.base import GenerationRequest, LoglikelihoodRequest
+        from backend.engine.contracts import GenerationRequest, LoglikelihoodRequest
         from backend.runners.builtin import ensure_builtin_model
         from tests.test_memory_account import _load, _measure, _text
 

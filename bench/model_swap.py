@@ -63,7 +63,7 @@ def measure(model: str) -> dict:
     import torch
 
     from backend.common.config import load_settings
-    from backend.datasets.base import CacheMode
+    from backend.engine.contracts import CacheMode
     from backend.engine.memory.manager import ManagerConfig, ModelManager
     from backend.engine.memory.tracker import PeakSampler, rss_bytes
     from backend.runners.hf import HFRunner, LoadOptions

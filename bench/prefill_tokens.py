@@ -24,7 +24,8 @@ def main() -> None:
     os.environ.setdefault("LBS_ENV_FILE", os.devnull)
     from backend.common.config import load_settings
     from backend.datasets.registry import get_dataset
-    from backend.runners.base import GenerationRequest, PromptView
+    from backend.engine.contracts import GenerationRequest
+    from backend.runners.base import PromptView
     from backend.runners.hf import HFRunner, LoadOptions
     from backend.runners.models import resolve_model
 

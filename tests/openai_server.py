@@ -52,7 +52,7 @@ class FakeOpenAI:
     # --- the model's side -------------------------------------------------------------
 
     def _generate(self, prompt: str, max_tokens: int) -> dict[str, Any]:
-        from backend.runners.base import GenerationRequest
+        from backend.engine.contracts import GenerationRequest
 
         with self.model_lock:
             (gen,) = self.runner.generate([GenerationRequest(prompt, max_tokens)])

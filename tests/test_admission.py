@@ -19,11 +19,10 @@ import pytest
 
 from backend.datasets.registry import get_dataset
 from backend.engine.admission import estimate_job_bytes
+from backend.engine.contracts import BatchPlan, ModelSpec
 from backend.queue import jobs
 from backend.queue.scheduling import Capacity
-from backend.runners.base import BatchPlan
 from backend.runners.hf_memory import work_bytes
-from backend.runners.models import ModelSpec
 from tests.test_lm_eval import FIXTURES as LM_EVAL_FIXTURES
 
 CONFIGS = {

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from backend.engine.contracts import BatchPlan
 from backend.runners import hf
-from backend.runners.base import BatchPlan
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
 

@@ -167,7 +167,7 @@ def test_once_the_model_has_loaded_only_the_rest_of_the_job_stays_reserved(
     import threading
 
     from backend.apps.worker import Worker
-    from backend.datasets.base import CacheMode
+    from backend.engine.contracts import CacheMode
     from backend.engine.memory import manager as manager_module
     from tests.test_manager import FakeRunner
 

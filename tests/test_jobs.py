@@ -193,9 +193,9 @@ def test_failed_job_records_reason_and_worker_survives(settings, factory, with_t
 
 def _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity: str):
     from backend.common.config import load_settings
-    from backend.datasets.registry import load_plugin_dirs
+    from backend.engine.plugins import load_plugins
 
-    load_plugin_dirs([str(echo_plugin_dir)])
+    load_plugins([str(echo_plugin_dir)])
     monkeypatch.setenv("LBS_AFFINITY_SECONDS", affinity)
     monkeypatch.setenv("LBS_PLUGIN_DIRS", str(echo_plugin_dir))
     monkeypatch.setenv("MAX_MEMORY_USAGE", "2000000")  # room for one tiny model, not two

@@ -176,7 +176,7 @@ def test_openai_runner_refuses_rolling_clearly():
 
 
 def test_unknown_task_is_a_clear_error(with_tiny, tasks_dir):
-    from backend.datasets.base import ParamError
+    from backend.engine.contracts import ParamError
 
     with pytest.raises(ParamError, match="unknown lm-eval task.*no_such_task"):
         _ours(["no_such_task"])

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from backend.runners.base import LoglikelihoodRequest
+from backend.engine.contracts import LoglikelihoodRequest
 from tests.conftest import ROOT
 
 
@@ -25,8 +25,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "ceval"
 def tiny_runner(builtin_models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from backend.engine.contracts import ModelSpec
     from backend.runners.hf import HFRunner
-    from backend.runners.models import ModelSpec
 
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

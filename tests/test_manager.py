@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from backend.datasets.base import CacheMode
-from backend.engine.memory.held import HeldModel
+from backend.engine.contracts import CacheMode, HeldModel
 from backend.engine.memory.manager import (
     Location,
     ManagerConfig,
@@ -179,7 +178,7 @@ def test_no_gpu_offload_is_a_clear_noop():
 
 def test_release_of_real_model_returns_rss(settings, with_tiny):
     """A model of tens of MB, loaded and released: RSS measurably drops."""
-    from backend.runners.base import GenerationRequest
+    from backend.engine.contracts import GenerationRequest
     from backend.runners.hf import HFRunner, LoadOptions, model_key
     from backend.runners.models import estimate_model_bytes, resolve_model
 

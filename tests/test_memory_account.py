@@ -15,7 +15,7 @@ from functools import wraps
 
 import pytest
 
-from backend.runners.base import BatchPlan, GenerationRequest, LoglikelihoodRequest
+from backend.engine.contracts import BatchPlan, GenerationRequest, LoglikelihoodRequest
 from backend.runners.hf import MIN_SHARED_PREFIX, HFRunner, LoadOptions, _common_prefix
 from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus

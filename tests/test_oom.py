@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.engine.evaluation import Backoff, OomFailure, is_out_of_memory
+from backend.engine.contracts import OomFailure, is_out_of_memory
+from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.hf import HFRunner

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.runners.base import GenerationRequest, LoglikelihoodRequest
+from backend.engine.contracts import GenerationRequest, LoglikelihoodRequest
 from backend.runners.openai_api import ApiOptions, OpenAIRunner, RemoteApiError
 from tests.openai_server import FakeOpenAI
 

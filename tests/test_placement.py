@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.engine.contracts import GenerationRequest
 from backend.engine.memory.limits import cap_process_memory, load_placement
-from backend.runners.base import GenerationRequest
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
 from tests.fake_cuda import FakeCuda, install

@@ -53,8 +53,9 @@ def test_adding_a_dataset_followed_from_scratch(with_tiny, tmp_path):
     assert result["scores"]["overall"] == sum(s["score"] for s in samples) / 2
     # its worst batch, as admission reads it: two rows of the longest prompt's bound
     # ("Repeat this word: apple", 23 bytes, + 128 template tokens), then 4 new tokens
-    code = ("from backend.datasets.registry import get_dataset, load_plugin_dirs;"
-            "load_plugin_dirs([sys.argv[1]]); d = get_dataset('echo');"
+    code = ("from backend.datasets.registry import get_dataset;"
+            "from backend.engine.plugins import load_plugins;"
+            "load_plugins([sys.argv[1]]); d = get_dataset('echo');"
             "print(d.worst_batches(d.parse_params({'words': ['apple', 'river'], "
             "'max_new_tokens': 4, 'batch_size': 2}), 2048))")
     plans = subprocess.run([sys.executable, "-c", "import sys;" + code,

@@ -20,8 +20,9 @@ def test_entry_point_plugin_is_registered(tmp_path, echo_plugin_dir):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lbs-echo-pkg\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[llm_bench_shower.datasets]\necho_pkg = lbs_echo_pkg:Echo\n")
-    code = ("from backend.datasets.registry import load_plugin_dirs, dataset_names, get_dataset;"
-            "load_plugin_dirs([]); print(dataset_names()); print(get_dataset('echo_pkg').name)")
+    code = ("from backend.datasets.registry import dataset_names, get_dataset;"
+            "from backend.engine.plugins import load_plugins;"
+            "load_plugins([]); print(dataset_names()); print(get_dataset('echo_pkg').name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={"PYTHONPATH": f"{pkg}:{ROOT}", "PATH": "/usr/bin:/bin"},
                          timeout=120)
@@ -30,8 +31,8 @@ def test_entry_point_plugin_is_registered(tmp_path, echo_plugin_dir):
 
 
 def test_broken_plugin_is_skipped_with_a_log(tmp_path, caplog):
-    from backend.datasets.registry import load_plugin_dirs
+    from backend.engine.plugins import load_plugins
 
     (tmp_path / "broken.py").write_text("raise RuntimeError('nope')\n")
-    load_plugin_dirs([str(tmp_path)])
+    load_plugins([str(tmp_path)])
     assert "broken.py failed to load" in caplog.text

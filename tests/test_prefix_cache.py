@@ -18,11 +18,11 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from backend.runners.base import BatchPlan, GenerationRequest
+from backend.engine.contracts import BatchPlan, GenerationRequest, ModelSpec
 from backend.runners.builtin import build_tokenizer
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.hf_cache import can_cut_back
-from backend.runners.models import ModelSpec, resolve_model
+from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus
 
 HAY = "The grass is green. The sky is blue. The sun is yellow. Here we go again. "

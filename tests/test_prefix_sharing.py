@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from backend.datasets.registry import get_dataset
+from backend.engine.contracts import GenerationRequest
 from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
-from backend.runners.base import GenerationRequest, PromptView
+from backend.runners.base import PromptView
 from backend.runners.hf import HFRunner, LoadOptions
 from backend.runners.models import resolve_model
 from tests.conftest import work_one_job

@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 
-from backend.datasets.base import CacheMode
+from backend.engine.contracts import CacheMode
 from backend.engine.evaluation import prepare, run_evaluation
 from backend.engine.memory.manager import ManagerConfig, ModelManager
 from backend.runners.hf import HFRunner

@@ -6,13 +6,11 @@ import logging
 
 import pytest
 
-from backend.datasets.base import CacheMode
-from backend.engine.memory.held import HeldModel
+from backend.engine.contracts import CacheMode, GenerationRequest, HeldModel, ModelNotFound
 from backend.engine.memory.limits import build_max_memory
 from backend.engine.memory.manager import ModelManager
-from backend.runners.base import GenerationRequest
 from backend.runners.hf import HFRunner, LoadOptions
-from backend.runners.models import ModelNotFound, resolve_model
+from backend.runners.models import resolve_model
 
 GiB = 1024**3
 

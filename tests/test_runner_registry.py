@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from backend.engine.contracts import Generation
 from backend.runners import registry
-from backend.runners.base import Generation, Runner
+from backend.runners.base import Runner
 
 
 @pytest.mark.parametrize("reference, runner", [
@@ -23,7 +24,7 @@ def test_references_go_to_their_runner(reference, runner):
 
 
 def test_registering_a_runner_serves_its_scheme(monkeypatch, settings):
-    monkeypatch.setattr(registry, "_registered", dict(registry._registered))
+    monkeypatch.setattr(registry._registry, "_classes", dict(registry._registry._classes))
 
     class Parrot(Runner):
         scheme = "parrot"
@@ -50,8 +51,9 @@ def test_registering_a_runner_serves_its_scheme(monkeypatch, settings):
 
     assert registry.runner_name_for("parrot:polly") == "hf"
     registry.register(Parrot)
-    assert registry.runner_for("parrot:polly") is Parrot
-    from backend.runners.models import ModelNotFound, resolve_model
+    assert registry.get_runner(registry.runner_name_for("parrot:polly")) is Parrot
+    from backend.engine.contracts import ModelNotFound
+    from backend.runners.models import resolve_model
 
     spec = resolve_model("parrot:polly", settings)
     assert (spec.runner, spec.target, spec.path) == ("parrot", "polly", None)

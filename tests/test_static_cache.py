@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 
-from backend.runners.base import GenerationRequest
+from backend.engine.contracts import GenerationRequest
 from backend.runners.hf import HFRunner, LoadOptions, cache_length
 from backend.runners.models import resolve_model
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import sqlalchemy as sa
 
-from backend.datasets.base import CacheMode
+from backend.engine.contracts import CacheMode
 from backend.queue import jobs
 from backend.queue.db import Job
 from tests.test_jobs import started_worker

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from backend.common.config import ConfigError, apply_allocator_settings, load_settings
 from backend.common.logs import setup_logging
-from backend.datasets.registry import load_plugin_dirs
+from backend.engine.plugins import load_plugins
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -118,10 +118,9 @@ def _print_table(scores: dict[str, Any]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from backend.apps.api.schemas import memory_dict, sample_out, scores_dict
-    from backend.datasets.base import ParamError
     from backend.datasets.registry import UnknownDataset
+    from backend.engine.contracts import ModelNotFound, ParamError
     from backend.engine.evaluation import SampleOutOfMemory, prepare, run_evaluation
-    from backend.runners.models import ModelNotFound
 
     if args.data_parallel not in (None, 1, "auto"):
         print(f"error: --data-parallel {args.data_parallel}: `cli eval` runs the job in "
@@ -131,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     settings = load_settings()
     setup_logging("WARNING" if args.quiet else settings.log_level)
-    load_plugin_dirs(list(settings.plugin_dirs))
+    load_plugins(list(settings.plugin_dirs))
     apply_allocator_settings(settings)
     params = dict(args.param or [])
     try:
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.cli"
 
 
 if __name__ == "__main__":
-    from backend.apps.lbs import moved
+    from backend.common.commands import moved
 
     moved("python -m backend.apps.cli", "lbs eval` / `lbs data")
     sys.exit(main())

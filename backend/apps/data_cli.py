@@ -57,11 +57,12 @@ def _write_progress(path: str | None, state: dict[str, Any]) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     from backend.common.config import load_settings
     from backend.common.logs import setup_logging
-    from backend.datasets.registry import UnknownDataset, get_dataset, load_plugin_dirs
+    from backend.datasets.registry import UnknownDataset, get_dataset
+    from backend.engine.plugins import load_plugins
 
     settings = load_settings()
     setup_logging("WARNING")
-    load_plugin_dirs(list(settings.plugin_dirs))
+    load_plugins(list(settings.plugin_dirs))
     if args.data_command == "status":
         return _status(args, settings)
     try:

@@ -22,14 +22,6 @@ from collections.abc import Callable
 from backend import __version__
 
 
-def moved(old: str, new: str) -> None:
-    """One line for a person who typed an old module path (stderr a terminal): the
-    `lbs` form to use; the module paths work for this release."""
-    if sys.stderr.isatty():
-        print(f"note: `{old}` is `{new}` now; the module path goes in the next release",
-              file=sys.stderr)
-
-
 def _serve(argv: list[str]) -> int:
     from backend.server import main
 

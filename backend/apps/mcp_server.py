@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.mcp_
 
 
 if __name__ == "__main__":
-    from backend.apps.lbs import moved
+    from backend.common.commands import moved
 
     moved("python -m backend.apps.mcp_server", "lbs mcp")
     sys.exit(main())

@@ -37,7 +37,7 @@ from backend.common.config import (
     select_cuda_device,
 )
 from backend.common.logs import setup_logging
-from backend.datasets.registry import load_plugin_dirs
+from backend.engine.plugins import load_plugins
 from backend.queue.control import (
     complete_command,
     pending_commands,
@@ -142,7 +142,7 @@ class Worker:
         from backend.engine.memory.manager import ManagerConfig, ModelManager
 
         self.settings = settings
-        load_plugin_dirs(list(settings.plugin_dirs))
+        load_plugins(list(settings.plugin_dirs))
         self.factory = session_factory(settings.database_url)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.labels = tuple(dict.fromkeys((*settings.worker_labels, socket.gethostname(),
@@ -380,17 +380,9 @@ class Worker:
                 memory_bytes: int | None = None,
                 shard: tuple[int, int] | None = None) -> None:
         from backend.common.secrets_box import SecretUnreadable, decrypt
-        from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.engine.evaluation import (
-            EvalOutcome,
-            JobFieldError,
-            is_cuda_failure,
-            prepare,
-            run_evaluation,
-        )
-        from backend.runners.base import Stopped
-        from backend.runners.models import ModelNotFound
+        from backend.engine.contracts import JobFieldError, ModelNotFound, ParamError, Stopped
+        from backend.engine.evaluation import EvalOutcome, is_cuda_failure, prepare, run_evaluation
 
         self.start_job_watch(job_id)
         self._job_events_from = self.manager.event_count
@@ -778,7 +770,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.work
 
 
 if __name__ == "__main__":
-    from backend.apps.lbs import moved
+    from backend.common.commands import moved
 
     moved("python -m backend.apps.worker", "lbs worker")
     sys.exit(main())

@@ -37,3 +37,10 @@ def _as_typed(path: Path, cwd: Path) -> str:
         return path.relative_to(cwd).as_posix()
     except ValueError:
         return str(path)
+
+def moved(old: str, new: str) -> None:
+    """One line for a person who typed an old module path (stderr a terminal): the
+    `lbs` form to use; the module paths work for this release."""
+    if sys.stderr.isatty():
+        print(f"note: `{old}` is `{new}` now; the module path goes in the next release",
+              file=sys.stderr)

@@ -10,16 +10,22 @@ tokens.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text, confine
 from backend.common.stats import Spread, macro_spread, mean_spread
-from backend.runners.base import BatchPlan
+from backend.engine.contracts import (
+    BatchPlan,
+    CacheMode,
+    ModelInfo,
+    ParamError,
+    PathRefused,
+    PromptTokenizer,
+)
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -33,30 +39,6 @@ def token_bound(text: str) -> int:
     token of less than one byte, and SentencePiece ones (Mistral, Llama 2) at most one
     more (the leading space marker); byte fallback is one token per byte."""
     return len(text.encode("utf-8")) + TEMPLATE_TOKENS
-
-
-class CacheMode(str, enum.Enum):
-    """What happens to the model after a job of this dataset.
-
-    CACHED keeps it loaded for the next job of the same model; UNCACHED releases
-    it fully after the job (long-context datasets that need every byte).
-    """
-
-    CACHED = "cached"
-    UNCACHED = "uncached"
-
-
-class ParamError(ValueError):
-    """A parameter is wrong; `field` names it (dotted path inside `params`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class PathRefused(ParamError):
-    """A path parameter outside the folders the server may read (API answer 403)."""
 
 
 def batch_rows(params: DatasetParams) -> int:
@@ -102,34 +84,6 @@ class DatasetParams(BaseModel):
         if value is not None and len(set(value)) != len(value):
             raise ValueError("each method at most once")
         return value
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What is known of a model before it is loaded (from its config.json)."""
-
-    name: str
-    max_length: int | None
-
-
-class PromptTokenizer(Protocol):
-    """The model's tokenizer as a dataset sees it."""
-
-    max_length: int
-    """Most tokens the model takes (prompt plus generated tokens)."""
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a piece of text, without special tokens."""
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids."""
-
-    def render(self, user_message: str) -> str:
-        """The full prompt text the model is fed for one user message: the chat
-        template with its generation prompt when one is in use, else the message."""
-
-    def count_prompt(self, prompt: str) -> int:
-        """Tokens the model is fed for a rendered prompt (special tokens included)."""
 
 
 @dataclass

@@ -25,13 +25,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
     Dataset,
     DatasetParams,
     Item,
-    ParamError,
-    PromptTokenizer,
     ScoreEntry,
     batch_rows,
     check_known,
@@ -40,6 +36,7 @@ from backend.datasets.base import (
 from backend.datasets.files import read_all
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
+from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
 
 LETTERS = ["A", "B", "C", "D"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.common.paths import OutsideAllowedFolders, confine_file
-from backend.datasets.base import ParamError, PathRefused
+from backend.engine.contracts import ParamError, PathRefused
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 

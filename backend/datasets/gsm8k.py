@@ -20,21 +20,11 @@ from typing import Any
 
 from pydantic import Field
 
-from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    Item,
-    ParamError,
-    PromptTokenizer,
-    ScoreEntry,
-    batch_rows,
-    token_bound,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, token_bound
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
+from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
 
 _NUMBER = r"-?[\d,]*\.?\d+"
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.common.commands import lbs_command
-from backend.datasets.base import ParamError
+from backend.engine.contracts import ParamError
 
 log = logging.getLogger(__name__)
 

@@ -29,17 +29,9 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from backend.common.stats import normal_spread
-from backend.datasets.base import (
-    BatchPlan,
-    Dataset,
-    DatasetParams,
-    Item,
-    ModelInfo,
-    ParamError,
-    ScoreEntry,
-    batch_rows,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
 from backend.datasets.lm_eval_catalog import by_name, missing_data, missing_message
+from backend.engine.contracts import BatchPlan, ModelInfo, ParamError
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +256,7 @@ class LmEvalTasks(Dataset):
         method in batches, halving them on out-of-memory (an OomFailure in place of a
         result that does not fit alone)."""
         from backend.datasets.lm_eval_lm import RunnerLM
-        from backend.engine.evaluation import OomFailure
+        from backend.engine.contracts import OomFailure
 
         lm = RunnerLM(runner, run)
         by_type: dict[str, list[Any]] = defaultdict(list)

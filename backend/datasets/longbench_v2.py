@@ -20,21 +20,12 @@ from typing import Any
 
 from pydantic import Field
 
-from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    Item,
-    ParamError,
-    PromptTokenizer,
-    ScoreEntry,
-    batch_rows,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
 from backend.datasets.longbench import TEMPLATE_SLACK, truncate_middle
 from backend.datasets.registry import register
+from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
 
 _CHOICES = ("Choices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n")
 PROMPT = ("Please read the following text and answer the question below.\n\n<text>\n$DOC$\n"

@@ -32,21 +32,11 @@ import numpy as np
 from pydantic import Field
 
 from backend.common.stats import bootstrap_spread
-from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    Item,
-    ParamError,
-    PromptTokenizer,
-    ScoreEntry,
-    batch_rows,
-    token_bound,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, token_bound
 from backend.datasets.files import read_records
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
+from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
 
 PROMPT = """Act as a grade school math teacher and score the following problem solution.
 

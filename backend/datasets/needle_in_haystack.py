@@ -28,19 +28,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    Item,
-    ModelInfo,
-    ParamError,
-    PromptTokenizer,
-    ScoreEntry,
-    batch_rows,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
 from backend.datasets.files import note_read
+from backend.engine.contracts import BatchPlan, CacheMode, ModelInfo, ParamError, PromptTokenizer
 
 DATA_DIR = Path(__file__).parent / "data"
 BUNDLED_HAYSTACKS = {

@@ -25,11 +25,12 @@ from dataclasses import replace
 from typing import Any
 
 from backend.common.config import Settings
-from backend.datasets.base import Dataset, DatasetParams, ParamError
+from backend.datasets.base import Dataset, DatasetParams
+from backend.engine.contracts import ModelSpec, ParamError
 from backend.engine.memory.limits import Headroom
 from backend.runners import builtin
 from backend.runners.hf_memory import work_bytes
-from backend.runners.models import ModelSpec, estimate_model_bytes
+from backend.runners.models import estimate_model_bytes
 
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

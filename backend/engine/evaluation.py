@@ -20,28 +20,23 @@ from typing import Any, Protocol
 
 from backend.common.config import Settings
 from backend.common.stats import binomial
-from backend.datasets.base import (
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    ModelInfo,
-    ScoreEntry,
-)
+from backend.datasets.base import Dataset, DatasetParams, ScoreEntry
 from backend.datasets.files import recording_reads
 from backend.datasets.registry import get_dataset
-from backend.engine.manifest import build_manifest
-from backend.engine.memory.manager import ModelManager
-from backend.runners.base import (  # noqa: F401 - JobField* are raised through here
+from backend.engine.contracts import (
     BatchPlan,
+    CacheMode,
     GenerationRequest,
-    JobFieldError,
-    JobFieldRefused,
-    PromptView,
-    Runner,
+    ModelInfo,
+    ModelSpec,
+    OomFailure,
     is_out_of_memory,
     move_trailing_whitespace,
 )
-from backend.runners.models import ModelSpec, resolve_model
+from backend.engine.manifest import build_manifest
+from backend.engine.memory.manager import ModelManager
+from backend.runners.base import PromptView, Runner
+from backend.runners.models import resolve_model
 from backend.runners.registry import get_runner
 
 log = logging.getLogger(__name__)
@@ -167,7 +162,7 @@ def _choose_many(runner: Any, items: list[Any], chat_template: bool = True
     count, 0 generated tokens, and the fields with each choice's log-prob (full
     precision: differences below 1e-4 are real differences). `chat_template` says how
     the items' prompts were rendered."""
-    from backend.runners.base import LoglikelihoodRequest
+    from backend.engine.contracts import LoglikelihoodRequest
 
     requests = [LoglikelihoodRequest(item.prompt, c, chat_template)
                 for item in items for c in item.choices]
@@ -204,13 +199,6 @@ def is_cuda_failure(exc: BaseException) -> bool:
 
 class SampleOutOfMemory(RuntimeError):
     """One prompt alone did not fit in memory and the job asked to fail (on_oom=fail_job)."""
-
-
-@dataclass(frozen=True)
-class OomFailure:
-    """In place of a result: the request did not fit in memory even alone."""
-
-    message: str
 
 
 @dataclass

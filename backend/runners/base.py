@@ -15,172 +15,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-from backend.engine.memory.held import HeldModel
-
-
-class JobFieldError(ValueError):
-    """A job-level field (not a dataset parameter) is wrong; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class JobFieldRefused(JobFieldError):
-    """A job-level field names a path outside the folders the operator allows."""
-
-
-class Stopped(Exception):
-    """A runner gave up waiting because its job asked it to stop (cancelled, timed out,
-    or the worker is shutting down); nothing is wrong with the model."""
-
-
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
-                # cuBLAS, cuSPARSE, cuSOLVER and cuDNN 8 statuses (CUBLAS_STATUS_ALLOC_FAILED,
-                # CUDNN_STATUS_ALLOC_FAILED), cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_/
-                # DEVICE_ALLOCATION_FAILED: a handle or workspace that did not fit
-                "_alloc_failed", "_allocation_failed")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError
-    (the CPU allocator says "DefaultCPUAllocator: can't allocate memory"; torch's
-    cuBLAS check "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...", its cuDNN
-    check "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"): what the evaluation loop halves a
-    batch on, and what a runner probing for its batch size halves on."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt, already rendered (chat template applied if wanted)."""
-
-    prompt: str
-    max_new_tokens: int
-    chat_template: bool = True
-    """How `prompt` was rendered (`Runner.render(..., chat_template=)`): with the chat
-    template, whose text already holds the special tokens (BOS…), or as plain text, to
-    which the runner adds its tokenizer's usual special tokens."""
-    prefix: str | None = None
-    """A leading part of `prompt` that other requests of the job share (NIAH: the rendered
-    text before the needle). A runner may compute its keys/values once and continue each
-    prompt from a copy of them; the reply is the one the whole prompt alone would get.
-    The split is made in token space: only tokens the prompt's own tokenisation shares
-    with the prefix's are reused, so a token merging across the boundary is recomputed."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: when given, the reply is cut before the first one it holds and kept
-    as decoded (not stripped), the way lm-evaluation-harness reads a generation."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The model's reply to one request.
-
-    `prompt_tokens` is what the model was fed (special tokens included),
-    `output_tokens` what it produced; `latency_s` is wall time for this request
-    (for a batch, the batch's time shared out evenly).
-    """
-
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    latency_s: float
-    extra: dict | None = None
-    """Backend-specific facts kept with the sample (an API model: usage, attempts)."""
-
-
-@dataclass(frozen=True)
-class LoglikelihoodRequest:
-    """Score `continuation` after `context` (both plain text, rendered already).
-
-    Every runner splits the pair by `move_trailing_whitespace` first."""
-
-    context: str
-    continuation: str
-    chat_template: bool = True
-    """How `context` was rendered (see GenerationRequest.chat_template)."""
-
-
-def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
-    r"""The one rule for where a log-likelihood request's context ends: all trailing
-    whitespace of the context (spaces, tabs, newlines: `str.rstrip()`) moves to the
-    front of the continuation, so "答案：\n" + "A" is scored as "\n" + "A" after "答案：".
-
-    It is lm-evaluation-harness's rule (`TemplateLM._encode_pair`), so log-likelihoods
-    are comparable with its figures, and the one tokenizers need: most attach leading
-    whitespace to the next word ("▁A", " A", "\tA"), so a context tokenized with its
-    trailing whitespace would end in a token that the whole text never contains. Where
-    the whitespace is a token of its own, its log-probability is the same for every
-    choice after one context, so the chosen answer does not change with the rule; C-Eval
-    (its official scorer reads the letter's logit right after "答案：") is unaffected,
-    its prompts end in no whitespace.
-    """
-    stripped = context.rstrip()
-    return stripped, context[len(stripped):] + continuation
-
-
-@dataclass(frozen=True)
-class Loglikelihood:
-    """Sum of the continuation tokens' log-probabilities, whether greedy decoding
-    would have produced exactly them, and how many tokens they are."""
-
-    logprob: float
-    is_greedy: bool
-    tokens: int
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """One request batch as a runner will run it, for the memory account: what it holds
-    on the device beyond the weights is the runner's `work_bytes(plan)`, read by
-    admission (the job's worst batch) and by the code that allocates it.
-
-    `kind` is "generate" (a prompt then `new_tokens` decoded tokens), "loglikelihood"
-    (a context then a scored continuation of `new_tokens` tokens) or "rolling" (one
-    window of `prompt_tokens` scored at every position)."""
-
-    kind: str
-    rows: int
-    """Rows in the batch (B)."""
-    prompt_tokens: int
-    """The longest row's prompt or context, in tokens, the shared prefix included."""
-    new_tokens: int = 1
-    """Tokens generated after the prompt, or the longest scored continuation."""
-    shared_prefix: int = 0
-    """Leading tokens every row shares that are computed once and kept (0: none)."""
-    padded: bool = True
-    """Rows differ in length, so an attention mask over the padding is built."""
-    logits_positions: int = 1
-    """Positions per row whose logits the pass asks for (1: the last one only)."""
-    method: str = "default"
-    """The inference method ("default", "basic": eager attention, "optimized")."""
-    continuations: int = 0
-    """Log-likelihood: continuations longer than one token in the whole batch (the
-    choices of its questions), each continuing its own copy of its context's row of
-    the cache (0: one per row)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A resolved model reference: `name` as the user wrote it, `runner` the scheme of
-    the runner that serves it (backend.runners.registry). For the transformers runner
-    `path` is a local folder (None for a built-in model not yet made, or a hub id to
-    download); for a plugin runner `target` is what follows its scheme (`openai:gpt-4o`
-    -> "gpt-4o")."""
-
-    name: str
-    path: Path | None
-    builtin: str | None = None
-    hub_id: str | None = None
-    runner: str = "hf"
-    target: str | None = None
+from backend.engine.contracts import (
+    BatchPlan,
+    Generation,
+    GenerationRequest,
+    HeldModel,
+    JobFieldError,
+    Loglikelihood,
+    LoglikelihoodRequest,
+    ModelSpec,
+)
 
 
 def _never() -> bool:
@@ -217,7 +63,7 @@ class Runner(HeldModel, ABC):
         """The spec for `reference` ("<name>:<rest>"); raises runners.models.ModelNotFound
         (ModelPathRefused for a path outside the allowed folders). Default: `rest` is
         the target, which must not be empty."""
-        from backend.runners.models import ModelNotFound
+        from backend.engine.contracts import ModelNotFound
 
         target = reference.split(":", 1)[1].strip() if ":" in reference else ""
         if not target:
@@ -232,7 +78,7 @@ class Runner(HeldModel, ABC):
         (e.g. a base URL from the settings). Raises datasets.base.ParamError for a
         dataset parameter, JobFieldError for a job field. Default: no
         inference `methods` and no `api` options (both belong to other runners)."""
-        from backend.datasets.base import ParamError
+        from backend.engine.contracts import ParamError
 
         if job.params.methods:
             raise ParamError("methods", "inference methods are for local transformers "
@@ -244,7 +90,7 @@ class Runner(HeldModel, ABC):
     def model_info(cls, job: Any) -> Any:
         """What is known of the model before it loads (a datasets.base.ModelInfo: its
         longest sequence, None when unknown)."""
-        from backend.datasets.base import ModelInfo
+        from backend.engine.contracts import ModelInfo
 
         return ModelInfo(job.spec.name, None)
 

@@ -19,21 +19,18 @@ from functools import partial
 from typing import Any
 
 from backend.common.config import Settings
-from backend.engine.memory.limits import Headroom, cap_process_memory, load_placement
-from backend.runners.base import (
+from backend.engine.contracts import (
     BatchPlan,
     Generation,
     GenerationRequest,
-    Runner,
+    ModelSpec,
+    cut_at_stop,
     move_trailing_whitespace,
 )
+from backend.engine.memory.limits import Headroom, cap_process_memory, load_placement
+from backend.runners.base import Runner
 from backend.runners.builtin import ensure_builtin_model
-from backend.runners.models import (
-    ModelSpec,
-    estimate_model_bytes,
-    model_info,
-    resolve_local_model,
-)
+from backend.runners.models import estimate_model_bytes, model_info, resolve_local_model
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +192,6 @@ def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
     return groups
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """`text` before the first occurrence of each non-empty stop string in turn (the
-    rule of lm-evaluation-harness's `postprocess_generated_text`)."""
-    for term in stop:
-        if term:
-            text = text.split(term)[0]
-    return text
-
-
 def rolling_windows(tokens: list[int], prefix: int, max_len: int
                     ) -> list[tuple[list[int], list[int]]]:
     """Disjoint (context, predicted) windows covering every token once, each at most
@@ -318,7 +306,7 @@ class HFRunner(Runner):
 
     @classmethod
     def check_job(cls, job: Any, settings: Any, confine: bool = True) -> None:
-        from backend.runners.base import JobFieldError
+        from backend.engine.contracts import JobFieldError
 
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
@@ -776,7 +764,7 @@ class HFRunner(Runner):
         then run on that pass's cache, right-padded. Position ids and the attention mask
         give each row what it would have alone: equal to unbatched scores within float
         rounding (1e-5 in float32)."""
-        from backend.runners.base import Loglikelihood
+        from backend.engine.contracts import Loglikelihood
 
         contexts: dict[tuple[str, bool], list[int]] = {}
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
@@ -817,7 +805,7 @@ class HFRunner(Runner):
         what follows it, on that prefix's cache."""
         import torch
 
-        from backend.runners.base import Loglikelihood
+        from backend.engine.contracts import Loglikelihood
 
         contexts = [list(ctx) for ctx, _ in batch]
         shared = _common_prefix(contexts) if share_prefix and len(batch) > 1 else 0
@@ -931,7 +919,7 @@ class HFRunner(Runner):
         """Run `_probe_step` on `plan`: None when it fits, else what ran out. The
         exception, and with its traceback every frame of the failed step, is gone
         when this returns; so are the caches kept from it."""
-        from backend.runners.base import is_out_of_memory
+        from backend.engine.contracts import is_out_of_memory
 
         try:
             self._probe_step(plan)

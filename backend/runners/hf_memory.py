@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backend.runners.base import BatchPlan
+from backend.engine.contracts import BatchPlan
 
 
 @dataclass(frozen=True)

@@ -18,23 +18,14 @@ from backend.common.config import Settings
 from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text
 from backend.common.paths import confine as confine_path
 from backend.common.suggest import did_you_mean, listing
-from backend.datasets.base import ModelInfo
+from backend.engine.contracts import ModelInfo, ModelNotFound, ModelPathRefused, ModelSpec
 from backend.runners import builtin
-from backend.runners.base import ModelSpec
 from backend.runners.registry import DEFAULT, get_runner, runner_name_for
 
-__all__ = ["ModelNotFound", "ModelPathRefused", "ModelSpec", "estimate_model_bytes",
+__all__ = ["estimate_model_bytes",
            "list_local_models", "max_length_from_config", "model_info", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelNotFound(LookupError):
-    """The model is neither built in, nor a checkpoint folder, nor in the hub cache."""
-
-
-class ModelPathRefused(ModelNotFound):
-    """A model folder outside LBS_MODEL_DIRS (or a path with `..`)."""
 
 
 def resolve_model(name: str, settings: Settings, confine: bool = True) -> ModelSpec:

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from backend.common.redact import mask_url
-from backend.runners.base import (
+from backend.engine.contracts import (
     Generation,
     GenerationRequest,
     JobFieldError,
@@ -60,10 +60,10 @@ from backend.runners.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     ModelSpec,
-    Runner,
     Stopped,
     move_trailing_whitespace,
 )
+from backend.runners.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class OpenAIRunner(Runner):
 
     @classmethod
     def resolve(cls, reference: str, settings: Any, confine: bool = True) -> ModelSpec:
-        from backend.runners.models import ModelNotFound
+        from backend.engine.contracts import ModelNotFound
 
         served = reference.split(":", 1)[1].strip()
         if not served:
@@ -210,8 +210,8 @@ class OpenAIRunner(Runner):
         """No inference methods; the job's `api` options (an ApiOptions, or its dict as
         stored with the job) with the settings' base URL filled in, an allowed host and
         a tokenizer that resolves; the key from the options when none is given apart."""
-        from backend.datasets.base import ParamError
-        from backend.runners.models import ModelNotFound, ModelPathRefused, resolve_model
+        from backend.engine.contracts import ModelNotFound, ModelPathRefused, ParamError
+        from backend.runners.models import resolve_model
 
         if job.params.methods:
             raise ParamError("methods", "inference methods are for local transformers "
@@ -234,7 +234,7 @@ class OpenAIRunner(Runner):
 
     @classmethod
     def model_info(cls, job: Any) -> Any:
-        from backend.datasets.base import ModelInfo
+        from backend.engine.contracts import ModelInfo
 
         # known once the runner (its tokenizer) is made, unless the job says
         return ModelInfo(job.spec.name, job.api.max_length)

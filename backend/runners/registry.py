@@ -6,14 +6,15 @@ runner (`openai:gpt-4o`); every other reference (a checkpoint folder, a hub id,
 `builtin:tiny`) goes to the transformers runner, `DEFAULT`. Built-in runners are
 listed in `BUILTIN` as "module:Class" strings, so torch-free callers (the server)
 never import a backend they do not use; `register` adds a class, the same way for
-third-party plugins (a module in LBS_PLUGIN_DIRS, see docs/adding-a-runner.md).
+third-party plugins (a module in LBS_PLUGIN_DIRS or an installed package's entry
+point, loaded by backend.engine.plugins; see docs/adding-a-runner.md).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 
+from backend.common.registry import Registry
 from backend.runners.base import Runner
 
 DEFAULT = "hf"
@@ -23,7 +24,8 @@ BUILTIN: dict[str, str] = {
     "openai": "backend.runners.openai_api:OpenAIRunner",
 }
 
-_registered: dict[str, type[Runner]] = {}
+_registry: Registry[type[Runner]] = Registry("runner", Runner, BUILTIN,
+                                             lambda cls: cls.scheme)
 _SCHEME = re.compile(r"^([a-z][a-z0-9_-]*):")
 
 
@@ -37,27 +39,25 @@ class UnknownRunner(KeyError):
 
 
 def register(cls: type[Runner]) -> type[Runner]:
-    """Class decorator: serve references `<cls.scheme>:<rest>` with `cls`."""
-    if not cls.scheme or not _SCHEME.match(cls.scheme + ":"):
+    """Class decorator: serve references `<cls.scheme>:<rest>` with `cls`; refuses a
+    scheme that is taken and a class that is not a Runner."""
+    if isinstance(cls, type) and issubclass(cls, Runner) and (
+            not cls.scheme or not _SCHEME.match(cls.scheme + ":")):
         raise ValueError(f"a runner's scheme must be lower-case letters, digits, _ or -, "
                          f"starting with a letter; got {cls.scheme!r}")
-    _registered[cls.scheme] = cls
-    return cls
+    return _registry.register(cls)
 
 
 def runner_names() -> list[str]:
-    return sorted(set(BUILTIN) | set(_registered))
+    return _registry.names()
 
 
 def get_runner(name: str) -> type[Runner]:
     """The runner class registered as `name`; raises UnknownRunner."""
-    if name not in _registered:
-        target = BUILTIN.get(name)
-        if target is None:
-            raise UnknownRunner(name)
-        module, _, cls_name = target.partition(":")
-        _registered[name] = getattr(importlib.import_module(module), cls_name)
-    return _registered[name]
+    cls = _registry.get(name)
+    if cls is None:
+        raise UnknownRunner(name)
+    return cls
 
 
 def runner_name_for(reference: str) -> str:
@@ -66,8 +66,3 @@ def runner_name_for(reference: str) -> str:
     if match and match.group(1) != DEFAULT and match.group(1) in runner_names():
         return match.group(1)
     return DEFAULT
-
-
-def runner_for(reference: str) -> type[Runner]:
-    """The runner class that serves `reference` (see the module docstring)."""
-    return get_runner(runner_name_for(reference))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.datasets.base import ParamError
 from backend.datasets.ceval import SUBJECTS, CEval, extract_letter
-from backend.runners.base import LoglikelihoodRequest
+from backend.engine.contracts import LoglikelihoodRequest, ParamError
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "ceval"
@@ -90,8 +89,8 @@ def test_aggregate_by_hand():
 def tiny_runner(builtin_models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from backend.engine.contracts import ModelSpec
     from backend.runners.hf import HFRunner
-    from backend.runners.models import ModelSpec
 
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

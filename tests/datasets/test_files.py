@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from backend.datasets.base import ParamError
 from backend.datasets.ceval import CEval
 from backend.datasets.files import find_file, read_records
 from backend.datasets.gsm8k import GSM8K
+from backend.engine.contracts import ParamError
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -15,9 +15,9 @@ import zipfile
 import pytest
 
 from backend.common.commands import lbs_command
-from backend.datasets.base import ParamError
 from backend.datasets.ceval import CEval
 from backend.datasets.hub import DataMissing, _extract, guidance, locate
+from backend.engine.contracts import ParamError
 from tests.conftest import ROOT
 from tests.hub_server import FakeHub
 

@@ -7,7 +7,6 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from backend.datasets.base import ModelInfo, ParamError
 from backend.datasets.needle_in_haystack import (
     DEFAULT_ANSWER,
     DEFAULT_NEEDLE,
@@ -17,6 +16,7 @@ from backend.datasets.needle_in_haystack import (
     score_answer,
     split_sentences,
 )
+from backend.engine.contracts import ModelInfo, ParamError
 from backend.runners.hf import HFTokenizer
 
 DOC = re.compile(r"<document>\n(.*)\n</document>", re.S)

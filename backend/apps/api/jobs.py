@@ -33,13 +33,19 @@ from backend.apps.api.schemas import (
 )
 from backend.common.redact import csv_cell
 from backend.common.secrets_box import encrypt
-from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.hub import DataMissing, FetchPending
 from backend.datasets.registry import UnknownDataset, get_dataset
-from backend.engine.evaluation import JobFieldError, JobFieldRefused, prepare
+from backend.engine.contracts import (
+    JobFieldError,
+    JobFieldRefused,
+    ModelNotFound,
+    ModelPathRefused,
+    ParamError,
+    PathRefused,
+)
+from backend.engine.evaluation import prepare
 from backend.queue import jobs as service
 from backend.queue import results
-from backend.runners.models import ModelNotFound, ModelPathRefused
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
 

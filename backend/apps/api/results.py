@@ -9,8 +9,9 @@ from flask import Blueprint, current_app
 
 from backend.apps.api import schemas
 from backend.apps.api.openapi import documented
+from backend.engine.contracts import ModelNotFound
 from backend.queue import results
-from backend.runners.models import ModelNotFound, resolve_model
+from backend.runners.models import resolve_model
 
 bp = Blueprint("results", __name__, url_prefix="/api/leaderboard")
 

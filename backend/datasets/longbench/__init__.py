@@ -24,22 +24,12 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from backend.datasets.base import (
-    BatchPlan,
-    CacheMode,
-    Dataset,
-    DatasetParams,
-    Item,
-    ParamError,
-    PromptTokenizer,
-    ScoreEntry,
-    batch_rows,
-    check_known,
-)
+from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, check_known
 from backend.datasets.files import find_files, read_all
 from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
+from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
 
 SUBSETS: dict[str, dict[str, Any]] = json.loads(
     (Path(__file__).parent / "subsets.json").read_text(encoding="utf-8"))
