@@ -159,18 +159,6 @@ def builtin_models_dir(tmp_path_factory) -> Path:
     return data / "models"
 
 
-@pytest.fixture(autouse=True)
-def _unconfined_reads():
-    """Reads start unconfined in every test: a job handled in the test's own thread (the
-    Flask test client) leaves its thread's read roots (datasets.files.confine_reads)
-    set to its temporary datasets folder, which a later test's fixtures would inherit.
-    A server process has one datasets folder, so its threads never differ in this."""
-    from backend.datasets.files import confine_reads
-
-    confine_reads(None)
-    yield
-
-
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One LBS_CACHE_DIR for the whole run, as a user's ~/.cache is shared by all their

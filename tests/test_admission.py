@@ -107,7 +107,6 @@ def data(tmp_path):
 
 def _estimate(spec: ModelSpec, dataset: str, params: dict, settings) -> int:
     ds = get_dataset(dataset)
-    ds.datasets_dir = None
     parsed = ds.parse_params(params)
     return estimate_job_bytes(spec, ds, parsed, CONFIGS[spec.name]["max_position_embeddings"],
                               settings)
@@ -115,7 +114,6 @@ def _estimate(spec: ModelSpec, dataset: str, params: dict, settings) -> int:
 
 def _plans(dataset: str, params: dict, model_max: int = 131072):
     ds = get_dataset(dataset)
-    ds.datasets_dir = None
     return ds.worst_batches(ds.parse_params(params), model_max)
 
 

@@ -57,6 +57,7 @@ def _write_progress(path: str | None, state: dict[str, Any]) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     from backend.common.config import load_settings
     from backend.common.logs import setup_logging
+    from backend.datasets.base import DataContext
     from backend.datasets.registry import UnknownDataset, get_dataset
     from backend.engine.plugins import load_plugins
 
@@ -66,11 +67,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "status":
         return _status(args, settings)
     try:
-        ds = get_dataset(args.dataset)
+        ds = get_dataset(args.dataset, DataContext.of(settings))
     except UnknownDataset as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ds.datasets_dir = settings.datasets_dir
     if ds.data_per_task:
         return _fetch_tasks(ds, args, settings)
     return _fetch(ds, args, settings)
@@ -79,7 +79,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 def _task_rows(ds: Any, settings: Any) -> list[dict[str, Any]]:
     from backend.datasets.lm_eval_tasks import list_tasks
 
-    ds.configure(settings)
     return list_tasks(list(ds.include_path), settings.cache_dir)
 
 
@@ -192,6 +191,7 @@ def _fetch(ds: Any, args: argparse.Namespace, settings: Any) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Any) -> int:
+    from backend.datasets.base import DataContext
     from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
     from backend.datasets.status import dataset_status
 
@@ -201,11 +201,10 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
     out = {}
     for name in names:
         try:
-            ds = get_dataset(name)
+            ds = get_dataset(name, DataContext.of(settings))
         except UnknownDataset as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        ds.datasets_dir = settings.datasets_dir
         out[name] = dataset_status(ds, settings.allow_data_download, settings.hub_offline,
                                    wait=True)
     if args.json:
@@ -229,9 +228,10 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
 
 def _task_status(args: argparse.Namespace, settings: Any, names: list[str]) -> int:
     from backend.datasets import lm_eval_catalog as catalog
+    from backend.datasets.base import DataContext
     from backend.datasets.registry import get_dataset
 
-    ds = get_dataset(names[0]) if names else None
+    ds = get_dataset(names[0], DataContext.of(settings)) if names else None
     if ds is None or not ds.data_per_task:
         print("error: --tasks is for lm_eval: data status lm_eval --tasks ...",
               file=sys.stderr)

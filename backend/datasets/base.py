@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +26,10 @@ from backend.engine.contracts import (
     PathRefused,
     PromptTokenizer,
 )
+
+if TYPE_CHECKING:
+    from backend.common.config import Settings
+    from backend.datasets.hub import DataAccess
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -140,12 +144,76 @@ class ScoreEntry:
                           macro_spread(groups), labels)
 
 
+@dataclass(frozen=True)
+class DataContext:
+    """Where a job's data is found and what it may read, given when the dataset is made
+    (`registry.get_dataset(name, context)`) and never changed after."""
+
+    settings: Settings | None = None
+    """The server's settings; the dataset reads what it needs of them (`configure`)."""
+    datasets_dir: Path | None = None
+    """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
+    when a job gives no `data_dir`."""
+    access: DataAccess | None = None
+    """Whether missing data may be fetched here, offline mode, the progress callback."""
+    confine: bool = False
+    """A job from the API: paths in parameters must lie under `datasets_dir`, and every
+    file read must resolve under `read_roots()`."""
+
+    @classmethod
+    def of(cls, settings: Settings, access: DataAccess | None = None,
+           confine: bool = False) -> DataContext:
+        return cls(settings, settings.datasets_dir, access, confine)
+
+    def read_roots(self) -> tuple[Path, ...] | None:
+        """The folders a confined job's files must resolve under: LBS_DATASETS_DIR and
+        the Hugging Face hub cache (a `hub:` snapshot's files link to its blobs there;
+        an archive is unpacked beside them); None when reads are not confined (the
+        command line, run by the machine's own user)."""
+        if not self.confine:
+            return None
+        from huggingface_hub import constants
+
+        return (*([self.datasets_dir] if self.datasets_dir is not None else []),
+                Path(constants.HF_HUB_CACHE))
+
+
 class Dataset:
     """Base class of dataset plugins.
 
     Subclasses set the class attributes and implement `build_items`, `score`
-    and, when the plain mean is not enough, `aggregate`.
+    and, when the plain mean is not enough, `aggregate`. An instance serves one job
+    (or one data status): its `context` is given when it is made.
     """
+
+    def __init__(self, context: DataContext | None = None):
+        self.context = context or DataContext()
+        if self.context.settings is not None:
+            self.configure(self.context.settings)
+
+    @property
+    def datasets_dir(self) -> Path | None:
+        return self.context.datasets_dir
+
+    @property
+    def data_access(self) -> DataAccess | None:
+        return self.context.access
+
+    @property
+    def confine_paths(self) -> bool:
+        return self.context.confine
+
+    def read_all(self, paths: list[Path]) -> list[dict[str, Any]]:
+        """Every record of the files (files.read_all), confined as the job's reads are."""
+        from backend.datasets.files import read_all
+
+        return read_all(paths, self.context.read_roots())
+
+    def read_records(self, path: Path) -> list[dict[str, Any]]:
+        """Every record of one file (files.read_records), confined as the job's reads are."""
+        from backend.datasets.files import read_records
+
+        return read_records(path, self.context.read_roots())
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -158,10 +226,6 @@ class Dataset:
     cost: ClassVar[str] = ""
     """A rough cost for the UI, e.g. "52 subjects, ~1.3k questions (val)"."""
 
-    datasets_dir: Path | None = None
-    """LBS_DATASETS_DIR: where `<datasets dir>/<name>/` data folders are looked for
-    when a job gives no `data_dir` (set by evaluation.prepare)."""
-
     hub: ClassVar[Any] = None
     """Where the official data lives on the Hugging Face hub (a `hub.HubSource`), so
     that it can be fetched and read from the hub cache; None for bundled data."""
@@ -169,14 +233,6 @@ class Dataset:
     data_per_task: ClassVar[bool] = False
     """Its data depends on the parameters (lm-eval: each task reads its own dataset):
     the data status says so instead of "ready", and `check` refuses what is missing."""
-
-    data_access: Any = None
-    """A `hub.DataAccess` (set by evaluation.prepare): whether missing data may be
-    fetched here, offline mode, and the progress callback."""
-
-    confine_paths: bool = False
-    """Set by evaluation.prepare for jobs from the API: paths in parameters must lie
-    under `datasets_dir` (see local_path)."""
 
     def local_path(self, given: str, field: str) -> Path:
         """The file or folder a parameter names. For API jobs it must lie under
@@ -202,13 +258,8 @@ class Dataset:
         `<datasets dir>/<name>/` when it exists, else the dataset's `hub` source (the
         cache, or a fetch where allowed; `parts` limits what is fetched; see hub.py).
         """
-        from backend.datasets.files import confine_reads
-
         if given and given.startswith("hub:"):
-            snapshot = _hub_snapshot(given[4:])
-            # the cache's snapshot files link to ../../blobs: the repo folder is the root
-            confine_reads([snapshot.parent.parent] if self.confine_paths else None)
-            return snapshot
+            return _hub_snapshot(given[4:])
         if given:
             path = self.local_path(given, "data_dir")
         elif self.datasets_dir is not None:
@@ -216,23 +267,18 @@ class Dataset:
             if not path.is_dir() and self.hub is not None:
                 from backend.datasets.hub import locate
 
-                # the dataset's own hub source, in the Hugging Face cache (whose
-                # snapshots link to its blobs): no job names these files
-                confine_reads(None)
                 return locate(self, parts)
         else:
             raise ParamError("data_dir", "give data_dir or set LBS_DATASETS_DIR")
-        confine_reads([self.datasets_dir] if self.confine_paths and self.datasets_dir
-                      else None)
         if not path.is_dir():
             raise ParamError("data_dir", f"no data folder at {path} (set the job parameter "
                                          f"data_dir or put the files under LBS_DATASETS_DIR/"
                                          f"{folder_name or self.name})")
         return path
 
-    def configure(self, settings: Any) -> None:
-        """Read the server settings the dataset needs (called by evaluation.prepare and
-        the datasets API before anything else); default: none."""
+    def configure(self, settings: Settings) -> None:
+        """Read the server settings the dataset needs (called when it is made with a
+        context that carries them); default: none."""
 
     def parse_params(self, raw: dict[str, Any] | None) -> DatasetParams:
         """Validate raw parameters as JSON, strictly ("7" is not 7, "yes" is not true);
@@ -292,7 +338,8 @@ class Dataset:
     """Whether the parameters have `max_length`, a prompt budget in tokens (None: the
     model's context). The default `check_ceilings` then applies LBS_MAX_CONTEXT_LENGTH."""
 
-    def check_ceilings(self, params: DatasetParams, model: ModelInfo, settings: Any) -> None:
+    def check_ceilings(self, params: DatasetParams, model: ModelInfo,
+                       settings: Settings) -> None:
         """The server's own limits, on top of the model's (`check`): settings such as
         LBS_MAX_CONTEXT_LENGTH and LBS_MAX_GRID_CELLS. Runs at submit time, after `check`.
         Default: with a `prompt_budget`, a job that names none gets the ceiling as its

@@ -20,6 +20,8 @@ accuracy over all questions is reported as `micro`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -33,7 +35,6 @@ from backend.datasets.base import (
     check_known,
     token_bound,
 )
-from backend.datasets.files import read_all
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
@@ -119,7 +120,9 @@ def split_file(folder, subject: str, split: str):
     return files[0] if files else None
 
 
-def read_split(folder, subject: str, split: str) -> list[dict[str, str]]:
+def read_split(folder, subject: str, split: str,
+               read_all: Callable[[list[Path]], list[dict[str, Any]]]) -> list[dict[str, str]]:
+    """The rows of one subject's split as text, read with the job's `Dataset.read_all`."""
     return [{k: str(v) for k, v in r.items()}
             for r in read_all(split_files(folder, subject, split))]
 
@@ -173,7 +176,7 @@ class CEval(Dataset):
     Params = CEvalParams
     hub = HubSource("ceval/ceval-exam", files=("*/dev-*.parquet", "*/val-*.parquet",
                                                 "*/test-*.parquet"),
-                    part_files=("{part}/*.parquet",), parts_param="subjects",
+                    part_files=("{part}/*.parquet",),
                     configs=tuple(SUBJECTS), splits=("dev", "val", "test"))
 
     has_data_parts = True
@@ -206,9 +209,9 @@ class CEval(Dataset):
         for subject in subjects:
             zh, _ = SUBJECTS[subject]
             header = f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n"
-            shots = "".join(format_question(r, True)
-                            for r in read_split(folder, subject, "dev")[:params.shots])
-            rows = read_split(folder, subject, params.split)[:params.max_samples]
+            dev = read_split(folder, subject, "dev", self.read_all)
+            shots = "".join(format_question(r, True) for r in dev[:params.shots])
+            rows = read_split(folder, subject, params.split, self.read_all)[:params.max_samples]
             found += [(subject, row, header + shots + format_question(row, False))
                       for row in rows]
         return found

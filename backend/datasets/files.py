@@ -2,9 +2,10 @@
 object with a "data" list), JSONL, CSV and Parquet (as on the Hugging Face hub).
 
 For jobs from the API every file is confined, not only its folder: a file inside an
-allowed folder may be a symbolic link to anywhere. `Dataset.data_folder` sets the
-folders reads must stay in (`confine_reads`) and `read_records` resolves each file
-and refuses one that leads out (PathRefused, 403).
+allowed folder may be a symbolic link to anywhere. A dataset reads through its own
+`Dataset.read_all` / `read_records`, which pass the folders its job may read
+(`DataContext.read_roots`); `read_records` resolves each file and refuses one that
+leads out (PathRefused, 403).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from backend.engine.contracts import ParamError, PathRefused
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
-_read_roots: ContextVar[tuple[Path, ...] | None] = ContextVar("lbs_read_roots", default=None)
 _reads: ContextVar[list[Path] | None] = ContextVar("lbs_data_reads", default=None)
 
 
@@ -44,16 +44,10 @@ def note_read(path: Path) -> None:
         reads.append(path)
 
 
-def confine_reads(roots: Sequence[Path] | None) -> None:
-    """From now on (in this thread) `read_records` opens only files that resolve under
-    `roots`; None lifts the rule (the command line, run by the machine's own user)."""
-    _read_roots.set(tuple(roots) if roots is not None else None)
-
-
-def checked_file(path: Path, field: str = "data_dir") -> Path:
-    """`path` resolved, if reads are unconfined or it stays under the allowed roots;
+def checked_file(path: Path, roots: Sequence[Path] | None,
+                 field: str = "data_dir") -> Path:
+    """`path` resolved, if reads are unconfined (`roots` None) or it stays under `roots`;
     PathRefused naming `field` otherwise."""
-    roots = _read_roots.get()
     if roots is None:
         return path
     try:
@@ -87,16 +81,17 @@ def find_file(folder: Path, stems: list[str], field: str = "data_dir") -> Path:
     return find_files(folder, stems, field)[0]
 
 
-def read_all(paths: list[Path]) -> list[dict[str, Any]]:
+def read_all(paths: list[Path], roots: Sequence[Path] | None = None) -> list[dict[str, Any]]:
     """Every record of every file, in order (the shards of one split)."""
-    return [record for path in paths for record in read_records(path)]
+    return [record for path in paths for record in read_records(path, roots)]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a JSON, JSONL, CSV or Parquet file, as dicts (PathRefused when
-    the file leads out of the allowed folders, see `confine_reads`)."""
+def read_records(path: Path, roots: Sequence[Path] | None = None) -> list[dict[str, Any]]:
+    """Every record of a JSON, JSONL, CSV or Parquet file, as dicts. With `roots`, the
+    file must resolve under one of them (PathRefused otherwise): a dataset passes its
+    job's (`Dataset.read_records`)."""
     suffix = path.suffix.lower()
-    path = checked_file(path)
+    path = checked_file(path, roots)
     note_read(path)
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, token_bound
-from backend.datasets.files import find_files, read_all
+from backend.datasets.files import find_files
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
@@ -103,9 +103,9 @@ class GSM8K(Dataset):
         """(row, user message) of every question of the job."""
         shots = ""
         if params.shots:
-            for ex in read_all(self._file(params, "train"))[:params.shots]:
+            for ex in self.read_all(self._file(params, "train"))[:params.shots]:
                 shots += f"Question: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}\n\n"
-        rows = read_all(self._file(params))[:params.max_samples]
+        rows = self.read_all(self._file(params))[:params.max_samples]
         return [(row, f"{shots}Question: {row['question'].strip()}\nAnswer:") for row in rows]
 
     def worst_batches(self, params: GSM8KParams, model_max: int | None) -> list[BatchPlan]:

@@ -51,8 +51,6 @@ class HubSource:
     revision: str = "main"
     part_files: tuple[str, ...] = ()
     """allow_patterns for one part, with `{part}` (empty: parts are not fetched alone)."""
-    parts_param: str | None = None
-    """The job parameter that names parts ("subjects", "subsets")."""
     archive: str | None = None
     """A zip file in the repository holding the official layout."""
     layout: str = ""

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
-from backend.datasets.files import find_files, read_all
+from backend.datasets.files import find_files
 from backend.datasets.hub import HubSource
 from backend.datasets.longbench import TEMPLATE_SLACK, truncate_middle
 from backend.datasets.registry import register
@@ -93,7 +93,7 @@ class LongBenchV2(Dataset):
             return []
 
     def _rows(self, params: LongBenchV2Params) -> list[dict[str, Any]]:
-        rows = read_all(find_files(self.data_folder(params.data_dir), ["data", "train"]))
+        rows = self.read_all(find_files(self.data_folder(params.data_dir), ["data", "train"]))
         rows = [r for r in rows if (params.difficulty in (None, r.get("difficulty")))
                 and (params.length in (None, r.get("length")))]
         return rows[:params.max_samples]

@@ -33,7 +33,6 @@ from pydantic import Field
 
 from backend.common.stats import bootstrap_spread
 from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, token_bound
-from backend.datasets.files import read_records
 from backend.datasets.hub import HubSource
 from backend.datasets.registry import register
 from backend.engine.contracts import BatchPlan, CacheMode, ParamError, PromptTokenizer
@@ -154,7 +153,7 @@ class MRGSM8K(Dataset):
         path = self._file(folder, params.file)
         if path is None:
             raise ParamError("file", f"no {params.file} in {folder}")
-        return read_records(path)[:params.max_samples]
+        return self.read_records(path)[:params.max_samples]
 
     def check(self, params: MRGSM8KParams, model: Any) -> None:
         self._rows(params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from backend.common.registry import Registry
 from backend.common.suggest import did_you_mean
-from backend.datasets.base import Dataset
+from backend.datasets.base import DataContext, Dataset
 
 BUILTIN: dict[str, str] = {
     "needle_in_haystack": "backend.datasets.needle_in_haystack:NeedleInAHaystack",
@@ -46,9 +46,10 @@ def dataset_names() -> list[str]:
     return _registry.names()
 
 
-def get_dataset(name: str) -> Dataset:
-    """An instance of the dataset called `name`; raises UnknownDataset."""
+def get_dataset(name: str, context: DataContext | None = None) -> Dataset:
+    """An instance of the dataset called `name` for one job (or data status), made with
+    its `context` (settings, data folder, access, confinement); raises UnknownDataset."""
     cls = _registry.get(name)
     if cls is None:
         raise UnknownDataset(name)
-    return cls()
+    return cls(context)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from backend.common.config import Settings
 from backend.common.stats import binomial
-from backend.datasets.base import Dataset, DatasetParams, ScoreEntry
+from backend.datasets.base import DataContext, Dataset, DatasetParams, ScoreEntry
 from backend.datasets.files import recording_reads
 from backend.datasets.registry import get_dataset
 from backend.engine.contracts import (
@@ -90,13 +90,9 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     """
     from backend.datasets.hub import DataAccess, FetchPending
 
-    ds = get_dataset(dataset)
-    ds.configure(settings)
-    ds.datasets_dir = settings.datasets_dir
-    ds.confine_paths = confine
-    ds.data_access = DataAccess(allow_download=settings.allow_data_download,
-                                fetch_now=fetch_data, offline=settings.hub_offline,
-                                progress=data_progress)
+    access = DataAccess(allow_download=settings.allow_data_download, fetch_now=fetch_data,
+                        offline=settings.hub_offline, progress=data_progress)
+    ds = get_dataset(dataset, DataContext.of(settings, access, confine))
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
     job = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key)

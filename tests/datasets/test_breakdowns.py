@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend.apps.api.schemas import scores_dict
+from backend.datasets.base import DataContext
 from backend.datasets.registry import dataset_names, get_dataset
 from tests.conftest import ROOT
 
@@ -49,8 +50,7 @@ PARAMS = {"ceval": {}, "gsm8k": {}, "longbench": {"subsets": ["hotpotqa", "trec"
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_breakdowns_point_into_the_scores(name):
-    ds = get_dataset(name.split("-")[0])
-    ds.datasets_dir = FIXTURES
+    ds = get_dataset(name.split("-")[0], DataContext(datasets_dir=FIXTURES))
     items = ds.build_items(ds.parse_params(PARAMS[name]), Plain())
     scored = []
     for item in items:
@@ -82,8 +82,7 @@ def test_breakdowns_point_into_the_scores(name):
 
 
 def test_gsm8k_counts_the_extraction_that_matched():
-    ds = get_dataset("gsm8k")
-    ds.datasets_dir = FIXTURES
+    ds = get_dataset("gsm8k", DataContext(datasets_dir=FIXTURES))
     items = ds.build_items(ds.parse_params({}), Plain())[:3]
     replies = [f"#### {items[0].reference}", f"so it is {items[1].reference}", "no idea"]
     scored = [({**i.fields, **ds.explain(i, r)}, ds.score(i, r))
@@ -102,8 +101,7 @@ def test_gsm8k_counts_the_extraction_that_matched():
 
 
 def test_ceval_macro_and_micro_differ_by_subject_size():
-    ds = get_dataset("ceval")
-    ds.datasets_dir = FIXTURES
+    ds = get_dataset("ceval", DataContext(datasets_dir=FIXTURES))
     items = ds.build_items(ds.parse_params({}), Plain())
     # everything right in one subject, everything wrong in the other
     first = items[0].fields["subject"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.datasets.base import DataContext
 from backend.datasets.ceval import SUBJECTS, CEval, extract_letter
 from backend.engine.contracts import LoglikelihoodRequest, ParamError
 from tests.conftest import ROOT
@@ -46,8 +47,7 @@ def test_official_prompt_with_shots():
 
 
 def test_missing_data_says_where_it_looked(tmp_path):
-    ds = CEval()
-    ds.datasets_dir = tmp_path
+    ds = CEval(DataContext(datasets_dir=tmp_path))
     with pytest.raises(ParamError) as err:
         ds.check(ds.parse_params({}), None)
     assert err.value.field == "data_dir" and str(tmp_path / "ceval") in err.value.message

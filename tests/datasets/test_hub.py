@@ -15,6 +15,7 @@ import zipfile
 import pytest
 
 from backend.common.commands import lbs_command
+from backend.datasets.base import DataContext
 from backend.datasets.ceval import CEval
 from backend.datasets.hub import DataMissing, _extract, guidance, locate
 from backend.engine.contracts import ParamError
@@ -24,11 +25,11 @@ from tests.hub_server import FakeHub
 SCRIPT = """
 import json, sys
 from backend.datasets.ceval import CEval
+from backend.datasets.base import DataContext
 from backend.datasets.hub import DataAccess, cached_folder, locate
-ds = CEval()
-ds.datasets_dir = __import__("pathlib").Path(sys.argv[1])
+folder = __import__("pathlib").Path(sys.argv[1])
+ds = CEval(DataContext(datasets_dir=folder, access=DataAccess(allow_download=True, fetch_now=True)))
 out = {}
-ds.data_access = DataAccess(allow_download=True, fetch_now=True)
 out["law"] = str(locate(ds, ["law"]))
 out["law_cached"] = cached_folder(ds.hub, ["law"]) is not None
 out["physics_cached"] = cached_folder(ds.hub, ["high_school_physics"]) is not None
@@ -37,7 +38,7 @@ out["fetched"] = ds.data_access.fetched
 rows = ds.build_items(ds.parse_params({"subjects": ["law"]}), __import__(
     "tests.datasets.test_files", fromlist=["Plain"]).Plain())
 out["items"] = [i.fields["id"] for i in rows]
-ds.data_access = DataAccess(allow_download=True, fetch_now=True)
+ds = CEval(DataContext(datasets_dir=folder, access=DataAccess(allow_download=True, fetch_now=True)))
 locate(ds, ["high_school_physics"])
 out["fetched2"] = ds.data_access.fetched
 print(json.dumps(out))
@@ -67,8 +68,7 @@ def test_parts_are_fetched_alone_and_cached(tmp_path):
 
 
 def test_missing_data_names_hub_command_and_folder(tmp_path):
-    ds = CEval()
-    ds.datasets_dir = tmp_path
+    ds = CEval(DataContext(datasets_dir=tmp_path))
     with pytest.raises(DataMissing) as err:
         locate(ds, ["law"])  # no cache here (HF_HUB_OFFLINE=1 in the tests), no access
     message = err.value.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from backend.datasets.base import DataContext
 from backend.datasets.registry import get_dataset
 from backend.datasets.status import dataset_status
 from tests.conftest import ROOT
@@ -20,8 +21,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
     ("longbench", 6, {"test": 9}),
 ])
 def test_items_are_what_a_default_job_runs(name, items, by_split):
-    ds = get_dataset(name)
-    ds.datasets_dir = FIXTURES
+    ds = get_dataset(name, DataContext(datasets_dir=FIXTURES))
     status = dataset_status(ds, allow_download=False, wait=True)
     assert status["state"] == "ready" and status["source"] == "folder"
     assert status["items"] == items

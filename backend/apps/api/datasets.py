@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from backend.apps.api.errors import ApiError
 from backend.apps.api.openapi import documented
 from backend.apps.api.schemas import Query
+from backend.datasets.base import DataContext
 from backend.datasets.hub import fetch_command
 from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
 from backend.datasets.status import dataset_status
@@ -95,9 +96,7 @@ def _fetches() -> Fetches:
 
 def describe(name: str) -> dict[str, Any]:
     settings = current_app.extensions["lbs"].settings
-    ds = get_dataset(name)
-    ds.configure(settings)
-    ds.datasets_dir = settings.datasets_dir
+    ds = get_dataset(name, DataContext.of(settings))
     out = ds.describe()
     out["data"] = dataset_status(ds, settings.allow_data_download, settings.hub_offline)
     fetch = _fetches().state(name)
@@ -147,8 +146,7 @@ def search_lm_eval_tasks():
 
     query = TaskQuery.model_validate(request.args.to_dict())
     settings = current_app.extensions["lbs"].settings
-    LmEvalTasks().configure(settings)
-    rows = cached_task_list(LmEvalTasks.include_path)
+    rows = cached_task_list(LmEvalTasks(DataContext.of(settings)).include_path)
     allowed = settings.allow_data_download and not settings.hub_offline
     base = {"offset": query.offset, "limit": query.limit, "downloads_allowed": allowed}
     if rows is None:

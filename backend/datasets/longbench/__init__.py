@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, check_known
-from backend.datasets.files import find_files, read_all
+from backend.datasets.files import find_files
 from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
 from backend.datasets.registry import register
@@ -150,7 +150,7 @@ class LongBench(Dataset):
             spec = SUBSETS[subset]
             budget = params.max_length or (tokenizer.max_length - spec["max_new_tokens"]
                                            - TEMPLATE_SLACK)
-            for row in read_all(paths)[:params.max_samples]:
+            for row in self.read_all(paths)[:params.max_samples]:
                 text = truncate_middle(spec["prompt"].format(**row), tokenizer, budget)
                 templated = params.use_chat_template and subset not in NO_CHAT_TEMPLATE
                 prompt = tokenizer.render(text) if templated else text
