@@ -29,7 +29,7 @@ from backend.engine.contracts import (
 
 if TYPE_CHECKING:
     from backend.common.config import Settings
-    from backend.datasets.hub import DataAccess
+    from backend.datasets.hub import DataAccess, HubSource
 
 TEMPLATE_TOKENS = 128
 """Tokens a chat template and special tokens may add around one user message (Llama
@@ -226,7 +226,7 @@ class Dataset:
     cost: ClassVar[str] = ""
     """A rough cost for the UI, e.g. "52 subjects, ~1.3k questions (val)"."""
 
-    hub: ClassVar[Any] = None
+    hub: ClassVar[HubSource | None] = None
     """Where the official data lives on the Hugging Face hub (a `hub.HubSource`), so
     that it can be fetched and read from the hub cache; None for bundled data."""
 

@@ -17,7 +17,7 @@ internals (tests/test_layers.py holds them to it). What is here:
   batch as the memory account sees it;
 - `PromptTokenizer`, the model's tokenizer as a dataset sees it; `HeldModel`, what the
   model manager asks of a loaded model; `CacheMode`, what happens to a model after a
-  dataset's job.
+  dataset's job; `JobPlan`, what a runner's class side reads of a prepared job.
 
 It imports nothing else of ours.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # --- errors ---
 
@@ -327,3 +327,50 @@ class HeldModel:
     def close(self) -> None:
         """Drop every reference to the model and tokenizer so their memory can be freed."""
         return None
+
+
+class PlannedDataset(Protocol):
+    """A job's dataset as a runner's memory account sees it."""
+
+    name: str
+
+    def worst_batches(self, params: Any, model_max: int | None) -> list[BatchPlan]:
+        """The job's request batches that may hold the most memory."""
+
+
+class JobParams(Protocol):
+    """The job parameters a runner's class side reads (every dataset's have them)."""
+
+    @property
+    def methods(self) -> list[str] | None: ...
+
+    @property
+    def batch_size(self) -> int | str: ...
+
+
+class JobPlan(Protocol):
+    """A prepared job (engine.evaluation.PreparedJob) as a runner's class side reads it,
+    before anything loads: the resolved model, what is known of it, the dataset and its
+    validated parameters, the runner's own options and key, and the GPUs it asked for."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def dataset(self) -> PlannedDataset: ...
+
+    @property
+    def params(self) -> JobParams: ...
+
+    @property
+    def api(self) -> Any:
+        """The runner's own options (the openai runner's ApiOptions), None without."""
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def num_gpus(self) -> int: ...

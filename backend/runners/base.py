@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from backend.engine.contracts import (
     BatchPlan,
@@ -23,10 +23,17 @@ from backend.engine.contracts import (
     GenerationRequest,
     HeldModel,
     JobFieldError,
+    JobPlan,
     Loglikelihood,
     LoglikelihoodRequest,
+    ModelInfo,
+    ModelNotFound,
     ModelSpec,
+    ParamError,
 )
+
+if TYPE_CHECKING:
+    from backend.common.config import Settings
 
 
 def _never() -> bool:
@@ -59,12 +66,10 @@ class Runner(HeldModel, ABC):
     # --- class side: a job's model, before anything loads --------------------------
 
     @classmethod
-    def resolve(cls, reference: str, settings: Any, confine: bool = True) -> ModelSpec:
-        """The spec for `reference` ("<name>:<rest>"); raises runners.models.ModelNotFound
+    def resolve(cls, reference: str, settings: Settings, confine: bool = True) -> ModelSpec:
+        """The spec for `reference` ("<name>:<rest>"); raises contracts.ModelNotFound
         (ModelPathRefused for a path outside the allowed folders). Default: `rest` is
         the target, which must not be empty."""
-        from backend.engine.contracts import ModelNotFound
-
         target = reference.split(":", 1)[1].strip() if ":" in reference else ""
         if not target:
             raise ModelNotFound(f"give the model's name after {cls.scheme}:, "
@@ -72,14 +77,12 @@ class Runner(HeldModel, ABC):
         return ModelSpec(name=reference, path=None, runner=cls.scheme, target=target)
 
     @classmethod
-    def check_job(cls, job: Any, settings: Any, confine: bool = True) -> None:
+    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> None:
         """Refuse what this runner cannot do with `job` (an evaluation.PreparedJob whose
         `spec`, `params`, `api` options and `api_key` are set), or fill in its options
-        (e.g. a base URL from the settings). Raises datasets.base.ParamError for a
+        (e.g. a base URL from the settings). Raises contracts.ParamError for a
         dataset parameter, JobFieldError for a job field. Default: no
         inference `methods` and no `api` options (both belong to other runners)."""
-        from backend.engine.contracts import ParamError
-
         if job.params.methods:
             raise ParamError("methods", "inference methods are for local transformers "
                                         f"models, not {cls.scheme}: models")
@@ -87,34 +90,33 @@ class Runner(HeldModel, ABC):
             raise JobFieldError("api", "only for openai:<name> models")
 
     @classmethod
-    def model_info(cls, job: Any) -> Any:
-        """What is known of the model before it loads (a datasets.base.ModelInfo: its
+    def model_info(cls, job: JobPlan) -> ModelInfo:
+        """What is known of the model before it loads (a contracts.ModelInfo: its
         longest sequence, None when unknown)."""
-        from backend.engine.contracts import ModelInfo
-
         return ModelInfo(job.spec.name, None)
 
     @classmethod
-    def estimate_job_bytes(cls, job: Any, settings: Any) -> int | None:
+    def estimate_job_bytes(cls, job: JobPlan, settings: Settings) -> int | None:
         """GPU bytes a worker must have free for `job` (admission, scheduling.py);
         None when the job needs no GPU memory (or it is unknown): admitted anywhere."""
         return None
 
     @classmethod
-    def cache_key(cls, job: Any, settings: Any, method: str | None) -> tuple:
+    def cache_key(cls, job: JobPlan, settings: Settings, method: str | None) -> tuple:
         """What makes two loaded models different (the model manager's cache key);
         never holds a secret. Default: the runner and the reference."""
         return (job.spec.name, cls.scheme)
 
     @classmethod
-    def load_estimate(cls, job: Any, settings: Any, method: str | None) -> int:
+    def load_estimate(cls, job: JobPlan, settings: Settings, method: str | None) -> int:
         """Bytes the loaded model will hold in this process (the manager makes room
         for them before loading). Default: 0, nothing local."""
         return 0
 
     @classmethod
     @abstractmethod
-    def loader(cls, job: Any, settings: Any, method: str | None) -> Callable[[], Runner]:
+    def loader(cls, job: JobPlan, settings: Settings,
+               method: str | None) -> Callable[[], Runner]:
         """The function the model manager calls to load the model of `job` (with
         inference `method`, None for the default) when it does not hold it already.
         Making the function loads nothing; calling it runs in the worker, may import
