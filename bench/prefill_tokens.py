@@ -25,7 +25,8 @@ def main() -> None:
     from backend.common.config import load_settings
     from backend.datasets.registry import get_dataset
     from backend.runners.base import GenerationRequest, PromptView
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     settings = load_settings()

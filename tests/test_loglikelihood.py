@@ -25,7 +25,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "ceval"
 def tiny_runner(builtin_models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import ModelSpec
 
     folder = builtin_models_dir / "builtin-tiny-v1"
@@ -135,7 +135,7 @@ def job_forwards(monkeypatch):
     """Rows of every padded forward pass over questions of models loaded by
     HFRunner.load during the test; `limit` > 0 makes batches of more rows raise CUDA's
     out-of-memory error."""
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     rows: list[int] = []
     state = {"limit": 0}

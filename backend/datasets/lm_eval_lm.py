@@ -81,7 +81,7 @@ class RunnerLM(LM):
         return self.run(self.runner.loglikelihood_rolling, [r.args[0] for r in requests])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[Any]:
-        from backend.runners.hf import cut_at_stop
+        from backend.runners.hf.generation import cut_at_stop
 
         asks = [GenerationRequest(r.args[0], max_gen_toks(r.args[1]), chat_template=False,
                                   stop=stop_strings(r.args[1])) for r in requests]

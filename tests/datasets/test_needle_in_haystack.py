@@ -17,7 +17,7 @@ from backend.datasets.needle_in_haystack import (
     score_answer,
     split_sentences,
 )
-from backend.runners.hf import HFTokenizer
+from backend.runners.hf.tokenizer import HFTokenizer
 
 DOC = re.compile(r"<document>\n(.*)\n</document>", re.S)
 
