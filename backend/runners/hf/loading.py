@@ -37,7 +37,7 @@ class LoadOptions:
     method: str = "default"
     """Inference method: "default" (transformers' defaults), "basic" (eager attention,
     dynamic cache) or "optimized" (SDPA attention and a static KV cache; on CUDA also
-    torch.compile)."""
+    torch.compile): the `methods` a job may ask for (DatasetParams.methods)."""
     num_gpus: int = 1
     """GPUs (the first of those visible) the model's layers are spread over."""
 
