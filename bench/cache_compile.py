@@ -12,7 +12,7 @@ prompt of each length:
     sdpa           dynamic cache
     sdpa+static    a StaticCache sized as the runner sizes it (what "optimized" is on the CPU)
     sdpa+compile   the same, plus transformers' decode-step compile (the runner's
-                   backend.runners.hf.configure_compile; forced on the CPU too here)
+                   backend.runners.hf.loading.configure_compile; forced on the CPU too here)
 
 Each variant gets one untimed warm-up generation per length (where compilation
 happens), then `--repeats` timed ones; it prints the median end-to-end time, the
@@ -39,7 +39,7 @@ def _generate(model, ids, new_tokens: int, extra: dict) -> tuple[float, float, l
     """One greedy generation: (total s, decode s after the first logits, new token ids)."""
     import torch
 
-    from backend.runners.hf import FirstTokenClock
+    from backend.runners.hf.generation import FirstTokenClock
 
     cuda = ids.device.type == "cuda"
     first = FirstTokenClock(cuda)
@@ -57,10 +57,10 @@ def _generate(model, ids, new_tokens: int, extra: dict) -> tuple[float, float, l
 
 def _cache(model, length: int, new_tokens: int, static: bool) -> dict:
     """generate's cache argument for one call: a new StaticCache sized as the runner
-    sizes it (backend.runners.hf.cache_length), or none (a dynamic cache)."""
+    sizes it (backend.runners.hf.account.cache_length), or none (a dynamic cache)."""
     from transformers import StaticCache
 
-    from backend.runners.hf import cache_length
+    from backend.runners.hf.account import cache_length
 
     if not static:
         return {}
@@ -85,7 +85,7 @@ def main() -> int:
 
     from backend.common.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
-    from backend.runners.hf import configure_compile
+    from backend.runners.hf.loading import configure_compile
 
     settings = load_settings()
     source = ensure_builtin_model(settings.data_dir, args.model.removeprefix("builtin:"))

@@ -41,7 +41,7 @@ def timed(fn, key: str, count: str | None = None):
 
 
 def time_project() -> None:
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     HFRunner.loglikelihood = timed(HFRunner.loglikelihood, "scoring_s")
     load = HFRunner.load.__func__

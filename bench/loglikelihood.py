@@ -209,7 +209,8 @@ def main() -> None:
     from backend.datasets.ceval import format_question
     from backend.datasets.needle_in_haystack import load_haystack
     from backend.engine.evaluation import _choose
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     torch.set_grad_enabled(False)

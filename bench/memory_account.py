@@ -1,5 +1,5 @@
 """What the transformers runner holds beyond its weights against what its memory account
-(runners/hf_memory.work_bytes) says, on every code path, on the CPU.
+(runners/hf/account.work_bytes) says, on every code path, on the CPU.
 
 For each path one batch runs under the census of live tensor storage
 (tests/memory_census.py, the weights excluded); the table gives the census peak, the

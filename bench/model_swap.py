@@ -66,7 +66,8 @@ def measure(model: str) -> dict:
     from backend.engine.contracts import CacheMode
     from backend.engine.memory.manager import ManagerConfig, ModelManager
     from backend.engine.memory.tracker import PeakSampler, rss_bytes
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     settings = load_settings()

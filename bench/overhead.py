@@ -128,7 +128,7 @@ def main() -> None:
     from backend.datasets.registry import get_dataset
     from backend.queue.jobs import storable_text
     from backend.runners.builtin import ensure_builtin_model
-    from backend.runners.hf import HFTokenizer
+    from backend.runners.hf.tokenizer import HFTokenizer
     from backend.runners.models import resolve_model
 
     settings = load_settings()

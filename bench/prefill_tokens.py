@@ -26,7 +26,8 @@ def main() -> None:
     from backend.datasets.registry import get_dataset
     from backend.engine.contracts import GenerationRequest
     from backend.runners.base import PromptView
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     settings = load_settings()

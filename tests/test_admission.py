@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from backend.datasets.registry import get_dataset
-from backend.engine.admission import estimate_job_bytes
 from backend.engine.contracts import BatchPlan, ModelSpec
 from backend.queue import jobs
 from backend.queue.scheduling import Capacity
-from backend.runners.hf_memory import work_bytes
+from backend.runners.hf.account import estimate_job_bytes, work_bytes
 from tests.test_lm_eval import FIXTURES as LM_EVAL_FIXTURES
 
 CONFIGS = {
@@ -257,7 +256,8 @@ FIXTURES = [
 def tiny_runner(tmp_path_factory):
     from backend.common.config import load_settings
     from backend.runners.builtin import ensure_builtin_model
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     data = tmp_path_factory.mktemp("tiny")

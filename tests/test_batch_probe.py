@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from backend.engine.contracts import BatchPlan
-from backend.runners import hf
-from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.hf import placement
+from backend.runners.hf.account import cache_length
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 
 GiB = 1024**3
@@ -154,11 +156,11 @@ def test_room_is_what_the_cap_and_the_device_leave(monkeypatch):
         memory_reserved=lambda device=None: state["reserved"],
         get_per_process_memory_fraction=lambda device=None: state["fraction"])
     monkeypatch.setattr(torch, "cuda", fake)
-    assert hf.room_bytes(["cuda:0"]) == 40 * GiB - 30 * GiB  # the cap binds
+    assert placement.room_bytes(["cuda:0"]) == 40 * GiB - 30 * GiB  # the cap binds
     state["fraction"], state["free"] = 1.0, 5 * GiB
-    assert hf.room_bytes(["cuda:0"]) == 5 * GiB + 2 * GiB  # the device binds
-    assert hf.room_bytes(["cuda:0", "cuda:1"]) == 2 * 7 * GiB  # layers shared out
-    assert hf.room_bytes([]) is None
+    assert placement.room_bytes(["cuda:0"]) == 5 * GiB + 2 * GiB  # the device binds
+    assert placement.room_bytes(["cuda:0", "cuda:1"]) == 2 * 7 * GiB  # layers shared out
+    assert placement.room_bytes([]) is None
 
 
 def test_auto_batch_size_plans_the_jobs_longest_batch():
@@ -206,5 +208,5 @@ def test_the_step_holds_what_the_account_of_its_batch_says(settings, with_tiny, 
     assert census.peak_bytes <= account <= 1.3 * census.peak_bytes, (
         census.peak_bytes, account, census.where)
     if method == "optimized" and plan.kind == "generate":  # the job's first batch's cache
-        assert runner._static[0] == (plan.rows, hf.cache_length(
+        assert runner._static[0] == (plan.rows, cache_length(
             plan.prompt_tokens + plan.new_tokens - 1))

@@ -12,7 +12,7 @@ import torch
 
 from backend.queue import jobs
 from backend.queue.db import JobState
-from backend.runners.hf import HFRunner
+from backend.runners.hf.runner import HFRunner
 from tests.conftest import ROOT, work_one_job
 
 PARAMS = {"max_length": 300, "use_chat_template": False,

@@ -88,7 +88,8 @@ def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
     # lm-eval's own loop on our runner (its model interface served by RunnerLM)
     from backend.common.config import load_settings
     from backend.datasets.lm_eval_lm import RunnerLM
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     settings = load_settings()
@@ -169,7 +170,7 @@ def test_cancel_stops_between_documents_and_a_resume_skips_stored_ones(with_tiny
 
 
 def test_openai_runner_refuses_rolling_clearly():
-    from backend.runners.openai_api import OpenAIRunner
+    from backend.runners.openai.runner import OpenAIRunner
 
     with pytest.raises(ValueError, match="cannot score whole texts"):
         OpenAIRunner.loglikelihood_rolling(object.__new__(OpenAIRunner), ["text"])
@@ -317,9 +318,11 @@ def test_openai_model_answers_through_runner_lm(with_tiny, tasks_dir):
 
     from backend.common.config import load_settings
     from backend.datasets.lm_eval_lm import RunnerLM
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
-    from backend.runners.openai_api import ApiOptions, OpenAIRunner
+    from backend.runners.openai.options import ApiOptions
+    from backend.runners.openai.runner import OpenAIRunner
     from tests.openai_server import FakeOpenAI
 
     settings = load_settings()

@@ -26,7 +26,7 @@ def tiny_runner(builtin_models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from backend.engine.contracts import ModelSpec
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -135,7 +135,7 @@ def job_forwards(monkeypatch):
     """Rows of every padded forward pass over questions of models loaded by
     HFRunner.load during the test; `limit` > 0 makes batches of more rows raise CUDA's
     out-of-memory error."""
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     rows: list[int] = []
     state = {"limit": 0}

@@ -179,7 +179,8 @@ def test_no_gpu_offload_is_a_clear_noop():
 def test_release_of_real_model_returns_rss(settings, with_tiny):
     """A model of tens of MB, loaded and released: RSS measurably drops."""
     from backend.engine.contracts import GenerationRequest
-    from backend.runners.hf import HFRunner, LoadOptions, model_key
+    from backend.runners.hf.loading import LoadOptions, model_key
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import estimate_model_bytes, resolve_model
 
     spec = resolve_model("builtin:small", settings)
@@ -311,7 +312,7 @@ class PinningRunner(FakeRunner):
         self.weights, self.host = weights, host
 
     def pinned_bytes(self):
-        from backend.runners.hf import pinned_block_bytes
+        from backend.runners.hf.offload import pinned_block_bytes
 
         return sum(pinned_block_bytes(w) for w in self.weights)
 
@@ -352,7 +353,9 @@ def test_a_failed_pin_falls_back_to_pageable_memory_and_the_job_ends_well():
 
 
 def test_hf_runner_counts_its_pinned_blocks(with_tiny, settings):
-    from backend.runners.hf import HFRunner, LoadOptions, pinned_block_bytes
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.offload import pinned_block_bytes
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     assert [pinned_block_bytes(n) for n in (1, 4096, 22 * MB, 32 * MB, 32 * MB + 1)] == \

@@ -1,4 +1,4 @@
-"""The memory account (runners/hf_memory.py) against the census of live tensor storage
+"""The memory account (runners/hf/account.py) against the census of live tensor storage
 (tests/memory_census.py) on every code path of the transformers runner, on the CPU:
 for each batch the runner runs, the peak of what it holds beyond the weights is at most
 the account of that batch's plan, and the account is at most 1.3 times that peak.
@@ -16,7 +16,9 @@ from functools import wraps
 import pytest
 
 from backend.engine.contracts import BatchPlan, GenerationRequest, LoglikelihoodRequest
-from backend.runners.hf import MIN_SHARED_PREFIX, HFRunner, LoadOptions, _common_prefix
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.runner import HFRunner
+from backend.runners.hf.scoring import MIN_SHARED_PREFIX, _common_prefix
 from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus
 

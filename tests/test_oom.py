@@ -14,7 +14,7 @@ from backend.engine.contracts import OomFailure, is_out_of_memory
 from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
-from backend.runners.hf import HFRunner
+from backend.runners.hf.runner import HFRunner
 from tests.conftest import work_one_job
 
 NIAH = "needle_in_haystack"

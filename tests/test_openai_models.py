@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from backend.engine.contracts import GenerationRequest, LoglikelihoodRequest
-from backend.runners.openai_api import ApiOptions, OpenAIRunner, RemoteApiError
+from backend.runners.openai.options import ApiOptions
+from backend.runners.openai.runner import OpenAIRunner
+from backend.runners.openai.transport import RemoteApiError
 from tests.openai_server import FakeOpenAI
 
 KEY = "sk-test-5ecret-key-never-logged"
@@ -18,7 +20,8 @@ KEY = "sk-test-5ecret-key-never-logged"
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
     from backend.common.config import load_settings
-    from backend.runners.hf import HFRunner, LoadOptions
+    from backend.runners.hf.loading import LoadOptions
+    from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
 
     settings = load_settings({"LBS_DATA_DIR": str(tmp_path_factory.mktemp("oa-data"))})
@@ -310,7 +313,7 @@ def _answer(tokens, values, generated=1, offsets=None):
 
 
 def test_reading_prompt_logprobs_as_servers_send_them():
-    from backend.runners.openai_api import read_prompt_logprobs
+    from backend.runners.openai.runner import read_prompt_logprobs
 
     # vLLM: the BOS token's text first, then the prompt, then the generated token
     got = read_prompt_logprobs(_answer(["<s>", "Answer", ":", " A", " B"],
@@ -339,7 +342,7 @@ def test_reading_prompt_logprobs_as_servers_send_them():
 
 
 def test_remote_error_messages_are_cleaned():
-    from backend.runners.openai_api import remote_message
+    from backend.runners.openai.transport import remote_message
 
     assert remote_message(b'{"error": {"message": "bad\\n\\u001b[31mtemplate\\u001b[0m\\tx"}}') \
         == "bad template x"

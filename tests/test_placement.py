@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from backend.engine.contracts import GenerationRequest
-from backend.engine.memory.limits import cap_process_memory, load_placement
-from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.placement import cap_process_memory, load_placement
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 from tests.fake_cuda import FakeCuda, install
 
@@ -20,9 +21,9 @@ GiB = 1024**3
 @pytest.fixture(autouse=True)
 def _no_cap_yet(monkeypatch):
     """Each test starts in a process whose allocator nothing has capped."""
-    from backend.engine.memory import limits
+    from backend.runners.hf import placement
 
-    monkeypatch.setattr(limits, "_capped", {})
+    monkeypatch.setattr(placement, "_capped", {})
 
 
 class _Stop(Exception):
@@ -77,7 +78,7 @@ def test_without_a_limit_the_model_loads_straight_onto_the_gpu(settings, with_ti
 def test_on_the_cpu_the_same_path_gives_the_same_model(settings, with_tiny, from_pretrained):
     from transformers import AutoModelForCausalLM
 
-    from backend.runners.hf import model_source
+    from backend.runners.hf.loading import model_source
 
     from_pretrained.real = True
     runner = _load(settings)
@@ -209,9 +210,9 @@ def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
 def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
     """The loader keeps free what admission counted beyond the weights, split by where
     it lands (the KV cache with the layers), and says how large the weights are."""
-    from backend.engine.admission import estimate_job_bytes
     from backend.engine.evaluation import _loader, prepare
     from backend.runners import builtin
+    from backend.runners.hf.account import estimate_job_bytes
     from backend.runners.models import estimate_model_bytes
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [4096]}, settings)
@@ -265,7 +266,7 @@ def test_a_70b_32k_job_on_two_80_gib_gpus_keeps_every_layer_on_a_gpu():
     """Each GPU holds only its layers' share of the KV cache, so each keeps only that
     share free (plus the activations, and on the last one the logits): the job that
     admission found to fit (146.9 GiB <= 2 x 79.19 GiB) loads without spilling."""
-    from backend.engine.memory.limits import Headroom
+    from backend.runners.hf.placement import Headroom
 
     model = _meta_model(LLAMA_70B)
     job = _job_70b(model, 32768 + 48)
@@ -283,7 +284,7 @@ def test_a_70b_job_that_does_not_fit_two_gpus_still_spills_and_gpu_0_keeps_its_k
     """At 128k the job does not fit two 80 GiB GPUs: layers spill to the CPU, and the
     spilled layers run on GPU 0 (accelerate's offload hooks), so their KV cache lands
     there: GPU 0 keeps the whole KV cache free."""
-    from backend.engine.memory.limits import Headroom
+    from backend.runners.hf.placement import Headroom
 
     model = _meta_model(LLAMA_70B)
     size = _size(model)

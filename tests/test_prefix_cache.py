@@ -20,8 +20,9 @@ from transformers import (
 
 from backend.engine.contracts import BatchPlan, GenerationRequest, ModelSpec
 from backend.runners.builtin import build_tokenizer
-from backend.runners.hf import HFRunner, LoadOptions
-from backend.runners.hf_cache import can_cut_back
+from backend.runners.hf.cache import can_cut_back
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus
 

@@ -13,7 +13,8 @@ from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.base import PromptView
-from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 from tests.conftest import work_one_job
 

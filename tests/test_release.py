@@ -14,7 +14,7 @@ import pytest
 from backend.engine.contracts import CacheMode
 from backend.engine.evaluation import prepare, run_evaluation
 from backend.engine.memory.manager import ManagerConfig, ModelManager
-from backend.runners.hf import HFRunner
+from backend.runners.hf.runner import HFRunner
 
 NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 4}
 

@@ -7,9 +7,10 @@ import logging
 import pytest
 
 from backend.engine.contracts import CacheMode, GenerationRequest, HeldModel, ModelNotFound
-from backend.engine.memory.limits import build_max_memory
 from backend.engine.memory.manager import ModelManager
-from backend.runners.hf import HFRunner, LoadOptions
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.placement import build_max_memory
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 
 GiB = 1024**3
@@ -194,7 +195,7 @@ def test_gpu_load_under_cap_and_peaks(settings, with_tiny, monkeypatch):
     assert peaks.job_peaks()["cuda:0"]["max_allocated"] > 0
     runner.close()
     torch.cuda.empty_cache()
-    from backend.engine.memory.limits import cap_process_memory
+    from backend.runners.hf.placement import cap_process_memory
 
     cap_process_memory(0.0)  # lift the cap for the tests that follow in this process
     assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
@@ -324,11 +325,11 @@ def test_optimized_compiles_the_decode_step_only(settings, with_tiny, monkeypatc
     import torch
     from transformers import CompileConfig
 
-    from backend.runners import hf
+    from backend.runners.hf import loading
 
     configured = []
-    configure = hf.configure_compile
-    monkeypatch.setattr(hf, "configure_compile",
+    configure = loading.configure_compile
+    monkeypatch.setattr(loading, "configure_compile",
                         lambda model: (configured.append(model), configure(model))[1])
     torch.compiler.reset()
     spec = resolve_model("builtin:tiny", settings)
@@ -382,10 +383,10 @@ def test_a_spilled_model_is_never_compiled(settings, with_tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from backend.runners import hf
+    from backend.runners.hf import loading
 
     spec = resolve_model("builtin:tiny", settings)
-    source = hf.model_source(spec, settings)
+    source = loading.model_source(spec, settings)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, device_map={"model.embed_tokens": "cpu", "model.norm": "cpu",
                                                  "lm_head": "cpu", "model.rotary_emb": "cpu",
@@ -393,7 +394,7 @@ def test_a_spilled_model_is_never_compiled(settings, with_tiny, tmp_path):
                                                  "model.layers.1": "disk"},
         offload_folder=str(tmp_path / "offload"))
     assert "disk" in model.hf_device_map.values()
-    hf.configure_compile(model)
+    loading.configure_compile(model)
     assert model.generation_config.compile_config is None
     assert model.generation_config.disable_compile is True
 

@@ -15,7 +15,9 @@ import weakref
 import pytest
 
 from backend.engine.contracts import GenerationRequest
-from backend.runners.hf import HFRunner, LoadOptions, cache_length
+from backend.runners.hf.account import cache_length
+from backend.runners.hf.loading import LoadOptions
+from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
 
 

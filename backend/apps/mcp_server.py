@@ -39,7 +39,7 @@ from pydantic import Field, PlainValidator, WithJsonSchema
 from backend import __version__
 from backend.apps.client import ApiClient, ServerError
 from backend.common.commands import lbs_command
-from backend.runners.openai_api import ApiOptions
+from backend.runners.openai.options import ApiOptions
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
   to every log line (installed by `setup_logging`).
 - `csv_cell`: a CSV cell a spreadsheet will not run as a formula.
 
-Remote servers' error text is cleaned by `runners.openai_api.remote_message` /
-`clean_remote_text`.
+Remote servers' error text is cleaned by `runners.openai.transport.remote_message`
+/ `clean_remote_text`.
 """
 
 from __future__ import annotations

@@ -300,7 +300,7 @@ class Dataset:
 
     def worst_batches(self, params: DatasetParams, model_max: int | None) -> list[BatchPlan]:
         """The request batches of the job that may hold the most memory, for the GPU
-        memory estimate at submit time (admission.py asks the job's runner what each
+        memory estimate at submit time (runners/hf/account.py asks the runner what each
         holds, `work_bytes(plan)`, and takes the largest). Each `BatchPlan` says what
         the batch is: generation or log-likelihood, its rows (`batch_rows(params)`),
         the longest prompt and the tokens generated or scored after it, a prefix every

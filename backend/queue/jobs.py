@@ -69,7 +69,7 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class NewJob:
-    """A job to queue. `memory_bytes` is its estimated GPU memory (admission.py)."""
+    """A job to queue. `memory_bytes` is its estimated GPU memory (estimated at submit)."""
 
     model: str
     dataset: str

@@ -9,7 +9,7 @@ job of that submitter. A worker only sees the jobs it can run (`Capacity`):
   (LBS_WORKER_LABELS, the host name and the worker id are a worker's labels);
 - `num_gpus`: at most the worker's GPU count (a worker without a GPU runs
   one-device jobs on the CPU, so a laptop needs no settings);
-- `memory_bytes`: the job's estimated GPU memory (see admission.py) fits the
+- `memory_bytes`: the job's GPU memory estimate (made at submit) fits the
   memory the worker can give now, under LBS_GPU_MEMORY_LIMIT, on the GPUs the job
   would use: a job of `num_gpus` n runs on the worker's first n GPUs (a one-GPU
   job on its first), so it is admitted against their sum, never against GPUs it

@@ -20,8 +20,8 @@ from backend.runners.base import Runner
 DEFAULT = "hf"
 
 BUILTIN: dict[str, str] = {
-    "hf": "backend.runners.hf:HFRunner",
-    "openai": "backend.runners.openai_api:OpenAIRunner",
+    "hf": "backend.runners.hf.runner:HFRunner",
+    "openai": "backend.runners.openai.runner:OpenAIRunner",
 }
 
 _registry: Registry[type[Runner]] = Registry("runner", Runner, BUILTIN,

@@ -90,7 +90,7 @@ def tiny_runner(builtin_models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from backend.engine.contracts import ModelSpec
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     folder = builtin_models_dir / "builtin-tiny-v1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -125,7 +125,7 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
     from backend.datasets.ceval import LETTERS
     from backend.engine.evaluation import _choose
     from backend.runners.base import PromptView
-    from backend.runners.hf import HFRunner
+    from backend.runners.hf.runner import HFRunner
 
     model = copy.deepcopy(tiny_runner.model)
     tok = tiny_runner.tokenizer

@@ -23,7 +23,7 @@ from backend.datasets.longbench.metrics import (
     rouge_zh_score,
     score_sample,
 )
-from backend.runners.hf import HFTokenizer
+from backend.runners.hf.tokenizer import HFTokenizer
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "longbench"

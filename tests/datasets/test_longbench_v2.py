@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.datasets.longbench_v2 import LongBenchV2, extract_choice
-from backend.runners.hf import HFTokenizer
+from backend.runners.hf.tokenizer import HFTokenizer
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "longbench_v2"

@@ -17,7 +17,7 @@ from backend.datasets.needle_in_haystack import (
     split_sentences,
 )
 from backend.engine.contracts import ModelInfo, ParamError
-from backend.runners.hf import HFTokenizer
+from backend.runners.hf.tokenizer import HFTokenizer
 
 DOC = re.compile(r"<document>\n(.*)\n</document>", re.S)
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.common.stats import FEW_ITEMS
 from backend.queue.db import Job, JobState, Sample
-from backend.runners.openai_api import ApiOptions
+from backend.runners.openai.options import ApiOptions
 
 MB = 1024 * 1024
 MAX_JOBS_PER_REQUEST = 500

@@ -645,7 +645,7 @@ def _cuda_available() -> bool:
 def _gpu_cap(fraction: float) -> int:
     """The cap on the models the manager keeps on the GPU: the limit's share of the
     first GPU, where a movable (single-device) model lives and where the loader caps
-    it (memory/limits.py); not of every GPU together, which would let models pile up
+    it (runners/hf/placement.py); not of every GPU together, which would let models pile up
     on the first GPU beyond its own cap."""
     import sys
 

@@ -11,7 +11,7 @@ With a limit `f` > 0 and CUDA present, two things hold:
   outside PyTorch's allocator.
 - **The weights** (`load_placement`): each GPU `i` the job uses gets
   `max_memory[i]` = `total_i * f` less what the job holds on it beyond the weights
-  (`Headroom`, from backend.engine.admission: the KV cache follows the layers, the
+  (`Headroom`, from the memory account, account.py: the KV cache follows the layers, the
   activations are on each GPU, the logits on the last), and a `cpu` entry of the RAM
   available now, so layers that do not fit spill to RAM instead of failing when the
   job runs.
@@ -190,3 +190,33 @@ def cap_process_memory(fraction: float) -> list[tuple[int, float]]:
     log.info("[Runner] GPU memory limit holds for this process: PyTorch may reserve at most "
              "%.0f%% of %s", fraction * 100, ", ".join(f"cuda:{i}" for i, _ in done))
     return done
+
+
+def spills(model) -> bool:
+    """Whether accelerate placed some of the model's layers in CPU RAM or on disk."""
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    return "disk" in placed or ("cpu" in placed and len(placed) > 1)
+
+
+def room_bytes(devices: list[str]) -> int | None:
+    """Bytes this process may still allocate on the CUDA `devices` a model uses: on each,
+    the smaller of what the device has free (with what this process's allocator holds
+    unused) and the allocator's cap (LBS_GPU_MEMORY_LIMIT, set by cap_process_memory,
+    read back as torch's per-process fraction) less what is allocated; for a model
+    spread over several GPUs, the tightest device's room on each (its layers' share of
+    the KV cache is about even). None without CUDA devices: the CPU's RAM is not
+    probed."""
+    import torch
+
+    cuda = [d for d in devices if str(d).startswith("cuda")]
+    if not cuda or not torch.cuda.is_available():
+        return None
+    rooms = []
+    for device in cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        unused = torch.cuda.memory_reserved(device) - allocated
+        cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+        rooms.append(max(0, min(free + unused, cap)))
+    return min(rooms) * len(rooms)
+

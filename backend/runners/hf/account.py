@@ -1,10 +1,13 @@
-"""What the transformers runner holds on its device beyond the weights, for one planned
-batch (a `BatchPlan`): the one memory account that admission reads for a job's worst
-batch and the runner reads for a batch it is about to run (HFRunner.work_bytes).
+"""The transformers runner's memory account: what it holds on its device beyond the
+weights for one planned batch (a `BatchPlan`, `work_bytes`), and from it what a job
+needs in GPU memory, estimated at submit time without loading anything
+(`estimate_job_bytes`): the one account that admission (queue/scheduling.py) reads for
+a job's worst batch and the runner reads for a batch it is about to run
+(HFRunner.work_bytes).
 
 No torch here: the server calls it at submit time. Each term follows what the code
-paths of runners/hf.py and transformers 5 allocate, checked on the CPU by a census of
-live tensor storage (tests/test_memory_account.py):
+paths of this package (generation.py, scoring.py) and transformers 5 allocate,
+checked on the CPU by a census of live tensor storage (tests/test_memory_account.py):
 
 - KV cache: 2 x layers x kv_heads x head_dim x element bytes per position, for each
   copy the code holds: one per row; a plan with a shared prefix keeps one more (the
@@ -30,14 +33,32 @@ the logits come and go; the end of decoding, the whole cache. A row that continu
 shared prefix has queries after the prefix's keys, so transformers materialises its
 mask even unpadded: at the shallowest NIAH needle that is about the prompt's length
 squared in bytes (16 GiB at 128k tokens).
+
+A job's estimate is
+
+    weights (runners.models.estimate_model_bytes, in the dtype they load in)
+  + what the runner holds beyond them for the job's worst batch
+
+where the dataset states its batches (`Dataset.worst_batches`: rows, the longest
+prompt, the tokens generated or scored, a shared prefix, padding, the positions whose
+logits are asked for) and `work_bytes` says what each holds. A comparison of `methods`
+runs them one after another: the largest counts. It is an estimate for admission, not
+a promise: CUDA's own context and the allocator's fragmentation come on top.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import Any
 
-from backend.engine.contracts import BatchPlan
+from backend.common.config import Settings
+from backend.engine.contracts import BatchPlan, JobParams, ModelSpec, ParamError, PlannedDataset
+from backend.runners import builtin
+from backend.runners.hf.placement import Headroom
+from backend.runners.models import estimate_model_bytes
+
+_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -138,14 +159,12 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
     total = prompt + new
     shared = plan.shared_prefix if plan.method != "optimized" else 0
     if plan.method == "optimized":
-        from backend.runners.hf import cache_length
-
         slots = cache_length(total - 1) if new else prompt
         copies = rows
         prefill_cache = end_cache = copies * slots * kv_token
         keys_seen = slots
     elif shared:
-        # the rows' cache is allocated once for prompt and new tokens (hf_cache.BatchSlots,
+        # the rows' cache is allocated once for prompt and new tokens (cache.BatchSlots,
         # written in place) beside the one kept prefix, which grows to a row's prompt
         # while that row's rest is computed on it: each layer's keys (then values) joined
         # to the rest's by torch.cat, the old and the new tensor alive together a moment
@@ -187,7 +206,7 @@ def work_bytes(arch: dict[str, Any], element_bytes: int, plan: BatchPlan) -> int
 
 def _loglikelihood(shape: Shape, element_bytes: int, plan: BatchPlan, kv_token: int,
                    layer_kv: int) -> int:
-    """hf.HFRunner._score: a shared prefix's pass (repeated to every row), one padded
+    """scoring.Scorer._score: a shared prefix's pass (repeated to every row), one padded
     pass over the contexts' rest keeping the last position's logits, then, when
     continuations run past one token, the cache's rows repeated for each of them and
     one pass over their tokens, every position's logits kept."""
@@ -227,3 +246,89 @@ def _loglikelihood(shape: Shape, element_bytes: int, plan: BatchPlan, kv_token: 
     joined = max(rows, repeats) * end * layer_kv // 2  # a layer's keys, old and new
     second = repeats * end * kv_token + last + max(layers, head, logits, joined)
     return max(first, second)
+
+
+def cache_length(needed: int) -> int:
+    """Slots of a static KV cache for a request that needs `needed` positions: the next
+    power of two up to 4096 (at least 256), four sizes per doubling past it (at most 1/4
+    more than needed, where slots cost real memory). A compiled decode step's graphs
+    are specialised on the cache's shape (and on CUDA recorded at its address), so
+    prompts of a job meet a handful of sizes, each reused (HFRunner keeps the cache of
+    the size in use), rather than one size per prompt length. The memory account
+    (`work_bytes`) counts these slots for a static-cache batch."""
+    if needed <= 256:
+        return 256
+    if needed <= 4096:
+        return 1 << (needed - 1).bit_length()
+    step = 1 << (needed.bit_length() - 3)
+    return -(-needed // step) * step
+
+
+def _architecture(spec: ModelSpec) -> dict[str, Any] | None:
+    if spec.builtin:
+        recipe = builtin.BUILTIN_MODELS[spec.builtin]
+        return {"hidden_size": recipe.hidden_size, "intermediate_size": recipe.intermediate_size,
+                "num_hidden_layers": recipe.num_hidden_layers,
+                "num_attention_heads": recipe.num_attention_heads,
+                "num_key_value_heads": recipe.num_key_value_heads,
+                "vocab_size": recipe.vocab_size, "torch_dtype": "float32"}
+    if spec.path is None or not (spec.path / "config.json").is_file():
+        return None
+    config = json.loads((spec.path / "config.json").read_text(encoding="utf-8"))
+    return config.get("text_config") or config
+
+
+def estimate_job_bytes(spec: ModelSpec, dataset: PlannedDataset, params: JobParams,
+                       model_max: int | None, settings: Settings,
+                       num_gpus: int = 1) -> int | None:
+    """Estimated GPU bytes of a job (see the module docstring) over its `num_gpus` GPUs;
+    None when the model's size is unknown (a hub model not downloaded yet), which
+    admits it anywhere. A model sharded over several GPUs runs its layers on each in
+    turn, so every GPU keeps room for one layer's activations of its own, and placing
+    whole layers leaves some room unused (`Headroom.sharded`).
+    Raises ParamError when the dataset's files cannot be read for their lengths."""
+    weights = estimate_model_bytes(spec, settings.torch_dtype)
+    if not weights:
+        return None
+    headroom = estimate_job_headroom(spec, dataset, params, model_max, settings)
+    return weights + headroom.sharded(num_gpus)
+
+
+def estimate_job_headroom(spec: ModelSpec, dataset: PlannedDataset, params: JobParams,
+                          model_max: int | None, settings: Settings) -> Headroom:
+    """What the runner holds beyond the weights for the job's worst batch (its account,
+    `work_bytes`), by where it lands when the model is sharded over GPUs: the KV
+    cache follows the layers, the activations, masks and attention scores are on every
+    GPU that runs layers, the logits on the GPU of the output head. Empty when the
+    lengths are unknown."""
+    arch = _architecture(spec)
+    try:
+        plans = dataset.worst_batches(params, model_max)
+    except (KeyError, TypeError, AttributeError) as exc:  # a record without a field it reads
+        raise ParamError("data_dir", f"the {dataset.name} data has a record without the "
+                                     f"field {exc}") from None
+    if not arch or not plans:
+        return Headroom()
+    dtype = settings.torch_dtype if settings.torch_dtype != "auto" else \
+        str(arch.get("torch_dtype") or arch.get("dtype") or "float16")
+    element = _ELEMENT_BYTES.get(dtype, 2)
+    methods = params.methods or ["default"]
+    worst = max((replace(plan, method=method) for plan in plans for method in methods),
+                key=lambda plan: work_bytes(arch, element, plan))
+    # Where the account's bytes land is read from the account itself: what it loses
+    # without the decoder layers follows them (their KV cache), what it then loses
+    # without the vocabulary is the output head's (the logits), the rest is each GPU's.
+    held = work_bytes(arch, element, worst)
+    no_layers = work_bytes({**arch, "num_hidden_layers": 0}, element, worst)
+    no_head = work_bytes({**arch, "num_hidden_layers": 0, "vocab_size": 0}, element, worst)
+    # the layers' share of the weights, which the KV cache follows when sharded: not
+    # the embeddings nor the head (counted twice unless the config says they are tied,
+    # which errs towards keeping more free)
+    layers = int(arch.get("num_hidden_layers") or 0)
+    embedding = int(arch.get("vocab_size") or 0) * int(arch.get("hidden_size") or 0) * element
+    weights = estimate_model_bytes(spec, settings.torch_dtype) or 0
+    layer_weights = max(0, weights - embedding * (1 if arch.get("tie_word_embeddings") else 2))
+    layer = layer_weights // max(layers, 1)
+    return Headroom(layers=max(0, held - no_layers), each=max(0, no_head),
+                    last=max(0, no_layers - no_head), layer_weights=layer_weights,
+                    layer_bytes=layer, largest_module=max(layer, embedding))

@@ -1,0 +1,311 @@
+"""Greedy generation for the transformers runner: batches left-padded, the "optimized"
+method's static KV cache kept between requests of one size, and requests that share a
+prefix (NIAH's haystack) continued from one kept prefix cache instead of each computing
+it (see `Generator._continue_batch`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backend.engine.contracts import Generation, GenerationRequest, cut_at_stop
+from backend.runners.hf.account import cache_length
+
+LENGTH_GROUP = 0.9
+"""Shared-prefix prompts decode together when the shortest is at least this share of
+the longest (NIAH prompts of one context length differ by a few tokens); others would
+pad too much."""
+
+
+def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
+    """Indexes of `prompts`, longest first, in groups of about one length."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        if not groups or len(prompts[i]) < LENGTH_GROUP * len(prompts[groups[-1][0]]):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+class FirstTokenClock:
+    """A logits processor that only notes when it is first called: the end of the
+    prefill (the prompt's forward pass), so generation splits into prefill and decode."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return scores
+
+
+class Generator:
+    """HFRunner's generation: `generate` and the caches it keeps for a pass.
+
+    Reads the runner's `model`, `tokenizer`, `tok` (an HFTokenizer), `device`,
+    `pad_token_id`, `static_cache` and `share_prefixes`; keeps `_prefix` (the shared
+    prefix of this pass), `_static` (the static cache of the size in use) and
+    `_cut_back` (whether the model's cache can be cut back to a prefix)."""
+
+    model: Any
+    tokenizer: Any
+    tok: Any
+    device: str
+    pad_token_id: int | None
+    static_cache: bool
+    share_prefixes: bool
+    _prefix: tuple[tuple[int, ...], Any] | None
+    _static: tuple[tuple[int, int], Any] | None
+    _cut_back: bool | None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Greedy replies, all requests in one batch (left-padded).
+
+        The batch decodes up to the largest `max_new_tokens`; each reply is cut to
+        its own budget and after its first end-of-sequence token, which is what it
+        would be alone under greedy decoding.
+        """
+        if not requests:
+            return []
+        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
+        if any(r.prefix for r in requests) and self._shares_prefixes():
+            return self._generate_shared(requests, prompts)
+        width = max(len(ids) for ids in prompts)
+        max_new = max(r.max_new_tokens for r in requests)
+        cache = None
+        if self.static_cache:
+            # The last new token is never fed back: width + max_new - 1 positions.
+            cache = self._static_cache(len(requests), cache_length(width + max_new - 1))
+        try:
+            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+        except BaseException:
+            self._static = None  # out of memory above all: no batch asks this size again
+            raise
+        timing.update(batch=len(requests), prefill_tokens=sum(len(p) for p in prompts))
+        return [self._reply(row, request, len(ids), took / len(requests), timing)
+                for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def _static_cache(self, rows: int, slots: int):
+        """The static KV cache for a batch of `rows` rows and `slots` positions, reset:
+        the one kept from the last request when it had this shape, else a new one, made
+        after the kept one is dropped (never two held: the memory account counts one
+        batch's `cache_length(...)` slots per row). Reusing one cache keeps its tensors'
+        addresses, which transformers marks static for a compiled decode step: on CUDA
+        its graphs, recorded for those addresses, are replayed instead of recorded again
+        for each request. Dropped by `forget_prefixes` (the end of a pass), `offload`
+        and `close`.
+
+        Our own cache rather than cache_implementation="static": transformers sizes that
+        to the longest length the model has ever seen (generation/utils.py
+        _prepare_static_cache, _previous_max_cache_length), so one 128k-token prompt
+        made every later request allocate 128k slots."""
+        import torch
+        from transformers import StaticCache
+
+        if self._static is not None and self._static[0] == (rows, slots):
+            cache = self._static[1]
+            with torch.inference_mode():  # its tensors were made under it
+                cache.reset()  # zeroes keys and values, and the length written so far
+            return cache
+        self._static = None
+        cache = StaticCache(config=self.model.config, max_cache_len=slots)
+        self._static = ((rows, slots), cache)
+        return cache
+
+    def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
+                cache=None) -> tuple[list[list[int]], dict, float]:
+        """`prompts` left-padded into one batch and decoded greedily up to `max_new`
+        tokens, continuing `cache` when given: each row's new tokens, the prefill and
+        decode seconds since `started`, and the seconds in all."""
+        import torch
+
+        width = max(len(ids) for ids in prompts)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
+                                 device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
+                            device=self.device)
+        first_token = FirstTokenClock(self.device.startswith("cuda"))
+        extra = {} if cache is None else {"cache": cache}
+        with torch.inference_mode():
+            # The runner chooses the cache (`cache`, else a dynamic one), never a
+            # checkpoint's generation_config.cache_implementation: transformers refuses
+            # it beside a cache, and its static cache is sized to the longest request
+            # the model has seen (`_previous_max_cache_length`), not to this one.
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=mask,
+                max_new_tokens=max_new, do_sample=False, cache_implementation=None,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                logits_processor=[first_token], **extra)
+        extra.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        took = time.perf_counter() - started
+        prefill = (first_token.at - started) if first_token.at else took
+        return (output[:, width:].tolist(),
+                {"prefill_s": round(prefill, 6), "decode_s": round(took - prefill, 6)}, took)
+
+    def _reply(self, row: list[int], request: GenerationRequest, prompt_tokens: int,
+               latency: float, timing: dict) -> Generation:
+        """A generated row cut to the request's budget and after its first end token."""
+        new_ids = row[:request.max_new_tokens]
+        stops = self._eos_ids()
+        end = next((i for i, t in enumerate(new_ids) if t in stops), None)
+        if end is not None:
+            new_ids = new_ids[:end + 1]
+        text = self.tok.decode(new_ids)
+        text = cut_at_stop(text, request.stop) if request.stop else text.strip()
+        return Generation(text=text, prompt_tokens=prompt_tokens,
+                          output_tokens=len(new_ids), latency_s=latency,
+                          extra={"timing": timing})
+
+    # --- shared prefixes (GenerationRequest.prefix) -----------------------------------
+
+    def _shared_length(self, request: GenerationRequest, ids: list[int]) -> int:
+        """How many leading tokens of the prompt's `ids` are the prefix's: the tokens the
+        prefix's own tokenisation agrees on with the prompt's (a token merging across
+        the boundary is left to the rest), and at least one token left to feed."""
+        if not request.prefix:
+            return 0
+        head = self.tok.prompt_ids(request.prefix, request.chat_template)
+        n = 0
+        for a, b in zip(head, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(ids) - 1)
+
+    def _kept_prefix(self, ids: list[int]):
+        """The kept prefix's cache, made to start with the tokens `ids`, and how many of
+        them had to be computed now (the caller reads the first len(ids) positions).
+
+        One prefix is kept between calls. When `ids` is a prefix of it (a shallower
+        needle: deepest first costs one prefill) it is used as it is; otherwise it is
+        cut where the two part and extended by the rest of `ids` (a deeper prefix,
+        another context length's haystack). The cut is a view, but the extension
+        concatenates onto it, so the positions cut away are freed with the old
+        tensors: one prefix is held at any time, never a copy of it."""
+        import torch
+        from transformers import DynamicCache
+
+        kept_ids, kept = self._prefix or ((), None)
+        common = 0
+        for a, b in zip(kept_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if kept is not None and common == len(ids):
+            return kept, 0
+        self._prefix = None  # out of memory while extending it: nothing half-made kept
+        if kept is None or common == 0:
+            kept = None  # freed before its successor is computed
+            kept, common = DynamicCache(config=self.model.config), 0
+        else:
+            kept.crop(common - len(kept_ids))
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([ids[common:]], device=self.device),
+                       cache=kept, use_cache=True, logits_to_keep=1)
+        self._prefix = (tuple(ids), kept)
+        return kept, len(ids) - common
+
+    def _copy_prefix(self, ids: list[int], cache) -> int:
+        """Write the kept prefix's cache of the tokens `ids` (computing what it lacks)
+        into `cache`, a row of the batch; returns the tokens computed. No reference to
+        the kept cache outlives the call, so when the next row's prefix replaces it the
+        old one is freed before the new one is computed."""
+        kept, computed = self._kept_prefix(ids)
+        n = len(ids)
+        for layer, held in enumerate(kept.layers):
+            cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
+        return computed
+
+    def _shares_prefixes(self) -> bool:
+        """Whether requests' prefixes are shared: on, the model's own cache (the
+        optimized method's static cache has no room for a second row) and layers that
+        can be cut back to a prefix (`cache.can_cut_back`, read from the config
+        before anything is computed)."""
+        if not self.share_prefixes or self.static_cache:
+            return False
+        if self._cut_back is None:
+            from backend.runners.hf.cache import can_cut_back
+
+            self._cut_back = can_cut_back(self.model.config)
+        return self._cut_back
+
+    def _generate_shared(self, requests: list[GenerationRequest],
+                         prompts: list[list[int]]) -> list[Generation]:
+        """Requests with a shared prefix: prompts of about one length decode together,
+        each one's cache continuing from the kept prefix's (deepest prefix first, so one
+        prefill serves every shallower one). The same greedy tokens as each whole
+        prompt alone."""
+        shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
+        results: list[Generation | None] = [None] * len(requests)
+        try:
+            for group in _length_groups(prompts):
+                group.sort(key=lambda i: -shared[i])
+                for i, generation in zip(group, self._continue_batch(
+                        [requests[i] for i in group], [prompts[i] for i in group],
+                        [shared[i] for i in group]), strict=True):
+                    results[i] = generation
+        except BaseException:
+            self._prefix = None  # out of memory above all: the retry starts from nothing
+            raise
+        return results
+
+    def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                        shared: list[int]) -> list[Generation]:
+        """Prompts of about one length, each one's first `shared` tokens those of the
+        kept prefix, built into one left-padded cache (`cache.BatchSlots`) allocated
+        once for the prompts and the new tokens: a row's prefix is copied from the kept
+        one and the rest of its prompt, but for its last token, computed in place; then
+        `generate` feeds every row's last token and decodes them together on the same
+        storage (the positions follow from the attention mask, as for any left-padded
+        batch). At most B + 1 copies of one row are alive: the B rows and the kept
+        prefix.
+
+        Timing is the batch's, as for an ordinary batch: prefill and decode seconds,
+        and the tokens computed and reused summed over the batch."""
+        import torch
+
+        from backend.runners.hf.cache import BatchSlots
+
+        started = time.perf_counter()
+        width = max(len(ids) for ids in prompts)
+        max_new = max(r.max_new_tokens for r in requests)
+        slots = BatchSlots(self.model.config, len(prompts), width + max_new - 1)
+        computed = 0
+        with torch.inference_mode():
+            for row, (ids, n) in enumerate(zip(prompts, shared, strict=True)):
+                cache = slots.row(row, start=width - len(ids))
+                computed += self._copy_prefix(ids[:n], cache) if n else 0
+                rest = ids[n:-1]
+                if rest:
+                    self.model(input_ids=torch.tensor([rest], device=self.device),
+                               cache=cache, use_cache=True, logits_to_keep=1)
+                computed += len(rest)
+        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1))
+        total = sum(len(ids) for ids in prompts)
+        timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
+                      shared_prefix_tokens=total - computed - len(requests))
+        return [self._reply(row, request, len(ids), took / len(requests), timing)
+                for row, request, ids in zip(rows, requests, prompts, strict=True)]
+
+    def forget_prefixes(self) -> None:
+        """Drop the kept prefix cache and the kept static cache: the pass is over."""
+        self._prefix = None
+        self._static = None
+
+    def _eos_ids(self) -> set[int]:
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return set()
+        return set(configured) if isinstance(configured, list | tuple) else {configured}
