@@ -34,6 +34,7 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    LengthAxis,
     ModelInfo,
     ParamError,
     PromptTokenizer,
@@ -401,6 +402,7 @@ class NeedleInAHaystack(Dataset):
         return items
 
     breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]
+    length_axis = LengthAxis("context_length", series=True)  # its grid's lengths
     sample_columns = [{"key": "context_length", "title": "Context length", "filter": True},
                       {"key": "depth_percent", "title": "Depth %", "filter": True}]
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from backend.common.config import Settings
@@ -322,6 +323,12 @@ class HFRunner(Runner):
 
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
+
+    @classmethod
+    def model_folder(cls, spec: ModelSpec) -> Path | None:
+        """A checkpoint folder on disk; None for a built-in model and a hub id, whose
+        reference is their identity."""
+        return spec.path if spec.path and not spec.hub_id and not spec.builtin else None
 
     @classmethod
     def model_info(cls, job: Any) -> Any:

@@ -30,6 +30,7 @@ from backend.datasets.base import (
     Dataset,
     DatasetParams,
     Item,
+    LengthAxis,
     ParamError,
     PromptTokenizer,
     ScoreEntry,
@@ -98,6 +99,7 @@ class LongBench(Dataset):
 
     has_data_parts = True
     prompt_budget = True
+    length_axis = LengthAxis("prompt_tokens", series=False)
 
     def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
         out = []
