@@ -96,7 +96,7 @@ export function fetchProgress(job) {
 
 /** A note next to the name or scores of a model whose weights are random (GET /api/models
  * says which: the built-in ones); `random` is the set of their names (randomModels()). */
-export function builtinNote(model, random) {
+export function randomWeightsNote(model, random) {
   if (!random.has(model)) return null;
   return h("small", { class: "builtin-note", text: ` (${tr("random")})` });
 }

@@ -4,7 +4,7 @@
 import { heatmap, lineChart } from "./charts.js";
 import { api, badge, chartWidth, datasetInfo, download, fmtBytes, fmtSeconds, fmtTime, h, randomModels, stopPolling } from "./dom.js";
 import { t, tr } from "./i18n.js";
-import { builtinNote } from "./datastatus.js";
+import { randomWeightsNote } from "./datastatus.js";
 import { methodComparison } from "./methods.js";
 import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
@@ -337,7 +337,7 @@ export async function viewJob(main, id) {
     h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
       h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }),
       h("span", { id: "overall-spread", class: "spread", title: t("error_bars_help"),
-        text: ` ${fmtSpread(job.scores.overall_stderr, job.scores.overall_ci95)}` }), builtinNote(job.model, random),
+        text: ` ${fmtSpread(job.scores.overall_stderr, job.scores.overall_ci95)}` }), randomWeightsNote(job.model, random),
       job.scores.count !== undefined ? h("small", { class: "muted", text: ` (${job.scores.count} ${t("samples_lc")})` }) : null,
       job.scores.few_items ? h("small", { id: "few-items", class: "few", title: t("few_items_help"), text: ` ${t("few_items")}` }) : null,
       " · ", exportLink("json"), " · ", exportLink("csv")),

@@ -4,7 +4,7 @@
 // axis, from GET /api/datasets, says what x is and whether a model's points form a line).
 import { lineChart, scatterChart } from "./charts.js";
 import { api, chartWidth, datasetsList, fmtBytes, fmtSeconds, h, randomModels, stopPolling } from "./dom.js";
-import { builtinNote } from "./datastatus.js";
+import { randomWeightsNote } from "./datastatus.js";
 import { t } from "./i18n.js";
 import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
@@ -36,7 +36,7 @@ export async function viewLeaderboard(main) {
     h("option", { value: "", text: `${t("dataset")}: ${t("all")}` }), datasets.map((d) => h("option", { value: d, text: d })));
   const columns = [
     { key: "model", title: t("model"), cell: (r) => h("span", { title: r.names.join("\n"), class: "model-name" },
-      r.model, builtinNote(r.model, random), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
+      r.model, randomWeightsNote(r.model, random), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
     { key: "dataset", title: t("dataset"), value: (r) => r.benchmark, cell: (r) => h("span", {}, r.benchmark,
       Object.keys(r.distinct || {}).length ? h("small", { class: "distinct muted", title: t("distinct_help"),
         text: ` ${Object.entries(r.distinct).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")}` }) : null) },
