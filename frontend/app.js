@@ -2,7 +2,7 @@
 // produced is inserted as text (textContent), never as HTML.
 import { DIFFERENCE_SCALE, heatmap } from "./charts.js";
 import { fetchProgress } from "./datastatus.js";
-import { api, badge, fmtBytes, fmtSeconds, h, poll, stopPolling } from "./dom.js";
+import { api, badge, datasetInfo, fmtBytes, fmtSeconds, h, poll, stopPolling } from "./dom.js";
 import { lang, setLang, t, tr } from "./i18n.js";
 import { cellsOf, viewJob } from "./job.js";
 import { viewLaunch } from "./launch.js";
@@ -138,7 +138,9 @@ async function viewCompare() {
       return;
     }
     paired.replaceChildren(pairedSection(cmp.data));
-    if (cmp.data.a.dataset !== "needle_in_haystack") return;
+    // side by side and their difference only for a dataset that offers a heatmap (NIAH's grid)
+    const info = await datasetInfo(cmp.data.a.dataset);
+    if (!(info?.breakdowns || []).some((part) => part.kind === "heatmap")) return;
     const diff = cmp.data.heatmap_difference || [];
     if (diff.length) {
       paired.append(h("section", { id: "heatmap-difference", class: "breakdown" },

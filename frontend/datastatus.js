@@ -94,8 +94,9 @@ export function fetchProgress(job) {
   return ` ${tr("fetching")} ${bytes(job.data_fetch.bytes_done, job.data_fetch.bytes_total)}`;
 }
 
-/** A note next to a built-in model's name or scores: its weights are random. */
-export function builtinNote(model) {
-  if (!/^builtin:/.test(model || "")) return null;
+/** A note next to the name or scores of a model whose weights are random (GET /api/models
+ * says which: the built-in ones); `random` is the set of their names (randomModels()). */
+export function randomWeightsNote(model, random) {
+  if (!random.has(model)) return null;
   return h("small", { class: "builtin-note", text: ` (${tr("random")})` });
 }

@@ -107,6 +107,20 @@ export async function datasetInfo(name) {
   return (await datasetsList()).find((d) => d.name === name) || null;
 }
 
+let randomPromise = null;
+
+/** The names of the models whose weights are random (GET /api/models: the built-in ones),
+ * fetched once per page load. */
+export function randomModels() {
+  if (!randomPromise) {
+    randomPromise = api("GET", "/api/models").then((res) => {
+      if (!res.ok) { randomPromise = null; return new Set(); }
+      return new Set(res.data.models.filter((m) => m.random_weights).map((m) => m.name));
+    });
+  }
+  return randomPromise;
+}
+
 export function mb(bytes) { return bytes === undefined || bytes === null ? "" : (bytes / 2 ** 20).toFixed(1); }
 
 export function gib(bytes) { return bytes === undefined || bytes === null ? "?" : (bytes / 2 ** 30).toFixed(1); }

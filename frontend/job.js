@@ -2,9 +2,9 @@
 // down as the dataset declares (GET /api/datasets: breakdowns, sample_columns), what
 // memory it took, what the model manager did, and every sample with its evidence.
 import { heatmap, lineChart } from "./charts.js";
-import { api, badge, chartWidth, datasetInfo, download, fmtBytes, fmtSeconds, fmtTime, h, stopPolling } from "./dom.js";
+import { api, badge, chartWidth, datasetInfo, download, fmtBytes, fmtSeconds, fmtTime, h, randomModels, stopPolling } from "./dom.js";
 import { t, tr } from "./i18n.js";
-import { builtinNote } from "./datastatus.js";
+import { randomWeightsNote } from "./datastatus.js";
 import { methodComparison } from "./methods.js";
 import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
@@ -321,7 +321,7 @@ export async function viewJob(main, id) {
                                                  api("GET", `/api/jobs/${id}/samples?per_page=5000`)]);
   if (!jobRes.ok) { main.replaceChildren(h("p", { class: "error", text: jobRes.error.message })); return; }
   const job = jobRes.data.job, samples = sampleRes.ok ? sampleRes.data.samples : [];
-  const info = await datasetInfo(job.dataset);
+  const [info, random] = await Promise.all([datasetInfo(job.dataset), randomModels()]);
   const exportLink = (fmt) => h("a", { href: `/api/jobs/${id}/export?format=${fmt}`, id: `export-${fmt}`,
     text: t(`export_${fmt}`), onclick: (ev) => { ev.preventDefault(); download(`/api/jobs/${id}/export?format=${fmt}`, `job-${id}.${fmt}`); } });
   const parts = [h("a", { href: "#/queue", text: `← ${t("back")}` }),
@@ -337,7 +337,7 @@ export async function viewJob(main, id) {
     h("p", { class: "overall" }, `${t("overall")}${firstMethod(job) ? ` (${firstMethod(job)})` : ""}: `,
       h("strong", { id: "overall-score", text: job.scores.overall?.toFixed(4) ?? "–" }),
       h("span", { id: "overall-spread", class: "spread", title: t("error_bars_help"),
-        text: ` ${fmtSpread(job.scores.overall_stderr, job.scores.overall_ci95)}` }), builtinNote(job.model),
+        text: ` ${fmtSpread(job.scores.overall_stderr, job.scores.overall_ci95)}` }), randomWeightsNote(job.model, random),
       job.scores.count !== undefined ? h("small", { class: "muted", text: ` (${job.scores.count} ${t("samples_lc")})` }) : null,
       job.scores.few_items ? h("small", { id: "few-items", class: "few", title: t("few_items_help"), text: ` ${t("few_items")}` }) : null,
       " · ", exportLink("json"), " · ", exportLink("csv")),

@@ -1,9 +1,10 @@
 // The leaderboard: every model x dataset from its newest succeeded job (GET /api/leaderboard),
-// score against peak memory, and peak memory against context length on NIAH and LongBench
-// (GET /api/leaderboard/memory, from the per-sample peaks every job stores).
+// score against peak memory, and peak memory against length on the datasets that declare a
+// length axis (GET /api/leaderboard/memory, from the per-sample peaks every job stores; the
+// axis, from GET /api/datasets, says what x is and whether a model's points form a line).
 import { lineChart, scatterChart } from "./charts.js";
-import { api, chartWidth, fmtBytes, fmtSeconds, h, stopPolling } from "./dom.js";
-import { builtinNote } from "./datastatus.js";
+import { api, chartWidth, datasetsList, fmtBytes, fmtSeconds, h, randomModels, stopPolling } from "./dom.js";
+import { randomWeightsNote } from "./datastatus.js";
 import { t } from "./i18n.js";
 import { fmtScore, fmtSpread, sortableTable } from "./tables.js";
 
@@ -20,7 +21,8 @@ function peakCell(r) {
 export async function viewLeaderboard(main) {
   stopPolling();
   main.replaceChildren(h("h2", { text: t("nav_leaderboard") }), h("p", { class: "muted", text: "…" }));
-  const [board, memory] = await Promise.all([api("GET", "/api/leaderboard"), api("GET", "/api/leaderboard/memory")]);
+  const [board, memory, described, random] = await Promise.all([api("GET", "/api/leaderboard"),
+    api("GET", "/api/leaderboard/memory"), datasetsList(), randomModels()]);
   if (!board.ok) { main.replaceChildren(h("p", { class: "error", text: board.error.message })); return; }
   const rows = board.data.rows;
   if (!rows.length) {
@@ -34,7 +36,7 @@ export async function viewLeaderboard(main) {
     h("option", { value: "", text: `${t("dataset")}: ${t("all")}` }), datasets.map((d) => h("option", { value: d, text: d })));
   const columns = [
     { key: "model", title: t("model"), cell: (r) => h("span", { title: r.names.join("\n"), class: "model-name" },
-      r.model, builtinNote(r.model), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
+      r.model, randomWeightsNote(r.model, random), r.names.length > 1 ? h("small", { class: "muted", text: ` (${r.names.length} ${t("names")})` }) : null) },
     { key: "dataset", title: t("dataset"), value: (r) => r.benchmark, cell: (r) => h("span", {}, r.benchmark,
       Object.keys(r.distinct || {}).length ? h("small", { class: "distinct muted", title: t("distinct_help"),
         text: ` ${Object.entries(r.distinct).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")}` }) : null) },
@@ -71,13 +73,15 @@ export async function viewLeaderboard(main) {
     h("h3", { text: t("score_vs_memory") }), h("p", { class: "hint", text: t("score_vs_memory_help") }), scatterBox];
   for (const [dataset, series] of Object.entries(memory.ok ? memory.data.datasets : {})) {
     if (!series.length) continue;
+    // a grid of context lengths is a series (a line); prompts of any length are points
+    const axis = described.find((d) => d.name === dataset)?.length_axis || { x: "prompt_tokens", series: false };
     parts.push(h("h3", { text: `${t("memory_vs_length")} · ${dataset}` }),
       h("div", { class: "chart-box", "data-dataset": dataset }, lineChart(series.map((s) => ({
         name: `${s.model} (${t(s.kind === "gpu" ? "gpu_short" : "rss_short")}, #${s.job_id})`,
         points: s.points.map(([x, y]) => [x, y / 2 ** 20]) })), {
-        xLabel: dataset === "needle_in_haystack" ? t("context_length") : t("prompt_tokens"), yLabel: t("peak_memory_axis"),
+        xLabel: t(axis.x), yLabel: t("peak_memory_axis"),
         testid: `memory-length-${dataset}`, yFmt: fmtMiB, xTicks: "nice",
-        lines: dataset === "needle_in_haystack", width: chartWidth() })));  // a NIAH grid is a series; LongBench prompts are points
+        lines: axis.series, width: chartWidth() })));
   }
   main.replaceChildren(...parts);
 }

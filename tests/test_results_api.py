@@ -241,3 +241,30 @@ def test_lm_eval_export_is_read_by_lm_eval(client, app):
     assert cells[5:10] == ["acc", "", "0.7", "±", "0.05"]  # the value and its stderr
     res = client.get(f"/api/jobs/{task}/export?format=lm-eval")
     assert res.status_code == 422 and "format" in res.get_json()["error"]["message"]
+
+
+def test_memory_by_length_on_the_datasets_that_declare_a_length_axis(client, app, monkeypatch):
+    """A dataset (a plugin's as a built-in one's) gets the memory-against-length chart by
+    declaring its length axis; GET /api/datasets says what the axis is, for the page."""
+    from backend.datasets import registry
+    from backend.datasets.base import Dataset, LengthAxis
+
+    class Spans(Dataset):
+        name = "spans"
+        description = "prompts of many lengths"
+        length_axis = LengthAxis("prompt_tokens", series=False)
+
+    monkeypatch.setitem(registry._registered, "spans", Spans)
+    factory = app.extensions["lbs"].factory
+    _finished(factory, "builtin:tiny", "spans", [(300, {}, 10, None), (100, {}, 20, None)], 0.5)
+    _finished(factory, "builtin:tiny", "gsm8k", [(50, {}, 10, None)], 0.5)
+    data = client.get("/api/leaderboard/memory").get_json()["data"]["datasets"]
+    assert list(data) == ["needle_in_haystack", "longbench", "spans"]  # grids first
+    (spans,) = data["spans"]
+    assert spans["model"] == "builtin:tiny" and spans["points"] == [[100, 20], [300, 10]]
+    axes = {d["name"]: d["length_axis"]
+            for d in client.get("/api/datasets").get_json()["data"]["datasets"]}
+    assert axes["needle_in_haystack"] == {"x": "context_length", "series": True}
+    assert axes["longbench"] == {"x": "prompt_tokens", "series": False}
+    assert axes["spans"] == {"x": "prompt_tokens", "series": False}
+    assert axes["gsm8k"] is None

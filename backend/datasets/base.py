@@ -10,7 +10,7 @@ tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -43,6 +43,18 @@ def token_bound(text: str) -> int:
     token of less than one byte, and SentencePiece ones (Mistral, Llama 2) at most one
     more (the leading space marker); byte fallback is one token per byte."""
     return len(text.encode("utf-8")) + TEMPLATE_TOKENS
+
+
+@dataclass(frozen=True)
+class LengthAxis:
+    """The x axis of a dataset's memory-against-length chart (see Dataset.length_axis)."""
+
+    x: Literal["context_length", "prompt_tokens"]
+    """`context_length`: the length each item was built to (a sample's `context_length`
+    field, as NIAH's cells have); `prompt_tokens`: the prompt's own tokens."""
+    series: bool
+    """Whether a model's points form a series (a grid of lengths, drawn as a line) rather
+    than standing alone (prompts of whatever length the data has)."""
 
 
 def batch_rows(params: DatasetParams) -> int:
@@ -382,6 +394,12 @@ class Dataset:
         default: `score(item, prediction)`."""
         return self.score(item, prediction)
 
+    tasks_param: ClassVar[str | None] = None
+    """The parameter that names the several tasks one job runs, each scored on its own
+    (its `metric` score rows labelled with their task, as lm-eval's are): the leaderboard
+    and the lm-eval export give each task its own entry, whose identity leaves this
+    parameter out. None (default): a job is one task."""
+
     answer: ClassVar[Any] = None
     """Optional: `answer(items, runner, run) -> [{"text", "prompt_tokens",
     "output_tokens", "fields", "error"}]` for a dataset whose items need more than one
@@ -406,6 +424,11 @@ class Dataset:
     - {"kind": "heatmap", "key": "cells", "title": ...}: NIAH's context length x depth grid.
     """
 
+    length_axis: ClassVar[LengthAxis | None] = None
+    """Whether its samples span lengths, so that the leaderboard charts peak memory against
+    length for it (GET /api/leaderboard/memory), and what that chart's x axis is; None
+    (default): no such chart."""
+
     sample_columns: ClassVar[list[dict[str, Any]]] = []
     """The dataset's own columns of a sample, read from its `fields`:
     [{"key", "title", "filter": bool}]; a `filter` column gets a filter on the page."""
@@ -420,7 +443,7 @@ class Dataset:
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """Name, description, cache mode, the JSON schema of the parameters, and how
-        results break down (`breakdowns`, `sample_columns`)."""
+        results break down (`breakdowns`, `sample_columns`, `length_axis`)."""
         return {
             "name": cls.name,
             "description": cls.description,
@@ -429,6 +452,7 @@ class Dataset:
             "params_schema": cls.Params.model_json_schema(),
             "breakdowns": cls.breakdowns,
             "sample_columns": cls.sample_columns,
+            "length_axis": asdict(cls.length_axis) if cls.length_axis else None,
         }
 
 

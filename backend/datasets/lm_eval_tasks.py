@@ -92,6 +92,7 @@ class LmEvalTasks(Dataset):
                    "lm-eval's own aggregation")
     Params = LmEvalParams
     data_per_task = True
+    tasks_param = "tasks"
     cost = ("depends on the tasks; lm-eval's task index is built once (~15 s) and kept "
             "in LBS_CACHE_DIR")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
+from backend.datasets.base import Dataset, DatasetParams, Item, LengthAxis, ScoreEntry, batch_rows
 from backend.datasets.files import note_read
 from backend.engine.contracts import BatchPlan, CacheMode, ModelInfo, ParamError, PromptTokenizer
 
@@ -391,6 +391,7 @@ class NeedleInAHaystack(Dataset):
         return items
 
     breakdowns = [{"kind": "heatmap", "key": "cells", "title": "Score by context length x depth"}]
+    length_axis = LengthAxis("context_length", series=True)  # its grid's lengths
     sample_columns = [{"key": "context_length", "title": "Context length", "filter": True},
                       {"key": "depth_percent", "title": "Depth %", "filter": True}]
 

@@ -21,17 +21,12 @@ from backend.queue.db import Job, JobState, MemoryPeak, Sample, Score, utcnow
 MAX_JOBS = 2000
 """The leaderboard reads at most this many of the newest finished jobs."""
 
-LENGTH_DATASETS = ("needle_in_haystack", "longbench")
-"""Datasets whose samples span context lengths: the memory-versus-length chart."""
-
-
 def model_identity(name: str, resolve: Callable[[str], Path | None]) -> tuple[str, str]:
     """(key, display name) of a model as jobs named it. A checkpoint folder named by
     its absolute path and by its name under LBS_MODEL_DIRS resolves to one folder, so
     both get one key; the display name is the folder's name. `resolve` gives the folder
-    of a name (None when it cannot: a model since removed, a hub id not cached)."""
-    if name.startswith(("builtin:", "openai:")):
-        return name, name
+    of a name (None when the name is its own identity, as an API model's is, or when it
+    cannot: a model since removed, a hub id not cached)."""
     try:
         folder = resolve(name)
     except Exception:  # noqa: BLE001 - any failure means "not resolvable now"
@@ -70,11 +65,6 @@ def _peaks(session: Any, ids: list[int]) -> dict[int, dict[str, int]]:
 RUN_ONLY_PARAMS = frozenset({"batch_size", "on_oom", "bootstrap_iters"})
 """Parameters that say how a job ran, not what it measured: runs that differ only in
 these are runs of one configuration (a difference in their scores shows as spread)."""
-
-LM_EVAL_JOB_PARAMS = frozenset({"tasks"})
-"""An lm-eval job's parameters that are not part of one task's identity: which other
-tasks ran beside it."""
-
 
 def task_identity(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(key, parameters) of a configuration: the effective parameters less the run-only
@@ -116,10 +106,14 @@ def _lm_eval_rows(session: Any, ids: list[int]) -> dict[int, dict[str, dict[str,
 
 def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
                 effective: Callable[[str, dict[str, Any]], dict[str, Any]] = (
-                    lambda _dataset, params: params)) -> dict[str, Any]:
+                    lambda _dataset, params: params),
+                tasks_param: Callable[[str], str | None] = lambda _dataset: None
+                ) -> dict[str, Any]:
     """One row per model and configuration: a dataset with its effective parameters
     (`effective` fills the dataset's defaults; run-only ones such as batch_size left
-    out), and per lm-eval task or group of its own. The newest succeeded run of each
+    out), and per task or group of its own for a dataset whose jobs run several tasks
+    (`tasks_param` names the parameter listing them, left out of a task's identity).
+    The newest succeeded run of each
     is shown: main score with its standard error and 95% interval, peak memory (GPU, or
     for a job that ran without one its own RSS peak above the worker's baseline, with the
     process's peak beside it in `process_peak_bytes`), tokens per second, duration, the job. `runs`
@@ -143,7 +137,8 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
                       sa.func.sum(Sample.output_tokens).label("output"))
             .where(Sample.job_id.in_(ids)).group_by(Sample.job_id))}
         peaks = _peaks(session, ids)
-        tasks = _lm_eval_rows(session, [j.id for j in jobs if j.dataset == "lm_eval"])
+        split = {name: tasks_param(name) for name in {j.dataset for j in jobs}}
+        tasks = _lm_eval_rows(session, [j.id for j in jobs if split[j.dataset]])
     identities: dict[str, tuple[str, str]] = {}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for job in jobs:  # newest first: the first run of a configuration is the one shown
@@ -164,13 +159,13 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
             if duration and tokens.get(job.id) else None,
             "duration_s": round(duration, 3) if duration is not None else None}
         entries = []
-        if job.dataset == "lm_eval" and tasks.get(job.id):
-            base = {k: v for k, v in params.items() if k not in LM_EVAL_JOB_PARAMS}
+        if split[job.dataset] and tasks.get(job.id):
+            base = {k: v for k, v in params.items() if k != split[job.dataset]}
             for task, info in tasks[job.id].items():
                 first = info["metrics"][0]
                 entries.append(({**base, "task": task, "task_version": info["version"],
                                  "n_shot": info["n_shot"]}, {
-                    "benchmark": f"lm_eval:{task}", "task": task, "task_kind": info["kind"],
+                    "benchmark": f"{job.dataset}:{task}", "task": task, "task_kind": info["kind"],
                     "metric": first["metric"], "metrics": info["metrics"],
                     "score": first["value"], "score_stderr": first["stderr"],
                     "score_ci95": first["ci95"], "samples": info["count"],
@@ -216,7 +211,7 @@ def leaderboard(factory: sessionmaker, resolve: Callable[[str], Path | None],
 
 
 def memory_by_length(factory: sessionmaker, resolve: Callable[[str], Path | None],
-                     datasets: tuple[str, ...] = LENGTH_DATASETS) -> dict[str, Any]:
+                     datasets: tuple[str, ...]) -> dict[str, Any]:
     """Per dataset, per model (its newest succeeded job): the peak memory of the samples
     at each context length, [[tokens, bytes], ...] sorted by length. The length is the
     NIAH cell's context length, else the prompt's tokens; the memory is each sample's
@@ -362,7 +357,8 @@ def paired_comparison(factory: sessionmaker, a_id: int, b_id: int,
     counts of both right / only A / only B / both wrong and McNemar's exact test for
     0-1 scores, the difference of means (A - B) with its 95% interval (paired), the
     items where they disagree with both answers, the parameters that differ
-    (`effective` fills a dataset's defaults) and, for NIAH, the heatmap difference.
+    (`effective` fills a dataset's defaults) and, when the items are cells of a context
+    length x depth grid (NIAH's), the heatmap difference.
     Raises CompareError naming `a` or `b`."""
     with factory() as session:
         jobs = {j.id: j for j in session.scalars(sa.select(Job).where(Job.id.in_([a_id, b_id])))}
@@ -423,7 +419,7 @@ def paired_comparison(factory: sessionmaker, a_id: int, b_id: int,
         if f.get("context_length") is not None and f.get("depth_percent") is not None:
             cells.setdefault((f["context_length"], f["depth_percent"]), []).append(
                 (float(x.score), float(y.score)))
-    if a.dataset == "needle_in_haystack" and cells:
+    if cells:
         out["heatmap_difference"] = [
             {"context_length": length, "depth_percent": depth,
              "a": sum(p[0] for p in v) / len(v), "b": sum(p[1] for p in v) / len(v),
@@ -441,18 +437,19 @@ def _lm_eval_key(metric: str, filt: str | None) -> str:
     return f"{metric},{filt or 'none'}"
 
 
-def lm_eval_results(job: dict[str, Any]) -> dict[str, Any]:
+def lm_eval_results(job: dict[str, Any], per_task: bool = False) -> dict[str, Any]:
     """A job's scores in the results format `lm_eval` writes (results, groups,
     group_subtasks, configs, versions, n-shot, n-samples, config), so tools that read
-    lm-eval's output read ours. An lm-eval job gives its tasks and groups as lm-eval
-    computed them; any other dataset is a task named after it whose metrics are its
-    unlabelled scores (`score` is the overall one) with their standard errors, and
-    whose breakdown rows (subjects, cells, subsets…) are its subtasks."""
+    lm-eval's output read ours. A job of a dataset that runs several tasks (`per_task`,
+    lm-eval's) gives its tasks and groups as lm-eval computed them; any other dataset is
+    a task named after it whose metrics are its unlabelled scores (`score` is the
+    overall one) with their standard errors, and whose breakdown rows (subjects, cells,
+    subsets…) are its subtasks."""
     scores, params = job.get("scores") or {}, job.get("params") or {}
     out: dict[str, Any] = {"results": {}, "groups": {}, "group_subtasks": {}, "configs": {},
                            "versions": {}, "n-shot": {}, "higher_is_better": {},
                            "n-samples": {}}
-    if job["dataset"] == "lm_eval" and scores.get("metrics"):
+    if per_task and scores.get("metrics"):
         for row in scores["metrics"]:
             task = row["task"]
             entry = out["results"].setdefault(task, {"alias": task})

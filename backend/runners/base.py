@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from backend.engine.contracts import (
@@ -51,7 +52,8 @@ class Runner(HeldModel, ABC):
     Class side, for the registry (backend.runners.registry), all without loading
     anything and without torch (the server calls them at submit time): `resolve` a
     reference typed by a user, `check_job`, `model_info`, `estimate_job_bytes`
-    (admission), and for the worker `cache_key`, `load_estimate` and `loader`.
+    (admission), `model_folder` (the leaderboard's identity of a model), and for the
+    worker `cache_key`, `load_estimate` and `loader`.
     A class registers under its `scheme`; references `<scheme>:<rest>` go to it.
     """
 
@@ -88,6 +90,14 @@ class Runner(HeldModel, ABC):
                                         f"models, not {cls.scheme}: models")
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
+
+    @classmethod
+    def model_folder(cls, spec: ModelSpec) -> Path | None:
+        """The checkpoint folder that identifies the model of `spec` across the names jobs
+        gave it (the leaderboard counts a folder named by its path and by its name under
+        LBS_MODEL_DIRS as one model); None when the reference is its own identity, as an
+        API model's is (default)."""
+        return None
 
     @classmethod
     def model_info(cls, job: JobPlan) -> ModelInfo:

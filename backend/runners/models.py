@@ -201,10 +201,11 @@ def estimate_model_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
 
 
 def list_local_models(model_dirs: tuple[str, ...] | list[str]) -> list[dict]:
-    """Built-in models and the checkpoint folders (with a config.json) found up to two
-    levels below each of `model_dirs`, with their maximum length."""
+    """Built-in models (`random_weights`: they know nothing, near-0 scores are what they
+    should score) and the checkpoint folders (with a config.json) found up to two levels
+    below each of `model_dirs`, with their maximum length."""
     found = [{"name": f"builtin:{key}", "kind": "builtin",
-              "max_length": recipe.max_position_embeddings}
+              "max_length": recipe.max_position_embeddings, "random_weights": True}
              for key, recipe in builtin.BUILTIN_MODELS.items()]
     for folder in model_dirs:
         root = Path(folder).expanduser()

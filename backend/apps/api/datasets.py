@@ -219,10 +219,12 @@ def fetch_dataset(name: str):
 
 @bp.get("/api/models")
 @documented("local models a job can name: the built-in ones and the checkpoint folders "
-            "under LBS_MODEL_DIRS (name, kind, max_length)",
+            "under LBS_MODEL_DIRS (name, kind, max_length; random_weights for a model "
+            "whose weights are random)",
             data={"models": [{"type": "object", "properties": {
                 "name": {"type": "string"}, "kind": {"type": "string"},
                 "max_length": {"type": ["integer", "null"]},
+                "random_weights": {"type": "boolean"},
                 "architecture": {"type": ["string", "null"]}}}],
                   "model_dirs": [{"type": "string"}]})
 def list_models():

@@ -281,11 +281,13 @@ def export(job_id: int):
     job = job_out(service.get_job(factory, job_id)).model_dump(mode="json")
     name = f"job-{job_id}-{job['dataset']}"
     try:
-        own = [c["key"] for c in get_dataset(job["dataset"]).sample_columns]
+        dataset = get_dataset(job["dataset"])
+        own, per_task = [c["key"] for c in dataset.sample_columns], bool(dataset.tasks_param)
     except UnknownDataset:  # a plugin that is gone: its fields stay in `fields`
-        own = []
+        own, per_task = [], False
     if fmt == "lm_eval":
-        return Response(json.dumps(results.lm_eval_results(job), ensure_ascii=False, indent=2),
+        return Response(json.dumps(results.lm_eval_results(job, per_task), ensure_ascii=False,
+                                   indent=2),
                         mimetype="application/json", headers={
                             "Content-Disposition": f"attachment; filename={name}-lm_eval.json"})
     if fmt == "json":

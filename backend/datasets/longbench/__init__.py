@@ -24,7 +24,15 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows, check_known
+from backend.datasets.base import (
+    Dataset,
+    DatasetParams,
+    Item,
+    LengthAxis,
+    ScoreEntry,
+    batch_rows,
+    check_known,
+)
 from backend.datasets.files import find_files
 from backend.datasets.hub import HubSource
 from backend.datasets.longbench.metrics import score_sample
@@ -88,6 +96,7 @@ class LongBench(Dataset):
 
     has_data_parts = True
     prompt_budget = True
+    length_axis = LengthAxis("prompt_tokens", series=False)
 
     def data_parts(self, folder: Path) -> list[tuple[str, str, list[Path]]]:
         out = []

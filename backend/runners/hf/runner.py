@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from backend.common.config import Settings
@@ -58,6 +59,12 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
 
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
+
+    @classmethod
+    def model_folder(cls, spec: ModelSpec) -> Path | None:
+        """A checkpoint folder on disk; None for a built-in model and a hub id, whose
+        reference is their identity."""
+        return spec.path if spec.path and not spec.hub_id and not spec.builtin else None
 
     @classmethod
     def model_info(cls, job: JobPlan) -> ModelInfo:
