@@ -254,7 +254,7 @@ def test_memory_by_length_on_the_datasets_that_declare_a_length_axis(client, app
         description = "prompts of many lengths"
         length_axis = LengthAxis("prompt_tokens", series=False)
 
-    monkeypatch.setitem(registry._registered, "spans", Spans)
+    monkeypatch.setitem(registry._registry._classes, "spans", Spans)
     factory = app.extensions["lbs"].factory
     _finished(factory, "builtin:tiny", "spans", [(300, {}, 10, None), (100, {}, 20, None)], 0.5)
     _finished(factory, "builtin:tiny", "gsm8k", [(50, {}, 10, None)], 0.5)
