@@ -13,10 +13,10 @@ from backend.common.config import (
     ConfigError,
     Settings,
     apply_allocator_settings,
-    format_bytes,
     load_settings,
-    markdown_table,
 )
+from backend.common.settings_table import markdown_table
+from backend.common.units import format_bytes
 from tests.conftest import ROOT
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import psutil
 
-from backend.common.config import GiB, format_bytes
+from backend.common.units import GiB, format_bytes
 from backend.datasets.base import CacheMode
 from backend.engine.memory.held import HeldModel
 from backend.engine.memory.tracker import MemoryTracker, rss_bytes
