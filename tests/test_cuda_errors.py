@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy.exc
 import torch
 
-from backend.engine.evaluation import is_cuda_failure, is_out_of_memory
+from backend.engine.answering import is_cuda_failure
 from backend.queue import jobs
+from backend.runners.base import is_out_of_memory
 from tests.conftest import ROOT
 
 # The messages torch raises: TORCH_CUDABLAS_CHECK and AT_CUDNN_CHECK in

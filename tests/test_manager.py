@@ -9,15 +9,15 @@ import time
 import pytest
 
 from backend.datasets.base import CacheMode
-from backend.engine.memory.held import HeldModel
-from backend.engine.memory.manager import (
+from backend.engine.memory.entries import (
     Location,
     ManagerConfig,
     MemoryLimitError,
     ModelBusy,
-    ModelManager,
     UnknownModel,
 )
+from backend.engine.memory.held import HeldModel
+from backend.engine.memory.manager import ModelManager
 
 MB = 2**20
 GB = 2**30

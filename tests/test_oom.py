@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.engine.evaluation import Backoff, OomFailure, is_out_of_memory
+from backend.engine.answering import Backoff, OomFailure
 from backend.queue import jobs
 from backend.queue.db import JobState
+from backend.runners.base import is_out_of_memory
 from backend.runners.hf import HFRunner
 from tests.conftest import work_one_job
 

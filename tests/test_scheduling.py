@@ -155,7 +155,7 @@ def test_api_fields_validation_and_waiting_reason(client, monkeypatch, settings)
 
 def test_memory_estimate_grows_with_context(settings, with_tiny):
     from backend.engine.admission import estimate_job_bytes
-    from backend.engine.evaluation import prepare
+    from backend.engine.preparation import prepare
 
     def need(lengths, batch=1):
         p = prepare("builtin:tiny", NIAH, {"context_lengths": lengths, "batch_size": batch},

@@ -120,7 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from backend.apps.api.schemas import memory_dict, sample_out, scores_dict
     from backend.datasets.base import ParamError
     from backend.datasets.registry import UnknownDataset
-    from backend.engine.evaluation import SampleOutOfMemory, prepare, run_evaluation
+    from backend.engine.evaluation import SampleOutOfMemory, run_evaluation
+    from backend.engine.preparation import prepare
     from backend.runners.models import ModelNotFound
 
     if args.data_parallel not in (None, 1, "auto"):

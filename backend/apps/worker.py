@@ -139,7 +139,8 @@ class Worker:
 
     def __init__(self, settings: Settings, worker_id: str | None = None,
                  device: str | None = None):
-        from backend.engine.memory.manager import ManagerConfig, ModelManager
+        from backend.engine.memory.entries import ManagerConfig
+        from backend.engine.memory.manager import ModelManager
 
         self.settings = settings
         load_plugin_dirs(list(settings.plugin_dirs))
@@ -321,7 +322,7 @@ class Worker:
 
     def apply_command(self, command: str, args: dict[str, Any]) -> tuple[dict | None, str | None]:
         """Run one control command on the model manager: (result, None) or (None, error)."""
-        from backend.engine.memory.manager import MemoryLimitError, ModelBusy, UnknownModel
+        from backend.engine.memory.entries import MemoryLimitError, ModelBusy, UnknownModel
 
         m = self.manager
         model = args.get("model")
@@ -382,14 +383,10 @@ class Worker:
         from backend.common.secrets_box import SecretUnreadable, decrypt
         from backend.datasets.base import ParamError
         from backend.datasets.registry import UnknownDataset
-        from backend.engine.evaluation import (
-            EvalOutcome,
-            JobFieldError,
-            is_cuda_failure,
-            prepare,
-            run_evaluation,
-        )
-        from backend.runners.base import Stopped
+        from backend.engine.answering import is_cuda_failure
+        from backend.engine.evaluation import EvalOutcome, run_evaluation
+        from backend.engine.preparation import prepare
+        from backend.runners.base import JobFieldError, Stopped
         from backend.runners.models import ModelNotFound
 
         self.start_job_watch(job_id)

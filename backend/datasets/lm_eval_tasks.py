@@ -264,7 +264,7 @@ class LmEvalTasks(Dataset):
         method in batches, halving them on out-of-memory (an OomFailure in place of a
         result that does not fit alone)."""
         from backend.datasets.lm_eval_lm import RunnerLM
-        from backend.engine.evaluation import OomFailure
+        from backend.engine.answering import OomFailure
 
         lm = RunnerLM(runner, run)
         by_type: dict[str, list[Any]] = defaultdict(list)

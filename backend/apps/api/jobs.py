@@ -36,9 +36,10 @@ from backend.common.secrets_box import encrypt
 from backend.datasets.base import ParamError, PathRefused
 from backend.datasets.hub import DataMissing, FetchPending
 from backend.datasets.registry import UnknownDataset, get_dataset
-from backend.engine.evaluation import JobFieldError, JobFieldRefused, prepare
+from backend.engine.preparation import prepare
 from backend.queue import jobs as service
 from backend.queue import results
+from backend.runners.base import JobFieldError, JobFieldRefused
 from backend.runners.models import ModelNotFound, ModelPathRefused
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
