@@ -44,7 +44,7 @@ import psutil
 import sqlalchemy as sa
 
 from backend.apps.client import ApiClient, ServerError
-from backend.common.config import MiB
+from backend.common.units import MiB
 
 log = logging.getLogger("clear_gpu_memory")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3

@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warm_up()  # as a worker does at start, so neither method pays the lazy imports
     from backend.apps.api.schemas import memory_dict, scores_dict
     from backend.common.config import apply_allocator_settings, load_settings
-    from backend.engine.evaluation import prepare, run_evaluation
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.evaluation import run_evaluation
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
 
     settings = load_settings()
     apply_allocator_settings(settings)

@@ -208,7 +208,7 @@ def main() -> None:
     from backend.datasets.base import Item
     from backend.datasets.ceval import format_question
     from backend.datasets.needle_in_haystack import load_haystack
-    from backend.engine.evaluation import _choose
+    from backend.engine.answering import choose
     from backend.runners.hf.loading import LoadOptions
     from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
@@ -232,7 +232,7 @@ def main() -> None:
     tokens = [runner.count_prompt(item.prompt, chat_template=False) for item in items]
 
     def harness() -> list[str]:
-        return [_choose(runner, item, chat_template=False)[0] for item in items]
+        return [choose(runner, item, chat_template=False)[0] for item in items]
 
     def bare() -> list[str]:
         picks = []

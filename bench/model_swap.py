@@ -64,7 +64,8 @@ def measure(model: str) -> dict:
 
     from backend.common.config import load_settings
     from backend.engine.contracts import CacheMode
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
     from backend.engine.memory.tracker import PeakSampler, rss_bytes
     from backend.runners.hf.loading import LoadOptions
     from backend.runners.hf.runner import HFRunner

@@ -38,7 +38,7 @@ def endpoints_table() -> str:
 
 
 def settings_table() -> str:
-    from backend.common.config import markdown_table
+    from backend.common.settings_table import markdown_table
 
     return markdown_table()
 

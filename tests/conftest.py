@@ -378,7 +378,8 @@ def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str,
     """What a worker publishes (Worker.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""
     from backend.engine.contracts import CacheMode, HeldModel
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
 
     manager = ModelManager(ManagerConfig(max_memory_usage=2**30), has_gpu=False)
     runner = type("Held", (HeldModel,), {"size_bytes": lambda self: size})()

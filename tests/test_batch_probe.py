@@ -167,18 +167,18 @@ def test_auto_batch_size_plans_the_jobs_longest_batch():
     """The probe is asked for the batch the job will run: a generation job's longest
     prompt and its most new tokens, a multiple-choice job's longest context and
     continuation, at most the items there are."""
-    from backend.engine.evaluation import _auto_batch_size
+    from backend.engine.answering import auto_batch_size
 
     asked = []
     fake = SimpleNamespace(find_batch_size=lambda plan: (asked.append(plan), 3)[1],
                            encode=lambda text: text.split())
     items = [SimpleNamespace(prompt_tokens=n, max_new_tokens=new, choices=None)
              for n, new in ((100, 8), (300, 4), (50, 32))]
-    assert _auto_batch_size(fake, items) == 3
+    assert auto_batch_size(fake, items) == 3
     assert asked[-1] == BatchPlan("generate", 3, 300, 32, padded=True)
     items = [SimpleNamespace(prompt_tokens=n, prompt="Q: which?\nAnswer:",
                              choices=["A", "the river bank"]) for n in (60, 90)]
-    _auto_batch_size(fake, items)
+    auto_batch_size(fake, items)
     # each row continues its context once per choice past one token
     assert asked[-1] == BatchPlan("loglikelihood", 2, 90, 3, padded=True, continuations=2)
 

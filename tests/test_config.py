@@ -13,10 +13,10 @@ from backend.common.config import (
     ConfigError,
     Settings,
     apply_allocator_settings,
-    format_bytes,
     load_settings,
-    markdown_table,
 )
+from backend.common.settings_table import markdown_table
+from backend.common.units import format_bytes
 from tests.conftest import ROOT
 
 
@@ -125,7 +125,7 @@ def test_gb_means_one_thing_wherever_a_size_is_read(monkeypatch):
     API, LBS_MIN_AVAILABLE_GB=24 and the product brief's MAX_MEMORY_USAGE (8589934592 bytes,
     shown as "8.00 GB" there): 2**30 bytes a GB, as GPU tools count. A simulated 24 GB GPU
     must not show up as 22.4 GiB on the workers page."""
-    from backend.engine.memory.manager import ManagerConfig
+    from backend.engine.memory.entries import ManagerConfig
 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB,24GiB,512MB")
     monkeypatch.setenv("LBS_MIN_AVAILABLE_GB", "24")

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy.exc
 import torch
 
+from backend.engine.answering import is_cuda_failure
 from backend.engine.contracts import is_out_of_memory
-from backend.engine.evaluation import is_cuda_failure
 from backend.queue import jobs
 from tests.conftest import ROOT
 

@@ -168,10 +168,10 @@ def test_once_the_model_has_loaded_only_the_rest_of_the_job_stays_reserved(
 
     from backend.apps.worker import Worker
     from backend.engine.contracts import CacheMode
-    from backend.engine.memory import manager as manager_module
+    from backend.engine.memory import cuda
     from tests.test_manager import FakeRunner
 
-    monkeypatch.setattr(manager_module, "_free_gpu_bytes", lambda: 0)  # no prefetch
+    monkeypatch.setattr(cuda, "free_gpu_bytes", lambda: 0)  # no prefetch
     worker = Worker(settings, worker_id="a")
     worker._register()
     worker.manager.has_gpu = True

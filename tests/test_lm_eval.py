@@ -26,8 +26,9 @@ TASKS = ["lbs_gen", "lbs_mc", "lbs_ppl"]
 def _ours(tasks: list[str], extra: dict | None = None):
     from backend.apps.cli import _ListSink
     from backend.common.config import load_settings
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
 
     settings = load_settings()
     job = prepare("builtin:tiny", "lm_eval", {"tasks": tasks, **(extra or {})}, settings,
@@ -140,8 +141,9 @@ def test_cancel_stops_between_documents_and_a_resume_skips_stored_ones(with_tiny
     job answers only the documents not stored and aggregates all of them."""
     from backend.apps.cli import _ListSink
     from backend.common.config import load_settings
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
 
     class Stopping(_ListSink):
         def write(self, record):

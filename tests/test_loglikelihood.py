@@ -119,8 +119,9 @@ def test_a_shared_prompt_prefix_is_computed_once_per_batch(tiny_runner):
 
 def _ceval_job(settings, batch_size):
     from backend.apps.cli import _ListSink
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
 
     job = prepare("builtin:tiny", "ceval", {"data_dir": str(FIXTURES), "shots": 1,
                                             "batch_size": batch_size}, settings, confine=False)
@@ -197,11 +198,11 @@ def test_oom_during_a_multiple_choice_batch_halves_it(settings, with_tiny, job_f
 
 def test_stored_logprobs_keep_full_precision(tiny_runner):
     from backend.datasets.ceval import CEval
-    from backend.engine.evaluation import _choose
+    from backend.engine.answering import choose
 
     ds = CEval()
     item = ds.build_items(ds.parse_params({"data_dir": str(FIXTURES)}), tiny_runner)[0]
-    _, _, _, fields = _choose(tiny_runner, item, False)
+    _, _, _, fields = choose(tiny_runner, item, False)
     raw = tiny_runner.loglikelihood([_plain(item.prompt, c) for c in "ABCD"])
     assert fields["logprobs"] == {c: r.logprob for c, r in zip("ABCD", raw, strict=True)}
     assert any(round(v, 4) != v for v in fields["logprobs"].values())
@@ -240,7 +241,7 @@ def test_split_matches_lm_eval_encode_pair(tiny_runner, context, continuation):
 
 def test_order_for_batching_keeps_shared_prompts_together_longest_first():
     from backend.datasets.base import Item
-    from backend.engine.evaluation import order_for_batching
+    from backend.engine.answering import order_for_batching
 
     shots = {s: f"Subject {s}: " + "worked example. " * 8 for s in "xy"}
 

@@ -9,14 +9,14 @@ import time
 import pytest
 
 from backend.engine.contracts import CacheMode, HeldModel
-from backend.engine.memory.manager import (
+from backend.engine.memory.entries import (
     Location,
     ManagerConfig,
     MemoryLimitError,
     ModelBusy,
-    ModelManager,
     UnknownModel,
 )
+from backend.engine.memory.manager import ModelManager
 
 MB = 2**20
 GB = 2**30

@@ -211,8 +211,9 @@ def test_a_methods_comparison_job(settings, with_tiny, monkeypatch):
     """A NIAH job comparing basic and optimized, through the evaluation loop: every batch
     of either loaded model within its account."""
     from backend.apps.cli import _ListSink
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
 
     oracles = []
     load = HFRunner.load.__func__
@@ -238,8 +239,9 @@ def test_an_lm_eval_task_mix(settings, with_tiny, monkeypatch, tmp_path):
     import shutil
 
     from backend.apps.cli import _ListSink
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
     from tests.test_lm_eval import FIXTURES
 
     folder = tmp_path / "tasks"
@@ -300,8 +302,9 @@ def test_a_niah_8k_batch_of_5_job_holds_no_more_than_admission_counted(settings,
     a model with an 8k context, through the evaluation loop: what the runner holds
     beyond its weights stays within what admission counted for the job."""
     from backend.apps.cli import _ListSink
-    from backend.engine.evaluation import prepare, run_evaluation
+    from backend.engine.evaluation import run_evaluation
     from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
     from backend.runners.models import estimate_model_bytes
 
     model = _deep_narrow_model(settings, tmp_path / "zoo" / "deep-narrow")

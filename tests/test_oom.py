@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.engine.answering import Backoff
 from backend.engine.contracts import OomFailure, is_out_of_memory
-from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.hf.runner import HFRunner

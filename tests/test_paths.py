@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.common.paths import OutsideAllowedFolders, confine
-from backend.engine.evaluation import prepare
+from backend.engine.preparation import prepare
 from backend.queue import jobs
 from backend.queue.db import JobState
 

@@ -210,7 +210,8 @@ def test_a_70b_model_under_the_limit_spills_and_keeps_the_headroom():
 def test_the_loader_passes_the_jobs_estimate_as_headroom(settings, with_tiny):
     """The loader keeps free what admission counted beyond the weights, split by where
     it lands (the KV cache with the layers), and says how large the weights are."""
-    from backend.engine.evaluation import _loader, prepare
+    from backend.engine.evaluation import _loader
+    from backend.engine.preparation import prepare
     from backend.runners import builtin
     from backend.runners.hf.account import estimate_job_bytes
     from backend.runners.models import estimate_model_bytes
@@ -430,7 +431,7 @@ def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
     agree for a 70B NIAH job on H100s: admitted, every layer lands on a GPU; refused,
     it would have spilled. Each GPU runs its layers in turn, so each keeps room for one
     layer's activations."""
-    from backend.engine.evaluation import prepare
+    from backend.engine.preparation import prepare
 
     _checkpoint_70b(tmp_path / "llama-70b")
     job = prepare(str(tmp_path / "llama-70b"), "needle_in_haystack",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from backend.datasets.registry import get_dataset
+from backend.engine.answering import Backoff
 from backend.engine.contracts import GenerationRequest
-from backend.engine.evaluation import Backoff
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.base import PromptView

@@ -12,8 +12,10 @@ import weakref
 import pytest
 
 from backend.engine.contracts import CacheMode
-from backend.engine.evaluation import prepare, run_evaluation
-from backend.engine.memory.manager import ManagerConfig, ModelManager
+from backend.engine.evaluation import run_evaluation
+from backend.engine.memory.entries import ManagerConfig
+from backend.engine.memory.manager import ModelManager
+from backend.engine.preparation import prepare
 from backend.runners.hf.runner import HFRunner
 
 NIAH = {"context_lengths": [256], "depth_percents": [0, 100], "max_new_tokens": 4}

@@ -39,7 +39,8 @@ def test_max_memory_for_a_job_on_several_gpus(caplog):
 
 
 def test_num_gpus_reaches_the_load_options(settings, with_tiny):
-    from backend.engine.evaluation import _loader, prepare
+    from backend.engine.evaluation import _loader
+    from backend.engine.preparation import prepare
 
     job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [256]}, settings)
     job.num_gpus = 2
@@ -252,7 +253,8 @@ def test_worker_sets_expandable_segments_before_cuda():
 def test_gpu_offload_drops_gpu_copy_and_restore_is_exact(settings, with_tiny):
     import torch
 
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
 
     spec = resolve_model("builtin:small", settings)
     manager = ModelManager(ManagerConfig.from_settings(settings))

@@ -154,7 +154,7 @@ def test_api_fields_validation_and_waiting_reason(client, monkeypatch, settings)
 
 
 def test_memory_estimate_grows_with_context(settings, with_tiny):
-    from backend.engine.evaluation import prepare
+    from backend.engine.preparation import prepare
     from backend.runners.hf.account import estimate_job_bytes
 
     def need(lengths, batch=1):

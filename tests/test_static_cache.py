@@ -114,8 +114,10 @@ def test_the_warm_up_runs_in_the_first_timed_items_cache(settings, with_tiny, ma
     """A comparison's warm-up generates the first item the timed pass will answer, with
     its whole budget: the timed item then finds the cache (and on CUDA the graphs) the
     warm-up made instead of paying a new size inside the measured time."""
-    from backend.engine.evaluation import prepare, run_evaluation
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.evaluation import run_evaluation
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
     from tests.test_release import _Sink
 
     log = made_caches.log

@@ -77,9 +77,9 @@ def test_heartbeat_renews_the_lease_while_an_offload_outlasts_it(factory, monkey
 def test_prefetch_waits_for_the_running_jobs_model_and_counts_its_estimate(
         factory, settings, monkeypatch):
     from backend.apps.worker import Worker
-    from backend.engine.memory import manager as manager_module
+    from backend.engine.memory import cuda
 
-    monkeypatch.setattr(manager_module, "_free_gpu_bytes", lambda: 10 * GB)
+    monkeypatch.setattr(cuda, "free_gpu_bytes", lambda: 10 * GB)
     worker = Worker(settings, worker_id="prefetcher")
     worker.manager.has_gpu = True
     following = FakeRunner(2 * GB, on_gpu=True)
@@ -167,7 +167,7 @@ def test_waiting_reason_counts_the_gpus_the_job_uses(factory):
 def test_manager_gpu_cap_is_a_share_of_the_first_gpu(monkeypatch):
     import torch
 
-    from backend.engine.memory.manager import ManagerConfig
+    from backend.engine.memory.entries import ManagerConfig
 
     sizes = [24 * GB, 80 * GB]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -286,7 +286,8 @@ def test_the_room_a_worker_advertises_never_passes_the_process_cap(settings, mon
 
     from backend.apps import worker as worker_module
     from backend.apps.worker import Worker
-    from backend.engine.memory.manager import ManagerConfig, ModelManager
+    from backend.engine.memory.entries import ManagerConfig
+    from backend.engine.memory.manager import ModelManager
 
     gpus = [{"index": 0, "name": "H100", "total_bytes": 80 * GB, "free_bytes": 50 * GB}]
     monkeypatch.setattr(worker_module, "detect_gpus", lambda s: [dict(g) for g in gpus])

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from backend.common.config import ConfigError, apply_allocator_settings, load_settings
 from backend.common.logs import setup_logging
+from backend.engine.contracts import ParamError
 from backend.engine.plugins import load_plugins
 
 
@@ -119,8 +120,9 @@ def _print_table(scores: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from backend.apps.api.schemas import memory_dict, sample_out, scores_dict
     from backend.datasets.registry import UnknownDataset
-    from backend.engine.contracts import ModelNotFound, ParamError
-    from backend.engine.evaluation import SampleOutOfMemory, prepare, run_evaluation
+    from backend.engine.contracts import ModelNotFound
+    from backend.engine.evaluation import SampleOutOfMemory, run_evaluation
+    from backend.engine.preparation import prepare
 
     if args.data_parallel not in (None, 1, "auto"):
         print(f"error: --data-parallel {args.data_parallel}: `cli eval` runs the job in "

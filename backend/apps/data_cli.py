@@ -77,7 +77,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _task_rows(ds: Any, settings: Any) -> list[dict[str, Any]]:
-    from backend.datasets.lm_eval_tasks import list_tasks
+    from backend.datasets.lm_eval_lookup import list_tasks
 
     return list_tasks(list(ds.include_path), settings.cache_dir)
 
@@ -111,9 +111,9 @@ def _fetch_tasks(ds: Any, args: argparse.Namespace, settings: Any) -> int:
     if not missing:
         print("every task's data is already here")
         return 0
-    from backend.datasets.lm_eval_tasks import _task_manager
+    from backend.datasets.lm_eval_lookup import shared_task_manager
 
-    manager = _task_manager(tuple(ds.include_path), True, settings.cache_dir)
+    manager = shared_task_manager(tuple(ds.include_path), True, settings.cache_dir)
     failed = 0
     for m in missing:
         print(f"fetching data: {m['task']} from the hub dataset {m['hub']}"

@@ -67,7 +67,7 @@ def _gpu(argv: list[str]) -> int:
 
 
 def _config(argv: list[str]) -> int:
-    from backend.common.config import main
+    from backend.common.settings_table import main
 
     return main(argv, prog="lbs config")
 

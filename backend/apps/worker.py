@@ -37,6 +37,7 @@ from backend.common.config import (
     select_cuda_device,
 )
 from backend.common.logs import setup_logging
+from backend.engine.contracts import ParamError
 from backend.engine.plugins import load_plugins
 from backend.queue.control import (
     complete_command,
@@ -139,7 +140,8 @@ class Worker:
 
     def __init__(self, settings: Settings, worker_id: str | None = None,
                  device: str | None = None):
-        from backend.engine.memory.manager import ManagerConfig, ModelManager
+        from backend.engine.memory.entries import ManagerConfig
+        from backend.engine.memory.manager import ModelManager
 
         self.settings = settings
         load_plugins(list(settings.plugin_dirs))
@@ -321,7 +323,7 @@ class Worker:
 
     def apply_command(self, command: str, args: dict[str, Any]) -> tuple[dict | None, str | None]:
         """Run one control command on the model manager: (result, None) or (None, error)."""
-        from backend.engine.memory.manager import MemoryLimitError, ModelBusy, UnknownModel
+        from backend.engine.memory.entries import MemoryLimitError, ModelBusy, UnknownModel
 
         m = self.manager
         model = args.get("model")
@@ -381,8 +383,10 @@ class Worker:
                 shard: tuple[int, int] | None = None) -> None:
         from backend.common.secrets_box import SecretUnreadable, decrypt
         from backend.datasets.registry import UnknownDataset
-        from backend.engine.contracts import JobFieldError, ModelNotFound, ParamError, Stopped
-        from backend.engine.evaluation import EvalOutcome, is_cuda_failure, prepare, run_evaluation
+        from backend.engine.answering import is_cuda_failure
+        from backend.engine.contracts import JobFieldError, ModelNotFound, Stopped
+        from backend.engine.evaluation import EvalOutcome, run_evaluation
+        from backend.engine.preparation import prepare
 
         self.start_job_watch(job_id)
         self._job_events_from = self.manager.event_count

@@ -12,10 +12,9 @@ and finally the `overrides` passed to `load_settings` (tests). A bad value raise
 `ConfigError`, whose message names the variable and the values it accepts;
 `lbs serve` prints it and exits.
 
-Byte amounts have one unit everywhere: a KB, MB, GB, TB is 2**10, 2**20, 2**30,
-2**40 bytes (what nvidia-smi, torch and the product brief count: its
-MAX_MEMORY_USAGE=8589934592 is "8.00 GB"). `parse_size` reads them ("24GB",
-"24GiB", "24G" are the same) and `format_bytes` writes them, as GiB/MiB/KiB.
+The parsers live in backend/common/setting_parsers.py, byte amounts and their one
+unit in backend/common/units.py, and the table as people read it (docs/settings.md,
+`lbs config`) in backend/common/settings_table.py.
 
 This module is the only place that touches `os.environ` (`apply_allocator_settings`
 and `select_cuda_device` write it in a worker before torch starts).
@@ -24,7 +23,6 @@ and `select_cuda_device` write it in a worker before torch starts).
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -34,163 +32,11 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-DTYPES = ("auto", "float16", "bfloat16", "float32")
+from backend.common import setting_parsers as parse
 
 
 class ConfigError(ValueError):
     """A setting has a value the product cannot use."""
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(raw)
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(raw)
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if value <= 0:
-        raise ValueError(raw)
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError(raw)
-    return value
-
-
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError(raw)
-    return value
-
-
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError(raw)
-    return value
-
-
-def _dtype(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in DTYPES:
-        raise ValueError(raw)
-    return value
-
-
-def _workers(raw: str) -> int | tuple[str, ...] | None:
-    """None (auto), a count, or GPU groups: '0,1;2' = a worker on GPUs 0 and 1, one on 2."""
-    value = raw.strip().lower()
-    if value in ("", "auto"):
-        return None
-    if "," in value or ";" in value:
-        groups = tuple(",".join(e.strip() for e in g.split(",")) for g in value.split(";"))
-        if any(not re.fullmatch(r"\d+(,\d+)*", g) for g in groups):
-            raise ValueError(raw)
-        return groups
-    count = int(value)
-    if count < 0:
-        raise ValueError(raw)
-    return count
-
-
-KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
-"""The byte units. "KB", "MB", "GB", "TB" mean the same amounts (see the module doc)."""
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB,
-               "mib": MiB, "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
-
-
-def parse_size(raw: str) -> int:
-    """'24GB', '24GiB', '24G', '512MB' or a number of bytes -> bytes (ValueError otherwise).
-
-    A GB is 2**30 bytes whichever way it is spelled (accelerate's
-    `convert_file_size_to_int` reads "GB" as 10**9, so it is not used here)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", raw.lower())
-    if not match or match.group(2) not in _SIZE_UNITS:
-        raise ValueError(raw)
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-def format_bytes(n: float, digits: int = 2, brief_labels: bool = False) -> str:
-    """Bytes as text in the one unit: '1.50 GiB', '12.00 MiB', '3.00 KiB', '12 B'.
-
-    `brief_labels` writes the same amounts as the product brief's memory API does
-    ('8.00 GB' for 8589934592 bytes): its `formatted_*` fields keep that shape."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            label = unit.replace("i", "") if brief_labels else unit
-            return f"{n / size:.{digits}f} {label}"
-    return f"{int(n)} B"
-
-
-def _sizes(raw: str) -> tuple[int, ...]:
-    sizes = tuple(parse_size(part) for part in raw.split(",") if part.strip())
-    if any(size <= 0 for size in sizes):
-        raise ValueError(raw)
-    return sizes
-
-
-def _bytes(raw: str) -> int:
-    return parse_size(raw)  # the pattern admits no sign: never negative
-
-
-def _labels(raw: str) -> tuple[str, ...]:
-    labels = tuple(label.strip() for label in raw.split(",") if label.strip())
-    if any(not re.fullmatch(r"[\w.:@-]{1,255}", label) for label in labels):
-        raise ValueError(raw)
-    return labels
-
-
-def _url(raw: str) -> str:
-    value = raw.strip()
-    if value and not re.fullmatch(r"https?://\S+", value):
-        raise ValueError(raw)
-    return value.rstrip("/")
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if value < 0:
-        raise ValueError(raw)
-    return value
-
-
-def _log_level(raw: str) -> str:
-    value = raw.strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError(raw)
-    return value
-
-
-def _text(raw: str) -> str:
-    return raw.strip()
-
-
-def _server_url(raw: str) -> str:
-    return raw.strip().rstrip("/")
-
-
-def _path(raw: str) -> Path:
-    return Path(raw.strip()).expanduser().resolve()
-
-
-def _optional_path(raw: str) -> Path | None:
-    return _path(raw) if raw.strip() else None
 
 
 def _cache_path(raw: str) -> Path | None:
@@ -200,37 +46,19 @@ def _cache_path(raw: str) -> Path | None:
     if text.lower() == "off":
         return None
     if text:
-        return _path(text)
+        return parse.path(text)
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return _path(base) / "llm-bench-shower"
+    return parse.path(base) / "llm-bench-shower"
 
 
 def _hf_datasets_cache() -> Path:
     if os.environ.get("HF_DATASETS_CACHE", "").strip():
-        return _path(os.environ["HF_DATASETS_CACHE"])
+        return parse.path(os.environ["HF_DATASETS_CACHE"])
     home = os.environ.get("HF_HOME", "").strip() or os.path.join(
         os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache"),
         "huggingface")
-    return _path(home) / "datasets"
+    return parse.path(home) / "datasets"
 
-
-def _path_list(raw: str) -> tuple[str, ...]:
-    return tuple(d for d in raw.strip().split(os.pathsep) if d)
-
-
-def _comma_list(raw: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _hosts(raw: str) -> tuple[str, ...]:
-    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
-    if any(not re.fullmatch(r"\*|\[[0-9a-f:.]+\](:\d+)?|[\w.-]+(:\d+)?|[0-9a-f:]+", h)
-           for h in hosts):
-        raise ValueError(raw)
-    return hosts
-
-
-_BOOL = "1/0, true/false, yes/no, on/off"
 
 
 @dataclass(frozen=True)
@@ -273,7 +101,7 @@ class Settings:
 
     # -- where things live, and who may reach the server
     data_dir: Path = setting(
-        "LBS_DATA_DIR", "./data", _path, "a folder path",
+        "LBS_DATA_DIR", "./data", parse.path, "a folder path",
         "Folder for the SQLite database, the built-in model and logs.")
     cache_dir: Path | None = setting(
         "LBS_CACHE_DIR", "", _cache_path, "a folder path, `off`, or empty",
@@ -282,90 +110,90 @@ class Settings:
         "`$XDG_CACHE_HOME/llm-bench-shower` (`~/.cache/llm-bench-shower`); `off` keeps "
         "no cache.", default_means="`~/.cache/llm-bench-shower`")
     database_url: str = setting(
-        "LBS_DATABASE_URL", "", _text, "a SQLAlchemy URL, or empty",
+        "LBS_DATABASE_URL", "", parse.text, "a SQLAlchemy URL, or empty",
         "SQLAlchemy database URL; empty means the SQLite file `<data dir>/lbs.sqlite3`. "
         "`postgresql+psycopg://user:password@host:5432/dbname` shares one queue between the "
         "server and workers on several machines (see [Several workers and machines]"
         "(operations.md#several-workers-and-machines)).", secret=True)
     host: str = setting(
-        "LBS_HOST", "127.0.0.1", _text, "an IP address or host name",
+        "LBS_HOST", "127.0.0.1", parse.text, "an IP address or host name",
         "Address the HTTP server binds.")
     port: int = setting(
-        "LBS_PORT", "8080", _port, "an integer from 0 to 65535",
+        "LBS_PORT", "8080", parse.port, "an integer from 0 to 65535",
         "Port the HTTP server listens on.")
     server_url: str = setting(
-        "LBS_SERVER_URL", "", _server_url, "a URL (empty = http://127.0.0.1:<LBS_PORT>)",
+        "LBS_SERVER_URL", "", parse.server_url, "a URL (empty = http://127.0.0.1:<LBS_PORT>)",
         "Where clients of a running server reach it: the MCP server "
         "(`lbs mcp`) and `clear_gpu_memory.py`.",
         default_means="`http://127.0.0.1:<LBS_PORT>`")
     api_token: str = setting(
-        "LBS_API_TOKEN", "", _text, "any secret text (empty = no token)",
+        "LBS_API_TOKEN", "", parse.text, "any secret text (empty = no token)",
         "When set, every endpoint except `/healthz` and the page itself needs "
         "`Authorization: Bearer <token>` (the page asks for it once and keeps it in the "
         "browser). The server refuses to bind a non-loopback `LBS_HOST` without it.",
         secret=True)
     openai_base_url: str = setting(
-        "LBS_OPENAI_BASE_URL", "", _url, "an http:// or https:// URL, or empty",
+        "LBS_OPENAI_BASE_URL", "", parse.url, "an http:// or https:// URL, or empty",
         "Default base URL (e.g. `http://127.0.0.1:8000/v1`) for `openai:<name>` models; a "
         "job's `api.base_url` wins.")
     openai_api_key: str = setting(
-        "LBS_OPENAI_API_KEY", "", _text, "any secret text (empty = no key)",
+        "LBS_OPENAI_API_KEY", "", parse.text, "any secret text (empty = no key)",
         "API key for `LBS_OPENAI_BASE_URL` (sent as a bearer token, never logged), and only "
         "there: a job that names another `base_url` sends its own `api.api_key` or none.",
         secret=True)
     openai_allowed_hosts: tuple[str, ...] = setting(
-        "LBS_OPENAI_ALLOWED_HOSTS", "", _hosts,
+        "LBS_OPENAI_ALLOWED_HOSTS", "", parse.hosts,
         "host names or IP addresses separated by ',' (host:port for one port; '*' = any)",
         "Hosts (`host` or `host:port`, comma-separated; `*` = any) a job's `api.base_url` "
         "may name besides `LBS_OPENAI_BASE_URL`'s host; loopback addresses are allowed too "
         "while no `LBS_API_TOKEN` is set. See [What the server promises]"
         "(security.md#what-the-server-promises).")
     allowed_hosts: tuple[str, ...] = setting(
-        "LBS_ALLOWED_HOSTS", "", _hosts, "host names or IP addresses separated by ','",
+        "LBS_ALLOWED_HOSTS", "", parse.hosts, "host names or IP addresses separated by ','",
         "Names the server answers to in the `Host` header besides its bind address and "
         "`localhost`, `127.0.0.1`, `[::1]` (e.g. the machine's DNS name when serving on "
         "`0.0.0.0` behind a token); other names get 400 (DNS rebinding).")
     secret_key: str = setting(
-        "LBS_SECRET_KEY", "", _text, "any secret text (empty = <data dir>/secret.key)",
+        "LBS_SECRET_KEY", "", parse.text, "any secret text (empty = <data dir>/secret.key)",
         "Encrypts the API keys jobs carry while stored; empty = a random key in "
         "`<data dir>/secret.key` (mode 0600). Give the server and remote workers the same "
         "value.", secret=True)
     cors_origins: tuple[str, ...] = setting(
-        "LBS_CORS_ORIGINS", "", _comma_list, "origins separated by ','",
+        "LBS_CORS_ORIGINS", "", parse.comma_list, "origins separated by ','",
         "Origins (comma-separated) allowed to call the API from a browser; none by default.")
 
     # -- workers and models
     workers: int | None = setting(
-        "LBS_WORKERS", "auto", _workers,
+        "LBS_WORKERS", "auto", parse.workers,
         "'auto' or an integer of at least 0, or GPU groups such as '0,1;2;3'",
         "Worker processes started by the server: `auto` = one per visible GPU (each pinned "
         "with `CUDA_VISIBLE_DEVICES`), or one on CPU when there is none; `0` starts none; "
         "GPU groups such as `0,1;2;3` start one worker per group (here one holding GPUs 0 "
         "and 1, for jobs with `num_gpus: 2`, and one each on GPUs 2 and 3).")
     gpu_memory_limit: float = setting(
-        "LBS_GPU_MEMORY_LIMIT", "0.0", _fraction, "a number from 0.0 (no limit) to 1.0",
+        "LBS_GPU_MEMORY_LIMIT", "0.0", parse.fraction, "a number from 0.0 (no limit) to 1.0",
         "Fraction of each GPU's memory a worker process may use; 0.0 = no limit. See "
         "[What the GPU memory limit caps](gpus-and-memory.md#what-the-gpu-memory-limit-caps).")
     enable_memory_management: bool = setting(
-        "LBS_ENABLE_MEMORY_MANAGEMENT", "1", _bool, _BOOL,
+        "LBS_ENABLE_MEMORY_MANAGEMENT", "1", parse.boolean, parse.BOOL_ACCEPTED,
         "Set `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` in workers before CUDA "
         "starts (a value you set yourself wins).")
     torch_dtype: str = setting(
-        "LBS_TORCH_DTYPE", "auto", _dtype, "auto, float16, bfloat16, float32",
+        "LBS_TORCH_DTYPE", "auto", parse.dtype, "auto, float16, bfloat16, float32",
         "dtype models are loaded in: `auto` (the checkpoint's on GPU, float32 on CPU), "
         "`float16`, `bfloat16` or `float32`.")
     use_model_cache: bool = setting(
-        "LBS_USE_MODEL_CACHE", "1", _bool, _BOOL,
+        "LBS_USE_MODEL_CACHE", "1", parse.boolean, parse.BOOL_ACCEPTED,
         "Keep models of cached datasets loaded between jobs; `0` makes every job uncached.")
     trust_remote_code: bool = setting(
-        "LBS_TRUST_REMOTE_CODE", "0", _bool, _BOOL,
+        "LBS_TRUST_REMOTE_CODE", "0", parse.boolean, parse.BOOL_ACCEPTED,
         "Allow models that ship their own Python code (`trust_remote_code`).")
     allow_download: bool = setting(
-        "LBS_ALLOW_DOWNLOAD", "0", _bool, _BOOL,
+        "LBS_ALLOW_DOWNLOAD", "0", parse.boolean, parse.BOOL_ACCEPTED,
         "Allow downloading hub models that are not in the local cache (the job shows a "
         "`downloading model` phase until the model has loaded).")
     allow_data_download: bool = setting(
-        "LBS_ALLOW_DATA_DOWNLOAD", "0", _bool, _BOOL,
+        "LBS_ALLOW_DATA_DOWNLOAD", "0", parse.boolean, parse.BOOL_ACCEPTED,
         "Allow jobs to fetch a dataset's official data from the Hugging Face hub when it is "
         "neither in `LBS_DATASETS_DIR` nor in the hub cache (the first job shows a "
         "`fetching data` phase with bytes; later jobs read the cache), and show the page's "
@@ -376,46 +204,46 @@ class Settings:
 
     # -- the queue
     lease_seconds: float = setting(
-        "LBS_LEASE_SECONDS", "60", _positive_float, "a number of seconds greater than 0",
+        "LBS_LEASE_SECONDS", "60", parse.positive_float, "a number of seconds greater than 0",
         "A running job whose worker has not renewed its lease for this long is re-queued "
         "and resumes after its last stored sample.")
     job_timeout: float = setting(
-        "LBS_JOB_TIMEOUT", "0", _non_negative_float, "a number of seconds (0 = none)",
+        "LBS_JOB_TIMEOUT", "0", parse.non_negative_float, "a number of seconds (0 = none)",
         "A job running longer than this many seconds fails with the reason, keeping the "
         "samples it finished; a job's own `timeout_s` (in the submit body) overrides it. "
         "Measured per attempt, checked between samples.", default_means="none")
     max_attempts: int = setting(
-        "LBS_MAX_ATTEMPTS", "3", _positive_int, "an integer of at least 1",
+        "LBS_MAX_ATTEMPTS", "3", parse.positive_int, "an integer of at least 1",
         "How many times a job may be started before it fails for good, with the reason.")
     poll_interval: float = setting(
-        "LBS_POLL_INTERVAL", "0.5", _positive_float, "a number of seconds greater than 0",
+        "LBS_POLL_INTERVAL", "0.5", parse.positive_float, "a number of seconds greater than 0",
         "Seconds an idle worker waits before looking at the queue again (SQLite; on "
         "PostgreSQL see `LBS_LISTEN_TIMEOUT`).")
     listen_timeout: float = setting(
-        "LBS_LISTEN_TIMEOUT", "10", _positive_float, "a number of seconds greater than 0",
+        "LBS_LISTEN_TIMEOUT", "10", parse.positive_float, "a number of seconds greater than 0",
         "PostgreSQL only: an idle worker sleeps on `LISTEN` until a submit or re-queue "
         "sends `NOTIFY`, and at most this many seconds before looking at the queue anyway "
         "(expired leases and jobs waiting for memory are found by looking).")
     worker_labels: tuple[str, ...] = setting(
-        "LBS_WORKER_LABELS", "", _labels, "labels separated by ',' (letters, digits, _.:@-)",
+        "LBS_WORKER_LABELS", "", parse.labels, "labels separated by ',' (letters, digits, _.:@-)",
         "Labels (comma-separated) of the workers started with this setting; a job with "
         "`worker_label` runs only on a worker that has it. Every worker also has its host "
         "name and its id as labels.")
     simulated_gpu_memory: tuple[int, ...] = setting(
-        "LBS_SIMULATED_GPU_MEMORY", "", _sizes, "sizes separated by ',' such as 24GB,24GB",
+        "LBS_SIMULATED_GPU_MEMORY", "", parse.sizes, "sizes separated by ',' such as 24GB,24GB",
         "**For testing only.** Sizes (comma-separated, e.g. `24GB,24GB`) of pretend GPUs: "
         "workers report them (all free) and use them for `num_gpus` and memory admission, "
         "so scheduling can be tried on a machine without GPUs. Jobs still run on the CPU.")
 
     # -- datasets, models and plugins on disk
     datasets_dir: Path | None = setting(
-        "LBS_DATASETS_DIR", "", _optional_path, "a folder path (empty = <data dir>/datasets)",
+        "LBS_DATASETS_DIR", "", parse.optional_path, "a folder path (empty = <data dir>/datasets)",
         "Where dataset files are looked for: `<folder>/<dataset name>/` in the official "
         "layout, unless a job gives `data_dir`. A job's `data_dir` or haystack file must lie "
         "under it (relative paths are taken from it).",
         default_means="`<data dir>/datasets`")
     max_context_length: int = setting(
-        "LBS_MAX_CONTEXT_LENGTH", "0", _non_negative_int,
+        "LBS_MAX_CONTEXT_LENGTH", "0", parse.non_negative_int,
         "an integer of at least 0 (0 = only the model's own maximum)",
         "Longest context (tokens) a job may ask for on this server: Needle-in-a-Haystack "
         "`context_lengths`, LongBench `max_length`. Above it the job is refused with 422 "
@@ -424,22 +252,22 @@ class Settings:
         "own maximum (from its `config.json`) is always checked too.",
         default_means="the model's maximum only")
     max_grid_cells: int = setting(
-        "LBS_MAX_GRID_CELLS", "2500", _positive_int, "an integer of at least 1",
+        "LBS_MAX_GRID_CELLS", "2500", parse.positive_int, "an integer of at least 1",
         "Most (context length × depth) cells a Needle-in-a-Haystack job may ask for; more "
         "is refused with 422 on `params.context_lengths`.")
     model_dirs: tuple[str, ...] = setting(
-        "LBS_MODEL_DIRS", "", _path_list, "folder paths separated by ':'",
+        "LBS_MODEL_DIRS", "", parse.path_list, "folder paths separated by ':'",
         "Folders (separated by `:`) scanned two levels deep for Hugging Face checkpoints "
         "(folders with a `config.json`), offered on the web page and listed by "
         "`GET /api/models`. A model folder named in a job must lie under one of them (a "
         "relative name is looked up in them); while it is empty, jobs may name only "
         "built-in models and cached hub ids.")
     lm_eval_include_path: tuple[str, ...] = setting(
-        "LBS_LM_EVAL_INCLUDE_PATH", "", _path_list, "folder paths separated by ':'",
+        "LBS_LM_EVAL_INCLUDE_PATH", "", parse.path_list, "folder paths separated by ':'",
         "Folders (separated by `:`) of local lm-evaluation-harness task YAMLs the `lm_eval` "
         "dataset offers beside lm-eval's own tasks (`lm_eval --include_path`).")
     plugin_dirs: tuple[str, ...] = setting(
-        "LBS_PLUGIN_DIRS", "", _path_list, "folder paths separated by ':'",
+        "LBS_PLUGIN_DIRS", "", parse.path_list, "folder paths separated by ':'",
         "Folders (separated by `:`) whose `*.py` modules are imported at start to register "
         "dataset and runner plugins (see `docs/adding-a-dataset.md`, "
         "`docs/adding-a-runner.md`).")
@@ -448,34 +276,35 @@ class Settings:
     # (its .env example lists MAX_MEMORY_USAGE, MEMORY_CHECK_INTERVAL,
     # AUTO_CLEANUP_ENABLED and GPU_IDLE_TIMEOUT), kept so its lines work as written.
     max_memory_usage: int = setting(
-        "MAX_MEMORY_USAGE", "0", _bytes, "a number of bytes or a size such as 8GB (0 = 80% of RAM)",
+        "MAX_MEMORY_USAGE", "0", parse.size,
+        "a number of bytes or a size such as 8GB (0 = 80% of RAM)",
         "Bytes (or a size such as `8GB`) of model memory (RAM and GPU copies) each worker's "
         "model manager may hold; least recently used unpinned models are released to stay "
         "under it, and a model that cannot fit is refused with the sizes.",
         default_means="80% of RAM", seed_name=True)
     memory_check_interval: float = setting(
-        "MEMORY_CHECK_INTERVAL", "60", _positive_float, "a number of seconds greater than 0",
+        "MEMORY_CHECK_INTERVAL", "60", parse.positive_float, "a number of seconds greater than 0",
         "Seconds between the model manager's memory pressure checks.", seed_name=True)
     auto_cleanup_enabled: bool = setting(
-        "AUTO_CLEANUP_ENABLED", "true", _bool, _BOOL,
+        "AUTO_CLEANUP_ENABLED", "true", parse.boolean, parse.BOOL_ACCEPTED,
         "When a check finds pressure, unload least recently used unpinned models until it "
         "is gone.", seed_name=True)
     gpu_idle_timeout: float = setting(
-        "GPU_IDLE_TIMEOUT", "600", _positive_float, "a number of seconds greater than 0",
+        "GPU_IDLE_TIMEOUT", "600", parse.positive_float, "a number of seconds greater than 0",
         "A model idle on the GPU this long is offloaded to CPU RAM; changeable at run time "
         "with `POST /api/gpu/timeout`.", seed_name=True)
     release_timeout: float = setting(
-        "LBS_RELEASE_TIMEOUT", "3600", _positive_float, "a number of seconds greater than 0",
+        "LBS_RELEASE_TIMEOUT", "3600", parse.positive_float, "a number of seconds greater than 0",
         "A model idle in CPU RAM this long is released (pinned models never are).")
     pressure_ratio: float = setting(
-        "LBS_PRESSURE_RATIO", "0.8", _fraction, "a number from 0.0 to 1.0",
+        "LBS_PRESSURE_RATIO", "0.8", parse.fraction, "a number from 0.0 to 1.0",
         "Memory pressure when managed memory passes this share of `MAX_MEMORY_USAGE`…")
     min_available_gb: float = setting(
-        "LBS_MIN_AVAILABLE_GB", "2.0", _non_negative_float,
+        "LBS_MIN_AVAILABLE_GB", "2.0", parse.non_negative_float,
         "a number of GB (2**30 bytes) of at least 0",
         "…or when the system's available RAM falls under this many GB.")
     pinned_memory_budget: int = setting(
-        "LBS_PINNED_MEMORY_BUDGET", "0", _bytes,
+        "LBS_PINNED_MEMORY_BUDGET", "0", parse.size,
         "a number of bytes or a size such as 8GB (0 = 25% of RAM)",
         "Bytes (or a size such as `8GB`) of pinned host memory offloaded models may keep, "
         "so that a restore is one fast host-to-device copy. Counted as torch's host "
@@ -483,13 +312,13 @@ class Settings:
         "weight takes 32 MiB). A copy that does not fit, or whose pinning fails, is kept "
         "in pageable memory instead.", default_means="25% of RAM")
     affinity_seconds: float = setting(
-        "LBS_AFFINITY_SECONDS", "300", _non_negative_float,
+        "LBS_AFFINITY_SECONDS", "300", parse.non_negative_float,
         "a number of seconds of at least 0",
         "A worker takes a queued job for the model it already holds before older jobs, if "
         "it is at most this much younger than the oldest queued job (0 = strict queue "
         "order).")
     log_level: str = setting(
-        "LBS_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR",
+        "LBS_LOG_LEVEL", "INFO", parse.log_level, "DEBUG, INFO, WARNING, ERROR",
         "Logging level of the server and workers.")
 
     # -- derived from the settings above, or read from other tools' variables
@@ -564,23 +393,6 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raw=raw)
 
 
-def markdown_table() -> str:
-    """The settings table of docs/settings.md, made from SETTINGS (`lbs config
-    --markdown`); tests/test_config.py fails when that copy differs."""
-    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for spec in SETTINGS:
-        if spec.default:
-            default = f"`{spec.default}`" + (f" (= {spec.default_means})"
-                                             if spec.default_means else "")
-        else:
-            default = f"(empty = {spec.default_means})" if spec.default_means else "(empty)"
-        meaning = spec.help
-        if spec.seed_name:
-            meaning += " *The product brief's name, hence no `LBS_` prefix.*"
-        rows.append(f"| `{spec.name}` | {default} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -636,39 +448,3 @@ def select_cuda_device(index: str) -> None:
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     os.environ["CUDA_VISIBLE_DEVICES"] = index
 
-
-def main(argv: list[str] | None = None, prog: str = "python -m backend.common.config") -> int:
-    """Print every setting with its value here (secrets as set/empty), or the table of
-    docs/settings.md with --markdown."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Show every setting (environment variable) and its value "
-                               "on this machine, from the environment and the .env file.",
-        epilog=f"example: {prog} --markdown")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print the settings table of the documentation instead")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        sys.stdout.write(markdown_table())
-        return 0
-    settings = load_settings_or_report()
-    if settings is None:
-        return 2
-    for f in fields(Settings):
-        spec = f.metadata.get("setting")
-        if spec is None:
-            continue
-        value = getattr(settings, f.name)
-        if not f.repr:  # a secret: say whether it is set, never what it is
-            shown = "(set)" if value else "(empty)"
-        elif isinstance(value, tuple):
-            shown = ",".join(str(v) for v in value)
-        else:
-            shown = "" if value is None else str(value)
-        print(f"{spec.name}={shown}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

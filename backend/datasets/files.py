@@ -76,11 +76,6 @@ def find_files(folder: Path, stems: list[str], field: str = "data_dir") -> list[
                             f" in {folder}")
 
 
-def find_file(folder: Path, stems: list[str], field: str = "data_dir") -> Path:
-    """The first file of `find_files` (to say a split exists; read with `find_files`)."""
-    return find_files(folder, stems, field)[0]
-
-
 def read_all(paths: list[Path], roots: Sequence[Path] | None = None) -> list[dict[str, Any]]:
     """Every record of every file, in order (the shards of one split)."""
     return [record for path in paths for record in read_records(path, roots)]

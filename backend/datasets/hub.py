@@ -72,7 +72,7 @@ class HubSource:
 
 @dataclass
 class DataAccess:
-    """What a dataset may do to get its data in this process (set by evaluation.prepare)."""
+    """What a dataset may do to get its data in this process (part of its DataContext)."""
 
     allow_download: bool = False
     """LBS_ALLOW_DATA_DOWNLOAD: jobs may fetch missing data."""

@@ -2,7 +2,7 @@
 task's data can be read here (GET /api/lm_eval/tasks, the MCP tool `search_lm_eval_tasks`,
 `data status lm_eval`, and the submit-time refusal of tasks whose data is missing).
 
-Works on the task list rows of `lm_eval_tasks.list_tasks` (plain data, built in a
+Works on the task list rows of `lm_eval_lookup.list_tasks` (plain data, built in a
 subprocess); imports neither lm_eval nor datasets, so the server stays free of torch.
 
 Where a task's data lives:

@@ -11,26 +11,29 @@ per-metric values, so a resumed job aggregates stored and new documents alike.
 
 lm_eval imports torch: it is imported only in the worker's path (`build_items`,
 `answer`, `aggregate`) and in the task-list subprocess, never by the server.
+lm_eval_lookup.py finds the task list and the lengths of a job's requests (in that
+subprocess); lm_eval_results.py scores a document and aggregates a job's metrics.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
-import threading
 import time
 from collections import defaultdict
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from backend.common.stats import normal_spread
 from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
 from backend.datasets.lm_eval_catalog import by_name, missing_data, missing_message
+from backend.datasets.lm_eval_lookup import (
+    cached_task_list,
+    plain_token_bound,
+    request_shapes,
+    shared_task_manager,
+)
+from backend.datasets.lm_eval_results import aggregate_metrics, jsonable, score_document
 from backend.engine.contracts import BatchPlan, ModelInfo, ParamError
 
 log = logging.getLogger(__name__)
@@ -133,7 +136,7 @@ class LmEvalTasks(Dataset):
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
             raise ParamError("methods", "not offered for lm_eval tasks")
-        rows = cached_task_list(self.include_path)
+        rows = cached_task_list(self.include_path, self.cache_dir)
         if rows is None:
             return  # still indexing: the worker says what it cannot find
         known = {r["name"] for r in rows}
@@ -160,7 +163,7 @@ class LmEvalTasks(Dataset):
         of at most the model's length, every position scored. When the requests cannot
         be built here (a dataset not in the local cache), the default: the model's
         whole context."""
-        shapes = request_shapes(self.include_path, params)
+        shapes = request_shapes(self.include_path, params, self.cache_dir)
         if shapes is None:
             return super().worst_batches(params, model_max)
         cap = model_max or 2**31
@@ -190,9 +193,9 @@ class LmEvalTasks(Dataset):
     def _load(self, params: LmEvalParams) -> dict[str, Any]:
         started = time.perf_counter()
         paths = tuple(self.include_path)
-        manager = _task_manager(paths, False, self.cache_dir) if paths else None
+        manager = shared_task_manager(paths, False, self.cache_dir) if paths else None
         if manager is None or any(t not in manager.all_tasks for t in params.tasks):
-            manager = _task_manager(paths, True, self.cache_dir)
+            manager = shared_task_manager(paths, True, self.cache_dir)
         unknown = [t for t in params.tasks if t not in manager.all_tasks]
         if unknown:
             raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
@@ -246,7 +249,7 @@ class LmEvalTasks(Dataset):
                 prompt = first.args[0]
                 items.append(Item(
                     idx=idx, prompt=prompt, prompt_tokens=0, max_new_tokens=max_new,
-                    reference=_jsonable(task.doc_to_target(first.doc)),
+                    reference=jsonable(task.doc_to_target(first.doc)),
                     fields={"task": name, "doc_id": doc_id, "request_type": kind}))
         return items
 
@@ -278,40 +281,9 @@ class LmEvalTasks(Dataset):
             if oom is not None:
                 answers.append({"text": "", "error": oom, "fields": item.fields})
                 continue
-            answers.append(self._process(item, name, doc, instances, runner))
+            answers.append(score_document(self._loaded["tasks"][name], item, doc,
+                                          instances, runner))
         return answers
-
-    def _process(self, item: Item, name: str, doc: Any, instances: list[Any],
-                 runner: Any) -> dict[str, Any]:
-        task = self._loaded["tasks"][name]
-        for inst in instances:
-            inst.filtered_resps = {}
-        for ensemble in task._filters:
-            ensemble.apply(instances)
-        metrics: dict[str, Any] = {}
-        for key in instances[0].filtered_resps:
-            values = task.process_results(doc, [i.filtered_resps[key] for i in instances])
-            for metric, value in values.items():
-                metrics[f"{metric},{key}"] = _jsonable(value)
-        kind = instances[0].request_type
-        first_filtered = next(iter(instances[0].filtered_resps.values()))
-        prompt_tokens = output_tokens = 0
-        if kind == "loglikelihood":
-            resps = [list(i.resps[0]) for i in instances]
-            choices = [i.args[1] for i in instances]
-            best = max(range(len(resps)), key=lambda k: resps[k][0])
-            text = choices[best]
-            extra = {"choices": choices, "resps": resps}
-        elif kind == "generate_until":
-            text = first_filtered if isinstance(first_filtered, str) else str(first_filtered)
-            prompt_tokens, output_tokens = getattr(instances[0], "lbs_tokens", (0, 0))
-            extra = {"raw": instances[0].resps[0]}
-        else:
-            text = repr(instances[0].resps[0])
-            extra = {"loglikelihood": instances[0].resps[0]}
-        return {"text": text, "prompt_tokens": prompt_tokens or len(runner.encode(item.prompt)),
-                "output_tokens": output_tokens,
-                "fields": {**item.fields, "metrics": metrics, **extra}}
 
     def score_answer(self, item: Item, prediction: str, fields: dict[str, Any]) -> float:
         """The document's first metric (e.g. acc, exact_match) as its 0-1 sample score
@@ -331,64 +303,18 @@ class LmEvalTasks(Dataset):
     # --- aggregation ---------------------------------------------------------------
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
-        """lm-eval's own aggregation (`_process_results`) of the stored per-document
-        metric values: per task and group, each metric with its stderr."""
-        from lm_eval.evaluator_utils import _process_results
-
+        """lm-eval's own aggregation of the stored per-document metric values
+        (lm_eval_results.aggregate_metrics)."""
         if self._loaded is None:
             raise RuntimeError("aggregate before build_items")
-        tasks = self._loaded["tasks"]
-        acc = {name: {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
-               for name, task in tasks.items()}
-        by_task: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-        for fields, _ in scored:
-            if fields.get("task") in acc:
-                by_task[fields["task"]].append((fields.get("doc_id", 0), fields))
-        for name, rows in by_task.items():
-            for _, fields in sorted(rows, key=lambda r: r[0]):
-                for key, value in (fields.get("metrics") or {}).items():
-                    metric, _, filt = key.partition(",")
-                    acc[name]["raw_metrics"][(metric, filt)].append(_restore(value))
-        acc = {name: a for name, a in acc.items() if a["raw_metrics"]}
-        if not acc:
-            return [ScoreEntry("overall", 0.0, 0)]
-        results = _process_results(acc, self._loaded.get("groups"),
-                                   self._params.bootstrap_iters)._to_eval_results()
-        entries = [ScoreEntry.mean("overall", [s for _, s in scored])]
-        n_shot = results.get("n-shot", {})
-        versions = results.get("versions", {})
-        samples = {k: v.get("effective", v.get("original"))
-                   for k, v in (results.get("n-samples") or {}).items()}
-        groups = set(results.get("groups", {}))
-        for task_name, values in {**results.get("results", {}),
-                                  **results.get("groups", {})}.items():
-            for key, value in values.items():
-                if (key in ("alias", "sample_len") or "_stderr," in key
-                        or not isinstance(value, int | float)):
-                    continue
-                metric, _, filt = key.partition(",")
-                stderr = values.get(f"{metric}_stderr,{filt}")
-                stderr = float(stderr) if isinstance(stderr, int | float) else None
-                # lm-eval's own stderr (its formula or its bootstrap), a normal interval
-                entries.append(ScoreEntry.spread(
-                    "metric", float(value), int(samples.get(task_name) or 0),
-                    normal_spread(float(value), stderr) if stderr is not None else None, {
-                        "task": task_name, "kind": "group" if task_name in groups else "task",
-                        "metric": metric, "filter": filt, "stderr": stderr,
-                        "n_shot": n_shot.get(task_name), "version": versions.get(task_name)}))
-        entries.append(ScoreEntry("version", 0.0, 0, {"what": "lm-eval",
-                                                       "version": package_version("lm-eval")}))
-        for name in sorted(versions):
-            entries.append(ScoreEntry("version", 0.0, 0, {"what": name,
-                                                           "version": versions[name]}))
-        return entries
+        return aggregate_metrics(self._loaded, self._params.bootstrap_iters, scored)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """Small: the task list itself is searched through GET /api/lm_eval/tasks (the
         Launch form's search box, the MCP tool search_lm_eval_tasks)."""
         out = super().describe()
-        tasks = cached_task_list(cls.include_path)
+        tasks = cached_task_list(cls.include_path, cls.cache_dir)
         out["tasks"] = ({"status": "indexing", "search": TASK_SEARCH} if tasks is None else
                         {"status": "ready", "count": len(tasks), "search": TASK_SEARCH})
         return out
@@ -409,40 +335,6 @@ def _suggest(unknown: list[str], known: set[str]) -> str:
         if close:
             hints.append(f"{name} -> {' or '.join(close)}")
     return f"; did you mean {', '.join(hints)}?" if hints else ""
-
-
-_managers: dict[tuple, Any] = {}
-
-
-def _task_manager(paths: tuple[str, ...], defaults: bool, cache_dir: Path | None) -> Any:
-    """lm-eval's TaskManager (its task index) for these folders, once per worker process
-    and index (`lm_eval_index`: read from the cache folder, or built in ~15 s and stored
-    there). Tasks are loaded fresh per job; a file added or changed in the folders makes
-    a new index."""
-    from backend.datasets.lm_eval_index import digests, task_manager
-
-    key = (paths, defaults, digests(paths, defaults))
-    if key not in _managers:
-        manager = task_manager(paths, defaults, cache_dir)
-        manager._factory = _paths_factory()(meta=manager.metadata)
-        _managers[key] = manager
-    return _managers[key]
-
-
-def _paths_factory() -> type:
-    """lm-eval's TaskFactory whose task configs take relative local paths from the
-    folder of their YAML (lm_eval_catalog.resolve_local_paths) instead of the process's
-    working directory."""
-    from lm_eval.tasks._factory import TaskFactory
-
-    from backend.datasets.lm_eval_catalog import resolve_local_paths
-
-    class PathsFromYaml(TaskFactory):
-        def _load_full_config(self, entry: Any, overrides: Any = None) -> dict[str, Any]:
-            cfg = super()._load_full_config(entry, overrides)
-            return resolve_local_paths(cfg, entry.yaml_path)
-
-    return PathsFromYaml
 
 
 def parse_arg_string(text: str) -> dict[str, Any]:
@@ -467,176 +359,3 @@ def parse_arg_string(text: str) -> dict[str, Any]:
                     pass
         out[key.strip()] = value
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """lm-eval values as JSON (tuples -> lists, numpy numbers -> Python)."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item")
-                                 else str(o)))
-
-
-def _restore(value: Any) -> Any:
-    """A stored metric value back as lm-eval gave it (pairs such as bits_per_byte's
-    (log-likelihood, bytes) were tuples)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-# --- the task list (GET /api/datasets, submit-time checks) ----------------------------
-
-_cache: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-_pending: set[tuple[str, ...]] = set()
-_lock = threading.Lock()
-
-
-def cached_task_list(include: tuple[str, ...]) -> list[dict[str, Any]] | None:
-    """The task list for these include folders, or None while it is being indexed
-    (started here, off the request path, in a subprocess: lm_eval imports torch)."""
-    key = tuple(include)
-    with _lock:
-        if key in _cache:
-            return _cache[key]
-        if key in _pending:
-            return None
-        _pending.add(key)
-    threading.Thread(target=_index, args=(key, LmEvalTasks.cache_dir), daemon=True,
-                     name="lm-eval-index").start()
-    return None
-
-
-def _cache_arg(cache_dir: Path | None) -> list[str]:
-    return ["--cache", "off" if cache_dir is None else str(cache_dir)]
-
-
-def _index(key: tuple[str, ...], cache_dir: Path | None) -> None:
-    try:
-        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks",
-                              *_cache_arg(cache_dir), *key],
-                             capture_output=True, text=True, timeout=600, check=True)
-        tasks = json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as exc:  # noqa: BLE001 - the list stays unknown; jobs still run
-        log.warning("[Datasets] indexing lm-eval tasks failed: %s", exc)
-        tasks = None
-    with _lock:
-        _pending.discard(key)
-        if tasks is not None:
-            _cache[key] = tasks
-
-
-def list_tasks(include: list[str], cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Every task, group and tag lm-eval knows (its own and those under `include`), with
-    what the catalogue needs (lm_eval_catalog): tags, a group's members, and where the
-    data is read from (local paths taken from the YAML's folder)."""
-    from backend.datasets.lm_eval_catalog import _flat, resolve_local_paths
-
-    manager = _task_manager(tuple(include), True, cache_dir)
-    rows = []
-    for name in manager.all_tasks:
-        entry = manager.task_index[name]
-        cfg = entry.cfg if isinstance(getattr(entry, "cfg", None), dict) else {}
-        cfg = resolve_local_paths(json.loads(json.dumps(cfg, default=str)), entry.yaml_path)
-        row = {"name": name, "kind": getattr(entry.kind, "name", str(entry.kind)).lower(),
-               "yaml": str(entry.yaml_path or "")}
-        version = (cfg.get("metadata") or {}).get("version") if isinstance(
-            cfg.get("metadata"), dict) else None
-        if version is not None:
-            row["version"] = version
-        for key in ("output_type", "dataset_path", "dataset_name", "num_fewshot"):
-            if isinstance(cfg.get(key), str | int | float):
-                row[key] = cfg[key]
-        tags = sorted(getattr(entry, "tags", None) or [])
-        if tags:
-            row["tags"] = tags
-        kwargs = cfg.get("dataset_kwargs")
-        if isinstance(kwargs, dict) and kwargs.get("data_files"):
-            row["data_files"] = _flat(kwargs["data_files"])
-        if isinstance(cfg.get("task"), list):  # a group: its tasks
-            row["tasks"] = [t if isinstance(t, str) else str(t.get("task", t))
-                            if isinstance(t, dict) else str(t) for t in cfg["task"]]
-        rows.append(_jsonable(row))
-    return rows
-
-
-# --- the lengths of a job's requests (admission, at submit time) ---------------------
-
-SPECIAL_TOKENS = 4
-"""Tokens a tokenizer may add to plain text (BOS, EOS) and the leading-space marker of
-SentencePiece: a text of n UTF-8 bytes is at most n + SPECIAL_TOKENS tokens (see
-datasets.base.token_bound; lm-eval's requests are plain text, no chat template)."""
-
-
-def plain_token_bound(nbytes: int) -> int:
-    return nbytes + SPECIAL_TOKENS
-
-
-_shapes: dict[str, dict[str, Any] | None] = {}
-
-
-def request_shapes(include: tuple[str, ...], params: LmEvalParams) -> dict[str, Any] | None:
-    """The longest requests of each kind lm-eval builds for the job's tasks (UTF-8
-    bytes; see `build_shapes`), found once per set of parameters in a subprocess; None
-    when they cannot be built here."""
-    asked = params.model_dump(include={"tasks", "num_fewshot", "limit", "gen_kwargs",
-                                       "fewshot_seed"})
-    key = json.dumps([list(include), asked], sort_keys=True)
-    with _lock:
-        if key in _shapes:
-            return _shapes[key]
-    try:
-        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_tasks",
-                              *_cache_arg(LmEvalTasks.cache_dir), "--shapes",
-                              json.dumps(asked), *include],
-                             capture_output=True, text=True, timeout=600, check=True)
-        shapes = json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
-        log.warning("[Datasets] the lengths of the lm-eval requests are unknown: %s", exc)
-        shapes = None
-    with _lock:
-        _shapes[key] = shapes
-    return shapes
-
-
-def build_shapes(include: list[str], asked: dict[str, Any],
-                 cache_dir: Path | None = None) -> dict[str, Any]:
-    """For each request type of the tasks' built requests: the longest context (or
-    text) and continuation in UTF-8 bytes, the most choices of one document, the
-    largest generation budget and how many requests there are."""
-    dataset = LmEvalTasks()
-    type(dataset).include_path = tuple(include)
-    type(dataset).cache_dir = cache_dir
-    params = LmEvalParams.model_validate(asked)
-    items = dataset.build_items(params, None)
-    shapes: dict[str, dict[str, int]] = {}
-    for item in items:
-        instances = dataset._docs[item.idx][2]
-        kind = instances[0].request_type
-        shape = shapes.setdefault(kind, {"context": 0, "continuation": 0, "choices": 0,
-                                         "max_gen_toks": 0, "count": 0, "text": 0})
-        shape["count"] += len(instances)
-        shape["choices"] = max(shape["choices"], len(instances))
-        for inst in instances:
-            first = inst.args[0] or ""
-            if kind == "loglikelihood":
-                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
-                shape["continuation"] = max(shape["continuation"],
-                                            len(inst.args[1].encode("utf-8")))
-            elif kind == "generate_until":
-                from backend.datasets.lm_eval_lm import max_gen_toks
-
-                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
-                shape["max_gen_toks"] = max(shape["max_gen_toks"], max_gen_toks(inst.args[1]))
-            else:
-                shape["text"] = max(shape["text"], len(first.encode("utf-8")))
-    return shapes
-
-
-if __name__ == "__main__":
-    logging.disable(logging.WARNING)
-    args = sys.argv[1:]
-    cache: Path | None = None
-    if args[:1] == ["--cache"]:
-        cache = None if args[1] == "off" else Path(args[1])
-        args = args[2:]
-    if args[:1] == ["--shapes"]:
-        print(json.dumps(build_shapes(args[2:], json.loads(args[1]), cache)))
-    else:
-        print(json.dumps(list_tasks(args, cache)))

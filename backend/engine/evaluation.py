@@ -1,8 +1,6 @@
 """The evaluation loop shared by the worker and the CLI.
 
-`prepare` turns what a user submitted (model name, dataset name, raw params)
-into a `PreparedJob`, refusing anything wrong before a model loads; it does not
-import torch, so the server calls it at submit time. `run_evaluation` loads the
+`run_evaluation` runs a `PreparedJob` (engine/preparation.py): it loads the
 model through the model manager, builds the dataset's items in the model's
 tokens, generates and scores every item not yet stored, hands each result to a
 `SampleSink` as soon as it is scored, and returns the scores and memory peaks.
@@ -11,99 +9,29 @@ tokens, generates and scores every item not yet stored, hands each result to a
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 from backend.common.config import Settings
 from backend.common.stats import binomial
-from backend.datasets.base import DataContext, Dataset, DatasetParams, ScoreEntry
+from backend.datasets.base import Dataset, ScoreEntry
 from backend.datasets.files import recording_reads
-from backend.datasets.registry import get_dataset
-from backend.engine.contracts import (
-    BatchPlan,
-    CacheMode,
-    GenerationRequest,
-    ModelInfo,
-    ModelSpec,
-    OomFailure,
-    is_out_of_memory,
-    move_trailing_whitespace,
+from backend.engine.answering import (
+    Backoff,
+    answer_batch,
+    auto_batch_size,
+    choose,
+    order_for_batching,
 )
+from backend.engine.contracts import CacheMode, GenerationRequest
 from backend.engine.manifest import build_manifest
 from backend.engine.memory.manager import ModelManager
-from backend.runners.base import PromptView, Runner
-from backend.runners.models import resolve_model
-from backend.runners.registry import get_runner
+from backend.engine.preparation import PreparedJob
+from backend.runners.base import PromptView
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedJob:
-    spec: ModelSpec
-    info: ModelInfo
-    dataset: Dataset
-    params: DatasetParams
-    api: Any = None
-    """The runner's options (ApiOptions for an `openai:` model, base URL filled in from
-    the settings by its check_job)."""
-    api_key: str | None = None
-    num_gpus: int = 1
-    """GPUs the job asked for (a model sharded across them); set by the worker."""
-    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
-    """True once the job is cancelled, timed out or its worker stops; set by the worker.
-    Runners that wait on something outside (an API model's requests) check it and
-    raise runners.base.Stopped."""
-    shard: tuple[int, int] | None = None
-    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
-    set by the worker."""
-
-    @property
-    def runner(self) -> type[Runner]:
-        """The runner class that serves the job's model (backend.runners.registry)."""
-        return get_runner(self.spec.runner)
-
-
-def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
-            settings: Settings, confine: bool = True, api: Any = None,
-            api_key: str | None = None, fetch_data: bool = False,
-            data_progress: Any = None) -> PreparedJob:
-    """Resolve and check a job without loading anything.
-
-    With `confine` (jobs from the API and the queue) model folders must lie under
-    LBS_MODEL_DIRS and data paths under LBS_DATASETS_DIR; the command line, run by
-    the machine's own user, passes False. Raises UnknownDataset, ModelNotFound
-    (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
-    JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
-    and `api_key` are the runner's options (ApiOptions, or their stored dict, for
-    `openai:` models); the model's runner checks them (Runner.check_job).
-
-    Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
-    `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
-    `data_progress`; without `fetch_data` (the server) missing data that a worker may
-    fetch lets the job through, unchecked until then, and otherwise is a DataMissing
-    ParamError carrying how to get it.
-    """
-    from backend.datasets.hub import DataAccess, FetchPending
-
-    access = DataAccess(allow_download=settings.allow_data_download, fetch_now=fetch_data,
-                        offline=settings.hub_offline, progress=data_progress)
-    ds = get_dataset(dataset, DataContext.of(settings, access, confine))
-    params = ds.parse_params(raw_params)
-    spec = resolve_model(model, settings, confine=confine)
-    job = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key)
-    job.runner.check_job(job, settings, confine)
-    job.info = job.runner.model_info(job)
-    try:
-        ds.check(params, job.info)
-    except FetchPending:
-        pass  # the worker fetches the data, then checks again before building items
-    ds.check_ceilings(params, job.info, settings)
-    return job
 
 
 @dataclass
@@ -151,162 +79,8 @@ class EvalOutcome:
     stopped: bool = False
 
 
-def _choose_many(runner: Any, items: list[Any], chat_template: bool = True
-                 ) -> list[tuple[str, int, int, dict[str, Any]]]:
-    """Multiple choice by log-likelihood, `items` scored together (one batch of
-    questions): per item the label of the likeliest continuation, the prompt's token
-    count, 0 generated tokens, and the fields with each choice's log-prob (full
-    precision: differences below 1e-4 are real differences). `chat_template` says how
-    the items' prompts were rendered."""
-    from backend.engine.contracts import LoglikelihoodRequest
-
-    requests = [LoglikelihoodRequest(item.prompt, c, chat_template)
-                for item in items for c in item.choices]
-    scored = runner.loglikelihood(requests, batch_size=len(items))
-    out, at = [], 0
-    for item in items:
-        mine, at = scored[at:at + len(item.choices)], at + len(item.choices)
-        labels = item.labels or item.choices
-        best = max(range(len(mine)), key=lambda i: mine[i].logprob)
-        fields = {**item.fields, "logprobs": {label: s.logprob
-                                              for label, s in zip(labels, mine, strict=True)}}
-        out.append((labels[best], runner.count_prompt(item.prompt, chat_template), 0, fields))
-    return out
-
-
-def _choose(runner: Any, item: Any, chat_template: bool = True
-            ) -> tuple[str, int, int, dict[str, Any]]:
-    """`_choose_many` for one item."""
-    return _choose_many(runner, [item], chat_template)[0]
-
-
-def is_cuda_failure(exc: BaseException) -> bool:
-    """A CUDA error other than out-of-memory: torch.AcceleratorError (raised by its
-    C10_CUDA_CHECK, e.g. "CUDA error: an illegal memory access was encountered") or
-    a RuntimeError from its cuBLAS/cuDNN checks ("CUDA error: ...", "cuDNN error:
-    ..."). Such errors are sticky: the process's CUDA context is unusable after one,
-    so the worker gives its job back and exits (see worker.py)."""
-    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
-        return False
-    text = str(exc)
-    return (type(exc).__name__ == "AcceleratorError" or "CUDA error:" in text
-            or "cuDNN error:" in text)
-
-
 class SampleOutOfMemory(RuntimeError):
     """One prompt alone did not fit in memory and the job asked to fail (on_oom=fail_job)."""
-
-
-@dataclass
-class Backoff:
-    """Runs a batch function in batches of `size`, halving `size` on out-of-memory.
-
-    The halved size stays for the rest of the job (the next batch would not fit
-    either). A request that fails alone becomes an `OomFailure`; `on_oom` hears of
-    every failure, after the failed attempt's frames are gone, so it can free memory.
-    """
-
-    size: int
-    on_oom: Callable[[int, str], None]
-
-    def run(self, fn: Callable[[list[Any]], list[Any]], requests: list[Any]) -> list[Any]:
-        out: list[Any] = []
-        i = 0
-        while i < len(requests):
-            chunk = requests[i:i + self.size]
-            try:
-                out.extend(fn(chunk))
-                i += len(chunk)
-                continue
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                message = f"{type(exc).__name__}: {_first_line(exc)}"
-            # Outside the except block: the traceback (holding the batch's tensors) is gone.
-            self.on_oom(len(chunk), message)
-            if len(chunk) == 1:
-                out.append(OomFailure(message))
-                i += 1
-            else:
-                self.size = max(1, len(chunk) // 2)
-        return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
-
-
-@dataclass
-class _Answer:
-    """What the model made of one item, before scoring."""
-
-    item: Any
-    text: str = ""
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    fields: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-def _answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
-                  backoff: Backoff) -> list[_Answer]:
-    """Answers to `items`, in batches of the backoff's size: multiple-choice items
-    scored together by log-likelihood, generation items generated together (and their
-    second turns, e.g. the answer after a chain of thought, likewise).
-    `view` is the runner as the dataset sees it, rendering as the job asked."""
-    runner, templated = view.runner, view.chat_template
-    if dataset.answer is not None:  # the dataset calls the runner itself
-        return [_Answer(item, a.get("text", ""), a.get("prompt_tokens", 0),
-                        a.get("output_tokens", 0), a.get("fields", item.fields), a.get("error"))
-                for item, a in zip(items, dataset.answer(items, runner, backoff.run),
-                                   strict=True)]
-    answers = [_Answer(item, fields=item.fields) for item in items]
-    choosing = [a for a in answers if a.item.choices]
-    chosen = backoff.run(partial(_choose_many, runner, chat_template=templated),
-                         [a.item for a in choosing])
-    for answer, got in zip(choosing, chosen, strict=True):
-        if isinstance(got, OomFailure):
-            answer.error = got.message
-        else:
-            answer.text, answer.prompt_tokens, answer.output_tokens, answer.fields = got
-    generating = [a for a in answers if not a.item.choices]
-    replies = backoff.run(runner.generate, [GenerationRequest(
-        a.item.prompt, a.item.max_new_tokens, templated, a.item.prefix)
-        for a in generating])
-    second: list[tuple[_Answer, Any]] = []
-    for answer, reply in zip(generating, replies, strict=True):
-        if isinstance(reply, OomFailure):
-            answer.error = reply.message
-            continue
-        answer.text, answer.prompt_tokens = reply.text, reply.prompt_tokens
-        answer.output_tokens = reply.output_tokens
-        if reply.extra:  # prefill/decode timing; an API model's usage and attempts
-            answer.fields = {**answer.fields, **reply.extra}
-        nxt = dataset.second_turn(answer.item, reply.text, view)
-        if nxt is not None:
-            second.append((answer, nxt))
-    replies = backoff.run(runner.generate, [GenerationRequest(n.prompt, n.max_new_tokens,
-                                                              templated) for _, n in second])
-    for (answer, nxt), reply in zip(second, replies, strict=True):
-        if isinstance(reply, OomFailure):
-            answer.error = reply.message
-            continue
-        first = answer.fields.get("timing")
-        answer.text = reply.text
-        answer.fields = {**answer.fields, **nxt.fields, **(reply.extra or {})}
-        if first and reply.extra and "timing" in reply.extra:  # both turns' time and tokens
-            answer.fields["timing"] = _add_timings(first, reply.extra["timing"])
-        answer.output_tokens += reply.output_tokens
-    return answers
-
-
-def _add_timings(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """One answer's share of two batches' timings (each divided by its batch size)."""
-    return {"prefill_s": a["prefill_s"] / a["batch"] + b["prefill_s"] / b["batch"],
-            "decode_s": a["decode_s"] / a["batch"] + b["decode_s"] / b["batch"],
-            "prefill_tokens": a["prefill_tokens"] / a["batch"]
-            + b["prefill_tokens"] / b["batch"], "batch": 1}
 
 
 def _oom_handler(manager: ModelManager, job: PreparedJob) -> Callable[[int, str], None]:
@@ -426,7 +200,7 @@ def _warm_up(view: PromptView, item: Any, method: str) -> None:
     in another cache size for most prompts under 1k tokens)."""
     started = time.perf_counter()
     if item.choices:
-        _choose(view.runner, item, view.chat_template)
+        choose(view.runner, item, view.chat_template)
     else:
         view.runner.generate([GenerationRequest(item.prompt, item.max_new_tokens,
                                                 view.chat_template)])
@@ -442,7 +216,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
     pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
     step = job.params.batch_size
     if step == "auto":
-        step = _auto_batch_size(view.runner, pending)
+        step = auto_batch_size(view.runner, pending)
     if method is not None and pending:
         _warm_up(view, pending[0], method)
     backoff = Backoff(step, _oom_handler(manager, job))
@@ -450,7 +224,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = _answer_batch(pending[first:first + step], view, job.dataset, backoff)
+        answers = answer_batch(pending[first:first + step], view, job.dataset, backoff)
         latency = round((time.perf_counter() - started) / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:
@@ -477,59 +251,6 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
             if not sink.write(record):
                 return True
     return False
-
-
-SHARED_CHARS = 64
-"""Prompts sharing a prefix this long (characters) are batched together."""
-
-
-def order_for_batching(items: list[Any], longest_first: bool = False) -> list[Any]:
-    """Multiple-choice items in the order they batch best, generation items after them:
-    as given, or longest first with `longest_first` (Dataset.length_sorted: neighbours
-    in length batch with little padding, and the first batch is the most memory any
-    batch needs; samples are stored by idx, so the order does not show).
-
-    Prompts that share a prefix of SHARED_CHARS or more (one subject's few-shot header
-    and examples) stay together, so the runner computes that prefix once per batch;
-    each such run goes longest first (a batch pads to its longest prompt, so neighbours
-    in length waste the least) and the runs by their longest prompt, so an
-    out-of-memory shows on the first batch."""
-    runs: list[list[Any]] = []
-    for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
-        if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
-                < SHARED_CHARS:
-            runs.append([])
-        runs[-1].append(item)
-    runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
-                  key=lambda run: -run[0].prompt_tokens)
-    generating = [i for i in items if not i.choices]
-    if longest_first:
-        generating.sort(key=lambda i: -i.prompt_tokens)
-    return [i for run in runs for i in run] + generating
-
-
-def _auto_batch_size(runner: Any, pending: list[Any]) -> int:
-    """Job parameter batch_size "auto": the most rows, at most the number of items and
-    at most 256, of the job's longest batch (`Runner.find_batch_size`): for
-    multiple-choice items the longest context and its longest continuation as scored,
-    for generation the longest prompt and the most new tokens any item asks."""
-    if not pending:
-        return 1
-    rows = min(len(pending), 256)
-    longest = max(pending, key=lambda item: item.prompt_tokens)
-    if longest.choices:  # the continuation as scored: with the context's trailing space
-        lengths = [len(runner.encode(move_trailing_whitespace(longest.prompt, c)[1]))
-                   for c in longest.choices]
-        plan = BatchPlan("loglikelihood", rows, longest.prompt_tokens, max(lengths),
-                         padded=rows > 1, continuations=rows * sum(n > 1 for n in lengths))
-    else:
-        plan = BatchPlan("generate", rows, longest.prompt_tokens,
-                         max(item.max_new_tokens for item in pending), padded=rows > 1)
-    started = time.perf_counter()
-    size = runner.find_batch_size(plan)
-    log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
-             plan.prompt_tokens, plan.new_tokens, time.perf_counter() - started)
-    return size
 
 
 def compare_methods(dataset: Dataset, methods: list[str],

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
 from backend.common.commands import lbs_command
-from backend.common.config import format_bytes
+from backend.common.units import format_bytes
 from backend.queue.db import Job, JobState, WorkerRow, WorkerState
 
 

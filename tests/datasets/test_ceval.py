@@ -123,7 +123,7 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
     import copy
 
     from backend.datasets.ceval import LETTERS
-    from backend.engine.evaluation import _choose
+    from backend.engine.answering import choose
     from backend.runners.base import PromptView
     from backend.runners.hf.runner import HFRunner
 
@@ -145,7 +145,7 @@ def test_the_most_likely_letter_is_chosen_under_known_weights(tiny_runner):
     items = ds.build_items(params, PromptView(runner, params.use_chat_template))
     assert len(items) == 5
     for item in items:
-        prediction, _, _, fields = _choose(runner, item, params.use_chat_template)
+        prediction, _, _, fields = choose(runner, item, params.use_chat_template)
         assert prediction == "C"
         assert max(fields["logprobs"], key=fields["logprobs"].get) == "C"
         assert set(fields["logprobs"]) == set(LETTERS)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from backend.datasets.ceval import CEval
-from backend.datasets.files import find_file, read_records
+from backend.datasets.files import find_files, read_records
 from backend.datasets.gsm8k import GSM8K
 from backend.engine.contracts import ParamError
 from tests.conftest import ROOT
@@ -54,9 +54,9 @@ def test_ceval_hub_parquet_layout(tmp_path):
     assert [i.prompt for i in b] == [i.prompt for i in a] and len(b) == 2
 
 
-def test_find_file_names_what_it_looked_for(tmp_path):
+def test_find_files_names_what_it_looked_for(tmp_path):
     with pytest.raises(ParamError) as err:
-        find_file(tmp_path, ["test"])
+        find_files(tmp_path, ["test"])
     assert "test.jsonl" in err.value.message and str(tmp_path) in err.value.message
 
 

@@ -142,11 +142,13 @@ class TaskQuery(Query):
             errors=(422,))
 def search_lm_eval_tasks():
     from backend.datasets import lm_eval_catalog as catalog
-    from backend.datasets.lm_eval_tasks import LmEvalTasks, cached_task_list
+    from backend.datasets.lm_eval_lookup import cached_task_list
+    from backend.datasets.lm_eval_tasks import LmEvalTasks
 
     query = TaskQuery.model_validate(request.args.to_dict())
     settings = current_app.extensions["lbs"].settings
-    rows = cached_task_list(LmEvalTasks(DataContext.of(settings)).include_path)
+    tasks = LmEvalTasks(DataContext.of(settings))
+    rows = cached_task_list(tasks.include_path, tasks.cache_dir)
     allowed = settings.allow_data_download and not settings.hub_offline
     base = {"offset": query.offset, "limit": query.limit, "downloads_allowed": allowed}
     if rows is None:

@@ -43,7 +43,7 @@ from backend.engine.contracts import (
     ParamError,
     PathRefused,
 )
-from backend.engine.evaluation import prepare
+from backend.engine.preparation import prepare
 from backend.queue import jobs as service
 from backend.queue import results
 

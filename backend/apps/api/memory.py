@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.apps.api.errors import ApiError
 from backend.apps.api.openapi import documented
-from backend.common.config import GiB, format_bytes
+from backend.common.units import GiB, format_bytes
 from backend.queue import control
 
 bp = Blueprint("memory", __name__)

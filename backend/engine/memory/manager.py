@@ -32,7 +32,6 @@ worker's only sets a flag that makes its control thread publish the status).
 
 from __future__ import annotations
 
-import enum
 import gc
 import logging
 import threading
@@ -40,131 +39,33 @@ import time
 import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-from backend.common.config import GiB, format_bytes
-from backend.engine.contracts import CacheMode, HeldModel
-from backend.engine.memory.tracker import MemoryTracker, rss_bytes
+from backend.common.units import format_bytes
+from backend.engine.contracts import CacheMode
+from backend.engine.memory import cuda
+from backend.engine.memory.entries import (
+    Entry,
+    Location,
+    ManagerConfig,
+    ModelBusy,
+    ModelEvent,
+    UnknownModel,
+)
+from backend.engine.memory.store import ModelStore
+from backend.engine.memory.tracker import rss_bytes
 
 log = logging.getLogger(__name__)
 
-class Location(str, enum.Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    GPU = "gpu"
-    CPU = "cpu"
 
-
-class MemoryLimitError(RuntimeError):
-    """A model cannot be loaded under the memory limit."""
-
-
-class ModelBusy(RuntimeError):
-    """The model is in use by a running job."""
-
-
-class UnknownModel(LookupError):
-    """No model of that name is held by this manager."""
-
-
-@dataclass
-class ManagerConfig:
-    max_memory_usage: int = 0  # 0 = 80% of RAM
-    idle_timeout: float = 600.0
-    release_timeout: float = 3600.0
-    check_interval: float = 60.0
-    auto_cleanup: bool = True
-    pressure_ratio: float = 0.8
-    min_available_bytes: int = 2 * GiB
-    pinned_budget: int = 0  # 0 = 25% of RAM
-    use_cache: bool = True
-    gpu_cap_bytes: int = 0  # LBS_GPU_MEMORY_LIMIT x the first GPU's total; 0 = no cap
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ManagerConfig:
-        return cls(max_memory_usage=settings.max_memory_usage,
-                   gpu_cap_bytes=_gpu_cap(settings.gpu_memory_limit),
-                   idle_timeout=settings.gpu_idle_timeout,
-                   release_timeout=settings.release_timeout,
-                   check_interval=settings.memory_check_interval,
-                   auto_cleanup=settings.auto_cleanup_enabled,
-                   pressure_ratio=settings.pressure_ratio,
-                   min_available_bytes=int(settings.min_available_gb * GiB),
-                   pinned_budget=settings.pinned_memory_budget,
-                   use_cache=settings.use_model_cache)
-
-
-@dataclass
-class ModelEvent:
-    """One load, offload, restore or release, with its duration, bytes and RSS."""
-
-    kind: str
-    model: str
-    seconds: float
-    rss_before: int
-    rss_after: int
-    bytes: int = 0
-    note: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "model": self.model, "seconds": round(self.seconds, 4),
-               "bytes": self.bytes, "rss_before_bytes": self.rss_before,
-               "rss_after_bytes": self.rss_after}
-        if self.note:
-            out["note"] = self.note
-        return out
-
-
-@dataclass
-class _Entry:
-    key: Hashable
-    name: str
-    runner: HeldModel | None  # None while it loads
-    location: Location
-    size: int
-    load_count: int = 1
-    pinned: bool = False
-    in_use: bool = False
-    moving: bool = False  # a prefetch copies it to the GPU outside the lock
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    last_used_wall: float = field(default_factory=time.time)
-
-    @property
-    def busy(self) -> bool:
-        """In use by a job, or being copied by a prefetch: nothing else may move it."""
-        return self.in_use or self.moving
-
-    def held_bytes(self) -> int:
-        """RAM and GPU bytes this model holds now (a GPU model may keep a CPU copy)."""
-        return self.size + (self.runner.host_bytes() if self.runner is not None else 0)
-
-
-class ModelManager:
+class ModelManager(ModelStore):
     """Lazily loaded models of one worker; see the module docstring for the contract."""
 
     def __init__(self, config: ManagerConfig | None = None, has_gpu: bool | None = None,
                  use_cache: bool | None = None):
-        self.config = config or ManagerConfig()
-        if use_cache is not None:
-            self.config.use_cache = use_cache
-        total_ram = psutil.virtual_memory().total
-        if not self.config.max_memory_usage:
-            self.config.max_memory_usage = int(total_ram * 0.8)
-        if not self.config.pinned_budget:
-            self.config.pinned_budget = int(total_ram * 0.25)
-        self.has_gpu = _cuda_available() if has_gpu is None else has_gpu
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)  # a load or a prefetch ended
-        self._models: dict[Hashable, _Entry] = {}
-        self.load_counts: dict[Hashable, int] = {}
-        self.events: list[ModelEvent] = []
-        self.event_count = 0  # events ever recorded; `events` keeps the last 200
-        self.on_move: Callable[[ModelEvent], None] | None = None
-        self.tracker = MemoryTracker()
+        super().__init__(config, has_gpu, use_cache)
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_check = time.monotonic()
@@ -200,7 +101,7 @@ class ModelManager:
                     self._offload(entry, "job finished")
 
     def _acquire(self, key: Hashable, name: str, load: Callable[[], Any],
-                 estimate: int) -> _Entry:
+                 estimate: int) -> Entry:
         with self._lock:
             entry = self._models.get(key)
             while entry is not None and entry.moving:  # a prefetch is bringing it back
@@ -217,7 +118,7 @@ class ModelManager:
             self._make_room(name, estimate)
             if self.has_gpu:
                 self._make_gpu_room(name, estimate)
-            placeholder = _Entry(key, name, None, Location.LOADING, estimate, in_use=True)
+            placeholder = Entry(key, name, None, Location.LOADING, estimate, in_use=True)
             self._models[key] = placeholder
         before = rss_bytes()
         started = time.perf_counter()
@@ -250,140 +151,6 @@ class ModelManager:
         with self._lock:
             return self._changed.wait_for(ready, timeout)
 
-    # --- moves ---------------------------------------------------------------------
-
-    def _offload(self, entry: _Entry, why: str) -> ModelEvent | None:
-        if entry.location is not Location.GPU:
-            return None
-        if not entry.runner.movable():
-            return self._release(entry, f"{why}; a device-mapped model is released, not moved")
-        before, started = rss_bytes(), time.perf_counter()
-        pin = _pinned_bytes(entry) <= self._pinned_room(entry)
-        how = "pinned" if pin else "pageable"
-        try:
-            copied = entry.runner.offload(pin=pin)
-        except Exception as exc:  # noqa: BLE001 - cudaHostAlloc refused: pageable will do
-            if not pin:
-                raise
-            log.warning("[ModelManager] pinning %s's host copy failed (%s); using pageable "
-                        "memory", entry.name, exc)
-            _empty_cuda_cache()  # the blocks pinned before the failure
-            copied = entry.runner.offload(pin=False)
-            how = f"pageable (pinning failed: {exc})"
-        entry.location = Location.CPU
-        _empty_cuda_cache()
-        return self._event("offload", entry.name, started, before, copied,
-                           f"{why}; host copy {how}")
-
-    def _restore(self, entry: _Entry) -> ModelEvent:
-        before, started = rss_bytes(), time.perf_counter()
-        moved = entry.runner.restore()
-        entry.location = Location.GPU
-        return self._event("restore", entry.name, started, before, moved)
-
-    def _release(self, entry: _Entry, why: str) -> ModelEvent:
-        self._models.pop(entry.key, None)
-        before, started = rss_bytes(), time.perf_counter()
-        gpu_before = _gpu_reserved()
-        size = entry.size
-        entry.runner.close()
-        entry.runner = None
-        gc.collect()
-        _empty_cuda_cache()
-        _trim_heap()
-        check = self.tracker.release_check(f"release {entry.name}", before, expected_bytes=size)
-        if gpu_before:
-            check += f"; GPU reserved {format_bytes(gpu_before - _gpu_reserved())} freed"
-        event = self._event("release", entry.name, started, before, size,
-                            f"{why}; {check}")
-        log.info("[ModelManager] released %s (%s): %s", entry.name, why, check)
-        return event
-
-    def _event(self, kind: str, name: str, started: float, before: int, nbytes: int,
-               note: str | None = None) -> ModelEvent:
-        event = ModelEvent(kind, name, time.perf_counter() - started, before, rss_bytes(),
-                           nbytes, note)
-        self.events.append(event)
-        self.event_count += 1
-        del self.events[:-200]
-        if self.on_move is not None:
-            self.on_move(event)
-        if kind not in ("release", "oom"):  # those log their own line
-            log.info("[ModelManager] %s %s: %s in %.3f s", kind, name, format_bytes(nbytes),
-                     event.seconds)
-        return event
-
-    def _pinned_room(self, entry: _Entry) -> int:
-        used = sum(_pinned_bytes(e) for e in self._models.values()
-                   if e is not entry and e.runner is not None and e.runner.host_pinned)
-        return self.config.pinned_budget - used
-
-    # --- limits, eviction, pressure --------------------------------------------------
-
-    def ram_bytes(self, key: Hashable) -> int:
-        """RAM the weights of the model held under `key` take now (HeldModel.ram_bytes);
-        0 when it is not held."""
-        with self._lock:
-            entry = self._models.get(key)
-            return entry.runner.ram_bytes() if entry is not None and entry.runner else 0
-
-    def idle_gpu_bytes(self) -> int:
-        """Bytes of the models on the GPU that no job uses (the manager offloads them to
-        make room). Read without the lock, so it never waits on a model move: a model
-        being moved counts where it was."""
-        entries = list(self._models.values())  # one C-level copy: safe without the lock
-        return sum(e.size for e in entries if e.location is Location.GPU and not e.in_use)
-
-    def gpu_bytes(self) -> int:
-        """Bytes of all the models on the GPU, idle or in use (lock-free, as above)."""
-        entries = list(self._models.values())
-        return sum(e.size for e in entries if e.location is Location.GPU)
-
-    def size_of(self, name: str) -> int:
-        """Bytes of the weights of the models called `name` held here (0 if none)."""
-        return sum(e.size for e in list(self._models.values()) if e.name == name)
-
-    def usage(self) -> int:
-        with self._lock:
-            return sum(e.held_bytes() for e in self._models.values())
-
-    def _lru_candidates(self) -> list[_Entry]:
-        free = [e for e in self._models.values()
-                if not e.pinned and not e.busy and e.location is not Location.LOADING]
-        return sorted(free, key=lambda e: e.last_used)
-
-    def _make_room(self, name: str, needed: int) -> None:
-        limit = self.config.max_memory_usage
-        if needed > limit:
-            raise MemoryLimitError(
-                f"{name} needs about {format_bytes(needed)}, more than the model memory "
-                f"limit of {format_bytes(limit)} (MAX_MEMORY_USAGE) even alone")
-        for victim in self._lru_candidates():
-            if self.usage() + needed <= limit:
-                break
-            self._release(victim, f"evicted (LRU) to make room for {name}")
-        if self.usage() + needed > limit:
-            held = ", ".join(f"{e.name} {format_bytes(e.held_bytes())}"
-                             f"{' (pinned)' if e.pinned else ''}{' (in use)' if e.in_use else ''}"
-                             for e in self._models.values())
-            raise MemoryLimitError(
-                f"{name} needs about {format_bytes(needed)} but only "
-                f"{format_bytes(limit - self.usage())} of the {format_bytes(limit)} limit is "
-                f"free, and the rest is held by models that cannot be evicted: {held}")
-
-    def _make_gpu_room(self, name: str, needed: int, keep: _Entry | None = None) -> None:
-        """Offload LRU models from the GPU until `needed` more bytes fit under the cap
-        (LBS_GPU_MEMORY_LIMIT); a model that does not fit is left to the device map."""
-        cap = self.config.gpu_cap_bytes
-        if not cap:
-            return
-        on_gpu = [e for e in self._lru_candidates() if e.location is Location.GPU and e is not keep]
-        for victim in on_gpu:
-            used = sum(e.size for e in self._models.values() if e.location is Location.GPU)
-            if used + needed <= cap:
-                break
-            self._offload(victim, f"GPU cap: making room for {name}")
-
     def prefetch(self, name: str, free_gpu_bytes: Callable[[], int] | None = None,
                  reserve: int = 0) -> bool:
         """Restore `name` to the GPU ahead of its job, if it is offloaded, idle and fits,
@@ -403,7 +170,7 @@ class ModelManager:
                 return False
             cap = self.config.gpu_cap_bytes
             on_gpu = sum(e.size for e in self._models.values() if e.location is Location.GPU)
-            free = (free_gpu_bytes or _free_gpu_bytes)()
+            free = (free_gpu_bytes or cuda.free_gpu_bytes)()
             needed = entry.size * 1.2 + reserve  # the running job allocates `reserve` still
             if (cap and on_gpu + needed > cap) or needed > free:
                 return False
@@ -455,7 +222,7 @@ class ModelManager:
 
     # --- commands (from the API, through the worker) ---------------------------------
 
-    def _named(self, name: str | None) -> list[_Entry]:
+    def _named(self, name: str | None) -> list[Entry]:
         entries = [e for e in self._models.values()
                    if (name is None or e.name == name) and e.location is not Location.LOADING]
         if name is not None and not entries:
@@ -516,11 +283,11 @@ class ModelManager:
         so the manager's view of it is still true."""
         with self._lock:
             before, started = rss_bytes(), time.perf_counter()
-            gpu_before = _gpu_reserved()
+            gpu_before = cuda.gpu_reserved()
             gc.collect()
-            _empty_cuda_cache()
+            cuda.empty_cuda_cache()
             if gpu_before:
-                note += f"; GPU reserved {format_bytes(gpu_before - _gpu_reserved())} freed"
+                note += f"; GPU reserved {format_bytes(gpu_before - cuda.gpu_reserved())} freed"
             return self._event("oom", name, started, before, 0, note)
 
     def events_since(self, count: int) -> list[ModelEvent]:
@@ -602,15 +369,9 @@ class ModelManager:
                 "total_models": len(models), "total_memory_usage": usage,
                 "memory_limit": limit, "pressure": self.pressure(),
                 "system_available": vm.available, "system_total": vm.total,
-                "gpu_memory": gpu_memory(), "rss_bytes": rss_bytes(),
+                "gpu_memory": cuda.gpu_memory(), "rss_bytes": rss_bytes(),
                 "events": [e.as_dict() for e in self.events[-20:]],
             }
-
-
-def _pinned_bytes(entry: _Entry) -> int:
-    """Pinned host memory the model's copy takes: what the host allocator rounds its
-    blocks to (HeldModel.pinned_bytes; HFRunner's counts the rounding)."""
-    return entry.runner.pinned_bytes()
 
 
 def _asked(question: Callable[[], bool]) -> bool:
@@ -619,77 +380,3 @@ def _asked(question: Callable[[], bool]) -> bool:
     except Exception:  # noqa: BLE001 - a failed "keep it?" must not leave the model in use
         log.exception("[ModelManager] keep_on_gpu failed; offloading")
         return False
-
-
-def gpu_memory() -> dict[str, dict[str, float]]:
-    """Per visible GPU: allocated/reserved by this process and total, in GB (2**30 bytes)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return {}
-    return {f"GPU_{i}": {
-        "allocated_gb": round(torch.cuda.memory_allocated(i) / GiB, 3),
-        "reserved_gb": round(torch.cuda.memory_reserved(i) / GiB, 3),
-        "total_gb": round(torch.cuda.get_device_properties(i).total_memory / GiB, 3),
-    } for i in range(torch.cuda.device_count())}
-
-
-def _cuda_available() -> bool:
-    import sys
-
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_available())
-
-
-def _gpu_cap(fraction: float) -> int:
-    """The cap on the models the manager keeps on the GPU: the limit's share of the
-    first GPU, where a movable (single-device) model lives and where the loader caps
-    it (runners/hf/placement.py); not of every GPU together, which would let models pile up
-    on the first GPU beyond its own cap."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if fraction <= 0 or torch is None or not torch.cuda.is_available():
-        return 0
-    return int(fraction * torch.cuda.get_device_properties(0).total_memory)
-
-
-def _free_gpu_bytes() -> int:
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return 0
-    return torch.cuda.mem_get_info()[0]
-
-
-def _gpu_reserved() -> int:
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return 0
-    return sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count()))
-
-
-def _empty_cuda_cache() -> None:
-    import sys
-
-    torch = sys.modules.get("torch")  # never import torch just to release nothing
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        host_empty = getattr(torch._C, "_host_emptyCache", None)
-        if host_empty is not None:  # the caching allocator for pinned host memory
-            host_empty()
-
-
-def _trim_heap() -> None:
-    """Ask glibc to hand freed heap pages back to the OS, so RSS really drops."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -60,10 +60,6 @@ class MemoryTracker:
         log.info("[Memory] %s: %+.1f MB RSS (total %+.1f MB)", name, delta_mb, total_mb)
         return delta_mb, total_mb
 
-    @property
-    def peak_mb(self) -> float:
-        return (self.peak - self.baseline) / MB
-
     def release_check(self, name: str, before_bytes: int,
                       expected_bytes: int | None = None) -> str:
         """Checkpoint after a release and describe what came back to the OS since

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from backend.common.config import format_bytes
+from backend.common.units import format_bytes
 
 log = logging.getLogger(__name__)
 
