@@ -260,6 +260,15 @@ def settings(data_dir, db_url):
     return load_settings()
 
 
+def queue_on(factory, lease_seconds: float = 60.0, max_attempts: int = 3,
+             affinity_seconds: float = 0.0):
+    """The queue on `factory`, with the lease settings most tests use."""
+    from backend.queue.jobs import Queue
+
+    return Queue(factory, lease_seconds=lease_seconds, max_attempts=max_attempts,
+                 affinity_seconds=affinity_seconds)
+
+
 @pytest.fixture
 def factory(settings):
     from backend.queue.db import dispose_engines, session_factory

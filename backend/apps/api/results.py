@@ -9,7 +9,6 @@ from flask import Blueprint, current_app
 
 from backend.apps.api import schemas
 from backend.apps.api.openapi import documented
-from backend.queue import results
 from backend.runners.models import ModelNotFound, resolve_model
 
 bp = Blueprint("results", __name__, url_prefix="/api/leaderboard")
@@ -49,7 +48,7 @@ def leaderboard():
     """One row per model and configuration (see results.leaderboard)."""
     lbs = current_app.extensions["lbs"]
     return {"status": "success",
-            "data": results.leaderboard(lbs.factory, _resolver(), effective_params)}
+            "data": lbs.results.leaderboard(_resolver(), effective_params)}
 
 
 @bp.get("/memory")
@@ -59,4 +58,4 @@ def leaderboard():
 def memory():
     """Peak memory against context length per model, on NIAH and LongBench."""
     lbs = current_app.extensions["lbs"]
-    return {"status": "success", "data": results.memory_by_length(lbs.factory, _resolver())}
+    return {"status": "success", "data": lbs.results.memory_by_length(_resolver())}
