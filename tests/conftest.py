@@ -396,7 +396,7 @@ def work_one_job(settings) -> None:
 
 
 def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str, Any]:
-    """What a worker publishes (Worker.publish_status) when its model manager holds one
+    """What a worker publishes (ManagerChannel.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""
     from backend.datasets.base import CacheMode
     from backend.engine.memory.held import HeldModel

@@ -390,7 +390,7 @@ def test_a_model_held_by_a_running_job_is_explained_once(factory, data_dir):
 
 
     queue_on(factory).workers.register("w1", socket.gethostname(), os.getpid(), "cpu",
-                         current_job_id=7)
+                                       current_job_id=7)
 
     class Server(BaseHTTPRequestHandler):  # the API's answers while job 7 runs on w1
         def _answer(self, status: int, body: dict) -> None:

@@ -25,7 +25,7 @@ GRID = {"context_lengths": [256, 384], "depth_percents": [0, 25, 50, 75, 100],
 
 def _submit(factory, shards: int, params=GRID) -> int:
     (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH, params,
-                                                    data_parallel=shards)])
+                                                   data_parallel=shards)])
     return job.id
 
 
@@ -192,7 +192,7 @@ def test_sigkilled_shard_worker_is_replaced_and_the_shard_resumes(with_tiny):
 
 def test_a_shard_given_back_after_a_cuda_error_on_its_last_attempt_fails_the_job(
         settings, factory, with_tiny):
-    """A shard's worker whose CUDA context broke gives the shard back (give_back_job);
+    """A shard's worker whose CUDA context broke gives the shard back (Queue.give_back);
     on its last attempt the shard fails, and the job ends with it like after a lost
     lease, instead of staying running with no shard left to finish it."""
     job_id = _submit(factory, 2)
@@ -220,8 +220,8 @@ def test_the_job_shows_its_shards(client, factory):
             "latency_s": 0.1, "output_tokens": 1, "fields": {}})
     b = queue_on(factory).claim("w2")
     queue_on(factory).finish(b.id, "w2", JobState.SUCCEEDED,
-                    memory=[("rss_peak", "cpu", 300 * 2**20),
-                            ("cuda_max_allocated", "cuda:0", 2**30)])
+                             memory=[("rss_peak", "cpu", 300 * 2**20),
+                                     ("cuda_max_allocated", "cuda:0", 2**30)])
 
     job = client.get(f"/api/jobs/{job_id}").get_json()["data"]["job"]
     shards = job["shards"]

@@ -110,8 +110,8 @@ def test_shards_in_every_state(server, page):
                                                          "depth_percent": 0.0}})
     b = queue_on(factory, lease_seconds=600).claim("gpu-b", capacity=caps)
     queue_on(factory).finish(b.id, "gpu-b", JobState.SUCCEEDED,
-                    memory=[("rss_peak", "cpu", 900 * 2**20),
-                            ("cuda_max_allocated", "cuda:0", 3 * 2**30)])
+                             memory=[("rss_peak", "cpu", 900 * 2**20),
+                                     ("cuda_max_allocated", "cuda:0", 3 * 2**30)])
 
     page.goto(f"{server.url}/#/job/{job_id}")
     table = page.locator("#shards-table")

@@ -24,7 +24,7 @@ def _register(factory, worker_id, indices, host=HOST):
     gpus = [{"index": i, "name": "H100", "total_bytes": 80 * GiB, "free_bytes": 80 * GiB}
             for i in indices]
     queue_on(factory).workers.register(worker_id, host, 1000, "cuda", gpus=gpus,
-                         gpu_free_bytes=80 * GiB * len(indices))
+                                       gpu_free_bytes=80 * GiB * len(indices))
 
 
 def _caps(indices, free=80 * GiB, host=HOST):

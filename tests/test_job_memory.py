@@ -124,7 +124,7 @@ def test_jobs_from_before_the_own_figure_show_the_process_peak(data_dir, monkeyp
         output_tokens=1, fields={}, peak_rss_bytes=5 * MiB, peak_own_rss_bytes=MiB,
         peak_gpu_bytes=None))
     queue_on(factory).finish(new.id, "w", JobState.SUCCEEDED,
-                    scores=[ScoreEntry("overall", 1.0, 1)])
+                             scores=[ScoreEntry("overall", 1.0, 1)])
     (sample,), _ = queue_on(factory).samples(new.id)
     assert sample.peak_own_rss_bytes == MiB
     dispose_engines()

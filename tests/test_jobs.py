@@ -96,7 +96,7 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
     assert lost.id == job_id
     for idx in (0, 1):
         queue_on(factory, lease_seconds=0.3).record_sample(job_id, "lost-worker",
-                           _sample(idx, "from the lost worker"))
+                                                           _sample(idx, "from the lost worker"))
     with factory() as s:
         before = {r.idx: (r.id, r.created_at) for r in s.scalars(sa.select(Sample))}
     time.sleep(0.5)  # the lost worker stops renewing; its lease expires

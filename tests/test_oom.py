@@ -45,7 +45,7 @@ def oom_when(monkeypatch):
 
 def _run(settings, factory, params):
     (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH,
-                                                                       params)])]
+                                                                      params)])]
     work_one_job(settings)
     samples, _ = queue_on(factory).samples(job_id)
     return queue_on(factory).get(job_id), samples

@@ -136,7 +136,7 @@ def test_out_of_memory_halving_recomputes_the_prefix(settings, with_tiny, monkey
 
 def _job(settings, factory, params):
     (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH,
-                                                                       params)])]
+                                                                      params)])]
     return job_id
 
 

@@ -28,7 +28,8 @@ def _finished(factory, model, dataset, samples, score, memory=(), worker="w"):
             latency_s=0.1, output_tokens=4, fields=fields, peak_rss_bytes=rss,
             peak_gpu_bytes=gpu))
     queue_on(factory).finish(job.id, worker, JobState.SUCCEEDED,
-                    scores=[ScoreEntry("overall", score, len(samples))], memory=list(memory))
+                             scores=[ScoreEntry("overall", score, len(samples))],
+                             memory=list(memory))
     return job.id
 
 

@@ -87,7 +87,7 @@ def _worker_row(factory, worker_id, *, labels=(), gpus=(), free=None, age_s=0.0)
     gpu_rows = [{"index": i, "name": "simulated GPU", "total_bytes": size,
                  "free_bytes": size, "simulated": True} for i, size in enumerate(gpus)]
     queue_on(factory).workers.register(worker_id, "host-a", 1234, "cpu", labels=labels,
-                         gpus=gpu_rows, gpu_free_bytes=free)
+                                       gpus=gpu_rows, gpu_free_bytes=free)
     if age_s:
         with factory.begin() as s:
             s.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)

@@ -149,7 +149,7 @@ def test_a_one_gpu_job_is_admitted_against_its_own_gpu_not_the_sum(factory):
     two_cards = Capacity(gpu_count=2, free_gpu_bytes=(10 * GB, 10 * GB))
     assert queue_on(factory).claim("w", capacity=two_cards) is None  # fits only 10+10
     (two,) = queue_on(factory).submit([jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB,
-                                                    num_gpus=2)])
+                                                   num_gpus=2)])
     assert queue_on(factory).claim("w", capacity=two_cards).id == two.id
     roomy_first = Capacity(gpu_count=2, free_gpu_bytes=(16 * GB, 1 * GB))
     assert queue_on(factory).claim("w", capacity=roomy_first).id == one.id
@@ -160,7 +160,7 @@ def test_waiting_reason_counts_the_gpus_the_job_uses(factory):
     gpus = [{"index": i, "name": "g", "total_bytes": 10 * GB, "free_bytes": 10 * GB,
              "available_bytes": 10 * GB} for i in range(2)]
     queue_on(factory).workers.register("w", "host", 1, "cuda:0,1", gpus=gpus,
-                         gpu_free_bytes=20 * GB)
+                                       gpu_free_bytes=20 * GB)
     reason = queue_on(factory).waiting_reasons([queue_on(factory).get(job.id)])[job.id]
     assert "needs about 15.0 GiB" in reason and "has free is 10.0 GiB" in reason
 
@@ -215,9 +215,9 @@ def test_free_gpu_choice_skips_every_gpu_of_this_hosts_workers_only(factory, set
 
     # here: a worker holding GPUs 0 and 1; on another machine: one holding its GPU 2
     queue_on(factory).workers.register("here", socket.gethostname(), 1, "cuda:0,1 (Fake GPU)",
-                                       gpus=[gpu(0), gpu(1)])
+                                                     gpus=[gpu(0), gpu(1)])
     queue_on(factory).workers.register("there", "other-host", 1, "cuda:2 (Fake GPU)",
-                                       gpus=[gpu(2)])
+                                                     gpus=[gpu(2)])
     assert worker_gpus.choose_gpu(settings) == "2" and chosen == ["2"]
 
 

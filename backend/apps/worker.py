@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 EXIT_CUDA_ERROR = 3
 """Exit status of a worker whose CUDA context broke; the server's pool starts a fresh one."""
 PRUNE_EVERY_S = 3600.0
-"""How often the heartbeat deletes old rows (jobs.prune_workers, control.prune_commands)."""
+"""How often the heartbeat deletes old rows (Workers.prune, Commands.prune)."""
 
 
 class Worker:
@@ -331,7 +331,7 @@ class Worker:
 
     def _give_back_after_cuda_error(self, job_id: int, exc: BaseException) -> None:
         """After a CUDA error nothing more can run in this process: give the job back
-        (counted as an attempt, see jobs.give_back_job) and stop, so that the server's
+        (counted as an attempt, see Queue.give_back) and stop, so that the server's
         pool starts a fresh worker with a fresh CUDA context."""
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.error("[Worker] job %d hit a CUDA error; this worker's CUDA context is unusable, "

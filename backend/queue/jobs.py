@@ -152,7 +152,7 @@ class Queue(QueueReads):
 
     Guarantees, on SQLite and on PostgreSQL alike:
 
-    - Every method is one transaction (`send` aside: see control.Commands), and every
+    - Every method is one transaction (`commands.send` aside: see control.py), and every
       write that reads first holds SQLite's write lock from its start or locks the rows
       it reads on PostgreSQL (`FOR UPDATE`, `SKIP LOCKED` for claims).
     - `submit` queues all the jobs or none and wakes idle workers.
@@ -170,6 +170,9 @@ class Queue(QueueReads):
       its state forbids it (cancel: already finished; delete: running).
     - A data-parallel job is queued as shards (rows with the job as `parent_id`),
       claimed, leased and cancelled like jobs; the last shard to end ends the job.
+    - Reads (`get`, `shards`, `list`, `samples`, `stored_samples`, `waiting_reasons`,
+      `next_model`, `rough_duration`: reads.py) take no lock; `get` and `samples` raise
+      JobNotFound.
     """
 
     def __init__(self, factory: sessionmaker, *, lease_seconds: float, max_attempts: int,

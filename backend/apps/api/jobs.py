@@ -182,7 +182,7 @@ def estimate():
         out.append({"model": job.model, "dataset": job.dataset,
                     "memory_bytes": new.memory_bytes,
                     "duration": lbs.queue.rough_duration(job.model, job.dataset,
-                                                        new.params, items)})
+                                                         new.params, items)})
     return _ok({"jobs": out,
                 "workers": lbs.queue.workers.live()})
 
