@@ -1,6 +1,6 @@
 """The read side of the queue: jobs, shards and samples as the API shows them, why a
-queued job waits, and what a worker would claim next. Plain reads, no lock taken;
-`jobs.Queue` adds the writes."""
+queued job waits, what a worker would claim next, and a rough duration for a job before
+it is launched. Plain reads, no lock taken; `jobs.Queue` adds the writes."""
 
 from __future__ import annotations
 
