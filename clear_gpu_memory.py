@@ -81,14 +81,14 @@ def read_workers(settings: Any, stale_after: float) -> list[dict[str, Any]] | No
     """The workers table's rows that are not stopped, with their heartbeat's age and, for
     this machine, the process behind the PID; None when the database cannot be read."""
     from backend.queue.db import WorkerState, session_factory, utcnow
-    from backend.queue.jobs import list_workers
+    from backend.queue.workers import Workers
 
     url = settings.database_url
     path = sa.engine.make_url(url).database if url.startswith("sqlite") else None
     if path and path != ":memory:" and not Path(path).exists():
         return []  # no database yet, so no worker ever ran here (and do not create one)
     try:
-        rows = list_workers(session_factory(url))
+        rows = Workers(session_factory(url), settings.lease_seconds).all()
     except Exception as exc:  # noqa: BLE001 - a report must still print without a database
         log.warning("[Clear] cannot read the workers table: %s", exc)
         return None
@@ -301,9 +301,10 @@ def confirm(plans: list[dict[str, Any]]) -> bool | None:
 def kill_stale(plans: list[dict[str, Any]], settings: Any, grace: float,
                dry_run: bool) -> list[dict[str, Any]]:
     from backend.queue.db import WorkerState, session_factory
-    from backend.queue.jobs import worker_heartbeat
+    from backend.queue.workers import Workers
 
-    factory = None if dry_run else session_factory(settings.database_url)
+    workers = None if dry_run else Workers(session_factory(settings.database_url),
+                                           settings.lease_seconds)
     actions = []
     for plan in plans:
         entry = {"action": plan["do"], "target": plan["worker_id"], "pid": plan["pid"],
@@ -320,7 +321,7 @@ def kill_stale(plans: list[dict[str, Any]], settings: Any, grace: float,
                           f"{plan['why']}"
             else:
                 message = f"marked worker {plan['worker_id']} stopped: {plan['why']}"
-            worker_heartbeat(factory, plan["worker_id"], state=WorkerState.STOPPED.value)
+            workers.heartbeat(plan["worker_id"], state=WorkerState.STOPPED.value)
             actions.append({**entry, "message": message})
         except (psutil.Error, RuntimeError, OSError, sa.exc.SQLAlchemyError) as exc:
             actions.append({**entry, "ok": False,

@@ -22,7 +22,6 @@ from typing import Any
 
 from flask import Flask, send_from_directory
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 
 from backend.common.config import (
     ConfigError,
@@ -34,7 +33,8 @@ from backend.common.config import (
 from backend.common.logs import setup_logging
 from backend.common.redact import mask_url
 from backend.engine.plugins import load_plugins
-from backend.queue.db import session_factory
+from backend.queue.jobs import Queue
+from backend.queue.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class AppState:
     """What the views need, kept in `app.extensions["lbs"]`."""
 
     settings: Settings
-    factory: sessionmaker
+    queue: Queue
+    results: Results
     workers_spawned_at: float | None = None
     """time.monotonic() when this server last started a worker process (None: it starts
     none): until one registers, a queued job waits for it to start, not for no one."""
@@ -76,7 +77,8 @@ def create_app(settings: Settings | None = None,
     app.json.sort_keys = False  # keep schemas in field order: the page builds forms from them
     if test_config:
         app.config.update(test_config)
-    app.extensions["lbs"] = AppState(settings, session_factory(settings.database_url))
+    queue = Queue.from_settings(settings)
+    app.extensions["lbs"] = AppState(settings, queue, Results(queue.factory))
     errors.init_app(app)
     _init_access(app, settings)
     inputs.init_app(app)

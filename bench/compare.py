@@ -89,7 +89,7 @@ def machine() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One comparison job through backend.engine.evaluation; the figures as a dict."""
-    from backend.apps.worker import warm_up
+    from backend.apps.worker_process import warm_up
 
     warm_up()  # as a worker does at start, so neither method pays the lazy imports
     from backend.apps.api.schemas import memory_dict, scores_dict

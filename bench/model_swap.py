@@ -57,7 +57,7 @@ def touch(model) -> None:
 def measure(model: str) -> dict:
     """One fresh-process measurement (called through --measure)."""
     sys.path.insert(0, str(ROOT))
-    from backend.apps.worker import warm_up
+    from backend.apps.worker_process import warm_up
 
     warm_up()
     import torch

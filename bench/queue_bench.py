@@ -4,8 +4,8 @@ processes on trivial jobs, on SQLite and on PostgreSQL.
     .venv/bin/python bench/queue_bench.py [--jobs 400] [--latency-jobs 30] [--workers 1,2,4,8]
                                           [--engines sqlite,postgresql] [--postgres-url URL]
 
-Each worker process runs the worker's claim loop without a model: `claim_job`,
-one `record_sample`, `finish_job`; with the queue empty it waits as a real
+Each worker process runs the worker's claim loop without a model: `Queue.claim`,
+one `record_sample`, `finish`; with the queue empty it waits as a real
 worker does (notify.WorkWaiter: LISTEN/NOTIFY on PostgreSQL; on SQLite a read of
 the queue every 50 ms and a claim when it changed, or every LBS_POLL_INTERVAL =
 0.5 s). Every configuration starts on a fresh database with idle workers.
@@ -43,11 +43,11 @@ import time  # noqa: E402
 def worker_loop(url: str, worker_id: str, poll: float, listen_timeout: float, stop,
                 ready) -> None:
     from backend.queue.db import JobState, session_factory
-    from backend.queue.jobs import claim_job, finish_job, record_sample, register_worker
+    from backend.queue.jobs import Queue
     from backend.queue.notify import WorkWaiter
 
-    factory = session_factory(url)
-    register_worker(factory, worker_id, socket.gethostname(), os.getpid(), "cpu")
+    queue = Queue(session_factory(url), lease_seconds=60, max_attempts=3)
+    queue.workers.register(worker_id, socket.gethostname(), os.getpid(), "cpu")
     waiter = WorkWaiter(url)
     waiter.wait(0.001, 0.001, stop)  # LISTEN before saying ready
     ready.put(worker_id)
@@ -55,12 +55,12 @@ def worker_loop(url: str, worker_id: str, poll: float, listen_timeout: float, st
                   latency_s=0.0, output_tokens=1, fields={})
     while not stop.is_set():
         waiter.mark()
-        job = claim_job(factory, worker_id, lease_seconds=60, max_attempts=3)
+        job = queue.claim(worker_id)
         if job is None:
             waiter.wait(poll, listen_timeout, stop)
             continue
-        record_sample(factory, job.id, worker_id, 60, sample)
-        finish_job(factory, job.id, worker_id, JobState.SUCCEEDED)
+        queue.record_sample(job.id, worker_id, sample)
+        queue.finish(job.id, worker_id, JobState.SUCCEEDED)
     waiter.close()
 
 
@@ -84,9 +84,10 @@ def measure(url: str, workers: int, n_jobs: int, latency_jobs: int) -> dict:
     import sqlalchemy as sa
 
     from backend.queue.db import Job, dispose_engines, session_factory
-    from backend.queue.jobs import NewJob, submit_jobs
+    from backend.queue.jobs import NewJob, Queue
 
     factory = session_factory(url)  # migrates before the workers start
+    queue = Queue(factory, lease_seconds=60, max_attempts=3)
     ctx = mp.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=worker_loop, args=(url, f"bench-{i}", 0.5, 10.0, stop, ready))
@@ -100,7 +101,7 @@ def measure(url: str, workers: int, n_jobs: int, latency_jobs: int) -> dict:
         # claim latency: one job at a time into an idle pool
         latencies = []
         for i in range(latency_jobs):
-            (job,) = submit_jobs(factory, [NewJob("m", "echo", {})])
+            (job,) = queue.submit([NewJob("m", "echo", {})])
             _wait_finished(factory, i + 1)
             with factory() as s:
                 row = s.get(Job, job.id)
@@ -108,7 +109,7 @@ def measure(url: str, workers: int, n_jobs: int, latency_jobs: int) -> dict:
             time.sleep(random.uniform(0.05, 0.15))
         # throughput: a batch into an idle pool
         time.sleep(0.6)
-        submit_jobs(factory, [NewJob("m", "echo", {}) for _ in range(n_jobs)])
+        queue.submit([NewJob("m", "echo", {}) for _ in range(n_jobs)])
         _wait_finished(factory, latency_jobs + n_jobs)
         with factory() as s:
             first, last = s.execute(sa.select(sa.func.min(Job.created_at),

@@ -248,6 +248,15 @@ def settings(data_dir, db_url):
     return load_settings()
 
 
+def queue_on(factory, lease_seconds: float = 60.0, max_attempts: int = 3,
+             affinity_seconds: float = 0.0):
+    """The queue on `factory`, with the lease settings most tests use."""
+    from backend.queue.jobs import Queue
+
+    return Queue(factory, lease_seconds=lease_seconds, max_attempts=max_attempts,
+                 affinity_seconds=affinity_seconds)
+
+
 @pytest.fixture
 def factory(settings):
     from backend.queue.db import dispose_engines, session_factory
@@ -375,7 +384,7 @@ def work_one_job(settings) -> None:
 
 
 def manager_status(model_name: str, as_of: float, size: int = 1000) -> dict[str, Any]:
-    """What a worker publishes (Worker.publish_status) when its model manager holds one
+    """What a worker publishes (ManagerChannel.publish_status) when its model manager holds one
     small model in RAM, taken at `as_of`: for tests that stand in for a worker."""
     from backend.engine.contracts import CacheMode, HeldModel
     from backend.engine.memory.entries import ManagerConfig

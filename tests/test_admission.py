@@ -22,6 +22,7 @@ from backend.engine.contracts import BatchPlan, ModelSpec
 from backend.queue import jobs
 from backend.queue.scheduling import Capacity
 from backend.runners.hf.account import estimate_job_bytes, work_bytes
+from tests.conftest import queue_on
 from tests.test_lm_eval import FIXTURES as LM_EVAL_FIXTURES
 
 CONFIGS = {
@@ -142,9 +143,9 @@ def test_gsm8k_on_llama_8b_is_admitted_on_a_24gb_card(model, data, settings, fac
     need = _estimate(model("llama-3.1-8b"), "gsm8k", {"data_dir": str(data / "gsm8k")},
                      settings)
     assert need < 15.2 * 2**30  # weights 14.96 GiB and a 702-token sequence
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("llama", "gsm8k", {}, memory_bytes=need)])
+    (job,) = queue_on(factory).submit([jobs.NewJob("llama", "gsm8k", {}, memory_bytes=need)])
     card = Capacity(gpu_count=1, free_gpu_bytes=(24 * 10**9 - 2**29,))  # less CUDA context
-    claimed = jobs.claim_job(factory, "w", 60, 3, capacity=card)
+    claimed = queue_on(factory).claim("w", capacity=card)
     assert claimed is not None and claimed.id == job.id
 
 

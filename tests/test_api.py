@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.queue import jobs
 from backend.queue.db import JobState
+from tests.conftest import queue_on
 
 NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
         "params": {"context_lengths": [256], "depth_percents": [50]}}
@@ -24,9 +24,9 @@ def test_submit_one_and_many(client):
 
 
 def test_list_filter_paginate(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     ids = [client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"] for _ in range(5)]
-    jobs.cancel_job(factory, ids[0])
+    queue_on(factory).cancel(ids[0])
     data = client.get("/api/jobs?per_page=2&page=1").get_json()["data"]
     assert data["total"] == 5 and [j["id"] for j in data["jobs"]] == ids[::-1][:2]
     data = client.get("/api/jobs?per_page=2&page=3").get_json()["data"]
@@ -41,10 +41,10 @@ def test_list_filter_paginate(client, app):
 
 
 def test_cancel_delete_and_errors(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     queued = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
     running = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
-    jobs.claim_job(factory, "w", 60, 3)  # takes the oldest: `queued`
+    queue_on(factory).claim("w")  # takes the oldest: `queued`
     res = client.post(f"/api/jobs/{queued}/cancel")
     assert res.status_code == 200 and res.get_json()["data"]["job"]["cancel_requested"]
     assert client.delete(f"/api/jobs/{queued}").status_code == 409  # still running
@@ -214,13 +214,13 @@ def test_models_list_builtin_and_model_dirs(tmp_path, monkeypatch, with_tiny, bu
 
 
 def test_export_json_and_csv(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     job_id = client.post("/api/jobs", json=NIAH).get_json()["data"]["job"]["id"]
-    jobs.claim_job(factory, "w", 60, 3)
-    jobs.record_sample(factory, job_id, "w", 60, dict(
+    queue_on(factory).claim("w")
+    queue_on(factory).record_sample(job_id, "w", dict(
         idx=0, prompt="p, with comma", prompt_tokens=3, prediction='say "hi"\nthere', score=1.0,
         latency_s=0.5, output_tokens=2, fields={"context_length": 256, "depth_percent": 50.0}))
-    jobs.finish_job(factory, job_id, "w", JobState.SUCCEEDED)
+    queue_on(factory).finish(job_id, "w", JobState.SUCCEEDED)
     res = client.get(f"/api/jobs/{job_id}/export?format=json")
     body = res.get_json()
     assert body["job"]["id"] == job_id and body["samples"][0]["prediction"] == 'say "hi"\nthere'

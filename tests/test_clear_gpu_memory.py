@@ -19,7 +19,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, free_port
+from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, free_port, queue_on
 
 SCRIPT = str(ROOT / "clear_gpu_memory.py")
 TOKEN = "clear-test-token"
@@ -125,13 +125,13 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
 
 def test_gpu_report_marks_the_workers_processes(factory, tmp_path):
     """The NVML path (no GPU here: a stand-in pynvml module shows one)."""
-    from backend.queue.jobs import register_worker
 
     (tmp_path / "fake_nvml").mkdir()
     (tmp_path / "fake_nvml" / "pynvml.py").write_text(FAKE_NVML)
     worker, other = _sleeper("-m", "backend.apps.worker"), _sleeper()
     try:
-        register_worker(factory, "w1", socket.gethostname(), worker.pid, "cuda:0 (Fake GPU)")
+        queue_on(factory).workers.register("w1", socket.gethostname(), worker.pid,
+                                           "cuda:0 (Fake GPU)")
         env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake_nvml"),
                "FAKE_NVML_PIDS": f"{worker.pid},{other.pid}"}
         server = ("--server", f"http://127.0.0.1:{free_port()}")
@@ -206,7 +206,6 @@ def test_in_a_pid_namespace_host_pids_are_not_looked_up_locally(data_dir, tmp_pa
 
 def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
     from backend.queue.db import WorkerRow, utcnow
-    from backend.queue.jobs import register_worker
 
     host = socket.gethostname()
     hung = _sleeper("-m", "backend.apps.worker", ignore_term=True)  # a worker stuck for good
@@ -216,12 +215,12 @@ def test_kill_stale_spares_recycled_pids_and_other_hosts(factory):
     procs = [hung, unrelated]
     for worker_id, pid, where in (("hung", hung.pid, host), ("recycled", unrelated.pid, host),
                                   ("gone", dead.pid, host), ("remote", hung.pid, "elsewhere")):
-        register_worker(factory, worker_id, where, pid, "cpu")
+        queue_on(factory).workers.register(worker_id, where, pid, "cpu")
     time.sleep(1.5)  # every heartbeat is now older than --stale-after 1
     # A worker-looking process started after the row's last heartbeat: its PID was reused.
     newcomer = _sleeper("-m", "backend.apps.worker")
     procs.append(newcomer)
-    register_worker(factory, "reused", host, newcomer.pid, "cpu")
+    queue_on(factory).workers.register("reused", host, newcomer.pid, "cpu")
     with factory.begin() as session:
         session.execute(sa.update(WorkerRow).where(WorkerRow.id == "reused")
                         .values(heartbeat_at=utcnow() - timedelta(hours=1)))
@@ -389,10 +388,9 @@ def test_a_model_held_by_a_running_job_is_explained_once(factory, data_dir):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from backend.queue import jobs
 
-    jobs.register_worker(factory, "w1", socket.gethostname(), os.getpid(), "cpu",
-                         current_job_id=7)
+    queue_on(factory).workers.register("w1", socket.gethostname(), os.getpid(), "cpu",
+                                       current_job_id=7)
 
     class Server(BaseHTTPRequestHandler):  # the API's answers while job 7 runs on w1
         def _answer(self, status: int, body: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 from backend.engine.answering import is_cuda_failure
 from backend.engine.contracts import is_out_of_memory
 from backend.queue import jobs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, queue_on
 
 # The messages torch raises: TORCH_CUDABLAS_CHECK and AT_CUDNN_CHECK in
 # ATen/cuda/Exceptions.h ("CUDA error: <cublas status> when calling `...`",
@@ -76,7 +76,7 @@ def test_worker_gives_its_job_back_and_exits_after_a_cuda_error(factory, with_ti
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "cuda_fault.py").write_text(FAULTY_PLUGIN)
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "cuda_fault", {})])
+    (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", "cuda_fault", {})])
     env = {**os.environ, "LBS_PLUGIN_DIRS": str(plugins), "LBS_MAX_ATTEMPTS": "2",
            "LBS_POLL_INTERVAL": "0.2"}
 
@@ -86,16 +86,16 @@ def test_worker_gives_its_job_back_and_exits_after_a_cuda_error(factory, with_ti
 
     first = run_worker()
     assert first.returncode == 3, first.stderr[-3000:]
-    back = jobs.get_job(factory, job.id)
+    back = queue_on(factory).get(job.id)
     assert back.state == "queued" and back.attempts == 1 and back.worker_id is None
     assert back.events[-1]["kind"] == "cuda_error"
     assert "illegal memory access" in back.events[-1]["message"]
     second = run_worker()  # the second attempt is the last one: the job fails
     assert second.returncode == 3, second.stderr[-3000:]
-    failed = jobs.get_job(factory, job.id)
+    failed = queue_on(factory).get(job.id)
     assert failed.state == "failed" and failed.attempts == 2
     assert "gave up after 2 attempts" in failed.error and "AcceleratorError" in failed.error
-    workers = jobs.list_workers(factory)
+    workers = queue_on(factory).workers.all()
     assert len(workers) == 2 and all(w.state == "stopped" for w in workers)
 
 
@@ -112,7 +112,7 @@ def test_a_database_error_while_claiming_does_not_end_the_loop(settings, monkeyp
         worker.stop()
         return None
 
-    monkeypatch.setattr(worker_module, "claim_job", claim)
+    monkeypatch.setattr(worker.queue, "claim", claim)
     outcome = []
     loop = threading.Thread(target=lambda: outcome.append(worker.run_forever()))
     loop.start()

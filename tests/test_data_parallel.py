@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from backend.apps.worker import Worker
 from backend.queue import jobs
 from backend.queue.db import Job, JobState, utcnow, write_session
-from tests.conftest import ENGINES, LiveServer
+from tests.conftest import ENGINES, LiveServer, queue_on
 
 NIAH = "needle_in_haystack"
 GRID = {"context_lengths": [256, 384], "depth_percents": [0, 25, 50, 75, 100],
@@ -24,8 +24,8 @@ GRID = {"context_lengths": [256, 384], "depth_percents": [0, 25, 50, 75, 100],
 
 
 def _submit(factory, shards: int, params=GRID) -> int:
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", NIAH, params,
-                                                    data_parallel=shards)])
+    (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH, params,
+                                                   data_parallel=shards)])
     return job.id
 
 
@@ -62,12 +62,12 @@ def test_shards_store_each_sample_once_and_score_like_one_worker(settings, facto
     sharded = _submit(factory, 3)
     _drain(settings, ["w1", "w2", "w3"])
 
-    one, many = jobs.get_job(factory, single), jobs.get_job(factory, sharded)
+    one, many = queue_on(factory).get(single), queue_on(factory).get(sharded)
     assert many.state == JobState.SUCCEEDED.value, many.error
     assert many.shard_count == 3 and many.progress_done == many.progress_total == 10
-    samples, total = jobs.list_samples(factory, sharded)
+    samples, total = queue_on(factory).samples(sharded)
     assert [s.idx for s in samples] == list(range(10)) and total == 10  # each once
-    ref, _ = jobs.list_samples(factory, single)
+    ref, _ = queue_on(factory).samples(single)
     assert [s.prediction for s in samples] == [s.prediction for s in ref]
     assert _scores(many) == _scores(one)
     shards = _shards(factory, sharded)
@@ -77,18 +77,18 @@ def test_shards_store_each_sample_once_and_score_like_one_worker(settings, facto
     peaks = {p.name for p in many.memory_peaks}
     assert {"shard0_rss_peak", "shard1_rss_peak", "shard2_rss_peak", "rss_peak"} <= peaks
     # the list shows the job, not its shards
-    listed, count = jobs.list_jobs(factory)
+    listed, count = queue_on(factory).list()
     assert sorted(j.id for j in listed) == [single, sharded] and count == 2
 
 
 @pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 def test_a_shard_whose_worker_died_resumes_elsewhere(settings, factory, with_tiny, db_url):
     job_id = _submit(factory, 2)
-    dead = jobs.claim_job(factory, "dead", settings.lease_seconds, settings.max_attempts)
+    dead = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("dead")
     assert dead.parent_id == job_id and dead.shard_index == 0
-    assert jobs.get_job(factory, job_id).state == JobState.RUNNING.value
+    assert queue_on(factory).get(job_id).state == JobState.RUNNING.value
     for idx in (0, 2):  # two samples of shard 0 were stored before the worker died
-        jobs.record_sample(factory, dead.id, "dead", 60, {
+        queue_on(factory).record_sample(dead.id, "dead", {
             "idx": idx, "prompt": "p", "prompt_tokens": 1, "prediction": "stored before",
             "score": 0.0, "latency_s": 0.1, "output_tokens": 1, "fields": {
                 "context_length": 256, "depth_percent": 0.0 if idx == 0 else 50.0}})
@@ -96,9 +96,9 @@ def test_a_shard_whose_worker_died_resumes_elsewhere(settings, factory, with_tin
         session.get(Job, dead.id).lease_expires_at = utcnow() - timedelta(seconds=1)
     _drain(settings, ["w1", "w2"])
 
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.SUCCEEDED.value, job.error
-    samples, _ = jobs.list_samples(factory, job_id)
+    samples, _ = queue_on(factory).samples(job_id)
     assert [s.idx for s in samples] == list(range(10))
     assert [s.prediction for s in samples if s.idx in (0, 2)] == ["stored before"] * 2
     shard0 = _shards(factory, job_id)[0]
@@ -109,28 +109,28 @@ def test_a_shard_whose_worker_died_resumes_elsewhere(settings, factory, with_tin
 @pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 def test_cancel_stops_every_shard(settings, factory, with_tiny, db_url):
     job_id = _submit(factory, 3)
-    running = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
-    jobs.cancel_job(factory, job_id)
+    running = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w1")
+    queue_on(factory).cancel(job_id)
     shards = _shards(factory, job_id)
     assert [s.state for s in shards] == [JobState.RUNNING.value, JobState.CANCELLED.value,
                                          JobState.CANCELLED.value]
-    assert jobs.get_job(factory, job_id).state == JobState.RUNNING.value  # until it stops
+    assert queue_on(factory).get(job_id).state == JobState.RUNNING.value  # until it stops
     # the running shard hears of it at its next sample or heartbeat, and stops
-    assert jobs.renew_lease(factory, running.id, "w1", 60) is True
-    jobs.finish_job(factory, running.id, "w1", JobState.CANCELLED)
-    job = jobs.get_job(factory, job_id)
+    assert queue_on(factory).renew(running.id, "w1") is True
+    queue_on(factory).finish(running.id, "w1", JobState.CANCELLED)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.CANCELLED.value and job.finished_at is not None
-    assert jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts) is None
+    assert queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w2") is None
 
 
 def test_a_failed_shard_fails_the_job_and_stops_the_others(settings, factory, with_tiny):
     job_id = _submit(factory, 2)
-    a = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
-    b = jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts)
-    jobs.finish_job(factory, a.id, "w1", JobState.FAILED, error="RuntimeError: boom")
-    assert jobs.renew_lease(factory, b.id, "w2", 60) is True  # asked to stop
-    jobs.finish_job(factory, b.id, "w2", JobState.CANCELLED)
-    job = jobs.get_job(factory, job_id)
+    a = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w1")
+    b = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w2")
+    queue_on(factory).finish(a.id, "w1", JobState.FAILED, error="RuntimeError: boom")
+    assert queue_on(factory).renew(b.id, "w2") is True  # asked to stop
+    queue_on(factory).finish(b.id, "w2", JobState.CANCELLED)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.FAILED.value and "shard 0: RuntimeError: boom" in job.error
 
 
@@ -192,17 +192,17 @@ def test_sigkilled_shard_worker_is_replaced_and_the_shard_resumes(with_tiny):
 
 def test_a_shard_given_back_after_a_cuda_error_on_its_last_attempt_fails_the_job(
         settings, factory, with_tiny):
-    """A shard's worker whose CUDA context broke gives the shard back (give_back_job);
+    """A shard's worker whose CUDA context broke gives the shard back (Queue.give_back);
     on its last attempt the shard fails, and the job ends with it like after a lost
     lease, instead of staying running with no shard left to finish it."""
     job_id = _submit(factory, 2)
-    a = jobs.claim_job(factory, "w1", settings.lease_seconds, settings.max_attempts)
-    b = jobs.claim_job(factory, "w2", settings.lease_seconds, settings.max_attempts)
-    state = jobs.give_back_job(factory, a.id, "w1", "AcceleratorError: CUDA error", 1)
+    a = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w1")
+    b = queue_on(factory, settings.lease_seconds, settings.max_attempts).claim("w2")
+    state = queue_on(factory, max_attempts=1).give_back(a.id, "w1", "AcceleratorError: CUDA error")
     assert state == JobState.FAILED
-    assert jobs.renew_lease(factory, b.id, "w2", 60) is True  # the other shard: stop
-    jobs.finish_job(factory, b.id, "w2", JobState.CANCELLED)
-    job = jobs.get_job(factory, job_id)
+    assert queue_on(factory).renew(b.id, "w2") is True  # the other shard: stop
+    queue_on(factory).finish(b.id, "w2", JobState.CANCELLED)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.FAILED.value and "CUDA error" in job.error
 
 
@@ -212,16 +212,16 @@ def test_the_job_shows_its_shards(client, factory):
     res = client.post("/api/jobs", json={"model": "builtin:tiny", "dataset": NIAH,
                                          "params": GRID, "data_parallel": 3})
     job_id = res.get_json()["data"]["job"]["id"]
-    a = jobs.claim_job(factory, "w1", 60, 3)
-    jobs.set_total(factory, a.id, "w1", 10)  # the job's 10 items: shard 0 has 4
+    a = queue_on(factory).claim("w1")
+    queue_on(factory).set_total(a.id, "w1", 10)  # the job's 10 items: shard 0 has 4
     for idx in (0, 3):
-        jobs.record_sample(factory, a.id, "w1", 60, {
+        queue_on(factory).record_sample(a.id, "w1", {
             "idx": idx, "prompt": "p", "prompt_tokens": 1, "prediction": "x", "score": 1.0,
             "latency_s": 0.1, "output_tokens": 1, "fields": {}})
-    b = jobs.claim_job(factory, "w2", 60, 3)
-    jobs.finish_job(factory, b.id, "w2", JobState.SUCCEEDED,
-                    memory=[("rss_peak", "cpu", 300 * 2**20),
-                            ("cuda_max_allocated", "cuda:0", 2**30)])
+    b = queue_on(factory).claim("w2")
+    queue_on(factory).finish(b.id, "w2", JobState.SUCCEEDED,
+                             memory=[("rss_peak", "cpu", 300 * 2**20),
+                                     ("cuda_max_allocated", "cuda:0", 2**30)])
 
     job = client.get(f"/api/jobs/{job_id}").get_json()["data"]["job"]
     shards = job["shards"]

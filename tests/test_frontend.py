@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import ARTIFACTS, ROOT, LiveServer, manager_status
+from tests.conftest import ARTIFACTS, ROOT, LiveServer, manager_status, queue_on
 
 pytestmark = pytest.mark.slow
 
@@ -159,16 +159,16 @@ def test_model_output_is_shown_as_text(server, page):
     from backend.queue.db import JobState, session_factory
 
     factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "needle_in_haystack", {})])
+    (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", "needle_in_haystack", {})])
     # the server's own worker may claim it first; take it only if it is still ours to take
-    claimed = jobs.claim_job(factory, "page-test", 60, 3)
+    claimed = queue_on(factory).claim("page-test")
     if claimed is None or claimed.id != job.id:
         pytest.skip("the live worker took the job first")
     evil = '<img src=x onerror="document.title=\'pwned\'"><b>bold</b>'
-    jobs.record_sample(factory, job.id, "page-test", 60, dict(
+    queue_on(factory).record_sample(job.id, "page-test", dict(
         idx=0, prompt="<script>alert(1)</script>", prompt_tokens=3, prediction=evil, score=0.0,
         latency_s=0.1, output_tokens=3, fields={"context_length": 256, "depth_percent": 0.0}))
-    jobs.finish_job(factory, job.id, "page-test", JobState.SUCCEEDED)
+    queue_on(factory).finish(job.id, "page-test", JobState.SUCCEEDED)
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -215,16 +215,16 @@ def _add_workers(server, current_job_id: int) -> None:
 
     import sqlalchemy as sa
 
-    from backend.queue import jobs
     from backend.queue.db import WorkerRow, WorkerState, utcnow
 
     factory = _db(server)
     gpus = [{"index": i, "name": "Fake GPU", "total_bytes": 80 * 2**30, "free_bytes": 60 * 2**30}
             for i in range(2)]
-    jobs.register_worker(factory, "ghost-1", "gpu-box", 4242, "cuda", labels=["gpu-box", "a100"],
-                         gpus=gpus, gpu_free_bytes=120 * 2**30)
-    jobs.register_worker(factory, "done-1", "old-box", 4343, "cpu", labels=["old-box"])
-    jobs.worker_heartbeat(factory, "done-1", WorkerState.STOPPED.value)
+    queue_on(factory).workers.register("ghost-1", "gpu-box", 4242, "cuda",
+                                       labels=["gpu-box", "a100"], gpus=gpus,
+                                       gpu_free_bytes=120 * 2**30)
+    queue_on(factory).workers.register("done-1", "old-box", 4343, "cpu", labels=["old-box"])
+    queue_on(factory).workers.heartbeat("done-1", WorkerState.STOPPED.value)
     with factory.begin() as session:
         session.execute(sa.update(WorkerRow).where(WorkerRow.id == "ghost-1").values(
             heartbeat_at=utcnow() - timedelta(minutes=10), current_job_id=current_job_id))
@@ -259,9 +259,8 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     page.screenshot(path=ARTIFACTS / "workers-390.png", full_page=True)
     page.set_viewport_size({"width": 1366, "height": 900})
     # polled: a worker that registers now shows up without a reload
-    from backend.queue import jobs
 
-    jobs.register_worker(_db(server), "late-1", "late-box", 4444, "cpu")
+    queue_on(_db(server)).workers.register("late-1", "late-box", 4444, "cpu")
     page.locator('tr[data-worker="late-1"] .badge.idle').wait_for(timeout=5_000)
     page.click("#lang-toggle")
     assert page.locator('tr[data-worker="ghost-1"] .badge.lost').inner_text() == "失联"
@@ -302,9 +301,9 @@ def test_workers_panel_waiting_reason_and_scheduling_fields(server, page):
     assert "needs 2 GPUs" in page.locator(f'tr[data-job="{job["id"]}"] .waiting').inner_text()
 
     # the lost worker's last published status stays on the models panel, marked as such
-    from backend.queue.control import publish_status
 
-    publish_status(_db(server), "ghost-1", manager_status("ghost-model", time.time() - 600))
+    queue_on(_db(server)).commands.publish_status(
+        "ghost-1", manager_status("ghost-model", time.time() - 600))
     page.goto(server.url + "/#/models")
     ghost_model = page.locator('tr[data-model="ghost-model"]')
     ghost_model.wait_for()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, queue_on
 from tests.test_results_page import cells, shoot
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,6 @@ def test_launch_a_data_parallel_job_and_read_its_shards(server, page):
 def test_shards_in_every_state(server, page):
     """A job over three workers, pinned to a label the live worker lacks: shard 0 running
     on one worker, shard 1 done on another (with a GPU peak), shard 2 waiting."""
-    from backend.queue import jobs
     from backend.queue.db import JobState
     from backend.queue.scheduling import Capacity
 
@@ -102,17 +101,17 @@ def test_shards_in_every_state(server, page):
     job_id = body["data"]["job"]["id"]
     factory, caps = _db(server), Capacity(labels=("rack-9",))
     for name in ("gpu-a", "gpu-b"):
-        jobs.register_worker(factory, name, "rack-9-host", 4000, "cuda", labels=["rack-9"])
-    a = jobs.claim_job(factory, "gpu-a", 600, 3, capacity=caps)
-    jobs.set_total(factory, a.id, "gpu-a", 5)
-    jobs.record_sample(factory, a.id, "gpu-a", 600, {
+        queue_on(factory).workers.register(name, "rack-9-host", 4000, "cuda", labels=["rack-9"])
+    a = queue_on(factory, lease_seconds=600).claim("gpu-a", capacity=caps)
+    queue_on(factory).set_total(a.id, "gpu-a", 5)
+    queue_on(factory, lease_seconds=600).record_sample(a.id, "gpu-a", {
         "idx": 0, "prompt": "p", "prompt_tokens": 1, "prediction": "x", "score": 1.0,
         "latency_s": 0.1, "output_tokens": 1, "fields": {"context_length": 256,
                                                          "depth_percent": 0.0}})
-    b = jobs.claim_job(factory, "gpu-b", 600, 3, capacity=caps)
-    jobs.finish_job(factory, b.id, "gpu-b", JobState.SUCCEEDED,
-                    memory=[("rss_peak", "cpu", 900 * 2**20),
-                            ("cuda_max_allocated", "cuda:0", 3 * 2**30)])
+    b = queue_on(factory, lease_seconds=600).claim("gpu-b", capacity=caps)
+    queue_on(factory).finish(b.id, "gpu-b", JobState.SUCCEEDED,
+                             memory=[("rss_peak", "cpu", 900 * 2**20),
+                                     ("cuda_max_allocated", "cuda:0", 3 * 2**30)])
 
     page.goto(f"{server.url}/#/job/{job_id}")
     table = page.locator("#shards-table")

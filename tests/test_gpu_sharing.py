@@ -12,7 +12,7 @@ import pytest
 
 from backend.queue import jobs
 from backend.queue.scheduling import Capacity
-from tests.conftest import ENGINES
+from tests.conftest import ENGINES, queue_on
 
 both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 
@@ -23,8 +23,8 @@ HOST = "gpu-box"
 def _register(factory, worker_id, indices, host=HOST):
     gpus = [{"index": i, "name": "H100", "total_bytes": 80 * GiB, "free_bytes": 80 * GiB}
             for i in indices]
-    jobs.register_worker(factory, worker_id, host, 1000, "cuda", gpus=gpus,
-                         gpu_free_bytes=80 * GiB * len(indices))
+    queue_on(factory).workers.register(worker_id, host, 1000, "cuda", gpus=gpus,
+                                       gpu_free_bytes=80 * GiB * len(indices))
 
 
 def _caps(indices, free=80 * GiB, host=HOST):
@@ -33,12 +33,12 @@ def _caps(indices, free=80 * GiB, host=HOST):
 
 
 def _claim(factory, worker_id, indices, **kwargs):
-    job = jobs.claim_job(factory, worker_id, 60, 3, capacity=_caps(indices, **kwargs))
+    job = queue_on(factory).claim(worker_id, capacity=_caps(indices, **kwargs))
     return job.id if job else None
 
 
 def _submit(factory, *sizes):
-    return [j.id for j in jobs.submit_jobs(factory, [
+    return [j.id for j in queue_on(factory).submit([
         jobs.NewJob("m", "gsm8k", {}, memory_bytes=size) for size in sizes])]
 
 
@@ -51,12 +51,12 @@ def test_a_claimed_job_holds_its_room_until_its_model_has_loaded(factory):
     _register(factory, "a", [0])
     _register(factory, "b", [0])
     assert _claim(factory, "a", [0]) == first
-    assert jobs.gpu_reservations(factory, "a") == {"0": 50 * GiB}
+    assert queue_on(factory).workers.reservations("a") == {"0": 50 * GiB}
     assert _claim(factory, "b", [0]) is None, "both admitted before either loaded"
     # the model (30 GiB of weights) has loaded: NVML shows it; 20 GiB are still to come
-    jobs.set_gpu_reservation(factory, "a", {"0": 20 * GiB})
+    queue_on(factory).workers.reserve("a", {"0": 20 * GiB})
     assert _claim(factory, "b", [0], free=50 * GiB) is None  # 50 - 20 < 50
-    jobs.set_gpu_reservation(factory, "a", None)  # the job ended
+    queue_on(factory).workers.reserve("a", None)  # the job ended
     assert _claim(factory, "b", [0]) == second
 
 
@@ -97,8 +97,8 @@ def test_data_parallel_auto_counts_gpus_not_workers(factory):
     _register(factory, "b", [0])
     _register(factory, "c", [1])
     for cpu in ("cpu-1", "cpu-2"):
-        jobs.register_worker(factory, cpu, "laptop", 1, "cpu")
-    assert jobs.idle_workers(factory, 60) == 4
+        queue_on(factory).workers.register(cpu, "laptop", 1, "cpu")
+    assert queue_on(factory).workers.idle_count() == 4
 
 
 
@@ -107,7 +107,7 @@ def _claim_once(url: str, worker_id: str, start, out) -> None:
 
     factory = session_factory(url)
     start.wait()  # both processes are ready: race from here
-    job = jobs.claim_job(factory, worker_id, 60, 3, capacity=_caps([0]))
+    job = queue_on(factory).claim(worker_id, capacity=_caps([0]))
     out.put((worker_id, job.id if job else None))
 
 
@@ -141,21 +141,21 @@ def test_two_workers_on_one_gpu_run_two_large_jobs_one_after_the_other(
 
     shared = dataclasses.replace(settings, simulated_gpu_memory=(24 * GiB,))
     grid = {"context_lengths": [256], "depth_percents": [50], "max_new_tokens": 4}
-    first, second = (j.id for j in jobs.submit_jobs(factory, [
+    first, second = (j.id for j in queue_on(factory).submit([
         jobs.NewJob("builtin:tiny", "needle_in_haystack", grid, memory_bytes=15 * GiB)
         for _ in range(2)]))
     a, b = Worker(shared, worker_id="a"), Worker(shared, worker_id="b")
     for worker in (a, b):
         worker._register()
-    claimed = jobs.claim_job(factory, "a", 60, 3, capacity=a.capacity())
+    claimed = queue_on(factory).claim("a", capacity=a.capacity())
     assert claimed.id == first and a.capacity().free_gpu_bytes == (24 * GiB,)
     assert not b.run_once(), "b claimed a job on memory a had taken"
     a.run_job(claimed.id, claimed.model, claimed.dataset, claimed.params,
               memory_bytes=claimed.memory_bytes)
-    assert jobs.get_job(factory, first).state == "succeeded"
-    assert jobs.gpu_reservations(factory, "a") is None
+    assert queue_on(factory).get(first).state == "succeeded"
+    assert queue_on(factory).workers.reservations("a") is None
     assert b.run_once()
-    assert jobs.get_job(factory, second).state == "succeeded"
+    assert queue_on(factory).get(second).state == "succeeded"
     for worker in (a, b):
         worker.manager.stop_monitor()
 
@@ -175,14 +175,14 @@ def test_once_the_model_has_loaded_only_the_rest_of_the_job_stays_reserved(
     worker = Worker(settings, worker_id="a")
     worker._register()
     worker.manager.has_gpu = True
-    jobs.set_gpu_reservation(factory, "a", {"0": 15 * GiB})
+    queue_on(factory).workers.reserve("a", {"0": 15 * GiB})
     worker.current_job = 7
     after = threading.Thread(target=worker._after_load, args=(7, "m", 15 * GiB, ["0"]))
     after.start()
     with worker.manager.use("m", "m", lambda: FakeRunner(10 * GiB, on_gpu=True),
                             CacheMode.UNCACHED, estimate=10 * GiB):
         after.join(10)
-        assert jobs.gpu_reservations(factory, "a") == {"0": 5 * GiB}
+        assert queue_on(factory).workers.reservations("a") == {"0": 5 * GiB}
     worker.current_job = None
     worker._drop_reservation()
-    assert jobs.gpu_reservations(factory, "a") is None
+    assert queue_on(factory).workers.reservations("a") is None

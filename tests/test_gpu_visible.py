@@ -90,7 +90,7 @@ def machine(monkeypatch):
 
 
 def _gpus(settings, visible):
-    from backend.apps.worker import detect_gpus
+    from backend.apps.worker_gpus import detect_gpus
 
     found = detect_gpus(dataclasses.replace(settings, cuda_visible_devices=visible,
                                             simulated_gpu_memory=()))

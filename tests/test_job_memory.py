@@ -8,6 +8,7 @@ import csv
 import io
 
 from backend.queue import jobs
+from tests.conftest import queue_on
 
 MiB = 2**20
 NIAH = ("builtin:tiny", "needle_in_haystack",
@@ -20,7 +21,7 @@ an earlier job leaves in the worker (builtin:small's), which the process peak ca
 
 
 def _run(worker, client, job: tuple[str, str, dict]) -> dict:
-    (new,) = jobs.submit_jobs(worker.factory, [jobs.NewJob(*job)])
+    (new,) = worker.queue.submit([jobs.NewJob(*job)])
     assert worker.run_once()
     answer = client.get(f"/api/jobs/{new.id}")
     body = answer.get_json()
@@ -87,14 +88,14 @@ def test_jobs_from_before_the_own_figure_show_the_process_peak(data_dir, monkeyp
     import sqlalchemy as sa
 
     from backend.datasets.base import ScoreEntry
-    from backend.queue import db
+    from backend.queue import db, migrations
     from backend.queue.db import JobState, dispose_engines, session_factory
-    from backend.queue.results import leaderboard
+    from backend.queue.results import Results
 
     url = f"sqlite:///{data_dir / 'old.sqlite3'}"
-    before = db.MIGRATIONS.index(db._m012_own_memory)
+    before = migrations.MIGRATIONS.index(migrations._m012_own_memory)
     with monkeypatch.context() as m:  # the schema before the migration, a job run there
-        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:before])
+        m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:before])
         session_factory(url)
         with db.get_engine(url).begin() as conn:
             conn.execute(sa.text(
@@ -110,20 +111,20 @@ def test_jobs_from_before_the_own_figure_show_the_process_peak(data_dir, monkeyp
                                  "VALUES (1, 'rss_peak', 'cpu', 734003200)"))
         dispose_engines()
     factory = session_factory(url)  # migrates to the newest schema
-    (sample,), _ = jobs.list_samples(factory, 1)
+    (sample,), _ = queue_on(factory).samples(1)
     assert sample.peak_own_rss_bytes is None and sample.peak_rss_bytes == 734003200
-    (row,) = leaderboard(factory, lambda _name: None)["rows"]
+    (row,) = Results(factory).leaderboard(lambda _name: None)["rows"]
     assert (row["peak_bytes"], row["peak_kind"], row["process_peak_bytes"]) == \
         (734003200, "rss", 734003200)
     # a new job beside it stores its own figure
-    (new,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "gsm8k", {})])
-    jobs.claim_job(factory, "w", 60, 3)
-    jobs.record_sample(factory, new.id, "w", 60, dict(
+    (new,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", "gsm8k", {})])
+    queue_on(factory).claim("w")
+    queue_on(factory).record_sample(new.id, "w", dict(
         idx=0, prompt="p", prompt_tokens=3, prediction="x", score=1.0, latency_s=0.1,
         output_tokens=1, fields={}, peak_rss_bytes=5 * MiB, peak_own_rss_bytes=MiB,
         peak_gpu_bytes=None))
-    jobs.finish_job(factory, new.id, "w", JobState.SUCCEEDED,
-                    scores=[ScoreEntry("overall", 1.0, 1)])
-    (sample,), _ = jobs.list_samples(factory, new.id)
+    queue_on(factory).finish(new.id, "w", JobState.SUCCEEDED,
+                             scores=[ScoreEntry("overall", 1.0, 1)])
+    (sample,), _ = queue_on(factory).samples(new.id)
     assert sample.peak_own_rss_bytes == MiB
     dispose_engines()

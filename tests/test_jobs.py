@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from backend.apps.worker import Worker
 from backend.queue import jobs
 from backend.queue.db import Job, JobState, Sample, Score
-from tests.conftest import ENGINES
+from tests.conftest import ENGINES, queue_on
 
 both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 
@@ -23,8 +23,8 @@ SMALL = {"context_lengths": [256, 384], "depth_percents": [0, 50, 100], "max_new
 
 
 def _submit(factory, n=1, params=None, model="builtin:tiny"):
-    return [j.id for j in jobs.submit_jobs(
-        factory, [jobs.NewJob(model, NIAH, params or SMALL) for _ in range(n)])]
+    new = [jobs.NewJob(model, NIAH, params or SMALL) for _ in range(n)]
+    return [j.id for j in queue_on(factory).submit(new)]
 
 
 @contextmanager
@@ -41,18 +41,17 @@ def started_worker(settings, worker_id: str):
 
 def _claim_all(url: str, worker_id: str, start, out: mp.Queue) -> None:
     from backend.queue.db import JobState, session_factory
-    from backend.queue.jobs import claim_job, finish_job
 
     factory = session_factory(url)
     start.wait()  # both processes are ready: race from here
     claimed = []
     while True:
-        job = claim_job(factory, worker_id, lease_seconds=60, max_attempts=3)
+        job = queue_on(factory).claim(worker_id)
         if job is None:
             break
         claimed.append(job.id)
         time.sleep(0.005)  # "run" it: real workers spend seconds between claims
-        finish_job(factory, job.id, worker_id, JobState.SUCCEEDED)
+        queue_on(factory).finish(job.id, worker_id, JobState.SUCCEEDED)
     out.put((worker_id, claimed))
 
 
@@ -79,9 +78,9 @@ def test_two_worker_processes_never_claim_the_same_job(settings, factory):
 @both_engines
 def test_claim_takes_oldest_first(factory):
     first, second = _submit(factory, 2)
-    assert jobs.claim_job(factory, "w", 60, 3).id == first
-    assert jobs.claim_job(factory, "w2", 60, 3).id == second
-    assert jobs.claim_job(factory, "w3", 60, 3) is None
+    assert queue_on(factory).claim("w").id == first
+    assert queue_on(factory).claim("w2").id == second
+    assert queue_on(factory).claim("w3") is None
 
 
 def _sample(idx: int, prediction: str) -> dict:
@@ -93,11 +92,11 @@ def _sample(idx: int, prediction: str) -> dict:
 @both_engines
 def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory, with_tiny):
     (job_id,) = _submit(factory)
-    lost = jobs.claim_job(factory, "lost-worker", lease_seconds=0.3, max_attempts=3)
+    lost = queue_on(factory, lease_seconds=0.3).claim("lost-worker")
     assert lost.id == job_id
     for idx in (0, 1):
-        jobs.record_sample(factory, job_id, "lost-worker", 0.3,
-                           _sample(idx, "from the lost worker"))
+        queue_on(factory, lease_seconds=0.3).record_sample(job_id, "lost-worker",
+                                                           _sample(idx, "from the lost worker"))
     with factory() as s:
         before = {r.idx: (r.id, r.created_at) for r in s.scalars(sa.select(Sample))}
     time.sleep(0.5)  # the lost worker stops renewing; its lease expires
@@ -105,7 +104,7 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
     with started_worker(settings, "rescuer") as worker:
         assert worker.run_once()
 
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.SUCCEEDED.value, job.error
     assert job.attempts == 2
     assert any(e["kind"] == "lease_expired" for e in job.events)
@@ -118,18 +117,18 @@ def test_expired_lease_requeues_and_resumes_without_rerunning(settings, factory,
     assert job.progress_done == 6 and job.progress_total == 6
     # The lost worker cannot write into a job it no longer holds.
     with pytest.raises(jobs.LeaseLost):
-        jobs.record_sample(factory, job_id, "lost-worker", 0.3, _sample(2, "late"))
+        queue_on(factory, 0.3).record_sample(job_id, "lost-worker", _sample(2, "late"))
 
 
 @both_engines
 def test_job_fails_after_max_attempts(factory):
     (job_id,) = _submit(factory)
     for attempt in range(1, 4):
-        job = jobs.claim_job(factory, f"w{attempt}", lease_seconds=0.05, max_attempts=3)
+        job = queue_on(factory, lease_seconds=0.05).claim(f"w{attempt}")
         assert job is not None and job.attempts == attempt
         time.sleep(0.1)
-    assert jobs.claim_job(factory, "w4", lease_seconds=0.05, max_attempts=3) is None
-    job = jobs.get_job(factory, job_id)
+    assert queue_on(factory, lease_seconds=0.05).claim("w4") is None
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.FAILED.value
     assert "gave up after 3 attempts" in job.error and "w3" in job.error
 
@@ -143,14 +142,14 @@ def test_cancel_stops_a_running_job(settings, factory, with_tiny):
     thread.start()
     try:
         deadline = time.monotonic() + 120
-        while jobs.get_job(factory, job_id).progress_done < 1:
+        while queue_on(factory).get(job_id).progress_done < 1:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        jobs.cancel_job(factory, job_id)
+        queue_on(factory).cancel(job_id)
         thread.join(60)
     finally:
         worker.stop()
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.CANCELLED.value
     assert 1 <= job.progress_done < 20
     with factory() as s:
@@ -162,20 +161,20 @@ def test_cancel_stops_a_running_job(settings, factory, with_tiny):
 @both_engines
 def test_cancel_and_delete_rules(factory):
     queued, running, other = _submit(factory, 3)
-    assert jobs.claim_job(factory, "w", 60, 3).id == queued
+    assert queue_on(factory).claim("w").id == queued
     # queued -> cancelled at once
-    assert jobs.cancel_job(factory, running).state == JobState.CANCELLED.value
+    assert queue_on(factory).cancel(running).state == JobState.CANCELLED.value
     with pytest.raises(jobs.JobConflict):
-        jobs.cancel_job(factory, running)
+        queue_on(factory).cancel(running)
     # running: cancel is a request the worker honours between samples
-    assert jobs.cancel_job(factory, queued).cancel_requested
+    assert queue_on(factory).cancel(queued).cancel_requested
     with pytest.raises(jobs.JobConflict):
-        jobs.delete_job(factory, queued)
-    jobs.delete_job(factory, other)
+        queue_on(factory).delete(queued)
+    queue_on(factory).delete(other)
     with pytest.raises(jobs.JobNotFound):
-        jobs.get_job(factory, other)
+        queue_on(factory).get(other)
     with pytest.raises(jobs.JobNotFound):
-        jobs.cancel_job(factory, 999)
+        queue_on(factory).cancel(999)
 
 
 def test_failed_job_records_reason_and_worker_survives(settings, factory, with_tiny):
@@ -186,9 +185,9 @@ def test_failed_job_records_reason_and_worker_survives(settings, factory, with_t
                                        "max_new_tokens": 2})
     with started_worker(settings, "w") as worker:
         assert worker.run_once() and worker.run_once()
-    assert jobs.get_job(factory, bad).state == JobState.FAILED.value
-    assert "builtin:nope" in jobs.get_job(factory, bad).error
-    assert jobs.get_job(factory, good).state == JobState.SUCCEEDED.value
+    assert queue_on(factory).get(bad).state == JobState.FAILED.value
+    assert "builtin:nope" in queue_on(factory).get(bad).error
+    assert queue_on(factory).get(good).state == JobState.SUCCEEDED.value
 
 
 def _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity: str):
@@ -207,12 +206,12 @@ def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_c
                                             echo_plugin_dir, monkeypatch, affinity,
                                             expected_loads):
     s = _claim_order(factory, settings, monkeypatch, echo_plugin_dir, affinity)
-    a1, b, a2 = (jobs.submit_jobs(factory, [jobs.NewJob(m, "echo", {})])[0].id
+    a1, b, a2 = (queue_on(factory).submit([jobs.NewJob(m, "echo", {})])[0].id
                  for m in ("builtin:tiny", str(tiny_copy), "builtin:tiny"))
     with started_worker(s, "w") as worker:
         while worker.run_once():
             pass
-    order = sorted((jobs.get_job(factory, i).started_at, i) for i in (a1, b, a2))
+    order = sorted((queue_on(factory).get(i).started_at, i) for i in (a1, b, a2))
     from backend.runners.models import resolve_model
 
     tiny = str(resolve_model("builtin:tiny", s).path.resolve())  # models are keyed by folder
@@ -225,13 +224,13 @@ def test_model_affinity_reuses_loaded_model(factory, settings, with_tiny, tiny_c
 
 
 def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with_tiny):
-    (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob(
+    (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob(
         "builtin:tiny", NIAH, {"context_lengths": [256, 512, 768, 1024],
                                "depth_percents": {"count": 5}, "max_new_tokens": 16},
         timeout_s=0.3)])]
     with started_worker(settings, "w") as worker:
         assert worker.run_once()
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.FAILED.value
     assert "timed out" in job.error and "0.3 s" in job.error
     assert 1 <= job.progress_done < 20
@@ -240,11 +239,11 @@ def test_job_timeout_fails_the_job_and_keeps_its_samples(settings, factory, with
 @both_engines
 def test_a_deleted_jobs_id_is_never_reused(factory):
     first, second, newest = _submit(factory, 3)
-    jobs.delete_job(factory, newest)  # the highest id: SQLite alone would hand it out again
-    jobs.delete_job(factory, second)
+    queue_on(factory).delete(newest)  # the highest id: SQLite alone would hand it out again
+    queue_on(factory).delete(second)
     (after,) = _submit(factory, 1)
     assert after == newest + 1
-    jobs.delete_job(factory, after)
+    queue_on(factory).delete(after)
     assert _submit(factory, 2) == [after + 1, after + 2]
 
 
@@ -252,13 +251,13 @@ def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monk
     """A database from before the floor: its highest job id is the floor."""
     import sqlalchemy as sa
 
-    from backend.queue import db
+    from backend.queue import migrations
     from backend.queue.db import Job, dispose_engines, get_engine, session_factory
 
     url = f"sqlite:///{data_dir / 'old.sqlite3'}"
-    floor = db.MIGRATIONS.index(db._m009_id_floors)  # by name: later migrations follow it
+    floor = migrations.MIGRATIONS.index(migrations._m009_id_floors)  # later ones follow it
     with monkeypatch.context() as m:  # the schema before the floor, and jobs written there
-        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:floor])
+        m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:floor])
         with session_factory(url)() as session:
             old = [Job(model="builtin:tiny", dataset=NIAH, params=SMALL) for _ in range(2)]
             session.add_all(old)
@@ -271,7 +270,7 @@ def test_the_id_floor_starts_at_the_newest_job_of_an_old_database(data_dir, monk
         dispose_engines()
     factory = session_factory(url)  # migrates again: the floor is the newest job there is
     assert _submit(factory, 1) == [ids[-1]]  # deleted before the floor: beyond recall
-    jobs.delete_job(factory, ids[-1])
+    queue_on(factory).delete(ids[-1])
     assert _submit(factory, 1) == [ids[-1] + 1]
     dispose_engines()
 
@@ -283,13 +282,13 @@ def test_a_late_lease_loss_of_the_last_job_does_not_cancel_the_next(settings, fa
 
     first, second = _submit(factory, 2)
     worker = Worker(settings, worker_id="w-late")
-    assert jobs.claim_job(factory, "w-late", 60, 3).id == first
-    jobs.finish_job(factory, first, "w-late", JobState.SUCCEEDED)
-    assert jobs.claim_job(factory, "w-late", 60, 3).id == second
+    assert queue_on(factory).claim("w-late").id == first
+    queue_on(factory).finish(first, "w-late", JobState.SUCCEEDED)
+    assert queue_on(factory).claim("w-late").id == second
     worker.start_job_watch(second)
     worker.renew(first)  # the heartbeat's renewal of the job it read before the switch
     assert not worker.cancel_seen.is_set()
-    jobs.cancel_job(factory, second)  # a real cancel of the running job is still seen
+    queue_on(factory).cancel(second)  # a real cancel of the running job is still seen
     worker.renew(second)
     assert worker.cancel_seen.is_set()
     worker.manager.stop_monitor()
@@ -362,4 +361,4 @@ def test_a_worker_whose_row_was_pruned_while_it_slept_registers_again(settings, 
                 break
             time.sleep(0.2)
     assert row is not None and row.state == "idle" and status is not None
-    assert [w.id for w in jobs.list_workers(factory)] == ["w-sleeper"]
+    assert [w.id for w in queue_on(factory).workers.all()] == ["w-sleeper"]

@@ -13,7 +13,7 @@ import torch
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.hf.runner import HFRunner
-from tests.conftest import ROOT, work_one_job
+from tests.conftest import ROOT, queue_on, work_one_job
 
 PARAMS = {"max_length": 300, "use_chat_template": False,
           "subsets": ["hotpotqa", "trec", "passage_count", "multifieldqa_zh"]}
@@ -37,9 +37,9 @@ def recorded(monkeypatch):
 
 def _run(settings, factory, params):
     settings = dataclasses.replace(settings, datasets_dir=ROOT / "tests" / "fixtures")
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "longbench", params)])
+    (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", "longbench", params)])
     work_one_job(settings)
-    return jobs.get_job(factory, job.id), jobs.list_samples(factory, job.id)[0]
+    return queue_on(factory).get(job.id), queue_on(factory).samples(job.id)[0]
 
 
 def test_longest_first_auto_batches_and_original_order(settings, factory, with_tiny,

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status, stop_process
+from tests.conftest import ECHO_PLUGIN, ROOT, LiveServer, manager_status, queue_on, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -160,8 +160,8 @@ def test_idle_model_is_released(with_tiny, echo_plugin_dir):
 
 # A worker whose control thread never runs: it neither publishes its status once a second
 # nor applies commands, so what the API shows comes from the job thread alone.
-QUIET_WORKER = ("import sys; from backend.apps import worker; "
-                "worker.Worker._serve_commands = lambda self: None; "
+QUIET_WORKER = ("import sys; from backend.apps import worker, worker_commands; "
+                "worker_commands.ManagerChannel.serve = lambda self, stopping: None; "
                 "sys.exit(worker.main())")
 UNCACHED_PLUGIN = ECHO_PLUGIN.replace('name = "echo"', 'name = "echo_uncached"') \
     .replace("CacheMode.CACHED", "CacheMode.UNCACHED")
@@ -216,24 +216,24 @@ def test_worker_publishes_after_a_move_between_jobs(monkeypatch, with_tiny, echo
     the next periodic publication: here there is none."""
     from backend.apps.worker import Worker
     from backend.common.config import load_settings
-    from backend.queue import control, jobs
+    from backend.queue import jobs
 
     monkeypatch.setenv("LBS_PLUGIN_DIRS", str(echo_plugin_dir))
     settings = load_settings()
     worker = Worker(settings, worker_id="w")
-    worker.status_interval = 3600.0
+    worker.channel.status_interval = 3600.0
     worker.start()
 
     def published_models(predicate) -> list[dict]:
         deadline = time.monotonic() + 10
         while True:
-            (published,) = control.worker_statuses(worker.factory, settings.lease_seconds)
+            (published,) = worker.queue.commands.statuses()
             if predicate(published.status["models"]) or time.monotonic() > deadline:
                 return published.status["models"]
             time.sleep(0.05)
 
     try:
-        jobs.submit_jobs(worker.factory, [jobs.NewJob("builtin:tiny", "echo", {})])
+        worker.queue.submit([jobs.NewJob("builtin:tiny", "echo", {})])
         assert worker.run_once()
         models = published_models(lambda models: True)  # published before the job ended
         assert [(m["model_name"], m["location"]) for m in models] == [("builtin:tiny", "cpu")]
@@ -251,13 +251,12 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
 
     import sqlalchemy as sa
 
-    from backend.queue import control, jobs
     from backend.queue.db import WorkerRow, utcnow
 
     now = time.time()
     for worker_id, as_of in (("gone", now - 600), ("live", now - 1)):  # "gone" started first
-        jobs.register_worker(factory, worker_id, "host", 1, "cpu")
-        control.publish_status(factory, worker_id, manager_status("m", as_of))
+        queue_on(factory).workers.register(worker_id, "host", 1, "cpu")
+        queue_on(factory).commands.publish_status(worker_id, manager_status("m", as_of))
     with factory.begin() as session:
         session.execute(sa.update(WorkerRow).where(WorkerRow.id == "gone")
                         .values(heartbeat_at=utcnow() - timedelta(minutes=10)))
@@ -282,7 +281,6 @@ def test_statuses_say_when_they_were_taken_and_whether_stale(client, factory, se
 def test_stats_name_the_idle_timeout_in_force(client, factory, settings):
     """The page's idle-timeout box shows the value in force with no model loaded: a live
     worker's, else the operator's stored one, else the configured GPU_IDLE_TIMEOUT."""
-    from backend.queue import control, jobs
 
     def in_force():
         return client.get("/api/v1/memory/stats").get_json()["data"]["idle_timeout_seconds"]
@@ -290,8 +288,8 @@ def test_stats_name_the_idle_timeout_in_force(client, factory, settings):
     assert in_force() == settings.gpu_idle_timeout == 600
     assert client.post("/api/gpu/timeout", json={"timeout": 120}).status_code == 202
     assert in_force() == 120
-    jobs.register_worker(factory, "live", "host", 1, "cpu")
+    queue_on(factory).workers.register("live", "host", 1, "cpu")
     status = {**manager_status("m", time.time()), "idle_timeout_seconds": 300.0}
     status["models"] = []  # no model loaded
-    control.publish_status(factory, "live", status)
+    queue_on(factory).commands.publish_status("live", status)
     assert in_force() == 300

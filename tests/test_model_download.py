@@ -55,7 +55,7 @@ def test_a_hub_model_download_shows_its_phase_and_why_it_failed(client, monkeypa
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     worker = Worker(load_settings(), worker_id="w")
     worker.start()
-    (job,) = jobs.submit_jobs(worker.factory, [jobs.NewJob(REPO, "needle_in_haystack", NIAH)])
+    (job,) = worker.queue.submit([jobs.NewJob(REPO, "needle_in_haystack", NIAH)])
     runner = threading.Thread(target=worker.run_once)
     runner.start()
     phases = []

@@ -15,7 +15,7 @@ from backend.engine.contracts import OomFailure, is_out_of_memory
 from backend.queue import jobs
 from backend.queue.db import JobState
 from backend.runners.hf.runner import HFRunner
-from tests.conftest import work_one_job
+from tests.conftest import queue_on, work_one_job
 
 NIAH = "needle_in_haystack"
 GRID = {"context_lengths": [256, 512], "depth_percents": [0, 25, 50, 75, 100],
@@ -45,11 +45,11 @@ def oom_when(monkeypatch):
 
 
 def _run(settings, factory, params):
-    (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", NIAH,
-                                                                       params)])]
+    (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH,
+                                                                      params)])]
     work_one_job(settings)
-    samples, _ = jobs.list_samples(factory, job_id)
-    return jobs.get_job(factory, job_id), samples
+    samples, _ = queue_on(factory).samples(job_id)
+    return queue_on(factory).get(job_id), samples
 
 
 def test_batch_halves_on_cuda_oom_and_the_job_completes(settings, factory, with_tiny, oom_when):

@@ -14,6 +14,7 @@ from backend.common.paths import OutsideAllowedFolders, confine
 from backend.engine.preparation import prepare
 from backend.queue import jobs
 from backend.queue.db import JobState
+from tests.conftest import queue_on
 
 ROOT = Path(__file__).resolve().parent.parent
 NIAH = "needle_in_haystack"
@@ -110,14 +111,14 @@ def test_the_worker_refuses_a_queued_job_outside_the_folders(settings, factory, 
     """A row that reached the queue some other way is checked again before loading."""
     from backend.apps.worker import Worker
 
-    (job_id,) = [j.id for j in jobs.submit_jobs(
-        factory, [jobs.NewJob(str(outside_checkpoint), NIAH, SMALL)])]
+    (job_id,) = [j.id for j in queue_on(factory).submit(
+        [jobs.NewJob(str(outside_checkpoint), NIAH, SMALL)])]
     worker = Worker(settings, worker_id="w")
     try:
         assert worker.run_once()
     finally:
         worker.manager.stop_monitor()
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.FAILED.value
     assert "refused" in job.error and "LBS_MODEL_DIRS" in job.error
 

@@ -16,7 +16,7 @@ from backend.runners.base import PromptView
 from backend.runners.hf.loading import LoadOptions
 from backend.runners.hf.runner import HFRunner
 from backend.runners.models import resolve_model
-from tests.conftest import work_one_job
+from tests.conftest import queue_on, work_one_job
 
 NIAH = "needle_in_haystack"
 GRID = {"context_lengths": [256, 384, 512], "depth_percents": [0, 25, 50, 75, 100],
@@ -137,14 +137,14 @@ def test_out_of_memory_halving_recomputes_the_prefix(settings, with_tiny, monkey
 
 
 def _job(settings, factory, params):
-    (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", NIAH,
-                                                                       params)])]
+    (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob("builtin:tiny", NIAH,
+                                                                      params)])]
     return job_id
 
 
 def _work(settings, job_id, factory):
     work_one_job(settings)
-    return jobs.get_job(factory, job_id), jobs.list_samples(factory, job_id)[0]
+    return queue_on(factory).get(job_id), queue_on(factory).samples(job_id)[0]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

@@ -15,22 +15,21 @@ import sqlalchemy as sa
 
 from backend.queue import jobs
 from backend.queue.db import Job, JobState, Sample
-from tests.conftest import ENGINES
+from tests.conftest import ENGINES, queue_on
 
 pytestmark = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 
 
 def _drain(url: str, worker_id: str, start, out) -> None:
     from backend.queue.db import JobState, session_factory
-    from backend.queue.jobs import claim_job, finish_job, record_sample
 
     factory = session_factory(url)
     start.wait()
     claimed = []
-    while (job := claim_job(factory, worker_id, lease_seconds=60, max_attempts=3)) is not None:
+    while (job := queue_on(factory).claim(worker_id)) is not None:
         claimed.append(job.id)
-        record_sample(factory, job.id, worker_id, 60, _sample(0, worker_id))
-        finish_job(factory, job.id, worker_id, JobState.SUCCEEDED)
+        queue_on(factory).record_sample(job.id, worker_id, _sample(0, worker_id))
+        queue_on(factory).finish(job.id, worker_id, JobState.SUCCEEDED)
     out.put((worker_id, claimed))
 
 
@@ -41,7 +40,7 @@ def _sample(idx: int, prediction: str) -> dict:
 
 def test_worker_processes_race_on_hundreds_of_jobs(factory, settings):
     n_jobs, n_workers = 300, 4
-    ids = [j.id for j in jobs.submit_jobs(factory, [
+    ids = [j.id for j in queue_on(factory).submit([
         jobs.NewJob("builtin:tiny", "echo", {}, submitter=f"user{i % 3}", priority=i % 2)
         for i in range(n_jobs)])]
     ctx = mp.get_context("spawn")
@@ -66,13 +65,12 @@ def test_worker_processes_race_on_hundreds_of_jobs(factory, settings):
 def _run_until_killed(url: str, ready) -> None:
     """Claim the job, store samples 0-2, then hang (the test kills this process)."""
     from backend.queue.db import session_factory
-    from backend.queue.jobs import claim_job, record_sample, set_total
 
     factory = session_factory(url)
-    job = claim_job(factory, "doomed", lease_seconds=1.0, max_attempts=3)
-    set_total(factory, job.id, "doomed", 10)
+    job = queue_on(factory, lease_seconds=1.0).claim("doomed")
+    queue_on(factory).set_total(job.id, "doomed", 10)
     for idx in range(3):
-        record_sample(factory, job.id, "doomed", 1.0, _sample(idx, "doomed"))
+        queue_on(factory, lease_seconds=1.0).record_sample(job.id, "doomed", _sample(idx, "doomed"))
     ready.set()
     time.sleep(600)
 
@@ -80,23 +78,22 @@ def _run_until_killed(url: str, ready) -> None:
 def _rescue(url: str, out) -> None:
     """Wait for the lost job to come back, resume it after its stored samples."""
     from backend.queue.db import JobState, session_factory
-    from backend.queue.jobs import claim_job, finish_job, record_sample, stored_samples
 
     factory = session_factory(url)
     deadline = time.monotonic() + 60
-    while (job := claim_job(factory, "rescuer", 30, 3)) is None:
+    while (job := queue_on(factory, lease_seconds=30).claim("rescuer")) is None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    done = stored_samples(factory, job.id)
+    done = queue_on(factory).stored_samples(job.id)
     for idx in range(10):
         if idx not in done:
-            record_sample(factory, job.id, "rescuer", 30, _sample(idx, "rescuer"))
-    finish_job(factory, job.id, "rescuer", JobState.SUCCEEDED)
+            queue_on(factory, 30).record_sample(job.id, "rescuer", _sample(idx, "rescuer"))
+    queue_on(factory).finish(job.id, "rescuer", JobState.SUCCEEDED)
     out.put((job.id, job.attempts, sorted(done)))
 
 
 def test_killed_worker_job_resumes_in_another(factory, settings):
-    (job_id,) = [j.id for j in jobs.submit_jobs(factory, [jobs.NewJob("m", "echo", {})])]
+    (job_id,) = [j.id for j in queue_on(factory).submit([jobs.NewJob("m", "echo", {})])]
     ctx = mp.get_context("spawn")
     ready, out = ctx.Event(), ctx.Queue()
     doomed = ctx.Process(target=_run_until_killed, args=(settings.database_url, ready))
@@ -108,7 +105,7 @@ def test_killed_worker_job_resumes_in_another(factory, settings):
     doomed.join(10)
     assert out.get(timeout=90) == (job_id, 2, [0, 1, 2])
     rescuer.join(30)
-    job = jobs.get_job(factory, job_id)
+    job = queue_on(factory).get(job_id)
     assert job.state == JobState.SUCCEEDED.value and job.attempts == 2
     assert any(e["kind"] == "lease_expired" and "doomed" in e["message"] for e in job.events)
     with factory() as s:

@@ -11,6 +11,7 @@ import json
 from backend.datasets.base import ScoreEntry
 from backend.queue import jobs
 from backend.queue.db import Job, JobState
+from tests.conftest import queue_on
 
 NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
         "params": {"context_lengths": [256, 512], "depth_percents": [0, 50, 100]}}
@@ -18,21 +19,22 @@ NIAH = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
 
 def _finished(factory, model, dataset, samples, score, memory=(), worker="w"):
     """A succeeded job with `samples` [(prompt_tokens, fields, peak_rss, peak_gpu)]."""
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob(model, dataset, {})])
-    claimed = jobs.claim_job(factory, worker, 60, 3)
+    (job,) = queue_on(factory).submit([jobs.NewJob(model, dataset, {})])
+    claimed = queue_on(factory).claim(worker)
     assert claimed.id == job.id
     for i, (tokens, fields, rss, gpu) in enumerate(samples):
-        jobs.record_sample(factory, job.id, worker, 60, dict(
+        queue_on(factory).record_sample(job.id, worker, dict(
             idx=i, prompt="p", prompt_tokens=tokens, prediction="x", score=1.0,
             latency_s=0.1, output_tokens=4, fields=fields, peak_rss_bytes=rss,
             peak_gpu_bytes=gpu))
-    jobs.finish_job(factory, job.id, worker, JobState.SUCCEEDED,
-                    scores=[ScoreEntry("overall", score, len(samples))], memory=list(memory))
+    queue_on(factory).finish(job.id, worker, JobState.SUCCEEDED,
+                             scores=[ScoreEntry("overall", score, len(samples))],
+                             memory=list(memory))
     return job.id
 
 
 def test_leaderboard_merges_a_model_named_by_path_and_by_folder(client, app, tmp_path):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     folder = tmp_path / "zoo" / "my-model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -56,7 +58,7 @@ def test_leaderboard_merges_a_model_named_by_path_and_by_folder(client, app, tmp
 
 
 def test_memory_by_context_length(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     _finished(factory, "builtin:tiny", "needle_in_haystack", [
         (260, {"context_length": 256}, 100, None), (262, {"context_length": 256}, 300, None),
         (515, {"context_length": 512}, 500, None)], 1.0)
@@ -77,7 +79,7 @@ def test_estimate_before_launch(client, app):
     assert job["duration"] == {"items": 6, "seconds_per_sample": None, "seconds": None,
                                "basis": None}  # nothing finished yet to go on
     assert data["workers"] == []  # none alive in this test
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     _finished(factory, "builtin:tiny", "needle_in_haystack",
               [(256, {"context_length": 256}, 1, None)] * 4, 1.0)
     job = client.post("/api/jobs/estimate", json=NIAH).get_json()["data"]["jobs"][0]
@@ -92,7 +94,7 @@ def test_estimate_before_launch(client, app):
 
 
 def test_exports_carry_reference_and_dataset_columns(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     fields = {"subject": "law", "category": "Humanities", "reference": "B", "extracted": "A",
               "why": "answered A, the reference is B", "logprobs": {"A": -0.5, "B": -1.5}}
     job_id = _finished(factory, "builtin:tiny", "ceval",
@@ -118,7 +120,7 @@ def test_export_of_many_samples_reads_them_in_pages(client, app, monkeypatch):
     from backend.apps.api import jobs as api_jobs
 
     monkeypatch.setattr(api_jobs, "EXPORT_PAGE", 2)
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     job_id = _finished(factory, "builtin:tiny", "gsm8k",
                        [(5, {"reference": str(i)}, 1, None) for i in range(5)], 0.0)
     body = json.loads(client.get(f"/api/jobs/{job_id}/export").get_data(as_text=True))
@@ -140,22 +142,22 @@ def _run(factory, model, dataset, params, scores, entries=None, worker="w"):
     the dataset's own aggregate unless `entries` are given."""
     from backend.datasets.registry import get_dataset
 
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob(model, dataset, params)])
-    assert jobs.claim_job(factory, worker, 60, 3).id == job.id
+    (job,) = queue_on(factory).submit([jobs.NewJob(model, dataset, params)])
+    assert queue_on(factory).claim(worker).id == job.id
     for i, score in enumerate(scores):
-        jobs.record_sample(factory, job.id, worker, 60, dict(
+        queue_on(factory).record_sample(job.id, worker, dict(
             idx=i, prompt=f"question {i}", prompt_tokens=10, prediction="x", score=score,
             latency_s=0.1, output_tokens=4, fields={}))
     if entries is None:
         entries = get_dataset(dataset).aggregate([({}, s) for s in scores])
-    jobs.finish_job(factory, job.id, worker, JobState.SUCCEEDED, scores=entries)
+    queue_on(factory).finish(job.id, worker, JobState.SUCCEEDED, scores=entries)
     return job.id
 
 
 def test_leaderboard_tells_runs_on_other_data_or_weights_apart(client, app):
     """What only the run knows (its manifest: the data files' hash, the weights'
     fingerprint) is part of a row's identity too."""
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     ids = [_run(factory, "builtin:tiny", "gsm8k", {}, [1.0, 0.0]) for _ in range(4)]
 
     def manifest(data: str, weights: str) -> dict:
@@ -187,7 +189,7 @@ def _lm_eval_entries(acc: float) -> list[ScoreEntry]:
 
 
 def test_leaderboard_rows_are_configurations_and_lm_eval_tasks(client, app):
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     full = _run(factory, "builtin:tiny", "gsm8k", {}, [1.0, 0.0, 1.0, 1.0])
     few = _run(factory, "builtin:tiny", "gsm8k", {"split": "train", "max_samples": 2},
                [0.0, 0.0])
@@ -214,7 +216,7 @@ def test_leaderboard_rows_are_configurations_and_lm_eval_tasks(client, app):
 def test_lm_eval_export_is_read_by_lm_eval(client, app):
     from lm_eval.utils import make_table
 
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     niah = _run(factory, "builtin:tiny", "gsm8k", {"shots": 2}, [1.0, 0.0, 1.0])
     task = _run(factory, "builtin:tiny", "lm_eval", {"tasks": ["arc_easy", "lbs_mc"]},
                 [1.0] * 4, _lm_eval_entries(0.7))

@@ -14,19 +14,19 @@ import sqlalchemy as sa
 from backend.queue import jobs
 from backend.queue.db import WorkerRow, utcnow
 from backend.queue.scheduling import Capacity
-from tests.conftest import ENGINES
+from tests.conftest import ENGINES, queue_on
 
 both_engines = pytest.mark.parametrize("db_url", ENGINES, indirect=True)
 NIAH = "needle_in_haystack"
 
 
 def _submit(factory, n=1, **fields) -> list[int]:
-    return [j.id for j in jobs.submit_jobs(
-        factory, [jobs.NewJob("builtin:tiny", NIAH, {}, **fields) for _ in range(n)])]
+    new = [jobs.NewJob("builtin:tiny", NIAH, {}, **fields) for _ in range(n)]
+    return [j.id for j in queue_on(factory).submit(new)]
 
 
 def _claim(factory, worker="w", caps=None):
-    job = jobs.claim_job(factory, worker, 60, 3, capacity=caps)
+    job = queue_on(factory).claim(worker, capacity=caps)
     return None if job is None else job.id
 
 
@@ -86,8 +86,8 @@ def test_num_gpus_and_memory_admission(factory):
 def _worker_row(factory, worker_id, *, labels=(), gpus=(), free=None, age_s=0.0):
     gpu_rows = [{"index": i, "name": "simulated GPU", "total_bytes": size,
                  "free_bytes": size, "simulated": True} for i, size in enumerate(gpus)]
-    jobs.register_worker(factory, worker_id, "host-a", 1234, "cpu", labels=labels,
-                         gpus=gpu_rows, gpu_free_bytes=free)
+    queue_on(factory).workers.register(worker_id, "host-a", 1234, "cpu", labels=labels,
+                                       gpus=gpu_rows, gpu_free_bytes=free)
     if age_s:
         with factory.begin() as s:
             s.execute(sa.update(WorkerRow).where(WorkerRow.id == worker_id)
@@ -95,7 +95,7 @@ def _worker_row(factory, worker_id, *, labels=(), gpus=(), free=None, age_s=0.0)
 
 
 def _reason(factory, job_id):
-    return jobs.waiting_reasons(factory, [jobs.get_job(factory, job_id)], 60)[job_id]
+    return queue_on(factory).waiting_reasons([queue_on(factory).get(job_id)])[job_id]
 
 
 def test_waiting_reasons(factory):
@@ -124,9 +124,9 @@ def test_lost_workers_are_marked_and_shown(factory, client):
     assert (rows["alive"]["state"], rows["alive"]["alive"]) == ("idle", True)
     assert (rows["gone"]["state"], rows["gone"]["alive"]) == ("lost", False)
     assert rows["gone"]["heartbeat_age_s"] >= 120
-    assert jobs.mark_lost_workers(factory, 60) == ["gone"]
-    jobs.worker_heartbeat(factory, "gone")  # it comes back
-    assert {w.id: w.state for w in jobs.list_workers(factory)}["gone"] == "idle"
+    assert queue_on(factory).workers.mark_lost() == ["gone"]
+    queue_on(factory).workers.heartbeat("gone")  # it comes back
+    assert {w.id: w.state for w in queue_on(factory).workers.all()}["gone"] == "idle"
 
 
 def test_api_fields_validation_and_waiting_reason(client, monkeypatch, settings):
@@ -201,11 +201,11 @@ def test_worker_with_simulated_gpus_claims_only_what_fits(factory, monkeypatch, 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", f"{need},{need // 20}")
     with started_worker(load_settings(), "roomy-first") as worker:
         assert worker.run_once()
-    assert jobs.get_job(factory, job["id"]).state == "succeeded"
+    assert queue_on(factory).get(job["id"]).state == "succeeded"
 
 
 def test_pool_plan_and_worker_gpus(monkeypatch):
-    from backend.apps.worker import detect_gpus
+    from backend.apps.worker_gpus import detect_gpus
     from backend.common.config import load_settings
     from backend.server import WorkerPool
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer, stop_process
+from tests.conftest import ROOT, LiveServer, queue_on, stop_process
 
 KEY = "sk-server-key-only-for-its-own-url"
 NIAH = {"context_lengths": [256], "depth_percents": [0], "max_new_tokens": 4}
@@ -261,11 +261,11 @@ def test_a_page_on_another_origin_cannot_change_anything(idle_server):
         evil.server_close()
     jobs = server.request("GET", "/api/jobs")[1]["data"]["jobs"]
     assert [(j["id"], j["state"]) for j in jobs] == [(1, "cancelled")]
-    from backend.queue.control import stored_commands
     from backend.queue.db import dispose_engines, session_factory
 
     factory = session_factory(f"sqlite:///{server.data_dir / 'lbs.sqlite3'}")
-    assert stored_commands(factory) == []  # the memory limit was not set to 0.1 GB either
+    # the memory limit was not set to 0.1 GB either
+    assert queue_on(factory).commands.stored() == []
     dispose_engines()
 
 
@@ -529,7 +529,6 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
     import subprocess
     import sys
 
-    from backend.queue.control import worker_statuses
     from backend.queue.db import dispose_engines, session_factory
     from tests.conftest import ROOT
 
@@ -547,7 +546,7 @@ def test_runtime_settings_are_kept_and_applied_by_starting_workers(idle_server):
         deadline = time.monotonic() + 90
         seen = None
         while time.monotonic() < deadline:
-            statuses = [p for p in worker_statuses(factory, 60.0) if not p.stale]
+            statuses = [p for p in queue_on(factory).commands.statuses() if not p.stale]
             if statuses:
                 seen = statuses[0].status
                 if seen["idle_timeout_seconds"] == 321 and seen["memory_limit"] == 2 * 1024**3:
@@ -571,7 +570,7 @@ def test_an_orphaned_worker_stops_even_when_its_main_thread_is_stuck():
     death sets the stop flag first, and a worker stuck after that must still end."""
     import os
 
-    from backend.apps.worker import watch_parent
+    from backend.apps.worker_process import watch_parent
 
     def watch(parent, stop, done):
         exits = []

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from backend.engine.contracts import CacheMode
 from backend.queue import jobs
 from backend.queue.db import Job
+from tests.conftest import queue_on
 from tests.test_jobs import started_worker
 from tests.test_manager import FakeRunner
 
@@ -44,10 +45,10 @@ def test_heartbeat_renews_the_lease_while_an_offload_outlasts_it(factory, monkey
 
     monkeypatch.setenv("LBS_SIMULATED_GPU_MEMORY", "24GB")
     monkeypatch.setenv("LBS_LEASE_SECONDS", "1")  # the heartbeat beats every 0.25 s
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("builtin:tiny", "gsm8k", {})])
+    (job,) = queue_on(factory).submit([jobs.NewJob("builtin:tiny", "gsm8k", {})])
     with started_worker(load_settings(), "hb") as worker:
         worker.manager.has_gpu = True
-        assert jobs.claim_job(factory, worker.id, 1, 3).id == job.id
+        assert queue_on(factory, lease_seconds=1).claim(worker.id).id == job.id
         worker.current_job = job.id
         runner = SlowOffload(GB)
 
@@ -87,7 +88,7 @@ def test_prefetch_waits_for_the_running_jobs_model_and_counts_its_estimate(
                             keep_on_gpu=lambda: False):
         pass
     assert following.device == "cpu"
-    jobs.submit_jobs(factory, [jobs.NewJob("next", "gsm8k", {})])
+    queue_on(factory).submit([jobs.NewJob("next", "gsm8k", {})])
 
     def prefetch_while(job_bytes):
         worker.current_job = 7
@@ -144,23 +145,23 @@ class FakeNVML:
 def test_a_one_gpu_job_is_admitted_against_its_own_gpu_not_the_sum(factory):
     from backend.queue.scheduling import Capacity
 
-    (one,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
+    (one,) = queue_on(factory).submit([jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
     two_cards = Capacity(gpu_count=2, free_gpu_bytes=(10 * GB, 10 * GB))
-    assert jobs.claim_job(factory, "w", 60, 3, capacity=two_cards) is None  # fits only 10+10
-    (two,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB,
-                                                    num_gpus=2)])
-    assert jobs.claim_job(factory, "w", 60, 3, capacity=two_cards).id == two.id
+    assert queue_on(factory).claim("w", capacity=two_cards) is None  # fits only 10+10
+    (two,) = queue_on(factory).submit([jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB,
+                                                   num_gpus=2)])
+    assert queue_on(factory).claim("w", capacity=two_cards).id == two.id
     roomy_first = Capacity(gpu_count=2, free_gpu_bytes=(16 * GB, 1 * GB))
-    assert jobs.claim_job(factory, "w", 60, 3, capacity=roomy_first).id == one.id
+    assert queue_on(factory).claim("w", capacity=roomy_first).id == one.id
 
 
 def test_waiting_reason_counts_the_gpus_the_job_uses(factory):
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
+    (job,) = queue_on(factory).submit([jobs.NewJob("m", "gsm8k", {}, memory_bytes=15 * GB)])
     gpus = [{"index": i, "name": "g", "total_bytes": 10 * GB, "free_bytes": 10 * GB,
              "available_bytes": 10 * GB} for i in range(2)]
-    jobs.register_worker(factory, "w", "host", 1, "cuda:0,1", gpus=gpus,
-                         gpu_free_bytes=20 * GB)
-    reason = jobs.waiting_reasons(factory, [jobs.get_job(factory, job.id)], 60)[job.id]
+    queue_on(factory).workers.register("w", "host", 1, "cuda:0,1", gpus=gpus,
+                                       gpu_free_bytes=20 * GB)
+    reason = queue_on(factory).waiting_reasons([queue_on(factory).get(job.id)])[job.id]
     assert "needs about 15.0 GiB" in reason and "has free is 10.0 GiB" in reason
 
 
@@ -201,23 +202,23 @@ def test_free_gpu_choice_skips_every_gpu_of_this_hosts_workers_only(factory, set
     import socket
     import sys
 
-    from backend.apps import worker as worker_module
+    from backend.apps import worker_gpus
 
     nvml = FakeNVML([(80 * GB, 10 * GB, 0, []), (80 * GB, 80 * GB, 0, []),
                      (80 * GB, 40 * GB, 0, [])])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     chosen = []
-    monkeypatch.setattr(worker_module, "select_cuda_device", chosen.append)
+    monkeypatch.setattr(worker_gpus, "select_cuda_device", chosen.append)
 
     def gpu(i):
         return {"index": i, "name": "Fake GPU", "total_bytes": 80 * GB, "free_bytes": 0}
 
     # here: a worker holding GPUs 0 and 1; on another machine: one holding its GPU 2
-    jobs.register_worker(factory, "here", socket.gethostname(), 1, "cuda:0,1 (Fake GPU)",
-                         gpus=[gpu(0), gpu(1)])
-    jobs.register_worker(factory, "there", "other-host", 1, "cuda:2 (Fake GPU)",
-                         gpus=[gpu(2)])
-    assert worker_module._choose_gpu(settings) == "2" and chosen == ["2"]
+    queue_on(factory).workers.register("here", socket.gethostname(), 1, "cuda:0,1 (Fake GPU)",
+                                                     gpus=[gpu(0), gpu(1)])
+    queue_on(factory).workers.register("there", "other-host", 1, "cuda:2 (Fake GPU)",
+                                                     gpus=[gpu(2)])
+    assert worker_gpus.choose_gpu(settings) == "2" and chosen == ["2"]
 
 
 def test_nvml_in_a_pid_namespace_reports_unknown_and_device_use_since_start(monkeypatch):
@@ -268,10 +269,10 @@ def test_cuda_peaks_store_unknown_process_use_and_the_device_fallback(monkeypatc
     readings = peaks.nvml_readings()
     assert readings == [("cuda_nvml_process_used", "cuda:all", None),
                         ("cuda_nvml_device_used", "cuda:all", 2 * GB)]
-    (job,) = jobs.submit_jobs(factory, [jobs.NewJob("m", "gsm8k", {})])
-    jobs.claim_job(factory, "w", 60, 3)
-    jobs.finish_job(factory, job.id, "w", JobState.SUCCEEDED, memory=readings)
-    stored = jobs.get_job(factory, job.id).memory_peaks
+    (job,) = queue_on(factory).submit([jobs.NewJob("m", "gsm8k", {})])
+    queue_on(factory).claim("w")
+    queue_on(factory).finish(job.id, "w", JobState.SUCCEEDED, memory=readings)
+    stored = queue_on(factory).get(job.id).memory_peaks
     shown = memory_dict([(m.name, m.device, m.bytes) for m in stored])["gpu"]["cuda:all"]
     assert shown["nvml_process_used_bytes"] is None  # null in the API: unknown
     assert shown["nvml_device_used_bytes"] == 2 * GB
@@ -284,13 +285,13 @@ def test_the_room_a_worker_advertises_never_passes_the_process_cap(settings, mon
     model holds."""
     import dataclasses
 
-    from backend.apps import worker as worker_module
+    from backend.apps import worker_gpus
     from backend.apps.worker import Worker
     from backend.engine.memory.entries import ManagerConfig
     from backend.engine.memory.manager import ModelManager
 
     gpus = [{"index": 0, "name": "H100", "total_bytes": 80 * GB, "free_bytes": 50 * GB}]
-    monkeypatch.setattr(worker_module, "detect_gpus", lambda s: [dict(g) for g in gpus])
+    monkeypatch.setattr(worker_gpus, "detect_gpus", lambda s: [dict(g) for g in gpus])
     worker = Worker(dataclasses.replace(settings, gpu_memory_limit=0.5), worker_id="capped")
     worker.manager = ModelManager(ManagerConfig(max_memory_usage=10**14), has_gpu=True)
     with worker.manager.use("idle", "idle", lambda: FakeRunner(30 * GB, on_gpu=True),

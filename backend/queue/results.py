@@ -1,5 +1,5 @@
 """Results across jobs: the leaderboard (models x datasets with score, memory, speed),
-memory against context length, and a rough duration for a job before it is launched.
+memory against context length, two jobs compared item by item, lm-eval's export format.
 
 Read-only queries over the jobs, scores, memory_peaks and samples tables; no torch.
 """
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 from backend.common import stats
-from backend.queue.db import Job, JobState, MemoryPeak, Sample, Score, utcnow
+from backend.queue.db import Job, JobState, MemoryPeak, Sample, Score
 
 MAX_JOBS = 2000
 """The leaderboard reads at most this many of the newest finished jobs."""
@@ -253,48 +253,6 @@ def memory_by_length(factory: sessionmaker, resolve: Callable[[str], Path | None
     return {"datasets": out}
 
 
-def rough_duration(factory: sessionmaker, model: str, dataset: str, params: dict[str, Any],
-                   items: int | None) -> dict[str, Any]:
-    """A rough duration for a job before launch, from finished jobs: seconds per sample
-    of this model on this dataset (else of any model on it) times the number of items
-    (`items` when the caller knows it, else the item count of the newest job with the
-    same parameters). Every figure is None when there is no history to go on."""
-    with factory() as session:
-        done = session.execute(
-            sa.select(Job.model, Job.params, Job.progress_total, Job.progress_done,
-                      Job.started_at, Job.finished_at)
-            .where(Job.state == JobState.SUCCEEDED.value, Job.dataset == dataset)
-            .order_by(Job.id.desc()).limit(200)).all()
-    if items is None:
-        items = next((j.progress_total for j in done if j.params == params), None)
-
-    def per_sample(rows: list[Any]) -> float | None:
-        seconds = sum((j.finished_at - j.started_at).total_seconds() for j in rows
-                      if j.started_at and j.finished_at)
-        count = sum(j.progress_done or 0 for j in rows)
-        return seconds / count if count else None
-
-    same_model = [j for j in done if j.model == model]
-    rate, basis = per_sample(same_model), "this model on this dataset"
-    if rate is None:
-        rate, basis = per_sample(done), "other models on this dataset"
-    return {"items": items, "seconds_per_sample": round(rate, 3) if rate else None,
-            "seconds": round(rate * items, 1) if rate and items else None,
-            "basis": basis if rate else None}
-
-
-def live_workers(factory: sessionmaker, lease_seconds: float) -> list[dict[str, Any]]:
-    """The live workers and the GPU memory each has free for a job (None: a CPU worker,
-    bounded by RAM only)."""
-    from backend.queue.jobs import list_workers
-    from backend.queue.scheduling import is_alive
-
-    now = utcnow()
-    return [{"id": w.id, "host": w.host, "state": w.state, "gpu_count": w.gpu_count or 0,
-             "gpu_free_bytes": w.gpu_free_bytes if w.gpu_count else None}
-            for w in list_workers(factory) if is_alive(w, now, lease_seconds)]
-
-
 DISAGREEMENTS_SHOWN = 200
 """At most this many items where two compared jobs disagree come back, worst first."""
 
@@ -516,3 +474,26 @@ def lm_eval_results(job: dict[str, Any], per_task: bool = False) -> dict[str, An
     out["date"] = job.get("finished_at")
     out["job_id"] = job["id"]
     return out
+
+
+class Results:
+    """`leaderboard`, `memory_by_length` and `paired_comparison` on one database."""
+
+    def __init__(self, factory: sessionmaker):
+        self.factory = factory
+
+    def leaderboard(self, resolve: Callable[[str], Path | None],
+                    effective: Callable[[str, dict[str, Any]], dict[str, Any]] = (
+                        lambda _dataset, params: params),
+                    tasks_param: Callable[[str], str | None] = lambda _dataset: None
+                    ) -> dict[str, Any]:
+        return leaderboard(self.factory, resolve, effective, tasks_param)
+
+    def memory_by_length(self, resolve: Callable[[str], Path | None],
+                         datasets: tuple[str, ...]) -> dict[str, Any]:
+        return memory_by_length(self.factory, resolve, datasets)
+
+    def paired_comparison(self, a_id: int, b_id: int,
+                          effective: Callable[[str, dict[str, Any]], dict[str, Any]] = (
+                              lambda _dataset, params: params)) -> dict[str, Any]:
+        return paired_comparison(self.factory, a_id, b_id, effective)

@@ -16,7 +16,7 @@ job of that submitter. A worker only sees the jobs it can run (`Capacity`):
   will not touch. Workers of one host on the same GPU take off what the others
   reserved there for jobs whose memory NVML does not show yet (`less_reserved`).
 
-Nothing here writes; `jobs.claim_job` locks and takes the row.
+Nothing here writes; `Queue.claim` (jobs.py) locks and takes the row.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def compare():
     query = CompareQuery.model_validate(request.args.to_dict())
     lbs = current_app.extensions["lbs"]
     try:
-        data = results.paired_comparison(lbs.factory, query.a, query.b, effective_params)
+        data = lbs.results.paired_comparison(query.a, query.b, effective_params)
     except results.CompareError as exc:
         raise ApiError(exc.status, "not_found" if exc.status == 404 else "not_comparable",
                        f"{exc.field}: {exc}", [{"field": exc.field, "message": str(exc)}]

@@ -92,7 +92,8 @@ def init_app(app: Flask) -> None:
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.extra)
 
-    from backend.queue.jobs import JobConflict, JobNotFound
+    from backend.queue.jobs import JobConflict
+    from backend.queue.reads import JobNotFound
 
     @app.errorhandler(JobNotFound)
     def _not_found(exc: JobNotFound):

@@ -6,7 +6,6 @@ from flask import Blueprint, current_app
 
 from backend.apps.api.openapi import documented
 from backend.queue.db import utcnow
-from backend.queue.jobs import list_workers
 from backend.queue.scheduling import is_alive, worker_state
 
 bp = Blueprint("health", __name__)
@@ -28,7 +27,7 @@ def workers():
     lease = lbs.settings.lease_seconds
     now = utcnow()
     rows = []
-    for w in list_workers(lbs.factory):
+    for w in lbs.queue.workers.all():
         state = worker_state(w, now, lease)
         rows.append({
             "id": w.id, "host": w.host, "pid": w.pid, "device": w.device, "state": state.value,

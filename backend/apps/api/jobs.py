@@ -44,14 +44,14 @@ from backend.engine.contracts import (
     PathRefused,
 )
 from backend.engine.preparation import prepare
-from backend.queue import jobs as service
 from backend.queue import results
+from backend.queue.jobs import NewJob, Queue
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
 
 
-def _factory():
-    return current_app.extensions["lbs"].factory
+def _queue() -> Queue:
+    return current_app.extensions["lbs"].queue
 
 
 def _ok(data: Any, status: int = 200):
@@ -66,7 +66,7 @@ def _json_body() -> dict[str, Any]:
     return body
 
 
-def _check(job: JobRequest, prefix: str) -> service.NewJob:
+def _check(job: JobRequest, prefix: str) -> NewJob:
     """Refuse the job now, naming the field, if it cannot run."""
     settings = current_app.extensions["lbs"].settings
     try:
@@ -110,20 +110,19 @@ def _check(job: JobRequest, prefix: str) -> service.NewJob:
     params = prepared.params.model_dump(mode="json", exclude_unset=True)
     shards = job.data_parallel
     if shards == "auto":
-        shards = service.idle_workers(_factory(), settings.lease_seconds, job.worker_label,
-                                      job.num_gpus)
+        shards = _queue().workers.idle_count(job.worker_label, job.num_gpus)
     if shards > 1 and prepared.params.methods:
         message = "a comparison of methods runs on one worker; use data_parallel 1"
         raise ApiError(422, "invalid_job", f"{prefix}data_parallel: {message}",
                        [{"field": f"{prefix}data_parallel", "message": message}])
-    return service.NewJob(model=job.model, dataset=job.dataset, params=params,
-                          timeout_s=job.timeout_s, priority=job.priority,
-                          submitter=job.submitter or "anonymous",
-                          worker_label=job.worker_label, num_gpus=job.num_gpus,
-                          memory_bytes=memory, data_parallel=shards,
-                          api=prepared.api.public() if prepared.api is not None else None,
-                          api_key_encrypted=encrypt(settings, prepared.api_key)
-                          if job.api is not None and job.api.api_key is not None else None)
+    return NewJob(model=job.model, dataset=job.dataset, params=params,
+                  timeout_s=job.timeout_s, priority=job.priority,
+                  submitter=job.submitter or "anonymous",
+                  worker_label=job.worker_label, num_gpus=job.num_gpus,
+                  memory_bytes=memory, data_parallel=shards,
+                  api=prepared.api.public() if prepared.api is not None else None,
+                  api_key_encrypted=encrypt(settings, prepared.api_key)
+                  if job.api is not None and job.api.api_key is not None else None)
 
 
 WORKER_START_GRACE_S = 180.0
@@ -135,7 +134,7 @@ def _out(jobs: list[Any], summary: bool = False) -> list[dict[str, Any]]:
     """Jobs as the API shows them, a queued job with the reason it waits; `summary`
     leaves out params and events (lists)."""
     lbs = current_app.extensions["lbs"]
-    reasons = service.waiting_reasons(_factory(), jobs, lbs.settings.lease_seconds)
+    reasons = lbs.queue.waiting_reasons(jobs)
     spawned = lbs.workers_spawned_at
     if spawned is not None and time.monotonic() - spawned < WORKER_START_GRACE_S:
         since = round(time.monotonic() - spawned)
@@ -158,10 +157,10 @@ def submit():
     if "jobs" in body:
         batch = JobBatchRequest.model_validate(body)
         new = [_check(job, f"jobs[{i}].") for i, job in enumerate(batch.jobs)]
-        created = service.submit_jobs(_factory(), new)
+        created = _queue().submit(new)
         return _ok({"jobs": _out(created)}, 201)
     new = [_check(JobRequest.model_validate(body), "")]
-    created = service.submit_jobs(_factory(), new)
+    created = _queue().submit(new)
     return _ok({"job": _out(created)[0]}, 201)
 
 
@@ -188,10 +187,10 @@ def estimate():
         items = _grid_size(job.dataset, new.params)
         out.append({"model": job.model, "dataset": job.dataset,
                     "memory_bytes": new.memory_bytes,
-                    "duration": results.rough_duration(lbs.factory, job.model, job.dataset,
-                                                       new.params, items)})
+                    "duration": lbs.queue.rough_duration(job.model, job.dataset,
+                                                         new.params, items)})
     return _ok({"jobs": out,
-                "workers": results.live_workers(lbs.factory, lbs.settings.lease_seconds)})
+                "workers": lbs.queue.workers.live()})
 
 
 def _grid_size(dataset: str, params: dict[str, Any]) -> int | None:
@@ -211,8 +210,8 @@ def _grid_size(dataset: str, params: dict[str, Any]) -> int | None:
             errors=(422,))
 def list_jobs():
     query = JobListQuery.model_validate(request.args.to_dict())
-    jobs, total = service.list_jobs(
-        _factory(), state=query.state.value if query.state else None, model=query.model,
+    jobs, total = _queue().list(
+        state=query.state.value if query.state else None, model=query.model,
         dataset=query.dataset, submitter=query.submitter,
         offset=(query.page - 1) * query.per_page, limit=query.per_page)
     return _ok({"jobs": _out(jobs, summary=True),
@@ -223,12 +222,11 @@ def list_jobs():
 @documented("one job with progress, scores and memory", data={"job": JobOut},
             errors=(404,))
 def get_job(job_id: int):
-    job = service.get_job(_factory(), job_id)
+    job = _queue().get(job_id)
     out = _out([job])[0]
     if job.shard_count and job.parent_id is None:  # a data-parallel job: its shards too
-        shards = service.list_shards(_factory(), job_id)
-        reasons = service.waiting_reasons(_factory(), shards,
-                                          current_app.extensions["lbs"].settings.lease_seconds)
+        shards = _queue().shards(job_id)
+        reasons = _queue().waiting_reasons(shards)
         out["shards"] = [shard_out(s, reasons.get(s.id), job.progress_total)
                          .model_dump(mode="json")
                          for s in shards]
@@ -242,9 +240,8 @@ def get_job(job_id: int):
             errors=(404, 422))
 def samples(job_id: int):
     query = SampleListQuery.model_validate(request.args.to_dict())
-    rows, total = service.list_samples(_factory(), job_id,
-                                       offset=(query.page - 1) * query.per_page,
-                                       limit=query.per_page)
+    rows, total = _queue().samples(job_id, offset=(query.page - 1) * query.per_page,
+                                   limit=query.per_page)
     return _ok({"samples": [sample_out(s).model_dump(mode="json") for s in rows],
                 "page": query.page, "per_page": query.per_page, "total": total})
 
@@ -253,15 +250,15 @@ def samples(job_id: int):
 @documented("cancel a queued job, or stop a running one between samples",
             data={"job": JobOut}, errors=(404, 409))
 def cancel(job_id: int):
-    service.cancel_job(_factory(), job_id)
-    return _ok({"job": job_out(service.get_job(_factory(), job_id)).model_dump(mode="json")})
+    _queue().cancel(job_id)
+    return _ok({"job": job_out(_queue().get(job_id)).model_dump(mode="json")})
 
 
 @bp.delete("/<int(min=1, max=9223372036854775807):job_id>")
 @documented("delete a job that is not running", data={"deleted": {"type": "integer"}},
             errors=(404, 409))
 def delete(job_id: int):
-    service.delete_job(_factory(), job_id)
+    _queue().delete(job_id)
     return _ok({"deleted": job_id})
 
 
@@ -277,8 +274,8 @@ def export(job_id: int):
     carry each sample's reference, extracted answer, why, and the dataset's own columns;
     both are streamed, a page of samples at a time, never built whole in memory."""
     fmt = ExportQuery.model_validate(request.args.to_dict()).format
-    factory = _factory()
-    job = job_out(service.get_job(factory, job_id)).model_dump(mode="json")
+    queue = _queue()
+    job = job_out(queue.get(job_id)).model_dump(mode="json")
     name = f"job-{job_id}-{job['dataset']}"
     try:
         dataset = get_dataset(job["dataset"])
@@ -291,21 +288,21 @@ def export(job_id: int):
                         mimetype="application/json", headers={
                             "Content-Disposition": f"attachment; filename={name}-lm_eval.json"})
     if fmt == "json":
-        return Response(stream_with_context(_json_chunks(factory, job_id, job)),
+        return Response(stream_with_context(_json_chunks(queue, job_id, job)),
                         mimetype="application/json",
                         headers={"Content-Disposition": f"attachment; filename={name}.json"})
-    return Response(stream_with_context(_csv_chunks(factory, job_id, own)), mimetype="text/csv",
+    return Response(stream_with_context(_csv_chunks(queue, job_id, own)), mimetype="text/csv",
                     headers={"Content-Disposition": f"attachment; filename={name}.csv"})
 
 
 EXPORT_PAGE = 500
 
 
-def _exported_samples(factory: Any, job_id: int) -> Iterator[dict[str, Any]]:
+def _exported_samples(queue: Queue, job_id: int) -> Iterator[dict[str, Any]]:
     """Every sample of the job as the API shows it, read a page at a time."""
     offset = 0
     while True:
-        rows, _ = service.list_samples(factory, job_id, offset=offset, limit=EXPORT_PAGE)
+        rows, _ = queue.samples(job_id, offset=offset, limit=EXPORT_PAGE)
         for row in rows:
             yield sample_out(row).model_dump(mode="json")
         if len(rows) < EXPORT_PAGE:
@@ -313,9 +310,9 @@ def _exported_samples(factory: Any, job_id: int) -> Iterator[dict[str, Any]]:
         offset += EXPORT_PAGE
 
 
-def _json_chunks(factory: Any, job_id: int, job: dict[str, Any]) -> Iterator[str]:
+def _json_chunks(queue: Queue, job_id: int, job: dict[str, Any]) -> Iterator[str]:
     yield '{"job": ' + json.dumps(job, ensure_ascii=False) + ', "samples": ['
-    for i, sample in enumerate(_exported_samples(factory, job_id)):
+    for i, sample in enumerate(_exported_samples(queue, job_id)):
         yield ("," if i else "") + "\n" + json.dumps(sample, ensure_ascii=False)
     yield "\n]}\n"
 
@@ -332,13 +329,13 @@ def _csv_cell(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value
 
 
-def _csv_chunks(factory: Any, job_id: int, own: list[str]) -> Iterator[str]:
+def _csv_chunks(queue: Queue, job_id: int, own: list[str]) -> Iterator[str]:
     extra = [c for c in own if c not in CSV_COLUMNS]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS[:1] + extra + CSV_COLUMNS[1:],
                             extrasaction="ignore")
     writer.writeheader()
-    for sample in _exported_samples(factory, job_id):
+    for sample in _exported_samples(queue, job_id):
         fields = sample["fields"]
         row = {**sample, **{k: fields.get(k) for k in ("reference", "extracted", "why")},
                **{k: fields.get(k) for k in extra}}

@@ -83,8 +83,7 @@ def _state():
 
 
 def _statuses() -> list[control.Published]:
-    lbs = _state()
-    return control.worker_statuses(lbs.factory, lbs.settings.lease_seconds)
+    return _state().queue.commands.statuses()
 
 
 def _fresh() -> list[tuple[Any, dict[str, Any]]]:
@@ -107,7 +106,7 @@ def _setting(command: str, args: dict[str, Any], worker: str | None
     live workers applied it, 202 when none is running yet."""
     if worker is not None:
         return _send(command, args, worker), 200
-    control.store_setting(_state().factory, command, args)
+    _state().queue.commands.store_setting(command, args)
     try:
         return _send(command, args, None), 200
     except ApiError as exc:
@@ -117,10 +116,8 @@ def _setting(command: str, args: dict[str, Any], worker: str | None
 
 
 def _send(command: str, args: dict[str, Any], worker: str | None) -> list[dict[str, Any]]:
-    lbs = _state()
     try:
-        answers = control.send_command(lbs.factory, command, args,
-                                       lbs.settings.lease_seconds, worker)
+        answers = _state().queue.commands.send(command, args, worker)
     except control.NoWorker as exc:
         raise ApiError(503, "no_worker", str(exc))
     except control.CommandTimeout as exc:
@@ -174,7 +171,7 @@ def _idle_timeout(statuses: list[tuple[Any, dict[str, Any]]]) -> float:
     operator's stored value (workers apply it as they start), else GPU_IDLE_TIMEOUT."""
     if statuses:
         return statuses[0][1]["idle_timeout_seconds"]
-    stored = dict(control.stored_commands(_state().factory)).get("timeout")
+    stored = dict(_state().queue.commands.stored()).get("timeout")
     return stored["timeout"] if stored else _state().settings.gpu_idle_timeout
 
 

@@ -11,7 +11,6 @@ from backend.apps.api import schemas
 from backend.apps.api.openapi import documented
 from backend.datasets.registry import UnknownDataset, dataset_names, get_dataset
 from backend.engine.contracts import ModelNotFound
-from backend.queue import results
 from backend.runners.models import resolve_model
 from backend.runners.registry import get_runner
 
@@ -70,8 +69,7 @@ def leaderboard():
     """One row per model and configuration (see results.leaderboard)."""
     lbs = current_app.extensions["lbs"]
     return {"status": "success",
-            "data": results.leaderboard(lbs.factory, _resolver(), effective_params,
-                                        tasks_param)}
+            "data": lbs.results.leaderboard(_resolver(), effective_params, tasks_param)}
 
 
 @bp.get("/memory")
@@ -83,5 +81,5 @@ def memory():
     """Peak memory against context length per model, on the datasets that declare a
     length axis."""
     lbs = current_app.extensions["lbs"]
-    return {"status": "success", "data": results.memory_by_length(lbs.factory, _resolver(),
-                                                                  length_datasets())}
+    return {"status": "success", "data": lbs.results.memory_by_length(_resolver(),
+                                                                      length_datasets())}

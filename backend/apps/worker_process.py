@@ -1,0 +1,72 @@
+"""The worker process's life around its loop: heavy imports done once at start, and
+an end when its server ends (PR_SET_PDEATHSIG, and a thread watching the parent)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def warm_up() -> None:
+    """Import the heavy libraries once at start rather than inside the first job.
+
+    transformers imports its loading and generation machinery lazily, on the
+    first from_pretrained (over a second on a small CPU). `gc.freeze()` then
+    moves everything imported so far out of the collector's view, so the full
+    collection that verifies a model release does not walk every module.
+    """
+    import gc
+
+    import torch  # noqa: F401
+    import transformers.generation  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have Linux send this process SIGTERM when its parent ends (PR_SET_PDEATHSIG),
+    so a worker whose server was killed stops instead of claiming jobs as an orphan.
+    False when the parent is already gone (the caller exits). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("[Worker] prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker "
+                        "outlives its server if that is killed", ctypes.get_errno())
+    return os.getppid() == parent_pid  # it may have ended before prctl took effect
+
+
+ORPHAN_GRACE_S = 10.0
+"""How long a worker whose server died may take to stop between samples before it
+exits anyway (its job's lease then expires and the job resumes elsewhere)."""
+
+
+def watch_parent(parent_pid: int, stop: threading.Event, done: threading.Event,
+                 grace: float = ORPHAN_GRACE_S, exit_now=os._exit,
+                 every: float = 0.5) -> None:
+    """Until `done` is set: once the process `parent_pid` is no longer this one's
+    parent (the server died, even by SIGKILL), set `stop`, and exit if the worker has
+    not finished `grace` seconds later. A thread of its own, so a main thread blocked in
+    C (a database wait, a forward pass) cannot keep an orphan alive; the kernel's
+    PR_SET_PDEATHSIG signal only reaches Python handlers between bytecodes. It watches
+    until `done`, not until `stop`: that signal sets `stop` first, and a worker stuck
+    after it must still end."""
+    while not done.wait(every):
+        if os.getppid() != parent_pid:
+            log.warning("[Worker] the server (pid %d) is gone; stopping", parent_pid)
+            stop.set()
+            if not done.wait(grace):
+                log.error("[Worker] still running %.0f s after the server died; exiting",
+                          grace)
+                exit_now(1)
+            return
