@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from backend.queue.db import utcnow
 from backend.queue.jobs import Queue
 
-if TYPE_CHECKING:
-    from backend.apps.worker import Worker
+
+class SinkOwner(Protocol):
+    """What a sink reads of its worker (backend.apps.worker.Worker)."""
+
+    id: str
+    queue: Queue
+    stopping: threading.Event
+    cancel_seen: threading.Event
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +27,7 @@ class DbSink:
     """SampleSink that writes each result to the database as it comes, and stops the
     loop when the job is cancelled, the worker is stopping, or the job timed out."""
 
-    def __init__(self, worker: Worker, job_id: int, timeout_s: float | None = None,
+    def __init__(self, worker: SinkOwner, job_id: int, timeout_s: float | None = None,
                  download: dict[str, Any] | None = None):
         self.worker = worker
         self.job_id = job_id

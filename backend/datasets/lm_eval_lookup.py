@@ -13,12 +13,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from pydantic import BaseModel
 
 from backend.datasets.lm_eval_results import jsonable
-
-if TYPE_CHECKING:
-    from backend.datasets.lm_eval_tasks import LmEvalParams
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def _cache_arg(cache_dir: Path | None) -> list[str]:
 
 def _index(key: tuple[str, ...], cache_dir: Path | None) -> None:
     try:
-        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_lookup",
+        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_probe",
                               *_cache_arg(cache_dir), *key],
                              capture_output=True, text=True, timeout=600, check=True)
         tasks = json.loads(out.stdout.strip().splitlines()[-1])
@@ -148,7 +147,7 @@ def plain_token_bound(nbytes: int) -> int:
 _shapes: dict[str, dict[str, Any] | None] = {}
 
 
-def request_shapes(include: tuple[str, ...], params: LmEvalParams,
+def request_shapes(include: tuple[str, ...], params: BaseModel,
                    cache_dir: Path | None) -> dict[str, Any] | None:
     """The longest requests of each kind lm-eval builds for the job's tasks (UTF-8
     bytes; see `build_shapes`), found once per set of parameters in a subprocess; None
@@ -160,7 +159,7 @@ def request_shapes(include: tuple[str, ...], params: LmEvalParams,
         if key in _shapes:
             return _shapes[key]
     try:
-        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_lookup",
+        out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_probe",
                               *_cache_arg(cache_dir), "--shapes",
                               json.dumps(asked), *include],
                              capture_output=True, text=True, timeout=600, check=True)
@@ -171,51 +170,3 @@ def request_shapes(include: tuple[str, ...], params: LmEvalParams,
     with _lock:
         _shapes[key] = shapes
     return shapes
-
-
-def build_shapes(include: list[str], asked: dict[str, Any],
-                 cache_dir: Path | None = None) -> dict[str, Any]:
-    """For each request type of the tasks' built requests: the longest context (or
-    text) and continuation in UTF-8 bytes, the most choices of one document, the
-    largest generation budget and how many requests there are."""
-    from backend.datasets.lm_eval_tasks import LmEvalParams, LmEvalTasks
-
-    dataset = LmEvalTasks()
-    type(dataset).include_path = tuple(include)
-    type(dataset).cache_dir = cache_dir
-    params = LmEvalParams.model_validate(asked)
-    items = dataset.build_items(params, None)
-    shapes: dict[str, dict[str, int]] = {}
-    for item in items:
-        instances = dataset._docs[item.idx][2]
-        kind = instances[0].request_type
-        shape = shapes.setdefault(kind, {"context": 0, "continuation": 0, "choices": 0,
-                                         "max_gen_toks": 0, "count": 0, "text": 0})
-        shape["count"] += len(instances)
-        shape["choices"] = max(shape["choices"], len(instances))
-        for inst in instances:
-            first = inst.args[0] or ""
-            if kind == "loglikelihood":
-                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
-                shape["continuation"] = max(shape["continuation"],
-                                            len(inst.args[1].encode("utf-8")))
-            elif kind == "generate_until":
-                from backend.datasets.lm_eval_lm import max_gen_toks
-
-                shape["context"] = max(shape["context"], len(first.encode("utf-8")))
-                shape["max_gen_toks"] = max(shape["max_gen_toks"], max_gen_toks(inst.args[1]))
-            else:
-                shape["text"] = max(shape["text"], len(first.encode("utf-8")))
-    return shapes
-
-if __name__ == "__main__":
-    logging.disable(logging.WARNING)
-    args = sys.argv[1:]
-    cache: Path | None = None
-    if args[:1] == ["--cache"]:
-        cache = None if args[1] == "off" else Path(args[1])
-        args = args[2:]
-    if args[:1] == ["--shapes"]:
-        print(json.dumps(build_shapes(args[2:], json.loads(args[1]), cache)))
-    else:
-        print(json.dumps(list_tasks(args, cache)))

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from backend.datasets.base import Dataset, DatasetParams, Item, ScoreEntry, batch_rows
+from backend.common.config import Settings
+from backend.datasets.base import DataContext, Dataset, DatasetParams, Item, ScoreEntry, batch_rows
 from backend.datasets.lm_eval_catalog import by_name, missing_data, missing_message
 from backend.datasets.lm_eval_lookup import (
     cached_task_list,
@@ -124,11 +125,12 @@ class LmEvalTasks(Dataset):
         {"key": "metrics", "title": "Metrics", "filter": False},
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, context: DataContext | None = None) -> None:
         self._docs: dict[int, tuple[str, Any, list[Any]]] = {}
         self._loaded: dict[str, Any] | None = None
+        super().__init__(context)
 
-    def configure(self, settings: Any) -> None:
+    def configure(self, settings: Settings) -> None:
         type(self).include_path = (str(EXAMPLES), *settings.lm_eval_include_path)
         type(self).cache_dir = settings.cache_dir
         type(self).datasets_cache = settings.hf_datasets_cache
