@@ -436,8 +436,7 @@ def test_a_sharded_job_is_admitted_exactly_when_its_layers_all_fit_on_the_gpus(
     _checkpoint_70b(tmp_path / "llama-70b")
     job = prepare(str(tmp_path / "llama-70b"), "needle_in_haystack",
                   {"context_lengths": [context], "depth_percents": [50]}, settings,
-                  confine=False)
-    job.num_gpus = gpus
+                  confine=False, num_gpus=gpus)
     cap = int(H100 * limit) if limit else H100  # what a worker offers per GPU
     admitted = HFRunner.estimate_job_bytes(job, settings) <= gpus * cap
     headroom = HFRunner.loader(job, settings, None).keywords["headroom_bytes"]

@@ -42,8 +42,8 @@ def test_num_gpus_reaches_the_load_options(settings, with_tiny):
     from backend.engine.evaluation import _loader
     from backend.engine.preparation import prepare
 
-    job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [256]}, settings)
-    job.num_gpus = 2
+    job = prepare("builtin:tiny", "needle_in_haystack", {"context_lengths": [256]}, settings,
+                  num_gpus=2)
     key, _, _ = _loader(job, settings, None)
     assert LoadOptions.from_settings(settings, "default", 2) in key
     assert _loader(job, settings, "optimized")[0][-1].num_gpus == 2

@@ -243,7 +243,8 @@ class Worker:
             prepared = prepare(model, dataset, params, self.settings,
                                api=api or None,  # the runner validates its options
                                api_key=api_key, fetch_data=True,
-                               data_progress=data_progress(self.queue, self.id, job_id, dataset))
+                               data_progress=data_progress(self.queue, self.id, job_id, dataset),
+                               num_gpus=num_gpus, shard=shard)
             for fetched in prepared.dataset.data_access.fetched:
                 self.queue.record_phase(job_id, self.id, {
                     "kind": "data_fetch", "state": "done", "dataset": dataset,
@@ -251,10 +252,8 @@ class Worker:
                     "bytes_total": fetched["bytes"], "files": fetched["files"],
                     "seconds": fetched["seconds"], "at": utcnow().isoformat()},
                     renew=False)
-            prepared.num_gpus = num_gpus
-            prepared.shard = shard
             sink = DbSink(self, job_id, timeout_s, self._start_download(job_id, prepared))
-            prepared.should_stop = sink.should_stop
+            prepared = prepared.stopping_with(sink.should_stop)
             try:
                 outcome = run_evaluation(
                     prepared, self.manager, self.settings, sink,

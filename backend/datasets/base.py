@@ -351,22 +351,23 @@ class Dataset:
     model's context). The default `check_ceilings` then applies LBS_MAX_CONTEXT_LENGTH."""
 
     def check_ceilings(self, params: DatasetParams, model: ModelInfo,
-                       settings: Settings) -> None:
+                       settings: Settings) -> DatasetParams:
         """The server's own limits, on top of the model's (`check`): settings such as
         LBS_MAX_CONTEXT_LENGTH and LBS_MAX_GRID_CELLS. Runs at submit time, after `check`.
         Default: with a `prompt_budget`, a job that names none gets the ceiling as its
         budget when the model takes more (stored with the job), and a larger budget is
-        refused. Raises ParamError."""
+        refused. Returns the parameters the job runs with; raises ParamError."""
         ceiling = settings.max_context_length
         if not ceiling or not self.prompt_budget:
-            return
+            return params
         if params.max_length is None:
             if model.max_length is None or model.max_length > ceiling:
-                params.max_length = ceiling
+                return params.model_copy(update={"max_length": ceiling})
         elif params.max_length > ceiling:
             raise ParamError("max_length",
                              f"max_length {params.max_length} is above this server's ceiling "
                              f"of {ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+        return params
 
     has_data_parts: ClassVar[bool] = False
     """Whether the data is read from a folder (`<datasets dir>/<name>/` or the `hub`

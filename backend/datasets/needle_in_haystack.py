@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from backend.common.config import Settings
 from backend.datasets.base import Dataset, DatasetParams, Item, LengthAxis, ScoreEntry, batch_rows
 from backend.datasets.files import note_read
 from backend.engine.contracts import BatchPlan, CacheMode, ModelInfo, ParamError, PromptTokenizer
@@ -358,7 +359,8 @@ class NeedleInAHaystack(Dataset):
         """One item per cell of the context length x depth grid."""
         return len(params.lengths()) * len(params.depths())
 
-    def check_ceilings(self, params: NeedleParams, model: ModelInfo, settings: Any) -> None:
+    def check_ceilings(self, params: NeedleParams, model: ModelInfo,
+                       settings: Settings) -> NeedleParams:
         """LBS_MAX_GRID_CELLS on the grid, LBS_MAX_CONTEXT_LENGTH on its longest context."""
         cells = self.grid_size(params)
         if cells > settings.max_grid_cells:
@@ -372,6 +374,7 @@ class NeedleInAHaystack(Dataset):
             raise ParamError("context_lengths",
                              f"context length {longest} is above this server's ceiling of "
                              f"{ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+        return params
 
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))

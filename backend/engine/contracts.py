@@ -329,6 +329,16 @@ class HeldModel:
         return None
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """A job's runner options as its runner checked them (`Runner.check_job`): `api`,
+    the runner's own options (the openai runner's ApiOptions, its base URL filled in
+    from the settings), and the `api_key` the job runs with."""
+
+    api: Any = None
+    api_key: str | None = None
+
+
 class PlannedDataset(Protocol):
     """A job's dataset as a runner's memory account sees it."""
 

@@ -7,7 +7,7 @@ it again before running (engine/evaluation.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backend.common.config import Settings
@@ -19,8 +19,17 @@ from backend.runners.models import resolve_model
 from backend.runners.registry import get_runner
 
 
-@dataclass
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
 class PreparedJob:
+    """A job validated once, with everything it runs with: its model, what is known of
+    it, the dataset (made with the job's data context) and its parameters with every
+    server ceiling applied, the runner's checked options, and the worker's part (GPUs,
+    data-parallel shard, stop signal). Built by `prepare`, never changed afterwards."""
+
     spec: ModelSpec
     info: ModelInfo
     dataset: Dataset
@@ -30,14 +39,18 @@ class PreparedJob:
     the settings by its check_job)."""
     api_key: str | None = None
     num_gpus: int = 1
-    """GPUs the job asked for (a model sharded across them); set by the worker."""
-    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
-    """True once the job is cancelled, timed out or its worker stops; set by the worker.
-    Runners that wait on something outside (an API model's requests) check it and
-    raise runners.base.Stopped."""
+    """GPUs the job asked for (a model sharded across them)."""
+    should_stop: Callable[[], bool] = field(default=_never, repr=False)
+    """True once the job is cancelled, timed out or its worker stops. Runners that wait
+    on something outside (an API model's requests) check it and raise
+    contracts.Stopped."""
     shard: tuple[int, int] | None = None
-    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k;
-    set by the worker."""
+    """(k, n): a shard of a data-parallel job, evaluating the items whose idx % n == k."""
+
+    def stopping_with(self, should_stop: Callable[[], bool]) -> PreparedJob:
+        """The same job with the stop signal of the sink that records it (the worker
+        makes its sink after preparing the job)."""
+        return replace(self, should_stop=should_stop)
 
     @property
     def runner(self) -> type[Runner]:
@@ -48,7 +61,8 @@ class PreparedJob:
 def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
             settings: Settings, confine: bool = True, api: Any = None,
             api_key: str | None = None, fetch_data: bool = False,
-            data_progress: Any = None) -> PreparedJob:
+            data_progress: Any = None, num_gpus: int = 1,
+            shard: tuple[int, int] | None = None) -> PreparedJob:
     """Resolve and check a job without loading anything.
 
     With `confine` (jobs from the API and the queue) model folders must lie under
@@ -57,7 +71,9 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     (ModelPathRefused), pydantic.ValidationError, ParamError (PathRefused) or
     JobFieldError (JobFieldRefused for a path outside the allowed folders). `api`
     and `api_key` are the runner's options (ApiOptions, or their stored dict, for
-    `openai:` models); the model's runner checks them (Runner.check_job).
+    `openai:` models); the model's runner checks them (Runner.check_job). `num_gpus`
+    and `shard` are the worker's part: the GPUs the model is sharded over, the share
+    of a data-parallel job's items.
 
     Data the dataset reads from the hub (datasets/hub.py) is fetched here only with
     `fetch_data` (workers, the CLI) and LBS_ALLOW_DATA_DOWNLOAD, reporting bytes to
@@ -72,12 +88,13 @@ def prepare(model: str, dataset: str, raw_params: dict[str, Any] | None,
     ds = get_dataset(dataset, DataContext.of(settings, access, confine))
     params = ds.parse_params(raw_params)
     spec = resolve_model(model, settings, confine=confine)
-    job = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key)
-    job.runner.check_job(job, settings, confine)
-    job.info = job.runner.model_info(job)
+    draft = PreparedJob(spec, ModelInfo(spec.name, None), ds, params, api, api_key,
+                        num_gpus=num_gpus, shard=shard)
+    options = draft.runner.check_job(draft, settings, confine)
+    checked = replace(draft, api=options.api, api_key=options.api_key)
+    info = checked.runner.model_info(checked)
     try:
-        ds.check(params, job.info)
+        ds.check(params, info)
     except FetchPending:
         pass  # the worker fetches the data, then checks again before building items
-    ds.check_ceilings(params, job.info, settings)
-    return job
+    return replace(checked, info=info, params=ds.check_ceilings(params, info, settings))

@@ -24,6 +24,7 @@ from backend.engine.contracts import (
     GenerationRequest,
     HeldModel,
     JobFieldError,
+    JobOptions,
     JobPlan,
     Loglikelihood,
     LoglikelihoodRequest,
@@ -79,17 +80,19 @@ class Runner(HeldModel, ABC):
         return ModelSpec(name=reference, path=None, runner=cls.scheme, target=target)
 
     @classmethod
-    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> None:
-        """Refuse what this runner cannot do with `job` (an evaluation.PreparedJob whose
-        `spec`, `params`, `api` options and `api_key` are set), or fill in its options
-        (e.g. a base URL from the settings). Raises contracts.ParamError for a
-        dataset parameter, JobFieldError for a job field. Default: no
-        inference `methods` and no `api` options (both belong to other runners)."""
+    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> JobOptions:
+        """Refuse what this runner cannot do with `job` (a preparation.PreparedJob whose
+        `spec`, `params`, `api` options and `api_key` are set), and return the options
+        it runs with, filled in (e.g. a base URL from the settings). Raises
+        contracts.ParamError for a dataset parameter, JobFieldError for a job field.
+        Default: no inference `methods` and no `api` options (both belong to other
+        runners)."""
         if job.params.methods:
             raise ParamError("methods", "inference methods are for local transformers "
                                         f"models, not {cls.scheme}: models")
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
+        return JobOptions(None, job.api_key)
 
     @classmethod
     def model_folder(cls, spec: ModelSpec) -> Path | None:

@@ -70,8 +70,9 @@ def _check(job: JobRequest, prefix: str) -> NewJob:
     """Refuse the job now, naming the field, if it cannot run."""
     settings = current_app.extensions["lbs"].settings
     try:
-        prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api)
-        prepared.num_gpus = job.num_gpus  # a sharded model needs room on each GPU
+        # a sharded model needs room on each GPU
+        prepared = prepare(job.model, job.dataset, job.params, settings, api=job.api,
+                           num_gpus=job.num_gpus)
         # reads the dataset's prompts (their lengths): a bad file is a 422 like in check
         try:
             memory = prepared.runner.estimate_job_bytes(prepared, settings)

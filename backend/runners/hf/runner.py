@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.common.config import Settings
-from backend.engine.contracts import BatchPlan, JobPlan, ModelInfo, ModelSpec
+from backend.engine.contracts import BatchPlan, JobOptions, JobPlan, ModelInfo, ModelSpec
 from backend.runners.base import Runner
 from backend.runners.hf import account
 from backend.runners.hf.account import cache_length
@@ -54,11 +54,12 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
         return resolve_local_model(reference, settings, confine)
 
     @classmethod
-    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> None:
+    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> JobOptions:
         from backend.engine.contracts import JobFieldError
 
         if job.api is not None:
             raise JobFieldError("api", "only for openai:<name> models")
+        return JobOptions(None, job.api_key)
 
     @classmethod
     def model_folder(cls, spec: ModelSpec) -> Path | None:

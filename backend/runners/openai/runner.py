@@ -38,6 +38,7 @@ from backend.engine.contracts import (
     GenerationRequest,
     JobFieldError,
     JobFieldRefused,
+    JobOptions,
     JobPlan,
     Loglikelihood,
     LoglikelihoodRequest,
@@ -87,7 +88,7 @@ class OpenAIRunner(Runner):
         return ModelSpec(name=reference, path=None, runner=cls.scheme, target=served)
 
     @classmethod
-    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> None:
+    def check_job(cls, job: JobPlan, settings: Settings, confine: bool = True) -> JobOptions:
         """No inference methods; the job's `api` options (an ApiOptions, or its dict as
         stored with the job) with the settings' base URL filled in, an allowed host and
         a tokenizer that resolves; the key from the options when none is given apart."""
@@ -109,9 +110,10 @@ class OpenAIRunner(Runner):
                 raise JobFieldRefused("api.tokenizer", str(exc)) from None
             except ModelNotFound as exc:
                 raise JobFieldError("api.tokenizer", str(exc)) from None
-        if job.api_key is None and api.api_key is not None:
-            job.api_key = api.api_key.get_secret_value()
-        job.api = api
+        key = job.api_key
+        if key is None and api.api_key is not None:
+            key = api.api_key.get_secret_value()
+        return JobOptions(api, key)
 
     @classmethod
     def model_info(cls, job: JobPlan) -> ModelInfo:
