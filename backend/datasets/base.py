@@ -20,7 +20,10 @@ from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_
 from backend.common.stats import Spread, macro_spread, mean_spread
 from backend.engine.contracts import (
     BatchPlan,
+    BatchRun,
     CacheMode,
+    DatasetAnswer,
+    LoadedModel,
     ModelInfo,
     ParamError,
     PathRefused,
@@ -401,12 +404,16 @@ class Dataset:
     and the lm-eval export give each task its own entry, whose identity leaves this
     parameter out. None (default): a job is one task."""
 
-    answer: ClassVar[Any] = None
-    """Optional: `answer(items, runner, run) -> [{"text", "prompt_tokens",
-    "output_tokens", "fields", "error"}]` for a dataset whose items need more than one
-    prompt or choice list each (lm-eval tasks): it calls the runner itself, through
-    `run(method, requests)`, which batches and halves batches on out-of-memory (an
-    `OomFailure` in place of a result that does not fit alone)."""
+    answers_itself: ClassVar[bool] = False
+    """Whether the dataset answers its items itself (`answer`): items that need more
+    than one prompt or choice list each (lm-eval tasks)."""
+
+    def answer(self, items: list[Item], model: LoadedModel,
+               run: BatchRun) -> list[DatasetAnswer]:
+        """With `answers_itself`: one answer per item, in order, made by calling `model`
+        through `run(method, requests)`, which batches and halves batches on
+        out-of-memory (an `OomFailure` in place of a result that does not fit alone)."""
+        raise NotImplementedError(f"{self.name} does not answer its items itself")
 
     def aggregate(self, scored: list[tuple[dict[str, Any], float]]) -> list[ScoreEntry]:
         """Scores of the job from (item fields, score) pairs; default: the mean."""

@@ -13,10 +13,11 @@ from typing import Any
 
 from backend.common.stats import normal_spread
 from backend.datasets.base import Item, ScoreEntry
+from backend.engine.contracts import DatasetAnswer, LoadedModel
 
 
 def score_document(task: Any, item: Item, doc: Any, instances: list[Any],
-                     runner: Any) -> dict[str, Any]:
+                     runner: LoadedModel) -> DatasetAnswer:
     """The answer to one document of `task` whose requests `instances` hold their
     responses: the text, token counts, and fields with each metric of the task's filters."""
     for inst in instances:
@@ -44,9 +45,8 @@ def score_document(task: Any, item: Item, doc: Any, instances: list[Any],
     else:
         text = repr(instances[0].resps[0])
         extra = {"loglikelihood": instances[0].resps[0]}
-    return {"text": text, "prompt_tokens": prompt_tokens or len(runner.encode(item.prompt)),
-            "output_tokens": output_tokens,
-            "fields": {**item.fields, "metrics": metrics, **extra}}
+    return DatasetAnswer(text, prompt_tokens or len(runner.encode(item.prompt)), output_tokens,
+                         {**item.fields, "metrics": metrics, **extra})
 
 
 def aggregate_metrics(loaded: dict[str, Any], bootstrap_iters: int,

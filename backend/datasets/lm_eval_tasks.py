@@ -35,7 +35,14 @@ from backend.datasets.lm_eval_lookup import (
     shared_task_manager,
 )
 from backend.datasets.lm_eval_results import aggregate_metrics, jsonable, score_document
-from backend.engine.contracts import BatchPlan, ModelInfo, ParamError
+from backend.engine.contracts import (
+    BatchPlan,
+    BatchRun,
+    DatasetAnswer,
+    LoadedModel,
+    ModelInfo,
+    ParamError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +264,17 @@ class LmEvalTasks(Dataset):
 
     # --- answering (the evaluation loop's `answer` hook) -----------------------------
 
-    def answer(self, items: list[Item], runner: Any, run: Any) -> list[dict[str, Any]]:
+    answers_itself = True
+
+    def answer(self, items: list[Item], model: LoadedModel,
+               run: BatchRun) -> list[DatasetAnswer]:
         """Answer a batch of documents through `runner`; `run(fn, requests)` calls a runner
         method in batches, halving them on out-of-memory (an OomFailure in place of a
         result that does not fit alone)."""
         from backend.datasets.lm_eval_lm import RunnerLM
         from backend.engine.contracts import OomFailure
 
-        lm = RunnerLM(runner, run)
+        lm = RunnerLM(model, run)
         by_type: dict[str, list[Any]] = defaultdict(list)
         for item in items:
             for inst in self._docs[item.idx][2]:
@@ -281,10 +291,10 @@ class LmEvalTasks(Dataset):
             oom = next((r.resps[0].message for r in instances
                         if isinstance(r.resps[0], OomFailure)), None)
             if oom is not None:
-                answers.append({"text": "", "error": oom, "fields": item.fields})
+                answers.append(DatasetAnswer(error=oom, fields=item.fields))
                 continue
             answers.append(score_document(self._loaded["tasks"][name], item, doc,
-                                          instances, runner))
+                                          instances, model))
         return answers
 
     def score_answer(self, item: Item, prediction: str, fields: dict[str, Any]) -> float:

@@ -127,9 +127,9 @@ def answer_batch(items: list[Any], view: PromptView, dataset: Dataset,
     second turns, e.g. the answer after a chain of thought, likewise).
     `view` is the runner as the dataset sees it, rendering as the job asked."""
     runner, templated = view.runner, view.chat_template
-    if dataset.answer is not None:  # the dataset calls the runner itself
-        return [_Answer(item, a.get("text", ""), a.get("prompt_tokens", 0),
-                        a.get("output_tokens", 0), a.get("fields", item.fields), a.get("error"))
+    if dataset.answers_itself:  # the dataset calls the runner itself
+        return [_Answer(item, a.text, a.prompt_tokens, a.output_tokens,
+                        a.fields or item.fields, a.error)
                 for item, a in zip(items, dataset.answer(items, runner, backoff.run),
                                    strict=True)]
     answers = [_Answer(item, fields=item.fields) for item in items]

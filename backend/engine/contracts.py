@@ -25,7 +25,8 @@ It imports nothing else of ours.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -384,3 +385,41 @@ class JobPlan(Protocol):
 
     @property
     def num_gpus(self) -> int: ...
+
+
+class LoadedModel(Protocol):
+    """A loaded model as a dataset that answers its items itself sees it (`Dataset.answer`):
+    the calls it may make, nothing of devices or memory."""
+
+    max_length: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]: ...
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest],
+                      batch_size: int = 1) -> list[Loglikelihood]: ...
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]: ...
+
+    def prefix_token_text(self) -> str | None: ...
+
+
+BatchRun = Callable[[Callable[[list[Any]], list[Any]], list[Any]], list[Any]]
+"""`run(method, requests)`: a model method called on requests in batches, halving a batch
+on out-of-memory; an `OomFailure` stands in for a result that does not fit alone."""
+
+
+@dataclass
+class DatasetAnswer:
+    """A dataset's answer to one of its items (`Dataset.answer`): the text scored, the
+    tokens fed and produced, the fields stored with the sample, and an error in place of
+    an answer (the item did not fit in memory)."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
