@@ -448,19 +448,18 @@ class Dataset:
         before they are stored and aggregated; values must be JSON."""
         return {"reference": item.reference}
 
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """Name, description, cache mode, the JSON schema of the parameters, and how
         results break down (`breakdowns`, `sample_columns`, `length_axis`)."""
         return {
-            "name": cls.name,
-            "description": cls.description,
-            "cache_mode": cls.cache_mode.value,
-            "cost": cls.cost,
-            "params_schema": cls.Params.model_json_schema(),
-            "breakdowns": cls.breakdowns,
-            "sample_columns": cls.sample_columns,
-            "length_axis": asdict(cls.length_axis) if cls.length_axis else None,
+            "name": type(self).name,
+            "description": type(self).description,
+            "cache_mode": type(self).cache_mode.value,
+            "cost": type(self).cost,
+            "params_schema": type(self).Params.model_json_schema(),
+            "breakdowns": type(self).breakdowns,
+            "sample_columns": type(self).sample_columns,
+            "length_axis": asdict(type(self).length_axis) if type(self).length_axis else None,
         }
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from backend.common.config import Settings
+from backend.datasets.base import DataContext
 from backend.datasets.lm_eval_lookup import list_tasks
 from backend.datasets.lm_eval_tasks import LmEvalParams, LmEvalTasks
 
@@ -21,9 +24,8 @@ def build_shapes(include: list[str], asked: dict[str, Any],
     """For each request type of the tasks' built requests: the longest context (or
     text) and continuation in UTF-8 bytes, the most choices of one document, the
     largest generation budget and how many requests there are."""
-    dataset = LmEvalTasks()
-    type(dataset).include_path = tuple(include)
-    type(dataset).cache_dir = cache_dir
+    settings = replace(Settings(), lm_eval_include_path=tuple(include), cache_dir=cache_dir)
+    dataset = LmEvalTasks(DataContext(settings=settings))
     params = LmEvalParams.model_validate(asked)
     items = dataset.build_items(params, None)
     shapes: dict[str, dict[str, int]] = {}

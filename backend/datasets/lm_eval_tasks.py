@@ -107,11 +107,11 @@ class LmEvalTasks(Dataset):
     cost = ("depends on the tasks; lm-eval's task index is built once (~15 s) and kept "
             "in LBS_CACHE_DIR")
 
-    include_path: ClassVar[tuple[str, ...]] = (str(EXAMPLES),)
+    include_path: tuple[str, ...] = (str(EXAMPLES),)
     """The bundled example tasks, then LBS_LM_EVAL_INCLUDE_PATH (set by `configure`)."""
-    cache_dir: ClassVar[Path | None] = None
+    cache_dir: Path | None = None
     """LBS_CACHE_DIR (set by `configure`): where lm-eval's task index is kept."""
-    datasets_cache: ClassVar[Path] = Path("~/.cache/huggingface/datasets").expanduser()
+    datasets_cache: Path = Path("~/.cache/huggingface/datasets").expanduser()
     """The `datasets` cache (settings.hf_datasets_cache, set by `configure`)."""
 
     breakdowns: ClassVar[list[dict[str, Any]]] = [
@@ -138,9 +138,10 @@ class LmEvalTasks(Dataset):
         super().__init__(context)
 
     def configure(self, settings: Settings) -> None:
-        type(self).include_path = (str(EXAMPLES), *settings.lm_eval_include_path)
-        type(self).cache_dir = settings.cache_dir
-        type(self).datasets_cache = settings.hf_datasets_cache
+        self.include_path = tuple(dict.fromkeys((str(EXAMPLES),
+                                                 *settings.lm_eval_include_path)))
+        self.cache_dir = settings.cache_dir
+        self.datasets_cache = settings.hf_datasets_cache
 
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
@@ -321,12 +322,11 @@ class LmEvalTasks(Dataset):
             raise RuntimeError("aggregate before build_items")
         return aggregate_metrics(self._loaded, self._params.bootstrap_iters, scored)
 
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """Small: the task list itself is searched through GET /api/lm_eval/tasks (the
         Launch form's search box, the MCP tool search_lm_eval_tasks)."""
         out = super().describe()
-        tasks = cached_task_list(cls.include_path, cls.cache_dir)
+        tasks = cached_task_list(self.include_path, self.cache_dir)
         out["tasks"] = ({"status": "indexing", "search": TASK_SEARCH} if tasks is None else
                         {"status": "ready", "count": len(tasks), "search": TASK_SEARCH})
         return out
