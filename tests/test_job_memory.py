@@ -46,6 +46,7 @@ def test_a_jobs_own_memory_does_not_depend_on_what_ran_before(
         cold = _run(worker, client, ECHO_SMALL)
         warm = _run(worker, client, ECHO_SMALL)  # builtin:small is still loaded
         after = _run(worker, client, NIAH)
+        held = [m["model_name"] for m in worker.manager.status()["models"]]
     finally:
         worker.stop()
         worker.manager.stop_monitor()
@@ -54,8 +55,10 @@ def test_a_jobs_own_memory_does_not_depend_on_what_ran_before(
     assert weights > 30 * MiB
     mem = {name: job["memory"] for name, job in
            [("first", first), ("cold", cold), ("warm", warm), ("after", after)]}
-    # the process peak carries what ran before: builtin:small's weights
-    assert mem["after"]["rss_peak_bytes"] - mem["first"]["rss_peak_bytes"] > 0.8 * weights
+    # the worker still holds what ran before (builtin:small's weights, in RAM while the
+    # last job ran; whether that shows in the process's RSS depends on what freed memory
+    # its allocator kept resident from earlier work in the same process)
+    assert any("small" in str(name) for name in held), held
     # the job's own peak does not
     assert abs(mem["after"]["rss_own_peak_bytes"] - mem["first"]["rss_own_peak_bytes"]) \
         < TOLERANCE, mem

@@ -162,9 +162,9 @@ def test_no_module_imports_upward():
 @pytest.mark.parametrize("module, planted", [
     # the arrows the engine had before its contracts module: each must be caught
     ("backend.runners.base", "backend.engine.memory.manager"),
-    ("backend.runners.hf", "backend.engine.evaluation"),
+    ("backend.runners.hf.runner", "backend.engine.evaluation"),
     ("backend.runners.models", "backend.datasets.base"),
-    ("backend.runners.openai_api", "backend.datasets.base"),
+    ("backend.runners.openai.runner", "backend.datasets.base"),
     ("backend.datasets.lm_eval_tasks", "backend.engine.evaluation"),
     ("backend.datasets.base", "backend.runners.base"),
     ("backend.engine.memory.manager", "backend.queue.db"),

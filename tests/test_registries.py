@@ -57,7 +57,7 @@ def test_only_subclasses_are_registered():
 
 def test_a_plugin_runner_cannot_take_the_openai_scheme():
     plugin = type("MyOpenAI", (Runner,), {"scheme": "openai", "__module__": "my_plugins"})
-    with pytest.raises(RegistryError, match="openai_api:OpenAIRunner.*my_plugins:MyOpenAI"):
+    with pytest.raises(RegistryError, match="openai.runner:OpenAIRunner.*my_plugins:MyOpenAI"):
         runners.register(plugin)
     assert runners.get_runner("openai").__name__ == "OpenAIRunner"
 

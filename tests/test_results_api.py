@@ -257,7 +257,7 @@ def test_memory_by_length_on_the_datasets_that_declare_a_length_axis(client, app
         length_axis = LengthAxis("prompt_tokens", series=False)
 
     monkeypatch.setitem(registry._registry._classes, "spans", Spans)
-    factory = app.extensions["lbs"].factory
+    factory = app.extensions["lbs"].queue.factory
     _finished(factory, "builtin:tiny", "spans", [(300, {}, 10, None), (100, {}, 20, None)], 0.5)
     _finished(factory, "builtin:tiny", "gsm8k", [(50, {}, 10, None)], 0.5)
     data = client.get("/api/leaderboard/memory").get_json()["data"]["datasets"]
