@@ -16,7 +16,7 @@ from schemathesis.generation import GenerationMode  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
 
 TOKEN = "fuzz-token-0123456789"
-EXAMPLES = 50  # per operation and mode: 100 requests per operation, half of them invalid
+EXAMPLES = 20  # per operation and mode: 40 requests per operation, half of them invalid
 
 
 @pytest.fixture(scope="module")
