@@ -159,6 +159,21 @@ def builtin_models_dir(tmp_path_factory) -> Path:
     return data / "models"
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """A plugin dataset or runner a test registers in this process leaves with the test:
+    the registries refuse a second class under a taken name, so another test's plugin of
+    the same name (its own copy from its own folder) would be refused here."""
+    from backend.datasets import registry as datasets
+    from backend.runners import registry as runners
+
+    saved = [(r._registry, dict(r._registry._classes)) for r in (datasets, runners)]
+    yield
+    for registry, classes in saved:
+        registry._classes.clear()
+        registry._classes.update(classes)
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One LBS_CACHE_DIR for the whole run, as a user's ~/.cache is shared by all their
