@@ -145,8 +145,8 @@ class Settings:
         "LBS_OPENAI_ALLOWED_HOSTS", "", parse.hosts,
         "host names or IP addresses separated by ',' (host:port for one port; '*' = any)",
         "Hosts (`host` or `host:port`, comma-separated; `*` = any) a job's `api.base_url` "
-        "may name besides `LBS_OPENAI_BASE_URL`'s host; loopback addresses are allowed too "
-        "while no `LBS_API_TOKEN` is set. See [What the server promises]"
+        "may name besides `LBS_OPENAI_BASE_URL`'s host and port; loopback addresses are "
+        "allowed too while no `LBS_API_TOKEN` is set. See [What the server promises]"
         "(security.md#what-the-server-promises).")
     allowed_hosts: tuple[str, ...] = setting(
         "LBS_ALLOWED_HOSTS", "", parse.hosts, "host names or IP addresses separated by ','",

@@ -90,13 +90,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def allowed_hosts(settings: Any) -> list[str]:
-    """What a job's base_url may name: LBS_OPENAI_ALLOWED_HOSTS, the host of
-    LBS_OPENAI_BASE_URL, and 'loopback' while the server has no API token (then only
-    people on this machine reach the API, and they reach loopback services anyway)."""
+    """What a job's base_url may name: LBS_OPENAI_ALLOWED_HOSTS, the host and port of
+    LBS_OPENAI_BASE_URL (not its host's other ports: they are other services), and
+    'loopback' while the server has no API token (then only people on this machine
+    reach the API, and they reach loopback services anyway)."""
     hosts = list(settings.openai_allowed_hosts)
     if settings.openai_base_url:
-        hosts.append((urlsplit(settings.openai_base_url).hostname or "").lower())
+        host, port = _host_port(settings.openai_base_url)
+        hosts.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if not settings.api_token:
         hosts.append("loopback")
     return hosts
@@ -119,9 +126,7 @@ def check_host(base_url: str, settings: Any) -> None:
     promise about where it leads."""
     if base_url.rstrip("/") == settings.openai_base_url.rstrip("/"):
         return
-    parts = urlsplit(base_url)
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, port = _host_port(base_url)
     allowed = allowed_hosts(settings)
     for entry in allowed:
         if entry == "*" or (entry == "loopback" and _is_loopback(host)):

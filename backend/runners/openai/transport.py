@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from backend.common.redact import mask_url
+from backend.common.redact import mask_secrets, mask_url
 from backend.engine.contracts import Stopped
 from backend.runners.openai.options import ApiOptions
 
@@ -54,11 +54,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
-def remote_message(raw: bytes, limit: int = 300) -> str:
+def remote_message(raw: bytes, limit: int = 300, secrets: tuple[str | None, ...] = ()) -> str:
     """What a remote JSON error answer says (`error.message`, or `error` / `message` /
-    `detail` text), safe to store and show: ANSI sequences and control characters
-    (newlines included) removed, whitespace folded, length capped. '' for a body that
-    is not such JSON: an HTML page of some internal service is never copied into a job.
+    `detail` text), safe to store and show (see `clean_remote_text`: `secrets` masked
+    before the length is capped). '' for a body that is not such JSON: an HTML page of
+    some internal service is never copied into a job.
     """
     try:
         data = json.loads(raw[:65536].decode("utf-8", "replace"))
@@ -70,12 +70,18 @@ def remote_message(raw: bytes, limit: int = 300) -> str:
         found = err.get("message") if isinstance(err, dict) else err
         if not isinstance(found, str):
             found = data.get("message", data.get("detail"))
-    return clean_remote_text(found, limit) if isinstance(found, str) else ""
+    return clean_remote_text(found, limit, secrets) if isinstance(found, str) else ""
 
 
-def clean_remote_text(text: str, limit: int = 300) -> str:
-    """Text from a remote server made safe to store and show: ANSI sequences and
-    control characters (newlines included) removed, whitespace folded, length capped."""
+def clean_remote_text(text: str, limit: int = 300,
+                      secrets: tuple[str | None, ...] = ()) -> str:
+    """Text from a remote server made safe to store and show: `secrets`, URL passwords
+    and what looks like a credential (`mask_secrets`) masked first, so a cut never
+    leaves part of one; then ANSI sequences and control characters (newlines included)
+    removed, whitespace folded, length capped."""
+    for secret in secrets:
+        text = redact(text, secret)
+    text = mask_secrets(text)
     text = " ".join(_CONTROL.sub(" ", _ANSI.sub("", text)).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -130,7 +136,8 @@ class ApiClient:
                         problem = "unreadable answer (not the JSON of a completion)"
                 else:
                     # the JSON error's message, else the status line's reason phrase
-                    reason = remote_message(raw) or http.client.responses.get(status, "")
+                    reason = remote_message(raw, secrets=(self.key,)) \
+                        or http.client.responses.get(status, "")
                     problem = f"HTTP {status}" + (f": {reason}" if reason else "")
                     if status not in retry_status:
                         raise RemoteApiError(redact(f"{shown} answered {problem}", self.key),
@@ -139,7 +146,8 @@ class ApiClient:
             except TimeoutError:
                 problem = f"no answer within {self.options.timeout_s:g} s"
             except (http.client.HTTPException, OSError) as err:
-                reason = clean_remote_text(str(err) or type(err).__name__)
+                reason = clean_remote_text(str(err) or type(err).__name__,
+                                           secrets=(self.key,))
                 problem = f"cannot reach {shown}: {reason}"
             problem = redact(problem, self.key)
             if attempts > self.options.max_retries:
