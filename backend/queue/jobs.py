@@ -167,7 +167,8 @@ class Queue(QueueReads):
       stores a sample twice. `finish` writes scores, memory peaks and the state
       together.
     - `cancel` and `delete` raise JobNotFound for an unknown job and JobConflict when
-      its state forbids it (cancel: already finished; delete: running).
+      its state forbids it (cancel: already finished; delete: running, or a shard:
+      a data-parallel job is deleted whole).
     - A data-parallel job is queued as shards (rows with the job as `parent_id`),
       claimed, leased and cancelled like jobs; the last shard to end ends the job.
     - Reads (`get`, `shards`, `list`, `samples`, `stored_samples`, `waiting_reasons`,
@@ -376,13 +377,17 @@ class Queue(QueueReads):
             return job
 
     def delete(self, job_id: int) -> None:
-        """Delete a job that is not running, with its samples, scores and peaks."""
+        """Delete a job that is not running, with its samples, scores, peaks and shards.
+        A shard alone is not deleted (JobConflict): its job would lack its samples."""
         with write_session(self.factory) as session:
             job = locked(session, job_id)
             if job is None:
                 raise JobNotFound(job_id)
             if job.state == JobState.RUNNING.value:
                 raise JobConflict(f"job {job_id} is running; cancel it first")
+            if job.parent_id is not None:  # its samples are a part of its job's
+                raise JobConflict(f"job {job_id} is a shard of job {job.parent_id}; cancel "
+                                  f"or delete job {job.parent_id} as a whole")
             for shard in session.scalars(sa.select(Job).where(Job.parent_id == job_id)):
                 session.delete(shard)
             session.delete(job)

@@ -25,11 +25,24 @@ def score_row(job_id: int, entry: Any) -> Score:
                  ci_low=ci95[0] if ci95 else None, ci_high=ci95[1] if ci95 else None)
 
 
+def _missing(parent: Job, shards: int, stored: int) -> str | None:
+    """Why a job whose shards all ended is not whole (a shard's row was lost, and its
+    samples with it), or None when every sample and shard is there."""
+    total = parent.progress_total
+    if (total is None or stored >= total) and shards >= (parent.shard_count or 0):
+        return None
+    counted = f"{total - stored} of {total} samples missing" if total is not None \
+        and stored < total else "samples missing"
+    return (f"{counted}: {shards} of {parent.shard_count} shards ran, so scores would "
+            "cover only a part of the job")
+
+
 def close_parent(session: Session, parent_id: int,
                  aggregate: Callable[[list[tuple[dict, float]]], list[Any]] | None = None
                  ) -> None:
     """After a shard ended: when every shard of the job has ended, end the job too -
-    failed if a shard failed, cancelled if one was cancelled, else succeeded - with
+    failed if a shard failed, cancelled if one was cancelled, failed if fewer samples
+    are stored than the job has (or shards are missing), else succeeded - with
     scores aggregated over all its samples (as one worker would have) and every
     shard's memory peaks. A failed shard asks the others to stop first."""
     parent = locked(session, parent_id)
@@ -65,15 +78,19 @@ def close_parent(session: Session, parent_id: int,
         highest[key] = max(highest.get(key, 0), peak.bytes)
     session.add_all(MemoryPeak(job_id=parent_id, name=name, device=device, bytes=value)
                     for (name, device), value in highest.items())
+    stored = session.scalar(
+        sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == parent_id))
     if failed:
         parent.state = JobState.FAILED.value
         parent.error = f"shard {failed[0].shard_index}: {failed[0].error}"
     elif any(s.state == JobState.CANCELLED.value for s in shards):
         parent.state = JobState.CANCELLED.value
+    elif (missing := _missing(parent, len(shards), stored)) is not None:
+        parent.state = JobState.FAILED.value  # never a success over a part of the job
+        parent.error = missing
     else:
         parent.state = JobState.SUCCEEDED.value
     parent.events = [*parent.events, *({**e, "shard": s.shard_index}
                                        for s in shards for e in s.events or [])]
     parent.finished_at = now
-    parent.progress_done = session.scalar(
-        sa.select(sa.func.count()).select_from(Sample).where(Sample.job_id == parent_id))
+    parent.progress_done = stored
