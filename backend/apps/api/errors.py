@@ -2,11 +2,13 @@
 
 Every error answers `{"status": "error", "error": {"code", "message",
 "details": [{"field", "message"}]}}` with a 4xx for what the caller got wrong,
-and a bare 500 message (never a stack trace) for the rest.
+507 / 503 with a sentence when the disk is full or the database unavailable
+(`storage_problem`), and a bare 500 message (never a stack trace) for the rest.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from typing import Any
@@ -87,6 +89,46 @@ def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str,
     return details
 
 
+_SQLITE_FULL = 13
+_SQLITE_UNAVAILABLE = {5: "the database is busy", 6: "the database is locked",
+                       8: "the database is read-only", 10: "the disk reported an I/O error",
+                       14: "the database file cannot be opened"}
+"""SQLite's primary result codes (sqlite3 errors' `sqlite_errorcode & 0xff`) that mean
+the storage, not the request, is at fault."""
+
+
+def storage_problem(exc: BaseException) -> tuple[int, str] | None:
+    """(507, sentence) when the disk or the database is full, (503, sentence) when the
+    database cannot be reached or written for now, None for any other error. Every
+    request that changes something is one transaction, so in both cases nothing was
+    changed."""
+    from sqlalchemy.exc import DBAPIError
+
+    full = (507, "the database has no room left (disk full); nothing was changed. Free "
+                 "space on the disk that holds the database and try again")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return full
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        if code & 0xFF == _SQLITE_FULL:
+            return full
+        reason = _SQLITE_UNAVAILABLE.get(code & 0xFF)
+    else:  # PostgreSQL (psycopg): SQLSTATE 53100 disk_full, 08xxx the connection
+        state = getattr(orig, "sqlstate", None) or ""
+        if state == "53100":
+            return full
+        reason = ("the database server is out of resources" if state.startswith("53") else
+                  "the database server cannot be reached"
+                  if state.startswith(("08", "57P")) or (not state and exc.connection_invalidated)
+                  else None)
+    if reason is None:
+        return None
+    return 503, f"{reason}; nothing was changed. Try again in a moment"
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
@@ -117,6 +159,13 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        problem = storage_problem(exc)
+        if problem is not None:
+            status, message = problem
+            log.error("[API] %s: %s", message, getattr(exc, "orig", None) or exc)
+            body, status = error_response(
+                status, "insufficient_storage" if status == 507 else "unavailable", message)
+            return body, status, {"Retry-After": "30"}
         log.exception("[API] unexpected error")
         return error_response(500, "internal_error",
                               "internal error; the server log has the details")
