@@ -215,6 +215,12 @@ class Settings:
     max_attempts: int = setting(
         "LBS_MAX_ATTEMPTS", "3", parse.positive_int, "an integer of at least 1",
         "How many times a job may be started before it fails for good, with the reason.")
+    max_queued_per_submitter: int = setting(
+        "LBS_MAX_QUEUED_PER_SUBMITTER", "1000", parse.non_negative_int,
+        "an integer of at least 0 (0 = no cap)",
+        "Most jobs one submitter (the job's `submitter`, `anonymous` when it names none) may "
+        "have waiting at once, each shard of a data-parallel job counted; a submission that "
+        "would pass it is refused whole with 429 naming `submitter`.", default_means="no cap")
     poll_interval: float = setting(
         "LBS_POLL_INTERVAL", "0.5", parse.positive_float, "a number of seconds greater than 0",
         "Seconds an idle worker waits before looking at the queue again (SQLite; on "

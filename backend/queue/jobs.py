@@ -8,6 +8,7 @@ write lock is held from the start).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +42,17 @@ from backend.queue.workers import Workers
 
 class JobConflict(RuntimeError):
     """The job is in a state that does not allow the action."""
+
+
+class TooManyQueued(RuntimeError):
+    """A submission would leave a submitter more queued jobs than the queue allows."""
+
+    def __init__(self, submitter: str, queued: int, adding: int, cap: int):
+        super().__init__(
+            f"submitter {submitter!r} has {queued} jobs queued and this submission adds "
+            f"{adding} (a data-parallel job's shards counted); at most {cap} may wait at "
+            "once (LBS_MAX_QUEUED_PER_SUBMITTER): wait for some to run, or cancel some")
+        self.submitter = submitter
 
 
 class LeaseLost(RuntimeError):
@@ -177,8 +189,9 @@ class Queue(QueueReads):
     """
 
     def __init__(self, factory: sessionmaker, *, lease_seconds: float, max_attempts: int,
-                 affinity_seconds: float = 0.0):
+                 affinity_seconds: float = 0.0, max_queued_per_submitter: int = 0):
         self.factory = factory
+        self.max_queued_per_submitter = max_queued_per_submitter
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.affinity_seconds = affinity_seconds
@@ -187,11 +200,12 @@ class Queue(QueueReads):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Queue:
-        """The queue on LBS_DATABASE_URL with LBS_LEASE_SECONDS, LBS_MAX_ATTEMPTS and
-        LBS_AFFINITY_SECONDS."""
+        """The queue on LBS_DATABASE_URL with LBS_LEASE_SECONDS, LBS_MAX_ATTEMPTS,
+        LBS_AFFINITY_SECONDS and LBS_MAX_QUEUED_PER_SUBMITTER."""
         return cls(session_factory(settings.database_url), lease_seconds=settings.lease_seconds,
                    max_attempts=settings.max_attempts,
-                   affinity_seconds=settings.affinity_seconds)
+                   affinity_seconds=settings.affinity_seconds,
+                   max_queued_per_submitter=settings.max_queued_per_submitter)
 
     def _lease_end(self) -> datetime:
         return utcnow() + timedelta(seconds=self.lease_seconds)
@@ -201,8 +215,12 @@ class Queue(QueueReads):
 
         A job with `data_parallel` N > 1 is queued with N shards: rows of `jobs` with its
         id as `parent_id`, claimed, leased, resumed and cancelled like jobs; shard k
-        evaluates the items whose idx % N == k and stores its samples on the job itself."""
+        evaluates the items whose idx % N == k and stores its samples on the job itself.
+        Raises TooManyQueued (nothing queued) when a submitter would have more than
+        `max_queued_per_submitter` rows waiting (a sharded job counts its shards)."""
         with write_session(self.factory) as session:
+            if self.max_queued_per_submitter:
+                self._check_cap(session, new_jobs)
             jobs = [_row(j, shard_count=j.data_parallel if j.data_parallel > 1 else None)
                     for j in new_jobs]
             if not is_postgres(session):  # never reuse a deleted job's id (see IdFloor)
@@ -219,6 +237,24 @@ class Queue(QueueReads):
             session.flush()
             announce_work(session)
             return jobs
+
+    def _check_cap(self, session: Session, new_jobs: list[NewJob]) -> None:
+        """Raise TooManyQueued if a submitter of `new_jobs` would pass the cap. A job
+        waits as one row, a data-parallel job as its shards (the rows workers claim)."""
+        adding: dict[str, int] = {}
+        for j in new_jobs:
+            adding[j.submitter] = adding.get(j.submitter, 0) + max(1, j.data_parallel)
+        for submitter, count in sorted(adding.items()):
+            if is_postgres(session):  # SQLite's write lock already orders submissions
+                session.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                    zlib.crc32(f"lbs-submitter:{submitter}".encode()))))
+            queued = session.scalar(
+                sa.select(sa.func.count()).select_from(Job).where(
+                    Job.submitter == submitter, Job.state == JobState.QUEUED.value,
+                    # a sharded job waits as its shards
+                    sa.or_(Job.parent_id.is_not(None), Job.shard_count.is_(None))))
+            if queued + count > self.max_queued_per_submitter:
+                raise TooManyQueued(submitter, queued, count, self.max_queued_per_submitter)
 
     def claim(self, worker_id: str, prefer_models: list[str] | None = None,
               capacity: Capacity | None = None) -> Job | None:

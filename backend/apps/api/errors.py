@@ -134,7 +134,7 @@ def init_app(app: Flask) -> None:
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.extra)
 
-    from backend.queue.jobs import JobConflict
+    from backend.queue.jobs import JobConflict, TooManyQueued
     from backend.queue.reads import JobNotFound
 
     @app.errorhandler(JobNotFound)
@@ -144,6 +144,11 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(JobConflict)
     def _conflict(exc: JobConflict):
         return error_response(409, "conflict", str(exc))
+
+    @app.errorhandler(TooManyQueued)
+    def _too_many(exc: TooManyQueued):
+        return error_response(429, "too_many_queued", str(exc),
+                              [{"field": "submitter", "message": str(exc)}])
 
     @app.errorhandler(ValidationError)
     def _validation(exc: ValidationError):

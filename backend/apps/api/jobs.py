@@ -152,7 +152,8 @@ _JOB_BODY = (JobRequest, JobBatchRequest)
 
 @bp.post("")
 @documented("queue one job, or several with {jobs: [...]}", body=_JOB_BODY,
-            data={"job": JobOut, "jobs": [JobOut]}, status=201, errors=(400, 403, 413, 422))
+            data={"job": JobOut, "jobs": [JobOut]}, status=201,
+            errors=(400, 403, 413, 422, 429))
 def submit():
     body = _json_body()
     if "jobs" in body:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.apps.api.errors import ApiError
 from backend.apps.api.openapi import documented
+from backend.apps.api.schemas import MIN_TIMEOUT_S, Query
 from backend.common.units import GiB, format_bytes
 from backend.queue import control
 
@@ -38,10 +39,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
-class _Query(BaseModel):
-    """Query-string parameters (text, parsed into numbers and booleans)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+_Query = Query
+"""Query-string parameters (text, parsed into plain numbers and booleans)."""
 
 
 class ModelTarget(_Strict):
@@ -56,7 +55,8 @@ class PinRequest(_Strict):
 
 
 class TimeoutRequest(_Strict):
-    timeout: float = Field(gt=0, le=MAX_TIMEOUT, description="GPU idle timeout in seconds")
+    timeout: float = Field(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT,
+                           description="GPU idle timeout in seconds")
     worker: str | None = Field(None, max_length=128)
 
 

@@ -4,10 +4,11 @@ generate /openapi.json, so the three never disagree."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from backend.common.stats import FEW_ITEMS
 from backend.queue.db import Job, JobState, Sample
@@ -29,10 +30,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+MIN_TIMEOUT_S = 1.0
+"""Shortest timeout a request may set: a smaller one means nothing a worker can keep
+(1e-300 s) and turns a timer into a busy loop."""
+
+
 class Query(BaseModel):
-    """Query-string parameters: they arrive as text, so numbers are parsed from it."""
+    """Query-string parameters: they arrive as text, so numbers are parsed from it, and
+    only plain decimal numbers are numbers ("1_000", " 2", "0x10", "nan" are refused,
+    though Python's float() would read them)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = str(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, str) and ("int" in annotation or "float" in annotation) \
+                and not _PLAIN_NUMBER.fullmatch(value):
+            raise ValueError(f"must be a plain decimal number, not {value[:40]!r}")
+        return value
 
 
 class JobRequest(_Strict):
@@ -43,7 +61,7 @@ class JobRequest(_Strict):
     dataset: str = Field(min_length=1, max_length=128, examples=["needle_in_haystack"])
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the dataset's parameters (see GET /api/datasets)")
-    timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600,
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, le=30 * 24 * 3600,
                                     description="fail the job after this many seconds of "
                                                 "running (default: LBS_JOB_TIMEOUT)")
     priority: int = Field(0, ge=-1000, le=1000,
