@@ -297,6 +297,12 @@ class Worker:
             if is_cuda_failure(exc):
                 self._give_back_after_cuda_error(job_id, exc)
                 return
+            if self._cancel_requested(job_id):
+                # cancelled while it loaded: what the interrupted load raised is no failure
+                log.info("[Worker] job %d cancelled (%s: %s on the way out)", job_id,
+                         type(exc).__name__, exc)
+                self._end_cancelled(job_id)
+                return
             log.exception("[Worker] job %d failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         finally:
@@ -378,6 +384,25 @@ class Worker:
             self.channel.publish_status()
         except Exception:  # noqa: BLE001 - the job's outcome matters more than the status
             log.exception("[Worker] publishing the model manager status failed")
+
+    def _cancel_requested(self, job_id: int) -> bool:
+        """Whether the job was cancelled, asking the queue if the heartbeat has not
+        told yet (False once the job is no longer this worker's)."""
+        if self.cancel_seen.is_set():
+            return True
+        try:
+            return self.queue.renew(job_id, self.id)
+        except LeaseLost:
+            return False
+
+    def _end_cancelled(self, job_id: int) -> None:
+        self._publish_quietly()
+        try:
+            events = self.manager.events_since(getattr(self, "_job_events_from", 0))
+            self.queue.finish(job_id, self.id, JobState.CANCELLED,
+                              events=[e.as_dict() for e in events])
+        except LeaseLost as exc:
+            log.warning("[Worker] %s", exc)
 
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)

@@ -52,7 +52,8 @@ class DbSink:
         return done
 
     def set_total(self, total: int) -> None:
-        self.worker.queue.set_total(self.job_id, self.worker.id, total)
+        if self.worker.queue.set_total(self.job_id, self.worker.id, total):
+            self.worker.cancel_seen.set()  # cancelled while the data loaded
 
     def set_manifest(self, manifest: dict[str, Any]) -> None:
         self.end_download("done")  # the manifest comes once the model has loaded

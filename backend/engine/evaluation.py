@@ -221,6 +221,8 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
         _warm_up(view, pending[0], method)
     backoff = Backoff(step, _oom_handler(manager, job))
     for first in range(0, len(pending), step):
+        if job.should_stop():  # cancelled (or timed out) before this batch
+            return True
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()

@@ -305,14 +305,17 @@ class Queue(QueueReads):
             job.lease_expires_at = self._lease_end()
             return job.cancel_requested
 
-    def set_total(self, job_id: int, worker_id: str, total: int) -> None:
-        """The number of samples the job evaluates (for a shard: its whole job's)."""
+    def set_total(self, job_id: int, worker_id: str, total: int) -> bool:
+        """The number of samples the job evaluates (for a shard: its whole job's), once
+        its items are built; returns whether cancel was requested (a cancel that came
+        while the data loaded stops the job before its first sample)."""
         with write_session(self.factory) as session:
             job = _owned(session, job_id, worker_id)
             job.progress_total = total
             if job.parent_id is not None:  # every shard knows the whole job's count
                 session.execute(sa.update(Job).where(Job.id == job.parent_id)
                                 .values(progress_total=total))
+            return job.cancel_requested
 
     def record_manifest(self, job_id: int, worker_id: str, manifest: dict[str, Any]) -> None:
         """What the job runs with (backend.engine.manifest), once its model is loaded; a
