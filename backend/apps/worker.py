@@ -45,7 +45,7 @@ from backend.engine.contracts import ParamError
 from backend.engine.plugins import load_plugins
 from backend.queue.db import JobState, utcnow
 from backend.queue.jobs import LeaseLost, Queue
-from backend.queue.notify import WorkWaiter
+from backend.queue.notify import CommitWatch, WorkWaiter
 from backend.queue.scheduling import Capacity
 from backend.queue.workers import DEAD_WORKER_RETENTION
 
@@ -76,7 +76,8 @@ class Worker:
         self.waiter = WorkWaiter(settings.database_url)
         self.manager = ModelManager(ManagerConfig.from_settings(settings))
         self.channel = ManagerChannel(self.id, self.device, self.manager, self.queue.commands,
-                                      lambda: self.current_job)
+                                      lambda: self.current_job,
+                                      CommitWatch(settings.database_url).committed_since)
         self.stopping = threading.Event()
         self.cancel_seen = threading.Event()
         self.current_job: int | None = None

@@ -65,8 +65,12 @@ class ManagerChannel:
     job the worker runs (published with the status)."""
 
     def __init__(self, worker_id: str, device: str, manager: ModelManager,
-                 commands: Commands, current_job: Callable[[], int | None]):
+                 commands: Commands, current_job: Callable[[], int | None],
+                 committed_since: Callable[[], bool] = lambda: True):
         self.worker_id, self.device = worker_id, device
+        self.committed_since = committed_since
+        """Whether anyone committed since the last call (notify.CommitWatch): no new
+        command can be pending otherwise, so the loop skips reading them."""
         self.manager = manager
         self.commands = commands
         self.current_job = current_job
@@ -100,7 +104,9 @@ class ManagerChannel:
             moved = self._moved.wait(0.2)
             self._moved.clear()
             try:
-                for command in self.commands.pending(self.worker_id):
+                pending = self.commands.pending(self.worker_id) \
+                    if self.committed_since() else []
+                for command in pending:
                     result, error = apply_command(self.manager, command.command,
                                                   command.args or {})
                     # publish first, so whoever reads the answer also reads the new state

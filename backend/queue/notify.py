@@ -5,9 +5,12 @@ On PostgreSQL a transaction that queues work calls `announce_work(session)`
 `WorkWaiter.wait()` on a LISTEN connection of their own, so a new job starts
 within milliseconds while idle workers stay off the database. SQLite has no
 such channel, and a claim there takes the database's write lock, so idle
-workers do not claim in a loop: every 50 ms they read how many jobs are queued
-(a read in WAL mode blocks no one) and try a claim when that changed, or after
-the poll interval at the latest; `announce_work` does nothing.
+workers do not claim in a loop: every 50 ms they ask SQLite whether anyone
+committed since (`PRAGMA data_version`, a counter read that touches no table),
+and only then read how many jobs are queued (a read in WAL mode blocks no one),
+trying a claim when that changed, or after the poll interval at the latest;
+`announce_work` does nothing. An idle worker thus costs little CPU while nothing
+happens (bench/idle_worker.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from backend.queue.db import Job, JobState, is_postgres, session_factory
+from backend.queue.db import Job, JobState, get_engine, is_postgres, session_factory
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,32 @@ def announce_work(session: Session) -> None:
     """Tell idle workers that jobs became claimable (PostgreSQL; sent at commit)."""
     if is_postgres(session):
         session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+
+
+class CommitWatch:
+    """Whether anyone committed to the database since the last look, for loops that
+    poll it: on SQLite `PRAGMA data_version` on a connection of its own (a counter,
+    no table read); on PostgreSQL always True (its loops do not poll: LISTEN)."""
+
+    def __init__(self, database_url: str):
+        self._url = database_url
+        self._sqlite = None
+        self._version: int | None = None
+
+    def committed_since(self) -> bool:
+        """True the first time, then whether another connection committed since."""
+        if not self._url.startswith("sqlite"):
+            return True
+        if self._sqlite is None:  # data_version is per connection: keep this one
+            self._sqlite = get_engine(self._url).raw_connection()
+        version = self._sqlite.cursor().execute("PRAGMA data_version").fetchone()[0]
+        changed, self._version = version != self._version, version
+        return changed
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()  # back to the pool
+            self._sqlite = None
 
 
 class WorkWaiter:
@@ -54,12 +83,18 @@ class WorkWaiter:
                           if url.get_backend_name() == "postgresql" else None)
         self._conn = None
         self._marked: tuple | None = None
+        self._watch: CommitWatch | None = None  # SQLite: has anyone committed?
 
     def _signature(self) -> tuple:
         with session_factory(self._url)() as session:
             return tuple(session.execute(
                 sa.select(sa.func.count(), sa.func.max(Job.id))
                 .where(Job.state == JobState.QUEUED.value)).one())
+
+    def _committed_since(self) -> bool:
+        if self._watch is None:
+            self._watch = CommitWatch(self._url)
+        return self._watch.committed_since()
 
     def mark(self) -> None:
         """Remember the queue as it is before a claim (SQLite); nothing on PostgreSQL."""
@@ -83,7 +118,8 @@ class WorkWaiter:
         if self._conninfo is None:
             deadline = time.monotonic() + poll
             while not stop.wait(min(self.CHECK_EVERY, max(0.0, deadline - time.monotonic()))):
-                if self._marked is not None and self._signature() != self._marked:
+                if self._marked is not None and self._committed_since() \
+                        and self._signature() != self._marked:
                     return True
                 if time.monotonic() >= deadline:
                     break
@@ -104,6 +140,9 @@ class WorkWaiter:
         return False
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._conn is not None:
             try:
                 self._conn.close()
