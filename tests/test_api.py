@@ -157,7 +157,7 @@ def test_datasets_and_openapi(client):
     assert "needle_in_haystack.params" in schemas
     assert {"/api/v1/memory/stats", "/api/v1/memory/limit", "/api/gpu/status",
             "/api/gpu/timeout"} <= set(spec["paths"])
-    assert schemas["TimeoutRequest"]["properties"]["timeout"]["exclusiveMinimum"] == 0
+    assert schemas["TimeoutRequest"]["properties"]["timeout"]["minimum"] == 1
     query = {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]}
     assert query == {"state", "submitter", "model", "dataset", "page", "per_page"}
 
