@@ -1,0 +1,75 @@
+"""What one request may cost the server, its workers and its database: a remote
+answer of megabytes is stored cut (with a mark saying so), a job's context has a
+ceiling at submission, a haystack file is size-checked without being read on the
+request path, and lm-eval data is not downloaded where downloads are off."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from backend.queue.jobs import MAX_STORED_PREDICTION
+from tests.conftest import LiveServer
+
+NIAH = {"context_lengths": [256], "depth_percents": [50], "max_new_tokens": 8}
+
+
+class HugeAnswers:
+    """An OpenAI-compatible server on loopback whose every answer is `size` characters."""
+
+    def __init__(self, size: int):
+        answer = "paprika " + "x" * (size - 8)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.dumps({"object": "chat.completion", "model": "big", "choices": [
+                    {"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": answer}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 8}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.slow
+def test_a_huge_remote_answer_is_stored_cut_and_says_so(with_tiny):
+    remote = HugeAnswers(4 * 1024**2)
+    live = LiveServer(with_tiny).start()
+    try:
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "openai:big", "dataset": "needle_in_haystack", "params": NIAH,
+            "api": {"base_url": remote.url, "max_retries": 0}})
+        assert status == 201, body
+        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
+        assert job["state"] == "succeeded", job["error"]
+        (sample,) = live.request("GET", f"/api/jobs/{job['id']}/samples")[1]["data"]["samples"]
+        text = sample["prediction"]
+        assert text.startswith("paprika xxx")
+        assert len(text) < MAX_STORED_PREDICTION + 200
+        assert text.endswith(f"[cut: the answer has {4 * 1024**2} characters; the first "
+                             f"{MAX_STORED_PREDICTION} are stored]")
+        assert sample["fields"]["prediction_cut"] == {
+            "stored_chars": MAX_STORED_PREDICTION, "total_chars": 4 * 1024**2}
+        assert sample["score"] > 0  # scored on the whole answer, before the cut
+        stored = sum(p.stat().st_size for p in with_tiny.glob("lbs.sqlite3*"))
+        assert stored < 2 * 1024**2, stored
+    finally:
+        live.stop()
+        remote.stop()
