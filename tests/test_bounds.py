@@ -73,3 +73,54 @@ def test_a_huge_remote_answer_is_stored_cut_and_says_so(with_tiny):
     finally:
         live.stop()
         remote.stop()
+
+
+def _slow_post(live, path: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(live.url + path, data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_lm_eval_data_is_not_downloaded_where_downloads_are_off(with_tiny, tmp_path):
+    """LBS_ALLOW_DATA_DOWNLOAD=0 (the default) with a reachable hub (the loopback
+    stand-in in HF_ENDPOINT, offline modes off): a job submitted while the task index is
+    still being built reaches the worker, which reads the datasets cache only and fails
+    saying how to get the data; once the index is there the job is refused at
+    submission with data_missing. No request reaches the hub either way."""
+    from tests.hub_server import FakeHub, official_repos
+    from tests.test_lm_eval import _task_list
+    from tests.test_lm_eval_catalog import GSM8K_JOB, GSM8K_README
+
+    hub = FakeHub({"openai/gsm8k": {**official_repos()["openai/gsm8k"],
+                                    "README.md": GSM8K_README}}).start()
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
+           "HF_DATASETS_OFFLINE": "0", "LBS_ALLOW_DATA_DOWNLOAD": "0"}
+    live = LiveServer(with_tiny, env).start()
+    try:
+        # the index is not ready: the job's request lengths are built at submission (slow)
+        status, body = _slow_post(live, "/api/jobs", GSM8K_JOB)
+        assert status == 201, body
+        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"), timeout=300)
+        assert job["state"] == "failed", job
+        for words in ("gsm8k", "LBS_ALLOW_DATA_DOWNLOAD=0",
+                      "data fetch lm_eval --tasks gsm8k"):
+            assert words in job["error"], job["error"]
+
+        _task_list(live, limit=1)
+        status, body = live.request("POST", "/api/jobs", GSM8K_JOB)
+        assert status == 422 and body["error"]["code"] == "data_missing", body
+        assert body["error"]["details"][0]["field"] == "params.tasks"
+        assert body["error"]["guidance"]["downloads_allowed"] is False
+        assert hub.requests == []
+    finally:
+        live.stop()
+        hub.stop()

@@ -88,8 +88,8 @@ class DataAccess:
 class DataMissing(ParamError):
     """The data is nowhere to be read; the message says how to get it."""
 
-    def __init__(self, message: str, guidance: dict[str, Any]):
-        super().__init__("data_dir", message)
+    def __init__(self, message: str, guidance: dict[str, Any], field: str = "data_dir"):
+        super().__init__(field, message)
         self.guidance = guidance
 
 
