@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -124,3 +125,99 @@ def test_lm_eval_data_is_not_downloaded_where_downloads_are_off(with_tiny, tmp_p
     finally:
         live.stop()
         hub.stop()
+
+
+def _niah_openai(lengths: list[int]) -> dict:
+    return {"model": "openai:x", "dataset": "needle_in_haystack",
+            "params": {"context_lengths": lengths, "depth_percents": [50]},
+            "api": {"base_url": "http://127.0.0.1:9/v1", "max_length": 2 * 10**9}}
+
+
+def test_every_job_has_a_context_ceiling_and_its_prompt_ram_is_counted(monkeypatch, data_dir,
+                                                                       with_tiny):
+    """A remote model that says it takes 2e9 tokens still meets the server's ceiling
+    (LBS_MAX_CONTEXT_LENGTH has a finite default); raised knowingly, the RAM building
+    the prompts would take is counted at submission against the machine's."""
+    from backend.common.config import load_settings
+    from backend.server import create_app
+
+    client = create_app(load_settings(), {"TESTING": True}).test_client()
+    res = client.post("/api/jobs", json=_niah_openai([10**9]))
+    assert res.status_code == 422, res.get_json()
+    (detail,) = res.get_json()["error"]["details"]
+    assert detail["field"] == "params.context_lengths"
+    assert "131072" in detail["message"] and "LBS_MAX_CONTEXT_LENGTH" in detail["message"]
+    assert client.post("/api/jobs", json=_niah_openai([4096])).status_code == 201
+
+    monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", str(10**9))
+    client = create_app(load_settings(), {"TESTING": True}).test_client()
+    res = client.post("/api/jobs", json=_niah_openai([10**9]))
+    assert res.status_code == 422, res.get_json()
+    (detail,) = res.get_json()["error"]["details"]
+    assert detail["field"] == "params.context_lengths"
+    assert "GiB of RAM" in detail["message"] and "this machine has" in detail["message"]
+    assert client.get("/api/jobs").get_json()["data"]["total"] == 1
+
+
+def test_the_worker_counts_the_prompts_ram_before_building_them(monkeypatch, client,
+                                                                 settings, with_tiny):
+    """A job admitted on the machine's total RAM is refused by the worker, before any
+    prompt is built, when that RAM is not available then."""
+    import psutil
+
+    from backend.datasets import needle_in_haystack as niah
+    from tests.conftest import work_one_job
+
+    res = client.post("/api/jobs", json={"model": "builtin:tiny",
+                                         "dataset": "needle_in_haystack",
+                                         "params": {"context_lengths": [512],
+                                                    "depth_percents": [50]}})
+    assert res.status_code == 201, res.get_json()
+    real = psutil.virtual_memory
+    monkeypatch.setattr(niah.psutil, "virtual_memory",
+                        lambda: real()._replace(available=100 * 1024))
+    work_one_job(settings)
+    job = client.get(f"/api/jobs/{res.get_json()['data']['job']['id']}").get_json()
+    job = job["data"]["job"]
+    assert job["state"] == "failed" and "this machine has available" in job["error"], job
+    assert job["progress"]["done"] == 0
+
+
+@pytest.mark.slow
+def test_a_haystack_file_is_size_checked_not_read_at_submission(with_tiny, tmp_path):
+    """Estimates of a job naming a 30 MB haystack file neither take long nor leave the
+    server bigger; a file over LBS_MAX_HAYSTACK_BYTES is refused naming the field."""
+    import psutil
+
+    from backend.datasets.needle_in_haystack import BUNDLED_HAYSTACKS
+
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    essays = BUNDLED_HAYSTACKS["essays"].read_bytes()
+    (folder / "big.txt").write_bytes(essays * (30 * 1024**2 // len(essays)))
+    (folder / "huge.txt").write_bytes(essays * (40 * 1024**2 // len(essays)))
+    live = LiveServer(with_tiny, {"LBS_DATASETS_DIR": str(folder), "LBS_WORKERS": "0"}).start()
+    try:
+        job = {"model": "builtin:tiny", "dataset": "needle_in_haystack",
+               "params": {"context_lengths": [512], "depth_percents": [50],
+                          "haystack": "big.txt"}}
+        server = psutil.Process(live.proc.pid)
+        warm_up = {**job, "params": {**job["params"], "haystack": "essays"}}
+        assert live.request("POST", "/api/jobs/estimate", warm_up)[0] == 200
+        before = server.memory_info().rss
+        for _ in range(3):
+            started = time.monotonic()
+            status, body = live.request("POST", "/api/jobs/estimate", job)
+            assert status == 200, body
+            assert time.monotonic() - started < 3
+        grown = server.memory_info().rss - before
+        assert grown < 10 * 1024**2, f"the server grew by {grown} bytes"
+
+        job["params"]["haystack"] = "huge.txt"
+        status, body = live.request("POST", "/api/jobs", job)
+        assert status == 422, body
+        (detail,) = body["error"]["details"]
+        assert detail["field"] == "params.haystack"
+        assert "LBS_MAX_HAYSTACK_BYTES" in detail["message"]
+    finally:
+        live.stop()
