@@ -372,6 +372,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+def environment_with(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment with `extra` on top, for a child process."""
+    return {**os.environ, **extra}
+
+
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     """Read every setting; raise ConfigError naming the first bad variable."""
     unknown = set(overrides or ()) - set(_BY_NAME)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from backend.common.config import environment_with
 from backend.datasets.lm_eval_results import jsonable
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def request_shapes(include: tuple[str, ...], params: BaseModel,
                               *_cache_arg(cache_dir), "--shapes",
                               json.dumps(asked), *include],
                              capture_output=True, text=True, timeout=600, check=True,
-                             env={**os.environ, **OFFLINE_ENV} if offline else None)
+                             env=environment_with(OFFLINE_ENV) if offline else None)
         shapes = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
         log.warning("[Datasets] the lengths of the lm-eval requests are unknown: %s", exc)
