@@ -49,31 +49,32 @@ class HugeAnswers:
         self.httpd.server_close()
 
 
-@pytest.mark.slow
-def test_a_huge_remote_answer_is_stored_cut_and_says_so(with_tiny):
+def test_a_huge_remote_answer_is_stored_cut_and_says_so(client, settings):
+    from tests.conftest import work_one_job
+
     remote = HugeAnswers(4 * 1024**2)
-    live = LiveServer(with_tiny).start()
     try:
-        status, body = live.request("POST", "/api/jobs", {
+        res = client.post("/api/jobs", json={
             "model": "openai:big", "dataset": "needle_in_haystack", "params": NIAH,
             "api": {"base_url": remote.url, "max_retries": 0}})
-        assert status == 201, body
-        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"))
-        assert job["state"] == "succeeded", job["error"]
-        (sample,) = live.request("GET", f"/api/jobs/{job['id']}/samples")[1]["data"]["samples"]
-        text = sample["prediction"]
-        assert text.startswith("paprika xxx")
-        assert len(text) < MAX_STORED_PREDICTION + 200
-        assert text.endswith(f"[cut: the answer has {4 * 1024**2} characters; the first "
-                             f"{MAX_STORED_PREDICTION} are stored]")
-        assert sample["fields"]["prediction_cut"] == {
-            "stored_chars": MAX_STORED_PREDICTION, "total_chars": 4 * 1024**2}
-        assert sample["score"] > 0  # scored on the whole answer, before the cut
-        stored = sum(p.stat().st_size for p in with_tiny.glob("lbs.sqlite3*"))
-        assert stored < 2 * 1024**2, stored
+        assert res.status_code == 201, res.get_json()
+        job_id = res.get_json()["data"]["job"]["id"]
+        work_one_job(settings)
     finally:
-        live.stop()
         remote.stop()
+    job = client.get(f"/api/jobs/{job_id}").get_json()["data"]["job"]
+    assert job["state"] == "succeeded", job["error"]
+    (sample,) = client.get(f"/api/jobs/{job_id}/samples").get_json()["data"]["samples"]
+    text = sample["prediction"]
+    assert text.startswith("paprika xxx")
+    assert len(text) < MAX_STORED_PREDICTION + 200
+    assert text.endswith(f"[cut: the answer has {4 * 1024**2} characters; the first "
+                         f"{MAX_STORED_PREDICTION} are stored]")
+    assert sample["fields"]["prediction_cut"] == {
+        "stored_chars": MAX_STORED_PREDICTION, "total_chars": 4 * 1024**2}
+    assert sample["score"] > 0  # scored on the whole answer, before the cut
+    stored = sum(p.stat().st_size for p in settings.data_dir.glob("lbs.sqlite3*"))
+    assert stored < 2 * 1024**2, stored
 
 
 def _slow_post(live, path: str, body: dict) -> tuple[int, dict]:
