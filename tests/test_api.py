@@ -131,7 +131,7 @@ def test_context_and_grid_ceilings(monkeypatch, data_dir, with_tiny):
                       "depth_percents": {"count": 2}})
     assert detail["field"] == "params.context_lengths" and "6 cells" in detail["message"]
     # the model's own maximum still applies below the ceiling
-    monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", "0")
+    monkeypatch.setenv("LBS_MAX_CONTEXT_LENGTH", str(2 * 10**6))
     client = create_app(load_settings(), {"TESTING": True}).test_client()
     detail = refused({"context_lengths": [10**6], "depth_percents": [50]})
     assert detail["field"] == "params.context_lengths"

@@ -249,14 +249,21 @@ class Settings:
         "under it (relative paths are taken from it).",
         default_means="`<data dir>/datasets`")
     max_context_length: int = setting(
-        "LBS_MAX_CONTEXT_LENGTH", "0", parse.non_negative_int,
-        "an integer of at least 0 (0 = only the model's own maximum)",
-        "Longest context (tokens) a job may ask for on this server: Needle-in-a-Haystack "
-        "`context_lengths`, LongBench `max_length`. Above it the job is refused with 422 "
-        "naming the field; a LongBench job that names no `max_length` gets this as its "
-        "prompt budget when the model takes more (shown in the job's params). The model's "
-        "own maximum (from its `config.json`) is always checked too.",
-        default_means="the model's maximum only")
+        "LBS_MAX_CONTEXT_LENGTH", "131072", parse.positive_int, "an integer of at least 1",
+        "Longest context (tokens) a job may ask for on this server, whatever the model "
+        "says it takes (a remote `openai:` model's `api.max_length` included): "
+        "Needle-in-a-Haystack `context_lengths`, LongBench `max_length`. Above it the job "
+        "is refused with 422 naming the field; a LongBench job that names no `max_length` "
+        "gets this as its prompt budget when the model takes more (shown in the job's "
+        "params). The model's own maximum (from its `config.json`) is always checked too. "
+        "Raise it knowingly: building a Needle-in-a-Haystack prompt takes about 1 KB of "
+        "RAM per token, counted before a job runs.")
+    max_haystack_bytes: int = setting(
+        "LBS_MAX_HAYSTACK_BYTES", "32MiB", parse.size, "a size such as 32MiB",
+        "Largest haystack file a Needle-in-a-Haystack job may name. Submission and "
+        "estimates only check its size and read its first 64 KiB; the worker reads it "
+        "whole (two files kept at most). A larger file is refused with 422 on "
+        "`params.haystack`.")
     max_grid_cells: int = setting(
         "LBS_MAX_GRID_CELLS", "2500", parse.positive_int, "an integer of at least 1",
         "Most (context length × depth) cells a Needle-in-a-Haystack job may ask for; more "
@@ -369,6 +376,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
 """The settings table, in the order of docs/settings.md."""
 
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def environment_with(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment with `extra` on top, for a child process."""
+    return {**os.environ, **extra}
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:

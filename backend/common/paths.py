@@ -55,6 +55,36 @@ def confine_file(path: Path, roots: Sequence[Path | str]) -> Path:
     return resolved
 
 
+FOLDER_MAX_ENTRIES = 100_000
+"""Most files and folders `confine_folder` looks at (a checkpoint has a few dozen)."""
+
+
+def confine_folder(folder: Path, roots: Sequence[Path | str]) -> None:
+    """Every file and folder inside `folder` (what a model load may open: config,
+    tokenizer files, chat_template.jinja, weights, subfolders) must resolve under one
+    of `roots`; OutsideAllowedFolders names the first that does not. Linked folders
+    are followed (each once) so that links inside them are checked too."""
+    seen: set[Path] = set()
+    todo = [Path(folder)]
+    count = 0
+    while todo:
+        current = todo.pop()
+        real = confine_file(current, roots)
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in current.iterdir():
+            count += 1
+            if count > FOLDER_MAX_ENTRIES:
+                raise OutsideAllowedFolders(
+                    f"{folder.name!r} holds more than {FOLDER_MAX_ENTRIES} files; not a "
+                    "model folder")
+            if entry.is_dir():
+                todo.append(entry)
+            elif entry.is_symlink():
+                confine_file(entry, roots)
+
+
 def confine(given: str, roots: Sequence[Path | str], setting: str) -> Path:
     """The resolved path `given` names, if it lies under one of `roots`.
 

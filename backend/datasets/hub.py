@@ -88,8 +88,8 @@ class DataAccess:
 class DataMissing(ParamError):
     """The data is nowhere to be read; the message says how to get it."""
 
-    def __init__(self, message: str, guidance: dict[str, Any]):
-        super().__init__("data_dir", message)
+    def __init__(self, message: str, guidance: dict[str, Any], field: str = "data_dir"):
+        super().__init__(field, message)
         self.guidance = guidance
 
 
@@ -185,17 +185,61 @@ def _layout_folder(source: HubSource, snapshot: Path, extract: bool) -> Path | N
     return target / source.layout if source.layout else target
 
 
-def _extract(archive: Path, target: Path) -> None:
-    """Unzip into `target`, refusing members that would land outside it."""
+UNPACK_MAX_BYTES = 8 * 1024**3
+"""Most bytes an archive may unpack to (LongBench's data.zip holds under 1 GiB)."""
+UNPACK_MAX_RATIO = 100
+"""Most bytes unpacked per byte of archive (text compresses 3-10 times; a zip bomb
+thousands of times)."""
+UNPACK_SLACK = 1024**2
+"""Unpacked bytes always allowed on top of the ratio, for tiny archives."""
+
+
+def _extract(archive: Path, target: Path, max_bytes: int = UNPACK_MAX_BYTES,
+             max_ratio: int = UNPACK_MAX_RATIO) -> None:
+    """Unzip into `target`, refusing members that would land outside it and archives
+    that unpack to more than `max_bytes` or `max_ratio` times their own size. Members
+    are streamed and their bytes counted as written (a member's declared size may lie);
+    a refused archive leaves nothing behind."""
+    import shutil
+
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
-    with zipfile.ZipFile(archive) as zf:
-        for member in zf.infolist():
-            dest = (target / member.filename).resolve()
-            if not dest.is_relative_to(root):
-                raise ParamError("data_dir", f"{archive.name}: member {member.filename!r} "
-                                             "points outside the folder; not extracted")
-        zf.extractall(target)
+    limit = min(max_bytes, max_ratio * archive.stat().st_size + UNPACK_SLACK)
+    written = 0
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for member in members:
+                dest = (target / member.filename).resolve()
+                if not dest.is_relative_to(root):
+                    raise ParamError("data_dir", f"{archive.name}: member {member.filename!r} "
+                                                 "points outside the folder; not extracted")
+            for member in members:
+                dest = (target / member.filename).resolve()
+                if member.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(dest, "wb") as out:
+                    while chunk := src.read(1024**2):
+                        written += len(chunk)
+                        if written > limit:
+                            raise ParamError("data_dir", _too_big(archive, limit, max_bytes))
+                        out.write(chunk)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    log.info("[Datasets] unpacked %s: %d bytes", archive.name, written)
+
+
+def _too_big(archive: Path, limit: int, max_bytes: int) -> str:
+    size = archive.stat().st_size
+    why = (f"more than {max_bytes} bytes" if limit == max_bytes else
+           f"more than {limit} bytes, over {limit // max(size, 1)} times its own "
+           f"{size} bytes")
+    log.warning("[Datasets] %s unpacks to %s; refused", archive.name, why)
+    return (f"{archive.name} unpacks to {why}: refused as a damaged or hostile archive "
+            "(nothing was kept); fetch it again from a source you trust")
 
 
 def cached_folder(source: HubSource, parts: list[str] | None = None,

@@ -12,11 +12,14 @@ import logging
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from backend.common.config import environment_with
 from backend.datasets.lm_eval_results import jsonable
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,26 @@ def _paths_factory() -> type:
             return resolve_local_paths(cfg, entry.yaml_path)
 
     return PathsFromYaml
+
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1"}
+"""What makes `datasets` read its cache only (datasets.config.HF_HUB_OFFLINE)."""
+
+
+@contextmanager
+def datasets_offline(offline: bool) -> Iterator[None]:
+    """While inside, with `offline`, `datasets` (as lm-eval loads a task's data in this
+    process) reads its cache only and asks the hub nothing: LBS_ALLOW_DATA_DOWNLOAD=0."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 # --- the task list (GET /api/datasets, submit-time checks) ----------------------------
 
@@ -148,10 +171,11 @@ _shapes: dict[str, dict[str, Any] | None] = {}
 
 
 def request_shapes(include: tuple[str, ...], params: BaseModel,
-                   cache_dir: Path | None) -> dict[str, Any] | None:
+                   cache_dir: Path | None, offline: bool = False) -> dict[str, Any] | None:
     """The longest requests of each kind lm-eval builds for the job's tasks (UTF-8
     bytes; see `build_shapes`), found once per set of parameters in a subprocess; None
-    when they cannot be built here."""
+    when they cannot be built here. `offline` (data downloads off): the subprocess
+    reads the `datasets` cache only."""
     asked = params.model_dump(include={"tasks", "num_fewshot", "limit", "gen_kwargs",
                                        "fewshot_seed"})
     key = json.dumps([list(include), asked], sort_keys=True)
@@ -162,7 +186,8 @@ def request_shapes(include: tuple[str, ...], params: BaseModel,
         out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_probe",
                               *_cache_arg(cache_dir), "--shapes",
                               json.dumps(asked), *include],
-                             capture_output=True, text=True, timeout=600, check=True)
+                             capture_output=True, text=True, timeout=600, check=True,
+                             env=environment_with(OFFLINE_ENV) if offline else None)
         shapes = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
         log.warning("[Datasets] the lengths of the lm-eval requests are unknown: %s", exc)

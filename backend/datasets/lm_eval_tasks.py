@@ -27,9 +27,16 @@ from pydantic import Field, field_validator
 
 from backend.common.config import Settings
 from backend.datasets.base import DataContext, Dataset, DatasetParams, Item, ScoreEntry, batch_rows
-from backend.datasets.lm_eval_catalog import by_name, missing_data, missing_message
+from backend.datasets.hub import DataMissing
+from backend.datasets.lm_eval_catalog import (
+    by_name,
+    fetch_command,
+    missing_data,
+    missing_message,
+)
 from backend.datasets.lm_eval_lookup import (
     cached_task_list,
+    datasets_offline,
     plain_token_bound,
     request_shapes,
     shared_task_manager,
@@ -160,9 +167,11 @@ class LmEvalTasks(Dataset):
         # local files that do not exist are refused always; hub data when it cannot come
         refused = [m for m in missing if m["source"] == "local" or not allowed]
         if refused:
-            raise ParamError("tasks", missing_message(
+            raise DataMissing(missing_message(
                 refused, allow_download=bool(access and access.allow_download),
-                offline=bool(access and access.offline), cache=self.datasets_cache))
+                offline=bool(access and access.offline), cache=self.datasets_cache),
+                {"fetch_command": fetch_command(sorted({m["asked"] for m in refused})),
+                 "downloads_allowed": allowed}, field="tasks")
 
     def worst_batches(self, params: LmEvalParams, model_max: int | None) -> list[BatchPlan]:
         """The job's batches from the lengths of the requests lm-eval builds for its
@@ -173,7 +182,8 @@ class LmEvalTasks(Dataset):
         of at most the model's length, every position scored. When the requests cannot
         be built here (a dataset not in the local cache), the default: the model's
         whole context."""
-        shapes = request_shapes(self.include_path, params, self.cache_dir)
+        shapes = request_shapes(self.include_path, params, self.cache_dir,
+                                offline=not self._downloads_allowed())
         if shapes is None:
             return super().worst_batches(params, model_max)
         cap = model_max or 2**31
@@ -198,6 +208,10 @@ class LmEvalTasks(Dataset):
                                    logits_positions=window))
         return plans
 
+    def _downloads_allowed(self) -> bool:
+        access = self.data_access
+        return bool(access and access.allow_download and not access.offline)
+
     # --- building ------------------------------------------------------------------
 
     def _load(self, params: LmEvalParams) -> dict[str, Any]:
@@ -209,7 +223,14 @@ class LmEvalTasks(Dataset):
         unknown = [t for t in params.tasks if t not in manager.all_tasks]
         if unknown:
             raise ParamError("tasks", f"unknown lm-eval task(s): {', '.join(unknown)}")
-        loaded = manager.load(list(params.tasks))
+        try:
+            with datasets_offline(not self._downloads_allowed()):
+                loaded = manager.load(list(params.tasks))
+        except (ConnectionError, FileNotFoundError) as exc:
+            if self._downloads_allowed():
+                raise
+            raise ParamError("tasks", offline_message(params.tasks, exc,
+                                                      self.datasets_cache)) from None
         for task in loaded["tasks"].values():
             if task.get_config("output_type") == "generate_until" and params.gen_kwargs:
                 task.set_config(key="generation_kwargs", value=dict(params.gen_kwargs),
@@ -333,6 +354,16 @@ class LmEvalTasks(Dataset):
 
 
 
+
+
+def offline_message(tasks: list[str], exc: BaseException, cache: Path) -> str:
+    """Why a task's data could not be read with downloads off, and how to get it."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"the data of lm-eval task(s) {', '.join(tasks)} is not in this machine's Hugging "
+            f"Face datasets cache ({cache}) and data downloads are off "
+            f"(LBS_ALLOW_DATA_DOWNLOAD=0; {reason}). On a machine with a network run "
+            f"`{fetch_command(list(tasks))}` and copy the cache folder here, or set "
+            "LBS_ALLOW_DATA_DOWNLOAD=1")
 
 
 def _suggest(unknown: list[str], known: set[str]) -> str:

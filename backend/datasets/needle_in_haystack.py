@@ -18,6 +18,7 @@ credit, a miss 0.0).
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 import unicodedata
@@ -26,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend.common.config import Settings
@@ -204,21 +206,76 @@ def split_sentences(text: str) -> list[str]:
     return [u for u in units if u.strip()]
 
 
-@lru_cache(maxsize=8)
-def _read_haystack(source: str) -> tuple[str, ...]:
+HAYSTACK_HEAD_BYTES = 64 * 1024
+"""What submission and estimates read of a haystack file: its first 64 KiB."""
+DEFAULT_MAX_HAYSTACK_BYTES = 32 * 1024**2
+"""LBS_MAX_HAYSTACK_BYTES's default, for a dataset made without settings."""
+
+
+def check_haystack_file(path: Path, max_bytes: int) -> None:
+    """What the server checks of a haystack file without reading it: that it is a file
+    of at most `max_bytes` whose first HAYSTACK_HEAD_BYTES are UTF-8 text. Raises
+    ParamError on `haystack`."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ParamError("haystack", f"haystack {path.name!r} is not a file")
+        with open(path, "rb") as f:
+            head = f.read(HAYSTACK_HEAD_BYTES)
+    except OSError as exc:
+        raise ParamError("haystack", f"cannot read haystack file {str(path)!r}: "
+                                     f"{exc.strerror}") from None
+    if size > max_bytes:
+        raise ParamError("haystack", f"haystack file {path.name!r} has {size} bytes; this "
+                                     f"server reads at most {max_bytes} "
+                                     "(LBS_MAX_HAYSTACK_BYTES)")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=size <= len(head))
+    except UnicodeDecodeError as exc:
+        raise ParamError("haystack", f"cannot read haystack file {str(path)!r}: {exc}") from None
+    if not text.strip():
+        raise ParamError("haystack", f"haystack {str(path)!r} has no sentences")
+
+
+def _read_text(path: Path, max_bytes: int) -> str:
+    """The file's text, read in chunks; refused past `max_bytes` (it may have grown
+    since submission)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts, total = [], 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024**2):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ParamError("haystack", f"haystack file {path.name!r} has more than "
+                                             f"{max_bytes} bytes (LBS_MAX_HAYSTACK_BYTES)")
+            parts.append(decoder.decode(chunk))
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
+
+
+@lru_cache(maxsize=2)
+def _read_haystack(source: str, version: tuple[int, int] | None = None,
+                   max_bytes: int = DEFAULT_MAX_HAYSTACK_BYTES) -> tuple[str, ...]:
+    """The sentences of a haystack, two haystacks kept at most (a file's `version`,
+    its modification time and size, makes an edited file read again)."""
     if source == "noise":
         text = NOISE_TEXT
     elif source in BUNDLED_HAYSTACKS:
         text = BUNDLED_HAYSTACKS[source].read_text(encoding="utf-8")
     else:
-        text = Path(source).expanduser().read_text(encoding="utf-8")
+        text = _read_text(Path(source).expanduser(), max_bytes)
     return tuple(split_sentences(text))
 
 
-def load_haystack(source: str) -> list[str]:
-    """The haystack's sentences; raises ParamError when it cannot be read."""
+def load_haystack(source: str, max_bytes: int = DEFAULT_MAX_HAYSTACK_BYTES) -> list[str]:
+    """The haystack's sentences (the worker's whole read); raises ParamError when it
+    cannot be read."""
     try:
-        units = _read_haystack(source)
+        version = None
+        if source != "noise" and source not in BUNDLED_HAYSTACKS:
+            stat = Path(source).expanduser().stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        units = _read_haystack(source, version, max_bytes)
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamError("haystack", f"cannot read haystack file {source!r}: "
                                      f"{exc.strerror if isinstance(exc, OSError) else exc}")
@@ -229,17 +286,30 @@ def load_haystack(source: str) -> list[str]:
     return list(units)
 
 
+PREP_BYTES_PER_TOKEN = 1024
+"""RAM building the longest prompt takes per token (the text, its token ids and the
+tokenizer's encoding; ~580 bytes measured with the built-in tokenizer), with room for
+other tokenizers."""
+HELD_BYTES_PER_TOKEN = 16
+"""RAM each built prompt keeps per token until the job ends (prompt and prefix text,
+~3.8 characters a token)."""
+HAYSTACK_RAM_FACTOR = 3
+"""RAM a haystack's sentences take per byte of its file."""
+
+
 class _Builder:
     """Builds the prompts of one job; caches token counts of haystack sentences."""
 
-    def __init__(self, params: NeedleParams, tokenizer: PromptTokenizer, source: str):
+    def __init__(self, params: NeedleParams, tokenizer: PromptTokenizer, source: str,
+                 max_bytes: int = DEFAULT_MAX_HAYSTACK_BYTES):
         self.params = params
         self.tok = tokenizer
-        self.units = load_haystack(source)
+        self.units = load_haystack(source, max_bytes)
         self.needle_unit = " " + params.needle.strip()
         if any(params.needle.strip() in u for u in self.units):
             raise ParamError("needle", "the haystack already contains the needle")
-        self.unit_tokens = [len(tokenizer.encode(u)) for u in self.units]
+        # counted as the prompts need them: a long haystack file is mostly not used
+        self.unit_tokens = _TokenCounts(self.units, tokenizer)
         self.needle_tokens = len(tokenizer.encode(self.needle_unit))
         self.overhead = self.count(self.render(""))
 
@@ -316,6 +386,20 @@ class _Builder:
         return prompt, tokens, fields
 
 
+class _TokenCounts:
+    """Token counts of haystack sentences by index, each counted on first use."""
+
+    def __init__(self, units: list[str], tokenizer: PromptTokenizer):
+        self.units = units
+        self.tok = tokenizer
+        self.counts: dict[int, int] = {}
+
+    def __getitem__(self, i: int) -> int:
+        if i not in self.counts:
+            self.counts[i] = len(self.tok.encode(self.units[i]))
+        return self.counts[i]
+
+
 class NeedleInAHaystack(Dataset):
     name = "needle_in_haystack"
     description = ("Needle-in-a-Haystack: one fact hidden at a chosen depth of a long "
@@ -329,10 +413,18 @@ class NeedleInAHaystack(Dataset):
             return params.haystack
         return str(self.local_path(params.haystack, "haystack"))
 
+    max_haystack_bytes: int = DEFAULT_MAX_HAYSTACK_BYTES
+    """LBS_MAX_HAYSTACK_BYTES (set by `configure`)."""
+
+    def configure(self, settings: Settings) -> None:
+        self.max_haystack_bytes = settings.max_haystack_bytes
+
     def check(self, params: NeedleParams, model: ModelInfo) -> None:
+        """The haystack file's size and first bytes (not the whole file: submission and
+        estimates stay quick and keep nothing), then the model's maximum."""
         source = self.haystack_source(params)
         if source not in BUNDLED_HAYSTACKS and source != "noise":
-            load_haystack(source)
+            check_haystack_file(Path(source), self.max_haystack_bytes)
         if model.max_length is None:
             return
         longest = max(params.lengths())
@@ -370,15 +462,39 @@ class NeedleInAHaystack(Dataset):
                              "(LBS_MAX_GRID_CELLS)")
         ceiling = settings.max_context_length
         longest = max(params.lengths())
-        if ceiling and longest > ceiling:
+        if longest > ceiling:
             raise ParamError("context_lengths",
                              f"context length {longest} is above this server's ceiling of "
                              f"{ceiling} tokens (LBS_MAX_CONTEXT_LENGTH)")
+        self.check_ram(params, psutil.virtual_memory().total, "has")
         return params
+
+    def preparation_bytes(self, params: NeedleParams) -> int:
+        """RAM the worker needs to build the job's prompts: the longest being built, all
+        of them held, and the haystack's sentences."""
+        lengths = params.lengths()
+        source = self.haystack_source(params)
+        path = BUNDLED_HAYSTACKS.get(source) or (None if source == "noise" else Path(source))
+        haystack = path.stat().st_size if path is not None and path.exists() else 0
+        return (PREP_BYTES_PER_TOKEN * max(lengths)
+                + HELD_BYTES_PER_TOKEN * sum(lengths) * len(params.depths())
+                + HAYSTACK_RAM_FACTOR * haystack)
+
+    def check_ram(self, params: NeedleParams, ram: int, verb: str) -> None:
+        """Refuse a job whose prompts need more RAM than `ram` (the machine's, at
+        submission; what is available, in the worker before building)."""
+        need = self.preparation_bytes(params)
+        if need > ram:
+            raise ParamError("context_lengths",
+                             f"building these prompts needs about {need / 2**30:.1f} GiB of "
+                             f"RAM (about {PREP_BYTES_PER_TOKEN} bytes per token of the "
+                             f"longest context); this machine {verb} {ram / 2**30:.1f} GiB")
 
     def build_items(self, params: NeedleParams, tokenizer: PromptTokenizer) -> list[Item]:
         self.check(params, ModelInfo("the model", tokenizer.max_length))
-        builder = _Builder(params, tokenizer, self.haystack_source(params))
+        self.check_ram(params, psutil.virtual_memory().available, "has available")
+        builder = _Builder(params, tokenizer, self.haystack_source(params),
+                           self.max_haystack_bytes)
         answer = params.expected_answer()
         items = []
         for length in params.lengths():

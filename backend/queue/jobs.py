@@ -93,6 +93,28 @@ def storable_text(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
+MAX_STORED_PREDICTION = 64 * 1024
+"""Characters of a sample's prediction that are stored (scores are computed on the
+whole answer first); a remote server may answer megabytes."""
+
+
+def capped_prediction(values: dict[str, Any]) -> dict[str, Any]:
+    """A sample's values with a prediction longer than MAX_STORED_PREDICTION cut to it,
+    ending in a visible mark, and `prediction_cut` {"stored_chars", "total_chars"} in
+    its fields (a comparison of methods keeps a copy of the prediction there: cut too)."""
+    text = values.get("prediction")
+    if not isinstance(text, str) or len(text) <= MAX_STORED_PREDICTION:
+        return values
+    mark = (f"\n[cut: the answer has {len(text)} characters; the first "
+            f"{MAX_STORED_PREDICTION} are stored]")
+    fields = dict(values.get("fields") or {})
+    if isinstance(fields.get("prediction"), str):
+        fields["prediction"] = fields["prediction"][:MAX_STORED_PREDICTION] + mark
+    fields["prediction_cut"] = {"stored_chars": MAX_STORED_PREDICTION,
+                                "total_chars": len(text)}
+    return {**values, "prediction": text[:MAX_STORED_PREDICTION] + mark, "fields": fields}
+
+
 def _owned(session: Session, job_id: int, worker_id: str) -> Job:
     job = locked(session, job_id)
     if job is None or job.state != JobState.RUNNING.value or job.worker_id != worker_id:
@@ -344,8 +366,9 @@ class Queue(QueueReads):
     def record_sample(self, job_id: int, worker_id: str, values: dict[str, Any]) -> bool:
         """Store one sample and renew the lease; returns whether cancel was requested.
         NUL characters in its text become U+FFFD. A shard stores it on its job, whose
-        progress counts every shard's samples."""
-        values = {key: storable_text(value) for key, value in values.items()}
+        progress counts every shard's samples. A prediction is stored up to
+        MAX_STORED_PREDICTION characters (`capped_prediction`)."""
+        values = {key: storable_text(value) for key, value in capped_prediction(values).items()}
         with write_session(self.factory) as session:
             job = _owned(session, job_id, worker_id)
             session.add(Sample(job_id=job.parent_id or job_id, **values))

@@ -15,7 +15,12 @@ import re
 from pathlib import Path
 
 from backend.common.config import Settings
-from backend.common.paths import InvalidPath, OutsideAllowedFolders, check_path_text
+from backend.common.paths import (
+    InvalidPath,
+    OutsideAllowedFolders,
+    check_path_text,
+    confine_folder,
+)
 from backend.common.paths import confine as confine_path
 from backend.common.suggest import did_you_mean, listing
 from backend.engine.contracts import ModelInfo, ModelNotFound, ModelPathRefused, ModelSpec
@@ -74,6 +79,11 @@ def resolve_local_model(name: str, settings: Settings, confine: bool = True) -> 
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{name!r} is a folder but has no config.json; "
                                 "give a Hugging Face checkpoint folder")
+        if confine:
+            try:
+                confine_folder(path, settings.model_dirs)
+            except OutsideAllowedFolders as exc:
+                raise ModelPathRefused(f"model folder {name!r} refused: {exc}") from None
         return ModelSpec(name=name, path=path.resolve())
     if _HUB_ID.match(name) and not Path(name).is_absolute() and not name.startswith("."):
         cached = _hub_cache_path(name)

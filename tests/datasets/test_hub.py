@@ -90,3 +90,48 @@ def test_archive_members_outside_the_folder_are_refused(tmp_path):
     with pytest.raises(ParamError, match="outside"):
         _extract(archive, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def _bomb(size: int) -> bytes:
+    """A zip of one member of `size` newlines: it deflates about a thousand times."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data/qasper.jsonl", b"\n" * size)
+    return buf.getvalue()
+
+
+def test_a_zip_bomb_from_the_hub_is_refused_and_nothing_is_kept(tmp_path):
+    """`data fetch longbench` from a hostile mirror whose data.zip unpacks a thousand
+    times its size: the fetch fails saying why, and no unpacked file is left."""
+    bomb = _bomb(32 * 1024**2)
+    hub = FakeHub({"THUDM/LongBench": {"README.md": b"LongBench\n", "data.zip": bomb}}).start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "LBS_DATASETS_DIR": str(tmp_path / "ds")}
+        out = subprocess.run([sys.executable, "-m", "backend.apps.cli", "data", "fetch",
+                              "longbench"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        hub.stop()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "data.zip unpacks to more than" in out.stderr, out.stderr
+    assert "times its own" in out.stderr and "Traceback" not in out.stderr
+    unpacked = [p for p in (tmp_path / "hf").rglob("*") if p.is_file()
+                and "extracted" in p.parts]
+    assert unpacked == []
+
+
+def test_an_archive_over_the_total_cap_is_refused(tmp_path):
+    """The total cap holds for archives that compress only a little."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("data/a.jsonl", os.urandom(300_000))
+        zf.writestr("data/b.jsonl", os.urandom(300_000))
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(ParamError, match="more than 500000 bytes"):
+        _extract(archive, tmp_path / "out", max_bytes=500_000)
+    assert not (tmp_path / "out").exists()
+    _extract(archive, tmp_path / "ok", max_bytes=600_000)
+    assert (tmp_path / "ok" / "data" / "b.jsonl").stat().st_size == 300_000
