@@ -157,6 +157,10 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     """Stop strings: when given, the reply is cut before the first one it holds and kept
     as decoded (not stripped), the way lm-evaluation-harness reads a generation."""
+    keep_last: int | None = None
+    """When set, only the prompt's last `keep_last` tokens (as the runner tokenizes it,
+    special tokens included) are fed: the dataset's left truncation of a prompt longer
+    than the model's context (lm-evaluation-harness keeps `max_length - max_gen_toks`)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,10 @@ class LoglikelihoodRequest:
     continuation: str
     chat_template: bool = True
     """How `context` was rendered (see GenerationRequest.chat_template)."""
+    keep_last: int | None = None
+    """When set, at most `keep_last` tokens of context and continuation together are
+    read, the earliest context tokens dropped: the dataset's left truncation
+    (lm-evaluation-harness keeps `max_length + 1`, so the model is fed `max_length`)."""
 
 
 def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:

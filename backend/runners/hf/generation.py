@@ -74,7 +74,9 @@ class Generator:
         """
         if not requests:
             return []
-        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
+        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template)[-r.keep_last:]
+                   if r.keep_last else self.tok.prompt_ids(r.prompt, r.chat_template)
+                   for r in requests]
         if any(r.prefix for r in requests) and self._shares_prefixes():
             return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
