@@ -89,3 +89,41 @@ def test_sampling_is_refused_not_ignored(with_tiny, tasks_dir):
             dataset.parse_params({"tasks": ["lbs_gen"], "gen_kwargs": kwargs})
     with pytest.raises(ParamError, match="lbs_gen_sampled.*do_sample"):
         _ours(["lbs_gen_sampled"])
+
+
+@pytest.mark.slow
+def test_job_page_counts_cut_prompts_and_shows_every_filter(with_tiny, tasks_dir, page):
+    import csv
+    import io
+    import json
+    import urllib.request
+
+    from tests.conftest import ARTIFACTS, LiveServer
+
+    live = LiveServer(with_tiny, {"LBS_LM_EVAL_INCLUDE_PATH": str(tasks_dir),
+                                  "HF_DATASETS_OFFLINE": "1"}).start()
+    try:
+        live.wait_for_worker()
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "lm_eval",
+            "params": {"tasks": ["lbs_gen_long"], "limit": 2, "max_length": 48}})
+        assert status == 201, body
+        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"), timeout=300)
+        assert job["state"] == "succeeded", job["error"]
+        assert job["scores"]["truncated_prompts"] == 2
+        page.goto(f"{live.url}/#/job/{job['id']}")
+        figures = page.locator('[data-breakdown="truncation"]')
+        figures.wait_for()
+        assert figures.locator('dd[data-key="truncated_prompts"] strong').inner_text() == "2"
+        cell = page.locator('#samples-table td[data-col="answers"]').first
+        assert cell.locator("dt").all_inner_texts() == ["strict-match", "flexible-extract"]
+        cut = page.locator('#samples-table td[data-col="truncated_tokens"]').first.inner_text()
+        assert int(cut) > 0
+        page.screenshot(path=ARTIFACTS / "lm-eval-truncation.png", full_page=True)
+        with urllib.request.urlopen(f"{live.url}/api/jobs/{job['id']}/export?format=csv") as res:
+            text = res.read().decode()
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert set(json.loads(rows[0]["answers"])) == {"strict-match", "flexible-extract"}
+        assert int(rows[0]["truncated_tokens"]) == int(cut)
+    finally:
+        live.stop()
