@@ -14,13 +14,14 @@ def _reference(with_tiny, tasks_dir, tasks: list[str], **model_args):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    chat = model_args.pop("__chat__", {})
     model = with_tiny / "models" / "builtin-tiny-v1"
     args = ",".join(f"{k}={v}" for k, v in {"pretrained": model, "dtype": "float32",
                                              **model_args}.items())
     return lm_eval.simple_evaluate(
         model="hf", model_args=args, tasks=tasks, device="cpu", batch_size=1,
         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-        log_samples=True)
+        log_samples=True, **chat)
 
 
 def _assert_same_metrics(ref, outcome) -> None:
@@ -74,6 +75,31 @@ def test_prompts_longer_than_the_context_are_cut_as_lm_eval_cuts_them(with_tiny,
     assert cut["truncated_prompts"] == 11
     assert cut["truncated_tokens_max"] == max(r.fields["truncated_tokens"]
                                               for r in sink.records)
+
+
+def test_chat_template_and_fewshot_as_multiturn_render_as_lm_eval(with_tiny, tasks_dir):
+    """apply_chat_template with the few-shot examples as turns and a system instruction,
+    on the built-in model (which has a chat template): the prompts lm-eval renders, the
+    same log-likelihoods, generations and metrics; the job records the three."""
+    tasks = ["lbs_gen_long", "lbs_mc_long"]
+    chat = {"apply_chat_template": True, "fewshot_as_multiturn": True,
+            "system_instruction": "Answer briefly."}
+    ref = _reference(with_tiny, tasks_dir, tasks, **{"__chat__": chat})
+    outcome, sink = _ours(tasks, chat)
+    _assert_same_metrics(ref, outcome)
+    rows = {(r.fields["task"], r.fields["doc_id"]): r for r in sink.records}
+    for s in ref["samples"]["lbs_mc_long"]:
+        row = rows[("lbs_mc_long", s["doc_id"])]
+        assert row.prompt == s["arguments"][0][0]
+        assert row.prompt.startswith("<s><|system|>\nAnswer briefly.")
+        assert row.prompt.count("<|assistant|>") == 6  # five examples as turns, the question
+        for got, want in zip(row.fields["resps"], s["resps"], strict=True):
+            assert got[0] == pytest.approx(float(want[0][0]), abs=1e-5)
+    for s in ref["samples"]["lbs_gen_long"]:
+        row = rows[("lbs_gen_long", s["doc_id"])]
+        assert row.prompt == s["arguments"][0][0]
+        assert row.fields["raw"] == s["resps"][0][0]
+    assert sink.manifest["task"]["params"]["apply_chat_template"] is True
 
 
 def test_sampling_is_refused_not_ignored(with_tiny, tasks_dir):

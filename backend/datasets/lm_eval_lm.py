@@ -36,8 +36,9 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 
 class RunnerLM(LM):
-    """An lm-eval LM over our `Runner`. Prompts go as plain text (lm-eval's default,
-    without --apply_chat_template), with the tokenizer's usual special tokens.
+    """An lm-eval LM over our `Runner`. Prompts go as lm-eval built them: plain text with
+    the tokenizer's usual special tokens, or with `chat_template` rendered in the chat
+    template already (no special tokens added where the text starts with BOS).
 
     `run(method, requests)` calls a runner method over a list of requests; the evaluation
     loop passes its `Backoff.run`, which batches and halves batches on out-of-memory and
@@ -52,11 +53,19 @@ class RunnerLM(LM):
     (`lbs_truncated`) and the cuts are logged."""
 
     def __init__(self, runner: Any, run: Callable[[Callable, list], list] | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, chat_template: bool = False):
         super().__init__()
         self.runner = runner
         self.run = run or (lambda fn, requests: fn(requests) if requests else [])
         self.max_length = min(max_length or runner.max_length, runner.max_length)
+        self.chat = chat_template
+
+    def _rendered(self, text: str) -> bool:
+        """Whether `text` is fed without the tokenizer's special tokens added: a prompt in
+        the chat template that starts with BOS already holds it (lm-eval's `tok_encode`
+        adds none to a string with the BOS prefix)."""
+        bos = self.runner.prefix_token_text()
+        return self.chat and bool(bos) and text.startswith(bos)
 
     def _prefix_text(self) -> str:
         """The text of lm-eval's `prefix_token_id` (BOS, else EOS), which conditions a
@@ -70,7 +79,7 @@ class RunnerLM(LM):
     def _keep(self, request: Any, text: str, keep: int) -> int | None:
         """`keep` when `text` (as the runner feeds it) is longer, noting on `request` the
         tokens the cut drops; None when it fits."""
-        total = self.runner.count_prompt(text, chat_template=False)
+        total = self.runner.count_prompt(text, chat_template=self._rendered(text))
         request.lbs_truncated = max(0, total - keep)
         return keep if total > keep else None
 
@@ -87,7 +96,8 @@ class RunnerLM(LM):
             context, continuation = split_pair(*(r.args if r.args[0] else
                                                  (self._prefix_text(), r.args[1])))
             keep = self._keep(r, context + continuation, self.max_length + 1)
-            asks.append(LoglikelihoodRequest(context, continuation, chat_template=False,
+            asks.append(LoglikelihoodRequest(context, continuation,
+                                             chat_template=self._rendered(context),
                                              keep_last=keep))
         self._log_cuts(requests, "log-likelihood")
         outs = self.run(self.runner.loglikelihood, asks)
@@ -110,7 +120,8 @@ class RunnerLM(LM):
                 raise ValueError(f"max_gen_toks {budget} leaves no room for the prompt in a "
                                  f"context of {self.max_length} tokens")
             keep = self._keep(r, r.args[0], self.max_length - budget)
-            asks.append(GenerationRequest(r.args[0], budget, chat_template=False,
+            asks.append(GenerationRequest(r.args[0], budget,
+                                          chat_template=self._rendered(r.args[0]),
                                           stop=stop_strings(r.args[1]), keep_last=keep))
         self._log_cuts(requests, "generation")
         outs = self.run(self.runner.generate, asks)

@@ -79,6 +79,18 @@ class LmEvalParams(DatasetParams):
         description="the tokens a request may take (lm_eval --model_args max_length): "
                     "longer prompts lose their earliest tokens, as lm-eval's HF backend "
                     "cuts them, and the job counts them; default the model's context")
+    apply_chat_template: bool = Field(
+        False, title="Chat template",
+        description="prompts in the model's chat template, as lm_eval "
+                    "--apply_chat_template renders them")
+    fewshot_as_multiturn: bool = Field(
+        True, title="Few-shot as turns",
+        description="with the chat template, each few-shot example is a user turn and an "
+                    "assistant turn (lm_eval --fewshot_as_multiturn); else one user turn")
+    system_instruction: str | None = Field(
+        None, max_length=20_000, title="System instruction",
+        description="put before every prompt (lm_eval --system_instruction): the system "
+                    "message with the chat template")
     bootstrap_iters: int = Field(
         100000, ge=0, le=1_000_000, title="Bootstrap iterations",
         description="for the stderr of metrics lm-eval bootstraps (0: no stderr)")
@@ -158,6 +170,9 @@ class LmEvalTasks(Dataset):
                                                  *settings.lm_eval_include_path)))
         self.cache_dir = settings.cache_dir
         self.datasets_cache = settings.hf_datasets_cache
+
+    def chat_template(self, params: LmEvalParams) -> bool:
+        return params.apply_chat_template
 
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
@@ -270,8 +285,13 @@ class LmEvalTasks(Dataset):
         items: list[Item] = []
         for name in sorted(self._loaded["tasks"]):
             task = self._loaded["tasks"][name]
-            task.build_all_requests(limit=get_sample_size(task, params.limit), rank=0,
-                                    world_size=1)
+            chat = params.apply_chat_template
+            task.build_all_requests(
+                limit=get_sample_size(task, params.limit), rank=0, world_size=1,
+                system_instruction=params.system_instruction, apply_chat_template=chat,
+                fewshot_as_multiturn=params.fewshot_as_multiturn,
+                chat_template=tokenizer.render_chat if chat else None,
+                tokenizer_name="lbs" if chat else "")
             by_doc: dict[int, list[Any]] = defaultdict(list)
             for inst in task.instances:
                 by_doc[inst.doc_id].append(inst)
@@ -303,7 +323,7 @@ class LmEvalTasks(Dataset):
         from backend.datasets.lm_eval_lm import RunnerLM
         from backend.engine.contracts import OomFailure
 
-        lm = RunnerLM(model, run, self._params.max_length)
+        lm = RunnerLM(model, run, self._params.max_length, self._params.apply_chat_template)
         by_type: dict[str, list[Any]] = defaultdict(list)
         for item in items:
             for inst in self._docs[item.idx][2]:

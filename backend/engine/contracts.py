@@ -286,6 +286,12 @@ class PromptTokenizer(Protocol):
     def count_prompt(self, prompt: str) -> int:
         """Tokens the model is fed for a rendered prompt (special tokens included)."""
 
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """A conversation (`[{"role", "content"}, ...]`) in the model's chat template, as
+        text: with the assistant's generation prompt, or else continuing the last
+        message. Raises ValueError when the model has no chat template."""
+
 
 class HeldModel:
     """What the model manager (backend.engine.memory.manager) asks of a model it holds.
@@ -413,6 +419,8 @@ class LoadedModel(Protocol):
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]: ...
 
     def prefix_token_text(self) -> str | None: ...
+
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int: ...
 
 
 BatchRun = Callable[[Callable[[list[Any]], list[Any]], list[Any]], list[Any]]

@@ -152,6 +152,12 @@ class Runner(HeldModel, ABC):
     def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
         """Tokens the model is fed for `prompt`, rendered with `chat_template` or not."""
 
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """A conversation in the model's chat template (PromptTokenizer.render_chat);
+        default: the runner has none (ValueError)."""
+        raise ValueError(f"{type(self).__name__} renders no chat template")
+
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Greedy replies to `requests`, in order, one Generation per request.
@@ -237,3 +243,7 @@ class PromptView:
 
     def count_prompt(self, prompt: str) -> int:
         return self.runner.count_prompt(prompt, chat_template=self.chat_template)
+
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        return self.runner.render_chat(messages, add_generation_prompt)
