@@ -63,8 +63,9 @@ class Runner(HeldModel, ABC):
     max_length: int
     should_stop: Callable[[], bool] = staticmethod(_never)
     """Set per job by the evaluation loop (a cached runner serves one job at a time):
-    true once the job is cancelled, timed out or its worker stops. A runner that waits
-    on something outside (a remote API) checks it and raises `Stopped`."""
+    true once the job is cancelled, timed out or its worker stops. A runner checks it
+    while it waits on something outside (a remote API) or generates (the transformers
+    runner: after every new token) and raises `Stopped`."""
 
     # --- class side: a job's model, before anything loads --------------------------
 
