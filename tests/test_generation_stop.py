@@ -53,3 +53,53 @@ def test_a_stopped_job_ends_a_running_generate(runner):
         runner.generate([GenerationRequest(PROMPT, 300, chat_template=False),
                          GenerationRequest(PROMPT + " jumps", 300, chat_template=False)])
     assert len(calls) == 6
+
+
+def test_a_generation_budget_beyond_the_context_is_refused_at_submission():
+    from backend.datasets.registry import get_dataset
+    from backend.engine.contracts import ModelInfo, ParamError
+
+    dataset = get_dataset("lm_eval")
+    params = dataset.parse_params({"tasks": ["lbs_gen"],
+                                   "gen_kwargs": {"max_gen_toks": 10**9, "until": []}})
+    with pytest.raises(ParamError, match="max_gen_toks 1000000000 leaves no room") as err:
+        dataset.check(params, ModelInfo("m", 2048))
+    assert err.value.field == "gen_kwargs"
+    with pytest.raises(ParamError, match="above the 2048 tokens"):
+        dataset.check(dataset.parse_params({"tasks": ["lbs_gen"], "max_length": 4096}),
+                      ModelInfo("m", 2048))
+
+
+@pytest.mark.slow
+def test_cancel_and_timeout_reach_a_running_lm_eval_generation(with_tiny, tasks_dir):
+    """A generation asking 8,000 new tokens with no stop string (minutes on the CPU) on a
+    real server and worker: a 10 s job timeout fails it and a cancel cancels it, each
+    within seconds of the signal, not when the generation would have ended."""
+    import time
+
+    from tests.conftest import LiveServer
+
+    live = LiveServer(with_tiny, {"LBS_LM_EVAL_INCLUDE_PATH": str(tasks_dir),
+                                  "HF_DATASETS_OFFLINE": "1"}).start()
+    endless = {"tasks": ["lbs_gen"], "limit": 1,
+               "gen_kwargs": {"max_gen_toks": 8000, "until": []}}
+    try:
+        live.wait_for_worker()
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "lm_eval", "params": endless,
+            "timeout_s": 10})
+        assert status == 201, body
+        job = live.wait_for(body["data"]["job"]["id"], ("succeeded", "failed"), timeout=120)
+        assert job["state"] == "failed" and "timed out" in job["error"], job
+        status, body = live.request("POST", "/api/jobs", {
+            "model": "builtin:tiny", "dataset": "lm_eval", "params": endless})
+        job_id = body["data"]["job"]["id"]
+        live.wait_for(job_id, ("running",), timeout=60)
+        time.sleep(3)  # into the generation
+        assert live.request("POST", f"/api/jobs/{job_id}/cancel")[0] == 200
+        cancelled = time.monotonic()
+        job = live.wait_for(job_id, ("cancelled", "succeeded", "failed"), timeout=120)
+        assert job["state"] == "cancelled", job
+        assert time.monotonic() - cancelled < 20
+    finally:
+        live.stop()
