@@ -215,7 +215,7 @@ class LmEvalTasks(Dataset):
         shapes = request_shapes(self.include_path, params, self.cache_dir)
         if shapes is None:
             return super().worst_batches(params, model_max)
-        cap = model_max or 2**31
+        cap = min(n for n in (model_max, params.max_length, 2**31) if n)
 
         def bound(nbytes: int) -> int:
             return min(plain_token_bound(nbytes), cap)
