@@ -304,6 +304,21 @@ const ZH_TEXT = {
     "生成参数",
   "merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; decoding is greedy":
     "合并到生成类任务的 generation_kwargs（lm_eval --gen_kwargs）：一个对象，或 lm_eval 的文本形式，如 max_gen_toks=64,until=Q:；解码为贪心",
+  "the tokens a request may take (lm_eval --model_args max_length): longer prompts lose their earliest tokens, as lm-eval's HF backend cuts them, and the job counts them; default the model's context":
+    "每个请求可用的 token 数（lm_eval --model_args max_length）：更长的提示词像 lm-eval 的 HF 后端那样丢掉最前面的 token，并由任务计数；默认为模型的上下文长度",
+  "Chat template": "对话模板",
+  "prompts in the model's chat template, as lm_eval --apply_chat_template renders them":
+    "提示词套用模型的对话模板，与 lm_eval --apply_chat_template 的渲染相同",
+  "Few-shot as turns": "示例作为多轮对话",
+  "with the chat template, each few-shot example is a user turn and an assistant turn (lm_eval --fewshot_as_multiturn); else one user turn":
+    "使用对话模板时，每个少样本示例是一轮用户消息和一轮助手消息（lm_eval --fewshot_as_multiturn）；否则合为一轮用户消息",
+  "System instruction": "系统指令",
+  "put before every prompt (lm_eval --system_instruction): the system message with the chat template":
+    "加在每个提示词之前（lm_eval --system_instruction）：使用对话模板时作为系统消息",
+  "Prompts longer than the context": "超出上下文的提示词", "Documents cut": "被截断的文档",
+  "their earliest tokens dropped, as lm-eval's HF backend drops them": "像 lm-eval 的 HF 后端那样丢掉最前面的 token",
+  "Most tokens cut from one": "单个文档最多截掉的 token 数", "Answer by filter": "各过滤器的答案",
+  "Tokens cut": "截掉的 token 数",
   "Bootstrap iterations":
     "自助法迭代次数",
   "for the stderr of metrics lm-eval bootstraps (0: no stderr)":

@@ -116,7 +116,7 @@ function figures(part, scores) {
     h("h3", { text: tr(part.title) }),
     h("dl", { class: "meta figures" }, rows.flatMap((r) => [
       h("dt", { text: tr(r.title) }),
-      h("dd", { "data-key": r.key }, h("strong", { text: fmtScore(scores[r.key]) }),
+      h("dd", { "data-key": r.key }, h("strong", { text: r.format === "count" ? String(scores[r.key]) : fmtScore(scores[r.key]) }),
         h("span", { class: "spread", text: ` ${fmtSpread(scores[`${r.key}_stderr`], scores[`${r.key}_ci95`])}` }),
         r.help ? h("small", { class: "muted", text: ` — ${tr(r.help)}` }) : null)])));
 }
@@ -247,6 +247,8 @@ function fieldText(v) {
   return String(v);
 }
 
+function isRecord(v) { return v !== null && typeof v === "object" && !Array.isArray(v); }
+
 function referenceCell(ref) {
   if (ref === null || ref === undefined) return "";
   if (Array.isArray(ref)) return h("ul", { class: "refs" }, ref.map((r) => h("li", { text: fieldText(r) })));
@@ -281,7 +283,8 @@ function samplesSection(job, info, samples, total) {
     ...own.map((c) => ({ key: c.key, title: tr(c.title), value: (s) => {
       const v = s.fields?.[c.key];
       return typeof v === "number" ? v : fieldText(v);
-    }, cell: c.key === "logprobs" ? (s) => logprobCell(s.fields.logprobs, s.prediction) : undefined })),
+    }, cell: c.key === "logprobs" ? (s) => logprobCell(s.fields.logprobs, s.prediction)
+      : samples.some((s) => isRecord(s.fields?.[c.key])) ? (s) => referenceCell(s.fields?.[c.key]) : undefined })),
     { key: "prompt", title: t("prompt"), value: (s) => s.prompt_tokens, cell: (s) => h("details", {},
       h("summary", { text: `${s.prompt_tokens} ${t("tokens")}` }), h("pre", { class: "prompt", text: s.prompt })) },
     { key: "reference", title: t("reference"), value: (s) => fieldText(s.fields?.reference),

@@ -176,6 +176,15 @@ def test_openai_runner_refuses_rolling_clearly():
 
     with pytest.raises(ValueError, match="cannot score whole texts"):
         OpenAIRunner.loglikelihood_rolling(object.__new__(OpenAIRunner), ["text"])
+    # a prompt longer than the context is refused, not sent whole
+    from backend.engine.contracts import GenerationRequest, LoglikelihoodRequest
+
+    with pytest.raises(ValueError, match="cannot cut it token by token"):
+        OpenAIRunner.generate(object.__new__(OpenAIRunner),
+                              [GenerationRequest("long prompt", 4, keep_last=3)])
+    with pytest.raises(ValueError, match="cannot cut it token by token"):
+        OpenAIRunner.loglikelihood(object.__new__(OpenAIRunner),
+                                   [LoglikelihoodRequest("long", " prompt", keep_last=3)])
 
 
 def test_unknown_task_is_a_clear_error(with_tiny, tasks_dir):

@@ -8,11 +8,13 @@ Imports lm_eval (and so torch): only the worker's path imports this module.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from lm_eval.api.model import LM
 
+from backend.datasets.lm_eval_kwargs import max_gen_toks, stop_strings
 from backend.engine.contracts import (
     Generation,
     GenerationRequest,
@@ -21,8 +23,7 @@ from backend.engine.contracts import (
     move_trailing_whitespace,
 )
 
-DEFAULT_MAX_GEN_TOKS = 256
-"""lm-eval's default `max_gen_toks` when a task's generation_kwargs name none."""
+log = logging.getLogger(__name__)
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -34,33 +35,37 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return move_trailing_whitespace(context, continuation)
 
 
-def stop_strings(gen_kwargs: dict[str, Any]) -> tuple[str, ...]:
-    until = gen_kwargs.get("until") or []
-    return (until,) if isinstance(until, str) else tuple(until)
-
-
-def max_gen_toks(gen_kwargs: dict[str, Any]) -> int:
-    """lm-eval's `normalize_gen_kwargs` priority of the generation budget's names."""
-    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
-        if gen_kwargs.get(key) is not None:
-            return int(gen_kwargs[key])
-    return DEFAULT_MAX_GEN_TOKS
-
-
 class RunnerLM(LM):
-    """An lm-eval LM over our `Runner`. Prompts go as plain text (lm-eval's default,
-    without --apply_chat_template), with the tokenizer's usual special tokens.
+    """An lm-eval LM over our `Runner`. Prompts go as lm-eval built them: plain text with
+    the tokenizer's usual special tokens, or with `chat_template` rendered in the chat
+    template already (no special tokens added where the text starts with BOS).
 
     `run(method, requests)` calls a runner method over a list of requests; the evaluation
     loop passes its `Backoff.run`, which batches and halves batches on out-of-memory and
     puts an `OomFailure` in place of a result that does not fit alone (passed through as
     the response). Generation is greedy; the reply is cut before the first stop string,
-    as lm-eval's HF backend does (`postprocess_generated_text`)."""
+    as lm-eval's HF backend does (`postprocess_generated_text`).
 
-    def __init__(self, runner: Any, run: Callable[[Callable, list], list] | None = None):
+    Requests longer than `max_length` (default: the runner's context) are cut from the
+    left as lm-eval's HF backend cuts them: a choice keeps the last `max_length + 1`
+    tokens of context and continuation, a generation prompt its last
+    `max_length - max_gen_toks`. Each cut request notes the tokens it lost
+    (`lbs_truncated`) and the cuts are logged."""
+
+    def __init__(self, runner: Any, run: Callable[[Callable, list], list] | None = None,
+                 max_length: int | None = None, chat_template: bool = False):
         super().__init__()
         self.runner = runner
         self.run = run or (lambda fn, requests: fn(requests) if requests else [])
+        self.max_length = min(max_length or runner.max_length, runner.max_length)
+        self.chat = chat_template
+
+    def _rendered(self, text: str) -> bool:
+        """Whether `text` is fed without the tokenizer's special tokens added: a prompt in
+        the chat template that starts with BOS already holds it (lm-eval's `tok_encode`
+        adds none to a string with the BOS prefix)."""
+        bos = self.runner.prefix_token_text()
+        return self.chat and bool(bos) and text.startswith(bos)
 
     def _prefix_text(self) -> str:
         """The text of lm-eval's `prefix_token_id` (BOS, else EOS), which conditions a
@@ -71,20 +76,54 @@ class RunnerLM(LM):
                              "EOS token")
         return text
 
+    def _keep(self, request: Any, text: str, keep: int) -> int | None:
+        """`keep` when `text` (as the runner feeds it) is longer, noting on `request` the
+        tokens the cut drops; None when it fits."""
+        total = self.runner.count_prompt(text, chat_template=self._rendered(text))
+        request.lbs_truncated = max(0, total - keep)
+        return keep if total > keep else None
+
+    def _log_cuts(self, requests: list[Any], kind: str) -> None:
+        cut = [r.lbs_truncated for r in requests if r.lbs_truncated]
+        if cut:
+            log.warning("[Datasets] lm-eval: %d of %d %s request(s) longer than the context "
+                        "of %d tokens lost up to %d of their earliest tokens", len(cut),
+                        len(requests), kind, self.max_length, max(cut))
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Any]:
-        pairs = [r.args if r.args[0] else (self._prefix_text(), r.args[1]) for r in requests]
-        outs = self.run(self.runner.loglikelihood, [
-            LoglikelihoodRequest(*split_pair(*pair), chat_template=False) for pair in pairs])
+        asks = []
+        for r in requests:
+            context, continuation = split_pair(*(r.args if r.args[0] else
+                                                 (self._prefix_text(), r.args[1])))
+            keep = self._keep(r, context + continuation, self.max_length + 1)
+            asks.append(LoglikelihoodRequest(context, continuation,
+                                             chat_template=self._rendered(context),
+                                             keep_last=keep))
+        self._log_cuts(requests, "log-likelihood")
+        outs = self.run(self.runner.loglikelihood, asks)
         return [(o.logprob, o.is_greedy) if isinstance(o, Loglikelihood) else o for o in outs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Any]:
+        if self.max_length < self.runner.max_length:
+            raise ValueError(f"whole texts are scored in windows of the model's "
+                             f"{self.runner.max_length} tokens: max_length "
+                             f"{self.max_length} is not applied to them")
         return self.run(self.runner.loglikelihood_rolling, [r.args[0] for r in requests])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[Any]:
         from backend.engine.contracts import cut_at_stop
 
-        asks = [GenerationRequest(r.args[0], max_gen_toks(r.args[1]), chat_template=False,
-                                  stop=stop_strings(r.args[1])) for r in requests]
+        asks = []
+        for r in requests:
+            budget = max_gen_toks(r.args[1])
+            if budget >= self.max_length:
+                raise ValueError(f"max_gen_toks {budget} leaves no room for the prompt in a "
+                                 f"context of {self.max_length} tokens")
+            keep = self._keep(r, r.args[0], self.max_length - budget)
+            asks.append(GenerationRequest(r.args[0], budget,
+                                          chat_template=self._rendered(r.args[0]),
+                                          stop=stop_strings(r.args[1]), keep_last=keep))
+        self._log_cuts(requests, "generation")
         outs = self.run(self.runner.generate, asks)
         replies = []
         for request, ask, out in zip(requests, asks, outs, strict=True):

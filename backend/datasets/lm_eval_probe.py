@@ -43,7 +43,7 @@ def build_shapes(include: list[str], asked: dict[str, Any],
                 shape["continuation"] = max(shape["continuation"],
                                             len(inst.args[1].encode("utf-8")))
             elif kind == "generate_until":
-                from backend.datasets.lm_eval_lm import max_gen_toks
+                from backend.datasets.lm_eval_kwargs import max_gen_toks
 
                 shape["context"] = max(shape["context"], len(first.encode("utf-8")))
                 shape["max_gen_toks"] = max(shape["max_gen_toks"], max_gen_toks(inst.args[1]))

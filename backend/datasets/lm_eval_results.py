@@ -41,10 +41,15 @@ def score_document(task: Any, item: Item, doc: Any, instances: list[Any],
     elif kind == "generate_until":
         text = first_filtered if isinstance(first_filtered, str) else str(first_filtered)
         prompt_tokens, output_tokens = getattr(instances[0], "lbs_tokens", (0, 0))
-        extra = {"raw": instances[0].resps[0]}
+        # every filter's answer, side by side (GSM8K's strict-match and flexible-extract)
+        extra = {"raw": instances[0].resps[0],
+                 "answers": {key: jsonable(value)
+                             for key, value in instances[0].filtered_resps.items()}}
     else:
         text = repr(instances[0].resps[0])
         extra = {"loglikelihood": instances[0].resps[0]}
+    # tokens lost to the context's length (the most any of the document's requests lost)
+    extra["truncated_tokens"] = max(getattr(i, "lbs_truncated", 0) for i in instances)
     return DatasetAnswer(text, prompt_tokens or len(runner.encode(item.prompt)), output_tokens,
                          {**item.fields, "metrics": metrics, **extra})
 
@@ -94,6 +99,9 @@ def aggregate_metrics(loaded: dict[str, Any], bootstrap_iters: int,
                     "task": task_name, "kind": "group" if task_name in groups else "task",
                     "metric": metric, "filter": filt, "stderr": stderr,
                     "n_shot": n_shot.get(task_name), "version": versions.get(task_name)}))
+    cut = [fields.get("truncated_tokens") or 0 for fields, _ in scored]
+    entries.append(ScoreEntry("truncated_prompts", float(sum(1 for n in cut if n)), len(cut)))
+    entries.append(ScoreEntry("truncated_tokens_max", float(max(cut, default=0)), len(cut)))
     entries.append(ScoreEntry("version", 0.0, 0, {"what": "lm-eval",
                                                    "version": package_version("lm-eval")}))
     for name in sorted(versions):

@@ -34,6 +34,7 @@ from backend.datasets.lm_eval_catalog import (
     missing_data,
     missing_message,
 )
+from backend.datasets.lm_eval_kwargs import max_gen_toks, named_max_gen_toks, sampling_keys
 from backend.datasets.lm_eval_lookup import (
     cached_task_list,
     datasets_offline,
@@ -80,6 +81,23 @@ class LmEvalParams(DatasetParams):
         description="merged into generation tasks' generation_kwargs (lm_eval --gen_kwargs): "
                     "an object, or lm_eval's text form, e.g. max_gen_toks=64,until=Q:; "
                     "decoding is greedy")
+    max_length: int | None = Field(
+        None, ge=2, title="Context length",
+        description="the tokens a request may take (lm_eval --model_args max_length): "
+                    "longer prompts lose their earliest tokens, as lm-eval's HF backend "
+                    "cuts them, and the job counts them; default the model's context")
+    apply_chat_template: bool = Field(
+        False, title="Chat template",
+        description="prompts in the model's chat template, as lm_eval "
+                    "--apply_chat_template renders them")
+    fewshot_as_multiturn: bool = Field(
+        True, title="Few-shot as turns",
+        description="with the chat template, each few-shot example is a user turn and an "
+                    "assistant turn (lm_eval --fewshot_as_multiturn); else one user turn")
+    system_instruction: str | None = Field(
+        None, max_length=20_000, title="System instruction",
+        description="put before every prompt (lm_eval --system_instruction): the system "
+                    "message with the chat template")
     bootstrap_iters: int = Field(
         100000, ge=0, le=1_000_000, title="Bootstrap iterations",
         description="for the stderr of metrics lm-eval bootstraps (0: no stderr)")
@@ -98,8 +116,9 @@ class LmEvalParams(DatasetParams):
     def _greedy(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
         if isinstance(value, str):
             value = parse_arg_string(value) or None
-        if value and (value.get("do_sample") or value.get("temperature")):
-            raise ValueError("decoding is greedy here: do_sample/temperature are not taken")
+        if value and sampling_keys(value):
+            raise ValueError(f"decoding is greedy here: {'/'.join(sampling_keys(value))} "
+                             "not taken")
         return value
 
 
@@ -110,6 +129,7 @@ class LmEvalTasks(Dataset):
                    "lm-eval's own aggregation")
     Params = LmEvalParams
     data_per_task = True
+    prompt_budget = True
     tasks_param = "tasks"
     cost = ("depends on the tasks; lm-eval's task index is built once (~15 s) and kept "
             "in LBS_CACHE_DIR")
@@ -129,6 +149,12 @@ class LmEvalTasks(Dataset):
                      {"key": "stderr", "title": "Stderr"},
                      {"key": "n_shot", "title": "Shots"},
                      {"key": "version", "title": "Version"}]},
+        {"kind": "figures", "key": "truncation", "title": "Prompts longer than the context",
+         "rows": [
+             {"key": "truncated_prompts", "title": "Documents cut", "format": "count",
+              "help": "their earliest tokens dropped, as lm-eval's HF backend drops them"},
+             {"key": "truncated_tokens_max", "title": "Most tokens cut from one",
+              "format": "count"}]},
         {"kind": "table", "key": "versions", "title": "Versions (for reproducibility)",
          "columns": [{"key": "what", "title": "Package or task"},
                      {"key": "version", "title": "Version"}]},
@@ -137,6 +163,8 @@ class LmEvalTasks(Dataset):
         {"key": "task", "title": "Task", "filter": True},
         {"key": "doc_id", "title": "Doc", "filter": False},
         {"key": "metrics", "title": "Metrics", "filter": False},
+        {"key": "answers", "title": "Answer by filter", "filter": False},
+        {"key": "truncated_tokens", "title": "Tokens cut", "filter": False},
     ]
 
     def __init__(self, context: DataContext | None = None) -> None:
@@ -150,9 +178,20 @@ class LmEvalTasks(Dataset):
         self.cache_dir = settings.cache_dir
         self.datasets_cache = settings.hf_datasets_cache
 
+    def chat_template(self, params: LmEvalParams) -> bool:
+        return params.apply_chat_template
+
     def check(self, params: LmEvalParams, model: ModelInfo) -> None:
         if params.methods:
             raise ParamError("methods", "not offered for lm_eval tasks")
+        if model.max_length and params.max_length and params.max_length > model.max_length:
+            raise ParamError("max_length", f"max_length {params.max_length} is above the "
+                             f"{model.max_length} tokens {model.name} can read")
+        context = params.max_length or model.max_length
+        budget = named_max_gen_toks(params.gen_kwargs or {})
+        if context and budget is not None and budget >= context:
+            raise ParamError("gen_kwargs", f"max_gen_toks {budget} leaves no room for the "
+                             f"prompt in a context of {context} tokens")
         rows = cached_task_list(self.include_path, self.cache_dir)
         if rows is None:
             return  # still indexing: the worker says what it cannot find
@@ -186,7 +225,7 @@ class LmEvalTasks(Dataset):
                                 offline=not self._downloads_allowed())
         if shapes is None:
             return super().worst_batches(params, model_max)
-        cap = model_max or 2**31
+        cap = min(n for n in (model_max, params.max_length, 2**31) if n)
 
         def bound(nbytes: int) -> int:
             return min(plain_token_bound(nbytes), cap)
@@ -232,9 +271,15 @@ class LmEvalTasks(Dataset):
             raise ParamError("tasks", offline_message(params.tasks, exc,
                                                       self.datasets_cache)) from None
         for task in loaded["tasks"].values():
-            if task.get_config("output_type") == "generate_until" and params.gen_kwargs:
-                task.set_config(key="generation_kwargs", value=dict(params.gen_kwargs),
-                                update=True)
+            if task.get_config("output_type") == "generate_until":
+                if params.gen_kwargs:
+                    task.set_config(key="generation_kwargs", value=dict(params.gen_kwargs),
+                                    update=True)
+                sampled = sampling_keys(task.get_config("generation_kwargs") or {})
+                if sampled:
+                    raise ParamError("tasks", f"task {task.get_config('task')} samples "
+                                     f"({', '.join(sampled)} in its generation_kwargs); "
+                                     "decoding is greedy here: set them off in gen_kwargs")
             if params.num_fewshot is not None:
                 if task.get_config("num_fewshot") != 0:
                     task.set_config(key="num_fewshot", value=params.num_fewshot)
@@ -261,8 +306,13 @@ class LmEvalTasks(Dataset):
         items: list[Item] = []
         for name in sorted(self._loaded["tasks"]):
             task = self._loaded["tasks"][name]
-            task.build_all_requests(limit=get_sample_size(task, params.limit), rank=0,
-                                    world_size=1)
+            chat = params.apply_chat_template
+            task.build_all_requests(
+                limit=get_sample_size(task, params.limit), rank=0, world_size=1,
+                system_instruction=params.system_instruction, apply_chat_template=chat,
+                fewshot_as_multiturn=params.fewshot_as_multiturn,
+                chat_template=tokenizer.render_chat if chat else None,
+                tokenizer_name="lbs" if chat else "")
             by_doc: dict[int, list[Any]] = defaultdict(list)
             for inst in task.instances:
                 by_doc[inst.doc_id].append(inst)
@@ -274,8 +324,6 @@ class LmEvalTasks(Dataset):
                 kind = first.request_type
                 max_new = 0
                 if kind == "generate_until":
-                    from backend.datasets.lm_eval_lm import max_gen_toks
-
                     max_new = max_gen_toks(first.args[1])
                 prompt = first.args[0]
                 items.append(Item(
@@ -296,7 +344,7 @@ class LmEvalTasks(Dataset):
         from backend.datasets.lm_eval_lm import RunnerLM
         from backend.engine.contracts import OomFailure
 
-        lm = RunnerLM(model, run)
+        lm = RunnerLM(model, run, self._params.max_length, self._params.apply_chat_template)
         by_type: dict[str, list[Any]] = defaultdict(list)
         for item in items:
             for inst in self._docs[item.idx][2]:
@@ -306,7 +354,9 @@ class LmEvalTasks(Dataset):
             raise ValueError(f"unsupported lm-eval request type(s): {', '.join(unknown)}")
         for kind, instances in by_type.items():
             for inst, out in zip(instances, getattr(lm, kind)(instances), strict=True):
-                inst.resps = [out]
+                # a task's `repeats`: lm-eval answers each copy of a request; greedy
+                # decoding gives every copy the same answer, so it is computed once
+                inst.resps = [out] * inst.repeats
         answers = []
         for item in items:
             name, doc, instances = self._docs[item.idx]

@@ -157,6 +157,10 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     """Stop strings: when given, the reply is cut before the first one it holds and kept
     as decoded (not stripped), the way lm-evaluation-harness reads a generation."""
+    keep_last: int | None = None
+    """When set, only the prompt's last `keep_last` tokens (as the runner tokenizes it,
+    special tokens included) are fed: the dataset's left truncation of a prompt longer
+    than the model's context (lm-evaluation-harness keeps `max_length - max_gen_toks`)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,10 @@ class LoglikelihoodRequest:
     continuation: str
     chat_template: bool = True
     """How `context` was rendered (see GenerationRequest.chat_template)."""
+    keep_last: int | None = None
+    """When set, at most `keep_last` tokens of context and continuation together are
+    read, the earliest context tokens dropped: the dataset's left truncation
+    (lm-evaluation-harness keeps `max_length + 1`, so the model is fed `max_length`)."""
 
 
 def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
@@ -277,6 +285,12 @@ class PromptTokenizer(Protocol):
 
     def count_prompt(self, prompt: str) -> int:
         """Tokens the model is fed for a rendered prompt (special tokens included)."""
+
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """A conversation (`[{"role", "content"}, ...]`) in the model's chat template, as
+        text: with the assistant's generation prompt, or else continuing the last
+        message. Raises ValueError when the model has no chat template."""
 
 
 class HeldModel:
@@ -405,6 +419,8 @@ class LoadedModel(Protocol):
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]: ...
 
     def prefix_token_text(self) -> str | None: ...
+
+    def count_prompt(self, prompt: str, chat_template: bool = True) -> int: ...
 
 
 BatchRun = Callable[[Callable[[list[Any]], list[Any]], list[Any]], list[Any]]

@@ -63,8 +63,9 @@ class Runner(HeldModel, ABC):
     max_length: int
     should_stop: Callable[[], bool] = staticmethod(_never)
     """Set per job by the evaluation loop (a cached runner serves one job at a time):
-    true once the job is cancelled, timed out or its worker stops. A runner that waits
-    on something outside (a remote API) checks it and raises `Stopped`."""
+    true once the job is cancelled, timed out or its worker stops. A runner checks it
+    while it waits on something outside (a remote API) or generates (the transformers
+    runner: after every new token) and raises `Stopped`."""
 
     # --- class side: a job's model, before anything loads --------------------------
 
@@ -152,6 +153,12 @@ class Runner(HeldModel, ABC):
     def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
         """Tokens the model is fed for `prompt`, rendered with `chat_template` or not."""
 
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """A conversation in the model's chat template (PromptTokenizer.render_chat);
+        default: the runner has none (ValueError)."""
+        raise ValueError(f"{type(self).__name__} renders no chat template")
+
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Greedy replies to `requests`, in order, one Generation per request.
@@ -237,3 +244,7 @@ class PromptView:
 
     def count_prompt(self, prompt: str) -> int:
         return self.runner.count_prompt(prompt, chat_template=self.chat_template)
+
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        return self.runner.render_chat(messages, add_generation_prompt)

@@ -46,11 +46,45 @@ class FirstTokenClock:
         return scores
 
 
+class StopCheck:
+    """A stopping criterion for `generate`, checked after every new token: all rows end
+    once `should_stop()` (the job cancelled or timed out; `stopped` is then set), and
+    a row ends once the text of its last tokens holds one of its stop strings (as
+    lm-evaluation-harness's `stop_sequences_criteria` does), so a reply is not decoded
+    past its stop string up to its whole budget."""
+
+    def __init__(self, should_stop, tokenizer, width: int,
+                 stops: list[tuple[str, ...]] | None = None):
+        self.should_stop = should_stop
+        self.tokenizer = tokenizer
+        self.width = width
+        self.stops = stops if stops and any(stops) else None
+        # a stop string lies within its own tokens' count (+2 for merges at its ends)
+        self.lookback = [max((len(tokenizer.encode(s, add_special_tokens=False))
+                              for s in row), default=0) + 2 for row in (self.stops or [])]
+        self.stopped = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.should_stop():
+            self.stopped = True
+            return ~done
+        if self.stops:
+            new = input_ids[:, self.width:].tolist()
+            for row, strings in enumerate(self.stops):
+                if strings:
+                    tail = self.tokenizer.decode(new[row][-self.lookback[row]:])
+                    done[row] = any(s in tail for s in strings)
+        return done
+
+
 class Generator:
     """HFRunner's generation: `generate` and the caches it keeps for a pass.
 
     Reads the runner's `model`, `tokenizer`, `tok` (an HFTokenizer), `device`,
-    `pad_token_id`, `static_cache` and `share_prefixes`; keeps `_prefix` (the shared
+    `pad_token_id`, `static_cache`, `share_prefixes` and `should_stop`; keeps `_prefix` (the shared
     prefix of this pass), `_static` (the static cache of the size in use) and
     `_cut_back` (whether the model's cache can be cut back to a prefix)."""
 
@@ -64,6 +98,7 @@ class Generator:
     _prefix: tuple[tuple[int, ...], Any] | None
     _static: tuple[tuple[int, int], Any] | None
     _cut_back: bool | None
+    should_stop: Any
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Greedy replies, all requests in one batch (left-padded).
@@ -74,7 +109,9 @@ class Generator:
         """
         if not requests:
             return []
-        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template) for r in requests]
+        prompts = [self.tok.prompt_ids(r.prompt, r.chat_template)[-r.keep_last:]
+                   if r.keep_last else self.tok.prompt_ids(r.prompt, r.chat_template)
+                   for r in requests]
         if any(r.prefix for r in requests) and self._shares_prefixes():
             return self._generate_shared(requests, prompts)
         width = max(len(ids) for ids in prompts)
@@ -84,7 +121,8 @@ class Generator:
             # The last new token is never fed back: width + max_new - 1 positions.
             cache = self._static_cache(len(requests), cache_length(width + max_new - 1))
         try:
-            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache)
+            rows, timing, took = self._greedy(prompts, max_new, time.perf_counter(), cache,
+                                              [r.stop for r in requests])
         except BaseException:
             self._static = None  # out of memory above all: no batch asks this size again
             raise
@@ -120,11 +158,15 @@ class Generator:
         return cache
 
     def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
-                cache=None) -> tuple[list[list[int]], dict, float]:
+                cache=None, stops: list[tuple[str, ...]] | None = None
+                ) -> tuple[list[list[int]], dict, float]:
         """`prompts` left-padded into one batch and decoded greedily up to `max_new`
-        tokens, continuing `cache` when given: each row's new tokens, the prefill and
-        decode seconds since `started`, and the seconds in all."""
+        tokens, continuing `cache` when given, a row ending early at one of its `stops`:
+        each row's new tokens, the prefill and decode seconds since `started`, and the
+        seconds in all. Raises Stopped when the job stops meanwhile (`should_stop`)."""
         import torch
+
+        from backend.engine.contracts import Stopped
 
         width = max(len(ids) for ids in prompts)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
@@ -133,6 +175,7 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
                             device=self.device)
         first_token = FirstTokenClock(self.device.startswith("cuda"))
+        check = StopCheck(self.should_stop, self.tokenizer, width, stops)
         extra = {} if cache is None else {"cache": cache}
         with torch.inference_mode():
             # The runner chooses the cache (`cache`, else a dynamic one), never a
@@ -143,8 +186,10 @@ class Generator:
                 input_ids=input_ids, attention_mask=mask,
                 max_new_tokens=max_new, do_sample=False, cache_implementation=None,
                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                logits_processor=[first_token], **extra)
+                logits_processor=[first_token], stopping_criteria=[check], **extra)
         extra.clear()
+        if check.stopped:
+            raise Stopped("the job was cancelled, timed out or its worker is stopping")
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         took = time.perf_counter() - started

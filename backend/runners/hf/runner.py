@@ -161,6 +161,10 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
     def count_prompt(self, prompt: str, chat_template: bool = True) -> int:
         return self.tok.count_prompt(prompt, chat_template)
 
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        return self.tok.render_chat(messages, add_generation_prompt)
+
     def prefix_token_text(self) -> str | None:
         return self.tok.prefix_token_text()
 

@@ -105,6 +105,11 @@ class Scorer:
             ctx, cont = self._split(request, contexts)
             if not cont:
                 raise ValueError(f"request {i}: the continuation has no tokens")
+            if request.keep_last and len(ctx) + len(cont) > request.keep_last:
+                if len(cont) >= request.keep_last:
+                    raise ValueError(f"request {i}: the continuation alone is longer than "
+                                     f"the {request.keep_last - 1} tokens the model can read")
+                ctx = ctx[len(ctx) + len(cont) - request.keep_last:]
             groups.setdefault(tuple(ctx), []).append((i, cont))
         order = sorted(groups.items(),
                        key=lambda g: -(len(g[0]) + max(len(c) for _, c in g[1])))

@@ -36,6 +36,25 @@ class HFTokenizer:
             [{"role": "user", "content": user_message}], tokenize=False,
             add_generation_prompt=True)
 
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """See PromptTokenizer.render_chat. As lm-evaluation-harness's HF backend: a
+        template that refuses a system message gets the conversation without it."""
+        import jinja2
+
+        if not self.has_template:
+            raise ValueError("the model's tokenizer has no chat template")
+
+        def apply(history: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(
+                history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt)
+
+        try:
+            return apply(messages)
+        except jinja2.exceptions.TemplateError:
+            return apply([m for m in messages if m["role"] != "system"])
+
     def prompt_ids(self, prompt: str, chat_template: bool | None = None) -> list[int]:
         # A rendered chat template already holds its special tokens (BOS…).
         return self.tokenizer.encode(prompt,

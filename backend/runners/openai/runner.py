@@ -222,6 +222,7 @@ class OpenAIRunner(Runner):
                                          "latency_s": round(latency, 4)}})
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        _refuse_cuts(requests)
         if len(requests) <= 1 or self.options.concurrency == 1:
             return [self._one(r) for r in requests]
         with ThreadPoolExecutor(min(self.options.concurrency, len(requests))) as pool:
@@ -230,6 +231,7 @@ class OpenAIRunner(Runner):
     def loglikelihood(self, requests: list[LoglikelihoodRequest],
                       batch_size: int = 1) -> list[Loglikelihood]:
         """One completions request per request (`batch_size` changes nothing here)."""
+        _refuse_cuts(requests)
         if self.use_chat:
             raise RemoteApiError("log-likelihood needs the completions endpoint with echo and "
                            "logprobs (set api.endpoint to \"completions\"), or use a "
@@ -269,6 +271,17 @@ class OpenAIRunner(Runner):
 
     def close(self) -> None:
         self.client.key = None
+
+
+def _refuse_cuts(requests: list[Any]) -> None:
+    """A request that asks for its earliest tokens to be dropped (`keep_last`: longer
+    than the context) cannot be cut token by token through a text API: refused, never
+    sent whole."""
+    cut = next((r for r in requests if getattr(r, "keep_last", None)), None)
+    if cut is not None:
+        raise ValueError(f"a prompt is longer than the {cut.keep_last} tokens it may take; "
+                         "an openai: model is sent text and cannot cut it token by token "
+                         "(fewer few-shot examples, or a model with a longer context)")
 
 
 def read_prompt_logprobs(answer: dict[str, Any], context: str, continuation: str,
