@@ -4,9 +4,7 @@ PostgreSQL queue: the queue a cluster's workers share."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from backend.queue import jobs
 from backend.queue.cluster import PoolShape
 from backend.queue.db import JobState
 from tests.conftest import queue_on
-from tests.test_worker_exit import write_slow_plugin
+from tests.test_worker_exit import wait_until, with_slow_plugin
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[cluster]')")
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +32,7 @@ def ray_cluster():
 
 @pytest.fixture
 def slow_settings(settings, tmp_path):
-    """The test's settings with the `slow_echo` plugin and a 3 s lease, as the workers
-    Ray places get them."""
-    write_slow_plugin(tmp_path / "plugins")
-    extra = {"LBS_LEASE_SECONDS": "3", "LBS_PLUGIN_DIRS": str(tmp_path / "plugins")}
-    return dataclasses.replace(settings, lease_seconds=3.0, plugin_dirs=(
-        str(tmp_path / "plugins"),), raw={**settings.raw, **extra})
+    return with_slow_plugin(settings, tmp_path)
 
 
 def _controller(settings, pool: PoolShape, max_workers: int, idle_exit_s: float):
@@ -50,13 +43,6 @@ def _controller(settings, pool: PoolShape, max_workers: int, idle_exit_s: float)
     return Controller(settings, pool, engine, ScalePolicy(max_workers=max_workers,
                                                           idle_exit_s=idle_exit_s,
                                                           interval_s=0.3))
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_ray_workers_scale_from_zero_run_a_data_parallel_job_and_go(
@@ -71,10 +57,10 @@ def test_ray_workers_scale_from_zero_run_a_data_parallel_job_and_go(
     stop = threading.Thread(target=control.run, args=(done := threading.Event(),))
     stop.start()
     try:
-        _wait(lambda: control.engine.placed() == 2, 30, "two Ray workers")
-        _wait(lambda: ray.available_resources().get("GPU", 0) == 0, 60,
+        wait_until(lambda: control.engine.placed() == 2, 30, "two Ray workers")
+        wait_until(lambda: ray.available_resources().get("GPU", 0) == 0, 60,
               "each worker to hold its GPU")
-        _wait(lambda: queue_on(factory).get(job.id).state in ("succeeded", "failed"), 180,
+        wait_until(lambda: queue_on(factory).get(job.id).state in ("succeeded", "failed"), 180,
               "the job")
         view = queue_on(factory).get(job.id)
         assert view.state == JobState.SUCCEEDED.value, view.error
@@ -82,8 +68,8 @@ def test_ray_workers_scale_from_zero_run_a_data_parallel_job_and_go(
         assert sorted(s.idx for s in samples) == list(range(8)) and total == 8
         ran_on = {s.worker_id for s in queue_on(factory).shards(job.id)}
         assert len(ran_on) == 2 and all(w.startswith("ray-test-") for w in ran_on)
-        _wait(lambda: control.engine.placed() == 0, 60, "the idle workers to exit")
-        _wait(lambda: ray.available_resources().get("GPU", 0) == 2, 30, "GPUs back in Ray")
+        wait_until(lambda: control.book.recent(1)[0].placed == 0, 60, "the idle workers to exit")
+        wait_until(lambda: ray.available_resources().get("GPU", 0) == 2, 30, "GPUs back in Ray")
     finally:
         done.set()
         stop.join(60)
@@ -103,10 +89,10 @@ def test_killing_a_ray_worker_mid_job_loses_nothing(ray_cluster, slow_settings, 
     runner = threading.Thread(target=control.run, args=(done := threading.Event(),))
     runner.start()
     try:
-        _wait(lambda: queue_on(factory).get(job.id).progress_done >= 2, 60, "two samples")
+        wait_until(lambda: queue_on(factory).get(job.id).progress_done >= 2, 60, "two samples")
         ((victim_id, actor),) = control.engine.workers().items()
         ray.kill(actor)  # as a node lost: no give-back, the lease expires
-        _wait(lambda: queue_on(factory).get(job.id).state in ("succeeded", "failed"), 120,
+        wait_until(lambda: queue_on(factory).get(job.id).state in ("succeeded", "failed"), 120,
               "the job to resume and finish")
     finally:
         done.set()

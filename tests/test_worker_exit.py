@@ -49,6 +49,24 @@ def write_slow_plugin(folder) -> None:
     (folder / "slow_echo.py").write_text(SLOW_PLUGIN)
 
 
+def with_slow_plugin(settings, tmp_path):
+    """`settings` with the `slow_echo` plugin and a 3 s lease, as workers placed on a
+    cluster get them (`raw`: their variables)."""
+    import dataclasses
+
+    write_slow_plugin(tmp_path / "plugins")
+    extra = {"LBS_LEASE_SECONDS": "3", "LBS_PLUGIN_DIRS": str(tmp_path / "plugins")}
+    return dataclasses.replace(settings, lease_seconds=3.0, plugin_dirs=(
+        str(tmp_path / "plugins"),), raw={**settings.raw, **extra})
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def test_idle_worker_runs_the_queue_then_exits(settings, factory, with_tiny):
     (job,) = queue_on(factory).submit([jobs.NewJob(
         "builtin:tiny", "needle_in_haystack",
