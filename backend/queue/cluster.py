@@ -92,3 +92,11 @@ class ClusterBook:
         with self.factory() as session:
             return list(session.scalars(sa.select(ClusterDecision)
                                         .order_by(ClusterDecision.id.desc()).limit(limit)))
+
+    def latest(self) -> list[ClusterDecision]:
+        """Each pool's latest decision, by pool name."""
+        newest = sa.select(sa.func.max(ClusterDecision.id)).group_by(ClusterDecision.pool)
+        with self.factory() as session:
+            return list(session.scalars(sa.select(ClusterDecision)
+                                        .where(ClusterDecision.id.in_(newest))
+                                        .order_by(ClusterDecision.pool)))
