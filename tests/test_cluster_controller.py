@@ -90,3 +90,23 @@ def test_bad_arguments_are_refused_with_their_name(argv, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--max-workers" in err or "--resource" in err or "h100=x" in err
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"engine": "slurm"}, "max_workers"),
+    ({"engine": "kubernetes", "max_workers": 2}, "engine"),
+    ({"engine": "slurm", "max_workers": 0}, "max_workers"),
+    ({"engine": "slurm", "max_workers": 2, "labels": ["h100", "a b"]}, "labels[1]"),
+    ({"engine": "slurm", "max_workers": 2, "partition": "gpu; rm -rf /"}, "partition"),
+    ({"engine": "ray", "max_workers": 2, "workers": 3}, "workers"),
+])
+def test_starting_a_pool_refuses_bad_fields_by_name(client, body, field):
+    answer = client.post("/api/cluster", json=body)
+    assert answer.status_code == 422, answer.get_json()
+    assert field in [d["field"] for d in answer.get_json()["error"]["details"]]
+
+
+def test_stopping_a_pool_that_runs_nowhere_is_a_404(client):
+    answer = client.delete("/api/cluster/nowhere")
+    assert answer.status_code == 404
+    assert answer.get_json()["error"]["details"][0]["field"] == "pool"

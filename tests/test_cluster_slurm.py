@@ -90,3 +90,23 @@ def test_slurm_workers_run_a_data_parallel_job_once_and_exit_when_idle(
     assert seen[0] == (0, 2) and seen[-1][0] == 0
     stopped = [w for w in queue_on(factory).workers.all() if w.id in ran_on]
     assert [w.state for w in stopped] == ["stopped", "stopped"]
+
+
+def test_an_operator_starts_and_stops_a_pool_through_the_api(slurm, client, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])  # the controller's sbatch
+    answer = client.post("/api/cluster", json={"engine": "slurm", "max_workers": 2,
+                                               "gpus_per_worker": 0, "pool": "api-pool"})
+    assert answer.status_code == 202, answer.get_json()
+    assert answer.get_json()["data"]["command"].startswith("lbs cluster slurm --max-workers 2")
+    assert client.post("/api/cluster", json={"engine": "slurm", "max_workers": 1,
+                                             "pool": "api-pool"}).status_code == 409
+
+    def pools():
+        return {p["pool"]: p for p in client.get("/api/cluster").get_json()["data"]["pools"]}
+    wait_until(lambda: "api-pool" in pools(), 60, "the controller's first look")
+    assert pools()["api-pool"]["message"].endswith("no worker held (no GPU in use)")
+    (running,) = client.get("/api/cluster").get_json()["data"]["controllers"]
+    assert running["pool"] == "api-pool"
+    assert client.delete("/api/cluster/api-pool").status_code == 202
+    wait_until(lambda: not client.get("/api/cluster").get_json()["data"]["controllers"], 30,
+               "the controller to stop")

@@ -32,9 +32,49 @@ def test_workers_view_shows_each_pools_latest_decision(data_dir, page):
         book.record("ray-1gpu", "ray", PoolLoad(0, 3), placed=3, started=0,
                     message="0 queued for the pool, 3 busy, 3 held: holding")
         page.locator('tr[data-pool="ray-1gpu"] .held', has_text="3").wait_for(timeout=5_000)
-        page.locator("#cluster summary").click()
+        page.locator("#cluster-live summary").click()
         assert page.locator("#cluster-decisions li").count() == 3
         page.screenshot(path=ARTIFACTS / "workers-cluster.png", full_page=True)
+        page.goto("about:blank")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def slurm():
+    from tests.slurm import SlurmCluster
+
+    try:
+        cluster = SlurmCluster().start()
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start a single-node Slurm here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+def test_an_operator_starts_and_stops_a_pool_from_the_workers_view(data_dir, page, slurm):
+    server = LiveServer(data_dir, {"LBS_WORKERS": "0",
+                                   "SLURM_CONF": slurm.env["SLURM_CONF"]}).start()
+    try:
+        page.goto(server.url + "/#/workers")
+        page.locator("#cluster-start-box > summary").click()
+        page.fill("#cluster-max_workers", "0")
+        page.click("#cluster-start")
+        error = page.locator('#cluster-form .field-error[data-field="max_workers"]')
+        error.wait_for()
+        assert "max_workers" in error.inner_text()  # shown next to the field
+        page.fill("#cluster-max_workers", "2")
+        page.fill("#cluster-gpus_per_worker", "0")
+        page.fill("#cluster-pool", "page-pool")
+        page.click("#cluster-start")
+        page.locator('li[data-controller="page-pool"]').wait_for(timeout=10_000)
+        row = page.locator('#cluster-table tr[data-pool="page-pool"]')
+        row.wait_for(timeout=60_000)  # the controller's first look at the queue
+        assert "no GPU in use" in row.inner_text()
+        page.screenshot(path=ARTIFACTS / "workers-cluster-start.png", full_page=True)
+        page.locator('li[data-controller="page-pool"] .stop-pool').click()
+        page.locator('li[data-controller="page-pool"]').wait_for(state="detached",
+                                                                 timeout=30_000)
         page.goto("about:blank")
     finally:
         server.stop()

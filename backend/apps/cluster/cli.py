@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from backend.apps.cluster.controller import Controller, ScalePolicy, worker_overrides
+from backend.apps.worker_process import die_with_parent
 from backend.common.config import load_settings_or_report
 from backend.common.logs import setup_logging
 from backend.common.setting_parsers import labels as parse_labels
@@ -68,6 +69,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="CPUs each worker asks for (default 4)")
     parser.add_argument("--interval", type=_positive(float), default=5.0, metavar="SECONDS",
                         help="how often the controller reads the queue (default 5)")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="stop when the process PID ends (the server passes its own)")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -111,6 +114,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "lbs cluster") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
+        return 0
     settings = load_settings_or_report()
     if settings is None:
         return 2
