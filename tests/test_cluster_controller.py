@@ -110,3 +110,9 @@ def test_stopping_a_pool_that_runs_nowhere_is_a_404(client):
     answer = client.delete("/api/cluster/nowhere")
     assert answer.status_code == 404
     assert answer.get_json()["error"]["details"][0]["field"] == "pool"
+
+
+def test_starting_a_pool_from_the_api_is_off_unless_the_operator_allows_it(client):
+    answer = client.post("/api/cluster", json={"engine": "slurm", "max_workers": 2})
+    assert answer.status_code == 403
+    assert answer.get_json()["error"]["details"][0]["field"] == "LBS_CLUSTER_FROM_API"

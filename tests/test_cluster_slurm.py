@@ -92,8 +92,13 @@ def test_slurm_workers_run_a_data_parallel_job_once_and_exit_when_idle(
     assert [w.state for w in stopped] == ["stopped", "stopped"]
 
 
-def test_an_operator_starts_and_stops_a_pool_through_the_api(slurm, client, monkeypatch):
+def test_an_operator_starts_and_stops_a_pool_through_the_api(slurm, with_tiny, monkeypatch):
+    from backend.common.config import load_settings
+    from backend.server import create_app
+
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])  # the controller's sbatch
+    monkeypatch.setenv("LBS_CLUSTER_FROM_API", "1")
+    client = create_app(load_settings(), {"TESTING": True}).test_client()
     answer = client.post("/api/cluster", json={"engine": "slurm", "max_workers": 2,
                                                "gpus_per_worker": 0, "pool": "api-pool"})
     assert answer.status_code == 202, answer.get_json()

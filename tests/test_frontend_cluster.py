@@ -53,7 +53,7 @@ def slurm():
 
 
 def test_an_operator_starts_and_stops_a_pool_from_the_workers_view(data_dir, page, slurm):
-    server = LiveServer(data_dir, {"LBS_WORKERS": "0",
+    server = LiveServer(data_dir, {"LBS_WORKERS": "0", "LBS_CLUSTER_FROM_API": "1",
                                    "SLURM_CONF": slurm.env["SLURM_CONF"]}).start()
     try:
         page.goto(server.url + "/#/workers")

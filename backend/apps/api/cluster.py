@@ -99,19 +99,24 @@ def cluster():
             "with the queue (`lbs cluster`, as a child process of this server)",
             body=ClusterStart, status=202,
             data={"pool": {"type": "string"}, "pid": {"type": "integer"},
-                  "command": {"type": "string"}}, errors=(400, 409, 422))
+                  "command": {"type": "string"}}, errors=(400, 403, 409, 422))
 def start():
     raw = request.get_json(silent=True) if request.data else {}
     if not isinstance(raw, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object",
                        [{"field": "body", "message": "expected a JSON object"}])
     body = ClusterStart.model_validate(raw)
+    lbs = current_app.extensions["lbs"]
+    if not lbs.settings.cluster_from_api:
+        raise ApiError(403, "cluster_from_api_off", "starting cluster controllers from the "
+                       "API is off on this server; set LBS_CLUSTER_FROM_API=1, or run "
+                       "`lbs cluster ray|slurm` where the cluster is reachable",
+                       [{"field": "LBS_CLUSTER_FROM_API", "message": "not set"}])
     procs = _controllers()
     if body.pool_name in procs:
         raise ApiError(409, "pool_running", f"a controller of pool {body.pool_name!r} runs "
                        "already; stop it first (DELETE /api/cluster/<pool>)",
                        [{"field": "pool", "message": "taken by a running controller"}])
-    lbs = current_app.extensions["lbs"]
     logs = lbs.settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     argv = body.argv()
