@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None,
                test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: defaults, then the environment (settings), then test_config."""
     from backend.apps.api import (
+        cluster,
         compare,
         datasets,
         errors,
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None,
     errors.init_app(app)
     _init_access(app, settings)
     inputs.init_app(app)
-    for module in (jobs, datasets, health, memory, openapi, results, compare):
+    for module in (jobs, datasets, health, memory, openapi, results, compare, cluster):
         app.register_blueprint(module.bp)
 
     from backend.apps.api.openapi import undocumented

@@ -12,6 +12,10 @@ command -v chromium >/dev/null 2>&1 || missing="chromium fonts-noto-cjk"
 if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
   missing="$missing postgresql"
 fi
+# The cluster tests start a single-node Slurm of their own (munged, slurmctld and slurmd
+# in a temporary folder), from Debian's packages.
+command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ] \
+  || missing="$missing slurmctld slurmd slurm-client munge"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

@@ -192,13 +192,16 @@ def test_a_planted_circle_is_caught(module, planted):
 
 
 def test_queue_and_server_stay_free_of_torch():
-    """Importing the whole queue layer and the HTTP server loads neither torch nor
-    transformers (the server process never does torch work)."""
+    """Importing the whole queue layer, the HTTP server and the cluster controller loads
+    neither torch nor transformers (the server process never does torch work), nor ray
+    (imported only when a Ray pool is used)."""
     queue = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
                    for p in (BACKEND / "queue").glob("*.py") if p.stem != "__init__")
     code = ("import sys\n"
-            + "".join(f"import {m}\n" for m in [*queue, "backend.server"])
-            + "print(sorted(m for m in ('torch', 'transformers', 'accelerate') "
+            + "".join(f"import {m}\n" for m in [*queue, "backend.server",
+                                                 "backend.apps.cluster.cli",
+                                                 "backend.apps.cluster.ray_pool"])
+            + "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'ray') "
               "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=120)

@@ -7,6 +7,7 @@ llm-bench-shower`; `python -m backend.apps.lbs` is the same).
     lbs data fetch|status ...                        datasets' official data
     lbs mcp [--http]                                 the MCP server (stdio or HTTP)
     lbs gpu clear [...]                              what holds GPU memory; release it
+    lbs cluster ray|slurm --max-workers N            workers placed on a cluster, scaled
     lbs config [--markdown]                          every setting, with its value here
 
 Each subcommand is the module it names below, run with its own arguments; `lbs <cmd>
@@ -66,6 +67,12 @@ def _gpu(argv: list[str]) -> int:
     return clear_gpu_memory.main(argv[1:], prog=f"lbs gpu {args.action}")
 
 
+def _cluster(argv: list[str]) -> int:
+    from backend.apps.cluster.cli import main
+
+    return main(argv, prog="lbs cluster")
+
+
 def _config(argv: list[str]) -> int:
     from backend.common.settings_table import main
 
@@ -79,6 +86,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "fetch datasets' official data, or show what is ready"),
     "mcp": (_mcp, "serve the tools to MCP clients (stdio, or --http)"),
     "gpu": (_gpu, "show what holds GPU memory and release it (gpu clear)"),
+    "cluster": (_cluster, "place workers with Ray or Slurm, scaled with the queue"),
     "config": (_config, "show every setting and its value here (--markdown: the table)"),
 }
 

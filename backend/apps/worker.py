@@ -415,29 +415,57 @@ class Worker:
         except LeaseLost as exc:
             log.warning("[Worker] %s", exc)
 
-    def wait_for_work(self) -> None:
+    def wait_for_work(self, at_most: float | None = None) -> None:
         """Sleep until new work is announced (PostgreSQL) or the poll interval passed
-        (SQLite); on PostgreSQL wake up, too, when a running job's lease expires."""
+        (SQLite); on PostgreSQL wake up, too, when a running job's lease expires. Never
+        longer than `at_most` seconds (an idle exit due)."""
         timeout = self.settings.listen_timeout
+        poll = self.settings.poll_interval
         if self.waiter.listening:
             expiry = self.queue.seconds_to_next_expiry()
             if expiry is not None:
                 timeout = min(timeout, expiry + 0.05)
-        self.waiter.wait(self.settings.poll_interval, timeout, self.stopping)
+        if at_most is not None:
+            timeout, poll = min(timeout, max(at_most, 0.05)), min(poll, max(at_most, 0.05))
+        self.waiter.wait(poll, timeout, self.stopping)
 
-    def run_forever(self) -> int:
+    def _end_runtime(self, seconds: float) -> None:
+        log.info("[Worker] %s reached its run time of %g s: stopping between two samples "
+                 "and giving its job back", self.id, seconds)
+        self.stopping.set()
+
+    def run_forever(self, idle_exit_s: float | None = None,
+                    max_runtime_s: float | None = None) -> int:
         """Claim and run jobs until stopped; the process's exit status (EXIT_CUDA_ERROR
         after a CUDA error, else 0). A database error while claiming is logged and
-        retried with exponential backoff (0.5 s doubling to 30 s)."""
+        retried with exponential backoff (0.5 s doubling to 30 s).
+
+        A worker a cluster placed ends on its own: `idle_exit_s` after it last found
+        nothing to run (so an empty queue holds no GPU), and `max_runtime_s` after it
+        started (before its allocation ends), stopping between two samples and giving
+        its job back to the queue first, as on SIGTERM."""
         self.start()
         failures = 0
+        idle_since = time.monotonic()
+        if max_runtime_s is not None:
+            timer = threading.Timer(max_runtime_s, self._end_runtime, args=(max_runtime_s,))
+            timer.daemon = True
+            timer.start()
         try:
             while not self.stopping.is_set():
                 try:
                     self.waiter.mark()
                     ran = self.run_once()
-                    if not ran:
-                        self.wait_for_work()
+                    if ran:
+                        idle_since = time.monotonic()
+                    elif idle_exit_s is not None and \
+                            time.monotonic() - idle_since >= idle_exit_s:
+                        log.info("[Worker] %s idle for %.0f s: exiting (idle exit %g s)",
+                                 self.id, time.monotonic() - idle_since, idle_exit_s)
+                        break
+                    else:
+                        self.wait_for_work(None if idle_exit_s is None else
+                                           idle_since + idle_exit_s - time.monotonic())
                     failures = 0
                 except SQLAlchemyError:
                     failures += 1
@@ -470,6 +498,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.work
     parser.add_argument("--gpus", metavar="0,1",
                         help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
                              "with num_gpus = 2 needs a worker holding two")
+    parser.add_argument("--idle-exit", type=_seconds, metavar="SECONDS",
+                        help="exit after finding nothing to run for this long (a worker a "
+                             "cluster placed: an empty queue then holds no GPU)")
+    parser.add_argument("--max-runtime", type=_seconds, metavar="SECONDS",
+                        help="stop after running this long, giving the running job back to "
+                             "the queue first (set it below a cluster allocation's time "
+                             "limit)")
     parser.add_argument("--parent-pid", type=int, metavar="PID",
                         help="stop (SIGTERM) when the process PID ends; the server passes "
                              "its own")
@@ -504,7 +539,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.work
         threading.Thread(target=watch_parent,
                          args=(args.parent_pid, worker.stopping, threading.Event()),
                          name="parent-watch", daemon=True).start()
-    return worker.run_forever()
+    return worker.run_forever(idle_exit_s=args.idle_exit, max_runtime_s=args.max_runtime)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
 
 
 if __name__ == "__main__":

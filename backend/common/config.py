@@ -235,6 +235,11 @@ class Settings:
         "Labels (comma-separated) of the workers started with this setting; a job with "
         "`worker_label` runs only on a worker that has it. Every worker also has its host "
         "name and its id as labels.")
+    cluster_from_api: bool = setting(
+        "LBS_CLUSTER_FROM_API", "0", parse.boolean, parse.BOOL_ACCEPTED,
+        "Let `POST /api/cluster` (and the Workers view's form) start controllers that place "
+        "workers with Ray or Slurm, as child processes of the server; off, the API only "
+        "shows the controllers' decisions and pools are started with `lbs cluster`.")
     simulated_gpu_memory: tuple[int, ...] = setting(
         "LBS_SIMULATED_GPU_MEMORY", "", parse.sizes, "sizes separated by ',' such as 24GB,24GB",
         "**For testing only.** Sizes (comma-separated, e.g. `24GB,24GB`) of pretend GPUs: "

@@ -276,6 +276,27 @@ class RuntimeSetting(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ClusterDecision(Base):
+    """One look of a cluster controller at the queue: what it saw and what it did."""
+
+    __tablename__ = "cluster_decisions"
+    __table_args__ = (sa.Index("ix_cluster_decisions_pool_id", "pool", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pool: Mapped[str] = mapped_column(sa.String(128))
+    engine: Mapped[str] = mapped_column(sa.String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued: Mapped[int]
+    """Queued jobs and shards a worker of the pool could run."""
+    busy: Mapped[int]
+    """The pool's live workers running a job."""
+    placed: Mapped[int]
+    """Workers the engine holds for the pool (starting, idle or busy)."""
+    started: Mapped[int]
+    """Workers asked for at this look."""
+    message: Mapped[str] = mapped_column(sa.Text)
+
+
 _MIGRATION_LOCK = 0x4C4253  # "LBS": the advisory lock key migrations take on PostgreSQL
 
 

@@ -190,9 +190,27 @@ def _m012_own_memory(op: Any) -> None:
     op.add_column("samples", sa.Column("peak_own_rss_bytes", sa.BigInteger))
 
 
+def _m013_cluster_decisions(op: Any) -> None:
+    """What the cluster controllers decided, for the Workers view."""
+    op.create_table(
+        "cluster_decisions",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("pool", sa.String(128), nullable=False),
+        sa.Column("engine", sa.String(16), nullable=False),
+        sa.Column("at", sa.DateTime, nullable=False),
+        sa.Column("queued", sa.Integer, nullable=False),
+        sa.Column("busy", sa.Integer, nullable=False),
+        sa.Column("placed", sa.Integer, nullable=False),
+        sa.Column("started", sa.Integer, nullable=False),
+        sa.Column("message", sa.Text, nullable=False),
+    )
+    op.create_index("ix_cluster_decisions_pool_id", "cluster_decisions", ["pool", "id"])
+
+
 MIGRATIONS: list[Callable[[Any], None]] = [_m001_initial, _m002_manager_channel,
                                            _m003_job_timeout, _m004_scheduling,
                                            _m005_api_models, _m006_unknown_memory,
                                            _m007_runtime_settings, _m008_data_parallel,
                                            _m009_id_floors, _m010_score_records,
-                                           _m011_gpu_reservations, _m012_own_memory]
+                                           _m011_gpu_reservations, _m012_own_memory,
+                                           _m013_cluster_decisions]
