@@ -15,7 +15,6 @@ The model manager is created once per worker process and lives as long as it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -32,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backend.apps import worker_gpus
 from backend.apps.worker_commands import ManagerChannel
-from backend.apps.worker_process import die_with_parent, warm_up, watch_parent
+from backend.apps.worker_process import die_with_parent, warm_up, watch_parent, worker_arguments
 from backend.apps.worker_sink import DbSink, data_progress
 from backend.common.config import (
     Settings,
@@ -97,27 +96,12 @@ class Worker:
                         gpu_indices=tuple(int(g["index"]) for g in self.gpus))
 
     def free_gpu_bytes(self) -> tuple[int, ...]:
-        """GPU memory a job may use here now, per GPU in CUDA order: its free memory,
-        plus on the first GPU what this worker's idle models hold there (the model
-        manager makes room by offloading them; a movable model lives on the first GPU);
-        under LBS_GPU_MEMORY_LIMIT never more than the process cap (limit x total) less
-        what this worker's models in use hold there, since the cap counts every byte
-        this process allocates. Also notes each GPU's figure as `available_bytes` in
-        `self.gpus`, which the heartbeat stores."""
+        """GPU memory a job may use here now, per GPU in CUDA order (see
+        `worker_gpus.available_bytes`); notes each GPU's figure as `available_bytes`
+        in `self.gpus`, which the heartbeat stores."""
         self.gpus = worker_gpus.detect_gpus(self.settings) or self.gpus
-        fraction = self.settings.gpu_memory_limit
-        free = [int(g["free_bytes"]) for g in self.gpus]
-        caps = [int(g["total_bytes"] * fraction) if fraction > 0 else None for g in self.gpus]
-        if self.manager.has_gpu and free:  # lock-free: never waits on a model move
-            idle, held = self.manager.idle_gpu_bytes(), self.manager.gpu_bytes()
-            free[0] += idle
-            if caps[0] is not None:
-                caps[0] -= held - idle
-        free = [f if cap is None else max(0, min(f, cap))
-                for f, cap in zip(free, caps, strict=True)]
-        for gpu, available in zip(self.gpus, free, strict=True):
-            gpu["available_bytes"] = available
-        return tuple(free)
+        return worker_gpus.available_bytes(self.gpus, self.settings.gpu_memory_limit,
+                                           self.manager)
 
     def _beat(self) -> None:
         interval = max(0.2, min(5.0, self.settings.lease_seconds / 4))
@@ -397,20 +381,17 @@ class Worker:
             return False
 
     def _end_cancelled(self, job_id: int) -> None:
-        self._publish_quietly()
-        try:
-            events = self.manager.events_since(getattr(self, "_job_events_from", 0))
-            self.queue.finish(job_id, self.id, JobState.CANCELLED,
-                              events=[e.as_dict() for e in events])
-        except LeaseLost as exc:
-            log.warning("[Worker] %s", exc)
+        self._end_unsuccessful(job_id, JobState.CANCELLED)
 
     def _fail(self, job_id: int, error: str) -> None:
         log.warning("[Worker] job %d failed: %s", job_id, error)
+        self._end_unsuccessful(job_id, JobState.FAILED, error)
+
+    def _end_unsuccessful(self, job_id: int, state: JobState, error: str | None = None) -> None:
         self._publish_quietly()
         try:
             events = self.manager.events_since(getattr(self, "_job_events_from", 0))
-            self.queue.finish(job_id, self.id, JobState.FAILED, error=error,
+            self.queue.finish(job_id, self.id, state, error=error,
                               events=[e.as_dict() for e in events])
         except LeaseLost as exc:
             log.warning("[Worker] %s", exc)
@@ -490,25 +471,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.worker") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Run one LLM Bench Shower worker: it takes jobs from the "
-                               "queue (LBS_DATABASE_URL) and runs them.",
-        epilog="example: lbs worker --gpus 0,1")
-    parser.add_argument("--id", help="worker id (default: host-pid-random)")
-    parser.add_argument("--gpus", metavar="0,1",
-                        help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
-                             "with num_gpus = 2 needs a worker holding two")
-    parser.add_argument("--idle-exit", type=_seconds, metavar="SECONDS",
-                        help="exit after finding nothing to run for this long (a worker a "
-                             "cluster placed: an empty queue then holds no GPU)")
-    parser.add_argument("--max-runtime", type=_seconds, metavar="SECONDS",
-                        help="stop after running this long, giving the running job back to "
-                             "the queue first (set it below a cluster allocation's time "
-                             "limit)")
-    parser.add_argument("--parent-pid", type=int, metavar="PID",
-                        help="stop (SIGTERM) when the process PID ends; the server passes "
-                             "its own")
-    args = parser.parse_args(argv)
+    args = worker_arguments(prog).parse_args(argv)
     if args.parent_pid is not None and not die_with_parent(args.parent_pid):
         return 0
     settings = load_settings_or_report()
@@ -540,16 +503,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m backend.apps.work
                          args=(args.parent_pid, worker.stopping, threading.Event()),
                          name="parent-watch", daemon=True).start()
     return worker.run_forever(idle_exit_s=args.idle_exit, max_runtime_s=args.max_runtime)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
-    return value
 
 
 if __name__ == "__main__":

@@ -67,3 +67,26 @@ def describe_device(settings: Settings, gpus: list[dict[str, Any]]) -> str:
     if gpus and gpus[0].get("simulated"):
         return f"cpu (simulated GPUs {','.join(str(g['index']) for g in gpus)})"
     return "cpu"
+
+
+def available_bytes(gpus: list[dict[str, Any]], limit_fraction: float,
+                    manager: Any) -> tuple[int, ...]:
+    """GPU memory a job may use on each of `gpus` now, in CUDA order: its free memory,
+    plus on the first GPU what the worker's idle models hold there (the model manager
+    makes room by offloading them; a movable model lives on the first GPU); under
+    LBS_GPU_MEMORY_LIMIT (`limit_fraction`) never more than the process cap (limit x
+    total) less what the worker's models in use hold there, since the cap counts every
+    byte the process allocates. Notes each figure as the GPU's `available_bytes`."""
+    free = [int(g["free_bytes"]) for g in gpus]
+    caps = [int(g["total_bytes"] * limit_fraction) if limit_fraction > 0 else None
+            for g in gpus]
+    if manager.has_gpu and free:  # lock-free: never waits on a model move
+        idle, held = manager.idle_gpu_bytes(), manager.gpu_bytes()
+        free[0] += idle
+        if caps[0] is not None:
+            caps[0] -= held - idle
+    free = [f if cap is None else max(0, min(f, cap))
+            for f, cap in zip(free, caps, strict=True)]
+    for gpu, available in zip(gpus, free, strict=True):
+        gpu["available_bytes"] = available
+    return tuple(free)

@@ -1,8 +1,10 @@
-"""The worker process's life around its loop: heavy imports done once at start, and
-an end when its server ends (PR_SET_PDEATHSIG, and a thread watching the parent)."""
+"""The worker process's life around its loop: its command line, heavy imports done
+once at start, and an end when its server ends (PR_SET_PDEATHSIG, and a thread
+watching the parent)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -70,3 +72,36 @@ def watch_parent(parent_pid: int, stop: threading.Event, done: threading.Event,
                           grace)
                 exit_now(1)
             return
+
+
+def worker_arguments(prog: str) -> argparse.ArgumentParser:
+    """The command line of `lbs worker`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run one LLM Bench Shower worker: it takes jobs from the "
+                               "queue (LBS_DATABASE_URL) and runs them.",
+        epilog="example: lbs worker --gpus 0,1")
+    parser.add_argument("--id", help="worker id (default: host-pid-random)")
+    parser.add_argument("--gpus", metavar="0,1",
+                        help="the GPUs this worker holds (sets CUDA_VISIBLE_DEVICES); a job "
+                             "with num_gpus = 2 needs a worker holding two")
+    parser.add_argument("--idle-exit", type=_seconds, metavar="SECONDS",
+                        help="exit after finding nothing to run for this long (a worker a "
+                             "cluster placed: an empty queue then holds no GPU)")
+    parser.add_argument("--max-runtime", type=_seconds, metavar="SECONDS",
+                        help="stop after running this long, giving the running job back to "
+                             "the queue first (set it below a cluster allocation's time "
+                             "limit)")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="stop (SIGTERM) when the process PID ends; the server passes "
+                             "its own")
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
