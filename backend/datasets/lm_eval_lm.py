@@ -61,6 +61,7 @@ class RunnerLM(LM):
         super().__init__()
         self.runner = runner
         self.run = run or (lambda fn, requests: fn(requests) if requests else [])
+        self.batched = run is not None
 
     def _prefix_text(self) -> str:
         """The text of lm-eval's `prefix_token_id` (BOS, else EOS), which conditions a
@@ -73,9 +74,16 @@ class RunnerLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Any]:
         pairs = [r.args if r.args[0] else (self._prefix_text(), r.args[1]) for r in requests]
-        outs = self.run(self.runner.loglikelihood, [
+        outs = self.run(self._score, [
             LoglikelihoodRequest(*split_pair(*pair), chat_template=False) for pair in pairs])
         return [(o.logprob, o.is_greedy) if isinstance(o, Loglikelihood) else o for o in outs]
+
+    def _score(self, requests: list[LoglikelihoodRequest]) -> list[Any]:
+        """One batch as `run` sized it: its contexts scored together, so the runner
+        computes a prefix they share (a task's few-shot examples) once. Without a `run`,
+        one context at a time."""
+        return self.runner.loglikelihood(requests, batch_size=len(requests) if self.batched
+                                         else 1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Any]:
         return self.run(self.runner.loglikelihood_rolling, [r.args[0] for r in requests])
