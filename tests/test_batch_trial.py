@@ -81,3 +81,16 @@ def test_an_auto_job_answers_each_item_once_and_records_its_choice(settings, wit
     note = sink.manifest["inference"]["batch_size"]
     assert note["fits"] == 5 and set(note["seconds_per_unit"]) == {"1", "4"}
     assert note["reason"] == "the job ended before every size was timed"
+
+
+def test_a_halved_batch_caps_the_candidates():
+    """A trial batch that ran out of memory was halved: larger sizes drop out, the
+    halved size is the largest candidate, and the trial still ends with a choice."""
+    trial = BatchTrial(16)
+    trial.record(1, _items(1), 5.0)  # settling
+    trial.record(1, _items(1), 1.0)
+    assert trial.next_size() == 4
+    trial.cap(2)
+    assert trial.sizes == [1, 2] and trial.next_size() == 2
+    trial.record(2, _items(2), 1.0)
+    assert trial.chosen == 2 and trial.note()["fits"] == 2

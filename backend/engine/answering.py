@@ -206,13 +206,14 @@ def order_for_batching(items: list[Any], longest_first: bool = False) -> list[An
     examples) stay together, so the runner computes that prefix once per batch; each
     such run goes longest first (a batch pads to its longest prompt, so neighbours in
     length waste the least) and the runs by their longest prompt, so an out-of-memory
-    shows on the first batch. Generation items that share with no other stay in the
-    order given after the runs, or with `longest_first` (Dataset.length_sorted) all go
-    longest first."""
+    shows on the first batch. Generation items go likewise, those that share with no
+    other after the runs in the order given; with `longest_first`
+    (Dataset.length_sorted: long prompts, where padding costs more than a shared
+    header saves) they all go longest first."""
     choosing = [i for run in _shared_runs([i for i in items if i.choices]) for i in run]
     generating = [i for i in items if not i.choices]
     if longest_first:
-        return choosing + [i for run in _shared_runs(generating) for i in run]
+        return choosing + sorted(generating, key=lambda i: -i.prompt_tokens)
     runs = _shared_runs(generating)
     lonely = {id(run[0]) for run in runs if len(run) == 1}
     return (choosing + [i for run in runs if len(run) > 1 for i in run]
@@ -277,6 +278,15 @@ class BatchTrial:
         if len(self.sizes) == 1:
             self.chosen = 1
 
+    def cap(self, most: int) -> None:
+        """At most `most` rows from now on (a batch ran out of memory and was halved):
+        sizes above it are no longer candidates, `most` is."""
+        if self.chosen is not None:
+            self.chosen = min(self.chosen, most)
+        elif most < self.fits:
+            self.fits = most
+            self.sizes = [s for s in self.sizes if s < most] + [most]
+
     def next_size(self) -> int:
         if self.chosen is not None:
             return self.chosen
@@ -293,8 +303,8 @@ class BatchTrial:
         tokens = sum(i.prompt_tokens + i.max_new_tokens for i in items)
         units = tokens if all(i.prompt_tokens for i in items) else len(items)
         self.seconds[size] = seconds / max(1, units)
-        if len(self.seconds) == len(self.sizes):
-            self.chosen = min(self.seconds, key=lambda s: self.seconds[s])
+        if all(s in self.seconds for s in self.sizes):
+            self.chosen = min(self.sizes, key=lambda s: self.seconds[s])
             log.info("[Runner] batch_size auto: %d, the fastest of %s (seconds per unit: %s)",
                      self.chosen, sorted(self.seconds), self._timings())
 

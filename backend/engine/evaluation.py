@@ -237,7 +237,9 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
     backoff = Backoff(step, _oom_handler(manager, job))
     first = 0
     while first < len(pending):
-        size = step if trial is None else min(trial.next_size(), backoff.size)
+        if trial is not None:
+            trial.cap(backoff.size)
+        size = step if trial is None else trial.next_size()
         batch = pending[first:first + size]
         first += len(batch)
         sampler.new_window()
