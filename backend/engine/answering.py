@@ -207,16 +207,19 @@ def order_for_batching(items: list[Any], longest_first: bool = False) -> list[An
     such run goes longest first (a batch pads to its longest prompt, so neighbours in
     length waste the least) and the runs by their longest prompt, so an out-of-memory
     shows on the first batch. Generation items go likewise, those that share with no
-    other after the runs in the order given; with `longest_first`
+    other after the runs in the order given, and those that declare their prefix
+    (`Item.prefix`: NIAH, whose grid order is its sharing order) first, as given; with
+    `longest_first`
     (Dataset.length_sorted: long prompts, where padding costs more than a shared
     header saves) they all go longest first."""
     choosing = [i for run in _shared_runs([i for i in items if i.choices]) for i in run]
     generating = [i for i in items if not i.choices]
     if longest_first:
         return choosing + sorted(generating, key=lambda i: -i.prompt_tokens)
-    runs = _shared_runs(generating)
+    declared = [i for i in generating if i.prefix]  # ordered for sharing by the dataset
+    runs = _shared_runs([i for i in generating if not i.prefix])
     lonely = {id(run[0]) for run in runs if len(run) == 1}
-    return (choosing + [i for run in runs if len(run) > 1 for i in run]
+    return (choosing + declared + [i for run in runs if len(run) > 1 for i in run]
             + [i for i in generating if id(i) in lonely])
 
 
