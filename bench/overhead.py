@@ -16,8 +16,9 @@ Three timings per repeat, taken alternately so drift hits all of them alike:
 It prints medians and the ratios cli/bare process and server job/bare load+generation,
 and checks that harness and bare loop produced the same predictions. The harness
 computes the haystack before each needle once (prefix-shared prefill) where the
-bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid, and
-`--batch-size 5` lets the harness decode one context length's prompts together.
+bare loop prefills every prompt whole; `--depths 11` runs the 3 x 11 grid; the job
+runs at the dataset's defaults (one context length's prompts decoding together)
+unless `--batch-size` says otherwise.
 """
 
 from __future__ import annotations
@@ -106,15 +107,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depths", type=int, default=5,
                         help="needle depths per context length, evenly from 0 to 100 percent")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--batch-size", type=int, default=None,
                         help="the harness job's batch_size (the bare loop is always one prompt "
-                             "at a time): with --batch-size equal to --depths, one context "
-                             "length's prompts decode together")
+                             "at a time); default: the dataset's (NIAH: the number of depths, "
+                             "one context length's prompts decoding together)")
     args = parser.parse_args()
     if args.bare:
         bare(args.bare)
         return
-    if args.batch_size > 1:
+    if args.batch_size is not None:
         GRID["batch_size"] = args.batch_size
     GRID["depth_percents"] = [round(100 * i / (args.depths - 1), 2)
                               for i in range(args.depths)] if args.depths > 1 else [50.0]

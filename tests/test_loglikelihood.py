@@ -117,6 +117,30 @@ def test_a_shared_prompt_prefix_is_computed_once_per_batch(tiny_runner):
         assert (b.tokens, b.is_greedy) == (a.tokens, a.is_greedy)
 
 
+def test_answer_letters_without_a_shared_prefix_take_the_causal_path(tiny_runner):
+    """Questions that share no long prefix, scored by single-token answers: one
+    right-padded pass without an attention mask (the causal kernel, as lm-eval's HF
+    backend runs it), logits only at each row's last token, the unbatched scores."""
+    words = "the river runs past the old mill and the miller sleeps until noon".split()
+    requests = [_plain(f"Q{i}: " + " ".join(words[:3 + 3 * i]) + "\nA:", f" {c}")
+                for i in range(4) for c in "ABCD"]
+    passes: list[tuple[tuple[int, ...], bool]] = []
+    handle = tiny_runner.model.register_forward_pre_hook(
+        lambda m, a, kw: passes.append((tuple(kw["input_ids"].shape),
+                                        kw.get("attention_mask") is None)), with_kwargs=True)
+    try:
+        batched = tiny_runner.loglikelihood(requests, batch_size=4)
+    finally:
+        handle.remove()
+    assert len(passes) == 1 and passes[0][0][0] == 4 and passes[0][1]
+    for request, b in zip(requests, batched, strict=True):
+        assert b.logprob == pytest.approx(_bare(tiny_runner, request), abs=1e-4)
+    one = tiny_runner.loglikelihood(requests, batch_size=1)
+    for a, b in zip(one, batched, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+        assert (b.tokens, b.is_greedy) == (a.tokens, a.is_greedy)
+
+
 def _ceval_job(settings, batch_size):
     from backend.apps.cli import _ListSink
     from backend.engine.evaluation import run_evaluation
@@ -146,7 +170,7 @@ def job_forwards(monkeypatch):
         runner = real(cls, *args, **kwargs)
 
         def hook(module, args, kwargs):
-            if kwargs.get("attention_mask") is None:
+            if kwargs.get("attention_mask") is None and kwargs.get("use_cache"):
                 return  # a batch's shared prompt prefix, computed once (one row)
             n = kwargs["input_ids"].shape[0]
             rows.append(n)
@@ -178,10 +202,12 @@ def test_auto_batch_size_probes_the_longest_question_and_halves_on_oom(
     state["limit"] = 2  # batches of more than 2 questions do not fit
     caplog.set_level("INFO")
     outcome, records = _ceval_job(settings, "auto")
-    # the probe tries all 5 questions, then halves: 2 fits; the job then runs in pairs
-    assert rows[:2] == [5, 2] and rows[2:] == [2, 2, 1]
+    # the probe tries all 5 questions, then halves: 2 fits; then the job's first
+    # question settles, one is timed alone and two together, and the last goes alone
+    # (the fastest size), each question answered once
+    assert rows[:2] == [5, 2] and rows[2:5] == [1, 1, 2] and sum(rows[5:]) == 1
     assert len(records) == 5 and all(r.error is None for r in records)
-    assert "batch_size auto: 2" in caplog.text
+    assert "batch_size auto: 2 fit" in caplog.text
 
 
 def test_oom_during_a_multiple_choice_batch_halves_it(settings, with_tiny, job_forwards):

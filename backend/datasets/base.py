@@ -62,7 +62,7 @@ class LengthAxis:
 
 def batch_rows(params: DatasetParams) -> int:
     """Rows of the job's batches as admission counts them: its batch_size, 1 for "auto"
-    (which takes the largest batch that fits the memory the job is given)."""
+    (which takes the fastest batch that fits the memory the job is given)."""
     return 1 if params.batch_size == "auto" else params.batch_size
 
 
@@ -85,8 +85,8 @@ class DatasetParams(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         1, title="Batch size",
         description="prompts generated (or multiple-choice questions scored) together; "
-                    "\"auto\": the largest batch that fits, probed on the longest item; "
-                    "halved automatically on out-of-memory")
+                    "\"auto\": the fastest batch that fits, timed on the first items "
+                    "(each answered once); halved automatically on out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
         "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "

@@ -59,6 +59,7 @@ class RunnerLM(LM):
         self.run = run or (lambda fn, requests: fn(requests) if requests else [])
         self.max_length = min(max_length or runner.max_length, runner.max_length)
         self.chat = chat_template
+        self.batched = run is not None
 
     def _rendered(self, text: str) -> bool:
         """Whether `text` is fed without the tokenizer's special tokens added: a prompt in
@@ -100,8 +101,15 @@ class RunnerLM(LM):
                                              chat_template=self._rendered(context),
                                              keep_last=keep))
         self._log_cuts(requests, "log-likelihood")
-        outs = self.run(self.runner.loglikelihood, asks)
+        outs = self.run(self._score, asks)
         return [(o.logprob, o.is_greedy) if isinstance(o, Loglikelihood) else o for o in outs]
+
+    def _score(self, requests: list[LoglikelihoodRequest]) -> list[Any]:
+        """One batch as `run` sized it: its contexts scored together, so the runner
+        computes a prefix they share (a task's few-shot examples) once. Without a `run`,
+        one context at a time."""
+        return self.runner.loglikelihood(requests, batch_size=len(requests) if self.batched
+                                         else 1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Any]:
         if self.max_length < self.runner.max_length:

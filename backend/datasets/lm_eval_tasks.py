@@ -215,8 +215,8 @@ class LmEvalTasks(Dataset):
     def worst_batches(self, params: LmEvalParams, model_max: int | None) -> list[BatchPlan]:
         """The job's batches from the lengths of the requests lm-eval builds for its
         tasks (`request_shapes`, in a subprocess: lm_eval imports torch), as the worker
-        answers them: log-likelihood requests one context at a time, its choices
-        continuing it (only the last position's logits, then the continuations'
+        answers them: log-likelihood requests `batch_size` together, their contexts in
+        one padded pass (only the last position's logits, then the continuations'
         tokens); generation requests `batch_size` together; rolling ones one window
         of at most the model's length, every position scored. When the requests cannot
         be built here (a dataset not in the local cache), the default: the model's
@@ -233,9 +233,9 @@ class LmEvalTasks(Dataset):
         rows, plans = batch_rows(params), []
         if "loglikelihood" in shapes:
             ll = shapes["loglikelihood"]
-            plans.append(BatchPlan("loglikelihood", 1, bound(ll["context"]),
-                                   bound(ll["continuation"]), padded=False,
-                                   continuations=min(rows, ll["choices"])))
+            plans.append(BatchPlan("loglikelihood", rows, bound(ll["context"]),
+                                   bound(ll["continuation"]), padded=rows > 1,
+                                   continuations=rows))
         if "generate_until" in shapes:
             gen = shapes["generate_until"]
             plans.append(BatchPlan("generate", min(rows, gen["count"]), bound(gen["context"]),

@@ -25,7 +25,7 @@ import unicodedata
 from bisect import bisect_left
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -95,6 +95,12 @@ class DepthRange(BaseModel):
 
 
 class NeedleParams(DatasetParams):
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = Field(
+        None, title="Batch size",
+        description="prompts generated together; default: the number of depths, so each "
+                    "context length's depths continue their shared haystack together (the "
+                    "fastest setting measured); \"auto\": the fastest batch that fits, "
+                    "timed on the first prompts; halved automatically on out-of-memory")
     context_lengths: list[int] | LengthRange = Field(
         default=LengthRange(),
         description="Prompt lengths in tokens: a list, or {min, max, count}.")
@@ -118,6 +124,12 @@ class NeedleParams(DatasetParams):
     use_chat_template: bool = Field(
         True, description="Wrap the prompt in the tokenizer's chat template when it has one "
                           "(the runner applies it; false feeds the plain text).")
+
+    @model_validator(mode="after")
+    def _depths_together(self) -> NeedleParams:
+        if self.batch_size is None:
+            self.batch_size = min(len(self.depths()), 256)
+        return self
 
     @field_validator("context_lengths")
     @classmethod

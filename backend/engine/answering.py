@@ -184,36 +184,51 @@ SHARED_CHARS = 64
 """Prompts sharing a prefix this long (characters) are batched together."""
 
 
-def order_for_batching(items: list[Any], longest_first: bool = False) -> list[Any]:
-    """Multiple-choice items in the order they batch best, generation items after them:
-    as given, or longest first with `longest_first` (Dataset.length_sorted: neighbours
-    in length batch with little padding, and the first batch is the most memory any
-    batch needs; samples are stored by idx, so the order does not show).
-
-    Prompts that share a prefix of SHARED_CHARS or more (one subject's few-shot header
-    and examples) stay together, so the runner computes that prefix once per batch;
-    each such run goes longest first (a batch pads to its longest prompt, so neighbours
-    in length waste the least) and the runs by their longest prompt, so an
-    out-of-memory shows on the first batch."""
+def _shared_runs(items: list[Any]) -> list[list[Any]]:
+    """`items` in runs whose prompts share a prefix of SHARED_CHARS or more, each run
+    longest first, the runs by their longest prompt; an item sharing with none is a
+    run of its own."""
     runs: list[list[Any]] = []
-    for item in sorted((i for i in items if i.choices), key=lambda i: i.prompt):
+    for item in sorted(items, key=lambda i: i.prompt):
         if not runs or len(os.path.commonprefix([runs[-1][-1].prompt, item.prompt])) \
                 < SHARED_CHARS:
             runs.append([])
         runs[-1].append(item)
-    runs = sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
+    return sorted((sorted(run, key=lambda i: -i.prompt_tokens) for run in runs),
                   key=lambda run: -run[0].prompt_tokens)
+
+
+def order_for_batching(items: list[Any], longest_first: bool = False) -> list[Any]:
+    """Multiple-choice items in the order they batch best, generation items after them
+    (samples are stored by idx, so the order does not show).
+
+    Prompts that share a prefix of SHARED_CHARS or more (a few-shot header and
+    examples) stay together, so the runner computes that prefix once per batch; each
+    such run goes longest first (a batch pads to its longest prompt, so neighbours in
+    length waste the least) and the runs by their longest prompt, so an out-of-memory
+    shows on the first batch. Generation items go likewise, those that share with no
+    other after the runs in the order given, and those that declare their prefix
+    (`Item.prefix`: NIAH, whose grid order is its sharing order) first, as given; with
+    `longest_first`
+    (Dataset.length_sorted: long prompts, where padding costs more than a shared
+    header saves) they all go longest first."""
+    choosing = [i for run in _shared_runs([i for i in items if i.choices]) for i in run]
     generating = [i for i in items if not i.choices]
     if longest_first:
-        generating.sort(key=lambda i: -i.prompt_tokens)
-    return [i for run in runs for i in run] + generating
+        return choosing + sorted(generating, key=lambda i: -i.prompt_tokens)
+    declared = [i for i in generating if i.prefix]  # ordered for sharing by the dataset
+    runs = _shared_runs([i for i in generating if not i.prefix])
+    lonely = {id(run[0]) for run in runs if len(run) == 1}
+    return (choosing + declared + [i for run in runs if len(run) > 1 for i in run]
+            + [i for i in generating if id(i) in lonely])
 
 
 def auto_batch_size(runner: Any, pending: list[Any]) -> int:
-    """Job parameter batch_size "auto": the most rows, at most the number of items and
-    at most 256, of the job's longest batch (`Runner.find_batch_size`): for
-    multiple-choice items the longest context and its longest continuation as scored,
-    for generation the longest prompt and the most new tokens any item asks."""
+    """The most rows that fit for job parameter batch_size "auto": at most the number
+    of items and at most 256, of the job's longest batch (`Runner.find_batch_size`):
+    for multiple-choice items the longest context and its longest continuation as
+    scored, for generation the longest prompt and the most new tokens any item asks.
+    `BatchTrial` then times sizes up to it."""
     if not pending:
         return 1
     rows = min(len(pending), 256)
@@ -228,6 +243,85 @@ def auto_batch_size(runner: Any, pending: list[Any]) -> int:
                          max(item.max_new_tokens for item in pending), padded=rows > 1)
     started = time.perf_counter()
     size = runner.find_batch_size(plan)
-    log.info("[Runner] batch_size auto: %d (probed on %d + %d tokens in %.2f s)", size,
+    log.info("[Runner] batch_size auto: %d fit (probed on %d + %d tokens in %.2f s)", size,
              plan.prompt_tokens, plan.new_tokens, time.perf_counter() - started)
     return size
+
+
+def trial_sizes(fits: int) -> list[int]:
+    """The batch sizes "auto" times: 1, every fourth power of 2 below `fits`, and `fits`."""
+    sizes, size = [1], 4
+    while size < fits:
+        sizes.append(size)
+        size *= 4
+    return sizes + [fits] if fits > 1 else sizes
+
+
+@dataclass
+class BatchTrial:
+    """Job parameter batch_size "auto" by measured speed. Among the sizes the memory
+    allows (`fits`, from `auto_batch_size`), the first items are answered at each of
+    `trial_sizes` in turn, and the size with the fewest seconds per unit of work is
+    kept for the rest of the job. The trial batches are the job's own: every item is
+    answered once and its result kept. The job's first batch (one item) is not timed:
+    it carries the first-call costs (thread pools, allocations) that would count
+    against whichever size came first. A unit of work is a prompt token or a new token
+    where the items count their prompts' tokens, else an item.
+
+    `next_size()` is the size of the next batch; `record(size, items, seconds)` notes
+    how long a batch took; `note()` is the choice and why, for the job's manifest."""
+
+    fits: int
+    seconds: dict[int, float] = field(default_factory=dict)
+    settled: bool = False
+    chosen: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sizes = trial_sizes(self.fits)
+        if len(self.sizes) == 1:
+            self.chosen = 1
+
+    def cap(self, most: int) -> None:
+        """At most `most` rows from now on (a batch ran out of memory and was halved):
+        sizes above it are no longer candidates, `most` is."""
+        if self.chosen is not None:
+            self.chosen = min(self.chosen, most)
+        elif most < self.fits:
+            self.fits = most
+            self.sizes = [s for s in self.sizes if s < most] + [most]
+
+    def next_size(self) -> int:
+        if self.chosen is not None:
+            return self.chosen
+        if not self.settled:
+            return 1
+        return next(s for s in self.sizes if s not in self.seconds)
+
+    def record(self, size: int, items: list[Any], seconds: float) -> None:
+        if self.chosen is not None:
+            return
+        if not self.settled:
+            self.settled = True
+            return
+        tokens = sum(i.prompt_tokens + i.max_new_tokens for i in items)
+        units = tokens if all(i.prompt_tokens for i in items) else len(items)
+        self.seconds[size] = seconds / max(1, units)
+        if all(s in self.seconds for s in self.sizes):
+            self.chosen = min(self.sizes, key=lambda s: self.seconds[s])
+            log.info("[Runner] batch_size auto: %d, the fastest of %s (seconds per unit: %s)",
+                     self.chosen, sorted(self.seconds), self._timings())
+
+    def _timings(self) -> dict[str, float]:
+        return {str(s): round(t, 6) for s, t in sorted(self.seconds.items())}
+
+    def note(self) -> dict[str, Any]:
+        """`{"chosen", "fits", "seconds_per_unit", "reason"}` for the job's manifest."""
+        if self.chosen is None:
+            reason = "the job ended before every size was timed"
+        elif not self.seconds:
+            reason = "only one row fits"
+        else:
+            reason = (f"the fastest of sizes {sorted(self.seconds)} timed on the job's first "
+                      f"items; {self.fits} fit in memory")
+        return {"chosen": self.chosen, "fits": self.fits,
+                "seconds_per_unit": self._timings(), "reason": reason}

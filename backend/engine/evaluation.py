@@ -20,6 +20,7 @@ from backend.datasets.base import Dataset, ScoreEntry
 from backend.datasets.files import recording_reads
 from backend.engine.answering import (
     Backoff,
+    BatchTrial,
     answer_batch,
     auto_batch_size,
     choose,
@@ -128,6 +129,14 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
     stored = sink.stored()
     results = dict(stored)
     methods: list[str | None] = list(job.params.methods or []) or [None]
+    manifest: dict[str, Any] = {}
+
+    def note_batch_size(note: dict[str, Any]) -> None:
+        """batch_size "auto"'s choice and reason, into the job's manifest."""
+        if manifest:
+            manifest["inference"]["batch_size"] = note
+            sink.set_manifest(manifest)
+
     try:
         for k, method in enumerate(methods):
             key, load, estimate = _loader(job, settings, method)
@@ -149,7 +158,8 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                 with recording_reads() as data_files:
                     items = job.dataset.build_items(job.params, view)
                 if k == 0:
-                    sink.set_manifest(build_manifest(job, runner, method, data_files))
+                    manifest.update(build_manifest(job, runner, method, data_files))
+                    sink.set_manifest(manifest)
                 sink.set_total(len(items) * len(methods))
                 offset = k * len(items)
                 if job.shard is not None:  # this worker's share of a data-parallel job
@@ -158,7 +168,8 @@ def run_evaluation(job: PreparedJob, manager: ModelManager, settings: Settings,
                         continue
                 try:
                     stopped = _run_items(job, manager, view, items, offset, method, stored,
-                                         results, sink, sampler, cuda, min(baseline))
+                                         results, sink, sampler, cuda, min(baseline),
+                                         note_batch_size)
                 finally:  # a shared prefix's cache is this pass's, not the cached model's
                     runner.forget_prefixes()
             if stopped:
@@ -209,25 +220,40 @@ def _warm_up(view: PromptView, item: Any, method: str) -> None:
 
 def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items: list[Any],
                offset: int, method: str | None, stored: dict, results: dict,
-               sink: SampleSink, sampler: Any, cuda: Any, baseline: int) -> bool:
+               sink: SampleSink, sampler: Any, cuda: Any, baseline: int,
+               note_batch_size: Callable[[dict[str, Any]], None]) -> bool:
     """Answer and store every item not stored yet; True if the sink asked to stop.
-    Each sample's own RSS peak is its peak above `baseline` (run_evaluation's)."""
+    Each sample's own RSS peak is its peak above `baseline` (run_evaluation's).
+    batch_size "auto" is chosen by `BatchTrial` on the first batches, and its choice
+    and reason go to `note_batch_size` (the job's manifest)."""
     pending = [item for item in items if item.idx + offset not in stored]
     pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
-    step = job.params.batch_size
+    step, trial = job.params.batch_size, None
     if step == "auto":
-        step = auto_batch_size(view.runner, pending)
+        trial = BatchTrial(auto_batch_size(view.runner, pending))
+        step = trial.fits
     if method is not None and pending:
         _warm_up(view, pending[0], method)
     backoff = Backoff(step, _oom_handler(manager, job))
-    for first in range(0, len(pending), step):
+    first = 0
+    while first < len(pending):
         if job.should_stop():  # cancelled (or timed out) before this batch
             return True
+        if trial is not None:
+            trial.cap(backoff.size)
+        size = step if trial is None else trial.next_size()
+        batch = pending[first:first + size]
+        first += len(batch)
         sampler.new_window()
         cuda.new_window()
         started = time.perf_counter()
-        answers = answer_batch(pending[first:first + step], view, job.dataset, backoff)
-        latency = round((time.perf_counter() - started) / len(answers), 6)
+        answers = answer_batch(batch, view, job.dataset, backoff)
+        took = time.perf_counter() - started
+        if trial is not None and trial.chosen is None:
+            trial.record(size, batch, took)
+            if trial.chosen is not None or first >= len(pending):
+                note_batch_size(trial.note())
+        latency = round(took / len(answers), 6)
         peak_rss, peak_gpu = sampler.window_peak(), cuda.window_peak()
         for a in answers:
             if a.error and job.params.on_oom == "fail_job":

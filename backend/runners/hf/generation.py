@@ -1,7 +1,8 @@
 """Greedy generation for the transformers runner: batches left-padded, the "optimized"
 method's static KV cache kept between requests of one size, and requests that share a
-prefix (NIAH's haystack) continued from one kept prefix cache instead of each computing
-it (see `Generator._continue_batch`).
+prefix continued from one kept prefix cache instead of each computing it (see
+`Generator._continue_batch`): the prefix a dataset hands over (NIAH's haystack), else
+the longest common token prefix of a batch's prompts (a few-shot header and examples).
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ LENGTH_GROUP = 0.9
 """Shared-prefix prompts decode together when the shortest is at least this share of
 the longest (NIAH prompts of one context length differ by a few tokens); others would
 pad too much."""
+
+
+MIN_SHARED_PREFIX = 32
+"""Tokens a batch's prompts must share before the shared part is computed once (as in
+scoring.py): below that, a row-by-row prefill costs more than it saves."""
+
+
+def common_length(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every row."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def _length_groups(prompts: list[list[int]]) -> list[list[int]]:
@@ -84,9 +101,9 @@ class Generator:
     """HFRunner's generation: `generate` and the caches it keeps for a pass.
 
     Reads the runner's `model`, `tokenizer`, `tok` (an HFTokenizer), `device`,
-    `pad_token_id`, `static_cache`, `share_prefixes` and `should_stop`; keeps `_prefix` (the shared
-    prefix of this pass), `_static` (the static cache of the size in use) and
-    `_cut_back` (whether the model's cache can be cut back to a prefix)."""
+    `pad_token_id`, `static_cache`, `share_prefixes`, `should_stop` and its `work_bytes`;
+    keeps `_prefix` (the shared prefix of this pass), `_static` (the static cache of the
+    size in use) and `_cut_back` (whether the model's cache can be cut back to a prefix)."""
 
     model: Any
     tokenizer: Any
@@ -95,6 +112,7 @@ class Generator:
     pad_token_id: int | None
     static_cache: bool
     share_prefixes: bool
+    work_bytes: Any
     _prefix: tuple[tuple[int, ...], Any] | None
     _static: tuple[tuple[int, int], Any] | None
     _cut_back: bool | None
@@ -112,8 +130,10 @@ class Generator:
         prompts = [self.tok.prompt_ids(r.prompt, r.chat_template)[-r.keep_last:]
                    if r.keep_last else self.tok.prompt_ids(r.prompt, r.chat_template)
                    for r in requests]
-        if any(r.prefix for r in requests) and self._shares_prefixes():
-            return self._generate_shared(requests, prompts)
+        if self._shares_prefixes():
+            shared = self._shared_lengths(requests, prompts)
+            if any(shared):
+                return self._generate_shared(requests, prompts, shared)
         width = max(len(ids) for ids in prompts)
         max_new = max(r.max_new_tokens for r in requests)
         cache = None
@@ -227,6 +247,40 @@ class Generator:
             n += 1
         return min(n, len(ids) - 1)
 
+    def _shared_lengths(self, requests: list[GenerationRequest],
+                        prompts: list[list[int]]) -> list[int]:
+        """Per row, the leading tokens to take from the kept prefix: a request's own
+        `prefix` (`_shared_length`; the dataset's plan declared it); for the rows without
+        one, their longest common token prefix when they are two or more, it is at least
+        MIN_SHARED_PREFIX long (each row keeping a token to feed) and the memory account
+        says that sharing it holds no more than the same rows unshared (`_sharing_fits`),
+        the figure the job was admitted with."""
+        shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
+        plain = [i for i, r in enumerate(requests) if not r.prefix]
+        if len(plain) > 1:
+            rows = [prompts[i] for i in plain]
+            common = min(common_length(rows), min(len(ids) for ids in rows) - 1)
+            if common >= MIN_SHARED_PREFIX and self._sharing_fits(
+                    [requests[i] for i in plain], rows, common):
+                for i in plain:
+                    shared[i] = common
+        return shared
+
+    def _sharing_fits(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                      shared: int) -> bool:
+        """Whether the batch continued from a shared prefix of `shared` tokens holds no
+        more than the same batch unshared, by the memory account (`work_bytes`): a
+        batch admitted unshared never holds more for being shared."""
+        from backend.engine.contracts import BatchPlan
+
+        width = max(len(ids) for ids in prompts)
+        new = max(r.max_new_tokens for r in requests)
+        rows, padded = len(requests), len({len(ids) for ids in prompts}) > 1
+        plain = BatchPlan("generate", rows, width, new, padded=padded)
+        return (self.work_bytes(BatchPlan("generate", rows, width, new,
+                                          shared_prefix=shared, padded=padded))
+                <= self.work_bytes(plain))
+
     def _kept_prefix(self, ids: list[int]):
         """The kept prefix's cache, made to start with the tokens `ids`, and how many of
         them had to be computed now (the caller reads the first len(ids) positions).
@@ -285,12 +339,11 @@ class Generator:
         return self._cut_back
 
     def _generate_shared(self, requests: list[GenerationRequest],
-                         prompts: list[list[int]]) -> list[Generation]:
-        """Requests with a shared prefix: prompts of about one length decode together,
-        each one's cache continuing from the kept prefix's (deepest prefix first, so one
-        prefill serves every shallower one). The same greedy tokens as each whole
-        prompt alone."""
-        shared = [self._shared_length(r, ids) for r, ids in zip(requests, prompts, strict=True)]
+                         prompts: list[list[int]], shared: list[int]) -> list[Generation]:
+        """Requests whose first `shared` tokens are a shared prefix: prompts of about one
+        length decode together, each one's cache continuing from the kept prefix's
+        (deepest prefix first, so one prefill serves every shallower one). The same
+        greedy tokens as each whole prompt alone."""
         results: list[Generation | None] = [None] * len(requests)
         try:
             for group in _length_groups(prompts):
@@ -335,7 +388,8 @@ class Generator:
                     self.model(input_ids=torch.tensor([rest], device=self.device),
                                cache=cache, use_cache=True, logits_to_keep=1)
                 computed += len(rest)
-        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1))
+        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1),
+                                          [r.stop for r in requests])
         total = sum(len(ids) for ids in prompts)
         timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
                       shared_prefix_tokens=total - computed - len(requests))

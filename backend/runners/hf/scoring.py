@@ -30,6 +30,20 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _last_tokens_only(ends, width: int):
+    """A forward pre-hook for the output layer: of hidden states (rows, `width`,
+    hidden), only each row's position `ends[row]`, as (rows, 1, hidden)."""
+    import torch
+
+    def hook(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[1] != width:
+            return None
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, ends][:, None, :], *args[1:])
+    return hook
+
+
 def rolling_windows(tokens: list[int], prefix: int, max_len: int
                     ) -> list[tuple[list[int], list[int]]]:
     """Disjoint (context, predicted) windows covering every token once, each at most
@@ -150,6 +164,10 @@ class Scorer:
         shared = min(shared, min(len(c) for c in contexts) - 1)  # each row keeps a token
         if shared < MIN_SHARED_PREFIX:
             shared = 0
+        longer = [(row, i, cont) for row, (_, members) in enumerate(batch)
+                  for i, cont in members if len(cont) > 1]
+        if not shared and not longer and self._forward_takes("logits_to_keep"):
+            return self._score_causal(batch, contexts)
         rest = [c[shared:] for c in contexts]
         width = max(len(r) for r in rest)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
@@ -157,8 +175,6 @@ class Scorer:
         mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        longer = [(row, i, cont) for row, (_, members) in enumerate(batch)
-                  for i, cont in members if len(cont) > 1]
         extra = {"logits_to_keep": 1} if self._forward_takes("logits_to_keep") else {}
         cache_arg = "cache" if self._forward_takes("cache") else "past_key_values"
         out_rows = []
@@ -205,6 +221,35 @@ class Scorer:
                                                   bool((row.argmax(-1) == target).all()),
                                                   len(cont))))
         return out_rows
+
+    def _score_causal(self, batch, contexts: list[list[int]]):
+        """`_score` for contexts sharing no prefix whose continuations are one token each
+        (answer letters): one pass right-padded and without an attention mask, so the
+        attention is the plain causal kernel (a row's tokens never see the padding after
+        them) and the positions are each row's own, as lm-eval's HF backend runs it.
+        The output layer sees only each row's last token (`_last_tokens_only`): logits
+        for one position per row, as the left-padded pass's `logits_to_keep=1`."""
+        import torch
+
+        from backend.engine.contracts import Loglikelihood
+
+        width = max(len(c) for c in contexts)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.tensor([c + [pad] * (width - len(c)) for c in contexts], device=self.device)
+        ends = torch.tensor([len(c) - 1 for c in contexts], device=self.device)
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(_last_tokens_only(ends, width))
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=0).logits
+        finally:
+            hook.remove()
+        if logits.shape[1] != 1:
+            raise RuntimeError(f"expected one position of logits per row, got {logits.shape}")
+        last = torch.log_softmax(logits[:, 0].float(), dim=-1)
+        best = last.argmax(-1).tolist()
+        return [(i, Loglikelihood(float(last[row, cont[0]]), best[row] == cont[0], 1))
+                for row, (_, members) in enumerate(batch) for i, cont in members]
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         """Whole-text log-likelihoods, windowed as lm-evaluation-harness's HF backend does
