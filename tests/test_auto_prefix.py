@@ -116,7 +116,7 @@ def test_lm_eval_few_shot_tasks_share_their_prefix(with_tiny, tasks_dir, monkeyp
     def score(self, batch, share_prefix=True):
         contexts = [list(ctx) for ctx, _ in batch]
         if share_prefix and len(batch) > 1:
-            prefixes.append(scoring._common_prefix(contexts))
+            prefixes.append(scoring.common_length(contexts))
         return real(self, batch, share_prefix)
 
     monkeypatch.setattr(scoring.Scorer, "_score", score)

@@ -18,7 +18,7 @@ import pytest
 from backend.engine.contracts import BatchPlan, GenerationRequest, LoglikelihoodRequest
 from backend.runners.hf.loading import LoadOptions
 from backend.runners.hf.runner import HFRunner
-from backend.runners.hf.scoring import MIN_SHARED_PREFIX, _common_prefix
+from backend.runners.hf.scoring import MIN_SHARED_PREFIX, common_length
 from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus
 
@@ -63,7 +63,7 @@ def plan_of(runner: HFRunner, kind: str, requests: list, batch_size: int = 1) ->
 def _score_plan(batch: list[tuple[tuple[int, ...], list[list[int]]]]) -> BatchPlan:
     """The plan of one `HFRunner._score` batch: its contexts and their continuations."""
     contexts = [list(ctx) for ctx, _ in batch]
-    shared = _common_prefix(contexts) if len(batch) > 1 else 0
+    shared = common_length(contexts) if len(batch) > 1 else 0
     shared = min(shared, min(map(len, contexts)) - 1)
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     return BatchPlan("loglikelihood", len(batch), max(map(len, contexts)),

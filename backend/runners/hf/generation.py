@@ -12,27 +12,12 @@ from typing import Any
 
 from backend.engine.contracts import Generation, GenerationRequest, cut_at_stop
 from backend.runners.hf.account import cache_length
+from backend.runners.hf.scoring import MIN_SHARED_PREFIX, common_length
 
 LENGTH_GROUP = 0.9
 """Shared-prefix prompts decode together when the shortest is at least this share of
 the longest (NIAH prompts of one context length differ by a few tokens); others would
 pad too much."""
-
-
-MIN_SHARED_PREFIX = 32
-"""Tokens a batch's prompts must share before the shared part is computed once (as in
-scoring.py): below that, a row-by-row prefill costs more than it saves."""
-
-
-def common_length(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix common to every row."""
-    first, n = rows[0], min(len(r) for r in rows)
-    for row in rows[1:]:
-        k = 0
-        while k < n and row[k] == first[k]:
-            k += 1
-        n = k
-    return n
 
 
 def _length_groups(prompts: list[list[int]]) -> list[list[int]]:

@@ -10,10 +10,11 @@ from typing import Any
 from backend.engine.contracts import move_trailing_whitespace
 
 MIN_SHARED_PREFIX = 32
-"""Tokens a batch's contexts must share before the shared part is computed once."""
+"""Tokens a batch's contexts (or prompts, in generation.py) must share before the
+shared part is computed once: below that, a row-by-row prefill costs more than it saves."""
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
+def common_length(rows: list[list[int]]) -> int:
     """Length of the longest token prefix common to every row."""
     first, n = rows[0], min(len(r) for r in rows)
     for row in rows[1:]:
@@ -160,7 +161,7 @@ class Scorer:
         from backend.engine.contracts import Loglikelihood
 
         contexts = [list(ctx) for ctx, _ in batch]
-        shared = _common_prefix(contexts) if share_prefix and len(batch) > 1 else 0
+        shared = common_length(contexts) if share_prefix and len(batch) > 1 else 0
         shared = min(shared, min(len(c) for c in contexts) - 1)  # each row keeps a token
         if shared < MIN_SHARED_PREFIX:
             shared = 0
