@@ -232,7 +232,8 @@ def test_lm_eval_multiple_choice_on_llama_8b_takes_its_lengths_from_the_requests
     (plan,) = ds.worst_batches(params, 131072)
     # the longest context "Question: The sun rises in the\nAnswer:" and choice " north"
     assert plan.kind == "loglikelihood" and plan.logits_positions == 1
-    assert plan.rows == 1 and plan.continuations == 3
+    # batch_size 4: four requests (contexts with their choice) in one padded pass
+    assert plan.rows == 4 and plan.continuations == 4 and plan.padded
     assert plan.prompt_tokens < 64 and plan.new_tokens < 16
     got = estimate_job_bytes(model("llama-3.1-8b"), ds, params, 131072, settings)
     assert got < 20 * 2**30

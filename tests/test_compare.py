@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 METHODS = ["basic", "optimized"]
 GRID = {"context_lengths": [256, 512], "depth_percents": [0, 50, 100], "max_new_tokens": 8,
-        "methods": METHODS}
+        "methods": METHODS, "batch_size": 1}  # a sample's timing is then its own
 N = 6  # prompts in GRID
 
 # What the memory tracker writes after a release (backend.engine.memory.tracker.release_check).

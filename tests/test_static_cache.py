@@ -136,7 +136,7 @@ def test_the_warm_up_runs_in_the_first_timed_items_cache(settings, with_tiny, ma
     assert len(sink.records) == 4
     warm, cache, first = log[0], log[1], log[2]
     assert warm[0] == "generate" and cache[0] == "cache" and first[0] == "generate"
-    assert warm[1:] == first[1:], "the warm-up is the first timed item, whole budget"
+    assert warm[1:] == first[1:], "the warm-up is the first timed batch, whole budget"
     assert log[3][0] != "cache", "the first timed item reuses the warm-up's cache"
 
 

@@ -128,7 +128,9 @@ class NeedleParams(DatasetParams):
     @model_validator(mode="after")
     def _depths_together(self) -> NeedleParams:
         if self.batch_size is None:
-            self.batch_size = min(len(self.depths()), 256)
+            # not an assignment: the default stays unset, so the job keeps the
+            # parameters it was sent (its effective parameters show the number)
+            self.__dict__["batch_size"] = min(len(self.depths()), 256)
         return self
 
     @field_validator("context_lengths")

@@ -202,19 +202,19 @@ def _loader(job: PreparedJob, settings: Settings, method: str | None
             runner.load_estimate(job, settings, method))
 
 
-def _warm_up(view: PromptView, item: Any, method: str) -> None:
+def _warm_up(view: PromptView, items: list[Any], method: str) -> None:
     """One untimed answer before a method's timed pass, so first-call costs (kernel
     selection, thread pools, torch.compile) do not count against whichever runs first.
-    `item` is the first one the timed pass answers, with its whole token budget: the
-    optimized method's static cache then has the size that item needs, and on CUDA the
-    decode step's compiled graphs are those the item replays (a shorter warm-up landed
-    in another cache size for most prompts under 1k tokens)."""
+    `items` are the first batch the timed pass answers, with their whole token budget:
+    the optimized method's static cache then has the size that batch needs, and on CUDA
+    the decode step's compiled graphs are those it replays (a shorter warm-up landed in
+    another cache size for most prompts under 1k tokens)."""
     started = time.perf_counter()
-    if item.choices:
-        choose(view.runner, item, view.chat_template)
+    if items[0].choices:
+        choose(view.runner, items[0], view.chat_template)
     else:
         view.runner.generate([GenerationRequest(item.prompt, item.max_new_tokens,
-                                                view.chat_template)])
+                                                view.chat_template) for item in items])
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
 
@@ -233,7 +233,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
         trial = BatchTrial(auto_batch_size(view.runner, pending))
         step = trial.fits
     if method is not None and pending:
-        _warm_up(view, pending[0], method)
+        _warm_up(view, pending[:step if trial is None else 1], method)
     backoff = Backoff(step, _oom_handler(manager, job))
     first = 0
     while first < len(pending):
