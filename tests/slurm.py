@@ -8,6 +8,7 @@ Clients (sbatch, squeue, scancel) find it through `SLURM_CONF` in `env`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel")
@@ -115,3 +117,24 @@ PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP
                 pass
         time.sleep(0.5)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[SlurmCluster]:
+    """A started SlurmCluster for a fixture, stopped afterwards; the test is skipped with
+    the reason where none can start here. One at a time on the machine (a file lock):
+    two test processes each starting a cluster at once made one's jobs fail."""
+    import fcntl
+
+    import pytest
+
+    with open(Path(tempfile.gettempdir()) / "lbs-test-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cluster = SlurmCluster().start()
+        except RuntimeError as exc:
+            pytest.skip(f"cannot start a single-node Slurm here: {exc}")
+        try:
+            yield cluster
+        finally:
+            cluster.stop()

@@ -26,14 +26,10 @@ POOL = PoolShape("slurm-test", labels=("h100",), gpus=1)
 
 @pytest.fixture(scope="module")
 def slurm():
-    from tests.slurm import SlurmCluster
+    from tests.slurm import running_cluster
 
-    try:
-        cluster = SlurmCluster().start()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start a single-node Slurm here: {exc}")
-    yield cluster
-    cluster.stop()
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -42,14 +42,10 @@ def test_workers_view_shows_each_pools_latest_decision(data_dir, page):
 
 @pytest.fixture
 def slurm():
-    from tests.slurm import SlurmCluster
+    from tests.slurm import running_cluster
 
-    try:
-        cluster = SlurmCluster().start()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start a single-node Slurm here: {exc}")
-    yield cluster
-    cluster.stop()
+    with running_cluster() as cluster:
+        yield cluster
 
 
 def test_an_operator_starts_and_stops_a_pool_from_the_workers_view(data_dir, page, slurm):
