@@ -21,6 +21,7 @@ from backend.runners.hf.runner import HFRunner
 from backend.runners.hf.scoring import MIN_SHARED_PREFIX, common_length
 from backend.runners.models import resolve_model
 from tests.memory_census import StorageCensus
+from tests.test_prefix_sharing import _alone
 
 SLACK = 1.3
 
@@ -328,3 +329,28 @@ def test_a_niah_8k_batch_of_5_job_holds_no_more_than_admission_counted(settings,
     print(f"NIAH 8k x 5: held {peak / 2**20:.1f} MiB beyond the weights at {where}; "
           f"admission counted {admitted / 2**20:.1f} MiB")
     assert peak <= admitted, (peak, admitted, where)
+
+
+def test_requests_sent_alone_continue_the_kept_prefix_without_a_copy(tiny):
+    """Few-shot prompts sent one at a time (batch_size 1): from the second on, the prompt
+    continues the prefix it shares with the one before on the kept prefix's own cache,
+    so a call holds what the same prompt holds unshared (the plain plan's account),
+    never a copy of the prefix beside the kept one; the replies are the unshared ones."""
+    head = _text(tiny, 1500, 1)
+    requests = [GenerationRequest(head + _text(tiny, 200, 10 + i), 12, False)
+                for i in range(3)]
+    want = [(g.text, g.output_tokens) for g in _alone(tiny, requests)]
+    tiny.forget_prefixes()
+    got = []
+    for request in requests:
+        plan = plan_of(tiny, "generate", [request])
+        assert plan.shared_prefix == 0  # the plain plan, the one admission counts
+        with StorageCensus(tiny.model) as census:
+            got += tiny.generate([request])
+        assert census.peak_bytes <= tiny.work_bytes(plan), (plan, census.where)
+    assert [(g.text, g.output_tokens) for g in got] == want
+    timing = [g.extra["timing"] for g in got]
+    # the first has nothing to share with; the second computes the common part into
+    # the kept prefix; the third computes only its own part
+    assert "shared_prefix_tokens" not in timing[0] and timing[1]["shared_prefix_tokens"] == 0
+    assert timing[2]["shared_prefix_tokens"] >= 1400 and timing[2]["prefill_tokens"] < 260

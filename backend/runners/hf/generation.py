@@ -3,6 +3,8 @@ method's static KV cache kept between requests of one size, and requests that sh
 prefix continued from one kept prefix cache instead of each computing it (see
 `Generator._continue_batch`): the prefix a dataset hands over (NIAH's haystack), else
 the longest common token prefix of a batch's prompts (a few-shot header and examples).
+A request sent alone (batch_size 1) continues the prefix it shares with the request
+before it, on the kept prefix's own cache (`Generator._continue_alone`).
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class Generator:
 
     Reads the runner's `model`, `tokenizer`, `tok` (an HFTokenizer), `device`,
     `pad_token_id`, `static_cache`, `share_prefixes`, `should_stop` and its `work_bytes`;
-    keeps `_prefix` (the shared prefix of this pass), `_static` (the static cache of the
-    size in use) and `_cut_back` (whether the model's cache can be cut back to a prefix)."""
+    keeps `_prefix` (the shared prefix of this pass), `_last_prompt` (the tokens of the
+    last request sent alone), `_static` (the static cache of the size in use) and
+    `_cut_back` (whether the model's cache can be cut back to a prefix)."""
 
     model: Any
     tokenizer: Any
@@ -99,6 +102,7 @@ class Generator:
     share_prefixes: bool
     work_bytes: Any
     _prefix: tuple[tuple[int, ...], Any] | None
+    _last_prompt: tuple[int, ...]
     _static: tuple[tuple[int, int], Any] | None
     _cut_back: bool | None
     should_stop: Any
@@ -116,6 +120,11 @@ class Generator:
                    if r.keep_last else self.tok.prompt_ids(r.prompt, r.chat_template)
                    for r in requests]
         if self._shares_prefixes():
+            if len(requests) == 1 and not requests[0].prefix:
+                reused = self._reused_length(prompts[0])
+                self._last_prompt = tuple(prompts[0])
+                if reused:
+                    return [self._continue_alone(requests[0], prompts[0], reused)]
             shared = self._shared_lengths(requests, prompts)
             if any(shared):
                 return self._generate_shared(requests, prompts, shared)
@@ -266,6 +275,50 @@ class Generator:
                                           shared_prefix=shared, padded=padded))
                 <= self.work_bytes(plain))
 
+    def _reused_length(self, ids: list[int]) -> int:
+        """For a request sent alone without a prefix of its own: how many of its leading
+        tokens `ids` it shares with the kept prefix or with the last request sent alone,
+        whichever is longer, when that is at least MIN_SHARED_PREFIX (and a token is
+        left to feed); else 0. Few-shot prompts sent one at a time share their header
+        and examples from the second request on."""
+        kept = self._prefix[0] if self._prefix else ()
+        n = max((common_length([list(seen), ids]) for seen in (kept, self._last_prompt)
+                 if seen), default=0)
+        n = min(n, len(ids) - 1)
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _continue_alone(self, request: GenerationRequest, ids: list[int],
+                        shared: int) -> Generation:
+        """A request sent alone whose first `shared` tokens are (or become) the kept
+        prefix: the rest of its prompt, but for its last token, is computed onto the
+        kept prefix's own cache, `generate` decodes on it, and the cache is cut back to
+        the prefix afterwards. No copy of the prefix is made: the request holds one
+        row's cache, as it would unshared. The same greedy tokens as the whole prompt
+        computed at once."""
+        import torch
+
+        started = time.perf_counter()
+        try:
+            kept, computed = self._kept_prefix(ids[:shared])
+            if kept.get_seq_length() > shared:  # a longer kept prefix: cut to this one's
+                kept.crop(shared - kept.get_seq_length())
+                self._prefix = (tuple(ids[:shared]), kept)
+            rest = ids[shared:-1]
+            if rest:
+                with torch.inference_mode():
+                    self.model(input_ids=torch.tensor([rest], device=self.device),
+                               cache=kept, use_cache=True, logits_to_keep=1)
+            rows, timing, took = self._greedy([ids], request.max_new_tokens, started, kept,
+                                              [request.stop])
+            kept.crop(shared - kept.get_seq_length())  # negative: the positions to drop
+        except BaseException:
+            self._prefix = None  # a cache written past its prefix is never continued
+            raise
+        computed += len(rest)
+        timing.update(batch=1, prefill_tokens=computed + 1,
+                      shared_prefix_tokens=len(ids) - computed - 1)
+        return self._reply(rows[0], request, len(ids), took, timing)
+
     def _kept_prefix(self, ids: list[int]):
         """The kept prefix's cache, made to start with the tokens `ids`, and how many of
         them had to be computed now (the caller reads the first len(ids) positions).
@@ -384,6 +437,7 @@ class Generator:
     def forget_prefixes(self) -> None:
         """Drop the kept prefix cache and the kept static cache: the pass is over."""
         self._prefix = None
+        self._last_prompt = ()
         self._static = None
 
     def _eos_ids(self) -> set[int]:

@@ -116,6 +116,8 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
         """Continue requests with a `prefix` from a copy of its cached keys/values."""
         self._prefix: tuple[tuple[int, ...], object] | None = None
         """The shared prefix kept in this pass: its token ids and cache."""
+        self._last_prompt: tuple[int, ...] = ()
+        """The tokens of the last request generated alone in this pass."""
         self._cut_back: bool | None = None
         """Whether the model's cache can be cut back to a prefix (read once, on use)."""
         self._static: tuple[tuple[int, int], object] | None = None
