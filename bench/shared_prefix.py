@@ -5,7 +5,11 @@ ours/lm-eval and how many outputs are identical.
 
     .venv/bin/python bench/shared_prefix.py [--case gsm8k|mmlu|unshared|all] \
         [--model builtin:small] [--questions N] [--rounds 2] [--ours-batch B] \
-        [--lm-eval-batch B]
+        [--lm-eval-batch B] [--sweep 1,8,32]
+
+`--sweep` first times each side once at each of those batch sizes on the same
+requests and then compares each side at its own fastest ("each tool at its best batch
+setting"); the sweep's timings are printed too.
 
 Cases (prompts from the bundled essays):
   gsm8k     GSM8K-shaped 5-shot generation ("Question: ...\\nAnswer: ...", five solved
@@ -84,8 +88,6 @@ def instances(kind: str, args: list[tuple]) -> list:
 
 def ours(model_dir: Path, batch: int):
     from backend.common.config import load_settings
-    from backend.datasets.lm_eval_lm import RunnerLM
-    from backend.engine.answering import Backoff
     from backend.runners.hf.loading import LoadOptions
     from backend.runners.hf.runner import HFRunner
     from backend.runners.models import resolve_model
@@ -93,6 +95,14 @@ def ours(model_dir: Path, batch: int):
     settings = load_settings()
     runner = HFRunner.load(resolve_model(str(model_dir), settings, confine=False),
                            LoadOptions.from_settings(settings), settings)
+    return runner_lm(runner, batch)
+
+
+def runner_lm(runner, batch: int):
+    """Our runner as the lm_eval dataset wraps it, `batch` requests per runner call."""
+    from backend.datasets.lm_eval_lm import RunnerLM
+    from backend.engine.answering import Backoff
+
     return RunnerLM(runner, Backoff(batch, lambda size, message: None).run)
 
 
@@ -102,6 +112,38 @@ def theirs(model_dir: Path, batch: int):
     return HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=batch)
 
 
+def _timed(lm, kind: str, reqs: list) -> tuple[float, list]:
+    if hasattr(lm, "runner"):
+        lm.runner.forget_prefixes()  # each run starts from nothing kept
+    started = time.perf_counter()
+    got = getattr(lm, kind)(instances(kind, reqs))
+    return time.perf_counter() - started, got
+
+
+def sweep(kind: str, reqs: list, model_dir: Path, sizes: list[int]) -> dict[str, int]:
+    """Each side timed once at each batch size (A B alternated); its fastest size."""
+    from lm_eval.models.huggingface import HFLM
+
+    best: dict[str, int] = {}
+    times: dict[str, dict[int, float]] = {"ours": {}, "lm_eval": {}}
+    lm = ours(model_dir, sizes[0])
+    theirs_lm = theirs(model_dir, sizes[0])
+    for lm_ in (lm, theirs_lm):  # first-call costs, untimed
+        getattr(lm_, kind)(instances(kind, reqs[:4]))
+    for size in sizes:
+        lm = runner_lm(lm.runner, size)
+        theirs_lm.batch_size_per_gpu = size
+        assert isinstance(theirs_lm, HFLM)
+        times["ours"][size] = _timed(lm, kind, reqs)[0]
+        times["lm_eval"][size] = _timed(theirs_lm, kind, reqs)[0]
+        print(f"sweep batch {size:4}: ours {times['ours'][size]:8.2f} s, lm-eval "
+              f"{times['lm_eval'][size]:8.2f} s", flush=True)
+    for side, by_size in times.items():
+        best[side] = min(by_size, key=by_size.get)
+    print(f"fastest: ours batch {best['ours']}, lm-eval batch {best['lm_eval']}", flush=True)
+    return best
+
+
 def run_case(case: str, args, model_dir: Path) -> None:
     if case == "gsm8k":
         kind, reqs = "generate_until", gsm8k_requests(args.questions)
@@ -109,6 +151,9 @@ def run_case(case: str, args, model_dir: Path) -> None:
         kind, reqs = "loglikelihood", mmlu_requests(args.questions)
     else:
         kind, reqs = "loglikelihood", unshared_requests(args.questions, args.tokens)
+    if args.sweep:
+        best = sweep(kind, reqs, model_dir, [int(n) for n in args.sweep.split(",")])
+        args.ours_batch, args.lm_eval_batch = best["ours"], best["lm_eval"]
     sides = {"ours": ours(model_dir, args.ours_batch),
              "lm_eval": theirs(model_dir, args.lm_eval_batch)}
     for lm in sides.values():  # first-call costs (thread pools, allocations), untimed
@@ -154,6 +199,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ours-batch", type=int, default=8)
     parser.add_argument("--lm-eval-batch", type=int, default=8)
+    parser.add_argument("--sweep", default="",
+                        help="comma-separated batch sizes: compare each side at its fastest")
     args = parser.parse_args()
     import os
 

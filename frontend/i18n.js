@@ -296,8 +296,8 @@ const ZH_TEXT = {
     "任意 lm-evaluation-harness 任务、任务组或任务列表（MMLU、ARC、HellaSwag 等），使用其官方提示词和指标，按 lm-eval 自己的方式汇总得分",
   "depends on the tasks; lm-eval's task index is built once (~15 s) and kept in LBS_CACHE_DIR":
     "取决于所选任务；lm-eval 的任务索引只建一次（约 15 秒），保存在 LBS_CACHE_DIR",
-  "prompts generated (or multiple-choice questions scored) together; \"auto\": the fastest batch that fits, timed on the first items (each answered once); halved automatically on out-of-memory":
-    "一起生成的提示词数（或一起评分的选择题数）；\"auto\"：在放得下的批大小中，用最初的样本计时（每个样本只回答一次）选出最快的；内存不足时自动减半",
+  "prompts generated (or multiple-choice questions scored) together; \"auto\": the fastest batch that fits, timed on the first items (each answered once); unset, a job of 64 items or more on a local model runs as \"auto\", a smaller one at 1; halved automatically on out-of-memory":
+    "一起生成的提示词数（或一起评分的选择题数）；\"auto\"：在放得下的批大小中，用最初的样本计时（每个样本只回答一次）选出最快的；不填时，本地模型上样本数不少于 64 的任务按 \"auto\" 运行，更少的按 1；内存不足时自动减半",
   "prompts generated together; default: the number of depths, so each context length's depths continue their shared haystack together (the fastest setting measured); \"auto\": the fastest batch that fits, timed on the first prompts; halved automatically on out-of-memory":
     "一起生成的提示词数；默认等于深度个数，同一上下文长度的各个深度接着共享的干草堆一起生成（实测最快的设置）；\"auto\"：在放得下的批大小中，用最初的提示词计时选出最快的；内存不足时自动减半",
   "Tasks":

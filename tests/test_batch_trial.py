@@ -94,3 +94,52 @@ def test_a_halved_batch_caps_the_candidates():
     assert trial.sizes == [1, 2] and trial.next_size() == 2
     trial.record(2, _items(2), 1.0)
     assert trial.chosen == 2 and trial.note()["fits"] == 2
+
+
+def _gsm8k_job(settings, tmp_path, extra: dict, questions: int):
+    """A GSM8K job over `questions` made-up problems with two shots, 4 new tokens."""
+    import json
+
+    from backend.apps.cli import _ListSink
+    from backend.engine.evaluation import run_evaluation
+    from backend.engine.memory.manager import ModelManager
+    from backend.engine.preparation import prepare
+    from tests.conftest import ROOT
+
+    data = tmp_path / f"gsm8k-{questions}"
+    data.mkdir(exist_ok=True)
+    (data / "train.jsonl").write_text((ROOT / "tests/fixtures/gsm8k/train.jsonl").read_text())
+    (data / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"Ann has {i} apples and buys {i + 3} more. How many now?",
+                    "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) + "\n"
+        for i in range(questions)))
+    job = prepare("builtin:tiny", "gsm8k", {"data_dir": str(data), "shots": 2,
+                                            "max_new_tokens": 4, **extra},
+                  settings, confine=False)
+    sink = _ListSink()
+    sink.set_total = lambda total: None
+    run_evaluation(job, ModelManager(use_cache=False), settings, sink)
+    return job, sink
+
+
+def test_a_job_that_leaves_batch_size_unset_runs_auto_when_it_has_many_items(
+        settings, with_tiny, tmp_path):
+    """batch_size unset and 64 items or more on a local model: "auto" by default (the
+    fastest size timed on the first items, each answered once, noted as the default);
+    fewer items, or batch_size 1 sent, run one at a time. The stored parameters keep
+    what was sent."""
+    from backend.engine.answering import AUTO_BY_DEFAULT_ITEMS
+
+    job, sink = _gsm8k_job(settings, tmp_path, {}, AUTO_BY_DEFAULT_ITEMS)
+    assert "batch_size" not in job.params.model_fields_set
+    records = sorted(sink.records, key=lambda r: r.idx)
+    assert [r.idx for r in records] == list(range(AUTO_BY_DEFAULT_ITEMS))
+    note = sink.manifest["inference"]["batch_size"]
+    assert note["default"] is True and "by default" in note["reason"]
+    assert set(note["seconds_per_unit"]) == {"1", "4", "16"} and note["chosen"] in (1, 4, 16)
+    _, one = _gsm8k_job(settings, tmp_path, {"batch_size": 1}, AUTO_BY_DEFAULT_ITEMS)
+    assert "batch_size" not in one.manifest["inference"]
+    assert ([r.prediction for r in sorted(one.records, key=lambda r: r.idx)]
+            == [r.prediction for r in records])
+    _, few = _gsm8k_job(settings, tmp_path, {}, AUTO_BY_DEFAULT_ITEMS - 1)
+    assert "batch_size" not in few.manifest["inference"]

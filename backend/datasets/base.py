@@ -86,7 +86,9 @@ class DatasetParams(BaseModel):
         1, title="Batch size",
         description="prompts generated (or multiple-choice questions scored) together; "
                     "\"auto\": the fastest batch that fits, timed on the first items "
-                    "(each answered once); halved automatically on out-of-memory")
+                    "(each answered once); unset, a job of 64 items or more on a local "
+                    "model runs as \"auto\", a smaller one at 1; halved automatically on "
+                    "out-of-memory")
     on_oom: Literal["fail_sample", "fail_job"] = Field(
         "fail_sample", title="On out of memory",
         description="when one prompt alone does not fit in memory: record it as a failed "

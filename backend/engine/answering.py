@@ -23,7 +23,7 @@ from backend.engine.contracts import (
     is_out_of_memory,
     move_trailing_whitespace,
 )
-from backend.runners.base import PromptView
+from backend.runners.base import PromptView, Runner
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,27 @@ def auto_batch_size(runner: Any, pending: list[Any]) -> int:
     return size
 
 
+AUTO_BY_DEFAULT_ITEMS = 64
+"""A job that leaves batch_size unset, with at least this many items to answer on a
+runner that sizes its own batches, runs as batch_size "auto": enough items that the
+trial's sizes are timed on its first items and the fastest answers most of the rest."""
+
+
+def default_batch_size(params: Any, runner: Any, pending: int) -> int | str:
+    """The batch size a job runs at: what it set; else its dataset's own default (NIAH's
+    number of depths); else "auto" where the base default (1) is in force, the job has
+    AUTO_BY_DEFAULT_ITEMS items or more and the runner sizes batches itself (a local
+    model: `find_batch_size` of its own); else 1. The stored job keeps what was sent."""
+    size = params.batch_size
+    if ("batch_size" in params.model_fields_set or size != 1
+            or type(params).model_fields["batch_size"].default != 1):
+        return size
+    if pending >= AUTO_BY_DEFAULT_ITEMS and (
+            type(runner).find_batch_size is not Runner.find_batch_size):
+        return "auto"
+    return size
+
+
 def trial_sizes(fits: int) -> list[int]:
     """The batch sizes "auto" times: 1, every fourth power of 2 below `fits`, and `fits`."""
     sizes, size = [1], 4
@@ -272,6 +293,8 @@ class BatchTrial:
     how long a batch took; `note()` is the choice and why, for the job's manifest."""
 
     fits: int
+    by_default: bool = False
+    """Whether the job left batch_size unset and runs as "auto" (`default_batch_size`)."""
     seconds: dict[int, float] = field(default_factory=dict)
     settled: bool = False
     chosen: int | None = None
@@ -323,5 +346,8 @@ class BatchTrial:
         else:
             reason = (f"the fastest of sizes {sorted(self.seconds)} timed on the job's first "
                       f"items; {self.fits} fit in memory")
+        if self.by_default:
+            reason += " (batch_size left unset: \"auto\" by default)"
         return {"chosen": self.chosen, "fits": self.fits,
-                "seconds_per_unit": self._timings(), "reason": reason}
+                "seconds_per_unit": self._timings(), "reason": reason,
+                "default": self.by_default}

@@ -24,6 +24,7 @@ from backend.engine.answering import (
     answer_batch,
     auto_batch_size,
     choose,
+    default_batch_size,
     order_for_batching,
 )
 from backend.engine.contracts import CacheMode, GenerationRequest
@@ -228,9 +229,10 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
     and reason go to `note_batch_size` (the job's manifest)."""
     pending = [item for item in items if item.idx + offset not in stored]
     pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
-    step, trial = job.params.batch_size, None
+    step, trial = default_batch_size(job.params, view.runner, len(pending)), None
     if step == "auto":
-        trial = BatchTrial(auto_batch_size(view.runner, pending))
+        trial = BatchTrial(auto_batch_size(view.runner, pending),
+                           by_default=job.params.batch_size != "auto")
         step = trial.fits
     if method is not None and pending:
         _warm_up(view, pending[:step if trial is None else 1], method)

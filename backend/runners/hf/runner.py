@@ -192,8 +192,10 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
     def find_batch_size(self, plan: BatchPlan) -> int:
         """See `Runner.find_batch_size`. Starts at `plan.rows` (at most CPU_MAX_BATCH on
         the CPU, where memory is seldom the limit and wider batches bought no speed: see
-        BENCHMARKS.md); on CUDA at the most rows whose memory account
-        (`work_bytes`) fits the room this process may still use (`room_bytes`). That
+        BENCHMARKS.md), then at the most rows whose memory account (`work_bytes`) fits
+        the room this process may still use: on CUDA `room_bytes`, on the CPU half the
+        RAM the machine has available (a step too large for RAM would not raise, the
+        kernel would kill the worker). That
         batch is then checked by one real step of the path the job runs (`_probe_step`),
         halving while it runs out of memory of any kind (CUDA's, a cuBLAS or cuDNN
         allocation failure, Python's MemoryError); other errors are raised. After each
@@ -202,9 +204,13 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
         from accelerate.utils.memory import clear_device_cache
 
         size = max(1, plan.rows)
+        room = self.room_bytes()
         if self.device == "cpu":
             size = min(size, CPU_MAX_BATCH)
-        room = self.room_bytes()
+            if room is None:  # RAM running out ends in the OOM killer, not in an error
+                import psutil
+
+                room = psutil.virtual_memory().available // 2
         if room is not None:
             size = self._rows_within(plan, size, room)
         while True:
