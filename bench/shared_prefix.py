@@ -5,7 +5,7 @@ ours/lm-eval and how many outputs are identical.
 
     .venv/bin/python bench/shared_prefix.py [--case gsm8k|mmlu|unshared|all] \
         [--model builtin:small] [--questions N] [--rounds 2] [--ours-batch B] \
-        [--lm-eval-batch B] [--sweep 1,8,32]
+        [--lm-eval-batch B] [--sweep 1,8,32] [--threads 1]
 
 `--sweep` first times each side once at each of those batch sizes on the same
 requests and then compares each side at its own fastest ("each tool at its best batch
@@ -112,6 +112,28 @@ def theirs(model_dir: Path, batch: int):
     return HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=batch)
 
 
+class ForwardClock:
+    """Seconds a model spends in forward passes over several tokens a row (prefill,
+    scoring) and over one (decode steps), from forward hooks."""
+
+    def __init__(self, model):
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self._started = 0.0
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self._started = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        part = "decode" if ids is not None and ids.shape[-1] == 1 else "prefill"
+        self.seconds[part] += time.perf_counter() - self._started
+
+    def reset(self) -> None:
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+
+
 def _timed(lm, kind: str, reqs: list) -> tuple[float, list]:
     if hasattr(lm, "runner"):
         lm.runner.forget_prefixes()  # each run starts from nothing kept
@@ -158,6 +180,9 @@ def run_case(case: str, args, model_dir: Path) -> None:
              "lm_eval": theirs(model_dir, args.lm_eval_batch)}
     for lm in sides.values():  # first-call costs (thread pools, allocations), untimed
         getattr(lm, kind)(instances(kind, reqs[:4]))
+    clocks = {"ours": ForwardClock(sides["ours"].runner.model),
+              "lm_eval": ForwardClock(sides["lm_eval"].model)}
+    split: dict[str, list[dict[str, float]]] = {"ours": [], "lm_eval": []}
     times: dict[str, list[float]] = {"ours": [], "lm_eval": []}
     outputs: dict[str, list] = {}
     for r in range(args.rounds):
@@ -165,9 +190,11 @@ def run_case(case: str, args, model_dir: Path) -> None:
             lm = sides[name]
             if name == "ours":
                 lm.runner.forget_prefixes()  # each round starts from nothing kept
+            clocks[name].reset()
             started = time.perf_counter()
             got = getattr(lm, kind)(instances(kind, reqs))
             times[name].append(time.perf_counter() - started)
+            split[name].append(dict(clocks[name].seconds))
             outputs[name] = got
             print(f"{case} round {r + 1} {name:8} {times[name][-1]:8.2f} s", flush=True)
     a, b = outputs["ours"], outputs["lm_eval"]
@@ -188,6 +215,15 @@ def run_case(case: str, args, model_dir: Path) -> None:
           f"{args.lm_eval_batch}: median ours {med['ours']:.2f} s, lm-eval "
           f"{med['lm_eval']:.2f} s, ratio ours/lm-eval {med['ours'] / med['lm_eval']:.3f}; "
           f"{detail}", flush=True)
+    for name in ("ours", "lm_eval"):
+        prefill = statistics.median(s["prefill"] for s in split[name])
+        decode = statistics.median(s["decode"] for s in split[name])
+        print(f"{case}: {name} in forward passes (median): prompts {prefill:.2f} s, decode "
+              f"steps {decode:.2f} s, the rest {med[name] - prefill - decode:.2f} s", flush=True)
+    if kind == "generate_until":
+        share = statistics.median(s["prefill"] for s in split["lm_eval"]) / med["lm_eval"]
+        print(f"{case}: lm-eval's prompt passes are {share:.2f} of its time: computing "
+              f"prompts once can at best bring ours to {1 - share:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -199,10 +235,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ours-batch", type=int, default=8)
     parser.add_argument("--lm-eval-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both sides (0: torch's default); 1 keeps a "
+                             "loaded machine's descheduled threads from stalling each op")
     parser.add_argument("--sweep", default="",
                         help="comma-separated batch sizes: compare each side at its fastest")
     args = parser.parse_args()
     import os
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     os.environ.setdefault("LBS_DATA_DIR", tempfile.mkdtemp(prefix="lbs-bench-"))
     from backend.runners.builtin import ensure_builtin_model
@@ -211,7 +255,10 @@ def main() -> None:
                                      args.model.removeprefix("builtin:"))
     for case in (["gsm8k", "mmlu", "unshared"] if args.case == "all" else [args.case]):
         run_case(case, args, model_dir)
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    import torch
+
+    print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

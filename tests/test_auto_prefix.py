@@ -20,13 +20,15 @@ from tests.test_prefix_sharing import _alone, _ids, _tiny
 def shared_tokens(monkeypatch):
     """The tokens each shared-prefix batch took from the kept prefix, per row."""
     seen: list[list[int]] = []
-    real = HFRunner._continue_batch
 
-    def spy(self, requests, prompts, shared):
-        seen.append(list(shared))
-        return real(self, requests, prompts, shared)
+    def spying(real):
+        def spy(self, requests, prompts, shared):
+            seen.append(list(shared))
+            return real(self, requests, prompts, shared)
+        return spy
 
-    monkeypatch.setattr(HFRunner, "_continue_batch", spy)
+    for name in ("_continue_batch", "_continue_together"):
+        monkeypatch.setattr(HFRunner, name, spying(getattr(HFRunner, name)))
     return seen
 
 
@@ -54,6 +56,33 @@ def test_a_few_shot_batch_computes_its_shared_prefix_once(settings, with_tiny, s
     assert min(shared) >= shots - 1
     timing = together[0].extra["timing"]
     assert timing["shared_prefix_tokens"] == 2 * min(shared)  # reused by the 2nd and 3rd
+
+
+def test_a_few_shot_batch_computes_every_rest_in_one_pass(settings, with_tiny):
+    """The rows' own parts (questions of different lengths) are computed together, in
+    one forward pass after the prefix's, laid out prefix, padding, question; the
+    replies are each prompt's alone, and the batch holds no more than the same batch
+    unshared (the plain plan admission counts, by the census)."""
+    from backend.engine.contracts import BatchPlan
+    from tests.memory_census import StorageCensus
+
+    runner = _tiny(settings)
+    requests = _gsm8k_requests(runner)
+    prompts = [runner.tok.prompt_ids(r.prompt, False) for r in requests]
+    assert len({len(p) for p in prompts}) == 3  # three lengths: the layout has holes
+    alone = _alone(runner, requests)
+    widths: list[int] = []
+    runner.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    runner.forget_prefixes()
+    plain = BatchPlan("generate", 3, max(map(len, prompts)), requests[0].max_new_tokens,
+                      padded=True)
+    with StorageCensus(runner.model) as census:
+        together = runner.generate(requests)
+    assert _ids(together) == _ids(alone)
+    prefill = [tuple(w) for w in widths if w[1] > 1]
+    assert len(prefill) == 2 and prefill[0][0] == 1 and prefill[1][0] == 3
+    assert census.peak_bytes <= runner.work_bytes(plain), census.where
 
 
 def test_prompts_that_share_little_are_not_split(settings, with_tiny, shared_tokens):

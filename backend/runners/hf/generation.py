@@ -63,9 +63,14 @@ class StopCheck:
         self.tokenizer = tokenizer
         self.width = width
         self.stops = stops if stops and any(stops) else None
-        # a stop string lies within its own tokens' count (+2 for merges at its ends)
-        self.lookback = [max((len(tokenizer.encode(s, add_special_tokens=False))
-                              for s in row), default=0) + 2 for row in (self.stops or [])]
+        # a stop string lies within its own tokens' count (+2 for merges at its ends);
+        # the rows of a batch mostly have the same stop strings: each counted once
+        counted: dict[tuple[str, ...], int] = {}
+        for row in self.stops or []:
+            if row not in counted:
+                counted[row] = max((len(tokenizer.encode(s, add_special_tokens=False))
+                                    for s in row), default=0) + 2
+        self.lookback = [counted[row] for row in (self.stops or [])]
         self.stopped = False
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -172,11 +177,12 @@ class Generator:
         return cache
 
     def _greedy(self, prompts: list[list[int]], max_new: int, started: float,
-                cache=None, stops: list[tuple[str, ...]] | None = None
-                ) -> tuple[list[list[int]], dict, float]:
-        """`prompts` left-padded into one batch and decoded greedily up to `max_new`
-        tokens, continuing `cache` when given, a row ending early at one of its `stops`:
-        each row's new tokens, the prefill and decode seconds since `started`, and the
+                cache=None, stops: list[tuple[str, ...]] | None = None,
+                masks: list[list[int]] | None = None) -> tuple[list[list[int]], dict, float]:
+        """`prompts` left-padded into one batch (or, with `masks`, rows of one width
+        laid out as those masks say) and decoded greedily up to `max_new` tokens,
+        continuing `cache` when given, a row ending early at one of its `stops`: each
+        row's new tokens, the prefill and decode seconds since `started`, and the
         seconds in all. Raises Stopped when the job stops meanwhile (`should_stop`)."""
         import torch
 
@@ -186,8 +192,9 @@ class Generator:
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
                                  device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
-                            device=self.device)
+        if masks is None:
+            masks = [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts]
+        mask = torch.tensor(masks, device=self.device)
         first_token = FirstTokenClock(self.device.startswith("cuda"))
         check = StopCheck(self.should_stop, self.tokenizer, width, stops)
         extra = {} if cache is None else {"cache": cache}
@@ -386,7 +393,11 @@ class Generator:
         try:
             for group in _length_groups(prompts):
                 group.sort(key=lambda i: -shared[i])
-                for i, generation in zip(group, self._continue_batch(
+                common = {shared[i] for i in group}
+                together = (len(group) > 1 and len(common) == 1
+                            and not any(requests[i].prefix for i in group))
+                method = self._continue_together if together else self._continue_batch
+                for i, generation in zip(group, method(
                         [requests[i] for i in group], [prompts[i] for i in group],
                         [shared[i] for i in group]), strict=True):
                     results[i] = generation
@@ -394,6 +405,52 @@ class Generator:
             self._prefix = None  # out of memory above all: the retry starts from nothing
             raise
         return results
+
+    def _continue_together(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                           shared: list[int]) -> list[Generation]:
+        """Prompts whose first `shared[0]` tokens (the same for every row: their common
+        prefix) are the kept prefix's, in one cache laid out prefix, padding, rest: the
+        prefix is written into every row at once, the rests (but for each one's last
+        token) are computed in one forward pass, right-aligned after the padding, and
+        `generate` decodes every row on the same storage. A row's positions follow its
+        attention mask, whose hole is skipped (transformers counts positions as the
+        mask's running sum), so each row sees its own prompt's positions and the same
+        greedy tokens as alone; two forward passes where `_continue_batch` makes one a
+        row. Holds what `_continue_batch` holds: the B rows and the kept prefix."""
+        import torch
+
+        from backend.runners.hf.cache import BatchSlots
+
+        started = time.perf_counter()
+        n = shared[0]
+        rests = [ids[n:] for ids in prompts]
+        width = max(len(rest) for rest in rests)
+        max_new = max(r.max_new_tokens for r in requests)
+        slots = BatchSlots(self.model.config, len(prompts), n + width + max_new - 1)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        masks = [[1] * n + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests]
+        rows = [prompts[0][:n] + [pad] * (width - len(rest)) + rest for rest in rests]
+        with torch.inference_mode():
+            kept, computed = self._kept_prefix(prompts[0][:n])
+            cache = slots.batch(0)
+            for layer, held in enumerate(kept.layers):  # one write, broadcast to every row
+                cache.update(held.keys[..., :n, :], held.values[..., :n, :], layer)
+            del kept, cache
+            if width > 1:
+                mask = torch.tensor([m[:-1] for m in masks], device=self.device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
+                self.model(input_ids=torch.tensor([row[n:-1] for row in rows],
+                                                  device=self.device),
+                           attention_mask=mask, position_ids=positions,
+                           cache=slots.batch(n), use_cache=True, logits_to_keep=1)
+        computed += sum(len(rest) - 1 for rest in rests)
+        out, timing, took = self._greedy(rows, max_new, started, slots.batch(n + width - 1),
+                                         [r.stop for r in requests], masks)
+        total = sum(len(ids) for ids in prompts)
+        timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
+                      shared_prefix_tokens=total - computed - len(requests))
+        return [self._reply(row, request, len(ids), took / len(requests), timing)
+                for row, request, ids in zip(out, requests, prompts, strict=True)]
 
     def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
                         shared: list[int]) -> list[Generation]:

@@ -30,8 +30,10 @@ from backend.runners.models import estimate_model_bytes, model_info, resolve_loc
 
 log = logging.getLogger(__name__)
 
-CPU_MAX_BATCH = 16
-"""Where batch_size "auto" starts on the CPU (see HFRunner.find_batch_size)."""
+CPU_MAX_BATCH = 64
+"""Where batch_size "auto" starts on the CPU (see HFRunner.find_batch_size): wide
+batches of generation sharing a prefix are the fastest there too (BENCHMARKS.md,
+bench/shared_prefix.py --sweep), and the trial keeps a smaller size where it is faster."""
 
 
 def _with_rows(plan: BatchPlan, rows: int) -> BatchPlan:
@@ -191,8 +193,7 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
 
     def find_batch_size(self, plan: BatchPlan) -> int:
         """See `Runner.find_batch_size`. Starts at `plan.rows` (at most CPU_MAX_BATCH on
-        the CPU, where memory is seldom the limit and wider batches bought no speed: see
-        BENCHMARKS.md), then at the most rows whose memory account (`work_bytes`) fits
+        the CPU), then at the most rows whose memory account (`work_bytes`) fits
         the room this process may still use: on CUDA `room_bytes`, on the CPU half the
         RAM the machine has available (a step too large for RAM would not raise, the
         kernel would kill the worker). That
