@@ -141,17 +141,17 @@ def _cuda_available() -> bool:
 
 
 LONGEST_FILES = (
-    "test_lm_eval.py", "test_frontend.py", "test_faults.py", "test_fuzz.py",
-    "test_lm_eval_catalog.py", "test_security.py", "test_results_page.py",
-    "test_memory_api.py", "test_lm_eval_fidelity.py", "test_cluster_ray.py",
-    "test_data_fetch.py", "test_clear_gpu_memory.py", "test_mcp.py", "test_data_parallel.py",
+    "test_lm_eval.py", "test_frontend.py", "test_faults.py", "test_security.py",
+    "test_lm_eval_catalog.py", "test_cluster_ray.py", "test_memory_api.py",
+    "test_results_page.py", "test_fuzz.py", "test_data_fetch.py", "test_lm_eval_fidelity.py",
+    "test_mcp.py", "test_data_parallel.py", "test_clear_gpu_memory.py",
     "test_memory_account.py", "test_prefix_sharing.py", "test_frontend_shards.py",
     "test_datasets_e2e.py", "test_openai_serve.py", "test_jobs.py", "test_compare.py",
     "test_package.py", "test_model_download.py", "test_generation_stop.py",
     "test_cluster_slurm.py", "test_cuda_errors.py", "test_openai_models.py",
     "test_plugin_docs.py", "test_release.py", "test_bounds.py", "test_e2e.py",
 )
-"""The test files that take longest (each 35 s to 6 minutes of test time on two loaded
+"""The test files that take longest (each 35 s to 8 minutes of test time on two loaded
 cores), longest first. They run first: pytest-xdist hands out files in collection
 order, so with the long ones started early the test processes end together instead of
 one of them starting a minute-long file when the other is nearly done."""
