@@ -140,7 +140,37 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+LONGEST_FILES = (
+    "test_lm_eval.py", "test_frontend.py", "test_faults.py", "test_security.py",
+    "test_lm_eval_catalog.py", "test_cluster_ray.py", "test_memory_api.py",
+    "test_results_page.py", "test_fuzz.py", "test_data_fetch.py", "test_lm_eval_fidelity.py",
+    "test_mcp.py", "test_data_parallel.py", "test_clear_gpu_memory.py",
+    "test_memory_account.py", "test_prefix_sharing.py", "test_frontend_shards.py",
+    "test_datasets_e2e.py", "test_openai_serve.py", "test_jobs.py", "test_compare.py",
+    "test_package.py", "test_model_download.py", "test_generation_stop.py",
+    "test_cluster_slurm.py", "test_cuda_errors.py", "test_openai_models.py",
+    "test_plugin_docs.py", "test_release.py", "test_bounds.py", "test_e2e.py",
+)
+"""The test files that take longest (each 35 s to 8 minutes of test time on two loaded
+cores), longest first. They run first: pytest-xdist hands out files in collection
+order, so with the long ones started early the test processes end together instead of
+one of them starting a minute-long file when the other is nearly done."""
+
+
+def pytest_configure(config):
+    # pytest-xdist would otherwise reorder files by their number of tests, putting a
+    # long file of one or two tests last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def _longest_first(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
@@ -174,11 +204,47 @@ def _registries_restored():
         registry._classes.update(classes)
 
 
+PROBE = "backend.datasets.lm_eval_probe"
+"""The subprocess that lists lm-eval's tasks: a submit-time check or describe() starts one
+in the background (lm_eval imports torch: seconds of CPU), and nothing waits for it."""
+
+
+def end_index_probes(pid: int, recursive: bool = True) -> None:
+    """Kill the task-list subprocesses `pid` (and, `recursive`, its descendants) started
+    that still run: once their test (or server) is over nobody reads their answer, and
+    each would go on using a core the next tests need. A server keeps its list in
+    memory, so a probe outlives it unread."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=recursive)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            if PROBE in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _index_probes_ended():
+    """A test's in-process checks end with it (a module's server keeps its own)."""
+    yield
+    end_index_probes(os.getpid(), recursive=False)
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One LBS_CACHE_DIR for the whole run, as a user's ~/.cache is shared by all their
-    servers and workers: lm-eval's task index is built once per run, not per test."""
-    return tmp_path_factory.mktemp("cache")
+    servers and workers: lm-eval's task index is built once per run, not per test.
+    pytest-xdist's test processes share it too (the folder above each one's own; an
+    index is stored by an atomic rename, so two writing at once is harmless)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "lbs-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -368,6 +434,7 @@ class LiveServer:
 
     def stop(self) -> None:
         if self.proc:
+            end_index_probes(self.proc.pid)
             stop_process(self.proc)
         if getattr(self, "_log", None):
             self._log.close()

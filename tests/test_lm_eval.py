@@ -43,15 +43,21 @@ def _metrics(entries) -> dict[tuple[str, str], tuple[float, float | None]]:
             (s.value, s.labels["stderr"]) for s in entries if s.name == "metric"}
 
 
+def _fixture_tasks(tasks_dir: Path):
+    """lm-eval's own TaskManager over the fixture YAMLs alone: the reference runs need
+    nothing else, and indexing lm-eval's ~15,000 bundled names costs ~15 s a time."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks_dir), include_defaults=False)
+
+
 def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     model = with_tiny / "models" / "builtin-tiny-v1"
     ref = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model},dtype=float32", tasks=TASKS,
-        task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu", batch_size=1,
-        log_samples=True)
+        task_manager=_fixture_tasks(tasks_dir), device="cpu", batch_size=1, log_samples=True)
     outcome, sink = _ours(TASKS)
     ours = _metrics(outcome.scores)
     expected = {}
@@ -97,7 +103,7 @@ def test_metrics_equal_lm_eval_hf_backend(with_tiny, tasks_dir):
     runner = HFRunner.load(resolve_model("builtin:tiny", settings, confine=False),
                            LoadOptions.from_settings(settings), settings)
     theirs = lm_eval.simple_evaluate(model=RunnerLM(runner), tasks=TASKS,
-                                     task_manager=TaskManager(include_path=str(tasks_dir)))
+                                     task_manager=_fixture_tasks(tasks_dir))
     for (task, key), (value, _) in expected.items():
         assert theirs["results"][task][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     versions = {s.labels["what"]: s.labels["version"] for s in outcome.scores
@@ -109,12 +115,11 @@ def test_choices_without_context_are_conditioned_on_the_prefix_token(with_tiny, 
     """An empty context (lm-eval scores the continuation after its prefix token, BOS)
     gives the HF backend's numbers too."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     model = with_tiny / "models" / "builtin-tiny-v1"
     ref = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model},dtype=float32",
-        tasks=["lbs_mc_nocontext"], task_manager=TaskManager(include_path=str(tasks_dir)),
+        tasks=["lbs_mc_nocontext"], task_manager=_fixture_tasks(tasks_dir),
         device="cpu", batch_size=1, log_samples=True)
     _, sink = _ours(["lbs_mc_nocontext"])
     assert len(sink.records) == 6
@@ -195,10 +200,13 @@ def test_unknown_task_is_a_clear_error(with_tiny, tasks_dir):
 
 
 def test_server_does_not_import_torch_for_the_dataset(tasks_dir):
+    # describe() starts indexing lm-eval's tasks in a subprocess; this process ends its
+    # own, which would otherwise run on alone for minutes of CPU the other tests need
     code = ("import sys; from backend.datasets.registry import get_dataset;"
             "d = get_dataset('lm_eval'); d.describe();"
             "d.parse_params({'tasks': ['lbs_mc']});"
-            "print('torch' in sys.modules, 'lm_eval' in sys.modules)")
+            "print('torch' in sys.modules, 'lm_eval' in sys.modules);"
+            "import psutil; [p.kill() for p in psutil.Process().children(recursive=True)]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.split() == ["False", "False"]
