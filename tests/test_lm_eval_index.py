@@ -53,3 +53,42 @@ def test_no_cache_folder_builds_every_time(tasks_dir):
     from backend.datasets.lm_eval_index import task_manager
 
     assert "lbs_mc" in task_manager((str(tasks_dir),), False, None).all_tasks
+
+
+def test_a_task_list_probe_ends_with_the_process_that_asked(tmp_path):
+    """The server lists lm-eval's tasks in a subprocess and nothing else waits for it:
+    when the server is killed, the probe ends too instead of building the index (a
+    core's worth of CPU, up to its 10-minute timeout) for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys; subprocess.run([sys.executable, '-m', "
+         "'backend.datasets.lm_eval_probe', '--cache', 'off'])"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        probe = None
+        while probe is None and time.monotonic() < deadline:
+            children = psutil.Process(parent.pid).children()
+            probe = next((c for c in children if "lm_eval_probe" in " ".join(c.cmdline())),
+                         None)
+            time.sleep(0.1)
+        assert probe is not None, "the probe never started"
+        time.sleep(1.0)  # past its start-up: indexing
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        gone, alive = psutil.wait_procs([probe], timeout=15)
+        assert not alive, "the probe outlived the process that started it"
+    finally:
+        parent.kill()
+        for child in psutil.Process().children(recursive=True):
+            if "lm_eval_probe" in " ".join(child.cmdline()):
+                child.kill()

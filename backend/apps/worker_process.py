@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import sys
 import threading
+
+from backend.common import lifetime
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,9 @@ def warm_up() -> None:
 
 
 def die_with_parent(parent_pid: int) -> bool:
-    """Have Linux send this process SIGTERM when its parent ends (PR_SET_PDEATHSIG),
-    so a worker whose server was killed stops instead of claiming jobs as an orphan.
-    False when the parent is already gone (the caller exits). Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-            log.warning("[Worker] prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker "
-                        "outlives its server if that is killed", ctypes.get_errno())
-    return os.getppid() == parent_pid  # it may have ended before prctl took effect
+    """See `backend.common.lifetime.die_with_parent`: a worker whose server was killed
+    stops instead of claiming jobs as an orphan."""
+    return lifetime.die_with_parent(parent_pid, "[Worker]")
 
 
 ORPHAN_GRACE_S = 10.0

@@ -53,6 +53,13 @@ def build_shapes(include: list[str], asked: dict[str, Any],
 
 
 if __name__ == "__main__":
+    import os
+
+    from backend.common.lifetime import die_with_parent
+
+    # nobody reads a probe's answer once the server (or job) that asked is gone
+    if not die_with_parent(os.getppid(), "[Datasets]"):
+        sys.exit(1)
     logging.disable(logging.WARNING)
     args = sys.argv[1:]
     cache: Path | None = None
