@@ -38,9 +38,32 @@ OOM_ERRORS = {
 
 
 @pytest.fixture
-def runner(settings, with_tiny):
+def runner(settings, with_tiny, monkeypatch):
+    """The built-in model on the CPU, taking the real step CUDA takes: these tests
+    raise CUDA's errors from its forward pass."""
     spec = resolve_model("builtin:tiny", settings)
-    return HFRunner.load(spec, LoadOptions.from_settings(settings), settings)
+    loaded = HFRunner.load(spec, LoadOptions.from_settings(settings), settings)
+    monkeypatch.setattr(loaded, "steps_can_fail", lambda: True)
+    return loaded
+
+
+def test_on_the_cpu_the_account_decides_without_a_step(settings, with_tiny, monkeypatch):
+    """RAM running out does not raise: on the CPU "auto" takes the most rows (up to
+    CPU_MAX_BATCH) whose account fits half the available RAM, and runs no forward pass
+    for it (a 64-row prefill took a minute, half a 200-question job)."""
+    import psutil
+
+    from backend.runners.hf.runner import CPU_MAX_BATCH
+
+    spec = resolve_model("builtin:tiny", settings)
+    cpu = HFRunner.load(spec, LoadOptions.from_settings(settings), settings)
+    seen = forwards(cpu)
+    assert cpu.find_batch_size(replace(GENERATE, rows=500)) == CPU_MAX_BATCH
+    assert cpu.find_batch_size(GENERATE) == GENERATE.rows
+    available = cpu.work_bytes(replace(GENERATE, rows=3)) * 2 + 1
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    assert cpu.find_batch_size(GENERATE) == 3
+    assert seen == []
 
 
 def forwards(runner, limit: int | None = None, error=None) -> list[dict]:

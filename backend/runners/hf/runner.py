@@ -196,7 +196,8 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
         the CPU), then at the most rows whose memory account (`work_bytes`) fits
         the room this process may still use: on CUDA `room_bytes`, on the CPU half the
         RAM the machine has available (a step too large for RAM would not raise, the
-        kernel would kill the worker). That
+        kernel would kill the worker: there the account is the answer). Where steps can
+        fail (`steps_can_fail`: CUDA) that
         batch is then checked by one real step of the path the job runs (`_probe_step`),
         halving while it runs out of memory of any kind (CUDA's, a cuBLAS or cuDNN
         allocation failure, Python's MemoryError); other errors are raised. After each
@@ -214,6 +215,8 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
                 room = psutil.virtual_memory().available // 2
         if room is not None:
             size = self._rows_within(plan, size, room)
+        if not self.steps_can_fail():
+            return size
         while True:
             failure = self._try_step(_with_rows(plan, size))
             if failure is None:
@@ -223,6 +226,14 @@ class HFRunner(Generator, Scorer, Offloader, Runner):
             if size == 1:
                 return 1  # not even one fits: the job's own halving records the failures
             size //= 2
+
+    def steps_can_fail(self) -> bool:
+        """Whether a batch too large for memory raises (CUDA's allocator and libraries
+        do), so that `find_batch_size` checks its batch by one real step. On the CPU it
+        does not: RAM running out ends in the kernel's OOM killer, so the memory account
+        alone decides there, and no step (a whole batch's prefill, a minute on a small
+        model) is spent on it."""
+        return self.device != "cpu"
 
     def room_bytes(self) -> int | None:
         """What this process may still allocate on the model's CUDA devices (see
