@@ -146,3 +146,30 @@ def test_a_job_that_leaves_batch_size_unset_runs_auto_when_it_has_many_items(
             == [r.prediction for r in records])
     _, few = _gsm8k_job(settings, tmp_path, {}, AUTO_BY_DEFAULT_ITEMS - 1)
     assert "batch_size" not in few.manifest["inference"]
+
+
+def test_the_default_is_auto_only_where_the_account_can_plan_it():
+    """Unset batch_size becomes "auto" for 64 items or more that count their prompts'
+    tokens on a runner that sizes batches: not for lm-eval documents (their requests
+    are known to the dataset only: the account would plan zero tokens and allow every
+    row), not on a remote runner, not where the job sent a size or the dataset has its
+    own default. Items already stored count, so a resumed job keeps its choice."""
+    from types import SimpleNamespace
+
+    from backend.datasets.base import DatasetParams
+    from backend.datasets.needle_in_haystack import NeedleParams
+    from backend.engine.answering import AUTO_BY_DEFAULT_ITEMS, default_batch_size
+    from backend.runners.hf.runner import HFRunner
+    from backend.runners.openai.runner import OpenAIRunner
+
+    local, remote = object.__new__(HFRunner), object.__new__(OpenAIRunner)
+    counted = [SimpleNamespace(prompt_tokens=50)] * AUTO_BY_DEFAULT_ITEMS
+    documents = [SimpleNamespace(prompt_tokens=0)] * AUTO_BY_DEFAULT_ITEMS
+    unset = DatasetParams()
+    assert default_batch_size(unset, local, counted) == "auto"
+    assert default_batch_size(unset, local, counted[1:]) == 1
+    assert default_batch_size(unset, local, documents) == 1
+    assert default_batch_size(unset, remote, counted) == 1
+    assert default_batch_size(DatasetParams(batch_size=1), local, counted) == 1
+    assert default_batch_size(NeedleParams(depth_percents=[0, 50, 100]), local, counted) == 3
+

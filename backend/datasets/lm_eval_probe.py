@@ -57,8 +57,11 @@ if __name__ == "__main__":
 
     from backend.common.lifetime import die_with_parent
 
-    # nobody reads a probe's answer once the server (or job) that asked is gone
-    if not die_with_parent(os.getppid(), "[Datasets]"):
+    # nobody reads a probe's answer once the server (or job) that asked is gone; that
+    # process names itself (a parent that died while this one started is not mistaken
+    # for the process it was re-parented to)
+    if not die_with_parent(int(os.environ.get("LBS_PROBE_PARENT") or os.getppid()),
+                           "[Datasets]"):
         sys.exit(1)
     logging.disable(logging.WARNING)
     args = sys.argv[1:]

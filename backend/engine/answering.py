@@ -254,17 +254,20 @@ runner that sizes its own batches, runs as batch_size "auto": enough items that 
 trial's sizes are timed on its first items and the fastest answers most of the rest."""
 
 
-def default_batch_size(params: Any, runner: Any, pending: int) -> int | str:
+def default_batch_size(params: Any, runner: Any, items: list[Any]) -> int | str:
     """The batch size a job runs at: what it set; else its dataset's own default (NIAH's
-    number of depths); else "auto" where the base default (1) is in force, the job has
-    AUTO_BY_DEFAULT_ITEMS items or more and the runner sizes batches itself (a local
-    model: `find_batch_size` of its own); else 1. The stored job keeps what was sent."""
+    number of depths); else "auto" where the base default (1) is in force, the job (or
+    its shard) has AUTO_BY_DEFAULT_ITEMS `items` or more, counted with those already
+    stored so a resumed job keeps its choice, every item counts its prompt's tokens
+    (the memory account plans "auto" from them: an lm-eval document's requests are
+    only known to the dataset) and the runner sizes batches itself (a local model:
+    `find_batch_size` of its own); else 1. The stored job keeps what was sent."""
     size = params.batch_size
     if ("batch_size" in params.model_fields_set or size != 1
             or type(params).model_fields["batch_size"].default != 1):
         return size
-    if pending >= AUTO_BY_DEFAULT_ITEMS and (
-            type(runner).find_batch_size is not Runner.find_batch_size):
+    if (len(items) >= AUTO_BY_DEFAULT_ITEMS and all(i.prompt_tokens for i in items)
+            and type(runner).find_batch_size is not Runner.find_batch_size):
         return "auto"
     return size
 

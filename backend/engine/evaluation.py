@@ -216,6 +216,9 @@ def _warm_up(view: PromptView, items: list[Any], method: str) -> None:
     else:
         view.runner.generate([GenerationRequest(item.prompt, item.max_new_tokens,
                                                 view.chat_template) for item in items])
+    # the timed pass starts from nothing kept: its first prompt, the warm-up's, would
+    # otherwise be continued from the warm-up's prefix and computed for free
+    view.runner.forget_prefixes()
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
 
@@ -229,7 +232,7 @@ def _run_items(job: PreparedJob, manager: ModelManager, view: PromptView, items:
     and reason go to `note_batch_size` (the job's manifest)."""
     pending = [item for item in items if item.idx + offset not in stored]
     pending = order_for_batching(pending, longest_first=job.dataset.length_sorted)
-    step, trial = default_batch_size(job.params, view.runner, len(pending)), None
+    step, trial = default_batch_size(job.params, view.runner, items), None
     if step == "auto":
         trial = BatchTrial(auto_batch_size(view.runner, pending),
                            by_default=job.params.batch_size != "auto")

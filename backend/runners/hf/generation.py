@@ -416,7 +416,12 @@ class Generator:
         attention mask, whose hole is skipped (transformers counts positions as the
         mask's running sum), so each row sees its own prompt's positions and the same
         greedy tokens as alone; two forward passes where `_continue_batch` makes one a
-        row. Holds what `_continue_batch` holds: the B rows and the kept prefix."""
+        row. It holds no more than the same batch unshared, the plan it was admitted
+        with: the B rows' storage is that batch's cache, the rests' pass has fewer
+        queries than its prefill (B x rest against B x prompt), and the kept prefix is
+        one row's prefix (tests/test_auto_prefix.py checks the census against that
+        plan). The memory account's shared-prefix figure models `_continue_batch`'s
+        row-at-a-time pass instead, which holds less."""
         import torch
 
         from backend.runners.hf.cache import BatchSlots
