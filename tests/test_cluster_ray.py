@@ -89,7 +89,9 @@ def test_killing_a_ray_worker_mid_job_loses_nothing(ray_cluster, slow_settings, 
     runner = threading.Thread(target=control.run, args=(done := threading.Event(),))
     runner.start()
     try:
-        wait_until(lambda: queue_on(factory).get(job.id).progress_done >= 2, 60, "two samples")
+        # a Ray actor's start, imports and model load first: a minute on two loaded cores
+        wait_until(lambda: queue_on(factory).get(job.id).progress_done >= 2, 150,
+                   "two samples")
         ((victim_id, actor),) = control.engine.workers().items()
         ray.kill(actor)  # as a node lost: no give-back, the lease expires
         wait_until(lambda: queue_on(factory).get(job.id).state in ("succeeded", "failed"), 120,

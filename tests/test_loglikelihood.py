@@ -159,7 +159,7 @@ def _ceval_job(settings, batch_size):
 def job_forwards(monkeypatch):
     """Rows of every padded forward pass over questions of models loaded by
     HFRunner.load during the test; `limit` > 0 makes batches of more rows raise CUDA's
-    out-of-memory error."""
+    out-of-memory error (so "auto" checks its batch by a real step, as on CUDA)."""
     from backend.runners.hf.runner import HFRunner
 
     rows: list[int] = []
@@ -177,6 +177,7 @@ def job_forwards(monkeypatch):
             if state["limit"] and n > state["limit"]:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
         runner.model.register_forward_pre_hook(hook, with_kwargs=True)
+        runner.steps_can_fail = lambda: True
         return runner
     monkeypatch.setattr(HFRunner, "load", classmethod(load))
     return rows, state
