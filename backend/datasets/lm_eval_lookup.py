@@ -102,27 +102,20 @@ def cached_task_list(include: tuple[str, ...], cache_dir: Path | None
     return None
 
 
-PROBE_PARENT = "LBS_PROBE_PARENT"
-"""The environment variable that tells the probe which process asked (see
-lm_eval_probe): it ends with that process."""
-
-
-def _probe_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _cache_arg(cache_dir: Path | None) -> list[str]:
+    """The probe's first arguments: which process asked (it ends with that process, see
+    lm_eval_probe) and the index cache."""
     import os
 
-    return environment_with({**(extra or {}), PROBE_PARENT: str(os.getpid())})
-
-
-def _cache_arg(cache_dir: Path | None) -> list[str]:
-    return ["--cache", "off" if cache_dir is None else str(cache_dir)]
+    return ["--parent", str(os.getpid()),
+            "--cache", "off" if cache_dir is None else str(cache_dir)]
 
 
 def _index(key: tuple[str, ...], cache_dir: Path | None) -> None:
     try:
         out = subprocess.run([sys.executable, "-m", "backend.datasets.lm_eval_probe",
                               *_cache_arg(cache_dir), *key],
-                             capture_output=True, text=True, timeout=600, check=True,
-                             env=_probe_env())
+                             capture_output=True, text=True, timeout=600, check=True)
         tasks = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - the list stays unknown; jobs still run
         log.warning("[Datasets] indexing lm-eval tasks failed: %s", exc)
@@ -199,7 +192,7 @@ def request_shapes(include: tuple[str, ...], params: BaseModel,
                               *_cache_arg(cache_dir), "--shapes",
                               json.dumps(asked), *include],
                              capture_output=True, text=True, timeout=600, check=True,
-                             env=_probe_env(OFFLINE_ENV if offline else None))
+                             env=environment_with(OFFLINE_ENV) if offline else None)
         shapes = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - then the estimate takes the whole context
         log.warning("[Datasets] the lengths of the lm-eval requests are unknown: %s", exc)

@@ -1,5 +1,5 @@
 """The lm-eval work the server runs in a subprocess, so that its own process never
-imports lm-eval (or torch): `python -m backend.datasets.lm_eval_probe [--cache DIR]
+imports lm-eval (or torch): `python -m backend.datasets.lm_eval_probe [--parent PID] [--cache DIR]
 <include paths…>` prints the task list (lm_eval_lookup.list_tasks), and `--shapes
 <params JSON> <include paths…>` the lengths of a job's requests (`build_shapes`), as
 JSON. lm_eval_lookup starts it and keeps the answers."""
@@ -57,14 +57,15 @@ if __name__ == "__main__":
 
     from backend.common.lifetime import die_with_parent
 
-    # nobody reads a probe's answer once the server (or job) that asked is gone; that
-    # process names itself (a parent that died while this one started is not mistaken
-    # for the process it was re-parented to)
-    if not die_with_parent(int(os.environ.get("LBS_PROBE_PARENT") or os.getppid()),
-                           "[Datasets]"):
+    args = sys.argv[1:]
+    parent = os.getppid()
+    if args[:1] == ["--parent"]:  # the process that asked names itself
+        parent, args = int(args[1]), args[2:]
+    # nobody reads a probe's answer once the server (or job) that asked is gone (a
+    # parent that died while this one started is not mistaken for its successor)
+    if not die_with_parent(parent, "[Datasets]"):
         sys.exit(1)
     logging.disable(logging.WARNING)
-    args = sys.argv[1:]
     cache: Path | None = None
     if args[:1] == ["--cache"]:
         cache = None if args[1] == "off" else Path(args[1])

