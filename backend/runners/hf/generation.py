@@ -241,12 +241,7 @@ class Generator:
         if not request.prefix:
             return 0
         head = self.tok.prompt_ids(request.prefix, request.chat_template)
-        n = 0
-        for a, b in zip(head, ids, strict=False):
-            if a != b:
-                break
-            n += 1
-        return min(n, len(ids) - 1)
+        return min(common_length([head, ids]), len(ids) - 1)
 
     def _shared_lengths(self, requests: list[GenerationRequest],
                         prompts: list[list[int]]) -> list[int]:
@@ -340,11 +335,7 @@ class Generator:
         from transformers import DynamicCache
 
         kept_ids, kept = self._prefix or ((), None)
-        common = 0
-        for a, b in zip(kept_ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_length([list(kept_ids), ids])
         if kept is not None and common == len(ids):
             return kept, 0
         self._prefix = None  # out of memory while extending it: nothing half-made kept
@@ -449,13 +440,20 @@ class Generator:
                            attention_mask=mask, position_ids=positions,
                            cache=slots.batch(n), use_cache=True, logits_to_keep=1)
         computed += sum(len(rest) - 1 for rest in rests)
-        out, timing, took = self._greedy(rows, max_new, started, slots.batch(n + width - 1),
-                                         [r.stop for r in requests], masks)
+        return self._shared_replies(requests, prompts, computed, *self._greedy(
+            rows, max_new, started, slots.batch(n + width - 1), [r.stop for r in requests],
+            masks))
+
+    def _shared_replies(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                        computed: int, rows: list[list[int]], timing: dict, took: float
+                        ) -> list[Generation]:
+        """A shared-prefix batch's replies, its timing counting the `computed` prompt
+        tokens (and each row's last, fed by `generate`) and the rest as reused."""
         total = sum(len(ids) for ids in prompts)
         timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
                       shared_prefix_tokens=total - computed - len(requests))
         return [self._reply(row, request, len(ids), took / len(requests), timing)
-                for row, request, ids in zip(out, requests, prompts, strict=True)]
+                for row, request, ids in zip(rows, requests, prompts, strict=True)]
 
     def _continue_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
                         shared: list[int]) -> list[Generation]:
@@ -488,13 +486,8 @@ class Generator:
                     self.model(input_ids=torch.tensor([rest], device=self.device),
                                cache=cache, use_cache=True, logits_to_keep=1)
                 computed += len(rest)
-        rows, timing, took = self._greedy(prompts, max_new, started, slots.batch(width - 1),
-                                          [r.stop for r in requests])
-        total = sum(len(ids) for ids in prompts)
-        timing.update(batch=len(requests), prefill_tokens=computed + len(requests),
-                      shared_prefix_tokens=total - computed - len(requests))
-        return [self._reply(row, request, len(ids), took / len(requests), timing)
-                for row, request, ids in zip(rows, requests, prompts, strict=True)]
+        return self._shared_replies(requests, prompts, computed, *self._greedy(
+            prompts, max_new, started, slots.batch(width - 1), [r.stop for r in requests]))
 
     def forget_prefixes(self) -> None:
         """Drop the kept prefix cache and the kept static cache: the pass is over."""
